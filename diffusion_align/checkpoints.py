@@ -1,0 +1,86 @@
+"""Resumable checkpoints: `<output_dir>/checkpoint-<step>/`, written atomically.
+
+A checkpoint is first written to `checkpoint-<step>.tmp` and renamed when complete, so a crash never leaves a
+half-written `checkpoint-<step>`. It holds the trained weights (safetensors, loadable by diffusers), the
+optimiser and lr-schedule state, and per process the random generators and how many batches it has drawn, so a
+resumed run sees the same data and noise as an uninterrupted one. Only tensors and plain containers are
+pickled, and they are read back with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .files import replace_dir
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """`latest` -> the newest checkpoint in output_dir (None if there is none yet); a path -> that folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"train.resume={resume}: no trainer_state.json there; expected a checkpoint-<step> "
+                                f"folder written by diffusion-align, or `latest`")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer, lr_scheduler,
+                    process_state: dict, keep: int | None) -> Path:
+    """Collective: every process calls it. `process_state` holds this process's generators and counters."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        policy.save(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}))
+        replace_dir(tmp, final)
+        if keep is not None:
+            for _, old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) -> tuple[int, dict]:
+    """Restore weights and optimiser; returns the step and this process's saved state."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
+                         f"{accelerator.num_processes}. Resume with the same number of processes so every "
+                         "process continues its own data stream.")
+    policy.load(path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "grad_scaler.pt").exists():
+        accelerator.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
+    process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
+    return state["step"], process_state

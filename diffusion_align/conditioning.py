@@ -1,0 +1,50 @@
+"""Text (and SDXL size) conditioning for the UNet.
+
+SD1.x / SD2.x: the last hidden state of the single CLIP text encoder.
+SDXL: the penultimate hidden states of both encoders concatenated on the feature axis, the pooled (projected)
+output of the second encoder, and per-sample `add_time_ids = [orig_h, orig_w, crop_top, crop_left, res, res]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict | None = None  # SDXL only: {"text_embeds": pooled, "time_ids": add_time_ids}
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
+        return kwargs
+
+
+def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(family: str, tokenizers: list, text_encoders: list, prompts: list[str],
+                   original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
+                   resolution: int | None = None) -> Conditioning:
+    """Conditioning for one UNet row per prompt. SDXL needs each row's original size and crop (long tensors
+    of shape (rows, 2)) and the training resolution."""
+    device = text_encoders[0].device
+    if family != "sdxl":
+        hidden = text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0]
+        return Conditioning(hidden)
+    states = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        out = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    pooled = out.text_embeds  # the projected pooled output of the second encoder (CLIPTextModelWithProjection)
+    target = torch.tensor([resolution, resolution]).expand(len(prompts), 2)
+    time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(device, dtype=pooled.dtype)
+    return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})

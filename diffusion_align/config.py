@@ -1,0 +1,244 @@
+"""One config schema for every command: YAML files plus `section.key=value` overrides.
+
+Every key lives in one of the dataclasses below with its default and its meaning; `diffusion-align train --help`
+prints them all. Unknown keys and values of the wrong type are errors that name the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _key(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its documentation (and allowed values) attached."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MethodConfig:
+    name: str = _key("dpo", "Training objective: dpo (Diffusion-DPO) or sft (diffusion loss on the winners).",
+                     choices=("dpo", "sft"))
+    beta: float | None = _key(None, "KL strength. null = the method's published default (dpo: 5000). Our DPO convention "
+                                    "is the authors' -(beta/2)*(...) form: beta=5000 here equals beta=2500 in the "
+                                    "diffusers example script.")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _key("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                           "Hub id or local diffusers folder of an SD1.x, SD2.x or SDXL pipeline.")
+    revision: str | None = _key(None, "Hub revision (branch, tag or commit) of `pretrained`.")
+    variant: str | None = _key(None, "Weight variant to load, e.g. fp16 (files named *.fp16.safetensors).")
+    vae: str | None = _key(None, "Hub id or folder of a replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.")
+    lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).")
+    lora_target_modules: list[str] = _key(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+    ref_offload: bool = _key(False, "Full fine-tune only: keep the frozen reference UNet on the CPU and stream its "
+                                    "layers to the GPU when needed (saves memory, costs speed).")
+    gradient_checkpointing: bool = _key(False, "Recompute UNet activations in the backward pass to save memory.")
+    attention: str = _key("auto", "Attention kernel: auto (xformers if importable on CUDA, else PyTorch SDPA), "
+                                  "sdpa, or xformers (error if it cannot run).", choices=("auto", "sdpa", "xformers"))
+
+
+@dataclass
+class DataConfig:
+    path: str = _key("yuvalkirstain/pickapic_v2", "Pick-a-Pic-style pairs: hub dataset name, parquet file/glob/folder, "
+                                                  "or a save_to_disk folder.")
+    split: str = _key("train", "Split to read from a hub dataset or DatasetDict.")
+    streaming: bool = _key(False, "Stream the dataset instead of loading it (for very large sets).")
+    keep_ties: bool = _key(False, "Keep tied pairs (label_0 == 0.5); by default they are dropped and counted.")
+    max_pairs: int | None = _key(None, "Use only the first N pairs (after dropping ties).")
+    center_crop: bool = _key(True, "Centre crop after resizing; false = random crop.")
+    random_flip: bool = _key(False, "Flip both images of a pair horizontally together, with probability 0.5.")
+    prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
+                                      "(the Diffusion-DPO authors used 0.2).")
+    num_workers: int = _key(2, "DataLoader worker processes that decode and augment images.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _key("outputs/run", "Where checkpoints, logs and the final model go.")
+    max_steps: int = _key(2000, "Number of optimiser steps.")
+    batch_size: int = _key(1, "Pairs per process per micro-step.")
+    grad_accum: int = _key(1, "Micro-steps accumulated per optimiser step.")
+    lr: float = _key(1e-5, "Learning rate (per pair of the effective batch if scale_lr is true).")
+    scale_lr: bool = _key(False, "Multiply lr by the effective batch (processes x batch_size x grad_accum), "
+                                 "as the Diffusion-DPO authors do with lr 1e-8.")
+    lr_scheduler: str = _key("constant_with_warmup", "diffusers lr schedule name.",
+                             choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    warmup_steps: int = _key(0, "Linear lr warm-up steps.")
+    optimizer: str = _key("adamw", "adamw, adafactor (transformers) or adamw8bit (needs bitsandbytes).",
+                          choices=("adamw", "adafactor", "adamw8bit"))
+    weight_decay: float = _key(1e-2, "Weight decay (AdamW variants).")
+    adam_beta1: float = _key(0.9, "AdamW beta1.")
+    adam_beta2: float = _key(0.999, "AdamW beta2.")
+    adam_eps: float = _key(1e-8, "AdamW epsilon.")
+    max_grad_norm: float | None = _key(1.0, "Clip the gradient norm to this value; null = no clipping.")
+    mixed_precision: str = _key("no", "no, fp16 or bf16 (frozen models are stored in that dtype too).",
+                                choices=("no", "fp16", "bf16"))
+    seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.")
+    resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).")
+    checkpoint_every: int = _key(500, "Save a resumable checkpoint every N steps (0 = never).")
+    checkpoints_keep: int | None = _key(None, "Keep only the newest N checkpoints; null = keep all.")
+    resume: str | None = _key(None, "Resume from a checkpoint folder, or `latest` in output_dir.")
+    log_every: int = _key(1, "Write metrics every N steps.")
+    report_to: str = _key("tensorboard", "Experiment tracker besides metrics.jsonl.",
+                          choices=("tensorboard", "wandb", "none"))
+
+
+@dataclass
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_CLASSES = {"method": MethodConfig, "model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def all_keys() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every valid dotted key with its section class and field."""
+    return {f"{section}.{f.name}": (cls, f) for section, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)}
+
+
+# names users bring from the diffusers / trl training scripts, for the "did you mean" hint
+_FAMILIAR_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "train_batch_size": "batch_size",
+                   "per_device_train_batch_size": "batch_size", "rank": "lora_rank", "pretrained_model_name_or_path":
+                   "pretrained", "dataset_name": "path", "resume_from_checkpoint": "resume", "checkpointing_steps":
+                   "checkpoint_every", "lr_warmup_steps": "warmup_steps", "dpo_beta": "beta"}
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    keys = list(all_keys())
+    leaf = key.rsplit(".", 1)[-1]
+    leaf = _FAMILIAR_NAMES.get(leaf, leaf)
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[1] == leaf]  # "lr" -> "train.lr"
+    hint = (same_leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.0))[0]
+    return ConfigError(f"unknown config key '{key}' ({where}); did you mean '{hint}'?")
+
+
+def _field_types(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a field annotated like `int | None`."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+        return base, type(None) in args
+    return hint, False
+
+
+def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    base, nullable = _field_types(cls, f)
+    if isinstance(value, str) and value.lower() in ("null", "none", "~") and nullable:
+        value = None
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"config key '{key}' ({where}) cannot be null; expected {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if not isinstance(value, bool):
+                raise TypeError
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)  # also accepts "1e-5", which YAML 1.1 reads as a string
+        elif typing.get_origin(base) is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+        elif base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            value = str(value)
+    except (TypeError, ValueError):
+        expected = "list of strings" if typing.get_origin(base) is list else base.__name__
+        raise ConfigError(f"config key '{key}' ({where}) expects {expected}"
+                          f"{' or null' if nullable else ''}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' ({where}) must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (method, model, data, train), got {tree!r}")
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if not prefix and isinstance(value, dict):
+            flat.update(_flatten(value, where, prefix=f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides (later wins)."""
+    cfg = Config()
+    valid = all_keys()
+    layers = []
+    if path is not None:
+        text = Path(path).read_text()
+        layers.append((_flatten(yaml.safe_load(text) or {}, f"in {path}"), f"in {path}"))
+    layers.append((dict(parse_override(o) for o in overrides), "on the command line"))
+    for values, where in layers:
+        for key, value in values.items():
+            if key not in valid:
+                raise _unknown_key_error(key, where)
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, _coerce(key, *valid[key], value, where))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def describe_keys() -> str:
+    """Help text: every key, its default and meaning."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+            lines.append(f"  {section}.{f.name} = {shown}")
+            choices = f.metadata.get("choices")
+            lines.append(f"      {f.metadata['help']}" + (f" [{' | '.join(choices)}]" if choices else ""))
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""Pick-a-Pic-style preference pairs -> batches of (winner, loser) images for Diffusion-DPO training.
+
+Rows carry ``caption``, two encoded images ``jpg_0`` / ``jpg_1`` and their labels ``label_0`` / ``label_1``
+(1/0, 0/1, or 0.5/0.5 for a tie). Batches put winners first: ``pixel_values`` is ``[w_1..w_B, l_1..l_B]``.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+# Rows held by the streaming shuffle buffer; Pick-a-Pic rows hold two encoded images (~0.5 MB per row).
+STREAM_SHUFFLE_BUFFER = 1000
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class PairStats:
+    """What load_pairs kept; None where a stream cannot know it without reading everything."""
+
+    rows: int | None
+    ties_dropped: int | None
+    pairs: int | None
+
+
+def decode_image(value: Any, where: str) -> PIL.Image.Image:
+    """Decode encoded bytes, a datasets Image dict ({"bytes", "path"}) or a PIL image; ValueError naming `where`."""
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if not isinstance(value, (bytes, bytearray, memoryview, str)) or len(value) == 0:
+        raise ValueError(f"{where}: expected encoded image bytes, got {type(value).__name__} {value!r:.40}")
+    source = value if isinstance(value, str) else f"{len(value)} bytes"
+    try:
+        image = PIL.Image.open(value if isinstance(value, str) else io.BytesIO(value))
+        image.load()  # decode now so truncated files fail here, not later inside the transform
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{where}: not a recognised image format ({source})") from None
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"{where}: cannot decode image ({source}; {type(err).__name__}: {err})") from err
+    return image
+
+
+def _parquet_files(path: str) -> list[str]:
+    """Expand a parquet file, a folder (recursive), a glob, or a comma-separated list of those."""
+    if "," in path:
+        return [f for part in path.split(",") if part.strip() for f in _parquet_files(part.strip())]
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    elif glob.has_magic(path):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"pairs source not found: {path!r} (not a file, folder, glob match or hub id)")
+    if not files:
+        raise FileNotFoundError(f"no parquet files found for {path!r}")
+    return files
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(_HUB_ID.fullmatch(path)) and not path.startswith(".") and not path.endswith((".parquet", ".arrow"))
+
+
+def _raw_images(ds):
+    """Keep datasets from decoding image columns itself, so a corrupt image reaches decode_image, not a crash."""
+    for col in IMAGE_COLUMNS:
+        if isinstance((ds.features or {}).get(col), datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    return ds
+
+
+def load_pairs(
+    path: str,
+    split: str = "train",
+    keep_ties: bool = False,
+    streaming: bool = False,
+    max_pairs: int | None = None,
+    extra_columns: Sequence[str] = (),
+) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
+    """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
+
+    Ties (label_0 == label_1) are dropped unless `keep_ties`; `max_pairs` keeps the first N pairs after that.
+    Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
+    """
+    is_saved = os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
+    )
+    if is_saved:
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: no split {split!r}; splits found: {sorted(ds)}")
+            ds = ds[split]
+    elif not os.path.exists(path) and _looks_like_hub_id(path):
+        ds = datasets.load_dataset(path, split=split, streaming=streaming)
+    else:
+        files = {split: _parquet_files(path)}
+        ds = datasets.load_dataset("parquet", data_files=files, split=split, streaming=streaming)
+
+    expected = list(dict.fromkeys([*REQUIRED_COLUMNS, *extra_columns]))
+    found = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its schema up front
+    missing = [c for c in expected if c not in found]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected}, found {found}")
+    ds = _raw_images(ds.select_columns(expected))
+
+    if isinstance(ds, datasets.IterableDataset):
+        if not keep_ties:
+            ds = ds.filter(
+                lambda l0, l1: (np.asarray(l0) != np.asarray(l1)).tolist(),
+                input_columns=["label_0", "label_1"],
+                batched=True,
+            )
+        return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None)
+
+    keep = np.arange(len(ds))
+    if not keep_ties:  # read only the two label columns (no image bytes): under a second for ~1M rows
+        labels = ds.select_columns(["label_0", "label_1"]).with_format("numpy")[:]
+        keep = np.flatnonzero(labels["label_0"] != labels["label_1"])
+    stats = PairStats(rows=len(ds), ties_dropped=len(ds) - len(keep), pairs=len(keep[:max_pairs]))
+    ds = ds.select(keep[:max_pairs], keep_in_memory=True)  # in-memory index map: no cache file in the source dir
+    return (ds.to_iterable_dataset() if streaming else ds), stats
+
+
+@dataclass
+class PairTransform:
+    """Resize shortest side to `resolution`, jointly flip (before the crop), crop a square, scale to [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, image_w: PIL.Image.Image, image_l: PIL.Image.Image, generator: torch.Generator) -> dict:
+        # One coin for the pair: flipping only one image would change what the preference label refers to.
+        flip = self.random_flip and torch.rand((), generator=generator).item() < 0.5
+        out = {}
+        for suffix, image in (("w", image_w), ("l", image_l)):
+            pixels, size, crop = self._one(image, flip, generator)
+            out[f"pixel_values_{suffix}"], out[f"original_size_{suffix}"], out[f"crop_top_left_{suffix}"] = (
+                pixels, size, crop)
+        return out
+
+    def _one(self, image: PIL.Image.Image, flip: bool, generator: torch.Generator):
+        """One image -> (pixels, (orig_h, orig_w), (crop_top, crop_left) in the resized image)."""
+        res = self.resolution
+        image = image.convert("RGB")
+        w, h = image.size
+        # Integer rounding (half up) so the shortest side is exactly `res` whatever the float error.
+        new_w, new_h = (res, (h * res + w // 2) // w) if w <= h else ((w * res + h // 2) // h, res)
+        image = image.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
+        if flip:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.center_crop:
+            top, left = (new_h - res) // 2, (new_w - res) // 2
+        else:
+            top = int(torch.randint(new_h - res + 1, (), generator=generator))
+            left = int(torch.randint(new_w - res + 1, (), generator=generator))
+        image = image.crop((left, top, left + res, top + res))
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return pixels, (h, w), (top, left)
+
+
+def _split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Per-image extras (`x_0` with an `x_1` twin) by base name, and the rest."""
+    paired = [c[:-2] for c in extra_columns if c.endswith("_0") and c[:-2] + "_1" in extra_columns]
+    per_image = {f"{b}_{i}" for b in paired for i in (0, 1)}
+    return paired, [c for c in extra_columns if c not in per_image]
+
+
+def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed: int,
+               paired: list[str], plain: list[str]) -> dict:
+    """Decode, orient winner-first and transform one row; an undecodable image gives an error item instead."""
+    try:
+        images = [decode_image(row[c], f"row {index}, column {c}") for c in IMAGE_COLUMNS]
+    except ValueError as err:
+        return {"index": index, "error": str(err)}
+    labels = [float(row["label_0"]), float(row["label_1"])]
+    order = (1, 0) if labels[0] < labels[1] else (0, 1)  # a kept tie keeps its order
+    # Seed from (seed, epoch, index) only: independent of worker process and of where a run resumed.
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    item = transform(images[order[0]], images[order[1]], generator)
+    item.update(prompt=row["caption"] or "", index=index, label_w=labels[order[0]])
+    for base in paired:
+        item[f"{base}_w"], item[f"{base}_l"] = row[f"{base}_{order[0]}"], row[f"{base}_{order[1]}"]
+    item.update({c: row[c] for c in plain})
+    return item
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style pairs indexed by (epoch, index) keys, so augmentation is a function of the key alone."""
+
+    def __init__(self, pairs: datasets.Dataset, transform: PairTransform, seed: int, extra_columns: Sequence[str] = ()):
+        self.pairs = _raw_images(pairs)
+        self.transform, self.seed = transform, seed
+        self.paired, self.plain = _split_extras(extra_columns)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        return _pair_item(self.pairs[index], epoch, index, self.transform, self.seed, self.paired, self.plain)
+
+
+_ITEM_KEYS = {"pixel_values_w", "pixel_values_l", "original_size_w", "original_size_l",
+              "crop_top_left_w", "crop_top_left_l", "prompt", "index", "label_w"}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stack winners then losers; error items are dropped (both images) and reported in "skipped"."""
+    good = [it for it in items if "error" not in it]
+    batch = {"skipped": [(it["index"], it["error"]) for it in items if "error" in it]}
+    if not good:
+        return batch | {"pixel_values": torch.empty(0, 3, 0, 0), "prompts": [], "indices": [],
+                        "original_sizes": torch.empty(0, 2, dtype=torch.long),
+                        "crop_top_left": torch.empty(0, 2, dtype=torch.long), "label_w": torch.empty(0)}
+
+    def both(key: str) -> list:
+        return [it[f"{key}_w"] for it in good] + [it[f"{key}_l"] for it in good]
+
+    batch.update(
+        pixel_values=torch.stack(both("pixel_values")),
+        prompts=[it["prompt"] for it in good],
+        original_sizes=torch.tensor(both("original_size"), dtype=torch.long),
+        crop_top_left=torch.tensor(both("crop_top_left"), dtype=torch.long),
+        label_w=torch.tensor([it["label_w"] for it in good], dtype=torch.float32),
+        indices=[it["index"] for it in good],
+    )
+    for key in good[0].keys() - _ITEM_KEYS:
+        values = [it[key] for it in good]
+        batch[key] = torch.tensor(values, dtype=torch.float32) if all(type(v) is float for v in values) else values
+    return batch
+
+
+class PairBatchSampler(torch.utils.data.Sampler):
+    """Endless, resumable batches of (epoch, index) keys; ranks take disjoint slices of each global batch."""
+
+    def __init__(self, num_pairs: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        global_batch = batch_size * world_size
+        if num_pairs < global_batch:
+            raise ValueError(f"{num_pairs} pairs cannot fill one global batch of batch_size {batch_size} x "
+                             f"world_size {world_size} = {global_batch}; lower the batch size or add data")
+        self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.batches_per_epoch = num_pairs // global_batch  # the incomplete last global batch is dropped
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, batch = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            perm = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for k in range(batch, self.batches_per_epoch):
+                start = (k * self.world_size + self.rank) * self.batch_size
+                yield [(epoch, i) for i in perm[start:start + self.batch_size].tolist()]
+            epoch, batch = epoch + 1, 0
+
+
+def make_pair_loader(pairs, transform: PairTransform, batch_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
+                     extra_columns: Sequence[str] = ()) -> Iterable[dict]:
+    """Endless iterable of collated batches for this rank, resuming after `start_batch` batches."""
+    if not isinstance(pairs, datasets.IterableDataset):
+        sampler = PairBatchSampler(len(pairs), batch_size, seed, rank, world_size, start_batch)
+        return torch.utils.data.DataLoader(
+            PairDataset(pairs, transform, seed, extra_columns), batch_sampler=sampler, collate_fn=collate_pairs,
+            num_workers=num_workers, persistent_workers=num_workers > 0)
+    if num_workers:
+        warnings.warn("make_pair_loader: streaming pairs are decoded in the main process; num_workers ignored")
+    stream = split_dataset_by_node(_raw_images(pairs), rank=rank, world_size=world_size)
+    stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    return _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns)
+
+
+def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns):
+    """Endless collated batches from this rank's shuffled stream, after skipping `start_batch` batches."""
+    # Batches never span epochs (the tail is dropped, as in PairBatchSampler), so skipping whole
+    # batches across epoch boundaries reproduces an uninterrupted run; skipped rows are never decoded.
+    paired, plain = _split_extras(extra_columns)
+    epoch, to_skip = 0, start_batch
+    while True:
+        stream.set_epoch(epoch)  # reshuffles shards and buffer with seed + epoch
+        rows, full_batches = [], 0
+        for position, row in enumerate(stream):
+            rows.append((position * world_size + rank, row))  # a global running position: unique across ranks
+            if len(rows) < batch_size:
+                continue
+            full_batches += 1
+            if to_skip:
+                to_skip -= 1
+            else:
+                yield collate_pairs([_pair_item(r, epoch, i, transform, seed, paired, plain) for i, r in rows])
+            rows = []
+        if full_batches == 0:
+            raise ValueError(f"rank {rank}: the pair stream has fewer than batch_size={batch_size} pairs per epoch")
+        epoch += 1

@@ -1,0 +1,82 @@
+"""What a run leaves behind: `metrics.jsonl`, the final model in a diffusers-loadable folder, and its model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DiffusionPipeline
+
+from .config import Config, config_to_yaml
+from .files import replace_dir, write_text_atomic
+from .policy import LORA_WEIGHTS
+
+
+class MetricsLog:
+    """One JSON object per logged step in `<output_dir>/metrics.jsonl`."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        if path.exists():
+            # a resumed run rewrites the steps after its checkpoint; keep everything up to it
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary: dict) -> Path:
+    """Write `<output_dir>/final`: LoRA weights for `pipeline.load_lora_weights`, or a full pipeline for
+    `DiffusionPipeline.from_pretrained`, plus the resolved config and a model card."""
+    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if policy.is_lora:
+        policy.save(tmp)
+    else:
+        # reload the untouched parts from the source so the saved pipeline keeps their original precision
+        extra = {} if cfg.model.vae is None else {"vae": AutoencoderKL.from_pretrained(cfg.model.vae)}
+        pipeline = DiffusionPipeline.from_pretrained(cfg.model.pretrained, unet=unet, revision=cfg.model.revision,
+                                                     variant=cfg.model.variant, **extra)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
+    (tmp / "README.md").write_text(model_card(cfg, family, summary))
+    replace_dir(tmp, final)
+    return final
+
+
+def model_card(cfg: Config, family: str, summary: dict) -> str:
+    kind = f"LoRA (rank {cfg.model.lora_rank})" if cfg.model.lora_rank is not None else "full UNet fine-tune"
+    if cfg.model.lora_rank is not None:
+        usage = (f'pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")\n'
+                 f'pipe.load_lora_weights("path/to/final", weight_name="{LORA_WEIGHTS}")')
+    else:
+        usage = 'pipe = DiffusionPipeline.from_pretrained("path/to/final")'
+    lines = [
+        "---",
+        f"base_model: {cfg.model.pretrained}",
+        "library_name: diffusers",
+        f"tags: [diffusion-align, {cfg.method.name}, text-to-image, {'lora' if cfg.model.lora_rank else 'full'}]",
+        "---",
+        f"# {cfg.method.name.upper()} {kind} of {cfg.model.pretrained}",
+        "",
+        f"Trained with diffusion-align on `{cfg.data.path}` ({family} family).",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in summary.items()],
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        usage,
+        "```",
+        "",
+        "The full resolved training configuration is in `training_config.yaml`.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""The trainable UNet (LoRA adapters or all weights) and its frozen reference.
+
+LoRA: the reference is the same UNet with its adapters switched off, so no second copy is held.
+Full fine-tune: the reference is a frozen copy made before training, optionally kept on the CPU and streamed
+layer by layer to the training device.
+Weights are read and written in the formats diffusers loads: `pytorch_lora_weights.safetensors` for LoRA
+(`pipeline.load_lora_weights(folder)`), a `unet/` folder for full fine-tunes.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from .models import place
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class Policy:
+    def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
+                 lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: str = "sd",
+                 needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
+                 frozen_dtype: torch.dtype = torch.float32):
+        self.unet = unet
+        self.family = family
+        self.lora_config = None
+        self.ref_unet = None
+        if lora_rank is not None:
+            # the base weights are frozen and may sit in the half-precision dtype; adapters train in fp32
+            place(unet.requires_grad_(False), device, frozen_dtype)
+            self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
+                                          init_lora_weights="gaussian", target_modules=list(lora_target_modules))
+            unet.add_adapter(self.lora_config)  # lora_B starts at zero: policy == reference at step 0
+            cast_training_params(unet, dtype=torch.float32)
+        else:
+            if needs_reference:  # copied while the UNet is still on the CPU
+                self.ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), "cpu", frozen_dtype)
+                if ref_offload:
+                    from accelerate import cpu_offload
+                    cpu_offload(self.ref_unet, execution_device=torch.device(device))
+                else:
+                    self.ref_unet.to(device)
+            place(unet.requires_grad_(True), device, torch.float32)
+        self.unet.train()
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextmanager
+    def reference(self):
+        """The reference UNet to call under no_grad: the base weights (adapters off) or the frozen copy."""
+        if not self.is_lora:
+            yield self.ref_unet
+            return
+        self.unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_adapters()
+
+    def save(self, folder: Path) -> None:
+        """Write the trained weights in the layout diffusers loads (safetensors)."""
+        if self.is_lora:
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            pipeline_cls = StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+            pipeline_cls.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
+                                           unet_lora_adapter_metadata=self.lora_config.to_dict())
+        else:
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+
+    def load(self, folder: Path) -> None:
+        """Load weights written by `save` (a checkpoint being resumed)."""
+        if self.is_lora:
+            state = load_file(folder / LORA_WEIGHTS)
+            state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+            result = set_peft_model_state_dict(self.unet, state, adapter_name="default")
+            if result.unexpected_keys:
+                raise ValueError(f"{folder / LORA_WEIGHTS} does not match this LoRA setup: unexpected keys "
+                                 f"{result.unexpected_keys[:3]}...")
+        else:
+            trained = UNet2DConditionModel.from_pretrained(folder / "unet")
+            self.unet.load_state_dict(trained.state_dict())

@@ -1,0 +1,217 @@
+"""The one training loop for every offline preference method.
+
+pairs -> latents + conditioning -> per-sample denoising errors (policy, and reference if the method needs it)
+-> the method's objective -> optimiser step -> metrics, checkpoints, final model.
+Runs as is on a CPU, one GPU, or many processes under `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .conditioning import encode_prompts
+from .config import Config, ConfigError, config_to_dict, config_to_yaml
+from .data import PairTransform, load_pairs, make_pair_loader
+from .files import write_text_atomic
+from .likelihood import denoising_errors, encode_latents, noise_rows
+from .methods import METHODS
+from .models import load_components, place, set_attention
+from .outputs import MetricsLog, save_final
+from .policy import Policy
+
+logger = logging.getLogger("diffusion_align")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on this machine use bf16 or no")
+    trackers = None if cfg.train.report_to == "none" else cfg.train.report_to
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+                       project_dir=cfg.train.output_dir)
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes (pip install diffusion-align[bnb])") from None
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path                  # the saved model (LoRA weights or a full pipeline)
+    unet: torch.nn.Module            # the trained UNet, in this process
+    metrics: dict = field(default_factory=dict)  # the last logged step
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run the configured method and save the final model."""
+    method = METHODS[cfg.method.name]
+    t = cfg.train
+    output_dir = Path(t.output_dir)
+    accelerator = make_accelerator(cfg)
+    device, main = accelerator.device, accelerator.is_main_process
+    world, effective_batch = accelerator.num_processes, accelerator.num_processes * t.batch_size * t.grad_accum
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
+    beta = cfg.method.beta if cfg.method.beta is not None else method.default_beta
+    lr = t.lr * effective_batch if t.scale_lr else t.lr
+    logger.info("method %s (beta %s), effective batch %d = %d processes x %d pairs x %d accumulation, lr %g",
+                method.name, beta, effective_batch, world, t.batch_size, t.grad_accum, lr)
+
+    # ---- models: frozen parts in the half-precision dtype (an SDXL VAE that must stay fp32 says so) ----
+    set_seed(t.seed)  # identical LoRA initialisation on every process
+    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    frozen_dtype = DTYPES[t.mixed_precision]
+    for module in parts.text_encoders:
+        place(module, device, frozen_dtype)
+    place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
+    attention = set_attention(parts.unet, cfg.model.attention, device)
+    if cfg.model.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
+                    parts.family, method.needs_reference, cfg.model.ref_offload, device, frozen_dtype)
+    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.max_steps)
+    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
+                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
+
+    # ---- randomness: explicit generators, saved in checkpoints so a resumed run continues identically ----
+    noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (accelerator.process_index + 1))
+    dropout_gen = torch.Generator().manual_seed(t.seed + 20_000 * (accelerator.process_index + 1))
+    start_step, batches_drawn, skipped_rows, record = 0, 0, 0, {}
+    checkpoint = resolve_resume(output_dir, t.resume)
+    if checkpoint is not None:
+        start_step, saved = load_checkpoint(accelerator, checkpoint, policy, optimizer, lr_scheduler)
+        noise_gen.set_state(saved["noise_gen"])
+        dropout_gen.set_state(saved["dropout_gen"])
+        batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
+        logger.info("resumed from %s at step %d", checkpoint, start_step)
+
+    # ---- data ----
+    pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
+                              cfg.data.max_pairs)
+    logger.info("data %s: %s rows, %s ties dropped, %s pairs", cfg.data.path, stats.rows, stats.ties_dropped,
+                stats.pairs)
+    transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
+    loader = iter(make_pair_loader(pairs, transform, t.batch_size, t.seed, accelerator.process_index, world,
+                                   start_batch=batches_drawn, num_workers=cfg.data.num_workers))
+
+    def next_batch() -> dict:
+        """The next batch with at least one decodable pair; undecodable rows are logged and counted."""
+        nonlocal batches_drawn, skipped_rows
+        while True:
+            batch = next(loader)
+            batches_drawn += 1
+            for index, why in batch["skipped"]:
+                logger.warning("skipped row %d: %s", index, why)
+            skipped_rows += len(batch["skipped"])
+            if batch["prompts"]:
+                return batch
+
+    def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
+        rows = method.rows_per_pair * len(batch["prompts"])  # SFT uses the winner rows only
+        keep = torch.rand(len(batch["prompts"]), generator=dropout_gen) >= cfg.data.prompt_dropout
+        prompts = [p if k else "" for p, k in zip(batch["prompts"], keep.tolist())] * method.rows_per_pair
+        latents = encode_latents(parts.vae, batch["pixel_values"][:rows], noise_gen)
+        cond = encode_prompts(parts.family, parts.tokenizers, parts.text_encoders, prompts,
+                              batch["original_sizes"][:rows], batch["crop_top_left"][:rows], t.resolution)
+        noised = noise_rows(parts.noise_scheduler, latents, method.rows_per_pair, noise_gen)
+        model_err = denoising_errors(unet, noised, cond)
+        ref_err = None
+        if method.needs_reference:
+            with torch.no_grad(), policy.reference() as reference:
+                ref_err = denoising_errors(reference, noised, cond)
+        return method.loss(model_err, ref_err, beta)
+
+    # ---- the loop ----
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
+    if t.report_to != "none":
+        accelerator.init_trackers("diffusion-align", config=_flat_hparams(cfg))
+    progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train")
+    for step in range(start_step + 1, t.max_steps + 1):
+        started, sums, pairs_seen = time.perf_counter(), {}, 0
+        for micro in range(t.grad_accum):
+            batch = next_batch()
+            pairs_seen += len(batch["prompts"])
+            sync = micro == t.grad_accum - 1  # all-reduce gradients once, on the last micro-step
+            with nullcontext() if sync else accelerator.no_sync(unet):
+                with accelerator.autocast():
+                    loss, metrics = batch_loss(batch)
+                accelerator.backward(loss / t.grad_accum)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf"))
+        step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            names = list(sums)
+            averaged = accelerator.reduce(torch.stack([sums[n] for n in names]).to(device), "mean")
+            counts = accelerator.reduce(torch.tensor([pairs_seen, skipped_rows], device=device), "sum")
+            record = {"step": step, **{n: v.item() for n, v in zip(names, averaged)},
+                      "lr": step_lr, "grad_norm": float(grad_norm),
+                      "pairs_per_s": counts[0].item() / (time.perf_counter() - started),
+                      "skipped_rows": int(counts[1].item())}
+            if main:
+                metrics_log.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
+                                                                     if "implicit_acc" in record else {}))
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            state = {"noise_gen": noise_gen.get_state(), "dropout_gen": dropout_gen.get_state(),
+                     "batches_drawn": batches_drawn, "skipped_rows": skipped_rows}
+            path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
+                                   t.checkpoints_keep)
+            logger.info("saved %s", path)
+    progress.close()
+
+    # ---- outputs ----
+    accelerator.wait_for_everyone()
+    final = output_dir / "final"
+    if main:
+        summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
+                   "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
+                   "skipped rows": skipped_rows}
+        save_final(cfg, policy, accelerator.unwrap_model(unet), output_dir, parts.family, summary)
+        logger.info("final model: %s", final.resolve())
+    accelerator.end_training()
+    return TrainResult(final, accelerator.unwrap_model(unet), record)
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    """Tracker hyper-parameters must be scalars."""
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

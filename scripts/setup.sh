@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Create .venv with diffusion-align and its test dependencies. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,341 @@
+import io
+import itertools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffusion_align import data  # noqa: E402
+from diffusion_align.data import (  # noqa: E402
+    PairBatchSampler, PairDataset, PairTransform, collate_pairs, decode_image, load_pairs, make_pair_loader,
+)
+
+RED, DARK_RED, BLUE, DARK_BLUE = (255, 0, 0), (128, 0, 0), (0, 0, 255), (0, 0, 128)
+N_ROWS, TIE_ROW, SWAP_ROW, CORRUPT_ROW = 12, 2, 1, 3
+
+
+def two_tone(left, right, size=(40, 30), fmt="PNG"):
+    """An image whose left half is `left` and right half `right`: shows colour (winner/loser) and flips."""
+    w, h = size
+    img = Image.new("RGB", size, left)
+    img.paste(Image.new("RGB", (w // 2, h), right), (w // 2, 0))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+WIN, LOSE = two_tone(RED, DARK_RED), two_tone(BLUE, DARK_BLUE)
+
+
+def make_rows(n=N_ROWS):
+    """Winner red / loser blue; row 1 has the winner in jpg_1, row 2 is a tie, row 3 has a corrupt jpg_1."""
+    rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1",
+                            "model_0", "model_1", "weight", "user_id")}
+    for i in range(n):
+        swap = i == SWAP_ROW
+        rows["caption"].append(None if i == 5 else f"prompt {i}")
+        rows["jpg_0"].append(LOSE if swap else (two_tone(RED, DARK_RED, fmt="JPEG") if i == 4 else WIN))
+        rows["jpg_1"].append(b"not an image" if i == CORRUPT_ROW else (WIN if swap else LOSE))
+        rows["label_0"].append(0.5 if i == TIE_ROW else float(not swap))
+        rows["label_1"].append(0.5 if i == TIE_ROW else float(swap))
+        rows["model_0"].append(f"m{i}-loser" if swap else f"m{i}-winner")
+        rows["model_1"].append(f"m{i}-winner" if swap else f"m{i}-loser")
+        rows["weight"].append(float(i))
+        rows["user_id"].append(i)
+    return rows
+
+
+def write_parquet(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # Keep the datasets cache inside pytest's temp dir instead of the user's ~/.cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+    # Shuffled parquet streams sleep 5 s at the end of each pass (an arrow thread-shutdown workaround in
+    # datasets); harmless for real epochs, but it would dominate these tiny ones.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+@pytest.fixture
+def parquet_file(tmp_path):
+    return write_parquet(tmp_path / "pairs.parquet", make_rows())
+
+
+def is_red(pixels):
+    return pixels[0].mean() > 0 and pixels[2].mean() < 0
+
+
+# ---------------------------------------------------------------- load_pairs
+
+def test_load_single_parquet_drops_ties_and_keeps_needed_columns(parquet_file):
+    ds, stats = load_pairs(parquet_file)
+    assert (stats.rows, stats.ties_dropped, stats.pairs) == (N_ROWS, 1, N_ROWS - 1)
+    assert len(ds) == N_ROWS - 1 and "prompt 2" not in ds["caption"]
+    assert ds.column_names == list(data.REQUIRED_COLUMNS)
+
+    ds, stats = load_pairs(parquet_file, keep_ties=True, extra_columns=["model_0", "model_1"])
+    assert (stats.ties_dropped, stats.pairs, len(ds)) == (0, N_ROWS, N_ROWS)
+    assert ds.column_names == [*data.REQUIRED_COLUMNS, "model_0", "model_1"]
+
+
+def test_max_pairs_counts_after_tie_filtering(parquet_file):
+    ds, stats = load_pairs(parquet_file, max_pairs=3)
+    assert ds["caption"] == ["prompt 0", "prompt 1", "prompt 3"] and stats.pairs == 3
+
+
+def test_load_folder_glob_and_comma_list(tmp_path):
+    rows = make_rows()
+    half = {k: v[:6] for k, v in rows.items()}, {k: v[6:] for k, v in rows.items()}
+    a = write_parquet(tmp_path / "shards" / "a.parquet", half[0])
+    b = write_parquet(tmp_path / "shards" / "nested" / "b.parquet", half[1])
+    for source in (str(tmp_path / "shards"), str(tmp_path / "shards" / "**" / "*.parquet"), f"{a},{b}"):
+        ds, stats = load_pairs(source)
+        assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1), source
+
+
+def test_load_save_to_disk_dataset_and_datasetdict(tmp_path):
+    ds = datasets.Dataset.from_dict(make_rows())
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict(train=ds, validation=ds.select(range(4))).save_to_disk(str(tmp_path / "dict"))
+
+    assert load_pairs(str(tmp_path / "single"))[1].pairs == N_ROWS - 1
+    assert load_pairs(str(tmp_path / "dict"), split="validation")[1] == data.PairStats(4, 1, 3)
+    with pytest.raises(ValueError, match=r"no split 'test'.*\['train', 'validation'\]"):
+        load_pairs(str(tmp_path / "dict"), split="test")
+
+
+def test_image_feature_columns_decode_and_corrupt_image_does_not_crash(tmp_path):
+    features = datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(),
+                                  "jpg_1": datasets.Image(), "label_0": datasets.Value("float32"),
+                                  "label_1": datasets.Value("float32")})
+    rows = {k: v for k, v in make_rows().items() if k in features}
+    rows["jpg_0"] = [{"bytes": b, "path": None} for b in rows["jpg_0"]]
+    rows["jpg_1"] = [{"bytes": b, "path": None} for b in rows["jpg_1"]]
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "img"))
+
+    pairs, _ = load_pairs(str(tmp_path / "img"))
+    dataset = PairDataset(pairs, PairTransform(16), seed=0)
+    assert is_red(dataset[(0, 0)]["pixel_values_w"])
+    assert "row 2, column jpg_1" in dataset[(0, 2)]["error"]  # row 3 of the source is row 2 once the tie is gone
+
+
+def test_missing_path_and_missing_columns(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
+        load_pairs(str(tmp_path / "nowhere.parquet"))
+    with pytest.raises(FileNotFoundError, match="no parquet files"):
+        load_pairs(str(tmp_path / "*.parquet"))
+    rows = make_rows()
+    del rows["label_1"]
+    bad = write_parquet(tmp_path / "bad.parquet", rows)
+    with pytest.raises(ValueError) as err:
+        load_pairs(bad, extra_columns=["ranking_id"])
+    message = str(err.value)
+    assert bad in message and "missing column(s) ['label_1', 'ranking_id']" in message
+    assert "'label_0', 'label_1', 'ranking_id'" in message and "found ['caption'" in message
+
+
+def test_hub_id_goes_to_load_dataset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or
+                        datasets.Dataset.from_dict(make_rows()))
+    _, stats = load_pairs("yuvalkirstain/pickapic_v2", split="validation_unique")
+    assert calls == [(("yuvalkirstain/pickapic_v2",), {"split": "validation_unique", "streaming": False})]
+    assert stats.pairs == N_ROWS - 1
+
+
+def test_decode_image_inputs_and_errors():
+    assert decode_image(WIN, "x").size == (40, 30)
+    assert decode_image({"bytes": WIN, "path": None}, "x").size == (40, 30)
+    assert decode_image(Image.new("L", (3, 3)), "x").size == (3, 3)
+    for bad in (b"", None, b"garbage", WIN[:60]):
+        with pytest.raises(ValueError, match="row 17, column jpg_1"):
+            decode_image(bad, "row 17, column jpg_1")
+
+
+# ---------------------------------------------------------------- transform
+
+def test_center_crop_offsets_and_original_size_for_landscape_image():
+    out = PairTransform(16)(Image.open(io.BytesIO(WIN)), Image.new("RGB", (30, 60)), torch.Generator())
+    # 40x30 (w x h) -> 21x16, centre crop left = (21 - 16) // 2 = 2;  30x60 -> 16x32, top = (32 - 16) // 2 = 8.
+    assert out["original_size_w"] == (30, 40) and out["crop_top_left_w"] == (0, 2)
+    assert out["original_size_l"] == (60, 30) and out["crop_top_left_l"] == (8, 0)
+    assert out["pixel_values_w"].shape == (3, 16, 16) and out["pixel_values_w"].dtype == torch.float32
+    assert out["pixel_values_w"].min() >= -1 and out["pixel_values_w"].max() <= 1
+
+
+def test_random_crop_stays_in_bounds_and_matches_pixels():
+    # Red encodes x and green encodes y, so a wrong crop offset shows up in the pixels.
+    ys, xs = np.mgrid[0:30, 0:40]
+    gradient = Image.fromarray(np.stack([xs * 6, ys * 8, np.zeros_like(xs)], -1).astype(np.uint8))
+    resized = gradient.resize((21, 16), Image.Resampling.BILINEAR)
+    lefts = set()
+    for s in range(40):
+        out = PairTransform(16, center_crop=False)(gradient, gradient, torch.Generator().manual_seed(s))
+        top, left = out["crop_top_left_w"]
+        assert top == 0 and 0 <= left <= 5 and out["original_size_w"] == (30, 40)
+        expected = torch.from_numpy(np.array(resized.crop((left, top, left + 16, top + 16)))).permute(2, 0, 1)
+        assert torch.allclose(out["pixel_values_w"], expected / 127.5 - 1)
+        lefts.add(left)
+        lefts.add(out["crop_top_left_l"][1])
+    assert lefts == set(range(6))  # every offset reachable; w and l drawn independently
+
+
+def test_flip_is_shared_by_both_images_of_a_pair():
+    win, lose = decode_image(WIN, "w"), decode_image(LOSE, "l")
+    flips = []
+    for s in range(20):
+        out = PairTransform(16, random_flip=True)(win, lose, torch.Generator().manual_seed(s))
+        # Unflipped, the bright half is on the left (column 0); flipped, on the right.
+        w_flipped = out["pixel_values_w"][0, :, 0].mean() < out["pixel_values_w"][0, :, -1].mean()
+        l_flipped = out["pixel_values_l"][2, :, 0].mean() < out["pixel_values_l"][2, :, -1].mean()
+        assert w_flipped == l_flipped
+        flips.append(bool(w_flipped))
+    assert any(flips) and not all(flips)
+
+
+# ---------------------------------------------------------------- dataset + collate
+
+@pytest.fixture
+def pairs(parquet_file):
+    return load_pairs(parquet_file, extra_columns=["model_0", "model_1", "weight", "user_id"])[0]
+
+
+def test_winner_first_orientation_prompt_and_extras(pairs):
+    dataset = PairDataset(pairs, PairTransform(16), seed=0, extra_columns=["model_0", "model_1", "weight", "user_id"])
+    for index in range(len(dataset)):
+        item = dataset[(0, index)]
+        if "error" in item:
+            continue
+        assert is_red(item["pixel_values_w"]) and not is_red(item["pixel_values_l"]), index
+        assert item["label_w"] == 1.0 and item["model_w"].endswith("winner") and item["model_l"].endswith("loser")
+        assert "model_0" not in item and isinstance(item["weight"], float) and isinstance(item["user_id"], int)
+    assert dataset[(0, SWAP_ROW)]["model_w"] == "m1-winner"  # the swapped row
+    assert dataset[(0, 4)]["prompt"] == ""  # source row 5 has a None caption
+
+
+def test_corrupt_row_is_skipped_and_batch_stays_aligned(pairs):
+    extras = ["model_0", "model_1", "weight", "user_id"]
+    dataset = PairDataset(pairs, PairTransform(16), seed=0, extra_columns=extras)
+    batch = collate_pairs([dataset[(0, i)] for i in range(4)])  # index 2 is source row 3 (corrupt jpg_1)
+    assert batch["indices"] == [0, 1, 3] and [i for i, _ in batch["skipped"]] == [2]
+    assert "column jpg_1" in batch["skipped"][0][1]
+    assert batch["pixel_values"].shape == (6, 3, 16, 16)
+    assert all(is_red(p) for p in batch["pixel_values"][:3]) and not any(is_red(p) for p in batch["pixel_values"][3:])
+    assert batch["prompts"] == ["prompt 0", "prompt 1", "prompt 4"]
+    assert batch["original_sizes"].tolist() == [[30, 40]] * 6 and batch["crop_top_left"].tolist() == [[0, 2]] * 6
+    assert batch["label_w"].tolist() == [1.0] * 3 and batch["user_id"] == [0, 1, 4]
+    assert batch["weight"].dtype == torch.float32 and batch["weight"].tolist() == [0.0, 1.0, 4.0]
+    assert batch["model_w"] == ["m0-winner", "m1-winner", "m4-winner"]
+
+    empty = collate_pairs([dataset[(0, 2)]])
+    assert empty["pixel_values"].shape == (0, 3, 0, 0) and empty["original_sizes"].shape == (0, 2)
+    assert empty["prompts"] == [] and len(empty["skipped"]) == 1
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(pairs):
+    dataset = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip=True), seed=3)
+    same = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip=True), seed=3)
+    for i in (0, 1, 4):
+        a, b = dataset[(2, i)], same[(2, i)]
+        assert torch.equal(a["pixel_values_w"], b["pixel_values_w"]) and a["crop_top_left_l"] == b["crop_top_left_l"]
+    keys = lambda epoch: [(dataset[(epoch, i)]["crop_top_left_w"], dataset[(epoch, i)]["crop_top_left_l"])
+                          for i in (0, 1, 4, 5, 6)]
+    assert keys(0) != keys(1)
+
+
+def test_loader_identical_with_and_without_workers(pairs):
+    transform = PairTransform(16, center_crop=False, random_flip=True)
+
+    def first_batches(num_workers):
+        loader = make_pair_loader(pairs, transform, batch_size=2, seed=7, num_workers=num_workers)
+        return list(itertools.islice(loader, 7))  # 11 pairs -> 5 batches per epoch: crosses into epoch 1
+
+    for a, b in zip(first_batches(0), first_batches(2), strict=True):
+        assert a["indices"] == b["indices"] and a["skipped"] == b["skipped"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["crop_top_left"], b["crop_top_left"])
+
+
+# ---------------------------------------------------------------- sampler
+
+def test_sampler_uses_documented_permutation_and_ranks_partition_global_batches():
+    n, bs, world = 23, 3, 2
+    samplers = [PairBatchSampler(n, bs, seed=5, rank=r, world_size=world) for r in range(world)]
+    assert samplers[0].batches_per_epoch == 3
+    streams = [list(itertools.islice(iter(s), 6)) for s in samplers]
+    for k in range(6):
+        epoch, b = divmod(k, 3)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        assert streams[0][k] + streams[1][k] == [(epoch, i) for i in perm[b * 6:(b + 1) * 6]]
+        assert not {i for _, i in streams[0][k]} & {i for _, i in streams[1][k]}
+
+
+@pytest.mark.parametrize("start_batch", [1, 3, 4, 7])
+def test_sampler_resume_is_exact_continuation(start_batch):
+    full = list(itertools.islice(iter(PairBatchSampler(10, 2, seed=1, rank=1, world_size=2)), 12))
+    resumed = PairBatchSampler(10, 2, seed=1, rank=1, world_size=2, start_batch=start_batch)
+    assert list(itertools.islice(iter(resumed), 12 - start_batch)) == full[start_batch:]
+
+
+def test_sampler_rejects_too_few_pairs():
+    with pytest.raises(ValueError, match="5 pairs cannot fill one global batch"):
+        PairBatchSampler(5, 3, seed=0, world_size=2)
+
+
+# ---------------------------------------------------------------- streaming
+
+def test_streaming_filters_ties(parquet_file):
+    stream, stats = load_pairs(parquet_file, streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(None, None, None)
+    captions = [row["caption"] for row in stream]
+    assert len(captions) == N_ROWS - 1 and "prompt 2" not in captions
+    assert len(list(load_pairs(parquet_file, streaming=True, keep_ties=True)[0])) == N_ROWS
+
+
+def test_streaming_loader_batches_and_resume(parquet_file):
+    stream, _ = load_pairs(parquet_file, streaming=True)
+    transform = PairTransform(16, center_crop=False, random_flip=True)
+    full = list(itertools.islice(make_pair_loader(stream, transform, batch_size=3, seed=2), 7))
+    resumed = list(itertools.islice(make_pair_loader(stream, transform, batch_size=3, seed=2, start_batch=4), 3))
+
+    # 11 pairs -> 3 full batches of 3 per epoch (2 pairs dropped); a corrupt row shows up in "skipped".
+    assert all(len(b["indices"]) + len(b["skipped"]) == 3 for b in full)
+    assert all("column jpg_1" in msg for b in full for _, msg in b["skipped"])
+    for batch in full:
+        n = len(batch["prompts"])
+        assert batch["pixel_values"].shape == (2 * n, 3, 16, 16) and "prompt 2" not in batch["prompts"]
+        assert all(is_red(p) for p in batch["pixel_values"][:n])
+    epoch0 = [p for b in full[:3] for p in b["prompts"]]
+    assert epoch0 != [p for b in full[3:6] for p in b["prompts"]]  # reshuffled each epoch
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_streaming_ranks_get_disjoint_rows(tmp_path):
+    rows = make_rows()
+    rows["jpg_1"][CORRUPT_ROW] = LOSE
+    path = write_parquet(tmp_path / "clean.parquet", rows)
+    stream, _ = load_pairs(path, streaming=True)
+    seen = []
+    for rank in range(2):
+        loader = make_pair_loader(stream, PairTransform(16), batch_size=2, seed=0, rank=rank, world_size=2)
+        seen.append([p for b in itertools.islice(loader, 2) for p in b["prompts"]])
+    assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+
+
+def test_streaming_from_save_to_disk_knows_its_counts(tmp_path):
+    datasets.Dataset.from_dict(make_rows()).save_to_disk(str(tmp_path / "saved"))
+    stream, stats = load_pairs(str(tmp_path / "saved"), streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(N_ROWS, 1, N_ROWS - 1)
+    assert len(list(stream)) == N_ROWS - 1

@@ -1,0 +1,159 @@
+"""End-to-end training runs on tiny pipelines of every family, loaded through the real diffusers loading code."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from diffusion_align.cli import main as cli_main
+from diffusion_align.config import load_config
+from diffusion_align.policy import LORA_WEIGHTS
+from diffusion_align.trainer import train
+
+TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"
+METRIC_KEYS = {"step", "loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
+               "lr", "grad_norm", "pairs_per_s", "skipped_rows"}
+
+
+def run(tmp_path, model, pairs, *overrides):
+    cfg = load_config(TINY_CONFIG, [f"model.pretrained={model}", f"data.path={pairs}",
+                                    f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3",
+                                    "train.batch_size=2", "train.grad_accum=1", "train.warmup_steps=0",
+                                    "train.checkpoint_every=0", "train.report_to=none", *overrides])
+    return train(cfg)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def generate(pipe, **kw):
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", **kw}
+    return pipe("a red circle on a white background", generator=torch.Generator().manual_seed(0), **kw).images
+
+
+def test_dpo_lora_sd_end_to_end(tmp_path, tiny_models, tiny_pairs):
+    result = run(tmp_path, tiny_models["sd"], tiny_pairs, "train.report_to=tensorboard")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert METRIC_KEYS <= set(records[0])
+    # LoRA's up-projection starts at zero, so the first step sees policy == reference: loss = log 2 exactly
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]["model_err_w"] == records[0]["ref_err_w"]
+    assert records[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    assert list((tmp_path / "run").rglob("events.out.tfevents*")), "TensorBoard logs are written by default"
+    final = result.final_dir
+    assert {LORA_WEIGHTS, "README.md", "training_config.yaml"} <= {p.name for p in final.iterdir()}
+    assert "base_model:" in (final / "README.md").read_text()
+    assert load_config(final / "training_config.yaml").method.name == "dpo"
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    before = generate(pipe)
+    pipe.load_lora_weights(final, weight_name=LORA_WEIGHTS)
+    after = generate(pipe)
+    assert abs(after - before).max() > 1e-4, "the trained LoRA changes what the pipeline generates"
+    # the loaded adapter holds exactly the trained weights
+    trained = {k: v for k, v in result.unet.state_dict().items() if "lora_B" in k}
+    loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_B" in k}
+    assert len(trained) == len(loaded) > 0
+    for (k1, v1), (k2, v2) in zip(sorted(trained.items()), sorted(loaded.items())):
+        assert torch.equal(v1, v2), (k1, k2)
+
+
+def test_full_finetune_v_prediction_sd2(tmp_path, tiny_models, tiny_pairs):
+    result = run(tmp_path, tiny_models["sd2"], tiny_pairs, "model.lora_rank=null", "train.lr=1e-4")
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the frozen copy equals the policy at start
+    pipe = DiffusionPipeline.from_pretrained(result.final_dir)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    original = DiffusionPipeline.from_pretrained(tiny_models["sd2"])
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, original.unet.state_dict()[k])]
+    assert changed, "the saved pipeline carries the trained UNet"
+    for name in ("vae", "text_encoder"):  # untouched parts are saved as they were
+        for k, v in getattr(pipe, name).state_dict().items():
+            assert torch.equal(v, getattr(original, name).state_dict()[k])
+    assert not list(result.final_dir.rglob("*.bin")), "weights are written as safetensors only"
+
+
+def test_dpo_lora_sdxl_loads_in_the_sdxl_pipeline(tmp_path, tiny_models, tiny_pairs):
+    result = run(tmp_path, tiny_models["sdxl"], tiny_pairs, "data.center_crop=false", "data.random_flip=true")
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
+    before = generate(pipe)
+    pipe.load_lora_weights(result.final_dir)
+    assert abs(generate(pipe) - before).max() > 1e-4
+
+
+def test_sft_trains_without_a_reference(tmp_path, tiny_models, tiny_pairs):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=sft")
+    records = read_metrics(tmp_path / "run")
+    assert "ref_err_w" not in records[0] and "model_err_l" not in records[0]
+    assert records[0]["loss"] == pytest.approx(records[0]["model_err_w"])
+
+
+def test_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pairs):
+    common = ["train.max_steps=4", "train.checkpoint_every=2", "data.random_flip=true", "data.center_crop=false",
+              "data.prompt_dropout=0.3", "train.grad_accum=2", "train.warmup_steps=2"]
+    whole = run(tmp_path / "whole", tiny_models["sd"], tiny_pairs, *common)
+    assert (tmp_path / "whole/run/checkpoint-2").is_dir() and (tmp_path / "whole/run/checkpoint-4").is_dir()
+    # a second run that stopped after its step-2 checkpoint: copy only that checkpoint and resume from it
+    resumed_dir = tmp_path / "resumed" / "run"
+    resumed_dir.mkdir(parents=True)
+    import shutil
+    shutil.copytree(tmp_path / "whole/run/checkpoint-2", resumed_dir / "checkpoint-2")
+    (resumed_dir / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in read_metrics(tmp_path / "whole/run") if r["step"] <= 3))  # step 3 was lost
+    resumed = run(tmp_path / "resumed", tiny_models["sd"], tiny_pairs, *common, "train.resume=latest")
+    a = load_file(whole.final_dir / LORA_WEIGHTS)
+    b = load_file(resumed.final_dir / LORA_WEIGHTS)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r["step"] for r in read_metrics(resumed_dir)]
+    assert steps == [1, 2, 3, 4], "metrics after the checkpoint are rewritten, not duplicated"
+    assert read_metrics(resumed_dir)[2]["loss"] == read_metrics(tmp_path / "whole/run")[2]["loss"]
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path, tiny_models, tiny_pairs):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=3", "train.checkpoint_every=1",
+        "train.checkpoints_keep=2")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))
+    assert names == ["checkpoint-2", "checkpoint-3"]
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_models, tiny_pairs):
+    table = pq.read_table(tiny_pairs).to_pylist()
+    table[1]["jpg_1"] = b"not an image"
+    table[4]["jpg_0"] = b""
+    bad = tmp_path / "bad.parquet"
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(tiny_pairs)), bad)
+    run(tmp_path, tiny_models["sd"], bad, "train.max_steps=8", "train.batch_size=2")  # 16 pairs: one epoch
+    records = read_metrics(tmp_path / "run")
+    assert records[-1]["skipped_rows"] == 2
+    assert len(records) == 8
+
+
+def test_cli_train_help_and_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.checkpoint_every" in out and "model.lora_rank = 8" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", str(TINY_CONFIG), "train.learning_rate=1"])
+    assert exit_info.value.code == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_explained(tmp_path, tiny_pairs):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        run(tmp_path, tmp_path / "not-a-model", tiny_pairs)
