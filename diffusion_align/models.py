@@ -48,12 +48,14 @@ def _pipeline_index(pretrained: str, revision: str | None) -> dict:
 
 
 def detect_family(index: dict, unet_config: dict) -> str:
-    """sdxl if the pipeline has a second text encoder, sd2 if the UNet attends to 1024-d text (OpenCLIP-H)."""
+    """sdxl if the pipeline has a second text encoder; sd2 if the UNet has SD2's linear attention projections or
+    attends to 1024-d text (OpenCLIP-H); sd (1.x) otherwise."""
     if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
         if not index.get("text_encoder") or index["text_encoder"][0] is None:
             raise ValueError("SDXL refiner checkpoints (no first text encoder) are not supported; use the SDXL base")
         return "sdxl"
-    return "sd2" if unet_config["cross_attention_dim"] == 1024 else "sd"
+    sd2 = unet_config.get("use_linear_projection", False) or unet_config["cross_attention_dim"] == 1024
+    return "sd2" if sd2 else "sd"
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,

@@ -20,15 +20,21 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         if path.exists():
-            # a resumed run rewrites the steps after its checkpoint; keep everything up to it
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            # a resumed run rewrites the steps after its checkpoint (and a line cut short by a crash)
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary: dict) -> Path:

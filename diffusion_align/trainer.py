@@ -7,6 +7,7 @@ Runs as is on a CPU, one GPU, or many processes under `accelerate launch` / `tor
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -39,8 +41,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on this machine use bf16 or no")
     trackers = None if cfg.train.report_to == "none" else cfg.train.report_to
+    if trackers == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to=wandb needs wandb (pip install diffusion-align[wandb]); "
+                          "or use train.report_to=tensorboard")
+    AcceleratorState._reset_state()  # a second train() in one process may use another precision
+    # without cpu=True accelerate treats torchrun's CPU processes as independent single-process runs
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
-                       project_dir=cfg.train.output_dir)
+                       project_dir=cfg.train.output_dir, cpu=on_cpu)
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -83,6 +91,13 @@ def train(cfg: Config) -> TrainResult:
     logger.info("method %s (beta %s), effective batch %d = %d processes x %d pairs x %d accumulation, lr %g",
                 method.name, beta, effective_batch, world, t.batch_size, t.grad_accum, lr)
 
+    # ---- data first: a wrong path fails before minutes of model loading ----
+    with accelerator.main_process_first():  # the main process builds the datasets cache, the others reuse it
+        pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
+                                  cfg.data.max_pairs)
+    logger.info("data %s: %s rows, %s ties dropped, %s pairs", cfg.data.path, stats.rows, stats.ties_dropped,
+                stats.pairs)
+
     # ---- models: frozen parts in the half-precision dtype (an SDXL VAE that must stay fp32 says so) ----
     set_seed(t.seed)  # identical LoRA initialisation on every process
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
@@ -105,8 +120,10 @@ def train(cfg: Config) -> TrainResult:
     # ---- randomness: explicit generators, saved in checkpoints so a resumed run continues identically ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (accelerator.process_index + 1))
     dropout_gen = torch.Generator().manual_seed(t.seed + 20_000 * (accelerator.process_index + 1))
-    start_step, batches_drawn, skipped_rows, record = 0, 0, 0, {}
+    start_step, batches_drawn, skipped_rows = 0, 0, 0
     checkpoint = resolve_resume(output_dir, t.resume)
+    if checkpoint is None and t.resume == "latest":
+        logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
     if checkpoint is not None:
         start_step, saved = load_checkpoint(accelerator, checkpoint, policy, optimizer, lr_scheduler)
         noise_gen.set_state(saved["noise_gen"])
@@ -114,11 +131,6 @@ def train(cfg: Config) -> TrainResult:
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
         logger.info("resumed from %s at step %d", checkpoint, start_step)
 
-    # ---- data ----
-    pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
-                              cfg.data.max_pairs)
-    logger.info("data %s: %s rows, %s ties dropped, %s pairs", cfg.data.path, stats.rows, stats.ties_dropped,
-                stats.pairs)
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
     loader = iter(make_pair_loader(pairs, transform, t.batch_size, t.seed, accelerator.process_index, world,
                                    start_batch=batches_drawn, num_workers=cfg.data.num_workers))
@@ -155,6 +167,7 @@ def train(cfg: Config) -> TrainResult:
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=_flat_hparams(cfg))
     progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train")
+    record = {}
     for step in range(start_step + 1, t.max_steps + 1):
         started, sums, pairs_seen = time.perf_counter(), {}, 0
         for micro in range(t.grad_accum):

@@ -1,10 +1,11 @@
 """End-to-end training runs on tiny pipelines of every family, loaded through the real diffusers loading code."""
 
-import io
 import json
 import math
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -106,10 +107,10 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pa
     # a second run that stopped after its step-2 checkpoint: copy only that checkpoint and resume from it
     resumed_dir = tmp_path / "resumed" / "run"
     resumed_dir.mkdir(parents=True)
-    import shutil
     shutil.copytree(tmp_path / "whole/run/checkpoint-2", resumed_dir / "checkpoint-2")
     (resumed_dir / "metrics.jsonl").write_text("".join(
-        json.dumps(r) + "\n" for r in read_metrics(tmp_path / "whole/run") if r["step"] <= 3))  # step 3 was lost
+        json.dumps(r) + "\n" for r in read_metrics(tmp_path / "whole/run") if r["step"] <= 3) + '{"step": 4, "lo')
+    # it crashed while writing step 4's line: on resume, step 3's line and the broken line are written anew
     resumed = run(tmp_path / "resumed", tiny_models["sd"], tiny_pairs, *common, "train.resume=latest")
     a = load_file(whole.final_dir / LORA_WEIGHTS)
     b = load_file(resumed.final_dir / LORA_WEIGHTS)
@@ -134,7 +135,6 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_models, tiny_pairs):
     table[1]["jpg_1"] = b"not an image"
     table[4]["jpg_0"] = b""
     bad = tmp_path / "bad.parquet"
-    import pyarrow as pa
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(tiny_pairs)), bad)
     run(tmp_path, tiny_models["sd"], bad, "train.max_steps=8", "train.batch_size=2")  # 16 pairs: one epoch
     records = read_metrics(tmp_path / "run")
@@ -157,3 +157,28 @@ def test_missing_model_folder_is_explained(tmp_path, tiny_pairs):
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         run(tmp_path, tmp_path / "not-a-model", tiny_pairs)
+
+
+@pytest.mark.parametrize("options", [
+    ["train.mixed_precision=bf16", "model.gradient_checkpointing=true", "train.optimizer=adafactor"],
+    ["model.lora_rank=null", "model.ref_offload=true", "data.streaming=true", "data.prompt_dropout=0.5"],
+], ids=["lora-bf16-checkpointing-adafactor", "full-offloaded-reference-streaming"])
+def test_training_options(tmp_path, tiny_models, tiny_pairs, options):
+    result = run(tmp_path, tiny_models["sd"], tiny_pairs, *options)
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert result.final_dir.is_dir()
+
+
+def test_unusable_settings_are_explained(tmp_path, tiny_models, tiny_pairs):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+            run(tmp_path, tiny_models["sd"], tiny_pairs, "train.mixed_precision=fp16")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs bitsandbytes"):
+            run(tmp_path, tiny_models["sd"], tiny_pairs, "train.optimizer=adamw8bit")
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, f"train.resume={tmp_path}")

@@ -1,0 +1,68 @@
+"""Noising, targets and per-sample errors, checked against the DDPM formulas computed independently."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusion_align.conditioning import Conditioning
+from diffusion_align.likelihood import denoising_errors, noise_rows, prediction_target
+
+
+def sd_scheduler(prediction_type="epsilon"):
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+def alpha_bar(t: int) -> float:
+    """SD's "scaled_linear" schedule by hand: betas = linspace(sqrt(b0), sqrt(b1), 1000)^2, abar_t = prod(1 - beta)."""
+    lo, hi = math.sqrt(0.00085), math.sqrt(0.012)
+    betas = [(lo + (hi - lo) * i / 999) ** 2 for i in range(1000)]
+    return math.prod(1 - b for b in betas[: t + 1])
+
+
+def test_v_prediction_target_is_the_velocity():
+    x0, eps, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([500, 999])
+    target = prediction_target(sd_scheduler("v_prediction"), x0, eps, t)
+    for row, step in enumerate(t.tolist()):
+        a = alpha_bar(step)
+        expected = math.sqrt(a) * eps[row] - math.sqrt(1 - a) * x0[row]
+        assert torch.allclose(target[row], expected, atol=1e-5)
+
+
+def test_epsilon_target_is_the_noise_and_other_kinds_are_refused():
+    x0, eps, t = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), torch.tensor([10])
+    assert torch.equal(prediction_target(sd_scheduler(), x0, eps, t), eps)
+    with pytest.raises(ValueError, match="'sample' is not supported"):
+        prediction_target(sd_scheduler("sample"), x0, eps, t)
+
+
+def test_pairs_share_noise_and_timestep():
+    latents = torch.randn(6, 4, 4, 4)  # 3 pairs: rows [w1 w2 w3 l1 l2 l3]
+    rows = noise_rows(sd_scheduler(), latents, rows_per_pair=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rows.timesteps[:3], rows.timesteps[3:])
+    assert torch.equal(rows.target[:3], rows.target[3:])  # epsilon target = the shared noise
+    assert not torch.equal(rows.target[0], rows.target[1])
+    for row in range(6):
+        a = alpha_bar(int(rows.timesteps[row]))
+        expected = math.sqrt(a) * latents[row] + math.sqrt(1 - a) * rows.target[row]
+        assert torch.allclose(rows.noisy[row], expected, atol=1e-5)
+
+
+def test_winner_only_rows_get_their_own_noise():
+    rows = noise_rows(sd_scheduler(), torch.randn(3, 4, 2, 2), rows_per_pair=1,
+                      generator=torch.Generator().manual_seed(0))
+    assert len(set(rows.timesteps.tolist())) == 3
+
+
+def test_denoising_error_is_a_per_sample_mean_over_c_h_w():
+    # a stand-in UNet that predicts 1 everywhere in the first row and the target 3 in the second
+    target = torch.full((2, 4, 2, 2), 3.0, dtype=torch.float16)
+    pred = torch.stack([torch.ones(4, 2, 2), torch.full((4, 2, 2), 3.0)]).half()
+    unet = lambda noisy, t, encoder_hidden_states: SimpleNamespace(sample=pred)  # noqa: E731
+    rows = SimpleNamespace(noisy=torch.zeros(2, 4, 2, 2), timesteps=torch.zeros(2), target=target)
+    err = denoising_errors(unet, rows, Conditioning(torch.zeros(2, 77, 8)))
+    assert err.dtype == torch.float32
+    assert err.tolist() == [4.0, 0.0]  # (1 - 3)^2 averaged over the 16 elements; exact match
