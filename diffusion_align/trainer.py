@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- randomness: explicit generators, saved in checkpoints so a resumed run continues identically ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (accelerator.process_index + 1))
     dropout_gen = torch.Generator().manual_seed(t.seed + 20_000 * (accelerator.process_index + 1))
-    start_step, batches_drawn, skipped_rows = 0, 0, 0
+    start_step, batches_drawn, skipped_rows, nonfinite_steps = 0, 0, 0, 0
     checkpoint = resolve_resume(output_dir, t.resume)
     if checkpoint is None and t.resume == "latest":
         logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
@@ -129,6 +130,7 @@ def train(cfg: Config) -> TrainResult:
         noise_gen.set_state(saved["noise_gen"])
         dropout_gen.set_state(saved["dropout_gen"])
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
+        nonfinite_steps = saved["nonfinite_steps"]
         logger.info("resumed from %s at step %d", checkpoint, start_step)
 
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
@@ -180,9 +182,13 @@ def train(cfg: Config) -> TrainResult:
                 accelerator.backward(loss / t.grad_accum)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf"))
+        grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf")))
         step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
-        optimizer.step()
+        if math.isfinite(grad_norm) or accelerator.scaler is not None:  # fp16's scaler skips such steps itself
+            optimizer.step()
+        else:  # one NaN/inf batch must not poison the weights; the norm is all-reduced, so every process agrees
+            nonfinite_steps += 1
+            logger.warning("step %d: gradient norm is %s; update skipped", step, grad_norm)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
@@ -192,7 +198,7 @@ def train(cfg: Config) -> TrainResult:
             averaged = accelerator.reduce(torch.stack([sums[n] for n in names]).to(device), "mean")
             counts = accelerator.reduce(torch.tensor([pairs_seen, skipped_rows], device=device), "sum")
             record = {"step": step, **{n: v.item() for n, v in zip(names, averaged)},
-                      "lr": step_lr, "grad_norm": float(grad_norm),
+                      "lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps,
                       "pairs_per_s": counts[0].item() / (time.perf_counter() - started),
                       "skipped_rows": int(counts[1].item())}
             if main:
@@ -202,7 +208,7 @@ def train(cfg: Config) -> TrainResult:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             state = {"noise_gen": noise_gen.get_state(), "dropout_gen": dropout_gen.get_state(),
-                     "batches_drawn": batches_drawn, "skipped_rows": skipped_rows}
+                     "batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "nonfinite_steps": nonfinite_steps}
             path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
                                    t.checkpoints_keep)
             logger.info("saved %s", path)

@@ -182,3 +182,21 @@ def test_unusable_settings_are_explained(tmp_path, tiny_models, tiny_pairs):
             run(tmp_path, tiny_models["sd"], tiny_pairs, "train.optimizer=adamw8bit")
     with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, f"train.resume={tmp_path}")
+
+
+def test_a_nonfinite_step_is_skipped(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    import dataclasses
+
+    from diffusion_align import methods
+    dpo, calls = methods.METHODS["dpo"], []
+
+    def poisoned(model_err, ref_err, beta):  # the DPO loss, but NaN on the second batch
+        calls.append(1)
+        loss, metrics = dpo.objective(model_err, ref_err, beta)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    monkeypatch.setitem(methods.METHODS, "dpo", dataclasses.replace(dpo, objective=poisoned))
+    result = run(tmp_path, tiny_models["sd"], tiny_pairs)
+    records = read_metrics(tmp_path / "run")
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]
+    assert all(torch.isfinite(p).all() for p in result.unet.parameters())
