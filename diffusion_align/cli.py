@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, describe_keys, load_config
+from pathlib import Path
+
+from .config import describe_keys, load_config
 
 
 def _setup_logging() -> None:
@@ -29,12 +31,90 @@ def cmd_train(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from .tiny import save_tiny_pipeline, write_tiny_pairs
-    from pathlib import Path
+    from .tiny import save_tiny_pipeline, save_tiny_scorer, write_tiny_pairs
     out = Path(args.out_dir)
     for family in args.family:
         print(f"pipeline ({family}): {save_tiny_pipeline(out / f'tiny-{family}', family, seed=args.seed)}")
+    for name in args.scorers:
+        print(f"scorer ({name}): {save_tiny_scorer(name, out / f'tiny-scorer-{name}', seed=args.seed)}")
     print(f"pairs:          {write_tiny_pairs(out / 'tiny-pairs.parquet', num_pairs=args.pairs, seed=args.seed)}")
+
+
+def _scorers(args, single: bool = False) -> list:
+    """The --scorer NAME[=PATH] list, loaded once each, with --convention NAME=CONVENTION, --device, --dtype."""
+    import torch
+
+    from .rewards import load_scorer, parse_scorer_spec
+    if single and len(args.scorer) != 1:
+        raise ValueError(f"diffusion-align {args.command} takes one --scorer, got {len(args.scorer)}")
+    conventions = dict(_pair(c, "--convention", "NAME=CONVENTION") for c in args.convention)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    scorers = []
+    for spec in args.scorer:
+        name, path = parse_scorer_spec(spec)
+        options = {"convention": conventions.pop(name)} if name in conventions else {}
+        if args.batch_size:
+            options["batch_size"] = args.batch_size
+        scorers.append(load_scorer(name, path, device=args.device, dtype=dtype, **options))
+    if conventions:
+        raise ValueError(f"--convention names scorer(s) {sorted(conventions)} that no --scorer loads")
+    return scorers
+
+
+def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"{flag} {text!r}: expected {form}")
+    return key, value
+
+
+def cmd_score(args) -> None:
+    from .scoring import score_folder
+    print(score_folder(args.dir, _scorers(args), args.out, prompt=args.prompt, batch_size=args.batch_size,
+                       num_workers=args.workers, fast_jpeg=args.fast_jpeg))
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare_folders
+    scorer, = _scorers(args, single=True)
+    print(compare_folders(args.dir_a, args.dir_b, scorer, out_prefix=args.out, prompt=args.prompt,
+                          batch_size=args.batch_size, num_workers=args.workers, fast_jpeg=args.fast_jpeg,
+                          n_resamples=args.resamples, confidence=args.confidence, seed=args.seed))
+
+
+def cmd_label(args) -> None:
+    from .labeling import label_pairs, pairs_from_folder
+    scorer, = _scorers(args, single=True)
+    if args.from_images:
+        report = pairs_from_folder(args.source, scorer, args.out, max_pairs_per_prompt=args.max_pairs_per_prompt,
+                                   seed=args.seed, tie_margin=args.tie_margin, batch_size=args.batch_size,
+                                   num_workers=args.workers, shard_size=args.shard_size)
+    else:
+        report = label_pairs(args.source, scorer, args.out, tie_margin=args.tie_margin, batch_size=args.batch_size,
+                             shard_size=args.shard_size, num_workers=args.workers, split=args.split,
+                             max_pairs=args.max_pairs)
+    print(report)
+
+
+def cmd_fit_reward(args) -> None:
+    from .fit_reward import fit_reward
+    print(fit_reward(args.dataset, args.base, args.out, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                     batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+                     warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+                     processor=args.processor, split=args.split, max_pairs=args.max_pairs,
+                     eval_pairs=args.eval_pairs, num_workers=args.workers, device=args.device))
+
+
+def _scorer_flags(parser: argparse.ArgumentParser, many: bool) -> None:
+    parser.add_argument("--scorer", required=True, action="append", metavar="NAME[=PATH]",
+                        help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
+                             "reward_models/)" + (" (repeat for several)" if many else ""))
+    parser.add_argument("--convention", action="append", default=[], metavar="NAME=CONVENTION",
+                        help="score convention of a scorer, e.g. clip=raw, clip=torchmetrics, pickscore=cosine")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="dtype of the models")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per scorer call (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +130,72 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-5 model.lora_rank=null")
     train.set_defaults(func=cmd_train)
 
-    tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines and a synthetic pair set "
-                                            "for trying the toolkit without a GPU or the hub.")
+    score = sub.add_parser("score", help="Score every image under a folder with one or more reward models.")
+    score.add_argument("dir", help="image folder (recursive); prompts from metadata.jsonl, a .txt beside each "
+                                   "image, or --prompt")
+    score.add_argument("--out", required=True, help="CSV of scores; a summary JSON and histograms go beside it, "
+                                                    "and a rerun skips the images already in it")
+    score.add_argument("--prompt", help="prompt for images that have none recorded")
+    score.add_argument("--fast-jpeg", action="store_true", help="let the JPEG decoder downscale (faster; scores "
+                                                                "move by ~1%% of their spread, see benchmarks/)")
+    _scorer_flags(score, many=True)
+    score.set_defaults(func=cmd_score)
+
+    compare = sub.add_parser("compare", help="Win rate of folder A over folder B, matched by prompt (and seed).")
+    compare.add_argument("dir_a")
+    compare.add_argument("dir_b")
+    compare.add_argument("--out", help="output prefix for PREFIX.csv (per prompt) and PREFIX.json "
+                                       "(default compare-A-vs-B)")
+    compare.add_argument("--prompt", help="prompt for images that have none recorded")
+    compare.add_argument("--fast-jpeg", action="store_true", help="see `score --help`")
+    compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (of prompts)")
+    compare.add_argument("--confidence", type=float, default=0.95)
+    compare.add_argument("--seed", type=int, default=0)
+    _scorer_flags(compare, many=False)
+    compare.set_defaults(func=cmd_compare)
+
+    label = sub.add_parser("label", help="Label preference pairs with a reward model (AI feedback).")
+    label.add_argument("source", help="Pick-a-Pic-style pairs (hub name, parquet, folder, save_to_disk), or with "
+                                      "--from-images a folder of generated images")
+    label.add_argument("--out", required=True, help="output folder of Pick-a-Pic-style parquet shards")
+    label.add_argument("--from-images", action="store_true", help="build pairs from images of the same prompt")
+    label.add_argument("--tie-margin", type=float, default=0.0, help="a score gap up to this is a tie "
+                                                                     "(in the scorer's units)")
+    label.add_argument("--shard-size", type=int, default=1000, help="pairs per output parquet file")
+    label.add_argument("--split", default="train")
+    label.add_argument("--max-pairs", type=int, help="label only the first N pairs")
+    label.add_argument("--max-pairs-per-prompt", type=int, help="--from-images: best-vs-worst plus random pairs, "
+                                                                "at most N per prompt (default: all pairs)")
+    label.add_argument("--seed", type=int, default=0)
+    _scorer_flags(label, many=False)
+    label.set_defaults(func=cmd_label)
+
+    fit = sub.add_parser("fit-reward", help="Train a CLIP model with the PickScore objective on preference pairs.")
+    fit.add_argument("dataset", help="Pick-a-Pic-style pairs; ties are kept (0.5/0.5 targets)")
+    fit.add_argument("--base", required=True, help="CLIPModel folder or hub id to start from")
+    fit.add_argument("--processor", help="where the tokenizer / image processor come from, if not from --base")
+    fit.add_argument("--out", required=True, help="output folder; load it with load_scorer('pickscore', OUT)")
+    fit.add_argument("--steps", type=int, default=4000)
+    fit.add_argument("--lr", type=float, default=3e-6)
+    fit.add_argument("--weight-decay", type=float, default=0.3)
+    fit.add_argument("--batch-size", type=int, default=128, help="pairs per step")
+    fit.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts held out")
+    fit.add_argument("--warmup-steps", type=int, default=500)
+    fit.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    fit.add_argument("--max-grad-norm", type=float, default=1.0)
+    fit.add_argument("--eval-pairs", type=int, default=1000, help="training pairs whose loss is reported")
+    fit.add_argument("--split", default="train")
+    fit.add_argument("--max-pairs", type=int)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--workers", type=int, default=2)
+    fit.add_argument("--device", default=None)
+    fit.set_defaults(func=cmd_fit_reward)
+
+    tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "
+                                            "pair set for trying the toolkit without a GPU or the hub.")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", nargs="+", default=["sd"], choices=("sd", "sd2", "sdxl"))
+    tiny.add_argument("--scorers", nargs="*", default=[], metavar="NAME", help="tiny reward models to build too")
     tiny.add_argument("--pairs", type=int, default=64, help="number of synthetic preference pairs")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
@@ -66,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says what and where
         print(f"diffusion-align {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -90,10 +90,11 @@ def load_pairs(
     keep_ties: bool = False,
     streaming: bool = False,
     max_pairs: int | None = None,
-    extra_columns: Sequence[str] = (),
+    extra_columns: Sequence[str] | str = (),
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
     """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
 
+    Only the Pick-a-Pic columns and `extra_columns` are kept (`extra_columns="all"` keeps every column).
     Ties (label_0 == label_1) are dropped unless `keep_ties`; `max_pairs` keeps the first N pairs after that.
     Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
     """
@@ -112,12 +113,13 @@ def load_pairs(
         files = {split: _parquet_files(path)}
         ds = datasets.load_dataset("parquet", data_files=files, split=split, streaming=streaming)
 
-    expected = list(dict.fromkeys([*REQUIRED_COLUMNS, *extra_columns]))
     found = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its schema up front
+    keep_all = extra_columns == "all"
+    expected = list(dict.fromkeys([*REQUIRED_COLUMNS, *(() if keep_all else extra_columns)]))
     missing = [c for c in expected if c not in found]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected}, found {found}")
-    ds = _raw_images(ds.select_columns(expected))
+    ds = _raw_images(ds if keep_all else ds.select_columns(expected))
 
     if isinstance(ds, datasets.IterableDataset):
         if not keep_ties:

@@ -256,3 +256,83 @@ def write_tiny_pairs(path, num_pairs: int = 16, resolution: int = 64, seed: int 
         os.unlink(tmp)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny reward scorers: the same classes and on-disk layouts as the released ones; a few MB each, most of it the
+# real 49,408-token vocabulary (embedding table and tokenizer.json).
+
+_TINY_PROJECTION = 16  # embedding width of the tiny CLIPs, and so the input width of the tiny aesthetic head
+_TINY_IMAGE = 32  # pixels; the 8-px patches give a 4x4 grid
+
+
+def _tiny_clip() -> tuple:
+    """(CLIPModel, tokenizer, image processor), the tokenizer the real CLIP BPE."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config=_text_config(32, "quick_gelu", tokenizer).to_dict(),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=_TINY_IMAGE, patch_size=8, hidden_act="quick_gelu"),
+        projection_dim=_TINY_PROJECTION,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE},
+                                   crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE})
+    return CLIPModel(config), tokenizer, processor
+
+
+def _save_clip(out_dir: pathlib.Path) -> None:
+    model, tokenizer, processor = _tiny_clip()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+# open_clip's format for a model config (what its local-dir / hf-hub loaders read), ViT-H-14's keys, tiny widths.
+_TINY_OPEN_CLIP = {
+    "embed_dim": _TINY_PROJECTION,
+    "vision_cfg": {"image_size": _TINY_IMAGE, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
+    """Save a tiny randomly initialised reward model `name` (a key of diffusion_align.rewards.SCORERS) in the
+    layout `load_scorer(name, path)` reads; returns that path.
+
+    pickscore / clip: a CLIPModel folder with tokenizer and image processor (what save_pretrained writes).
+    hpsv2 / hpsv2.1: the registry's checkpoint file, {"state_dict": fp16 tensors} of an open_clip CLIP, plus the
+    `open_clip_config.json` that tells the loader to build this tiny architecture instead of ViT-H-14.
+    aesthetic: the head file (real key layout, input width = the tiny CLIP's projection) and a clip/ subfolder.
+    """
+    from .rewards import SCORERS
+    from .rewards.registry import load_spec
+
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; expected one of {list(SCORERS)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = load_spec(name)["source"]
+    # Seed a private copy of the RNG so callers' random streams are left as they were.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in ("pickscore", "clip"):
+            _save_clip(out_dir)
+        elif name in ("hpsv2", "hpsv2.1"):
+            import json
+
+            import open_clip
+            model = open_clip.CLIP(**_TINY_OPEN_CLIP)
+            state = {k: v.half() for k, v in model.state_dict().items()}
+            torch.save({"state_dict": state}, out_dir / source["file"])
+            (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": _TINY_OPEN_CLIP}, indent=2))
+        else:
+            _save_clip(out_dir / "clip")
+            widths = [_TINY_PROJECTION, 1024, 128, 64, 16, 1]  # the real head's hidden widths
+            head = {}
+            for i, layer in enumerate((0, 2, 4, 6, 7)):
+                linear = torch.nn.Linear(widths[i], widths[i + 1])
+                head[f"layers.{layer}.weight"], head[f"layers.{layer}.bias"] = linear.weight.data, linear.bias.data
+            torch.save(head, out_dir / source["head"]["files"][0])
+    return out_dir

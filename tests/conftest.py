@@ -1,9 +1,20 @@
 import os
 
-import pytest
-
+# before anything imports huggingface_hub or datasets, which read these once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_datasets_cache(tmp_path_factory, monkeypatch):
+    # Keep the datasets cache inside pytest's temp dir instead of the user's ~/.cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+    # Shuffled parquet streams sleep 5 s at the end of each pass (an arrow thread-shutdown workaround in
+    # datasets); harmless for real epochs, but it would dominate these tiny ones.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 @pytest.fixture(scope="session")

@@ -2,19 +2,16 @@ import io
 import itertools
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
 
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from diffusion_align import data  # noqa: E402
-from diffusion_align.data import (  # noqa: E402
+from diffusion_align import data
+from diffusion_align.data import (
     PairBatchSampler, PairDataset, PairTransform, collate_pairs, decode_image, load_pairs, make_pair_loader,
 )
 
@@ -57,15 +54,6 @@ def write_parquet(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    # Keep the datasets cache inside pytest's temp dir instead of the user's ~/.cache.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-    # Shuffled parquet streams sleep 5 s at the end of each pass (an arrow thread-shutdown workaround in
-    # datasets); harmless for real epochs, but it would dominate these tiny ones.
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 @pytest.fixture

@@ -3,20 +3,18 @@
 import io
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
-import numpy as np  # noqa: E402
-import open_clip  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import CLIPTokenizer  # noqa: E402
-
-from diffusion_align import tiny  # noqa: E402
-from diffusion_align.tiny import FAMILIES, clip_tokenizer, save_tiny_pipeline, write_tiny_pairs  # noqa: E402
+from diffusion_align import tiny
+from diffusion_align.tiny import FAMILIES, clip_tokenizer, save_tiny_pipeline, write_tiny_pairs
 
 PROMPTS = [
     "a photo of a cat",
@@ -188,3 +186,40 @@ def test_tiny_pairs_deterministic(tmp_path):
     b = pq.read_table(write_tiny_pairs(tmp_path / "b.parquet", seed=5)).to_pylist()
     c = pq.read_table(write_tiny_pairs(tmp_path / "c.parquet", seed=6)).to_pylist()
     assert a == b and a != c
+
+
+# --- tiny reward scorers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, files", [
+    ("pickscore", {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"}),
+    ("clip", {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"}),
+    ("hpsv2", {"HPS_v2_compressed.pt", "open_clip_config.json"}),
+    ("hpsv2.1", {"HPS_v2.1_compressed.pt", "open_clip_config.json"}),
+    ("aesthetic", {"sac+logos+ava1-l14-linearMSE.pth", "clip"}),
+])
+def test_tiny_scorer_layout(name, files, tmp_path):
+    path = tiny.save_tiny_scorer(name, tmp_path / name)
+    assert files <= set(os.listdir(path))
+    if name.startswith("hpsv2"):
+        # HPS's format: {"state_dict": fp16 tensors}, readable without unpickling arbitrary objects
+        checkpoint = torch.load(path / sorted(files)[0], map_location="cpu", weights_only=True)
+        assert set(checkpoint) == {"state_dict"}
+        assert all(v.dtype == torch.float16 for v in checkpoint["state_dict"].values())
+        assert checkpoint["state_dict"]["token_embedding.weight"].shape[0] == 49408  # the real BPE vocabulary
+    if name == "aesthetic":
+        head = torch.load(path / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
+        assert sorted(head) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+        assert [head[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)] == [1024, 128, 64, 16, 1]
+        assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(path / "clip"))
+
+
+def test_tiny_scorer_seeded(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = (tiny.save_tiny_scorer("hpsv2", tmp_path / k, seed=s) for k, s in (("a", 1), ("b", 1), ("c", 2)))
+    assert torch.equal(torch.rand(3), expected)  # callers' RNG left alone
+    wa, wb, wc = (torch.load(p / "HPS_v2_compressed.pt", weights_only=True)["state_dict"] for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wc[k]) for k in wa)
+    with pytest.raises(ValueError, match="unknown scorer 'imagereward'"):
+        tiny.save_tiny_scorer("imagereward", tmp_path / "x")

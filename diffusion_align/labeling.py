@@ -1,0 +1,441 @@
+"""Preference labels from a reward model: score both images of each pair and write Pick-a-Pic-style pairs.
+
+For a pair with scores s0, s1 (the scorer's own units, e.g. PickScore's logit-scaled cosine) the output adds
+
+    <column>_0, <column>_1   s0, s1
+    label_0, label_1         1/0 if s0 - s1 > tie_margin, 0/1 if s1 - s0 > tie_margin, else 0.5/0.5 (an AI tie)
+    pref_prob_0              P(image 0 preferred) = scorer.preference_prob_from_scores(s0, s1)
+    human_label_0/1          the labels the pair came with (kept as they are when the source already has them)
+
+and keeps every other column as it was. Output: `pairs-00000.parquet`, ... (one shard per `shard_size` source rows,
+each written whole or not at all), `.shards/pairs-00000.json` (what each shard holds: its settings, source rows and
+skipped rows; a rerun keeps the shards whose record matches and labels only the rest) and `labels.json` (the
+report). `data.load_pairs(out_dir)` reads the result, so generate -> label -> train needs no people.
+
+Agreement with people: over the pairs with a strict human preference (human ties and unlabelled pairs are left
+out), agreement = (pairs where the scorer picks the same image + 0.5 * pairs the scorer calls a tie) / pairs.
+A human label is absent where label_0/label_1 are null or `has_label` is false (Pick-a-Pic's flag).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .data import decode_image, load_pairs
+from .files import write_text_atomic
+
+SHARD_STEM = "pairs-{:05d}"
+_SHARD_NAME = re.compile(r"pairs-(\d+)\.parquet")
+SHARD_RECORDS = ".shards"  # per-shard records; hidden, so globs for *.parquet and imagefolder loaders skip it
+REPORT_NAME = "labels.json"
+OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays; -1 = no label
+_NO_LABEL = -1
+
+
+# ---------------------------------------------------------------- labels and agreement (pure)
+
+def hard_labels(scores_0: np.ndarray, scores_1: np.ndarray, tie_margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """(label_0, label_1): 1/0 or 0/1 for the higher score, 0.5/0.5 where |s0 - s1| <= tie_margin."""
+    diff = np.asarray(scores_0, np.float64) - np.asarray(scores_1, np.float64)
+    label_0 = np.where(np.abs(diff) <= tie_margin, 0.5, (diff > 0).astype(np.float64))
+    return label_0, 1.0 - label_0
+
+
+def outcomes(label_0, label_1, has_label=None) -> np.ndarray:
+    """Per pair: 0 (image 0 preferred), 1 (image 1), 2 (tie), or -1 (no label: null/NaN, or has_label false)."""
+    l0 = np.asarray(label_0, dtype=np.float64)  # None -> NaN
+    l1 = np.asarray(label_1, dtype=np.float64)
+    out = np.select([l0 > l1, l0 < l1, l0 == l1], [0, 1, 2], default=_NO_LABEL)
+    if has_label is not None:
+        out[~np.asarray(has_label, dtype=bool)] = _NO_LABEL
+    return out
+
+
+def outcome_counts(human: np.ndarray, ai: np.ndarray) -> np.ndarray:
+    """4x3 counts: rows human image_0 / image_1 / tie / no label, columns AI image_0 / image_1 / tie."""
+    counts = np.zeros((4, 3), dtype=np.int64)
+    np.add.at(counts, (np.where(human == _NO_LABEL, 3, human), ai), 1)
+    return counts
+
+
+def agreement(counts: np.ndarray) -> dict:
+    """Agreement with people from `outcome_counts`, and the same counts keyed by name (a confusion table)."""
+    counts = np.asarray(counts)
+    strict = int(counts[:2].sum())
+    credit = counts[0, 0] + counts[1, 1] + 0.5 * (counts[0, 2] + counts[1, 2])
+    return {
+        "human_strict_pairs": strict,
+        "agreement": float(credit / strict) if strict else None,
+        "human_ties": int(counts[2].sum()),
+        "no_human_label": int(counts[3].sum()),
+        "confusion": {f"human {h}": {f"ai {a}": int(counts[i, j]) for j, a in enumerate(OUTCOMES)}
+                      for i, h in enumerate((*OUTCOMES, "none"))},
+    }
+
+
+# ---------------------------------------------------------------- scoring
+
+class PairImages(torch.utils.data.Dataset):
+    """Item i = both images of row `indices[i]` through `preprocess` (stacked, (2, 3, H, W)) with the caption,
+    or the reason they cannot be decoded; `preprocess` is model-free, so this runs in DataLoader workers."""
+
+    def __init__(self, pairs: datasets.Dataset, indices, preprocess):
+        self.pairs, self.indices, self.preprocess = pairs, indices, preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        row = self.pairs[index]
+        try:
+            images = [decode_image(row[c], f"row {index}, column {c}").convert("RGB") for c in ("jpg_0", "jpg_1")]
+        except (ValueError, OSError) as err:  # convert() finishes lazy decoding, which may still fail
+            return {"index": index, "error": str(err)}
+        return {"index": index, "pixels": torch.stack([self.preprocess(im) for im in images]),
+                "prompt": row["caption"] or ""}
+
+
+def collate_pair_images(items: list[dict]) -> dict:
+    """PairImages items -> pixels (2n, 3, H, W), rows [0_1, 1_1, 0_2, 1_2, ...], each caption twice, and the
+    (index, reason) of the undecodable rows."""
+    good = [it for it in items if "error" not in it]
+    return {"errors": [(it["index"], it["error"]) for it in items if "error" in it],
+            "indices": [it["index"] for it in good],
+            "pixels": torch.cat([it["pixels"] for it in good]) if good else None,
+            "prompts": [it["prompt"] for it in good for _ in (0, 1)]}
+
+
+def _score_pairs(pairs, start: int, stop: int, scorer, batch_size: int, num_workers: int, desc: str):
+    """Scores of rows start..stop-1: (indices, (n, 2) float64 scores, [(index, reason)] skipped)."""
+    loader = torch.utils.data.DataLoader(
+        PairImages(pairs, range(start, stop), scorer.preprocess), batch_size=max(1, batch_size // 2),
+        num_workers=num_workers, collate_fn=collate_pair_images)
+    indices, scores, skipped = [], [], []
+    with torch.inference_mode(), tqdm(total=stop - start, unit="pair", desc=desc, disable=None) as bar:
+        for batch in loader:
+            skipped += batch["errors"]
+            if batch["indices"]:
+                s = scorer.score_batch(batch["pixels"], batch["prompts"])
+                if tuple(s.shape) != (2 * len(batch["indices"]),):
+                    raise RuntimeError(f"scorer {scorer.name}: score_batch returned shape {tuple(s.shape)} for "
+                                       f"{2 * len(batch['indices'])} images")
+                indices += batch["indices"]
+                scores.append(s.double().view(-1, 2).numpy())
+            bar.update(len(batch["indices"]) + len(batch["errors"]))
+    scores = np.concatenate(scores) if scores else np.zeros((0, 2))
+    finite = np.isfinite(scores).all(axis=1)  # a NaN would silently become a "0/1" label
+    skipped += [(i, f"row {i}: scorer {scorer.name} returned a non-finite score {tuple(s)}")
+                for i, s, ok in zip(indices, scores.tolist(), finite) if not ok]
+    return [i for i, ok in zip(indices, finite) if ok], scores[finite], sorted(skipped)
+
+
+def _label_columns(scorer, scores: np.ndarray, tie_margin: float) -> dict[str, pa.Array]:
+    """The columns the scorer adds: its two scores, hard labels, and P(image 0 preferred)."""
+    s0, s1 = scores[:, 0], scores[:, 1]
+    label_0, label_1 = hard_labels(s0, s1, tie_margin)
+    prob = scorer.preference_prob_from_scores(torch.from_numpy(s0).float(), torch.from_numpy(s1).float())
+    return {f"{scorer.column}_0": pa.array(s0, pa.float32()), f"{scorer.column}_1": pa.array(s1, pa.float32()),
+            "label_0": pa.array(label_0), "label_1": pa.array(label_1),
+            "pref_prob_0": pa.array(prob.float().numpy(), pa.float32())}
+
+
+# ---------------------------------------------------------------- files
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: no loader picks it up
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def _scorer_and_path(scorer) -> tuple[object, str | None]:
+    """A scorer object, or a "name[=path]" spec loaded here; and the weights path to record."""
+    if isinstance(scorer, str):
+        from .rewards import load_scorer, parse_scorer_spec
+        name, path = parse_scorer_spec(scorer)
+        return load_scorer(name, path), path
+    return scorer, scorer.path
+
+
+# ---------------------------------------------------------------- label_pairs
+
+@dataclass
+class LabelReport:
+    out_dir: Path
+    scorer: dict  # name, column, convention, path
+    tie_margin: float
+    pairs_scored: int  # rows written, over all shards (reused ones included)
+    skipped: list[tuple[int, str]]  # (source row, reason): not written
+    ai_ties: int
+    agreement: dict  # see `agreement`
+    shards: int
+    shards_reused: int
+    inputs: dict = field(default_factory=dict)  # what was labelled: source and split, or the folder and its counts
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["skipped"] = [{"item": i, "reason": r} for i, r in self.skipped]
+        return d
+
+    def __str__(self) -> str:
+        a = self.agreement
+        lines = [f"{self.out_dir}: {self.pairs_scored} pairs labelled by {self.scorer['name']} "
+                 f"({self.scorer['convention']}), tie margin {self.tie_margin}: {self.ai_ties} AI ties, "
+                 f"{len(self.skipped)} skipped; {self.shards} shards ({self.shards_reused} kept from an earlier run)"]
+        if a.get("agreement") is not None:
+            lines.append(f"  agreement with people on {a['human_strict_pairs']} strict pairs: {a['agreement']:.4f} "
+                         f"(AI ties count 0.5); {a['human_ties']} human ties, {a['no_human_label']} unlabelled")
+        lines += [f"  skipped {item}: {reason}" for item, reason in self.skipped[:10]]
+        if len(self.skipped) > 10:
+            lines.append(f"  ... and {len(self.skipped) - 10} more (all listed in {self.out_dir / REPORT_NAME})")
+        return "\n".join(lines)
+
+
+def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: int | None = None,
+                shard_size: int = 1000, num_workers: int = 0, split: str = "train",
+                max_pairs: int | None = None) -> LabelReport:
+    """Score both images of every pair in `source` (anything `load_pairs` reads; ties kept) and write the
+    labelled pairs to `out_dir`; see the module docstring for the columns and files.
+
+    `scorer`: a loaded scorer or a "name[=path]" spec. `tie_margin` is in the scorer's units. `batch_size`: images
+    per scorer call (default the scorer's). Images are decoded once, in `num_workers` DataLoader processes.
+    Undecodable rows (or non-finite scores) are skipped and listed. A rerun with the same settings keeps the
+    finished shards and labels only the others; other settings are an error naming the difference.
+    """
+    scorer, scorer_path = _scorer_and_path(scorer)
+    out_dir, source = Path(out_dir), str(source)
+    _check_settings(tie_margin, shard_size)
+    pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
+    to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
+    shards = [(start, min(start + shard_size, len(pairs))) for start in range(0, len(pairs), shard_size)]
+    settings = {"source": os.path.abspath(source) if os.path.exists(source) else source, "split": split,
+                "scorer": scorer.name, "scorer_path": scorer_path, "column": scorer.column,
+                "tie_margin": tie_margin, "shard_size": shard_size}
+    records = out_dir / SHARD_RECORDS
+    _check_no_extra_shards(out_dir, len(shards))
+    records.mkdir(parents=True, exist_ok=True)
+
+    reused, counts, written, skipped = 0, np.zeros((4, 3), np.int64), 0, []
+    for k, (start, stop) in enumerate(shards):
+        stem = SHARD_STEM.format(k)
+        path, record_path = out_dir / f"{stem}.parquet", records / f"{stem}.json"
+        record = _finished(record_path, path, settings, start, stop)
+        if record is None:
+            indices, scores, bad = _score_pairs(to_score, start, stop, scorer, batch_size or scorer.batch_size,
+                                                num_workers, f"labelling shard {k + 1}/{len(shards)}")
+            table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
+            has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
+            human = outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
+            ai = outcomes(*_columns(table, "label_0", "label_1"))
+            record = {"settings": settings, "rows": [start, stop], "written": table.num_rows, "skipped": bad,
+                      "counts": outcome_counts(human, ai).tolist()}
+            if table.num_rows:
+                _write_parquet(table, path)
+            else:
+                path.unlink(missing_ok=True)  # datasets cannot read an empty parquet: a shard with no rows has none
+            _write_json(record_path, record)  # last: the record is what marks the shard finished
+        else:
+            reused += 1
+        counts += np.asarray(record["counts"], np.int64)
+        written += record["written"]
+        skipped += [tuple(s) for s in record["skipped"]]
+
+    report = LabelReport(out_dir, _scorer_info(scorer, scorer_path), tie_margin, written, skipped,
+                         int(counts[:, 2].sum()), agreement(counts), len(shards), reused,
+                         {"source": settings["source"], "split": split})
+    _write_json(out_dir / REPORT_NAME, report.to_dict())
+    return report
+
+
+def _columns(table: pa.Table, *names: str) -> list[np.ndarray]:
+    return [table[n].to_numpy(zero_copy_only=False) for n in names]  # nulls become NaN (floats) or None
+
+
+def _check_settings(tie_margin: float, shard_size: int) -> None:
+    if not (math.isfinite(tie_margin) and tie_margin >= 0):
+        raise ValueError(f"tie_margin must be a finite number >= 0 (in the scorer's units), got {tie_margin}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1 pairs, got {shard_size}")
+
+
+def _scorer_info(scorer, path) -> dict:
+    return {"name": scorer.name, "column": scorer.column, "convention": scorer.convention, "path": path}
+
+
+def _check_no_extra_shards(out_dir: Path, num_shards: int) -> None:
+    """Shards past this run's end came from a run over more rows; loading the folder would mix them in."""
+    extra = sorted(p.name for p in out_dir.glob("pairs-*.parquet")
+                   if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[1]) >= num_shards)
+    if extra:
+        raise ValueError(f"{out_dir}: holds shards past the {num_shards} this run writes ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}), from a run over more pairs; label as many pairs "
+                         f"(max_pairs) to resume it, or write to a new folder")
+
+
+def _differences(old: dict, new: dict) -> str:
+    return "; ".join(f"{k}={old.get(k)!r} there, {v!r} now" for k, v in new.items() if old.get(k) != v)
+
+
+def _finished(record_path: Path, path: Path, settings: dict, start: int, stop: int) -> dict | None:
+    """The record of a finished shard of these rows and settings; None if the shard is still to do."""
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        old, rows, written = record["settings"], record["rows"], record["written"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{record_path}: unreadable shard record ({type(err).__name__}: {err}); delete it and "
+                         f"{path.name} to label that shard again") from None
+    changed = _differences(old, settings)
+    if changed:
+        raise ValueError(f"{record_path}: {path.name} was labelled with other settings ({changed}); "
+                         f"rerun with the same settings to resume, or write to a new folder")
+    if rows != [start, stop] or (written > 0) != path.is_file():
+        return None  # the last shard of a run over fewer pairs, or a shard whose parquet is gone: redo it
+    return record
+
+
+def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: list[int], scores: np.ndarray,
+                    scorer, tie_margin: float) -> pa.Table:
+    """Source rows `indices` (all columns as stored) with the human labels moved aside and the scorer's added."""
+    rows = pairs.with_format("arrow")[start:stop]
+    rows = rows.take(pa.array([i - start for i in indices], pa.int64())).replace_schema_metadata(None)
+    # A source labelled before keeps its human labels; its old label_0/1 were another scorer's.
+    human = [rows[f"human_label_{i}" if "human_label_0" in rows.column_names else f"label_{i}"].cast(pa.float64())
+             for i in (0, 1)]
+    added = _label_columns(scorer, scores, tie_margin)
+    rows = rows.drop_columns([c for c in rows.column_names if c in added or c.startswith("human_label_")])
+    rows = rows.append_column("human_label_0", human[0]).append_column("human_label_1", human[1])
+    for name, values in added.items():
+        rows = rows.append_column(name, values)
+    return rows
+
+
+# ---------------------------------------------------------------- pairs_from_folder
+
+def choose_pairs(scores: np.ndarray, max_pairs: int | None, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of one prompt's images: all of them, or with `max_pairs` at most that many:
+    best vs worst first (the clearest preference), then others drawn at random without replacement."""
+    n = len(scores)
+    every = list(itertools.combinations(range(n), 2))
+    if max_pairs is None or len(every) <= max_pairs:
+        return every
+    order = np.argsort(scores, kind="stable")
+    best_worst = tuple(sorted((int(order[0]), int(order[-1]))))
+    rest = [p for p in every if p != best_worst]
+    drawn = rng.choice(len(rest), size=max_pairs - 1, replace=False) if max_pairs > 1 else []
+    return [best_worst, *sorted(rest[i] for i in drawn)]
+
+
+def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | None = None, seed: int = 0,
+                      tie_margin: float = 0.0, batch_size: int | None = None, num_workers: int = 0,
+                      shard_size: int = 1000) -> LabelReport:
+    """Preference pairs from a folder of generated images, labelled by `scorer`, in the label_pairs layout.
+
+    Images and prompts are found as `scoring.score_folder` finds them (metadata.jsonl with `file_name` and
+    `prompt`/`text`/`caption`, or a .txt beside each image); every image is scored once, into
+    `out_dir/scores.csv` (a rerun scores only new images; a summary and histogram lie beside it). Images of the
+    same prompt are paired: all n(n-1)/2 pairs, or at most `max_pairs_per_prompt` (best vs worst plus random
+    others, drawn from `seed` and the prompt, so one prompt's pairs do not depend on the other prompts).
+    Rows: `caption`, `jpg_0`/`jpg_1` (the original files' bytes), `image_0_path`/`image_1_path` (relative to
+    `image_dir`), the label columns, and `num_example_per_prompt` (pairs written for that prompt). The new shards
+    replace the old ones only once all are written, so a crash leaves the previous set whole.
+    """
+    from .scoring import score_folder
+    _check_settings(tie_margin, shard_size)
+    if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
+        raise ValueError(f"max_pairs_per_prompt must be >= 1 or None (all pairs), got {max_pairs_per_prompt}")
+    scorer, scorer_path = _scorer_and_path(scorer)
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    _check_folder_record(out_dir / SHARD_RECORDS / "folder.json",
+                         {"image_dir": str(image_dir.resolve()), "scorer": scorer.name, "scorer_path": scorer_path,
+                          "column": scorer.column})
+    scored = score_folder(image_dir, [scorer], out_dir / "scores.csv", batch_size=batch_size,
+                          num_workers=num_workers)
+    skipped, by_prompt = list(scored.unreadable), {}
+    for row in sorted(scored.rows, key=lambda r: r["file"]):
+        if not (image_dir / row["file"]).is_file():
+            continue  # scored by an earlier run, deleted since
+        if not row["prompt"]:  # possible with scorers that read no prompt
+            skipped.append((row["file"], "no prompt (metadata.jsonl or a .txt beside it): cannot be paired"))
+        elif not math.isfinite(row[scorer.column]):  # a NaN would silently become a "0/1" label
+            skipped.append((row["file"], f"scorer {scorer.name} returned a non-finite score {row[scorer.column]}"))
+        else:
+            by_prompt.setdefault(row["prompt"], []).append((row["file"], row[scorer.column]))
+
+    rows = []
+    for prompt in sorted(by_prompt):
+        files, scores = zip(*by_prompt[prompt])
+        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")])
+        chosen = choose_pairs(np.asarray(scores), max_pairs_per_prompt, rng)
+        rows += [(prompt, files[i], files[j], scores[i], scores[j], len(chosen)) for i, j in chosen]
+
+    tmp = out_dir / ".pairs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    ai = np.zeros(3, np.int64)
+    for k, start in enumerate(range(0, len(rows), shard_size)):
+        table = _folder_table(rows[start:start + shard_size], image_dir, scorer, tie_margin)
+        ai += np.bincount(outcomes(*_columns(table, "label_0", "label_1")), minlength=3)
+        _write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
+    new = sorted(tmp.glob("pairs-*.parquet"))
+    for old in out_dir.glob("pairs-*.parquet"):
+        if old.name not in {p.name for p in new}:
+            old.unlink()
+    for path in new:
+        os.replace(path, out_dir / path.name)
+    tmp.rmdir()
+
+    counts = np.zeros((4, 3), np.int64)
+    counts[3] = ai  # no human labels here: every pair sits in the "no label" row
+    report = LabelReport(out_dir, _scorer_info(scorer, scorer_path), tie_margin, len(rows), skipped, int(ai[2]),
+                         agreement(counts), len(new), 0,
+                         {"image_dir": str(image_dir.resolve()), "images": sum(map(len, by_prompt.values())),
+                          "prompts": len(by_prompt), "prompts_paired": sum(len(v) > 1 for v in by_prompt.values()),
+                          "max_pairs_per_prompt": max_pairs_per_prompt, "seed": seed})
+    _write_json(out_dir / REPORT_NAME, report.to_dict())
+    return report
+
+
+def _check_folder_record(path: Path, settings: dict) -> None:
+    """scores.csv is resumed, so it must come from the same folder and scorer (same column, other weights)."""
+    if path.is_file():
+        changed = _differences(json.loads(path.read_text(encoding="utf-8")), settings)
+        if changed:
+            raise ValueError(f"{path.parent.parent}: holds scores and pairs made with other settings ({changed}); "
+                             f"write to a new folder")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, settings)
+
+
+def _folder_table(rows: list[tuple], image_dir: Path, scorer, tie_margin: float) -> pa.Table:
+    caption, file_0, file_1, s0, s1, per_prompt = (list(c) for c in zip(*rows))
+    columns = {"caption": pa.array(caption, pa.string()),
+               "jpg_0": pa.array([(image_dir / f).read_bytes() for f in file_0], pa.binary()),
+               "jpg_1": pa.array([(image_dir / f).read_bytes() for f in file_1], pa.binary()),
+               **_label_columns(scorer, np.stack([s0, s1], axis=1).astype(np.float64), tie_margin),
+               "num_example_per_prompt": pa.array(per_prompt, pa.int64()),
+               "image_0_path": pa.array(file_0, pa.string()), "image_1_path": pa.array(file_1, pa.string())}
+    return pa.table(columns)
+

@@ -1,0 +1,191 @@
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_align import compare
+from diffusion_align.compare import (
+    bootstrap_interval, compare_folders, match_prompts, pair_outcomes, win_rate,
+)
+from diffusion_align.scoring import ScoringError
+
+
+class RednessScorer:
+    """The scorer interface without a model: the score is the mean red channel in [0, 1]; counts what it scores."""
+
+    name = column = "redness"
+    convention = "mean red channel, 0 (none) to 1 (full red)"
+    batch_size, device, needs_prompts = 4, "cpu", True
+
+    def __init__(self):
+        self.scored = 0
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def score_batch(self, pixel_values, prompts):
+        self.scored += len(prompts)
+        return pixel_values[:, 0].mean(dim=(1, 2))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_win_rate_counts_ties_as_half():
+    a, b = [3.0, 1.0, 2.0, 2.0, 5.0], [1.0, 3.0, 2.0, 0.0, 5.0]
+    assert pair_outcomes(a, b).tolist() == [1.0, 0.0, 0.5, 1.0, 0.5]
+    assert win_rate(a, b) == 3 / 5
+    assert win_rate([1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError, match="same shape"):
+        win_rate([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="no pairs"):
+        win_rate([], [])
+
+
+def test_bootstrap_interval_golden_values():
+    assert bootstrap_interval([1.0] * 7) == (1.0, 1.0)  # A always wins: no spread to resample
+    # two prompts, win rates 0 and 1: the resampled mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4,
+    # so both 2.5% tails sit on the extremes
+    assert bootstrap_interval([0.0, 1.0], n_resamples=2000, seed=0) == (0.0, 1.0)
+
+
+def test_bootstrap_interval_contains_estimate_and_is_reproducible(monkeypatch):
+    values = [1.0, 0.5, 0.0, 1.0, 1.0, 0.75, 0.25, 1.0, 0.5, 1.0]
+    low, high = bootstrap_interval(values, seed=3)
+    assert 0.0 <= low < np.mean(values) < high <= 1.0
+    assert bootstrap_interval(values, seed=3) == (low, high)
+    assert bootstrap_interval(values, seed=4) != (low, high)
+    assert bootstrap_interval(values, confidence=0.5, seed=3)[0] > low  # a narrower interval
+    monkeypatch.setattr(compare, "_CHUNK_CELLS", 1)  # one resample per draw: the same resamples, in pieces
+    assert bootstrap_interval(values, seed=3) == (low, high)
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval([])
+
+
+def row(prompt, score, seed=None):
+    return {"prompt": prompt, "seed": seed, "redness": score}
+
+
+def test_match_prompts_by_seed_all_pairs_and_mixed():
+    rows_a = [row("p1", 0.9, 1), row("p1", 0.1, 2),  # seeds on both sides: one to one
+              row("p2", 0.3), row("p2", 0.8),  # no seeds: every A image meets every B image
+              row("p3", 0.6, 1), row("p3", 0.2),  # mixed: only different recorded seeds keep images apart
+              row("p4", 0.5, 1), row("only A", 0.5)]
+    rows_b = [row("p1", 0.5, 2), row("p1", 0.5, 1),
+              row("p2", 0.5), row("p2", 0.3), row("p2", 0.7),
+              row("p3", 0.4, 1), row("p3", 0.1, 2),
+              row("p4", 0.5, 2), row("only B", 0.5)]
+    got = {p.prompt: p for p in match_prompts(rows_a, rows_b, "redness")}
+    assert list(got) == ["p1", "p2", "p3"]  # p4 shares no seed; the others are in one folder only
+    p1, p2, p3 = got["p1"], got["p2"], got["p3"]
+    assert (p1.pairs, p1.pairs_by_seed, p1.win_rate, p1.mean_a, p1.mean_b) == (2, 2, 0.5, 0.5, 0.5)
+    # 0.3 vs (0.5, 0.3, 0.7): lose, tie, lose; 0.8 beats all three: (0 + 0.5 + 0 + 3) / 6
+    assert (p2.images_a, p2.images_b, p2.pairs, p2.pairs_by_seed) == (2, 3, 6, 0)
+    assert p2.win_rate == pytest.approx(3.5 / 6)
+    assert (p2.mean_a, p2.mean_b) == (pytest.approx(0.55), pytest.approx(0.5))
+    # (0.6 s1, 0.4 s1) win; (0.2, 0.4 s1) lose; (0.2, 0.1 s2) win; (0.6 s1, 0.1 s2) not paired
+    assert (p3.pairs, p3.pairs_by_seed, p3.win_rate) == (3, 1, pytest.approx(2 / 3))
+
+
+# ---------------------------------------------------------------- compare_folders
+
+
+def make_folder(root, images):
+    """images: (file, prompt, seed, red level 0-255); prompts and seeds go to metadata.jsonl."""
+    root.mkdir(parents=True)
+    lines = []
+    for file, prompt, seed, red in images:
+        Image.new("RGB", (8, 8), (red, 0, 0)).save(root / file)
+        lines.append(json.dumps({"file_name": file, "prompt": prompt, **({} if seed is None else {"seed": seed})}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path):
+    a = make_folder(tmp_path / "before", [
+        ("1.png", "p1", 1, 255), ("2.png", "p1", 2, 102),  # seed 1: 1.0 beats 0.6; seed 2: a 0.4 tie
+        ("3.png", "p2", 1, 51),  # a 0.2 tie
+        ("4.png", "p3", None, 0), ("5.png", "p3", None, 153),  # 0.0 and 0.6 against 0.4: one loss, one win
+        ("6.png", "only in A", None, 10)])
+    b = make_folder(tmp_path / "after", [
+        ("x1.png", "p1", 1, 153), ("x2.png", "p1", 2, 102), ("x3.png", "p2", 1, 51), ("x4.png", "p3", None, 102),
+        ("x5.png", "only in B", 3, 10)])
+    return a, b
+
+
+def test_compare_folders_golden(folders, tmp_path):
+    scorer = RednessScorer()
+    result = compare_folders(*folders, scorer, tmp_path / "out" / "cmp", num_workers=0)
+    assert scorer.scored == 6 + 5
+    # per prompt: p1 win 0.75, diff (1.0 + 0.4) / 2 - (0.6 + 0.4) / 2 = 0.2; p2 win 0.5, diff 0;
+    # p3 win 0.5, diff 0.3 - 0.4 = -0.1. Prompts weigh equally.
+    assert result.win_rate == pytest.approx((0.75 + 0.5 + 0.5) / 3)
+    assert result.mean_diff == pytest.approx((0.2 + 0.0 - 0.1) / 3)
+    # resampling 3 prompts: all three p1 has probability 1/27 > 2.5%, so the extremes are the interval ends
+    assert result.win_rate_interval == pytest.approx((0.5, 0.75))
+    assert result.mean_diff_interval == pytest.approx((-0.1, 0.2))
+    assert (result.pairs, result.pairs_by_seed, len(result.prompts)) == (5, 3, 3)
+    assert (result.prompts_only_a, result.prompts_only_b, result.images_a, result.images_b) == (1, 1, 6, 5)
+
+    with open(tmp_path / "out" / "cmp.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["prompt"], t["pairs"], t["pairs_by_seed"]) for t in table] == [
+        ("p1", "2", "2"), ("p2", "1", "1"), ("p3", "2", "0")]
+    assert [float(t["win_rate"]) for t in table] == [0.75, 0.5, 0.5]
+    assert float(table[0]["mean_a"]) == pytest.approx(0.7) and float(table[0]["mean_b"]) == pytest.approx(0.5)
+    assert float(table[2]["mean_diff"]) == pytest.approx(-0.1)
+
+    summary = json.loads((tmp_path / "out" / "cmp.json").read_text())
+    assert summary["win_rate"] == pytest.approx(result.win_rate)
+    assert summary["win_rate_interval"] == pytest.approx([0.5, 0.75])
+    assert (summary["pairs"], summary["matched_prompts"], summary["n_resamples"]) == (5, 3, 2000)
+    assert summary["convention"] == scorer.convention and summary["scorer"] == "redness"
+
+    report = str(result)
+    assert "win rate of A over B: 0.583  [95% interval 0.500, 0.750]" in report
+    assert "2 pairs without seeds on both sides" in report
+    assert "left out: 1 prompts only in A, 1 prompts only in B" in report
+
+    again = RednessScorer()
+    assert compare_folders(*folders, again, tmp_path / "out" / "cmp", num_workers=0).win_rate == result.win_rate
+    assert again.scored == 0  # both folders' scores come from the cached CSVs
+
+
+def test_compare_errors_name_the_problem(folders, tmp_path):
+    a, b = folders
+    other = make_folder(tmp_path / "other", [("z.png", "unrelated", None, 9)])
+    with pytest.raises(ScoringError, match=f"{re.escape(str(a))} and {re.escape(str(other))} share no prompt"):
+        compare_folders(a, other, RednessScorer(), tmp_path / "cmp", num_workers=0)
+    with pytest.raises(ScoringError, match="lies inside the compared folder"):
+        compare_folders(a, b, RednessScorer(), b / "results" / "cmp", num_workers=0)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        compare_folders(a, tmp_path / "missing", RednessScorer(), tmp_path / "cmp", num_workers=0)
+
+
+def test_compare_with_tiny_pickscore(tmp_path):
+    from diffusion_align.rewards import load_scorer
+    from diffusion_align.tiny import save_tiny_scorer
+    scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "pickscore"), device="cpu")
+    images = [(f"{i}.png", f"prompt {i % 3}", i, 40 * i) for i in range(6)]
+    a = make_folder(tmp_path / "a", images)
+    b = make_folder(tmp_path / "b", [(f, p, s, 255 - red) for f, p, s, red in images])
+    same = compare_folders(a, a, scorer, tmp_path / "self", num_workers=2)
+    # a folder against itself: every pair a tie
+    assert (same.win_rate, same.win_rate_interval, same.mean_diff) == (0.5, (0.5, 0.5), 0.0)
+    result = compare_folders(a, b, scorer, tmp_path / "ab", num_workers=2)
+    flipped = compare_folders(b, a, scorer, tmp_path / "ba", num_workers=2)
+    assert (result.pairs, result.pairs_by_seed) == (6, 6)
+    assert flipped.win_rate == pytest.approx(1 - result.win_rate)
+    assert flipped.mean_diff == pytest.approx(-result.mean_diff)
+    # the same numbers from the scorer directly, pair by pair (pairs share seed i)
+    pil = {d: [Image.open(d / f).convert("RGB") for f, *_ in images] for d in (a, b)}
+    prompts = [p for _, p, _, _ in images]
+    sa, sb = scorer.score(pil[a], prompts).numpy(), scorer.score(pil[b], prompts).numpy()
+    per_prompt = [win_rate(sa[k::3], sb[k::3]) for k in range(3)]
+    assert result.win_rate == pytest.approx(np.mean(per_prompt))
+    assert result.mean_diff == pytest.approx(np.mean([(sa[k::3] - sb[k::3]).mean() for k in range(3)]), abs=1e-5)

@@ -1,0 +1,303 @@
+"""label_pairs / pairs_from_folder: golden labels and agreement on a constructed set, skipping, resuming, loading."""
+
+import io
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_align.data import decode_image, load_pairs
+from diffusion_align.rewards import load_scorer
+from diffusion_align.tiny import save_tiny_scorer
+from diffusion_align.labeling import (
+    agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, outcomes, pairs_from_folder,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pickscore(tmp_path_factory):
+    return str(save_tiny_scorer("pickscore", tmp_path_factory.mktemp("pickscore")))
+
+
+class FakeScorer:
+    """score = 10 * mean red level in [0, 1], so a solid image's score is known; P(a over b) = sigmoid(a - b).
+
+    Counts the images it scores; `fail_after` calls to score_batch it raises, like a run that crashes."""
+
+    name = column = "fake"
+    convention = "10 x mean red level (test scorer)"
+    batch_size, device, needs_prompts, path = 4, "cpu", True, None
+
+    def __init__(self, fail_after: int | None = None):
+        self.images_scored, self.calls, self.fail_after = 0, 0, fail_after
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.asarray(image.convert("RGB").resize((8, 8)), np.float32)).permute(2, 0, 1) / 255
+
+    def score_batch(self, pixel_values, prompts):
+        assert len(prompts) == len(pixel_values)
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.images_scored += len(pixel_values)
+        return pixel_values[:, 0].mean((1, 2)) * 10
+
+    def score(self, images, prompts):
+        return self.score_batch(torch.stack([self.preprocess(im) for im in images]), prompts)
+
+    def preference_prob_from_scores(self, scores_a, scores_b):
+        return torch.sigmoid(scores_a - scores_b)
+
+
+def solid(red: int, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 16), (red, 30, 60)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# (red_0, red_1, human label_0, has_label); score = red / 25.5. Margin 0.1 makes row 2 an AI tie (4.0 vs 4.078).
+ROWS = [
+    (204, 51, 1.0, True),    # 0: AI image_0, human image_0: agree
+    (51, 204, 1.0, True),    # 1: AI image_1, human image_0: disagree
+    (102, 104, 0.0, True),   # 2: AI tie,     human image_1: half
+    (204, None, 1.0, True),  # 3: corrupt jpg_1: skipped
+    (153, 102, 0.5, True),   # 4: AI image_0, human tie
+    (102, 153, 0.0, True),   # 5: AI image_1, human image_1: agree
+    (255, 0, None, True),    # 6: AI image_0, no human label (null)
+    (0, 255, 1.0, False),    # 7: AI image_1, no human label (has_label false)
+    (100, 100, 0.5, True),   # 8: AI tie,     human tie
+    (10, 200, 0.0, True),    # 9: AI image_1, human image_1: agree
+]
+MARGIN = 0.1
+
+
+def write_constructed(path):
+    table = pa.table({
+        "caption": [f"prompt {i}" for i in range(len(ROWS))],
+        "jpg_0": [solid(r0) for r0, _, _, _ in ROWS],
+        "jpg_1": [b"not an image" if r1 is None else solid(r1) for _, r1, _, _ in ROWS],
+        "label_0": pa.array([h for _, _, h, _ in ROWS], pa.float64()),
+        "label_1": pa.array([None if h is None else 1 - h for _, _, h, _ in ROWS], pa.float64()),
+        "has_label": [ok for _, _, _, ok in ROWS],
+        "model_0": [f"m{i}" for i in range(len(ROWS))],
+    })
+    pq.write_table(table, path)
+    return str(path)
+
+
+@pytest.fixture
+def constructed(tmp_path):
+    return write_constructed(tmp_path / "pairs.parquet")
+
+
+def read_out(out_dir):
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out_dir.glob("pairs-*.parquet"))]).to_pylist()
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_hard_labels_use_the_margin_in_scorer_units():
+    l0, l1 = hard_labels(np.array([8.0, 4.0, 4.0, 4.0, 3.0]), np.array([2.0, 4.1, 4.0, 4.1000001, 3.25]), 0.1)
+    assert l0.tolist() == [1.0, 0.5, 0.5, 0.0, 0.0]
+    assert (l0 + l1).tolist() == [1.0] * 5
+    assert hard_labels(np.array([4.0]), np.array([4.0]), 0.0)[0].tolist() == [0.5]  # margin 0: only equal scores
+
+
+def test_agreement_golden():
+    human = outcomes([1, 1, 0, 0.5, 0, None, 1, 0.5, 0], [0, 0, 1, 0.5, 1, None, 0, 0.5, 1],
+                     [True, True, True, True, True, True, False, True, True])
+    assert human.tolist() == [0, 0, 1, 2, 1, -1, -1, 2, 1]
+    ai = np.array([0, 1, 2, 0, 1, 0, 1, 2, 1])
+    counts = outcome_counts(human, ai)
+    assert counts.tolist() == [[1, 1, 0], [0, 2, 1], [1, 0, 1], [1, 1, 0]]
+    result = agreement(counts)
+    # strict human pairs: 0 (agree), 1 (disagree), 2 (AI tie: 0.5), 4 and 8 (agree) -> 3.5 / 5
+    assert result["agreement"] == pytest.approx(0.7)
+    assert (result["human_strict_pairs"], result["human_ties"], result["no_human_label"]) == (5, 2, 2)
+    assert result["confusion"]["human image_1"] == {"ai image_0": 0, "ai image_1": 2, "ai tie": 1}
+    assert agreement(np.zeros((4, 3)))["agreement"] is None  # no strict pairs: no number, not 0
+
+
+def test_choose_pairs_caps_with_best_vs_worst_first():
+    scores = np.array([3.0, 9.0, 1.0, 5.0, 7.0])
+    assert len(choose_pairs(scores, None, np.random.default_rng(0))) == 10
+    picked = choose_pairs(scores, 3, np.random.default_rng(0))
+    assert picked[0] == (1, 2) and len(set(picked)) == 3 and all(i < j for i, j in picked)
+    assert picked == choose_pairs(scores, 3, np.random.default_rng(0))  # seeded
+    assert choose_pairs(scores, 1, np.random.default_rng(0)) == [(1, 2)]
+    assert choose_pairs(np.array([2.0]), 3, np.random.default_rng(0)) == []
+
+
+# ---------------------------------------------------------------- label_pairs
+
+def test_label_pairs_golden_on_a_constructed_set(constructed, tmp_path):
+    out = tmp_path / "labelled"
+    report = label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, batch_size=3, shard_size=4)
+    assert report.pairs_scored == 9 and report.ai_ties == 2 and report.shards == 3 and report.shards_reused == 0
+    assert [i for i, _ in report.skipped] == [3] and "row 3, column jpg_1" in report.skipped[0][1]
+    a = report.agreement
+    assert a["agreement"] == pytest.approx(0.7) and a["human_strict_pairs"] == 5
+    assert a["confusion"] == {
+        "human image_0": {"ai image_0": 1, "ai image_1": 1, "ai tie": 0},
+        "human image_1": {"ai image_0": 0, "ai image_1": 2, "ai tie": 1},
+        "human tie": {"ai image_0": 1, "ai image_1": 0, "ai tie": 1},
+        "human none": {"ai image_0": 1, "ai image_1": 1, "ai tie": 0},
+    }
+
+    rows = read_out(out)
+    assert [r["model_0"] for r in rows] == [f"m{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # other columns kept
+    for r, (r0, r1, human, _) in zip(rows, [row for i, row in enumerate(ROWS) if i != 3]):
+        s0, s1 = r0 / 25.5, r1 / 25.5
+        assert (r["fake_0"], r["fake_1"]) == (pytest.approx(s0, abs=1e-5), pytest.approx(s1, abs=1e-5))
+        expected = 0.5 if abs(s0 - s1) <= MARGIN else float(s0 > s1)
+        assert (r["label_0"], r["label_1"]) == (expected, 1 - expected)
+        assert r["pref_prob_0"] == pytest.approx(1 / (1 + np.exp(s1 - s0)), abs=1e-6)
+        assert r["human_label_0"] == human
+
+    saved = json.loads((out / "labels.json").read_text())
+    assert saved["scorer"] == {"name": "fake", "column": "fake", "convention": FakeScorer.convention, "path": None}
+    assert saved["tie_margin"] == MARGIN and saved["agreement"]["agreement"] == pytest.approx(0.7)
+    assert saved["skipped"][0]["item"] == 3
+
+
+def test_output_loads_with_the_trainers_loader(constructed, tmp_path):
+    out = tmp_path / "labelled"
+    label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4)
+    strict, stats = load_pairs(str(out))  # the trainer's default: AI ties dropped
+    assert stats.rows == 9 and stats.ties_dropped == 2 and len(strict) == 7
+    kept, _ = load_pairs(str(out), keep_ties=True, extra_columns=["fake_0", "fake_1", "pref_prob_0"])
+    row = kept[0]
+    assert decode_image(row["jpg_0"], "out").getpixel((0, 0)) == (204, 30, 60) and row["label_0"] == 1.0
+
+
+def test_rerun_resumes_finished_shards(constructed, tmp_path):
+    out = tmp_path / "labelled"
+    crashing = FakeScorer(fail_after=2)  # batch_size 4 images = 2 pairs per call: dies inside shard 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        label_pairs(constructed, crashing, out, tie_margin=MARGIN, batch_size=4, shard_size=4)
+    assert sorted(p.name for p in out.glob("pairs-*.parquet")) == ["pairs-00000.parquet"]
+
+    counting = FakeScorer()
+    report = label_pairs(constructed, counting, out, tie_margin=MARGIN, batch_size=4, shard_size=4)
+    assert counting.images_scored == 2 * 6  # rows 4..9 only; shard 0 (rows 0-3) was kept
+    assert report.shards_reused == 1 and report.pairs_scored == 9 and [i for i, _ in report.skipped] == [3]
+    assert report.agreement["agreement"] == pytest.approx(0.7)
+
+    again = FakeScorer()
+    assert label_pairs(constructed, again, out, tie_margin=MARGIN, batch_size=4, shard_size=4).shards_reused == 3
+    assert again.images_scored == 0
+    with pytest.raises(ValueError, match="tie_margin=0.1 there, 0.2 now"):
+        label_pairs(constructed, FakeScorer(), out, tie_margin=0.2, shard_size=4)
+    with pytest.raises(ValueError, match="past the 1 this run writes"):
+        label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4, max_pairs=3)
+
+
+def test_relabelling_keeps_the_human_labels(constructed, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    label_pairs(constructed, FakeScorer(), first, tie_margin=MARGIN)
+    report = label_pairs(str(first), FakeScorer(), second, tie_margin=100.0)  # every pair is an AI tie now
+    assert report.ai_ties == 9 and report.agreement["agreement"] == pytest.approx(0.5)
+    rows = read_out(second)
+    assert [r["human_label_0"] for r in rows] == [h for i, (_, _, h, _) in enumerate(ROWS) if i != 3]
+    assert all(r["label_0"] == 0.5 for r in rows)
+
+
+def test_save_to_disk_source_with_image_features(tmp_path):
+    rows = {"caption": ["a", "b"], "jpg_0": [{"bytes": solid(200), "path": None}, {"bytes": solid(20), "path": None}],
+            "jpg_1": [{"bytes": solid(100), "path": None}, {"bytes": b"broken", "path": None}],
+            "label_0": [0.0, 1.0], "label_1": [1.0, 0.0]}
+    ds = datasets.Dataset.from_dict(rows).cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    report = label_pairs(str(tmp_path / "saved"), FakeScorer(), tmp_path / "out")
+    assert report.pairs_scored == 1 and report.agreement["agreement"] == 0.0  # scorer picks image 0, people 1
+    kept, _ = load_pairs(str(tmp_path / "out"))
+    assert decode_image(kept[0]["jpg_1"], "out").getpixel((0, 0)) == (100, 30, 60)
+
+
+def test_real_pickscore_end_to_end(tiny_pairs, tiny_pickscore, tmp_path):
+    out = tmp_path / "out"
+    report = label_pairs(str(tiny_pairs), f"pickscore={tiny_pickscore}", out, batch_size=6, shard_size=5,
+                         num_workers=2)  # the scorer's preprocess runs in worker processes
+    assert report.scorer["path"] == tiny_pickscore and report.scorer["column"] == "pickscore"
+    assert report.pairs_scored == 16 and report.shards == 4 and report.agreement["human_strict_pairs"] == 16
+    rows = read_out(out)
+    scorer = load_scorer("pickscore", tiny_pickscore, device="cpu")
+    images = [decode_image(r[c], c) for r in rows for c in ("jpg_0", "jpg_1")]
+    expected = scorer.score(images, [r["caption"] for r in rows for _ in (0, 1)]).view(-1, 2)
+    got = torch.tensor([[r["pickscore_0"], r["pickscore_1"]] for r in rows])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # batched 3 pairs at a time vs 32 images
+    prob = scorer.preference_prob_from_scores(got[:, 0], got[:, 1])
+    torch.testing.assert_close(torch.tensor([r["pref_prob_0"] for r in rows]), prob)
+    assert [r["label_0"] for r in rows] == [0.5 if a == b else float(a > b) for a, b in got.tolist()]
+    pairs, stats = load_pairs(str(out), keep_ties=True)
+    assert stats.pairs == 16
+
+
+# ---------------------------------------------------------------- pairs_from_folder
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Prompt A: 4 files via metadata.jsonl (one corrupt); prompt B: 4 files with a .txt each; prompt C: 1 file."""
+    root = tmp_path / "images"
+    (root / "b").mkdir(parents=True)
+    meta = []
+    for i, red in enumerate((40, 220, 130, None)):
+        name = f"a{i}.png"
+        (root / name).write_bytes(b"broken" if red is None else solid(red))
+        meta.append({"file_name": name, "prompt": "prompt A"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    for i, red in enumerate((10, 250, 90, 160)):
+        (root / "b" / f"b{i}.jpg").write_bytes(solid(red, "JPEG"))
+        (root / "b" / f"b{i}.txt").write_text("prompt B\n")
+    (root / "c.png").write_bytes(solid(77))
+    (root / "c.txt").write_text("prompt C")
+    return root
+
+
+def test_pairs_from_folder_groups_by_prompt_and_orients_labels(image_folder, tmp_path):
+    out = tmp_path / "pairs"
+    report = pairs_from_folder(image_folder, FakeScorer(), out)
+    assert report.pairs_scored == 3 + 6 and [f for f, _ in report.skipped] == ["a3.png"]
+    assert report.inputs["prompts"] == 3 and report.inputs["prompts_paired"] == 2
+    rows = read_out(out)
+    assert {r["caption"] for r in rows} == {"prompt A", "prompt B"}
+    for r in rows:
+        assert r["jpg_0"] == (image_folder / r["image_0_path"]).read_bytes()  # the original files, not re-encoded
+        assert r["label_0"] == float(r["fake_0"] > r["fake_1"]) and r["label_0"] + r["label_1"] == 1
+        assert r["num_example_per_prompt"] == (3 if r["caption"] == "prompt A" else 6)
+    pairs, stats = load_pairs(str(out))
+    assert stats.pairs == 9
+
+
+def test_pairs_from_folder_caps_pairs_per_prompt(image_folder, tmp_path):
+    out = tmp_path / "pairs"
+    pairs_from_folder(image_folder, FakeScorer(), out, max_pairs_per_prompt=2, seed=1)
+    rows = read_out(out)
+    b = [r for r in rows if r["caption"] == "prompt B"]
+    assert len(rows) == 4 and len(b) == 2 and all(r["num_example_per_prompt"] == 2 for r in rows)
+    assert {b[0]["image_0_path"], b[0]["image_1_path"]} == {"b/b0.jpg", "b/b1.jpg"}  # best (250) vs worst (10)
+    again = FakeScorer()
+    pairs_from_folder(image_folder, again, out, max_pairs_per_prompt=2, seed=1)
+    assert again.images_scored == 0 and read_out(out) == rows  # scores resumed from scores.csv; same pairs
+    with pytest.raises(ValueError, match="other settings"):
+        other = FakeScorer()
+        other.name = "other"
+        pairs_from_folder(image_folder, other, out)
+
+
+def test_pairs_from_folder_with_real_pickscore(image_folder, tiny_pickscore, tmp_path):
+    report = pairs_from_folder(image_folder, f"pickscore={tiny_pickscore}", tmp_path / "pairs", max_pairs_per_prompt=4)
+    assert report.pairs_scored == 3 + 4 and report.scorer["path"] == tiny_pickscore
+    scorer = load_scorer("pickscore", tiny_pickscore, device="cpu")
+    for r in read_out(tmp_path / "pairs"):
+        images = [decode_image(str(image_folder / r[f"image_{i}_path"]), "file") for i in (0, 1)]
+        expected = scorer.score(images, [r["caption"]] * 2)
+        torch.testing.assert_close(torch.tensor([r["pickscore_0"], r["pickscore_1"]]), expected,
+                                   rtol=1e-5, atol=1e-4)
+        s0, s1 = r["pickscore_0"], r["pickscore_1"]
+        assert r["label_0"] == (0.5 if s0 == s1 else float(s0 > s1))
