@@ -105,6 +105,18 @@ def cmd_fit_reward(args) -> None:
                      eval_pairs=args.eval_pairs, num_workers=args.workers, device=args.device))
 
 
+def cmd_captions(args) -> None:
+    import torch
+
+    from .captions import make_captions
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    print(make_captions(args.source, args.out, args.strategy, captioner=args.captioner, perturber=args.perturber,
+                        strength=args.strength, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                        dtype=dtype, max_new_tokens=args.max_new_tokens, use_prompt=not args.no_prompt,
+                        split=args.split, max_pairs=args.max_pairs, shard_size=args.shard_size,
+                        num_workers=args.workers))
+
+
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--scorer", required=True, action="append", metavar="NAME[=PATH]",
                         help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
@@ -121,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-align", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="Train with a preference method (DPO, SFT).",
+    train = sub.add_parser("train", help="Train with a preference method (DPO, MaPO, SmPO, DCPO, SFT).",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train a UNet (LoRA or full) with a preference objective.\n\n"
                                        "Config keys (set them in the YAML file or as key=value):\n" + describe_keys())
@@ -190,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--workers", type=int, default=2)
     fit.add_argument("--device", default=None)
     fit.set_defaults(func=cmd_fit_reward)
+
+    captions = sub.add_parser("captions", help="Add DCPO's dual captions (caption_0 / caption_1) to preference pairs.")
+    captions.add_argument("source", help="Pick-a-Pic-style pairs (hub name, parquet, folder, save_to_disk)")
+    captions.add_argument("--out", required=True, help="output folder of parquet shards with caption_0 / caption_1")
+    captions.add_argument("--strategy", required=True, choices=("captioning", "perturbation", "hybrid", "c", "p", "h"),
+                          help="captioning: a model describes each image; perturbation: the winner keeps the prompt, "
+                               "the loser gets a perturbed prompt; hybrid: caption both, perturb the loser's caption")
+    captions.add_argument("--captioner", help="image-to-text model id or folder (captioning, hybrid)")
+    captions.add_argument("--perturber", default="rules", help="rules (built in, no model) or a text-generation "
+                                                               "model id or folder")
+    captions.add_argument("--strength", default="medium", choices=("weak", "medium", "strong"),
+                          help="rule-based perturbation: 1, 2 or 4 edits")
+    captions.add_argument("--no-prompt", action="store_true", help="caption the image alone, without the prompt")
+    captions.add_argument("--max-new-tokens", type=int, default=77)
+    captions.add_argument("--batch-size", type=int, default=8)
+    captions.add_argument("--shard-size", type=int, default=1000)
+    captions.add_argument("--split", default="train")
+    captions.add_argument("--max-pairs", type=int)
+    captions.add_argument("--seed", type=int, default=0)
+    captions.add_argument("--device", default=None)
+    captions.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    captions.add_argument("--workers", type=int, default=2)
+    captions.set_defaults(func=cmd_captions)
 
     tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "
                                             "pair set for trying the toolkit without a GPU or the hub.")

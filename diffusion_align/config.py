@@ -27,11 +27,26 @@ def _key(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 @dataclass
 class MethodConfig:
-    name: str = _key("dpo", "Training objective: dpo (Diffusion-DPO) or sft (diffusion loss on the winners).",
-                     choices=("dpo", "sft"))
-    beta: float | None = _key(None, "KL strength. null = the method's published default (dpo: 5000). Our DPO convention "
-                                    "is the authors' -(beta/2)*(...) form: beta=5000 here equals beta=2500 in the "
-                                    "diffusers example script.")
+    name: str = _key("dpo", "Training objective: dpo (Diffusion-DPO), mapo (MaPO, reference-free), smpo (SmPO: soft "
+                            "labels + ReNoise inversion), dcpo (DCPO: per-image captions), sft (diffusion loss on the "
+                            "winners).", choices=("dpo", "mapo", "smpo", "dcpo", "sft"))
+    beta: float | None = _key(None, "Preference strength. null = the method's published default: dpo 5000, smpo 5000 "
+                                    "(2000 for SD1.5 in the paper), dcpo 500, mapo 0.1. Our DPO convention is the "
+                                    "authors' -(beta/2)*(...) form: beta=5000 here equals beta=2500 in the diffusers "
+                                    "example script.")
+    mapo_snr_value: float = _key(0.5, "mapo: s in f(x) = s*x / (exp(s*x) - 1).")
+    inversion_steps: int | None = _key(None, "smpo: DDIM-inversion steps (each refined once, ReNoise-style) that "
+                                             "noise the latents; null = 5 (SD1.x / SD2.x) or 10 (SDXL); 0 = plain "
+                                             "forward noise.")
+    pref_column: str = _key("pickscore_cosine", "smpo: the raw reward scores are the dataset columns "
+                                                "<pref_column>_0 / _1 (`diffusion-align label --convention "
+                                                "pickscore=cosine` writes them).")
+    pref_scorer: str | None = _key("pickscore", "smpo: scorer NAME[=PATH] that computes those columns once before "
+                                                "training (cached in <output_dir>/soft-labels) when the dataset lacks "
+                                                "them; null = the columns must be there.")
+    score_min: float = _key(0.11543526500463486, "smpo: soft label p = sigmoid(n_w - n_l) with n = (s - score_min) "
+                                                 "/ (score_max - score_min); the authors' PickScore constants.")
+    score_max: float = _key(0.28201571106910706, "smpo: see score_min.")
 
 
 @dataclass
@@ -41,6 +56,9 @@ class ModelConfig:
     revision: str | None = _key(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _key(None, "Weight variant to load, e.g. fp16 (files named *.fp16.safetensors).")
     vae: str | None = _key(None, "Hub id or folder of a replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix.")
+    prediction_type: str | None = _key(None, "What the UNet predicts; null = what the checkpoint's scheduler says. "
+                                             "Set it to assert it: a mismatch with the checkpoint is an error.",
+                                       choices=("epsilon", "v_prediction"))
     lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.")
     lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).")
     lora_target_modules: list[str] = _key(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -21,3 +22,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def report_dict(report, item: str = "item") -> dict:
+    """A job report (a dataclass with `out_dir` and `skipped` = [(item, reason)]) as JSON-ready data."""
+    data = dataclasses.asdict(report)
+    data["out_dir"] = str(report.out_dir)
+    data["skipped"] = [{item: i, "reason": r} for i, r in report.skipped]
+    return data

@@ -31,7 +31,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import PairBatchSampler, load_pairs
-from .files import replace_dir, write_text_atomic
+from .files import replace_dir, report_dict, write_text_atomic
 from .labeling import PairImages, collate_pair_images, outcomes
 from .rewards.clip import ClipImageTransform, projected
 
@@ -151,10 +151,7 @@ class FitReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        d["skipped"] = [{"row": i, "reason": r} for i, r in self.skipped]
-        return d
+        return report_dict(self, item="row")
 
     def __str__(self) -> str:
         def num(x):

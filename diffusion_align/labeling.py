@@ -24,9 +24,8 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -37,11 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import decode_image, load_pairs
-from .files import write_text_atomic
+from .files import report_dict
+from .shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 
-SHARD_STEM = "pairs-{:05d}"
-_SHARD_NAME = re.compile(r"pairs-(\d+)\.parquet")
-SHARD_RECORDS = ".shards"  # per-shard records; hidden, so globs for *.parquet and imagefolder loaders skip it
 REPORT_NAME = "labels.json"
 OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays; -1 = no label
 _NO_LABEL = -1
@@ -155,17 +152,7 @@ def _label_columns(scorer, scores: np.ndarray, tie_margin: float) -> dict[str, p
             "pref_prob_0": pa.array(prob.float().numpy(), pa.float32())}
 
 
-# ---------------------------------------------------------------- files
-
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: no loader picks it up
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, record: dict) -> None:
-    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-
+# ---------------------------------------------------------------- scorers
 
 def _scorer_and_path(scorer) -> tuple[object, str | None]:
     """A scorer object, or a "name[=path]" spec loaded here; and the weights path to record."""
@@ -192,10 +179,7 @@ class LabelReport:
     inputs: dict = field(default_factory=dict)  # what was labelled: source and split, or the folder and its counts
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        d["skipped"] = [{"item": i, "reason": r} for i, r in self.skipped]
-        return d
+        return report_dict(self)
 
     def __str__(self) -> str:
         a = self.agreement
@@ -227,43 +211,28 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     _check_settings(tie_margin, shard_size)
     pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    shards = [(start, min(start + shard_size, len(pairs))) for start in range(0, len(pairs), shard_size)]
     settings = {"source": os.path.abspath(source) if os.path.exists(source) else source, "split": split,
                 "scorer": scorer.name, "scorer_path": scorer_path, "column": scorer.column,
                 "tie_margin": tie_margin, "shard_size": shard_size}
-    records = out_dir / SHARD_RECORDS
-    _check_no_extra_shards(out_dir, len(shards))
-    records.mkdir(parents=True, exist_ok=True)
 
-    reused, counts, written, skipped = 0, np.zeros((4, 3), np.int64), 0, []
-    for k, (start, stop) in enumerate(shards):
-        stem = SHARD_STEM.format(k)
-        path, record_path = out_dir / f"{stem}.parquet", records / f"{stem}.json"
-        record = _finished(record_path, path, settings, start, stop)
-        if record is None:
-            indices, scores, bad = _score_pairs(to_score, start, stop, scorer, batch_size or scorer.batch_size,
-                                                num_workers, f"labelling shard {k + 1}/{len(shards)}")
-            table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
-            has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
-            human = outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
-            ai = outcomes(*_columns(table, "label_0", "label_1"))
-            record = {"settings": settings, "rows": [start, stop], "written": table.num_rows, "skipped": bad,
-                      "counts": outcome_counts(human, ai).tolist()}
-            if table.num_rows:
-                _write_parquet(table, path)
-            else:
-                path.unlink(missing_ok=True)  # datasets cannot read an empty parquet: a shard with no rows has none
-            _write_json(record_path, record)  # last: the record is what marks the shard finished
-        else:
-            reused += 1
-        counts += np.asarray(record["counts"], np.int64)
-        written += record["written"]
-        skipped += [tuple(s) for s in record["skipped"]]
+    def label_shard(start: int, stop: int, desc: str):
+        indices, scores, bad = _score_pairs(to_score, start, stop, scorer, batch_size or scorer.batch_size,
+                                            num_workers, f"labelling {desc}")
+        table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
+        has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
+        human = outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
+        ai = outcomes(*_columns(table, "label_0", "label_1"))
+        return table, {"skipped": bad, "counts": outcome_counts(human, ai).tolist()}
 
+    results = run_shards(out_dir, len(pairs), shard_size, settings, label_shard)
+    counts = sum((np.asarray(r["counts"], np.int64) for r, _ in results), np.zeros((4, 3), np.int64))
+    written = sum(r["written"] for r, _ in results)
+    skipped = [tuple(s) for r, _ in results for s in r["skipped"]]
+    reused = sum(kept for _, kept in results)
     report = LabelReport(out_dir, _scorer_info(scorer, scorer_path), tie_margin, written, skipped,
-                         int(counts[:, 2].sum()), agreement(counts), len(shards), reused,
+                         int(counts[:, 2].sum()), agreement(counts), len(results), reused,
                          {"source": settings["source"], "split": split})
-    _write_json(out_dir / REPORT_NAME, report.to_dict())
+    write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
 
 
@@ -282,39 +251,6 @@ def _scorer_info(scorer, path) -> dict:
     return {"name": scorer.name, "column": scorer.column, "convention": scorer.convention, "path": path}
 
 
-def _check_no_extra_shards(out_dir: Path, num_shards: int) -> None:
-    """Shards past this run's end came from a run over more rows; loading the folder would mix them in."""
-    extra = sorted(p.name for p in out_dir.glob("pairs-*.parquet")
-                   if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[1]) >= num_shards)
-    if extra:
-        raise ValueError(f"{out_dir}: holds shards past the {num_shards} this run writes ({', '.join(extra[:3])}"
-                         f"{', ...' if len(extra) > 3 else ''}), from a run over more pairs; label as many pairs "
-                         f"(max_pairs) to resume it, or write to a new folder")
-
-
-def _differences(old: dict, new: dict) -> str:
-    return "; ".join(f"{k}={old.get(k)!r} there, {v!r} now" for k, v in new.items() if old.get(k) != v)
-
-
-def _finished(record_path: Path, path: Path, settings: dict, start: int, stop: int) -> dict | None:
-    """The record of a finished shard of these rows and settings; None if the shard is still to do."""
-    if not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        old, rows, written = record["settings"], record["rows"], record["written"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{record_path}: unreadable shard record ({type(err).__name__}: {err}); delete it and "
-                         f"{path.name} to label that shard again") from None
-    changed = _differences(old, settings)
-    if changed:
-        raise ValueError(f"{record_path}: {path.name} was labelled with other settings ({changed}); "
-                         f"rerun with the same settings to resume, or write to a new folder")
-    if rows != [start, stop] or (written > 0) != path.is_file():
-        return None  # the last shard of a run over fewer pairs, or a shard whose parquet is gone: redo it
-    return record
-
-
 def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: list[int], scores: np.ndarray,
                     scorer, tie_margin: float) -> pa.Table:
     """Source rows `indices` (all columns as stored) with the human labels moved aside and the scorer's added."""
@@ -329,6 +265,26 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
     for name, values in added.items():
         rows = rows.append_column(name, values)
     return rows
+
+
+def ensure_scored(source: str, column: str, scorer: str | None, cache_dir, split: str = "train") -> str:
+    """A pair source with the reward columns `<column>_0` / `<column>_1`: `source` itself if it has them, else
+    `source` labelled once with `scorer` ("NAME[=PATH]", in the convention whose output column is `column`)
+    into `cache_dir`, which later runs reuse (label_pairs resumes). Its labels then come from the scorer."""
+    pairs, _ = load_pairs(source, split=split, keep_ties=True, extra_columns="all")
+    if {f"{column}_0", f"{column}_1"} <= set(pairs.column_names):
+        return source
+    if scorer is None:
+        raise ValueError(f"{source}: no columns {column}_0 / {column}_1 with reward scores; add them with "
+                         f"`diffusion-align label` or name a scorer to compute them (method.pref_scorer)")
+    from .rewards import load_scorer, parse_scorer_spec
+    from .rewards.registry import load_spec
+    name, path = parse_scorer_spec(scorer)
+    conventions = {entry["column"]: key for key, entry in load_spec(name)["conventions"].items()}
+    if column not in conventions:
+        raise ValueError(f"scorer {name} writes columns {sorted(conventions)}, not {column!r}")
+    label_pairs(source, load_scorer(name, path, convention=conventions[column]), cache_dir, split=split)
+    return str(cache_dir)
 
 
 # ---------------------------------------------------------------- pairs_from_folder
@@ -397,7 +353,7 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
     for k, start in enumerate(range(0, len(rows), shard_size)):
         table = _folder_table(rows[start:start + shard_size], image_dir, scorer, tie_margin)
         ai += np.bincount(outcomes(*_columns(table, "label_0", "label_1")), minlength=3)
-        _write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
+        write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
     new = sorted(tmp.glob("pairs-*.parquet"))
     for old in out_dir.glob("pairs-*.parquet"):
         if old.name not in {p.name for p in new}:
@@ -413,20 +369,20 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
                          {"image_dir": str(image_dir.resolve()), "images": sum(map(len, by_prompt.values())),
                           "prompts": len(by_prompt), "prompts_paired": sum(len(v) > 1 for v in by_prompt.values()),
                           "max_pairs_per_prompt": max_pairs_per_prompt, "seed": seed})
-    _write_json(out_dir / REPORT_NAME, report.to_dict())
+    write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
 
 
 def _check_folder_record(path: Path, settings: dict) -> None:
     """scores.csv is resumed, so it must come from the same folder and scorer (same column, other weights)."""
     if path.is_file():
-        changed = _differences(json.loads(path.read_text(encoding="utf-8")), settings)
+        changed = differences(json.loads(path.read_text(encoding="utf-8")), settings)
         if changed:
             raise ValueError(f"{path.parent.parent}: holds scores and pairs made with other settings ({changed}); "
                              f"write to a new folder")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, settings)
+        write_json(path, settings)
 
 
 def _folder_table(rows: list[tuple], image_dir: Path, scorer, tie_margin: float) -> pa.Table:

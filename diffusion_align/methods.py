@@ -1,7 +1,7 @@
 """The training methods: each is an objective plus what it needs from the shared loop.
 
-A method says whether the loop must run a reference UNet and whether it needs the loser rows; the loop itself
-(`trainer.py`) is the same for all of them.
+A method says whether the loop runs a reference UNet, whether it needs the loser rows, which dataset columns it
+reads (DCPO's per-image captions, SmPO's reward scores) and how it is noised; `trainer.py` is the same loop for all.
 """
 
 from __future__ import annotations
@@ -11,31 +11,74 @@ from typing import Callable
 
 import torch
 
-from .objectives import diffusion_dpo_loss, sft_loss
+from .config import MethodConfig
+from .objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
+
+
+@dataclass
+class Errors:
+    """What an objective sees: per-row denoising errors in the layout [w_1..w_B, l_1..l_B] (winners only for
+    one-row methods), and per pair the soft preference where the method uses one."""
+
+    model: torch.Tensor
+    reference: torch.Tensor | None = None
+    pref_prob: torch.Tensor | None = None
+    num_train_timesteps: int = 1000
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs_reference: bool
-    rows_per_pair: int  # 2: winner and loser rows [w_1..w_B, l_1..l_B]; 1: winners only
+    objective: Callable[[Errors, MethodConfig], tuple[torch.Tensor, dict]]  # cfg.beta already resolved
     default_beta: float | None
-    # (model_err, ref_err or None, beta) -> (loss, metrics); errors are per row in the layout above
-    objective: Callable[[torch.Tensor, torch.Tensor | None, float | None], tuple[torch.Tensor, dict]]
+    needs_reference: bool = True
+    rows_per_pair: int = 2  # 2: winner and loser rows; 1: winners only
+    per_image_captions: bool = False  # DCPO: each row conditioned on its own image's caption
+    soft_labels: bool = False  # SmPO: a reward model's per-pair preference probability
+    inversion: bool = False  # SmPO: noise by ReNoise DDIM inversion (method.inversion_steps)
 
-    def loss(self, model_err, ref_err, beta):
-        return self.objective(model_err, ref_err, self.default_beta if beta is None else beta)
+    def extra_columns(self, cfg: MethodConfig) -> tuple[str, ...]:
+        """Dataset columns beyond Pick-a-Pic's that this method reads (per image: `_0` / `_1`)."""
+        if self.per_image_captions:
+            return "caption_0", "caption_1"
+        if self.soft_labels:
+            return f"{cfg.pref_column}_0", f"{cfg.pref_column}_1"
+        return ()
+
+    def row_prompts(self, batch: dict, keep: list[bool]) -> list[str]:
+        """The text each UNet row is conditioned on; a pair with keep False gets the empty prompt (dropout)."""
+        if self.per_image_captions:  # captions swap with their images, so caption_w describes the winner
+            return [c if k else "" for c, k in zip(batch["caption_w"] + batch["caption_l"], keep + keep)]
+        return [p if k else "" for p, k in zip(batch["prompts"], keep)] * self.rows_per_pair
+
+    def pref_prob(self, batch: dict, cfg: MethodConfig) -> torch.Tensor | None:
+        if not self.soft_labels:
+            return None
+        return smpo_pref_prob(batch[f"{cfg.pref_column}_w"], batch[f"{cfg.pref_column}_l"], cfg.score_min,
+                              cfg.score_max)
 
 
-def _dpo(model_err, ref_err, beta):
-    return diffusion_dpo_loss(*model_err.chunk(2), *ref_err.chunk(2), beta=beta)
+def _dpo(err: Errors, cfg: MethodConfig):
+    return diffusion_dpo_loss(*err.model.chunk(2), *err.reference.chunk(2), beta=cfg.beta)
 
 
-def _sft(model_err, ref_err, beta):
-    return sft_loss(model_err)
+def _smpo(err: Errors, cfg: MethodConfig):
+    return smpo_loss(*err.model.chunk(2), *err.reference.chunk(2), pref_prob=err.pref_prob.to(err.model), beta=cfg.beta)
+
+
+def _mapo(err: Errors, cfg: MethodConfig):
+    return mapo_loss(*err.model.chunk(2), beta=cfg.beta, snr_value=cfg.mapo_snr_value,
+                     num_train_timesteps=err.num_train_timesteps)
+
+
+def _sft(err: Errors, cfg: MethodConfig):
+    return sft_loss(err.model)
 
 
 METHODS = {
-    "dpo": Method("dpo", needs_reference=True, rows_per_pair=2, default_beta=5000.0, objective=_dpo),
-    "sft": Method("sft", needs_reference=False, rows_per_pair=1, default_beta=None, objective=_sft),
+    "dpo": Method("dpo", _dpo, default_beta=5000.0),
+    "mapo": Method("mapo", _mapo, default_beta=0.1, needs_reference=False),
+    "smpo": Method("smpo", _smpo, default_beta=5000.0, soft_labels=True, inversion=True),
+    "dcpo": Method("dcpo", _dpo, default_beta=500.0, per_image_captions=True),
+    "sft": Method("sft", _sft, default_beta=None, needs_reference=False, rows_per_pair=1),
 }

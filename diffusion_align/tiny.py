@@ -336,3 +336,134 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
                 head[f"layers.{layer}.weight"], head[f"layers.{layer}.bias"] = linear.weight.data, linear.bias.data
             torch.save(head, out_dir / source["head"]["files"][0])
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny caption and text models for the DCPO caption tools (captions.py): real transformers classes saved the way
+# the released models are, loadable by path with the Auto classes, with word-level vocabularies built here (no
+# download). Random weights: what they write is arbitrary but deterministic.
+
+CAPTIONER_KINDS = ("blip", "llava", "vit-gpt2")
+_TINY_WORDS = sorted({
+    *"a an the of on in with and at photo picture image painting drawing background white shape small large".split(),
+    *_COLOURS, *_SHAPES, *"cat dog tree house sky sun night day wooden glass metal two three four".split(),
+})
+_WORD_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "user", "assistant", ":", ",", ".", '"')
+# A LLaVA-1.5-style template, "USER: <image> ... ASSISTANT:" (the word tokenizer lowercases it)
+_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% if m['content'] is string %}{{ m['content'] }} "
+                  "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
+                  "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _word_tokenizer():
+    """A lowercasing word-level tokenizer over `_TINY_WORDS` (what it does not know becomes <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*_WORD_SPECIALS, *_TINY_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def _tiny_gpt2_config(vocab_size: int, **extra):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                      bos_token_id=_WORD_SPECIALS.index("<s>"), eos_token_id=_WORD_SPECIALS.index("</s>"),
+                      pad_token_id=0, **extra)
+
+
+def _tiny_blip():
+    """BLIP as Salesforce/blip-image-captioning-* ships it: BERT word-piece tokenizer with [DEC] as bos."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", ",", ".", *_TINY_WORDS]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, bos_token="[DEC]")
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128, bos_token_id=vocab.index("[DEC]"),
+                sep_token_id=vocab.index("[SEP]"), eos_token_id=vocab.index("[SEP]"), pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=_TINY_IMAGE, patch_size=8)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": _TINY_IMAGE, "width": _TINY_IMAGE}),
+                              tokenizer=tokenizer)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return model, processor
+
+
+def _tiny_llava():
+    """A chat VLM (LLaVA-1.5 layout): CLIP vision tower, Llama text model, "<image>" expanded to 16 patch tokens."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = _word_tokenizer()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE},
+                                         crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=_TINY_IMAGE, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _tiny_vit_gpt2():
+    """A VisionEncoderDecoder captioner (the nlpconnect/vit-gpt2 layout): image processor and tokenizer, no
+    joint processor, so it captions the image alone."""
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor
+
+    tokenizer = _word_tokenizer()
+    encoder = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=_TINY_IMAGE, patch_size=8)
+    decoder = _tiny_gpt2_config(len(tokenizer), add_cross_attention=True, is_decoder=True)
+    config = VisionEncoderDecoderConfig(encoder=encoder.to_dict(), decoder=decoder.to_dict(),
+                                        decoder_start_token_id=tokenizer.bos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    parts = (tokenizer, ViTImageProcessor(size={"height": _TINY_IMAGE, "width": _TINY_IMAGE}))
+    return VisionEncoderDecoderModel(config), parts
+
+
+def save_tiny_captioner(out_dir, kind: str = "blip", seed: int = 0) -> pathlib.Path:
+    """Save a tiny randomly initialised image-to-text model of `kind` (see CAPTIONER_KINDS); returns its path.
+
+    blip: BlipForConditionalGeneration + BlipProcessor (the prompt can be a text prefix); llava: a chat VLM
+    (processor with a chat template); vit-gpt2: VisionEncoderDecoderModel with a separate image processor and
+    tokenizer. All load with AutoProcessor / AutoModelForImageTextToText.
+    """
+    builders = {"blip": _tiny_blip, "llava": _tiny_llava, "vit-gpt2": _tiny_vit_gpt2}
+    if kind not in builders:
+        raise ValueError(f"unknown captioner kind {kind!r}; expected one of {CAPTIONER_KINDS}")
+    out_dir = pathlib.Path(out_dir)
+    # Seed a private copy of the RNG so callers' random streams are left as they were.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = builders[kind]()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for part in processor if isinstance(processor, tuple) else (processor,):
+        part.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_causal_lm(out_dir, seed: int = 0, chat: bool = False) -> pathlib.Path:
+    """Save a tiny randomly initialised GPT2LMHeadModel with a word-level tokenizer (with a chat template when
+    `chat`); loads with AutoModelForCausalLM / AutoTokenizer. Returns its path."""
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = _word_tokenizer()
+    if chat:
+        tokenizer.chat_template = _CHAT_TEMPLATE
+    out_dir = pathlib.Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(_tiny_gpt2_config(len(tokenizer)))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

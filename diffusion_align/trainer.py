@@ -7,12 +7,12 @@ Runs as is on a CPU, one GPU, or many processes under `accelerate launch` / `tor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,9 @@ from .config import Config, ConfigError, config_to_dict, config_to_yaml
 from .data import PairTransform, load_pairs, make_pair_loader
 from .files import write_text_atomic
 from .likelihood import denoising_errors, encode_latents, noise_rows
-from .methods import METHODS
+from .inversion import invert_rows
+from .labeling import ensure_scored
+from .methods import METHODS, Errors
 from .models import load_components, place, set_attention
 from .outputs import MetricsLog, save_final
 from .policy import Policy
@@ -69,11 +71,11 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> 
     return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainResult:
     final_dir: Path                  # the saved model (LoRA weights or a full pipeline)
     unet: torch.nn.Module            # the trained UNet, in this process
-    metrics: dict = field(default_factory=dict)  # the last logged step
+    metrics: dict = dataclasses.field(default_factory=dict)  # the last logged step
 
 
 def train(cfg: Config) -> TrainResult:
@@ -87,21 +89,36 @@ def train(cfg: Config) -> TrainResult:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
-    beta = cfg.method.beta if cfg.method.beta is not None else method.default_beta
+    beta = method.default_beta if cfg.method.beta is None else cfg.method.beta
+    method_cfg = dataclasses.replace(cfg.method, beta=beta)
+    if cfg.method.inversion_steps and not method.inversion:
+        raise ConfigError(f"method.inversion_steps is an smpo setting; {method.name} noises with forward noise")
     lr = t.lr * effective_batch if t.scale_lr else t.lr
     logger.info("method %s (beta %s), effective batch %d = %d processes x %d pairs x %d accumulation, lr %g",
                 method.name, beta, effective_batch, world, t.batch_size, t.grad_accum, lr)
 
     # ---- data first: a wrong path fails before minutes of model loading ----
+    extra_columns = method.extra_columns(cfg.method)
     with accelerator.main_process_first():  # the main process builds the datasets cache, the others reuse it
-        pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
-                                  cfg.data.max_pairs)
-    logger.info("data %s: %s rows, %s ties dropped, %s pairs", cfg.data.path, stats.rows, stats.ties_dropped,
-                stats.pairs)
+        data_path = cfg.data.path
+        if method.soft_labels:  # reward scores computed once, by the main process, and cached
+            data_path = ensure_scored(data_path, cfg.method.pref_column, cfg.method.pref_scorer,
+                                      output_dir / "soft-labels", cfg.data.split)
+        pairs, stats = load_pairs(data_path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
+                                  cfg.data.max_pairs, extra_columns)
+    logger.info("data %s: %s rows, %s ties dropped, %s pairs", data_path, stats.rows, stats.ties_dropped, stats.pairs)
 
     # ---- models: frozen parts in the half-precision dtype (an SDXL VAE that must stay fp32 says so) ----
     set_seed(t.seed)  # identical LoRA initialisation on every process
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    if cfg.model.prediction_type not in (None, parts.prediction_type):
+        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
+                          f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
+                          f"model.prediction_type=null to follow the checkpoint)")
+    inversion_steps = 0
+    if method.inversion:
+        default = 10 if parts.family == "sdxl" else 5
+        inversion_steps = default if cfg.method.inversion_steps is None else cfg.method.inversion_steps
     frozen_dtype = DTYPES[t.mixed_precision]
     for module in parts.text_encoders:
         place(module, device, frozen_dtype)
@@ -135,7 +152,8 @@ def train(cfg: Config) -> TrainResult:
 
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
     loader = iter(make_pair_loader(pairs, transform, t.batch_size, t.seed, accelerator.process_index, world,
-                                   start_batch=batches_drawn, num_workers=cfg.data.num_workers))
+                                   start_batch=batches_drawn, num_workers=cfg.data.num_workers,
+                                   extra_columns=extra_columns))
 
     def next_batch() -> dict:
         """The next batch with at least one decodable pair; undecodable rows are logged and counted."""
@@ -151,18 +169,21 @@ def train(cfg: Config) -> TrainResult:
 
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         rows = method.rows_per_pair * len(batch["prompts"])  # SFT uses the winner rows only
-        keep = torch.rand(len(batch["prompts"]), generator=dropout_gen) >= cfg.data.prompt_dropout
-        prompts = [p if k else "" for p, k in zip(batch["prompts"], keep.tolist())] * method.rows_per_pair
+        keep = (torch.rand(len(batch["prompts"]), generator=dropout_gen) >= cfg.data.prompt_dropout).tolist()
         latents = encode_latents(parts.vae, batch["pixel_values"][:rows], noise_gen)
-        cond = encode_prompts(parts.family, parts.tokenizers, parts.text_encoders, prompts,
+        cond = encode_prompts(parts.family, parts.tokenizers, parts.text_encoders, method.row_prompts(batch, keep),
                               batch["original_sizes"][:rows], batch["crop_top_left"][:rows], t.resolution)
-        noised = noise_rows(parts.noise_scheduler, latents, method.rows_per_pair, noise_gen)
-        model_err = denoising_errors(unet, noised, cond)
-        ref_err = None
+        if inversion_steps:  # the policy inverts without grad; calling it unwrapped skips DDP's bookkeeping
+            noised = invert_rows(policy.unet, parts.noise_scheduler, latents, method.rows_per_pair, cond,
+                                 inversion_steps, noise_gen)
+        else:
+            noised = noise_rows(parts.noise_scheduler, latents, method.rows_per_pair, noise_gen)
+        errors = Errors(denoising_errors(unet, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
+                        num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
         if method.needs_reference:
             with torch.no_grad(), policy.reference() as reference:
-                ref_err = denoising_errors(reference, noised, cond)
-        return method.loss(model_err, ref_err, beta)
+                errors.reference = denoising_errors(reference, noised, cond)
+        return method.objective(errors, method_cfg)
 
     # ---- the loop ----
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None

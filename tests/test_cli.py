@@ -79,3 +79,15 @@ def test_scorer_errors_are_reported_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["score", str(tmp_path), "--scorer", f"hpsv2={tmp_path / 'missing.pt'}", "--out", str(tmp_path / "s.csv")])
     assert "HPS_v2_compressed.pt" in capsys.readouterr().err
+
+
+def test_captions_then_dcpo(tiny, tmp_path, capsys):
+    main(["captions", str(tiny / "tiny-pairs.parquet"), "--strategy", "perturbation", "--strength", "weak",
+          "--out", str(tmp_path / "captions"), "--workers", "0"])
+    table = pq.read_table(tmp_path / "captions" / "pairs-00000.parquet").to_pylist()
+    winner_slot = [0 if r["label_0"] > r["label_1"] else 1 for r in table]
+    assert all(r[f"caption_{w}"] == r["caption"] != r[f"caption_{1 - w}"] for r, w in zip(table, winner_slot))
+    main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dcpo.yaml"),
+          f"model.pretrained={tiny / 'tiny-sd'}", f"data.path={tmp_path / 'captions'}",
+          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.report_to=none"])
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

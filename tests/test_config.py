@@ -45,7 +45,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.seed=yes", "expects int"),
     ("train.lr=fast", "expects float"),
     ("train.max_steps=null", "cannot be null"),
-    ("method.name=ppo", "must be one of dpo, sft"),
+    ("method.name=ppo", "must be one of dpo, mapo, smpo, dcpo, sft"),
     ("train.resume", "not of the form section.key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -68,4 +68,6 @@ def test_shipped_configs_load(path):
 
 def test_shipped_configs_cover_the_families():
     names = {str(p.relative_to(p.parent.parent)) for p in CONFIGS}
-    assert {"sd15/dpo.yaml", "sd21/dpo.yaml", "sdxl/dpo.yaml", "tiny/dpo.yaml"} <= names
+    assert {"sd15/dpo.yaml", "sd21/dpo.yaml", "sdxl/dpo.yaml", "tiny/dpo.yaml", "sdxl/mapo.yaml", "sd15/smpo.yaml",
+            "sdxl/smpo.yaml", "sd21/dcpo.yaml", "sd15/sft.yaml", "tiny/mapo.yaml", "tiny/smpo.yaml", "tiny/dcpo.yaml",
+            "tiny/sft.yaml"} <= names

@@ -5,22 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+
+from sd_schedule import alpha_bar, sd_scheduler
 
 from diffusion_align.conditioning import Conditioning
 from diffusion_align.likelihood import denoising_errors, noise_rows, prediction_target
-
-
-def sd_scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type=prediction_type)
-
-
-def alpha_bar(t: int) -> float:
-    """SD's "scaled_linear" schedule by hand: betas = linspace(sqrt(b0), sqrt(b1), 1000)^2, abar_t = prod(1 - beta)."""
-    lo, hi = math.sqrt(0.00085), math.sqrt(0.012)
-    betas = [(lo + (hi - lo) * i / 999) ** 2 for i in range(1000)]
-    return math.prod(1 - b for b in betas[: t + 1])
 
 
 def test_v_prediction_target_is_the_velocity():

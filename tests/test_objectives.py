@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_align.methods import METHODS
-from diffusion_align.objectives import diffusion_dpo_loss, sft_loss
+from diffusion_align.config import MethodConfig
+from diffusion_align.methods import METHODS, Errors
+from diffusion_align.objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
 
 
 def t(*values):
@@ -63,11 +64,78 @@ def test_sft_is_the_mean_winner_error():
 def test_methods_split_rows_into_winners_and_losers():
     model_err = t(0.1, 0.2, 0.3, 0.1)  # rows [w1, w2, l1, l2]
     ref_err = t(0.1, 0.25, 0.3, 0.05)
-    loss, _ = METHODS["dpo"].loss(model_err, ref_err, beta=10.0)
+    loss, _ = METHODS["dpo"].objective(Errors(model_err, ref_err), MethodConfig(beta=10.0))
     expected, _ = diffusion_dpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.1, 0.25), t(0.3, 0.05), beta=10.0)
     assert loss.item() == pytest.approx(expected.item())
-    # beta=None takes the published default 5000
-    default, _ = METHODS["dpo"].loss(model_err, ref_err, beta=None)
-    assert default.item() == pytest.approx(diffusion_dpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.1, 0.25), t(0.3, 0.05),
-                                                              beta=5000.0)[0].item())
+    loss, _ = METHODS["mapo"].objective(Errors(model_err), MethodConfig(beta=0.1))
+    assert loss.item() == pytest.approx(mapo_loss(t(0.1, 0.2), t(0.3, 0.1), beta=0.1)[0].item())
+    loss, _ = METHODS["smpo"].objective(Errors(model_err, ref_err, pref_prob=t(0.5, 0.75)), MethodConfig(beta=10.0))
+    assert loss.item() == pytest.approx(smpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.1, 0.25), t(0.3, 0.05), t(0.5, 0.75),
+                                                  beta=10.0)[0].item())
     assert not METHODS["sft"].needs_reference and METHODS["sft"].rows_per_pair == 1
+    assert not METHODS["mapo"].needs_reference
+
+
+def test_dcpo_conditions_each_row_on_its_own_caption():
+    batch = {"prompts": ["p1", "p2"], "caption_w": ["w1", "w2"], "caption_l": ["l1", "l2"]}
+    assert METHODS["dcpo"].row_prompts(batch, [True, False]) == ["w1", "", "l1", ""]
+    assert METHODS["dpo"].row_prompts(batch, [True, False]) == ["p1", "", "p1", ""]
+    assert METHODS["sft"].row_prompts(batch, [True, True]) == ["p1", "p2"]
+    assert METHODS["dcpo"].extra_columns(MethodConfig()) == ("caption_0", "caption_1")
+    assert METHODS["smpo"].extra_columns(MethodConfig()) == ("pickscore_cosine_0", "pickscore_cosine_1")
+
+
+def test_mapo_golden():
+    # f(x) = 0.5x / (exp(0.5x) - 1): f(0.2) - f(0.2002) = 4.8333e-5, f(0) - f(0.001) = 2.49979e-4;
+    # times T = 1000 -> logsigmoid = -0.669273, -0.575949
+    # loss = mean(m_w) - 0.1 * mean(logsigmoid) = 0.1 + 0.1 * 0.622611 = 0.162261
+    loss, metrics = mapo_loss(t(0.2, 0.0), t(0.2002, 0.001), beta=0.1, snr_value=0.5, num_train_timesteps=1000)
+    assert loss.item() == pytest.approx(0.16226105879204183, abs=1e-5)
+    assert metrics["margin_term"].item() == pytest.approx(0.1 * (-0.6692726345857399 - 0.5759485412550968) / 2,
+                                                          abs=1e-5)
+    assert metrics["implicit_acc"].item() == 1.0  # both winners have the smaller error
+    assert metrics["score_w"].item() == pytest.approx((0.1 / math.expm1(0.1) + 1.0) / 2, abs=1e-6)
+
+
+def test_mapo_is_finite_at_zero_error():
+    # f(0) = 1 and f'(0) = -s/2 by continuity: no 0/0 in the loss or its gradient
+    m_w, m_l = t(0.0, 1e-9).requires_grad_(), t(0.0, 0.0).requires_grad_()
+    loss, metrics = mapo_loss(m_w, m_l)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(m_w.grad).all() and torch.isfinite(m_l.grad).all()
+    assert metrics["score_w"].item() == pytest.approx(1.0)
+    # equal errors: log_odds = 0, so the margin term is beta * log(1/2)
+    assert metrics["margin_term"].item() == pytest.approx(0.1 * math.log(0.5), abs=1e-6)
+    # d loss / d m_w[0] = 1/B - (beta/B) * sigmoid(0) * T * f'(0) = 0.5 + 0.05 * 0.5 * 1000 * 0.25 = 6.75
+    assert m_w.grad[0].item() == pytest.approx(6.75, rel=1e-4)
+
+
+def test_smpo_golden_and_per_pair_scale():
+    # beta = 10: scale = 0.5 * 10 * 10 * (2p - 1) -> 0 for p = 0.5, 25 for p = 0.75
+    # pair 1 (p = 0.5): inside 0 -> log 2; pair 2: diff = (0.2 - 0.25) - (0.1 - 0.05) = -0.1, inside = 2.5
+    loss, metrics = smpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.2, 0.25), t(0.3, 0.05), pref_prob=t(0.5, 0.75), beta=10.0)
+    assert loss.item() == pytest.approx((math.log(2) + 0.07888973429254963) / 2, abs=1e-6)
+    assert metrics["effective_scale"].item() == pytest.approx(12.5)
+    assert metrics["pref_prob"].item() == pytest.approx(0.625)
+
+
+def test_smpo_equal_preference_gives_no_gradient():
+    m_w, m_l = t(0.1, 0.4).requires_grad_(), t(0.3, 0.2).requires_grad_()
+    loss, _ = smpo_loss(m_w, m_l, t(0.2, 0.1), t(0.1, 0.3), pref_prob=t(0.5, 0.5))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2))
+    assert torch.equal(m_w.grad, torch.zeros(2)) and torch.equal(m_l.grad, torch.zeros(2))
+
+
+def test_smpo_at_certain_preference_is_dpo_with_ten_times_beta():
+    args = t(0.1, 0.2), t(0.3, 0.1), t(0.12, 0.25), t(0.3, 0.05)
+    smpo, _ = smpo_loss(*args, pref_prob=t(1.0, 1.0), beta=5.0)
+    dpo, _ = diffusion_dpo_loss(*args, beta=50.0)
+    assert smpo.item() == pytest.approx(dpo.item(), rel=1e-6)
+
+
+def test_smpo_pref_prob_uses_the_published_normalisation():
+    # n = (s - 0.11543526500463486) / (0.28201571106910706 - 0.11543526500463486); p = sigmoid(n_w - n_l)
+    p = smpo_pref_prob(t(0.25), t(0.2))
+    assert p.item() == pytest.approx(0.5744804752269456, abs=1e-6)
+    assert smpo_pref_prob(t(0.2), t(0.2)).item() == 0.5

@@ -190,9 +190,9 @@ def test_a_nonfinite_step_is_skipped(tmp_path, tiny_models, tiny_pairs, monkeypa
     from diffusion_align import methods
     dpo, calls = methods.METHODS["dpo"], []
 
-    def poisoned(model_err, ref_err, beta):  # the DPO loss, but NaN on the second batch
+    def poisoned(errors, cfg):  # the DPO loss, but NaN on the second batch
         calls.append(1)
-        loss, metrics = dpo.objective(model_err, ref_err, beta)
+        loss, metrics = dpo.objective(errors, cfg)
         return (loss * float("nan") if len(calls) == 2 else loss), metrics
 
     monkeypatch.setitem(methods.METHODS, "dpo", dataclasses.replace(dpo, objective=poisoned))
@@ -200,3 +200,76 @@ def test_a_nonfinite_step_is_skipped(tmp_path, tiny_models, tiny_pairs, monkeypa
     records = read_metrics(tmp_path / "run")
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]
     assert all(torch.isfinite(p).all() for p in result.unet.parameters())
+
+
+@pytest.fixture
+def unet_calls(monkeypatch):
+    """Every UNet forward: (id of the module, number of rows)."""
+    from diffusers import UNet2DConditionModel
+    calls, forward = [], UNet2DConditionModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        calls.append((id(self), sample.shape[0]))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("lora", ["4", "null"], ids=["lora", "full"])
+def test_mapo_runs_no_reference(tmp_path, tiny_models, tiny_pairs, unet_calls, lora):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=mapo", f"model.lora_rank={lora}")
+    # 3 steps x 1 micro-batch: one UNet pass each, over 2 pairs = 4 rows, always the same (and only) UNet
+    assert [rows for _, rows in unet_calls] == [4, 4, 4]
+    assert len({module for module, _ in unet_calls}) == 1
+    records = read_metrics(tmp_path / "run")
+    assert {"score_w", "score_l", "margin_term", "implicit_acc"} <= records[0].keys()
+    assert "ref_err_w" not in records[0]
+
+
+def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pairs, unet_calls):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1")
+    assert [rows for _, rows in unet_calls] == [4, 4]  # policy, then the same UNet with its adapters off
+
+
+def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls):
+    from diffusion_align.tiny import save_tiny_scorer
+    scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
+        "method.inversion_steps=2")
+    # per step: 2 inversion steps x (step + ReNoise re-evaluation), the policy, the reference
+    assert [rows for _, rows in unet_calls[:6]] == [4] * 6 and len(unet_calls) == 18
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert 0.5 <= records[0]["pref_prob"] <= 1.0  # pairs are oriented by the scorer that labelled them
+    assert "effective_scale" in records[0]
+    labelled = pq.read_table(tmp_path / "run" / "soft-labels" / "pairs-00000.parquet").column_names
+    assert {"pickscore_cosine_0", "pickscore_cosine_1", "human_label_0"} <= set(labelled)
+    run(tmp_path / "again", tiny_models["sd"], tmp_path / "run" / "soft-labels", "method.name=smpo",
+        "method.pref_scorer=null", "method.inversion_steps=0", "train.max_steps=1")  # the columns are read as they are
+
+
+def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    rows = pq.read_table(tiny_pairs).to_pylist()
+    for i, row in enumerate(rows):  # unique per row: a prompt repeats across pairs
+        row["caption_0"], row["caption_1"] = f"{row['caption']} {i}#0", f"{row['caption']} {i}#1"
+    captions = tmp_path / "captions.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), captions)
+    from diffusion_align import trainer
+    seen, encode = [], trainer.encode_prompts
+    monkeypatch.setattr(trainer, "encode_prompts", lambda *a, **kw: seen.append(a[3]) or encode(*a, **kw))
+    run(tmp_path, tiny_models["sd"], captions, "method.name=dcpo", "train.max_steps=2")
+    winners = {r["caption_0"] if r["label_0"] > r["label_1"] else r["caption_1"] for r in rows}
+    assert len(seen) == 2  # one batch per step
+    for prompts in seen:
+        half = len(prompts) // 2
+        assert all(p in winners for p in prompts[:half]) and not any(p in winners for p in prompts[half:])
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['caption_0', 'caption_1'\]"):
+        run(tmp_path / "plain", tiny_models["sd"], tiny_pairs, "method.name=dcpo")
+
+
+def test_prediction_type_mismatch_is_an_error(tmp_path, tiny_models, tiny_pairs):
+    with pytest.raises(ValueError, match="model.prediction_type=epsilon, but .* says v_prediction"):
+        run(tmp_path, tiny_models["sd2"], tiny_pairs, "model.prediction_type=epsilon")
+    with pytest.raises(ValueError, match="inversion_steps is an smpo setting"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "method.inversion_steps=3")

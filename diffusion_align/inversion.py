@@ -1,0 +1,124 @@
+"""SmPO's noising: DDIM inversion of the clean latents by the policy, refined ReNoise-style, in place of forward
+noise.
+
+Each row walks its own integer grid of noise levels from the clean latent to its drawn timestep t:
+
+    g_k = -1 + floor((t + 1) * k / steps),   k = 0 .. steps
+
+Level -1 is the clean latent itself (abar = 1); level s >= 0 has abar_s = scheduler.alphas_cumprod[s]. So g_0 is
+the clean latent, g_steps = t exactly, and the inverted latent carries the label of the level it reached. For
+t + 1 >= steps the levels strictly increase; for t + 1 < steps some repeat and the row takes t + 1 unit steps
+(-1, 0, 1, .., t): a DDIM step between equal levels is the identity (exactly at a = 1, up to fp32 rounding
+elsewhere), so all rows step together whatever their t. The grid comes from the training scheduler's
+`alphas_cumprod`, not from DDIMInverseScheduler, whose timestep bookkeeping changed in diffusers 0.22 (SmPO's code
+pinned 0.20).
+
+One DDIM step from abar a to abar a' with a noise prediction eps (fp32):
+
+    x0_pred = (z - sqrt(1 - a) eps) / sqrt(a),    z' = sqrt(a') x0_pred + sqrt(1 - a') eps
+
+Inversion with one ReNoise refinement: eps_1 = eps(z_k, g_k), tentative z' = step(z_k, eps_1),
+eps_2 = eps(z', g_{k+1}), then z_{k+1} = step(z_k, (eps_1 + eps_2) / 2). The first step leaves the clean latent
+(a = 1, so x0_pred = x0 exactly); the UNet sees it as timestep 0, the least noisy level it was trained on.
+v-prediction outputs become noise with the abar of the timestep the UNet was given,
+eps = sqrt(abar) v + sqrt(1 - abar) z (put x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) into the velocity
+v = sqrt(abar) eps - sqrt(1 - abar) x0).
+
+The training target is the noise implied by the inverted latent, eps_hat = (z - sqrt(abar_t) x0) / sqrt(1 - abar_t)
+(or the velocity from x0 and eps_hat), so z = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_hat holds exactly. The inversion
+is deterministic: the two images of a pair share t but each gets the noise its own inversion implies.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from .conditioning import Conditioning
+from .likelihood import NoisedRows, prediction_target
+
+
+def inversion_grid(timesteps: torch.Tensor, steps: int) -> torch.Tensor:
+    """Levels (rows, steps + 1), non-decreasing from -1 (clean) to each row's timestep."""
+    if steps < 1:
+        raise ValueError(f"inversion needs at least one step, got steps={steps}")
+    k = torch.arange(steps + 1, device=timesteps.device)
+    return (timesteps.long()[:, None] + 1) * k // steps - 1
+
+
+def _abar(scheduler: DDPMScheduler, levels: torch.Tensor) -> torch.Tensor:
+    """abar per row in fp32, shaped (rows, 1, 1, 1); level -1 (the clean latent) has abar = 1."""
+    alphas = scheduler.alphas_cumprod.to(levels.device, torch.float32)
+    abar = torch.where(levels >= 0, alphas[levels.clamp(min=0)], 1.0)
+    return abar.view(-1, 1, 1, 1)
+
+
+def _ddim_step(z: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
+    x0_pred = (z - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps
+
+
+def _predict_noise(unet, scheduler: DDPMScheduler, z: torch.Tensor, levels: torch.Tensor, cond: Conditioning,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The UNet's noise prediction (fp32) at the fp32 latents z of the given levels."""
+    t = levels.clamp(min=0)
+    out = unet(z.to(dtype), t, **cond.unet_kwargs()).sample.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return out
+    if kind == "v_prediction":
+        a = _abar(scheduler, t)
+        return a.sqrt() * out + (1 - a).sqrt() * z
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (expected epsilon or v_prediction)")
+
+
+@torch.no_grad()
+def ddim_invert(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                steps: int, renoise: bool = True) -> torch.Tensor:
+    """The clean latents inverted to each row's timestep (fp32): `steps` DDIM steps, each refined once by ReNoise
+    unless renoise=False. 2 * steps UNet forwards (steps without ReNoise), all without grad."""
+    grid = inversion_grid(timesteps, steps)
+    z = latents.float()
+    for k in range(steps):
+        level, next_level = grid[:, k], grid[:, k + 1]
+        a, a_next = _abar(scheduler, level), _abar(scheduler, next_level)
+        eps = _predict_noise(unet, scheduler, z, level, cond, latents.dtype)
+        if renoise:  # average with the prediction at the tentative next latent, then redo the step from z
+            tentative = _ddim_step(z, eps, a, a_next)
+            eps = (eps + _predict_noise(unet, scheduler, tentative, next_level, cond, latents.dtype)) / 2
+        z = _ddim_step(z, eps, a, a_next)
+    return z
+
+
+@torch.no_grad()
+def ddim_sample_back(unet, scheduler: DDPMScheduler, z: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                     steps: int) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from each row's timestep back to the clean latent along the inversion grid (fp32);
+    the last step lands on abar = 1, so it returns x0_pred. For checking the inversion."""
+    grid = inversion_grid(timesteps, steps)
+    x = z.float()
+    for k in range(steps, 0, -1):
+        level, prev_level = grid[:, k], grid[:, k - 1]
+        eps = _predict_noise(unet, scheduler, x, level, cond, z.dtype)
+        x = _ddim_step(x, eps, _abar(scheduler, level), _abar(scheduler, prev_level))
+    return x
+
+
+def implied_noise(scheduler: DDPMScheduler, latents: torch.Tensor, z: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+    """eps_hat = (z - sqrt(abar_t) x0) / sqrt(1 - abar_t) in fp32: the noise that forward-noises x0 into z."""
+    a = _abar(scheduler, timesteps)
+    return (z.float() - a.sqrt() * latents.float()) / (1 - a).sqrt()
+
+
+def invert_rows(unet, scheduler: DDPMScheduler, latents: torch.Tensor, rows_per_pair: int, cond: Conditioning,
+                steps: int, generator: torch.Generator) -> NoisedRows:
+    """SmPO's replacement for `likelihood.noise_rows`: one timestep per pair, shared by its rows, each row inverted
+    by `unet` (the policy, no grad) and trained on the noise its inversion implies."""
+    pairs = latents.shape[0] // rows_per_pair
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator,
+                              device=latents.device).repeat(rows_per_pair)
+    z = ddim_invert(unet, scheduler, latents, timesteps, cond, steps)
+    noise = implied_noise(scheduler, latents, z, timesteps)
+    target = prediction_target(scheduler, latents.float(), noise, timesteps)
+    return NoisedRows(z.to(latents.dtype), timesteps, target.to(latents.dtype))

@@ -1,0 +1,96 @@
+"""Resumable outputs of Pick-a-Pic-style parquet shards (`labeling.py`, `captions.py`).
+
+A job over N source rows writes `pairs-00000.parquet`, ... (one per `shard_size` rows, each written whole or not at
+all) and `.shards/pairs-00000.json`, the record of what each shard holds: the job's settings, its source rows and
+its counts. A rerun keeps the shards whose record matches and makes only the others; the record is written last,
+so it is what marks a shard finished. Records are hidden from `*.parquet` globs and imagefolder loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .files import write_text_atomic
+
+SHARD_STEM = "pairs-{:05d}"
+SHARD_RECORDS = ".shards"
+_SHARD_NAME = re.compile(r"pairs-(\d+)\.parquet")
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: no loader picks it up
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, record: dict) -> None:
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def differences(old: dict, new: dict) -> str:
+    return "; ".join(f"{k}={old.get(k)!r} there, {v!r} now" for k, v in new.items() if old.get(k) != v)
+
+
+def run_shards(out_dir: Path, num_rows: int, shard_size: int, settings: dict,
+               make_shard: Callable[[int, int, str], tuple[pa.Table, dict]]) -> list[tuple[dict, bool]]:
+    """For each shard of rows [start, stop): its record, and whether it was kept from an earlier run.
+
+    `make_shard(start, stop, description)` returns the shard's table and the counts to record (including
+    "skipped"); "settings", "rows" and "written" are added here. Other settings than an earlier run's are an error.
+    """
+    shards = [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+    _check_no_extra_shards(out_dir, len(shards))
+    (out_dir / SHARD_RECORDS).mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, (start, stop) in enumerate(shards):
+        stem = SHARD_STEM.format(k)
+        path, record_path = out_dir / f"{stem}.parquet", out_dir / SHARD_RECORDS / f"{stem}.json"
+        record = _finished(record_path, path, settings, start, stop)
+        if record is not None:
+            results.append((record, True))
+            continue
+        table, counts = make_shard(start, stop, f"shard {k + 1}/{len(shards)}")
+        record = {"settings": settings, "rows": [start, stop], "written": table.num_rows, **counts}
+        if table.num_rows:
+            write_parquet(table, path)
+        else:
+            path.unlink(missing_ok=True)  # datasets cannot read an empty parquet: a shard with no rows has none
+        write_json(record_path, record)  # last: the record is what marks the shard finished
+        results.append((record, False))
+    return results
+
+
+def _check_no_extra_shards(out_dir: Path, num_shards: int) -> None:
+    """Shards past this run's end came from a run over more rows; loading the folder would mix them in."""
+    extra = sorted(p.name for p in out_dir.glob("pairs-*.parquet")
+                   if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[1]) >= num_shards)
+    if extra:
+        raise ValueError(f"{out_dir}: holds shards past the {num_shards} this run writes ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}), from a run over more pairs; process as many pairs "
+                         f"(max_pairs) to resume it, or write to a new folder")
+
+
+def _finished(record_path: Path, path: Path, settings: dict, start: int, stop: int) -> dict | None:
+    """The record of a finished shard of these rows and settings; None if the shard is still to do."""
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        old, rows, written = record["settings"], record["rows"], record["written"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{record_path}: unreadable shard record ({type(err).__name__}: {err}); delete it and "
+                         f"{path.name} to make that shard again") from None
+    changed = differences(old, settings)
+    if changed:
+        raise ValueError(f"{record_path}: {path.name} was made with other settings ({changed}); "
+                         f"rerun with the same settings to resume, or write to a new folder")
+    if rows != [start, stop] or (written > 0) != path.is_file():
+        return None  # the last shard of a run over fewer pairs, or a shard whose parquet is gone: redo it
+    return record
