@@ -117,6 +117,11 @@ def cmd_captions(args) -> None:
                         num_workers=args.workers))
 
 
+def cmd_plot(args) -> None:
+    from .plots import plot_run
+    print(f"curves: {plot_run(args.run_dir)}")
+
+
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--scorer", required=True, action="append", metavar="NAME[=PATH]",
                         help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
@@ -202,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--workers", type=int, default=2)
     fit.add_argument("--device", default=None)
     fit.set_defaults(func=cmd_fit_reward)
+
+    plot = sub.add_parser("plot", help="Draw a run's training curves (metrics.jsonl) as training_curves.png.")
+    plot.add_argument("run_dir", help="the train.output_dir of a run")
+    plot.set_defaults(func=cmd_plot)
 
     captions = sub.add_parser("captions", help="Add DCPO's dual captions (caption_0 / caption_1) to preference pairs.")
     captions.add_argument("source", help="Pick-a-Pic-style pairs (hub name, parquet, folder, save_to_disk)")

@@ -33,6 +33,7 @@ from .labeling import ensure_scored
 from .methods import METHODS, Errors
 from .models import load_components, place, set_attention
 from .outputs import MetricsLog, save_final
+from .plots import plot_run
 from .policy import Policy
 
 logger = logging.getLogger("diffusion_align")
@@ -243,7 +244,7 @@ def train(cfg: Config) -> TrainResult:
                    "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
                    "skipped rows": skipped_rows}
         save_final(cfg, policy, accelerator.unwrap_model(unet), output_dir, parts.family, summary)
-        logger.info("final model: %s", final.resolve())
+        logger.info("final model: %s; curves: %s", final.resolve(), plot_run(output_dir))
     accelerator.end_training()
     return TrainResult(final, accelerator.unwrap_model(unet), record)
 

@@ -91,3 +91,16 @@ def test_captions_then_dcpo(tiny, tmp_path, capsys):
           f"model.pretrained={tiny / 'tiny-sd'}", f"data.path={tmp_path / 'captions'}",
           f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.report_to=none"])
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_plot_redraws_curves_and_explains_a_wrong_folder(tmp_path, capsys):
+    lines = [{"step": i, "loss": 0.69 - 0.01 * i, "implicit_acc": 0.5, "lr": 1e-5, "grad_norm": None}
+             for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')
+    main(["plot", str(tmp_path)])
+    assert "training_curves.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "training_curves.png") as png:
+        assert png.size[0] > 500
+    with pytest.raises(SystemExit):
+        main(["plot", str(tmp_path / "nothing")])
+    assert "no metrics.jsonl" in capsys.readouterr().err

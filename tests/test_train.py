@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion_align.cli import main as cli_main
@@ -49,6 +50,8 @@ def test_dpo_lora_sd_end_to_end(tmp_path, tiny_models, tiny_pairs):
     assert records[0]["model_err_w"] == records[0]["ref_err_w"]
     assert records[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     assert list((tmp_path / "run").rglob("events.out.tfevents*")), "TensorBoard logs are written by default"
+    with Image.open(tmp_path / "run" / "training_curves.png") as curves:  # drawn at the end of every run
+        assert curves.size[0] > 500
     final = result.final_dir
     assert {LORA_WEIGHTS, "README.md", "training_config.yaml"} <= {p.name for p in final.iterdir()}
     assert "base_model:" in (final / "README.md").read_text()
