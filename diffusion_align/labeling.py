@@ -274,6 +274,8 @@ def ensure_scored(source: str, column: str, scorer: str | None, cache_dir, split
     pairs, _ = load_pairs(source, split=split, keep_ties=True, extra_columns="all")
     if {f"{column}_0", f"{column}_1"} <= set(pairs.column_names):
         return source
+    if _labelled_by(Path(cache_dir), source, split, scorer):  # another process (or run) finished it: no scorer needed
+        return str(cache_dir)
     if scorer is None:
         raise ValueError(f"{source}: no columns {column}_0 / {column}_1 with reward scores; add them with "
                          f"`diffusion-align label` or name a scorer to compute them (method.pref_scorer)")
@@ -285,6 +287,19 @@ def ensure_scored(source: str, column: str, scorer: str | None, cache_dir, split
         raise ValueError(f"scorer {name} writes columns {sorted(conventions)}, not {column!r}")
     label_pairs(source, load_scorer(name, path, convention=conventions[column]), cache_dir, split=split)
     return str(cache_dir)
+
+
+def _labelled_by(out_dir: Path, source: str, split: str, scorer: str | None) -> bool:
+    """Whether `out_dir` holds a finished label_pairs run over `source` by the scorer spec `scorer`."""
+    report = out_dir / REPORT_NAME
+    if scorer is None or not report.is_file():
+        return False
+    from .rewards import parse_scorer_spec
+    done = json.loads(report.read_text(encoding="utf-8"))
+    name, path = parse_scorer_spec(scorer)
+    source = os.path.abspath(source) if os.path.exists(source) else source
+    return (done["scorer"]["name"], done["scorer"]["path"], done["inputs"]) == (name, path, {"source": source,
+                                                                                             "split": split})
 
 
 # ---------------------------------------------------------------- pairs_from_folder

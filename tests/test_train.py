@@ -235,7 +235,7 @@ def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pai
     assert [rows for _, rows in unet_calls] == [4, 4]  # policy, then the same UNet with its adapters off
 
 
-def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls):
+def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch):
     from diffusion_align.tiny import save_tiny_scorer
     scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
     run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
@@ -248,6 +248,12 @@ def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_
     assert "effective_scale" in records[0]
     labelled = pq.read_table(tmp_path / "run" / "soft-labels" / "pairs-00000.parquet").column_names
     assert {"pickscore_cosine_0", "pickscore_cosine_1", "human_label_0"} <= set(labelled)
+    # the finished cache is found without loading the scorer again (as the other processes of a run find it)
+    from diffusion_align import rewards
+    from diffusion_align.labeling import ensure_scored
+    monkeypatch.setattr(rewards, "load_scorer", lambda *a, **kw: pytest.fail("the scorer was loaded again"))
+    cache = ensure_scored(str(tiny_pairs), "pickscore_cosine", f"pickscore={scorer}", tmp_path / "run" / "soft-labels")
+    assert cache == str(tmp_path / "run" / "soft-labels")
     run(tmp_path / "again", tiny_models["sd"], tmp_path / "run" / "soft-labels", "method.name=smpo",
         "method.pref_scorer=null", "method.inversion_steps=0", "train.max_steps=1")  # the columns are read as they are
 
