@@ -117,6 +117,17 @@ def cmd_captions(args) -> None:
                         num_workers=args.workers))
 
 
+def cmd_generate(args) -> None:
+    import torch
+
+    from .generate import generate_images
+    dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    print(generate_images(args.model, args.prompts, args.seeds, args.out, lora=args.lora, steps=args.steps,
+                          guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+                          scheduler=args.scheduler, device=args.device, dtype=dtype,
+                          negative_prompt=args.negative_prompt))
+
+
 def cmd_plot(args) -> None:
     from .plots import plot_run
     print(f"curves: {plot_run(args.run_dir)}")
@@ -207,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--workers", type=int, default=2)
     fit.add_argument("--device", default=None)
     fit.set_defaults(func=cmd_fit_reward)
+
+    generate = sub.add_parser("generate", help="Generate an image per prompt and seed (resumable), with a "
+                                               "metadata.jsonl that score, compare and grid read.")
+    generate.add_argument("--model", required=True, help="SD1.x / SD2.x / SDXL diffusers folder or hub id")
+    generate.add_argument("--lora", help="LoRA folder or .safetensors file (e.g. a training run's final/)")
+    generate.add_argument("--prompts", required=True, help=".txt (one a line, # comments), .jsonl (prompt / text / "
+                                                           "caption) or .csv (a prompt / text / caption column)")
+    generate.add_argument("--seeds", default="0", help="e.g. 0-3, 0,2,5 or 0-3,10 (default 0)")
+    generate.add_argument("--out", required=True, help="image folder; a rerun makes only what is missing")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's, 50)")
+    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the "
+                                                         "pipeline's, 7.5 for SD, 5.0 for SDXL)")
+    generate.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    generate.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    generate.add_argument("--scheduler", help="a diffusers scheduler class, e.g. DDIMScheduler, "
+                                              "EulerDiscreteScheduler, DPMSolverMultistepScheduler")
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    generate.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    generate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                          help="auto: fp16 on cuda, fp32 elsewhere")
+    generate.set_defaults(func=cmd_generate)
 
     plot = sub.add_parser("plot", help="Draw a run's training curves (metrics.jsonl) as training_curves.png.")
     plot.add_argument("run_dir", help="the train.output_dir of a run")

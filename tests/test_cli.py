@@ -104,3 +104,19 @@ def test_plot_redraws_curves_and_explains_a_wrong_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path / "nothing")])
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_train_generate_compare_loop(tiny, tmp_path, capsys):
+    main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"),
+          f"model.pretrained={tiny / 'tiny-sd'}", f"data.path={tiny / 'tiny-pairs.parquet'}",
+          f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.report_to=none"])
+    (tmp_path / "prompts.txt").write_text("# two prompts\na red circle on a white background\na blue square\n")
+    common = ["--model", str(tiny / "tiny-sd"), "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0-1",
+              "--steps", "2", "--height", "32", "--width", "32"]
+    main(["generate", *common, "--out", str(tmp_path / "base")])
+    main(["generate", *common, "--lora", str(tmp_path / "run" / "final"), "--out", str(tmp_path / "tuned")])
+    assert "generated 4 images" in capsys.readouterr().out
+    main(["compare", str(tmp_path / "tuned"), str(tmp_path / "base"), "--out", str(tmp_path / "cmp"),
+          "--scorer", f"pickscore={tiny / 'tiny-scorer-pickscore'}", "--workers", "0"])
+    summary = json.loads((tmp_path / "cmp.json").read_text())
+    assert summary["pairs"] == summary["pairs_by_seed"] == 4  # each tuned image meets the base image of its seed

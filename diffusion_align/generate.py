@@ -1,0 +1,387 @@
+"""Generate one image per (prompt, seed) with an SD1.x / SD2.x / SDXL pipeline, optionally with a LoRA.
+
+Output, in one folder: `p0003-s0002.png` (the prompt's number in the folder, the seed) and `metadata.jsonl` in the
+Hugging Face imagefolder convention, one line per image: `file_name`, `prompt`, `seed`, `prompt_index` (the number
+in the name), the settings (`model`, `lora`, `scheduler`, `steps`, `guidance`, `height`, `width`,
+`negative_prompt`), `dtype`, and `nsfw_content_detected`: true where the pipeline's safety checker replaced the
+image with black (kept, so that a rerun does not make it again), null where the pipeline has no checker.
+`score`, `compare` and `label --from-images` read the prompts and seeds from it.
+
+Seeds: each image's starting noise comes from its own CPU generator seeded with its seed, so it is the same whatever
+the batch size, the other images of the batch or the device (diffusers' advice for reproducible noise). Pixels still
+carry float rounding: about one level in 255 between batch sizes on CPU, more between devices or dtypes.
+
+Resuming: an image is done once its metadata line is written. The image is written first (whole, by rename), its
+line after (one append, flushed and fsynced), so a crash between the two leaves an image without a line, which the
+next run makes again and overwrites; a line cut short is dropped. An image whose line is there but whose file is
+gone is made again under its line. A prompt keeps its number across runs; prompts new to the folder get the next
+numbers, and repeats in a prompts file are made once. A folder holds one set of settings: a rerun with others is an
+error, so that comparisons between folders never mix them.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .scoring import METADATA_NAME, PROMPT_KEYS
+from .shards import differences
+
+logger = logging.getLogger("diffusion_align")
+
+PROMPT_FORMATS = (".txt", ".jsonl", ".csv")
+SETTINGS = ("model", "lora", "scheduler", "steps", "guidance", "height", "width", "negative_prompt")
+RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+_SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+# ---------------------------------------------------------------- prompts and seeds
+
+def read_prompts(path) -> list[str]:
+    """The prompts of a prompts file in file order (repeats included), each stripped of surrounding whitespace.
+
+    `.txt`: one prompt a line; blank lines and lines starting with "#" are skipped. `.jsonl`: one JSON object a line
+    with "prompt", "text" or "caption" (the first present wins; other keys are ignored). `.csv`: a header row with a
+    prompt, text or caption column (any case). An empty prompt or a malformed line is an error naming file:line.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FORMATS:
+        raise ValueError(f"{path}: expected a prompts file ending in {', '.join(PROMPT_FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (spreadsheet exports) is no prompt
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    read = {".txt": _txt_prompts, ".jsonl": _jsonl_prompts, ".csv": _csv_prompts}[suffix]
+    prompts = []
+    for where, key, value in read(text, path):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{where}: expected "{key}" to be a non-empty string, got {value!r}')
+        prompts.append(value.strip())
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+def _txt_prompts(text: str, path: Path):
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield f"{path}:{lineno}", "prompt", line
+
+
+def _jsonl_prompts(text: str, path: Path):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from None
+        key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None) if isinstance(record, dict) else None
+        if key is None:
+            raise ValueError(f"{where}: expected a JSON object with one of the keys {', '.join(PROMPT_KEYS)}, "
+                             f"got {line.strip()[:80]}")
+        yield where, key, record[key]
+
+
+def _csv_prompts(text: str, path: Path):
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = [name.strip().lower() for name in next(reader, [])]
+        key = next((k for k in PROMPT_KEYS if k in header), None)
+        if key is None:
+            raise ValueError(f"{path}:1: expected a header row with a column named {' / '.join(PROMPT_KEYS)}, "
+                             f"found {header}")
+        column = header.index(key)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path}:{reader.line_num}"  # the line the row ends on (a quoted prompt may span lines)
+            if column >= len(row):
+                raise ValueError(f"{where}: expected a {key} in column {column + 1}, the row has {len(row)} fields")
+            yield where, key, row[column]
+    except csv.Error as err:
+        raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Comma-separated seeds and inclusive ranges, in the order given: "0-3" -> [0, 1, 2, 3]; "0-3,10"; "7"."""
+    seeds = []
+    for part in text.split(","):
+        match = _SEED_PART.fullmatch(part.strip())
+        if not match:
+            raise ValueError(f"seeds {text!r}: cannot read {part.strip()!r}; expected non-negative integers and "
+                             "ranges, e.g. 0-3 or 0,2,5 or 0-3,10")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise ValueError(f"seeds {text!r}: the range {part.strip()} runs backwards; write {last}-{first}")
+        if last > MAX_SEED:  # checked before the range is built
+            raise ValueError(f"seeds {text!r}: {last} is past the largest seed, {MAX_SEED}")
+        seeds += range(first, last + 1)
+    return _checked_seeds(seeds, repr(text))
+
+
+def _checked_seeds(seeds: Sequence[int], given: str) -> list[int]:
+    seen = set()
+    for seed in seeds:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seeds {given}: expected integers from 0 to {MAX_SEED}, got {seed!r}")
+        if seed in seen:  # the same image twice: most likely overlapping ranges by mistake
+            raise ValueError(f"seeds {given}: seed {seed} is given twice")
+        seen.add(seed)
+    if not seeds:
+        raise ValueError(f"seeds {given}: expected at least one seed")
+    return list(seeds)
+
+
+# ---------------------------------------------------------------- the folder's metadata
+
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """(file:line, record) for each line of the metadata.jsonl a generate run wrote; a last line cut short by a crash
+    (no line break) is removed from the file, so its image is made again."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        logger.warning("%s: dropped a last line cut short by an interrupted run; its image is made again", path)
+        os.truncate(path, end)
+        raw = raw[:end]
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    records, files, jobs = [], {}, {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(record, dict) or not _is_generated(record):
+            raise ValueError(f"{where}: expected a line written by diffusion-align generate (with "
+                             f"{', '.join(RECORD_KEYS)} and the settings), got {line.strip()[:80]}; generate into "
+                             f"another folder")
+        for seen, key in ((files, record["file_name"]), (jobs, (record["prompt"], record["seed"]))):
+            if key in seen:
+                raise ValueError(f"{where}: {key} is already described at {seen[key]}")
+            seen[key] = where
+        records.append((where, record))
+    return records
+
+
+def _is_generated(record: dict) -> bool:
+    name, prompt, seed, number = (record.get(k) for k in RECORD_KEYS)
+    return (isinstance(name, str) and name == Path(name).name and isinstance(prompt, str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, number)))
+
+
+def _append_lines(path: Path, records: list[dict]) -> None:
+    """One write of whole lines, flushed to disk: a crash leaves whole lines and at most one cut short at the end."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_png(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: score and imagefolder loaders skip it
+    with tmp.open("wb") as f:
+        image.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before its metadata line says it is done
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def _source(name: str, what: str) -> str:
+    """A local path made absolute (so metadata names it from anywhere), or a hub id as given."""
+    if os.path.exists(name):
+        return os.path.abspath(name)
+    if _HUB_ID.fullmatch(name):
+        return name
+    raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
+
+
+def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = None, device=None, dtype=None):
+    """A text-to-image pipeline on `device` in `dtype`, with the LoRA loaded and the scheduler swapped.
+
+    `model`: a hub id or a diffusers pipeline folder. `lora`: a folder or file `pipe.load_lora_weights` reads.
+    `scheduler`: the class name of a scheduler compatible with the pipeline's, built from its config (so it keeps
+    the checkpoint's noise schedule and prediction type).
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder: it has no model_index.json")
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ValueError(f"{model} loads a {type(pipe).__name__}; expected a Stable Diffusion 1.x / 2.x or SDXL "
+                         "text-to-image pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    if scheduler is not None:
+        compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
+        if scheduler not in compatible:
+            raise ValueError(f"unknown scheduler {scheduler!r} for {type(pipe).__name__}; expected one of "
+                             f"{', '.join(sorted(compatible))}")
+        pipe.scheduler = compatible[scheduler].from_config(pipe.scheduler.config)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per call
+    return pipe.to(device)
+
+
+def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: float | None, height: int | None,
+              width: int | None, negative_prompt: str | None) -> dict:
+    """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value."""
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # what SD and SDXL pipelines draw by default
+    return {"model": model, "lora": lora, "scheduler": type(pipe.scheduler).__name__,
+            "steps": steps or defaults["num_inference_steps"].default,
+            "guidance": float(defaults["guidance_scale"].default if guidance is None else guidance),
+            "height": height or size, "width": width or size, "negative_prompt": negative_prompt}
+
+
+# ---------------------------------------------------------------- generate_images
+
+@dataclass
+class _Job:
+    file_name: str
+    prompt: str
+    seed: int
+    prompt_index: int
+    listed: bool  # its metadata line is there already (the image was deleted): not written again
+
+
+@dataclass
+class GenerateReport:
+    out_dir: Path
+    metadata: Path
+    settings: dict
+    prompts: int  # distinct prompts of this run
+    repeated_prompts: int  # lines of the prompts file repeating an earlier one: made once
+    seeds: list[int]
+    generated: int  # images made by this run
+    kept: int  # images of this run's prompts and seeds already in the folder, not made again
+    blacked_out: list[str]  # made by this run, replaced with black by the safety checker
+
+    def __str__(self) -> str:
+        s = self.settings
+        lora = f" + LoRA {s['lora']}" if s["lora"] else ""
+        lines = [f"{self.out_dir}: generated {self.generated} images, kept {self.kept} from an earlier run "
+                 f"({self.prompts} prompts x {len(self.seeds)} seeds); metadata: {self.metadata}",
+                 f"  {s['model']}{lora}: {s['scheduler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
+                 f"{s['width']}x{s['height']} px"
+                 + ("" if s["negative_prompt"] is None else f", negative prompt {s['negative_prompt']!r}")]
+        if self.repeated_prompts:
+            lines.append(f"  {self.repeated_prompts} repeated prompt lines: each prompt is generated once")
+        if self.blacked_out:
+            lines.append(f"  {len(self.blacked_out)} images were blacked out by the pipeline's safety checker "
+                         f"(nsfw_content_detected in the metadata), e.g. {', '.join(self.blacked_out[:5])}")
+        return "\n".join(lines)
+
+
+def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_dir, lora: str | None = None,
+                    steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                    width: int | None = None, batch_size: int = 4, scheduler: str | None = None, device=None,
+                    dtype: torch.dtype | None = None, negative_prompt: str | None = None) -> GenerateReport:
+    """Generate every (prompt, seed) of `prompts_file` (see `read_prompts`) x `seeds` (a list, or text for
+    `parse_seeds`) not yet in `out_dir`; see the module docstring for the files and how a rerun resumes.
+
+    `steps`, `guidance`, `height`, `width` default to the pipeline's own (50 steps; guidance 7.5 for SD, 5.0 for
+    SDXL; the checkpoint's native size). `batch_size`: images per pipeline call. `device`: default cuda when
+    available; `dtype`: default float16 on cuda, float32 elsewhere. See `load_pipeline` for model, lora, scheduler.
+    """
+    prompts = read_prompts(prompts_file)
+    distinct = list(dict.fromkeys(prompts))
+    seeds = parse_seeds(seeds) if isinstance(seeds, str) else _checked_seeds(seeds, repr(seeds))
+    if batch_size < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (side < 8 or side % 8):
+            raise ValueError(f"{name} must be a positive multiple of 8 (the pipelines' rule), got {side}")
+    out_dir = Path(out_dir)
+    metadata = out_dir / METADATA_NAME
+    records = read_records(metadata)  # before the model loads: a bad folder fails fast
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    model, lora = _source(str(model), "model"), None if lora is None else _source(str(lora), "LoRA")
+    pipe = load_pipeline(model, lora, scheduler, device, dtype)
+    settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt)
+    for where, record in records:
+        changed = differences({k: record.get(k) for k in SETTINGS}, settings)
+        if changed:
+            raise ValueError(f"{where}: {out_dir} was generated with other settings ({changed}); rerun with the "
+                             f"same settings to resume, or generate into another folder")
+
+    todo, kept = _jobs(records, distinct, seeds, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blacked_out = []
+    extra = {"dtype": str(dtype).removeprefix("torch.")}
+    with tqdm(total=len(todo), unit="img", desc=f"generating {out_dir}", disable=None) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            out = pipe(prompt=[job.prompt for job in batch],
+                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
+                       num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                       height=settings["height"], width=settings["width"], output_type="pil",
+                       generator=[torch.Generator().manual_seed(job.seed) for job in batch])
+            flags = getattr(out, "nsfw_content_detected", None)  # SDXL has no checker; SD's may be switched off
+            lines = []
+            for k, (job, image) in enumerate(zip(batch, out.images)):
+                nsfw = None if flags is None else bool(flags[k])
+                _write_png(image, out_dir / job.file_name)
+                if nsfw:
+                    blacked_out.append(job.file_name)
+                if not job.listed:
+                    lines.append({"file_name": job.file_name, "prompt": job.prompt, "seed": job.seed,
+                                  "prompt_index": job.prompt_index, **settings, **extra,
+                                  "nsfw_content_detected": nsfw})
+            if lines:
+                _append_lines(metadata, lines)  # after the images: the line is what marks an image done
+            bar.update(len(batch))
+    if blacked_out:
+        logger.warning("%s: the safety checker blacked out %d images, e.g. %s", out_dir, len(blacked_out),
+                       blacked_out[0])
+    return GenerateReport(out_dir, metadata, settings, len(distinct), len(prompts) - len(distinct), seeds,
+                          len(todo), kept, blacked_out)
+
+
+def _jobs(records: list[tuple[str, dict]], prompts: list[str], seeds: list[int],
+          out_dir: Path) -> tuple[list[_Job], int]:
+    """The (prompt, seed) images still to make, prompt by prompt, and how many are there already."""
+    done = {(r["prompt"], r["seed"]): r for _, r in records}
+    numbers = {}
+    for _, record in records:
+        numbers.setdefault(record["prompt"], record["prompt_index"])
+    next_number = max(numbers.values(), default=-1) + 1
+    todo, kept = [], 0
+    for prompt in prompts:
+        if prompt not in numbers:
+            numbers[prompt], next_number = next_number, next_number + 1
+        for seed in seeds:
+            record = done.get((prompt, seed))
+            if record is not None and (out_dir / record["file_name"]).is_file():
+                kept += 1
+            elif record is not None:
+                todo.append(_Job(record["file_name"], prompt, seed, record["prompt_index"], listed=True))
+            else:
+                todo.append(_Job(f"p{numbers[prompt]:04d}-s{seed:04d}.png", prompt, seed, numbers[prompt], False))
+    return todo, kept
