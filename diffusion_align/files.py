@@ -1,11 +1,14 @@
-"""Writing files so that a crash never leaves a half-written one: write beside the target, then rename."""
+"""Files: written so that a crash never leaves a half-written one (write beside the target, then rename), and
+JSON Lines read with errors that name the line."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -30,3 +33,16 @@ def report_dict(report, item: str = "item") -> dict:
     data["out_dir"] = str(report.out_dir)
     data["skipped"] = [{item: i, "reason": r} for i, r in report.skipped]
     return data
+
+
+def jsonl_records(text: str, path, error: type[Exception] = ValueError) -> Iterator[tuple[str, object]]:
+    """("path:line", parsed value) for each non-blank line of a JSON Lines text; a line that is not JSON raises
+    `error` naming it."""
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as err:
+            raise error(f"{path}:{lineno}: not valid JSON ({err})") from None
+        yield f"{path}:{lineno}", value

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .files import jsonl_records
 from .scoring import METADATA_NAME, PROMPT_KEYS
 from .shards import differences
 
@@ -83,18 +84,11 @@ def _txt_prompts(text: str, path: Path):
 
 
 def _jsonl_prompts(text: str, path: Path):
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
+    for where, record in jsonl_records(text, path):
         key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None) if isinstance(record, dict) else None
         if key is None:
             raise ValueError(f"{where}: expected a JSON object with one of the keys {', '.join(PROMPT_KEYS)}, "
-                             f"got {line.strip()[:80]}")
+                             f"got {json.dumps(record)[:80]}")
         yield where, key, record[key]
 
 
@@ -162,22 +156,15 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
         os.truncate(path, end)
         raw = raw[:end]
     try:
-        lines = raw.decode("utf-8").split("\n")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     records, files, jobs = [], {}, {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
+    for where, record in jsonl_records(text, path):
         if not isinstance(record, dict) or not _is_generated(record):
             raise ValueError(f"{where}: expected a line written by diffusion-align generate (with "
-                             f"{', '.join(RECORD_KEYS)} and the settings), got {line.strip()[:80]}; generate into "
-                             f"another folder")
+                             f"{', '.join(RECORD_KEYS)} and the settings), got {json.dumps(record)[:80]}; generate "
+                             f"into another folder")
         for seen, key in ((files, record["file_name"]), (jobs, (record["prompt"], record["seed"]))):
             if key in seen:
                 raise ValueError(f"{where}: {key} is already described at {seen[key]}")

@@ -32,7 +32,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .files import write_text_atomic
+from .files import jsonl_records, write_text_atomic
 
 logger = logging.getLogger("diffusion_align")
 
@@ -77,25 +77,19 @@ def read_metadata(root) -> dict[str, tuple[str | None, int | None]]:
     where: dict[str, str] = {}
     for meta in sorted(p for p in _walk(root) if p.name == METADATA_NAME):
         try:
-            lines = meta.read_text(encoding="utf-8").splitlines()
+            text = meta.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ScoringError(f"{meta}: not UTF-8 text ({err})") from None
         folder = os.path.relpath(meta.parent, root)
-        for lineno, line in enumerate(lines, 1):
-            if line.strip():
-                here = f"{meta}:{lineno}"
-                file, prompt, seed = _metadata_record(line, here, folder)
-                if file in where:
-                    raise ScoringError(f"{here}: {file} is already described at {where[file]}")
-                found[file], where[file] = (prompt, seed), here
+        for here, record in jsonl_records(text, meta, ScoringError):
+            file, prompt, seed = _metadata_record(record, here, folder)
+            if file in where:
+                raise ScoringError(f"{here}: {file} is already described at {where[file]}")
+            found[file], where[file] = (prompt, seed), here
     return found
 
 
-def _metadata_record(line: str, here: str, folder: str) -> tuple[str, str | None, int | None]:
-    try:
-        record = json.loads(line)
-    except ValueError as err:
-        raise ScoringError(f"{here}: not valid JSON ({err})") from None
+def _metadata_record(record, here: str, folder: str) -> tuple[str, str | None, int | None]:
     if not isinstance(record, dict):
         raise ScoringError(f"{here}: expected a JSON object, got {type(record).__name__}")
     name = record.get("file_name")
