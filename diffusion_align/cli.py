@@ -128,13 +128,33 @@ def cmd_generate(args) -> None:
                           negative_prompt=args.negative_prompt))
 
 
+def cmd_grid(args) -> None:
+    if not (args.out or args.html):
+        raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
+    if args.out:
+        from .grid import make_grid
+        scorer = _scorers(args, single=True)[0] if args.scorer else None
+        print(make_grid(args.dirs, args.out, scorer=scorer, rows_per_page=args.rows_per_page,
+                        cell_size=args.cell_size, prompt=args.prompt))
+    if args.html:
+        from .review import write_review_page
+        page = write_review_page(args.dirs, args.html, prompt=args.prompt, ab=args.ab, seed=args.seed,
+                                 title=args.title)
+        print(f"review page: {page.resolve()}")
+
+
+def cmd_import_review(args) -> None:
+    from .review import import_review
+    print(import_review(args.choices, args.images, args.out, shard_size=args.shard_size))
+
+
 def cmd_plot(args) -> None:
     from .plots import plot_run
     print(f"curves: {plot_run(args.run_dir)}")
 
 
-def _scorer_flags(parser: argparse.ArgumentParser, many: bool) -> None:
-    parser.add_argument("--scorer", required=True, action="append", metavar="NAME[=PATH]",
+def _scorer_flags(parser: argparse.ArgumentParser, many: bool, required: bool = True) -> None:
+    parser.add_argument("--scorer", required=required, action="append", metavar="NAME[=PATH]",
                         help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
                              "reward_models/)" + (" (repeat for several)" if many else ""))
     parser.add_argument("--convention", action="append", default=[], metavar="NAME=CONVENTION",
@@ -142,6 +162,9 @@ def _scorer_flags(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="dtype of the models")
     parser.add_argument("--batch-size", type=int, default=None, help="images per scorer call (default 32)")
+
+
+def _workers_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode images")
 
 
@@ -167,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--fast-jpeg", action="store_true", help="let the JPEG decoder downscale (faster; scores "
                                                                 "move by ~1%% of their spread, see benchmarks/)")
     _scorer_flags(score, many=True)
+    _workers_flag(score)
     score.set_defaults(func=cmd_score)
 
     compare = sub.add_parser("compare", help="Win rate of folder A over folder B, matched by prompt (and seed).")
@@ -180,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--confidence", type=float, default=0.95)
     compare.add_argument("--seed", type=int, default=0)
     _scorer_flags(compare, many=False)
+    _workers_flag(compare)
     compare.set_defaults(func=cmd_compare)
 
     label = sub.add_parser("label", help="Label preference pairs with a reward model (AI feedback).")
@@ -196,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "at most N per prompt (default: all pairs)")
     label.add_argument("--seed", type=int, default=0)
     _scorer_flags(label, many=False)
+    _workers_flag(label)
     label.set_defaults(func=cmd_label)
 
     fit = sub.add_parser("fit-reward", help="Train a CLIP model with the PickScore objective on preference pairs.")
@@ -240,6 +266,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                           help="auto: fp16 on cuda, fp32 elsewhere")
     generate.set_defaults(func=cmd_generate)
+
+    grid = sub.add_parser("grid", help="Comparison grid of image folders (PNG pages) and a review page for people "
+                                       "(HTML: side by side, blind A/B with keyboard shortcuts, JSONL export).")
+    grid.add_argument("dirs", nargs="+", help="image folders (e.g. from generate), one column each")
+    grid.add_argument("--out", help="grid PNG; more pages go to NAME-001.png, NAME-002.png, ...")
+    grid.add_argument("--html", help="self-contained HTML review page")
+    grid.add_argument("--rows-per-page", type=int, default=10, help="prompt x seed rows per PNG page")
+    grid.add_argument("--cell-size", type=int, default=256, help="pixels per image cell")
+    grid.add_argument("--prompt", help="prompt for images that have none recorded")
+    grid.add_argument("--ab", nargs=2, metavar=("FOLDER_A", "FOLDER_B"),
+                      help="the two folders (by their column label) of the blind A/B mode (default: the first two)")
+    grid.add_argument("--seed", type=int, default=0, help="seed of the A/B page's left/right randomisation")
+    grid.add_argument("--title", help="title of the review page")
+    _scorer_flags(grid, many=False, required=False)
+    grid.set_defaults(func=cmd_grid)
+
+    review = sub.add_parser("import-review", help="Turn review-page exports into Pick-a-Pic-style pairs for train.")
+    review.add_argument("choices", nargs="+", help="choices.jsonl file(s) exported from the review page")
+    review.add_argument("--images", action="append", required=True,
+                        help="an image folder the page was made from (repeat for each)")
+    review.add_argument("--out", required=True, help="output folder of parquet shards")
+    review.add_argument("--shard-size", type=int, default=1000)
+    review.set_defaults(func=cmd_import_review)
 
     plot = sub.add_parser("plot", help="Draw a run's training curves (metrics.jsonl) as training_curves.png.")
     plot.add_argument("run_dir", help="the train.output_dir of a run")

@@ -120,3 +120,8 @@ def test_train_generate_compare_loop(tiny, tmp_path, capsys):
           "--scorer", f"pickscore={tiny / 'tiny-scorer-pickscore'}", "--workers", "0"])
     summary = json.loads((tmp_path / "cmp.json").read_text())
     assert summary["pairs"] == summary["pairs_by_seed"] == 4  # each tuned image meets the base image of its seed
+    main(["grid", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(tmp_path / "grid.png"),
+          "--html", str(tmp_path / "review.html"), "--scorer", f"pickscore={tiny / 'tiny-scorer-pickscore'}"])
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] > 2 * 256  # the prompt column and two image columns
+    assert "a blue square" in (tmp_path / "review.html").read_text()

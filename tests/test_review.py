@@ -1,0 +1,287 @@
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffusion_align.data import load_pairs
+from diffusion_align.review import import_review, match_folders, read_choices, review_data, write_review_page
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+PROMPTS = ["a red cube", "a lighthouse at dusk", "an owl"]
+
+
+def write_folder(root, shade, seeds=(1, 2), missing=(), prompts=PROMPTS, name="{p}-{seed}.png"):
+    """One image per prompt x seed (a colour of its own, so the bytes differ), listed in metadata.jsonl."""
+    root.mkdir(parents=True)
+    records = []
+    for p, prompt in enumerate(prompts):
+        for seed in seeds:
+            file = name.format(p=p, seed=seed)
+            records.append({"file_name": file, "prompt": prompt, "seed": seed})
+            if (p, seed) not in missing:
+                Image.new("RGB", (16, 16), (shade, 40 * p, 100 * seed % 256)).save(root / file)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return [write_folder(tmp_path / "base", 10), write_folder(tmp_path / "tuned", 200, missing=[(2, 2)])]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def choice(file_a, file_b, choice, prompt="a red cube", seed=1, left="a", folder_a="base", folder_b="tuned"):
+    return {"prompt": prompt, "seed": seed, "folder_a": folder_a, "folder_b": folder_b, "file_a": file_a,
+            "file_b": file_b, "left": left, "choice": choice, "time": "2025-01-01T00:00:00.000Z"}
+
+
+# ---------------------------------------------------------------- the page's data (no browser)
+
+def test_data_block_survives_script_breaking_prompts(tmp_path):
+    prompt = "</script><script>alert(1)</script> <!-- & \u2028 caf\u00e9"
+    folder = write_folder(tmp_path / "a", 0, prompts=[prompt], seeds=(1,))
+    page = write_review_page([folder], tmp_path / "review.html").read_text(encoding="ascii")  # ASCII only
+    block = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', page, re.S)[1]
+    assert json.loads(block)["rows"][0]["prompt"] == prompt
+    assert "<" not in block and page.count("</script>") == 2  # the data block's and the code's own
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)[1]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "unsafe" not in policy
+
+
+def test_review_data_pairs_rows_with_both_images_and_draws_sides_from_the_seed(folders):
+    data = review_data(folders, seed=1)
+    assert data["folders"] == ["base", "tuned"] and len(data["rows"]) == 6
+    assert data["rows"][5]["cells"][1] is None  # missing in tuned
+    assert data["images"][data["rows"][0]["cells"][0]["image"]].startswith("data:image/png;base64,")
+    ab = data["ab"]
+    assert ab["folders"] == ["base", "tuned"] and [p["row"] for p in ab["pairs"]] == [0, 1, 2, 3, 4]
+    sides = [[p["left"] for p in review_data(folders, seed=s)["ab"]["pairs"]] for s in range(8)]
+    assert sides[1] == [p["left"] for p in ab["pairs"]]  # the same seed, the same sides
+    assert len({tuple(s) for s in sides}) > 1 and {"a", "b"} <= {x for s in sides for x in s}
+    assert review_data(folders, ab=["tuned", 0])["ab"]["folders"] == ["tuned", "base"]
+    with pytest.raises(ValueError, match="no folder 'other'"):
+        review_data(folders, ab=["other", "base"])
+    assert review_data(folders[:1])["ab"] is None  # one folder: nothing to compare
+
+
+def test_seeds_past_javascript_integers_go_as_strings(tmp_path):
+    folder = write_folder(tmp_path / "a", 0, prompts=["x"], seeds=(2**53 - 1, 2**64 - 1))
+    assert [r["seed"] for r in review_data([folder])["rows"]] == [2**53 - 1, str(2**64 - 1)]
+    path = write_jsonl(tmp_path / "c.jsonl", [choice("0-1.png", "0-1.png", "a", seed=str(2**64 - 1))])
+    assert read_choices(path)[0]["seed"] == str(2**64 - 1)
+
+
+def test_images_browsers_cannot_show_are_embedded_as_png(tmp_path):
+    folder = write_folder(tmp_path / "scans", 0, prompts=["a scan"], seeds=(1,), name="scan.tif")
+    data = review_data([folder])
+    assert data["rows"][0]["cells"][0]["file"] == "scan.tif" and data["images"][0].startswith("data:image/png;")
+
+
+# ---------------------------------------------------------------- import
+
+def test_import_review_writes_pick_a_pic_pairs(folders, tmp_path):
+    choices = write_jsonl(tmp_path / "choices.jsonl", [
+        choice("0-1.png", "0-1.png", "a"), choice("0-2.png", "0-2.png", "b", seed=2, left="b"),
+        choice("1-1.png", "1-1.png", "tie", prompt=None), choice("1-2.png", "1-2.png", "skip"), ""])
+    report = import_review(choices, folders[::-1], tmp_path / "pairs")
+    assert (report.pairs, report.skipped, report.choices) == (3, 1, {"a": 1, "b": 1, "tie": 1})
+    assert report.folders == {"base": str(folders[0]), "tuned": str(folders[1])}
+    assert [p.name for p in report.shards] == ["pairs-00000.parquet"]
+
+    pairs, stats = load_pairs(str(tmp_path / "pairs"), keep_ties=True, extra_columns="all")
+    assert stats.rows == 3
+    assert [(r["label_0"], r["label_1"]) for r in pairs] == [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]
+    assert pairs[0]["jpg_0"] == (folders[0] / "0-1.png").read_bytes()
+    assert pairs[0]["jpg_1"] == (folders[1] / "0-1.png").read_bytes()
+    assert pairs["caption"] == ["a red cube", "a red cube", ""] and pairs["image_1_path"] == ["0-1.png", "0-2.png",
+                                                                                          "1-1.png"]
+    assert pairs["left"] == ["a", "b", "a"] and pairs["folder_1"] == ["tuned"] * 3
+    untied, _ = load_pairs(str(tmp_path / "pairs"))  # training's default drops ties
+    assert len(untied) == 2
+
+    # a later import replaces the earlier one's shards whole
+    import_review([choices, choices], folders, tmp_path / "pairs", shard_size=2)
+    again, _ = load_pairs(str(tmp_path / "pairs"), keep_ties=True)
+    assert len(again) == 6 and len(list((tmp_path / "pairs").glob("pairs-*.parquet"))) == 3
+    import_review(choices, folders, tmp_path / "pairs")
+    assert len(list((tmp_path / "pairs").glob("pairs-*.parquet"))) == 1
+    assert not list((tmp_path / "pairs").glob(".*"))  # no temporary files left
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"prompt": "x"}, r"missing key\(s\) \['seed'"),
+    (choice("0-1.png", "0-1.png", "left"), "expected 'choice' to be one of"),
+    (choice("0-1.png", "0-1.png", "a", left="left"), "expected 'left'"),
+    (choice("0-1.png", "0-1.png", "a", seed="one"), "expected 'seed'"),
+    (choice("0-1.png", "0-1.png", "a", seed=1.5), "expected 'seed'"),
+    (choice("../base/0-1.png", "0-1.png", "a"), "file_a .* points outside its folder"),
+])
+def test_read_choices_names_the_bad_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [choice("0-1.png", "0-1.png", "a"), "", line])
+    with pytest.raises(ValueError, match=f"c.jsonl:3: {message}"):
+        read_choices(path)
+
+
+def test_import_review_errors_name_folders_and_lines(folders, tmp_path):
+    choices = write_jsonl(tmp_path / "c.jsonl", [choice("0-1.png", "0-1.png", "a"),
+                                                 choice("2-2.png", "2-2.png", "b", seed=2)])
+    with pytest.raises(ValueError, match=r"names folder\(s\) 'tuned' that no --images folder ends in"):
+        import_review(choices, folders[:1], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: cannot read image .*tuned/2-2.png"):
+        import_review(choices, folders, tmp_path / "out")
+    skips = write_jsonl(tmp_path / "s.jsonl", [choice("0-1.png", "0-1.png", "skip")])
+    with pytest.raises(ValueError, match=r"no judged pairs to import \(1 skipped\)"):
+        import_review(skips, folders, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_match_folders_by_trailing_path(tmp_path):
+    a, b = tmp_path / "runs/a/samples", tmp_path / "runs/b/samples"
+    assert match_folders(["a/samples", "b/samples"], [b, a]) == {"a/samples": a, "b/samples": b}
+    with pytest.raises(ValueError, match="matches several --images"):
+        match_folders(["samples"], [a, b])
+
+
+# ---------------------------------------------------------------- in a browser
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium under ChromeDriver (Debian's, so selenium-manager downloads nothing); downloads go to
+    tmp_path/downloads."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        message = f"{CHROMIUM} and {CHROMEDRIVER} are needed for the review page test; scripts/setup.sh installs them"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def press(driver, *keys):
+    from selenium.webdriver.common.action_chains import ActionChains
+    for key in keys:
+        ActionChains(driver).send_keys(key).perform()
+
+
+def test_blind_ab_with_the_keyboard_exports_choices_that_import_as_labels(browser, folders, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    page = write_review_page(folders, tmp_path / "review.html", seed=3)
+    data = review_data(folders, seed=3)
+    pairs = data["ab"]["pairs"]  # which folder each pair shows left
+    assert {p["left"] for p in pairs} == {"a", "b"}
+    browser.get(page.as_uri())
+    assert browser.execute_script("return window.exportChoices()") == ""
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid-view figure img")) == 11  # 12 cells, one missing
+    browser.find_element(By.ID, "show-ab").click()
+    progress = browser.find_element(By.ID, "progress")
+    assert progress.text == "0 / 5"
+    assert "skip" in browser.find_element(By.ID, "ab-view").text  # the keys are shown
+
+    def judge(i, key, judged):
+        """Check pair i shows its folders on the recorded sides, press `key`, check the progress."""
+        cells = data["rows"][pairs[i]["row"]]["cells"]
+        a, b = (data["images"][cells[c]["image"]] for c in (0, 1))
+        shown = [browser.find_element(By.ID, side).get_attribute("src") for side in ("ab-left", "ab-right")]
+        assert shown == ([a, b] if pairs[i]["left"] == "a" else [b, a])
+        assert browser.find_element(By.ID, "ab-prompt").text == data["rows"][pairs[i]["row"]]["prompt"]
+        press(browser, key)
+        assert progress.text == f"{judged} / 5"
+
+    keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, "t", "s", Keys.ARROW_DOWN]
+    for i, key in enumerate(keys[:3]):
+        judge(i, key, i + 1)
+    press(browser, Keys.BACKSPACE)  # back to the third pair, now judged "left" instead of a tie
+    keys[2] = Keys.ARROW_LEFT
+    for i in range(2, 5):
+        judge(i, keys[i], max(3, i + 1))
+    assert browser.find_element(By.ID, "ab-done").is_displayed()
+
+    exported = browser.execute_script("return window.exportChoices()")
+    records = [json.loads(line) for line in exported.splitlines()]
+    assert len(records) == 5
+    expected = []
+    for pair, key, record in zip(pairs, keys, records):
+        other = "b" if pair["left"] == "a" else "a"
+        want = {Keys.ARROW_LEFT: pair["left"], Keys.ARROW_RIGHT: other, "t": "tie", Keys.ARROW_DOWN: "tie",
+                "s": "skip"}[key]
+        row = data["rows"][pair["row"]]
+        assert (record["choice"], record["left"]) == (want, pair["left"])
+        assert (record["prompt"], record["seed"], record["folder_a"], record["folder_b"]) == (
+            row["prompt"], row["seed"], "base", "tuned")
+        assert record["file_a"] == record["file_b"] == row["cells"][0]["file"]
+        if want != "skip":
+            expected.append({"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}[want])
+
+    # the Export button downloads the same text
+    browser.find_element(By.ID, "export").click()
+    download = tmp_path / "downloads" / "choices.jsonl"
+    deadline = time.monotonic() + 10
+    while not download.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert download.read_text() == exported
+
+    # a reload keeps the choices (localStorage)
+    browser.refresh()
+    browser.find_element(By.ID, "show-ab").click()
+    assert browser.find_element(By.ID, "progress").text == "5 / 5"
+
+    report = import_review(download, folders, tmp_path / "dataset")
+    assert report.skipped == 1
+    dataset, _ = load_pairs(str(tmp_path / "dataset"), keep_ties=True)
+    assert [(r["label_0"], r["label_1"]) for r in dataset] == expected
+
+
+XSS_PROMPT = "</script><script>alert(2)</script><img src=x onerror=\"window.__xss=1\"><!-- <b>bold</b>"
+XSS_FILE = "<img src=x onerror=\"window.__xss=1\">.png"
+
+
+def test_prompts_and_file_names_are_shown_as_text(browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    folders = [write_folder(tmp_path / name, shade, prompts=[XSS_PROMPT], seeds=(1,), name=XSS_FILE)
+               for name, shade in (("<i onmouseover=alert(3)>a", 0), ("b", 99))]
+    page = write_review_page(folders, tmp_path / "review.html")
+    browser.get(page.as_uri())
+
+    def injected():
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text
+        assert browser.execute_script("return window.__xss") is None
+        assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"], b, i').length") == 0
+
+    injected()
+    texts = browser.execute_script("return [...document.querySelectorAll('.prompt, .file, .folder')]"
+                                   ".map((e) => e.textContent)")
+    assert texts.count(XSS_PROMPT) == 1 and texts.count(XSS_FILE) == 2
+    assert "<i onmouseover=alert(3)>a" in texts
+    browser.find_element(By.ID, "show-ab").click()
+    assert browser.find_element(By.ID, "ab-prompt").get_attribute("textContent") == XSS_PROMPT
+    injected()
