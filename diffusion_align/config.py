@@ -127,7 +127,7 @@ _SECTION_CLASSES = {"method": MethodConfig, "model": ModelConfig, "data": DataCo
 
 
 class ConfigError(ValueError):
-    pass
+    """A config key or value that is not valid; the message names the key and what was expected."""
 
 
 def all_keys() -> dict[str, tuple[type, dataclasses.Field]]:
