@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import decode_image, load_pairs
-from .files import report_dict
+from .devices import default_device
+from .files import local_or_hub, report_dict
 from .labeling import outcomes
 from .shards import run_shards, write_json
 
@@ -240,15 +240,6 @@ class RuleBasedPerturber:
 
 # ---------------------------------------------------------------- model-based parts
 
-def _device(device) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _model_name(model: str) -> str:
-    """A local folder as an absolute path (so a rerun from elsewhere matches), a hub id as given."""
-    return os.path.abspath(model) if os.path.exists(model) else model
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split()).strip("\"'")
 
@@ -272,7 +263,7 @@ class ModelPerturber:
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.rules = RuleBasedPerturber(strength)
-        self.device, self.max_new_tokens, self.batch_size = _device(device), max_new_tokens, batch_size
+        self.device, self.max_new_tokens, self.batch_size = default_device(device), max_new_tokens, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         try:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
@@ -285,7 +276,7 @@ class ModelPerturber:
                 raise ValueError(f"perturber {model!r}: its tokenizer has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-        self.info = {"kind": "model", "model": _model_name(model), "strength": strength,
+        self.info = {"kind": "model", "model": local_or_hub(model), "strength": strength,
                      "max_new_tokens": max_new_tokens, "chat_template": self.chat}
 
     def _input(self, text: str) -> str:
@@ -343,7 +334,7 @@ class Captioner:
     def __init__(self, model: str, device=None, dtype=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  use_prompt: bool = True):
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-        self.device, self.max_new_tokens, self.use_prompt = _device(device), max_new_tokens, use_prompt
+        self.device, self.max_new_tokens, self.use_prompt = default_device(device), max_new_tokens, use_prompt
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
         except ValueError as err:
@@ -364,7 +355,7 @@ class Captioner:
             self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
         limit = self.tokenizer.model_max_length - max_new_tokens
         self._truncate = {"truncation": True, "max_length": limit} if 0 < limit < 1_000_000 else {}
-        self.info = {"model": _model_name(model), "mode": self.mode, "use_prompt": use_prompt,
+        self.info = {"model": local_or_hub(model), "mode": self.mode, "use_prompt": use_prompt,
                      "max_new_tokens": max_new_tokens}
 
     def group_key(self, prompt: str) -> int:
@@ -492,7 +483,7 @@ def make_captions(source, out_dir, strategy: str, captioner: str | Captioner | N
         perturber = RuleBasedPerturber(strength)
     elif isinstance(perturber, str):
         perturber = ModelPerturber(perturber, strength, device, dtype, max_new_tokens, batch_size)
-    settings = {"source": os.path.abspath(source) if os.path.exists(source) else source, "split": split,
+    settings = {"source": local_or_hub(source), "split": split,
                 "strategy": strategy, "captioner": captioner.info if captioner else None,
                 "perturber": perturber.info if perturber else None,
                 "strength": perturber.info["strength"] if perturber else None, "seed": seed,

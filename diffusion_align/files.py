@@ -46,3 +46,8 @@ def jsonl_records(text: str, path, error: type[Exception] = ValueError) -> Itera
         except ValueError as err:
             raise error(f"{path}:{lineno}: not valid JSON ({err})") from None
         yield f"{path}:{lineno}", value
+
+
+def local_or_hub(name: str) -> str:
+    """A local path made absolute (so a record made here matches a rerun from anywhere), a hub id as given."""
+    return os.path.abspath(name) if os.path.exists(name) else name

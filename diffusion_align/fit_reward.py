@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import PairBatchSampler, load_pairs
+from .devices import default_device
 from .files import replace_dir, report_dict, write_text_atomic
 from .labeling import PairImages, collate_pair_images, outcomes
 from .rewards.clip import ClipImageTransform, projected
@@ -285,7 +286,7 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
                 "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed,
                 "warmup_steps": warmup_steps, "schedule": schedule, "max_grad_norm": max_grad_norm,
                 "processor": processor}
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     torch.manual_seed(seed)  # only a base with dropout draws from it; batches have their own generator
 
     # ---- data first: a wrong path fails before the model loads ----

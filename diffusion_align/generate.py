@@ -35,7 +35,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .files import jsonl_records
+from .devices import default_device
+from .files import jsonl_records, local_or_hub
 from .scoring import METADATA_NAME, PROMPT_KEYS
 from .shards import differences
 
@@ -200,10 +201,8 @@ def _write_png(image, path: Path) -> None:
 
 def _source(name: str, what: str) -> str:
     """A local path made absolute (so metadata names it from anywhere), or a hub id as given."""
-    if os.path.exists(name):
-        return os.path.abspath(name)
-    if _HUB_ID.fullmatch(name):
-        return name
+    if os.path.exists(name) or _HUB_ID.fullmatch(name):
+        return local_or_hub(name)
     raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
 
 
@@ -307,7 +306,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     metadata = out_dir / METADATA_NAME
     records = read_records(metadata)  # before the model loads: a bad folder fails fast
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     model, lora = _source(str(model), "model"), None if lora is None else _source(str(lora), "LoRA")
     pipe = load_pipeline(model, lora, scheduler, device, dtype)

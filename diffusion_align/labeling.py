@@ -31,12 +31,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from .data import decode_image, load_pairs
-from .files import report_dict
+from .files import local_or_hub, report_dict
 from .shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 
 REPORT_NAME = "labels.json"
@@ -211,7 +210,7 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     _check_settings(tie_margin, shard_size)
     pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    settings = {"source": os.path.abspath(source) if os.path.exists(source) else source, "split": split,
+    settings = {"source": local_or_hub(source), "split": split,
                 "scorer": scorer.name, "scorer_path": scorer_path, "column": scorer.column,
                 "tie_margin": tie_margin, "shard_size": shard_size}
 
@@ -297,8 +296,7 @@ def _labelled_by(out_dir: Path, source: str, split: str, scorer: str | None) -> 
     from .rewards import parse_scorer_spec
     done = json.loads(report.read_text(encoding="utf-8"))
     name, path = parse_scorer_spec(scorer)
-    source = os.path.abspath(source) if os.path.exists(source) else source
-    return (done["scorer"]["name"], done["scorer"]["path"], done["inputs"]) == (name, path, {"source": source,
+    return (done["scorer"]["name"], done["scorer"]["path"], done["inputs"]) == (name, path, {"source": local_or_hub(source),
                                                                                              "split": split})
 
 

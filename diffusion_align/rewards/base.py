@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import PIL.Image
 import torch
 
+from ..devices import default_device
 from .registry import load_spec
 
 DEFAULT_BATCH_SIZE = 32
@@ -76,7 +77,7 @@ class Scorer(abc.ABC):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(device)
         self.dtype = dtype or torch.float32
 
     def _prompts(self, n: int, prompts: Sequence[str] | None) -> list[str]:
