@@ -35,15 +35,15 @@ def encode_prompts(family: str, tokenizers: list, text_encoders: list, prompts: 
                    original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
                    resolution: int | None = None) -> Conditioning:
     """Conditioning for one UNet row per prompt. SDXL needs each row's original size and crop (long tensors
-    of shape (rows, 2)) and the training resolution."""
+    of shape (rows, 2)) and the training resolution. The encoders run in their own dtype, outside any autocast."""
     device = text_encoders[0].device
-    if family != "sdxl":
-        hidden = text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0]
-        return Conditioning(hidden)
-    states = []
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        out = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
+    with torch.autocast(device.type, enabled=False):
+        if family != "sdxl":
+            return Conditioning(text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0])
+        states = []
+        for tokenizer, encoder in zip(tokenizers, text_encoders):
+            out = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
     pooled = out.text_embeds  # the projected pooled output of the second encoder (CLIPTextModelWithProjection)
     target = torch.tensor([resolution, resolution]).expand(len(prompts), 2)
     time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(device, dtype=pooled.dtype)

@@ -31,9 +31,17 @@ class MethodConfig:
                             "labels + ReNoise inversion), dcpo (DCPO: per-image captions), sft (diffusion loss on the "
                             "winners).", choices=("dpo", "mapo", "smpo", "dcpo", "sft"))
     beta: float | None = _key(None, "Preference strength. null = the method's published default: dpo 5000, smpo 5000 "
-                                    "(2000 for SD1.5 in the paper), dcpo 500, mapo 0.1. Our DPO convention is the "
-                                    "authors' -(beta/2)*(...) form: beta=5000 here equals beta=2500 in the diffusers "
-                                    "example script.")
+                                    "(2000 for SD1.5 in the paper), dcpo 500, mapo 0.1; a value far outside the "
+                                    "method's published range is warned about. Our DPO convention is the authors' "
+                                    "-(beta/2)*(...) form: beta=5000 here equals beta=2500 in the diffusers SD1.5 "
+                                    "example script (its SDXL script uses 5000 with the 1/2, as here).")
+    v_prediction_errors: str = _key("epsilon", "v-prediction models (SD2.x 768) only: the units of the errors inside "
+                                               "the preference terms. epsilon = velocity error x abar_t, the error of "
+                                               "the noise the prediction implies, so betas tuned on epsilon models "
+                                               "keep their meaning; velocity = raw velocity errors (on SD2.1 about 21x "
+                                               "stronger on average, 200x at t = 999). The UNet is trained to predict "
+                                               "the velocity either way, and plain diffusion losses (sft, mapo's "
+                                               "winner term) are velocity errors.", choices=("epsilon", "velocity"))
     mapo_snr_value: float = _key(0.5, "mapo: s in f(x) = s*x / (exp(s*x) - 1).")
     inversion_steps: int | None = _key(None, "smpo: DDIM-inversion steps (each refined once, ReNoise-style) that "
                                              "noise the latents; null = 5 (SD1.x / SD2.x) or 10 (SDXL); 0 = plain "
@@ -75,10 +83,16 @@ class DataConfig:
                                                   "or a save_to_disk folder.")
     split: str = _key("train", "Split to read from a hub dataset or DatasetDict.")
     streaming: bool = _key(False, "Stream the dataset instead of loading it (for very large sets).")
-    keep_ties: bool = _key(False, "Keep tied pairs (label_0 == 0.5); by default they are dropped and counted.")
-    max_pairs: int | None = _key(None, "Use only the first N pairs (after dropping ties).")
+    keep_ties: bool = _key(False, "Keep tied pairs (label_0 == label_1; for smpo, ties of the human labels); by "
+                                  "default they are dropped and counted.")
+    max_pairs: int | None = _key(None, "Use a random sample of N pairs (after dropping ties), drawn with train.seed: "
+                                       "the same pairs on every process and on resume; with data.streaming=true, "
+                                       "the first N pairs.")
     center_crop: bool = _key(True, "Centre crop after resizing; false = random crop.")
-    random_flip: bool = _key(False, "Flip both images of a pair horizontally together, with probability 0.5.")
+    random_flip: str = _key("no", "Random horizontal flips, each with probability 0.5: no; pair = one coin per pair, "
+                                  "both images flipped together (diffusers' SDXL DPO script, MaPO); image = one coin "
+                                  "per image (the Diffusion-DPO authors' code, diffusers' SD1.5 DPO script).",
+                            choices=("no", "pair", "image"))
     prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
                                       "(the Diffusion-DPO authors used 0.2).")
     num_workers: int = _key(2, "DataLoader worker processes that decode and augment images.")
@@ -189,11 +203,15 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
         elif base is str:
+            if value is False and "no" in (f.metadata.get("choices") or ()):
+                value = "no"  # YAML 1.1 reads a bare `no` (or off, false) as False
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             value = str(value)
     except (TypeError, ValueError):
-        expected = "list of strings" if typing.get_origin(base) is list else base.__name__
+        choices = f.metadata.get("choices")
+        expected = ("list of strings" if typing.get_origin(base) is list else
+                    f"one of {', '.join(choices)}" if choices else base.__name__)
         raise ConfigError(f"config key '{key}' ({where}) expects {expected}"
                           f"{' or null' if nullable else ''}, got {value!r}") from None
     choices = f.metadata.get("choices")

@@ -2,6 +2,7 @@
 
 Rows carry ``caption``, two encoded images ``jpg_0`` / ``jpg_1`` and their labels ``label_0`` / ``label_1``
 (1/0, 0/1, or 0.5/0.5 for a tie). Batches put winners first: ``pixel_values`` is ``[w_1..w_B, l_1..l_B]``.
+A row whose label is null or NaN has no winner: it is dropped and counted, or skipped like an undecodable row.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class PairStats:
     rows: int | None
     ties_dropped: int | None
     pairs: int | None
+    unlabelled: int | None = 0  # dropped: a null or NaN label
+    unscored: int | None = 0  # dropped: no reward score to orient the pair by (orient_by)
 
 
 def decode_image(value: Any, where: str) -> PIL.Image.Image:
@@ -84,20 +87,8 @@ def _raw_images(ds):
     return ds
 
 
-def load_pairs(
-    path: str,
-    split: str = "train",
-    keep_ties: bool = False,
-    streaming: bool = False,
-    max_pairs: int | None = None,
-    extra_columns: Sequence[str] | str = (),
-) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
-    """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
-
-    Only the Pick-a-Pic columns and `extra_columns` are kept (`extra_columns="all"` keeps every column).
-    Ties (label_0 == label_1) are dropped unless `keep_ties`; `max_pairs` keeps the first N pairs after that.
-    Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
-    """
+def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """Every row and column of a hub dataset, parquet file(s)/folder/glob or save_to_disk folder."""
     is_saved = os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
     )
@@ -107,51 +98,134 @@ def load_pairs(
             if split not in ds:
                 raise ValueError(f"{path}: no split {split!r}; splits found: {sorted(ds)}")
             ds = ds[split]
-    elif not os.path.exists(path) and _looks_like_hub_id(path):
-        ds = datasets.load_dataset(path, split=split, streaming=streaming)
-    else:
-        files = {split: _parquet_files(path)}
-        ds = datasets.load_dataset("parquet", data_files=files, split=split, streaming=streaming)
+        return ds
+    if not os.path.exists(path) and _looks_like_hub_id(path):
+        return datasets.load_dataset(path, split=split, streaming=streaming)
+    return datasets.load_dataset("parquet", data_files={split: _parquet_files(path)}, split=split, streaming=streaming)
+
+
+def _floats(values) -> np.ndarray:
+    """Labels or scores as float64 with null -> NaN: in an object array, None == None would read as a tie."""
+    return np.asarray(values, dtype=np.float64)
+
+
+def _reward_labels(label_0, label_1, score_0, score_1) -> dict[str, np.ndarray]:
+    """label_0/1 that orient each pair by the reward (1/0: image 0 scores higher, 0/1, 0.5/0.5 on equal scores);
+    NaN, so no preference, where a label or a score is null or NaN."""
+    labelled = np.isfinite(_floats(label_0) + _floats(label_1))
+    label = np.where(labelled, (np.sign(_floats(score_0) - _floats(score_1)) + 1) / 2, np.nan)  # sign(NaN) = NaN
+    return {"label_0": label, "label_1": 1 - label}
+
+
+def load_pairs(
+    path: str,
+    split: str = "train",
+    keep_ties: bool = False,
+    streaming: bool = False,
+    max_pairs: int | None = None,
+    extra_columns: Sequence[str] | str = (),
+    *,
+    seed: int | None = None,
+    keep_unlabelled: bool | None = None,
+    orient_by: str | None = None,
+    scores: dict[str, np.ndarray] | None = None,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
+    """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
+
+    Only the Pick-a-Pic columns and `extra_columns` are kept (`extra_columns="all"` keeps every column).
+    Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
+    Ties (label_0 == label_1) are dropped unless `keep_ties`; rows with a null or NaN label unless
+    `keep_unlabelled` (None: as `keep_ties`, so `keep_ties=True` alone returns every row, as the tools that label
+    or caption all rows need; training passes False). Both are counted in the stats. A stream cannot count: its
+    ties are filtered out, and its null/NaN labels reach the loader, which skips and counts them.
+
+    `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
+    (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
+    the reward's: 1/0 where x_0 > x_1, 0/1 where x_0 < x_1, 0.5/0.5 where equal. Rows without both scores are
+    dropped and counted. `scores` adds columns, one value per source row (`labeling.reward_scores`), first.
+
+    `max_pairs` keeps N of the remaining pairs: a random sample drawn with `seed`, in stored order (the same on
+    every process and on resume), or the first N when `seed` is None (a larger N then extends a smaller one, as
+    the resumable shard writers need). A stream cannot be sampled without reading it through: it keeps its first
+    N pairs whatever the seed.
+    """
+    ds = _open(path, split, streaming)
+    is_stream = isinstance(ds, datasets.IterableDataset)
+    if scores is not None:
+        if is_stream:
+            raise ValueError(f"{path}: scores are joined by source row, which needs streaming=False")
+        for name, values in scores.items():  # a new column over the memory-mapped table: no row is copied
+            if len(values) != len(ds):
+                raise ValueError(f"{path}: {len(ds)} rows, but {len(values)} values for column {name}")
+            ds = ds.add_column(name, values)
 
     found = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its schema up front
     keep_all = extra_columns == "all"
     expected = list(dict.fromkeys([*REQUIRED_COLUMNS, *(() if keep_all else extra_columns)]))
-    missing = [c for c in expected if c not in found]
+    score_columns = [f"{orient_by}_0", f"{orient_by}_1"] if orient_by else []
+    missing = [c for c in [*expected, *score_columns] if c not in found]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected}, found {found}")
-    ds = _raw_images(ds if keep_all else ds.select_columns(expected))
+        raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected + score_columns}, "
+                         f"found {found}")
+    human = "human_label" if orient_by and {"human_label_0", "human_label_1"} <= set(found) else "label"
+    label_columns = [f"{human}_0", f"{human}_1"]
+    ds = _raw_images(ds)
 
-    if isinstance(ds, datasets.IterableDataset):
+    if is_stream:
         if not keep_ties:
-            ds = ds.filter(
-                lambda l0, l1: (np.asarray(l0) != np.asarray(l1)).tolist(),
-                input_columns=["label_0", "label_1"],
-                batched=True,
-            )
-        return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None)
+            ds = ds.filter(lambda l0, l1: (_floats(l0) != _floats(l1)).tolist(), input_columns=label_columns,
+                           batched=True)
+        if orient_by:
+            ds = ds.map(_reward_labels, input_columns=label_columns + score_columns, batched=True)
+        ds = ds if keep_all else ds.select_columns(expected)
+        return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None, None, None)
 
-    keep = np.arange(len(ds))
-    if not keep_ties:  # read only the two label columns (no image bytes): under a second for ~1M rows
-        labels = ds.select_columns(["label_0", "label_1"]).with_format("numpy")[:]
-        keep = np.flatnonzero(labels["label_0"] != labels["label_1"])
-    stats = PairStats(rows=len(ds), ties_dropped=len(ds) - len(keep), pairs=len(keep[:max_pairs]))
-    ds = ds.select(keep[:max_pairs], keep_in_memory=True)  # in-memory index map: no cache file in the source dir
+    # read only the label and score columns (no image bytes): under a second for ~1M rows
+    columns = ds.select_columns(label_columns + score_columns).with_format("arrow")[:]
+    l0, l1 = (_floats(columns[c].to_numpy(zero_copy_only=False)) for c in label_columns)
+    ties = (l0 == l1) & (not keep_ties)  # NaN never ties
+    unlabelled = ~np.isfinite(l0 + l1) & (not (keep_ties if keep_unlabelled is None else keep_unlabelled))
+    unscored = np.zeros(len(ds), bool)
+    if orient_by:
+        s0, s1 = (_floats(columns[c].to_numpy(zero_copy_only=False)) for c in score_columns)
+        unscored = ~np.isfinite(s0 + s1) & ~ties & ~unlabelled
+        labels = _reward_labels(l0, l1, s0, s1)
+        ds = ds.remove_columns(["label_0", "label_1"])  # before the selection below, which add_column would copy
+        ds = ds.add_column("label_0", labels["label_0"]).add_column("label_1", labels["label_1"])
+    keep = np.flatnonzero(~(ties | unlabelled | unscored))
+    if max_pairs is not None and seed is not None and max_pairs < len(keep):
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_pairs, replace=False))
+    keep = keep[:max_pairs]  # without a seed: the first N
+    stats = PairStats(rows=len(ds), ties_dropped=int(ties.sum()), pairs=len(keep), unlabelled=int(unlabelled.sum()),
+                      unscored=int(unscored.sum()))
+    ds = ds if keep_all else ds.select_columns(expected)
+    ds = ds.select(keep, keep_in_memory=True)  # in-memory index map: no cache file in the source dir
     return (ds.to_iterable_dataset() if streaming else ds), stats
+
+
+FLIPS = ("no", "pair", "image")
 
 
 @dataclass
 class PairTransform:
-    """Resize shortest side to `resolution`, jointly flip (before the crop), crop a square, scale to [-1, 1]."""
+    """Resize shortest side to `resolution`, flip (before the crop), crop a square, scale to [-1, 1].
+
+    `random_flip`: "no"; "pair", one coin flips both images together (diffusers' SDXL DPO script, MaPO); "image",
+    a coin per image (the Diffusion-DPO authors' code, diffusers' SD1.5 DPO script)."""
 
     resolution: int
     center_crop: bool = True
-    random_flip: bool = False
+    random_flip: str = "no"
+
+    def __post_init__(self):
+        if self.random_flip not in FLIPS:
+            raise ValueError(f"random_flip must be one of {FLIPS}, got {self.random_flip!r}")
 
     def __call__(self, image_w: PIL.Image.Image, image_l: PIL.Image.Image, generator: torch.Generator) -> dict:
-        # One coin for the pair: flipping only one image would change what the preference label refers to.
-        flip = self.random_flip and torch.rand((), generator=generator).item() < 0.5
+        pair_flip = self.random_flip == "pair" and _coin(generator)
         out = {}
         for suffix, image in (("w", image_w), ("l", image_l)):
+            flip = _coin(generator) if self.random_flip == "image" else pair_flip
             pixels, size, crop = self._one(image, flip, generator)
             out[f"pixel_values_{suffix}"], out[f"original_size_{suffix}"], out[f"crop_top_left_{suffix}"] = (
                 pixels, size, crop)
@@ -177,6 +251,10 @@ class PairTransform:
         return pixels, (h, w), (top, left)
 
 
+def _coin(generator: torch.Generator) -> bool:
+    return torch.rand((), generator=generator).item() < 0.5
+
+
 def _split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
     """Per-image extras (`x_0` with an `x_1` twin) by base name, and the rest."""
     paired = [c[:-2] for c in extra_columns if c.endswith("_0") and c[:-2] + "_1" in extra_columns]
@@ -186,12 +264,17 @@ def _split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed: int,
                paired: list[str], plain: list[str]) -> dict:
-    """Decode, orient winner-first and transform one row; an undecodable image gives an error item instead."""
+    """Decode, orient winner-first and transform one row; a null or NaN label or an undecodable image gives an
+    error item instead."""
+    labels = _floats([row["label_0"], row["label_1"]]).tolist()
+    if not np.isfinite(labels).all():
+        return {"index": index, "error": f"row {index}: no preference to orient the pair by: label_0="
+                                         f"{row['label_0']!r}, label_1={row['label_1']!r} (a null or NaN label, "
+                                         f"or reward score where pairs are oriented by one)"}
     try:
         images = [decode_image(row[c], f"row {index}, column {c}") for c in IMAGE_COLUMNS]
     except ValueError as err:
         return {"index": index, "error": str(err)}
-    labels = [float(row["label_0"]), float(row["label_1"])]
     order = (1, 0) if labels[0] < labels[1] else (0, 1)  # a kept tie keeps its order
     # Seed from (seed, epoch, index) only: independent of worker process and of where a run resumed.
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]

@@ -43,7 +43,7 @@ from .data import PairBatchSampler, load_pairs
 from .devices import default_device
 from .files import replace_dir, report_dict, write_text_atomic
 from .labeling import PairImages, collate_pair_images, outcomes
-from .rewards.clip import ClipImageTransform, projected
+from .rewards.clip import PROCESSOR_FILES, ClipImageTransform, projected
 
 logger = logging.getLogger("diffusion_align")
 
@@ -177,8 +177,8 @@ def load_clip(base: str, processor: str | None = None):
     image_cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     parts = []
     for cls, source, what in ((transformers.CLIPModel, base, "a CLIPModel (config.json + weights)"),
-                              (transformers.AutoTokenizer, processor or base, "the CLIP tokenizer files"),
-                              (image_cls, processor or base, "preprocessor_config.json")):
+                              (transformers.AutoTokenizer, processor or base, PROCESSOR_FILES["tokenizer"]),
+                              (image_cls, processor or base, PROCESSOR_FILES["image processor"])):
         try:
             parts.append(cls.from_pretrained(source))
         except OSError as err:

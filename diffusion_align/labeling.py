@@ -12,6 +12,11 @@ each written whole or not at all), `.shards/pairs-00000.json` (what each shard h
 skipped rows; a rerun keeps the shards whose record matches and labels only the rest) and `labels.json` (the
 report). `data.load_pairs(out_dir)` reads the result, so generate -> label -> train needs no people.
 
+`reward_scores` keeps only what SmPO needs from a scorer, to join to the source at load time: shards
+`pairs-00000.parquet`, ... of `row` (the source row) and `<column>_0` / `<column>_1` (float32), no images, with
+the same `.shards/` records (settings: source, split, rows, scorer and its weights path, column; skipped rows).
+Rows whose images do not decode have no score.
+
 Agreement with people: over the pairs with a strict human preference (human ties and unlabelled pairs are left
 out), agreement = (pairs where the scorer picks the same image + 0.5 * pairs the scorer calls a tie) / pairs.
 A human label is absent where label_0/label_1 are null or `has_label` is false (Pick-a-Pic's flag).
@@ -31,6 +36,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -39,6 +45,7 @@ from .files import local_or_hub, report_dict
 from .shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 
 REPORT_NAME = "labels.json"
+SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
 OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays; -1 = no label
 _NO_LABEL = -1
 
@@ -266,38 +273,70 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
     return rows
 
 
-def ensure_scored(source: str, column: str, scorer: str | None, cache_dir, split: str = "train") -> str:
-    """A pair source with the reward columns `<column>_0` / `<column>_1`: `source` itself if it has them, else
-    `source` labelled once with `scorer` ("NAME[=PATH]", in the convention whose output column is `column`)
-    into `cache_dir`, which later runs reuse (label_pairs resumes). Its labels then come from the scorer."""
-    pairs, _ = load_pairs(source, split=split, keep_ties=True, extra_columns="all")
-    if {f"{column}_0", f"{column}_1"} <= set(pairs.column_names):
-        return source
-    if _labelled_by(Path(cache_dir), source, split, scorer):  # another process (or run) finished it: no scorer needed
-        return str(cache_dir)
+def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "train", streaming: bool = False,
+                  batch_size: int | None = None, num_workers: int = 0,
+                  shard_size: int = SCORE_SHARD_SIZE) -> dict[str, np.ndarray] | None:
+    """The reward columns `<column>_0` / `<column>_1` of every row of `source`, for `load_pairs(scores=...)`
+    (float32, NaN where a row has no score); None where `source` has these columns itself.
+
+    They are computed once with `scorer` (a "NAME[=PATH]" spec, loaded in the convention whose column is `column`,
+    or a loaded scorer) into `cache_dir`; see the module docstring. A cache of another source, split or scorer is an
+    error naming the difference. A finished cache is read without loading the scorer (later runs, and the other
+    processes of a run once the main one has finished it). `streaming`: as load_pairs; a stream has no row numbers
+    to join by, so its scores must be in the pairs themselves.
+    """
+    pairs, _ = load_pairs(source, split=split, keep_ties=True, streaming=streaming, extra_columns="all")
+    names = [f"{column}_0", f"{column}_1"]
+    if set(names) <= set(pairs.column_names or next(iter(pairs))):
+        return None
     if scorer is None:
-        raise ValueError(f"{source}: no columns {column}_0 / {column}_1 with reward scores; add them with "
+        raise ValueError(f"{source}: no columns {names[0]} / {names[1]} with reward scores; add them with "
                          f"`diffusion-align label` or name a scorer to compute them (method.pref_scorer)")
-    from .rewards import load_scorer, parse_scorer_spec
+    if isinstance(scorer, str):
+        from .rewards import load_scorer, parse_scorer_spec
+        name, path = parse_scorer_spec(scorer)
+        convention = _convention(name, column)  # checked now, not after the first shard
+    elif scorer.column != column:
+        raise ValueError(f"scorer {scorer.name} writes column {scorer.column!r}, not {column!r}")
+    else:
+        name, path, convention = scorer.name, scorer.path, None
+    if isinstance(pairs, datasets.IterableDataset):
+        how = f"--scorer {scorer} --convention {name}={convention}" if convention else f"--scorer {name}"
+        raise ValueError(f"{source}: data.streaming=true cannot use reward scores computed into {cache_dir}: they are "
+                         f"joined by source row, and a stream split across processes has no row numbers. Set "
+                         f"data.streaming=false, or write the scores into a copy of the pairs (images included) "
+                         f"with `diffusion-align label {source} {how} --out DIR` and train on DIR")
+
+    cache_dir, loaded = Path(cache_dir), []  # the scorer, loaded only once a shard is left to score
+    to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
+    settings = {"source": local_or_hub(source), "split": split, "rows": len(pairs), "scorer": name,
+                "scorer_path": path, "column": column, "shard_size": shard_size}
+
+    def score_shard(start: int, stop: int, desc: str):
+        if not loaded:
+            loaded.append(load_scorer(name, path, convention=convention) if convention else scorer)
+        indices, scores, bad = _score_pairs(to_score, start, stop, loaded[0], batch_size or loaded[0].batch_size,
+                                            num_workers, f"scoring {desc}")
+        table = pa.table({"row": pa.array(indices, pa.int64()), names[0]: pa.array(scores[:, 0], pa.float32()),
+                          names[1]: pa.array(scores[:, 1], pa.float32())})
+        return table, {"skipped": bad}
+
+    columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
+    for k, (record, _) in enumerate(run_shards(cache_dir, len(pairs), shard_size, settings, score_shard)):
+        if record["written"]:
+            table = pq.read_table(cache_dir / f"{SHARD_STEM.format(k)}.parquet")
+            for n in names:
+                columns[n][table["row"].to_numpy()] = table[n].to_numpy()
+    return columns
+
+
+def _convention(name: str, column: str) -> str:
+    """The convention of scorer `name` whose output column is `column`."""
     from .rewards.registry import load_spec
-    name, path = parse_scorer_spec(scorer)
     conventions = {entry["column"]: key for key, entry in load_spec(name)["conventions"].items()}
     if column not in conventions:
         raise ValueError(f"scorer {name} writes columns {sorted(conventions)}, not {column!r}")
-    label_pairs(source, load_scorer(name, path, convention=conventions[column]), cache_dir, split=split)
-    return str(cache_dir)
-
-
-def _labelled_by(out_dir: Path, source: str, split: str, scorer: str | None) -> bool:
-    """Whether `out_dir` holds a finished label_pairs run over `source` by the scorer spec `scorer`."""
-    report = out_dir / REPORT_NAME
-    if scorer is None or not report.is_file():
-        return False
-    from .rewards import parse_scorer_spec
-    done = json.loads(report.read_text(encoding="utf-8"))
-    name, path = parse_scorer_spec(scorer)
-    return (done["scorer"]["name"], done["scorer"]["path"], done["inputs"]) == (name, path, {"source": local_or_hub(source),
-                                                                                             "split": split})
+    return conventions[column]
 
 
 # ---------------------------------------------------------------- pairs_from_folder

@@ -2,6 +2,12 @@
 
 Rows come in pair layout `[w_1..w_B, l_1..l_B]` (or winners alone, one row per pair). Both images of a pair get
 the same noise and the same timestep, so their errors differ only through the images and the model.
+
+Units. An epsilon model's error is |eps_hat - eps|^2. A v-prediction model is trained on |v_hat - v|^2, and at the
+same x_t the noise it implies, eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t, is off by
+eps_hat - eps = sqrt(abar_t) (v_hat - v): its velocity error is its epsilon error divided by abar_t. On SD2.1's
+schedule 1 / abar_t averages 21.3 over t (3.6 at t = 500, 214.6 at t = 999), so a beta tuned on epsilon models is
+~21x stronger on raw velocity errors. `epsilon_units` gives the factor that converts.
 """
 
 from __future__ import annotations
@@ -49,8 +55,20 @@ def denoising_errors(unet, rows: NoisedRows, cond: Conditioning) -> torch.Tensor
     return (pred.float() - rows.target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
+def epsilon_units(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per row, the factor that turns an error against the model's own target into the error of the noise it
+    implies (fp32): 1 for epsilon models, abar_t for v-prediction (see the module docstring)."""
+    if scheduler.config.prediction_type != "v_prediction":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    return scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+
+
 @torch.no_grad()
 def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE latents (sampled from the posterior, as in the published trainers) times the scaling factor."""
-    posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+    """VAE latents (sampled from the posterior, as in the published trainers) times the scaling factor.
+
+    Always in the VAE's own dtype, never under an enclosing autocast: a VAE kept in fp32 (SDXL's, whose config says
+    force_upcast) would otherwise run its convolutions in fp16 and return NaN latents."""
+    with torch.autocast(vae.device.type, enabled=False):
+        posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        return posterior.sample(generator=generator).float() * vae.config.scaling_factor

@@ -18,12 +18,19 @@ from .objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo
 @dataclass
 class Errors:
     """What an objective sees: per-row denoising errors in the layout [w_1..w_B, l_1..l_B] (winners only for
-    one-row methods), and per pair the soft preference where the method uses one."""
+    one-row methods), and per pair the soft preference where the method uses one.
+
+    `model` and `reference` are errors against the UNet's own target (the velocity on v-prediction models);
+    `preference_units` per row converts them for the preference terms (`likelihood.epsilon_units`, or ones)."""
 
     model: torch.Tensor
     reference: torch.Tensor | None = None
     pref_prob: torch.Tensor | None = None
     num_train_timesteps: int = 1000
+    preference_units: torch.Tensor | None = None
+
+    def for_preference(self, errors: torch.Tensor) -> torch.Tensor:
+        return errors if self.preference_units is None else errors * self.preference_units
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class Method:
     name: str
     objective: Callable[[Errors, MethodConfig], tuple[torch.Tensor, dict]]  # cfg.beta already resolved
     default_beta: float | None
+    published_betas: tuple[float, float] | None = None  # the lowest and highest beta the method's papers used
     needs_reference: bool = True
     rows_per_pair: int = 2  # 2: winner and loser rows; 1: winners only
     per_image_captions: bool = False  # DCPO: each row conditioned on its own image's caption
@@ -58,27 +66,44 @@ class Method:
                               cfg.score_max)
 
 
+    def beta_warning(self, beta: float) -> str | None:
+        """A message when `beta` is more than 10x outside the range this method was published with."""
+        if self.published_betas is None:
+            return None
+        low, high = self.published_betas
+        if low / 10 <= beta <= high * 10:
+            return None
+        published = f"{low:g}" if low == high else f"{low:g} to {high:g}"
+        return (f"method.beta={beta:g} is far from {self.name}'s published beta ({published}); if it was meant for "
+                f"another method, set method.beta=null to use {self.name}'s default ({self.default_beta:g})")
+
+
 def _dpo(err: Errors, cfg: MethodConfig):
-    return diffusion_dpo_loss(*err.model.chunk(2), *err.reference.chunk(2), beta=cfg.beta)
+    model, reference = err.for_preference(err.model), err.for_preference(err.reference)
+    return diffusion_dpo_loss(*model.chunk(2), *reference.chunk(2), beta=cfg.beta)
 
 
 def _smpo(err: Errors, cfg: MethodConfig):
-    return smpo_loss(*err.model.chunk(2), *err.reference.chunk(2), pref_prob=err.pref_prob.to(err.model), beta=cfg.beta)
+    model, reference = err.for_preference(err.model), err.for_preference(err.reference)
+    return smpo_loss(*model.chunk(2), *reference.chunk(2), pref_prob=err.pref_prob.to(model), beta=cfg.beta)
 
 
 def _mapo(err: Errors, cfg: MethodConfig):
-    return mapo_loss(*err.model.chunk(2), beta=cfg.beta, snr_value=cfg.mapo_snr_value,
-                     num_train_timesteps=err.num_train_timesteps)
+    return mapo_loss(*err.for_preference(err.model).chunk(2), beta=cfg.beta, snr_value=cfg.mapo_snr_value,
+                     num_train_timesteps=err.num_train_timesteps, diffusion_err_w=err.model.chunk(2)[0])
 
 
 def _sft(err: Errors, cfg: MethodConfig):
     return sft_loss(err.model)
 
 
+# Published betas: Diffusion-DPO 5000 (authors' SD1.5 and SDXL launchers), MaPO 0.1 (paper and code), SmPO 2000
+# (SD1.5) and 5000 (SDXL), DCPO 500 (paper); see ../shared/reference/methods.md.
 METHODS = {
-    "dpo": Method("dpo", _dpo, default_beta=5000.0),
-    "mapo": Method("mapo", _mapo, default_beta=0.1, needs_reference=False),
-    "smpo": Method("smpo", _smpo, default_beta=5000.0, soft_labels=True, inversion=True),
-    "dcpo": Method("dcpo", _dpo, default_beta=500.0, per_image_captions=True),
+    "dpo": Method("dpo", _dpo, default_beta=5000.0, published_betas=(5000.0, 5000.0)),
+    "mapo": Method("mapo", _mapo, default_beta=0.1, published_betas=(0.1, 0.1), needs_reference=False),
+    "smpo": Method("smpo", _smpo, default_beta=5000.0, published_betas=(2000.0, 5000.0), soft_labels=True,
+                   inversion=True),
+    "dcpo": Method("dcpo", _dpo, default_beta=500.0, published_betas=(500.0, 500.0), per_image_captions=True),
     "sft": Method("sft", _sft, default_beta=None, needs_reference=False, rows_per_pair=1),
 }

@@ -60,21 +60,23 @@ def smpo_pref_prob(score_w: torch.Tensor, score_l: torch.Tensor, score_min: floa
 
 
 def mapo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, beta: float = 0.1, snr_value: float = 0.5,
-              num_train_timesteps: int = 1000) -> tuple[torch.Tensor, dict]:
+              num_train_timesteps: int = 1000, diffusion_err_w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """MaPO (Hong et al., 2024), reference-free:
 
         f(x)     = s*x / (exp(s*x) - 1),  s = snr_value   (f(0) = 1 by continuity; f falls as the error grows)
         log_odds = f(m_w) - f(m_l)
-        loss     = mean(m_w) - beta * mean(logsigmoid(T * log_odds)),  T = num_train_timesteps
+        loss     = mean(d_w) - beta * mean(logsigmoid(T * log_odds)),  T = num_train_timesteps
 
-    The first term is the plain diffusion loss on the winners, the second the margin. No reference model.
+    The first term is the plain diffusion loss on the winners, d_w = `diffusion_err_w` where it is in other units
+    than the margin's errors (a v-prediction model's raw velocity error), else m_w; the second term is the margin.
+    No reference model.
     Metrics: score_w / score_l (mean f), margin_term (beta * mean logsigmoid(T * log_odds), the part subtracted),
     implicit_acc (fraction of pairs with log_odds > 0, ties 0.5) and the mean errors.
     """
     score_w, score_l = _mapo_score(model_err_w, snr_value), _mapo_score(model_err_l, snr_value)
     log_odds = score_w - score_l
     margin = beta * F.logsigmoid(num_train_timesteps * log_odds).mean()
-    loss = model_err_w.mean() - margin
+    loss = (model_err_w if diffusion_err_w is None else diffusion_err_w).mean() - margin
     metrics = {"implicit_acc": _preference_metrics(log_odds)["implicit_acc"], "score_w": score_w.detach().mean(),
                "score_l": score_l.detach().mean(), "margin_term": margin.detach()}
     return loss, {**metrics, **_error_metrics(model_err_w, model_err_l)}

@@ -27,9 +27,9 @@ from .conditioning import encode_prompts
 from .config import Config, ConfigError, config_to_dict, config_to_yaml
 from .data import PairTransform, load_pairs, make_pair_loader
 from .files import write_text_atomic
-from .likelihood import denoising_errors, encode_latents, noise_rows
+from .likelihood import denoising_errors, encode_latents, epsilon_units, noise_rows
 from .inversion import invert_rows
-from .labeling import ensure_scored
+from .labeling import reward_scores
 from .methods import METHODS, Errors
 from .models import load_components, place, set_attention
 from .outputs import MetricsLog, save_final
@@ -72,6 +72,18 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> 
     return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
 
 
+def apply_update(accelerator: Accelerator, optimizer, grad_norm: float) -> bool:
+    """Step the optimiser unless the gradient is not finite; whether the weights were updated.
+
+    One NaN/inf batch must not poison the weights (the norm is all-reduced, so every process agrees). With fp16,
+    accelerate's GradScaler makes that call itself (the unscaled norm is inf after an overflow) and says so in
+    `optimizer_step_was_skipped`."""
+    if accelerator.scaler is None and not math.isfinite(grad_norm):
+        return False
+    optimizer.step()
+    return not accelerator.optimizer_step_was_skipped
+
+
 @dataclasses.dataclass
 class TrainResult:
     final_dir: Path                  # the saved model (LoRA weights or a full pipeline)
@@ -91,6 +103,8 @@ def train(cfg: Config) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
     beta = method.default_beta if cfg.method.beta is None else cfg.method.beta
+    if main and (warning := method.beta_warning(beta)):
+        logger.warning(warning)
     method_cfg = dataclasses.replace(cfg.method, beta=beta)
     if cfg.method.inversion_steps and not method.inversion:
         raise ConfigError(f"method.inversion_steps is an smpo setting; {method.name} noises with forward noise")
@@ -100,14 +114,17 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- data first: a wrong path fails before minutes of model loading ----
     extra_columns = method.extra_columns(cfg.method)
-    with accelerator.main_process_first():  # the main process builds the datasets cache, the others reuse it
-        data_path = cfg.data.path
-        if method.soft_labels:  # reward scores computed once, by the main process, and cached
-            data_path = ensure_scored(data_path, cfg.method.pref_column, cfg.method.pref_scorer,
-                                      output_dir / "soft-labels", cfg.data.split)
-        pairs, stats = load_pairs(data_path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
-                                  cfg.data.max_pairs, extra_columns)
-    logger.info("data %s: %s rows, %s ties dropped, %s pairs", data_path, stats.rows, stats.ties_dropped, stats.pairs)
+    with accelerator.main_process_first():  # the main process builds the datasets and score caches; others reuse them
+        scores, orient_by = None, None
+        if method.soft_labels:  # SmPO: human ties dropped, then pairs oriented by reward scores (computed once)
+            orient_by = cfg.method.pref_column
+            scores = reward_scores(cfg.data.path, orient_by, cfg.method.pref_scorer, output_dir / "soft-labels",
+                                   cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers)
+        pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
+                                  cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
+                                  orient_by=orient_by, scores=scores)
+    logger.info("data %s: %s rows; dropped %s ties, %s with a null/NaN label, %s without a reward score; %s pairs",
+                cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs)
 
     # ---- models: frozen parts in the half-precision dtype (an SDXL VAE that must stay fp32 says so) ----
     set_seed(t.seed)  # identical LoRA initialisation on every process
@@ -116,6 +133,8 @@ def train(cfg: Config) -> TrainResult:
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
                           f"model.prediction_type=null to follow the checkpoint)")
+    # v-prediction errors are compared in epsilon units unless asked otherwise (see likelihood.py)
+    convert_units = parts.prediction_type == "v_prediction" and cfg.method.v_prediction_errors == "epsilon"
     inversion_steps = 0
     if method.inversion:
         default = 10 if parts.family == "sdxl" else 5
@@ -171,6 +190,7 @@ def train(cfg: Config) -> TrainResult:
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         rows = method.rows_per_pair * len(batch["prompts"])  # SFT uses the winner rows only
         keep = (torch.rand(len(batch["prompts"]), generator=dropout_gen) >= cfg.data.prompt_dropout).tolist()
+        # the VAE and text encoders run in their own dtypes even inside the loop's autocast (fp32 SDXL VAE)
         latents = encode_latents(parts.vae, batch["pixel_values"][:rows], noise_gen)
         cond = encode_prompts(parts.family, parts.tokenizers, parts.text_encoders, method.row_prompts(batch, keep),
                               batch["original_sizes"][:rows], batch["crop_top_left"][:rows], t.resolution)
@@ -180,7 +200,9 @@ def train(cfg: Config) -> TrainResult:
         else:
             noised = noise_rows(parts.noise_scheduler, latents, method.rows_per_pair, noise_gen)
         errors = Errors(denoising_errors(unet, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
-                        num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
+                        num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
+                        preference_units=epsilon_units(parts.noise_scheduler, noised.timesteps) if convert_units
+                        else None)
         if method.needs_reference:
             with torch.no_grad(), policy.reference() as reference:
                 errors.reference = denoising_errors(reference, noised, cond)
@@ -206,9 +228,7 @@ def train(cfg: Config) -> TrainResult:
                 sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
         grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf")))
         step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
-        if math.isfinite(grad_norm) or accelerator.scaler is not None:  # fp16's scaler skips such steps itself
-            optimizer.step()
-        else:  # one NaN/inf batch must not poison the weights; the norm is all-reduced, so every process agrees
+        if not apply_update(accelerator, optimizer, grad_norm):
             nonfinite_steps += 1
             logger.warning("step %d: gradient norm is %s; update skipped", step, grad_norm)
         lr_scheduler.step()

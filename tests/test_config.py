@@ -26,13 +26,13 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method:\n  name: sft\ntrain:\n  lr: 1e-4\n  max_steps: 10\nmodel:\n  lora_rank: 4\n")
     cfg = load_config(path, ["train.max_steps=3", "model.lora_rank=null", "model.lora_target_modules=to_q,to_v",
-                             "data.random_flip=true"])
+                             "data.random_flip=image"])
     assert cfg.method.name == "sft"
     assert cfg.train.lr == 1e-4  # YAML 1.1 reads "1e-4" as a string; the schema makes it a float
     assert cfg.train.max_steps == 3
     assert cfg.model.lora_rank is None
     assert cfg.model.lora_target_modules == ["to_q", "to_v"]
-    assert cfg.data.random_flip is True
+    assert cfg.data.random_flip == "image"
     assert cfg.train.batch_size == 1  # untouched default
 
 
@@ -52,6 +52,19 @@ def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_bare_no_is_the_choice_no(tmp_path):
+    # YAML 1.1 reads `no` as False, on the command line and in files alike
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  random_flip: no\n")
+    cfg = load_config(path)
+    assert (cfg.train.mixed_precision, cfg.data.random_flip) == ("no", "no")
+    with pytest.raises(ConfigError, match="'data.random_flip' .* expects one of no, pair, image, got True"):
+        load_config(None, ["data.random_flip=true"])  # which flip is meant must be said
+    with pytest.raises(ConfigError, match="expects str"):
+        load_config(None, ["model.pretrained=no"])  # only choice keys map False back to "no"
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):

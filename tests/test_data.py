@@ -79,8 +79,24 @@ def test_load_single_parquet_drops_ties_and_keeps_needed_columns(parquet_file):
 
 
 def test_max_pairs_counts_after_tie_filtering(parquet_file):
-    ds, stats = load_pairs(parquet_file, max_pairs=3)
+    ds, stats = load_pairs(parquet_file, max_pairs=3)  # no seed: the first N, as the resumable shard writers need
     assert ds["caption"] == ["prompt 0", "prompt 1", "prompt 3"] and stats.pairs == 3
+
+
+def test_max_pairs_with_a_seed_is_a_sorted_random_sample(tmp_path):
+    path = write_parquet(tmp_path / "many.parquet", make_rows(40))  # row 2 is the only tie
+
+    def sample(seed, streaming=False):
+        ds, stats = load_pairs(path, max_pairs=5, extra_columns=["user_id"], seed=seed, streaming=streaming)
+        rows = [row["user_id"] for row in ds]  # user_id = source row
+        assert len(rows) == 5 and (streaming or stats.pairs == 5)
+        return rows
+
+    first = sample(0)
+    assert first == sorted(first) and len(set(first)) == 5 and TIE_ROW not in first
+    assert sample(0) == first  # the same on every process and on resume
+    assert sample(1) != first and first != [0, 1, 3, 4, 5]  # not the first five
+    assert sample(0, streaming=True) == [0, 1, 3, 4, 5]  # a stream keeps its first N, whatever the seed
 
 
 def test_load_folder_glob_and_comma_list(tmp_path):
@@ -184,13 +200,25 @@ def test_flip_is_shared_by_both_images_of_a_pair():
     win, lose = decode_image(WIN, "w"), decode_image(LOSE, "l")
     flips = []
     for s in range(20):
-        out = PairTransform(16, random_flip=True)(win, lose, torch.Generator().manual_seed(s))
+        out = PairTransform(16, random_flip="pair")(win, lose, torch.Generator().manual_seed(s))
         # Unflipped, the bright half is on the left (column 0); flipped, on the right.
         w_flipped = out["pixel_values_w"][0, :, 0].mean() < out["pixel_values_w"][0, :, -1].mean()
         l_flipped = out["pixel_values_l"][2, :, 0].mean() < out["pixel_values_l"][2, :, -1].mean()
         assert w_flipped == l_flipped
         flips.append(bool(w_flipped))
     assert any(flips) and not all(flips)
+
+
+def test_image_flips_toss_a_coin_per_image():
+    win, lose = decode_image(WIN, "w"), decode_image(LOSE, "l")
+    flips = set()
+    for s in range(20):
+        out = PairTransform(16, random_flip="image")(win, lose, torch.Generator().manual_seed(s))
+        flips.add((bool(out["pixel_values_w"][0, :, 0].mean() < out["pixel_values_w"][0, :, -1].mean()),
+                   bool(out["pixel_values_l"][2, :, 0].mean() < out["pixel_values_l"][2, :, -1].mean())))
+    assert flips == {(False, False), (False, True), (True, False), (True, True)}
+    with pytest.raises(ValueError, match="random_flip must be one of"):
+        PairTransform(16, random_flip=True)  # the old boolean: which flip is meant must be said
 
 
 # ---------------------------------------------------------------- dataset + collate
@@ -233,8 +261,8 @@ def test_corrupt_row_is_skipped_and_batch_stays_aligned(pairs):
 
 
 def test_augmentation_depends_only_on_seed_epoch_index(pairs):
-    dataset = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip=True), seed=3)
-    same = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip=True), seed=3)
+    dataset = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip="pair"), seed=3)
+    same = PairDataset(pairs, PairTransform(16, center_crop=False, random_flip="pair"), seed=3)
     for i in (0, 1, 4):
         a, b = dataset[(2, i)], same[(2, i)]
         assert torch.equal(a["pixel_values_w"], b["pixel_values_w"]) and a["crop_top_left_l"] == b["crop_top_left_l"]
@@ -244,7 +272,7 @@ def test_augmentation_depends_only_on_seed_epoch_index(pairs):
 
 
 def test_loader_identical_with_and_without_workers(pairs):
-    transform = PairTransform(16, center_crop=False, random_flip=True)
+    transform = PairTransform(16, center_crop=False, random_flip="pair")
 
     def first_batches(num_workers):
         loader = make_pair_loader(pairs, transform, batch_size=2, seed=7, num_workers=num_workers)
@@ -285,7 +313,7 @@ def test_sampler_rejects_too_few_pairs():
 
 def test_streaming_filters_ties(parquet_file):
     stream, stats = load_pairs(parquet_file, streaming=True)
-    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(None, None, None)
+    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(None, None, None, None, None)
     captions = [row["caption"] for row in stream]
     assert len(captions) == N_ROWS - 1 and "prompt 2" not in captions
     assert len(list(load_pairs(parquet_file, streaming=True, keep_ties=True)[0])) == N_ROWS
@@ -293,7 +321,7 @@ def test_streaming_filters_ties(parquet_file):
 
 def test_streaming_loader_batches_and_resume(parquet_file):
     stream, _ = load_pairs(parquet_file, streaming=True)
-    transform = PairTransform(16, center_crop=False, random_flip=True)
+    transform = PairTransform(16, center_crop=False, random_flip="pair")
     full = list(itertools.islice(make_pair_loader(stream, transform, batch_size=3, seed=2), 7))
     resumed = list(itertools.islice(make_pair_loader(stream, transform, batch_size=3, seed=2, start_batch=4), 3))
 
@@ -327,3 +355,100 @@ def test_streaming_from_save_to_disk_knows_its_counts(tmp_path):
     stream, stats = load_pairs(str(tmp_path / "saved"), streaming=True)
     assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(N_ROWS, 1, N_ROWS - 1)
     assert len(list(stream)) == N_ROWS - 1
+
+
+# ---------------------------------------------------------------- labels without a winner
+
+def test_null_and_nan_labels_are_dropped_and_counted(tmp_path):
+    rows = make_rows()
+    rows["label_0"][6], rows["label_1"][6] = None, None  # float(None) used to crash the loader
+    rows["label_0"][7] = float("nan")  # a NaN comparison used to make image 0 the winner
+    path = write_parquet(tmp_path / "nulls.parquet", rows)
+    ds, stats = load_pairs(path, extra_columns=["user_id"])
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.pairs) == (N_ROWS, 1, 2, N_ROWS - 3)
+    assert not {6, 7} & set(ds["user_id"])
+    _, stats = load_pairs(path, keep_ties=True, keep_unlabelled=False)  # what training passes
+    assert (stats.ties_dropped, stats.unlabelled, stats.pairs) == (0, 2, N_ROWS - 2)
+
+    every, stats = load_pairs(path, keep_ties=True)  # tools that label or caption every row get them all
+    assert stats.pairs == N_ROWS
+    dataset = PairDataset(every, PairTransform(16), seed=0)
+    assert dataset[(0, 6)]["error"].startswith("row 6: no preference") and "label_0=None" in dataset[(0, 6)]["error"]
+    assert "label_0=nan" in dataset[(0, 7)]["error"]
+
+    # a label column with no value at all is arrow's null type: an object array of None, whose Nones would "tie"
+    empty = {k: v[:3] for k, v in make_rows().items()} | {"label_0": [None] * 3, "label_1": [None] * 3}
+    _, stats = load_pairs(write_parquet(tmp_path / "unlabelled.parquet", empty))
+    assert (stats.ties_dropped, stats.unlabelled, stats.pairs) == (0, 3, 0)
+
+
+def test_streamed_null_and_nan_labels_are_skipped_and_counted(tmp_path):
+    rows = make_rows()
+    rows["label_0"][6], rows["label_1"][6] = None, None
+    rows["label_0"][7] = float("nan")
+    stream, _ = load_pairs(write_parquet(tmp_path / "nulls.parquet", rows), streaming=True)
+    batch, = itertools.islice(make_pair_loader(stream, PairTransform(16), batch_size=N_ROWS - 1, seed=0), 1)
+    assert len(batch["skipped"]) == 3  # one epoch of 11 rows, all in this batch
+    assert sum("no preference" in why for _, why in batch["skipped"]) == 2  # rows 6 and 7
+    assert sum("column jpg_1" in why for _, why in batch["skipped"]) == 1  # row 3, as before
+    assert sorted(batch["prompts"]) == sorted(["prompt 0", "prompt 1", "prompt 4", "", "prompt 8", "prompt 9",
+                                               "prompt 10", "prompt 11"])  # row 5's caption is None
+    assert all(is_red(p) for p in batch["pixel_values"][:len(batch["prompts"])])
+
+
+# ---------------------------------------------------------------- orientation by a reward (SmPO)
+
+def reward_rows(human: str):
+    """Red jpg_0, blue jpg_1; people's labels in `<human>_0/1` (with AI ties in label_0/1 when that is
+    human_label, as `diffusion-align label` writes them) and reward scores r_0 / r_1."""
+    # (human label_0, r_0, r_1): the reward orients; human ties (rows 2, 6) are dropped first
+    table = [(1.0, 0.3, 0.1),    # 0: both pick image 0
+             (1.0, 0.1, 0.2),    # 1: the reward picks image 1, people image 0
+             (0.5, 0.3, 0.1),    # 2: human tie
+             (0.0, 0.2, 0.2),    # 3: equal rewards: label 0.5, image 0 stays first
+             (0.0, None, 0.1),   # 4: no reward score
+             (None, 0.3, 0.1),   # 5: no human label
+             (0.5, 0.1, 0.3)]    # 6: human tie
+    rows = {"caption": [f"prompt {i}" for i in range(len(table))], "jpg_0": [WIN] * len(table),
+            "jpg_1": [LOSE] * len(table), f"{human}_0": [h for h, _, _ in table],
+            f"{human}_1": [None if h is None else 1 - h for h, _, _ in table],
+            "r_0": [a for _, a, _ in table], "r_1": [b for _, _, b in table]}
+    if human != "label":
+        rows["label_0"] = rows["label_1"] = [0.5] * len(table)
+    return rows
+
+
+@pytest.mark.parametrize("human", ["label", "human_label"])
+def test_orient_by_reward_after_dropping_human_ties(tmp_path, human):
+    path = write_parquet(tmp_path / "pairs.parquet", reward_rows(human))
+    ds, stats = load_pairs(path, extra_columns=["r_0", "r_1"], keep_unlabelled=False, orient_by="r")
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs) == (7, 2, 1, 1, 3)
+    assert ds["caption"] == ["prompt 0", "prompt 1", "prompt 3"] and ds["label_0"] == [1.0, 0.0, 0.5]
+    items = [PairDataset(ds, PairTransform(16), seed=0, extra_columns=["r_0", "r_1"])[(0, i)] for i in range(3)]
+    assert [is_red(it["pixel_values_w"]) for it in items] == [True, False, True]  # the higher reward first
+    assert all(it["r_w"] >= it["r_l"] for it in items) and [it["label_w"] for it in items] == [1.0, 1.0, 0.5]
+
+    kept, stats = load_pairs(path, keep_ties=True, keep_unlabelled=False, orient_by="r")  # ties oriented too
+    assert (stats.ties_dropped, stats.pairs) == (0, 5) and kept["label_0"] == [1.0, 0.0, 1.0, 0.5, 0.0]
+
+    stream, _ = load_pairs(path, streaming=True, extra_columns=["r_0", "r_1"], orient_by="r")
+    batch, = itertools.islice(make_pair_loader(stream, PairTransform(16), batch_size=5, seed=0,
+                                               extra_columns=["r_0", "r_1"]), 1)
+    assert sorted(batch["prompts"]) == ["prompt 0", "prompt 1", "prompt 3"]  # ties filtered out of the stream
+    assert sum("no preference" in why for _, why in batch["skipped"]) == 2  # rows 4 and 5
+    assert (batch["r_w"] >= batch["r_l"]).all()
+    red_first = {p: is_red(w) for p, w in zip(batch["prompts"], batch["pixel_values"])}
+    assert red_first == {"prompt 0": True, "prompt 1": False, "prompt 3": True}
+
+
+def test_scores_are_joined_by_source_row(parquet_file):
+    scores = {"r_0": np.arange(N_ROWS, dtype=np.float32), "r_1": np.full(N_ROWS, 5.5, np.float32)}
+    scores["r_0"][4] = np.nan  # an image the scorer could not decode
+    ds, stats = load_pairs(parquet_file, extra_columns=["r_0", "r_1", "user_id"], orient_by="r", scores=scores)
+    assert (stats.ties_dropped, stats.unscored, stats.pairs) == (1, 1, N_ROWS - 2)
+    assert ds["user_id"] == [0, 1, 3, 5, 6, 7, 8, 9, 10, 11] and ds["r_0"] == [float(i) for i in ds["user_id"]]
+    assert ds["label_0"] == [0.0] * 4 + [1.0] * 6  # r_0 = row < 5.5 = r_1 for rows 0-5
+    with pytest.raises(ValueError, match=r"pairs.parquet: 12 rows, but 11 values for column r_0"):
+        load_pairs(parquet_file, orient_by="r", scores={k: v[:-1] for k, v in scores.items()})
+    with pytest.raises(ValueError, match="joined by source row, which needs streaming=False"):
+        load_pairs(parquet_file, streaming=True, orient_by="r", scores=scores)

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train together and end with identical weights."""
+"""Two CPU processes (torchrun, gloo) train together: they end with identical weights, and each reads its own half
+of every global batch."""
 
 import json
 import subprocess
@@ -8,15 +9,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from diffusion_align import trainer
+from diffusion_align.config import load_config
+from distributed_worker import record_batches
+
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"
 
 
-def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs):
+def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    common = [f"model.pretrained={tiny_models['sd']}", f"data.path={tiny_pairs}", "train.max_steps=4",
+              "train.grad_accum=2", "train.report_to=none", "data.num_workers=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(Path(__file__).parent / "distributed_worker.py"), str(TINY_CONFIG), str(tmp_path),
-           f"model.pretrained={tiny_models['sd']}", f"data.path={tiny_pairs}", f"train.output_dir={tmp_path / 'run'}",
-           "train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.checkpoint_every=2",
-           "train.report_to=none", "data.num_workers=0"]
+           str(Path(__file__).parent / "distributed_worker.py"), str(TINY_CONFIG), str(tmp_path), *common,
+           f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.checkpoint_every=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "effective batch 8 = 2 processes x 2 pairs x 2 accumulation" in proc.stderr
@@ -30,3 +35,16 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()) == [
         "lr_scheduler.pt", "optimizer.pt", "process_0.pt", "process_1.pt", "pytorch_lora_weights.safetensors",
         "trainer_state.json"]
+
+    # the ranks read disjoint halves of each global batch, and together the pairs one process reads with the same
+    # global batch (2 processes x 2 pairs = 1 process x 4 pairs)
+    single = []
+    monkeypatch.setattr(trainer, "make_pair_loader", trainer.make_pair_loader)  # restored after the test
+    record_batches(single)
+    trainer.train(load_config(TINY_CONFIG, [*common, f"train.output_dir={tmp_path / 'single'}", "train.batch_size=4",
+                                            "train.checkpoint_every=0"]))
+    ranks = [json.loads((tmp_path / f"rank{r}-batches.json").read_text()) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 8  # 4 steps x 2 micro-batches
+    for whole, half_0, half_1 in zip(single, *ranks):
+        assert len(half_0) == len(half_1) == 2 and not set(half_0) & set(half_1)
+        assert sorted(half_0 + half_1) == sorted(whole)

@@ -15,7 +15,7 @@ from diffusion_align.data import decode_image, load_pairs
 from diffusion_align.rewards import load_scorer
 from diffusion_align.tiny import save_tiny_scorer
 from diffusion_align.labeling import (
-    agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, outcomes, pairs_from_folder,
+    agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, outcomes, pairs_from_folder, reward_scores,
 )
 
 
@@ -301,3 +301,52 @@ def test_pairs_from_folder_with_real_pickscore(image_folder, tiny_pickscore, tmp
                                    rtol=1e-5, atol=1e-4)
         s0, s1 = r["pickscore_0"], r["pickscore_1"]
         assert r["label_0"] == (0.5 if s0 == s1 else float(s0 > s1))
+
+
+# ---------------------------------------------------------------- reward_scores (SmPO's soft labels)
+
+def test_reward_scores_cache_holds_scores_only_and_is_reused(constructed, tmp_path):
+    cache = tmp_path / "soft-labels"
+    scores = reward_scores(constructed, "fake", FakeScorer(), cache, shard_size=4)
+    for k in (0, 1):  # score = red / 25.5; row 3's jpg_1 does not decode: no score
+        expected = [np.nan if row[1] is None else row[k] / 25.5 for row in ROWS]
+        np.testing.assert_allclose(scores[f"fake_{k}"], expected, atol=1e-5)
+    shards = sorted(cache.glob("pairs-*.parquet"))
+    assert len(shards) == 3 and all(pq.read_schema(p).names == ["row", "fake_0", "fake_1"] for p in shards)
+    assert sum(pq.read_metadata(p).num_rows for p in shards) == 9  # row 3 has none
+    record = json.loads((cache / ".shards" / "pairs-00000.json").read_text())
+    assert record["settings"]["rows"] == 10 and record["settings"]["scorer"] == "fake"
+    assert record["skipped"][0][0] == 3 and "row 3, column jpg_1" in record["skipped"][0][1]
+
+    again = FakeScorer()  # a later run, or another process once the main one has finished
+    np.testing.assert_array_equal(reward_scores(constructed, "fake", again, cache, shard_size=4)["fake_0"],
+                                  scores["fake_0"])
+    assert again.images_scored == 0
+
+    other = write_constructed(tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"other settings \(source=.*pairs.parquet' there, .*other.parquet' now"):
+        reward_scores(other, "fake", FakeScorer(), cache, shard_size=4)
+    with pytest.raises(ValueError, match="data.streaming=true cannot use reward scores.*data.streaming=false"):
+        reward_scores(constructed, "fake", FakeScorer(), tmp_path / "streamed", streaming=True)
+    with pytest.raises(ValueError, match="no columns fake_0 / fake_1 .*method.pref_scorer"):
+        reward_scores(constructed, "fake", None, tmp_path / "none")
+
+
+def test_smpo_pairs_drop_human_ties_then_follow_the_reward(constructed, tmp_path):
+    scores = reward_scores(constructed, "fake", FakeScorer(), tmp_path / "soft-labels")
+    columns = ["fake_0", "fake_1", "model_0"]
+    pairs, stats = load_pairs(constructed, extra_columns=columns, keep_unlabelled=False, orient_by="fake",
+                              scores=scores)
+    # rows 4 and 8 are human ties, row 6 has no human label, row 3 no score; row 1: the reward disagrees
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs) == (10, 2, 1, 1, 6)
+    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m7", "m9"]
+    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+    # the same pairs from a `diffusion-align label` output: ties on human_label_0/1, not on its AI labels
+    label_pairs(constructed, FakeScorer(), tmp_path / "labelled", tie_margin=100.0)  # every AI label a tie
+    assert reward_scores(str(tmp_path / "labelled"), "fake", None, tmp_path / "unused") is None
+    pairs, stats = load_pairs(str(tmp_path / "labelled"), extra_columns=columns, keep_unlabelled=False,
+                              orient_by="fake")
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.pairs) == (9, 2, 1, 6)
+    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m7", "m9"]
+    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]

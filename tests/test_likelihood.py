@@ -9,7 +9,7 @@ import torch
 from sd_schedule import alpha_bar, sd_scheduler
 
 from diffusion_align.conditioning import Conditioning
-from diffusion_align.likelihood import denoising_errors, noise_rows, prediction_target
+from diffusion_align.likelihood import denoising_errors, epsilon_units, noise_rows, prediction_target
 
 
 def test_v_prediction_target_is_the_velocity():
@@ -55,3 +55,23 @@ def test_denoising_error_is_a_per_sample_mean_over_c_h_w():
     err = denoising_errors(unet, rows, Conditioning(torch.zeros(2, 77, 8)))
     assert err.dtype == torch.float32
     assert err.tolist() == [4.0, 0.0]  # (1 - 3)^2 averaged over the 16 elements; exact match
+
+
+def test_epsilon_units_turn_a_velocity_error_into_the_implied_noise_error():
+    x0, eps, v_hat = torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3)
+    t = torch.tensor([0, 500, 999])
+    scheduler = sd_scheduler("v_prediction")
+    units = epsilon_units(scheduler, t)
+    velocity_error = (v_hat - prediction_target(scheduler, x0, eps, t)).pow(2).mean(dim=(1, 2, 3))
+    for row, step in enumerate(t.tolist()):
+        a = alpha_bar(step)
+        assert units[row].item() == pytest.approx(a, rel=1e-5)
+        x_t = math.sqrt(a) * x0[row] + math.sqrt(1 - a) * eps[row]
+        eps_hat = math.sqrt(a) * v_hat[row] + math.sqrt(1 - a) * x_t  # the noise the velocity prediction implies
+        assert (velocity_error[row] * units[row]).item() == pytest.approx((eps_hat - eps[row]).pow(2).mean().item(),
+                                                                            rel=1e-4)
+    # the published numbers: 1 / abar_t averages 21.3 over t and is 214.6 at t = 999 on SD's schedule
+    every = epsilon_units(scheduler, torch.arange(1000))
+    assert (1 / every).mean().item() == pytest.approx(21.31, abs=0.01)
+    assert 1 / every[999].item() == pytest.approx(214.59, abs=0.01)
+    assert torch.equal(epsilon_units(sd_scheduler(), t), torch.ones(3))  # epsilon models: unchanged

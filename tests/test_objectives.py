@@ -97,6 +97,13 @@ def test_mapo_golden():
     assert metrics["score_w"].item() == pytest.approx((0.1 / math.expm1(0.1) + 1.0) / 2, abs=1e-6)
 
 
+def test_mapo_diffusion_term_in_its_own_units():
+    # v-prediction: the margin reads epsilon-equivalent errors, the winner term the raw velocity errors d_w;
+    # same margin as test_mapo_golden, loss = mean(d_w) - margin = 0.5 + 0.1 * 0.622611
+    loss, _ = mapo_loss(t(0.2, 0.0), t(0.2002, 0.001), diffusion_err_w=t(0.4, 0.6))
+    assert loss.item() == pytest.approx(0.5 + 0.1 * (0.6692726345857399 + 0.5759485412550968) / 2, abs=1e-5)
+
+
 def test_mapo_is_finite_at_zero_error():
     # f(0) = 1 and f'(0) = -s/2 by continuity: no 0/0 in the loss or its gradient
     m_w, m_l = t(0.0, 1e-9).requires_grad_(), t(0.0, 0.0).requires_grad_()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from diffusion_align.rewards import SCORERS, MissingWeightsError, load_scorer, parse_scorer_spec
 from diffusion_align.rewards import registry
@@ -211,6 +211,25 @@ def test_dtype_applies_to_model_only(scorers, paths, name):
     torch.testing.assert_close(scores, reference, atol=0.02 * reference.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("name, clip_dir", [("pickscore", "."), ("aesthetic", "clip")])
+def test_clip_processor_layout_loads_offline(empty_hub, scorers, paths, tmp_path, name, clip_dir):
+    """A folder whose tokenizer and image processor were saved by CLIPProcessor.save_pretrained (transformers 5: the
+    image processor's settings nested in processor_config.json, no preprocessor_config.json) is self-contained."""
+    folder = tmp_path / name
+    shutil.copytree(paths[name], folder)
+    clip = folder / clip_dir
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(clip),
+                              tokenizer=CLIPTokenizer.from_pretrained(clip))
+    for old in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (clip / old).unlink()
+    processor.save_pretrained(clip)
+    files = {f.name for f in clip.iterdir()}
+    assert "processor_config.json" in files and "preprocessor_config.json" not in files
+    images = _images()
+    torch.testing.assert_close(load_scorer(name, str(folder), device="cpu", batch_size=2).score(images, PROMPTS),
+                               scorers[name].score(images, PROMPTS), atol=0, rtol=0)
+
+
 # --- HPS ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["hpsv2", "hpsv2.1"])
@@ -348,8 +367,19 @@ def test_missing_local_files(empty_hub, paths, tmp_path):
         load_scorer("pickscore", "/nowhere/ps")
     with pytest.raises(MissingWeightsError, match="nowhere does not exist"):  # a pathlib.Path works as well
         load_scorer("clip", tmp_path / "nowhere")
-    # a model-only folder takes the registry's processor, here unreachable: the message names it
+    # a model-only folder takes the registry's processor, here unreachable: the message names it and what the
+    # folder lacks; each part the folder does hold still loads from it
     model_only = tmp_path / "model-only"
     CLIPModel.from_pretrained(paths["pickscore"]).save_pretrained(model_only)
-    with pytest.raises(MissingWeightsError, match="from laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    laion = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    tokenizer_files = r"tokenizer.json, or vocab.json \+ merges.txt"
+    image_files = "preprocessor_config.json, or processor_config.json with an image_processor entry"
+    with pytest.raises(MissingWeightsError, match=rf"AutoTokenizer from {laion} .*model-only lacks the tokenizer "
+                                                   rf"\({tokenizer_files}\) and the image processor \({image_files}\), "
+                                                   rf"taken from {laion} instead"):
+        load_scorer("pickscore", str(model_only))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(paths["pickscore"] / name, model_only)
+    with pytest.raises(MissingWeightsError, match=rf"CLIPImageProcessorPil from {laion} .*model-only lacks the "
+                                                   rf"image processor \({image_files}\), taken from {laion}"):
         load_scorer("pickscore", str(model_only))

@@ -86,7 +86,7 @@ def test_full_finetune_v_prediction_sd2(tmp_path, tiny_models, tiny_pairs):
 
 
 def test_dpo_lora_sdxl_loads_in_the_sdxl_pipeline(tmp_path, tiny_models, tiny_pairs):
-    result = run(tmp_path, tiny_models["sdxl"], tiny_pairs, "data.center_crop=false", "data.random_flip=true")
+    result = run(tmp_path, tiny_models["sdxl"], tiny_pairs, "data.center_crop=false", "data.random_flip=pair")
     records = read_metrics(tmp_path / "run")
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     pipe = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
@@ -103,7 +103,7 @@ def test_sft_trains_without_a_reference(tmp_path, tiny_models, tiny_pairs):
 
 
 def test_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pairs):
-    common = ["train.max_steps=4", "train.checkpoint_every=2", "data.random_flip=true", "data.center_crop=false",
+    common = ["train.max_steps=4", "train.checkpoint_every=2", "data.random_flip=image", "data.center_crop=false",
               "data.prompt_dropout=0.3", "train.grad_accum=2", "train.warmup_steps=2"]
     whole = run(tmp_path / "whole", tiny_models["sd"], tiny_pairs, *common)
     assert (tmp_path / "whole/run/checkpoint-2").is_dir() and (tmp_path / "whole/run/checkpoint-4").is_dir()
@@ -236,26 +236,42 @@ def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pai
 
 
 def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch):
+    from diffusion_align import rewards, trainer
+    from diffusion_align.labeling import reward_scores
     from diffusion_align.tiny import save_tiny_scorer
     scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
-    run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
+    table = pq.read_table(tiny_pairs).to_pylist()
+    for i in range(4):  # human ties: dropped before the reward orients the other pairs
+        table[i].update(caption=f"tied pair {i}", label_0=0.5, label_1=0.5)
+    source = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(table), source)
+    loaded, load_pairs = [], trainer.load_pairs
+    monkeypatch.setattr(trainer, "load_pairs", lambda *a, **kw: loaded.append(load_pairs(*a, **kw)) or loaded[-1])
+
+    run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
         "method.inversion_steps=2")
     # per step: 2 inversion steps x (step + ReNoise re-evaluation), the policy, the reference
     assert [rows for _, rows in unet_calls[:6]] == [4] * 6 and len(unet_calls) == 18
     records = read_metrics(tmp_path / "run")
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert 0.5 <= records[0]["pref_prob"] <= 1.0  # pairs are oriented by the scorer that labelled them
+    assert 0.5 <= records[0]["pref_prob"] <= 1.0  # pairs are oriented by the reward
     assert "effective_scale" in records[0]
-    labelled = pq.read_table(tmp_path / "run" / "soft-labels" / "pairs-00000.parquet").column_names
-    assert {"pickscore_cosine_0", "pickscore_cosine_1", "human_label_0"} <= set(labelled)
+    pairs, stats = loaded[0]
+    assert (stats.rows, stats.ties_dropped, stats.pairs) == (16, 4, 12) and "tied pair 0" not in pairs["caption"]
+    for row in pairs:  # the higher reward is image 0 exactly where label_0 is 1
+        s0, s1 = row["pickscore_cosine_0"], row["pickscore_cosine_1"]
+        assert row["label_0"] == (0.5 if s0 == s1 else float(s0 > s1))
+    # the cache holds the scores and the source row, no images
+    cache = tmp_path / "run" / "soft-labels"
+    assert pq.read_schema(cache / "pairs-00000.parquet").names == ["row", "pickscore_cosine_0", "pickscore_cosine_1"]
+    assert sum(p.stat().st_size for p in cache.glob("*.parquet")) < source.stat().st_size / 4
+
     # the finished cache is found without loading the scorer again (as the other processes of a run find it)
-    from diffusion_align import rewards
-    from diffusion_align.labeling import ensure_scored
     monkeypatch.setattr(rewards, "load_scorer", lambda *a, **kw: pytest.fail("the scorer was loaded again"))
-    cache = ensure_scored(str(tiny_pairs), "pickscore_cosine", f"pickscore={scorer}", tmp_path / "run" / "soft-labels")
-    assert cache == str(tmp_path / "run" / "soft-labels")
-    run(tmp_path / "again", tiny_models["sd"], tmp_path / "run" / "soft-labels", "method.name=smpo",
-        "method.pref_scorer=null", "method.inversion_steps=0", "train.max_steps=1")  # the columns are read as they are
+    scores = reward_scores(str(source), "pickscore_cosine", f"pickscore={scorer}", cache)
+    assert scores["pickscore_cosine_0"].shape == (16,) and all(abs(s) <= 1 for s in scores["pickscore_cosine_0"])
+    run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
+        "method.inversion_steps=0", "train.max_steps=1")  # a later run in the same output_dir
 
 
 def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_models, tiny_pairs, monkeypatch):

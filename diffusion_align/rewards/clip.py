@@ -7,7 +7,9 @@ in the convention asked for; the aesthetic predictor feeds the image embedding t
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,18 +49,40 @@ def _load_model(scorer: str, source: str, hint: str):
                        "a CLIPModel folder (config.json + model.safetensors) or hub id", hint)
 
 
+# The files that hold each processor part in the layouts transformers writes, any of which loads offline with
+# from_pretrained: an image processor's own save_pretrained (and transformers 4's CLIPProcessor) writes
+# preprocessor_config.json; transformers 5's CLIPProcessor nests its settings in processor_config.json instead.
+PROCESSOR_FILES = {
+    "tokenizer": "tokenizer.json, or vocab.json + merges.txt",
+    "image processor": "preprocessor_config.json, or processor_config.json with an image_processor entry",
+}
+
+
+def missing_processor_parts(folder: str | None) -> list[str]:
+    """The processor parts (keys of PROCESSOR_FILES) that `folder` does not hold locally: all of them for None or
+    a hub id, none for a folder written by save_pretrained in any transformers version."""
+    root = Path(folder) if folder is not None and os.path.isdir(folder) else None
+
+    def has(*names: str) -> bool:
+        return root is not None and all((root / name).is_file() for name in names)
+
+    combined = json.loads((root / "processor_config.json").read_text()) if has("processor_config.json") else {}
+    found = {"tokenizer": has("tokenizer.json") or has("vocab.json", "merges.txt"),
+             "image processor": has("preprocessor_config.json") or "image_processor" in combined}
+    return [part for part, ok in found.items() if not ok]
+
+
 def _load_processor(scorer: str, source: str, hint: str):
     import transformers
     # transformers 5 moved the PIL implementation, the one the published scorers were run with, to
     # CLIPImageProcessorPil (its CLIPImageProcessor resizes with torchvision); in 4.x CLIPImageProcessor is it.
     cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-    return _pretrained(scorer, cls, source, "preprocessor_config.json (the CLIP image processor)", hint)
+    return _pretrained(scorer, cls, source, PROCESSOR_FILES["image processor"], hint)
 
 
 def _load_tokenizer(scorer: str, source: str, hint: str):
     import transformers
-    return _pretrained(scorer, transformers.AutoTokenizer, source,
-                       "the CLIP tokenizer files (tokenizer.json or vocab.json + merges.txt)", hint)
+    return _pretrained(scorer, transformers.AutoTokenizer, source, PROCESSOR_FILES["tokenizer"], hint)
 
 
 @dataclass(frozen=True)
@@ -108,21 +132,29 @@ class ClipSimilarityScorer(Scorer):
                 + f" into one folder (e.g. `hf download REPO --local-dir DIR`) and pass --scorer {name}=DIR.")
         if path is not None:
             check_local(name, path, hint)
+        sources, lacking = dict.fromkeys(PROCESSOR_FILES, processor), ""
         if processor is None:
-            # A local folder with processor files is self-contained (a fine-tune saved with save_pretrained);
-            # otherwise the registry's processor (PickScore_v1 is paired with the LAION ViT-H/14 one) or the model's.
-            local = path is not None and (Path(path) / "preprocessor_config.json").is_file()
-            processor = path if local else source.get("processor", path or source["model"])
+            # Each part a local folder holds (e.g. a fine-tune's save_pretrained, any layout) loads from it, offline;
+            # the rest from the registry's processor (PickScore_v1 is paired with the LAION ViT-H/14 one), else from
+            # the model's repo: the registry's, or the hub id given.
+            local = path is not None and os.path.isdir(path)
+            fallback = source.get("processor", source["model"] if path is None or local else path)
+            missing = missing_processor_parts(path)
+            sources = {part: fallback if part in missing else path for part in PROCESSOR_FILES}
+            if local and missing:
+                lacking = (f"{path} lacks " + " and ".join(f"the {part} ({PROCESSOR_FILES[part]})" for part in missing)
+                           + f", taken from {fallback} instead. ")
         model = _load_model(name, path or source["model"], hint)
-        self.tokenizer = _load_tokenizer(name, processor, hint)
-        self.preprocess = ClipImageTransform(_load_processor(name, processor, hint))
+        self.tokenizer = _load_tokenizer(name, sources["tokenizer"], lacking + hint)
+        self.preprocess = ClipImageTransform(_load_processor(name, sources["image processor"], lacking + hint))
         self.logit_scale = model.logit_scale.float().exp().item()  # read before a cast to fp16 rounds it
         self.model = ready(model, self.device, self.dtype)
         self.context_length = model.config.text_config.max_position_embeddings
         self.similarity = self.SIMILARITIES[(name, self.convention_key)]
         self.score_scale = self.logit_scale if self.similarity.scale is None else self.similarity.scale
         self.preference_scale = self.logit_scale / self.score_scale
-        logger.info("%s: model %s, processor %s; %s", name, path or source["model"], processor, self.convention)
+        logger.info("%s: model %s, tokenizer %s, image processor %s; %s", name, path or source["model"],
+                    sources["tokenizer"], sources["image processor"], self.convention)
 
     @torch.no_grad()
     def cosine(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
