@@ -22,7 +22,7 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args) -> None:
-    from .trainer import train
+    from .training.trainer import train
     cfg = load_config(args.config, args.overrides)
     _setup_logging()
     final = train(cfg).final_dir
@@ -31,7 +31,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from .tiny import save_tiny_pipeline, save_tiny_scorer, write_tiny_pairs
+    from .models.tiny import save_tiny_pipeline, save_tiny_scorer, write_tiny_pairs
     out = Path(args.out_dir)
     for family in args.family:
         print(f"pipeline ({family}): {save_tiny_pipeline(out / f'tiny-{family}', family, seed=args.seed)}")
@@ -69,13 +69,13 @@ def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
 
 
 def cmd_score(args) -> None:
-    from .scoring import score_folder
+    from .evaluation.scoring import score_folder
     print(score_folder(args.dir, _scorers(args), args.out, prompt=args.prompt, batch_size=args.batch_size,
                        num_workers=args.workers, fast_jpeg=args.fast_jpeg))
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_folders
+    from .evaluation.compare import compare_folders
     scorer, = _scorers(args, single=True)
     print(compare_folders(args.dir_a, args.dir_b, scorer, out_prefix=args.out, prompt=args.prompt,
                           batch_size=args.batch_size, num_workers=args.workers, fast_jpeg=args.fast_jpeg,
@@ -83,7 +83,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_label(args) -> None:
-    from .labeling import label_pairs, pairs_from_folder
+    from .rewards.labeling import label_pairs, pairs_from_folder
     scorer, = _scorers(args, single=True)
     if args.from_images:
         report = pairs_from_folder(args.source, scorer, args.out, max_pairs_per_prompt=args.max_pairs_per_prompt,
@@ -97,7 +97,7 @@ def cmd_label(args) -> None:
 
 
 def cmd_fit_reward(args) -> None:
-    from .fit_reward import fit_reward
+    from .rewards.fit_reward import fit_reward
     print(fit_reward(args.dataset, args.base, args.out, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                      batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
                      warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
@@ -108,7 +108,7 @@ def cmd_fit_reward(args) -> None:
 def cmd_captions(args) -> None:
     import torch
 
-    from .captions import make_captions
+    from .data.captions import make_captions
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(make_captions(args.source, args.out, args.strategy, captioner=args.captioner, perturber=args.perturber,
                         strength=args.strength, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -120,7 +120,7 @@ def cmd_captions(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .generate import generate_images
+    from .evaluation.generate import generate_images
     dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(generate_images(args.model, args.prompts, args.seeds, args.out, lora=args.lora, steps=args.steps,
                           guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
@@ -132,24 +132,24 @@ def cmd_grid(args) -> None:
     if not (args.out or args.html):
         raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
     if args.out:
-        from .grid import make_grid
+        from .evaluation.grid import make_grid
         scorer = _scorers(args, single=True)[0] if args.scorer else None
         print(make_grid(args.dirs, args.out, scorer=scorer, rows_per_page=args.rows_per_page,
                         cell_size=args.cell_size, prompt=args.prompt))
     if args.html:
-        from .review import write_review_page
+        from .evaluation.review import write_review_page
         page = write_review_page(args.dirs, args.html, prompt=args.prompt, ab=args.ab, seed=args.seed,
                                  title=args.title)
         print(f"review page: {page.resolve()}")
 
 
 def cmd_import_review(args) -> None:
-    from .review import import_review
+    from .evaluation.review import import_review
     print(import_review(args.choices, args.images, args.out, shard_size=args.shard_size))
 
 
 def cmd_plot(args) -> None:
-    from .plots import plot_run
+    from .evaluation.plots import plot_run
     print(f"curves: {plot_run(args.run_dir)}")
 
 

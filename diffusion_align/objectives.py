@@ -1,7 +1,7 @@
 """Preference objectives: pure functions of per-sample denoising errors.
 
-Inputs are the per-sample errors from `likelihood.denoising_errors` (mean over C, H, W, fp32), one value per pair
-for the winner (`_w`) and the loser (`_l`), from the policy (`model_`) and the frozen reference (`ref_`).
+Inputs are the per-sample errors from `training.likelihood.denoising_errors` (mean over C, H, W, fp32), one value
+per pair for the winner (`_w`) and the loser (`_l`), from the policy (`model_`) and the frozen reference (`ref_`).
 A lower error means a higher ELBO, so `-(err - ref_err)` is the implicit log-likelihood ratio of a sample.
 Every function returns `(loss, metrics)`; metrics are detached 0-dim tensors, ready to average across processes.
 """

@@ -8,8 +8,8 @@ import sys
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from diffusion_align import trainer
 from diffusion_align.config import load_config
+from diffusion_align.training import trainer
 
 
 def record_batches(into: list) -> None:

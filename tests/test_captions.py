@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align.captions import (
+from diffusion_align.data.captions import (
     ATTRIBUTES, NUMBER_WORDS, STRENGTHS, Captioner, ModelPerturber, make_captions, perturb_prompt, row_seed,
 )
-from diffusion_align.data import PairDataset, PairTransform, collate_pairs, decode_image, load_pairs
-from diffusion_align.tiny import save_tiny_captioner, save_tiny_causal_lm, write_tiny_pairs
+from diffusion_align.data.pairs import PairDataset, PairTransform, collate_pairs, decode_image, load_pairs
+from diffusion_align.models.tiny import save_tiny_captioner, save_tiny_causal_lm, write_tiny_pairs
 
 ATTRIBUTE_WORDS = {w: cat for cat, groups in ATTRIBUTES.items() for g in groups for w in g}
 BROKEN_ROW, TIE_ROW = 3, 5

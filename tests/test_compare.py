@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align import compare
-from diffusion_align.compare import (
+from diffusion_align.evaluation import compare
+from diffusion_align.evaluation.compare import (
     bootstrap_interval, compare_folders, match_prompts, pair_outcomes, win_rate,
 )
-from diffusion_align.scoring import ScoringError
+from diffusion_align.evaluation.scoring import ScoringError
 
 
 class RednessScorer:
@@ -168,8 +168,8 @@ def test_compare_errors_name_the_problem(folders, tmp_path):
 
 
 def test_compare_with_tiny_pickscore(tmp_path):
+    from diffusion_align.models.tiny import save_tiny_scorer
     from diffusion_align.rewards import load_scorer
-    from diffusion_align.tiny import save_tiny_scorer
     scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "pickscore"), device="cpu")
     images = [(f"{i}.png", f"prompt {i % 3}", i, 40 * i) for i in range(6)]
     a = make_folder(tmp_path / "a", images)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align import data
-from diffusion_align.data import (
-    PairBatchSampler, PairDataset, PairTransform, collate_pairs, decode_image, load_pairs, make_pair_loader,
+from diffusion_align.data.pairs import (
+    REQUIRED_COLUMNS, PairBatchSampler, PairDataset, PairStats, PairTransform, collate_pairs, decode_image, load_pairs,
+    make_pair_loader,
 )
 
 RED, DARK_RED, BLUE, DARK_BLUE = (255, 0, 0), (128, 0, 0), (0, 0, 255), (0, 0, 128)
@@ -71,11 +71,11 @@ def test_load_single_parquet_drops_ties_and_keeps_needed_columns(parquet_file):
     ds, stats = load_pairs(parquet_file)
     assert (stats.rows, stats.ties_dropped, stats.pairs) == (N_ROWS, 1, N_ROWS - 1)
     assert len(ds) == N_ROWS - 1 and "prompt 2" not in ds["caption"]
-    assert ds.column_names == list(data.REQUIRED_COLUMNS)
+    assert ds.column_names == list(REQUIRED_COLUMNS)
 
     ds, stats = load_pairs(parquet_file, keep_ties=True, extra_columns=["model_0", "model_1"])
     assert (stats.ties_dropped, stats.pairs, len(ds)) == (0, N_ROWS, N_ROWS)
-    assert ds.column_names == [*data.REQUIRED_COLUMNS, "model_0", "model_1"]
+    assert ds.column_names == [*REQUIRED_COLUMNS, "model_0", "model_1"]
 
 
 def test_max_pairs_counts_after_tie_filtering(parquet_file):
@@ -115,7 +115,7 @@ def test_load_save_to_disk_dataset_and_datasetdict(tmp_path):
     datasets.DatasetDict(train=ds, validation=ds.select(range(4))).save_to_disk(str(tmp_path / "dict"))
 
     assert load_pairs(str(tmp_path / "single"))[1].pairs == N_ROWS - 1
-    assert load_pairs(str(tmp_path / "dict"), split="validation")[1] == data.PairStats(4, 1, 3)
+    assert load_pairs(str(tmp_path / "dict"), split="validation")[1] == PairStats(4, 1, 3)
     with pytest.raises(ValueError, match=r"no split 'test'.*\['train', 'validation'\]"):
         load_pairs(str(tmp_path / "dict"), split="test")
 
@@ -313,7 +313,7 @@ def test_sampler_rejects_too_few_pairs():
 
 def test_streaming_filters_ties(parquet_file):
     stream, stats = load_pairs(parquet_file, streaming=True)
-    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(None, None, None, None, None)
+    assert isinstance(stream, datasets.IterableDataset) and stats == PairStats(None, None, None, None, None)
     captions = [row["caption"] for row in stream]
     assert len(captions) == N_ROWS - 1 and "prompt 2" not in captions
     assert len(list(load_pairs(parquet_file, streaming=True, keep_ties=True)[0])) == N_ROWS
@@ -353,7 +353,7 @@ def test_streaming_ranks_get_disjoint_rows(tmp_path):
 def test_streaming_from_save_to_disk_knows_its_counts(tmp_path):
     datasets.Dataset.from_dict(make_rows()).save_to_disk(str(tmp_path / "saved"))
     stream, stats = load_pairs(str(tmp_path / "saved"), streaming=True)
-    assert isinstance(stream, datasets.IterableDataset) and stats == data.PairStats(N_ROWS, 1, N_ROWS - 1)
+    assert isinstance(stream, datasets.IterableDataset) and stats == PairStats(N_ROWS, 1, N_ROWS - 1)
     assert len(list(stream)) == N_ROWS - 1
 
 

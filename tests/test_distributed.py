@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from diffusion_align import trainer
 from diffusion_align.config import load_config
+from diffusion_align.training import trainer
 from distributed_worker import record_batches
 
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"

@@ -10,9 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from diffusion_align.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
-from diffusion_align.policy import LORA_WEIGHTS, Policy
-from diffusion_align.scoring import collect_images
+from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
+from diffusion_align.evaluation.scoring import collect_images
+from diffusion_align.models.policy import LORA_WEIGHTS, Policy
 
 FAST = dict(steps=2, height=32, width=32)
 PROMPTS = ["a red circle", "a blue square"]

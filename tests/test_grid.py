@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_align.grid import (
+from diffusion_align.evaluation.grid import (
     BACKGROUND, BEST, LETTERBOX, PLACEHOLDER, folder_labels, load_font, make_grid, match_rows, wrap_text,
 )
-from diffusion_align.scoring import ScoringError
+from diffusion_align.evaluation.scoring import ScoringError
 
 PROMPTS = ["a red cube on a table", "a lighthouse at dusk, long exposure, waves crashing on the rocks below",
            "an owl"]
@@ -162,8 +162,8 @@ def test_grid_pages_and_their_names(folders, tmp_path):
 
 
 def test_grid_scores_and_marks_the_best_of_each_row(folders, tmp_path):
+    from diffusion_align.models.tiny import save_tiny_scorer
     from diffusion_align.rewards import load_scorer
-    from diffusion_align.tiny import save_tiny_scorer
     scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "scorer"), device="cpu")
     report = make_grid(folders, tmp_path / "grid.png", scorer=scorer, cell_size=CELL)
     page = load(report.pages[0])

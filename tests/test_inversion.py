@@ -13,10 +13,10 @@ import torch
 
 from sd_schedule import alpha_bar, sd_scheduler
 
-from diffusion_align.conditioning import Conditioning, encode_prompts
-from diffusion_align.inversion import ddim_invert, ddim_sample_back, implied_noise, inversion_grid, invert_rows
-from diffusion_align.likelihood import denoising_errors, prediction_target
-from diffusion_align.models import load_components
+from diffusion_align.models.conditioning import Conditioning, encode_prompts
+from diffusion_align.models.loading import load_components
+from diffusion_align.training.inversion import ddim_invert, ddim_sample_back, implied_noise, inversion_grid, invert_rows
+from diffusion_align.training.likelihood import denoising_errors, prediction_target
 
 NO_TEXT = Conditioning(torch.zeros(1, 77, 8))  # for the stand-in UNets, which ignore it
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align.data import decode_image, load_pairs
+from diffusion_align.data.pairs import decode_image, load_pairs
+from diffusion_align.models.tiny import save_tiny_scorer
 from diffusion_align.rewards import load_scorer
-from diffusion_align.tiny import save_tiny_scorer
-from diffusion_align.labeling import (
+from diffusion_align.rewards.labeling import (
     agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, outcomes, pairs_from_folder, reward_scores,
 )
 

@@ -8,8 +8,8 @@ import torch
 
 from sd_schedule import alpha_bar, sd_scheduler
 
-from diffusion_align.conditioning import Conditioning
-from diffusion_align.likelihood import denoising_errors, epsilon_units, noise_rows, prediction_target
+from diffusion_align.models.conditioning import Conditioning
+from diffusion_align.training.likelihood import denoising_errors, epsilon_units, noise_rows, prediction_target
 
 
 def test_v_prediction_target_is_the_velocity():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion_align.conditioning import encode_prompts
-from diffusion_align.models import load_components, set_attention
+from diffusion_align.models.conditioning import encode_prompts
+from diffusion_align.models.loading import load_components, set_attention
 
 
 @pytest.mark.parametrize("family, prediction", [("sd", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_align.config import MethodConfig
-from diffusion_align.methods import METHODS, Errors
 from diffusion_align.objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
+from diffusion_align.training.methods import METHODS, Errors
 
 
 def t(*values):

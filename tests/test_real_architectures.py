@@ -13,8 +13,8 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusion_align.config import load_config
-from diffusion_align.tiny import save_tiny_pipeline
-from diffusion_align.trainer import train
+from diffusion_align.models.tiny import save_tiny_pipeline
+from diffusion_align.training.trainer import train
 
 ASSETS = Path(__file__).parent.parent / "assets" / "unet-configs"
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffusion_align.data import load_pairs
-from diffusion_align.review import import_review, match_folders, read_choices, review_data, write_review_page
+from diffusion_align.data.pairs import load_pairs
+from diffusion_align.evaluation.review import import_review, match_folders, read_choices, review_data, write_review_page
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PROMPTS = ["a red cube", "a lighthouse at dusk", "an owl"]

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from diffusion_align import tiny
-from diffusion_align.tiny import FAMILIES, clip_tokenizer, save_tiny_pipeline, write_tiny_pairs
+from diffusion_align.models import tiny
+from diffusion_align.models.tiny import FAMILIES, clip_tokenizer, save_tiny_pipeline, write_tiny_pairs
 
 PROMPTS = [
     "a photo of a cat",

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from diffusion_align.cli import main as cli_main
 from diffusion_align.config import load_config
-from diffusion_align.policy import LORA_WEIGHTS
-from diffusion_align.trainer import train
+from diffusion_align.models.policy import LORA_WEIGHTS
+from diffusion_align.training.trainer import train
 
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"
 METRIC_KEYS = {"step", "loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
@@ -190,7 +190,7 @@ def test_unusable_settings_are_explained(tmp_path, tiny_models, tiny_pairs):
 def test_a_nonfinite_step_is_skipped(tmp_path, tiny_models, tiny_pairs, monkeypatch):
     import dataclasses
 
-    from diffusion_align import methods
+    from diffusion_align.training import methods
     dpo, calls = methods.METHODS["dpo"], []
 
     def poisoned(errors, cfg):  # the DPO loss, but NaN on the second batch
@@ -236,9 +236,10 @@ def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pai
 
 
 def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch):
-    from diffusion_align import rewards, trainer
-    from diffusion_align.labeling import reward_scores
-    from diffusion_align.tiny import save_tiny_scorer
+    from diffusion_align import rewards
+    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.labeling import reward_scores
+    from diffusion_align.training import trainer
     scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
     table = pq.read_table(tiny_pairs).to_pylist()
     for i in range(4):  # human ties: dropped before the reward orients the other pairs
@@ -280,7 +281,7 @@ def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_model
         row["caption_0"], row["caption_1"] = f"{row['caption']} {i}#0", f"{row['caption']} {i}#1"
     captions = tmp_path / "captions.parquet"
     pq.write_table(pa.Table.from_pylist(rows), captions)
-    from diffusion_align import trainer
+    from diffusion_align.training import trainer
     seen, encode = [], trainer.encode_prompts
     monkeypatch.setattr(trainer, "encode_prompts", lambda *a, **kw: seen.append(a[3]) or encode(*a, **kw))
     run(tmp_path, tiny_models["sd"], captions, "method.name=dcpo", "train.max_steps=2")

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion_align import methods, trainer
+from diffusion_align.training import methods, trainer
 from test_train import read_metrics, run
 
 
@@ -79,7 +79,7 @@ def pair_noise(call, x0, model):
 
 
 def expected_pixels(jpeg: bytes, res: int) -> torch.Tensor:
-    """Shortest side to `res` (bilinear), centre crop, [-1, 1]: written out here, not taken from data.py."""
+    """Shortest side to `res` (bilinear), centre crop, [-1, 1]: written out here, not taken from data/pairs.py."""
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
     w, h = image.size
     new_w, new_h = round(w * res / min(w, h)), round(h * res / min(w, h))

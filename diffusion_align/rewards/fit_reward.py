@@ -14,7 +14,7 @@ batch, as in the authors' criterion, so prompts with many pairs do not dominate;
 Training: AdamW (weight decay on weight matrices and embeddings only; biases, norm gains, the class embedding and
 logit_scale are not decayed, as in open_clip), linear warm-up then a constant lr (the authors' schedule) or cosine
 decay to 0, grad-norm clipping, fp32. logit_scale is clamped to ln(100) after each step, as in CLIP. A step whose
-gradient is not finite is skipped. Deterministic for a seed (batches come from `data.PairBatchSampler`).
+gradient is not finite is skipped. Deterministic for a seed (batches come from `data.pairs.PairBatchSampler`).
 
 Validation splits by prompt, never by pair, so no prompt is in both sets. Accuracy against the dataset's labels,
 ties included: predict a tie when |p0 - 0.5| <= t, else the image with p > 0.5. Credit per pair: a strict label
@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import PairBatchSampler, load_pairs
-from .devices import default_device
-from .files import replace_dir, report_dict, write_text_atomic
+from ..data.pairs import PairBatchSampler, load_pairs
+from ..devices import default_device
+from ..files import replace_dir, report_dict, write_text_atomic
+from .clip import PROCESSOR_FILES, ClipImageTransform, projected
 from .labeling import PairImages, collate_pair_images, outcomes
-from .rewards.clip import PROCESSOR_FILES, ClipImageTransform, projected
 
 logger = logging.getLogger("diffusion_align")
 

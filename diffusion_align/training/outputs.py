@@ -9,9 +9,9 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DiffusionPipeline
 
-from .config import Config, config_to_yaml
-from .files import replace_dir, write_text_atomic
-from .policy import LORA_WEIGHTS
+from ..config import Config, config_to_yaml
+from ..files import replace_dir, write_text_atomic
+from ..models.policy import LORA_WEIGHTS
 
 
 class MetricsLog:

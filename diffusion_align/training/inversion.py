@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .conditioning import Conditioning
+from ..models.conditioning import Conditioning
 from .likelihood import NoisedRows, prediction_target
 
 

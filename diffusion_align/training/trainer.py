@@ -22,19 +22,19 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..config import Config, ConfigError, config_to_dict, config_to_yaml
+from ..data.pairs import PairTransform, load_pairs, make_pair_loader
+from ..evaluation.plots import plot_run
+from ..files import write_text_atomic
+from ..models.conditioning import encode_prompts
+from ..models.loading import load_components, place, set_attention
+from ..models.policy import Policy
+from ..rewards.labeling import reward_scores
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
-from .conditioning import encode_prompts
-from .config import Config, ConfigError, config_to_dict, config_to_yaml
-from .data import PairTransform, load_pairs, make_pair_loader
-from .files import write_text_atomic
-from .likelihood import denoising_errors, encode_latents, epsilon_units, noise_rows
 from .inversion import invert_rows
-from .labeling import reward_scores
+from .likelihood import denoising_errors, encode_latents, epsilon_units, noise_rows
 from .methods import METHODS, Errors
-from .models import load_components, place, set_attention
 from .outputs import MetricsLog, save_final
-from .plots import plot_run
-from .policy import Policy
 
 logger = logging.getLogger("diffusion_align")
 

@@ -10,7 +10,7 @@ For a pair with scores s0, s1 (the scorer's own units, e.g. PickScore's logit-sc
 and keeps every other column as it was. Output: `pairs-00000.parquet`, ... (one shard per `shard_size` source rows,
 each written whole or not at all), `.shards/pairs-00000.json` (what each shard holds: its settings, source rows and
 skipped rows; a rerun keeps the shards whose record matches and labels only the rest) and `labels.json` (the
-report). `data.load_pairs(out_dir)` reads the result, so generate -> label -> train needs no people.
+report). `data.pairs.load_pairs(out_dir)` reads the result, so generate -> label -> train needs no people.
 
 `reward_scores` keeps only what SmPO needs from a scorer, to join to the source at load time: shards
 `pairs-00000.parquet`, ... of `row` (the source row) and `<column>_0` / `<column>_1` (float32), no images, with
@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .data import decode_image, load_pairs
-from .files import local_or_hub, report_dict
-from .shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
+from ..data.pairs import decode_image, load_pairs
+from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
+from ..files import local_or_hub, report_dict
 
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
@@ -163,7 +163,7 @@ def _label_columns(scorer, scores: np.ndarray, tie_margin: float) -> dict[str, p
 def _scorer_and_path(scorer) -> tuple[object, str | None]:
     """A scorer object, or a "name[=path]" spec loaded here; and the weights path to record."""
     if isinstance(scorer, str):
-        from .rewards import load_scorer, parse_scorer_spec
+        from . import load_scorer, parse_scorer_spec
         name, path = parse_scorer_spec(scorer)
         return load_scorer(name, path), path
     return scorer, scorer.path
@@ -293,7 +293,7 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
         raise ValueError(f"{source}: no columns {names[0]} / {names[1]} with reward scores; add them with "
                          f"`diffusion-align label` or name a scorer to compute them (method.pref_scorer)")
     if isinstance(scorer, str):
-        from .rewards import load_scorer, parse_scorer_spec
+        from . import load_scorer, parse_scorer_spec
         name, path = parse_scorer_spec(scorer)
         convention = _convention(name, column)  # checked now, not after the first shard
     elif scorer.column != column:
@@ -332,7 +332,7 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
 
 def _convention(name: str, column: str) -> str:
     """The convention of scorer `name` whose output column is `column`."""
-    from .rewards.registry import load_spec
+    from .registry import load_spec
     conventions = {entry["column"]: key for key, entry in load_spec(name)["conventions"].items()}
     if column not in conventions:
         raise ValueError(f"scorer {name} writes columns {sorted(conventions)}, not {column!r}")
@@ -360,7 +360,7 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
                       shard_size: int = 1000) -> LabelReport:
     """Preference pairs from a folder of generated images, labelled by `scorer`, in the label_pairs layout.
 
-    Images and prompts are found as `scoring.score_folder` finds them (metadata.jsonl with `file_name` and
+    Images and prompts are found as `evaluation.scoring.score_folder` finds them (metadata.jsonl with `file_name` and
     `prompt`/`text`/`caption`, or a .txt beside each image); every image is scored once, into
     `out_dir/scores.csv` (a rerun scores only new images; a summary and histogram lie beside it). Images of the
     same prompt are paired: all n(n-1)/2 pairs, or at most `max_pairs_per_prompt` (best vs worst plus random
@@ -369,7 +369,7 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
     `image_dir`), the label columns, and `num_example_per_prompt` (pairs written for that prompt). The new shards
     replace the old ones only once all are written, so a crash leaves the previous set whole.
     """
-    from .scoring import score_folder
+    from ..evaluation.scoring import score_folder
     _check_settings(tie_margin, shard_size)
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
         raise ValueError(f"max_pairs_per_prompt must be >= 1 or None (all pairs), got {max_pairs_per_prompt}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .files import replace_dir
+from ..files import replace_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from .config import MethodConfig
-from .objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
+from ..config import MethodConfig
+from ..objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
 
 
 @dataclass

@@ -39,9 +39,9 @@ from typing import Sequence
 import pyarrow as pa
 import PIL.Image
 
-from .files import jsonl_records, write_text_atomic
+from ..data.shards import SHARD_STEM, write_parquet
+from ..files import jsonl_records, write_text_atomic
 from .grid import match_rows
-from .shards import SHARD_STEM, write_parquet
 
 # Formats every browser shows as they are; others (TIFF) are embedded re-encoded as PNG.
 BROWSER_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -238,7 +238,7 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
     and `folder_0` / `folder_1`, `image_0_path` / `image_1_path` (relative to its folder), `left` and `time` from
     the export; "skip" lines are dropped and counted. The images are read from `image_dirs`, matched by
     folder name (`match_folders`). Output: `out_dir/pairs-00000.parquet`, ... (`shard_size` rows each), replacing
-    an earlier import's shards only once all are written; `data.load_pairs(out_dir)` reads it (ties only with
+    an earlier import's shards only once all are written; `data.pairs.load_pairs(out_dir)` reads it (ties only with
     keep_ties=True).
     """
     if isinstance(choices, (str, os.PathLike)):

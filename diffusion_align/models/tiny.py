@@ -306,8 +306,8 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
     `open_clip_config.json` that tells the loader to build this tiny architecture instead of ViT-H-14.
     aesthetic: the head file (real key layout, input width = the tiny CLIP's projection) and a clip/ subfolder.
     """
-    from .rewards import SCORERS
-    from .rewards.registry import load_spec
+    from ..rewards import SCORERS
+    from ..rewards.registry import load_spec
 
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; expected one of {list(SCORERS)}")
@@ -339,7 +339,7 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny caption and text models for the DCPO caption tools (captions.py): real transformers classes saved the way
+# Tiny caption and text models for the DCPO caption tools (data/captions.py): real transformers classes saved the way
 # the released models are, loadable by path with the Auto classes, with word-level vocabularies built here (no
 # download). Random weights: what they write is arbitrary but deterministic.
 

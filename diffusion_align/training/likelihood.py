@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
-from .conditioning import Conditioning
+from ..models.conditioning import Conditioning
 
 
 @dataclass

@@ -35,10 +35,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .devices import default_device
-from .files import jsonl_records, local_or_hub
+from ..data.shards import differences
+from ..devices import default_device
+from ..files import jsonl_records, local_or_hub
 from .scoring import METADATA_NAME, PROMPT_KEYS
-from .shards import differences
 
 logger = logging.getLogger("diffusion_align")
 

@@ -142,7 +142,7 @@ def load_pairs(
     `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
     (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
     the reward's: 1/0 where x_0 > x_1, 0/1 where x_0 < x_1, 0.5/0.5 where equal. Rows without both scores are
-    dropped and counted. `scores` adds columns, one value per source row (`labeling.reward_scores`), first.
+    dropped and counted. `scores` adds columns, one value per source row (`rewards.labeling.reward_scores`), first.
 
     `max_pairs` keeps N of the remaining pairs: a random sample drawn with `seed`, in stored order (the same on
     every process and on resume), or the first N when `seed` is None (a larger N then extends a smaller one, as

@@ -33,10 +33,10 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from .data import decode_image, load_pairs
-from .devices import default_device
-from .files import local_or_hub, report_dict
-from .labeling import outcomes
+from ..devices import default_device
+from ..files import local_or_hub, report_dict
+from ..rewards.labeling import outcomes
+from .pairs import decode_image, load_pairs
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")

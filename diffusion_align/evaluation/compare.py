@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import write_text_atomic
+from ..files import write_text_atomic
 from .scoring import ScoringError, score_folder
 
 N_RESAMPLES = 2000

@@ -21,7 +21,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from .models import place
+from .loading import place
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 

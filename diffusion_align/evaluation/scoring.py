@@ -32,7 +32,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .files import jsonl_records, write_text_atomic
+from ..files import jsonl_records, write_text_atomic
 
 logger = logging.getLogger("diffusion_align")
 

@@ -1,4 +1,4 @@
-"""Resumable outputs of Pick-a-Pic-style parquet shards (`labeling.py`, `captions.py`).
+"""Resumable outputs of Pick-a-Pic-style parquet shards (`rewards.labeling`, `data.captions`).
 
 A job over N source rows writes `pairs-00000.parquet`, ... (one per `shard_size` rows, each written whole or not at
 all) and `.shards/pairs-00000.json`, the record of what each shard holds: the job's settings, its source rows and
@@ -17,7 +17,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import write_text_atomic
+from ..files import write_text_atomic
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"

@@ -1,0 +1,1 @@
+"""Preference pairs: loading, decoding, augmentation and sharded sampling (pairs), parquet shards, DCPO captions."""

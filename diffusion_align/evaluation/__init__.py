@@ -1,0 +1,1 @@
+"""Evaluation: generate images, score folders, compare, grids, the review page and plots."""

@@ -1,0 +1,1 @@
+"""Models: loading SD / SD2 / SDXL (loading), text and size conditioning, the trained policy, tiny offline models."""

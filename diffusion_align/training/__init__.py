@@ -1,0 +1,1 @@
+"""Training: the one loop (trainer), methods, likelihood, inversion, checkpoints and outputs."""
