@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -28,6 +29,27 @@ def cmd_train(args) -> None:
     final = train(cfg).final_dir
     print(f"final model: {final.resolve()}")
     print(f"metrics:     {(final.parent / 'metrics.jsonl').resolve()}")
+
+
+def cmd_demo(args) -> None:
+    from .toy.demo import DemoSettings, run_demo
+    _setup_logging()
+    report = run_demo(args.out, DemoSettings(method=args.method, steps=args.steps, prompts=args.prompts,
+                                             images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
+                                             seed=args.seed, overrides=tuple(args.overrides)))
+    win = report["oracle_win_rate"]
+    print(f"{report['method']}: oracle win rate of the aligned model over the base {win['value']:.3f} "
+          f"(95% interval {win['low']:.3f}-{win['high']:.3f}, {win['comparisons']} held-out comparisons); "
+          f"toy PickScore {report['toy_reward']['base']:.3f} -> {report['toy_reward']['aligned']:.3f}")
+    print(f"report: {(Path(args.out) / 'report.md').resolve()}")
+
+
+def cmd_toy_build_assets(args) -> None:
+    from .toy.assets import build_assets
+    from .toy.pretrain import PretrainSettings
+    _setup_logging()
+    settings = PretrainSettings(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
+    print(json.dumps(build_assets(args.out, args.seed, settings, keep_base=args.keep_base), indent=2))
 
 
 def cmd_make_tiny(args) -> None:
@@ -316,6 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     captions.add_argument("--workers", type=int, default=2)
     captions.set_defaults(func=cmd_captions)
+
+    demo = sub.add_parser("demo", help="The whole loop in the toy world, offline, in minutes: make pairs with the "
+                                       "base model, label them, train, and judge base and aligned with the oracle.")
+    demo.add_argument("--method", default="dpo", choices=("dpo", "mapo", "smpo", "dcpo", "sft"))
+    demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps")
+    demo.add_argument("--prompts", type=int, default=251, help="train prompts (at most 251, the default: all)")
+    demo.add_argument("--images-per-prompt", type=int, default=4, help="base-model images per train prompt, "
+                                                                        "all pairs of them labelled")
+    demo.add_argument("--eval-seeds", type=int, default=3, help="images per held-out prompt and model")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="train config keys, e.g. train.lr=1e-4")
+    demo.set_defaults(func=cmd_demo)
+
+    toy = sub.add_parser("toy", help="The toy world's assets.").add_subparsers(dest="toy_command", required=True)
+    build = toy.add_parser("build-assets", help="Pretrain the toy base model and fit the toy PickScore again "
+                                                "(deterministic for a seed; tens of minutes on 2 CPU cores).")
+    build.add_argument("--out", default=None, help="default: the shipped assets/toy folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--unet-steps", type=int, default=6000)
+    build.add_argument("--vae-steps", type=int, default=4000)
+    build.add_argument("--keep-base", action="store_true", help="keep an existing base model, refit the reward only")
+    build.set_defaults(func=cmd_toy_build_assets)
 
     tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "
                                             "pair set for trying the toolkit without a GPU or the hub.")

@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+_PACKAGE = Path(__file__).resolve().parent  # .../diffusion_align
+
+
+def shipped_dir(installed: str, checkout: str) -> Path:
+    """A folder the project ships: `diffusion_align/<installed>` in a built wheel (package data), or
+    `<checkout>` relative to the repository root in a source checkout (and an editable install, which runs
+    from one)."""
+    for candidate in (_PACKAGE / installed, _PACKAGE.parent / checkout):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{checkout} not found: looked for {_PACKAGE / installed} (installed package data) and "
+                            f"{_PACKAGE.parent / checkout} (source checkout)")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place; an older folder of that name is removed only after the move."""
     old = dst.with_name(dst.name + ".old")

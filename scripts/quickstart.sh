@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install, build a tiny SD pipeline and synthetic preference pairs locally, and run a short Diffusion-DPO
-# LoRA training on the CPU with configs/tiny/dpo.yaml. Prints where the outputs are.
+# The main job on the built-in default: install into .venv, then `diffusion-align demo` in the toy world, offline:
+# the shipped base model makes preference pairs, the toy PickScore labels them, Diffusion-DPO LoRA trains on them,
+# and the oracle judges base and aligned images on held-out prompts. Prints the win rate and where the report is.
+# Extra arguments go to the demo, e.g. `bash scripts/quickstart.sh --method mapo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-.venv/bin/diffusion-align make-tiny outputs/tiny
-.venv/bin/diffusion-align train configs/tiny/dpo.yaml "$@"
+.venv/bin/diffusion-align demo "$@"

@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Install (scripts/setup.sh) and run the default test suite on the CPU. Extra arguments go to pytest,
 # e.g. `bash scripts/test.sh -m slow` for the heavy opt-in tests.
+# The review page's browser tests drive headless Chromium: where chromedriver is missing, this installs Debian's
+# chromium and chromium-driver (as root, or through sudo); without either, those tests are skipped and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    if [ -z "$sudo" ] || command -v sudo >/dev/null; then
+        echo "test: installing Debian's chromium and chromium-driver for the review page's browser tests" >&2
+        $sudo apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver >/dev/null
+    else
+        echo "test: no root and no sudo: Chromium not installed, the browser tests will be skipped" >&2
+    fi
+fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/python -m pytest -q "$@"

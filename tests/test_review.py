@@ -159,7 +159,7 @@ def browser(tmp_path):
     """Headless Chromium under ChromeDriver (Debian's, so selenium-manager downloads nothing); downloads go to
     tmp_path/downloads."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        message = f"{CHROMIUM} and {CHROMEDRIVER} are needed for the review page test; scripts/setup.sh installs them"
+        message = f"{CHROMIUM} and {CHROMEDRIVER} are needed for the review page test; scripts/test.sh installs them"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

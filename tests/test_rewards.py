@@ -60,7 +60,7 @@ def test_registry_matches_scorers():
         columns += [c["column"] for c in spec["conventions"].values()]
     assert len(columns) == len(set(columns))  # every output column is unambiguous
     implemented = {key for key in ClipSimilarityScorer.SIMILARITIES}
-    declared = {(n, c) for n in ("pickscore", "clip") for c in registry.load_spec(n)["conventions"]}
+    declared = {(n, c) for n in ("pickscore", "clip", "toy-pickscore") for c in registry.load_spec(n)["conventions"]}
     assert implemented == declared
 
 

@@ -201,7 +201,8 @@ def test_sdxl_sizes_crops_and_bf16_vae(tmp_path, tiny_models, seen):
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")  # fp32, no autocast
     with torch.no_grad():
         posterior = vae.encode(vae_call["pixels"]).latent_dist
-        fp32 = posterior.sample(generator=torch.Generator().set_state(vae_call["generator"])) * vae.config.scaling_factor
+        generator = torch.Generator().set_state(vae_call["generator"])
+        fp32 = posterior.sample(generator=generator) * vae.config.scaling_factor
     assert torch.allclose(vae_call["latents"], fp32, atol=1e-6), "the VAE ran under the loop's bf16 autocast"
 
 

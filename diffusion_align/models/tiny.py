@@ -301,7 +301,7 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
     """Save a tiny randomly initialised reward model `name` (a key of diffusion_align.rewards.SCORERS) in the
     layout `load_scorer(name, path)` reads; returns that path.
 
-    pickscore / clip: a CLIPModel folder with tokenizer and image processor (what save_pretrained writes).
+    pickscore / clip / toy-pickscore: a CLIPModel folder with tokenizer and image processor (save_pretrained).
     hpsv2 / hpsv2.1: the registry's checkpoint file, {"state_dict": fp16 tensors} of an open_clip CLIP, plus the
     `open_clip_config.json` that tells the loader to build this tiny architecture instead of ViT-H-14.
     aesthetic: the head file (real key layout, input width = the tiny CLIP's projection) and a clip/ subfolder.
@@ -317,7 +317,7 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
     # Seed a private copy of the RNG so callers' random streams are left as they were.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name in ("pickscore", "clip"):
+        if name in ("pickscore", "clip", "toy-pickscore"):
             _save_clip(out_dir)
         elif name in ("hpsv2", "hpsv2.1"):
             import json

@@ -15,9 +15,11 @@ from __future__ import annotations
 import inspect
 import os
 
+from ..files import shipped_dir
 from .base import MissingWeightsError, Scorer
 from .clip import AestheticScorer, ClipSimilarityScorer
 from .hps import HPSScorer
+from .registry import load_spec
 
 SCORERS: dict[str, type[Scorer]] = {
     "pickscore": ClipSimilarityScorer,
@@ -25,6 +27,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "hpsv2.1": HPSScorer,
     "clip": ClipSimilarityScorer,
     "aesthetic": AestheticScorer,
+    "toy-pickscore": ClipSimilarityScorer,
 }
 
 __all__ = ["SCORERS", "MissingWeightsError", "Scorer", "load_scorer", "parse_scorer_spec"]
@@ -54,8 +57,12 @@ def load_scorer(name: str, path: str | os.PathLike | None = None, device=None, d
     `dtype`: of the model (e.g. torch.float16 on a GPU); outputs are float32 CPU regardless. `options`:
     `batch_size`, `convention` (see the registry entry), and `processor` for pickscore / clip.
     A missing file raises MissingWeightsError (a FileNotFoundError) saying what to download and where to put it.
+    Weights that ship with the package (the registry's `source.shipped`, e.g. toy-pickscore) are the default path.
     """
     _known(name)
+    shipped = load_spec(name)["source"].get("shipped")
+    if path is None and shipped:
+        path = shipped_dir(**shipped)
     cls = SCORERS[name]
     allowed = [p for p in inspect.signature(cls).parameters if p not in ("name", "path", "device", "dtype")]
     unknown = sorted(set(options) - set(allowed))

@@ -106,7 +106,7 @@ class Similarity:
 
 
 class ClipSimilarityScorer(Scorer):
-    """PickScore and CLIPScore: a scaled, possibly clipped cosine between CLIP text and image embeddings.
+    """PickScore (and the toy world's) and CLIPScore: a scaled, possibly clipped cosine between CLIP text and image embeddings.
 
     P(a preferred to b) = sigmoid(exp(logit_scale) * (cos_a - cos_b)) in every convention, made from the scores as
     sigmoid((exp(logit_scale) / scale) * (s_a - s_b)): for PickScore's logit convention that is sigmoid(s_a - s_b),
@@ -116,6 +116,8 @@ class ClipSimilarityScorer(Scorer):
     SIMILARITIES = {
         ("pickscore", "logit"): Similarity(scale=None),
         ("pickscore", "cosine"): Similarity(),
+        ("toy-pickscore", "logit"): Similarity(scale=None),
+        ("toy-pickscore", "cosine"): Similarity(),
         ("clip", "hessel"): Similarity(2.5, 0.0, "A photo depicts "),  # Hessel et al.'s w = 2.5 and prefix
         ("clip", "torchmetrics"): Similarity(100.0, 0.0),
         ("clip", "raw"): Similarity(),

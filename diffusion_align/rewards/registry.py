@@ -11,23 +11,14 @@ from pathlib import Path
 
 import yaml
 
+from ..files import shipped_dir
+
 REQUIRED_KEYS = ("name", "title", "paper", "licence", "source", "preprocessing", "conventions",
                  "default_convention", "preference")
 
-_PACKAGE = Path(__file__).resolve().parents[1]  # .../diffusion_align
-
-
 def registry_dir() -> Path:
-    """The folder of registry YAML files.
-
-    A built wheel carries them as package data in `diffusion_align/reward_models/`; a source checkout (and an
-    editable install, which runs from one) keeps the canonical copy at the repository root, `reward_models/`.
-    """
-    for candidate in (_PACKAGE / "reward_models", _PACKAGE.parent / "reward_models"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"reward model registry not found: looked for {_PACKAGE / 'reward_models'} (installed "
-                            f"package data) and {_PACKAGE.parent / 'reward_models'} (source checkout)")
+    """The folder of registry YAML files: the repository's `reward_models/`, shipped in a wheel as package data."""
+    return shipped_dir("reward_models", "reward_models")
 
 
 def registry_names() -> list[str]:

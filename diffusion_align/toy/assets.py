@@ -1,0 +1,159 @@
+"""The toy world's shipped assets, `assets/toy/`: the pretrained base model and the toy PickScore.
+
+    base/          the toy SD pipeline (`pretrain.pretrain`), for StableDiffusionPipeline.from_pretrained
+    pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of base-model samples;
+                   scorer `toy-pickscore`
+    measured.json  what `build_assets` measured: the base model's oracle scores, the proxy's agreement with the
+                   oracle on held-out pairs, the settings and the time
+
+`build_assets` makes all of them again, deterministically for a seed (`diffusion-align toy build-assets`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ..data.shards import write_parquet
+from ..files import shipped_dir, write_text_atomic
+from ..models.tiny import clip_tokenizer
+from .oracle import judge, oracle_scores, rate_pairs
+from .pretrain import MAX_TOKENS, PretrainSettings, pretrain
+from .world import SIZE, scenes
+
+logger = logging.getLogger("diffusion_align")
+
+SAMPLING = {"steps": 20, "guidance": 2.0}  # every toy image: DDIM, low guidance, where the base model's flaws show
+
+
+def asset_dir() -> Path:
+    return shipped_dir("toy_assets", "assets/toy")
+
+
+def base_model() -> Path:
+    return asset_dir() / "base"
+
+
+def toy_pickscore() -> Path:
+    return asset_dir() / "pickscore"
+
+
+def generate(model, prompts: list[str], seeds: list[int], out_dir, lora=None) -> Path:
+    """Images of `prompts` x `seeds` into `out_dir` with metadata.jsonl, through the `generate` command's code."""
+    from ..evaluation.generate import generate_images
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts_file = out_dir.parent / f"{out_dir.name}-prompts.txt"
+    prompts_file.write_text("".join(p + "\n" for p in prompts))
+    generate_images(str(model), prompts_file, seeds, out_dir, lora=lora, steps=SAMPLING["steps"],
+                    guidance=SAMPLING["guidance"], height=SIZE, width=SIZE, batch_size=64, device="cpu")
+    return out_dir
+
+
+def folder_records(image_dir) -> list[dict]:
+    """metadata.jsonl of a generated folder: file_name, prompt, seed and the settings, per image."""
+    from ..evaluation.generate import read_records
+    return [record for _, record in read_records(Path(image_dir) / "metadata.jsonl")]
+
+
+def oracle_pairs(image_dir, out_file, seed: int = 0) -> Path:
+    """Pick-a-Pic parquet of the folder's images paired by prompt (consecutive images of one prompt), labelled by the
+    simulated raters: what people would have said, with their noise and ties."""
+    by_prompt: dict[str, list[dict]] = {}
+    for record in folder_records(image_dir):
+        by_prompt.setdefault(record["prompt"], []).append(record)
+    image_dir = Path(image_dir)
+    pairs = [(prompt, image_dir / group[i]["file_name"], image_dir / group[i + 1]["file_name"])
+             for prompt, group in sorted(by_prompt.items()) for i in range(0, len(group) - 1, 2)]
+    scores = np.array([[judge(Image.open(f), prompt)["oracle"] for f in (f0, f1)] for prompt, f0, f1 in pairs])
+    label_0, label_1 = rate_pairs(scores[:, 0], scores[:, 1], np.random.default_rng(seed))
+    write_parquet(pa.table({
+        "caption": [prompt for prompt, _, _ in pairs],
+        "jpg_0": [f0.read_bytes() for _, f0, _ in pairs], "jpg_1": [f1.read_bytes() for _, _, f1 in pairs],
+        "label_0": label_0, "label_1": label_1, "oracle_0": scores[:, 0], "oracle_1": scores[:, 1],
+    }), Path(out_file))
+    return Path(out_file)
+
+
+def build_toy_clip(out_dir, seed: int = 0) -> Path:
+    """A small randomly initialised CLIPModel for 32 px images with the toy tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    tokenizer = clip_tokenizer(model_max_length=MAX_TOKENS)
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+    processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def proxy_agreement(scorer, pairs_file) -> dict:
+    """How often the scorer prefers the image the oracle prefers, over pairs whose oracle scores differ by more
+    than the raters' tie margin (oracle_0 / oracle_1 columns)."""
+    from .oracle import RATER_TIE_MARGIN
+    table = pq.read_table(pairs_file).to_pylist()
+    clear = [r for r in table if abs(r["oracle_0"] - r["oracle_1"]) > RATER_TIE_MARGIN]
+    decode = [Image.open(io.BytesIO(r[c])).convert("RGB") for r in clear for c in ("jpg_0", "jpg_1")]
+    scores = scorer.score(decode, [r["caption"] for r in clear for _ in (0, 1)]).view(-1, 2)
+    agree = [(s0 > s1) == (r["oracle_0"] > r["oracle_1"]) for (s0, s1), r in zip(scores.tolist(), clear)]
+    return {"pairs": len(clear), "agreement": float(np.mean(agree)) if agree else None}
+
+
+def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None = None, images_per_prompt: int = 8,
+                 reward_steps: int = 1500, keep_base: bool = False) -> dict:
+    """Pretrain the base model (unless `keep_base` and `out_dir/base` holds one), fit the toy PickScore on
+    rater-labelled base samples, and measure both."""
+    from ..rewards import load_scorer
+    from ..rewards.fit_reward import fit_reward
+    started = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else asset_dir()
+    work = out_dir / ".build"
+    settings = settings or PretrainSettings(seed=seed)
+    base = out_dir / "base"
+    if not (keep_base and (base / "model_index.json").is_file()):
+        pretrain(base, settings)
+
+    # preference data: `images_per_prompt` samples of every train prompt, paired, labelled by the simulated raters
+    seeds = list(range(images_per_prompt))
+    train_images = generate(base, [s.prompt for s in scenes("train")], seeds, work / "train-images")
+    train_pairs = oracle_pairs(train_images, work / "train-pairs.parquet", seed)
+    clip = build_toy_clip(work / "clip-init", seed)
+    fit = fit_reward(str(train_pairs), str(clip), out_dir / "pickscore", steps=reward_steps, lr=1e-3,
+                     weight_decay=0.1, batch_size=64, warmup_steps=100, seed=seed, device="cpu")
+
+    # measured on held-out prompts, never trained on
+    eval_images = generate(base, [s.prompt for s in scenes("heldout")], seeds, work / "heldout-images")
+    eval_pairs = oracle_pairs(eval_images, work / "heldout-pairs.parquet", seed + 1)
+    records = folder_records(eval_images)
+    oracle = oracle_scores([Image.open(eval_images / r["file_name"]) for r in records], [r["prompt"] for r in records])
+    parts = [judge(Image.open(eval_images / r["file_name"]), r["prompt"]) for r in records]
+    proxy = load_scorer("toy-pickscore", out_dir / "pickscore", device="cpu")
+    measured = {
+        "base_oracle_heldout": {"mean": float(oracle.mean()), "std": float(oracle.std()), "images": len(records),
+                                "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}},
+        "toy_pickscore": {"validation_accuracy": fit.to_dict().get("val_accuracy"),
+                          "oracle_agreement_heldout": proxy_agreement(proxy, eval_pairs)},
+        "settings": {"pretrain": asdict(settings), "images_per_prompt": images_per_prompt,
+                     "reward_steps": reward_steps, "sampling": SAMPLING},
+        "seconds": round(time.perf_counter() - started),
+    }
+    write_text_atomic(out_dir / "measured.json", json.dumps(measured, indent=2) + "\n")
+    return measured

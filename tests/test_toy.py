@@ -1,0 +1,155 @@
+"""The toy world: its grammar and splits, deterministic renders, the oracle on clean renders, the simulated raters,
+the shipped assets through the real loaders, and a shortened demo end to end."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_align.toy import judge, oracle_scores, parse_prompt, rate_pairs, render, sample_prompts
+from diffusion_align.toy.world import ALL_SCENES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, render_flawed, scenes
+
+ATTRIBUTES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
+
+
+def test_grammar_round_trips_and_rejects_other_prompts():
+    assert len(ALL_SCENES) == 2 * 6 * 3 * 3 * 3
+    for scene in ALL_SCENES:
+        assert parse_prompt(scene.prompt) == scene
+    assert ALL_SCENES[0].prompt == "a small red circle on the left, white background"
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        parse_prompt("a photo of a cat")
+    with pytest.raises(ValueError, match="'pink' is not one of"):
+        parse_prompt("a small pink circle on the left, white background")
+
+
+def test_held_out_scenes_are_new_combinations_of_known_words():
+    train, heldout = scenes("train"), scenes("heldout")
+    assert not set(train) & set(heldout) and len(train) + len(heldout) == len(ALL_SCENES)
+    assert 0.1 < len(heldout) / len(ALL_SCENES) < 0.3
+    for field, values in ATTRIBUTES.items():  # every word is seen in training
+        assert {getattr(s, field) for s in train} == set(values) == {getattr(s, field) for s in heldout}
+    held = set(sample_prompts(500, seed=3, split="heldout"))
+    assert held == {s.prompt for s in heldout}
+    assert not held & set(sample_prompts(1000, seed=3, split="train"))
+
+
+def test_prompts_and_renders_are_deterministic_for_a_seed():
+    assert sample_prompts(20, seed=1) == sample_prompts(20, seed=1) != sample_prompts(20, seed=2)
+    first = [np.asarray(render_flawed(s, np.random.default_rng(7))[0]) for s in ALL_SCENES[:10]]
+    again = [np.asarray(render_flawed(s, np.random.default_rng(7))[0]) for s in ALL_SCENES[:10]]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_the_oracle_ranks_the_true_render_above_one_attribute_off():
+    """Judged against prompt P, a clean render of P beats a clean render of P with one attribute changed."""
+    rng = np.random.default_rng(0)
+    wins, trials = 0, 0
+    for scene in [ALL_SCENES[i] for i in rng.permutation(len(ALL_SCENES))[:60]]:
+        good = judge(render(scene, rng), scene.prompt)["oracle"]
+        for field, values in ATTRIBUTES.items():
+            for value in values:
+                if value != getattr(scene, field):
+                    trials += 1
+                    wins += good > judge(render(replace(scene, **{field: value}), rng), scene.prompt)["oracle"]
+    assert trials > 600 and wins / trials > 0.99
+
+
+def test_the_oracle_judges_pixels_not_the_prompt_string():
+    rng = np.random.default_rng(1)
+    scene = parse_prompt("a large blue square on the right, white background")
+    image = render(scene, rng)
+    parts = judge(image, scene.prompt)
+    assert parts["oracle"] > 0.9 and min(parts.values()) > 0.8
+    blank = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
+    assert judge(blank, scene.prompt)["oracle"] == pytest.approx(0.25)  # only the clean background counts
+    noisy = np.asarray(image, np.float32) + np.random.default_rng(2).normal(0, 40, (32, 32, 3))
+    noisy = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    assert judge(noisy, scene.prompt)["clean background"] < parts["clean background"] - 0.3  # the stated taste
+    # the same image as a float tensor in [0, 1], and at another size, gets the same judgement
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    scores = oracle_scores([image, tensor, image.resize((64, 64), Image.Resampling.NEAREST)], [scene.prompt] * 3)
+    assert scores.dtype == torch.float32 and torch.allclose(scores, scores[0].expand(3), atol=0.02)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        oracle_scores([image, image], [scene.prompt])
+
+
+def test_raters_tie_close_scores_and_follow_bradley_terry():
+    rng = np.random.default_rng(0)
+    label_0, label_1 = rate_pairs(np.full(20_000, 0.6), np.full(20_000, 0.55), rng, temperature=0.05, tie_margin=0.02)
+    assert np.all(label_0 + label_1 == 1)
+    assert label_0.mean() == pytest.approx(1 / (1 + np.exp(-1)), abs=0.01)  # gap 0.05 at temperature 0.05
+    label_0, _ = rate_pairs([0.5, 0.5], [0.51, 0.3], rng, tie_margin=0.02)
+    assert label_0[0] == 0.5 and label_0[1] in (0.0, 1.0)
+
+
+# ---------------------------------------------------------------- the shipped assets and the demo
+
+def test_pretraining_is_deterministic_for_a_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusion_align.toy.pretrain import PretrainSettings, pretrain
+    settings = PretrainSettings(images=32, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4)
+    first, again = pretrain(tmp_path / "a", settings), pretrain(tmp_path / "b", settings)
+    for part in ("unet", "vae"):
+        a = load_file(first / part / "diffusion_pytorch_model.safetensors")
+        b = load_file(again / part / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_the_shipped_base_model_loads_through_the_real_loaders():
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_align.models.loading import load_components
+    from diffusion_align.toy.assets import base_model
+    folder = base_model()
+    assert not list(folder.rglob("*.bin")) and sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 25e6
+    parts = load_components(str(folder))
+    assert (parts.family, parts.prediction_type) == ("sd", "epsilon")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    prompts = sample_prompts(4, seed=0, split="heldout")
+    images = pipe(prompts, num_inference_steps=10, guidance_scale=3.0, height=32, width=32,
+                  generator=[torch.Generator().manual_seed(i) for i in range(4)]).images
+    assert [im.size for im in images] == [(32, 32)] * 4
+    assert oracle_scores(images, prompts).mean() > 0.3  # it draws the world, if imperfectly (see measured.json)
+
+
+def test_toy_pickscore_loads_by_name_and_has_learned_the_taste():
+    from diffusion_align.rewards import load_scorer
+    from diffusion_align.toy.world import _noisy
+    scorer = load_scorer("toy-pickscore", device="cpu")
+    assert scorer.column == "toy_pickscore"
+    rng = np.random.default_rng(0)
+    prompts = [ALL_SCENES[i].prompt for i in rng.permutation(len(ALL_SCENES))[:32]]
+    clean = [render(parse_prompt(p), rng) for p in prompts]
+    blotchy = [_noisy(image, rng) for image in clean]
+    assert (scorer.preference_prob(clean, blotchy, prompts) > 0.5).float().mean() > 0.9
+
+
+def test_demo_end_to_end(tmp_path):
+    """A shortened demo: every stage runs on the shipped assets and the outputs are what the report says."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_align.toy.assets import base_model
+    from diffusion_align.toy.demo import DemoSettings, run_demo
+    out = tmp_path / "demo"
+    report = run_demo(out, DemoSettings(steps=2, prompts=8, images_per_prompt=2, eval_seeds=1,
+                                        overrides=("train.batch_size=4",)))
+    assert json.loads((out / "report.json").read_text()) == report
+    win = report["oracle_win_rate"]
+    assert win["comparisons"] == win["prompts"] == 73 and 0 <= win["low"] <= win["value"] <= win["high"] <= 1
+    assert set(report["toy_reward"]) == {"base", "aligned"} and report["method"] == "dpo"
+    assert "Oracle win rate of the aligned model over the base" in (out / "report.md").read_text()
+    assert len(pq.read_table(out / "pairs" / "pairs-00000.parquet")) == 8  # one pair per train prompt
+    for name in ("base", "aligned"):
+        assert len((out / name / "metadata.jsonl").read_text().splitlines()) == 73
+    for path in (report["files"]["review page"], report["files"]["training curves"], *report["files"]["grid pages"]):
+        assert Path(path).is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(base_model())
+    pipe.load_lora_weights(report["files"]["LoRA weights"])
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
