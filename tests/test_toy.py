@@ -102,6 +102,18 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_the_shipped_text_encoder_is_the_seeded_initialisation():
+    """Pretraining keeps the text encoder frozen at build_pipeline(seed=0)'s random weights: rebuilding them gives
+    the shipped tensors exactly."""
+    from safetensors.torch import load_file
+
+    from diffusion_align.toy.assets import base_model
+    from diffusion_align.toy.pretrain import build_pipeline
+    shipped = load_file(base_model() / "text_encoder" / "model.safetensors")
+    rebuilt = build_pipeline(seed=0).text_encoder.state_dict()
+    assert shipped.keys() <= rebuilt.keys() and all(torch.equal(shipped[k], rebuilt[k]) for k in shipped)
+
+
 def test_the_shipped_base_model_loads_through_the_real_loaders():
     from diffusers import StableDiffusionPipeline
 

@@ -27,8 +27,8 @@ from PIL import Image
 from ..data.shards import write_parquet
 from ..files import shipped_dir, write_text_atomic
 from ..models.tiny import clip_tokenizer
-from .oracle import judge, oracle_scores, rate_pairs
-from .pretrain import MAX_TOKENS, PretrainSettings, pretrain
+from .oracle import judge, rate_pairs
+from .pretrain import MAX_TOKENS, PretrainSettings, pretrain, text_tower
 from .world import SIZE, scenes
 
 logger = logging.getLogger("diffusion_align")
@@ -89,14 +89,11 @@ def build_toy_clip(out_dir, seed: int = 0) -> Path:
     """A small randomly initialised CLIPModel for 32 px images with the toy tokenizer and image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     tokenizer = clip_tokenizer(model_max_length=MAX_TOKENS)
-    text = dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+        model = CLIPModel(CLIPConfig(text_config=text_tower(tokenizer), vision_config=vision, projection_dim=64))
     processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -142,12 +139,11 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
     # measured on held-out prompts, never trained on
     eval_images = generate(base, [s.prompt for s in scenes("heldout")], seeds, work / "heldout-images")
     eval_pairs = oracle_pairs(eval_images, work / "heldout-pairs.parquet", seed + 1)
-    records = folder_records(eval_images)
-    oracle = oracle_scores([Image.open(eval_images / r["file_name"]) for r in records], [r["prompt"] for r in records])
-    parts = [judge(Image.open(eval_images / r["file_name"]), r["prompt"]) for r in records]
+    parts = [judge(Image.open(eval_images / r["file_name"]), r["prompt"]) for r in folder_records(eval_images)]
+    oracle = torch.tensor([p["oracle"] for p in parts])
     proxy = load_scorer("toy-pickscore", out_dir / "pickscore", device="cpu")
     measured = {
-        "base_oracle_heldout": {"mean": float(oracle.mean()), "std": float(oracle.std()), "images": len(records),
+        "base_oracle_heldout": {"mean": float(oracle.mean()), "std": float(oracle.std()), "images": len(parts),
                                 "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}},
         "toy_pickscore": {"validation_accuracy": fit.to_dict().get("val_accuracy"),
                           "oracle_agreement_heldout": proxy_agreement(proxy, eval_pairs)},

@@ -47,15 +47,20 @@ class PretrainSettings:
     prompt_dropout: float = 0.1
 
 
+def text_tower(tokenizer) -> dict:
+    """The toy world's text transformer (the base model's text encoder, the toy PickScore's text side): 2 layers of
+    width 64 over the real CLIP vocabulary."""
+    return dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def build_pipeline(seed: int) -> StableDiffusionPipeline:
     """The untrained toy pipeline, initialised from `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = clip_tokenizer(model_max_length=MAX_TOKENS)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_tower(tokenizer)))
         vae = AutoencoderKL(
             block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
