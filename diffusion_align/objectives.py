@@ -1,9 +1,11 @@
-"""Preference objectives: pure functions of per-sample denoising errors.
+"""Preference objectives: pure functions of tensors.
 
-Inputs are the per-sample errors from `training.likelihood.denoising_errors` (mean over C, H, W, fp32), one value
-per pair for the winner (`_w`) and the loser (`_l`), from the policy (`model_`) and the frozen reference (`ref_`).
-A lower error means a higher ELBO, so `-(err - ref_err)` is the implicit log-likelihood ratio of a sample.
-Every function returns `(loss, metrics)`; metrics are detached 0-dim tensors, ready to average across processes.
+Offline methods (DPO, SmPO, DCPO, MaPO, SFT) take the per-sample errors from `training.likelihood.denoising_errors`
+(mean over C, H, W, fp32), one value per pair for the winner (`_w`) and the loser (`_l`), from the policy
+(`model_`) and the frozen reference (`ref_`). A lower error means a higher ELBO, so `-(err - ref_err)` is the
+implicit log-likelihood ratio of a sample. The GRPO family (Pref-GRPO, GRPO) takes rewards, pairwise preferences
+and per-step log-probabilities (`sampling.ddim_step_with_logprob`).
+Every loss returns `(loss, metrics)`; metrics are detached 0-dim tensors, ready to average across processes.
 """
 
 from __future__ import annotations
@@ -94,6 +96,51 @@ def sft_loss(model_err_w: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Supervised fine-tuning baseline: the plain diffusion loss on the preferred images, mean(m_w)."""
     loss = model_err_w.mean()
     return loss, _error_metrics(model_err_w)
+
+
+def pairwise_win_rates(pref: torch.Tensor) -> torch.Tensor:
+    """Pref-GRPO's reward: each image's mean probability of beating the other images of its group.
+
+        w_i = (1 / (G - 1)) * sum_{j != i} pref[i, j]
+
+    `pref` is [G, G] (or [..., G, G] for several groups) with pref[i, j] = P(i beats j): 1 for a win, 0.5 for a tie;
+    the diagonal is ignored. With a consistent judge (pref[i, j] + pref[j, i] = 1) the group mean is 0.5.
+    """
+    size = pref.shape[-1]
+    others = 1 - torch.eye(size, dtype=pref.dtype, device=pref.device)
+    return (pref * others).sum(dim=-1) / (size - 1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8, clip: float = 5.0) -> torch.Tensor:
+    """GRPO's advantages: rewards z-scored within each group of `group_size` consecutive rows, then clamped.
+
+        A_i = clamp((r_i - mean_g) / (std_g + eps), -clip, clip),   std_g over the group (population)
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (not rounding noise
+    divided by eps), and the trainer leaves it out of the update.
+    """
+    grouped = rewards.float().reshape(-1, group_size)
+    z = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    tied = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    return torch.where(tied, torch.zeros_like(z), z.clamp(-clip, clip)).flatten()
+
+
+def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float = 1e-4) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate on per-step log-probabilities, as the GRPO family uses it on diffusion steps:
+
+        r    = exp(log_prob - old_log_prob)
+        loss = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps))),   eps = clip_range
+
+    Metrics: clip_fraction (rows with |r - 1| > eps), approx_kl (mean of (log_prob - old_log_prob)^2 / 2),
+    ratio_mean.
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    metrics = {"clip_fraction": ((ratio - 1).abs() > clip_range).float().mean(),
+               "approx_kl": 0.5 * log_ratio.detach().pow(2).mean(), "ratio_mean": ratio.detach().mean()}
+    return loss, metrics
 
 
 def _preference_metrics(inside: torch.Tensor) -> dict:

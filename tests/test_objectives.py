@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_align.config import MethodConfig
-from diffusion_align.objectives import diffusion_dpo_loss, mapo_loss, sft_loss, smpo_loss, smpo_pref_prob
+from diffusion_align.objectives import (clipped_policy_loss, diffusion_dpo_loss, group_advantages, mapo_loss,
+                                        pairwise_win_rates, sft_loss, smpo_loss, smpo_pref_prob)
 from diffusion_align.training.methods import METHODS, Errors
 
 
@@ -146,3 +147,42 @@ def test_smpo_pref_prob_uses_the_published_normalisation():
     p = smpo_pref_prob(t(0.25), t(0.2))
     assert p.item() == pytest.approx(0.5744804752269456, abs=1e-6)
     assert smpo_pref_prob(t(0.2), t(0.2)).item() == 0.5
+
+
+# ---------------------------------------------------------------- the GRPO family
+
+def test_pairwise_win_rates_golden():
+    # w_0 = (0.8 + 0.6) / 2, w_1 = (0.2 + 0.9) / 2, w_2 = (0.4 + 0.1) / 2; the diagonal is ignored
+    pref = torch.tensor([[0.5, 0.8, 0.6], [0.2, 0.5, 0.9], [0.4, 0.1, 0.5]])
+    assert pairwise_win_rates(pref).tolist() == pytest.approx([0.7, 0.55, 0.25])
+    assert pairwise_win_rates(pref).mean().item() == pytest.approx(0.5)  # a consistent judge: always 0.5
+    pref[0, 0] = 99.0
+    assert pairwise_win_rates(torch.stack([pref, 1 - pref.T])).shape == (2, 3)
+
+
+def test_group_advantages_golden():
+    # group 1: mean 2, population std sqrt(2/3) -> -+1.2247; group 2 ties: exactly 0
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 0.1, 0.1, 0.1]), group_size=3)
+    assert adv.tolist()[:3] == pytest.approx([-1.224744871, 0.0, 1.224744871], abs=1e-6)
+    assert adv.tolist()[3:] == [0.0, 0.0, 0.0]  # 0.1 * 3 / 3 != 0.1 in floats: no rounding noise / eps
+    # one winner among 50: (1 - 0.02) / sqrt(0.02 * 0.98) = 7.0 -> clamped to 5
+    rewards = torch.zeros(50)
+    rewards[7] = 1.0
+    assert group_advantages(rewards, 50)[7].item() == pytest.approx(5.0)
+    assert group_advantages(rewards, 50, clip=10.0)[7].item() == pytest.approx(7.0, rel=1e-6)
+
+
+def test_clipped_policy_loss_golden_and_gradient():
+    # r = 1, e^0.2, e^-0.2 with A = 1, 1, -1 and eps 0.1: max(-1, -1) = -1; max(-1.2214, -1.1) = -1.1;
+    # max(0.8187, 0.9) = 0.9 -> loss = (-1 - 1.1 + 0.9) / 3 = -0.4
+    log_prob = torch.tensor([0.0, 0.2, -0.2], requires_grad=True)
+    loss, metrics = clipped_policy_loss(log_prob, torch.zeros(3), torch.tensor([1.0, 1.0, -1.0]), clip_range=0.1)
+    assert loss.item() == pytest.approx(-0.4, abs=1e-6)
+    assert metrics["clip_fraction"].item() == pytest.approx(2 / 3)
+    assert metrics["approx_kl"].item() == pytest.approx((0.04 + 0.04) / 2 / 3)
+    loss.backward()
+    # only the unclipped row moves, and a positive advantage pushes its log-probability up: d loss / d logp = -A r / 3
+    assert log_prob.grad.tolist() == pytest.approx([-1 / 3, 0.0, 0.0])
+    # at the first update r = 1 exactly: the loss is -mean(A), no clipping
+    loss, metrics = clipped_policy_loss(torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -1.0, 2.0, 0.0]))
+    assert loss.item() == pytest.approx(-0.5) and metrics["clip_fraction"].item() == 0.0
