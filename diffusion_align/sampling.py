@@ -1,4 +1,4 @@
-"""Sampling with log-probabilities, for online methods (Pref-GRPO, GRPO): one DDIM step as a Gaussian policy.
+"""Sampling with log-probabilities, for online methods (Pref-GRPO, GRPO): DDIM steps as a Gaussian policy.
 
 DDIM with eta > 0 draws x_prev ~ N(mu, sigma^2 I) (Song et al., 2020, eq. 12 and 16):
 
@@ -8,14 +8,19 @@ DDIM with eta > 0 draws x_prev ~ N(mu, sigma^2 I) (Song et al., 2020, eq. 12 and
 with x0_hat and eps_hat from the model output (epsilon or v-prediction, classifier-free guidance already applied)
 and abar_p the level of the previous timestep (t - T / steps; the scheduler's final level below 0). The step's
 log-probability is the Gaussian log-density of x_prev, constants included, averaged over the latent elements.
+`sample_with_logprob` denoises groups of images with classifier-free guidance in one batched UNet call per step
+and keeps the trajectory; `step_log_prob` re-scores a stored step under the current policy (with gradients).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
+
+from .models.conditioning import Conditioning, encode_prompts
 
 
 def _abar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -63,3 +68,60 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
         return prev.to(sample.dtype), None
     log_prob = -((prev - mu) ** 2) / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
     return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled images' denoising paths: the policy's actions and their log-probabilities."""
+
+    latents: list[torch.Tensor]  # x_T, ..., x_0: steps + 1 tensors of (N, C, H, W)
+    timesteps: torch.Tensor      # the `steps` timesteps, x_k -> x_{k+1} taken at timesteps[k]
+    log_probs: torch.Tensor | None  # (steps, N): each step's log-probability when sampled; None at eta = 0
+
+
+def group_conditioning(family: str, tokenizers: list, text_encoders: list, prompts: list[str], group_size: int,
+                       resolution: int) -> tuple[Conditioning, Conditioning]:
+    """(conditional, unconditional) rows for `group_size` images of each prompt, rows [p1 x G, p2 x G, ...]: each
+    prompt encoded once, the empty prompt once. SDXL is conditioned on its full-resolution, uncropped size."""
+    texts = [*prompts, ""]
+    sizes = torch.tensor([[resolution, resolution]] * len(texts))
+    encoded = encode_prompts(family, tokenizers, text_encoders, texts, sizes, torch.zeros_like(sizes), resolution)
+    per_image = torch.arange(len(prompts)).repeat_interleave(group_size)
+    return encoded.select(per_image), encoded.select(torch.full_like(per_image, len(prompts)))
+
+
+def guided_output(unet, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning,
+                  guidance: float) -> torch.Tensor:
+    """Classifier-free guidance in one batched UNet call: u + guidance * (c - u), as the SD pipelines do."""
+    both = Conditioning(torch.cat([uncond.encoder_hidden_states, cond.encoder_hidden_states]),
+                        None if cond.added_cond_kwargs is None else
+                        {k: torch.cat([uncond.added_cond_kwargs[k], v]) for k, v in cond.added_cond_kwargs.items()})
+    out_uncond, out_cond = unet(torch.cat([sample, sample]), timestep, **both.unet_kwargs()).sample.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+@torch.no_grad()
+def sample_with_logprob(unet, scheduler: DDIMScheduler, cond: Conditioning, uncond: Conditioning,
+                        latents: torch.Tensor, steps: int, guidance: float, eta: float = 1.0,
+                        generator: torch.Generator | None = None) -> Trajectory:
+    """Denoise `latents` (x_T, one row per image) in `steps` DDIM steps with guidance, keeping the trajectory."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    path, log_probs = [latents], []
+    for t in scheduler.timesteps:
+        output = guided_output(unet, path[-1], t, cond, uncond, guidance)
+        prev, log_prob = ddim_step_with_logprob(scheduler, output, t, path[-1], eta, generator=generator)
+        path.append(prev)
+        log_probs.append(log_prob)
+    return Trajectory(path, scheduler.timesteps.clone(), torch.stack(log_probs) if eta > 0 else None)
+
+
+def step_log_prob(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int, cond: Conditioning,
+                  uncond: Conditioning, guidance: float, eta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The current policy's log-probability of a stored step (with gradients), for `rows` of the batch (all by
+    default): the training side of the ratio exp(log_prob - old log_prob)."""
+    rows = torch.arange(len(trajectory.latents[0])) if rows is None else rows
+    sample, t = trajectory.latents[step][rows], trajectory.timesteps[step]
+    output = guided_output(unet, sample, t, cond.select(rows), uncond.select(rows), guidance)
+    _, log_prob = ddim_step_with_logprob(scheduler, output, t, sample, eta,
+                                         prev_sample=trajectory.latents[step + 1][rows])
+    return log_prob

@@ -63,3 +63,49 @@ def test_a_stored_step_is_rescored_not_redrawn():
     assert (far < log_prob).all()
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim_step_with_logprob(DDIMScheduler(), output, t, sample)
+
+
+# ---------------------------------------------------------------- sampling groups with the trajectory
+
+@pytest.fixture(scope="module")
+def tiny_sd(tiny_models):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd"])
+    pipe.scheduler = scheduler()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _groups(pipe, prompts, group_size):
+    from diffusion_align.sampling import group_conditioning
+    return group_conditioning("sd", [pipe.tokenizer], [pipe.text_encoder], prompts, group_size, 32)
+
+
+def test_eta_zero_sampling_is_the_pipeline(tiny_sd):
+    from diffusion_align.sampling import sample_with_logprob
+    prompts = ["a red circle", "a blue square"]
+    cond, uncond = _groups(tiny_sd, prompts, group_size=2)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    trajectory = sample_with_logprob(tiny_sd.unet, scheduler(steps=4), cond, uncond, latents, steps=4, guidance=3.0,
+                                     eta=0.0)
+    expected = tiny_sd([p for p in prompts for _ in range(2)], num_inference_steps=4, guidance_scale=3.0, eta=0.0,
+                       latents=latents, output_type="latent", height=32, width=32).images
+    torch.testing.assert_close(trajectory.latents[-1], expected, atol=1e-5, rtol=1e-5)
+    assert len(trajectory.latents) == 5 and trajectory.log_probs is None
+
+
+def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
+    from diffusion_align.sampling import sample_with_logprob, step_log_prob
+    cond, uncond = _groups(tiny_sd, ["a red circle", "a green triangle"], group_size=3)
+    s = scheduler(steps=4)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 16, 16, generator=generator)
+    trajectory = sample_with_logprob(tiny_sd.unet, s, cond, uncond, latents, steps=4, guidance=5.0, eta=1.0,
+                                     generator=generator)
+    assert trajectory.log_probs.shape == (4, 6) and torch.isfinite(trajectory.log_probs).all()
+    assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
+    for step in range(4):
+        for rows in (None, torch.tensor([4, 1])):  # the whole batch, or a training micro-batch of it
+            log_prob = step_log_prob(tiny_sd.unet, s, trajectory, step, cond, uncond, 5.0, 1.0, rows)
+            old = trajectory.log_probs[step] if rows is None else trajectory.log_probs[step][rows]
+            assert (log_prob - old).abs().max() < 1e-5

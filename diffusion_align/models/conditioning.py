@@ -17,6 +17,11 @@ class Conditioning:
     encoder_hidden_states: torch.Tensor
     added_cond_kwargs: dict | None = None  # SDXL only: {"text_embeds": pooled, "time_ids": add_time_ids}
 
+    def select(self, index: torch.Tensor) -> Conditioning:
+        """The rows `index` (e.g. each prompt's row repeated for its group of images)."""
+        added = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states[index], added)
+
     def unet_kwargs(self) -> dict:
         kwargs = {"encoder_hidden_states": self.encoder_hidden_states}
         if self.added_cond_kwargs is not None:
