@@ -62,7 +62,8 @@ def smpo_pref_prob(score_w: torch.Tensor, score_l: torch.Tensor, score_min: floa
 
 
 def mapo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, beta: float = 0.1, snr_value: float = 0.5,
-              num_train_timesteps: int = 1000, diffusion_err_w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+              num_train_timesteps: int = 1000,
+              diffusion_err_w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """MaPO (Hong et al., 2024), reference-free:
 
         f(x)     = s*x / (exp(s*x) - 1),  s = snr_value   (f(0) = 1 by continuity; f falls as the error grows)
@@ -109,6 +110,18 @@ def pairwise_win_rates(pref: torch.Tensor) -> torch.Tensor:
     size = pref.shape[-1]
     others = 1 - torch.eye(size, dtype=pref.dtype, device=pref.device)
     return (pref * others).sum(dim=-1) / (size - 1)
+
+
+def bradley_terry_preferences(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Pairwise preferences from pointwise scores of one group ([..., G] -> [..., G, G]):
+
+        pref[i, j] = P(i beats j) = sigmoid((s_i - s_j) / temperature)
+
+    PickScore's own 2-way softmax is temperature 1 on its logit-scaled scores. A small temperature approaches
+    rank-based GRPO; a larger one turns near-ties into ~0.5, removing the "illusory advantage" that lets pointwise
+    GRPO hack the reward. The diagonal is 0.5 (an image ties with itself).
+    """
+    return torch.sigmoid((scores.unsqueeze(-1) - scores.unsqueeze(-2)) / temperature)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8, clip: float = 5.0) -> torch.Tensor:

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_align.config import MethodConfig
-from diffusion_align.objectives import (clipped_policy_loss, diffusion_dpo_loss, group_advantages, mapo_loss,
-                                        pairwise_win_rates, sft_loss, smpo_loss, smpo_pref_prob)
+from diffusion_align.objectives import (bradley_terry_preferences, clipped_policy_loss, diffusion_dpo_loss,
+                                        group_advantages, mapo_loss, pairwise_win_rates, sft_loss, smpo_loss,
+                                        smpo_pref_prob)
 from diffusion_align.training.methods import METHODS, Errors
 
 
@@ -186,3 +187,15 @@ def test_clipped_policy_loss_golden_and_gradient():
     # at the first update r = 1 exactly: the loss is -mean(A), no clipping
     loss, metrics = clipped_policy_loss(torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -1.0, 2.0, 0.0]))
     assert loss.item() == pytest.approx(-0.5) and metrics["clip_fraction"].item() == 0.0
+
+
+def test_bradley_terry_preferences_golden():
+    # scores 1, 0, 0.01 at temperature 1: P(0 beats 1) = sigmoid(1) = 0.731059; near-tie 1 vs 2 -> ~0.5
+    pref = bradley_terry_preferences(torch.tensor([1.0, 0.0, 0.01]))
+    assert pref[0, 1].item() == pytest.approx(0.7310585786, abs=1e-6)
+    assert pref[1, 0].item() == pytest.approx(1 - 0.7310585786, abs=1e-6)
+    assert pref[2, 1].item() == pytest.approx(0.5025, abs=1e-4) and torch.all(pref.diagonal() == 0.5)
+    # a small temperature approaches ranks: the near-tie becomes a clear win
+    assert bradley_terry_preferences(torch.tensor([0.0, 0.01]), temperature=1e-3)[1, 0].item() > 0.99
+    # win rates from these preferences always average 0.5 in a group
+    assert pairwise_win_rates(pref).mean().item() == pytest.approx(0.5)
