@@ -84,3 +84,32 @@ def test_shipped_configs_cover_the_families():
     assert {"sd15/dpo.yaml", "sd21/dpo.yaml", "sdxl/dpo.yaml", "tiny/dpo.yaml", "sdxl/mapo.yaml", "sd15/smpo.yaml",
             "sdxl/smpo.yaml", "sd21/dcpo.yaml", "sd15/sft.yaml", "tiny/mapo.yaml", "tiny/smpo.yaml", "tiny/dcpo.yaml",
             "tiny/sft.yaml"} <= names
+
+
+RECIPES = [p for p in CONFIGS if p.parent.name != "tiny"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_every_recipe_constant_names_its_source(path):
+    """A value line of a shipped recipe carries a comment saying where the value comes from (or "ours")."""
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if line.startswith("  ") and rest.strip() and key.strip() not in ("name", "output_dir", "num_workers", "path"):
+            assert "#" in rest, f"{path.name}: {line.strip()!r} names no source"
+
+
+def test_recipes_follow_the_published_scripts():
+    recipes = {str(p.relative_to(p.parent.parent)): load_config(p) for p in RECIPES}
+    for name in ("sd15/smpo.yaml", "sdxl/smpo.yaml"):  # 100 of 200 steps warm-up, then constant; prompt dropout
+        cfg = recipes[name]
+        assert (cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps, cfg.data.prompt_dropout) == (
+            "constant_with_warmup", 100, 200, 0.2)
+    assert recipes["sd21/dcpo.yaml"].train.warmup_steps == 500
+    assert recipes["sdxl/dpo.yaml"].train.warmup_steps == 200 and recipes["sd15/dpo.yaml"].train.warmup_steps == 500
+    for name in ("sdxl/dpo.yaml", "sdxl/dpo-lora.yaml", "sdxl/mapo.yaml", "sdxl/smpo.yaml"):  # the fp16-safe VAE
+        assert recipes[name].model.vae == "madebyollin/sdxl-vae-fp16-fix", name
+    flips = {name: cfg.data.random_flip for name, cfg in recipes.items()}
+    assert flips["sd15/dpo.yaml"] == flips["sd15/dpo-lora.yaml"] == flips["sdxl/dpo.yaml"] == "image"
+    assert flips["sdxl/dpo-lora.yaml"] == flips["sdxl/mapo.yaml"] == "pair"
+    sdxl_lora = next(p for p in RECIPES if p.parent.name == "sdxl" and p.name == "dpo-lora.yaml").read_text()
+    assert "--beta_dpo 5000], which uses the same -1/2 factor" in sdxl_lora and "2500" not in sdxl_lora
