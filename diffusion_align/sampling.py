@@ -21,13 +21,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .models.conditioning import Conditioning, encode_prompts
-
-
-def _abar(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """abar per row (fp32, broadcastable over C, H, W); a level below 0 is the scheduler's final one."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=timesteps.device)
-    return torch.where(timesteps >= 0, alphas[timesteps.clamp(min=0)], final).view(-1, 1, 1, 1)
+from .training.likelihood import abar_at
 
 
 def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
@@ -46,8 +40,9 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
                          "config with thresholding=False (as Stable Diffusion's)")
     x_t, out = sample.float(), model_output.float()
     t = torch.as_tensor(timestep, device=sample.device).long().expand(sample.shape[0])
-    a_t = _abar(scheduler, t)
-    a_p = _abar(scheduler, t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
+    final = float(scheduler.final_alpha_cumprod)  # the level below timestep 0
+    a_t = abar_at(scheduler, t, final)
+    a_p = abar_at(scheduler, t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps, final)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         x0, eps = (x_t - (1 - a_t) ** 0.5 * out) / a_t ** 0.5, out

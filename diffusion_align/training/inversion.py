@@ -35,7 +35,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..models.conditioning import Conditioning
-from .likelihood import NoisedRows, prediction_target
+from .likelihood import NoisedRows, abar_at, prediction_target
+
+CLEAN = 1.0  # abar of level -1, the clean latent
 
 
 def inversion_grid(timesteps: torch.Tensor, steps: int) -> torch.Tensor:
@@ -44,13 +46,6 @@ def inversion_grid(timesteps: torch.Tensor, steps: int) -> torch.Tensor:
         raise ValueError(f"inversion needs at least one step, got steps={steps}")
     k = torch.arange(steps + 1, device=timesteps.device)
     return (timesteps.long()[:, None] + 1) * k // steps - 1
-
-
-def _abar(scheduler: DDPMScheduler, levels: torch.Tensor) -> torch.Tensor:
-    """abar per row in fp32, shaped (rows, 1, 1, 1); level -1 (the clean latent) has abar = 1."""
-    alphas = scheduler.alphas_cumprod.to(levels.device, torch.float32)
-    abar = torch.where(levels >= 0, alphas[levels.clamp(min=0)], 1.0)
-    return abar.view(-1, 1, 1, 1)
 
 
 def _ddim_step(z: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
@@ -67,7 +62,7 @@ def _predict_noise(unet, scheduler: DDPMScheduler, z: torch.Tensor, levels: torc
     if kind == "epsilon":
         return out
     if kind == "v_prediction":
-        a = _abar(scheduler, t)
+        a = abar_at(scheduler, t, CLEAN)
         return a.sqrt() * out + (1 - a).sqrt() * z
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported (expected epsilon or v_prediction)")
 
@@ -81,7 +76,7 @@ def ddim_invert(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps
     z = latents.float()
     for k in range(steps):
         level, next_level = grid[:, k], grid[:, k + 1]
-        a, a_next = _abar(scheduler, level), _abar(scheduler, next_level)
+        a, a_next = abar_at(scheduler, level, CLEAN), abar_at(scheduler, next_level, CLEAN)
         eps = _predict_noise(unet, scheduler, z, level, cond, latents.dtype)
         if renoise:  # average with the prediction at the tentative next latent, then redo the step from z
             tentative = _ddim_step(z, eps, a, a_next)
@@ -100,14 +95,14 @@ def ddim_sample_back(unet, scheduler: DDPMScheduler, z: torch.Tensor, timesteps:
     for k in range(steps, 0, -1):
         level, prev_level = grid[:, k], grid[:, k - 1]
         eps = _predict_noise(unet, scheduler, x, level, cond, z.dtype)
-        x = _ddim_step(x, eps, _abar(scheduler, level), _abar(scheduler, prev_level))
+        x = _ddim_step(x, eps, abar_at(scheduler, level, CLEAN), abar_at(scheduler, prev_level, CLEAN))
     return x
 
 
 def implied_noise(scheduler: DDPMScheduler, latents: torch.Tensor, z: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
     """eps_hat = (z - sqrt(abar_t) x0) / sqrt(1 - abar_t) in fp32: the noise that forward-noises x0 into z."""
-    a = _abar(scheduler, timesteps)
+    a = abar_at(scheduler, timesteps, CLEAN)
     return (z.float() - a.sqrt() * latents.float()) / (1 - a).sqrt()
 
 

@@ -55,6 +55,13 @@ def denoising_errors(unet, rows: NoisedRows, cond: Conditioning) -> torch.Tensor
     return (pred.float() - rows.target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
+def abar_at(scheduler, levels: torch.Tensor, below_zero: float) -> torch.Tensor:
+    """abar of each row's noise level in fp32, shaped (rows, 1, 1, 1); a level below 0 gets `below_zero` (1 for the
+    clean latent, or a DDIM scheduler's final level)."""
+    alphas = scheduler.alphas_cumprod.to(levels.device, torch.float32)
+    return torch.where(levels >= 0, alphas[levels.clamp(min=0)], below_zero).view(-1, 1, 1, 1)
+
+
 def epsilon_units(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Per row, the factor that turns an error against the model's own target into the error of the noise it
     implies (fp32): 1 for epsilon models, abar_t for v-prediction (see the module docstring)."""

@@ -65,7 +65,6 @@ class Method:
         return smpo_pref_prob(batch[f"{cfg.pref_column}_w"], batch[f"{cfg.pref_column}_l"], cfg.score_min,
                               cfg.score_max)
 
-
     def beta_warning(self, beta: float) -> str | None:
         """A message when `beta` is more than 10x outside the range this method was published with."""
         if self.published_betas is None:
