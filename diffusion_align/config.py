@@ -27,9 +27,12 @@ def _key(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 @dataclass
 class MethodConfig:
-    name: str = _key("dpo", "Training objective: dpo (Diffusion-DPO), mapo (MaPO, reference-free), smpo (SmPO: soft "
-                            "labels + ReNoise inversion), dcpo (DCPO: per-image captions), sft (diffusion loss on the "
-                            "winners).", choices=("dpo", "mapo", "smpo", "dcpo", "sft"))
+    name: str = _key("dpo", "Training objective. Offline, on preference pairs (data.*): dpo (Diffusion-DPO), mapo "
+                            "(MaPO, reference-free), smpo (SmPO: soft labels + ReNoise inversion), dcpo (DCPO: "
+                            "per-image captions), sft (diffusion loss on the winners). Online, on the model's own "
+                            "samples (online.*): pref_grpo (Pref-GRPO: win rates inside each group), grpo (GRPO on "
+                            "the scorer's z-scored scores).",
+                     choices=("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"))
     beta: float | None = _key(None, "Preference strength. null = the method's published default: dpo 5000, smpo 5000 "
                                     "(2000 for SD1.5 in the paper), dcpo 500, mapo 0.1; a value far outside the "
                                     "method's published range is warned about. Our DPO convention is the authors' "
@@ -99,11 +102,54 @@ class DataConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """pref_grpo / grpo: each step samples `group_size` images of `prompts_per_step` prompts per process, rewards
+    them, and makes `updates_per_rollout` clipped policy updates on a random part of their denoising steps."""
+    prompts: str | None = _key(None, "Prompt file (.txt one per line, .jsonl or .csv with a prompt column): the "
+                                     "prompts to sample, in a seeded order that every process shares.")
+    reward: str = _key("pickscore", "Scorer NAME[=PATH] (see `diffusion-align score --help`) whose scores reward the "
+                                    "images (grpo) or give their pairwise preferences (pref_grpo).")
+    judge: str | None = _key(None, "pref_grpo only: a transformers image-text-to-text model (hub id or folder) "
+                                   "asked which of two images is better, instead of online.reward's preferences.")
+    judge_order: str = _key("random", "pref_grpo with a judge: the order each pair is shown in. random (cancels "
+                                      "position bias on average), both (each pair twice, the bias cancels exactly; "
+                                      "2x the judge calls) or fixed (the authors' code: the lower index first).",
+                            choices=("random", "both", "fixed"))
+    judge_answers: list[str] = _key(["1", "2"], "pref_grpo with a judge: the two answers (first image, second "
+                                                "image) whose next-token logits give P(first); each must be one token "
+                                                "of the judge's tokenizer (e.g. A,B where 1 and 2 are not).")
+    pref_temperature: float = _key(1.0, "pref_grpo with a scorer: P(i beats j) = sigmoid(scale * (s_i - s_j) / T), "
+                                        "scale the scorer's own (PickScore's 2-way softmax at T = 1). Larger T turns "
+                                        "near-ties into ~0.5.")
+    group_size: int = _key(8, "Images per prompt (G), compared within their group. Published: 8 (Pref-GRPO), 16 "
+                              "(DanceGRPO SD1.4).")
+    prompts_per_step: int = _key(2, "Prompts (groups) per process per step.")
+    sample_steps: int = _key(20, "DDIM sampling steps per image.")
+    eta: float = _key(1.0, "DDIM eta (> 0: each step is a Gaussian with a log-probability).")
+    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps.")
+    train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
+                                      "last (at least one).")
+    updates_per_rollout: int = _key(2, "Optimiser updates per step's samples (the samples are split in that many "
+                                       "parts); only the first sees ratio 1.")
+    clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.")
+    adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].")
+    kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none.")
+    track: list[str] = _key([], "Other scorers NAME[=PATH] whose mean score of each step's samples is logged as "
+                                "tracked_<name>, never trained on: e.g. toy-oracle, to watch the proxy reward's gap "
+                                "to the truth.")
+    grid_every: int = _key(0, "Every N steps, sample the first 4 prompts with fixed seeds (eta 0) into "
+                              "<output_dir>/grids/step-<N>.png; 0 = never.")
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = _key("outputs/run", "Where checkpoints, logs and the final model go.")
-    max_steps: int = _key(2000, "Number of optimiser steps.")
-    batch_size: int = _key(1, "Pairs per process per micro-step.")
-    grad_accum: int = _key(1, "Micro-steps accumulated per optimiser step.")
+    max_steps: int = _key(2000, "Number of steps: optimiser steps (offline methods) or rollouts (online methods, "
+                                "each with online.updates_per_rollout updates; the lr schedule counts rollouts).")
+    batch_size: int = _key(1, "Pairs per process per micro-step (online methods: images per sampling and training "
+                              "micro-batch, the same so the first ratio is exactly 1).")
+    grad_accum: int = _key(1, "Micro-steps accumulated per optimiser step (online methods: must be 1; an update "
+                              "accumulates over its micro-batches and trained timesteps).")
     lr: float = _key(1e-5, "Learning rate (per pair of the effective batch if scale_lr is true).")
     scale_lr: bool = _key(False, "Multiply lr by the effective batch (processes x batch_size x grad_accum), "
                                  "as the Diffusion-DPO authors do with lr 1e-8.")
@@ -134,10 +180,12 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-_SECTION_CLASSES = {"method": MethodConfig, "model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTION_CLASSES = {"method": MethodConfig, "model": ModelConfig, "data": DataConfig, "online": OnlineConfig,
+                    "train": TrainConfig}
 
 
 class ConfigError(ValueError):
@@ -222,7 +270,7 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
 
 def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: expected a mapping of sections (method, model, data, train), got {tree!r}")
+        raise ConfigError(f"{where}: expected a mapping of sections (method, model, data, online, train), got {tree!r}")
     flat = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"

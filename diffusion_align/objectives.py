@@ -156,6 +156,17 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
     return loss, metrics
 
 
+def gaussian_policy_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) of one denoising step per row, both Gaussians with the step's std sigma:
+
+        KL = mean over latent elements of (mu - mu_ref)^2 / (2 sigma^2)
+
+    (the per-element KL of two equal-variance Gaussians, averaged as the step's log-probability is).
+    """
+    kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
 def _preference_metrics(inside: torch.Tensor) -> dict:
     inside = inside.detach()
     acc = (inside > 0).float() + 0.5 * (inside == 0).float()

@@ -9,7 +9,8 @@ with x0_hat and eps_hat from the model output (epsilon or v-prediction, classifi
 and abar_p the level of the previous timestep (t - T / steps; the scheduler's final level below 0). The step's
 log-probability is the Gaussian log-density of x_prev, constants included, averaged over the latent elements.
 `sample_with_logprob` denoises groups of images with classifier-free guidance in one batched UNet call per step
-and keeps the trajectory; `step_log_prob` re-scores a stored step under the current policy (with gradients).
+and keeps the trajectory; `step_distribution` gives a stored step's Gaussian under the current policy (with
+gradients), from which the training loop re-scores the step and measures the KL to the reference.
 """
 
 from __future__ import annotations
@@ -24,15 +25,10 @@ from .models.conditioning import Conditioning, encode_prompts
 from .training.likelihood import abar_at
 
 
-def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-                           eta: float = 1.0, prev_sample: torch.Tensor | None = None,
-                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One DDIM step from `sample` at `timestep` (an int, or one per row): (prev_sample, log_prob per row).
-
-    `prev_sample` given: its log-probability under this step (re-scoring a stored trajectory); otherwise it is
-    drawn with `generator`. The step math runs in fp32; prev_sample comes back in `sample`'s dtype. With eta = 0
-    the step is deterministic, equal to `DDIMScheduler.step`, and has no density: log_prob is None.
-    """
+def ddim_transition(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                    eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian N(mu, sigma^2 I) of one DDIM step from `sample` at `timestep` (an int, or one per row), in fp32:
+    (mu like `sample`, sigma of shape (N, 1, ..., 1)). sigma is 0 at eta = 0."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_inference_steps) before stepping")
     if scheduler.config.thresholding:
@@ -53,16 +49,34 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     if scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5  # written as DDIMScheduler.step writes it
-    mu = a_p ** 0.5 * x0 + (1 - a_p - sigma ** 2) ** 0.5 * eps
+    return a_p ** 0.5 * x0 + (1 - a_p - sigma ** 2) ** 0.5 * eps, sigma
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2), constants included, averaged over all but the first dimension: one value per row."""
+    x = x.float()
+    log_prob = -((x - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                           eta: float = 1.0, prev_sample: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One DDIM step from `sample` at `timestep` (an int, or one per row): (prev_sample, log_prob per row).
+
+    `prev_sample` given: its log-probability under this step (re-scoring a stored trajectory); otherwise it is
+    drawn with `generator`. The step math runs in fp32; prev_sample comes back in `sample`'s dtype. With eta = 0
+    the step is deterministic, equal to `DDIMScheduler.step`, and has no density: log_prob is None.
+    """
+    mu, sigma = ddim_transition(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device) if eta > 0 else 0.0
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device) if eta > 0 else 0.0
         prev = mu + sigma * noise
     else:
         prev = prev_sample.float()
     if eta == 0:
         return prev.to(sample.dtype), None
-    log_prob = -((prev - mu) ** 2) / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
-    return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev.to(sample.dtype), gaussian_log_prob(prev, mu, sigma)
 
 
 @dataclass
@@ -110,13 +124,23 @@ def sample_with_logprob(unet, scheduler: DDIMScheduler, cond: Conditioning, unco
     return Trajectory(path, scheduler.timesteps.clone(), torch.stack(log_probs) if eta > 0 else None)
 
 
-def step_log_prob(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int, cond: Conditioning,
-                  uncond: Conditioning, guidance: float, eta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The current policy's log-probability of a stored step (with gradients), for `rows` of the batch (all by
-    default): the training side of the ratio exp(log_prob - old log_prob)."""
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor) -> list:
+    """PIL images of final latents, decoded in the VAE's own dtype outside any autocast."""
+    from PIL import Image
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def step_distribution(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int, cond: Conditioning,
+                      uncond: Conditioning, guidance: float, eta: float,
+                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current policy's Gaussian (mu, sigma) for a stored step, for `rows` of the batch (all by default), with
+    gradients: the training side of the ratio exp(log_prob - old log_prob) (`gaussian_log_prob` of the stored
+    next latents) and of the KL to a reference policy."""
     rows = torch.arange(len(trajectory.latents[0])) if rows is None else rows
     sample, t = trajectory.latents[step][rows], trajectory.timesteps[step]
     output = guided_output(unet, sample, t, cond.select(rows), uncond.select(rows), guidance)
-    _, log_prob = ddim_step_with_logprob(scheduler, output, t, sample, eta,
-                                         prev_sample=trajectory.latents[step + 1][rows])
-    return log_prob
+    return ddim_transition(scheduler, output, t, sample, eta)

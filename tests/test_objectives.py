@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from diffusion_align.config import MethodConfig
 from diffusion_align.objectives import (bradley_terry_preferences, clipped_policy_loss, diffusion_dpo_loss,
-                                        group_advantages, mapo_loss, pairwise_win_rates, sft_loss, smpo_loss,
-                                        smpo_pref_prob)
+                                        gaussian_policy_kl, group_advantages, mapo_loss, pairwise_win_rates, sft_loss,
+                                        smpo_loss, smpo_pref_prob)
 from diffusion_align.training.methods import METHODS, Errors
 
 
@@ -199,3 +199,12 @@ def test_bradley_terry_preferences_golden():
     assert bradley_terry_preferences(torch.tensor([0.0, 0.01]), temperature=1e-3)[1, 0].item() > 0.99
     # win rates from these preferences always average 0.5 in a group
     assert pairwise_win_rates(pref).mean().item() == pytest.approx(0.5)
+
+
+def test_gaussian_policy_kl_golden():
+    """Row 0: elements (1 - 0)^2 / (2 * 2^2) = 0.125 and (2 - 0)^2 / 8 = 0.5, mean 0.3125; row 1 equals its
+    reference; row 2: (3 - 1)^2 / (2 * 0.5^2) = 8 in both elements."""
+    mean = torch.tensor([[1.0, 2.0], [0.5, -0.5], [3.0, 3.0]])
+    ref = torch.tensor([[0.0, 0.0], [0.5, -0.5], [1.0, 1.0]])
+    std = torch.tensor([[2.0], [1.0], [0.5]])
+    torch.testing.assert_close(gaussian_policy_kl(mean, ref, std), torch.tensor([0.3125, 0.0, 8.0]))

@@ -95,7 +95,7 @@ def test_eta_zero_sampling_is_the_pipeline(tiny_sd):
 
 
 def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
-    from diffusion_align.sampling import sample_with_logprob, step_log_prob
+    from diffusion_align.sampling import gaussian_log_prob, sample_with_logprob, step_distribution
     cond, uncond = _groups(tiny_sd, ["a red circle", "a green triangle"], group_size=3)
     s = scheduler(steps=4)
     generator = torch.Generator().manual_seed(0)
@@ -106,6 +106,8 @@ def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
     assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
     for step in range(4):
         for rows in (None, torch.tensor([4, 1])):  # the whole batch, or a training micro-batch of it
-            log_prob = step_log_prob(tiny_sd.unet, s, trajectory, step, cond, uncond, 5.0, 1.0, rows)
+            mean, std = step_distribution(tiny_sd.unet, s, trajectory, step, cond, uncond, 5.0, 1.0, rows)
+            taken = trajectory.latents[step + 1] if rows is None else trajectory.latents[step + 1][rows]
+            log_prob = gaussian_log_prob(taken, mean, std)
             old = trajectory.log_probs[step] if rows is None else trajectory.log_probs[step][rows]
             assert (log_prob - old).abs().max() < 1e-5

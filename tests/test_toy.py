@@ -39,6 +39,18 @@ def test_held_out_scenes_are_new_combinations_of_known_words():
     assert not held & set(sample_prompts(1000, seed=3, split="train"))
 
 
+def test_pretraining_data_never_names_a_held_out_scene():
+    """Not even as a wrong caption: flawed captions describe a train scene one attribute away."""
+    heldout = {s.prompt for s in scenes("heldout")}
+    rng = np.random.default_rng(0)
+    captions = [render_flawed(scene, rng)[1] for scene in scenes("train") for _ in range(20)]
+    wrong = [c for c, scene in zip(captions, [s for s in scenes("train") for _ in range(20)]) if c != scene.prompt]
+    assert len(wrong) > 500 and not set(captions) & heldout
+    for caption, scene in zip(captions, [s for s in scenes("train") for _ in range(20)]):
+        changed = [f for f in ATTRIBUTES if getattr(parse_prompt(caption), f) != getattr(scene, f)]
+        assert len(changed) in (0, 1)
+
+
 def test_prompts_and_renders_are_deterministic_for_a_seed():
     assert sample_prompts(20, seed=1) == sample_prompts(20, seed=1) != sample_prompts(20, seed=2)
     first = [np.asarray(render_flawed(s, np.random.default_rng(7))[0]) for s in ALL_SCENES[:10]]
@@ -77,6 +89,20 @@ def test_the_oracle_judges_pixels_not_the_prompt_string():
     assert scores.dtype == torch.float32 and torch.allclose(scores, scores[0].expand(3), atol=0.02)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         oracle_scores([image, image], [scene.prompt])
+
+
+def test_the_oracle_is_a_scorer_for_every_command():
+    from diffusion_align.rewards import load_scorer
+    scorer = load_scorer("toy-oracle", device="cpu", batch_size=2)
+    rng = np.random.default_rng(0)
+    chosen = ALL_SCENES[:5]
+    images = [render(s, rng) for s in chosen]
+    prompts = [s.prompt for s in chosen]
+    torch.testing.assert_close(scorer.score(images, prompts), oracle_scores(images, prompts), atol=1e-6, rtol=0)
+    wrong = [ALL_SCENES[-1].prompt] * 5  # another colour, size, position and background
+    assert (scorer.score(images, wrong) < scorer.score(images, prompts) - 0.3).all()
+    with pytest.raises(ValueError, match="takes no weights path"):
+        load_scorer("toy-oracle", "/some/path")
 
 
 def test_raters_tie_close_scores_and_follow_bradley_terry():

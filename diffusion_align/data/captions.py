@@ -315,6 +315,24 @@ CAPTION_INSTRUCTION = ("This image was generated for the prompt \"{prompt}\". In
 CAPTION_INSTRUCTION_NO_PROMPT = "In one sentence, describe what this image shows. Reply with the description only."
 
 
+def load_image_text_model(model: str, role: str, device: torch.device, dtype=None):
+    """An AutoModelForImageTextToText (id or folder) on `device`, in eval mode; `role` names it in the error for a
+    model of another kind. Shared by `Captioner` and the pairwise judge (rewards/judge.py)."""
+    from transformers import AutoModelForImageTextToText
+    try:
+        return AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
+    except ValueError as err:
+        raise ValueError(f"{role} {model!r}: not an image-to-text model AutoModelForImageTextToText loads "
+                         f"({err})") from err
+
+
+def chat_prompt(processor, text: str, images: int = 1) -> str:
+    """The user turn `images` images then `text`, through `processor`'s chat template, ending with the generation
+    prompt (where the model's answer starts)."""
+    content = [*[{"type": "image"}] * images, {"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 class Captioner:
     """An image-to-text model (transformers id or folder) loaded with AutoProcessor and AutoModelForImageTextToText;
     greedy decoding of at most `max_new_tokens` tokens. How the prompt is used depends on the processor:
@@ -333,13 +351,9 @@ class Captioner:
 
     def __init__(self, model: str, device=None, dtype=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  use_prompt: bool = True):
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
         self.device, self.max_new_tokens, self.use_prompt = default_device(device), max_new_tokens, use_prompt
-        try:
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(self.device).eval()
-        except ValueError as err:
-            raise ValueError(f"captioner {model!r}: not an image-to-text model AutoModelForImageTextToText loads "
-                             f"({err})") from err
+        self.model = load_image_text_model(model, "captioner", self.device, dtype)
         processor = AutoProcessor.from_pretrained(model)
         if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
             self.processor, self.tokenizer = processor, processor.tokenizer
@@ -369,12 +383,8 @@ class Captioner:
     def caption(self, images: Sequence, prompts: Sequence[str]) -> tuple[list[str], int]:
         """(one caption per image, how many came out empty and were replaced by the prompt)."""
         if self.mode == "instruction":
-            texts = [self.processor.apply_chat_template(
-                [{"role": "user", "content": [
-                    {"type": "image"},
-                    {"type": "text", "text": CAPTION_INSTRUCTION.format(prompt=p) if self.use_prompt
-                     else CAPTION_INSTRUCTION_NO_PROMPT}]}],
-                add_generation_prompt=True) for p in prompts]
+            texts = [chat_prompt(self.processor, CAPTION_INSTRUCTION.format(prompt=p) if self.use_prompt
+                                 else CAPTION_INSTRUCTION_NO_PROMPT) for p in prompts]
             inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
         elif self.mode == "prefix":
             inputs = self.processor(images=list(images), text=list(prompts), return_tensors="pt", **self._truncate)

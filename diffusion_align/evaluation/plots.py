@@ -14,6 +14,10 @@ PANELS = [
     ("MaPO scores", ["score_w", "score_l"]),
     ("soft labels", ["pref_prob"]),
     ("denoising error", ["model_err_w", "model_err_l", "ref_err_w", "ref_err_l"]),
+    ("reward (online)", ["score_mean", "score_min", "score_max"]),
+    ("win rate spread (pref_grpo)", ["reward_std"]),
+    ("policy ratio (online)", ["clip_fraction", "approx_kl", "kl"]),
+    ("tied groups (online)", ["zero_std_groups"]),
     ("learning rate", ["lr"]),
     ("gradient norm", ["grad_norm"]),
 ]
@@ -45,6 +49,9 @@ def plot_run(run_dir) -> Path:
     records = read_metrics(path)
     panels = [(title, [k for k in keys if any(_finite(r.get(k)) for r in records)]) for title, keys in PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
+    # online.track's scorers (e.g. the toy oracle beside the proxy reward): one panel each, own scale
+    tracked = sorted({k for r in records for k in r if k.startswith("tracked_")})
+    panels += [(f"tracked: {key.removeprefix('tracked_')}", [key]) for key in tracked]
     if not panels:
         raise ValueError(f"{path}: no metrics to plot")
     cols = 2

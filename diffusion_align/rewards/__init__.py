@@ -8,6 +8,8 @@
 Every scorer also exposes `preprocess` (picklable, for DataLoader workers) and `score_batch` (on preprocessed,
 stacked pixels). Where the weights come from, the score conventions and licences are in the registry,
 `reward_models/<name>.yaml`.
+
+Pairwise judges (Pref-GRPO: a model compares two images of one prompt) are in `judge.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from ..files import shipped_dir
 from .base import MissingWeightsError, Scorer
 from .clip import AestheticScorer, ClipSimilarityScorer
 from .hps import HPSScorer
+from .judge import PairwiseJudge, VLMJudge, judge_preferences
 from .registry import load_spec
+from .toy_oracle import ToyOracleScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     "pickscore": ClipSimilarityScorer,
@@ -28,9 +32,11 @@ SCORERS: dict[str, type[Scorer]] = {
     "clip": ClipSimilarityScorer,
     "aesthetic": AestheticScorer,
     "toy-pickscore": ClipSimilarityScorer,
+    "toy-oracle": ToyOracleScorer,
 }
 
-__all__ = ["SCORERS", "MissingWeightsError", "Scorer", "load_scorer", "parse_scorer_spec"]
+__all__ = ["SCORERS", "MissingWeightsError", "PairwiseJudge", "Scorer", "VLMJudge", "judge_preferences",
+           "load_scorer", "parse_scorer_spec"]
 
 
 def _known(name: str) -> None:

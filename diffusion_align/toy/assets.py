@@ -3,6 +3,7 @@
     base/          the toy SD pipeline (`pretrain.pretrain`), for StableDiffusionPipeline.from_pretrained
     pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of base-model samples;
                    scorer `toy-pickscore`
+    train-prompts.txt  the world's train prompts, one a line (for `online.prompts` in configs/toy/)
     measured.json  what `build_assets` measured: the base model's oracle scores, the proxy's agreement with the
                    oracle on held-out pairs, the settings and the time
 
@@ -46,6 +47,12 @@ def base_model() -> Path:
 
 def toy_pickscore() -> Path:
     return asset_dir() / "pickscore"
+
+
+def write_train_prompts(out_dir) -> Path:
+    path = Path(out_dir) / "train-prompts.txt"
+    write_text_atomic(path, "".join(s.prompt + "\n" for s in scenes("train")))
+    return path
 
 
 def generate(model, prompts: list[str], seeds: list[int], out_dir, lora=None) -> Path:
@@ -127,6 +134,7 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
     base = out_dir / "base"
     if not (keep_base and (base / "model_index.json").is_file()):
         pretrain(base, settings)
+    write_train_prompts(out_dir)
 
     # preference data: `images_per_prompt` samples of every train prompt, paired, labelled by the simulated raters
     seeds = list(range(images_per_prompt))

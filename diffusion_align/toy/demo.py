@@ -1,9 +1,13 @@
 """`diffusion-align demo`: the whole loop in the toy world, from the shipped assets, with no network.
 
+Offline methods (dpo, mapo, smpo, dcpo, sft):
 1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`);
 2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; SmPO reads its
    cosines, DCPO gets dual captions);
-3. training: the method on those pairs (`train`; LoRA by default);
+3. training: the method on those pairs (`train`; LoRA by default).
+Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
+the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`).
+Then, for every method:
 4. evaluation: base and aligned images for every held-out prompt and `eval_seeds` seeds (`generate`), judged by
    the oracle, paired by prompt and seed: the aligned model's win rate with a 95% bootstrap interval over prompts,
    and the toy PickScore of both;
@@ -23,13 +27,14 @@ from PIL import Image
 
 from ..evaluation.compare import bootstrap_interval, pair_outcomes
 from ..files import write_text_atomic
-from .assets import base_model, folder_records, generate, toy_pickscore
+from .assets import SAMPLING, base_model, folder_records, generate, toy_pickscore
 from .oracle import oracle_scores
 from .world import sample_prompts, scenes
 
 logger = logging.getLogger("diffusion_align")
 
-METHODS = ("dpo", "mapo", "smpo", "dcpo", "sft")
+METHODS = ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo")
+ONLINE = ("pref_grpo", "grpo")
 
 # Training settings of the demo, per method: tuned on the toy world (ours, not published recipes), at the
 # published beta of each method unless a line says otherwise.
@@ -42,13 +47,22 @@ TRAIN = {
     "smpo": ["method.pref_column=toy_pickscore_cosine", "method.pref_scorer=null", "method.inversion_steps=2"],
     "dcpo": [],
     "sft": [],
+    # online: the toy sampler (assets.SAMPLING) with eta 1; 8 prompts x 8 images a step, in 4 micro-batches of 16
+    "online": ["model.lora_rank=8", "train.batch_size=16", "train.lr=1e-3", "train.lr_scheduler=constant_with_warmup",
+               "train.warmup_steps=5", "train.resolution=32", "train.checkpoint_every=0", "train.log_every=5",
+               "train.report_to=none", "online.reward=toy-pickscore", "online.track=toy-oracle",
+               "online.group_size=8", "online.prompts_per_step=8", f"online.sample_steps={SAMPLING['steps']}",
+               f"online.guidance={SAMPLING['guidance']}", "online.eta=1.0", "online.grid_every=25"],
+    "pref_grpo": [],
+    "grpo": [],
 }
+DEFAULT_STEPS = {"offline": 1000, "online": 100}
 
 
 @dataclass
 class DemoSettings:
     method: str = "dpo"
-    steps: int = 1000         # optimiser steps
+    steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: DEFAULT_STEPS
     prompts: int = 251        # train prompts (all of them), each drawn once
     images_per_prompt: int = 4  # so 6 pairs per prompt
     eval_seeds: int = 3       # images per held-out prompt and model: 73 prompts x 3 = 219 comparisons
@@ -74,27 +88,38 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     out = Path(out_dir)
     base, proxy_path = base_model(), toy_pickscore()
     proxy = load_scorer("toy-pickscore", proxy_path, device="cpu")
+    online = settings.method in ONLINE
+    steps = settings.steps or DEFAULT_STEPS["online" if online else "offline"]
+    train_prompts = sample_prompts(settings.prompts, settings.seed, "train")
 
-    logger.info("1/5 pairs: %d train prompts x %d images from the base model", settings.prompts,
-                settings.images_per_prompt)
-    images = generate(base, sample_prompts(settings.prompts, settings.seed, "train"),
-                      list(range(settings.images_per_prompt)), out / "pair-images")
-    logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
-    pairs = out / "pairs"
-    pairs_from_folder(images, proxy, pairs, seed=settings.seed)
-    if settings.method == "smpo":
-        pairs = _with_cosines(pairs, proxy_path, out / "pairs-cosine")
-    elif settings.method == "dcpo":
-        pairs = _with_captions(pairs, out / "pairs-captions", settings.seed)
+    if online:
+        logger.info("1-2/5 (online: the model samples %d train prompts itself, rewarded by the toy PickScore)",
+                    settings.prompts)
+        prompts_file = out / "train-prompts.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(prompts_file, "".join(p + "\n" for p in train_prompts))
+        data = [f"online.prompts={prompts_file}", *TRAIN["online"]]
+    else:
+        logger.info("1/5 pairs: %d train prompts x %d images from the base model", settings.prompts,
+                    settings.images_per_prompt)
+        images = generate(base, train_prompts, list(range(settings.images_per_prompt)), out / "pair-images")
+        logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
+        pairs = out / "pairs"
+        pairs_from_folder(images, proxy, pairs, seed=settings.seed)
+        if settings.method == "smpo":
+            pairs = _with_cosines(pairs, proxy_path, out / "pairs-cosine")
+        elif settings.method == "dcpo":
+            pairs = _with_captions(pairs, out / "pairs-captions", settings.seed)
+        data = [f"data.path={pairs}", *TRAIN["common"]]
 
-    logger.info("3/5 training: %s, %d steps", settings.method, settings.steps)
-    cfg = load_config(None, [f"method.name={settings.method}", f"model.pretrained={base}", f"data.path={pairs}",
-                             f"train.output_dir={out / 'model'}", f"train.max_steps={settings.steps}",
-                             f"train.seed={settings.seed}", *TRAIN["common"], *TRAIN[settings.method],
-                             *settings.overrides])
+    logger.info("3/5 training: %s, %d steps", settings.method, steps)
+    train_keys = [*data, *TRAIN[settings.method], *settings.overrides]
+    cfg = load_config(None, [f"method.name={settings.method}", f"model.pretrained={base}",
+                             f"train.output_dir={out / 'model'}", f"train.max_steps={steps}",
+                             f"train.seed={settings.seed}", *train_keys])
     train_started = time.perf_counter()
     result = train(cfg)
-    seconds_per_step = (time.perf_counter() - train_started) / settings.steps  # model loading included
+    seconds_per_step = (time.perf_counter() - train_started) / steps  # model loading included
 
     logger.info("4/5 evaluation: %d held-out prompts x %d seeds, base and aligned", len(scenes("heldout")),
                 settings.eval_seeds)
@@ -106,10 +131,10 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         "method": settings.method,
         **evaluate(base_dir, aligned_dir, proxy, settings.seed),
         "train_seconds_per_step": round(seconds_per_step, 3),
-        "settings": {"steps": settings.steps, "prompts": settings.prompts,
-                     "images_per_prompt": settings.images_per_prompt, "eval_seeds": settings.eval_seeds,
-                     "seed": settings.seed, "train": [*TRAIN["common"], *TRAIN[settings.method],
-                                                      *settings.overrides]},
+        "settings": {"steps": steps, "prompts": settings.prompts,
+                     **({} if online else {"images_per_prompt": settings.images_per_prompt}),
+                     "eval_seeds": settings.eval_seeds, "seed": settings.seed,
+                     "train": [k for k in train_keys if not k.startswith(("data.path=", "online.prompts="))]},
     }
 
     logger.info("5/5 outputs: report, grid, review page")

@@ -40,7 +40,7 @@ _SHAPES = ("circle", "square", "triangle")
 _AREA_FACTOR = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # area / half-width^2
 
 
-def _pixels(image) -> np.ndarray:
+def to_pixels(image) -> np.ndarray:
     """(32, 32, 3) float RGB in 0..255 from a PIL image, a uint8 HWC array, or a CHW float tensor in [0, 1]."""
     if isinstance(image, torch.Tensor):
         image = Image.fromarray((image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
@@ -55,7 +55,7 @@ def _pixels(image) -> np.ndarray:
 def judge(image, prompt: str) -> dict[str, float]:
     """Every part of the oracle's judgement of one image (see the module docstring), and `oracle`, their total."""
     scene = parse_prompt(prompt)
-    pixels = _pixels(image)
+    pixels = to_pixels(image)
     colour, background = np.array(COLOURS[scene.colour]), np.array(BACKGROUNDS[scene.background])
     d_colour = np.linalg.norm(pixels - colour, axis=-1)
     d_background = np.linalg.norm(pixels - background, axis=-1)
@@ -121,3 +121,4 @@ def rate_pairs(scores_0, scores_1, rng: np.random.Generator, temperature: float 
     first_wins = rng.uniform(size=diff.shape) < 1 / (1 + np.exp(-diff / temperature))
     label_0 = np.where(np.abs(diff) <= tie_margin, 0.5, first_wins.astype(np.float64))
     return label_0, 1 - label_0
+

@@ -55,14 +55,14 @@ def parse_prompt(prompt: str) -> Scene:
     if match is None:
         raise ValueError(f"not a toy-world prompt: {prompt!r} (expected e.g. {ALL_SCENES[0].prompt!r})")
     scene = Scene(**match.groupdict())
-    for value, allowed in ((scene.size, SIZES), (scene.colour, COLOURS), (scene.shape, SHAPES),
-                           (scene.position, POSITIONS), (scene.background, BACKGROUNDS)):
-        if value not in allowed:
+    for field, allowed in _ATTRIBUTES.items():
+        if (value := getattr(scene, field)) not in allowed:
             raise ValueError(f"not a toy-world prompt: {prompt!r} ({value!r} is not one of {sorted(allowed)})")
     return scene
 
 
-ALL_SCENES = [Scene(*values) for values in itertools.product(SIZES, COLOURS, SHAPES, POSITIONS, BACKGROUNDS)]
+_ATTRIBUTES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
+ALL_SCENES = [Scene(*values) for values in itertools.product(*_ATTRIBUTES.values())]
 
 
 def _held_out(scene: Scene) -> bool:
@@ -71,6 +71,7 @@ def _held_out(scene: Scene) -> bool:
 
 
 SPLITS = {"train": [s for s in ALL_SCENES if not _held_out(s)], "heldout": [s for s in ALL_SCENES if _held_out(s)]}
+_TRAIN = frozenset(SPLITS["train"])
 
 
 def scenes(split: str) -> list[Scene]:
@@ -123,11 +124,12 @@ def _stained(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _miscaptioned(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The scene with one attribute changed: what a wrong caption would describe."""
-    field = ("size", "colour", "shape", "position", "background")[rng.integers(5)]
-    options = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
-    others = [v for v in options[field] if v != getattr(scene, field)]
-    return replace(scene, **{field: others[rng.integers(len(others))]})
+    """A train scene that differs from `scene` in one attribute: what a wrong caption would describe. Only train
+    scenes, so no held-out prompt is ever seen in pretraining, not even as a wrong caption."""
+    one_off = [replace(scene, **{field: value}) for field, values in _ATTRIBUTES.items() for value in values
+               if value != getattr(scene, field)]
+    neighbours = [s for s in one_off if s in _TRAIN]
+    return neighbours[rng.integers(len(neighbours))]
 
 
 def render_flawed(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, str]:

@@ -106,3 +106,5 @@ METHODS = {
     "dcpo": Method("dcpo", _dpo, default_beta=500.0, published_betas=(500.0, 500.0), per_image_captions=True),
     "sft": Method("sft", _sft, default_beta=None, needs_reference=False, rows_per_pair=1),
 }
+# Online methods sample their own images instead of reading pairs; their loop is online.py.
+ONLINE_METHODS = ("pref_grpo", "grpo")

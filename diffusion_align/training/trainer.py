@@ -27,13 +27,13 @@ from ..data.pairs import PairTransform, load_pairs, make_pair_loader
 from ..evaluation.plots import plot_run
 from ..files import write_text_atomic
 from ..models.conditioning import encode_prompts
-from ..models.loading import load_components, place, set_attention
+from ..models.loading import DiffusionComponents, load_components, place, set_attention
 from ..models.policy import Policy
 from ..rewards.labeling import reward_scores
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from .inversion import invert_rows
 from .likelihood import denoising_errors, encode_latents, epsilon_units, noise_rows
-from .methods import METHODS, Errors
+from .methods import METHODS, ONLINE_METHODS, Errors
 from .outputs import MetricsLog, save_final
 
 logger = logging.getLogger("diffusion_align")
@@ -91,17 +91,109 @@ class TrainResult:
     metrics: dict = dataclasses.field(default_factory=dict)  # the last logged step
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run the configured method and save the final model."""
-    method = METHODS[cfg.method.name]
-    t = cfg.train
-    output_dir = Path(t.output_dir)
+@dataclasses.dataclass
+class Models:
+    """What a run trains and conditions with, on the device; `unet` is the policy UNet as accelerate prepared it
+    (DDP-wrapped on many processes), `policy.unet` the same module unwrapped."""
+
+    parts: DiffusionComponents
+    policy: Policy
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    frozen_dtype: torch.dtype
+
+
+def start_run(cfg: Config) -> tuple[Accelerator, Path]:
+    """The accelerator and the output folder, with the resolved config written into it."""
     accelerator = make_accelerator(cfg)
-    device, main = accelerator.device, accelerator.is_main_process
-    world, effective_batch = accelerator.num_processes, accelerator.num_processes * t.batch_size * t.grad_accum
-    if main:
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
+    return accelerator, output_dir
+
+
+def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, lr: float) -> Models:
+    """Load the pipeline's parts, place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32
+    says so), wrap the UNet as the policy and prepare it with its optimiser and lr schedule."""
+    t = cfg.train
+    set_seed(t.seed)  # identical LoRA initialisation on every process
+    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    if cfg.model.prediction_type not in (None, parts.prediction_type):
+        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
+                          f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
+                          f"model.prediction_type=null to follow the checkpoint)")
+    device, frozen_dtype = accelerator.device, DTYPES[t.mixed_precision]
+    for module in parts.text_encoders:
+        place(module, device, frozen_dtype)
+    place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
+    attention = set_attention(parts.unet, cfg.model.attention, device)
+    if cfg.model.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
+                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype)
+    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.max_steps)
+    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
+                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
+    return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype)
+
+
+def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path) -> tuple[int, dict | None]:
+    """(step to continue after, this process's saved state) from train.resume; (0, None) for a fresh start."""
+    checkpoint = resolve_resume(output_dir, cfg.train.resume)
+    if checkpoint is None:
+        if cfg.train.resume == "latest":
+            logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
+        return 0, None
+    step, saved = load_checkpoint(accelerator, checkpoint, models.policy, models.optimizer, models.lr_scheduler)
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    return step, saved
+
+
+def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int, means: dict, totals: dict,
+             extra: dict) -> dict:
+    """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `extra` as this process has
+    it; written to metrics.jsonl by the main process and sent to the tracker."""
+    device = accelerator.device
+    record = {"step": step}
+    for names, how in ((list(means), "mean"), (list(totals), "sum")):
+        if names:
+            given = {**means, **totals}
+            values = torch.stack([torch.as_tensor(given[n], dtype=torch.float32, device=device) for n in names])
+            record.update(zip(names, accelerator.reduce(values, how).tolist()))
+    record.update(extra)
+    if metrics_log is not None:
+        metrics_log.write(record)
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+    return record
+
+
+def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path, summary: dict,
+               record: dict) -> TrainResult:
+    """Save the final model, its card and the training curves; end the trackers."""
+    accelerator.wait_for_everyone()
+    unet = accelerator.unwrap_model(models.unet)
+    if accelerator.is_main_process:
+        save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
+        logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))
+    accelerator.end_training()
+    return TrainResult(output_dir / "final", unet, record)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run the configured method and save the final model."""
+    if cfg.method.name in ONLINE_METHODS:
+        from .online import train_online
+        return train_online(cfg)
+    method = METHODS[cfg.method.name]
+    t = cfg.train
+    accelerator, output_dir = start_run(cfg)
+    device, main = accelerator.device, accelerator.is_main_process
+    world, effective_batch = accelerator.num_processes, accelerator.num_processes * t.batch_size * t.grad_accum
     beta = method.default_beta if cfg.method.beta is None else cfg.method.beta
     if main and (warning := method.beta_warning(beta)):
         logger.warning(warning)
@@ -126,49 +218,26 @@ def train(cfg: Config) -> TrainResult:
     logger.info("data %s: %s rows; dropped %s ties, %s with a null/NaN label, %s without a reward score; %s pairs",
                 cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs)
 
-    # ---- models: frozen parts in the half-precision dtype (an SDXL VAE that must stay fp32 says so) ----
-    set_seed(t.seed)  # identical LoRA initialisation on every process
-    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
-    if cfg.model.prediction_type not in (None, parts.prediction_type):
-        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
-                          f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
-                          f"model.prediction_type=null to follow the checkpoint)")
+    models = set_up_models(cfg, accelerator, method.needs_reference, lr)
+    parts, policy, unet, optimizer, lr_scheduler = (models.parts, models.policy, models.unet, models.optimizer,
+                                                    models.lr_scheduler)
     # v-prediction errors are compared in epsilon units unless asked otherwise (see likelihood.py)
     convert_units = parts.prediction_type == "v_prediction" and cfg.method.v_prediction_errors == "epsilon"
     inversion_steps = 0
     if method.inversion:
         default = 10 if parts.family == "sdxl" else 5
         inversion_steps = default if cfg.method.inversion_steps is None else cfg.method.inversion_steps
-    frozen_dtype = DTYPES[t.mixed_precision]
-    for module in parts.text_encoders:
-        place(module, device, frozen_dtype)
-    place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
-    attention = set_attention(parts.unet, cfg.model.attention, device)
-    if cfg.model.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, method.needs_reference, cfg.model.ref_offload, device, frozen_dtype)
-    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.max_steps)
-    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
-                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
 
     # ---- randomness: explicit generators, saved in checkpoints so a resumed run continues identically ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (accelerator.process_index + 1))
     dropout_gen = torch.Generator().manual_seed(t.seed + 20_000 * (accelerator.process_index + 1))
-    start_step, batches_drawn, skipped_rows, nonfinite_steps = 0, 0, 0, 0
-    checkpoint = resolve_resume(output_dir, t.resume)
-    if checkpoint is None and t.resume == "latest":
-        logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
-    if checkpoint is not None:
-        start_step, saved = load_checkpoint(accelerator, checkpoint, policy, optimizer, lr_scheduler)
+    batches_drawn, skipped_rows, nonfinite_steps = 0, 0, 0
+    start_step, saved = resume_run(cfg, accelerator, models, output_dir)
+    if saved is not None:
         noise_gen.set_state(saved["noise_gen"])
         dropout_gen.set_state(saved["dropout_gen"])
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
         nonfinite_steps = saved["nonfinite_steps"]
-        logger.info("resumed from %s at step %d", checkpoint, start_step)
 
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
     loader = iter(make_pair_loader(pairs, transform, t.batch_size, t.seed, accelerator.process_index, world,
@@ -236,18 +305,12 @@ def train(cfg: Config) -> TrainResult:
         progress.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            names = list(sums)
-            averaged = accelerator.reduce(torch.stack([sums[n] for n in names]).to(device), "mean")
-            counts = accelerator.reduce(torch.tensor([pairs_seen, skipped_rows], device=device), "sum")
-            record = {"step": step, **{n: v.item() for n, v in zip(names, averaged)},
-                      "lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps,
-                      "pairs_per_s": counts[0].item() / (time.perf_counter() - started),
-                      "skipped_rows": int(counts[1].item())}
-            if main:
-                metrics_log.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
-                                                                     if "implicit_acc" in record else {}))
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            record = log_step(accelerator, metrics_log, step, sums,
+                              {"pairs_per_s": pairs_seen / (time.perf_counter() - started),
+                               "skipped_rows": skipped_rows},
+                              {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
+            progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
+                                                                 if "implicit_acc" in record else {}))
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             state = {"noise_gen": noise_gen.get_state(), "dropout_gen": dropout_gen.get_state(),
                      "batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "nonfinite_steps": nonfinite_steps}
@@ -256,17 +319,10 @@ def train(cfg: Config) -> TrainResult:
             logger.info("saved %s", path)
     progress.close()
 
-    # ---- outputs ----
-    accelerator.wait_for_everyone()
-    final = output_dir / "final"
-    if main:
-        summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
-                   "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
-                   "skipped rows": skipped_rows}
-        save_final(cfg, policy, accelerator.unwrap_model(unet), output_dir, parts.family, summary)
-        logger.info("final model: %s; curves: %s", final.resolve(), plot_run(output_dir))
-    accelerator.end_training()
-    return TrainResult(final, accelerator.unwrap_model(unet), record)
+    summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
+               "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
+               "skipped rows": skipped_rows}
+    return finish_run(cfg, accelerator, models, output_dir, summary, record)
 
 
 def _flat_hparams(cfg: Config) -> dict:

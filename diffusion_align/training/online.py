@@ -1,0 +1,281 @@
+"""The online loop, for Pref-GRPO and GRPO: the model samples, is rewarded, and updates on its own samples.
+
+Each step, on each process:
+  its prompts (one seeded order that all processes share; each process takes its own groups, never part of one)
+  -> `group_size` images per prompt by DDIM with eta > 0, keeping every step's log-probability (sampling.py)
+  -> rewards: the scorer's scores (grpo), or win rates inside the group from pairwise preferences (pref_grpo)
+  -> advantages z-scored within each group (a group whose rewards all tie carries none and is left out)
+  -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
+     denoising steps (never the last), micro-batched exactly as sampled so the first update's ratio is 1.
+Set-up, checkpoints and exact resume, metrics and the saved model are the offline loop's (trainer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from ..config import Config, ConfigError
+from ..evaluation.generate import read_prompts
+from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
+                          pairwise_win_rates)
+from ..rewards import load_scorer, parse_scorer_spec
+from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
+                        step_distribution)
+from .checkpoints import save_checkpoint
+from .outputs import MetricsLog
+from .trainer import (TrainResult, _flat_hparams, apply_update, finish_run, log_step, resume_run, set_up_models,
+                      start_run)
+
+logger = logging.getLogger("diffusion_align")
+
+GRID_PROMPTS, GRID_SEEDS = 4, 4
+
+
+def check_online_config(cfg: Config) -> None:
+    """Settings the online loop cannot run with, named before any model is loaded."""
+    o, t = cfg.online, cfg.train
+    if o.prompts is None:
+        raise ConfigError(f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt "
+                          "file (.txt one per line, .jsonl or .csv)")
+    if cfg.method.beta is not None or cfg.method.inversion_steps is not None:
+        raise ConfigError("method.beta and method.inversion_steps are offline settings; online methods take "
+                          "online.clip_range and online.kl_beta")
+    if o.judge is not None and cfg.method.name != "pref_grpo":
+        raise ConfigError("online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)")
+    if t.grad_accum != 1:
+        raise ConfigError("train.grad_accum must be 1 for online methods: each update already accumulates over its "
+                          "micro-batches and trained timesteps (raise online.prompts_per_step for a larger update)")
+    if o.group_size < 2:
+        raise ConfigError(f"online.group_size={o.group_size}: a group needs at least 2 images to compare")
+    if o.eta <= 0:
+        raise ConfigError(f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0")
+    if o.sample_steps < 2 or not 0 < o.train_fraction <= 1:
+        raise ConfigError("online.sample_steps must be >= 2 (the last step is never trained) and "
+                          f"online.train_fraction in (0, 1]; got {o.sample_steps} and {o.train_fraction}")
+    rows, split = o.prompts_per_step * o.group_size, t.batch_size * o.updates_per_rollout
+    if rows % split:
+        raise ConfigError(f"online.prompts_per_step x online.group_size = {rows} images per process must split into "
+                          f"online.updates_per_rollout = {o.updates_per_rollout} updates of whole micro-batches of "
+                          f"train.batch_size = {t.batch_size} images: make {rows} a multiple of {split}")
+
+
+def step_prompts(prompts: list[str], seed: int, step: int, per_process: int, rank: int, world: int) -> list[str]:
+    """The prompts process `rank` samples at `step` (1-based): passes through `prompts` in a seeded order, the
+    step's prompts dealt out to the processes in turn. A function of the step alone, so a resumed run continues
+    with the same prompts."""
+    first = ((step - 1) * world + rank) * per_process
+    chosen = []
+    for index in range(first, first + per_process):
+        epoch, position = divmod(index, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
+        chosen.append(prompts[order[position]])
+    return chosen
+
+
+def trained_steps(sample_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """A random `fraction` of the denoising steps (at least one), never the last: at the last step sigma is ~0 at
+    eta = 1 and the log-probability is all noise."""
+    count = min(sample_steps - 1, max(1, round(fraction * sample_steps)))
+    return sorted(torch.randperm(sample_steps - 1, generator=generator)[:count].tolist())
+
+
+def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
+    """(channels, height, width) of the UNet's latents for square images of `resolution` pixels."""
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return parts.unet.config.in_channels, resolution // factor, resolution // factor
+
+
+def train_online(cfg: Config) -> TrainResult:
+    """Run pref_grpo or grpo (see the module docstring) and save the final model."""
+    check_online_config(cfg)
+    o, t = cfg.online, cfg.train
+    prompts = read_prompts(o.prompts)
+    accelerator, output_dir = start_run(cfg)
+    device, main = accelerator.device, accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    logger.info("method %s: %d prompts x %d images per process per step, %d processes, %d updates per step, lr %g",
+                cfg.method.name, o.prompts_per_step, o.group_size, world, o.updates_per_rollout, t.lr)
+
+    models = set_up_models(cfg, accelerator, needs_reference=o.kl_beta > 0, lr=t.lr)
+    parts, policy, unet, optimizer = models.parts, models.policy, models.unet, models.optimizer
+    scheduler = DDIMScheduler.from_pretrained(cfg.model.pretrained, subfolder="scheduler", revision=cfg.model.revision)
+    scorer = load_scorer(*parse_scorer_spec(o.reward), device=device, dtype=models.frozen_dtype)
+    tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=models.frozen_dtype) for spec in o.track]
+    judge = None
+    if o.judge is not None:
+        from ..rewards.judge import VLMJudge
+        if len(o.judge_answers) != 2:
+            raise ConfigError(f"online.judge_answers must be two answers (first, second), got {o.judge_answers}")
+        judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
+    shape = latent_shape(parts, t.resolution)
+
+    # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
+    noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
+    choice_gen = torch.Generator().manual_seed(t.seed + 20_000 * (rank + 1))
+    nonfinite_steps = 0
+    start_step, saved = resume_run(cfg, accelerator, models, output_dir)
+    if saved is not None:
+        noise_gen.set_state(saved["noise_gen"])
+        choice_gen.set_state(saved["choice_gen"])
+        nonfinite_steps = saved["nonfinite_steps"]
+
+    def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list]:
+        """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images."""
+        cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
+                                          o.group_size, t.resolution)
+        trajectories, conds, images = [], [], []
+        for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
+            rows = torch.arange(start, start + t.batch_size)
+            latents = torch.randn((t.batch_size, *shape), generator=noise_gen, device=device)
+            with accelerator.autocast():  # as in training, so the re-scored steps match
+                trajectory = sample_with_logprob(policy.unet, scheduler, cond.select(rows), uncond.select(rows),
+                                                 latents, o.sample_steps, o.guidance, o.eta, generator=noise_gen)
+            trajectories.append(trajectory)
+            conds.append((cond.select(rows), uncond.select(rows)))
+            images += decode_images(parts.vae, trajectory.latents[-1])
+        return trajectories, conds, images
+
+    def rewards_of(images: list, row_prompts: list[str], scores: torch.Tensor) -> torch.Tensor:
+        if cfg.method.name == "grpo":
+            return scores
+        if judge is not None:
+            from ..rewards.judge import judge_preferences
+            pref = judge_preferences(judge, images, row_prompts, o.group_size, o.judge_order, choice_gen)
+        else:
+            pref = bradley_terry_preferences(scores.view(-1, o.group_size) * scorer.preference_scale,
+                                             o.pref_temperature)
+        return pairwise_win_rates(pref).flatten()
+
+    def update(trajectories: list[Trajectory], conds: list, advantages: torch.Tensor, micro: list[int],
+               steps: list[int], active: float) -> tuple[float, dict]:
+        """One optimiser update over micro-batches `micro` and denoising `steps`; `active` = the rows with a
+        non-zero-advantage group, averaged over processes, which every row's loss is divided by."""
+        sums = {}
+        for position, index in enumerate(micro):
+            trajectory, (cond, uncond) = trajectories[index], conds[index]
+            adv = advantages[index * t.batch_size:(index + 1) * t.batch_size].to(device)
+            for k, step_index in enumerate(steps):
+                last = position == len(micro) - 1 and k == len(steps) - 1  # all-reduce gradients once, at the end
+                with nullcontext() if last else accelerator.no_sync(unet):
+                    with accelerator.autocast():
+                        mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond, o.guidance,
+                                                  o.eta)
+                        log_prob = gaussian_log_prob(trajectory.latents[step_index + 1], mean, std)
+                        old = trajectory.log_probs[step_index]
+                        policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
+                        # tied groups' rows have advantage 0 and add 0: mean x rows = the sum over active rows
+                        loss = policy_loss * t.batch_size / (active * len(steps))
+                        metrics["log_ratio_abs_max"] = (log_prob - old).abs().max().detach()
+                        if o.kl_beta > 0:
+                            with torch.no_grad(), policy.reference() as reference:
+                                ref_mean, _ = step_distribution(reference, scheduler, trajectory, step_index, cond,
+                                                                uncond, o.guidance, o.eta)
+                            kl = gaussian_policy_kl(mean, ref_mean, std)
+                            loss = loss + o.kl_beta * kl.mean() / (len(micro) * len(steps))
+                            metrics["kl"] = kl.mean().detach()
+                    accelerator.backward(loss)
+                for name, value in {"policy_loss": policy_loss.detach(), **metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * len(steps))
+        grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf")))
+        return grad_norm, sums
+
+    # ---- the loop ----
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
+    if t.report_to != "none":
+        accelerator.init_trackers("diffusion-align", config=_flat_hparams(cfg))
+    progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name)
+    micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
+    record = {}
+    for step in range(start_step + 1, t.max_steps + 1):
+        started = time.perf_counter()
+        step_prompt_list = step_prompts(prompts, t.seed, step, o.prompts_per_step, rank, world)
+        row_prompts = [p for p in step_prompt_list for _ in range(o.group_size)]
+        with torch.no_grad():
+            trajectories, conds, images = rollout(step_prompt_list)
+            scores = scorer.score(images, row_prompts)
+            rewards = rewards_of(images, row_prompts, scores)
+            tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
+        advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
+        tied_groups = (advantages.view(-1, o.group_size) == 0).all(dim=1).sum()  # left out of the updates
+        active_rows = accelerator.reduce(torch.tensor(float((advantages != 0).sum()), device=device), "mean")
+
+        order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
+        grad_norms, sums = [], {}
+        for u in range(o.updates_per_rollout):
+            steps = trained_steps(o.sample_steps, o.train_fraction, choice_gen)
+            if active_rows.item() == 0:
+                continue  # every group tied on every process: nothing to learn from this step
+            micro = order[u * micro_per_update:(u + 1) * micro_per_update]
+            grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active_rows.item())
+            if not apply_update(accelerator, optimizer, grad_norm):
+                nonfinite_steps += 1
+                logger.warning("step %d, update %d: gradient norm is %s; update skipped", step, u + 1, grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value / o.updates_per_rollout
+        step_lr = models.lr_scheduler.get_last_lr()[0]
+        models.lr_scheduler.step()
+        progress.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            means = {"reward_mean": rewards.mean(), "reward_std": rewards.std(), "score_mean": scores.mean(),
+                     "score_std": scores.std(), "score_min": scores.min(), "score_max": scores.max(),
+                     "advantage_abs_mean": advantages.abs().mean(), **tracked_means, **sums}
+            record = log_step(accelerator, metrics_log, step, means,
+                              {"zero_std_groups": tied_groups,
+                               "images_per_s": len(images) / (time.perf_counter() - started)},
+                              {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                               "nonfinite_steps": nonfinite_steps})
+            progress.set_postfix(score=f"{record['score_mean']:.4f}")
+        if main and o.grid_every and step % o.grid_every == 0:
+            save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
+                               output_dir / "grids" / f"step-{step:06d}.png")
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
+                     "nonfinite_steps": nonfinite_steps}
+            path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, models.lr_scheduler, state,
+                                   t.checkpoints_keep)
+            logger.info("saved %s", path)
+    progress.close()
+
+    summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,
+               "prompts per process per step": o.prompts_per_step, "group size": o.group_size,
+               "sampling steps": o.sample_steps, "eta": o.eta, "guidance": o.guidance, "clip range": o.clip_range,
+               "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
+               "judge": o.judge or "none", "prompts": len(prompts)}
+    return finish_run(cfg, accelerator, models, output_dir, summary, record)
+
+
+@torch.no_grad()
+def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str], cfg: Config, accelerator,
+                       path: Path) -> Path:
+    """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (eta 0): the same noise at
+    every step of training, so the grids show how the model changes."""
+    from PIL import Image
+    o, t = cfg.online, cfg.train
+    cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, prompts, GRID_SEEDS,
+                                      t.resolution)
+    shape = latent_shape(parts, t.resolution)
+    latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
+                         for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
+    with accelerator.autocast():
+        trajectory = sample_with_logprob(unet, scheduler, cond, uncond, latents, o.sample_steps, o.guidance, eta=0.0)
+    images = decode_images(parts.vae, trajectory.latents[-1])
+    size = images[0].size
+    grid = Image.new("RGB", (size[0] * GRID_SEEDS, size[1] * len(prompts)))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % GRID_SEEDS) * size[0], (i // GRID_SEEDS) * size[1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    path.with_suffix(".txt").write_text("".join(p + "\n" for p in prompts))
+    return path

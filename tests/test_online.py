@@ -1,0 +1,200 @@
+"""The online loop (pref_grpo, grpo) on tiny models: its settings, prompt dealing and step choice, what the UNet and
+the objective receive (ratio 1 on the first update, trained steps never the last, each row's own prompt), tied
+groups left out, exact resume, and a run of both modes end to end."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_align.config import ConfigError, load_config
+from diffusion_align.evaluation.plots import read_metrics
+from diffusion_align.models.conditioning import encode_prompts
+from diffusion_align.models.loading import load_components
+from diffusion_align.models.policy import LORA_WEIGHTS
+from diffusion_align.training import online
+from diffusion_align.training.trainer import train
+
+PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow star", "a purple moon"]
+SMALL = ["online.group_size=4", "online.prompts_per_step=2", "online.sample_steps=4", "train.batch_size=2",
+         "train.resolution=32", "train.report_to=none", "train.lr=1e-2", "train.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models):
+    from diffusion_align.models.tiny import save_tiny_scorer
+    root = tmp_path_factory.mktemp("online")
+    (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
+    return {"model": tiny_models["sd"], "prompts": root / "prompts.txt",
+            "scorer": save_tiny_scorer("pickscore", root / "pickscore", seed=0)}
+
+
+def config(setup, out, *overrides, method="pref_grpo"):
+    return load_config(None, [f"method.name={method}", f"model.pretrained={setup['model']}",
+                              f"online.prompts={setup['prompts']}", f"online.reward=pickscore={setup['scorer']}",
+                              f"train.output_dir={out}", *SMALL, *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("online.prompts=null", "set online.prompts"),
+    ("train.grad_accum=2", "train.grad_accum must be 1"),
+    ("online.group_size=1", "at least 2 images"),
+    ("online.eta=0", "only with eta > 0"),
+    ("online.sample_steps=1", "online.sample_steps must be >= 2"),
+    ("train.batch_size=3", "8 images per process must split into"),
+    ("online.updates_per_rollout=8", "a multiple of 16"),
+    ("method.beta=5000", "offline settings"),
+])
+def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        online.check_online_config(config(setup, tmp_path, override))
+    with pytest.raises(ConfigError, match="pref_grpo setting"):
+        online.check_online_config(config(setup, tmp_path, "online.judge=x", method="grpo"))
+
+
+def test_prompts_are_dealt_to_processes_in_whole_groups_and_passes():
+    prompts = [f"p{i}" for i in range(10)]
+    dealt = [online.step_prompts(prompts, 3, step, 3, rank, 2) for step in (1, 2, 3) for rank in (0, 1)]
+    flat = [p for chunk in dealt for p in chunk]
+    assert sorted(flat[:10]) == sorted(prompts) and sorted(flat[10:]) != flat[10:]  # a pass, then a new order
+    assert not set(dealt[0]) & set(dealt[1])  # one step's processes sample different prompts
+    assert online.step_prompts(prompts, 3, 2, 3, 1, 2) == dealt[3]  # a function of the step: resume-safe
+    assert online.step_prompts(prompts, 4, 1, 3, 0, 2) != dealt[0]
+
+
+def test_trained_steps_are_a_fraction_and_never_the_last():
+    generator = torch.Generator().manual_seed(0)
+    draws = [online.trained_steps(20, 0.6, generator) for _ in range(50)]
+    assert all(len(d) == 12 and d == sorted(d) and max(d) <= 18 for d in draws)
+    assert len({tuple(d) for d in draws}) > 40
+    assert online.trained_steps(2, 0.6, generator) == [0] and len(online.trained_steps(20, 1.0, generator)) == 19
+
+
+def test_the_objective_sees_ratio_one_first_and_each_row_its_own_prompt(setup, tmp_path, monkeypatch):
+    seen, calls = [], []
+    real_loss, real_step = online.clipped_policy_loss, online.step_distribution
+
+    def recording_loss(log_prob, old_log_prob, advantages, clip_range):
+        seen.append((log_prob - old_log_prob).detach().abs().max().item())
+        return real_loss(log_prob, old_log_prob, advantages, clip_range)
+
+    def recording_step(unet, scheduler, trajectory, step, cond, uncond, guidance, eta, rows=None):
+        calls.append((step, len(trajectory.timesteps), cond.encoder_hidden_states.detach().clone(),
+                      uncond.encoder_hidden_states.detach().clone()))
+        return real_step(unet, scheduler, trajectory, step, cond, uncond, guidance, eta, rows)
+
+    monkeypatch.setattr(online, "clipped_policy_loss", recording_loss)
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    cfg = config(setup, tmp_path / "run", "train.max_steps=1", "online.train_fraction=0.5")
+    result = train(cfg)
+    # 8 images = 4 micro-batches of 2, 2 updates of 2 micro-batches, 2 trained steps of 4 each
+    assert len(seen) == len(calls) == 2 * 2 * 2
+    assert max(seen[:4]) < 1e-5, "the first update re-scores the samples under the sampling policy"
+    assert min(seen[4:]) > 1e-5, "the second update sees the policy the first one changed"
+    assert all(step < total - 1 for step, total, _, _ in calls), "the last step is never trained"
+    step_prompts = online.step_prompts(PROMPTS, 0, 1, 2, 0, 1)
+    loaded = load_components(str(setup["model"]))
+    expected = encode_prompts("sd", loaded.tokenizers, loaded.text_encoders,
+                              [*step_prompts, ""]).encoder_hidden_states
+    prompts_seen = set()
+    for _, _, cond, uncond in calls:
+        assert torch.allclose(uncond, expected[2].expand_as(uncond), atol=1e-6)  # the empty prompt
+        # a micro-batch of 2 lies inside one group of 4: both rows carry that group's prompt
+        match = [[i for i in range(2) if torch.allclose(row, expected[i], atol=1e-6)] for row in cond]
+        assert match[0] == match[1] and len(match[0]) == 1
+        prompts_seen.add(match[0][0])
+    assert prompts_seen == {0, 1}
+    assert result.metrics["zero_std_groups"] == 0 and 0 < result.metrics["clip_fraction"] < 1
+
+
+def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_models):
+    from diffusers import DDIMScheduler
+    from diffusion_align.models.policy import Policy
+    from diffusion_align.objectives import clipped_policy_loss
+    from diffusion_align.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
+    parts = load_components(str(tiny_models["sd"]))
+    policy = Policy(parts.unet, lora_rank=4)
+    scheduler = DDIMScheduler.from_pretrained(tiny_models["sd"], subfolder="scheduler")
+    cond, uncond = group_conditioning("sd", parts.tokenizers, parts.text_encoders, ["a red circle"], 2, 32)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    trajectory = sample_with_logprob(policy.unet, scheduler, cond, uncond, latents, 4, 5.0, 1.0,
+                                     generator=torch.Generator().manual_seed(1))
+    advantages = torch.tensor([1.0, -1.0])
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+
+    def log_probs(step=1):
+        mean, std = online.step_distribution(policy.unet, scheduler, trajectory, step, cond, uncond, 5.0, 1.0)
+        return gaussian_log_prob(trajectory.latents[step + 1], mean, std)
+
+    loss, _ = clipped_policy_loss(log_probs(), trajectory.log_probs[1], advantages, clip_range=1.0)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        change = log_probs() - trajectory.log_probs[1]
+    assert change[0] > 1e-6 and change[1] < -1e-6
+
+
+def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch):
+    real = online.load_scorer
+
+    def constant_scorer(*args, **kwargs):
+        scorer = real(*args, **kwargs)
+        scorer.score = lambda images, prompts: torch.zeros(len(images))
+        return scorer
+
+    monkeypatch.setattr(online, "load_scorer", constant_scorer)
+    result = train(config(setup, tmp_path / "run", "train.max_steps=1", method="grpo"))
+    assert result.metrics["zero_std_groups"] == 2 and result.metrics["advantage_abs_mean"] == 0
+    lora = load_file(result.final_dir / LORA_WEIGHTS)
+    assert all(torch.count_nonzero(v) == 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_resume_reaches_the_uninterrupted_weights(setup, tmp_path):
+    common = ("train.max_steps=3", "train.checkpoint_every=2", "online.kl_beta=0.1")
+    whole = train(config(setup, tmp_path / "whole", *common))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "whole/checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = train(config(setup, resumed_dir, *common, "train.resume=latest"))
+    a, b = load_file(whole.final_dir / LORA_WEIGHTS), load_file(resumed.final_dir / LORA_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scores = [[r["score_mean"] for r in read_metrics(d / "metrics.jsonl")] for d in (resumed_dir, tmp_path / "whole")]
+    assert scores[0] == scores[1][2:]  # step 3 sampled the same images as in the uninterrupted run
+
+
+@pytest.mark.parametrize("method", ["pref_grpo", "grpo"])
+def test_both_modes_end_to_end(setup, tmp_path, method):
+    from diffusers import StableDiffusionPipeline
+    result = train(config(setup, tmp_path, "online.grid_every=2", method=method))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("score_mean", "score_std", "reward_std", "advantage_abs_mean", "ratio_mean", "clip_fraction",
+                "approx_kl", "grad_norm", "zero_std_groups", "images_per_s", "log_ratio_abs_max"):
+        assert key in records[-1], key
+    if method == "pref_grpo":  # win rates: the group mean is 0.5 by construction
+        assert abs(records[-1]["reward_mean"] - 0.5) < 1e-6
+    else:
+        assert records[-1]["reward_mean"] == records[-1]["score_mean"]
+    assert (tmp_path / "grids/step-000002.png").is_file() and (tmp_path / "training_curves.png").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(setup["model"])
+    pipe.load_lora_weights(result.final_dir)  # the saved LoRA is what diffusers loads
+
+
+def test_pref_grpo_with_a_vlm_judge(setup, tmp_path, monkeypatch):
+    from diffusion_align.models.tiny import save_tiny_captioner
+    from diffusion_align.rewards import judge as judge_module
+    judge = save_tiny_captioner(tmp_path / "judge", "llava", seed=0)  # a chat VLM of a real class
+    calls, real = [], judge_module.judge_preferences
+
+    def spy(judge, images, prompts, group_size, order, generator):
+        calls.append((type(judge).__name__, len(images), group_size, order))
+        return real(judge, images, prompts, group_size, order, generator)
+
+    monkeypatch.setattr(judge_module, "judge_preferences", spy)
+    result = train(config(setup, tmp_path / "run", "train.max_steps=1", f"online.judge={judge}",
+                          "online.judge_answers=sun,sky", "online.judge_order=both"))
+    record = read_metrics(tmp_path / "run/metrics.jsonl")[-1]
+    assert calls == [("VLMJudge", 8, 4, "both")]  # the step's two groups of four, judged in both orders
+    assert abs(record["reward_mean"] - 0.5) < 1e-6 and record["reward_std"] > 0  # win rates from the judge
+    assert result.final_dir.is_dir()
