@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="dpo", choices=("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"))
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 1000 optimiser steps "
-                                                               "offline, 100 rollouts online)")
+                                                               "offline, 200 rollouts online)")
     demo.add_argument("--prompts", type=int, default=251, help="train prompts (at most 251, the default: all)")
     demo.add_argument("--images-per-prompt", type=int, default=4, help="base-model images per train prompt, "
                                                                         "all pairs of them labelled")

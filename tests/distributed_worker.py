@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under torchrun: train, then save this rank's trainable weights and the pair indices
-of every batch it drew, for comparison."""
+"""Run by test_distributed.py under torchrun: train, then save this rank's trainable weights and what it drew (the
+pair indices of every batch; online: each step's prompts and starting noise), for comparison."""
 
 import json
 import logging
@@ -9,7 +9,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 from diffusion_align.config import load_config
-from diffusion_align.training import trainer
+from diffusion_align.training import online, trainer
 
 
 def record_batches(into: list) -> None:
@@ -23,11 +23,27 @@ def record_batches(into: list) -> None:
     trainer.make_pair_loader = loader
 
 
+def record_rollouts(into: list) -> None:
+    """Make the online loop append each step's prompts and each micro-batch's starting noise x_T to `into`."""
+    step_prompts, sample = online.step_prompts, online.sample_with_logprob
+
+    def prompts(*args, **kwargs):
+        chosen = step_prompts(*args, **kwargs)
+        into.append({"prompts": chosen, "noise": []})
+        return chosen
+
+    def sampler(unet, scheduler, cond, uncond, latents, *args, **kwargs):
+        into[-1]["noise"] += latents.flatten(1).tolist()
+        return sample(unet, scheduler, cond, uncond, latents, *args, **kwargs)
+    online.step_prompts, online.sample_with_logprob = prompts, sampler
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     config, out_dir, *overrides = sys.argv[1:]
     batches = []
     record_batches(batches)
+    record_rollouts(batches)
     result = trainer.train(load_config(config, overrides))
     rank = PartialState().process_index
     trainable = {name: p.detach().contiguous() for name, p in result.unet.named_parameters() if p.requires_grad}

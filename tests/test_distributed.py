@@ -1,5 +1,5 @@
 """Two CPU processes (torchrun, gloo) train together: they end with identical weights, and each reads its own half
-of every global batch."""
+of every global batch (online: samples its own groups, from its own noise)."""
 
 import json
 import subprocess
@@ -48,3 +48,28 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs,
     for whole, half_0, half_1 in zip(single, *ranks):
         assert len(half_0) == len(half_1) == 2 and not set(half_0) & set(half_1)
         assert sorted(half_0 + half_1) == sorted(whole)
+
+
+def test_two_processes_sample_their_own_groups_online(tmp_path, tiny_models):
+    from diffusion_align.models.tiny import save_tiny_scorer
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {c} circle\n" for c in ("red", "green", "blue", "yellow", "purple", "orange")))
+    scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           str(Path(__file__).parent / "distributed_worker.py"), str(TINY_CONFIG), str(tmp_path),
+           "method.name=pref_grpo", f"model.pretrained={tiny_models['sd']}", f"online.prompts={prompts}",
+           f"online.reward=pickscore={scorer}", "online.group_size=4", "online.prompts_per_step=1",
+           "online.sample_steps=3", "train.batch_size=2", "train.max_steps=2", "train.report_to=none",
+           f"train.output_dir={tmp_path / 'run'}", "train.checkpoint_every=0", "train.warmup_steps=0",
+           "train.grad_accum=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k), "the adapters were trained"
+    steps = [json.loads((tmp_path / f"rank{r}-batches.json").read_text()) for r in (0, 1)]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for mine, theirs in zip(*steps):
+        assert len(mine["prompts"]) == 1 and mine["prompts"] != theirs["prompts"]  # whole groups, one rank each
+        noise = [tuple(x) for x in mine["noise"] + theirs["noise"]]
+        assert len(noise) == 8 and len(set(noise)) == 8  # every image of every group starts from its own noise

@@ -198,3 +198,19 @@ def test_pref_grpo_with_a_vlm_judge(setup, tmp_path, monkeypatch):
     assert calls == [("VLMJudge", 8, 4, "both")]  # the step's two groups of four, judged in both orders
     assert abs(record["reward_mean"] - 0.5) < 1e-6 and record["reward_std"] > 0  # win rates from the judge
     assert result.final_dir.is_dir()
+
+
+def test_a_full_fine_tune_with_a_kl_to_its_frozen_copy(setup, tmp_path, monkeypatch):
+    from diffusion_align.models.policy import Policy
+    references = []
+    real = Policy.reference
+
+    def spy(self):
+        references.append(self.ref_unet is not None and self.ref_unet is not self.unet)
+        return real(self)
+
+    monkeypatch.setattr(Policy, "reference", spy)
+    result = train(config(setup, tmp_path, "model.lora_rank=null", "online.kl_beta=0.5", "train.max_steps=1",
+                          "train.lr=1e-4", method="grpo"))
+    assert references and all(references)  # the KL is taken against the frozen copy made before training
+    assert (result.final_dir / "unet" / "config.json").is_file() and result.metrics["kl"] >= 0

@@ -47,16 +47,16 @@ TRAIN = {
     "smpo": ["method.pref_column=toy_pickscore_cosine", "method.pref_scorer=null", "method.inversion_steps=2"],
     "dcpo": [],
     "sft": [],
-    # online: the toy sampler (assets.SAMPLING) with eta 1; 8 prompts x 8 images a step, in 4 micro-batches of 16
+    # online: the toy sampler (assets.SAMPLING) with eta 1; 4 prompts x 8 images a step, in 2 micro-batches of 16
     "online": ["model.lora_rank=8", "train.batch_size=16", "train.lr=1e-3", "train.lr_scheduler=constant_with_warmup",
                "train.warmup_steps=5", "train.resolution=32", "train.checkpoint_every=0", "train.log_every=5",
                "train.report_to=none", "online.reward=toy-pickscore", "online.track=toy-oracle",
-               "online.group_size=8", "online.prompts_per_step=8", f"online.sample_steps={SAMPLING['steps']}",
-               f"online.guidance={SAMPLING['guidance']}", "online.eta=1.0", "online.grid_every=25"],
+               "online.group_size=8", "online.prompts_per_step=4", f"online.sample_steps={SAMPLING['steps']}",
+               f"online.guidance={SAMPLING['guidance']}", "online.eta=1.0", "online.grid_every=50"],
     "pref_grpo": [],
     "grpo": [],
 }
-DEFAULT_STEPS = {"offline": 1000, "online": 100}
+DEFAULT_STEPS = {"offline": 1000, "online": 200}
 
 
 @dataclass

@@ -155,8 +155,9 @@ def train_online(cfg: Config) -> TrainResult:
 
     def update(trajectories: list[Trajectory], conds: list, advantages: torch.Tensor, micro: list[int],
                steps: list[int], active: float) -> tuple[float, dict]:
-        """One optimiser update over micro-batches `micro` and denoising `steps`; `active` = the rows with a
-        non-zero-advantage group, averaged over processes, which every row's loss is divided by."""
+        """One optimiser update over micro-batches `micro` and denoising `steps`. `active`: this update's rows in
+        groups that carry an advantage, averaged over processes; the summed loss is divided by it (DDP then averages
+        over processes), so tied groups' rows are left out of the mean."""
         sums = {}
         for position, index in enumerate(micro):
             trajectory, (cond, uncond) = trajectories[index], conds[index]
@@ -165,8 +166,8 @@ def train_online(cfg: Config) -> TrainResult:
                 last = position == len(micro) - 1 and k == len(steps) - 1  # all-reduce gradients once, at the end
                 with nullcontext() if last else accelerator.no_sync(unet):
                     with accelerator.autocast():
-                        mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond, o.guidance,
-                                                  o.eta)
+                        mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond,
+                                                      o.guidance, o.eta)
                         log_prob = gaussian_log_prob(trajectory.latents[step_index + 1], mean, std)
                         old = trajectory.log_probs[step_index]
                         policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
@@ -204,16 +205,17 @@ def train_online(cfg: Config) -> TrainResult:
             tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
         advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
         tied_groups = (advantages.view(-1, o.group_size) == 0).all(dim=1).sum()  # left out of the updates
-        active_rows = accelerator.reduce(torch.tensor(float((advantages != 0).sum()), device=device), "mean")
 
         order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
         grad_norms, sums = [], {}
         for u in range(o.updates_per_rollout):
             steps = trained_steps(o.sample_steps, o.train_fraction, choice_gen)
-            if active_rows.item() == 0:
-                continue  # every group tied on every process: nothing to learn from this step
             micro = order[u * micro_per_update:(u + 1) * micro_per_update]
-            grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active_rows.item())
+            rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
+            active = accelerator.reduce(torch.tensor(float((advantages[rows] != 0).sum()), device=device), "mean")
+            if active.item() == 0:
+                continue  # only tied groups in this part, on every process: nothing to learn from it
+            grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active.item())
             if not apply_update(accelerator, optimizer, grad_norm):
                 nonfinite_steps += 1
                 logger.warning("step %d, update %d: gradient norm is %s; update skipped", step, u + 1, grad_norm)
