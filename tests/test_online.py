@@ -214,3 +214,11 @@ def test_a_full_fine_tune_with_a_kl_to_its_frozen_copy(setup, tmp_path, monkeypa
                           "train.lr=1e-4", method="grpo"))
     assert references and all(references)  # the KL is taken against the frozen copy made before training
     assert (result.final_dir / "unet" / "config.json").is_file() and result.metrics["kl"] >= 0
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_the_other_families_sample_and_train(setup, tmp_path, tiny_models, family):
+    """SD2 (v-prediction) and SDXL (two encoders, size conditioning): one update, which sees ratio 1."""
+    result = train(config(setup, tmp_path, f"model.pretrained={tiny_models[family]}", "train.max_steps=1",
+                          "online.updates_per_rollout=1", "online.grid_every=1"))
+    assert result.metrics["log_ratio_abs_max"] < 1e-5 and (tmp_path / "grids/step-000001.png").is_file()
