@@ -30,8 +30,8 @@ from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_cond
                         step_distribution)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
-from .trainer import (TrainResult, _flat_hparams, apply_update, finish_run, log_step, resume_run, set_up_models,
-                      start_run)
+from .trainer import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
+                      tracker_hparams)
 
 logger = logging.getLogger("diffusion_align")
 
@@ -134,11 +134,11 @@ def train_online(cfg: Config) -> TrainResult:
         for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
             rows = torch.arange(start, start + t.batch_size)
             latents = torch.randn((t.batch_size, *shape), generator=noise_gen, device=device)
-            with accelerator.autocast():  # as in training, so the re-scored steps match
-                trajectory = sample_with_logprob(policy.unet, scheduler, cond.select(rows), uncond.select(rows),
-                                                 latents, o.sample_steps, o.guidance, o.eta, generator=noise_gen)
-            trajectories.append(trajectory)
             conds.append((cond.select(rows), uncond.select(rows)))
+            with accelerator.autocast():  # as in training, so the re-scored steps match
+                trajectory = sample_with_logprob(policy.unet, scheduler, *conds[-1], latents, o.sample_steps,
+                                                 o.guidance, o.eta, generator=noise_gen)
+            trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
         return trajectories, conds, images
 
@@ -190,7 +190,7 @@ def train_online(cfg: Config) -> TrainResult:
     # ---- the loop ----
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
-        accelerator.init_trackers("diffusion-align", config=_flat_hparams(cfg))
+        accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
     progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name)
     micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
     record = {}

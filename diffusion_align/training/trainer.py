@@ -280,7 +280,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- the loop ----
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
-        accelerator.init_trackers("diffusion-align", config=_flat_hparams(cfg))
+        accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
     progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train")
     record = {}
     for step in range(start_step + 1, t.max_steps + 1):
@@ -325,7 +325,7 @@ def train(cfg: Config) -> TrainResult:
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
 
 
-def _flat_hparams(cfg: Config) -> dict:
+def tracker_hparams(cfg: Config) -> dict:
     """Tracker hyper-parameters must be scalars."""
     flat = {}
     for section, values in config_to_dict(cfg).items():
