@@ -270,7 +270,8 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
 
 def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: expected a mapping of sections (method, model, data, online, train), got {tree!r}")
+        raise ConfigError(f"{where}: expected a mapping of sections (method, model, data, online, train), "
+                          f"got {tree!r}")
     flat = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"

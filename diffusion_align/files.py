@@ -41,6 +41,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_image_atomic(image, path: Path, format: str = "PNG") -> None:
+    """Write a PIL image beside `path` (a hidden name that score and imagefolder loaders skip), flushed to disk, then
+    rename: on disk before anything records it as done."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        image.save(f, format=format)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def report_dict(report, item: str = "item") -> dict:
     """A job report (a dataclass with `out_dir` and `skipped` = [(item, reason)]) as JSON-ready data."""
     data = dataclasses.asdict(report)

@@ -45,10 +45,14 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("train.batch_size=3", "8 images per process must split into"),
     ("online.updates_per_rollout=8", "a multiple of 16"),
     ("method.beta=5000", "offline settings"),
+    ("online.judge_answers=A,B,C", "must be two answers"),
 ])
 def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         online.check_online_config(config(setup, tmp_path, override))
+
+
+def test_a_judge_is_a_pref_grpo_setting(setup, tmp_path):
     with pytest.raises(ConfigError, match="pref_grpo setting"):
         online.check_online_config(config(setup, tmp_path, "online.judge=x", method="grpo"))
 
@@ -183,15 +187,14 @@ def test_both_modes_end_to_end(setup, tmp_path, method):
 
 def test_pref_grpo_with_a_vlm_judge(setup, tmp_path, monkeypatch):
     from diffusion_align.models.tiny import save_tiny_captioner
-    from diffusion_align.rewards import judge as judge_module
     judge = save_tiny_captioner(tmp_path / "judge", "llava", seed=0)  # a chat VLM of a real class
-    calls, real = [], judge_module.judge_preferences
+    calls, real = [], online.judge_preferences
 
     def spy(judge, images, prompts, group_size, order, generator):
         calls.append((type(judge).__name__, len(images), group_size, order))
         return real(judge, images, prompts, group_size, order, generator)
 
-    monkeypatch.setattr(judge_module, "judge_preferences", spy)
+    monkeypatch.setattr(online, "judge_preferences", spy)
     result = train(config(setup, tmp_path / "run", "train.max_steps=1", f"online.judge={judge}",
                           "online.judge_answers=sun,sky", "online.judge_order=both"))
     record = read_metrics(tmp_path / "run/metrics.jsonl")[-1]

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import jsonl_records, local_or_hub
+from ..files import jsonl_records, local_or_hub, write_image_atomic
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
 logger = logging.getLogger("diffusion_align")
@@ -188,15 +188,6 @@ def _append_lines(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _write_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden: score and imagefolder loaders skip it
-    with tmp.open("wb") as f:
-        image.save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())  # on disk before its metadata line says it is done
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the pipeline
 
 def _source(name: str, what: str) -> str:
@@ -333,7 +324,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
             lines = []
             for k, (job, image) in enumerate(zip(batch, out.images)):
                 nsfw = None if flags is None else bool(flags[k])
-                _write_png(image, out_dir / job.file_name)
+                write_image_atomic(image, out_dir / job.file_name)
                 if nsfw:
                     blacked_out.append(job.file_name)
                 if not job.listed:

@@ -16,6 +16,7 @@ from ..files import shipped_dir
 REQUIRED_KEYS = ("name", "title", "paper", "licence", "source", "preprocessing", "conventions",
                  "default_convention", "preference")
 
+
 def registry_dir() -> Path:
     """The folder of registry YAML files: the repository's `reward_models/`, shipped in a wheel as package data."""
     return shipped_dir("reward_models", "reward_models")

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
+from ..files import write_image_atomic
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
-from ..rewards import load_scorer, parse_scorer_spec
+from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
                         step_distribution)
 from .checkpoints import save_checkpoint
@@ -49,6 +50,8 @@ def check_online_config(cfg: Config) -> None:
                           "online.clip_range and online.kl_beta")
     if o.judge is not None and cfg.method.name != "pref_grpo":
         raise ConfigError("online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)")
+    if len(o.judge_answers) != 2:
+        raise ConfigError(f"online.judge_answers must be two answers (first, second), got {o.judge_answers}")
     if t.grad_accum != 1:
         raise ConfigError("train.grad_accum must be 1 for online methods: each update already accumulates over its "
                           "micro-batches and trained timesteps (raise online.prompts_per_step for a larger update)")
@@ -71,11 +74,13 @@ def step_prompts(prompts: list[str], seed: int, step: int, per_process: int, ran
     step's prompts dealt out to the processes in turn. A function of the step alone, so a resumed run continues
     with the same prompts."""
     first = ((step - 1) * world + rank) * per_process
+    orders = {}  # pass -> its order, drawn once
     chosen = []
     for index in range(first, first + per_process):
         epoch, position = divmod(index, len(prompts))
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
-        chosen.append(prompts[order[position]])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
+        chosen.append(prompts[orders[epoch][position]])
     return chosen
 
 
@@ -110,9 +115,6 @@ def train_online(cfg: Config) -> TrainResult:
     tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=models.frozen_dtype) for spec in o.track]
     judge = None
     if o.judge is not None:
-        from ..rewards.judge import VLMJudge
-        if len(o.judge_answers) != 2:
-            raise ConfigError(f"online.judge_answers must be two answers (first, second), got {o.judge_answers}")
         judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
     shape = latent_shape(parts, t.resolution)
 
@@ -146,7 +148,6 @@ def train_online(cfg: Config) -> TrainResult:
         if cfg.method.name == "grpo":
             return scores
         if judge is not None:
-            from ..rewards.judge import judge_preferences
             pref = judge_preferences(judge, images, row_prompts, o.group_size, o.judge_order, choice_gen)
         else:
             pref = bradley_terry_preferences(scores.view(-1, o.group_size) * scorer.preference_scale,
@@ -276,8 +277,6 @@ def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str]
     for i, image in enumerate(images):
         grid.paste(image, ((i % GRID_SEEDS) * size[0], (i // GRID_SEEDS) * size[1]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    write_image_atomic(grid, path)
     path.with_suffix(".txt").write_text("".join(p + "\n" for p in prompts))
     return path

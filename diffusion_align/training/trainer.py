@@ -160,11 +160,10 @@ def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int
     it; written to metrics.jsonl by the main process and sent to the tracker."""
     device = accelerator.device
     record = {"step": step}
-    for names, how in ((list(means), "mean"), (list(totals), "sum")):
-        if names:
-            given = {**means, **totals}
-            values = torch.stack([torch.as_tensor(given[n], dtype=torch.float32, device=device) for n in names])
-            record.update(zip(names, accelerator.reduce(values, how).tolist()))
+    for given, how in ((means, "mean"), (totals, "sum")):
+        if given:
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in given.values()])
+            record.update(zip(given, accelerator.reduce(values, how).tolist()))
     record.update(extra)
     if metrics_log is not None:
         metrics_log.write(record)
