@@ -29,7 +29,7 @@ from ..data.shards import write_parquet
 from ..files import shipped_dir, write_text_atomic
 from ..models.tiny import clip_tokenizer
 from .oracle import judge, rate_pairs
-from .pretrain import MAX_TOKENS, PretrainSettings, pretrain, text_tower
+from .pretrain import MAX_TOKENS, PretrainSettings, pretrain, store_compact, text_tower
 from .world import SIZE, scenes
 
 logger = logging.getLogger("diffusion_align")
@@ -143,6 +143,7 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
     clip = build_toy_clip(work / "clip-init", seed)
     fit = fit_reward(str(train_pairs), str(clip), out_dir / "pickscore", steps=reward_steps, lr=1e-3,
                      weight_decay=0.1, batch_size=64, warmup_steps=100, seed=seed, device="cpu")
+    store_compact(out_dir / "pickscore")  # the tokenizer as vocab + merges; the weights stay float32
 
     # measured on held-out prompts, never trained on
     eval_images = generate(base, [s.prompt for s in scenes("heldout")], seeds, work / "heldout-images")

@@ -3,7 +3,7 @@
 AutoencoderKL (32 px -> 8 x 8 x 4 latents), a CLIPTextModel with the real CLIP tokenizer (kept at its random
 initialisation and frozen: its states differ for every word, which is all the UNet needs to read a prompt), a
 UNet2DConditionModel with cross-attention, and a DDIM scheduler with SD's beta schedule. Saved as a diffusers
-folder that `StableDiffusionPipeline.from_pretrained` loads.
+folder that `StableDiffusionPipeline.from_pretrained` loads, stored compactly (`store_compact`): about 7.5 MB.
 
 Data: `world.render_flawed` over the train scenes, so the model learns the world with the flaws of its data
 (noisy or stained backgrounds, wrong captions) at their rates: imperfect in ways a preference can fix.
@@ -13,6 +13,7 @@ Steps: the VAE first (reconstruction + a small KL), then the UNet on the VAE's l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..files import write_text_atomic
 from ..models.tiny import clip_tokenizer
 from .world import SIZE, render_flawed, scenes
 
@@ -165,5 +168,32 @@ def pretrain(out_dir, settings: PretrainSettings = PretrainSettings()) -> Path:
     _train_unet(pipe.unet, latents, states, caption_index, settings, gen)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    store_compact(out_dir, HALF_STORED)
     logger.info("toy base model saved to %s in %.0f s", out_dir, time.perf_counter() - started)
     return out_dir
+
+
+HALF_STORED = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+               "text_encoder/model.safetensors")
+
+
+def store_compact(folder, half_stored=()) -> None:
+    """Shrink a saved model folder the way hub checkpoints are shipped, so the toy assets stay a few MB.
+
+    The weight files in `half_stored` are rewritten in float16: their configs keep float32 (the text encoder's
+    `dtype`), so diffusers and transformers load them back as float32 unless asked otherwise. Every
+    `tokenizer.json` is replaced by the `vocab.json` + `merges.txt` pair it was built from (SD1.5's own layout),
+    which CLIPTokenizer reads to the same ids.
+    """
+    folder = Path(folder)
+    for name in half_stored:
+        weights = load_file(folder / name)
+        tmp = folder / f"{name}.tmp"
+        save_file({k: v.half().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+        tmp.replace(folder / name)
+    for tokenizer_file in folder.rglob("tokenizer.json"):
+        model = json.loads(tokenizer_file.read_text(encoding="utf-8"))["model"]
+        write_text_atomic(tokenizer_file.with_name("vocab.json"), json.dumps(model["vocab"], ensure_ascii=False))
+        write_text_atomic(tokenizer_file.with_name("merges.txt"),
+                          "#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in model["merges"]))
+        tokenizer_file.unlink()
