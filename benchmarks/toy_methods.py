@@ -3,6 +3,8 @@ interval over held-out prompts), toy-reward change, and time per training step.
 
     .venv/bin/python benchmarks/toy_methods.py                         # all seven methods, the demo's defaults
     .venv/bin/python benchmarks/toy_methods.py --methods dpo mapo --steps 100 --out outputs/bench
+    .venv/bin/python benchmarks/toy_methods.py --methods dpo dcpo --overrides data.cache=true \
+        method.precomputed_reference=true --out outputs/bench-cached
 
 Each method runs `diffusion-align demo` into <out>/<method>/: the offline ones on the same base-model images for
 their pairs (made once and reused, labelled by the same toy PickScore), the online ones (pref_grpo, grpo) on their
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--images-per-prompt", type=int, default=DemoSettings.images_per_prompt)
     parser.add_argument("--eval-seeds", type=int, default=DemoSettings.eval_seeds)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overrides", nargs="*", default=[], help="train config keys for every method, key=value "
+                                                                   "(e.g. data.cache=true)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
@@ -44,7 +48,7 @@ def main() -> None:
                 shutil.copytree(shared, run_dir)
             run_demo(run_dir, DemoSettings(method=method, steps=args.steps, prompts=args.prompts,
                                            images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
-                                           seed=args.seed))
+                                           seed=args.seed, overrides=tuple(args.overrides)))
             if not shared.is_dir() and method not in ONLINE:
                 shared.mkdir(parents=True)
                 for name in ("pair-images", "pair-images-prompts.txt"):
@@ -58,7 +62,8 @@ def main() -> None:
 
 def _table(rows, args) -> str:
     lines = [f"Toy world, {args.prompts} train prompts (offline: x {args.images_per_prompt} images), held-out "
-             f"prompts x {args.eval_seeds} seeds, seed {args.seed} ({time.strftime('%Y-%m-%d')}).", "",
+             f"prompts x {args.eval_seeds} seeds, seed {args.seed} ({time.strftime('%Y-%m-%d')})"
+             f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.", "",
              "| method | steps | oracle win rate over base (95% interval) | toy reward base -> aligned | "
              "s / step (incl. loading) |",
              "| --- | --- | --- | --- | --- |"]

@@ -118,6 +118,13 @@ def cmd_label(args) -> None:
     print(report)
 
 
+def cmd_cache(args) -> None:
+    from .data.cache import build_cache
+    _setup_logging()
+    print(build_cache(args.dataset, args.out, args.model, args.split, args.revision, args.variant, args.vae,
+                      args.resolution, args.flips, args.dtype, args.batch_size, args.device, args.workers))
+
+
 def cmd_fit_reward(args) -> None:
     from .rewards.fit_reward import fit_reward
     print(fit_reward(args.dataset, args.base, args.out, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
@@ -245,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     _scorer_flags(label, many=False)
     _workers_flag(label)
     label.set_defaults(func=cmd_label)
+
+    cache = sub.add_parser("cache", help="Encode preference pairs once for training (data.cache=true): every "
+                                         "image's VAE posterior and every caption's text-encoder states.")
+    cache.add_argument("dataset", help="Pick-a-Pic-style pairs (hub name, parquet, folder, save_to_disk)")
+    cache.add_argument("--model", required=True, help="the pipeline trained on (hub id or diffusers folder)")
+    cache.add_argument("--out", required=True, help="the cache folder (data.cache_dir); an unfinished one resumes")
+    cache.add_argument("--split", default="train")
+    cache.add_argument("--revision")
+    cache.add_argument("--variant", help="weight variant, e.g. fp16")
+    cache.add_argument("--vae", help="a replacement VAE (model.vae)")
+    cache.add_argument("--resolution", type=int, default=512, help="train.resolution")
+    cache.add_argument("--flips", action="store_true", help="also cache the mirror images (data.random_flip)")
+    cache.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="data.cache_dtype")
+    cache.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
+    cache.add_argument("--device", help="default: cuda if available, else cpu")
+    _workers_flag(cache)
+    cache.set_defaults(func=cmd_cache)
 
     fit = sub.add_parser("fit-reward", help="Train a CLIP model with the PickScore objective on preference pairs.")
     fit.add_argument("dataset", help="Pick-a-Pic-style pairs; ties are kept (0.5/0.5 targets)")

@@ -58,6 +58,14 @@ class MethodConfig:
     score_min: float = _key(0.11543526500463486, "smpo: soft label p = sigmoid(n_w - n_l) with n = (s - score_min) "
                                                  "/ (score_max - score_min); the authors' PickScore constants.")
     score_max: float = _key(0.28201571106910706, "smpo: see score_min.")
+    precomputed_reference: bool = _key(False, "dpo, dcpo, smpo (with inversion_steps=0): compute the reference "
+                                              "UNet's errors for every pair and epoch before training (each pair's "
+                                              "noise and timestep are fixed by seed, epoch and pair), then train with "
+                                              "no reference model in memory and no reference pass. Kept beside the "
+                                              "latent cache (or in output_dir) and reused by runs with the same key. "
+                                              "With mixed precision the pass runs the fp32 UNet under autocast, the "
+                                              "on-the-fly reference its half-precision copy: equal up to rounding.")
+    reference_batch_size: int | None = _key(None, "Pairs per batch of that pass; null = 4 x train.batch_size.")
 
 
 @dataclass
@@ -76,6 +84,10 @@ class ModelConfig:
     ref_offload: bool = _key(False, "Full fine-tune only: keep the frozen reference UNet on the CPU and stream its "
                                     "layers to the GPU when needed (saves memory, costs speed).")
     gradient_checkpointing: bool = _key(False, "Recompute UNet activations in the backward pass to save memory.")
+    compile: bool = _key(False, "torch.compile the training UNet (inductor: a C++ compiler on CPU, triton on CUDA; "
+                                "an error says which is missing). The first steps are slow while it compiles.")
+    channels_last: bool = _key(False, "Keep the UNet's convolution weights channels-last (NHWC): faster convolutions "
+                                      "on CUDA tensor cores in fp16/bf16; measure before using it elsewhere.")
     attention: str = _key("auto", "Attention kernel: auto (xformers if importable on CUDA, else PyTorch SDPA), "
                                   "sdpa, or xformers (error if it cannot run).", choices=("auto", "sdpa", "xformers"))
 
@@ -99,6 +111,15 @@ class DataConfig:
     prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
                                       "(the Diffusion-DPO authors used 0.2).")
     num_workers: int = _key(2, "DataLoader worker processes that decode and augment images.")
+    cache: bool = _key(False, "Train from a latent and text-embedding cache (`diffusion-align cache`), made first if "
+                              "need be: every image's VAE posterior and every caption's encoder states, so training "
+                              "loads neither the VAE nor the text encoders. Needs data.streaming=false and "
+                              "data.center_crop=true; with random flips it holds both mirror images.")
+    cache_dir: str | None = _key(None, "The latent cache's folder; null = <output_dir>/latent-cache. A cache made "
+                                       "from other data, models, resolution, flips or dtype is an error, never used.")
+    cache_dtype: str = _key("fp16", "Storage dtype of the cached posteriors and text states (fp32: a cached run "
+                                    "equals an uncached one exactly).", choices=("fp16", "bf16", "fp32"))
+    cache_batch_size: int = _key(16, "Images per VAE batch while the cache is made.")
 
 
 @dataclass

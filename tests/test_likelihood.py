@@ -9,7 +9,8 @@ import torch
 from sd_schedule import alpha_bar, sd_scheduler
 
 from diffusion_align.models.conditioning import Conditioning
-from diffusion_align.training.likelihood import denoising_errors, epsilon_units, noise_rows, prediction_target
+from diffusion_align.training.likelihood import (PairDraws, denoising_errors, epsilon_units, noise_rows,
+                                                  prediction_target)
 
 
 def test_v_prediction_target_is_the_velocity():
@@ -28,9 +29,13 @@ def test_epsilon_target_is_the_noise_and_other_kinds_are_refused():
         prediction_target(sd_scheduler("sample"), x0, eps, t)
 
 
+def draws(keys, rows_per_pair=2, dropout=0.0, seed=0):
+    return PairDraws.draw(seed, keys, (4, 4, 4), rows_per_pair, dropout, 1000)
+
+
 def test_pairs_share_noise_and_timestep():
     latents = torch.randn(6, 4, 4, 4)  # 3 pairs: rows [w1 w2 w3 l1 l2 l3]
-    rows = noise_rows(sd_scheduler(), latents, rows_per_pair=2, generator=torch.Generator().manual_seed(0))
+    rows = noise_rows(sd_scheduler(), latents, draws([(0, 5), (0, 2), (0, 9)]))
     assert torch.equal(rows.timesteps[:3], rows.timesteps[3:])
     assert torch.equal(rows.target[:3], rows.target[3:])  # epsilon target = the shared noise
     assert not torch.equal(rows.target[0], rows.target[1])
@@ -41,9 +46,24 @@ def test_pairs_share_noise_and_timestep():
 
 
 def test_winner_only_rows_get_their_own_noise():
-    rows = noise_rows(sd_scheduler(), torch.randn(3, 4, 2, 2), rows_per_pair=1,
-                      generator=torch.Generator().manual_seed(0))
+    rows = noise_rows(sd_scheduler(), torch.randn(3, 4, 4, 4), draws([(0, 0), (0, 1), (0, 2)], rows_per_pair=1))
     assert len(set(rows.timesteps.tolist())) == 3
+
+
+def test_each_pairs_draws_depend_on_its_seed_epoch_and_index_alone():
+    """Whatever batch a pair lands in (another process count, a resumed run, a reference pass), it gets the same
+    dropout coin, timestep, noise and posterior draws; another epoch or seed redraws them."""
+    batch = draws([(0, 7), (0, 3)])
+    alone = draws([(0, 3)])
+    assert batch.timesteps[1] == alone.timesteps[0] and torch.equal(batch.noise[1], alone.noise[0])
+    assert torch.equal(batch.posterior[[1, 3]], alone.posterior)  # rows [w7 w3 l7 l3]: pair 3's winner and loser
+    assert not torch.equal(batch.posterior[1], batch.posterior[3])  # winner and loser: their own posterior draws
+    for other in (draws([(1, 3)]), draws([(0, 3)], seed=1)):
+        assert not torch.equal(other.noise[0], alone.noise[0])
+    assert draws([(0, 3)], rows_per_pair=1).posterior.shape == (1, 4, 4, 4)
+    kept = draws([(0, i) for i in range(2000)], dropout=0.2).keep
+    assert 0.17 < 1 - sum(kept) / len(kept) < 0.23
+    assert not any(draws([(0, i) for i in range(50)], dropout=1.0).keep)
 
 
 def test_denoising_error_is_a_per_sample_mean_over_c_h_w():

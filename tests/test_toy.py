@@ -169,8 +169,7 @@ def test_toy_pickscore_loads_by_name_and_has_learned_the_taste():
     prompts = [ALL_SCENES[i].prompt for i in rng.permutation(len(ALL_SCENES))[:32]]
     clean = [render(parse_prompt(p), rng) for p in prompts]
     blotchy = [_noisy(image, rng) for image in clean]
-    # the shipped proxy prefers the clean render 81-88% of the time over 128 prompts (seeds 0-2); chance is 50%
-    assert (scorer.preference_prob(clean, blotchy, prompts) > 0.5).float().mean() > 0.75
+    assert (scorer.preference_prob(clean, blotchy, prompts) > 0.5).float().mean() > 0.9
 
 
 def test_demo_end_to_end(tmp_path):
@@ -226,3 +225,25 @@ def test_online_demo_end_to_end(tmp_path, method):
     records = read_metrics(out / "model" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(0 < r["tracked_toy-oracle"] <= 1.5 for r in records)
     assert Path(report["files"]["LoRA weights"], "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_compact_storage_halves_the_weight_files_and_loads_back_as_float32(tmp_path, tiny_models):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from diffusion_align.toy.pretrain import HALF_STORED, store_compact
+    folder = tmp_path / "compact"
+    shutil.copytree(tiny_models["sd"], folder)
+    before = {name: load_file(folder / name) for name in HALF_STORED}
+    store_compact(folder, HALF_STORED)
+    for name, tensors in before.items():
+        stored = load_file(folder / name)
+        assert all(stored[k].dtype == torch.float16 and torch.equal(stored[k], v.half()) for k, v in tensors.items())
+    assert not (folder / "tokenizer" / "tokenizer.json").exists()
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}
+    original, compact = (StableDiffusionPipeline.from_pretrained(f) for f in (tiny_models["sd"], folder))
+    assert {m.dtype for m in (compact.unet, compact.vae, compact.text_encoder)} == {torch.float32}
+    prompts = sample_prompts(20, seed=3) + ["Hello, café ünïcode 123!"]
+    assert original.tokenizer(prompts).input_ids == compact.tokenizer(prompts).input_ids

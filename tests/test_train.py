@@ -281,9 +281,9 @@ def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_model
         row["caption_0"], row["caption_1"] = f"{row['caption']} {i}#0", f"{row['caption']} {i}#1"
     captions = tmp_path / "captions.parquet"
     pq.write_table(pa.Table.from_pylist(rows), captions)
-    from diffusion_align.training import trainer
-    seen, encode = [], trainer.encode_prompts
-    monkeypatch.setattr(trainer, "encode_prompts", lambda *a, **kw: seen.append(a[3]) or encode(*a, **kw))
+    from diffusion_align.training import inputs
+    seen, encode = [], inputs.encode_texts
+    monkeypatch.setattr(inputs, "encode_texts", lambda *a, **kw: seen.append(a[3]) or encode(*a, **kw))
     run(tmp_path, tiny_models["sd"], captions, "method.name=dcpo", "train.max_steps=2")
     winners = {r["caption_0"] if r["label_0"] > r["label_1"] else r["caption_1"] for r in rows}
     assert len(seen) == 2  # one batch per step

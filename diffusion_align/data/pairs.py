@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -79,7 +79,7 @@ def _looks_like_hub_id(path: str) -> bool:
     return bool(_HUB_ID.fullmatch(path)) and not path.startswith(".") and not path.endswith((".parquet", ".arrow"))
 
 
-def _raw_images(ds):
+def raw_images(ds):
     """Keep datasets from decoding image columns itself, so a corrupt image reaches decode_image, not a crash."""
     for col in IMAGE_COLUMNS:
         if isinstance((ds.features or {}).get(col), datasets.Image):
@@ -129,6 +129,7 @@ def load_pairs(
     keep_unlabelled: bool | None = None,
     orient_by: str | None = None,
     scores: dict[str, np.ndarray] | None = None,
+    source_rows: bool = False,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
     """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
 
@@ -142,7 +143,8 @@ def load_pairs(
     `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
     (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
     the reward's: 1/0 where x_0 > x_1, 0/1 where x_0 < x_1, 0.5/0.5 where equal. Rows without both scores are
-    dropped and counted. `scores` adds columns, one value per source row (`rewards.labeling.reward_scores`), first.
+    dropped and counted. `scores` adds columns, one value per source row (`rewards.labeling.reward_scores`), first;
+    `source_rows` adds `source_row`, each pair's row number in the source (where a latent cache stores it).
 
     `max_pairs` keeps N of the remaining pairs: a random sample drawn with `seed`, in stored order (the same on
     every process and on resume), or the first N when `seed` is None (a larger N then extends a smaller one, as
@@ -151,9 +153,11 @@ def load_pairs(
     """
     ds = _open(path, split, streaming)
     is_stream = isinstance(ds, datasets.IterableDataset)
+    if (scores is not None or source_rows) and is_stream:
+        raise ValueError(f"{path}: scores and caches are joined by source row, which needs streaming=False")
+    if source_rows:
+        ds = ds.add_column("source_row", np.arange(len(ds)))
     if scores is not None:
-        if is_stream:
-            raise ValueError(f"{path}: scores are joined by source row, which needs streaming=False")
         for name, values in scores.items():  # a new column over the memory-mapped table: no row is copied
             if len(values) != len(ds):
                 raise ValueError(f"{path}: {len(ds)} rows, but {len(values)} values for column {name}")
@@ -169,7 +173,7 @@ def load_pairs(
                          f"found {found}")
     human = "human_label" if orient_by and {"human_label_0", "human_label_1"} <= set(found) else "label"
     label_columns = [f"{human}_0", f"{human}_1"]
-    ds = _raw_images(ds)
+    ds = raw_images(ds)
 
     if is_stream:
         if not keep_ties:
@@ -198,7 +202,7 @@ def load_pairs(
     keep = keep[:max_pairs]  # without a seed: the first N
     stats = PairStats(rows=len(ds), ties_dropped=int(ties.sum()), pairs=len(keep), unlabelled=int(unlabelled.sum()),
                       unscored=int(unscored.sum()))
-    ds = ds if keep_all else ds.select_columns(expected)
+    ds = ds if keep_all else ds.select_columns(expected + (["source_row"] if source_rows else []))
     ds = ds.select(keep, keep_in_memory=True)  # in-memory index map: no cache file in the source dir
     return (ds.to_iterable_dataset() if streaming else ds), stats
 
@@ -221,17 +225,23 @@ class PairTransform:
         if self.random_flip not in FLIPS:
             raise ValueError(f"random_flip must be one of {FLIPS}, got {self.random_flip!r}")
 
+    def flips(self, generator: torch.Generator) -> tuple[bool, bool]:
+        """Whether the winner and the loser are mirrored: the first draws of each item's generator."""
+        if self.random_flip == "pair":
+            return (_coin(generator),) * 2
+        if self.random_flip == "image":
+            return _coin(generator), _coin(generator)
+        return False, False
+
     def __call__(self, image_w: PIL.Image.Image, image_l: PIL.Image.Image, generator: torch.Generator) -> dict:
-        pair_flip = self.random_flip == "pair" and _coin(generator)
         out = {}
-        for suffix, image in (("w", image_w), ("l", image_l)):
-            flip = _coin(generator) if self.random_flip == "image" else pair_flip
-            pixels, size, crop = self._one(image, flip, generator)
+        for suffix, image, flip in zip("wl", (image_w, image_l), self.flips(generator)):
+            pixels, size, crop = self.apply(image, flip, generator)
             out[f"pixel_values_{suffix}"], out[f"original_size_{suffix}"], out[f"crop_top_left_{suffix}"] = (
                 pixels, size, crop)
         return out
 
-    def _one(self, image: PIL.Image.Image, flip: bool, generator: torch.Generator):
+    def apply(self, image: PIL.Image.Image, flip: bool, generator: torch.Generator):
         """One image -> (pixels, (orig_h, orig_w), (crop_top, crop_left) in the resized image)."""
         res = self.resolution
         image = image.convert("RGB")
@@ -255,45 +265,53 @@ def _coin(generator: torch.Generator) -> bool:
     return torch.rand((), generator=generator).item() < 0.5
 
 
-def _split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
     """Per-image extras (`x_0` with an `x_1` twin) by base name, and the rest."""
     paired = [c[:-2] for c in extra_columns if c.endswith("_0") and c[:-2] + "_1" in extra_columns]
     per_image = {f"{b}_{i}" for b in paired for i in (0, 1)}
     return paired, [c for c in extra_columns if c not in per_image]
 
 
-def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed: int,
-               paired: list[str], plain: list[str]) -> dict:
-    """Decode, orient winner-first and transform one row; a null or NaN label or an undecodable image gives an
-    error item instead."""
+def pair_item(row: dict, epoch: int, index: int, seed: int, paired: list[str], plain: list[str],
+              images: Callable[[tuple[int, int], torch.Generator], dict]) -> dict:
+    """One row as a training item, winner first: `images(order, generator)` gives its image entries (pixels, or
+    cached latents) for the source images `order` = (winner, loser). A null or NaN label, or an image that cannot be
+    had, gives an error item instead."""
     labels = _floats([row["label_0"], row["label_1"]]).tolist()
     if not np.isfinite(labels).all():
         return {"index": index, "error": f"row {index}: no preference to orient the pair by: label_0="
                                          f"{row['label_0']!r}, label_1={row['label_1']!r} (a null or NaN label, "
                                          f"or reward score where pairs are oriented by one)"}
-    try:
-        images = [decode_image(row[c], f"row {index}, column {c}") for c in IMAGE_COLUMNS]
-    except ValueError as err:
-        return {"index": index, "error": str(err)}
     order = (1, 0) if labels[0] < labels[1] else (0, 1)  # a kept tie keeps its order
     # Seed from (seed, epoch, index) only: independent of worker process and of where a run resumed.
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(state))
-    item = transform(images[order[0]], images[order[1]], generator)
-    item.update(prompt=row["caption"] or "", index=index, label_w=labels[order[0]])
+    try:
+        item = images(order, torch.Generator().manual_seed(int(state)))
+    except ValueError as err:
+        return {"index": index, "error": str(err)}
+    item.update(prompt=row["caption"] or "", index=index, epoch=epoch, label_w=labels[order[0]])
     for base in paired:
         item[f"{base}_w"], item[f"{base}_l"] = row[f"{base}_{order[0]}"], row[f"{base}_{order[1]}"]
     item.update({c: row[c] for c in plain})
     return item
 
 
+def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed: int,
+               paired: list[str], plain: list[str]) -> dict:
+    """Decode and transform one row's images (`pair_item`)."""
+    def images(order, generator):
+        decoded = [decode_image(row[IMAGE_COLUMNS[i]], f"row {index}, column {IMAGE_COLUMNS[i]}") for i in order]
+        return transform(*decoded, generator)
+    return pair_item(row, epoch, index, seed, paired, plain, images)
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Map-style pairs indexed by (epoch, index) keys, so augmentation is a function of the key alone."""
 
     def __init__(self, pairs: datasets.Dataset, transform: PairTransform, seed: int, extra_columns: Sequence[str] = ()):
-        self.pairs = _raw_images(pairs)
+        self.pairs = raw_images(pairs)
         self.transform, self.seed = transform, seed
-        self.paired, self.plain = _split_extras(extra_columns)
+        self.paired, self.plain = split_extras(extra_columns)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -303,29 +321,32 @@ class PairDataset(torch.utils.data.Dataset):
         return _pair_item(self.pairs[index], epoch, index, self.transform, self.seed, self.paired, self.plain)
 
 
-_ITEM_KEYS = {"pixel_values_w", "pixel_values_l", "original_size_w", "original_size_l",
-              "crop_top_left_w", "crop_top_left_l", "prompt", "index", "label_w"}
+_IMAGE_KEYS = ("pixel_values", "mean", "std")  # pixels, or a latent cache's posterior (`cache.CachedPairDataset`)
+_ITEM_KEYS = {f"{k}_{s}" for k in (*_IMAGE_KEYS, "original_size", "crop_top_left") for s in "wl"} | {
+    "prompt", "index", "epoch", "label_w"}
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack winners then losers; error items are dropped (both images) and reported in "skipped"."""
+    """Stack winners then losers; error items are dropped (both images) and reported in "skipped". `keys` are the
+    pairs' (epoch, index), which seed their draws (`likelihood.PairDraws`)."""
     good = [it for it in items if "error" not in it]
     batch = {"skipped": [(it["index"], it["error"]) for it in items if "error" in it]}
     if not good:
-        return batch | {"pixel_values": torch.empty(0, 3, 0, 0), "prompts": [], "indices": [],
+        return batch | {"pixel_values": torch.empty(0, 3, 0, 0), "prompts": [], "indices": [], "keys": [],
                         "original_sizes": torch.empty(0, 2, dtype=torch.long),
                         "crop_top_left": torch.empty(0, 2, dtype=torch.long), "label_w": torch.empty(0)}
 
     def both(key: str) -> list:
         return [it[f"{key}_w"] for it in good] + [it[f"{key}_l"] for it in good]
 
+    batch.update({key: torch.stack(both(key)) for key in _IMAGE_KEYS if f"{key}_w" in good[0]})
     batch.update(
-        pixel_values=torch.stack(both("pixel_values")),
         prompts=[it["prompt"] for it in good],
         original_sizes=torch.tensor(both("original_size"), dtype=torch.long),
         crop_top_left=torch.tensor(both("crop_top_left"), dtype=torch.long),
         label_w=torch.tensor([it["label_w"] for it in good], dtype=torch.float32),
         indices=[it["index"] for it in good],
+        keys=[(it["epoch"], it["index"]) for it in good],
     )
     for key in good[0].keys() - _ITEM_KEYS:
         values = [it[key] for it in good]
@@ -361,15 +382,17 @@ class PairBatchSampler(torch.utils.data.Sampler):
 def make_pair_loader(pairs, transform: PairTransform, batch_size: int, seed: int, rank: int = 0,
                      world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
                      extra_columns: Sequence[str] = ()) -> Iterable[dict]:
-    """Endless iterable of collated batches for this rank, resuming after `start_batch` batches."""
+    """Endless iterable of collated batches for this rank, resuming after `start_batch` batches. `pairs` holds rows
+    (a datasets Dataset or stream), or is an item dataset keyed like PairDataset (`cache.CachedPairDataset`)."""
     if not isinstance(pairs, datasets.IterableDataset):
         sampler = PairBatchSampler(len(pairs), batch_size, seed, rank, world_size, start_batch)
-        return torch.utils.data.DataLoader(
-            PairDataset(pairs, transform, seed, extra_columns), batch_sampler=sampler, collate_fn=collate_pairs,
-            num_workers=num_workers, persistent_workers=num_workers > 0)
+        items = pairs if isinstance(pairs, torch.utils.data.Dataset) else PairDataset(pairs, transform, seed,
+                                                                                       extra_columns)
+        return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate_pairs,
+                                           num_workers=num_workers, persistent_workers=num_workers > 0)
     if num_workers:
         warnings.warn("make_pair_loader: streaming pairs are decoded in the main process; num_workers ignored")
-    stream = split_dataset_by_node(_raw_images(pairs), rank=rank, world_size=world_size)
+    stream = split_dataset_by_node(raw_images(pairs), rank=rank, world_size=world_size)
     stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
     return _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns)
 
@@ -378,7 +401,7 @@ def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start
     """Endless collated batches from this rank's shuffled stream, after skipping `start_batch` batches."""
     # Batches never span epochs (the tail is dropped, as in PairBatchSampler), so skipping whole
     # batches across epoch boundaries reproduces an uninterrupted run; skipped rows are never decoded.
-    paired, plain = _split_extras(extra_columns)
+    paired, plain = split_extras(extra_columns)
     epoch, to_skip = 0, start_batch
     while True:
         stream.set_epoch(epoch)  # reshuffles shards and buffer with seed + epoch

@@ -1,7 +1,8 @@
 """Resumable outputs of Pick-a-Pic-style parquet shards (`rewards.labeling`, `data.captions`).
 
 A job over N source rows writes `pairs-00000.parquet`, ... (one per `shard_size` rows, each written whole or not at
-all) and `.shards/pairs-00000.json`, the record of what each shard holds: the job's settings, its source rows and
+all; other jobs name their own stem and format, as the latent cache's `latents-00000.safetensors`) and
+`.shards/pairs-00000.json`, the record of what each shard holds: the job's settings, its source rows and
 its counts. A rerun keeps the shards whose record matches and makes only the others; the record is written last,
 so it is what marks a shard finished. Records are hidden from `*.parquet` globs and imagefolder loaders.
 """
@@ -12,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,13 +22,21 @@ from ..files import write_text_atomic
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"
-_SHARD_NAME = re.compile(r"pairs-(\d+)\.parquet")
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: no loader picks it up
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def write_shard_table(table: pa.Table, path: Path) -> int:
+    """A parquet shard, or none for no rows (datasets cannot read an empty parquet); the rows written."""
+    if table.num_rows:
+        write_parquet(table, path)
+    else:
+        path.unlink(missing_ok=True)
+    return table.num_rows
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -39,38 +48,38 @@ def differences(old: dict, new: dict) -> str:
 
 
 def run_shards(out_dir: Path, num_rows: int, shard_size: int, settings: dict,
-               make_shard: Callable[[int, int, str], tuple[pa.Table, dict]]) -> list[tuple[dict, bool]]:
+               make_shard: Callable[[int, int, str], tuple[Any, dict]], stem: str = "pairs",
+               suffix: str = ".parquet", write: Callable[[Any, Path], int] = write_shard_table
+               ) -> list[tuple[dict, bool]]:
     """For each shard of rows [start, stop): its record, and whether it was kept from an earlier run.
 
-    `make_shard(start, stop, description)` returns the shard's table and the counts to record (including
-    "skipped"); "settings", "rows" and "written" are added here. Other settings than an earlier run's are an error.
+    `make_shard(start, stop, description)` returns the shard's content and the counts to record (including
+    "skipped"); `write(content, path)` writes it whole and returns the rows written. "settings", "rows" and
+    "written" are added here. Other settings than an earlier run's are an error.
     """
     shards = [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
-    _check_no_extra_shards(out_dir, len(shards))
+    _check_no_extra_shards(out_dir, len(shards), stem, suffix)
     (out_dir / SHARD_RECORDS).mkdir(parents=True, exist_ok=True)
     results = []
     for k, (start, stop) in enumerate(shards):
-        stem = SHARD_STEM.format(k)
-        path, record_path = out_dir / f"{stem}.parquet", out_dir / SHARD_RECORDS / f"{stem}.json"
+        name = f"{stem}-{k:05d}"
+        path, record_path = out_dir / f"{name}{suffix}", out_dir / SHARD_RECORDS / f"{name}.json"
         record = _finished(record_path, path, settings, start, stop)
         if record is not None:
             results.append((record, True))
             continue
-        table, counts = make_shard(start, stop, f"shard {k + 1}/{len(shards)}")
-        record = {"settings": settings, "rows": [start, stop], "written": table.num_rows, **counts}
-        if table.num_rows:
-            write_parquet(table, path)
-        else:
-            path.unlink(missing_ok=True)  # datasets cannot read an empty parquet: a shard with no rows has none
+        content, counts = make_shard(start, stop, f"shard {k + 1}/{len(shards)}")
+        record = {"settings": settings, "rows": [start, stop], "written": write(content, path), **counts}
         write_json(record_path, record)  # last: the record is what marks the shard finished
         results.append((record, False))
     return results
 
 
-def _check_no_extra_shards(out_dir: Path, num_shards: int) -> None:
+def _check_no_extra_shards(out_dir: Path, num_shards: int, stem: str, suffix: str) -> None:
     """Shards past this run's end came from a run over more rows; loading the folder would mix them in."""
-    extra = sorted(p.name for p in out_dir.glob("pairs-*.parquet")
-                   if (m := _SHARD_NAME.fullmatch(p.name)) and int(m[1]) >= num_shards)
+    pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(suffix)}")
+    extra = sorted(p.name for p in out_dir.glob(f"{stem}-*{suffix}")
+                   if (m := pattern.fullmatch(p.name)) and int(m[1]) >= num_shards)
     if extra:
         raise ValueError(f"{out_dir}: holds shards past the {num_shards} this run writes ({', '.join(extra[:3])}"
                          f"{', ...' if len(extra) > 3 else ''}), from a run over more pairs; process as many pairs "

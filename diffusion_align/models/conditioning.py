@@ -35,21 +35,47 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
+@dataclass
+class TextStates:
+    """What the text encoders make of each prompt: the UNet's encoder_hidden_states and, for SDXL, the pooled
+    embedding of the second encoder. A latent cache stores these per text."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.hidden, self.pooled))
+
+
 @torch.no_grad()
-def encode_prompts(family: str, tokenizers: list, text_encoders: list, prompts: list[str],
-                   original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
-                   resolution: int | None = None) -> Conditioning:
-    """Conditioning for one UNet row per prompt. SDXL needs each row's original size and crop (long tensors
-    of shape (rows, 2)) and the training resolution. The encoders run in their own dtype, outside any autocast."""
+def encode_texts(family: str, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
+    """SD1.x / SD2.x: the single encoder's last hidden state. SDXL: both encoders' penultimate hidden states side by
+    side, and the projected pooled output of the second. The encoders run in their own dtype, outside any autocast."""
     device = text_encoders[0].device
     with torch.autocast(device.type, enabled=False):
         if family != "sdxl":
-            return Conditioning(text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0])
+            return TextStates(text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0])
         states = []
         for tokenizer, encoder in zip(tokenizers, text_encoders):
             out = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
-    pooled = out.text_embeds  # the projected pooled output of the second encoder (CLIPTextModelWithProjection)
-    target = torch.tensor([resolution, resolution]).expand(len(prompts), 2)
-    time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(device, dtype=pooled.dtype)
-    return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
+    return TextStates(torch.cat(states, dim=-1), out.text_embeds)
+
+
+def conditioning(texts: TextStates, original_sizes: torch.Tensor | None = None,
+                 crop_top_left: torch.Tensor | None = None, resolution: int | None = None) -> Conditioning:
+    """The UNet's conditioning for one row per text. SDXL (texts with a pooled embedding) also needs each row's
+    original size and crop (long tensors of shape (rows, 2)) and the training resolution."""
+    if texts.pooled is None:
+        return Conditioning(texts.hidden)
+    target = torch.tensor([resolution, resolution]).expand(len(texts.hidden), 2)
+    time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(texts.pooled.device, texts.pooled.dtype)
+    return Conditioning(texts.hidden, {"text_embeds": texts.pooled, "time_ids": time_ids})
+
+
+def encode_prompts(family: str, tokenizers: list, text_encoders: list, prompts: list[str],
+                   original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
+                   resolution: int | None = None) -> Conditioning:
+    """Conditioning for one UNet row per prompt: `encode_texts`, then `conditioning`."""
+    return conditioning(encode_texts(family, tokenizers, text_encoders, prompts), original_sizes, crop_top_left,
+                        resolution)

@@ -6,7 +6,11 @@ conditioning: "sd" and "sd2" use one CLIP text encoder, "sdxl" two plus size/cro
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +26,8 @@ FAMILIES = ("sd", "sd2", "sdxl")
 @dataclass
 class DiffusionComponents:
     family: str
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    unet: UNet2DConditionModel | None  # None when loaded without it (building a latent cache)
+    vae: AutoencoderKL | None  # None, with no text encoders or tokenizers, when loaded for a latent cache
     text_encoders: list[torch.nn.Module]
     tokenizers: list
     noise_scheduler: DDPMScheduler
@@ -31,7 +35,7 @@ class DiffusionComponents:
     frozen: list[torch.nn.Module] = field(init=False)
 
     def __post_init__(self):
-        self.frozen = [self.vae, *self.text_encoders]
+        self.frozen = [m for m in (self.vae, *self.text_encoders) if m is not None]
 
     @property
     def prediction_type(self) -> str:
@@ -47,6 +51,55 @@ def _pipeline_index(pretrained: str, revision: str | None) -> dict:
     return DiffusionPipeline.load_config(pretrained, revision=revision)
 
 
+def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
+    """The pipeline's text encoder folders: text_encoder, and SDXL's text_encoder_2."""
+    index = _pipeline_index(pretrained, revision)
+    return [name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0] is not None]
+
+
+_WEIGHTS = (".safetensors", ".bin")
+_BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def component_digest(pretrained: str, subfolder: str | None, revision: str | None = None,
+                     variant: str | None = None) -> str:
+    """A digest of a pipeline component's files (configs, vocabularies, the weights of `variant`): what data derived
+    from the component (a latent cache, reference errors) is keyed by. Hub weights are known by the sha256 the hub
+    names their blob after, so only small files are read; local weights are hashed."""
+    path = Path(pretrained)
+    if not path.exists():  # a hub id: the files the loaders read, from the local hub cache (downloaded if need be)
+        from huggingface_hub import snapshot_download
+        prefix = f"{subfolder}/" if subfolder else ""
+        path = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[
+            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", f"{prefix}*.safetensors"]))
+    folder = path / subfolder if subfolder else path
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    weights = [f for f in files if f.name.endswith(_WEIGHTS) and _variant_of(f.name) == variant]
+    if any(f.name.endswith(".safetensors") for f in weights):  # what the loaders prefer
+        weights = [f for f in weights if f.name.endswith(".safetensors")]
+    digest = hashlib.sha256()
+    for f in [f for f in files if not f.name.endswith(_WEIGHTS)] + weights:
+        digest.update(f"{f.name}:{_file_sha256(f)};".encode())
+    return digest.hexdigest()[:20]
+
+
+def _variant_of(name: str) -> str | None:
+    """"fp16" for diffusion_pytorch_model.fp16.safetensors (or a shard of it), None for unvaried weights."""
+    parts = name.split(".")
+    return parts[1].split("-")[0] if len(parts) > 2 else None
+
+
+def _file_sha256(path: Path) -> str:
+    real = path.resolve()
+    if _BLOB_SHA256.fullmatch(real.name):  # a hub cache blob is named after its sha256
+        return real.name
+    digest = hashlib.sha256()
+    with real.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def detect_family(index: dict, unet_config: dict) -> str:
     """sdxl if the pipeline has a second text encoder; sd2 if the UNet has SD2's linear attention projections or
     attends to 1024-d text (OpenCLIP-H); sd (1.x) otherwise."""
@@ -59,30 +112,37 @@ def detect_family(index: dict, unet_config: dict) -> str:
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None) -> DiffusionComponents:
-    """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler with the checkpoint's config."""
+                    vae: str | None = None, encoders: bool = True, unet: bool = True) -> DiffusionComponents:
+    """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler with the checkpoint's config.
+
+    `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `unet=False` loads
+    no UNet weights (building one): its config alone says the family."""
     index = _pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
-    unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
-    family = detect_family(index, unet.config)
-    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    text_encoders, tokenizers = [], []
-    for name in names:
+    if unet:
+        unet_model = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
+        unet_config = unet_model.config
+    else:
+        unet_model, unet_config = None, UNet2DConditionModel.load_config(pretrained, subfolder="unet", **kw)
+    family = detect_family(index, unet_config)
+    text_encoders, tokenizers, vae_model = [], [], None
+    for name in (["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]) if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
         tokenizer_name = name.replace("text_encoder", "tokenizer")
         tokenizer_cls = getattr(transformers, index[tokenizer_name][1])
         tokenizers.append(tokenizer_cls.from_pretrained(pretrained, subfolder=tokenizer_name, **kw))
-    if vae is None:
-        vae_model = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw)
-    else:
-        vae_model = AutoencoderKL.from_pretrained(vae)
+    if encoders:
+        vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
+                     else AutoencoderKL.from_pretrained(vae))
     # whatever sampler the pipeline ships, training noise follows the DDPM forward process of its beta schedule
     noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
-    for module in (vae_model, *text_encoders):
+    parts = DiffusionComponents(family, unet_model, vae_model, text_encoders, tokenizers, noise_scheduler,
+                                index["_class_name"])
+    for module in parts.frozen:
         module.requires_grad_(False).eval()
     logger.info("loaded %s (%s, %s prediction)", pretrained, family, noise_scheduler.config.prediction_type)
-    return DiffusionComponents(family, unet, vae_model, text_encoders, tokenizers, noise_scheduler, index["_class_name"])
+    return parts
 
 
 def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
@@ -107,3 +167,16 @@ def set_attention(unet: UNet2DConditionModel, attention: str, device: torch.devi
         unet.enable_xformers_memory_efficient_attention()
         return "xformers"
     return "sdpa"  # diffusers' default processors call torch's scaled_dot_product_attention
+
+
+def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile (inductor) where it can run: it writes C++ kernels on a CPU and triton kernels on CUDA."""
+    if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        raise RuntimeError("model.compile=true: torch.compile's inductor backend builds C++ kernels on a CPU, and no "
+                           "C++ compiler was found (install g++), or set model.compile=false")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError("model.compile=true: torch.compile's inductor backend needs triton on CUDA (pip install "
+                           "triton), or set model.compile=false")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"model.compile=true is not supported on {device.type}; set model.compile=false")
+    return torch.compile(unet)

@@ -1,8 +1,9 @@
 """The toy world's shipped assets, `assets/toy/`: the pretrained base model and the toy PickScore.
 
-    base/          the toy SD pipeline (`pretrain.pretrain`), for StableDiffusionPipeline.from_pretrained
-    pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of base-model samples;
-                   scorer `toy-pickscore`
+    base/          the toy SD pipeline (`pretrain.pretrain`), for StableDiffusionPipeline.from_pretrained, stored
+                   compactly (`pretrain.store_compact`: float16 weight files that load as float32)
+    pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of samples of the base model
+                   at full precision (`.build/base-full`); scorer `toy-pickscore`
     train-prompts.txt  the world's train prompts, one a line (for `online.prompts` in configs/toy/)
     measured.json  what `build_assets` measured: the base model's oracle scores, the proxy's agreement with the
                    oracle on held-out pairs, the settings and the time
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,10 +28,10 @@ import torch
 from PIL import Image
 
 from ..data.shards import write_parquet
-from ..files import shipped_dir, write_text_atomic
+from ..files import replace_dir, shipped_dir, write_text_atomic
 from ..models.tiny import clip_tokenizer
 from .oracle import judge, rate_pairs
-from .pretrain import MAX_TOKENS, PretrainSettings, pretrain, store_compact, text_tower
+from .pretrain import HALF_STORED, MAX_TOKENS, PretrainSettings, pretrain, store_compact, text_tower
 from .world import SIZE, scenes
 
 logger = logging.getLogger("diffusion_align")
@@ -123,22 +125,32 @@ def proxy_agreement(scorer, pairs_file) -> dict:
 
 def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None = None, images_per_prompt: int = 8,
                  reward_steps: int = 1500, keep_base: bool = False) -> dict:
-    """Pretrain the base model (unless `keep_base` and `out_dir/base` holds one), fit the toy PickScore on
-    rater-labelled base samples, and measure both."""
+    """Pretrain the base model (unless `keep_base` and an earlier build left its full-precision weights), ship its
+    compact copy (`store_compact`), fit the toy PickScore on rater-labelled samples of the full-precision model, and
+    measure the shipped base and the proxy."""
     from ..rewards import load_scorer
     from ..rewards.fit_reward import fit_reward
     started = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else asset_dir()
     work = out_dir / ".build"
     settings = settings or PretrainSettings(seed=seed)
-    base = out_dir / "base"
-    if not (keep_base and (base / "model_index.json").is_file()):
-        pretrain(base, settings)
+    base, full = out_dir / "base", work / "base-full"  # base/ ships the compact copy of the pretrained weights
+    if not (keep_base and (full / "model_index.json").is_file()):
+        if keep_base:
+            raise FileNotFoundError(f"keep_base refits the reward on samples of the full-precision base in {full}, "
+                                    f"which only a full build leaves; build without keep_base")
+        pretrain(full, settings)
+    for stale in ("train-images", "heldout-images"):  # made by another base, they must not be resumed
+        shutil.rmtree(work / stale, ignore_errors=True)
+    shutil.rmtree(work / "base-compact", ignore_errors=True)
+    shutil.copytree(full, work / "base-compact")
+    store_compact(work / "base-compact", HALF_STORED)
+    replace_dir(work / "base-compact", base)
     write_train_prompts(out_dir)
 
     # preference data: `images_per_prompt` samples of every train prompt, paired, labelled by the simulated raters
     seeds = list(range(images_per_prompt))
-    train_images = generate(base, [s.prompt for s in scenes("train")], seeds, work / "train-images")
+    train_images = generate(full, [s.prompt for s in scenes("train")], seeds, work / "train-images")
     train_pairs = oracle_pairs(train_images, work / "train-pairs.parquet", seed)
     clip = build_toy_clip(work / "clip-init", seed)
     fit = fit_reward(str(train_pairs), str(clip), out_dir / "pickscore", steps=reward_steps, lr=1e-3,

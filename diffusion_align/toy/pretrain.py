@@ -3,7 +3,8 @@
 AutoencoderKL (32 px -> 8 x 8 x 4 latents), a CLIPTextModel with the real CLIP tokenizer (kept at its random
 initialisation and frozen: its states differ for every word, which is all the UNet needs to read a prompt), a
 UNet2DConditionModel with cross-attention, and a DDIM scheduler with SD's beta schedule. Saved as a diffusers
-folder that `StableDiffusionPipeline.from_pretrained` loads, stored compactly (`store_compact`): about 7.5 MB.
+folder that `StableDiffusionPipeline.from_pretrained` loads; the shipped copy is stored compactly (`store_compact`,
+about 7.8 MB).
 
 Data: `world.render_flawed` over the train scenes, so the model learns the world with the flaws of its data
 (noisy or stained backgrounds, wrong captions) at their rates: imperfect in ways a preference can fix.
@@ -168,7 +169,6 @@ def pretrain(out_dir, settings: PretrainSettings = PretrainSettings()) -> Path:
     _train_unet(pipe.unet, latents, states, caption_index, settings, gen)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    store_compact(out_dir, HALF_STORED)
     logger.info("toy base model saved to %s in %.0f s", out_dir, time.perf_counter() - started)
     return out_dir
 

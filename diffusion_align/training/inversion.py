@@ -106,13 +106,11 @@ def implied_noise(scheduler: DDPMScheduler, latents: torch.Tensor, z: torch.Tens
     return (z.float() - a.sqrt() * latents.float()) / (1 - a).sqrt()
 
 
-def invert_rows(unet, scheduler: DDPMScheduler, latents: torch.Tensor, rows_per_pair: int, cond: Conditioning,
-                steps: int, generator: torch.Generator) -> NoisedRows:
-    """SmPO's replacement for `likelihood.noise_rows`: one timestep per pair, shared by its rows, each row inverted
-    by `unet` (the policy, no grad) and trained on the noise its inversion implies."""
-    pairs = latents.shape[0] // rows_per_pair
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator,
-                              device=latents.device).repeat(rows_per_pair)
+def invert_rows(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                steps: int) -> NoisedRows:
+    """SmPO's replacement for `likelihood.noise_rows`: each pair's timestep (`timesteps`, one per pair) is shared by
+    its rows, each row inverted by `unet` (the policy, no grad) and trained on the noise its inversion implies."""
+    timesteps = timesteps.to(latents.device).repeat(latents.shape[0] // timesteps.shape[0])
     z = ddim_invert(unet, scheduler, latents, timesteps, cond, steps)
     noise = implied_noise(scheduler, latents, z, timesteps)
     target = prediction_target(scheduler, latents.float(), noise, timesteps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
@@ -37,14 +38,37 @@ def prediction_target(scheduler: DDPMScheduler, latents, noise, timesteps) -> to
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported (expected epsilon or v_prediction)")
 
 
-def noise_rows(scheduler: DDPMScheduler, latents: torch.Tensor, rows_per_pair: int,
-               generator: torch.Generator) -> NoisedRows:
-    """Forward-noise the rows, sharing noise and timestep between the rows of one pair."""
-    pairs = latents.shape[0] // rows_per_pair
-    noise = torch.randn((pairs, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator,
-                              device=latents.device)
-    noise, timesteps = noise.repeat(rows_per_pair, 1, 1, 1), timesteps.repeat(rows_per_pair)
+@dataclass
+class PairDraws:
+    """Every random choice a training step makes for its pairs. Each pair's come from its own generator, seeded by
+    (seed, epoch, pair index): the same on any device, process count, batch or resume, so a pass made before
+    training (precomputed reference errors) sees exactly what the training step will."""
+
+    keep: list[bool]          # False: the pair is conditioned on the empty prompt (prompt dropout)
+    timesteps: torch.Tensor   # (pairs,) long
+    noise: torch.Tensor       # (pairs, C, H, W): forward noise, shared by the pair's rows
+    posterior: torch.Tensor   # (rows, C, H, W): the standard normal draws of each row's VAE posterior sample
+
+    @classmethod
+    def draw(cls, seed: int, keys: list[tuple[int, int]], latent_shape: tuple[int, ...], rows_per_pair: int,
+             prompt_dropout: float, num_train_timesteps: int) -> PairDraws:
+        keep, timesteps, noise, posterior = [], [], [], []
+        for epoch, index in keys:
+            state = np.random.SeedSequence([seed, epoch, index, 1]).generate_state(1, np.uint64)[0]
+            generator = torch.Generator().manual_seed(int(state))  # [seed, epoch, index] alone seeds augmentation
+            keep.append(torch.rand((), generator=generator).item() >= prompt_dropout)
+            timesteps.append(torch.randint(num_train_timesteps, (), generator=generator))
+            noise.append(torch.randn(latent_shape, generator=generator))
+            posterior.append(torch.randn((2, *latent_shape), generator=generator))  # winner, loser
+        rows = torch.stack(posterior).transpose(0, 1).flatten(0, 1)  # [w_1..w_B, l_1..l_B]
+        return cls(keep, torch.stack(timesteps), torch.stack(noise), rows[:rows_per_pair * len(keys)])
+
+
+def noise_rows(scheduler: DDPMScheduler, latents: torch.Tensor, draws: PairDraws) -> NoisedRows:
+    """Forward-noise the rows with the pairs' drawn noise and timesteps, shared by the rows of one pair."""
+    rows_per_pair = latents.shape[0] // len(draws.keep)
+    noise = draws.noise.to(latents.device, latents.dtype).repeat(rows_per_pair, 1, 1, 1)
+    timesteps = draws.timesteps.to(latents.device).repeat(rows_per_pair)
     return NoisedRows(scheduler.add_noise(latents, noise, timesteps), timesteps,
                       prediction_target(scheduler, latents, noise, timesteps))
 
@@ -70,12 +94,26 @@ def epsilon_units(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Te
     return scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
 
 
+@dataclass
+class Posteriors:
+    """The VAE's latent distribution of each row (unscaled, in the VAE's dtype), from the VAE or a latent cache."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """mean + std * noise, times the scaling factor, in fp32: what diffusers' `latent_dist.sample()` gives for
+        that noise."""
+        return (self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)).float() * self.scaling_factor
+
+
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE latents (sampled from the posterior, as in the published trainers) times the scaling factor.
+def encode_posteriors(vae, pixel_values: torch.Tensor) -> Posteriors:
+    """The VAE posteriors of the images; training samples them (as the published trainers do) with `PairDraws`.
 
     Always in the VAE's own dtype, never under an enclosing autocast: a VAE kept in fp32 (SDXL's, whose config says
     force_upcast) would otherwise run its convolutions in fp16 and return NaN latents."""
     with torch.autocast(vae.device.type, enabled=False):
         posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-        return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+    return Posteriors(posterior.mean, posterior.std, vae.config.scaling_factor)

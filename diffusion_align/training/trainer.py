@@ -1,6 +1,7 @@
 """The one training loop for every offline preference method.
 
-pairs -> latents + conditioning -> per-sample denoising errors (policy, and reference if the method needs it)
+pairs -> latents + conditioning (`inputs.py`, from the VAE and text encoders or a latent cache) -> per-sample
+denoising errors (policy, and reference if the method needs it, or precomputed: `reference.py`)
 -> the method's objective -> optimiser step -> metrics, checkpoints, final model.
 Runs as is on a CPU, one GPU, or many processes under `accelerate launch` / `torchrun`.
 """
@@ -23,18 +24,20 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, config_to_dict, config_to_yaml
-from ..data.pairs import PairTransform, load_pairs, make_pair_loader
+from ..data.cache import CachedPairDataset, LatentCache, build_cache
+from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
 from ..evaluation.plots import plot_run
 from ..files import write_text_atomic
-from ..models.conditioning import encode_prompts
-from ..models.loading import DiffusionComponents, load_components, place, set_attention
+from ..models.loading import DiffusionComponents, compile_unet, load_components, place, set_attention
 from ..models.policy import Policy
 from ..rewards.labeling import reward_scores
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .inputs import PairInputs
 from .inversion import invert_rows
-from .likelihood import denoising_errors, encode_latents, epsilon_units, noise_rows
+from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
 from .outputs import MetricsLog, save_final
+from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key
 
 logger = logging.getLogger("diffusion_align")
 
@@ -114,12 +117,14 @@ def start_run(cfg: Config) -> tuple[Accelerator, Path]:
     return accelerator, output_dir
 
 
-def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, lr: float) -> Models:
-    """Load the pipeline's parts, place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32
-    says so), wrap the UNet as the policy and prepare it with its optimiser and lr schedule."""
+def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, lr: float,
+                  encoders: bool = True, before_policy=None) -> Models:
+    """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
+    in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
+    as the policy and prepare it with its optimiser and lr schedule. `before_policy(parts, frozen_dtype)` runs on
+    the untouched pretrained UNet first (precomputed reference errors)."""
     t = cfg.train
-    set_seed(t.seed)  # identical LoRA initialisation on every process
-    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
@@ -127,16 +132,24 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     device, frozen_dtype = accelerator.device, DTYPES[t.mixed_precision]
     for module in parts.text_encoders:
         place(module, device, frozen_dtype)
-    place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
+    if parts.vae is not None:
+        place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
     attention = set_attention(parts.unet, cfg.model.attention, device)
     if cfg.model.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
+    if cfg.model.channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+    if before_policy is not None:
+        before_policy(parts, frozen_dtype)
+    set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
                     parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
     unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    if cfg.model.compile:  # the training forward only: the reference and inversion call policy.unet as it is
+        unet = compile_unet(unet, device)
     logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
                 parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
     return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype)
@@ -175,7 +188,7 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
                record: dict) -> TrainResult:
     """Save the final model, its card and the training curves; end the trackers."""
     accelerator.wait_for_everyone()
-    unet = accelerator.unwrap_model(models.unet)
+    unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
     if accelerator.is_main_process:
         save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
         logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))
@@ -199,6 +212,8 @@ def train(cfg: Config) -> TrainResult:
     method_cfg = dataclasses.replace(cfg.method, beta=beta)
     if cfg.method.inversion_steps and not method.inversion:
         raise ConfigError(f"method.inversion_steps is an smpo setting; {method.name} noises with forward noise")
+    if cfg.method.precomputed_reference:
+        check_precomputable(cfg, method)
     lr = t.lr * effective_batch if t.scale_lr else t.lr
     logger.info("method %s (beta %s), effective batch %d = %d processes x %d pairs x %d accumulation, lr %g",
                 method.name, beta, effective_batch, world, t.batch_size, t.grad_accum, lr)
@@ -213,11 +228,36 @@ def train(cfg: Config) -> TrainResult:
                                    cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
-                                  orient_by=orient_by, scores=scores)
+                                  orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
     logger.info("data %s: %s rows; dropped %s ties, %s with a null/NaN label, %s without a reward score; %s pairs",
                 cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs)
 
-    models = set_up_models(cfg, accelerator, method.needs_reference, lr)
+    cache = latent_cache(cfg, accelerator, output_dir) if cfg.data.cache else None
+    transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
+    items = pairs if cfg.data.streaming else (  # a stream is decoded as it is read (make_pair_loader)
+        CachedPairDataset(pairs, cache, transform, t.seed, extra_columns) if cache is not None
+        else PairDataset(pairs, transform, t.seed, extra_columns))
+
+    def pair_inputs(parts, frozen_dtype) -> PairInputs:
+        return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
+                          parts.noise_scheduler.config.num_train_timesteps, device, parts.vae, parts.tokenizers,
+                          parts.text_encoders, cache, text_dtype=frozen_dtype)
+
+    reference, precomputed = None, cfg.method.precomputed_reference
+
+    def precompute(parts, frozen_dtype) -> None:
+        nonlocal reference
+        key = reference_key(cfg, method, pairs, len(pairs), epochs_needed(cfg, len(pairs), world),
+                            None if cache is None else cache.key)
+        with accelerator.main_process_first():  # the main process computes; the others load its file
+            reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
+                                             pair_inputs(parts, frozen_dtype), parts.unet.to(device),
+                                             parts.noise_scheduler, accelerator.autocast,
+                                             cfg.method.reference_batch_size or 4 * t.batch_size,
+                                             cfg.data.num_workers)
+
+    models = set_up_models(cfg, accelerator, method.needs_reference and not precomputed, lr,
+                           encoders=cache is None, before_policy=precompute if precomputed else None)
     parts, policy, unet, optimizer, lr_scheduler = (models.parts, models.policy, models.unet, models.optimizer,
                                                     models.lr_scheduler)
     # v-prediction errors are compared in epsilon units unless asked otherwise (see likelihood.py)
@@ -227,19 +267,15 @@ def train(cfg: Config) -> TrainResult:
         default = 10 if parts.family == "sdxl" else 5
         inversion_steps = default if cfg.method.inversion_steps is None else cfg.method.inversion_steps
 
-    # ---- randomness: explicit generators, saved in checkpoints so a resumed run continues identically ----
-    noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (accelerator.process_index + 1))
-    dropout_gen = torch.Generator().manual_seed(t.seed + 20_000 * (accelerator.process_index + 1))
+    # randomness: each pair's draws are seeded by (seed, epoch, pair), so a resumed run needs only its place
+    inputs = pair_inputs(parts, models.frozen_dtype)
     batches_drawn, skipped_rows, nonfinite_steps = 0, 0, 0
     start_step, saved = resume_run(cfg, accelerator, models, output_dir)
     if saved is not None:
-        noise_gen.set_state(saved["noise_gen"])
-        dropout_gen.set_state(saved["dropout_gen"])
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
         nonfinite_steps = saved["nonfinite_steps"]
 
-    transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
-    loader = iter(make_pair_loader(pairs, transform, t.batch_size, t.seed, accelerator.process_index, world,
+    loader = iter(make_pair_loader(items, transform, t.batch_size, t.seed, accelerator.process_index, world,
                                    start_batch=batches_drawn, num_workers=cfg.data.num_workers,
                                    extra_columns=extra_columns))
 
@@ -256,24 +292,20 @@ def train(cfg: Config) -> TrainResult:
                 return batch
 
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        rows = method.rows_per_pair * len(batch["prompts"])  # SFT uses the winner rows only
-        keep = (torch.rand(len(batch["prompts"]), generator=dropout_gen) >= cfg.data.prompt_dropout).tolist()
-        # the VAE and text encoders run in their own dtypes even inside the loop's autocast (fp32 SDXL VAE)
-        latents = encode_latents(parts.vae, batch["pixel_values"][:rows], noise_gen)
-        cond = encode_prompts(parts.family, parts.tokenizers, parts.text_encoders, method.row_prompts(batch, keep),
-                              batch["original_sizes"][:rows], batch["crop_top_left"][:rows], t.resolution)
+        latents, cond, draws = inputs(batch)  # the VAE and text encoders run in their own dtypes, outside autocast
         if inversion_steps:  # the policy inverts without grad; calling it unwrapped skips DDP's bookkeeping
-            noised = invert_rows(policy.unet, parts.noise_scheduler, latents, method.rows_per_pair, cond,
-                                 inversion_steps, noise_gen)
+            noised = invert_rows(policy.unet, parts.noise_scheduler, latents, draws.timesteps, cond, inversion_steps)
         else:
-            noised = noise_rows(parts.noise_scheduler, latents, method.rows_per_pair, noise_gen)
+            noised = noise_rows(parts.noise_scheduler, latents, draws)
         errors = Errors(denoising_errors(unet, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
                         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
                         preference_units=epsilon_units(parts.noise_scheduler, noised.timesteps) if convert_units
                         else None)
-        if method.needs_reference:
-            with torch.no_grad(), policy.reference() as reference:
-                errors.reference = denoising_errors(reference, noised, cond)
+        if reference is not None:
+            errors.reference = reference.rows(batch["keys"]).to(device)
+        elif method.needs_reference:
+            with torch.no_grad(), policy.reference() as reference_unet:
+                errors.reference = denoising_errors(reference_unet, noised, cond)
         return method.objective(errors, method_cfg)
 
     # ---- the loop ----
@@ -311,8 +343,7 @@ def train(cfg: Config) -> TrainResult:
             progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
                                                                  if "implicit_acc" in record else {}))
         if t.checkpoint_every and step % t.checkpoint_every == 0:
-            state = {"noise_gen": noise_gen.get_state(), "dropout_gen": dropout_gen.get_state(),
-                     "batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "nonfinite_steps": nonfinite_steps}
+            state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "nonfinite_steps": nonfinite_steps}
             path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
                                    t.checkpoints_keep)
             logger.info("saved %s", path)
@@ -322,6 +353,22 @@ def train(cfg: Config) -> TrainResult:
                "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
                "skipped rows": skipped_rows}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
+
+
+def latent_cache(cfg: Config, accelerator: Accelerator, output_dir: Path) -> LatentCache:
+    """data.cache: the run's latent cache, made (or completed) first by the main process; a stale one is an error."""
+    d, m = cfg.data, cfg.model
+    if d.streaming or not d.center_crop:
+        raise ConfigError("data.cache=true stores each image's centre crop by source row: it needs "
+                          "data.streaming=false and data.center_crop=true")
+    folder = Path(d.cache_dir) if d.cache_dir else output_dir / "latent-cache"
+    if accelerator.is_main_process:
+        report = build_cache(d.path, folder, m.pretrained, d.split, m.revision, m.variant, m.vae, cfg.train.resolution,
+                             flips=d.random_flip != "no", dtype=d.cache_dtype, batch_size=d.cache_batch_size,
+                             device=accelerator.device, num_workers=d.num_workers)
+        logger.info("latent cache %s", report)
+    accelerator.wait_for_everyone()
+    return LatentCache(folder)
 
 
 def tracker_hparams(cfg: Config) -> dict:

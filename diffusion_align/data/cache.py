@@ -1,0 +1,293 @@
+"""The latent and text-embedding cache: every image's VAE posterior and every text's encoder states, computed once, so
+that training (`data.cache=true`) loads neither the VAE nor the text encoders and decodes no image.
+
+    key.json                   what the cache was made from (`cache_key`): using it for anything else is an error
+    texts.json                 the cached texts in order: "" (prompt dropout's empty prompt), then every caption
+    latents-00000.safetensors  per source row of the shard: `mean_0`, `std_0`, `mean_1`, `std_1`, the unscaled
+                               posterior of jpg_0 / jpg_1 in the cache dtype; with flips, `*_flip` of the mirrored
+                               images; `size_0/1` (original h, w), `crop_0/1` (top, left); `ok` (0: an image did not
+                               decode, so the pair is skipped when trained on)
+    texts-00000.safetensors    per text: `hidden` (tokens, dim), and for SDXL `pooled`
+    .shards/                   the shard records (`shards.run_shards`): an interrupted build resumes
+
+Images are resized and centre-cropped as `PairTransform` does; a training item takes its flips from the same coins
+and its posterior sample from `likelihood.PairDraws`, so a cached run sees what an uncached one does (exactly with
+an fp32 cache; to the cache dtype's rounding otherwise).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..files import write_text_atomic
+from ..models.conditioning import TextStates, encode_texts
+from ..models.loading import component_digest, load_components, place, text_subfolders
+from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
+from .shards import SHARD_RECORDS, differences, run_shards
+
+logger = logging.getLogger("diffusion_align")
+
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TEXT_COLUMNS = ("caption", "caption_0", "caption_1")  # DCPO's per-image captions are cached where present
+LATENT_SHARD_ROWS = 1000  # SD1.5 at 512 px in fp16: 128 kB a row, 256 kB with flips
+TEXT_SHARD_ROWS = 2048    # SD1.5: 118 kB a text in fp16
+
+
+def cache_key(source: str, split: str, pretrained: str, revision: str | None = None, variant: str | None = None,
+              vae: str | None = None, resolution: int = 512, flips: bool = False, dtype: str = "fp16") -> dict:
+    """Everything a cached tensor depends on: the source rows, the VAE and text encoders and tokenizers (digests of
+    their files), the preprocessing (resolution, centre crop, mirrored copies) and the storage dtype."""
+    pairs, _ = load_pairs(source, split, keep_ties=True, extra_columns="all")
+    models = {"vae": component_digest(vae, None, None, None) if vae else
+              component_digest(pretrained, "vae", revision, variant)}
+    for name in text_subfolders(pretrained, revision):
+        models[name] = component_digest(pretrained, name, revision, variant)
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        models[tokenizer] = component_digest(pretrained, tokenizer, revision, None)
+    vae_config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(pretrained, subfolder="vae",
+                                                                                       revision=revision)
+    return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
+            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), "resolution": resolution,
+            "crop": "center", "flips": flips, "dtype": dtype}
+
+
+def check_key(folder: Path, key: dict) -> bool:
+    """Whether `folder` holds a cache made with `key` (False: no cache yet); a cache made otherwise is an error."""
+    path = folder / "key.json"
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old != key:
+        changed = differences(_flat(old), _flat(key))
+        raise ValueError(f"{folder} is a latent cache made from other inputs ({changed}); a stale cache is never "
+                         f"used: give data.cache_dir (or --out) a new folder, or delete this one")
+    return True
+
+
+def _flat(key: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in key.items():
+        flat.update(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+    return flat
+
+
+@dataclass
+class CacheReport:
+    rows: int
+    texts: int
+    skipped: int          # rows with an image that did not decode (kept as not ok)
+    shards_reused: int
+    folder: Path
+
+    def __str__(self) -> str:
+        return (f"{self.folder}: {self.rows} rows ({self.skipped} with an undecodable image), {self.texts} texts; "
+                f"{self.shards_reused} shards kept from an earlier run")
+
+
+class _SourceImages(torch.utils.data.Dataset):
+    """Source rows [start, stop) decoded and preprocessed: each image plain and (with flips) mirrored."""
+
+    def __init__(self, pairs, start: int, stop: int, transform: PairTransform, flips: bool):
+        self.pairs, self.start, self.stop = raw_images(pairs), start, stop
+        self.transform, self.flips = transform, flips
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.pairs[self.start + i]
+        res, item = self.transform.resolution, {"ok": True}
+        for k, column in enumerate(IMAGE_COLUMNS):
+            try:
+                image = decode_image(row[column], f"row {self.start + i}, column {column}")
+            except ValueError as err:
+                logger.warning("%s", err)
+                item["ok"] = False
+                image = None
+            for flip in (False, True) if self.flips else (False,):
+                pixels, size, crop = (self.transform.apply(image, flip, None) if image is not None else
+                                      (torch.zeros(3, res, res), (res, res), (0, 0)))
+                item[f"pixels_{k}{'_flip' if flip else ''}"] = pixels
+                item[f"size_{k}"], item[f"crop_{k}"] = torch.tensor(size), torch.tensor(crop)
+        return item
+
+
+def build_cache(source: str, out_dir, pretrained: str, split: str = "train", revision: str | None = None,
+                variant: str | None = None, vae: str | None = None, resolution: int = 512, flips: bool = False,
+                dtype: str = "fp16", batch_size: int = 16, device: str | torch.device | None = None,
+                num_workers: int = 2) -> CacheReport:
+    """Encode every source row's images and every text into `out_dir` (resumable; see the module docstring)."""
+    out_dir = Path(out_dir)
+    key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype)
+    if not check_key(out_dir, key):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "key.json", json.dumps(key, indent=2) + "\n")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = CACHE_DTYPES[dtype]
+    compute = torch.float32 if device.type == "cpu" else store  # CPUs are slow in half precision
+    loaded = []
+
+    def encoders():
+        """The VAE and text encoders, loaded when a first shard is to be made (a finished cache needs none)."""
+        if not loaded:
+            parts = load_components(pretrained, revision, variant, vae, unet=False)
+            place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast") else compute)
+            for encoder in parts.text_encoders:
+                place(encoder, device, compute)
+            loaded.append(parts)
+        return loaded[0]
+
+    pairs, _ = load_pairs(source, split, keep_ties=True, extra_columns="all")
+    transform = PairTransform(resolution, center_crop=True)
+    settings = {"key": key}
+
+    def latent_shard(start: int, stop: int, desc: str):
+        loader = torch.utils.data.DataLoader(_SourceImages(pairs, start, stop, transform, flips),
+                                             batch_size=batch_size, num_workers=num_workers)
+        parts_of = {}
+        for batch in tqdm(loader, desc=f"latents {desc}", leave=False):
+            for name, value in batch.items():
+                if name.startswith("pixels_"):
+                    vae_model = encoders().vae
+                    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                        dist = vae_model.encode(value.to(device, vae_model.dtype)).latent_dist
+                    stem = name.removeprefix("pixels_")
+                    image, _, flip = stem.partition("_")
+                    for stat in ("mean", "std"):
+                        parts_of.setdefault(f"{stat}_{image}{'_' if flip else ''}{flip}", []).append(
+                            getattr(dist, stat).to("cpu", store))
+                else:
+                    parts_of.setdefault(name, []).append(value)
+        tensors = {name: torch.cat(values).contiguous() for name, values in parts_of.items()}
+        tensors["ok"] = tensors["ok"].to(torch.uint8)
+        return tensors, {"skipped": int((tensors["ok"] == 0).sum())}
+
+    latent_records = run_shards(out_dir, len(pairs), LATENT_SHARD_ROWS, settings, latent_shard, stem="latents",
+                                suffix=".safetensors", write=_write_tensors)
+
+    columns = [c for c in TEXT_COLUMNS if c in pairs.column_names]
+    found = pairs.select_columns(columns).with_format("arrow")[:]
+    texts = sorted({t or "" for c in columns for t in found[c].to_pylist()} - {""})
+    texts = ["", *texts]
+    write_text_atomic(out_dir / "texts.json", json.dumps(texts, ensure_ascii=False) + "\n")
+
+    def text_shard(start: int, stop: int, desc: str):
+        chunks = []
+        parts = encoders()
+        for at in tqdm(range(start, stop, batch_size * 4), desc=f"texts {desc}", leave=False):
+            chunks.append(encode_texts(parts.family, parts.tokenizers, parts.text_encoders,
+                                       texts[at:min(at + batch_size * 4, stop)]))
+        tensors = {"hidden": torch.cat([c.hidden for c in chunks]).to("cpu", store).contiguous()}
+        if chunks[0].pooled is not None:
+            tensors["pooled"] = torch.cat([c.pooled for c in chunks]).to("cpu", store).contiguous()
+        return tensors, {"skipped": 0}
+
+    text_records = run_shards(out_dir, len(texts), TEXT_SHARD_ROWS, {"key": key, "texts": len(texts)}, text_shard,
+                              stem="texts", suffix=".safetensors", write=_write_tensors)
+    loaded.clear()  # free the encoders before training starts
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    records = latent_records + text_records
+    return CacheReport(rows=len(pairs), texts=len(texts), skipped=sum(r["skipped"] for r, _ in latent_records),
+                       shards_reused=sum(reused for _, reused in records), folder=out_dir)
+
+
+def _write_tensors(tensors: dict, path: Path) -> int:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    tmp.replace(path)
+    return len(next(iter(tensors.values())))
+
+
+class LatentCache:
+    """Reads a finished cache (memory-mapped): posteriors by source row, text states by text."""
+
+    def __init__(self, folder, key: dict | None = None):
+        self.folder = Path(folder)
+        if not (self.folder / "key.json").is_file() or not (self.folder / "texts.json").is_file():
+            raise FileNotFoundError(f"{self.folder} is not a finished latent cache (no key.json or texts.json); "
+                                    f"make it with `diffusion-align cache`")
+        if key is not None:
+            check_key(self.folder, key)
+        self.key = json.loads((self.folder / "key.json").read_text(encoding="utf-8"))
+        self.text_rows = {t: i for i, t in enumerate(json.loads((self.folder / "texts.json").read_text("utf-8")))}
+        self._shards = {stem: self._shard_rows(stem) for stem in ("latents", "texts")}
+        self._open = {}
+
+    def _shard_rows(self, stem: str) -> list[tuple[int, int, Path]]:
+        shards = []
+        for record_path in sorted((self.folder / SHARD_RECORDS).glob(f"{stem}-*.json")):
+            start, stop = json.loads(record_path.read_text(encoding="utf-8"))["rows"]
+            shards.append((start, stop, self.folder / f"{record_path.stem}.safetensors"))
+        return shards
+
+    def _locate(self, stem: str, row: int):
+        for start, stop, path in self._shards[stem]:
+            if start <= row < stop:
+                if path not in self._open:  # opened lazily: each DataLoader worker maps its own
+                    self._open[path] = safe_open(path, "pt")
+                return self._open[path], row - start
+        raise KeyError(f"{self.folder}: no {stem} shard holds row {row}; the cache is unfinished (rerun "
+                       f"`diffusion-align cache` to complete it)")
+
+    def image(self, row: int, column: int, flip: bool) -> dict:
+        """Source row `row`'s image `column` (0 or 1), mirrored or not: its posterior, original size and crop."""
+        shard, j = self._locate("latents", row)
+        if not shard.get_slice("ok")[j:j + 1].item():
+            raise ValueError(f"row {row}: an image of this pair did not decode when the cache was built")
+        suffix = "_flip" if flip else ""
+        if flip and not self.key["flips"]:
+            raise ValueError(f"{self.folder} holds no mirrored images (made without flips); rebuild it with flips")
+        return {"mean": shard.get_slice(f"mean_{column}{suffix}")[j], "std": shard.get_slice(f"std_{column}{suffix}")[j],
+                "original_size": tuple(shard.get_slice(f"size_{column}")[j].tolist()),
+                "crop_top_left": tuple(shard.get_slice(f"crop_{column}")[j].tolist())}
+
+    def texts(self, prompts: list[str]) -> TextStates:
+        """The cached states of each prompt (one row each)."""
+        hidden, pooled = [], []
+        for prompt in prompts:
+            if prompt not in self.text_rows:
+                raise KeyError(f"{self.folder}: the text {prompt[:60]!r} is not cached (the cache's source has other "
+                               f"captions)")
+            shard, j = self._locate("texts", self.text_rows[prompt])
+            hidden.append(shard.get_slice("hidden")[j])
+            if "pooled" in shard.keys():
+                pooled.append(shard.get_slice("pooled")[j])
+        return TextStates(torch.stack(hidden), torch.stack(pooled) if pooled else None)
+
+
+class CachedPairDataset(torch.utils.data.Dataset):
+    """`pairs.PairDataset` read from a latent cache: the same items (orientation, flip coins, extras) with each
+    image's posterior (`mean_w`, `std_w`, ...) in place of its pixels. `pairs` needs a `source_row` column."""
+
+    def __init__(self, pairs, cache: LatentCache, transform: PairTransform, seed: int, extra_columns=()):
+        self.pairs = pairs.remove_columns([c for c in IMAGE_COLUMNS if c in pairs.column_names])
+        self.cache, self.transform, self.seed = cache, transform, seed
+        self.paired, self.plain = split_extras(extra_columns)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        row = self.pairs[index]
+
+        def images(order, generator):
+            item = {}
+            for suffix, column, flip in zip("wl", order, self.transform.flips(generator)):
+                for name, value in self.cache.image(int(row["source_row"]), column, flip).items():
+                    item[f"{name}_{suffix}"] = value
+            return item
+        return pair_item(row, epoch, index, self.seed, self.paired, self.plain, images)
+

@@ -1,0 +1,57 @@
+"""A batch of pairs -> what the UNet is given: latents sampled from the images' VAE posteriors, each row's
+conditioning, and the pairs' draws (`likelihood.PairDraws`: prompt dropout, timestep, noise, posterior sample).
+
+The posteriors and text states come from the VAE and text encoders, or from a latent cache (`data.cache`); either
+way the same draws make the same latents, which is what lets reference errors be computed before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.cache import LatentCache
+from ..models.conditioning import Conditioning, TextStates, conditioning, encode_texts
+from .likelihood import PairDraws, Posteriors, encode_posteriors
+from .methods import Method
+
+
+@dataclass
+class PairInputs:
+    family: str
+    method: Method
+    seed: int
+    prompt_dropout: float
+    resolution: int
+    num_train_timesteps: int
+    device: torch.device
+    vae: torch.nn.Module | None = None
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    cache: LatentCache | None = None
+    text_dtype: torch.dtype = torch.float32  # cached states are cast to the dtype the text encoders would run in
+
+    def posteriors(self, batch: dict, rows: int) -> Posteriors:
+        if self.cache is None:
+            return encode_posteriors(self.vae, batch["pixel_values"][:rows])
+        mean, std = (batch[k][:rows].to(self.device, torch.float32) for k in ("mean", "std"))
+        return Posteriors(mean, std, self.cache.key["scaling_factor"])
+
+    def texts(self, prompts: list[str]) -> TextStates:
+        if self.cache is None:
+            return encode_texts(self.family, self.tokenizers, self.text_encoders, prompts)
+        hidden, pooled = (None if x is None else x.to(self.device, self.text_dtype) for x in self.cache.texts(prompts))
+        return TextStates(hidden, pooled)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, Conditioning, PairDraws]:
+        """(latents in fp32, conditioning, draws) for the batch's rows in pair layout (winners only for one-row
+        methods). Made in the encoders' and the cache's own dtypes, outside any enclosing autocast."""
+        rows = self.method.rows_per_pair * len(batch["prompts"])
+        with torch.autocast(self.device.type, enabled=False):
+            posteriors = self.posteriors(batch, rows)
+            draws = PairDraws.draw(self.seed, batch["keys"], tuple(posteriors.mean.shape[1:]),
+                                   self.method.rows_per_pair, self.prompt_dropout, self.num_train_timesteps)
+            cond = conditioning(self.texts(self.method.row_prompts(batch, draws.keep)),
+                                batch["original_sizes"][:rows], batch["crop_top_left"][:rows], self.resolution)
+            return posteriors.sample(draws.posterior), cond, draws

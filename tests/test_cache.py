@@ -1,0 +1,141 @@
+"""The latent and text-embedding cache: a cached run is the uncached run, without the VAE or text encoders; a cache
+made from anything else is refused; building resumes and skips what does not decode."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+from diffusion_align.cli import main as cli_main
+from diffusion_align.data.cache import LatentCache, build_cache, cache_key, check_key
+from diffusion_align.models.policy import LORA_WEIGHTS
+from test_train import read_metrics, run
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("sd", ["data.random_flip=image", "data.prompt_dropout=0.3"]),
+    ("sdxl", ["data.random_flip=pair"]),  # sizes, crops and pooled states come from the cache
+])
+def test_a_cached_run_is_the_uncached_run_without_vae_or_text_encoders(tmp_path, tiny_models, tiny_pairs,
+                                                                       monkeypatch, family, overrides):
+    model = tiny_models[family]
+    common = [*overrides, "train.max_steps=3", "data.num_workers=0"]
+    run(tmp_path / "plain", model, tiny_pairs, *common)
+    cache = tmp_path / "cache"
+    build_cache(str(tiny_pairs), cache, str(model), resolution=32, flips=True, dtype="fp32", device="cpu",
+                num_workers=0)
+
+    loaded = []
+    for cls in (AutoencoderKL, CLIPTextModel):
+        original = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained",
+                            classmethod(lambda c, *a, _o=original, **kw: loaded.append(c.__name__) or _o(c, *a, **kw)))
+    run(tmp_path / "cached", model, tiny_pairs, *common, "data.cache=true", f"data.cache_dir={cache}",
+        "data.cache_dtype=fp32")
+    assert "AutoencoderKL" not in loaded and not any("CLIPTextModel" in name for name in loaded)
+
+    # The same draws give the same errors to float rounding (the cache encodes 16 images a batch, the loop 4, and
+    # CPU convolutions round differently per batch shape); DPO's beta (5000) scales their differences into the loss.
+    plain, cached = read_metrics(tmp_path / "plain" / "run"), read_metrics(tmp_path / "cached" / "run")
+    assert len(plain) == len(cached) == 3
+    for a, b in zip(plain, cached):
+        for name in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l"):
+            assert a[name] == pytest.approx(b[name], rel=2e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    weights = [load_file(tmp_path / name / "run" / "final" / LORA_WEIGHTS) for name in ("plain", "cached")]
+    # Adam turns those rounding differences into weight differences far below its step (lr 1e-3)
+    assert all((weights[0][k] - weights[1][k]).norm() < 1e-3 * weights[0][k].norm() for k in weights[0])
+
+
+def test_an_fp16_cache_is_made_automatically_and_close(tmp_path, tiny_models, tiny_pairs):
+    model = tiny_models["sd"]
+    run(tmp_path / "plain", model, tiny_pairs, "train.max_steps=2")
+    run(tmp_path / "cached", model, tiny_pairs, "train.max_steps=2", "data.cache=true")
+    folder = tmp_path / "cached" / "run" / "latent-cache"
+    assert json.loads((folder / "key.json").read_text())["dtype"] == "fp16"
+    assert load_file(folder / "latents-00000.safetensors")["mean_0"].dtype == torch.float16
+    plain, cached = read_metrics(tmp_path / "plain" / "run"), read_metrics(tmp_path / "cached" / "run")
+    assert plain[-1]["model_err_w"] == pytest.approx(cached[-1]["model_err_w"], rel=1e-2)
+
+
+def _changed_copy(model, tmp_path, part: str):
+    """A copy of the tiny pipeline with one component's files changed."""
+    copy = tmp_path / f"model-{part}"
+    shutil.copytree(model, copy)
+    if part == "tokenizer":
+        config = copy / "tokenizer" / "tokenizer_config.json"
+        config.write_text(config.read_text().replace('"model_max_length": 77', '"model_max_length": 76'))
+        return copy
+    weights = next((copy / part).glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    return copy
+
+
+def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_pairs):
+    model, pairs = tiny_models["sd"], str(tiny_pairs)
+    folder = tmp_path / "cache"
+    base = dict(resolution=32, flips=False, dtype="fp16")
+    build_cache(pairs, folder, str(model), device="cpu", num_workers=0, **base)
+    assert check_key(folder, cache_key(pairs, "train", str(model), **base))
+
+    other_rows = tmp_path / "other.parquet"
+    table = pq.read_table(pairs)
+    pq.write_table(table.slice(0, table.num_rows - 1), other_rows)
+    changes = {
+        "resolution": cache_key(pairs, "train", str(model), **{**base, "resolution": 48}),
+        "flips": cache_key(pairs, "train", str(model), **{**base, "flips": True}),
+        "dtype": cache_key(pairs, "train", str(model), **{**base, "dtype": "fp32"}),
+        "source.rows": cache_key(str(other_rows), "train", str(model), **base),
+        **{f"models.{part}": cache_key(pairs, "train", str(_changed_copy(model, tmp_path, part)), **base)
+           for part in ("vae", "text_encoder", "tokenizer")},
+    }
+    for changed, key in changes.items():
+        with pytest.raises(ValueError, match=rf"made from other inputs \(.*{changed}=.*; a stale cache is never used"):
+            check_key(folder, key)
+    with pytest.raises(ValueError, match="resolution=32 there, 48 now"):  # training refuses it too
+        run(tmp_path, model, pairs, "train.max_steps=1", "train.resolution=48", "data.cache=true",
+            f"data.cache_dir={folder}")
+
+
+def test_building_resumes_and_counts_undecodable_rows(tmp_path, tiny_models, tiny_pairs, monkeypatch, caplog):
+    from diffusion_align.data import cache as cache_module
+    rows = pq.read_table(tiny_pairs).to_pylist()
+    rows[3]["jpg_1"] = b"not an image"
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), broken)
+    monkeypatch.setattr(cache_module, "LATENT_SHARD_ROWS", 5)
+    folder = tmp_path / "cache"
+    report = build_cache(str(broken), folder, str(tiny_models["sd"]), resolution=32, device="cpu", num_workers=0)
+    assert (report.rows, report.skipped, report.shards_reused) == (16, 1, 0)
+    assert "row 3, column jpg_1: not a recognised image format" in caplog.text
+    (folder / ".shards" / "latents-00002.json").unlink()  # as if killed while making the third shard
+    report = build_cache(str(broken), folder, str(tiny_models["sd"]), resolution=32, device="cpu", num_workers=0)
+    assert report.shards_reused == 4 and report.skipped == 1  # 4 latent shards and 1 text shard, one redone
+
+    cache = LatentCache(folder)
+    with pytest.raises(ValueError, match="row 3: an image of this pair did not decode"):
+        cache.image(3, 0, False)
+    assert cache.image(2, 1, False)["mean"].shape == (4, 16, 16)
+    assert cache.texts(["", rows[0]["caption"]]).hidden.shape[0] == 2
+    # training from it skips that pair, as the uncached loader does
+    run(tmp_path, tiny_models["sd"], broken, "train.max_steps=8", "train.batch_size=4", "data.cache=true",
+        f"data.cache_dir={folder}", "data.random_flip=no")
+    assert read_metrics(tmp_path / "run")[-1]["skipped_rows"] >= 1
+
+
+def test_the_cache_command(tmp_path, tiny_models, tiny_pairs, capsys):
+    cli_main(["cache", str(tiny_pairs), "--model", str(tiny_models["sd"]), "--out", str(tmp_path / "c"),
+              "--resolution", "32", "--flips", "--device", "cpu", "--workers", "0"])
+    assert "16 rows (0 with an undecodable image)" in capsys.readouterr().out
+    key = json.loads((tmp_path / "c" / "key.json").read_text())
+    assert key["flips"] and key["resolution"] == 32 and set(key["models"]) == {"vae", "text_encoder", "tokenizer"}
+    assert {"mean_0_flip", "std_1_flip", "ok"} <= set(load_file(tmp_path / "c" / "latents-00000.safetensors"))
