@@ -212,9 +212,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help="default: 32 (tiny), 256 (sd15)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--n1", type=int, default=3)
-    parser.add_argument("--n2", type=int, default=13, help="with --pairs 64 and batch 4, n2 <= 16 stays in epoch 0")
+    parser.add_argument("--pairs", type=int, default=384)
+    parser.add_argument("--n1", type=int, default=5)
+    parser.add_argument("--n2", type=int, default=85, help="n2 x batch size <= pairs: both runs precompute the same "
+                                                           "single epoch of reference errors")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rows", nargs="+", help="only these configurations (names as in the table)")
     parser.add_argument("--diffusers-script", help="path to diffusers' examples/research_projects/diffusion_dpo/"

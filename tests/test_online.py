@@ -45,6 +45,8 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("train.batch_size=3", "8 images per process must split into"),
     ("online.updates_per_rollout=8", "a multiple of 16"),
     ("method.beta=5000", "offline settings"),
+    ("data.cache=true", "offline settings"),
+    ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),
 ])
 def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, message):

@@ -48,6 +48,9 @@ def check_online_config(cfg: Config) -> None:
     if cfg.method.beta is not None or cfg.method.inversion_steps is not None:
         raise ConfigError("method.beta and method.inversion_steps are offline settings; online methods take "
                           "online.clip_range and online.kl_beta")
+    if cfg.data.cache or cfg.method.precomputed_reference:
+        raise ConfigError("data.cache and method.precomputed_reference are offline settings: online methods sample "
+                          "their own images and score them against the current reference")
     if o.judge is not None and cfg.method.name != "pref_grpo":
         raise ConfigError("online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)")
     if len(o.judge_answers) != 2:
