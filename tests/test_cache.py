@@ -139,3 +139,38 @@ def test_the_cache_command(tmp_path, tiny_models, tiny_pairs, capsys):
     key = json.loads((tmp_path / "c" / "key.json").read_text())
     assert key["flips"] and key["resolution"] == 32 and set(key["models"]) == {"vae", "text_encoder", "tokenizer"}
     assert {"mean_0_flip", "std_1_flip", "ok"} <= set(load_file(tmp_path / "c" / "latents-00000.safetensors"))
+
+
+def test_component_digests_follow_the_weights_the_loaders_read(tmp_path, monkeypatch):
+    from diffusion_align.models import loading
+    folder = tmp_path / "model" / "vae"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        (folder / name).write_bytes(b"weights " + name.encode())
+
+    def digests():
+        return [loading.component_digest(str(tmp_path / "model"), "vae", variant=v) for v in (None, "fp16")]
+    before = digests()
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"other half-precision weights")
+    after = digests()
+    assert after[0] == before[0] and after[1] != before[1]  # each variant keyed by its own file only
+    (folder / "config.json").write_text('{"scaling_factor": 0.2}')
+    assert all(a != b for a, b in zip(digests(), after))  # and by the config
+
+    # a hub id resolves to the hub cache, whose files link to blobs named by their sha256: those are not read
+    blob = tmp_path / "blobs" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    snapshot = tmp_path / "snapshot" / "vae"
+    snapshot.mkdir(parents=True)
+    (snapshot / "diffusion_pytorch_model.safetensors").symlink_to(blob)
+    asked = {}
+    monkeypatch.setattr(loading, "snapshot_download",
+                        lambda repo, revision, allow_patterns, ignore_patterns: asked.update(
+                            repo=repo, allow=allow_patterns, ignore=ignore_patterns) or str(tmp_path / "snapshot"))
+    digest = loading.component_digest("org/model", "vae")
+    assert asked["repo"] == "org/model" and "vae/*.safetensors" in asked["allow"]
+    assert asked["ignore"] == ["vae/*.*.safetensors"]  # no other variant is downloaded
+    blob.write_bytes(b"other bytes under the same name")
+    assert loading.component_digest("org/model", "vae") == digest  # the name, not the content, was read

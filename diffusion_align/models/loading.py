@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import snapshot_download
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,11 @@ def component_digest(pretrained: str, subfolder: str | None, revision: str | Non
     names their blob after, so only small files are read; local weights are hashed."""
     path = Path(pretrained)
     if not path.exists():  # a hub id: the files the loaders read, from the local hub cache (downloaded if need be)
-        from huggingface_hub import snapshot_download
         prefix = f"{subfolder}/" if subfolder else ""
+        weights = f"{prefix}*.{variant}.safetensors" if variant else f"{prefix}*.safetensors"
         path = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[
-            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", f"{prefix}*.safetensors"]))
+            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", weights],
+            ignore_patterns=None if variant else [f"{prefix}*.*.safetensors"]))  # not the other variants' files
     folder = path / subfolder if subfolder else path
     files = sorted(f for f in folder.iterdir() if f.is_file())
     weights = [f for f in files if f.name.endswith(_WEIGHTS) and _variant_of(f.name) == variant]
@@ -126,7 +128,8 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         unet_model, unet_config = None, UNet2DConditionModel.load_config(pretrained, subfolder="unet", **kw)
     family = detect_family(index, unet_config)
     text_encoders, tokenizers, vae_model = [], [], None
-    for name in (["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]) if encoders else []:
+    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    for name in names if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
         tokenizer_name = name.replace("text_encoder", "tokenizer")
