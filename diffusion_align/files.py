@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from safetensors.torch import save_file
+
 
 _PACKAGE = Path(__file__).resolve().parent  # .../diffusion_align
 
@@ -38,6 +40,13 @@ def replace_dir(src: Path, dst: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors written beside `path` under a hidden name, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..files import write_text_atomic
+from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import TextStates, encode_texts
 from ..models.loading import component_digest, load_components, place, text_subfolders
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
@@ -204,9 +203,7 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
 
 
 def _write_tensors(tensors: dict, path: Path) -> int:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    tmp.replace(path)
+    write_safetensors_atomic(tensors, path)
     return len(next(iter(tensors.values())))
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..files import write_text_atomic
+from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.tiny import clip_tokenizer
 from .world import SIZE, render_flawed, scenes
 
@@ -188,9 +188,8 @@ def store_compact(folder, half_stored=()) -> None:
     folder = Path(folder)
     for name in half_stored:
         weights = load_file(folder / name)
-        tmp = folder / f"{name}.tmp"
-        save_file({k: v.half().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
-        tmp.replace(folder / name)
+        write_safetensors_atomic({k: v.half().contiguous() for k, v in weights.items()}, folder / name,
+                                 metadata={"format": "pt"})
     for tokenizer_file in folder.rglob("tokenizer.json"):
         model = json.loads(tokenizer_file.read_text(encoding="utf-8"))["model"]
         write_text_atomic(tokenizer_file.with_name("vocab.json"), json.dumps(model["vocab"], ensure_ascii=False))

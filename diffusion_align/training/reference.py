@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..data.pairs import collate_pairs
+from ..files import write_safetensors_atomic
 from ..models.loading import component_digest
 from .inputs import PairInputs
 from .likelihood import denoising_errors, noise_rows
@@ -98,8 +98,6 @@ def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, une
         epoch_of, index_of = zip(*batch["keys"])
         errors[list(epoch_of), list(index_of)] = rows.view(rows_per_pair, -1).T
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"errors": errors}, tmp, metadata={"key": json.dumps(key)})
-    tmp.replace(path)
+    write_safetensors_atomic({"errors": errors}, path, metadata={"key": json.dumps(key)})
     logger.info("reference errors of %d pairs x %d epochs written to %s", num_pairs, epochs, path)
     return ReferenceErrors(errors)
