@@ -135,9 +135,11 @@ def diffusers_script(script: str, model: Path, pairs: Path, work: Path, args, st
             "--dataloader_num_workers", str(args.workers)]
 
 
-def run_row(name: str, target: str, make_argv, work: Path, args, before_each=None) -> dict:
+def time_row(name: str, target: str, make_argv, work: Path, args, before_each=None) -> dict:
+    """One round of one configuration: runs of n1 and n2 steps, their difference per step."""
     times, peaks = [], []
     for steps in (args.n1, args.n2):
+        shutil.rmtree(work / "runs", ignore_errors=True)  # every run starts afresh
         if before_each:
             before_each()
         seconds, peak = timed(target, make_argv(steps), work / "logs" / f"{slug(name)}-{steps}.log")
@@ -151,17 +153,35 @@ def run_row(name: str, target: str, make_argv, work: Path, args, before_each=Non
     return result
 
 
+def run_rows(jobs: list[tuple], work: Path, args) -> list[dict]:
+    """Each job (name, target, make_argv, before_each) timed `args.rounds` times, the jobs taking turns, so a slow
+    spell of the machine falls on all of them; each keeps its fastest round (as timeit does) and the spread."""
+    rounds = {job[0]: [] for job in jobs}
+    for round_index in range(args.rounds):
+        if args.rounds > 1:
+            print(f"-- round {round_index + 1}/{args.rounds}", flush=True)
+        for name, target, make_argv, before_each in jobs:
+            rounds[name].append(time_row(name, target, make_argv, work, args, before_each))
+    best = []
+    for name, results in rounds.items():
+        fastest = min(results, key=lambda r: r["s_per_step"])
+        best.append({**fastest, "spread": max(r["s_per_step"] for r in results) / fastest["s_per_step"]})
+    return best
+
+
 def table(results: list[dict], args) -> str:
     by = {r["row"]: r for r in results}
     lines = [f"{args.arch} pipeline, {args.resolution} px, {args.batch_size} pairs per step, LoRA rank {args.rank}, "
-             f"steps {args.n1} and {args.n2}, {args.workers} DataLoader workers, torch threads "
+             f"steps {args.n1} and {args.n2}, fastest of {args.rounds} rounds, {args.workers} DataLoader workers "
+             f"(uncached), torch threads "
              f"{torch.get_num_threads()}, {'CUDA' if torch.cuda.is_available() else 'CPU'}", "",
-             "| configuration | pairs / s | s / step | set-up s | peak RSS MB |" +
+             "| configuration | pairs / s | s / step | slowest / fastest round | set-up s | peak RSS MB |" +
              (" peak CUDA MB |" if torch.cuda.is_available() else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- |" if torch.cuda.is_available() else "")]
+             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if torch.cuda.is_available() else "")]
     for r in results:
-        lines.append(f"| {r['row']} | {r['pairs_per_s']:.2f} | {r['s_per_step']:.3f} | {r['setup_s']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} |" + (f" {r['peak_cuda_mb']:.0f} |" if "peak_cuda_mb" in r else ""))
+        lines.append(f"| {r['row']} | {r['pairs_per_s']:.2f} | {r['s_per_step']:.3f} | {r['spread']:.2f} | "
+                     f"{r['setup_s']:.1f} | {r['peak_rss_mb']:.0f} |" +
+                     (f" {r['peak_cuda_mb']:.0f} |" if "peak_cuda_mb" in r else ""))
     memory = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
     ratios = [("dpo lora, cache / dpo lora (pairs/s)", "dpo lora, cache", "dpo lora", "pairs_per_s"),
               ("dpo lora, cache + precomputed ref / diffusers script (pairs/s)", "dpo lora, cache + precomputed ref",
@@ -186,16 +206,20 @@ def sweep(model: Path, pairs: Path, work: Path, args) -> None:
         sized = argparse.Namespace(**{**vars(args), "batch_size": batch, "resolution": resolution})
         shutil.rmtree(work / "cache", ignore_errors=True)
         build_cache_once(model, pairs, work, sized)
-        out = [run_row(f"{r.name} b{batch} r{resolution}", "diffusion_align.cli",
-                       lambda steps, r=r: ours(r, model, pairs, work, sized, steps), work, sized,
-                       before_each=lambda: (work / "cache" / "reference-errors.safetensors").unlink(missing_ok=True))
-               for r in rows]
+        out = run_rows([(f"{r.name} b{batch} r{resolution}", "diffusion_align.cli",
+                         lambda steps, r=r: ours(r, model, pairs, work, sized, steps), forget_reference(work))
+                        for r in rows], work, sized)
         plain, cached, pre = (o["s_per_step"] for o in out)
         lines.append(f"| {batch} | {resolution} | {plain:.3f} | {cached:.3f} | {pre:.3f} | "
                      f"{(plain - cached) / plain:.0%} | {(cached - pre) / plain:.0%} | {out[0]['peak_rss_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     (work / "sweep.md").write_text(text)
     print(text)
+
+
+def forget_reference(work: Path):
+    """Before each run: every run precomputes its own reference errors (their cost is part of its set-up)."""
+    return lambda: (work / "cache" / "reference-errors.safetensors").unlink(missing_ok=True)
 
 
 def build_cache_once(model: Path, pairs: Path, work: Path, args) -> None:
@@ -216,7 +240,9 @@ def main() -> None:
     parser.add_argument("--n1", type=int, default=5)
     parser.add_argument("--n2", type=int, default=85, help="n2 x batch size <= pairs: both runs precompute the same "
                                                            "single epoch of reference errors")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers where images are decoded")
+    parser.add_argument("--rounds", type=int, default=1, help="time every configuration this many times, taking "
+                                                               "turns, and keep each one's fastest")
     parser.add_argument("--rows", nargs="+", help="only these configurations (names as in the table)")
     parser.add_argument("--diffusers-script", help="path to diffusers' examples/research_projects/diffusion_dpo/"
                                                    "train_diffusion_dpo.py")
@@ -233,19 +259,15 @@ def main() -> None:
     if args.sweep:
         return sweep(model, pairs, work, args)
     build_cache_once(model, pairs, work, args)
-    results = []
-    for row in [r for r in ROWS if not args.rows or r.name in args.rows]:
-        results.append(run_row(row.name, "diffusion_align.cli", lambda steps, r=row: ours(r, model, pairs, work, args,
-                                                                                         steps), work, args,
-                               before_each=lambda: (work / "cache" / "reference-errors.safetensors").unlink(
-                                   missing_ok=True)))
+    jobs = [(row.name, "diffusion_align.cli", lambda steps, r=row: ours(r, model, pairs, work, args, steps),
+             forget_reference(work)) for row in ROWS if not args.rows or row.name in args.rows]
     if args.diffusers_script:
         if importlib.util.find_spec("wandb") is None:
             print("the diffusers script imports wandb at its top: pip install wandb to time it; skipped")
         else:
-            results.append(run_row("diffusers script (lora dpo)", args.diffusers_script,
-                                   lambda steps: diffusers_script(args.diffusers_script, model, pairs, work, args,
-                                                                  steps), work, args))
+            jobs.append(("diffusers script (lora dpo)", args.diffusers_script,
+                         lambda steps: diffusers_script(args.diffusers_script, model, pairs, work, args, steps), None))
+    results = run_rows(jobs, work, args)
     text = table(results, args)
     (work / "table.md").write_text(text)
     print(text)

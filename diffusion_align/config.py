@@ -110,7 +110,8 @@ class DataConfig:
                             choices=("no", "pair", "image"))
     prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
                                       "(the Diffusion-DPO authors used 0.2).")
-    num_workers: int = _key(2, "DataLoader worker processes that decode and augment images.")
+    num_workers: int = _key(2, "DataLoader worker processes that decode and augment images (not used with data.cache: "
+                               "cached items are read in the training process).")
     cache: bool = _key(False, "Train from a latent and text-embedding cache (`diffusion-align cache`), made first if "
                               "need be: every image's VAE posterior and every caption's encoder states, so training "
                               "loads neither the VAE nor the text encoders. Needs data.streaming=false and "

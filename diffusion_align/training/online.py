@@ -188,7 +188,7 @@ def train_online(cfg: Config) -> TrainResult:
                     accelerator.backward(loss)
                 for name, value in {"policy_loss": policy_loss.detach(), **metrics}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * len(steps))
-        grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf")))
+        grad_norm = float(accelerator.clip_grad_norm_(policy.trainable_parameters(), t.max_grad_norm or float("inf")))
         return grad_norm, sums
 
     # ---- the loop ----

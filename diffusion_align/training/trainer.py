@@ -237,6 +237,9 @@ def train(cfg: Config) -> TrainResult:
     items = pairs if cfg.data.streaming else (  # a stream is decoded as it is read (make_pair_loader)
         CachedPairDataset(pairs, cache, transform, t.seed, extra_columns) if cache is not None
         else PairDataset(pairs, transform, t.seed, extra_columns))
+    # workers decode images; a cached item is a few tensor slices, cheaper in this process than sent from a worker
+    # (two workers cost a tiny LoRA step 12 ms of its 80 on 2 cores: benchmarks/README.md)
+    workers = 0 if cache is not None else cfg.data.num_workers
 
     def pair_inputs(parts, frozen_dtype) -> PairInputs:
         return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
@@ -253,8 +256,7 @@ def train(cfg: Config) -> TrainResult:
             reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
                                              pair_inputs(parts, frozen_dtype), parts.unet.to(device),
                                              parts.noise_scheduler, accelerator.autocast,
-                                             cfg.method.reference_batch_size or 4 * t.batch_size,
-                                             cfg.data.num_workers)
+                                             cfg.method.reference_batch_size or 4 * t.batch_size, workers)
 
     models = set_up_models(cfg, accelerator, method.needs_reference and not precomputed, lr,
                            encoders=cache is None, before_policy=precompute if precomputed else None)
@@ -276,7 +278,7 @@ def train(cfg: Config) -> TrainResult:
         nonfinite_steps = saved["nonfinite_steps"]
 
     loader = iter(make_pair_loader(items, transform, t.batch_size, t.seed, accelerator.process_index, world,
-                                   start_batch=batches_drawn, num_workers=cfg.data.num_workers,
+                                   start_batch=batches_drawn, num_workers=workers,
                                    extra_columns=extra_columns))
 
     def next_batch() -> dict:
@@ -313,7 +315,7 @@ def train(cfg: Config) -> TrainResult:
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
     progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train")
-    record = {}
+    record, trainable = {}, policy.trainable_parameters()
     for step in range(start_step + 1, t.max_steps + 1):
         started, sums, pairs_seen = time.perf_counter(), {}, 0
         for micro in range(t.grad_accum):
@@ -326,7 +328,7 @@ def train(cfg: Config) -> TrainResult:
                 accelerator.backward(loss / t.grad_accum)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
-        grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf")))
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
         step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
         if not apply_update(accelerator, optimizer, grad_norm):
             nonfinite_steps += 1
