@@ -156,21 +156,30 @@ def time_row(name: str, target: str, make_argv, work: Path, args, before_each=No
 def run_rows(jobs: list[tuple], work: Path, args) -> list[dict]:
     """Each job (name, target, make_argv, before_each) timed `args.rounds` times, the jobs taking turns, so a slow
     spell of the machine falls on all of them; each keeps its fastest round (as timeit does) and the spread."""
-    rounds = {job[0]: [] for job in jobs}
+    rounds, failed = {job[0]: [] for job in jobs}, {}
     for round_index in range(args.rounds):
         if args.rounds > 1:
             print(f"-- round {round_index + 1}/{args.rounds}", flush=True)
         for name, target, make_argv, before_each in jobs:
-            rounds[name].append(time_row(name, target, make_argv, work, args, before_each))
+            if name in failed:
+                continue
+            try:
+                rounds[name].append(time_row(name, target, make_argv, work, args, before_each))
+            except RuntimeError as err:  # e.g. killed for memory: the other rows still count
+                print(f"{name}: {err}", flush=True)
+                failed[name] = str(err)
     best = []
     for name, results in rounds.items():
+        if name in failed:
+            best.append({"row": name, "failed": failed[name]})
+            continue
         fastest = min(results, key=lambda r: r["s_per_step"])
         best.append({**fastest, "spread": max(r["s_per_step"] for r in results) / fastest["s_per_step"]})
     return best
 
 
 def table(results: list[dict], args) -> str:
-    by = {r["row"]: r for r in results}
+    by = {r["row"]: r for r in results if "failed" not in r}
     lines = [f"{args.arch} pipeline, {args.resolution} px, {args.batch_size} pairs per step, LoRA rank {args.rank}, "
              f"steps {args.n1} and {args.n2}, fastest of {args.rounds} rounds, {args.workers} DataLoader workers "
              f"(uncached), torch threads "
@@ -179,6 +188,9 @@ def table(results: list[dict], args) -> str:
              (" peak CUDA MB |" if torch.cuda.is_available() else ""),
              "| --- | --- | --- | --- | --- | --- |" + (" --- |" if torch.cuda.is_available() else "")]
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['row']} | failed: {r['failed']} |")
+            continue
         lines.append(f"| {r['row']} | {r['pairs_per_s']:.2f} | {r['s_per_step']:.3f} | {r['spread']:.2f} | "
                      f"{r['setup_s']:.1f} | {r['peak_rss_mb']:.0f} |" +
                      (f" {r['peak_cuda_mb']:.0f} |" if "peak_cuda_mb" in r else ""))
@@ -209,6 +221,9 @@ def sweep(model: Path, pairs: Path, work: Path, args) -> None:
         out = run_rows([(f"{r.name} b{batch} r{resolution}", "diffusion_align.cli",
                          lambda steps, r=r: ours(r, model, pairs, work, sized, steps), forget_reference(work))
                         for r in rows], work, sized)
+        if broken := [o for o in out if "failed" in o]:
+            lines.append(f"| {batch} | {resolution} | {broken[0]['row']} failed: {broken[0]['failed']} |")
+            continue
         plain, cached, pre = (o["s_per_step"] for o in out)
         lines.append(f"| {batch} | {resolution} | {plain:.3f} | {cached:.3f} | {pre:.3f} | "
                      f"{(plain - cached) / plain:.0%} | {(cached - pre) / plain:.0%} | {out[0]['peak_rss_mb']:.0f} |")
