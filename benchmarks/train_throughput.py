@@ -173,7 +173,11 @@ def run_rows(jobs: list[tuple], work: Path, args) -> list[dict]:
         if name in failed:
             best.append({"row": name, "failed": failed[name]})
             continue
-        fastest = min(results, key=lambda r: r["s_per_step"])
+        sound = [r for r in results if r["s_per_step"] > 0]  # T(n2) < T(n1): something else ran; no measurement
+        if not sound:
+            best.append({"row": name, "failed": "every round was disturbed (T(n2) < T(n1))"})
+            continue
+        fastest = min(sound, key=lambda r: r["s_per_step"])
         best.append({**fastest, "spread": max(r["s_per_step"] for r in results) / fastest["s_per_step"]})
     return best
 

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from .config import describe_keys, load_config
 
+# models.tiny.TINY_SCORERS, here so that the parser checks the names before anything heavy is imported (a test
+# keeps the two equal)
+TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesthetic")
+
 
 def _setup_logging() -> None:
     from accelerate import PartialState
@@ -160,15 +164,15 @@ def cmd_generate(args) -> None:
 def cmd_grid(args) -> None:
     if not (args.out or args.html):
         raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
+    scorer = _scorers(args, single=True)[0] if args.scorer else None
     if args.out:
         from .evaluation.grid import make_grid
-        scorer = _scorers(args, single=True)[0] if args.scorer else None
         print(make_grid(args.dirs, args.out, scorer=scorer, rows_per_page=args.rows_per_page,
                         cell_size=args.cell_size, prompt=args.prompt))
     if args.html:
         from .evaluation.review import write_review_page
         page = write_review_page(args.dirs, args.html, prompt=args.prompt, ab=args.ab, seed=args.seed,
-                                 title=args.title)
+                                 title=args.title, scorer=scorer)
         print(f"review page: {page.resolve()}")
 
 
@@ -316,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid = sub.add_parser("grid", help="Comparison grid of image folders (PNG pages) and a review page for people "
                                        "(HTML: side by side, blind A/B with keyboard shortcuts, JSONL export).")
     grid.add_argument("dirs", nargs="+", help="image folders (e.g. from generate), one column each")
-    grid.add_argument("--out", help="grid PNG; more pages go to NAME-001.png, NAME-002.png, ...")
+    grid.add_argument("--out", help="grid PNG: the first page, always; more go to NAME-002.png, NAME-003.png, ...")
     grid.add_argument("--html", help="self-contained HTML review page")
     grid.add_argument("--rows-per-page", type=int, default=10, help="prompt x seed rows per PNG page")
     grid.add_argument("--cell-size", type=int, default=256, help="pixels per image cell")
@@ -391,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "pair set for trying the toolkit without a GPU or the hub.")
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", nargs="+", default=["sd"], choices=("sd", "sd2", "sdxl"))
-    tiny.add_argument("--scorers", nargs="*", default=[], metavar="NAME", help="tiny reward models to build too")
+    tiny.add_argument("--scorers", nargs="*", default=[], choices=TINY_SCORERS, metavar="NAME",
+                      help=f"tiny random reward models to build too, any of: {', '.join(TINY_SCORERS)}. Their scores "
+                           "are arbitrary and outside the real models' ranges (a tiny PickScore is not near 20)")
     tiny.add_argument("--pairs", type=int, default=64, help="number of synthetic preference pairs")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
@@ -402,11 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
+    from .training.safety import RunStopped
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says what and where
         print(f"diffusion-align {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as err:  # a run that cannot go on: the message says what is intact
+        print(f"diffusion-align {args.command}: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 
-def _key(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A config field with its documentation (and allowed values) attached."""
-    meta = {"help": help, "choices": choices}
+def _key(default: Any, help: str, choices: tuple | None = None, within: str | None = None) -> Any:
+    """A config field with its documentation, and its allowed values: `choices`, or a numeric interval `within`
+    written like "[1, inf)" or "(0, 1]" (brackets include the bound, parentheses exclude it)."""
+    meta = {"help": help, "choices": choices, "within": within}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,7 +38,8 @@ class MethodConfig:
                                     "(2000 for SD1.5 in the paper), dcpo 500, mapo 0.1; a value far outside the "
                                     "method's published range is warned about. Our DPO convention is the authors' "
                                     "-(beta/2)*(...) form: beta=5000 here equals beta=2500 in the diffusers SD1.5 "
-                                    "example script (its SDXL script uses 5000 with the 1/2, as here).")
+                                    "example script (its SDXL script uses 5000 with the 1/2, as here).",
+                                    within="(0, inf)")
     v_prediction_errors: str = _key("epsilon", "v-prediction models (SD2.x 768) only: the units of the errors inside "
                                                "the preference terms. epsilon = velocity error x abar_t, the error of "
                                                "the noise the prediction implies, so betas tuned on epsilon models "
@@ -45,10 +47,10 @@ class MethodConfig:
                                                "stronger on average, 200x at t = 999). The UNet is trained to predict "
                                                "the velocity either way, and plain diffusion losses (sft, mapo's "
                                                "winner term) are velocity errors.", choices=("epsilon", "velocity"))
-    mapo_snr_value: float = _key(0.5, "mapo: s in f(x) = s*x / (exp(s*x) - 1).")
+    mapo_snr_value: float = _key(0.5, "mapo: s in f(x) = s*x / (exp(s*x) - 1).", within="(0, inf)")
     inversion_steps: int | None = _key(None, "smpo: DDIM-inversion steps (each refined once, ReNoise-style) that "
                                              "noise the latents; null = 5 (SD1.x / SD2.x) or 10 (SDXL); 0 = plain "
-                                             "forward noise.")
+                                             "forward noise.", within="[0, inf)")
     pref_column: str = _key("pickscore_cosine", "smpo: the raw reward scores are the dataset columns "
                                                 "<pref_column>_0 / _1 (`diffusion-align label --convention "
                                                 "pickscore=cosine` writes them).")
@@ -65,7 +67,8 @@ class MethodConfig:
                                               "latent cache (or in output_dir) and reused by runs with the same key. "
                                               "With mixed precision the pass runs the fp32 UNet under autocast, the "
                                               "on-the-fly reference its half-precision copy: equal up to rounding.")
-    reference_batch_size: int | None = _key(None, "Pairs per batch of that pass; null = 4 x train.batch_size.")
+    reference_batch_size: int | None = _key(None, "Pairs per batch of that pass; null = 4 x train.batch_size.",
+                                            within="[1, inf)")
 
 
 @dataclass
@@ -78,8 +81,8 @@ class ModelConfig:
     prediction_type: str | None = _key(None, "What the UNet predicts; null = what the checkpoint's scheduler says. "
                                              "Set it to assert it: a mismatch with the checkpoint is an error.",
                                        choices=("epsilon", "v_prediction"))
-    lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.")
-    lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).")
+    lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.", within="[1, inf)")
+    lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).", within="(0, inf)")
     lora_target_modules: list[str] = _key(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
     ref_offload: bool = _key(False, "Full fine-tune only: keep the frozen reference UNet on the CPU and stream its "
                                     "layers to the GPU when needed (saves memory, costs speed).")
@@ -102,16 +105,16 @@ class DataConfig:
                                   "default they are dropped and counted.")
     max_pairs: int | None = _key(None, "Use a random sample of N pairs (after dropping ties), drawn with train.seed: "
                                        "the same pairs on every process and on resume; with data.streaming=true, "
-                                       "the first N pairs.")
+                                       "the first N pairs.", within="[1, inf)")
     center_crop: bool = _key(True, "Centre crop after resizing; false = random crop.")
     random_flip: str = _key("no", "Random horizontal flips, each with probability 0.5: no; pair = one coin per pair, "
                                   "both images flipped together (diffusers' SDXL DPO script, MaPO); image = one coin "
                                   "per image (the Diffusion-DPO authors' code, diffusers' SD1.5 DPO script).",
                             choices=("no", "pair", "image"))
     prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
-                                      "(the Diffusion-DPO authors used 0.2).")
+                                      "(the Diffusion-DPO authors used 0.2).", within="[0, 1]")
     num_workers: int = _key(2, "DataLoader worker processes that decode and augment images (not used with data.cache: "
-                               "cached items are read in the training process).")
+                               "cached items are read in the training process).", within="[0, inf)")
     cache: bool = _key(False, "Train from a latent and text-embedding cache (`diffusion-align cache`), made first if "
                               "need be: every image's VAE posterior and every caption's encoder states, so training "
                               "loads neither the VAE nor the text encoders. Needs data.streaming=false and "
@@ -120,7 +123,7 @@ class DataConfig:
                                        "from other data, models, resolution, flips or dtype is an error, never used.")
     cache_dtype: str = _key("fp16", "Storage dtype of the cached posteriors and text states (fp32: a cached run "
                                     "equals an uncached one exactly).", choices=("fp16", "bf16", "fp32"))
-    cache_batch_size: int = _key(16, "Images per VAE batch while the cache is made.")
+    cache_batch_size: int = _key(16, "Images per VAE batch while the cache is made.", within="[1, inf)")
 
 
 @dataclass
@@ -142,57 +145,70 @@ class OnlineConfig:
                                                 "of the judge's tokenizer (e.g. A,B where 1 and 2 are not).")
     pref_temperature: float = _key(1.0, "pref_grpo with a scorer: P(i beats j) = sigmoid(scale * (s_i - s_j) / T), "
                                         "scale the scorer's own (PickScore's 2-way softmax at T = 1). Larger T turns "
-                                        "near-ties into ~0.5.")
+                                        "near-ties into ~0.5.", within="(0, inf)")
     group_size: int = _key(8, "Images per prompt (G), compared within their group. Published: 8 (Pref-GRPO), 16 "
-                              "(DanceGRPO SD1.4).")
-    prompts_per_step: int = _key(2, "Prompts (groups) per process per step.")
-    sample_steps: int = _key(20, "DDIM sampling steps per image.")
-    eta: float = _key(1.0, "DDIM eta (> 0: each step is a Gaussian with a log-probability).")
-    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps.")
+                              "(DanceGRPO SD1.4).", within="[2, inf)")
+    prompts_per_step: int = _key(2, "Prompts (groups) per process per step.", within="[1, inf)")
+    sample_steps: int = _key(20, "DDIM sampling steps per image.", within="[1, inf)")
+    eta: float = _key(1.0, "DDIM eta (> 0: each step is a Gaussian with a log-probability).", within="[0, inf)")
+    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps.",
+                           within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
-                                      "last (at least one).")
+                                      "last (at least one).", within="(0, 1]")
     updates_per_rollout: int = _key(2, "Optimiser updates per step's samples (the samples are split in that many "
-                                       "parts); only the first sees ratio 1.")
-    clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.")
-    adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].")
-    kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none.")
+                                       "parts); only the first sees ratio 1.", within="[1, inf)")
+    clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.", within="(0, inf)")
+    adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].", within="(0, inf)")
+    kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none.",
+                          within="[0, inf)")
     track: list[str] = _key([], "Other scorers NAME[=PATH] whose mean score of each step's samples is logged as "
                                 "tracked_<name>, never trained on: e.g. toy-oracle, to watch the proxy reward's gap "
                                 "to the truth.")
     grid_every: int = _key(0, "Every N steps, sample the first 4 prompts with fixed seeds (eta 0) into "
-                              "<output_dir>/grids/step-<N>.png; 0 = never.")
+                              "<output_dir>/grids/step-<N>.png; 0 = never.", within="[0, inf)")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = _key("outputs/run", "Where checkpoints, logs and the final model go.")
     max_steps: int = _key(2000, "Number of steps: optimiser steps (offline methods) or rollouts (online methods, "
-                                "each with online.updates_per_rollout updates; the lr schedule counts rollouts).")
+                                "each with online.updates_per_rollout updates; the lr schedule counts rollouts).",
+                                within="[1, inf)")
     batch_size: int = _key(1, "Pairs per process per micro-step (online methods: images per sampling and training "
-                              "micro-batch, the same so the first ratio is exactly 1).")
+                              "micro-batch, the same so the first ratio is exactly 1).", within="[1, inf)")
     grad_accum: int = _key(1, "Micro-steps accumulated per optimiser step (online methods: must be 1; an update "
-                              "accumulates over its micro-batches and trained timesteps).")
-    lr: float = _key(1e-5, "Learning rate (per pair of the effective batch if scale_lr is true).")
+                              "accumulates over its micro-batches and trained timesteps).", within="[1, inf)")
+    lr: float = _key(1e-5, "Learning rate (per pair of the effective batch if scale_lr is true).", within="(0, inf)")
     scale_lr: bool = _key(False, "Multiply lr by the effective batch (processes x batch_size x grad_accum), "
                                  "as the Diffusion-DPO authors do with lr 1e-8.")
     lr_scheduler: str = _key("constant_with_warmup", "diffusers lr schedule name.",
                              choices=("constant", "constant_with_warmup", "linear", "cosine"))
-    warmup_steps: int = _key(0, "Linear lr warm-up steps.")
+    warmup_steps: int = _key(0, "Linear lr warm-up steps.", within="[0, inf)")
     optimizer: str = _key("adamw", "adamw, adafactor (transformers) or adamw8bit (needs bitsandbytes).",
                           choices=("adamw", "adafactor", "adamw8bit"))
-    weight_decay: float = _key(1e-2, "Weight decay (AdamW variants).")
-    adam_beta1: float = _key(0.9, "AdamW beta1.")
-    adam_beta2: float = _key(0.999, "AdamW beta2.")
-    adam_eps: float = _key(1e-8, "AdamW epsilon.")
-    max_grad_norm: float | None = _key(1.0, "Clip the gradient norm to this value; null = no clipping.")
+    weight_decay: float = _key(1e-2, "Weight decay (AdamW variants).", within="[0, inf)")
+    adam_beta1: float = _key(0.9, "AdamW beta1.", within="[0, 1)")
+    adam_beta2: float = _key(0.999, "AdamW beta2.", within="[0, 1)")
+    adam_eps: float = _key(1e-8, "AdamW epsilon.", within="(0, inf)")
+    max_grad_norm: float | None = _key(1.0, "Clip the gradient norm to this value; null = no clipping.",
+                                       within="(0, inf)")
     mixed_precision: str = _key("no", "no, fp16 or bf16 (frozen models are stored in that dtype too).",
                                 choices=("no", "fp16", "bf16"))
     seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.")
-    resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).")
-    checkpoint_every: int = _key(500, "Save a resumable checkpoint every N steps (0 = never).")
-    checkpoints_keep: int | None = _key(None, "Keep only the newest N checkpoints; null = keep all.")
-    resume: str | None = _key(None, "Resume from a checkpoint folder, or `latest` in output_dir.")
-    log_every: int = _key(1, "Write metrics every N steps.")
+    resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).",
+                           within="[8, inf)")
+    checkpoint_every: int = _key(500, "Save a resumable checkpoint every N steps (0 = never).", within="[0, inf)")
+    checkpoints_keep: int | None = _key(None, "Keep only the newest N checkpoints; null = keep all.", within="[1, inf)")
+    resume: str | None = _key(None, "Resume from a checkpoint folder, or `latest` in output_dir. The run's config "
+                                    "must match the checkpoint's, except for the keys that only say how long to "
+                                    "run and what to record (max_steps, logging, checkpoints, workers, ...).")
+    overwrite: bool = _key(False, "Start afresh in an output_dir that holds a run: its final model, checkpoints, "
+                                  "metrics, curves and tracker logs are deleted first (caches are kept). Without it "
+                                  "(or train.resume) such an output_dir is an error, never silently replaced.")
+    max_nonfinite_steps: int = _key(25, "Stop the run after this many optimiser steps in a row whose gradient was "
+                                        "not finite (each is skipped; fp16's loss scaler skips a few while it "
+                                        "calibrates).", within="[1, inf)")
+    log_every: int = _key(1, "Write metrics every N steps.", within="[1, inf)")
     report_to: str = _key("tensorboard", "Experiment tracker besides metrics.jsonl.",
                           choices=("tensorboard", "wandb", "none"))
 
@@ -287,7 +303,30 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' ({where}) must be one of {', '.join(choices)}; got {value!r}")
+    within = f.metadata.get("within")
+    if within and not _inside(value, within):
+        raise ConfigError(f"config key '{key}' ({where}) must be {_describe_interval(within)}"
+                          f"{' (or null)' if nullable else ''}; got {value!r}")
     return value
+
+
+def _interval(within: str) -> tuple[float, bool, float, bool]:
+    """"[1, inf)" -> (1, True, inf, False): the bounds and whether each is included."""
+    low, high = (float(part) for part in within[1:-1].split(","))
+    return low, within[0] == "[", high, within[-1] == "]"
+
+
+def _inside(value: float, within: str) -> bool:
+    low, with_low, high, with_high = _interval(within)
+    return (low <= value if with_low else low < value) and (value <= high if with_high else value < high)
+
+
+def _describe_interval(within: str) -> str:
+    low, with_low, high, with_high = _interval(within)
+    shown = {v: f"{v:g}" for v in (low, high)}
+    if high == float("inf"):
+        return f"{'at least' if with_low else 'greater than'} {shown[low]}"
+    return f"between {shown[low]} and {shown[high]} ({within})"
 
 
 def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
@@ -346,6 +385,7 @@ def describe_keys() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
             lines.append(f"  {section}.{f.name} = {shown}")
-            choices = f.metadata.get("choices")
-            lines.append(f"      {f.metadata['help']}" + (f" [{' | '.join(choices)}]" if choices else ""))
+            choices, within = f.metadata.get("choices"), f.metadata.get("within")
+            allowed = f" [{' | '.join(choices)}]" if choices else f" [{_describe_interval(within)}]" if within else ""
+            lines.append(f"      {f.metadata['help']}{allowed}")
     return "\n".join(lines)

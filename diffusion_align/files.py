@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +81,24 @@ def jsonl_records(text: str, path, error: type[Exception] = ValueError) -> Itera
         except ValueError as err:
             raise error(f"{path}:{lineno}: not valid JSON ({err})") from None
         yield f"{path}:{lineno}", value
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name, and not a relative path (./a/b) or a file name (a/b.parquet)."""
+    return bool(HUB_ID.fullmatch(name)) and not name.startswith(".") and not name.endswith((".parquet", ".arrow"))
+
+
+def hub_load_error(what: str, name: str, err: Exception, repo_type: str = "model") -> FileNotFoundError:
+    """A hub id that could not be loaded (offline, a typo, a private repository): what was asked, why it failed,
+    and what to do, in one line."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    download = f"huggingface-cli download {'' if repo_type == 'model' else f'--repo-type {repo_type} '}{name}"
+    return FileNotFoundError(f"{what} {name!r}: not a local path, and the hub could not provide it ({reason}). Check "
+                             f"the name; without network, download it where there is one ({download}) and give the "
+                             "local folder, or set HF_HUB_OFFLINE=1 to use the hub cache")
 
 
 def local_or_hub(name: str) -> str:

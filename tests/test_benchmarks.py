@@ -20,7 +20,8 @@ def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
 def test_the_throughput_table(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--rows", "dpo lora",
                            "dpo lora, cache + precomputed ref", "--n1", "1", "--n2", "2", "--pairs", "16",
-                           "--workers", "0", "--rounds", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+                           "--workers", "0", "--rounds", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     table = (tmp_path / "tiny" / "table.md").read_text()
     assert "| dpo lora | " in table and "| dpo lora, cache + precomputed ref | " in table

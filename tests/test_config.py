@@ -47,11 +47,27 @@ def test_yaml_then_overrides(tmp_path):
     ("train.max_steps=null", "cannot be null"),
     ("method.name=ppo", "must be one of dpo, mapo, smpo, dcpo, sft"),
     ("train.resume", "not of the form section.key=value"),
+    # ranges: nonsense settings stop here, before anything runs
+    ("train.max_steps=-5", "'train.max_steps' (on the command line) must be at least 1; got -5"),
+    ("model.lora_rank=0", "'model.lora_rank' (on the command line) must be at least 1 (or null); got 0"),
+    ("train.lr=0", "'train.lr' (on the command line) must be greater than 0; got 0.0"),
+    ("data.prompt_dropout=1.5", "'data.prompt_dropout' (on the command line) must be between 0 and 1 ([0, 1]); "
+                                "got 1.5"),
+    ("train.adam_beta2=1", "must be between 0 and 1 ([0, 1)); got 1.0"),
+    ("online.train_fraction=0", "must be between 0 and 1 ((0, 1]); got 0.0"),
+    ("train.checkpoint_every=-1", "must be at least 0; got -1"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_edges_of_the_ranges_are_allowed_and_help_shows_them():
+    cfg = load_config(None, ["train.max_steps=1", "model.lora_rank=null", "data.prompt_dropout=1",
+                             "online.train_fraction=1", "train.adam_beta1=0", "train.checkpoint_every=0"])
+    assert cfg.train.max_steps == 1 and cfg.model.lora_rank is None and cfg.data.prompt_dropout == 1.0
+    assert "Number of steps" in describe_keys() and "[at least 1]" in describe_keys()
 
 
 def test_a_bare_no_is_the_choice_no(tmp_path):

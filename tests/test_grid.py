@@ -144,18 +144,20 @@ def test_grid_letterboxes_marks_missing_and_labels(folders, tmp_path):
 def test_grid_pages_and_their_names(folders, tmp_path):
     out = tmp_path / "grid.png"
     whole = make_grid(folders, out, cell_size=CELL, rows_per_page=10)
+    assert whole.pages == [out]
+    sizes = [Image.open(out).size]
     paged = make_grid(folders, out, cell_size=CELL, rows_per_page=4)
-    assert paged.pages == [tmp_path / "grid-001.png", tmp_path / "grid-002.png"]
-    sizes = [Image.open(p).size for p in (*whole.pages, *paged.pages)]
+    assert paged.pages == [out, tmp_path / "grid-002.png"], "the first page is always the name given"
+    sizes += [Image.open(p).size for p in paged.pages]
     assert len({w for w, _ in sizes}) == 1 and sizes[0][0] >= 3 * CELL + 160
     row = sizes[1][1] - sizes[2][1]  # 4 rows and 2 rows on the pages, 6 on the whole
     assert row > CELL and sizes[0][1] - sizes[1][1] == row
 
     small = make_grid(folders, out, cell_size=CELL, rows_per_page=2)
-    assert [p.name for p in small.pages] == ["grid-001.png", "grid-002.png", "grid-003.png"]
+    assert [p.name for p in small.pages] == ["grid.png", "grid-002.png", "grid-003.png"]
     make_grid(folders, out, cell_size=CELL, rows_per_page=3)
     # the third page of the run before would look current: it is removed
-    assert sorted(p.name for p in tmp_path.glob("grid*.png")) == ["grid-001.png", "grid-002.png", "grid.png"]
+    assert sorted(p.name for p in tmp_path.glob("grid*.png")) == ["grid-002.png", "grid.png"]
 
     with pytest.raises(ValueError, match="unknown image type"):
         make_grid(folders, tmp_path / "grid.txt")
@@ -178,7 +180,7 @@ def test_grid_scores_and_marks_the_best_of_each_row(folders, tmp_path):
             files = [d / f"{p:02d}-{seed}.png" for d in folders]
             present = [f for f in range(3) if (f, p, seed) not in ABSENT]
             scores = scorer.score([Image.open(files[f]).convert("RGB") for f in present], [prompt] * len(present))
-            winners = {f for f, s in zip(present, scores.tolist()) if s == scores.max().item()}
+            winners = {f for f, s in zip(present, scores.tolist()) if f"{s:.4g}" == f"{scores.max().item():.4g}"}
             for f in range(3):
                 ring = page[y - 4:y + CELL + 4, xs[f] - 4:xs[f] + CELL + 4].copy()
                 ring[4:-4, 4:-4] = BACKGROUND  # only the frame around the cell, not the image
@@ -188,6 +190,14 @@ def test_grid_scores_and_marks_the_best_of_each_row(folders, tmp_path):
             for f in winners:
                 best[report.folders[f]] += 1
     assert report.best == best and sum(best.values()) >= 6
+
+
+def test_equal_looking_scores_are_all_the_best():
+    from diffusion_align.evaluation.grid import best_columns
+    # 0.12341 and 0.12344 both print as 0.1234: marking only the larger would look arbitrary
+    scores = {(0, 0): 0.12341, (0, 1): 0.12344, (0, 2): 0.1233, (1, 0): float("nan"), (1, 1): -2.0}
+    assert best_columns(scores, 0, 3) == {0, 1}
+    assert best_columns(scores, 1, 3) == {1} and best_columns({}, 0, 3) == set()
 
 
 def test_grid_needs_prompts_for_a_prompted_scorer(tmp_path):

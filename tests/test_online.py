@@ -39,7 +39,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
 @pytest.mark.parametrize("override, message", [
     ("online.prompts=null", "set online.prompts"),
     ("train.grad_accum=2", "train.grad_accum must be 1"),
-    ("online.group_size=1", "at least 2 images"),
+    ("online.group_size=1", "'online.group_size' .* must be at least 2"),
     ("online.eta=0", "only with eta > 0"),
     ("online.sample_steps=1", "online.sample_steps must be >= 2"),
     ("train.batch_size=3", "8 images per process must split into"),

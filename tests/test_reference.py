@@ -80,11 +80,10 @@ def test_a_run_on_precomputed_errors_is_the_on_the_fly_run(tmp_path, tiny_models
 
     # a second run with the same key reuses the file; another seed computes new draws
     forwards.clear()
-    run(tmp_path / "pre", tiny_models["sd"], tiny_pairs, *common, "method.precomputed_reference=true",
-        "train.max_steps=1", "method.reference_batch_size=16")
-    assert forwards == [True] and f"reference errors: {stored}" in caplog.text
-    run(tmp_path / "pre", tiny_models["sd"], tiny_pairs, *common, "method.precomputed_reference=true",
-        "train.max_steps=1", "train.seed=1")
+    again = [*common, "method.precomputed_reference=true", "train.max_steps=1", "train.overwrite=true"]
+    run(tmp_path / "pre", tiny_models["sd"], tiny_pairs, *again, "method.reference_batch_size=16")
+    assert forwards == [True] and f"reference errors: {stored}" in caplog.text, "overwrite keeps the stored errors"
+    run(tmp_path / "pre", tiny_models["sd"], tiny_pairs, *again, "train.seed=1")
     assert "made for another run; computing the reference errors again" in caplog.text
 
 

@@ -285,3 +285,35 @@ def test_prompts_and_file_names_are_shown_as_text(browser, tmp_path):
     browser.find_element(By.ID, "show-ab").click()
     assert browser.find_element(By.ID, "ab-prompt").get_attribute("textContent") == XSS_PROMPT
     injected()
+
+
+class RedScorer:
+    """Scores an image by its mean red: predictable bests for the page's data, no model needed."""
+    name = column = "red"
+    needs_prompts = False
+
+    def score(self, images, prompts):
+        import numpy as np
+        import torch
+        return torch.tensor([np.asarray(image)[..., 0].mean() / 255 for image in images])
+
+
+def test_scores_are_shown_side_by_side_and_never_blind(browser, tmp_path):
+    folders = [write_folder(tmp_path / "base", 10), write_folder(tmp_path / "tuned", 200, missing=[(2, 2)]),
+               write_folder(tmp_path / "same", 200)]
+    data = review_data(folders, scorer=RedScorer())
+    assert data["scorer"] == "red"
+    cells = data["rows"][0]["cells"]
+    assert [c["score"] for c in cells] == ["0.03922", "0.7843", "0.7843"]
+    assert [c["best"] for c in cells] == [False, True, True], "equal scores are both the best"
+    last = data["rows"][-1]["cells"]  # tuned's image is missing: no score, base is not the best (same is)
+    assert last[1] is None and [last[0]["best"], last[2]["best"]] == [False, True]
+    assert "score" not in review_data(folders)["rows"][0]["cells"][0]
+
+    from selenium.webdriver.common.by import By
+    browser.get(write_review_page(folders, tmp_path / "review.html", scorer=RedScorer()).as_uri())
+    shown = browser.execute_script("return [...document.querySelectorAll('#grid-view .score')]"
+                                   ".map((e) => [e.textContent, e.classList.contains('best')])")
+    assert len(shown) == 17 and shown[:3] == [["0.03922", False], ["0.7843  best", True], ["0.7843  best", True]]
+    browser.find_element(By.ID, "show-ab").click()
+    assert "0.78" not in browser.find_element(By.TAG_NAME, "body").get_attribute("innerText")

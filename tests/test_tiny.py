@@ -221,5 +221,18 @@ def test_tiny_scorer_seeded(tmp_path):
     assert torch.equal(torch.rand(3), expected)  # callers' RNG left alone
     wa, wb, wc = (torch.load(p / "HPS_v2_compressed.pt", weights_only=True)["state_dict"] for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wc[k]) for k in wa)
-    with pytest.raises(ValueError, match="unknown scorer 'imagereward'"):
+    with pytest.raises(ValueError, match="no tiny version of scorer 'imagereward'"):
         tiny.save_tiny_scorer("imagereward", tmp_path / "x")
+
+
+def test_make_tiny_checks_scorer_names_before_building(tmp_path, capsys):
+    from diffusion_align.cli import TINY_SCORERS, main
+    assert TINY_SCORERS == tiny.TINY_SCORERS
+    with pytest.raises(SystemExit):
+        main(["make-tiny", "--help"])
+    assert "any of: pickscore, clip, toy-pickscore, hpsv2, hpsv2.1, aesthetic" in " ".join(
+        capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-tiny", str(tmp_path / "out"), "--scorers", "pickscore", "imagereward"])
+    assert exit_info.value.code == 2 and "invalid choice: 'imagereward'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "nothing was built"

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,26 @@ def test_missing_model_folder_is_explained(tmp_path, tiny_pairs):
         run(tmp_path, tmp_path / "not-a-model", tiny_pairs)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.pretrained=outputs/no/such-model", "outputs/no/such-model: no such folder, and not a hub id"),
+    ("model.pretrained=someone/no-such-model", "model.pretrained 'someone/no-such-model': not a local path, and the "
+                                               "hub could not provide it"),
+    ("data.path=someone/no-such-pairs", "data.path 'someone/no-such-pairs': not a local path, and the hub could not "
+                                        "provide it \\(.*huggingface-cli download --repo-type dataset someone/no-such"),
+    ("model.vae=someone/no-such-vae", "model.vae 'someone/no-such-vae': not a local path"),
+], ids=["missing-folder", "hub-model-offline", "hub-dataset-offline", "hub-vae-offline"])
+def test_unreachable_models_and_data_are_one_line_errors(tmp_path, tiny_models, tiny_pairs, capsys, override,
+                                                         message):
+    args = ["train", str(TINY_CONFIG), f"model.pretrained={tiny_models['sd']}", f"data.path={tiny_pairs}",
+            f"train.output_dir={tmp_path / 'run'}", "train.report_to=none", override]
+    with pytest.raises(SystemExit) as exit_info:  # the tests run offline (conftest)
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert re.search(message, err.splitlines()[-1]) and err.splitlines()[-1].startswith("diffusion-align train: error")
+
+
 @pytest.mark.parametrize("options", [
     ["train.mixed_precision=bf16", "model.gradient_checkpointing=true", "train.optimizer=adafactor"],
     ["model.lora_rank=null", "model.ref_offload=true", "data.streaming=true", "data.prompt_dropout=0.5"],
@@ -272,7 +293,7 @@ def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_
     scores = reward_scores(str(source), "pickscore_cosine", f"pickscore={scorer}", cache)
     assert scores["pickscore_cosine_0"].shape == (16,) and all(abs(s) <= 1 for s in scores["pickscore_cosine_0"])
     run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
-        "method.inversion_steps=0", "train.max_steps=1")  # a later run in the same output_dir
+        "method.inversion_steps=0", "train.max_steps=1", "train.overwrite=true")  # the scores cache is kept
 
 
 def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_models, tiny_pairs, monkeypatch):

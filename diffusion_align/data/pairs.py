@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -21,13 +20,13 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from ..files import hub_load_error, looks_like_hub_id
+from ..images import to_rgb
+
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 # Rows held by the streaming shuffle buffer; Pick-a-Pic rows hold two encoded images (~0.5 MB per row).
 STREAM_SHUFFLE_BUFFER = 1000
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
 @dataclass
 class PairStats:
     """What load_pairs kept; None where a stream cannot know it without reading everything."""
@@ -75,10 +74,6 @@ def _parquet_files(path: str) -> list[str]:
     return files
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return bool(_HUB_ID.fullmatch(path)) and not path.startswith(".") and not path.endswith((".parquet", ".arrow"))
-
-
 def raw_images(ds):
     """Keep datasets from decoding image columns itself, so a corrupt image reaches decode_image, not a crash."""
     for col in IMAGE_COLUMNS:
@@ -99,8 +94,11 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
                 raise ValueError(f"{path}: no split {split!r}; splits found: {sorted(ds)}")
             ds = ds[split]
         return ds
-    if not os.path.exists(path) and _looks_like_hub_id(path):
-        return datasets.load_dataset(path, split=split, streaming=streaming)
+    if not os.path.exists(path) and looks_like_hub_id(path):
+        try:
+            return datasets.load_dataset(path, split=split, streaming=streaming)
+        except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
+            raise hub_load_error("data.path", path, err, repo_type="dataset") from None
     return datasets.load_dataset("parquet", data_files={split: _parquet_files(path)}, split=split, streaming=streaming)
 
 
@@ -244,7 +242,7 @@ class PairTransform:
     def apply(self, image: PIL.Image.Image, flip: bool, generator: torch.Generator):
         """One image -> (pixels, (orig_h, orig_w), (crop_top, crop_left) in the resized image)."""
         res = self.resolution
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         # Integer rounding (half up) so the shortest side is exactly `res` whatever the float error.
         new_w, new_h = (res, (h * res + w // 2) // w) if w <= h else ((w * res + h // 2) // h, res)

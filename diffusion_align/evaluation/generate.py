@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import jsonl_records, local_or_hub, write_image_atomic
+from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
 logger = logging.getLogger("diffusion_align")
@@ -47,9 +47,6 @@ SETTINGS = ("model", "lora", "scheduler", "steps", "guidance", "height", "width"
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
 # ---------------------------------------------------------------- prompts and seeds
 
 def read_prompts(path) -> list[str]:
@@ -192,7 +189,7 @@ def _append_lines(path: Path, records: list[dict]) -> None:
 
 def _source(name: str, what: str) -> str:
     """A local path made absolute (so metadata names it from anywhere), or a hub id as given."""
-    if os.path.exists(name) or _HUB_ID.fullmatch(name):
+    if os.path.exists(name) or HUB_ID.fullmatch(name):
         return local_or_hub(name)
     raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
 
@@ -206,8 +203,9 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder: it has no model_index.json")
+    from ..models.loading import pipeline_index
+
+    pipeline_index(model, what="model")  # not a pipeline, or out of reach: one line
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"{model} loads a {type(pipe).__name__}; expected a Stable Diffusion 1.x / 2.x or SDXL "

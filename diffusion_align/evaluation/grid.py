@@ -22,6 +22,7 @@ from typing import Sequence
 import PIL.Image
 from PIL import ImageDraw, ImageFont, ImageOps
 
+from ..images import to_rgb
 from .scoring import ScoringError, collect_images
 
 BACKGROUND = (255, 255, 255)
@@ -166,7 +167,7 @@ class _Layout:
 def _open(path: Path) -> PIL.Image.Image:
     """Decoded now (a truncated file fails here) and turned upright as its EXIF says, as browsers show it."""
     with PIL.Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_size: int = 256,
@@ -177,9 +178,10 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     gets a crossed-out placeholder saying "missing" (or "unreadable"). The prompt is printed, wrapped, in a column
     `prompt_width` wide (default max(160, cell_size)) left of its row, the seed under it; the folder names head
     the columns. With a `scorer` (rewards.load_scorer), each image's score is printed under it, and the best score
-    of each row (higher is better) is framed and printed in BEST. Pages hold `rows_per_page` rows: one page is
-    written to `out`, more to `<stem>-001<suffix>`, `<stem>-002<suffix>`, ... (pages of that name left by an
-    earlier, longer run are removed). The image format follows the suffix of `out`; pages are written atomically.
+    of each row (higher is better; every score that prints the same as the best counts) is framed and printed in
+    BEST. Pages hold `rows_per_page` rows: the first page is always `out`, the next `<stem>-002<suffix>`,
+    `<stem>-003<suffix>`, ... (pages of that name left by an earlier, longer run are removed). The image format
+    follows the suffix of `out`; pages are written atomically.
     """
     if rows_per_page < 1 or cell_size < 16:
         raise ValueError(f"expected rows_per_page >= 1 and cell_size >= 16, got {rows_per_page} and {cell_size}")
@@ -188,16 +190,15 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     if image_format is None:
         raise ValueError(f"{out}: unknown image type {out.suffix!r}; use e.g. .png or .jpg")
     labels, rows = match_rows(dirs, prompt)
-    if scorer is not None and scorer.needs_prompts and any(r.prompt is None for r in rows):
-        raise ScoringError(f"scorer {scorer.name} needs a prompt for each image; some have none: give them one in a "
-                           f"metadata.jsonl, a .txt beside each image, or one prompt for all")
+    if scorer is not None:
+        check_prompts(rows, scorer)
     layout = _Layout(len(labels), cell_size, prompt_width or max(160, cell_size), scorer is not None)
     report = GridReport([], labels, len(rows), [], [])
     if scorer is not None:
         report.scorer, report.best = scorer.column, dict.fromkeys(labels, 0)
     chunks = [rows[i:i + rows_per_page] for i in range(0, len(rows), rows_per_page)]
     for number, chunk in enumerate(chunks, 1):
-        path = out if len(chunks) == 1 else out.with_name(f"{out.stem}-{number:03d}{out.suffix}")
+        path = out if number == 1 else out.with_name(f"{out.stem}-{number:03d}{out.suffix}")
         page = _draw_page(chunk, [Path(d) for d in dirs], labels, layout, scorer, report)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -225,16 +226,11 @@ def _draw_page(rows: list[Row], dirs: list[Path], labels: list[str], layout: _La
         text = wrap_text(label, layout.font, layout.cell, 1)[0]
         draw.text((x + (layout.cell - layout.font.getlength(text)) / 2, layout.pad), text, fill=TEXT,
                   font=layout.font)
-    images = _open_images(rows, dirs, labels, report)
-    scores = {}
-    if scorer is not None and images:
-        keys = list(images)
-        values = scorer.score([images[k] for k in keys], [rows[r].prompt or "" for r, _ in keys])
-        scores = dict(zip(keys, values.tolist()))
+    images = open_images(rows, dirs, labels, report.missing, report.unreadable)
+    scores = score_images(images, rows, scorer) if scorer is not None else {}
     for r, row in enumerate(rows):
         _draw_prompt(draw, layout, r, row)
-        finite = [scores[r, c] for c in range(len(labels)) if math.isfinite(scores.get((r, c), math.nan))]
-        best = max(finite) if finite else None
+        best = best_columns(scores, r, len(labels))
         for c, file in enumerate(row.files):
             x, y = layout.cell_box(r, c)
             if (r, c) in images:
@@ -242,26 +238,54 @@ def _draw_page(rows: list[Row], dirs: list[Path], labels: list[str], layout: _La
             else:
                 _placeholder(draw, x, y, layout, "missing" if file is None else "unreadable")
             if (r, c) in scores:
-                if scores[r, c] == best:
+                if c in best:
                     report.best[labels[c]] += 1
-                _draw_score(draw, layout, x, y, scores[r, c], scores[r, c] == best)
+                _draw_score(draw, layout, x, y, scores[r, c], c in best)
     return page
 
 
-def _open_images(rows: list[Row], dirs: list[Path], labels: list[str],
-                 report: GridReport) -> dict[tuple[int, int], PIL.Image.Image]:
-    """The page's readable images by (row, column); the missing and unreadable ones go into the report."""
+def open_images(rows: list[Row], dirs: list[Path], labels: list[str], missing: list,
+                unreadable: list) -> dict[tuple[int, int], PIL.Image.Image]:
+    """The rows' readable images by (row, column); the missing and unreadable ones are appended to those lists."""
     images = {}
     for r, row in enumerate(rows):
         for c, file in enumerate(row.files):
             if file is None:
-                report.missing.append((labels[c], f"{row.prompt!r}, {row.label}"))
+                missing.append((labels[c], f"{row.prompt!r}, {row.label}"))
                 continue
             try:
                 images[r, c] = _open(dirs[c] / file)
             except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                report.unreadable.append((f"{labels[c]}/{file}", f"{type(err).__name__}: {err}"))
+                unreadable.append((f"{labels[c]}/{file}", f"{type(err).__name__}: {err}"))
     return images
+
+
+def check_prompts(rows: list[Row], scorer) -> None:
+    if scorer.needs_prompts and any(r.prompt is None for r in rows):
+        raise ScoringError(f"scorer {scorer.name} needs a prompt for each image; some have none: give them one in a "
+                           f"metadata.jsonl, a .txt beside each image, or one prompt for all")
+
+
+def score_images(images: dict[tuple[int, int], PIL.Image.Image], rows: list[Row], scorer) -> dict:
+    """Each image's score by (row, column), with its row's prompt."""
+    if not images:
+        return {}
+    keys = list(images)
+    values = scorer.score([images[k] for k in keys], [rows[r].prompt or "" for r, _ in keys])
+    return dict(zip(keys, values.tolist()))
+
+
+def shown_score(score: float) -> str:
+    return f"{score:.4g}"
+
+
+def best_columns(scores: dict, r: int, columns: int) -> set[int]:
+    """The columns of row `r` with its best score as shown (4 significant digits): scores that print the same are
+    all the best, so the mark never picks one of two equal-looking numbers."""
+    shown = {c: float(shown_score(scores[r, c])) for c in range(columns)
+             if math.isfinite(scores.get((r, c), math.nan))}
+    top = max(shown.values(), default=None)
+    return {c for c, value in shown.items() if value == top}
 
 
 def _draw_prompt(draw: ImageDraw.ImageDraw, layout: _Layout, r: int, row: Row) -> None:
@@ -282,7 +306,7 @@ def _draw_score(draw: ImageDraw.ImageDraw, layout: _Layout, x: int, y: int, scor
     if best:
         draw.rectangle([x - pad + 1, y - pad + 1, x + cell + pad - 2, y + cell + pad - 2], outline=BEST,
                        width=max(2, pad - 1))
-    text = f"{score:.4g}" + ("  best" if best else "")
+    text = shown_score(score) + ("  best" if best else "")
     draw.text((x + (cell - layout.font.getlength(text)) / 2, y + cell + pad), text, fill=BEST if best else TEXT,
               font=layout.font)
 

@@ -41,7 +41,8 @@ import PIL.Image
 
 from ..data.shards import SHARD_STEM, write_parquet
 from ..files import jsonl_records, write_text_atomic
-from .grid import match_rows
+from ..images import to_rgb
+from .grid import best_columns, check_prompts, match_rows, open_images, score_images, shown_score
 
 # Formats every browser shows as they are; others (TIFF) are embedded re-encoded as PNG.
 BROWSER_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -59,7 +60,7 @@ def _data_uri(path: Path) -> str:
         buf = io.BytesIO()
         try:
             with PIL.Image.open(path) as image:
-                image.save(buf, format="PNG")
+                to_rgb(image).save(buf, format="PNG")
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             raise ValueError(f"{path}: cannot convert to PNG for the page ({type(err).__name__}: {err})") from None
         kind, data = "image/png", buf.getvalue()
@@ -73,21 +74,25 @@ def _script_json(value) -> str:
 
 
 def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                title: str | None = None) -> dict:
+                title: str | None = None, scorer=None) -> dict:
     """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed,
-    label, cells: {file, image} or null), `images` (data: URIs), `ab` (the two folders compared blind and the pairs,
-    each a row with both images and the folder shown left; null with one folder), `id`. Arguments as for
-    `write_review_page`."""
+    label, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
+    folders compared blind and the pairs, each a row with both images and the folder shown left; null with one
+    folder), `scorer` (its column name, or null), `id`. Arguments as for `write_review_page`."""
     labels, rows = match_rows(dirs, prompt)
+    scores = _scores(rows, dirs, labels, scorer) if scorer is not None else {}
     images: list[str] = []
     table = []
-    for row in rows:
+    for r, row in enumerate(rows):
         cells = []
-        for folder, file in zip(dirs, row.files):
+        best = best_columns(scores, r, len(labels))
+        for c, (folder, file) in enumerate(zip(dirs, row.files)):
             if file is None:
                 cells.append(None)
                 continue
             cells.append({"file": file, "image": len(images)})
+            if (r, c) in scores:
+                cells[-1].update(score=shown_score(scores[r, c]), best=c in best)
             images.append(_data_uri(Path(folder) / file))
         exact = row.seed is None or abs(row.seed) <= JS_EXACT_INTEGER
         table.append({"prompt": row.prompt, "seed": row.seed if exact else str(row.seed), "label": row.label,
@@ -99,11 +104,24 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
         pairs = [{"row": i, "left": "a" if rng.random() < 0.5 else "b"}
                  for i, row in enumerate(rows) if row.files[a] is not None and row.files[b] is not None]
         compared = {"folders": [labels[a], labels[b]], "columns": [a, b], "seed": seed, "pairs": pairs}
-    data = {"title": title or "Review: " + ", ".join(labels), "folders": labels, "rows": table, "ab": compared}
+    data = {"title": title or "Review: " + ", ".join(labels), "folders": labels, "rows": table, "ab": compared,
+            "scorer": None if scorer is None else scorer.column}
     # names the page's saved choices in localStorage: the same rows and sides resume, anything else starts afresh
     data["id"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     data["images"] = images
     return data
+
+
+def _scores(rows: list, dirs: Sequence, labels: list[str], scorer, chunk: int = 16) -> dict:
+    """Every readable image's score by (row, column), opened and scored `chunk` rows at a time (bounded memory);
+    unreadable images have none (the page shows them as the browser does)."""
+    check_prompts(rows, scorer)
+    scores = {}
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        images = open_images(part, [Path(d) for d in dirs], labels, [], [])
+        scores.update({(start + r, c): v for (r, c), v in score_images(images, part, scorer).items()})
+    return scores
 
 
 def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
@@ -127,16 +145,18 @@ def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
 
 
 def write_review_page(dirs: Sequence, out, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                      title: str | None = None) -> Path:
+                      title: str | None = None, scorer=None) -> Path:
     """Write the review page of the folders `dirs` to `out` (atomically); returns `out`.
 
     `prompt`: for images that record none (as in `grid.make_grid`). `ab`: the two folders compared blind, by index
     into `dirs` or by label (`grid.folder_labels`: the folder's name where that tells it apart); default the first
-    two. `seed`: draws which side each pair's images are shown on. The page embeds every image as stored, so its
-    size is about the images' total.
+    two. `seed`: draws which side each pair's images are shown on. `scorer` (rewards.load_scorer): each image's
+    score is shown under it in the side-by-side view, the row's best marked as in the grid; never in the blind A/B
+    view, where it would sway the choice. The page embeds every image as stored, so its size is about the images'
+    total.
     """
     out = Path(out)
-    page = _page(review_data(dirs, prompt, ab, seed, title))
+    page = _page(review_data(dirs, prompt, ab, seed, title, scorer))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)
     return out
@@ -360,6 +380,9 @@ main { padding: 1em; }
 .folder { font-weight: 600; text-align: center; overflow-wrap: anywhere; }
 .prompt { white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; }
 .seed, .file { color: #777; font-size: .85em; margin: 0; overflow-wrap: anywhere; }
+.score { font-size: .9em; white-space: pre; }
+.score.best { color: #009646; font-weight: 600; }  /* BEST of the grid pages */
+figure.best img { outline: 4px solid #009646; outline-offset: -4px; }
 figure { margin: 0; text-align: center; }
 figure img, .missing { display: block; box-sizing: border-box; width: 100%; aspect-ratio: 1; }
 figure img { object-fit: contain; background: #282828; }  /* letterboxed square cells, as in the grid */
@@ -409,6 +432,10 @@ function buildGrid() {
         img.src = DATA.images[cell.image];
         img.alt = DATA.folders[column] + ": " + cell.file;
         figure.append(img, el("figcaption", "file", cell.file));
+        if (cell.score !== undefined) {  // side by side only: the blind view never shows scores
+          figure.append(el("figcaption", cell.best ? "score best" : "score", cell.score + (cell.best ? "  best" : "")));
+          if (cell.best) figure.classList.add("best");
+        }
       }
       line.append(figure);
     });

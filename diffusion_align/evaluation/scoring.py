@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ..files import jsonl_records, write_text_atomic
+from ..images import to_rgb
 
 logger = logging.getLogger("diffusion_align")
 
@@ -145,7 +146,7 @@ def _open_image(path: Path, draft_size: int | None) -> PIL.Image.Image:
         with PIL.Image.open(path) as image:
             if draft_size:
                 image.draft("RGB", (draft_size, draft_size))
-            return image.convert("RGB")
+            return to_rgb(image)
     except PIL.UnidentifiedImageError:
         raise ValueError("not a recognised image format") from None
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)

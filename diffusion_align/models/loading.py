@@ -19,6 +19,8 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 
+from ..files import hub_load_error, looks_like_hub_id
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd", "sd2", "sdxl")
@@ -43,18 +45,27 @@ class DiffusionComponents:
         return self.noise_scheduler.config.prediction_type
 
 
-def _pipeline_index(pretrained: str, revision: str | None) -> dict:
+def pipeline_index(pretrained: str, revision: str | None = None, what: str = "model.pretrained") -> dict:
+    """The pipeline's model_index.json; a folder that is not a pipeline, a missing folder and a hub id that cannot
+    be reached are each a one-line FileNotFoundError."""
     path = Path(pretrained)
+    layout = ("the layout DiffusionPipeline.save_pretrained writes (model_index.json, unet/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/)")
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{pretrained} is not a diffusers pipeline folder: it has no model_index.json. "
-                                "Expected the layout DiffusionPipeline.save_pretrained writes (unet/, vae/, "
-                                "text_encoder/, tokenizer/, scheduler/, model_index.json).")
-    return DiffusionPipeline.load_config(pretrained, revision=revision)
+                                f"Expected {layout}")
+    if not path.exists() and not looks_like_hub_id(pretrained):
+        raise FileNotFoundError(f"{pretrained}: no such folder, and not a hub id (owner/name). Expected a folder "
+                                f"with {layout}, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    try:
+        return DiffusionPipeline.load_config(pretrained, revision=revision)
+    except (OSError, ValueError) as err:  # offline, a typo, a private repository, a hub id without a pipeline
+        raise hub_load_error(what, pretrained, err) from None
 
 
 def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
     """The pipeline's text encoder folders: text_encoder, and SDXL's text_encoder_2."""
-    index = _pipeline_index(pretrained, revision)
+    index = pipeline_index(pretrained, revision)
     return [name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0] is not None]
 
 
@@ -113,13 +124,27 @@ def detect_family(index: dict, unet_config: dict) -> str:
     return "sd2" if sd2 else "sd"
 
 
+def load_vae(vae: str) -> AutoencoderKL:
+    """model.vae: a replacement VAE (a folder with config.json and weights, or a hub id)."""
+    if Path(vae).exists() and not (Path(vae) / "config.json").is_file():
+        raise FileNotFoundError(f"model.vae={vae} is not a diffusers AutoencoderKL folder: it has no config.json")
+    if not Path(vae).exists() and not looks_like_hub_id(vae):
+        raise FileNotFoundError(f"model.vae={vae}: no such folder, and not a hub id (owner/name)")
+    try:
+        return AutoencoderKL.from_pretrained(vae)
+    except (OSError, ValueError) as err:
+        if Path(vae).exists():
+            raise
+        raise hub_load_error("model.vae", vae, err) from None
+
+
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None, encoders: bool = True, unet: bool = True) -> DiffusionComponents:
     """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler with the checkpoint's config.
 
     `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `unet=False` loads
     no UNet weights (building one): its config alone says the family."""
-    index = _pipeline_index(pretrained, revision)
+    index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
     if unet:
         unet_model = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
@@ -137,7 +162,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         tokenizers.append(tokenizer_cls.from_pretrained(pretrained, subfolder=tokenizer_name, **kw))
     if encoders:
         vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
-                     else AutoencoderKL.from_pretrained(vae))
+                     else load_vae(vae))
     # whatever sampler the pipeline ships, training noise follows the DDPM forward process of its beta schedule
     noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
     parts = DiffusionComponents(family, unet_model, vae_model, text_encoders, tokenizers, noise_scheduler,

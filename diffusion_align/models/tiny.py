@@ -297,6 +297,9 @@ _TINY_OPEN_CLIP = {
 }
 
 
+TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesthetic")  # toy-oracle needs no model
+
+
 def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
     """Save a tiny randomly initialised reward model `name` (a key of diffusion_align.rewards.SCORERS) in the
     layout `load_scorer(name, path)` reads; returns that path.
@@ -306,11 +309,10 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
     `open_clip_config.json` that tells the loader to build this tiny architecture instead of ViT-H-14.
     aesthetic: the head file (real key layout, input width = the tiny CLIP's projection) and a clip/ subfolder.
     """
-    from ..rewards import SCORERS
     from ..rewards.registry import load_spec
 
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; expected one of {list(SCORERS)}")
+    if name not in TINY_SCORERS:
+        raise ValueError(f"no tiny version of scorer {name!r}; expected one of {', '.join(TINY_SCORERS)}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = load_spec(name)["source"]

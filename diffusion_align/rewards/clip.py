@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, check_local, first_line, hub_file
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ClipImageTransform:
     processor: object
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0].float()
+        return self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0].float()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, first_line, hub_file
 from .clip import ready
 
@@ -42,7 +43,7 @@ class Letterbox:
     std: tuple[float, float, float] = OPENAI_STD
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         scale = self.size / max(w, h)
         new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..data.pairs import decode_image, load_pairs
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 from ..files import local_or_hub, report_dict
+from ..images import to_rgb
 
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
@@ -107,7 +108,7 @@ class PairImages(torch.utils.data.Dataset):
         index = int(self.indices[i])
         row = self.pairs[index]
         try:
-            images = [decode_image(row[c], f"row {index}, column {c}").convert("RGB") for c in ("jpg_0", "jpg_1")]
+            images = [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in ("jpg_0", "jpg_1")]
         except (ValueError, OSError) as err:  # convert() finishes lazy decoding, which may still fail
             return {"index": index, "error": str(err)}
         return {"index": index, "pixels": torch.stack([self.preprocess(im) for im in images]),

@@ -115,8 +115,8 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     logger.info("3/5 training: %s, %d steps", settings.method, steps)
     train_keys = [*data, *TRAIN[settings.method], *settings.overrides]
     cfg = load_config(None, [f"method.name={settings.method}", f"model.pretrained={base}",
-                             f"train.output_dir={out / 'model'}", f"train.max_steps={steps}",
-                             f"train.seed={settings.seed}", *train_keys])
+                             f"train.output_dir={out / 'model'}", "train.overwrite=true",  # a rerun redoes it all
+                             f"train.max_steps={steps}", f"train.seed={settings.seed}", *train_keys])
     train_started = time.perf_counter()
     result = train(cfg)
     seconds_per_step = (time.perf_counter() - train_started) / steps  # model loading included

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import replace_dir
+from .safety import RunStopped, check_finite_weights
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -45,27 +46,42 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer, lr_scheduler,
                     process_state: dict, keep: int | None) -> Path:
-    """Collective: every process calls it. `process_state` holds this process's generators and counters."""
+    """Collective: every process calls it. `process_state` holds this process's generators and counters.
+
+    NaN or inf weights are never saved, and a failed write (a full disk) stops the run with the older checkpoints
+    intact (`RunStopped`; under torchrun the other processes are stopped with it)."""
+    check_finite_weights(policy.trainable_parameters(), step, output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        policy.save(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}))
-        replace_dir(tmp, final)
-        if keep is not None:
-            for _, old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            policy.save(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
+            if (output_dir / "config.yaml").is_file():  # what a resume is compared with
+                shutil.copyfile(output_dir / "config.yaml", tmp / "config.yaml")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "num_processes": accelerator.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            replace_dir(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        raise RunStopped(f"step {step}: could not write {final} ({err}); "
+                         + (f"the previous checkpoint {previous[-1][1]} is intact, resume from it with "
+                            "train.resume=latest once the cause is fixed" if previous else
+                            "there is no earlier checkpoint")) from err
+    if accelerator.is_main_process and keep is not None:
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -31,6 +31,7 @@ from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_cond
                         step_distribution)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
+from .safety import SkippedUpdates
 from .trainer import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
                       tracker_hparams)
 
@@ -58,8 +59,6 @@ def check_online_config(cfg: Config) -> None:
     if t.grad_accum != 1:
         raise ConfigError("train.grad_accum must be 1 for online methods: each update already accumulates over its "
                           "micro-batches and trained timesteps (raise online.prompts_per_step for a larger update)")
-    if o.group_size < 2:
-        raise ConfigError(f"online.group_size={o.group_size}: a group needs at least 2 images to compare")
     if o.eta <= 0:
         raise ConfigError(f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0")
     if o.sample_steps < 2 or not 0 < o.train_fraction <= 1:
@@ -124,12 +123,11 @@ def train_online(cfg: Config) -> TrainResult:
     # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
     choice_gen = torch.Generator().manual_seed(t.seed + 20_000 * (rank + 1))
-    nonfinite_steps = 0
     start_step, saved = resume_run(cfg, accelerator, models, output_dir)
     if saved is not None:
         noise_gen.set_state(saved["noise_gen"])
         choice_gen.set_state(saved["choice_gen"])
-        nonfinite_steps = saved["nonfinite_steps"]
+    skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
     def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list]:
         """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images."""
@@ -195,62 +193,60 @@ def train_online(cfg: Config) -> TrainResult:
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
-    progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name)
-    micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
-    record = {}
-    for step in range(start_step + 1, t.max_steps + 1):
-        started = time.perf_counter()
-        step_prompt_list = step_prompts(prompts, t.seed, step, o.prompts_per_step, rank, world)
-        row_prompts = [p for p in step_prompt_list for _ in range(o.group_size)]
-        with torch.no_grad():
-            trajectories, conds, images = rollout(step_prompt_list)
-            scores = scorer.score(images, row_prompts)
-            rewards = rewards_of(images, row_prompts, scores)
-            tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
-        advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
-        tied_groups = (advantages.view(-1, o.group_size) == 0).all(dim=1).sum()  # left out of the updates
+    with tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name) as progress:
+        micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
+        record = {}
+        for step in range(start_step + 1, t.max_steps + 1):
+            started = time.perf_counter()
+            step_prompt_list = step_prompts(prompts, t.seed, step, o.prompts_per_step, rank, world)
+            row_prompts = [p for p in step_prompt_list for _ in range(o.group_size)]
+            with torch.no_grad():
+                trajectories, conds, images = rollout(step_prompt_list)
+                scores = scorer.score(images, row_prompts)
+                rewards = rewards_of(images, row_prompts, scores)
+                tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
+            advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
+            tied_groups = (advantages.view(-1, o.group_size) == 0).all(dim=1).sum()  # left out of the updates
 
-        order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
-        grad_norms, sums = [], {}
-        for u in range(o.updates_per_rollout):
-            steps = trained_steps(o.sample_steps, o.train_fraction, choice_gen)
-            micro = order[u * micro_per_update:(u + 1) * micro_per_update]
-            rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
-            active = accelerator.reduce(torch.tensor(float((advantages[rows] != 0).sum()), device=device), "mean")
-            if active.item() == 0:
-                continue  # only tied groups in this part, on every process: nothing to learn from it
-            grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active.item())
-            if not apply_update(accelerator, optimizer, grad_norm):
-                nonfinite_steps += 1
-                logger.warning("step %d, update %d: gradient norm is %s; update skipped", step, u + 1, grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            grad_norms.append(grad_norm)
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value / o.updates_per_rollout
-        step_lr = models.lr_scheduler.get_last_lr()[0]
-        models.lr_scheduler.step()
-        progress.update(1)
+            order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
+            grad_norms, sums = [], {}
+            for u in range(o.updates_per_rollout):
+                steps = trained_steps(o.sample_steps, o.train_fraction, choice_gen)
+                micro = order[u * micro_per_update:(u + 1) * micro_per_update]
+                rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
+                active = accelerator.reduce(torch.tensor(float((advantages[rows] != 0).sum()), device=device), "mean")
+                if active.item() == 0:
+                    continue  # only tied groups in this part, on every process: nothing to learn from it
+                grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active.item())
+                skipped_updates.after_update(apply_update(accelerator, optimizer, grad_norm), grad_norm,
+                                             f"step {step}, update {u + 1}", output_dir)
+                optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(grad_norm)
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value / o.updates_per_rollout
+            step_lr = models.lr_scheduler.get_last_lr()[0]
+            models.lr_scheduler.step()
+            progress.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            means = {"reward_mean": rewards.mean(), "reward_std": rewards.std(), "score_mean": scores.mean(),
-                     "score_std": scores.std(), "score_min": scores.min(), "score_max": scores.max(),
-                     "advantage_abs_mean": advantages.abs().mean(), **tracked_means, **sums}
-            record = log_step(accelerator, metrics_log, step, means,
-                              {"zero_std_groups": tied_groups,
-                               "images_per_s": len(images) / (time.perf_counter() - started)},
-                              {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-                               "nonfinite_steps": nonfinite_steps})
-            progress.set_postfix(score=f"{record['score_mean']:.4f}")
-        if main and o.grid_every and step % o.grid_every == 0:
-            save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
-                               output_dir / "grids" / f"step-{step:06d}.png")
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
-            state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
-                     "nonfinite_steps": nonfinite_steps}
-            path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, models.lr_scheduler, state,
-                                   t.checkpoints_keep)
-            logger.info("saved %s", path)
-    progress.close()
+            if step % t.log_every == 0 or step == t.max_steps:
+                means = {"reward_mean": rewards.mean(), "reward_std": rewards.std(), "score_mean": scores.mean(),
+                         "score_std": scores.std(), "score_min": scores.min(), "score_max": scores.max(),
+                         "advantage_abs_mean": advantages.abs().mean(), **tracked_means, **sums}
+                record = log_step(accelerator, metrics_log, step, means,
+                                  {"zero_std_groups": tied_groups,
+                                   "images_per_s": len(images) / (time.perf_counter() - started)},
+                                  {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                                   "nonfinite_steps": skipped_updates.total})
+                progress.set_postfix(score=f"{record['score_mean']:.4f}")
+            if main and o.grid_every and step % o.grid_every == 0:
+                save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
+                                   output_dir / "grids" / f"step-{step:06d}.png")
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
+                         **skipped_updates.state()}
+                path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, models.lr_scheduler, state,
+                                       t.checkpoints_keep)
+                logger.info("saved %s", path)
 
     summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,
                "prompts per process per step": o.prompts_per_step, "group size": o.group_size,

@@ -7,10 +7,11 @@ import math
 import shutil
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from ..config import Config, config_to_yaml
 from ..files import replace_dir, write_text_atomic
+from ..models.loading import load_vae
 from ..models.policy import LORA_WEIGHTS
 
 
@@ -47,7 +48,7 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary
         policy.save(tmp)
     else:
         # reload the untouched parts from the source so the saved pipeline keeps their original precision
-        extra = {} if cfg.model.vae is None else {"vae": AutoencoderKL.from_pretrained(cfg.model.vae)}
+        extra = {} if cfg.model.vae is None else {"vae": load_vae(cfg.model.vae)}
         pipeline = DiffusionPipeline.from_pretrained(cfg.model.pretrained, unet=unet, revision=cfg.model.revision,
                                                      variant=cfg.model.variant, **extra)
         pipeline.save_pretrained(tmp, safe_serialization=True)

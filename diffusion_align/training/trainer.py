@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,6 +39,7 @@ from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
 from .outputs import MetricsLog, save_final
 from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key
+from .safety import RunStopped, SkippedUpdates, check_finite_weights, check_output_dir, clear_run
 
 logger = logging.getLogger("diffusion_align")
 
@@ -108,12 +110,18 @@ class Models:
 
 
 def start_run(cfg: Config) -> tuple[Accelerator, Path]:
-    """The accelerator and the output folder, with the resolved config written into it."""
-    accelerator = make_accelerator(cfg)
+    """The accelerator and the output folder, checked (a run there is resumed or replaced only when asked), with the
+    resolved config written into it."""
     output_dir = Path(cfg.train.output_dir)
+    check_output_dir(cfg, resolve_resume(output_dir, cfg.train.resume))
+    accelerator = make_accelerator(cfg)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main process changes it
     if accelerator.is_main_process:
+        if cfg.train.overwrite:
+            clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
+    accelerator.wait_for_everyone()
     return accelerator, output_dir
 
 
@@ -190,7 +198,13 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
     if accelerator.is_main_process:
-        save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
+        check_finite_weights(models.policy.trainable_parameters(), cfg.train.max_steps, output_dir)
+        try:
+            save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
+        except OSError as err:
+            shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)
+            raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "
+                             f"is intact, and so are the checkpoints in {output_dir}") from err
         logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))
     accelerator.end_training()
     return TrainResult(output_dir / "final", unet, record)
@@ -271,11 +285,11 @@ def train(cfg: Config) -> TrainResult:
 
     # randomness: each pair's draws are seeded by (seed, epoch, pair), so a resumed run needs only its place
     inputs = pair_inputs(parts, models.frozen_dtype)
-    batches_drawn, skipped_rows, nonfinite_steps = 0, 0, 0
+    batches_drawn, skipped_rows = 0, 0
     start_step, saved = resume_run(cfg, accelerator, models, output_dir)
     if saved is not None:
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
-        nonfinite_steps = saved["nonfinite_steps"]
+    skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
     loader = iter(make_pair_loader(items, transform, t.batch_size, t.seed, accelerator.process_index, world,
                                    start_batch=batches_drawn, num_workers=workers,
@@ -314,42 +328,40 @@ def train(cfg: Config) -> TrainResult:
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
-    progress = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train")
-    record, trainable = {}, policy.trainable_parameters()
-    for step in range(start_step + 1, t.max_steps + 1):
-        started, sums, pairs_seen = time.perf_counter(), {}, 0
-        for micro in range(t.grad_accum):
-            batch = next_batch()
-            pairs_seen += len(batch["prompts"])
-            sync = micro == t.grad_accum - 1  # all-reduce gradients once, on the last micro-step
-            with nullcontext() if sync else accelerator.no_sync(unet):
-                with accelerator.autocast():
-                    loss, metrics = batch_loss(batch)
-                accelerator.backward(loss / t.grad_accum)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
-        step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
-        if not apply_update(accelerator, optimizer, grad_norm):
-            nonfinite_steps += 1
-            logger.warning("step %d: gradient norm is %s; update skipped", step, grad_norm)
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.update(1)
+    with tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train") as progress:
+        record, trainable = {}, policy.trainable_parameters()
+        for step in range(start_step + 1, t.max_steps + 1):
+            started, sums, pairs_seen = time.perf_counter(), {}, 0
+            for micro in range(t.grad_accum):
+                batch = next_batch()
+                pairs_seen += len(batch["prompts"])
+                sync = micro == t.grad_accum - 1  # all-reduce gradients once, on the last micro-step
+                with nullcontext() if sync else accelerator.no_sync(unet):
+                    with accelerator.autocast():
+                        loss, metrics = batch_loss(batch)
+                    accelerator.backward(loss / t.grad_accum)
+                for name, value in {"loss": loss.detach(), **metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
+            step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
+            skipped_updates.after_update(apply_update(accelerator, optimizer, grad_norm), grad_norm, f"step {step}",
+                                         output_dir)
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            record = log_step(accelerator, metrics_log, step, sums,
-                              {"pairs_per_s": pairs_seen / (time.perf_counter() - started),
-                               "skipped_rows": skipped_rows},
-                              {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
-            progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
-                                                                 if "implicit_acc" in record else {}))
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
-            state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "nonfinite_steps": nonfinite_steps}
-            path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
-                                   t.checkpoints_keep)
-            logger.info("saved %s", path)
-    progress.close()
+            if step % t.log_every == 0 or step == t.max_steps:
+                record = log_step(accelerator, metrics_log, step, sums,
+                                  {"pairs_per_s": pairs_seen / (time.perf_counter() - started),
+                                   "skipped_rows": skipped_rows},
+                                  {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": skipped_updates.total})
+                progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
+                                                                     if "implicit_acc" in record else {}))
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, **skipped_updates.state()}
+                path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
+                                       t.checkpoints_keep)
+                logger.info("saved %s", path)
 
     summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
                "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,

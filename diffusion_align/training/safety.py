@@ -1,0 +1,128 @@
+"""What keeps a run from losing work or going silently wrong: an output folder holding a run is replaced only when
+asked, a resumed run must be the run that wrote the checkpoint, and a run stops with a message (never a half-written
+checkpoint or NaN weights) when its writes fail or its gradients stay non-finite."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..config import Config, ConfigError, config_to_dict
+
+logger = logging.getLogger("diffusion_align")
+
+# what a run writes into its output_dir (caches of data and scores are keyed and outlive runs: never deleted)
+RUN_ENTRIES = ("final", "final.tmp", "final.old", "metrics.jsonl", ".metrics.jsonl.tmp", "config.yaml",
+               ".config.yaml.tmp", "training_curves.png", "diffusion-align", "wandb", "grids")
+# keys that say how long to run, how to record it and how to compute (not what): they may change on resume
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.output_dir", "train.resume", "train.overwrite", "train.log_every", "train.report_to",
+    "train.checkpoint_every", "train.checkpoints_keep", "train.max_nonfinite_steps", "data.num_workers",
+    "data.cache_dir", "data.cache_batch_size", "method.reference_batch_size", "model.ref_offload",
+    "model.gradient_checkpointing", "model.compile", "model.attention", "online.track", "online.grid_every"})
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (a failed write, diverged training); the message says what is intact and what to do."""
+
+
+def run_entries(output_dir: Path) -> list[str]:
+    """The names of a run's files and folders in `output_dir`, checkpoints included."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name in RUN_ENTRIES or p.name.startswith("checkpoint-"))
+
+
+def trained_entries(output_dir: Path) -> list[str]:
+    """What shows that a run trained there: a final model, metrics or checkpoints (a config.yaml alone is a run
+    stopped by a bad setting before its first step, and is simply replaced)."""
+    return [name for name in run_entries(output_dir) if name in ("final", "metrics.jsonl")
+            or (name.startswith("checkpoint-") and not name.endswith(".tmp"))]
+
+
+def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
+    """Refuse to start in a folder that holds a run unless it is resumed or `train.overwrite` says so, and refuse a
+    resume whose config differs from the checkpoint's (`checkpoint`: what train.resume resolved to)."""
+    t, output_dir = cfg.train, Path(cfg.train.output_dir)
+    if t.overwrite and t.resume is not None:
+        raise ConfigError(f"train.overwrite=true deletes the run in {output_dir}, train.resume={t.resume} continues "
+                          "it: choose one")
+    found = trained_entries(output_dir)
+    if t.overwrite or (t.resume is None and not found):
+        return
+    if t.resume is None:
+        raise ConfigError(f"train.output_dir={output_dir} already holds a run ({', '.join(found)}): continue it with "
+                          "train.resume=latest, replace it with train.overwrite=true, or choose another output_dir")
+    if checkpoint is None:  # resume=latest and no checkpoint yet: a run cut short before its first one starts again
+        if "final" in found:
+            raise ConfigError(f"train.resume=latest: {output_dir} holds a finished model (final/) but no checkpoint "
+                              "to resume from; start again with train.overwrite=true")
+        return
+    saved = next((p for p in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml") if p.is_file()), None)
+    if saved is None:
+        logger.warning("train.resume: no config.yaml in %s or its folder; the config cannot be compared", checkpoint)
+        return
+    changed = changed_keys(yaml.safe_load(saved.read_text()), cfg)
+    if changed:
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise ConfigError(f"train.resume={t.resume}: {checkpoint} was trained with another config ({shown}). Only "
+                          f"these keys may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}. To train with the "
+                          "new settings, start afresh (train.overwrite=true or another output_dir)")
+
+
+def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every key that differs and may not change on resume; keys the saved config
+    lacks (written by an older version) are not compared."""
+    changed = []
+    for section, values in config_to_dict(cfg).items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            old = (saved.get(section) or {}).get(name, value)
+            if key not in RESUMABLE_KEYS and old != value:
+                changed.append((key, old, value))
+    return changed
+
+
+def clear_run(output_dir: Path) -> None:
+    """train.overwrite: delete the run's files, so no mix of two runs remains."""
+    for name in run_entries(output_dir):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info("train.overwrite=true: cleared the previous run in %s", output_dir)
+
+
+def check_finite_weights(parameters, step: int, output_dir: Path) -> None:
+    """Never save NaN or inf weights."""
+    import torch  # here, so that the command line reads this module without loading torch
+    if not all(bool(torch.isfinite(p).all()) for p in parameters):
+        raise RunStopped(f"step {step}: the trained weights hold NaN or inf values, so they were not saved; the "
+                         f"checkpoints in {output_dir} are intact. Lower train.lr, or use bf16 instead of fp16")
+
+
+class SkippedUpdates:
+    """Optimiser steps skipped for a non-finite gradient: in all (logged) and in a row (the run stops at `limit`)."""
+
+    def __init__(self, limit: int, saved: dict | None = None):
+        self.limit = limit
+        self.total = saved["nonfinite_steps"] if saved else 0
+        self.in_a_row = saved.get("nonfinite_in_a_row", 0) if saved else 0
+
+    def state(self) -> dict:
+        return {"nonfinite_steps": self.total, "nonfinite_in_a_row": self.in_a_row}
+
+    def after_update(self, updated: bool, grad_norm: float, where: str, output_dir: Path) -> None:
+        if updated:
+            self.in_a_row = 0
+            return
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        logger.warning("%s: gradient norm is %s; update skipped", where, grad_norm)
+        if self.in_a_row >= self.limit:
+            raise RunStopped(f"{where}: the gradient was not finite for {self.in_a_row} updates in a row (each was "
+                             f"skipped; train.max_nonfinite_steps={self.limit}), so the run stopped; its checkpoints "
+                             f"in {output_dir} are intact. Lower train.lr, check the data, or use bf16 instead of fp16")

@@ -1,0 +1,131 @@
+"""A run never silently replaces another, resumes only the run that wrote its checkpoint, and stops with a message
+(checkpoints intact, no NaN weights saved) when a write fails or its gradients stay non-finite."""
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_align.cli import main as cli_main
+from diffusion_align.config import ConfigError
+from diffusion_align.models.policy import LORA_WEIGHTS
+from diffusion_align.training import checkpoints, methods, trainer
+from diffusion_align.training.safety import RunStopped
+from test_train import TINY_CONFIG, read_metrics, run
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_not_replaced_without_being_asked(tmp_path, tiny_models, tiny_pairs):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2")
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint-2, final, metrics.jsonl\)"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=2")
+    assert snapshot(tmp_path / "run") == before, "nothing was touched"
+
+    (tmp_path / "run" / "latent-cache").mkdir()  # a cache outlives the runs that made it
+    (tmp_path / "run" / "latent-cache" / "kept").write_text("x")
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=2", "train.overwrite=true")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "checkpoint-2" not in names, "the old run's checkpoints go too: no mix of two runs"
+    assert {"final", "metrics.jsonl", "config.yaml", "latent-cache"} <= names
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "latent-cache" / "kept").read_text() == "x"
+    with pytest.raises(ConfigError, match="choose one"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.overwrite=true", "train.resume=latest")
+
+
+def test_a_resume_must_continue_the_same_run(tmp_path, tiny_models, tiny_pairs):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=3")
+    assert (tmp_path / "run" / "checkpoint-3" / "config.yaml").is_file(), "each checkpoint keeps its run's config"
+    with pytest.raises(ConfigError) as info:
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest", "method.name=mapo", "train.seed=7")
+    message = str(info.value)
+    assert "method.name: 'dpo' -> 'mapo'" in message and "train.seed: 0 -> 7" in message
+    assert "train.overwrite=true" in message
+    # keys about how long to run and what to record may change: two more steps, logged every step
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest", "train.max_steps=5", "train.log_every=1",
+        "train.checkpoint_every=0")
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_resume_latest_without_a_checkpoint(tmp_path, tiny_models, tiny_pairs):
+    # a finished run with no checkpoint: nothing to resume, and its final model must not be replaced
+    run(tmp_path, tiny_models["sd"], tiny_pairs)
+    with pytest.raises(ConfigError, match="holds a finished model"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest")
+    # a run cut short before its first checkpoint (metrics only) starts again at step 0
+    (tmp_path / "run" / "final").rename(tmp_path / "elsewhere")
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest")
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    import dataclasses
+    dpo = methods.METHODS["dpo"]
+
+    def diverged(errors, cfg):  # the DPO loss, NaN from the second batch on
+        loss, metrics = dpo.objective(errors, cfg)
+        diverged.calls += 1
+        return (loss * float("nan") if diverged.calls >= 2 else loss), metrics
+    diverged.calls = 0
+
+    monkeypatch.setitem(methods.METHODS, "dpo", dataclasses.replace(dpo, objective=diverged))
+    with pytest.raises(RunStopped, match=r"step 3: the gradient was not finite for 2 updates in a row"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=6", "train.max_nonfinite_steps=2",
+            "train.checkpoint_every=1")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "final" not in names and {"checkpoint-1", "checkpoint-2"} <= names and "checkpoint-3" not in names
+    state = torch.load(tmp_path / "run" / "checkpoint-2" / "process_0.pt", weights_only=True)
+    assert state["nonfinite_steps"] == 1 and state["nonfinite_in_a_row"] == 1  # a resume goes on counting
+
+
+def test_nan_weights_are_never_saved(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    apply_update = trainer.apply_update
+
+    def poisoning(accelerator, optimizer, grad_norm):  # an update that leaves a NaN in the weights
+        updated = apply_update(accelerator, optimizer, grad_norm)
+        next(p for group in optimizer.param_groups for p in group["params"]).data.view(-1)[0] = float("nan")
+        return updated
+
+    monkeypatch.setattr(trainer, "apply_update", poisoning)
+    with pytest.raises(RunStopped, match="step 1: the trained weights hold NaN or inf values, so they were not saved"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1")
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_models, tiny_pairs, monkeypatch, capsys):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.max_steps=1")
+    first, final = snapshot(tmp_path / "run" / "checkpoint-1"), snapshot(tmp_path / "run" / "final")
+    save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path) and str(path).endswith("optimizer.pt"):
+            save(obj, path, *args, **kwargs)  # part of the file was written when the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    args = ["train", str(TINY_CONFIG), f"model.pretrained={tiny_models['sd']}", f"data.path={tiny_pairs}",
+            f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.grad_accum=1", "train.warmup_steps=0",
+            "train.report_to=none", "train.checkpoint_every=1", "train.max_steps=3", "train.resume=latest"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffusion-align train: stopped: step 2: could not write")
+    assert "No space left on device" in err[-1] and "checkpoint-1 is intact" in err[-1]
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "checkpoint-2" not in names and "checkpoint-2.tmp" not in names
+    assert snapshot(tmp_path / "run" / "checkpoint-1") == first and snapshot(tmp_path / "run" / "final") == final
+    # once there is space again, the run resumes from the intact checkpoint
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+    cli_main(args)
+    assert load_file(tmp_path / "run" / "final" / LORA_WEIGHTS)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3]
