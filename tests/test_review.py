@@ -137,8 +137,14 @@ def test_import_review_errors_name_folders_and_lines(folders, tmp_path):
                                                  choice("2-2.png", "2-2.png", "b", seed=2)])
     with pytest.raises(ValueError, match=r"names folder\(s\) 'tuned' that no --images folder ends in"):
         import_review(choices, folders[:1], tmp_path / "out")
-    with pytest.raises(ValueError, match=r"c.jsonl:2: cannot read image .*tuned/2-2.png"):
-        import_review(choices, folders, tmp_path / "out")
+    # a missing (or unreadable) image leaves its pair out, named; the rest is imported
+    report = import_review(choices, folders, tmp_path / "partly")
+    assert report.pairs == 1 and len(report.unreadable) == 1
+    assert re.match(r".*c.jsonl:2: cannot read image .*tuned/2-2.png", report.unreadable[0])
+    assert "left out, 1 pair(s) whose image cannot be read" in str(report)
+    lone = write_jsonl(tmp_path / "lone.jsonl", [choice("2-2.png", "2-2.png", "b", seed=2)])
+    with pytest.raises(ValueError, match=r"no pair could be imported: .*lone.jsonl:1: cannot read image"):
+        import_review(lone, folders, tmp_path / "out")
     skips = write_jsonl(tmp_path / "s.jsonl", [choice("0-1.png", "0-1.png", "skip")])
     with pytest.raises(ValueError, match=r"no judged pairs to import \(1 skipped\)"):
         import_review(skips, folders, tmp_path / "out")

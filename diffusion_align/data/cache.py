@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..files import write_safetensors_atomic, write_text_atomic
-from ..models.conditioning import TextStates, encode_texts
+from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
 from ..models.loading import component_digest, load_components, place, text_subfolders
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
 from .shards import SHARD_RECORDS, differences, run_shards
@@ -87,10 +87,12 @@ class CacheReport:
     skipped: int          # rows with an image that did not decode (kept as not ok)
     shards_reused: int
     folder: Path
+    truncated: int = 0    # texts longer than the text encoder reads (cut there)
 
     def __str__(self) -> str:
-        return (f"{self.folder}: {self.rows} rows ({self.skipped} with an undecodable image), {self.texts} texts; "
-                f"{self.shards_reused} shards kept from an earlier run")
+        return (f"{self.folder}: {self.rows} rows ({self.skipped} with an undecodable image), {self.texts} texts "
+                f"({self.truncated} cut at the text encoder's length); {self.shards_reused} shards kept from an "
+                "earlier run")
 
 
 class _SourceImages(torch.utils.data.Dataset):
@@ -180,16 +182,19 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     texts = ["", *texts]
     write_text_atomic(out_dir / "texts.json", json.dumps(texts, ensure_ascii=False) + "\n")
 
+    truncation = CaptionTruncation()
+
     def text_shard(start: int, stop: int, desc: str):
-        chunks = []
+        chunks, truncated = [], truncation.count
         parts = encoders()
         for at in tqdm(range(start, stop, batch_size * 4), desc=f"texts {desc}", leave=False):
-            chunks.append(encode_texts(parts.family, parts.tokenizers, parts.text_encoders,
-                                       texts[at:min(at + batch_size * 4, stop)]))
+            chunk = texts[at:min(at + batch_size * 4, stop)]
+            truncation.check(parts.tokenizers[0], chunk)
+            chunks.append(encode_texts(parts.family, parts.tokenizers, parts.text_encoders, chunk))
         tensors = {"hidden": torch.cat([c.hidden for c in chunks]).to("cpu", store).contiguous()}
         if chunks[0].pooled is not None:
             tensors["pooled"] = torch.cat([c.pooled for c in chunks]).to("cpu", store).contiguous()
-        return tensors, {"skipped": 0}
+        return tensors, {"skipped": 0, "truncated": truncation.count - truncated}
 
     text_records = run_shards(out_dir, len(texts), TEXT_SHARD_ROWS, {"key": key, "texts": len(texts)}, text_shard,
                               stem="texts", suffix=".safetensors", write=_write_tensors)
@@ -199,7 +204,8 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
         torch.cuda.empty_cache()
     records = latent_records + text_records
     return CacheReport(rows=len(pairs), texts=len(texts), skipped=sum(r["skipped"] for r, _ in latent_records),
-                       shards_reused=sum(reused for _, reused in records), folder=out_dir)
+                       shards_reused=sum(reused for _, reused in records), folder=out_dir,
+                       truncated=sum(r.get("truncated", 0) for r, _ in text_records))
 
 
 def _write_tensors(tensors: dict, path: Path) -> int:

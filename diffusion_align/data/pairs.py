@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,12 +17,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..files import hub_load_error, looks_like_hub_id
 from ..images import to_rgb
+
+logger = logging.getLogger("diffusion_align")
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
@@ -34,8 +38,9 @@ class PairStats:
     rows: int | None
     ties_dropped: int | None
     pairs: int | None
-    unlabelled: int | None = 0  # dropped: a null or NaN label
+    unlabelled: int | None = 0  # dropped: a null or NaN label, or one outside [0, 1]
     unscored: int | None = 0  # dropped: no reward score to orient the pair by (orient_by)
+    out_of_range: int | None = 0  # of `unlabelled`: a label outside [0, 1]
 
 
 def decode_image(value: Any, where: str) -> PIL.Image.Image:
@@ -100,6 +105,15 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
     return datasets.load_dataset("parquet", data_files={split: _parquet_files(path)}, split=split, streaming=streaming)
+
+
+def _numbers(column: pa.ChunkedArray, name: str, path: str) -> np.ndarray:
+    """A label or score column as float64 (null -> NaN); a column of another type is an error naming it."""
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
+        example = next((v for v in column.to_pylist() if v is not None), None)
+        raise ValueError(f"{path}: column {name} holds {column.type} values (e.g. {example!r}); expected numbers "
+                         "(labels 1, 0 or 0.5; null where there is none)")
+    return _floats(column.to_numpy(zero_copy_only=False))
 
 
 def _floats(values) -> np.ndarray:
@@ -169,6 +183,9 @@ def load_pairs(
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected + score_columns}, "
                          f"found {found}")
+    caption = (ds.features or {}).get("caption")
+    if isinstance(caption, datasets.Value) and caption.dtype not in ("string", "large_string", "null"):
+        raise ValueError(f"{path}: column caption holds {caption.dtype} values; expected text (each pair's prompt)")
     human = "human_label" if orient_by and {"human_label_0", "human_label_1"} <= set(found) else "label"
     label_columns = [f"{human}_0", f"{human}_1"]
     ds = raw_images(ds)
@@ -184,12 +201,19 @@ def load_pairs(
 
     # read only the label and score columns (no image bytes): under a second for ~1M rows
     columns = ds.select_columns(label_columns + score_columns).with_format("arrow")[:]
-    l0, l1 = (_floats(columns[c].to_numpy(zero_copy_only=False)) for c in label_columns)
+    l0, l1 = (_numbers(columns[c], c, path) for c in label_columns)
+    out_of_range = np.isfinite(l0 + l1) & ((np.minimum(l0, l1) < 0) | (np.maximum(l0, l1) > 1))
+    if out_of_range.any():
+        first = int(np.flatnonzero(out_of_range)[0])
+        logger.warning("%s: %d rows have a label outside [0, 1], e.g. row %d (%s %s / %s); they hold no preference "
+                       "and are treated as unlabelled", path, out_of_range.sum(), first, label_columns[0],
+                       l0[first], l1[first])
+    l0, l1 = np.where(out_of_range, np.nan, l0), np.where(out_of_range, np.nan, l1)
     ties = (l0 == l1) & (not keep_ties)  # NaN never ties
     unlabelled = ~np.isfinite(l0 + l1) & (not (keep_ties if keep_unlabelled is None else keep_unlabelled))
     unscored = np.zeros(len(ds), bool)
     if orient_by:
-        s0, s1 = (_floats(columns[c].to_numpy(zero_copy_only=False)) for c in score_columns)
+        s0, s1 = (_numbers(columns[c], c, path) for c in score_columns)
         unscored = ~np.isfinite(s0 + s1) & ~ties & ~unlabelled
         labels = _reward_labels(l0, l1, s0, s1)
         ds = ds.remove_columns(["label_0", "label_1"])  # before the selection below, which add_column would copy
@@ -199,7 +223,7 @@ def load_pairs(
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_pairs, replace=False))
     keep = keep[:max_pairs]  # without a seed: the first N
     stats = PairStats(rows=len(ds), ties_dropped=int(ties.sum()), pairs=len(keep), unlabelled=int(unlabelled.sum()),
-                      unscored=int(unscored.sum()))
+                      unscored=int(unscored.sum()), out_of_range=int((out_of_range & unlabelled).sum()))
     ds = ds if keep_all else ds.select_columns(expected + (["source_row"] if source_rows else []))
     ds = ds.select(keep, keep_in_memory=True)  # in-memory index map: no cache file in the source dir
     return (ds.to_iterable_dataset() if streaming else ds), stats

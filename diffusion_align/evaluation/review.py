@@ -29,10 +29,11 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -43,6 +44,8 @@ from ..data.shards import SHARD_STEM, write_parquet
 from ..files import jsonl_records, write_text_atomic
 from ..images import to_rgb
 from .grid import best_columns, check_prompts, match_rows, open_images, score_images, shown_score
+
+logger = logging.getLogger("diffusion_align")
 
 # Formats every browser shows as they are; others (TIFF) are embedded re-encoded as PNG.
 BROWSER_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -183,12 +186,15 @@ class ImportReport:
     skipped: int  # "skip" lines, dropped
     folders: dict[str, str]  # folder name in the export -> the --images folder it was read from
     shards: list[Path]
+    unreadable: list[str] = field(default_factory=list)  # "file:line: why" of judged pairs left out
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k} {n}" for k, n in self.choices.items())
         lines = [f"{self.out_dir}: {self.pairs} pairs ({counts}; ties have labels 0.5/0.5), {self.skipped} skipped "
                  f"pairs dropped, in {len(self.shards)} shard(s)"]
         lines += [f"  {name}: {path}" for name, path in self.folders.items()]
+        lines += [f"  left out, {len(self.unreadable)} pair(s) whose image cannot be read:"] if self.unreadable else []
+        lines += [f"    {why}" for why in self.unreadable]
         return "\n".join(lines)
 
 
@@ -271,9 +277,15 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
         raise ValueError(f"{', '.join(map(str, choices))}: no judged pairs to import "
                          f"({len(records) - len(kept)} skipped)")
     folders = match_folders(list(dict.fromkeys(r[k] for r in kept for k in ("folder_a", "folder_b"))), image_dirs)
-    for record in kept:  # every image checked before anything is written; the bytes are read shard by shard
-        for side in ("a", "b"):
-            _check_image(record, side, folders)
+    unreadable = []  # every image decoded before anything is written; the bytes are read shard by shard
+    for record in list(kept):
+        why = next((w for side in ("a", "b") if (w := _unreadable(record, side, folders))), None)
+        if why is not None:
+            logger.warning("%s; pair left out", why)
+            unreadable.append(why)
+            kept.remove(record)
+    if not kept:
+        raise ValueError(f"no pair could be imported: every judged pair has an unreadable image, e.g. {unreadable[0]}")
     out_dir = Path(out_dir)
     tmp = out_dir / ".import-review.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -290,21 +302,23 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
         shards.append(out_dir / path.name)
     tmp.rmdir()
     counts = {c: sum(r["choice"] == c for r in kept) for c in CHOICES}
-    return ImportReport(out_dir, len(kept), counts, len(records) - len(kept), {k: str(v) for k, v in folders.items()},
-                        shards)
+    return ImportReport(out_dir, len(kept), counts, len(records) - len(kept) - len(unreadable),
+                        {k: str(v) for k, v in folders.items()}, shards, unreadable)
 
 
 def _image_path(record: dict, side: str, folders: dict[str, Path]) -> Path:
     return folders[record[f"folder_{side}"]] / record[f"file_{side}"]
 
 
-def _check_image(record: dict, side: str, folders: dict[str, Path]) -> None:
-    """The file is there and is an image (by its header): training would otherwise fail on it much later."""
+def _unreadable(record: dict, side: str, folders: dict[str, Path]) -> str | None:
+    """Why the image cannot be imported (missing, not an image, truncated: it is decoded in full), or None."""
     path = _image_path(record, side, folders)
     try:
-        PIL.Image.open(path).close()
-    except OSError as err:  # missing, unreadable, or not an image (PIL.UnidentifiedImageError)
-        raise ValueError(f"{record['where']}: cannot read image {path} ({type(err).__name__}: {err})") from None
+        with PIL.Image.open(path) as image:
+            image.load()
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return f"{record['where']}: cannot read image {path} ({type(err).__name__}: {err})"
+    return None
 
 
 def _pairs_table(records: list[dict], folders: dict[str, Path]) -> pa.Table:

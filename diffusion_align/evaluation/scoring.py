@@ -71,6 +71,10 @@ def find_images(root) -> list[Path]:
     return sorted(images, key=lambda p: p.relative_to(root).as_posix())
 
 
+class OutsideTheFolder(ScoringError):
+    """A metadata.jsonl line naming a file outside the folder it describes."""
+
+
 def read_metadata(root) -> dict[str, tuple[str | None, int | None]]:
     """(prompt, seed) for each image named in a metadata.jsonl under `root`, keyed by path relative to `root`."""
     root = Path(root)
@@ -83,7 +87,11 @@ def read_metadata(root) -> dict[str, tuple[str | None, int | None]]:
             raise ScoringError(f"{meta}: not UTF-8 text ({err})") from None
         folder = os.path.relpath(meta.parent, root)
         for here, record in jsonl_records(text, meta, ScoringError):
-            file, prompt, seed = _metadata_record(record, here, folder)
+            try:
+                file, prompt, seed = _metadata_record(record, here, folder)
+            except OutsideTheFolder as err:  # it describes no image of this folder: the others are still read
+                logger.warning("%s; line skipped", err)
+                continue
             if file in where:
                 raise ScoringError(f"{here}: {file} is already described at {where[file]}")
             found[file], where[file] = (prompt, seed), here
@@ -99,7 +107,7 @@ def _metadata_record(record, here: str, folder: str) -> tuple[str, str | None, i
                            f"got {name!r}")
     file = os.path.normpath(os.path.join(folder, name))
     if os.path.isabs(name) or file == ".." or file.startswith(".." + os.sep):
-        raise ScoringError(f"{here}: file_name {name!r} points outside the scored folder")
+        raise OutsideTheFolder(f"{here}: file_name {name!r} points outside the scored folder")
     key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None)
     prompt = None if key is None else record[key]
     if prompt is not None and not isinstance(prompt, str):

@@ -7,9 +7,12 @@ output of the second encoder, and per-sample `add_time_ids = [orig_h, orig_w, cr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger("diffusion_align")
 
 
 @dataclass
@@ -27,6 +30,23 @@ class Conditioning:
         if self.added_cond_kwargs is not None:
             kwargs["added_cond_kwargs"] = self.added_cond_kwargs
         return kwargs
+
+
+class CaptionTruncation:
+    """Captions longer than the text encoder reads are cut at its `model_max_length` tokens, as in every SD training
+    script; the first is warned about (once), every one is counted for the run's report."""
+
+    def __init__(self):
+        self.count = 0
+
+    def check(self, tokenizer, prompts: list[str]) -> None:
+        limit = tokenizer.model_max_length
+        long = [p for p, ids in zip(prompts, tokenizer(list(prompts))["input_ids"]) if len(ids) > limit]
+        if long and self.count == 0:
+            logger.warning("captions longer than the text encoder's %d tokens are cut there, e.g. %r (%d words); "
+                           "further ones are counted, not warned about", limit, long[0][:60] + "...",
+                           len(long[0].split()))
+        self.count += len(long)
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:

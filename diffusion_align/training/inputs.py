@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.cache import LatentCache
-from ..models.conditioning import Conditioning, TextStates, conditioning, encode_texts
+from ..models.conditioning import CaptionTruncation, Conditioning, TextStates, conditioning, encode_texts
 from .likelihood import PairDraws, Posteriors, encode_posteriors
 from .methods import Method
 
@@ -31,6 +31,7 @@ class PairInputs:
     text_encoders: list = field(default_factory=list)
     cache: LatentCache | None = None
     text_dtype: torch.dtype = torch.float32  # cached states are cast to the dtype the text encoders would run in
+    truncation: CaptionTruncation = field(default_factory=CaptionTruncation)  # the cache counts its own
 
     def posteriors(self, batch: dict, rows: int) -> Posteriors:
         if self.cache is None:
@@ -40,6 +41,7 @@ class PairInputs:
 
     def texts(self, prompts: list[str]) -> TextStates:
         if self.cache is None:
+            self.truncation.check(self.tokenizers[0], prompts)
             return encode_texts(self.family, self.tokenizers, self.text_encoders, prompts)
         hidden, pooled = (None if x is None else x.to(self.device, self.text_dtype) for x in self.cache.texts(prompts))
         return TextStates(hidden, pooled)

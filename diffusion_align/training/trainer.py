@@ -243,8 +243,9 @@ def train(cfg: Config) -> TrainResult:
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
                                   orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
-    logger.info("data %s: %s rows; dropped %s ties, %s with a null/NaN label, %s without a reward score; %s pairs",
-                cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs)
+    logger.info("data %s: %s rows; dropped %s ties, %s without a usable label (null, NaN, or %s outside [0, 1]), %s "
+                "without a reward score; %s pairs", cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled,
+                stats.out_of_range, stats.unscored, stats.pairs)
 
     cache = latent_cache(cfg, accelerator, output_dir) if cfg.data.cache else None
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
@@ -363,9 +364,12 @@ def train(cfg: Config) -> TrainResult:
                                        t.checkpoints_keep)
                 logger.info("saved %s", path)
 
+    if inputs.truncation.count:
+        logger.warning("%d captions read in training were longer than the text encoder reads, and were cut",
+                       inputs.truncation.count)
     summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
                "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
-               "skipped rows": skipped_rows}
+               "skipped rows": skipped_rows, "captions cut at the text encoder's length": inputs.truncation.count}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
 
 

@@ -1,0 +1,88 @@
+"""A real `diffusion-align train` process killed with SIGKILL at a random step (mid-step, mid-checkpoint, wherever
+it is), then resumed with train.resume=latest, ends with the weights of a run that was never interrupted: LoRA and
+full fine-tunes of an offline method, and Pref-GRPO."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import TINY_CONFIG
+
+STEPS = 8
+CASES = {
+    "dpo-lora": ["method.name=dpo", "model.lora_rank=4"],
+    "dpo-full": ["method.name=dpo", "model.lora_rank=null", "train.lr=1e-4"],
+    "pref_grpo-lora": ["method.name=pref_grpo", "model.lora_rank=4", "online.group_size=4",
+                       "online.prompts_per_step=2", "online.sample_steps=4", "train.lr=1e-2"],
+}
+
+
+def command(case: str, out: Path, models: dict, pairs: Path, prompts: Path, scorer: Path, *extra) -> list[str]:
+    data = ([f"online.prompts={prompts}", f"online.reward=pickscore={scorer}"] if case.startswith("pref_grpo")
+            else [f"data.path={pairs}", "data.random_flip=image", "data.prompt_dropout=0.3"])
+    return [sys.executable, "-m", "diffusion_align", "train", str(TINY_CONFIG), f"model.pretrained={models['sd']}",
+            f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.checkpoint_every=1", "train.batch_size=2",
+            "train.grad_accum=1", "train.warmup_steps=0", "train.report_to=none", "data.num_workers=0",
+            "train.resolution=32", *CASES[case], *data, *extra]
+
+
+def steps_logged(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.endswith("}"))
+
+
+def final_weights(out: Path) -> dict:
+    final = out / "final"
+    path = final / "pytorch_lora_weights.safetensors"
+    return load_file(path if path.is_file() else final / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def online_inputs(tmp_path_factory):
+    from diffusion_align.models.tiny import save_tiny_scorer
+    root = tmp_path_factory.mktemp("crash")
+    (root / "prompts.txt").write_text("a red circle\na green square\na blue triangle\n")
+    return root / "prompts.txt", save_tiny_scorer("pickscore", root / "pickscore")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, tiny_models, tiny_pairs, online_inputs,
+                                                                    case):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    inputs = (tiny_models, tiny_pairs, *online_inputs)
+    subprocess.run(command(case, tmp_path / "whole", *inputs), env=env, check=True, capture_output=True)
+
+    seed = random.randrange(10**6)
+    kill_after = random.Random(seed).randint(1, STEPS - 3)  # the step whose log line is seen; it dies soon after
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(case, killed, *inputs), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while steps_logged(killed) < kill_after and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(seed + 1).uniform(0, 0.2))  # anywhere in the next step or its checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed (seed {seed})"
+    assert not (killed / "final").exists()
+
+    resumed = subprocess.run(command(case, killed, *inputs, "train.resume=latest"), env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = final_weights(tmp_path / "whole"), final_weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"killed after step {kill_after} (seed {seed})"
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "each step logged once"
