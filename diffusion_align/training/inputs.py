@@ -40,9 +40,12 @@ class PairInputs:
         return Posteriors(mean, std, self.cache.key["scaling_factor"])
 
     def texts(self, prompts: list[str]) -> TextStates:
-        if self.cache is None:
-            self.truncation.check(self.tokenizers[0], prompts)
-            return encode_texts(self.family, self.tokenizers, self.text_encoders, prompts)
+        if self.cache is None:  # each distinct text once: a pair's rows share their prompt
+            distinct = list(dict.fromkeys(prompts))
+            self.truncation.check(self.tokenizers[0], distinct)
+            states = encode_texts(self.family, self.tokenizers, self.text_encoders, distinct)
+            index = torch.tensor([distinct.index(p) for p in prompts], device=states.hidden.device)
+            return TextStates(states.hidden[index], None if states.pooled is None else states.pooled[index])
         hidden, pooled = (None if x is None else x.to(self.device, self.text_dtype) for x in self.cache.texts(prompts))
         return TextStates(hidden, pooled)
 
