@@ -129,3 +129,38 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_models,
     assert load_file(tmp_path / "run" / "final" / LORA_WEIGHTS)
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
         1, 2, 3]
+
+
+def test_a_failed_final_or_metrics_write_stops_the_run_and_keeps_what_was_there(tmp_path, tiny_models, tiny_pairs,
+                                                                                monkeypatch):
+    from pathlib import Path
+
+    from diffusion_align.training import outputs
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.max_steps=2")
+    final = snapshot(tmp_path / "run" / "final")
+    save_final = outputs.save_final
+
+    def disk_full(cfg, policy, unet, output_dir, family, summary):
+        (output_dir / "final.tmp").mkdir()
+        (output_dir / "final.tmp" / "half-written").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_final", disk_full)
+    with pytest.raises(RunStopped, match=r"could not write the final model to .*final \(\[Errno 28\] No space left"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.resume=latest")
+    assert snapshot(tmp_path / "run" / "final") == final and not (tmp_path / "run" / "final.tmp").exists()
+    assert (tmp_path / "run" / "checkpoint-3").is_dir(), "the last step's checkpoint holds what the final would"
+    monkeypatch.setattr(trainer, "save_final", save_final)
+
+    open_path = Path.open
+
+    def metrics_disk_full(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open_path(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", metrics_disk_full)
+    with pytest.raises(RunStopped, match=r"step 4: could not append to .*metrics.jsonl .*checkpoints .* are intact"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.resume=latest",
+            "train.max_steps=4")
+    assert (tmp_path / "run" / "checkpoint-3").is_dir() and not (tmp_path / "run" / "checkpoint-4").exists()

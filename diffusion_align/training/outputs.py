@@ -13,6 +13,7 @@ from ..config import Config, config_to_yaml
 from ..files import replace_dir, write_text_atomic
 from ..models.loading import load_vae
 from ..models.policy import LORA_WEIGHTS
+from .safety import RunStopped
 
 
 class MetricsLog:
@@ -27,8 +28,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as err:  # a line cut short is rewritten when the run is resumed
+            raise RunStopped(f"step {record.get('step')}: could not append to {self.path} ({err}); the checkpoints "
+                             f"in {self.path.parent} are intact: resume with train.resume=latest once the cause is "
+                             "fixed") from err
 
 
 def _step_of(line: str) -> float:
