@@ -33,7 +33,7 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs,
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by the main process
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()) == [
-        "config.yaml", "lr_scheduler.pt", "optimizer.pt", "process_0.pt", "process_1.pt",
+        "config.yaml", "kohya_lora.safetensors", "lr_scheduler.pt", "optimizer.pt", "process_0.pt", "process_1.pt",
         "pytorch_lora_weights.safetensors", "trainer_state.json"]
 
     # the ranks read disjoint halves of each global batch, and together the pairs one process reads with the same

@@ -4,7 +4,8 @@ LoRA: the reference is the same UNet with its adapters switched off, so no secon
 Full fine-tune: the reference is a frozen copy made before training, optionally kept on the CPU and streamed
 layer by layer to the training device.
 Weights are read and written in the formats diffusers loads: `pytorch_lora_weights.safetensors` for LoRA
-(`pipeline.load_lora_weights(folder)`), a `unet/` folder for full fine-tunes.
+(`pipeline.load_lora_weights(folder)`), a `unet/` folder for full fine-tunes. A LoRA is also written in the kohya
+layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when `export_metadata` says what to label it with.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..files import write_safetensors_atomic
+from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_state_dict
 from .loading import place
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -30,9 +33,10 @@ class Policy:
     def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
-                 frozen_dtype: torch.dtype = torch.float32):
+                 frozen_dtype: torch.dtype = torch.float32, export_metadata: dict[str, str] | None = None):
         self.unet = unet
         self.family = family
+        self.export_metadata = export_metadata  # kohya.kohya_metadata: with it, save() writes the kohya file too
         self.lora_config = None
         self.ref_unet = None
         if lora_rank is not None:
@@ -75,10 +79,14 @@ class Policy:
     def save(self, folder: Path) -> None:
         """Write the trained weights in the layout diffusers loads (safetensors)."""
         if self.is_lora:
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            state = get_peft_model_state_dict(self.unet)
             pipeline_cls = StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
-            pipeline_cls.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
+            pipeline_cls.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                           weight_name=LORA_WEIGHTS,
                                            unet_lora_adapter_metadata=self.lora_config.to_dict())
+            if self.export_metadata is not None:
+                write_safetensors_atomic(kohya_state_dict(state, adapter_scales(self.unet)), folder / KOHYA_WEIGHTS,
+                                         self.export_metadata)
         else:
             self.unet.save_pretrained(folder / "unet", safe_serialization=True)
 

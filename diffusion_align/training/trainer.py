@@ -29,7 +29,9 @@ from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
 from ..evaluation.plots import plot_run
 from ..files import write_text_atomic
-from ..models.loading import DiffusionComponents, compile_unet, load_components, place, set_attention
+from ..models.kohya import kohya_metadata
+from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, place,
+                              set_attention)
 from ..models.policy import Policy
 from ..rewards.labeling import reward_scores
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
@@ -150,8 +152,12 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     if before_policy is not None:
         before_policy(parts, frozen_dtype)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
+    export = None if cfg.model.lora_rank is None else kohya_metadata(
+        parts.family, parts.prediction_type, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank,
+        Path(cfg.train.output_dir).name, cfg.method.name,
+        component_digest(cfg.model.pretrained, "unet", cfg.model.revision, cfg.model.variant))
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype)
+                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, export)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
