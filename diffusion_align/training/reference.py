@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError
 from ..data.pairs import collate_pairs
 from ..files import write_safetensors_atomic
-from ..models.loading import component_digest
 from .inputs import PairInputs
 from .likelihood import denoising_errors, noise_rows
 
@@ -64,9 +63,10 @@ def epochs_needed(cfg: Config, num_pairs: int, world: int) -> int:
     return math.ceil(cfg.train.max_steps * cfg.train.grad_accum / max(batches_per_epoch, 1))
 
 
-def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache_key: dict | None) -> dict:
-    d, m = cfg.data, cfg.model
-    return {"unet": component_digest(m.pretrained, "unet", m.revision, m.variant), "pairs": pairs._fingerprint,
+def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache_key: dict | None,
+                  unet_digest: str) -> dict:
+    d = cfg.data
+    return {"unet": unet_digest, "pairs": pairs._fingerprint,
             "num_pairs": num_pairs, "epochs": epochs, "cache": cache_key, "method": {
                 "rows_per_pair": method.rows_per_pair, "per_image_captions": method.per_image_captions},
             "seed": cfg.train.seed, "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,

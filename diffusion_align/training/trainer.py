@@ -131,8 +131,8 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
                   encoders: bool = True, before_policy=None) -> Models:
     """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
     in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
-    as the policy and prepare it with its optimiser and lr schedule. `before_policy(parts, frozen_dtype)` runs on
-    the untouched pretrained UNet first (precomputed reference errors)."""
+    as the policy and prepare it with its optimiser and lr schedule. `before_policy(parts, frozen_dtype, unet_digest)`
+    runs on the untouched pretrained UNet first (precomputed reference errors)."""
     t = cfg.train
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
@@ -149,13 +149,16 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         parts.unet.enable_gradient_checkpointing()
     if cfg.model.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
+    # the base UNet's digest keys the precomputed reference errors and labels a kohya LoRA: hashed once (local
+    # weights are read whole)
+    unet_digest = (component_digest(cfg.model.pretrained, "unet", cfg.model.revision, cfg.model.variant)
+                   if cfg.model.lora_rank is not None or before_policy is not None else None)
     if before_policy is not None:
-        before_policy(parts, frozen_dtype)
+        before_policy(parts, frozen_dtype, unet_digest)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     export = None if cfg.model.lora_rank is None else kohya_metadata(
         parts.family, parts.prediction_type, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank,
-        Path(cfg.train.output_dir).name, cfg.method.name,
-        component_digest(cfg.model.pretrained, "unet", cfg.model.revision, cfg.model.variant))
+        Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
                     parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, export)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
@@ -269,10 +272,10 @@ def train(cfg: Config) -> TrainResult:
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
-    def precompute(parts, frozen_dtype) -> None:
+    def precompute(parts, frozen_dtype, unet_digest) -> None:
         nonlocal reference
         key = reference_key(cfg, method, pairs, len(pairs), epochs_needed(cfg, len(pairs), world),
-                            None if cache is None else cache.key)
+                            None if cache is None else cache.key, unet_digest)
         with accelerator.main_process_first():  # the main process computes; the others load its file
             reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
                                              pair_inputs(parts, frozen_dtype), parts.unet.to(device),
