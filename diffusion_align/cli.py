@@ -186,6 +186,19 @@ def cmd_plot(args) -> None:
     print(f"curves: {plot_run(args.run_dir)}")
 
 
+def cmd_export(args) -> None:
+    from .models.export import export, find_source
+    source = find_source(args.source, args.base)
+    written = export(source, args.format, args.out, args.dtype, args.overwrite).resolve()
+    print(f"{args.format}: {written} (from {source.folder})")
+    in_diffusers = (f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); '
+                    f'pipe.load_lora_weights("{written.parent}", weight_name="{written.name}")')
+    print({"kohya": f"load it in ComfyUI (LoraLoader), AUTOMATIC1111 or Forge (models/Lora/), or in diffusers: "
+                    f"{in_diffusers}",
+           "diffusers": f"load it in diffusers: {in_diffusers}",
+           "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")'}[args.format])
+
+
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool, required: bool = True) -> None:
     parser.add_argument("--scorer", required=required, action="append", metavar="NAME[=PATH]",
                         help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
@@ -390,6 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--vae-steps", type=int, default=4000)
     build.add_argument("--keep-base", action="store_true", help="keep an existing base model, refit the reward only")
     build.set_defaults(func=cmd_toy_build_assets)
+
+    export = sub.add_parser("export", help="Write a run's LoRA or model in the file another program loads: kohya "
+                                           "(ComfyUI, AUTOMATIC1111, Forge), diffusers, or a merged pipeline.")
+    export.add_argument("source", metavar="RUN_OR_FOLDER", help="a run folder (its final/, else its newest "
+                        "checkpoint), a final/ or checkpoint-<step>/ folder, or a folder holding a diffusers LoRA")
+    export.add_argument("--format", required=True, choices=("kohya", "diffusers", "merged"),
+                        help="kohya: one .safetensors LoRA for ComfyUI, AUTOMATIC1111 and Forge; diffusers: the LoRA "
+                             "for pipe.load_lora_weights; merged: the LoRA fused into the base, written as a whole "
+                             "pipeline for DiffusionPipeline.from_pretrained")
+    export.add_argument("--out", required=True,
+                        help="a .safetensors file or a folder (LoRA formats), a folder (merged)")
+    export.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
+                        help="cast the written weights (default: as trained; LoRA alphas stay fp32)")
+    export.add_argument("--base", default=None, help="the base model (hub id or folder) the weights were trained on; "
+                                                     "default: model.pretrained of the run's config")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
 
     tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "
                                             "pair set for trying the toolkit without a GPU or the hub.")

@@ -3,14 +3,21 @@ SDXL (diffusers loads it too: `pipe.load_lora_weights(folder, weight_name=KOHYA_
 
 Names: `lora_unet_<UNet module path, dots as underscores>` (`...attn1.to_out.0` -> `..._attn1_to_out_0`), each with
 `.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and `.alpha`, a float32 scalar such that
-alpha / rank is the scale the adapter trained with (peft's `scaling`: lora_alpha / r, per-module patterns and
-rsLoRA included). The safetensors metadata carries the `ss_*` and `modelspec.*` fields those programs read to
-class the file (without the version fields A1111 takes an SDXL LoRA for SD1 and hides it).
+alpha / rank is the scale the adapter trained with (peft's `scaling`: lora_alpha / r, or lora_alpha / sqrt(r) with
+rsLoRA, per-module rank and alpha patterns included). The safetensors metadata carries the `ss_*` and `modelspec.*`
+fields those programs read to class the file (without the version fields A1111 takes an SDXL LoRA for SD1 and
+hides it).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import torch
+from peft.utils import get_peft_model_state_dict
+
+from ..files import write_safetensors_atomic
 
 KOHYA_WEIGHTS = "kohya_lora.safetensors"
 # family -> (ss_base_model_version, modelspec.architecture); SD2 768 v-prediction models get "-768-v"
@@ -24,29 +31,42 @@ def adapter_scales(unet: torch.nn.Module, adapter: str = "default") -> dict[str,
             if isinstance(getattr(module, "scaling", None), dict) and adapter in module.scaling}
 
 
-def kohya_state_dict(peft_state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], scales: dict[str, float],
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """peft's UNet adapter state (`get_peft_model_state_dict`: `<module>.lora_A.weight`, `<module>.lora_B.weight`)
-    in kohya names, with alpha = scale x rank."""
+    in kohya names, with alpha = scale x rank (float32 whatever `dtype` the weights are written in)."""
     tensors = {}
     for key, value in peft_state.items():
         module, part = key.rsplit(".lora_", 1)  # part: "A.weight" or "B.weight"
         name = "lora_unet_" + module.replace(".", "_")
-        tensors[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value.detach().contiguous()
+        tensors[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = (
+            value.detach().to(dtype or value.dtype).contiguous())
         if part.startswith("A"):
             tensors[f"{name}.alpha"] = torch.tensor(scales[module] * value.shape[0], dtype=torch.float32)
     return tensors
 
 
-def kohya_metadata(family: str, prediction_type: str, rank: int, alpha: float, title: str, method: str,
-                   base_unet: str) -> dict[str, str]:
-    """The safetensors metadata (strings) that A1111, Forge and ComfyUI read, plus what trained it and on which
-    UNet (`base_unet`: a digest of its weight files)."""
+def kohya_labels(family: str, prediction_type: str, title: str, method: str, base_unet: str) -> dict[str, str]:
+    """The safetensors metadata (strings) that A1111, Forge and ComfyUI read to class a LoRA, plus what trained it
+    and on which UNet (`base_unet`: a digest of its weight files)."""
     version, architecture = _VERSIONS[family]
     if family == "sd2" and prediction_type == "v_prediction":
         architecture = "stable-diffusion-v2-768-v"
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
-            "ss_base_model_version": version, "ss_v2": str(family == "sd2"),
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(family == "sd2"),
             "ss_v_parameterization": str(prediction_type == "v_prediction"),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": title,
             "diffusion_align.method": method, "diffusion_align.base_unet_digest": base_unet}
+
+
+def write_kohya_lora(unet: torch.nn.Module, path: Path, labels: dict[str, str], adapter: str = "default",
+                     dtype: torch.dtype | None = None) -> None:
+    """Write `unet`'s adapter as a kohya file. `ss_network_dim` / `ss_network_alpha` are the most common rank and
+    alpha (the per-module `.alpha` tensors are what the loaders apply)."""
+    tensors = kohya_state_dict(get_peft_model_state_dict(unet, adapter_name=adapter), adapter_scales(unet, adapter),
+                               dtype)
+    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+    alphas = Counter(t.item() for k, t in tensors.items() if k.endswith(".alpha"))
+    network = {"ss_network_dim": str(ranks.most_common(1)[0][0]),
+               "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}"}
+    write_safetensors_atomic(tensors, path, {**labels, **network})

@@ -5,12 +5,14 @@ Full fine-tune: the reference is a frozen copy made before training, optionally 
 layer by layer to the training device.
 Weights are read and written in the formats diffusers loads: `pytorch_lora_weights.safetensors` for LoRA
 (`pipeline.load_lora_weights(folder)`), a `unet/` folder for full fine-tunes. A LoRA is also written in the kohya
-layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when `export_metadata` says what to label it with.
+layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when given `kohya_labels` to label it with.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,21 +24,39 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..files import write_safetensors_atomic
-from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_state_dict
+from .kohya import KOHYA_WEIGHTS, write_kohya_lora
 from .loading import place
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def write_diffusers_lora(unet: UNet2DConditionModel, family: str, path: Path, adapter: str = "default",
+                         dtype: torch.dtype | None = None) -> None:
+    """Write `unet`'s adapter as the file `pipeline.load_lora_weights` reads, with its settings (lora_alpha, rank
+    and alpha patterns, rsLoRA, target modules) so that the trained scale is restored. Written beside `path`, then
+    renamed into place."""
+    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    state = {k: v.detach().to(dtype or v.dtype) for k, v in state.items()}
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                       weight_name=path.name,
+                                       unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Policy:
     def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
-                 frozen_dtype: torch.dtype = torch.float32, export_metadata: dict[str, str] | None = None):
+                 frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None):
         self.unet = unet
         self.family = family
-        self.export_metadata = export_metadata  # kohya.kohya_metadata: with it, save() writes the kohya file too
+        self.kohya_labels = kohya_labels  # kohya.kohya_labels: with them, save() writes the kohya file too
         self.lora_config = None
         self.ref_unet = None
         if lora_rank is not None:
@@ -79,14 +99,9 @@ class Policy:
     def save(self, folder: Path) -> None:
         """Write the trained weights in the layout diffusers loads (safetensors)."""
         if self.is_lora:
-            state = get_peft_model_state_dict(self.unet)
-            pipeline_cls = StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
-            pipeline_cls.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
-                                           weight_name=LORA_WEIGHTS,
-                                           unet_lora_adapter_metadata=self.lora_config.to_dict())
-            if self.export_metadata is not None:
-                write_safetensors_atomic(kohya_state_dict(state, adapter_scales(self.unet)), folder / KOHYA_WEIGHTS,
-                                         self.export_metadata)
+            write_diffusers_lora(self.unet, self.family, folder / LORA_WEIGHTS)
+            if self.kohya_labels is not None:
+                write_kohya_lora(self.unet, folder / KOHYA_WEIGHTS, self.kohya_labels)
         else:
             self.unet.save_pretrained(folder / "unet", safe_serialization=True)
 

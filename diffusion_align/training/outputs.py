@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 
 from ..config import Config, config_to_yaml
 from ..files import replace_dir, write_text_atomic
+from ..models.kohya import KOHYA_WEIGHTS
 from ..models.loading import load_vae
 from ..models.policy import LORA_WEIGHTS
 from .safety import RunStopped
@@ -90,6 +91,9 @@ def model_card(cfg: Config, family: str, summary: dict) -> str:
         usage,
         "```",
         "",
+        *([f"For ComfyUI, AUTOMATIC1111 and Forge: `{KOHYA_WEIGHTS}` (their `models/Lora/` folder). "
+           "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline.", ""]
+          if cfg.model.lora_rank is not None else []),
         "The full resolved training configuration is in `training_config.yaml`.",
     ]
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
 from ..evaluation.plots import plot_run
 from ..files import write_text_atomic
-from ..models.kohya import kohya_metadata
+from ..models.kohya import kohya_labels
 from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, place,
                               set_attention)
 from ..models.policy import Policy
@@ -156,9 +156,8 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     if before_policy is not None:
         before_policy(parts, frozen_dtype, unet_digest)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
-    export = None if cfg.model.lora_rank is None else kohya_metadata(
-        parts.family, parts.prediction_type, cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank,
-        Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
+    export = None if cfg.model.lora_rank is None else kohya_labels(
+        parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
                     parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, export)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)

@@ -1,0 +1,171 @@
+"""`diffusion-align export`: a run's weights in the file another program loads.
+
+- `kohya`: the LoRA in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`);
+- `diffusers`: the LoRA as diffusers writes it, with its adapter settings (`pipe.load_lora_weights`);
+- `merged`: the LoRA fused into the base UNet, written with the rest of the base as a whole diffusers pipeline
+  (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
+
+The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
+any folder holding a diffusers LoRA file. The LoRA is loaded onto the base UNet by diffusers' own loader, so what is
+exported is what diffusers would apply, and a LoRA that does not fit the base is an error here rather than a
+silent no-op there. The base comes from the run's config, or `--base` for a folder without one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+
+from ..config import load_config
+from ..files import replace_dir
+from ..training.checkpoints import list_checkpoints
+from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
+from .loading import component_digest, detect_family, load_vae, pipeline_index
+from .policy import LORA_WEIGHTS, write_diffusers_lora
+
+FORMATS = ("kohya", "diffusers", "merged")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_ADAPTER = "trained"
+
+
+@dataclass
+class Source:
+    """Trained weights and what they were trained on."""
+    folder: Path
+    kind: str  # "lora" (a LoRA file), "unet" (a full fine-tune's checkpoint), "pipeline" (a full fine-tune's final/)
+    base: str | None  # the base pipeline: a hub id or folder
+    revision: str | None
+    variant: str | None
+    vae: str | None
+    method: str
+    title: str
+
+
+def find_source(path: str | Path, base: str | None = None) -> Source:
+    """The weights under `path` (see the module docstring) and, from the run's config unless `base` is given, the
+    base pipeline they belong to."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder; expected a run folder (train.output_dir), its final/ or "
+                                f"a checkpoint-<step>/ folder, or a folder holding {LORA_WEIGHTS}")
+    folder = path
+    if (path / "final").is_dir():
+        folder = path / "final"
+    elif _kind(path) is None and list_checkpoints(path):
+        folder = list_checkpoints(path)[-1][1]
+    kind = _kind(folder)
+    if kind is None:
+        raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ (a full "
+                                "fine-tune's checkpoint) or model_index.json (a whole pipeline)")
+    config_files = [folder / "training_config.yaml", folder / "config.yaml"]
+    if folder.name == "final" or folder.name.startswith("checkpoint-"):
+        config_files.append(folder.parent / "config.yaml")  # the run's
+    config_file = next((f for f in config_files if f.is_file()), None)
+    cfg = load_config(config_file) if config_file else None
+    if base is None and cfg is None and kind != "pipeline":
+        raise FileNotFoundError(f"{folder} has no training config (training_config.yaml or config.yaml) naming the "
+                                "base model the weights were trained on: pass it with --base (a hub id or folder)")
+    if cfg is None:
+        return Source(folder, kind, base, revision=None, variant=None, vae=None, method="unknown", title=folder.name)
+    return Source(folder, kind, base or cfg.model.pretrained,
+                  revision=cfg.model.revision if base is None else None,  # a revision of the config's base only
+                  variant=cfg.model.variant, vae=cfg.model.vae, method=cfg.method.name,
+                  title=Path(cfg.train.output_dir).name)
+
+
+def _kind(folder: Path) -> str | None:
+    if (folder / LORA_WEIGHTS).is_file():
+        return "lora"
+    if (folder / "model_index.json").is_file():
+        return "pipeline"
+    return "unet" if (folder / "unet" / "config.json").is_file() else None
+
+
+def export(source: Source, format: str, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write `source` in `format` (one of FORMATS) at `out`: for the LoRA formats a `.safetensors` file, or a folder
+    that gets the usual file name; for `merged` a folder. `dtype` (a key of DTYPES) casts the weights written; None
+    keeps them as they are. Returns what was written."""
+    if format not in FORMATS:
+        raise ValueError(f"--format {format}: expected one of {', '.join(FORMATS)}")
+    torch_dtype = DTYPES[dtype] if dtype else None
+    out = Path(out)
+    if format == "merged":
+        return _export_merged(source, out, torch_dtype, overwrite)
+    if source.kind != "lora":
+        raise ValueError(f"{source.folder} holds a full fine-tune, not a LoRA: --format {format} writes LoRA files "
+                         "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
+    target = out if out.suffix == ".safetensors" else out / (KOHYA_WEIGHTS if format == "kohya" else LORA_WEIGHTS)
+    _check_free(target, overwrite)
+    index = pipeline_index(source.base, source.revision, what="--base")  # a one-line error for a wrong base
+    unet = UNet2DConditionModel.from_pretrained(source.base, subfolder="unet", revision=source.revision,
+                                                variant=source.variant)
+    _load_lora(unet, source)
+    family = detect_family(index, unet.config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "diffusers":
+        write_diffusers_lora(unet, family, target, _ADAPTER, torch_dtype)
+    else:
+        prediction_type = DDPMScheduler.load_config(source.base, subfolder="scheduler",
+                                                    revision=source.revision)["prediction_type"]
+        labels = kohya_labels(family, prediction_type, source.title, source.method,
+                              component_digest(source.base, "unet", source.revision, source.variant))
+        write_kohya_lora(unet, target, labels, _ADAPTER, torch_dtype)
+    return target
+
+
+def _load_lora(unet: UNet2DConditionModel, source: Source) -> None:
+    """Load the LoRA as `trained` with diffusers' loader (its settings restore the trained scale); every module of
+    the file must land on the base UNet."""
+    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
+        in_file = sum(key.startswith("unet.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
+                      for key in f.keys())
+    if in_file == 0:
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} holds no UNet LoRA weights: expected keys "
+                         "unet.<module>.lora.down.weight (or lora_A), as diffusers' save_lora_weights writes them")
+    try:
+        unet.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=_ADAPTER)
+    except (RuntimeError, ValueError) as err:  # shapes that differ: a LoRA of another model family
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the UNet of {source.base} ({err}); pass the "
+                         "base it was trained on with --base") from None
+    loaded = sum(1 for m in unet.modules() if _ADAPTER in getattr(m, "lora_A", {}))
+    if loaded != in_file:
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} has {in_file} UNet LoRA modules, but {loaded} of them "
+                         f"loaded onto the UNet of {source.base}: pass the base it was trained on with --base")
+
+
+def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
+    if out.suffix == ".safetensors":
+        raise ValueError(f"--out {out}: --format merged writes a whole diffusers pipeline, a folder; give a folder")
+    _check_free(out, overwrite)
+    if source.kind == "pipeline":
+        pipeline = DiffusionPipeline.from_pretrained(source.folder)
+    else:
+        extra = {} if source.vae is None else {"vae": load_vae(source.vae)}
+        if source.kind == "unet":
+            extra["unet"] = UNet2DConditionModel.from_pretrained(source.folder / "unet")
+        pipeline_index(source.base, source.revision, what="--base")  # a one-line error for a wrong base
+        pipeline = DiffusionPipeline.from_pretrained(source.base, revision=source.revision, variant=source.variant,
+                                                     **extra)
+        if source.kind == "lora":
+            _load_lora(pipeline.unet, source)
+            pipeline.unet.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite
+            pipeline.unet.unload_lora()
+    if dtype is not None:
+        pipeline.to(dtype)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    if (source.folder / "training_config.yaml").is_file():
+        shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
+    replace_dir(tmp, out)
+    return out
+
+
+def _check_free(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")

@@ -1,0 +1,141 @@
+"""`diffusion-align export`: per-module rank and alpha patterns and rsLoRA reach the kohya alphas (checked with the
+rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors for sources it cannot export."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from diffusion_align.cli import main
+from diffusion_align.config import config_to_yaml, load_config
+from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
+from test_kohya import apply_kohya_rule, images
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def export(*args):
+    main(["export", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def patterned(tmp_path_factory, tiny_models):
+    """A LoRA trained elsewhere: rsLoRA (scale alpha / sqrt(r)), rank 2 on attn2.to_k, alpha 3 on every to_v; saved
+    as a diffusers file without a training config. Returns (folder, the UNet with the adapter)."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"attn2.to_k": 2},
+                                alpha_pattern={"to_v": 3}, target_modules=TARGETS, init_lora_weights="gaussian"))
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    folder = tmp_path_factory.mktemp("patterned")
+    write_diffusers_lora(unet, "sd", folder / LORA_WEIGHTS)
+    return folder, unet.eval()
+
+
+def test_rank_and_alpha_patterns_and_rslora_reach_the_kohya_alphas(tmp_path, tiny_models, patterned):
+    folder, unet = patterned
+    out = tmp_path / "k.safetensors"
+    export(folder, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
+    with safe_open(out, "pt") as f:
+        alphas = {k.removesuffix(".alpha"): f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}
+        metadata = f.metadata()
+    # hand-computed: rsLoRA scale = alpha / sqrt(r), kohya alpha = scale x r
+    expected = {"to_v": 3 / math.sqrt(4) * 4, "attn2_to_k": 8 / math.sqrt(2) * 2, "other": 8 / math.sqrt(4) * 4}
+    assert expected == {"to_v": 6.0, "attn2_to_k": pytest.approx(11.3137, abs=1e-4), "other": 16.0}
+    for name, alpha in alphas.items():
+        kind = "to_v" if name.endswith("_to_v") else "attn2_to_k" if name.endswith("attn2_to_k") else "other"
+        assert alpha == pytest.approx(expected[kind], rel=1e-6), name
+    assert sorted(alphas.values()).count(16.0) == 20  # 4 blocks x 8 modules, less 8 to_v and 4 attn2.to_k
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "16")  # the most common
+    assert (metadata["diffusion_align.method"], metadata["modelspec.title"]) == ("unknown", folder.name)
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    base = images(pipe, "sd")
+    pipe.unet = unet
+    trained = images(pipe, "sd")
+    assert abs(trained - base).max() > 1e-2
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    assert apply_kohya_rule(pipe.unet, out) == 32
+    assert abs(images(pipe, "sd") - trained).max() < 1e-4, "the kohya alphas give the trained scale per module"
+    # (diffusers 0.42's own kohya loader misreads alphas that differ between modules: its alpha_pattern keeps
+    # attention-processor names that match no module; in diffusers the diffusers file is the one to load)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS)
+    assert abs(images(pipe, "sd") - trained).max() < 1e-4, "the diffusers file keeps the patterns and rsLoRA"
+
+
+@pytest.mark.parametrize("fmt, dtype", [("kohya", "fp16"), ("diffusers", "bf16")])
+def test_lora_dtypes(tmp_path, tiny_models, patterned, fmt, dtype):
+    folder, _ = patterned
+    export(folder, "--format", fmt, "--dtype", dtype, "--base", tiny_models["sd"], "--out", tmp_path / "out")
+    (written,) = (tmp_path / "out").iterdir()
+    tensors = load_file(written)
+    want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert {t.dtype for k, t in tensors.items() if k.endswith("weight")} == {want}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} <= {torch.float32}
+    if fmt == "diffusers":  # the settings that restore the scale travel with it
+        pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+        pipe.load_lora_weights(tmp_path / "out")
+        (config,) = pipe.unet.peft_config.values()
+        assert (config.use_rslora, config.rank_pattern, config.alpha_pattern) == (True, {"attn2.to_k": 2},
+                                                                                  {"to_v": 3})
+
+
+def test_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_models, capsys):
+    """A full fine-tune's checkpoint holds unet/ only; merged writes it with the rest of the base pipeline."""
+    run = tmp_path / "run"
+    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias += 0.25  # "trained"
+    unet.save_pretrained(run / "checkpoint-2" / "unet")
+    run.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
+        f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", f"train.output_dir={run}"])))
+    with pytest.raises(SystemExit):
+        export(run, "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    assert "holds a full fine-tune, not a LoRA" in capsys.readouterr().err
+    export(run, "--format", "merged", "--dtype", "fp16", "--out", tmp_path / "merged")
+    weights = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert torch.equal(weights["conv_out.bias"], unet.conv_out.bias.detach().half())
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.conv_out.bias.sum() != 0
+
+
+def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, capsys):
+    folder, _ = patterned
+
+    def error(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            export(*args)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    out = tmp_path / "k.safetensors"
+    assert "no such folder" in error(tmp_path / "missing", "--format", "kohya", "--out", out)
+    (tmp_path / "empty").mkdir()
+    assert "holds no trained weights" in error(tmp_path / "empty", "--format", "kohya", "--out", out)
+    assert "pass it with --base" in error(folder, "--format", "kohya", "--out", out)
+    message = error(folder, "--format", "kohya", "--base", tiny_models["sdxl"], "--out", out)
+    assert str(folder / LORA_WEIGHTS) in message and "--base" in message
+    stray = tmp_path / "stray"  # modules the base does not have: diffusers would only log them
+    stray.mkdir()
+    with safe_open(folder / LORA_WEIGHTS, "pt") as f:
+        save_file({k.replace("mid_block.", "middle_block."): f.get_tensor(k) for k in f.keys()},
+                  stray / LORA_WEIGHTS, f.metadata())
+    assert "32 UNet LoRA modules, but 24 of them loaded" in error(stray, "--format", "merged", "--base",
+                                                                  tiny_models["sd"], "--out", tmp_path / "m")
+    with safe_open(folder / LORA_WEIGHTS, "pt") as f:  # peft's names without diffusers' unet. prefix
+        save_file({k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}, stray / LORA_WEIGHTS, f.metadata())
+    assert "holds no UNet LoRA weights" in error(stray, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
+    assert "a whole diffusers pipeline, a folder" in error(folder, "--format", "merged", "--base", tiny_models["sd"],
+                                                          "--out", tmp_path / "m.safetensors")
+    assert not out.exists() and not (tmp_path / "m").exists()
+    export(folder, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
+    assert "already exists; pass --overwrite" in error(folder, "--format", "kohya", "--base", tiny_models["sd"],
+                                                       "--out", out)
