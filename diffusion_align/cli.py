@@ -165,14 +165,17 @@ def cmd_grid(args) -> None:
     if not (args.out or args.html):
         raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
     scorer = _scorers(args, single=True)[0] if args.scorer else None
+    scores = None
     if args.out:
         from .evaluation.grid import make_grid
-        print(make_grid(args.dirs, args.out, scorer=scorer, rows_per_page=args.rows_per_page,
-                        cell_size=args.cell_size, prompt=args.prompt))
+        report = make_grid(args.dirs, args.out, scorer=scorer, rows_per_page=args.rows_per_page,
+                           cell_size=args.cell_size, prompt=args.prompt)
+        print(report)
+        scores = report.scores if scorer is not None else None  # the page shows them without scoring again
     if args.html:
         from .evaluation.review import write_review_page
         page = write_review_page(args.dirs, args.html, prompt=args.prompt, ab=args.ab, seed=args.seed,
-                                 title=args.title, scorer=scorer)
+                                 title=args.title, scorer=scorer, scores=scores)
         print(f"review page: {page.resolve()}")
 
 

@@ -304,6 +304,29 @@ class RedScorer:
         return torch.tensor([np.asarray(image)[..., 0].mean() / 255 for image in images])
 
 
+class CountingScorer:
+    """Scores an image by its mean over all channels (it differs from row to row here) and counts what it scored."""
+    name = column = "mean"
+    needs_prompts = False
+    scored = 0
+
+    def score(self, images, prompts):
+        import numpy as np
+        import torch
+        self.scored += len(images)
+        return torch.tensor([np.asarray(image).mean() / 255 for image in images])
+
+
+def test_the_grid_scores_serve_the_page_without_scoring_again(tmp_path, folders):
+    from diffusion_align.evaluation.grid import make_grid
+    scorer = CountingScorer()
+    report = make_grid(folders, tmp_path / "grid.png", scorer=scorer, rows_per_page=2)  # 3 pages: rows offset
+    assert len(report.pages) == 3 and scorer.scored == 11  # 12 cells, one image missing
+    shown = review_data(folders, scorer=scorer, scores=report.scores)["rows"]
+    assert scorer.scored == 11, "nothing scored twice"
+    assert shown == review_data(folders, scorer=CountingScorer())["rows"]
+
+
 def test_scores_are_shown_side_by_side_and_never_blind(browser, tmp_path):
     folders = [write_folder(tmp_path / "base", 10), write_folder(tmp_path / "tuned", 200, missing=[(2, 2)]),
                write_folder(tmp_path / "same", 200)]

@@ -96,6 +96,7 @@ class GridReport:
     unreadable: list[tuple[str, str]]  # (folder/file, reason): drawn as placeholders
     scorer: str | None = None  # the score column, when scored
     best: dict[str, int] = field(default_factory=dict)  # folder -> rows where it scored best (shared bests count)
+    scores: dict[tuple[int, int], float] = field(default_factory=dict)  # (row, column) -> score, all pages
 
     def __str__(self) -> str:
         lines = [f"{self.rows} rows x {len(self.folders)} folders ({', '.join(self.folders)}) on "
@@ -199,7 +200,8 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     chunks = [rows[i:i + rows_per_page] for i in range(0, len(rows), rows_per_page)]
     for number, chunk in enumerate(chunks, 1):
         path = out if number == 1 else out.with_name(f"{out.stem}-{number:03d}{out.suffix}")
-        page = _draw_page(chunk, [Path(d) for d in dirs], labels, layout, scorer, report)
+        page = _draw_page(chunk, (number - 1) * rows_per_page, [Path(d) for d in dirs], labels, layout, scorer,
+                          report)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         page.save(tmp, format=image_format)
@@ -217,7 +219,7 @@ def _remove_stale_pages(out: Path, pages: list[Path]) -> None:
             old.unlink()
 
 
-def _draw_page(rows: list[Row], dirs: list[Path], labels: list[str], layout: _Layout, scorer,
+def _draw_page(rows: list[Row], first_row: int, dirs: list[Path], labels: list[str], layout: _Layout, scorer,
                report: GridReport) -> PIL.Image.Image:
     page = PIL.Image.new("RGB", (layout.width, layout.header + len(rows) * layout.row), BACKGROUND)
     draw = ImageDraw.Draw(page)
@@ -228,6 +230,7 @@ def _draw_page(rows: list[Row], dirs: list[Path], labels: list[str], layout: _La
                   font=layout.font)
     images = open_images(rows, dirs, labels, report.missing, report.unreadable)
     scores = score_images(images, rows, scorer) if scorer is not None else {}
+    report.scores.update({(first_row + r, c): value for (r, c), value in scores.items()})
     for r, row in enumerate(rows):
         _draw_prompt(draw, layout, r, row)
         best = best_columns(scores, r, len(labels))

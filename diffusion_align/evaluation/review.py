@@ -77,13 +77,14 @@ def _script_json(value) -> str:
 
 
 def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                title: str | None = None, scorer=None) -> dict:
+                title: str | None = None, scorer=None, scores: dict | None = None) -> dict:
     """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed,
     label, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
     folders compared blind and the pairs, each a row with both images and the folder shown left; null with one
     folder), `scorer` (its column name, or null), `id`. Arguments as for `write_review_page`."""
     labels, rows = match_rows(dirs, prompt)
-    scores = _scores(rows, dirs, labels, scorer) if scorer is not None else {}
+    if scores is None:
+        scores = _scores(rows, dirs, labels, scorer) if scorer is not None else {}
     images: list[str] = []
     table = []
     for r, row in enumerate(rows):
@@ -148,18 +149,19 @@ def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
 
 
 def write_review_page(dirs: Sequence, out, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                      title: str | None = None, scorer=None) -> Path:
+                      title: str | None = None, scorer=None, scores: dict | None = None) -> Path:
     """Write the review page of the folders `dirs` to `out` (atomically); returns `out`.
 
     `prompt`: for images that record none (as in `grid.make_grid`). `ab`: the two folders compared blind, by index
     into `dirs` or by label (`grid.folder_labels`: the folder's name where that tells it apart); default the first
     two. `seed`: draws which side each pair's images are shown on. `scorer` (rewards.load_scorer): each image's
     score is shown under it in the side-by-side view, the row's best marked as in the grid; never in the blind A/B
-    view, where it would sway the choice. The page embeds every image as stored, so its size is about the images'
-    total.
+    view, where it would sway the choice. `scores`: those of the same `dirs` and `prompt` already computed by
+    `scorer` (`grid.make_grid`'s report.scores), shown without scoring again. The page embeds every image as stored,
+    so its size is about the images' total.
     """
     out = Path(out)
-    page = _page(review_data(dirs, prompt, ab, seed, title, scorer))
+    page = _page(review_data(dirs, prompt, ab, seed, title, scorer, scores))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)
     return out
