@@ -196,6 +196,18 @@ def test_demo_end_to_end(tmp_path):
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
+def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeypatch):
+    from diffusion_align.cli import main
+    monkeypatch.chdir(tmp_path)  # where the default --out, outputs/demo, would go
+    with pytest.raises(SystemExit):  # the output folder given as a positional argument is taken for an override
+        main(["demo", str(tmp_path / "demo")])
+    assert "is not of the form section.key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "demo"), "train.lrr=1e-4"])
+    assert "train.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("method", ["pref_grpo", "grpo"])
 def test_the_toy_configs_train_as_the_demo_does(method):
     from dataclasses import asdict

@@ -84,6 +84,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if not 0 < settings.prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
         raise ValueError(f"expected 1 to {len(scenes('train'))} prompts (each drawn once) and at least 2 images per "
                          f"prompt, got {settings.prompts} and {settings.images_per_prompt}")
+    load_config(None, list(settings.overrides))  # a mistyped override fails now, not after minutes of pair-making
     started = time.perf_counter()
     out = Path(out_dir)
     base, proxy_path = base_model(), toy_pickscore()
