@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,19 +49,29 @@ class DiffusionComponents:
 def pipeline_index(pretrained: str, revision: str | None = None, what: str = "model.pretrained") -> dict:
     """The pipeline's model_index.json; a folder that is not a pipeline, a missing folder and a hub id that cannot
     be reached are each a one-line FileNotFoundError."""
-    path = Path(pretrained)
     layout = ("the layout DiffusionPipeline.save_pretrained writes (model_index.json, unet/, vae/, text_encoder/, "
               "tokenizer/, scheduler/)")
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{pretrained} is not a diffusers pipeline folder: it has no model_index.json. "
-                                f"Expected {layout}")
-    if not path.exists() and not looks_like_hub_id(pretrained):
-        raise FileNotFoundError(f"{pretrained}: no such folder, and not a hub id (owner/name). Expected a folder "
-                                f"with {layout}, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    return _from_folder_or_hub(pretrained, what, "model_index.json", "pipeline",
+                               partial(DiffusionPipeline.load_config, pretrained, revision=revision),
+                               f" Expected a folder with {layout}, or a hub id such as "
+                               "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def _from_folder_or_hub(name: str, what: str, marker: str, kind: str, load, expected: str = ""):
+    """`load()` a diffusers folder (one holding `marker`) or a hub id. A folder without `marker`, a missing folder,
+    and a hub id that cannot be reached (offline, a typo, a private repository) are each a one-line
+    FileNotFoundError naming `what`."""
+    local = Path(name).exists()
+    if local and not (Path(name) / marker).is_file():
+        raise FileNotFoundError(f"{what}={name} is not a diffusers {kind} folder: it has no {marker}.{expected}")
+    if not local and not looks_like_hub_id(name):
+        raise FileNotFoundError(f"{what}={name}: no such folder, and not a hub id (owner/name).{expected}")
     try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision)
-    except (OSError, ValueError) as err:  # offline, a typo, a private repository, a hub id without a pipeline
-        raise hub_load_error(what, pretrained, err) from None
+        return load()
+    except (OSError, ValueError) as err:
+        if local:
+            raise
+        raise hub_load_error(what, name, err) from None
 
 
 def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
@@ -126,16 +137,8 @@ def detect_family(index: dict, unet_config: dict) -> str:
 
 def load_vae(vae: str) -> AutoencoderKL:
     """model.vae: a replacement VAE (a folder with config.json and weights, or a hub id)."""
-    if Path(vae).exists() and not (Path(vae) / "config.json").is_file():
-        raise FileNotFoundError(f"model.vae={vae} is not a diffusers AutoencoderKL folder: it has no config.json")
-    if not Path(vae).exists() and not looks_like_hub_id(vae):
-        raise FileNotFoundError(f"model.vae={vae}: no such folder, and not a hub id (owner/name)")
-    try:
-        return AutoencoderKL.from_pretrained(vae)
-    except (OSError, ValueError) as err:
-        if Path(vae).exists():
-            raise
-        raise hub_load_error("model.vae", vae, err) from None
+    return _from_folder_or_hub(vae, "model.vae", "config.json", "AutoencoderKL",
+                               partial(AutoencoderKL.from_pretrained, vae))
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
