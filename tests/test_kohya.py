@@ -89,6 +89,8 @@ def test_kohya_file_names_alphas_metadata_images_and_merged(tmp_path, tiny_model
     main(["export", str(tmp_path / "run"), "--format", "kohya", "--out", str(tmp_path / "exported.safetensors")])
     exported, written = load_file(tmp_path / "exported.safetensors"), load_file(final / KOHYA_WEIGHTS)
     assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in written)
+    with safe_open(tmp_path / "exported.safetensors", "pt") as f:
+        assert f.metadata() == metadata
     main(["export", str(tmp_path / "run"), "--format", "merged", "--out", str(tmp_path / "merged")])
     merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name in merged.unet.state_dict()), "a plain UNet, no adapter layers"

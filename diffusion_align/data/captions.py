@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
-from ..images import to_rgb
 from ..rewards.labeling import outcomes
-from .pairs import decode_image, load_pairs
+from .pairs import decode_pair, load_pairs
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
@@ -415,7 +414,7 @@ class _PairImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.pairs[index]
         try:
-            images = [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in ("jpg_0", "jpg_1")]
+            images = decode_pair(row, index)
         except (ValueError, OSError) as err:  # convert() finishes lazy decoding, which may still fail
             return {"index": index, "error": str(err)}
         return {"index": index, "images": images}

@@ -62,6 +62,11 @@ def decode_image(value: Any, where: str) -> PIL.Image.Image:
     return image
 
 
+def decode_pair(row: dict, index: int) -> list[PIL.Image.Image]:
+    """Both images of a pair row as 8-bit RGB; ValueError or OSError naming the row and column."""
+    return [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in IMAGE_COLUMNS]
+
+
 def _parquet_files(path: str) -> list[str]:
     """Expand a parquet file, a folder (recursive), a glob, or a comma-separated list of those."""
     if "," in path:

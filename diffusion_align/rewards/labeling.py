@@ -40,10 +40,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from ..data.pairs import decode_image, load_pairs
+from ..data.pairs import decode_pair, load_pairs
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 from ..files import local_or_hub, report_dict
-from ..images import to_rgb
 
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
@@ -108,7 +107,7 @@ class PairImages(torch.utils.data.Dataset):
         index = int(self.indices[i])
         row = self.pairs[index]
         try:
-            images = [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in ("jpg_0", "jpg_1")]
+            images = decode_pair(row, index)
         except (ValueError, OSError) as err:  # convert() finishes lazy decoding, which may still fail
             return {"index": index, "error": str(err)}
         return {"index": index, "pixels": torch.stack([self.preprocess(im) for im in images]),
