@@ -194,8 +194,7 @@ def cmd_export(args) -> None:
     source = find_source(args.source, args.base)
     written = export(source, args.format, args.out, args.dtype, args.overwrite).resolve()
     print(f"{args.format}: {written} (from {source.folder})")
-    in_diffusers = (f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); '
-                    f'pipe.load_lora_weights("{written.parent}", weight_name="{written.name}")')
+    in_diffusers = f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); pipe.load_lora_weights("{written}")'
     print({"kohya": f"load it in ComfyUI (LoraLoader), AUTOMATIC1111 or Forge (models/Lora/), or in diffusers: "
                     f"{in_diffusers}",
            "diffusers": f"load it in diffusers: {in_diffusers}",
