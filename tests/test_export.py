@@ -139,3 +139,13 @@ def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, caps
     export(folder, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
     assert "already exists; pass --overwrite" in error(folder, "--format", "kohya", "--base", tiny_models["sd"],
                                                        "--out", out)
+
+
+def test_the_command_line_offers_every_format_and_dtype():
+    """cli.py spells them out so that --help imports nothing heavy; they must stay those export.py knows."""
+    from diffusion_align.cli import build_parser
+    from diffusion_align.models.export import DTYPES, FORMATS
+    parser = build_parser()
+    export_parser = parser._subparsers._group_actions[0].choices["export"]
+    choices = {a.dest: a.choices for a in export_parser._actions if a.choices}
+    assert tuple(choices["format"]) == FORMATS and set(choices["dtype"]) == set(DTYPES)
