@@ -25,7 +25,7 @@ from ..config import load_config
 from ..files import replace_dir
 from ..training.checkpoints import list_checkpoints
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
-from .loading import component_digest, detect_family, load_vae, pipeline_index
+from .loading import base_pipeline, component_digest, detect_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
 
 FORMATS = ("kohya", "diffusers", "merged")
@@ -145,12 +145,10 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     if source.kind == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(source.folder)
     else:
-        extra = {} if source.vae is None else {"vae": load_vae(source.vae)}
-        if source.kind == "unet":
-            extra["unet"] = UNet2DConditionModel.from_pretrained(source.folder / "unet")
         pipeline_index(source.base, source.revision, what="--base")  # a one-line error for a wrong base
-        pipeline = DiffusionPipeline.from_pretrained(source.base, revision=source.revision, variant=source.variant,
-                                                     **extra)
+        trained = ({"unet": UNet2DConditionModel.from_pretrained(source.folder / "unet")} if source.kind == "unet"
+                   else {})
+        pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
         if source.kind == "lora":
             _load_lora(pipeline.unet, source)
             pipeline.unet.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite

@@ -141,6 +141,15 @@ def load_vae(vae: str) -> AutoencoderKL:
                                partial(AutoencoderKL.from_pretrained, vae))
 
 
+def base_pipeline(pretrained: str, revision: str | None = None, variant: str | None = None, vae: str | None = None,
+                  **components) -> DiffusionPipeline:
+    """The whole pipeline `pretrained`, with model.vae's replacement VAE and any `components` (a trained UNet) in
+    place of its own; the other parts keep the precision they were saved in."""
+    if vae is not None:
+        components["vae"] = load_vae(vae)
+    return DiffusionPipeline.from_pretrained(pretrained, revision=revision, variant=variant, **components)
+
+
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None, encoders: bool = True, unet: bool = True) -> DiffusionComponents:
     """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler with the checkpoint's config.

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 from typing import Callable, Sequence
 
 import PIL.Image
 import torch
 
 from ..devices import default_device
+from ..files import HUB_ID
 from .registry import load_spec
 
 DEFAULT_BATCH_SIZE = 32
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -48,7 +47,7 @@ def hub_file(scorer: str, repo: str, filename: str, hint: str) -> str:
 
 def check_local(scorer: str, path: str, hint: str) -> None:
     """A path that is not a hub id must exist: fail here rather than as a confusing hub lookup."""
-    if not os.path.exists(path) and not _HUB_ID.fullmatch(path):
+    if not os.path.exists(path) and not HUB_ID.fullmatch(path):
         raise MissingWeightsError(f"{scorer}: {path} does not exist. {hint}")
 
 

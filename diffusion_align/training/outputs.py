@@ -7,12 +7,10 @@ import math
 import shutil
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
-
 from ..config import Config, config_to_yaml
 from ..files import replace_dir, write_text_atomic
 from ..models.kohya import KOHYA_WEIGHTS
-from ..models.loading import load_vae
+from ..models.loading import base_pipeline
 from ..models.policy import LORA_WEIGHTS
 from .safety import RunStopped
 
@@ -55,9 +53,8 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary
         policy.save(tmp)
     else:
         # reload the untouched parts from the source so the saved pipeline keeps their original precision
-        extra = {} if cfg.model.vae is None else {"vae": load_vae(cfg.model.vae)}
-        pipeline = DiffusionPipeline.from_pretrained(cfg.model.pretrained, unet=unet, revision=cfg.model.revision,
-                                                     variant=cfg.model.variant, **extra)
+        m = cfg.model
+        pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, unet=unet)
         pipeline.save_pretrained(tmp, safe_serialization=True)
     (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
     (tmp / "README.md").write_text(model_card(cfg, family, summary))
