@@ -322,11 +322,10 @@ def _inside(value: float, within: str) -> bool:
 
 
 def _describe_interval(within: str) -> str:
-    low, with_low, high, with_high = _interval(within)
-    shown = {v: f"{v:g}" for v in (low, high)}
+    low, with_low, high, _ = _interval(within)
     if high == float("inf"):
-        return f"{'at least' if with_low else 'greater than'} {shown[low]}"
-    return f"between {shown[low]} and {shown[high]} ({within})"
+        return f"{'at least' if with_low else 'greater than'} {low:g}"
+    return f"between {low:g} and {high:g} ({within})"
 
 
 def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:

@@ -415,7 +415,7 @@ class _PairImages(torch.utils.data.Dataset):
         row = self.pairs[index]
         try:
             images = decode_pair(row, index)
-        except (ValueError, OSError) as err:  # convert() finishes lazy decoding, which may still fail
+        except (ValueError, OSError) as err:  # an undecodable pair is reported and skipped, not fatal
             return {"index": index, "error": str(err)}
         return {"index": index, "images": images}
 

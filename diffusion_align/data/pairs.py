@@ -31,6 +31,8 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 # Rows held by the streaming shuffle buffer; Pick-a-Pic rows hold two encoded images (~0.5 MB per row).
 STREAM_SHUFFLE_BUFFER = 1000
+
+
 @dataclass
 class PairStats:
     """What load_pairs kept; None where a stream cannot know it without reading everything."""

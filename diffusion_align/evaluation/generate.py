@@ -47,6 +47,8 @@ SETTINGS = ("model", "lora", "scheduler", "steps", "guidance", "height", "width"
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
 # ---------------------------------------------------------------- prompts and seeds
 
 def read_prompts(path) -> list[str]:

@@ -279,13 +279,15 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
         raise ValueError(f"{', '.join(map(str, choices))}: no judged pairs to import "
                          f"({len(records) - len(kept)} skipped)")
     folders = match_folders(list(dict.fromkeys(r[k] for r in kept for k in ("folder_a", "folder_b"))), image_dirs)
-    unreadable = []  # every image decoded before anything is written; the bytes are read shard by shard
-    for record in list(kept):
+    readable, unreadable = [], []  # every image decoded before anything is written; the bytes are read shard by shard
+    for record in kept:
         why = next((w for side in ("a", "b") if (w := _unreadable(record, side, folders))), None)
-        if why is not None:
+        if why is None:
+            readable.append(record)
+        else:
             logger.warning("%s; pair left out", why)
             unreadable.append(why)
-            kept.remove(record)
+    kept = readable
     if not kept:
         raise ValueError(f"no pair could be imported: every judged pair has an unreadable image, e.g. {unreadable[0]}")
     out_dir = Path(out_dir)

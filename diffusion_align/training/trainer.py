@@ -156,10 +156,10 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     if before_policy is not None:
         before_policy(parts, frozen_dtype, unet_digest)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
-    export = None if cfg.model.lora_rank is None else kohya_labels(
+    kohya = None if cfg.model.lora_rank is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, export)
+                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, kohya)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
