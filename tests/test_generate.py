@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
 from diffusion_align.evaluation.scoring import collect_images
+from diffusion_align.models.loading import weights_digest
 from diffusion_align.models.policy import LORA_WEIGHTS, Policy
 
 FAST = dict(steps=2, height=32, width=32)
@@ -117,6 +118,7 @@ def test_generate_every_family(tmp_path, tiny_models, prompts_txt, family, sched
     first = records(out)[0]
     assert first == {"file_name": "p0000-s0000.png", "prompt": "a red circle", "seed": 0, "prompt_index": 0,
                      "model": str(tiny_models[family]), "lora": None,
+                     "weights": weights_digest(str(tiny_models[family])),
                      "scheduler": scheduler or default_scheduler[family], "steps": 2,
                      "guidance": 5.0 if family == "sdxl" else 7.5, "height": 32, "width": 32,
                      "negative_prompt": None, "dtype": "float32", "nsfw_content_detected": None}
@@ -204,16 +206,20 @@ def test_safety_checker_blackouts_are_reported(tmp_path, tiny_models, prompts_tx
     assert pixels(out / "p0000-s0000.png").max() == 0
 
 
-def test_lora_changes_images(tmp_path, tiny_models, prompts_txt):
-    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+def save_random_lora(model, path, seed=0):
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     policy = Policy(unet, lora_rank=4)
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         for name, param in unet.named_parameters():
             if "lora_B" in name:  # zero at creation: the adapter would change nothing
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    lora = tmp_path / "lora"
-    policy.save(lora)
+    policy.save(path)
+    return path
+
+
+def test_lora_changes_images(tmp_path, tiny_models, prompts_txt):
+    lora = save_random_lora(tiny_models["sd"], tmp_path / "lora")
 
     base, with_lora, from_file = tmp_path / "base", tmp_path / "with-lora", tmp_path / "from-file"
     generate_images(tiny_models["sd"], prompts_txt, "0", base, **FAST)
@@ -226,6 +232,29 @@ def test_lora_changes_images(tmp_path, tiny_models, prompts_txt):
         assert np.array_equal(pixels(with_lora / name), pixels(from_file / name))
     with pytest.raises(ValueError, match="lora=.* there, None now"):
         generate_images(tiny_models["sd"], prompts_txt, "0", with_lora, **FAST)
+
+
+def test_weights_retrained_at_the_same_path_are_not_resumed(tmp_path, tiny_models, prompts_txt, pipeline_calls):
+    lora, out = save_random_lora(tiny_models["sd"], tmp_path / "lora", seed=0), tmp_path / "out"
+    generate_images(tiny_models["sd"], prompts_txt, "0-1", out, lora=lora, **FAST)
+    first = {r["file_name"]: pixels(out / r["file_name"]) for r in records(out)}
+    save_random_lora(tiny_models["sd"], lora, seed=1)  # retrained: same path, other weights
+    with pytest.raises(ValueError, match=r"generated with other settings \(weights='[0-9a-f]{20}' there, "
+                                         r"'[0-9a-f]{20}' now\)"):
+        generate_images(tiny_models["sd"], prompts_txt, "0-1", out, lora=lora, **FAST)
+    assert len(records(out)) == 4 and pipeline_calls == [4]  # refused before any image was made
+
+    # prune: the images of other weights, prompts or seeds go (lines and files); those of this run are made anew
+    (out / "p0000-s0000.txt").write_text("a file generate never wrote stays")
+    report = generate_images(tiny_models["sd"], prompts_txt, "1", out, lora=lora, prune=True, **FAST)
+    assert (report.generated, report.kept) == (2, 0)
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.jsonl", "p0000-s0000.txt", "p0000-s0001.png",
+                                                      "p0001-s0001.png"]
+    assert [r["seed"] for r in records(out)] == [1, 1] and len({r["weights"] for r in records(out)}) == 1
+    for name in ("p0000-s0001.png", "p0001-s0001.png"):
+        assert np.abs(pixels(out / name) - first[name]).mean() > 1
+    report = generate_images(tiny_models["sd"], prompts_txt, "1", out, lora=lora, prune=True, **FAST)
+    assert (report.generated, report.kept) == (0, 2)  # same weights: resumed
 
 
 def test_argument_errors(tmp_path, tiny_models, prompts_txt):

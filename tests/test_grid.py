@@ -72,6 +72,24 @@ def test_match_rows_pairs_prompt_and_seed_across_folders(folders):
     assert rows[0].label == "seed 1"
 
 
+def test_rows_with_notes_come_first_in_the_notes_order_and_show_them(folders, tmp_path):
+    notes = {(PROMPTS[2], 2): "judge: tuned better by far", (PROMPTS[0], 2): "judge: base better"}
+    _, rows = match_rows(folders, notes=notes)
+    assert [(r.prompt, r.seed, r.note) for r in rows[:3]] == [(PROMPTS[2], 2, notes[PROMPTS[2], 2]),
+                                                             (PROMPTS[0], 2, notes[PROMPTS[0], 2]),
+                                                             (PROMPTS[0], 1, None)]
+    assert [(r.prompt, r.seed) for r in rows[2:]] == [(PROMPTS[0], 1), (PROMPTS[1], 1), (PROMPTS[1], 2),
+                                                      (PROMPTS[2], 1)]  # the rest in their usual order
+    noted = load(make_grid(folders, tmp_path / "noted.png", cell_size=CELL, notes=notes).pages[0])
+    silent = load(make_grid(folders, tmp_path / "silent.png", cell_size=CELL,
+                            notes=dict.fromkeys(notes, "")).pages[0])  # the same order, no text
+    prompt_column = slice(0, 160)  # max(160, cell)
+    assert ink(noted[:, prompt_column]) > ink(silent[:, prompt_column])
+    assert np.array_equal(noted[:, 160:], silent[:, 160:])
+    first_row = noted[:noted.shape[0] // 5]  # header and the first row, of six: tuned's image is missing there
+    assert find(first_row, PLACEHOLDER) is not None and find(silent[:silent.shape[0] // 5], PLACEHOLDER) is not None
+
+
 def test_match_rows_without_seeds_pairs_by_prompt_and_order(tmp_path):
     a = write_folder(tmp_path / "a", 0, lambda p: (8, 8), seeds=(1, 2))
     b = tmp_path / "b"
@@ -164,7 +182,7 @@ def test_grid_pages_and_their_names(folders, tmp_path):
 
 
 def test_grid_scores_and_marks_the_best_of_each_row(folders, tmp_path):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     from diffusion_align.rewards import load_scorer
     scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "scorer"), device="cpu")
     report = make_grid(folders, tmp_path / "grid.png", scorer=scorer, cell_size=CELL)

@@ -340,9 +340,15 @@ def test_scores_are_shown_side_by_side_and_never_blind(browser, tmp_path):
     assert "score" not in review_data(folders)["rows"][0]["cells"][0]
 
     from selenium.webdriver.common.by import By
-    browser.get(write_review_page(folders, tmp_path / "review.html", scorer=RedScorer()).as_uri())
+    notes = {(PROMPTS[1], 2): "judge: tuned better"}  # shown first, beside its row, never blind
+    browser.get(write_review_page(folders, tmp_path / "review.html", scorer=RedScorer(), notes=notes).as_uri())
     shown = browser.execute_script("return [...document.querySelectorAll('#grid-view .score')]"
                                    ".map((e) => [e.textContent, e.classList.contains('best')])")
     assert len(shown) == 17 and shown[:3] == [["0.03922", False], ["0.7843  best", True], ["0.7843  best", True]]
+    first = browser.execute_script("const row = document.querySelectorAll('#grid-view .grid-row')[1];"
+                                   "return [row.querySelector('.prompt').textContent, row.querySelector('.note')"
+                                   ".textContent, document.querySelectorAll('#grid-view .note').length]")
+    assert first == [PROMPTS[1], "judge: tuned better", 1]
     browser.find_element(By.ID, "show-ab").click()
-    assert "0.78" not in browser.find_element(By.TAG_NAME, "body").get_attribute("innerText")
+    body = browser.find_element(By.TAG_NAME, "body").get_attribute("innerText")
+    assert "0.78" not in body and "tuned better" not in body and PROMPTS[1] in body  # the noted pair comes first

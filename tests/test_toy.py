@@ -176,6 +176,7 @@ def test_demo_end_to_end(tmp_path):
     """A shortened demo: every stage runs on the shipped assets and the outputs are what the report says."""
     from diffusers import StableDiffusionPipeline
 
+    from diffusion_align.models.loading import weights_digest
     from diffusion_align.toy.assets import base_model
     from diffusion_align.toy.demo import DemoSettings, run_demo
     out = tmp_path / "demo"
@@ -194,6 +195,86 @@ def test_demo_end_to_end(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(base_model())
     pipe.load_lora_weights(report["files"]["LoRA weights"])
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    # the report opens on the largest oracle gain, with its verdict
+    comparisons = [json.loads(line) for line in (out / "comparisons.jsonl").read_text().splitlines()]
+    top = max(comparisons, key=lambda c: c["oracle_aligned"] - c["oracle_base"])
+    page = (out / "review.html").read_text()
+    rows = json.loads(page.split('id="review-data">')[1].split("</script>")[0])["rows"]
+    assert (rows[0]["prompt"], rows[0]["seed"]) == (top["prompt"], top["seed"])
+    assert rows[0]["note"].startswith("oracle: aligned better, +") and all(r["note"] for r in rows)
+    assert f"{report['changed_visibly']['images']} of 73 aligned images" in (out / "report.md").read_text()
+
+    # a rerun of another method with fewer prompts into the same folder judges exactly its own images
+    rerun = run_demo(out, DemoSettings(method="sft", steps=2, prompts=4, images_per_prompt=2, eval_seeds=1,
+                                       overrides=("train.batch_size=4",)))
+    assert rerun["method"] == "sft" and rerun["oracle_win_rate"]["comparisons"] == 73
+    final = rerun["files"]["LoRA weights"]
+    aligned = [json.loads(line) for line in (out / "aligned" / "metadata.jsonl").read_text().splitlines()]
+    assert len(aligned) == 73 and {r["weights"] for r in aligned} == {weights_digest(str(base_model()), final)}
+    pair_images = (out / "pair-images" / "metadata.jsonl").read_text().splitlines()
+    assert {json.loads(line)["prompt"] for line in pair_images} == set(sample_prompts(4, 0, "train"))
+    assert len(pair_images) == 8 and len(pq.read_table(out / "pairs" / "pairs-00000.parquet")) == 4
+
+
+def _judged_folder(folder, images: dict) -> None:
+    """A folder as `generate` writes it: the images and their metadata lines (the settings do not matter here)."""
+    folder.mkdir()
+    lines = []
+    for number, ((prompt, seed), image) in enumerate(images.items()):
+        image.save(folder / f"{number}.png")
+        lines.append(json.dumps({"file_name": f"{number}.png", "prompt": prompt, "seed": seed, "prompt_index": number}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_demo_evaluation_compares_the_right_images_by_prompt(tmp_path, monkeypatch):
+    """Two folders of known quality: clean renders beat blotchy ones, identical images tie, and the interval is
+    bootstrapped over per-prompt win rates."""
+    from diffusion_align.rewards import load_scorer
+    from diffusion_align.toy import demo
+    from diffusion_align.toy.assets import toy_pickscore
+    from diffusion_align.toy.world import _noisy
+    rng = np.random.default_rng(0)
+    prompts, seeds = sample_prompts(3, seed=5, split="heldout"), [7, 8]
+    clean = {(p, s): render(parse_prompt(p), rng) for p in prompts for s in seeds}
+    blotchy = {k: _noisy(image, rng) for k, image in clean.items()}
+    (p0, p1, p2), (s0, s1) = prompts, seeds
+    aligned = {(p0, s0): clean, (p0, s1): clean, (p1, s0): clean, (p1, s1): clean, (p2, s0): blotchy,
+               (p2, s1): blotchy}
+    base = {(p0, s0): blotchy, (p0, s1): blotchy, (p1, s0): blotchy, (p1, s1): clean, (p2, s0): clean,
+            (p2, s1): clean}
+    _judged_folder(tmp_path / "aligned", {k: which[k] for k, which in aligned.items()})
+    _judged_folder(tmp_path / "base", {**{k: which[k] for k, which in base.items()},
+                                       (p0, 99): blotchy[p0, s0]})  # another run's seed: never read
+    received = []
+
+    def recording(values, **kwargs):
+        received.append(list(values))
+        return demo_interval(values, **kwargs)
+
+    demo_interval = demo.bootstrap_interval
+    monkeypatch.setattr(demo, "bootstrap_interval", recording)
+    proxy = load_scorer("toy-pickscore", toy_pickscore(), device="cpu")
+    summary, comparisons = demo.evaluate(tmp_path / "base", tmp_path / "aligned", proxy, prompts, seeds)
+    swapped, _ = demo.evaluate(tmp_path / "aligned", tmp_path / "base", proxy, prompts, seeds)
+    win = summary["oracle_win_rate"]
+    assert win["value"] == pytest.approx((1 + 1 + 1 + 0.5 + 0 + 0) / 6) and win["comparisons"] == 6
+    assert received[0] == [1.0, 0.75, 0.0], "one value per prompt: its win rate over the seeds"
+    assert swapped["oracle_win_rate"]["value"] == pytest.approx(1 - win["value"])
+    assert swapped["oracle_win_rate"]["low"] == pytest.approx(1 - win["high"])
+    assert summary["oracle_score"]["aligned"] == swapped["oracle_score"]["base"]
+    assert summary["changed_visibly"]["images"] == 5  # all but the identical pair
+    assert [(c["prompt"], c["seed"]) for c in comparisons] == [(p, s) for p in prompts for s in seeds]
+
+    notes = demo.verdicts(comparisons)
+    gains = [c["oracle_aligned"] - c["oracle_base"] for c in comparisons]
+    order = [(c["prompt"], c["seed"]) for c in comparisons]
+    expected = (sorted([k for k, g in zip(order, gains) if g > 0], key=lambda k: -gains[order.index(k)])
+                + sorted([k for k, g in zip(order, gains) if g < 0], key=lambda k: gains[order.index(k)])
+                + [(p1, s1)])
+    assert list(notes) == expected and notes[p1, s1].startswith("oracle: tie, +0.000")
+    assert notes[expected[0]].startswith("oracle: aligned better, +") and "base better, -" in notes[expected[-2]]
+    with pytest.raises(ValueError, match=r"aligned: no image of 1 of the 2 prompts x seeds evaluated, .*seed 99"):
+        demo.evaluate(tmp_path / "base", tmp_path / "aligned", proxy, [p0], [s0, 99])
 
 
 def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeypatch):

@@ -16,7 +16,10 @@ line after (one append, flushed and fsynced), so a crash between the two leaves 
 next run makes again and overwrites; a line cut short is dropped. An image whose line is there but whose file is
 gone is made again under its line. A prompt keeps its number across runs; prompts new to the folder get the next
 numbers, and repeats in a prompts file are made once. A folder holds one set of settings: a rerun with others is an
-error, so that comparisons between folders never mix them.
+error, so that comparisons between folders never mix them. The settings include `weights`, a digest of the
+pipeline's files and the LoRA's (`models.loading.weights_digest`): a model or LoRA retrained at the same path is
+other settings, never resumed as the old one. With `prune=True` a rerun instead removes the images of other
+settings, prompts or seeds (lines first, then files), so the folder holds exactly this run's images.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ from tqdm.auto import tqdm
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic
+from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
 logger = logging.getLogger("diffusion_align")
 
 PROMPT_FORMATS = (".txt", ".jsonl", ".csv")
-SETTINGS = ("model", "lora", "scheduler", "steps", "guidance", "height", "width", "negative_prompt")
+SETTINGS = ("model", "lora", "weights", "scheduler", "steps", "guidance", "height", "width", "negative_prompt")
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -227,9 +230,11 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
 def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: float | None, height: int | None,
               width: int | None, negative_prompt: str | None) -> dict:
     """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value."""
+    from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # what SD and SDXL pipelines draw by default
-    return {"model": model, "lora": lora, "scheduler": type(pipe.scheduler).__name__,
+    return {"model": model, "lora": lora, "weights": weights_digest(model, lora),
+            "scheduler": type(pipe.scheduler).__name__,
             "steps": steps or defaults["num_inference_steps"].default,
             "guidance": float(defaults["guidance_scale"].default if guidance is None else guidance),
             "height": height or size, "width": width or size, "negative_prompt": negative_prompt}
@@ -277,13 +282,15 @@ class GenerateReport:
 def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_dir, lora: str | None = None,
                     steps: int | None = None, guidance: float | None = None, height: int | None = None,
                     width: int | None = None, batch_size: int = 4, scheduler: str | None = None, device=None,
-                    dtype: torch.dtype | None = None, negative_prompt: str | None = None) -> GenerateReport:
+                    dtype: torch.dtype | None = None, negative_prompt: str | None = None,
+                    prune: bool = False) -> GenerateReport:
     """Generate every (prompt, seed) of `prompts_file` (see `read_prompts`) x `seeds` (a list, or text for
     `parse_seeds`) not yet in `out_dir`; see the module docstring for the files and how a rerun resumes.
 
     `steps`, `guidance`, `height`, `width` default to the pipeline's own (50 steps; guidance 7.5 for SD, 5.0 for
     SDXL; the checkpoint's native size). `batch_size`: images per pipeline call. `device`: default cuda when
     available; `dtype`: default float16 on cuda, float32 elsewhere. See `load_pipeline` for model, lora, scheduler.
+    `prune`: remove the folder's images of other settings, prompts or seeds instead of refusing other settings.
     """
     prompts = read_prompts(prompts_file)
     distinct = list(dict.fromkeys(prompts))
@@ -302,6 +309,8 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     model, lora = _source(str(model), "model"), None if lora is None else _source(str(lora), "LoRA")
     pipe = load_pipeline(model, lora, scheduler, device, dtype)
     settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt)
+    if prune:
+        records = _prune(records, settings, {(p, s) for p in distinct for s in seeds}, metadata)
     for where, record in records:
         changed = differences({k: record.get(k) for k in SETTINGS}, settings)
         if changed:
@@ -339,6 +348,22 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
                        blacked_out[0])
     return GenerateReport(out_dir, metadata, settings, len(distinct), len(prompts) - len(distinct), seeds,
                           len(todo), kept, blacked_out)
+
+
+def _prune(records: list[tuple[str, dict]], settings: dict, wanted: set, metadata: Path) -> list[tuple[str, dict]]:
+    """The records of `settings` and a wanted (prompt, seed); the others' lines are removed from `metadata` (one
+    atomic rewrite), then their images, so a crash between the two leaves only unlisted files."""
+    kept = [(w, r) for w, r in records
+            if (r["prompt"], r["seed"]) in wanted and not differences({k: r.get(k) for k in SETTINGS}, settings)]
+    if len(kept) < len(records):
+        logger.info("%s: removing %d images of other settings, prompts or seeds", metadata.parent,
+                    len(records) - len(kept))
+        write_text_atomic(metadata, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in kept))
+        listed = {r["file_name"] for _, r in kept}
+        for _, record in records:
+            if record["file_name"] not in listed:
+                (metadata.parent / record["file_name"]).unlink(missing_ok=True)
+    return kept
 
 
 def _jobs(records: list[tuple[str, dict]], prompts: list[str], seeds: list[int],

@@ -4,7 +4,9 @@ Each folder's images, prompts and seeds are found as `scoring.collect_images` fi
 beside each image, or the `prompt` argument). Rows are matched across folders by (prompt, seed); where a folder
 records no seed, its images of a prompt match the other folders' seed-less images of that prompt in file-name
 order (the first with the first, ...), never an image with a seed. Two images of one folder with the same prompt
-and seed likewise fill two rows. Rows follow the prompts in the order the folders first list them, then the seeds.
+and seed likewise fill two rows. Rows follow the prompts in the order the folders first list them, then the seeds;
+rows given a note (`notes`, by prompt and seed: e.g. a judge's verdict) come first, in the notes' order, each with
+its note under its seed.
 
 `make_grid` draws the rows as PNG (or JPEG, ...) pages; `review.write_review_page` shows the same rows in a browser.
 """
@@ -41,6 +43,7 @@ class Row:
     seed: int | None
     occurrence: int  # among that folder's images with this prompt and seed: 0 for the first, 1 for the next, ...
     files: tuple[str | None, ...]
+    note: str | None = None
 
     @property
     def label(self) -> str:
@@ -65,7 +68,8 @@ def folder_labels(dirs: Sequence) -> list[str]:
     return labels
 
 
-def match_rows(dirs: Sequence, prompt: str | None = None) -> tuple[list[str], list[Row]]:
+def match_rows(dirs: Sequence, prompt: str | None = None,
+               notes: dict[tuple[str, int], str] | None = None) -> tuple[list[str], list[Row]]:
     """The folders' labels and the rows matched across them, as the module describes."""
     if not dirs:
         raise ValueError("expected one or more image folders")
@@ -83,8 +87,9 @@ def match_rows(dirs: Sequence, prompt: str | None = None) -> tuple[list[str], li
     first = {}  # prompt -> rank of first appearance (dicts keep insertion order)
     for prompt_, _, _ in files:
         first.setdefault(prompt_, len(first))
-    order = sorted(files, key=lambda k: (first[k[0]], k[1] is None, k[1] or 0, k[2]))
-    return labels, [Row(p, s, n, tuple(files[p, s, n])) for p, s, n in order]
+    noted = {key: rank for rank, key in enumerate(notes or {})}
+    order = sorted(files, key=lambda k: (noted.get(k[:2], len(noted)), first[k[0]], k[1] is None, k[1] or 0, k[2]))
+    return labels, [Row(p, s, n, tuple(files[p, s, n]), (notes or {}).get((p, s))) for p, s, n in order]
 
 
 @dataclass
@@ -172,7 +177,8 @@ def _open(path: Path) -> PIL.Image.Image:
 
 
 def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_size: int = 256,
-              prompt: str | None = None, prompt_width: int | None = None) -> GridReport:
+              prompt: str | None = None, prompt_width: int | None = None,
+              notes: dict[tuple[str, int], str] | None = None) -> GridReport:
     """Draw the folders' images side by side, rows matched by prompt and seed (see the module docstring).
 
     Each image is scaled to fit a `cell_size` square, letterboxed in LETTERBOX; a folder without an image for a row
@@ -180,7 +186,7 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     `prompt_width` wide (default max(160, cell_size)) left of its row, the seed under it; the folder names head
     the columns. With a `scorer` (rewards.load_scorer), each image's score is printed under it, and the best score
     of each row (higher is better; every score that prints the same as the best counts) is framed and printed in
-    BEST. Pages hold `rows_per_page` rows: the first page is always `out`, the next `<stem>-002<suffix>`,
+    BEST. `notes`: rows shown first, each with its note (see the module docstring). Pages hold `rows_per_page` rows: the first page is always `out`, the next `<stem>-002<suffix>`,
     `<stem>-003<suffix>`, ... (pages of that name left by an earlier, longer run are removed). The image format
     follows the suffix of `out`; pages are written atomically.
     """
@@ -190,7 +196,7 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     image_format = PIL.Image.registered_extensions().get(out.suffix.lower())
     if image_format is None:
         raise ValueError(f"{out}: unknown image type {out.suffix!r}; use e.g. .png or .jpg")
-    labels, rows = match_rows(dirs, prompt)
+    labels, rows = match_rows(dirs, prompt, notes)
     if scorer is not None:
         check_prompts(rows, scorer)
     layout = _Layout(len(labels), cell_size, prompt_width or max(160, cell_size), scorer is not None)
@@ -295,12 +301,15 @@ def _draw_prompt(draw: ImageDraw.ImageDraw, layout: _Layout, r: int, row: Row) -
     """A rule above the row, and the prompt wrapped to the prompt column with the seed under it."""
     top, pad = layout.header + r * layout.row, layout.pad
     draw.line([(0, top), (layout.width, top)], fill=RULE)
-    max_lines = max(1, (layout.row - 2 * pad) // layout.line - 1)  # one line is the seed's
+    width = layout.prompt_width - 2 * pad
+    note = wrap_text(row.note, layout.font, width, 2) if row.note else []
+    max_lines = max(1, (layout.row - 2 * pad) // layout.line - 1 - len(note))  # one line is the seed's
     text = row.prompt if row.prompt is not None else "(no prompt recorded)"
-    lines = wrap_text(text, layout.font, layout.prompt_width - 2 * pad, max_lines)
+    lines = wrap_text(text, layout.font, width, max_lines)
     for i, line in enumerate(lines):
         draw.text((pad, top + pad + i * layout.line), line, fill=TEXT, font=layout.font)
-    draw.text((pad, top + pad + len(lines) * layout.line), row.label, fill=FAINT, font=layout.font)
+    for i, line in enumerate([row.label, *note]):
+        draw.text((pad, top + pad + (len(lines) + i) * layout.line), line, fill=FAINT, font=layout.font)
 
 
 def _draw_score(draw: ImageDraw.ImageDraw, layout: _Layout, x: int, y: int, score: float, best: bool) -> None:

@@ -77,12 +77,13 @@ def _script_json(value) -> str:
 
 
 def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                title: str | None = None, scorer=None, scores: dict | None = None) -> dict:
+                title: str | None = None, scorer=None, scores: dict | None = None,
+                notes: dict[tuple[str, int], str] | None = None) -> dict:
     """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed,
-    label, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
+    label, note or null, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
     folders compared blind and the pairs, each a row with both images and the folder shown left; null with one
     folder), `scorer` (its column name, or null), `id`. Arguments as for `write_review_page`."""
-    labels, rows = match_rows(dirs, prompt)
+    labels, rows = match_rows(dirs, prompt, notes)
     if scores is None:
         scores = _scores(rows, dirs, labels, scorer) if scorer is not None else {}
     images: list[str] = []
@@ -100,7 +101,7 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
             images.append(_data_uri(Path(folder) / file))
         exact = row.seed is None or abs(row.seed) <= JS_EXACT_INTEGER
         table.append({"prompt": row.prompt, "seed": row.seed if exact else str(row.seed), "label": row.label,
-                      "cells": cells})
+                      "note": row.note, "cells": cells})
     compared = None
     if len(labels) >= 2:
         a, b = _blind_pair(ab, labels)
@@ -149,7 +150,8 @@ def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
 
 
 def write_review_page(dirs: Sequence, out, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
-                      title: str | None = None, scorer=None, scores: dict | None = None) -> Path:
+                      title: str | None = None, scorer=None, scores: dict | None = None,
+                      notes: dict[tuple[str, int], str] | None = None) -> Path:
     """Write the review page of the folders `dirs` to `out` (atomically); returns `out`.
 
     `prompt`: for images that record none (as in `grid.make_grid`). `ab`: the two folders compared blind, by index
@@ -157,11 +159,13 @@ def write_review_page(dirs: Sequence, out, prompt: str | None = None, ab: Sequen
     two. `seed`: draws which side each pair's images are shown on. `scorer` (rewards.load_scorer): each image's
     score is shown under it in the side-by-side view, the row's best marked as in the grid; never in the blind A/B
     view, where it would sway the choice. `scores`: those of the same `dirs` and `prompt` already computed by
-    `scorer` (`grid.make_grid`'s report.scores), shown without scoring again. The page embeds every image as stored,
+    `scorer` (`grid.make_grid`'s report.scores), shown without scoring again. `notes`: rows shown first, each with
+    its note, in the side-by-side view only (as `grid.match_rows`); the blind view takes its pairs in the same
+    order. The page embeds every image as stored,
     so its size is about the images' total.
     """
     out = Path(out)
-    page = _page(review_data(dirs, prompt, ab, seed, title, scorer, scores))
+    page = _page(review_data(dirs, prompt, ab, seed, title, scorer, scores, notes))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)
     return out
@@ -398,6 +402,7 @@ main { padding: 1em; }
 .folder { font-weight: 600; text-align: center; overflow-wrap: anywhere; }
 .prompt { white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; }
 .seed, .file { color: #777; font-size: .85em; margin: 0; overflow-wrap: anywhere; }
+.note { font-size: .9em; margin: .3em 0 0; overflow-wrap: anywhere; }
 .score { font-size: .9em; white-space: pre; }
 .score.best { color: #009646; font-weight: 600; }  /* BEST of the grid pages */
 figure.best img { outline: 4px solid #009646; outline-offset: -4px; }
@@ -440,6 +445,7 @@ function buildGrid() {
     const line = el("div", "grid-row");
     const text = el("div");
     text.append(el("p", "prompt", promptText(row)), el("p", "seed", row.label));
+    if (row.note !== null) text.append(el("p", "note", row.note));  // side by side only, like the scores
     line.append(text);
     row.cells.forEach((cell, column) => {
       const figure = el("figure");

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import re
 import shutil
@@ -104,6 +105,24 @@ def component_digest(pretrained: str, subfolder: str | None, revision: str | Non
     digest = hashlib.sha256()
     for f in [f for f in files if not f.name.endswith(_WEIGHTS)] + weights:
         digest.update(f"{f.name}:{_file_sha256(f)};".encode())
+    return digest.hexdigest()[:20]
+
+
+def weights_digest(pretrained: str, lora: str | None = None) -> str:
+    """A digest of everything a pipeline's images depend on: every component of `pretrained` (`component_digest`)
+    and, when given, the LoRA file (or the .safetensors files of a LoRA folder or hub repository). What generated
+    image folders are keyed by, so that retrained weights at the same path are never taken for the old ones."""
+    index = pipeline_index(pretrained, what="model")
+    settings = {k: v for k, v in index.items() if not k.startswith("_")}  # also e.g. force_zeros_for_empty_prompt
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in sorted(k for k, v in index.items() if isinstance(v, (list, tuple)) and v[0] is not None):
+        digest.update(f"{name}:{component_digest(pretrained, name)};".encode())
+    if lora is not None:
+        path = Path(lora)
+        if not path.exists():  # a hub id: its weight files, from the local hub cache
+            path = Path(snapshot_download(lora, allow_patterns=["*.safetensors"]))
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        digest.update("".join(f"lora/{f.name}:{_file_sha256(f)};" for f in files).encode())
     return digest.hexdigest()[:20]
 
 

@@ -58,14 +58,16 @@ def write_train_prompts(out_dir) -> Path:
 
 
 def generate(model, prompts: list[str], seeds: list[int], out_dir, lora=None) -> Path:
-    """Images of `prompts` x `seeds` into `out_dir` with metadata.jsonl, through the `generate` command's code."""
+    """Images of `prompts` x `seeds` into `out_dir` with metadata.jsonl, through the `generate` command's code; the
+    folder ends up holding exactly those images of those weights (images kept from an earlier run of the same
+    weights and settings, the others removed: `generate_images(prune=True)`)."""
     from ..evaluation.generate import generate_images
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts_file = out_dir.parent / f"{out_dir.name}-prompts.txt"
     prompts_file.write_text("".join(p + "\n" for p in prompts))
     generate_images(str(model), prompts_file, seeds, out_dir, lora=lora, steps=SAMPLING["steps"],
-                    guidance=SAMPLING["guidance"], height=SIZE, width=SIZE, batch_size=64, device="cpu")
+                    guidance=SAMPLING["guidance"], height=SIZE, width=SIZE, batch_size=64, device="cpu", prune=True)
     return out_dir
 
 

@@ -10,8 +10,12 @@ the toy PickScore, with the oracle's score of their samples logged beside it (`o
 Then, for every method:
 4. evaluation: base and aligned images for every held-out prompt and `eval_seeds` seeds (`generate`), judged by
    the oracle, paired by prompt and seed: the aligned model's win rate with a 95% bootstrap interval over prompts,
-   and the toy PickScore of both;
-5. outputs: report.json, report.md, a comparison grid, the review page and the training curves.
+   the toy PickScore of both, and how many aligned images changed visibly;
+5. outputs: report.json, report.md, comparisons.jsonl (every comparison's oracle scores), a comparison grid and
+   the review page (both opening on the largest oracle gains, then the largest losses, each with its verdict), and
+   the training curves.
+A rerun into the same folder judges exactly this run's images: every generated folder is pruned to this run's
+prompts x seeds and weights (`assets.generate`), so images of an earlier model or other prompts never count.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ TRAIN = {
     "grpo": [],
 }
 DEFAULT_STEPS = {"offline": 1000, "online": 200}
+# An aligned image "changed visibly" from the base image of its prompt and seed when their pixels differ by more
+# than this on average (0-255 scale; ours): well above the rounding noise between runs (about 1 level), at the
+# level where a shape's colour, size or edges have moved.
+VISIBLE_CHANGE = 4.0
 
 
 @dataclass
@@ -128,9 +136,10 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     seeds = list(range(1000, 1000 + settings.eval_seeds))  # not the seeds the training pairs were drawn with
     base_dir = generate(base, heldout, seeds, out / "base")
     aligned_dir = generate(base, heldout, seeds, out / "aligned", lora=str(result.final_dir))
+    summary, comparisons = evaluate(base_dir, aligned_dir, proxy, heldout, seeds, settings.seed)
     report = {
         "method": settings.method,
-        **evaluate(base_dir, aligned_dir, proxy, settings.seed),
+        **summary,
         "train_seconds_per_step": round(seconds_per_step, 3),
         "settings": {"steps": steps, "prompts": settings.prompts,
                      **({} if online else {"images_per_prompt": settings.images_per_prompt}),
@@ -139,11 +148,15 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     }
 
     logger.info("5/5 outputs: report, grid, review page")
-    grid = make_grid([base_dir, aligned_dir], out / "grid.png", rows_per_page=25, cell_size=96)
-    write_review_page([base_dir, aligned_dir], out / "review.html", title=f"toy demo: base vs {settings.method}")
+    write_text_atomic(out / "comparisons.jsonl", "".join(json.dumps(c) + "\n" for c in comparisons))
+    notes = verdicts(comparisons)
+    grid = make_grid([base_dir, aligned_dir], out / "grid.png", rows_per_page=25, cell_size=96, notes=notes)
+    write_review_page([base_dir, aligned_dir], out / "review.html", title=f"toy demo: base vs {settings.method}",
+                      notes=notes)
     report["seconds"] = round(time.perf_counter() - started)
     report["files"] = {"LoRA weights": str(result.final_dir), "base images": str(base_dir),
-                       "aligned images": str(aligned_dir), "grid pages": [str(p) for p in grid.pages],
+                       "aligned images": str(aligned_dir), "comparisons": str(out / "comparisons.jsonl"),
+                       "grid pages": [str(p) for p in grid.pages],
                        "review page": str(out / "review.html"),
                        "training curves": str(out / "model" / "training_curves.png")}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
@@ -151,32 +164,60 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     return report
 
 
-def evaluate(base_dir, aligned_dir, proxy, seed: int = 0) -> dict:
-    """Oracle win rate of aligned over base, paired by prompt and seed (95% bootstrap interval over prompts), and
-    the mean oracle score and toy PickScore of each folder."""
-    base = {(r["prompt"], r["seed"]): r["file_name"] for r in folder_records(base_dir)}
-    aligned = {(r["prompt"], r["seed"]): r["file_name"] for r in folder_records(aligned_dir)}
-    keys = sorted(base.keys() & aligned.keys())
-    prompts = [p for p, _ in keys]
-    base_images = [Image.open(Path(base_dir) / base[k]).convert("RGB") for k in keys]
-    aligned_images = [Image.open(Path(aligned_dir) / aligned[k]).convert("RGB") for k in keys]
-    oracle_base, oracle_aligned = oracle_scores(base_images, prompts), oracle_scores(aligned_images, prompts)
+def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
+             seed: int = 0) -> tuple[dict, list[dict]]:
+    """The aligned folder judged against the base on exactly `prompts` x `seeds` (other images in the folders are
+    not read; a missing one is an error): the oracle win rate of aligned over base, paired by prompt and seed, with
+    a 95% bootstrap interval over prompts (`seed` draws the resamples), the mean oracle score and toy PickScore of
+    each folder, and how many aligned images changed visibly (VISIBLE_CHANGE). Also returns every comparison:
+    prompt, seed, both oracle scores and the mean absolute pixel difference."""
+    keys = [(prompt, s) for prompt in prompts for s in seeds]
+    images = []
+    for folder in (base_dir, aligned_dir):
+        files = {(r["prompt"], r["seed"]): r["file_name"] for r in folder_records(folder)}
+        missing = [k for k in keys if k not in files]
+        if missing:
+            raise ValueError(f"{folder}: no image of {len(missing)} of the {len(keys)} prompts x seeds evaluated, "
+                             f"e.g. prompt {missing[0][0]!r}, seed {missing[0][1]}")
+        images.append([Image.open(Path(folder) / files[k]).convert("RGB") for k in keys])
+    base_images, aligned_images = images
+    texts = [prompt for prompt, _ in keys]
+    oracle_base, oracle_aligned = oracle_scores(base_images, texts), oracle_scores(aligned_images, texts)
     outcomes = pair_outcomes(oracle_aligned.numpy(), oracle_base.numpy())
-    per_prompt = {}
-    for (prompt, _), outcome in zip(keys, outcomes):
-        per_prompt.setdefault(prompt, []).append(outcome)
-    low, high = bootstrap_interval([np.mean(v) for v in per_prompt.values()], seed=seed)
-    return {
+    per_prompt = outcomes.reshape(len(prompts), len(seeds)).mean(axis=1)  # keys run seed-fastest
+    low, high = bootstrap_interval(per_prompt, seed=seed)
+    change = [float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+              for a, b in zip(aligned_images, base_images)]
+    visible = sum(c > VISIBLE_CHANGE for c in change)
+    summary = {
         "oracle_win_rate": {"value": float(outcomes.mean()), "low": low, "high": high, "comparisons": len(keys),
-                            "prompts": len(per_prompt)},
+                            "prompts": len(prompts)},
         "oracle_score": {"base": float(oracle_base.mean()), "aligned": float(oracle_aligned.mean())},
-        "toy_reward": {"base": float(proxy.score(base_images, prompts).mean()),
-                       "aligned": float(proxy.score(aligned_images, prompts).mean())},
+        "toy_reward": {"base": float(proxy.score(base_images, texts).mean()),
+                       "aligned": float(proxy.score(aligned_images, texts).mean())},
+        "changed_visibly": {"images": visible, "share": visible / len(keys), "threshold": VISIBLE_CHANGE},
     }
+    comparisons = [{"prompt": p, "seed": s, "oracle_base": float(b), "oracle_aligned": float(a), "pixel_change": c}
+                   for (p, s), b, a, c in zip(keys, oracle_base, oracle_aligned, change)]
+    return summary, comparisons
+
+
+def verdicts(comparisons: list[dict]) -> dict[tuple[str, int], str]:
+    """The oracle's verdict on each comparison, by (prompt, seed), ordered for a reader: the largest gains of the
+    aligned model first, then its largest losses, then the ties."""
+    def gain(c):
+        return c["oracle_aligned"] - c["oracle_base"]
+    ordered = (sorted((c for c in comparisons if gain(c) > 0), key=gain, reverse=True)
+               + sorted((c for c in comparisons if gain(c) < 0), key=gain)
+               + [c for c in comparisons if gain(c) == 0])
+    word = {1: "aligned better", -1: "base better", 0: "tie"}
+    return {(c["prompt"], c["seed"]): f"oracle: {word[int(np.sign(gain(c)))]}, {gain(c):+.3f} "
+                                      f"({c['oracle_base']:.3f} -> {c['oracle_aligned']:.3f})" for c in ordered}
 
 
 def format_report(report: dict) -> str:
     win, oracle, proxy = report["oracle_win_rate"], report["oracle_score"], report["toy_reward"]
+    changed = report["changed_visibly"]
     return "\n".join([
         f"# Toy demo: {report['method']}",
         "",
@@ -188,6 +229,11 @@ def format_report(report: dict) -> str:
         "| --- | --- | --- |",
         f"| mean oracle score | {oracle['base']:.4f} | {oracle['aligned']:.4f} |",
         f"| mean toy PickScore (the proxy trained on) | {proxy['base']:.4f} | {proxy['aligned']:.4f} |",
+        "",
+        f"{changed['images']} of {win['comparisons']} aligned images ({changed['share']:.0%}) changed visibly from the "
+        f"base image of the same prompt and seed (mean pixel difference over {changed['threshold']:g} levels of "
+        "255). The grid and the review page open on the largest oracle gains, then the largest losses, each with "
+        "the oracle's verdict.",
         "",
         f"Settings: {json.dumps(report['settings'])}. Time: {report['seconds']} s.",
         "",
