@@ -26,8 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion_align.evaluation.scoring import read_scores, score_folder
-from diffusion_align.models.tiny import save_tiny_scorer
 from diffusion_align.rewards import load_scorer, parse_scorer_spec
+from diffusion_align.rewards.tiny import save_tiny_scorer
 
 PROMPTS = ["a red circle on a white background", "a watercolour of a lighthouse at dusk",
            "a photo of a corgi wearing sunglasses", "an isometric city made of paper"]

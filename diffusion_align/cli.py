@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import describe_keys, load_config
 
-# models.tiny.TINY_SCORERS, here so that the parser checks the names before anything heavy is imported (a test
+# rewards.tiny.TINY_SCORERS, here so that the parser checks the names before anything heavy is imported (a test
 # keeps the two equal)
 TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesthetic")
 
@@ -57,7 +57,8 @@ def cmd_toy_build_assets(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from .models.tiny import save_tiny_pipeline, save_tiny_scorer, write_tiny_pairs
+    from .models.tiny import save_tiny_pipeline, write_tiny_pairs
+    from .rewards.tiny import save_tiny_scorer
     out = Path(args.out_dir)
     for family in args.family:
         print(f"pipeline ({family}): {save_tiny_pipeline(out / f'tiny-{family}', family, seed=args.seed)}")

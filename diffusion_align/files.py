@@ -104,3 +104,14 @@ def hub_load_error(what: str, name: str, err: Exception, repo_type: str = "model
 def local_or_hub(name: str) -> str:
     """A local path made absolute (so a record made here matches a rerun from anywhere), a hub id as given."""
     return os.path.abspath(name) if os.path.exists(name) else name
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """A run folder's complete checkpoints (`checkpoint-<step>/`, training.checkpoints), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)

@@ -17,9 +17,9 @@ from diffusion_align.evaluation.compare import compare_folders
 from diffusion_align.evaluation.grid import make_grid
 from diffusion_align.evaluation.review import import_review
 from diffusion_align.evaluation.scoring import read_scores, score_folder
-from diffusion_align.models.tiny import save_tiny_scorer
 from diffusion_align.rewards import load_scorer
 from diffusion_align.rewards.labeling import label_pairs
+from diffusion_align.rewards.tiny import save_tiny_scorer
 from test_train import read_metrics, run
 
 GOOD = sorted(set(corpus()) - set(BROKEN))

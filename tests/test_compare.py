@@ -168,7 +168,7 @@ def test_compare_errors_name_the_problem(folders, tmp_path):
 
 
 def test_compare_with_tiny_pickscore(tmp_path):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     from diffusion_align.rewards import load_scorer
     scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "pickscore"), device="cpu")
     images = [(f"{i}.png", f"prompt {i % 3}", i, 40 * i) for i in range(6)]

@@ -51,7 +51,7 @@ def final_weights(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def online_inputs(tmp_path_factory):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     root = tmp_path_factory.mktemp("crash")
     (root / "prompts.txt").write_text("a red circle\na green square\na blue triangle\n")
     return root / "prompts.txt", save_tiny_scorer("pickscore", root / "pickscore")

@@ -51,7 +51,7 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs,
 
 
 def test_two_processes_sample_their_own_groups_online(tmp_path, tiny_models):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a {c} circle\n" for c in ("red", "green", "blue", "yellow", "purple", "orange")))
     scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_align.data.pairs import decode_image, load_pairs
-from diffusion_align.models.tiny import save_tiny_scorer, write_tiny_pairs
+from diffusion_align.models.tiny import write_tiny_pairs
 from diffusion_align.rewards import load_scorer
 from diffusion_align.rewards.clip import projected
 from diffusion_align.rewards.fit_reward import (
     choose_tie_threshold, fit_reward, load_clip, pair_logits, pairwise_accuracy, pickscore_loss, split_by_prompt,
 )
+from diffusion_align.rewards.tiny import save_tiny_scorer
 
 
 def t(*rows):

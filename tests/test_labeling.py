@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align.data.pairs import decode_image, load_pairs
-from diffusion_align.models.tiny import save_tiny_scorer
+from diffusion_align.data.pairs import decode_image, load_pairs, outcomes
 from diffusion_align.rewards import load_scorer
 from diffusion_align.rewards.labeling import (
-    agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, outcomes, pairs_from_folder, reward_scores,
+    agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, pairs_from_folder, reward_scores,
 )
+from diffusion_align.rewards.tiny import save_tiny_scorer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 from PIL import Image
 
 from diffusion_align.evaluation.scoring import read_scores
-from diffusion_align.models.tiny import save_tiny_scorer
+from diffusion_align.rewards.tiny import save_tiny_scorer
 
 IMAGES = 10_000
 PEAK = "PEAK-RSS-KB "

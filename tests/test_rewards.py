@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from diffusion_align.models.tiny import save_tiny_scorer
 from diffusion_align.rewards import SCORERS, MissingWeightsError, load_scorer, parse_scorer_spec
 from diffusion_align.rewards import registry
 from diffusion_align.rewards.clip import ClipSimilarityScorer
 from diffusion_align.rewards.hps import OPENAI_MEAN, OPENAI_STD, Letterbox, open_clip_config
+from diffusion_align.rewards.tiny import save_tiny_scorer
 
 LONG = "a red circle on a white background " * 15  # ~100 tokens: truncated to 77
 PROMPTS = ["a red circle", "a photo of a dog", "", LONG, "Ünïcödé 東京 🐱!!"]

@@ -289,7 +289,7 @@ def test_fast_jpeg_decodes_jpegs_smaller_and_scores_close(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_scorers(tmp_path_factory):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     from diffusion_align.rewards import load_scorer
     root = tmp_path_factory.mktemp("tiny-scorers")
     return {name: load_scorer(name, save_tiny_scorer(name, root / name), device="cpu", batch_size=2)

@@ -15,6 +15,7 @@ from transformers import CLIPTokenizer
 
 from diffusion_align.models import tiny
 from diffusion_align.models.tiny import FAMILIES, clip_tokenizer, save_tiny_pipeline, write_tiny_pairs
+from diffusion_align.rewards import tiny as tiny_scorers
 
 PROMPTS = [
     "a photo of a cat",
@@ -198,7 +199,7 @@ def test_tiny_pairs_deterministic(tmp_path):
     ("aesthetic", {"sac+logos+ava1-l14-linearMSE.pth", "clip"}),
 ])
 def test_tiny_scorer_layout(name, files, tmp_path):
-    path = tiny.save_tiny_scorer(name, tmp_path / name)
+    path = tiny_scorers.save_tiny_scorer(name, tmp_path / name)
     assert files <= set(os.listdir(path))
     if name.startswith("hpsv2"):
         # HPS's format: {"state_dict": fp16 tensors}, readable without unpickling arbitrary objects
@@ -217,17 +218,17 @@ def test_tiny_scorer_seeded(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a, b, c = (tiny.save_tiny_scorer("hpsv2", tmp_path / k, seed=s) for k, s in (("a", 1), ("b", 1), ("c", 2)))
+    a, b, c = (tiny_scorers.save_tiny_scorer("hpsv2", tmp_path / k, seed=s) for k, s in (("a", 1), ("b", 1), ("c", 2)))
     assert torch.equal(torch.rand(3), expected)  # callers' RNG left alone
     wa, wb, wc = (torch.load(p / "HPS_v2_compressed.pt", weights_only=True)["state_dict"] for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wc[k]) for k in wa)
     with pytest.raises(ValueError, match="no tiny version of scorer 'imagereward'"):
-        tiny.save_tiny_scorer("imagereward", tmp_path / "x")
+        tiny_scorers.save_tiny_scorer("imagereward", tmp_path / "x")
 
 
 def test_make_tiny_checks_scorer_names_before_building(tmp_path, capsys):
     from diffusion_align.cli import TINY_SCORERS, main
-    assert TINY_SCORERS == tiny.TINY_SCORERS
+    assert TINY_SCORERS == tiny_scorers.TINY_SCORERS
     with pytest.raises(SystemExit):
         main(["make-tiny", "--help"])
     assert "any of: pickscore, clip, toy-pickscore, hpsv2, hpsv2.1, aesthetic" in " ".join(

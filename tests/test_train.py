@@ -258,7 +258,7 @@ def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pai
 
 def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch):
     from diffusion_align import rewards
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     from diffusion_align.rewards.labeling import reward_scores
     from diffusion_align.training import trainer
     scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")

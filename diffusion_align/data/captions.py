@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
-from ..rewards.labeling import outcomes
-from .pairs import decode_pair, load_pairs
+from .pairs import decode_pair, load_pairs, outcomes
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")

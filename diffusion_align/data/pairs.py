@@ -64,6 +64,19 @@ def decode_image(value: Any, where: str) -> PIL.Image.Image:
     return image
 
 
+NO_LABEL = -1
+
+
+def outcomes(label_0, label_1, has_label=None) -> np.ndarray:
+    """Per pair: 0 (image 0 preferred), 1 (image 1), 2 (tie), or NO_LABEL (null/NaN, or has_label false)."""
+    l0 = np.asarray(label_0, dtype=np.float64)  # None -> NaN
+    l1 = np.asarray(label_1, dtype=np.float64)
+    out = np.select([l0 > l1, l0 < l1, l0 == l1], [0, 1, 2], default=NO_LABEL)
+    if has_label is not None:
+        out[~np.asarray(has_label, dtype=bool)] = NO_LABEL
+    return out
+
+
 def decode_pair(row: dict, index: int) -> list[PIL.Image.Image]:
     """Both images of a pair row as 8-bit RGB; ValueError or OSError naming the row and column."""
     return [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in IMAGE_COLUMNS]

@@ -22,8 +22,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import replace_dir
-from ..training.checkpoints import list_checkpoints
+from ..files import list_checkpoints, replace_dir
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
 from .loading import base_pipeline, component_digest, detect_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora

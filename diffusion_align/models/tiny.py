@@ -72,7 +72,7 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = _EOS) -> CLIPTok
     )
 
 
-def _text_config(hidden: int, act: str, tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+def text_config(hidden: int, act: str, tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
     # Vocabulary, positions and special ids follow the real tokenizer; the pooled output is read at the
     # first eos_token_id, which is right whether padding is "<|endoftext|>" or "!".
     return CLIPTextConfig(
@@ -107,7 +107,7 @@ def _build(family: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         tokenizer = clip_tokenizer()
         return StableDiffusionPipeline(
             vae=_vae(0.18215), tokenizer=tokenizer,
-            text_encoder=CLIPTextModel(_text_config(32, "quick_gelu", tokenizer)), unet=_unet(32),
+            text_encoder=CLIPTextModel(text_config(32, "quick_gelu", tokenizer)), unet=_unet(32),
             scheduler=PNDMScheduler(**_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
@@ -117,7 +117,7 @@ def _build(family: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         tokenizer = clip_tokenizer(pad_token="!")
         return StableDiffusionPipeline(
             vae=_vae(0.18215), tokenizer=tokenizer,
-            text_encoder=CLIPTextModel(_text_config(64, "gelu", tokenizer)),
+            text_encoder=CLIPTextModel(text_config(64, "gelu", tokenizer)),
             unet=_unet(64, use_linear_projection=True),
             scheduler=DDIMScheduler(
                 **_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
@@ -132,9 +132,9 @@ def _build(family: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
         return StableDiffusionXLPipeline(
             vae=_vae(0.13025), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-            text_encoder=CLIPTextModel(_text_config(32, "quick_gelu", tokenizer)),
+            text_encoder=CLIPTextModel(text_config(32, "quick_gelu", tokenizer)),
             text_encoder_2=CLIPTextModelWithProjection(
-                _text_config(64, "gelu", tokenizer_2, projection_dim=proj_dim)
+                text_config(64, "gelu", tokenizer_2, projection_dim=proj_dim)
             ),
             unet=_unet(
                 32 + 64, use_linear_projection=True, addition_embed_type="text_time",
@@ -258,86 +258,7 @@ def write_tiny_pairs(path, num_pairs: int = 16, resolution: int = 64, seed: int 
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny reward scorers: the same classes and on-disk layouts as the released ones; a few MB each, most of it the
-# real 49,408-token vocabulary (embedding table and tokenizer.json).
-
-_TINY_PROJECTION = 16  # embedding width of the tiny CLIPs, and so the input width of the tiny aesthetic head
-_TINY_IMAGE = 32  # pixels; the 8-px patches give a 4x4 grid
-
-
-def _tiny_clip() -> tuple:
-    """(CLIPModel, tokenizer, image processor), the tokenizer the real CLIP BPE."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    tokenizer = clip_tokenizer()
-    config = CLIPConfig(
-        text_config=_text_config(32, "quick_gelu", tokenizer).to_dict(),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=_TINY_IMAGE, patch_size=8, hidden_act="quick_gelu"),
-        projection_dim=_TINY_PROJECTION,
-    )
-    processor = CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE},
-                                   crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE})
-    return CLIPModel(config), tokenizer, processor
-
-
-def _save_clip(out_dir: pathlib.Path) -> None:
-    model, tokenizer, processor = _tiny_clip()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-
-
-# open_clip's format for a model config (what its local-dir / hf-hub loaders read), ViT-H-14's keys, tiny widths.
-_TINY_OPEN_CLIP = {
-    "embed_dim": _TINY_PROJECTION,
-    "vision_cfg": {"image_size": _TINY_IMAGE, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
-
-
-TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesthetic")  # toy-oracle needs no model
-
-
-def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
-    """Save a tiny randomly initialised reward model `name` (a key of diffusion_align.rewards.SCORERS) in the
-    layout `load_scorer(name, path)` reads; returns that path.
-
-    pickscore / clip / toy-pickscore: a CLIPModel folder with tokenizer and image processor (save_pretrained).
-    hpsv2 / hpsv2.1: the registry's checkpoint file, {"state_dict": fp16 tensors} of an open_clip CLIP, plus the
-    `open_clip_config.json` that tells the loader to build this tiny architecture instead of ViT-H-14.
-    aesthetic: the head file (real key layout, input width = the tiny CLIP's projection) and a clip/ subfolder.
-    """
-    from ..rewards.registry import load_spec
-
-    if name not in TINY_SCORERS:
-        raise ValueError(f"no tiny version of scorer {name!r}; expected one of {', '.join(TINY_SCORERS)}")
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = load_spec(name)["source"]
-    # Seed a private copy of the RNG so callers' random streams are left as they were.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if name in ("pickscore", "clip", "toy-pickscore"):
-            _save_clip(out_dir)
-        elif name in ("hpsv2", "hpsv2.1"):
-            import json
-
-            import open_clip
-            model = open_clip.CLIP(**_TINY_OPEN_CLIP)
-            state = {k: v.half() for k, v in model.state_dict().items()}
-            torch.save({"state_dict": state}, out_dir / source["file"])
-            (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": _TINY_OPEN_CLIP}, indent=2))
-        else:
-            _save_clip(out_dir / "clip")
-            widths = [_TINY_PROJECTION, 1024, 128, 64, 16, 1]  # the real head's hidden widths
-            head = {}
-            for i, layer in enumerate((0, 2, 4, 6, 7)):
-                linear = torch.nn.Linear(widths[i], widths[i + 1])
-                head[f"layers.{layer}.weight"], head[f"layers.{layer}.bias"] = linear.weight.data, linear.bias.data
-            torch.save(head, out_dir / source["head"]["files"][0])
-    return out_dir
+TINY_IMAGE = 32  # pixels of the tiny image models (CLIPs, captioners); the 8-px patches give a 4x4 grid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,8 +309,8 @@ def _tiny_blip():
                 num_attention_heads=4, max_position_embeddings=128, bos_token_id=vocab.index("[DEC]"),
                 sep_token_id=vocab.index("[SEP]"), eos_token_id=vocab.index("[SEP]"), pad_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=_TINY_IMAGE, patch_size=8)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": _TINY_IMAGE, "width": _TINY_IMAGE}),
+                  image_size=TINY_IMAGE, patch_size=8)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": TINY_IMAGE, "width": TINY_IMAGE}),
                               tokenizer=tokenizer)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
     return model, processor
@@ -400,14 +321,14 @@ def _tiny_llava():
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = _word_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE},
-                                         crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE},
+                                         crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=_CHAT_TEMPLATE)
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=_TINY_IMAGE, patch_size=8),
+                           num_attention_heads=4, image_size=TINY_IMAGE, patch_size=8),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
@@ -424,12 +345,12 @@ def _tiny_vit_gpt2():
 
     tokenizer = _word_tokenizer()
     encoder = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=_TINY_IMAGE, patch_size=8)
+                        image_size=TINY_IMAGE, patch_size=8)
     decoder = _tiny_gpt2_config(len(tokenizer), add_cross_attention=True, is_decoder=True)
     config = VisionEncoderDecoderConfig(encoder=encoder.to_dict(), decoder=decoder.to_dict(),
                                         decoder_start_token_id=tokenizer.bos_token_id,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    parts = (tokenizer, ViTImageProcessor(size={"height": _TINY_IMAGE, "width": _TINY_IMAGE}))
+    parts = (tokenizer, ViTImageProcessor(size={"height": TINY_IMAGE, "width": TINY_IMAGE}))
     return VisionEncoderDecoderModel(config), parts
 
 

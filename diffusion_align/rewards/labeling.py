@@ -40,14 +40,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from ..data.pairs import decode_pair, load_pairs
+from ..data.pairs import NO_LABEL, decode_pair, load_pairs, outcomes
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
 from ..files import local_or_hub, report_dict
 
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
-OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays; -1 = no label
-_NO_LABEL = -1
+OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays (data.pairs.outcomes); -1 = no label
 
 
 # ---------------------------------------------------------------- labels and agreement (pure)
@@ -59,20 +58,10 @@ def hard_labels(scores_0: np.ndarray, scores_1: np.ndarray, tie_margin: float) -
     return label_0, 1.0 - label_0
 
 
-def outcomes(label_0, label_1, has_label=None) -> np.ndarray:
-    """Per pair: 0 (image 0 preferred), 1 (image 1), 2 (tie), or -1 (no label: null/NaN, or has_label false)."""
-    l0 = np.asarray(label_0, dtype=np.float64)  # None -> NaN
-    l1 = np.asarray(label_1, dtype=np.float64)
-    out = np.select([l0 > l1, l0 < l1, l0 == l1], [0, 1, 2], default=_NO_LABEL)
-    if has_label is not None:
-        out[~np.asarray(has_label, dtype=bool)] = _NO_LABEL
-    return out
-
-
 def outcome_counts(human: np.ndarray, ai: np.ndarray) -> np.ndarray:
     """4x3 counts: rows human image_0 / image_1 / tie / no label, columns AI image_0 / image_1 / tie."""
     counts = np.zeros((4, 3), dtype=np.int64)
-    np.add.at(counts, (np.where(human == _NO_LABEL, 3, human), ai), 1)
+    np.add.at(counts, (np.where(human == NO_LABEL, 3, human), ai), 1)
     return counts
 
 

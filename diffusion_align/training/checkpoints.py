@@ -10,25 +10,13 @@ pickled, and they are read back with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..files import replace_dir
+from ..files import list_checkpoints, replace_dir
 from .safety import RunStopped, check_finite_weights
-
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return sorted(found)
-
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     """`latest` -> the newest checkpoint in output_dir (None if there is none yet); a path -> that folder."""
