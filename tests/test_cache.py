@@ -68,9 +68,13 @@ def _changed_copy(model, tmp_path, part: str):
     """A copy of the tiny pipeline with one component's files changed."""
     copy = tmp_path / f"model-{part}"
     shutil.copytree(model, copy)
-    if part == "tokenizer":
-        config = copy / "tokenizer" / "tokenizer_config.json"
-        config.write_text(config.read_text().replace('"model_max_length": 77', '"model_max_length": 76'))
+    edits = {"tokenizer": ("tokenizer_config.json", '"model_max_length": 77', '"model_max_length": 76'),
+             "scheduler": ("scheduler_config.json", '"beta_end": 0.012', '"beta_end": 0.02')}
+    if part in edits:
+        name, old, new = edits[part]
+        config = copy / part / name
+        assert old in config.read_text()
+        config.write_text(config.read_text().replace(old, new))
         return copy
     weights = next((copy / part).glob("*.safetensors"))
     tensors = load_file(weights)
@@ -101,6 +105,8 @@ def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_
     for changed, key in changes.items():
         with pytest.raises(ValueError, match=rf"made from other inputs \(.*{changed}=.*; a stale cache is never used"):
             check_key(folder, key)
+    # no cached tensor depends on the scheduler: the cache serves an edited one (reference errors key it themselves)
+    assert check_key(folder, cache_key(pairs, "train", str(_changed_copy(model, tmp_path, "scheduler")), **base))
     with pytest.raises(ValueError, match="resolution=32 there, 48 now"):  # training refuses it too
         run(tmp_path, model, pairs, "train.max_steps=1", "train.resolution=48", "data.cache=true",
             f"data.cache_dir={folder}")

@@ -2,6 +2,8 @@
 reference pass while training."""
 
 import logging
+import math
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from safetensors.torch import load_file
 from diffusion_align.config import ConfigError
 from diffusion_align.models import policy as policy_module
 from diffusion_align.models.policy import LORA_WEIGHTS
+from diffusion_align.models.tiny import save_tiny_pipeline
 from diffusion_align.training.reference import REFERENCE_FILE, ReferenceErrors
+from test_cache import _changed_copy
 from test_train import read_metrics, run
 
 
@@ -104,3 +108,50 @@ def test_what_cannot_be_precomputed_is_refused(tmp_path, tiny_models, tiny_pairs
     with pytest.raises(ConfigError, match="ReNoise inversion runs the policy"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=smpo", "method.pref_scorer=null",
             "method.precomputed_reference=true")
+
+
+def test_errors_made_with_other_components_are_computed_again(tmp_path, tiny_models, tiny_pairs, caplog):
+    """The key holds every component the errors depend on, not the UNet alone: stale errors would make the first
+    LoRA step's loss something other than log 2 (policy == reference there)."""
+    caplog.set_level(logging.INFO, logger="diffusion_align")
+    model, precomputed = tiny_models["sd"], ["method.precomputed_reference=true", "train.max_steps=1"]
+    run(tmp_path, model, tiny_pairs, *precomputed)
+    other_vae = f"model.vae={save_tiny_pipeline(tmp_path / 'other', 'sd', seed=1) / 'vae'}"
+    edited_scheduler = _changed_copy(model, tmp_path, "scheduler")  # the same UNet, other betas
+    for changed in ([model, other_vae], [edited_scheduler, other_vae]):
+        caplog.clear()
+        run(tmp_path, changed[0], tiny_pairs, *precomputed, *changed[1:], "train.overwrite=true")
+        assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), changed
+        assert "made for another run; computing the reference errors again" in caplog.text, changed
+
+
+@pytest.fixture(scope="module")
+def trained_norms(tiny_models, tmp_path_factory):
+    """The tiny pipeline with its UNet's norm weights moved off 1, as trained ones are: then they are not exact in
+    bf16, and a UNet kept in fp32 computes other errors under bf16 autocast than one placed in bf16."""
+    folder = tmp_path_factory.mktemp("trained-norms") / "sd"
+    shutil.copytree(tiny_models["sd"], folder)
+    unet, generator = UNet2DConditionModel.from_pretrained(folder / "unet"), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "norm" in name:
+                param.mul_(1 + 0.01 * torch.randn(param.shape, generator=generator))
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_errors_are_precomputed_in_the_training_precision(tmp_path, trained_norms, tiny_pairs, mode):
+    """Under train.mixed_precision=bf16 the reference runs with its weights in bf16 (a LoRA's base, a full
+    fine-tune's copy): precomputed errors must be those, while the policy's own fp32 weights stay unrounded."""
+    common = ["train.mixed_precision=bf16", "train.max_steps=1", "train.batch_size=4"]
+    if mode == "full":
+        common += ["model.lora_rank=null"]
+    run(tmp_path / "fly", trained_norms, tiny_pairs, *common)
+    run(tmp_path / "pre", trained_norms, tiny_pairs, *common, "method.precomputed_reference=true")
+    (fly,), (pre,) = read_metrics(tmp_path / "fly" / "run"), read_metrics(tmp_path / "pre" / "run")
+    if mode == "lora":  # policy == reference at step 0, with or without precomputed errors
+        assert fly["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert pre["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l"):  # full: fp32 policy, bf16 reference
+        assert pre[name] == pytest.approx(fly[name], rel=2e-6), name

@@ -47,17 +47,27 @@ def cache_key(source: str, split: str, pretrained: str, revision: str | None = N
     """Everything a cached tensor depends on: the source rows, the VAE and text encoders and tokenizers (digests of
     their files), the preprocessing (resolution, centre crop, mirrored copies) and the storage dtype."""
     pairs, _ = load_pairs(source, split, keep_ties=True, extra_columns="all")
+    # not the scheduler: no cached tensor depends on it, and a stale key is an error (the reference errors, which
+    # do depend on it, add it to their own key: training.reference)
+    models = encoder_digests(pretrained, revision, variant, vae)
+    vae_config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(pretrained, subfolder="vae",
+                                                                                       revision=revision)
+    return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
+            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), "resolution": resolution,
+            "crop": "center", "flips": flips, "dtype": dtype}
+
+
+def encoder_digests(pretrained: str, revision: str | None = None, variant: str | None = None,
+                    vae: str | None = None) -> dict:
+    """Digests of what turns a pair into the UNet's inputs (`component_digest`): the VAE (model.vae's replacement
+    when given), the text encoders and their tokenizers."""
     models = {"vae": component_digest(vae, None, None, None) if vae else
               component_digest(pretrained, "vae", revision, variant)}
     for name in text_subfolders(pretrained, revision):
         models[name] = component_digest(pretrained, name, revision, variant)
         tokenizer = name.replace("text_encoder", "tokenizer")
         models[tokenizer] = component_digest(pretrained, tokenizer, revision, None)
-    vae_config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(pretrained, subfolder="vae",
-                                                                                       revision=revision)
-    return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
-            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), "resolution": resolution,
-            "crop": "center", "flips": flips, "dtype": dtype}
+    return models
 
 
 def check_key(folder: Path, key: dict) -> bool:

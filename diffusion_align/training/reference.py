@@ -4,16 +4,24 @@ Every pair's draws are fixed by (seed, epoch, pair) (`likelihood.PairDraws`), so
 on each pair in each epoch the run will reach can be computed up front, without grad and in large batches. Training
 then holds no reference model (a full fine-tune keeps one UNet, not two) and runs no reference pass.
 
+The errors are computed as the live reference would compute them: the base UNet's weights in the frozen dtype
+(train.mixed_precision's half-precision dtype, as `Policy` places a LoRA's base and a full fine-tune's reference
+copy), under the training autocast.
+
 Stored in `reference-errors.safetensors` (beside the latent cache, or in the run's folder): `errors`, shaped
-(epochs, pairs, rows per pair), fp32, NaN where a pair was skipped; the key it was made with sits in the file's
-metadata, and a file made with another key is recomputed.
+(epochs, pairs, rows per pair), fp32, NaN where a pair was skipped; the key it was made with (`reference_key`:
+everything the errors depend on) sits in the file's metadata, and a file made with another key is recomputed.
+Being keyed so, the file is a cache like the latent cache, not part of a run: `train.overwrite=true` keeps it, and
+a rerun that would compute the same errors loads them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +29,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
+from ..data.cache import encoder_digests
 from ..data.pairs import collate_pairs
 from ..files import write_safetensors_atomic
+from ..models.loading import component_digest, place
 from .inputs import PairInputs
 from .likelihood import denoising_errors, noise_rows
 
@@ -65,17 +75,34 @@ def epochs_needed(cfg: Config, num_pairs: int, world: int) -> int:
 
 def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache_key: dict | None,
                   unet_digest: str) -> dict:
-    d = cfg.data
-    return {"unet": unet_digest, "pairs": pairs._fingerprint,
-            "num_pairs": num_pairs, "epochs": epochs, "cache": cache_key, "method": {
+    """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
+    the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
+    VAE, text encoders, tokenizers and source rows) and those components' digests otherwise; the pairs; the draws
+    (seed, epochs, rows per pair, prompt dropout); the preprocessing; and the precision. Called once a run: each
+    digest reads its local weight files once."""
+    d, m = cfg.data, cfg.model
+    inputs = cache_key if cache_key is not None else encoder_digests(m.pretrained, m.revision, m.variant, m.vae)
+    return {"unet": unet_digest, "scheduler": component_digest(m.pretrained, "scheduler", m.revision),
+            "inputs": inputs, "pairs": pairs._fingerprint,
+            "num_pairs": num_pairs, "epochs": epochs, "method": {
                 "rows_per_pair": method.rows_per_pair, "per_image_captions": method.per_image_captions},
             "seed": cfg.train.seed, "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,
             "data": {"center_crop": d.center_crop, "random_flip": d.random_flip, "prompt_dropout": d.prompt_dropout}}
 
 
-def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, unet, scheduler, autocast,
-                         batch_size: int, num_workers: int = 0) -> ReferenceErrors:
-    """The reference errors of every pair in every epoch of `key` (loaded from `folder` when made with that key)."""
+def reference_unet(unet: torch.nn.Module, lora: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The pretrained `unet` as the live reference runs: on `device` in the frozen `dtype`. A LoRA's base is placed
+    so in place (`Policy` places it so anyway); a full fine-tune's reference is a copy, as `Policy`'s is, which
+    leaves the policy's fp32 weights unrounded."""
+    if lora or unet.dtype == dtype:
+        return place(unet, device, dtype)
+    return place(copy.deepcopy(unet), "cpu", dtype).to(device)  # cast before moving: no fp32 copy on the device
+
+
+def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, make_unet: Callable[[], torch.nn.Module],
+                         scheduler, autocast, batch_size: int, num_workers: int = 0) -> ReferenceErrors:
+    """The reference errors of every pair in every epoch of `key` (loaded from `folder` when made with that key);
+    `make_unet()` gives the reference UNet, and is called only when the errors are computed."""
     path = folder / REFERENCE_FILE
     if path.is_file():
         with safe_open(path, "pt") as f:
@@ -89,6 +116,7 @@ def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, une
                for epoch in range(epochs) for start in range(0, num_pairs, batch_size)]
     loader = torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate_pairs,
                                          num_workers=num_workers)
+    unet = make_unet()
     for batch in tqdm(loader, total=len(batches), desc="reference errors"):
         if not batch["prompts"]:
             continue

@@ -14,7 +14,8 @@ from ..config import Config, ConfigError, config_to_dict
 
 logger = logging.getLogger("diffusion_align")
 
-# what a run writes into its output_dir (caches of data and scores are keyed and outlive runs: never deleted)
+# what a run writes into its output_dir (caches of data and scores, the latent cache and reference-errors.safetensors
+# included, are keyed by all they depend on and outlive runs: never deleted)
 RUN_ENTRIES = ("final", "final.tmp", "final.old", "metrics.jsonl", ".metrics.jsonl.tmp", "config.yaml",
                ".config.yaml.tmp", "training_curves.png", "diffusion-align", "wandb", "grids")
 # keys that say how long to run, how to record it and how to compute (not what): they may change on resume

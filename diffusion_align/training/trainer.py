@@ -40,7 +40,7 @@ from .inversion import invert_rows
 from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
 from .outputs import MetricsLog, save_final
-from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key
+from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
 from .safety import RunStopped, SkippedUpdates, check_finite_weights, check_output_dir, clear_run
 
 logger = logging.getLogger("diffusion_align")
@@ -277,7 +277,9 @@ def train(cfg: Config) -> TrainResult:
                             None if cache is None else cache.key, unet_digest)
         with accelerator.main_process_first():  # the main process computes; the others load its file
             reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
-                                             pair_inputs(parts, frozen_dtype), parts.unet.to(device),
+                                             pair_inputs(parts, frozen_dtype),
+                                             lambda: reference_unet(parts.unet, cfg.model.lora_rank is not None,
+                                                                    device, frozen_dtype),
                                              parts.noise_scheduler, accelerator.autocast,
                                              cfg.method.reference_batch_size or 4 * t.batch_size, workers)
 
