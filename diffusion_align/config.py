@@ -88,7 +88,8 @@ class ModelConfig:
                                     "layers to the GPU when needed (saves memory, costs speed).")
     gradient_checkpointing: bool = _key(False, "Recompute UNet activations in the backward pass to save memory.")
     compile: bool = _key(False, "torch.compile the training UNet (inductor: a C++ compiler on CPU, triton on CUDA; "
-                                "an error says which is missing). The first steps are slow while it compiles.")
+                                "an error says which is missing). The first steps are slow while it compiles. "
+                                "Offline methods only: online ones sample with the uncompiled UNet.")
     channels_last: bool = _key(False, "Keep the UNet's convolution weights channels-last (NHWC): faster convolutions "
                                       "on CUDA tensor cores in fp16/bf16; measure before using it elsewhere.")
     attention: str = _key("auto", "Attention kernel: auto (xformers if importable on CUDA, else PyTorch SDPA), "
@@ -155,6 +156,13 @@ class OnlineConfig:
                            within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
                                       "last (at least one).", within="(0, 1]")
+    per_sample_timesteps: bool = _key(False, "true: each image trains its own random train_fraction of the steps, "
+                                             "as DanceGRPO's and Pref-GRPO's code do (a permutation per sample); "
+                                             "false (ours, the default): one draw per update, shared by its images.")
+    same_noise_per_group: bool = _key(False, "true: the images of a group start from one shared initial noise and "
+                                             "differ only by the sampler's noise, as Pref-GRPO's recipes "
+                                             "(--init_same_noise) and DanceGRPO's SD code do; false (ours, the "
+                                             "default): independent initial noise per image.")
     updates_per_rollout: int = _key(2, "Optimiser updates per step's samples (the samples are split in that many "
                                        "parts); only the first sees ratio 1.", within="[1, inf)")
     clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.", within="(0, inf)")

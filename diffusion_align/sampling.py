@@ -87,21 +87,45 @@ class Trajectory:
     timesteps: torch.Tensor      # the `steps` timesteps, x_k -> x_{k+1} taken at timesteps[k]
     log_probs: torch.Tensor | None  # (steps, N): each step's log-probability when sampled; None at eta = 0
 
+    def latents_at(self, step: int | torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x_step of `rows` (all by default); `step` one index for all rows, or a tensor of one index per row."""
+        rows = torch.arange(len(self.latents[0])) if rows is None else rows
+        if not torch.is_tensor(step):
+            return self.latents[step][rows]
+        return torch.stack([self.latents[s][r] for s, r in zip(step.tolist(), rows.tolist())])
+
+
+def zeros_for_empty_prompt(family: str, index: dict) -> bool:
+    """Whether the pipeline guides against zero text embeddings rather than the encoded "": SDXL pipelines do when
+    their `force_zeros_for_empty_prompt` (model_index.json; true in SDXL base 1.0, and the pipeline's default when
+    the key is absent) is set and no negative prompt is given. SD1.x / SD2.x pipelines always encode ""."""
+    return family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
+
 
 def group_conditioning(family: str, tokenizers: list, text_encoders: list, prompts: list[str], group_size: int,
-                       resolution: int) -> tuple[Conditioning, Conditioning]:
+                       resolution: int, zero_uncond: bool = False) -> tuple[Conditioning, Conditioning]:
     """(conditional, unconditional) rows for `group_size` images of each prompt, rows [p1 x G, p2 x G, ...]: each
-    prompt encoded once, the empty prompt once. SDXL is conditioned on its full-resolution, uncropped size."""
+    prompt encoded once, the empty prompt once. SDXL is conditioned on its full-resolution, uncropped size.
+    `zero_uncond` (`zeros_for_empty_prompt`): the unconditional rows' text embeddings (and SDXL's pooled embedding)
+    are zeros, as the pipeline uses them, so the policy is trained under the guidance it is sampled with."""
     texts = [*prompts, ""]
     sizes = torch.tensor([[resolution, resolution]] * len(texts))
     encoded = encode_prompts(family, tokenizers, text_encoders, texts, sizes, torch.zeros_like(sizes), resolution)
     per_image = torch.arange(len(prompts)).repeat_interleave(group_size)
-    return encoded.select(per_image), encoded.select(torch.full_like(per_image, len(prompts)))
+    uncond = encoded.select(torch.full_like(per_image, len(prompts)))
+    if zero_uncond:
+        uncond.encoder_hidden_states = torch.zeros_like(uncond.encoder_hidden_states)
+        if uncond.added_cond_kwargs is not None:  # the size conditioning stays: the pipeline keeps it too
+            uncond.added_cond_kwargs["text_embeds"] = torch.zeros_like(uncond.added_cond_kwargs["text_embeds"])
+    return encoded.select(per_image), uncond
 
 
 def guided_output(unet, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning,
                   guidance: float) -> torch.Tensor:
-    """Classifier-free guidance in one batched UNet call: u + guidance * (c - u), as the SD pipelines do."""
+    """Classifier-free guidance in one batched UNet call: u + guidance * (c - u), as the SD pipelines do.
+    `timestep`: one for all rows, or a tensor of one per row."""
+    if torch.is_tensor(timestep) and timestep.ndim:
+        timestep = torch.cat([timestep, timestep])
     both = Conditioning(torch.cat([uncond.encoder_hidden_states, cond.encoder_hidden_states]),
                         None if cond.added_cond_kwargs is None else
                         {k: torch.cat([uncond.added_cond_kwargs[k], v]) for k, v in cond.added_cond_kwargs.items()})
@@ -134,13 +158,14 @@ def decode_images(vae, latents: torch.Tensor) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
-def step_distribution(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int, cond: Conditioning,
-                      uncond: Conditioning, guidance: float, eta: float,
+def step_distribution(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int | torch.Tensor,
+                      cond: Conditioning, uncond: Conditioning, guidance: float, eta: float,
                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The current policy's Gaussian (mu, sigma) for a stored step, for `rows` of the batch (all by default), with
     gradients: the training side of the ratio exp(log_prob - old log_prob) (`gaussian_log_prob` of the stored
-    next latents) and of the KL to a reference policy."""
+    next latents) and of the KL to a reference policy. `step`: one step index for all rows, or a tensor of one per
+    row (each sample training its own steps)."""
     rows = torch.arange(len(trajectory.latents[0])) if rows is None else rows
-    sample, t = trajectory.latents[step][rows], trajectory.timesteps[step]
+    sample, t = trajectory.latents_at(step, rows), trajectory.timesteps[step]
     output = guided_output(unet, sample, t, cond.select(rows), uncond.select(rows), guidance)
     return ddim_transition(scheduler, output, t, sample, eta)

@@ -162,15 +162,22 @@ def test_pairwise_win_rates_golden():
 
 
 def test_group_advantages_golden():
-    # group 1: mean 2, population std sqrt(2/3) -> -+1.2247; group 2 ties: exactly 0
+    # the unbiased std, as DanceGRPO and Pref-GRPO: group 1: mean 2, std sqrt((1 + 0 + 1) / 2) = 1 -> -1, 0, 1
+    # (the population std sqrt(2/3) would give -+1.2247); group 2 ties: exactly 0
     adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 0.1, 0.1, 0.1]), group_size=3)
-    assert adv.tolist()[:3] == pytest.approx([-1.224744871, 0.0, 1.224744871], abs=1e-6)
+    assert adv.tolist()[:3] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
     assert adv.tolist()[3:] == [0.0, 0.0, 0.0]  # 0.1 * 3 / 3 != 0.1 in floats: no rounding noise / eps
-    # one winner among 50: (1 - 0.02) / sqrt(0.02 * 0.98) = 7.0 -> clamped to 5
+    # win rates 1, 0.5, 0: mean 0.5, std sqrt((0.25 + 0 + 0.25) / 2) = 0.5 -> 1, 0, -1
+    assert group_advantages(torch.tensor([1.0, 0.5, 0.0]), 3).tolist() == pytest.approx([1.0, 0.0, -1.0], abs=1e-6)
+    # G = 8, rewards 0..7: mean 3.5, std sqrt(42 / 7) = sqrt(6) -> A_7 = 3.5 / sqrt(6) = 1.428869
+    # (population: 3.5 / sqrt(42 / 8) = 1.527525, x1.069)
+    assert group_advantages(torch.arange(8.0), 8)[7].item() == pytest.approx(1.4288690, abs=1e-6)
+    # one winner among 50: mean 0.02, std sqrt((0.98^2 + 49 * 0.02^2) / 49) = sqrt(0.02): 0.98 / sqrt(0.02) = 6.9296
+    # -> clamped to 5
     rewards = torch.zeros(50)
     rewards[7] = 1.0
     assert group_advantages(rewards, 50)[7].item() == pytest.approx(5.0)
-    assert group_advantages(rewards, 50, clip=10.0)[7].item() == pytest.approx(7.0, rel=1e-6)
+    assert group_advantages(rewards, 50, clip=10.0)[7].item() == pytest.approx(6.9296465, rel=1e-6)
 
 
 def test_clipped_policy_loss_golden_and_gradient():

@@ -23,7 +23,7 @@ SMALL = ["online.group_size=4", "online.prompts_per_step=2", "online.sample_step
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_models):
-    from diffusion_align.models.tiny import save_tiny_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
     root = tmp_path_factory.mktemp("online")
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     return {"model": tiny_models["sd"], "prompts": root / "prompts.txt",
@@ -48,6 +48,9 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("data.cache=true", "offline settings"),
     ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),
+    ("model.compile=true", "model.compile=true is an offline setting"),  # the rollout would not be compiled
+    ("online.same_noise_per_group=maybe", "'online.same_noise_per_group' .* expects bool"),
+    ("online.per_sample_timesteps=2", "'online.per_sample_timesteps' .* expects bool"),
 ])
 def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -112,6 +115,71 @@ def test_the_objective_sees_ratio_one_first_and_each_row_its_own_prompt(setup, t
         prompts_seen.add(match[0][0])
     assert prompts_seen == {0, 1}
     assert result.metrics["zero_std_groups"] == 0 and 0 < result.metrics["clip_fraction"] < 1
+
+
+def test_every_row_of_a_group_that_takes_part_weighs_the_same(setup, tmp_path, monkeypatch):
+    """Rewards [1, 0.5, 0] (Pref-GRPO win rates with a tie in the middle, here grpo scores) give advantages
+    [1, 0, -1]: the middle row takes part, so the update's summed loss is divided by all 6 rows of the two groups
+    (x the trained steps), not by the 4 with a non-zero advantage (which made the gradient x1.5)."""
+    from accelerate import Accelerator
+    real_scorer, real_loss, real_backward = online.load_scorer, online.clipped_policy_loss, Accelerator.backward
+    policy_losses, losses = [], []
+
+    def fixed_scorer(*args, **kwargs):
+        scorer = real_scorer(*args, **kwargs)
+        scorer.score = lambda images, prompts: torch.tensor([1.0, 0.5, 0.0] * (len(images) // 3))
+        return scorer
+
+    def recording_loss(*args):
+        loss, metrics = real_loss(*args)
+        policy_losses.append(loss.item())
+        return loss, metrics
+
+    def recording_backward(self, loss, **kwargs):
+        losses.append(loss.item())
+        return real_backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(online, "load_scorer", fixed_scorer)
+    monkeypatch.setattr(online, "clipped_policy_loss", recording_loss)
+    monkeypatch.setattr(Accelerator, "backward", recording_backward)
+    train(config(setup, tmp_path, "online.group_size=3", "online.updates_per_rollout=1", "online.train_fraction=0.5",
+                 "train.max_steps=1", method="grpo"))
+    # one update: 3 micro-batches of 2 rows (advantages [1, 0], [-1, 1], [0, -1]) x 2 trained steps
+    assert len(losses) == len(policy_losses) == 6 and max(abs(p) for p in policy_losses) > 0.4
+    assert losses == pytest.approx([p * 2 / (6 * 2) for p in policy_losses], rel=1e-5, abs=1e-9)
+
+
+def test_same_noise_per_group_and_per_sample_timesteps(setup, tmp_path, monkeypatch):
+    """The authors' options: a group's images start from one noise (different across groups), and each image trains
+    its own random train_fraction of the steps (never the last); the first update still sees ratio 1."""
+    starts, calls = [], []
+    real_sample, real_step = online.sample_with_logprob, online.step_distribution
+
+    def recording_sample(unet, scheduler, cond, uncond, latents, *args, **kwargs):
+        starts.append(latents.clone())
+        return real_sample(unet, scheduler, cond, uncond, latents, *args, **kwargs)
+
+    def recording_step(unet, scheduler, trajectory, step, *args, **kwargs):
+        calls.append((id(trajectory), step))
+        return real_step(unet, scheduler, trajectory, step, *args, **kwargs)
+
+    monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    result = train(config(setup, tmp_path, "online.same_noise_per_group=true", "online.per_sample_timesteps=true",
+                          "online.sample_steps=6", "online.train_fraction=0.5", "online.updates_per_rollout=1",
+                          "train.max_steps=1"))
+    latents = torch.cat(starts)  # 2 groups of 4 images, sampled 2 at a time
+    assert all(torch.equal(latents[i], latents[i // 4 * 4]) for i in range(8))
+    assert not torch.equal(latents[0], latents[4])
+    per_row = {}
+    for trajectory, step in calls:  # a micro-batch of 2 rows, one step index each
+        for row, index in enumerate(step.tolist()):
+            per_row.setdefault((trajectory, row), []).append(index)
+    # each of the 8 images trains round(0.5 x 6) = 3 different steps of the 5 before the last, its own draw
+    assert len(per_row) == 8 and all(len(set(v)) == len(v) == 3 and max(v) < 5 for v in per_row.values())
+    assert len({tuple(sorted(v)) for v in per_row.values()}) > 1
+    assert any(len(set(step.tolist())) > 1 for _, step in calls)  # rows of one micro-batch at different steps
+    assert result.metrics["log_ratio_abs_max"] < 1e-5
 
 
 def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_models):

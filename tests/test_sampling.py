@@ -48,6 +48,23 @@ def test_log_prob_is_the_gaussian_density_of_the_step(prediction_type):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_an_eta_between_zero_and_one_is_diffusers_step(prediction_type):
+    """eta = 0.5, where sigma = eta * ... and eta**2 * ... differ (at eta 0 and 1 they agree): the drawn sample is
+    DDIMScheduler.step's with the same noise, and its log-probability the Normal density of that step."""
+    s = scheduler(prediction_type)
+    sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = int(s.timesteps[7])
+    prev, log_prob = ddim_step_with_logprob(s, output, t, sample, eta=0.5, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3))  # the noise the step drew
+    expected = s.step(output, t, sample, eta=0.5, variance_noise=noise).prev_sample
+    torch.testing.assert_close(prev, expected, atol=1e-5, rtol=1e-5)
+    mean = s.step(output, t, sample, eta=0.5, variance_noise=torch.zeros_like(sample)).prev_sample
+    std = 0.5 * math.sqrt(s._get_variance(t, t - 1000 // 20))
+    density = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, density, atol=1e-4, rtol=1e-5)
+
+
 def test_a_stored_step_is_rescored_not_redrawn():
     s = scheduler()
     sample, output = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
@@ -111,3 +128,36 @@ def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
             log_prob = gaussian_log_prob(taken, mean, std)
             old = trajectory.log_probs[step] if rows is None else trajectory.log_probs[step][rows]
             assert (log_prob - old).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_unconditional_rows_are_the_pipelines(tiny_models, tmp_path, force_zeros):
+    """SDXL guides against zero text embeddings where its model_index.json sets force_zeros_for_empty_prompt (true in
+    SDXL base 1.0), else against the encoded "": the rows the rollout guides with are what encode_prompt gives."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusion_align.models.loading import load_components, pipeline_index
+    from diffusion_align.sampling import group_conditioning, zeros_for_empty_prompt
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_models["sdxl"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": force_zeros}))
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    _, negative, _, negative_pooled = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True)
+    parts = load_components(str(folder))
+    zero = zeros_for_empty_prompt(parts.family, pipeline_index(str(folder)))
+    assert zero == force_zeros
+    _, uncond = group_conditioning("sdxl", parts.tokenizers, parts.text_encoders, ["a red circle"], 2, 32, zero)
+    torch.testing.assert_close(uncond.encoder_hidden_states, negative.expand(2, -1, -1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(uncond.added_cond_kwargs["text_embeds"], negative_pooled.expand(2, -1), atol=1e-6,
+                               rtol=1e-6)
+    if force_zeros:
+        assert not uncond.encoder_hidden_states.any() and not uncond.added_cond_kwargs["text_embeds"].any()
+    else:
+        assert uncond.encoder_hidden_states.abs().amax() > 0.1
+    assert uncond.added_cond_kwargs["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2  # sizes stay
+    assert not zeros_for_empty_prompt("sd", {"force_zeros_for_empty_prompt": True})  # SD pipelines encode ""

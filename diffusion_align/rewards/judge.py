@@ -102,6 +102,12 @@ class VLMJudge(PairwiseJudge):
 
         P(first) = softmax(logit[answers[0]], logit[answers[1]])[0]
 
+    This differs from the Pref-GRPO authors' judge: their UnifiedReward-Think model writes its reasoning, then an
+    `<answer>` that is parsed as a hard verdict ("Image 1 is better" -> a win 1 / 0, "Image 2 is better" -> 0 / 1,
+    anything else or no answer -> a tie 0.5 / 0.5). Here the preference is soft, read from two answer tokens without
+    generating: win rates carry the judge's confidence, exact ties (and all-tie groups) are rare, and a thinking
+    judge's reasoning is skipped, so rewards are not the authors' numbers even with their judge.
+
     Each answer must be one known token of the model's tokenizer, else a ValueError says which; a tokenizer that
     splits "1" in two (SentencePiece ones may write it "▁" + "1") needs other `answers`, e.g. ("A", "B").
     `batch_size` pairs go through the model at a time, left-padded, so the last position of every row is where

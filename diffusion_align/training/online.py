@@ -2,11 +2,13 @@
 
 Each step, on each process:
   its prompts (one seeded order that all processes share; each process takes its own groups, never part of one)
-  -> `group_size` images per prompt by DDIM with eta > 0, keeping every step's log-probability (sampling.py)
+  -> `group_size` images per prompt by DDIM with eta > 0, keeping every step's log-probability (sampling.py);
+     unconditional rows as the pipeline guides (SDXL: zero embeddings where force_zeros_for_empty_prompt)
   -> rewards: the scorer's scores (grpo), or win rates inside the group from pairwise preferences (pref_grpo)
   -> advantages z-scored within each group (a group whose rewards all tie carries none and is left out)
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
-     denoising steps (never the last), micro-batched exactly as sampled so the first update's ratio is 1.
+     denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps),
+     micro-batched exactly as sampled so the first update's ratio is 1.
 Set-up, checkpoints and exact resume, metrics and the saved model are the offline loop's (trainer.py).
 """
 
@@ -24,11 +26,12 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
+from ..models.loading import pipeline_index
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
-                        step_distribution)
+                        step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
 from .safety import SkippedUpdates
@@ -56,6 +59,10 @@ def check_online_config(cfg: Config) -> None:
         raise ConfigError("online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)")
     if len(o.judge_answers) != 2:
         raise ConfigError(f"online.judge_answers must be two answers (first, second), got {o.judge_answers}")
+    if cfg.model.compile:
+        raise ConfigError("model.compile=true is an offline setting: online methods sample with the uncompiled UNet "
+                          "and would train the compiled one, whose kernels differ, so the first update's ratio would "
+                          f"not be 1 (online.clip_range={o.clip_range}); set model.compile=false")
     if t.grad_accum != 1:
         raise ConfigError("train.grad_accum must be 1 for online methods: each update already accumulates over its "
                           "micro-batches and trained timesteps (raise online.prompts_per_step for a larger update)")
@@ -119,6 +126,7 @@ def train_online(cfg: Config) -> TrainResult:
     if o.judge is not None:
         judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
     shape = latent_shape(parts, t.resolution)
+    zero_uncond = zeros_for_empty_prompt(parts.family, pipeline_index(cfg.model.pretrained, cfg.model.revision))
 
     # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
@@ -132,11 +140,14 @@ def train_online(cfg: Config) -> TrainResult:
     def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list]:
         """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images."""
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
-                                          o.group_size, t.resolution)
+                                          o.group_size, t.resolution, zero_uncond)
+        if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
+            group_noise = torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)
         trajectories, conds, images = [], [], []
         for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
             rows = torch.arange(start, start + t.batch_size)
-            latents = torch.randn((t.batch_size, *shape), generator=noise_gen, device=device)
+            latents = (group_noise[rows // o.group_size] if o.same_noise_per_group else
+                       torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
             conds.append((cond.select(rows), uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
                 trajectory = sample_with_logprob(policy.unet, scheduler, *conds[-1], latents, o.sample_steps,
@@ -156,36 +167,40 @@ def train_online(cfg: Config) -> TrainResult:
         return pairwise_win_rates(pref).flatten()
 
     def update(trajectories: list[Trajectory], conds: list, advantages: torch.Tensor, micro: list[int],
-               steps: list[int], active: float) -> tuple[float, dict]:
-        """One optimiser update over micro-batches `micro` and denoising `steps`. `active`: this update's rows in
-        groups that carry an advantage, averaged over processes; the summed loss is divided by it (DDP then averages
-        over processes), so tied groups' rows are left out of the mean."""
-        sums = {}
+               steps: torch.Tensor, active: float) -> tuple[float, dict]:
+        """One optimiser update over micro-batches `micro`; `steps` [rows, count]: the denoising steps each of their
+        rows trains, micro-batch after micro-batch. `active`: this update's rows in groups that take part (not all
+        tied), averaged over processes; the summed loss is divided by it and by count (DDP then averages over
+        processes), so each taking part row weighs the same and tied groups' rows are left out of the mean."""
+        sums, count = {}, steps.shape[1]
         for position, index in enumerate(micro):
             trajectory, (cond, uncond) = trajectories[index], conds[index]
             adv = advantages[index * t.batch_size:(index + 1) * t.batch_size].to(device)
-            for k, step_index in enumerate(steps):
-                last = position == len(micro) - 1 and k == len(steps) - 1  # all-reduce gradients once, at the end
+            own = steps[position * t.batch_size:(position + 1) * t.batch_size]
+            for k in range(count):
+                # one step for the whole micro-batch (the sampling call's form), or one per row
+                step_index = own[:, k] if o.per_sample_timesteps else int(own[0, k])
+                last = position == len(micro) - 1 and k == count - 1  # all-reduce gradients once, at the end
                 with nullcontext() if last else accelerator.no_sync(unet):
                     with accelerator.autocast():
                         mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond,
                                                       o.guidance, o.eta)
-                        log_prob = gaussian_log_prob(trajectory.latents[step_index + 1], mean, std)
-                        old = trajectory.log_probs[step_index]
+                        log_prob = gaussian_log_prob(trajectory.latents_at(step_index + 1), mean, std)
+                        old = trajectory.log_probs[step_index, torch.arange(t.batch_size)]
                         policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
-                        # tied groups' rows have advantage 0 and add 0: mean x rows = the sum over active rows
-                        loss = policy_loss * t.batch_size / (active * len(steps))
+                        # mean x rows = the summed loss (tied groups' rows add 0), over the rows taking part
+                        loss = policy_loss * t.batch_size / (active * count)
                         metrics["log_ratio_abs_max"] = (log_prob - old).abs().max().detach()
                         if o.kl_beta > 0:
                             with torch.no_grad(), policy.reference() as reference:
                                 ref_mean, _ = step_distribution(reference, scheduler, trajectory, step_index, cond,
                                                                 uncond, o.guidance, o.eta)
                             kl = gaussian_policy_kl(mean, ref_mean, std)
-                            loss = loss + o.kl_beta * kl.mean() / (len(micro) * len(steps))
+                            loss = loss + o.kl_beta * kl.mean() / (len(micro) * count)
                             metrics["kl"] = kl.mean().detach()
                     accelerator.backward(loss)
                 for name, value in {"policy_loss": policy_loss.detach(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * len(steps))
+                    sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * count)
         grad_norm = float(accelerator.clip_grad_norm_(policy.trainable_parameters(), t.max_grad_norm or float("inf")))
         return grad_norm, sums
 
@@ -206,15 +221,19 @@ def train_online(cfg: Config) -> TrainResult:
                 rewards = rewards_of(images, row_prompts, scores)
                 tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
             advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
-            tied_groups = (advantages.view(-1, o.group_size) == 0).all(dim=1).sum()  # left out of the updates
+            tied = (advantages.view(-1, o.group_size) == 0).all(dim=1)  # all-tie groups: left out of the updates
+            # the rows of the other groups, those whose advantage is exactly 0 included (win rates [1, 0.5, 0])
+            taking_part = (~tied).repeat_interleave(o.group_size)
 
             order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
             grad_norms, sums = [], {}
             for u in range(o.updates_per_rollout):
-                steps = trained_steps(o.sample_steps, o.train_fraction, choice_gen)
                 micro = order[u * micro_per_update:(u + 1) * micro_per_update]
                 rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
-                active = accelerator.reduce(torch.tensor(float((advantages[rows] != 0).sum()), device=device), "mean")
+                draws = len(rows) if o.per_sample_timesteps else 1
+                steps = torch.tensor([trained_steps(o.sample_steps, o.train_fraction, choice_gen)
+                                      for _ in range(draws)]).expand(len(rows), -1)
+                active = accelerator.reduce(torch.tensor(float(taking_part[rows].sum()), device=device), "mean")
                 if active.item() == 0:
                     continue  # only tied groups in this part, on every process: nothing to learn from it
                 grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active.item())
@@ -233,14 +252,14 @@ def train_online(cfg: Config) -> TrainResult:
                          "score_std": scores.std(), "score_min": scores.min(), "score_max": scores.max(),
                          "advantage_abs_mean": advantages.abs().mean(), **tracked_means, **sums}
                 record = log_step(accelerator, metrics_log, step, means,
-                                  {"zero_std_groups": tied_groups,
+                                  {"zero_std_groups": tied.sum(),
                                    "images_per_s": len(images) / (time.perf_counter() - started)},
                                   {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                                    "nonfinite_steps": skipped_updates.total})
                 progress.set_postfix(score=f"{record['score_mean']:.4f}")
             if main and o.grid_every and step % o.grid_every == 0:
                 save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
-                                   output_dir / "grids" / f"step-{step:06d}.png")
+                                   output_dir / "grids" / f"step-{step:06d}.png", zero_uncond)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
                          **skipped_updates.state()}
@@ -251,6 +270,7 @@ def train_online(cfg: Config) -> TrainResult:
     summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,
                "prompts per process per step": o.prompts_per_step, "group size": o.group_size,
                "sampling steps": o.sample_steps, "eta": o.eta, "guidance": o.guidance, "clip range": o.clip_range,
+               "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
                "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
                "judge": o.judge or "none", "prompts": len(prompts)}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
@@ -258,13 +278,13 @@ def train_online(cfg: Config) -> TrainResult:
 
 @torch.no_grad()
 def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str], cfg: Config, accelerator,
-                       path: Path) -> Path:
+                       path: Path, zero_uncond: bool = False) -> Path:
     """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (eta 0): the same noise at
-    every step of training, so the grids show how the model changes."""
+    every step of training, so the grids show how the model changes. `zero_uncond`: as `group_conditioning`."""
     from PIL import Image
     o, t = cfg.online, cfg.train
     cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, prompts, GRID_SEEDS,
-                                      t.resolution)
+                                      t.resolution, zero_uncond)
     shape = latent_shape(parts, t.resolution)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
                          for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
