@@ -186,7 +186,7 @@ def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_
     from diffusers import DDIMScheduler
     from diffusion_align.models.policy import Policy
     from diffusion_align.objectives import clipped_policy_loss
-    from diffusion_align.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
+    from diffusion_align.training.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
     parts = load_components(str(tiny_models["sd"]))
     policy = Policy(parts.unet, lora_rank=4)
     scheduler = DDIMScheduler.from_pretrained(tiny_models["sd"], subfolder="scheduler")

@@ -12,6 +12,7 @@ from diffusion_align.cli import main as cli_main
 from diffusion_align.config import ConfigError
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import checkpoints, methods, trainer
+from diffusion_align.training import run as run_module
 from diffusion_align.training.safety import RunStopped
 from test_train import TINY_CONFIG, read_metrics, run
 
@@ -145,12 +146,12 @@ def test_a_failed_final_or_metrics_write_stops_the_run_and_keeps_what_was_there(
         (output_dir / "final.tmp" / "half-written").write_bytes(b"x")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer, "save_final", disk_full)
+    monkeypatch.setattr(run_module, "save_final", disk_full)
     with pytest.raises(RunStopped, match=r"could not write the final model to .*final \(\[Errno 28\] No space left"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.resume=latest")
     assert snapshot(tmp_path / "run" / "final") == final and not (tmp_path / "run" / "final.tmp").exists()
     assert (tmp_path / "run" / "checkpoint-3").is_dir(), "the last step's checkpoint holds what the final would"
-    monkeypatch.setattr(trainer, "save_final", save_final)
+    monkeypatch.setattr(run_module, "save_final", save_final)
 
     open_path = Path.open
 

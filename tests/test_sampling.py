@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_align.sampling import ddim_step_with_logprob
+from diffusion_align.training.sampling import ddim_step_with_logprob
 
 
 def scheduler(prediction_type="epsilon", steps=20):
@@ -94,12 +94,12 @@ def tiny_sd(tiny_models):
 
 
 def _groups(pipe, prompts, group_size):
-    from diffusion_align.sampling import group_conditioning
+    from diffusion_align.training.sampling import group_conditioning
     return group_conditioning("sd", [pipe.tokenizer], [pipe.text_encoder], prompts, group_size, 32)
 
 
 def test_eta_zero_sampling_is_the_pipeline(tiny_sd):
-    from diffusion_align.sampling import sample_with_logprob
+    from diffusion_align.training.sampling import sample_with_logprob
     prompts = ["a red circle", "a blue square"]
     cond, uncond = _groups(tiny_sd, prompts, group_size=2)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -112,7 +112,7 @@ def test_eta_zero_sampling_is_the_pipeline(tiny_sd):
 
 
 def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
-    from diffusion_align.sampling import gaussian_log_prob, sample_with_logprob, step_distribution
+    from diffusion_align.training.sampling import gaussian_log_prob, sample_with_logprob, step_distribution
     cond, uncond = _groups(tiny_sd, ["a red circle", "a green triangle"], group_size=3)
     s = scheduler(steps=4)
     generator = torch.Generator().manual_seed(0)
@@ -140,7 +140,7 @@ def test_sdxl_unconditional_rows_are_the_pipelines(tiny_models, tmp_path, force_
     from diffusers import StableDiffusionXLPipeline
 
     from diffusion_align.models.loading import load_components, pipeline_index
-    from diffusion_align.sampling import group_conditioning, zeros_for_empty_prompt
+    from diffusion_align.training.sampling import group_conditioning, zeros_for_empty_prompt
     folder = tmp_path / "sdxl"
     shutil.copytree(tiny_models["sdxl"], folder)
     index = json.loads((folder / "model_index.json").read_text())

@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusion_align.training import inputs, likelihood, methods, trainer
+from diffusion_align.training import run as run_module
 from test_train import read_metrics, run
 
 
@@ -242,7 +243,7 @@ def test_a_beta_far_from_the_methods_range_is_warned_about(tmp_path, tiny_models
 def test_steps_the_grad_scaler_skips_are_counted(tmp_path, tiny_models, tiny_pairs, monkeypatch):
     """fp16 runs go through accelerate's GradScaler, which skips an overflowing step itself; that step must be
     counted in nonfinite_steps. A CPU GradScaler stands in for the CUDA one."""
-    make_accelerator = trainer.make_accelerator
+    make_accelerator = run_module.make_accelerator
 
     def with_scaler(cfg):
         accelerator = make_accelerator(cfg)
@@ -256,7 +257,7 @@ def test_steps_the_grad_scaler_skips_are_counted(tmp_path, tiny_models, tiny_pai
         loss, metrics = dpo.objective(errors, cfg)
         return (loss * math.inf if len(calls) == 2 else loss), metrics
 
-    monkeypatch.setattr(trainer, "make_accelerator", with_scaler)
+    monkeypatch.setattr(run_module, "make_accelerator", with_scaler)
     monkeypatch.setitem(methods.METHODS, "dpo", dataclasses.replace(dpo, objective=poisoned))
     result = run(tmp_path, tiny_models["sd"], tiny_pairs)
     assert [r["nonfinite_steps"] for r in read_metrics(tmp_path / "run")] == [0, 1, 1]

@@ -9,7 +9,7 @@ Each step, on each process:
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
      denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps),
      micro-batched exactly as sampled so the first update's ratio is 1.
-Set-up, checkpoints and exact resume, metrics and the saved model are the offline loop's (trainer.py).
+Set-up, checkpoints and exact resume, metrics and the saved model are shared with the offline loop (run.py).
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from ..models.loading import pipeline_index
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
-from ..sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
+from .sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
                         step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
 from .safety import SkippedUpdates
-from .trainer import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
-                      tracker_hparams)
+from .run import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
+                  tracker_hparams)
 
 logger = logging.getLogger("diffusion_align")
 

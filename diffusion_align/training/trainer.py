@@ -1,4 +1,4 @@
-"""The one training loop for every offline preference method.
+"""`train`: the one training loop for every offline preference method (the online ones: online.py).
 
 pairs -> latents + conditioning (`inputs.py`, from the VAE and text encoders or a latent cache) -> per-sample
 denoising errors (policy, and reference if the method needs it, or precomputed: `reference.py`)
@@ -9,219 +9,35 @@ Runs as is on a CPU, one GPU, or many processes under `accelerate launch` / `tor
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, config_to_dict, config_to_yaml
+from ..config import Config, ConfigError
 from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
-from ..evaluation.plots import plot_run
-from ..files import write_text_atomic
-from ..models.kohya import kohya_labels
-from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, place,
-                              set_attention)
-from ..models.policy import Policy
 from ..rewards.labeling import reward_scores
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import save_checkpoint
 from .inputs import PairInputs
 from .inversion import invert_rows
 from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
-from .outputs import MetricsLog, save_final
+from .online import train_online
+from .outputs import MetricsLog
 from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
-from .safety import RunStopped, SkippedUpdates, check_finite_weights, check_output_dir, clear_run
+from .run import TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run, tracker_hparams
+from .safety import SkippedUpdates
 
 logger = logging.getLogger("diffusion_align")
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on this machine use bf16 or no")
-    trackers = None if cfg.train.report_to == "none" else cfg.train.report_to
-    if trackers == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.report_to=wandb needs wandb (pip install diffusion-align[wandb]); "
-                          "or use train.report_to=tensorboard")
-    AcceleratorState._reset_state()  # a second train() in one process may use another precision
-    # without cpu=True accelerate treats torchrun's CPU processes as independent single-process runs
-    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
-                       project_dir=cfg.train.output_dir, cpu=on_cpu)
-
-
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes (pip install diffusion-align[bnb])") from None
-        adamw = bnb.optim.AdamW8bit
-    else:
-        adamw = torch.optim.AdamW
-    return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
-
-
-def apply_update(accelerator: Accelerator, optimizer, grad_norm: float) -> bool:
-    """Step the optimiser unless the gradient is not finite; whether the weights were updated.
-
-    One NaN/inf batch must not poison the weights (the norm is all-reduced, so every process agrees). With fp16,
-    accelerate's GradScaler makes that call itself (the unscaled norm is inf after an overflow) and says so in
-    `optimizer_step_was_skipped`."""
-    if accelerator.scaler is None and not math.isfinite(grad_norm):
-        return False
-    optimizer.step()
-    return not accelerator.optimizer_step_was_skipped
-
-
-@dataclasses.dataclass
-class TrainResult:
-    final_dir: Path                  # the saved model (LoRA weights or a full pipeline)
-    unet: torch.nn.Module            # the trained UNet, in this process
-    metrics: dict = dataclasses.field(default_factory=dict)  # the last logged step
-
-
-@dataclasses.dataclass
-class Models:
-    """What a run trains and conditions with, on the device; `unet` is the policy UNet as accelerate prepared it
-    (DDP-wrapped on many processes), `policy.unet` the same module unwrapped."""
-
-    parts: DiffusionComponents
-    policy: Policy
-    unet: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    frozen_dtype: torch.dtype
-
-
-def start_run(cfg: Config) -> tuple[Accelerator, Path]:
-    """The accelerator and the output folder, checked (a run there is resumed or replaced only when asked), with the
-    resolved config written into it."""
-    output_dir = Path(cfg.train.output_dir)
-    check_output_dir(cfg, resolve_resume(output_dir, cfg.train.resume))
-    accelerator = make_accelerator(cfg)
-    accelerator.wait_for_everyone()  # every process has checked the folder before the main process changes it
-    if accelerator.is_main_process:
-        if cfg.train.overwrite:
-            clear_run(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output_dir / "config.yaml", config_to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    return accelerator, output_dir
-
-
-def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, lr: float,
-                  encoders: bool = True, before_policy=None) -> Models:
-    """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
-    in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
-    as the policy and prepare it with its optimiser and lr schedule. `before_policy(parts, frozen_dtype, unet_digest)`
-    runs on the untouched pretrained UNet first (precomputed reference errors)."""
-    t = cfg.train
-    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders)
-    if cfg.model.prediction_type not in (None, parts.prediction_type):
-        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
-                          f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
-                          f"model.prediction_type=null to follow the checkpoint)")
-    device, frozen_dtype = accelerator.device, DTYPES[t.mixed_precision]
-    for module in parts.text_encoders:
-        place(module, device, frozen_dtype)
-    if parts.vae is not None:
-        place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
-    attention = set_attention(parts.unet, cfg.model.attention, device)
-    if cfg.model.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-    if cfg.model.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
-    # the base UNet's digest keys the precomputed reference errors and labels a kohya LoRA: hashed once (local
-    # weights are read whole)
-    unet_digest = (component_digest(cfg.model.pretrained, "unet", cfg.model.revision, cfg.model.variant)
-                   if cfg.model.lora_rank is not None or before_policy is not None else None)
-    if before_policy is not None:
-        before_policy(parts, frozen_dtype, unet_digest)
-    set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
-    kohya = None if cfg.model.lora_rank is None else kohya_labels(
-        parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
-    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, kohya)
-    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.max_steps)
-    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    if cfg.model.compile:  # the training forward only: the reference and inversion call policy.unet as it is
-        unet = compile_unet(unet, device)
-    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
-                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
-    return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype)
-
-
-def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path) -> tuple[int, dict | None]:
-    """(step to continue after, this process's saved state) from train.resume; (0, None) for a fresh start."""
-    checkpoint = resolve_resume(output_dir, cfg.train.resume)
-    if checkpoint is None:
-        if cfg.train.resume == "latest":
-            logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
-        return 0, None
-    step, saved = load_checkpoint(accelerator, checkpoint, models.policy, models.optimizer, models.lr_scheduler)
-    logger.info("resumed from %s at step %d", checkpoint, step)
-    return step, saved
-
-
-def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int, means: dict, totals: dict,
-             extra: dict) -> dict:
-    """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `extra` as this process has
-    it; written to metrics.jsonl by the main process and sent to the tracker."""
-    device = accelerator.device
-    record = {"step": step}
-    for given, how in ((means, "mean"), (totals, "sum")):
-        if given:
-            values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in given.values()])
-            record.update(zip(given, accelerator.reduce(values, how).tolist()))
-    record.update(extra)
-    if metrics_log is not None:
-        metrics_log.write(record)
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-    return record
-
-
-def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path, summary: dict,
-               record: dict) -> TrainResult:
-    """Save the final model, its card and the training curves; end the trackers."""
-    accelerator.wait_for_everyone()
-    unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
-    if accelerator.is_main_process:
-        check_finite_weights(models.policy.trainable_parameters(), cfg.train.max_steps, output_dir)
-        try:
-            save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
-        except OSError as err:
-            shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)
-            raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "
-                             f"is intact, and so are the checkpoints in {output_dir}") from err
-        logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))
-    accelerator.end_training()
-    return TrainResult(output_dir / "final", unet, record)
-
 
 def train(cfg: Config) -> TrainResult:
     """Run the configured method and save the final model."""
     if cfg.method.name in ONLINE_METHODS:
-        from .online import train_online
         return train_online(cfg)
     method = METHODS[cfg.method.name]
     t = cfg.train
@@ -397,12 +213,3 @@ def latent_cache(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Lat
         logger.info("latent cache %s", report)
     accelerator.wait_for_everyone()
     return LatentCache(folder)
-
-
-def tracker_hparams(cfg: Config) -> dict:
-    """Tracker hyper-parameters must be scalars."""
-    flat = {}
-    for section, values in config_to_dict(cfg).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

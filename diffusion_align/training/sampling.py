@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from .models.conditioning import Conditioning, encode_prompts
-from .training.likelihood import abar_at
+from ..models.conditioning import Conditioning, encode_prompts
+from .likelihood import abar_at
 
 
 def ddim_transition(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
