@@ -1,16 +1,21 @@
-"""Every method in the toy world at equal budgets and seeds: oracle win rate over the base model (95% bootstrap
-interval over held-out prompts), toy-reward change, and time per training step.
+"""Every method in the toy world at equal budgets, over several training seeds: the oracle win rate of the aligned
+model over the base (mean over seeds, with a 95% interval over both prompts and seeds), the oracle and toy-reward
+gains, the diversity of the aligned model's images, and time per training step.
 
-    .venv/bin/python benchmarks/toy_methods.py                         # all seven methods, the demo's defaults
-    .venv/bin/python benchmarks/toy_methods.py --methods dpo mapo --steps 100 --out outputs/bench
-    .venv/bin/python benchmarks/toy_methods.py --methods dpo dcpo --overrides data.cache=true \
+    .venv/bin/python benchmarks/toy_methods.py                         # all seven methods, seeds 0 1 2, held out
+    .venv/bin/python benchmarks/toy_methods.py --methods dpo mapo --seeds 0 --split val --out outputs/bench-val
+    .venv/bin/python benchmarks/toy_methods.py --methods dpo --overrides data.cache=true \
         method.precomputed_reference=true --out outputs/bench-cached
 
-Each method runs `diffusion-align demo` into <out>/<method>/: the offline ones on the same base-model images for
-their pairs (made once and reused, labelled by the same toy PickScore), the online ones (pref_grpo, grpo) on their
-own samples rewarded by the same toy PickScore; the same seed, and the demo's steps per kind unless --steps says.
-The table is printed and written to <out>/table.md. Run it with nothing else on the machine: time per step is a
-wall-clock measure.
+Each (method, seed) runs `diffusion-align demo` into <out>/<method>/seed-<seed>/. A training seed sets the pair
+images (the base model's draws for the train prompts), the training draws and the LoRA initialisation; the
+evaluation prompts (every prompt of --split) and evaluation seeds stay fixed, so seeds differ only in what was
+trained. Offline methods at one seed share their pair images (made once, labelled by the same toy PickScore); the
+online ones (pref_grpo, grpo) sample their own. Settings are tuned on --split val (train scenes that get no pairs and
+no rollouts); --split heldout, the default, is for the final table only. The interval: a two-level bootstrap,
+seeds drawn with replacement, then each drawn seed's prompts (`evaluation.compare.seeds_bootstrap_interval`). The
+table is printed and written to <out>/table.md; a run that finished is read back, not run again. Run it with nothing
+else on the machine: time per step is a wall-clock measure.
 """
 
 from __future__ import annotations
@@ -22,56 +27,107 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
+from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, run_demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--split", default="heldout", choices=("val", "heldout"),
+                        help="the prompts evaluated on: val while tuning, heldout for the final table")
     parser.add_argument("--out", default="outputs/toy-methods")
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's, per kind of method")
-    parser.add_argument("--prompts", type=int, default=DemoSettings.prompts)
+    parser.add_argument("--prompts", type=int, default=None, help="train prompts; default: the demo's (all)")
     parser.add_argument("--images-per-prompt", type=int, default=DemoSettings.images_per_prompt)
     parser.add_argument("--eval-seeds", type=int, default=DemoSettings.eval_seeds)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overrides", nargs="*", default=[], help="train config keys for every method, key=value "
                                                                    "(e.g. data.cache=true)")
     args = parser.parse_args()
+    if args.eval_seeds < 2:
+        parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     rows = []
     for method in args.methods:
-        run_dir = out / method
-        if not (run_dir / "report.json").is_file():
-            shared = out / "shared-images"  # the base model's images for the pairs, made by the first method
-            if shared.is_dir() and not run_dir.exists() and method not in ONLINE:
-                shutil.copytree(shared, run_dir)
-            run_demo(run_dir, DemoSettings(method=method, steps=args.steps, prompts=args.prompts,
-                                           images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
-                                           seed=args.seed, overrides=tuple(args.overrides)))
-            if not shared.is_dir() and method not in ONLINE:
-                shared.mkdir(parents=True)
-                for name in ("pair-images", "pair-images-prompts.txt"):
-                    source = run_dir / name
-                    (shutil.copytree if source.is_dir() else shutil.copy)(source, shared / name)
-        rows.append((method, json.loads((run_dir / "report.json").read_text())))
-    table = _table(rows, args)
+        runs = [run_seed(out, method, seed, args) for seed in args.seeds]
+        rows.append((method, summarise(runs)))
+    table = format_table(rows, args)
     print(table)
     (out / "table.md").write_text(table)
 
 
-def _table(rows, args) -> str:
-    lines = [f"Toy world, {args.prompts} train prompts (offline: x {args.images_per_prompt} images), held-out "
-             f"prompts x {args.eval_seeds} seeds, seed {args.seed} ({time.strftime('%Y-%m-%d')})"
-             f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.", "",
-             "| method | steps | oracle win rate over base (95% interval) | toy reward base -> aligned | "
-             "s / step (incl. loading) |",
-             "| --- | --- | --- | --- | --- |"]
-    for method, report in rows:
-        win, proxy = report["oracle_win_rate"], report["toy_reward"]
-        lines.append(f"| {method} | {report['settings']['steps']} | {win['value']:.3f} ({win['low']:.3f}-"
-                     f"{win['high']:.3f}) | {proxy['base']:.3f} -> {proxy['aligned']:.3f} | "
-                     f"{report['train_seconds_per_step']:.2f} |")
+def run_seed(out: Path, method: str, seed: int, args) -> Path:
+    """The demo of `method` at training seed `seed` in <out>/<method>/seed-<seed>/ (read back when it finished)."""
+    return run_demo_once(out / method / f"seed-{seed}", out / f"shared-images-seed-{seed}",
+                         DemoSettings(method=method, steps=args.steps, prompts=args.prompts,
+                                      images_per_prompt=args.images_per_prompt,
+                                      eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed,
+                                      overrides=tuple(args.overrides)))
+
+
+def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
+    """`run_demo` into `run_dir` unless it finished there; an offline method's pair images (which depend on the seed
+    alone) are copied from `shared` when an earlier run left them there, and left there by the first."""
+    if (run_dir / "report.json").is_file():
+        return run_dir
+    offline = settings.method not in ONLINE
+    if offline and shared.is_dir() and not run_dir.exists():
+        shutil.copytree(shared, run_dir)
+    run_demo(run_dir, settings)
+    if offline and not shared.is_dir():
+        shared.mkdir(parents=True)
+        for name in ("pair-images", "pair-images-prompts.txt"):
+            source = run_dir / name
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, shared / name)
+    return run_dir
+
+
+def per_prompt_win_rates(run_dir: Path) -> dict[str, float]:
+    """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds."""
+    outcomes: dict[str, list[float]] = {}
+    for line in (run_dir / "comparisons.jsonl").read_text().splitlines():
+        c = json.loads(line)
+        outcomes.setdefault(c["prompt"], []).append(float(pair_outcomes(c["oracle_aligned"], c["oracle_base"])))
+    return {prompt: float(np.mean(v)) for prompt, v in outcomes.items()}
+
+
+def summarise(runs: list[Path]) -> dict:
+    """Mean over seeds of the win rate, with its two-level interval, each seed's value, and the mean gains."""
+    reports = [json.loads((run / "report.json").read_text()) for run in runs]
+    rates = [per_prompt_win_rates(run) for run in runs]
+    prompts = sorted(rates[0])
+    if any(sorted(r) != prompts for r in rates):
+        raise ValueError(f"the runs {', '.join(map(str, runs))} were evaluated on different prompts")
+    values = np.array([[r[p] for p in prompts] for r in rates])
+    low, high = seeds_bootstrap_interval(values)
+
+    def gain(key):
+        return float(np.mean([r[key]["aligned"] - r[key]["base"] for r in reports]))
+    return {"win_rate": float(values.mean()), "low": low, "high": high,
+            "per_seed": [r["oracle_win_rate"]["value"] for r in reports], "oracle_gain": gain("oracle_score"),
+            "proxy_gain": gain("toy_reward"),
+            "diversity": float(np.mean([r["diversity"]["ratio"] for r in reports])),
+            "steps": reports[0]["settings"]["steps"],
+            "seconds_per_step": float(np.mean([r["train_seconds_per_step"] for r in reports]))}
+
+
+def format_table(rows, args) -> str:
+    split = {"val": "validation prompts (for tuning)", "heldout": "held-out prompts (never tuned on)"}[args.split]
+    lines = [f"Toy world, {args.split}: {split} x {args.eval_seeds} evaluation seeds; training seeds "
+             f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
+             f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')}){'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
+             "",
+             "| method | steps | oracle win rate over base, mean over seeds (95% interval, prompts and seeds) | "
+             "per seed | oracle gain | toy-reward gain | diversity (aligned / base) | s / step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, s in rows:
+        lines.append(f"| {method} | {s['steps']} | {s['win_rate']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | "
+                     f"{' '.join(f'{v:.3f}' for v in s['per_seed'])} | {s['oracle_gain']:+.3f} | "
+                     f"{s['proxy_gain']:+.3f} | {s['diversity']:.2f} | {s['seconds_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,10 +40,11 @@ def cmd_demo(args) -> None:
     _setup_logging()
     report = run_demo(args.out, DemoSettings(method=args.method, steps=args.steps, prompts=args.prompts,
                                              images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
-                                             seed=args.seed, overrides=tuple(args.overrides)))
-    win = report["oracle_win_rate"]
+                                             eval_split=args.eval_split, seed=args.seed,
+                                             overrides=tuple(args.overrides)))
+    win, split = report["oracle_win_rate"], {"heldout": "held-out", "val": "validation"}[args.eval_split]
     print(f"{report['method']}: oracle win rate of the aligned model over the base {win['value']:.3f} "
-          f"(95% interval {win['low']:.3f}-{win['high']:.3f}, {win['comparisons']} held-out comparisons); "
+          f"(95% interval {win['low']:.3f}-{win['high']:.3f}, {win['comparisons']} {split} comparisons); "
           f"toy PickScore {report['toy_reward']['base']:.3f} -> {report['toy_reward']['aligned']:.3f}")
     print(f"report: {(Path(args.out) / 'report.md').resolve()}")
 
@@ -389,11 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 1000 optimiser steps "
                                                                "offline, 200 rollouts online)")
-    demo.add_argument("--prompts", type=int, default=251, help="train prompts (at most 251, the default: all)")
+    demo.add_argument("--prompts", type=int, default=None, help="train prompts (at most 212, the default: all)")
     demo.add_argument("--images-per-prompt", type=int, default=4, help="base-model images per train prompt, "
                                                                         "all pairs of them labelled")
-    demo.add_argument("--eval-seeds", type=int, default=3, help="images per held-out prompt and model")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-seeds", type=int, default=3, help="images per evaluated prompt and model")
+    demo.add_argument("--eval-split", default="heldout", choices=("heldout", "val"),
+                      help="the prompts judged: heldout (never trained on; report results on these) or val (train "
+                           "scenes that get no pairs: tune settings on these)")
+    demo.add_argument("--seed", type=int, default=0, help="the pair images, training draws and LoRA initialisation")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="train config keys, e.g. train.lr=1e-4")
     demo.set_defaults(func=cmd_demo)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffusion_align.evaluation import compare
 from diffusion_align.evaluation.compare import (
-    bootstrap_interval, compare_folders, match_prompts, pair_outcomes, win_rate,
+    bootstrap_interval, compare_folders, match_prompts, pair_outcomes, seeds_bootstrap_interval, win_rate,
 )
 from diffusion_align.evaluation.scoring import ScoringError
 
@@ -64,6 +64,23 @@ def test_bootstrap_interval_contains_estimate_and_is_reproducible(monkeypatch):
     assert bootstrap_interval(values, seed=3) == (low, high)
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_interval([])
+
+
+def test_the_seeds_bootstrap_resamples_seeds_then_prompts():
+    assert seeds_bootstrap_interval([[0.5, 0.5], [0.5, 0.5]]) == (0.5, 0.5)
+    # every prompt agrees within a seed: only the seeds vary, and the resampled mean over two seeds is 0, 0.5 or 1
+    # with probabilities 1/4, 1/2, 1/4, so both tails sit on the extremes (likewise 0.2, 0.5, 0.8 for one prompt)
+    assert seeds_bootstrap_interval([[0.0, 0.0], [1.0, 1.0]]) == (0.0, 1.0)
+    assert seeds_bootstrap_interval([[0.2], [0.8]]) == pytest.approx((0.2, 0.8))
+    values = [1.0, 0.5, 0.0, 1.0, 1.0, 0.75, 0.25, 1.0, 0.5, 1.0]
+    assert seeds_bootstrap_interval([values], seed=3) == bootstrap_interval(values, seed=3)  # one seed: prompts only
+    # two seeds that differ by an offset: the seed spread widens the interval beyond the prompts' alone
+    by_seed = np.array([values, np.clip(np.array(values) - 0.3, 0, 1)])
+    low, high = seeds_bootstrap_interval(by_seed, seed=1)
+    prompts_low, prompts_high = bootstrap_interval(by_seed.mean(axis=0), seed=1)
+    assert low < prompts_low < by_seed.mean() < prompts_high < high
+    with pytest.raises(ValueError, match=r"\(seeds, prompts\) array"):
+        seeds_bootstrap_interval([1.0, 2.0])
 
 
 def row(prompt, score, seed=None):

@@ -29,24 +29,35 @@ def test_grammar_round_trips_and_rejects_other_prompts():
 
 
 def test_held_out_scenes_are_new_combinations_of_known_words():
-    train, heldout = scenes("train"), scenes("heldout")
-    assert not set(train) & set(heldout) and len(train) + len(heldout) == len(ALL_SCENES)
+    pretrain, heldout = scenes("pretrain"), scenes("heldout")
+    assert not set(pretrain) & set(heldout) and len(pretrain) + len(heldout) == len(ALL_SCENES)
     assert 0.1 < len(heldout) / len(ALL_SCENES) < 0.3
     for field, values in ATTRIBUTES.items():  # every word is seen in training
-        assert {getattr(s, field) for s in train} == set(values) == {getattr(s, field) for s in heldout}
+        assert {getattr(s, field) for s in pretrain} == set(values) == {getattr(s, field) for s in heldout}
     held = set(sample_prompts(500, seed=3, split="heldout"))
     assert held == {s.prompt for s in heldout}
-    assert not held & set(sample_prompts(1000, seed=3, split="train"))
+    assert not held & set(sample_prompts(1000, seed=3, split="pretrain"))
+
+
+def test_the_validation_split_is_pretraining_scenes_that_get_no_pairs():
+    train, val, heldout = (set(scenes(split)) for split in ("train", "val", "heldout"))
+    assert train | val == set(scenes("pretrain")) and not train & val and not val & heldout
+    assert (len(train), len(val)) == (212, 39)
+    for field, values in ATTRIBUTES.items():  # tuned on scenes whose every word the pairs also show
+        assert {getattr(s, field) for s in val} == set(values)
+    assert set(sample_prompts(1000, seed=3, split="train")) == {s.prompt for s in train}
+    assert set(sample_prompts(100, seed=3, split="val")) == {s.prompt for s in val}
+    assert scenes("pretrain") == [s for s in ALL_SCENES if s not in heldout]  # pretraining data unchanged
 
 
 def test_pretraining_data_never_names_a_held_out_scene():
     """Not even as a wrong caption: flawed captions describe a train scene one attribute away."""
     heldout = {s.prompt for s in scenes("heldout")}
     rng = np.random.default_rng(0)
-    captions = [render_flawed(scene, rng)[1] for scene in scenes("train") for _ in range(20)]
-    wrong = [c for c, scene in zip(captions, [s for s in scenes("train") for _ in range(20)]) if c != scene.prompt]
+    captions = [render_flawed(scene, rng)[1] for scene in scenes("pretrain") for _ in range(20)]
+    wrong = [c for c, scene in zip(captions, [s for s in scenes("pretrain") for _ in range(20)]) if c != scene.prompt]
     assert len(wrong) > 500 and not set(captions) & heldout
-    for caption, scene in zip(captions, [s for s in scenes("train") for _ in range(20)]):
+    for caption, scene in zip(captions, [s for s in scenes("pretrain") for _ in range(20)]):
         changed = [f for f in ATTRIBUTES if getattr(parse_prompt(caption), f) != getattr(scene, f)]
         assert len(changed) in (0, 1)
 
@@ -204,16 +215,20 @@ def test_demo_end_to_end(tmp_path):
     assert rows[0]["note"].startswith("oracle: aligned better, +") and all(r["note"] for r in rows)
     assert f"{report['changed_visibly']['images']} of 73 aligned images" in (out / "report.md").read_text()
 
-    # a rerun of another method with fewer prompts into the same folder judges exactly its own images
-    rerun = run_demo(out, DemoSettings(method="sft", steps=2, prompts=4, images_per_prompt=2, eval_seeds=1,
-                                       overrides=("train.batch_size=4",)))
-    assert rerun["method"] == "sft" and rerun["oracle_win_rate"]["comparisons"] == 73
+    # a rerun of another method, at another seed, on fewer prompts, judged on the validation split, into the same
+    # folder: it judges exactly its own images; the seed moves the pair images, not the evaluation seeds
+    rerun = run_demo(out, DemoSettings(method="sft", steps=2, prompts=4, images_per_prompt=2, eval_seeds=1, seed=1,
+                                       eval_split="val", overrides=("train.batch_size=4",)))
+    assert rerun["method"] == "sft" and rerun["oracle_win_rate"]["comparisons"] == 39
     final = rerun["files"]["LoRA weights"]
     aligned = [json.loads(line) for line in (out / "aligned" / "metadata.jsonl").read_text().splitlines()]
-    assert len(aligned) == 73 and {r["weights"] for r in aligned} == {weights_digest(str(base_model()), final)}
-    pair_images = (out / "pair-images" / "metadata.jsonl").read_text().splitlines()
-    assert {json.loads(line)["prompt"] for line in pair_images} == set(sample_prompts(4, 0, "train"))
+    assert len(aligned) == 39 and {r["weights"] for r in aligned} == {weights_digest(str(base_model()), final)}
+    assert {r["prompt"] for r in aligned} == {s.prompt for s in scenes("val")} and {r["seed"] for r in aligned} == {1000}
+    pair_images = [json.loads(line) for line in (out / "pair-images" / "metadata.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in pair_images} == set(sample_prompts(4, 1, "train"))
+    assert {r["seed"] for r in pair_images} == {2, 3}  # seed 0 drew 0 and 1
     assert len(pair_images) == 8 and len(pq.read_table(out / "pairs" / "pairs-00000.parquet")) == 4
+    assert "validation prompts" in (out / "report.md").read_text()
 
 
 def _judged_folder(folder, images: dict) -> None:
@@ -263,6 +278,14 @@ def test_demo_evaluation_compares_the_right_images_by_prompt(tmp_path, monkeypat
     assert swapped["oracle_win_rate"]["low"] == pytest.approx(1 - win["high"])
     assert summary["oracle_score"]["aligned"] == swapped["oracle_score"]["base"]
     assert summary["changed_visibly"]["images"] == 5  # all but the identical pair
+
+    def spread(images):  # mean over prompts of the mean absolute pixel difference between the two seeds' images
+        return np.mean([np.abs(np.asarray(images[p, s0], float) - np.asarray(images[p, s1], float)).mean()
+                        for p in prompts])
+    aligned_images = {k: which[k] for k, which in aligned.items()}
+    assert summary["diversity"]["aligned"] == pytest.approx(spread(aligned_images))
+    assert summary["diversity"]["ratio"] == pytest.approx(spread(aligned_images) / summary["diversity"]["base"])
+    assert swapped["diversity"]["base"] == summary["diversity"]["aligned"]
     assert [(c["prompt"], c["seed"]) for c in comparisons] == [(p, s) for p in prompts for s in seeds]
 
     notes = demo.verdicts(comparisons)

@@ -66,6 +66,33 @@ def bootstrap_interval(values, n_resamples: int = N_RESAMPLES, confidence: float
     return float(low), float(high)
 
 
+def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, confidence: float = 0.95,
+                             seed: int = 0) -> tuple[float, float]:
+    """Percentile interval for the mean over training seeds of each seed's mean over prompts, `values_by_seed`
+    being (seeds, prompts): one value per prompt for each training seed, the same prompts for every seed.
+
+    Two-level bootstrap, so both sources of variance widen it: each resample draws the seeds with replacement, then
+    for each drawn seed its prompts with replacement, and takes the mean over the drawn seeds of their means. With
+    one seed it is `bootstrap_interval` over that seed's prompts."""
+    v = np.asarray(values_by_seed, dtype=np.float64)
+    if v.ndim != 2 or v.size == 0:
+        raise ValueError(f"expected a non-empty (seeds, prompts) array of per-prompt values, got shape {v.shape}")
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError(f"expected confidence in (0, 1) and n_resamples >= 1, got {confidence} and {n_resamples}")
+    seeds, prompts = v.shape
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // v.size)
+    means = []
+    for start in range(0, n_resamples, chunk):
+        n = min(chunk, n_resamples - start)
+        drawn_seeds = rng.integers(0, seeds, (n, seeds, 1)) if seeds > 1 else np.zeros((n, 1, 1), dtype=np.int64)
+        drawn_prompts = rng.integers(0, prompts, (n, seeds, prompts))
+        means.append(v[drawn_seeds, drawn_prompts].mean(axis=(1, 2)))
+    alpha = 1 - confidence
+    low, high = np.quantile(np.concatenate(means), [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 @dataclass
 class PromptComparison:
     prompt: str

@@ -4,7 +4,8 @@
                    compactly (`pretrain.store_compact`: float16 weight files that load as float32)
     pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of samples of the base model
                    at full precision (`.build/base-full`); scorer `toy-pickscore`
-    train-prompts.txt  the world's train prompts, one a line (for `online.prompts` in configs/toy/)
+    train-prompts.txt  the world's train prompts (not the validation ones), one a line (for `online.prompts` in
+                       configs/toy/)
     measured.json  what `build_assets` measured: the base model's oracle scores, the proxy's agreement with the
                    oracle on held-out pairs, the settings and the time
 
@@ -152,7 +153,7 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
 
     # preference data: `images_per_prompt` samples of every train prompt, paired, labelled by the simulated raters
     seeds = list(range(images_per_prompt))
-    train_images = generate(full, [s.prompt for s in scenes("train")], seeds, work / "train-images")
+    train_images = generate(full, [s.prompt for s in scenes("pretrain")], seeds, work / "train-images")
     train_pairs = oracle_pairs(train_images, work / "train-pairs.parquet", seed)
     clip = build_toy_clip(work / "clip-init", seed)
     fit = fit_reward(str(train_pairs), str(clip), out_dir / "pickscore", steps=reward_steps, lr=1e-3,

@@ -1,16 +1,18 @@
 """`diffusion-align demo`: the whole loop in the toy world, from the shipped assets, with no network.
 
 Offline methods (dpo, mapo, smpo, dcpo, sft):
-1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`);
+1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`; their
+   seeds follow the run's seed, so each training seed trains on its own pair images);
 2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; SmPO reads its
    cosines, DCPO gets dual captions);
 3. training: the method on those pairs (`train`; LoRA by default).
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
 the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`).
 Then, for every method:
-4. evaluation: base and aligned images for every held-out prompt and `eval_seeds` seeds (`generate`), judged by
-   the oracle, paired by prompt and seed: the aligned model's win rate with a 95% bootstrap interval over prompts,
-   the toy PickScore of both, and how many aligned images changed visibly;
+4. evaluation: base and aligned images for every prompt of `eval_split` (held-out by default; "val" while tuning
+   settings) and `eval_seeds` fixed seeds (`generate`), judged by the oracle, paired by prompt and seed: the
+   aligned model's win rate with a 95% bootstrap interval over prompts, the toy PickScore of both, how many aligned
+   images changed visibly, and their diversity across seeds beside the base's;
 5. outputs: report.json, report.md, comparisons.jsonl (every comparison's oracle scores), a comparison grid and
    the review page (both opening on the largest oracle gains, then the largest losses, each with its verdict), and
    the training curves.
@@ -20,6 +22,7 @@ prompts x seeds and weights (`assets.generate`), so images of an earlier model o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -71,10 +74,11 @@ VISIBLE_CHANGE = 4.0
 class DemoSettings:
     method: str = "dpo"
     steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: DEFAULT_STEPS
-    prompts: int = 251        # train prompts (all of them), each drawn once
+    prompts: int | None = None  # train prompts, each drawn once; None: all 212
     images_per_prompt: int = 4  # so 6 pairs per prompt
-    eval_seeds: int = 3       # images per held-out prompt and model: 73 prompts x 3 = 219 comparisons
-    seed: int = 0
+    eval_seeds: int = 3       # images per evaluated prompt and model: 73 held-out prompts x 3 = 219 comparisons
+    eval_split: str = "heldout"  # "val" to tune settings, "heldout" to report them (toy.world)
+    seed: int = 0             # the pair images, the training draws and the LoRA initialisation
     overrides: tuple[str, ...] = ()  # extra train config keys, key=value
 
 
@@ -89,9 +93,13 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
 
     if settings.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {settings.method!r}")
-    if not 0 < settings.prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
+    prompts = len(scenes("train")) if settings.prompts is None else settings.prompts
+    if not 0 < prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
         raise ValueError(f"expected 1 to {len(scenes('train'))} prompts (each drawn once) and at least 2 images per "
-                         f"prompt, got {settings.prompts} and {settings.images_per_prompt}")
+                         f"prompt, got {prompts} and {settings.images_per_prompt}")
+    if settings.eval_split not in ("val", "heldout"):
+        raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
+                         f"{settings.eval_split!r}")
     load_config(None, list(settings.overrides))  # a mistyped override fails now, not after minutes of pair-making
     started = time.perf_counter()
     out = Path(out_dir)
@@ -99,19 +107,21 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     proxy = load_scorer("toy-pickscore", proxy_path, device="cpu")
     online = settings.method in ONLINE
     steps = settings.steps or DEFAULT_STEPS["online" if online else "offline"]
-    train_prompts = sample_prompts(settings.prompts, settings.seed, "train")
+    train_prompts = sample_prompts(prompts, settings.seed, "train")
 
     if online:
         logger.info("1-2/5 (online: the model samples %d train prompts itself, rewarded by the toy PickScore)",
-                    settings.prompts)
+                    prompts)
         prompts_file = out / "train-prompts.txt"
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(prompts_file, "".join(p + "\n" for p in train_prompts))
         data = [f"online.prompts={prompts_file}", *TRAIN["online"]]
     else:
-        logger.info("1/5 pairs: %d train prompts x %d images from the base model", settings.prompts,
+        logger.info("1/5 pairs: %d train prompts x %d images from the base model", prompts,
                     settings.images_per_prompt)
-        images = generate(base, train_prompts, list(range(settings.images_per_prompt)), out / "pair-images")
+        first = settings.seed * settings.images_per_prompt  # seed 0 draws 0..3, seed 1 draws 4..7, ...
+        images = generate(base, train_prompts, list(range(first, first + settings.images_per_prompt)),
+                          out / "pair-images")
         logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
         pairs = out / "pairs"
         pairs_from_folder(images, proxy, pairs, seed=settings.seed)
@@ -130,20 +140,20 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     result = train(cfg)
     seconds_per_step = (time.perf_counter() - train_started) / steps  # model loading included
 
-    logger.info("4/5 evaluation: %d held-out prompts x %d seeds, base and aligned", len(scenes("heldout")),
+    evaluated = [s.prompt for s in scenes(settings.eval_split)]
+    logger.info("4/5 evaluation: %d %s prompts x %d seeds, base and aligned", len(evaluated), settings.eval_split,
                 settings.eval_seeds)
-    heldout = [s.prompt for s in scenes("heldout")]
-    seeds = list(range(1000, 1000 + settings.eval_seeds))  # not the seeds the training pairs were drawn with
-    base_dir = generate(base, heldout, seeds, out / "base")
-    aligned_dir = generate(base, heldout, seeds, out / "aligned", lora=str(result.final_dir))
-    summary, comparisons = evaluate(base_dir, aligned_dir, proxy, heldout, seeds, settings.seed)
+    seeds = list(range(1000, 1000 + settings.eval_seeds))  # fixed, and never the seeds of the pair images
+    base_dir = generate(base, evaluated, seeds, out / "base")
+    aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir))
+    summary, comparisons = evaluate(base_dir, aligned_dir, proxy, evaluated, seeds, settings.seed)
     report = {
         "method": settings.method,
         **summary,
         "train_seconds_per_step": round(seconds_per_step, 3),
-        "settings": {"steps": steps, "prompts": settings.prompts,
+        "settings": {"steps": steps, "prompts": prompts,
                      **({} if online else {"images_per_prompt": settings.images_per_prompt}),
-                     "eval_seeds": settings.eval_seeds, "seed": settings.seed,
+                     "eval_split": settings.eval_split, "eval_seeds": settings.eval_seeds, "seed": settings.seed,
                      "train": [k for k in train_keys if not k.startswith(("data.path=", "online.prompts="))]},
     }
 
@@ -169,8 +179,8 @@ def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
     """The aligned folder judged against the base on exactly `prompts` x `seeds` (other images in the folders are
     not read; a missing one is an error): the oracle win rate of aligned over base, paired by prompt and seed, with
     a 95% bootstrap interval over prompts (`seed` draws the resamples), the mean oracle score and toy PickScore of
-    each folder, and how many aligned images changed visibly (VISIBLE_CHANGE). Also returns every comparison:
-    prompt, seed, both oracle scores and the mean absolute pixel difference."""
+    each folder, how many aligned images changed visibly (VISIBLE_CHANGE), and each folder's `diversity`. Also
+    returns every comparison: prompt, seed, both oracle scores and the mean absolute pixel difference."""
     keys = [(prompt, s) for prompt in prompts for s in seeds]
     images = []
     for folder in (base_dir, aligned_dir):
@@ -186,9 +196,10 @@ def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
     outcomes = pair_outcomes(oracle_aligned.numpy(), oracle_base.numpy())
     per_prompt = outcomes.reshape(len(prompts), len(seeds)).mean(axis=1)  # keys run seed-fastest
     low, high = bootstrap_interval(per_prompt, seed=seed)
-    change = [float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
-              for a, b in zip(aligned_images, base_images)]
+    change = [_pixel_distance(a, b) for a, b in zip(aligned_images, base_images)]
     visible = sum(c > VISIBLE_CHANGE for c in change)
+    spread = None if len(seeds) < 2 else {"base": diversity(base_images, len(seeds)),
+                                          "aligned": diversity(aligned_images, len(seeds))}
     summary = {
         "oracle_win_rate": {"value": float(outcomes.mean()), "low": low, "high": high, "comparisons": len(keys),
                             "prompts": len(prompts)},
@@ -196,10 +207,24 @@ def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
         "toy_reward": {"base": float(proxy.score(base_images, texts).mean()),
                        "aligned": float(proxy.score(aligned_images, texts).mean())},
         "changed_visibly": {"images": visible, "share": visible / len(keys), "threshold": VISIBLE_CHANGE},
+        "diversity": None if spread is None else {**spread, "ratio": spread["aligned"] / spread["base"]},
     }
     comparisons = [{"prompt": p, "seed": s, "oracle_base": float(b), "oracle_aligned": float(a), "pixel_change": c}
                    for (p, s), b, a, c in zip(keys, oracle_base, oracle_aligned, change)]
     return summary, comparisons
+
+
+def _pixel_distance(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+
+
+def diversity(images: list[Image.Image], per_prompt: int) -> float:
+    """How different one model's images of a prompt are across seeds: the mean absolute pixel difference (0-255)
+    over every pair of a prompt's images, averaged over prompts (`images` run prompt by prompt, `per_prompt` each).
+    Beside the base model's, it shows mode collapse: an aligned model that draws one image per prompt scores 0."""
+    groups = [images[i:i + per_prompt] for i in range(0, len(images), per_prompt)]
+    return float(np.mean([np.mean([_pixel_distance(a, b) for a, b in itertools.combinations(group, 2)])
+                          for group in groups]))
 
 
 def verdicts(comparisons: list[dict]) -> dict[tuple[str, int], str]:
@@ -217,18 +242,26 @@ def verdicts(comparisons: list[dict]) -> dict[tuple[str, int], str]:
 
 def format_report(report: dict) -> str:
     win, oracle, proxy = report["oracle_win_rate"], report["oracle_score"], report["toy_reward"]
-    changed = report["changed_visibly"]
+    changed, spread = report["changed_visibly"], report["diversity"]
+    split = {"heldout": "held-out", "val": "validation"}[report["settings"]["eval_split"]]
     return "\n".join([
         f"# Toy demo: {report['method']}",
         "",
         f"Oracle win rate of the aligned model over the base: **{win['value']:.3f}** "
         f"(95% interval {win['low']:.3f} to {win['high']:.3f}; {win['comparisons']} comparisons on "
-        f"{win['prompts']} held-out prompts, paired by prompt and seed; ties count half).",
+        f"{win['prompts']} {split} prompts, paired by prompt and seed; ties count half).",
         "",
-        "| | base | aligned |",
-        "| --- | --- | --- |",
-        f"| mean oracle score | {oracle['base']:.4f} | {oracle['aligned']:.4f} |",
-        f"| mean toy PickScore (the proxy trained on) | {proxy['base']:.4f} | {proxy['aligned']:.4f} |",
+        "| | base | aligned | gain |",
+        "| --- | --- | --- | --- |",
+        f"| mean oracle score | {oracle['base']:.4f} | {oracle['aligned']:.4f} | {oracle['aligned'] - oracle['base']:+.4f} |",
+        f"| mean toy PickScore (the proxy trained on) | {proxy['base']:.4f} | {proxy['aligned']:.4f} | "
+        f"{proxy['aligned'] - proxy['base']:+.4f} |",
+        *([] if spread is None else [
+            f"| diversity across seeds (mean pixel difference of a prompt's images) | {spread['base']:.2f} | "
+            f"{spread['aligned']:.2f} | x{spread['ratio']:.2f} |"]),
+        "",
+        "A proxy gain without an oracle gain is reward hacking; diversity falling well below the base's is mode "
+        "collapse.",
         "",
         f"{changed['images']} of {win['comparisons']} aligned images ({changed['share']:.0%}) changed visibly from the "
         f"base image of the same prompt and seed (mean pixel difference over {changed['threshold']:g} levels of "

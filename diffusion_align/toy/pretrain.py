@@ -83,7 +83,7 @@ def build_pipeline(seed: int) -> StableDiffusionPipeline:
 def _dataset(settings: PretrainSettings) -> tuple[torch.Tensor, list[str]]:
     """Rendered pretraining images in [-1, 1] (N, 3, 32, 32) and their captions."""
     rng = np.random.default_rng([settings.seed, 1])
-    pool = scenes("train")
+    pool = scenes("pretrain")
     images, captions = [], []
     for i in rng.integers(len(pool), size=settings.images):
         image, caption = render_flawed(pool[i], rng)

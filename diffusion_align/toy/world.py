@@ -2,8 +2,14 @@
 
 A scene is (size, colour, shape, position, background); its prompt reads
 "a small red circle on the left, white background". The 324 scenes are split once, by a hash of the prompt, into
-train scenes (pretraining and preference data) and held-out scenes (evaluation only): every colour, shape, size,
-position and background occurs in both splits, but no held-out combination is ever trained on.
+pretraining scenes and held-out scenes (the final evaluation only): every colour, shape, size, position and
+background occurs in both, but no held-out combination is ever trained on. A second hash carves a validation split
+out of the pretraining scenes, so the splits are:
+
+    pretrain  every scene the base model was pretrained on (= train + val)
+    train     the scenes preference pairs and online rollouts are made from
+    val       pretraining scenes that get no preference pairs and no rollouts: what settings are tuned on
+    heldout   never trained on at all: what results are reported on, once the settings are chosen
 
 Images are 32 x 32 RGB, drawn at 4x and downsampled so edges are smooth. `render` draws a scene as it should be;
 `render_flawed` draws the kind of data a model is pretrained on in the wild: a background with noise or stains, or
@@ -28,6 +34,7 @@ SIZES = {"small": 5.0, "large": 9.0}  # half-width in pixels
 POSITIONS = {"left": 9.0, "middle": 16.0, "right": 23.0}  # x of the centre in pixels
 BACKGROUNDS = {"white": (240, 240, 240), "black": (25, 25, 25), "gray": (125, 125, 125)}
 HELD_OUT_EVERY = 6  # about one scene in six is held out
+VAL_EVERY = 6  # and about one pretraining scene in six is kept for validation
 FLAWS = {"noisy background": 0.25, "stained background": 0.15, "wrong caption": 0.2}  # pretraining data rates
 
 _PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
@@ -65,13 +72,16 @@ _ATTRIBUTES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": PO
 ALL_SCENES = [Scene(*values) for values in itertools.product(*_ATTRIBUTES.values())]
 
 
-def _held_out(scene: Scene) -> bool:
-    digest = hashlib.sha256(scene.prompt.encode()).digest()
-    return int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0
+def _one_in(every: int, text: str) -> bool:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") % every == 0
 
 
-SPLITS = {"train": [s for s in ALL_SCENES if not _held_out(s)], "heldout": [s for s in ALL_SCENES if _held_out(s)]}
-_TRAIN = frozenset(SPLITS["train"])
+_PRETRAIN = [s for s in ALL_SCENES if not _one_in(HELD_OUT_EVERY, s.prompt)]
+SPLITS = {"pretrain": _PRETRAIN,
+          "train": [s for s in _PRETRAIN if not _one_in(VAL_EVERY, "val:" + s.prompt)],
+          "val": [s for s in _PRETRAIN if _one_in(VAL_EVERY, "val:" + s.prompt)],
+          "heldout": [s for s in ALL_SCENES if _one_in(HELD_OUT_EVERY, s.prompt)]}
+_PRETRAINED = frozenset(_PRETRAIN)
 
 
 def scenes(split: str) -> list[Scene]:
@@ -81,7 +91,8 @@ def scenes(split: str) -> list[Scene]:
 
 
 def sample_prompts(n: int, seed: int, split: str = "train") -> list[str]:
-    """`n` prompts of `split`, drawn for `seed`: each prompt once per pass through a shuffled split."""
+    """`n` prompts of `split` (see the module docstring), drawn for `seed`: each prompt once per pass through a
+    shuffled split."""
     pool = scenes(split)
     rng = np.random.default_rng([seed, len(pool)])
     order = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-n // len(pool)))])
@@ -124,11 +135,11 @@ def _stained(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _miscaptioned(scene: Scene, rng: np.random.Generator) -> Scene:
-    """A train scene that differs from `scene` in one attribute: what a wrong caption would describe. Only train
-    scenes, so no held-out prompt is ever seen in pretraining, not even as a wrong caption."""
+    """A pretraining scene that differs from `scene` in one attribute: what a wrong caption would describe. Only
+    pretraining scenes, so no held-out prompt is ever seen in pretraining, not even as a wrong caption."""
     one_off = [replace(scene, **{field: value}) for field, values in _ATTRIBUTES.items() for value in values
                if value != getattr(scene, field)]
-    neighbours = [s for s in one_off if s in _TRAIN]
+    neighbours = [s for s in one_off if s in _PRETRAINED]
     return neighbours[rng.integers(len(neighbours))]
 
 
