@@ -143,7 +143,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     evaluated = [s.prompt for s in scenes(settings.eval_split)]
     logger.info("4/5 evaluation: %d %s prompts x %d seeds, base and aligned", len(evaluated), settings.eval_split,
                 settings.eval_seeds)
-    seeds = list(range(1000, 1000 + settings.eval_seeds))  # fixed, and never the seeds of the pair images
+    seeds = list(range(1000, 1000 + settings.eval_seeds))  # the same for every training seed
     base_dir = generate(base, evaluated, seeds, out / "base")
     aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir))
     summary, comparisons = evaluate(base_dir, aligned_dir, proxy, evaluated, seeds, settings.seed)
