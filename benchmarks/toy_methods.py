@@ -119,7 +119,8 @@ def format_table(rows, args) -> str:
     split = {"val": "validation prompts (for tuning)", "heldout": "held-out prompts (never tuned on)"}[args.split]
     lines = [f"Toy world, {args.split}: {split} x {args.eval_seeds} evaluation seeds; training seeds "
              f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
-             f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')}){'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
+             f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')})"
+             f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
              "",
              "| method | steps | oracle win rate over base, mean over seeds (95% interval, prompts and seeds) | "
              "per seed | oracle gain | toy-reward gain | diversity (aligned / base) | s / step |",

@@ -223,7 +223,8 @@ def test_demo_end_to_end(tmp_path):
     final = rerun["files"]["LoRA weights"]
     aligned = [json.loads(line) for line in (out / "aligned" / "metadata.jsonl").read_text().splitlines()]
     assert len(aligned) == 39 and {r["weights"] for r in aligned} == {weights_digest(str(base_model()), final)}
-    assert {r["prompt"] for r in aligned} == {s.prompt for s in scenes("val")} and {r["seed"] for r in aligned} == {1000}
+    assert {r["prompt"] for r in aligned} == {s.prompt for s in scenes("val")}
+    assert {r["seed"] for r in aligned} == {1000}
     pair_images = [json.loads(line) for line in (out / "pair-images" / "metadata.jsonl").read_text().splitlines()]
     assert {r["prompt"] for r in pair_images} == set(sample_prompts(4, 1, "train"))
     assert {r["seed"] for r in pair_images} == {2, 3}  # seed 0 drew 0 and 1

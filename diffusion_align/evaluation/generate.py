@@ -182,10 +182,19 @@ def _is_generated(record: dict) -> bool:
             and all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, number)))
 
 
+def _lines(records) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def _changed_settings(record: dict, settings: dict) -> str:
+    """How a metadata line's settings differ from `settings` ("" when they do not)."""
+    return differences({k: record.get(k) for k in SETTINGS}, settings)
+
+
 def _append_lines(path: Path, records: list[dict]) -> None:
     """One write of whole lines, flushed to disk: a crash leaves whole lines and at most one cut short at the end."""
     with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.write(_lines(records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -312,7 +321,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     if prune:
         records = _prune(records, settings, {(p, s) for p in distinct for s in seeds}, metadata)
     for where, record in records:
-        changed = differences({k: record.get(k) for k in SETTINGS}, settings)
+        changed = _changed_settings(record, settings)
         if changed:
             raise ValueError(f"{where}: {out_dir} was generated with other settings ({changed}); rerun with the "
                              f"same settings to resume, or generate into another folder")
@@ -353,12 +362,11 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
 def _prune(records: list[tuple[str, dict]], settings: dict, wanted: set, metadata: Path) -> list[tuple[str, dict]]:
     """The records of `settings` and a wanted (prompt, seed); the others' lines are removed from `metadata` (one
     atomic rewrite), then their images, so a crash between the two leaves only unlisted files."""
-    kept = [(w, r) for w, r in records
-            if (r["prompt"], r["seed"]) in wanted and not differences({k: r.get(k) for k in SETTINGS}, settings)]
+    kept = [(w, r) for w, r in records if (r["prompt"], r["seed"]) in wanted and not _changed_settings(r, settings)]
     if len(kept) < len(records):
         logger.info("%s: removing %d images of other settings, prompts or seeds", metadata.parent,
                     len(records) - len(kept))
-        write_text_atomic(metadata, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in kept))
+        write_text_atomic(metadata, _lines(r for _, r in kept))
         listed = {r["file_name"] for _, r in kept}
         for _, record in records:
             if record["file_name"] not in listed:

@@ -186,9 +186,10 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     `prompt_width` wide (default max(160, cell_size)) left of its row, the seed under it; the folder names head
     the columns. With a `scorer` (rewards.load_scorer), each image's score is printed under it, and the best score
     of each row (higher is better; every score that prints the same as the best counts) is framed and printed in
-    BEST. `notes`: rows shown first, each with its note (see the module docstring). Pages hold `rows_per_page` rows: the first page is always `out`, the next `<stem>-002<suffix>`,
-    `<stem>-003<suffix>`, ... (pages of that name left by an earlier, longer run are removed). The image format
-    follows the suffix of `out`; pages are written atomically.
+    BEST. `notes`: rows shown first, each with its note (see the module docstring). Pages hold `rows_per_page`
+    rows: the first page is always `out`, the next `<stem>-002<suffix>`, `<stem>-003<suffix>`, ... (pages of that
+    name left by an earlier, longer run are removed). The image format follows the suffix of `out`; pages are
+    written atomically.
     """
     if rows_per_page < 1 or cell_size < 16:
         raise ValueError(f"expected rows_per_page >= 1 and cell_size >= 16, got {rows_per_page} and {cell_size}")

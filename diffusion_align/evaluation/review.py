@@ -79,8 +79,8 @@ def _script_json(value) -> str:
 def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None = None, seed: int = 0,
                 title: str | None = None, scorer=None, scores: dict | None = None,
                 notes: dict[tuple[str, int], str] | None = None) -> dict:
-    """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed,
-    label, note or null, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
+    """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed, label,
+    note or null, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
     folders compared blind and the pairs, each a row with both images and the folder shown left; null with one
     folder), `scorer` (its column name, or null), `id`. Arguments as for `write_review_page`."""
     labels, rows = match_rows(dirs, prompt, notes)

@@ -253,7 +253,8 @@ def format_report(report: dict) -> str:
         "",
         "| | base | aligned | gain |",
         "| --- | --- | --- | --- |",
-        f"| mean oracle score | {oracle['base']:.4f} | {oracle['aligned']:.4f} | {oracle['aligned'] - oracle['base']:+.4f} |",
+        f"| mean oracle score | {oracle['base']:.4f} | {oracle['aligned']:.4f} | "
+        f"{oracle['aligned'] - oracle['base']:+.4f} |",
         f"| mean toy PickScore (the proxy trained on) | {proxy['base']:.4f} | {proxy['aligned']:.4f} | "
         f"{proxy['aligned'] - proxy['base']:+.4f} |",
         *([] if spread is None else [
