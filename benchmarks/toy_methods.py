@@ -14,8 +14,8 @@ trained. Offline methods at one seed share their pair images (made once, labelle
 online ones (pref_grpo, grpo) sample their own. Settings are tuned on --split val (train scenes that get no pairs and
 no rollouts); --split heldout, the default, is for the final table only. The interval: a two-level bootstrap,
 seeds drawn with replacement, then each drawn seed's prompts (`evaluation.compare.seeds_bootstrap_interval`). The
-table is printed and written to <out>/table.md; a run that finished is read back, not run again. Run it with nothing
-else on the machine: time per step is a wall-clock measure.
+table is printed and written to <out>/table.md; a run that finished with the same settings is read back, not
+run again. Run it with nothing else on the machine: time per step is a wall-clock measure.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +71,18 @@ def run_seed(out: Path, method: str, seed: int, args) -> Path:
 
 
 def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
-    """`run_demo` into `run_dir` unless it finished there; an offline method's pair images (which depend on the seed
-    alone) are copied from `shared` when an earlier run left them there, and left there by the first."""
-    if (run_dir / "report.json").is_file():
+    """`run_demo` into `run_dir` unless it finished there with the same settings (a run of other settings is done
+    again); an offline method's pair images (which depend on the seed alone) are copied from `shared` when an earlier
+    run left them there, and left there by the first."""
+    asked = json.dumps(asdict(settings), sort_keys=True) + "\n"
+    done_with = run_dir / "benchmark-settings.json"
+    if (run_dir / "report.json").is_file() and done_with.is_file() and done_with.read_text() == asked:
         return run_dir
     offline = settings.method not in ONLINE
     if offline and shared.is_dir() and not run_dir.exists():
         shutil.copytree(shared, run_dir)
     run_demo(run_dir, settings)
+    done_with.write_text(asked)
     if offline and not shared.is_dir():
         shared.mkdir(parents=True)
         for name in ("pair-images", "pair-images-prompts.txt"):
