@@ -55,15 +55,12 @@ def bootstrap_interval(values, n_resamples: int = N_RESAMPLES, confidence: float
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
         raise ValueError(f"expected a non-empty 1-D array of per-prompt values, got shape {v.shape}")
-    if not 0 < confidence < 1 or n_resamples < 1:
-        raise ValueError(f"expected confidence in (0, 1) and n_resamples >= 1, got {confidence} and {n_resamples}")
+    _check_resampling(n_resamples, confidence)
     rng = np.random.default_rng(seed)
     chunk = max(1, _CHUNK_CELLS // v.size)
     means = np.concatenate([v[rng.integers(0, v.size, (min(chunk, n_resamples - start), v.size))].mean(axis=1)
                             for start in range(0, n_resamples, chunk)])
-    alpha = 1 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    return _percentile_interval(means, confidence)
 
 
 def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, confidence: float = 0.95,
@@ -77,8 +74,7 @@ def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, con
     v = np.asarray(values_by_seed, dtype=np.float64)
     if v.ndim != 2 or v.size == 0:
         raise ValueError(f"expected a non-empty (seeds, prompts) array of per-prompt values, got shape {v.shape}")
-    if not 0 < confidence < 1 or n_resamples < 1:
-        raise ValueError(f"expected confidence in (0, 1) and n_resamples >= 1, got {confidence} and {n_resamples}")
+    _check_resampling(n_resamples, confidence)
     seeds, prompts = v.shape
     rng = np.random.default_rng(seed)
     chunk = max(1, _CHUNK_CELLS // v.size)
@@ -88,8 +84,18 @@ def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, con
         drawn_seeds = rng.integers(0, seeds, (n, seeds, 1)) if seeds > 1 else np.zeros((n, 1, 1), dtype=np.int64)
         drawn_prompts = rng.integers(0, prompts, (n, seeds, prompts))
         means.append(v[drawn_seeds, drawn_prompts].mean(axis=(1, 2)))
+    return _percentile_interval(np.concatenate(means), confidence)
+
+
+def _check_resampling(n_resamples: int, confidence: float) -> None:
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError(f"expected confidence in (0, 1) and n_resamples >= 1, got {confidence} and {n_resamples}")
+
+
+def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central `confidence` interval of the resampled means."""
     alpha = 1 - confidence
-    low, high = np.quantile(np.concatenate(means), [alpha / 2, 1 - alpha / 2])
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
 
