@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
-from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, run_demo
+from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, recipe, run_demo
 
 
 def main() -> None:
@@ -71,10 +71,10 @@ def run_seed(out: Path, method: str, seed: int, args) -> Path:
 
 
 def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
-    """`run_demo` into `run_dir` unless it finished there with the same settings (a run of other settings is done
-    again); an offline method's pair images (which depend on the seed alone) are copied from `shared` when an earlier
-    run left them there, and left there by the first."""
-    asked = json.dumps(asdict(settings), sort_keys=True) + "\n"
+    """`run_demo` into `run_dir` unless it finished there with the same settings and recipe (a run of other settings
+    or an edited recipe is done again); an offline method's pair images (which depend on the seed alone) are copied
+    from `shared` when an earlier run left them there, and left there by the first."""
+    asked = json.dumps({**asdict(settings), "recipe": recipe(settings.method).read_text()}, sort_keys=True) + "\n"
     done_with = run_dir / "benchmark-settings.json"
     if (run_dir / "report.json").is_file() and done_with.is_file() and done_with.read_text() == asked:
         return run_dir
@@ -98,6 +98,16 @@ def per_prompt_win_rates(run_dir: Path) -> dict[str, float]:
         c = json.loads(line)
         outcomes.setdefault(c["prompt"], []).append(float(pair_outcomes(c["oracle_aligned"], c["oracle_base"])))
     return {prompt: float(np.mean(v)) for prompt, v in outcomes.items()}
+
+
+def oracle_gains(run_dir: Path) -> dict[str, list[float]]:
+    """Each evaluated prompt's oracle gains of aligned over base (aligned - base), one per evaluation seed: what
+    any other count of wins (e.g. with a tie margin) can be recomputed from."""
+    gains: dict[str, list[float]] = {}
+    for line in (run_dir / "comparisons.jsonl").read_text().splitlines():
+        c = json.loads(line)
+        gains.setdefault(c["prompt"], []).append(c["oracle_aligned"] - c["oracle_base"])
+    return gains
 
 
 def summarise(runs: list[Path]) -> dict:

@@ -1,5 +1,6 @@
 """Tune every method on the toy world's validation split: a small grid of the settings that matter, at one seed,
-then the best two settings at three seeds; the recipe is the best of those by its mean validation win rate.
+then the best two settings at three seeds; the recipe is the best of those by its mean validation win rate. Every
+setting is an override of the method's toy recipe (configs/toy/<method>.yaml).
 
     .venv/bin/python benchmarks/toy_sweep.py --methods dpo mapo        # stage 1 (the grid), then stage 2
     .venv/bin/python benchmarks/toy_sweep.py --report                  # the tables and pictures from what ran
@@ -9,7 +10,9 @@ validation prompts (train scenes that get no pairs and no rollouts), never on th
 `toy_methods.py` reads once the recipes are chosen. Each finished run appends one line to --results (JSON Lines,
 committed with the benchmark), so a sweep stopped anywhere resumes where it was, in this session or a later one.
 --report writes the table (benchmarks/toy-sweep.md) and, per method, win rate against learning rate with one line
-per value of the other setting (benchmarks/toy-sweep-<method>.png).
+per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS, settings beyond the
+grid that a diagnosis asked for (in the table, not the picture), and CONTROLS, runs that check a method against
+another (in the table, never a recipe).
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import argparse
 import itertools
 import json
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from toy_methods import per_prompt_win_rates, run_demo_once
+from toy_methods import oracle_gains, per_prompt_win_rates, run_demo_once
 
 from diffusion_align.evaluation.compare import bootstrap_interval, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, DemoSettings
+from diffusion_align.toy.oracle import RATER_TIE_MARGIN
 
 HERE = Path(__file__).parent
 LR = [3e-4, 1e-3, 3e-3]  # around the demo's 1e-3 (a LoRA of rank 8 on a 0.8M-parameter UNet)
@@ -40,6 +46,24 @@ GRIDS = {
     "pref_grpo": {"train.lr": LR, "online.kl_beta": [0.0, 0.01, 0.1]},
     "grpo": {"train.lr": LR, "online.kl_beta": [0.0, 0.01, 0.1]},
 }
+# beyond the grid, at seed 0. MaPO: what its authors' recipe does differently (methods.md; their train script's
+# 500 warm-up steps, a full fine-tune at lr 1e-5, lower rates), the SNR value s of its f(x) = s x / (e^{sx} - 1),
+# and the posterior means the toy base was pretrained on (whose errors show what posterior draws' noise hides)
+EXTRAS = {
+    "mapo": [{"train.lr": 1e-5, "method.beta": 0.1, "train.warmup_steps": 500},
+             {"train.lr": 1e-5, "method.beta": 0.1, "model.lora_rank": "null"},
+             {"train.lr": 3e-6, "method.beta": 0.1},
+             {"train.lr": 1e-5, "method.beta": 0.1, "method.mapo_snr_value": 0.1},
+             {"train.lr": 1e-5, "method.beta": 0.1, "method.mapo_snr_value": 2.0},
+             {"train.lr": 1e-5, "method.beta": 0.1, "data.latents": "mean"}],
+    # the online methods' other knobs, one at a time from their recipe: the clip range a decade either side of
+    # Pref-GRPO's 1e-4, and half or twice the prompts per step (as many steps, half or twice the images)
+    **{method: [{"online.clip_range": 1e-5}, {"online.clip_range": 1e-3}, {"online.prompts_per_step": 2},
+                {"online.prompts_per_step": 8}] for method in ("pref_grpo", "grpo")},
+}
+# controls, in the table but never a recipe: MaPO at beta -> 0 is SFT on its winners (at SFT's lr), so it must
+# score what SFT does, and whatever MaPO loses beyond it is the margin's doing
+CONTROLS = {"mapo": [{"train.lr": 1e-3, "method.beta": 1e-6}]}
 STAGE_2_SEEDS = [0, 1, 2]
 
 
@@ -48,28 +72,73 @@ def grid(method: str) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*GRIDS[method].values())]
 
 
+def stage_1(method: str) -> list[dict]:
+    return grid(method) + EXTRAS.get(method, []) + CONTROLS.get(method, [])
+
+
 def slug(settings: dict) -> str:
-    return "_".join(f"{k.split('.')[-1]}={v:g}" for k, v in settings.items())
+    return "_".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{k.split('.')[-1]}={v}"
+                    for k, v in settings.items())
 
 
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run(method: str, settings: dict, seed: int, args, done: list[dict]) -> dict:
-    """One validation run, or its line from an earlier one."""
+def run(method: str, settings: dict, seed: int, args, done: list[dict]) -> dict | None:
+    """One validation run, or its line from an earlier one, this process's or another's; None while another process
+    runs it. Processes may share a sweep (e.g. one thread each, which runs these tiny models at almost the speed of
+    two): each rereads the results before a run and claims the run with a lock file holding its pid."""
+    done[:] = read_results(Path(args.results))
     for row in done:
         if (row["method"], row["settings"], row["seed"]) == (method, settings, seed):
             return row
+    run_dir = Path(args.out) / method / slug(settings) / f"seed-{seed}"
+    with claim(run_dir.with_name(run_dir.name + ".lock")) as claimed:
+        if not claimed:
+            logging.info("%s %s seed %d: another process is running it", method, slug(settings), seed)
+            return None
+        return _run(method, settings, seed, run_dir, args, done)
+
+
+@contextmanager
+def claim(lock: Path):
+    """True when this process holds `lock` (made here, or left by a process that is gone), removed on exit."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.exists() and not _holder_alive(lock):
+        lock.unlink(missing_ok=True)  # its process died: the claim is stale
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        yield False
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        os.kill(int(lock.read_text()), 0)
+    except ProcessLookupError:
+        return False
+    except ValueError:  # the pid is being written
+        return True
+    return True
+
+
+def _run(method: str, settings: dict, seed: int, run_dir: Path, args, done: list[dict]) -> dict:
     steps = settings.get("train.max_steps")
     overrides = tuple(f"{k}={v}" for k, v in settings.items() if k != "train.max_steps")
-    run_dir = run_demo_once(Path(args.out) / method / slug(settings) / f"seed-{seed}",
-                            Path(args.out) / f"shared-images-seed-{seed}",
-                            DemoSettings(method=method, steps=steps, eval_split="val", seed=seed, overrides=overrides))
+    run_demo_once(run_dir, Path(args.out) / f"shared-images-seed-{seed}",
+                  DemoSettings(method=method, steps=steps, eval_split="val", seed=seed, overrides=overrides))
     report = json.loads((run_dir / "report.json").read_text())
     row = {"method": method, "settings": settings, "seed": seed, "steps": report["settings"]["steps"],
            "val_win_rate": report["oracle_win_rate"]["value"],
-           "per_prompt": per_prompt_win_rates(run_dir),
+           "per_prompt": per_prompt_win_rates(run_dir), "oracle_gains": oracle_gains(run_dir),
            "oracle_gain": report["oracle_score"]["aligned"] - report["oracle_score"]["base"],
            "proxy_gain": report["toy_reward"]["aligned"] - report["toy_reward"]["base"],
            "diversity": report["diversity"]["ratio"]}
@@ -80,8 +149,9 @@ def run(method: str, settings: dict, seed: int, args, done: list[dict]) -> dict:
 
 
 def best_settings(rows: list[dict], method: str, n: int) -> list[dict]:
-    """The `n` settings of `method` with the highest validation win rate at seed 0 (stage 1)."""
-    stage_1 = [r for r in rows if r["method"] == method and r["seed"] == 0]
+    """The `n` settings of `method` with the highest validation win rate at seed 0 (stage 1), controls aside."""
+    stage_1 = [r for r in rows if r["method"] == method and r["seed"] == 0
+               and r["settings"] not in CONTROLS.get(method, [])]
     return [r["settings"] for r in sorted(stage_1, key=lambda r: -r["val_win_rate"])[:n]]
 
 
@@ -93,24 +163,32 @@ def summary(rows: list[dict], method: str, settings: dict) -> dict | None:
     prompts = sorted(runs[0]["per_prompt"])
     values = np.array([[r["per_prompt"][p] for p in prompts] for r in runs])
     low, high = seeds_bootstrap_interval(values) if len(runs) > 1 else bootstrap_interval(values[0])
+    gains = np.array([g for r in runs for p in prompts for g in r["oracle_gains"][p]])
     return {"settings": settings, "seeds": [r["seed"] for r in runs], "win_rate": float(values.mean()),
-            "low": low, "high": high, **{k: float(np.mean([r[k] for r in runs]))
-                                         for k in ("oracle_gain", "proxy_gain", "diversity")}}
+            "low": low, "high": high, "ties": float(np.mean(np.abs(gains) < RATER_TIE_MARGIN)),
+            "with_ties": float(np.mean(np.where(np.abs(gains) < RATER_TIE_MARGIN, 0.5, gains > 0))),
+            **{k: float(np.mean([r[k] for r in runs])) for k in ("oracle_gain", "proxy_gain", "diversity")}}
 
 
 def report(rows: list[dict], methods: list[str]) -> str:
-    lines = ["Toy sweep on the validation split (39 prompts x 3 evaluation seeds); stage 1 at seed 0, stage 2: the "
-             "best two at seeds 0 1 2. The recipe is the stage-2 setting with the best mean.", "",
-             "| method | settings | seeds | val win rate (95% interval) | oracle gain | toy-reward gain | diversity |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["Toy sweep on the validation split (39 prompts x 3 evaluation seeds), each setting over its method's "
+             "recipe in configs/toy/; stage 1 at seed 0, stage 2: the best two at seeds 0 1 2. The recipe is the "
+             "stage-2 setting with the best mean.", "",
+             f"The last two columns count an oracle difference under the raters' tie margin ({RATER_TIE_MARGIN}) as "
+             "a tie (half a win): how many comparisons are that close, and the win rate so counted.", "",
+             "| method | settings | seeds | val win rate (95% interval) | oracle gain | toy-reward gain | diversity | "
+             "ties | win rate, ties counted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in methods:
-        runs = [s for s in (summary(rows, method, settings) for settings in grid(method)) if s is not None]
+        runs = [s for s in (summary(rows, method, settings) for settings in stage_1(method)) if s is not None]
         for s in sorted(runs, key=lambda s: (-len(s["seeds"]), -s["win_rate"])):
-            lines.append(f"| {method} | {slug(s['settings'])} | {' '.join(map(str, s['seeds']))} | "
+            control = " (control)" if s["settings"] in CONTROLS.get(method, []) else ""
+            lines.append(f"| {method} | {slug(s['settings'])}{control} | {' '.join(map(str, s['seeds']))} | "
                          f"{s['win_rate']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | {s['oracle_gain']:+.3f} | "
-                         f"{s['proxy_gain']:+.3f} | {s['diversity']:.2f} |")
+                         f"{s['proxy_gain']:+.3f} | {s['diversity']:.2f} | {s['ties']:.2f} | {s['with_ties']:.3f} |")
         if runs:
-            plot(method, [r for r in rows if r["method"] == method and r["seed"] == 0])
+            plot(method, [r for r in rows
+                          if r["method"] == method and r["seed"] == 0 and r["settings"] in grid(method)])
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +227,7 @@ def main() -> None:
     if not args.report:
         for method in args.methods:
             if args.stage in ("1", "both"):
-                for settings in grid(method):
+                for settings in stage_1(method):
                     run(method, settings, 0, args, done)
             if args.stage in ("2", "both"):
                 for settings in best_settings(done, method, 2):

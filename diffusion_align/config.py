@@ -112,6 +112,10 @@ class DataConfig:
                                   "both images flipped together (diffusers' SDXL DPO script, MaPO); image = one coin "
                                   "per image (the Diffusion-DPO authors' code, diffusers' SD1.5 DPO script).",
                             choices=("no", "pair", "image"))
+    latents: str = _key("sample", "The latent an image is trained as: sample = a draw from its VAE posterior (mean + "
+                                  "std * noise), as the Diffusion-DPO authors' and diffusers' training scripts do; "
+                                  "mean = the posterior mean, for a base model pretrained on means (the toy world's): "
+                                  "draws would teach it a noise it never saw.", choices=("sample", "mean"))
     prompt_dropout: float = _key(0.0, "Probability of replacing a pair's prompt with the empty prompt "
                                       "(the Diffusion-DPO authors used 0.2).", within="[0, 1]")
     num_workers: int = _key(2, "DataLoader worker processes that decode and augment images (not used with data.cache: "

@@ -216,13 +216,15 @@ def test_demo_end_to_end(tmp_path):
     assert f"{report['changed_visibly']['images']} of 73 aligned images" in (out / "report.md").read_text()
 
     # a rerun of another method, at another seed, on fewer prompts, judged on the validation split, into the same
-    # folder: it judges exactly its own images; the seed moves the pair images, not the evaluation seeds
+    # folder: it judges exactly its own images; the seed moves the pair images, not the evaluation seeds. A full
+    # fine-tune this time: the aligned images come from its own pipeline folder
     rerun = run_demo(out, DemoSettings(method="sft", steps=2, prompts=4, images_per_prompt=2, eval_seeds=1, seed=1,
-                                       eval_split="val", overrides=("train.batch_size=4",)))
+                                       eval_split="val", overrides=("train.batch_size=4", "model.lora_rank=null")))
     assert rerun["method"] == "sft" and rerun["oracle_win_rate"]["comparisons"] == 39
-    final = rerun["files"]["LoRA weights"]
+    final = rerun["files"]["model"]
     aligned = [json.loads(line) for line in (out / "aligned" / "metadata.jsonl").read_text().splitlines()]
-    assert len(aligned) == 39 and {r["weights"] for r in aligned} == {weights_digest(str(base_model()), final)}
+    assert len(aligned) == 39 and {r["weights"] for r in aligned} == {weights_digest(final)}
+    assert {(r["model"], r["lora"]) for r in aligned} == {(final, None)}
     assert {r["prompt"] for r in aligned} == {s.prompt for s in scenes("val")}
     assert {r["seed"] for r in aligned} == {1000}
     pair_images = [json.loads(line) for line in (out / "pair-images" / "metadata.jsonl").read_text().splitlines()]
@@ -313,18 +315,40 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("method", ["pref_grpo", "grpo"])
-def test_the_toy_configs_train_as_the_demo_does(method):
+@pytest.mark.parametrize("method", ["dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"])
+def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method):
+    """`demo --method M` trains configs/toy/<M>.yaml as shipped: only where the files are and go, and the run's
+    seed, differ (the training call is intercepted once the demo has made its pairs)."""
     from dataclasses import asdict
 
+    import diffusion_align.training.trainer as trainer
     from diffusion_align.config import load_config
-    from diffusion_align.toy.demo import DEFAULT_STEPS, TRAIN
+    from diffusion_align.toy.assets import SAMPLING
+    from diffusion_align.toy.demo import DemoSettings, recipe, run_demo
+
+    class Trained(Exception):
+        pass
+
+    def intercept(cfg):
+        trained.append(cfg)
+        raise Trained
+
+    trained = []
+    monkeypatch.setattr(trainer, "train", intercept)
+    with pytest.raises(Trained):
+        run_demo(tmp_path / "demo", DemoSettings(method=method, prompts=3, images_per_prompt=2, seed=4))
     name = method.replace("_", "-")  # the file names follow the other recipes: pref-grpo.yaml
-    shipped = asdict(load_config(Path(__file__).parent.parent / "configs" / "toy" / f"{name}.yaml"))
-    demo = asdict(load_config(None, [f"method.name={method}", f"train.max_steps={DEFAULT_STEPS['online']}",
-                                     *TRAIN["online"], *TRAIN[method]]))
-    for config in (shipped, demo):  # where the files are and the run goes differ; every setting is the same
-        for section, key in (("model", "pretrained"), ("online", "prompts"), ("train", "output_dir")):
+    assert recipe(method) == Path(__file__).parent.parent / "configs" / "toy" / f"{name}.yaml"
+    shipped, demo = asdict(load_config(recipe(method))), asdict(trained[0])
+    where = ("online", "prompts") if method in ("pref_grpo", "grpo") else ("data", "path")
+    assert Path(demo[where[0]][where[1]]).parent == tmp_path / "demo"
+    assert (demo["train"]["seed"], demo["train"]["overwrite"]) == (4, True)
+    if method in ("pref_grpo", "grpo"):  # the online methods sample as every toy image is sampled
+        assert (shipped["online"]["sample_steps"], shipped["online"]["guidance"]) == (SAMPLING["steps"],
+                                                                                      SAMPLING["guidance"])
+    for config in (shipped, demo):
+        for section, key in (("model", "pretrained"), where, ("train", "output_dir"), ("train", "seed"),
+                             ("train", "overwrite")):
             del config[section][key]
     assert shipped == demo
 

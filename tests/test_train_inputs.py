@@ -133,6 +133,22 @@ def test_epsilon_model_rows_noise_target_and_prompts(tmp_path, tiny_models, tiny
     assert torch.allclose(policy["hidden"], text_states(model, prompts * 2), atol=1e-5)
 
 
+@pytest.mark.parametrize("latents", ["sample", "mean"])
+def test_data_latents_noises_a_posterior_draw_or_its_mean(tmp_path, tiny_models, tiny_pairs, seen, latents):
+    """data.latents=mean: x_t noises the posterior mean itself, so the noise it implies from the mean is the pair's
+    shared noise; sample: each row noises its own posterior draw, and the implied noises of a pair differ."""
+    model = tiny_models["sd"]
+    run(tmp_path, model, tiny_pairs, "train.max_steps=1", "data.random_flip=no", f"data.latents={latents}")
+    pixels = seen["pixels"] if latents == "mean" else seen["vae"][0]["pixels"]  # a draw is logged with its pixels
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    noise, _ = pair_noise(seen["unet"][0], mean, model)
+    pairs = len(noise) // 2
+    assert torch.allclose(noise[:pairs], noise[pairs:], atol=1e-4) == (latents == "mean")
+    assert (seen["vae"] == []) == (latents == "mean")
+
+
 def test_prompt_dropout_conditions_both_rows_on_the_empty_prompt(tmp_path, tiny_models, tiny_pairs, seen):
     model = tiny_models["sd"]
     run(tmp_path, model, tiny_pairs, "train.max_steps=1", "data.prompt_dropout=1.0")

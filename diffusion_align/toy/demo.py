@@ -5,9 +5,10 @@ Offline methods (dpo, mapo, smpo, dcpo, sft):
    seeds follow the run's seed, so each training seed trains on its own pair images);
 2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; SmPO reads its
    cosines, DCPO gets dual captions);
-3. training: the method on those pairs (`train`; LoRA by default).
+3. training: the method on those pairs (`train`) with its recipe, `configs/toy/<method>.yaml`.
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
-the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`).
+the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`), with their
+recipes in `configs/toy/` too.
 Then, for every method:
 4. evaluation: base and aligned images for every prompt of `eval_split` (held-out by default; "val" while tuning
    settings) and `eval_seeds` fixed seeds (`generate`), judged by the oracle, paired by prompt and seed: the
@@ -33,8 +34,8 @@ import numpy as np
 from PIL import Image
 
 from ..evaluation.compare import bootstrap_interval, pair_outcomes
-from ..files import write_text_atomic
-from .assets import SAMPLING, base_model, folder_records, generate, toy_pickscore
+from ..files import shipped_dir, write_text_atomic
+from .assets import base_model, folder_records, generate, toy_pickscore
 from .oracle import oracle_scores
 from .world import sample_prompts, scenes
 
@@ -43,27 +44,13 @@ logger = logging.getLogger("diffusion_align")
 METHODS = ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo")
 ONLINE = ("pref_grpo", "grpo")
 
-# Training settings of the demo, per method: tuned on the toy world (ours, not published recipes), at the
-# published beta of each method unless a line says otherwise.
-TRAIN = {
-    "common": ["model.lora_rank=8", "train.batch_size=16", "train.grad_accum=1", "train.lr=1e-3",
-               "train.lr_scheduler=constant_with_warmup", "train.warmup_steps=20", "train.resolution=32",
-               "train.checkpoint_every=0", "train.log_every=10", "train.report_to=none", "data.num_workers=0"],
-    "dpo": [],
-    "mapo": [],
-    "smpo": ["method.pref_column=toy_pickscore_cosine", "method.pref_scorer=null", "method.inversion_steps=2"],
-    "dcpo": [],
-    "sft": [],
-    # online: the toy sampler (assets.SAMPLING) with eta 1; 4 prompts x 8 images a step, in 2 micro-batches of 16
-    "online": ["model.lora_rank=8", "train.batch_size=16", "train.lr=1e-3", "train.lr_scheduler=constant_with_warmup",
-               "train.warmup_steps=5", "train.resolution=32", "train.checkpoint_every=0", "train.log_every=5",
-               "train.report_to=none", "online.reward=toy-pickscore", "online.track=toy-oracle",
-               "online.group_size=8", "online.prompts_per_step=4", f"online.sample_steps={SAMPLING['steps']}",
-               f"online.guidance={SAMPLING['guidance']}", "online.eta=1.0", "online.grid_every=50"],
-    "pref_grpo": [],
-    "grpo": [],
-}
-DEFAULT_STEPS = {"offline": 1000, "online": 200}
+
+def recipe(method: str) -> Path:
+    """The method's training recipe in the toy world, `configs/toy/<method>.yaml` (pref_grpo: pref-grpo.yaml):
+    the settings the demo trains with, tuned on the validation split where the sweep ran (benchmarks/README.md)."""
+    return shipped_dir("toy_configs", "configs/toy") / f"{method.replace('_', '-')}.yaml"
+
+
 # An aligned image "changed visibly" from the base image of its prompt and seed when their pixels differ by more
 # than this on average (0-255 scale; ours): well above the rounding noise between runs (about 1 level), at the
 # level where a shape's colour, size or edges have moved.
@@ -73,7 +60,7 @@ VISIBLE_CHANGE = 4.0
 @dataclass
 class DemoSettings:
     method: str = "dpo"
-    steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: DEFAULT_STEPS
+    steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: the recipe's
     prompts: int | None = None  # train prompts, each drawn once; None: all 212
     images_per_prompt: int = 4  # so 6 pairs per prompt
     eval_seeds: int = 3       # images per evaluated prompt and model: 73 held-out prompts x 3 = 219 comparisons
@@ -100,13 +87,13 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
-    load_config(None, list(settings.overrides))  # a mistyped override fails now, not after minutes of pair-making
+    recipe_cfg = load_config(recipe(settings.method), list(settings.overrides))  # a mistyped override fails now
     started = time.perf_counter()
     out = Path(out_dir)
     base, proxy_path = base_model(), toy_pickscore()
     proxy = load_scorer("toy-pickscore", proxy_path, device="cpu")
     online = settings.method in ONLINE
-    steps = settings.steps or DEFAULT_STEPS["online" if online else "offline"]
+    steps = settings.steps or recipe_cfg.train.max_steps
     train_prompts = sample_prompts(prompts, settings.seed, "train")
 
     if online:
@@ -115,7 +102,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         prompts_file = out / "train-prompts.txt"
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(prompts_file, "".join(p + "\n" for p in train_prompts))
-        data = [f"online.prompts={prompts_file}", *TRAIN["online"]]
+        data = f"online.prompts={prompts_file}"
     else:
         logger.info("1/5 pairs: %d train prompts x %d images from the base model", prompts,
                     settings.images_per_prompt)
@@ -129,13 +116,13 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
             pairs = _with_cosines(pairs, proxy_path, out / "pairs-cosine")
         elif settings.method == "dcpo":
             pairs = _with_captions(pairs, out / "pairs-captions", settings.seed)
-        data = [f"data.path={pairs}", *TRAIN["common"]]
+        data = f"data.path={pairs}"
 
     logger.info("3/5 training: %s, %d steps", settings.method, steps)
-    train_keys = [*data, *TRAIN[settings.method], *settings.overrides]
-    cfg = load_config(None, [f"method.name={settings.method}", f"model.pretrained={base}",
-                             f"train.output_dir={out / 'model'}", "train.overwrite=true",  # a rerun redoes it all
-                             f"train.max_steps={steps}", f"train.seed={settings.seed}", *train_keys])
+    cfg = load_config(recipe(settings.method), [
+        f"model.pretrained={base}", data, f"train.output_dir={out / 'model'}",
+        "train.overwrite=true",  # a rerun redoes it all
+        f"train.max_steps={steps}", f"train.seed={settings.seed}", *settings.overrides])
     train_started = time.perf_counter()
     result = train(cfg)
     seconds_per_step = (time.perf_counter() - train_started) / steps  # model loading included
@@ -145,7 +132,10 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
                 settings.eval_seeds)
     seeds = list(range(1000, 1000 + settings.eval_seeds))  # the same for every training seed
     base_dir = generate(base, evaluated, seeds, out / "base")
-    aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir))
+    if cfg.model.lora_rank is None:  # a full fine-tune's final folder is a whole pipeline
+        aligned_dir = generate(result.final_dir, evaluated, seeds, out / "aligned")
+    else:
+        aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir))
     summary, comparisons = evaluate(base_dir, aligned_dir, proxy, evaluated, seeds, settings.seed)
     report = {
         "method": settings.method,
@@ -154,7 +144,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         "settings": {"steps": steps, "prompts": prompts,
                      **({} if online else {"images_per_prompt": settings.images_per_prompt}),
                      "eval_split": settings.eval_split, "eval_seeds": settings.eval_seeds, "seed": settings.seed,
-                     "train": [k for k in train_keys if not k.startswith(("data.path=", "online.prompts="))]},
+                     "recipe": recipe(settings.method).name, "overrides": list(settings.overrides)},
     }
 
     logger.info("5/5 outputs: report, grid, review page")
@@ -164,7 +154,8 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     write_review_page([base_dir, aligned_dir], out / "review.html", title=f"toy demo: base vs {settings.method}",
                       notes=notes)
     report["seconds"] = round(time.perf_counter() - started)
-    report["files"] = {"LoRA weights": str(result.final_dir), "base images": str(base_dir),
+    report["files"] = {"LoRA weights" if cfg.model.lora_rank else "model": str(result.final_dir),
+                       "base images": str(base_dir),
                        "aligned images": str(aligned_dir), "comparisons": str(out / "comparisons.jsonl"),
                        "grid pages": [str(p) for p in grid.pages],
                        "review page": str(out / "review.html"),

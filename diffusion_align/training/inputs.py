@@ -32,6 +32,7 @@ class PairInputs:
     cache: LatentCache | None = None
     text_dtype: torch.dtype = torch.float32  # cached states are cast to the dtype the text encoders would run in
     truncation: CaptionTruncation = field(default_factory=CaptionTruncation)  # the cache counts its own
+    latents: str = "sample"  # data.latents: a posterior draw, or its mean
 
     def posteriors(self, batch: dict, rows: int) -> Posteriors:
         if self.cache is None:
@@ -59,4 +60,5 @@ class PairInputs:
                                    self.method.rows_per_pair, self.prompt_dropout, self.num_train_timesteps)
             cond = conditioning(self.texts(self.method.row_prompts(batch, draws.keep)),
                                 batch["original_sizes"][:rows], batch["crop_top_left"][:rows], self.resolution)
-            return posteriors.sample(draws.posterior), cond, draws
+            latents = posteriors.sample(draws.posterior) if self.latents == "sample" else posteriors.mode()
+            return latents, cond, draws

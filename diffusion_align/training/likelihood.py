@@ -107,6 +107,10 @@ class Posteriors:
         that noise."""
         return (self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)).float() * self.scaling_factor
 
+    def mode(self) -> torch.Tensor:
+        """The mean, times the scaling factor, in fp32 (`data.latents=mean`)."""
+        return self.mean.float() * self.scaling_factor
+
 
 @torch.no_grad()
 def encode_posteriors(vae, pixel_values: torch.Tensor) -> Posteriors:

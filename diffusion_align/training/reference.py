@@ -78,8 +78,8 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
     """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
     the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
     VAE, text encoders, tokenizers and source rows) and those components' digests otherwise; the pairs; the draws
-    (seed, epochs, rows per pair, prompt dropout); the preprocessing; and the precision. Called once a run: each
-    digest reads its local weight files once."""
+    (seed, epochs, rows per pair, prompt dropout); the preprocessing (crop, flips, posterior draw or mean); and the
+    precision. Called once a run: each digest reads its local weight files once."""
     d, m = cfg.data, cfg.model
     inputs = cache_key if cache_key is not None else encoder_digests(m.pretrained, m.revision, m.variant, m.vae)
     return {"unet": unet_digest, "scheduler": component_digest(m.pretrained, "scheduler", m.revision),
@@ -87,7 +87,8 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
             "num_pairs": num_pairs, "epochs": epochs, "method": {
                 "rows_per_pair": method.rows_per_pair, "per_image_captions": method.per_image_captions},
             "seed": cfg.train.seed, "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,
-            "data": {"center_crop": d.center_crop, "random_flip": d.random_flip, "prompt_dropout": d.prompt_dropout}}
+            "data": {"center_crop": d.center_crop, "random_flip": d.random_flip, "prompt_dropout": d.prompt_dropout,
+                     "latents": d.latents}}
 
 
 def reference_unet(unet: torch.nn.Module, lora: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -83,7 +83,7 @@ def train(cfg: Config) -> TrainResult:
     def pair_inputs(parts, frozen_dtype) -> PairInputs:
         return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
                           parts.noise_scheduler.config.num_train_timesteps, device, parts.vae, parts.tokenizers,
-                          parts.text_encoders, cache, text_dtype=frozen_dtype)
+                          parts.text_encoders, cache, text_dtype=frozen_dtype, latents=cfg.data.latents)
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
