@@ -9,7 +9,7 @@ import sys
 
 from pathlib import Path
 
-from .config import describe_keys, load_config
+from .config import ConfigError, describe_keys, load_config
 
 # rewards.tiny.TINY_SCORERS, here so that the parser checks the names before anything heavy is imported (a test
 # keeps the two equal)
@@ -33,6 +33,16 @@ def cmd_train(args) -> None:
     final = train(cfg).final_dir
     print(f"final model: {final.resolve()}")
     print(f"metrics:     {(final.parent / 'metrics.jsonl').resolve()}")
+
+
+def cmd_plan(args) -> None:
+    from .training.memory import RESERVE_GB, format_plan, plan, plan_json
+    cfg = load_config(args.config, args.overrides)
+    if args.processes < 1 or (args.gpu_memory is not None and args.gpu_memory <= RESERVE_GB):
+        raise ConfigError(f"--processes must be >= 1 and --gpu-memory more than the {RESERVE_GB} GB kept for the CUDA "
+                          f"context, got {args.processes} and {args.gpu_memory}")
+    result = plan(cfg, args.processes, args.gpu_memory, args.strategy)
+    print(plan_json(result) if args.json else format_plan(result))
 
 
 def cmd_demo(args) -> None:
@@ -231,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-5 model.lora_rank=null")
     train.set_defaults(func=cmd_train)
 
+    plan = sub.add_parser("plan", help="Memory per process of a training config (weights, gradients, optimizer, "
+                                       "reference, encoders, activations), whether it fits, and the cheapest change "
+                                       "that would; no weights are loaded.")
+    plan.add_argument("config", nargs="?", help="YAML config file, as for train")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.lora_rank=null")
+    plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is spread over")
+    plan.add_argument("--gpu-memory", type=float, default=None, help="GB of memory per GPU; with it, say whether "
+                                                                     "the run fits")
+    plan.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2", "fsdp2-offload", "zero2"),
+                      help="ddp replicates everything; fsdp2 shards weights, gradients and optimizer states; "
+                           "fsdp2-offload keeps them on the CPU; zero2 shards gradients and optimizer states")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
     score = sub.add_parser("score", help="Score every image under a folder with one or more reward models.")
     score.add_argument("dir", help="image folder (recursive); prompts from metadata.jsonl, a .txt beside each "
                                    "image, or --prompt")
@@ -388,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "base model, label them, train, and judge base and aligned with the oracle.")
     demo.add_argument("--method", default="dpo", choices=("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"))
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 1000 optimiser steps "
-                                                               "offline, 200 rollouts online)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
+                                                               "configs/toy/: optimiser steps offline, rollouts online)")
     demo.add_argument("--prompts", type=int, default=None, help="train prompts (at most 212, the default: all)")
     demo.add_argument("--images-per-prompt", type=int, default=4, help="base-model images per train prompt, "
                                                                         "all pairs of them labelled")

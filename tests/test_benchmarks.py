@@ -1,8 +1,11 @@
 """The benchmark scripts run: the GPU check on its CPU stand-in, the throughput table on a few tiny rows."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -30,7 +33,7 @@ def test_the_throughput_table(tmp_path):
 
 def test_the_toy_methods_table_over_seeds(tmp_path):
     """Two training seeds of a few steps, judged on the validation split: one row with each seed's value and the
-    two-level interval around their mean."""
+    two-level interval around their mean. Then toy_errors.py on one of the runs."""
     import json
 
     done = subprocess.run([sys.executable, "benchmarks/toy_methods.py", "--methods", "dpo", "--seeds", "0", "1",
@@ -48,3 +51,73 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
     low, high = (float(v) for v in row[2].split("(")[1].rstrip(")").split("-"))
     assert row[2].startswith(f"{mean:.3f} (") and low <= mean <= high
     assert row[3] == " ".join(f"{r['oracle_win_rate']['value']:.3f}" for r in seeds)
+
+    # where the trained model's errors moved: the base's and the run's, per image set and branch, at two timesteps
+    errors = subprocess.run([sys.executable, "benchmarks/toy_errors.py", str(tmp_path / "dpo" / "seed-0"), "--pairs",
+                             "3", "--timesteps", "100", "600", "--out", str(tmp_path / "errors.md")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert errors.returncode == 0, errors.stdout[-2000:] + errors.stderr[-2000:]
+    by_model = json.loads((tmp_path / "errors.json").read_text())
+    base, trained = by_model["base"], by_model[str(tmp_path / "dpo" / "seed-0")]
+    assert set(base) == {"train w", "train l", "val renders", "val base"}
+    assert all(set(branches) == {"cond", "uncond", "guided"} and all(len(v) == 2 and 0 < min(v) for v in
+                                                                     branches.values()) for branches in base.values())
+    assert base["train w"]["cond"] != trained["train w"]["cond"]  # the run's LoRA was applied
+    assert len([line for line in (tmp_path / "errors.md").read_text().splitlines() if line.startswith("| ")]) == 26
+
+
+def test_the_sweep_summary_counts_ties_and_never_picks_a_control(monkeypatch):
+    """Hand-made rows: two seeds of one setting, 2 prompts x 2 evaluation seeds each, and a control that scores best."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import toy_sweep
+
+    def row(settings, seed, gains):
+        per_prompt = {p: sum((g > 0) + 0.5 * (g == 0) for g in v) / len(v) for p, v in gains.items()}
+        return {"method": "mapo", "settings": settings, "seed": seed, "per_prompt": per_prompt, "oracle_gains": gains,
+                "val_win_rate": sum(per_prompt.values()) / len(per_prompt), "oracle_gain": 0.0, "proxy_gain": 0.0,
+                "diversity": 1.0}
+    setting = {"train.lr": 1e-5, "method.beta": 0.5}
+    rows = [row(setting, 0, {"a": [0.05, -0.01], "b": [0.001, -0.3]}),
+            row(setting, 1, {"a": [0.0, 0.03], "b": [-0.05, 0.019]}),
+            row(toy_sweep.CONTROLS["mapo"][0], 0, {"a": [0.1, 0.1], "b": [0.1, 0.1]})]
+    s = toy_sweep.summary(rows, "mapo", setting)
+    # raw: wins 0.05, 0.001, 0.03, 0.019 and the exact tie 0.0 as half: (4 + 0.5) / 8
+    assert s["seeds"] == [0, 1] and s["win_rate"] == pytest.approx(4.5 / 8)
+    # under the 0.02 margin: -0.01, 0.001, 0.0, 0.019 are ties; wins 0.05, 0.03; losses -0.3, -0.05
+    assert s["ties"] == pytest.approx(4 / 8) and s["with_ties"] == pytest.approx((2 + 4 * 0.5) / 8)
+    assert toy_sweep.best_settings(rows, "mapo", 1) == [setting]  # the control scored 1.0 and is not a recipe
+
+
+def test_a_sweep_run_is_claimed_by_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from toy_sweep import claim
+    lock = tmp_path / "run" / "seed-0.lock"
+    with claim(lock) as first:
+        assert first and lock.read_text() == str(os.getpid())
+        with claim(lock) as second:  # held by a live process: this one
+            assert not second
+    assert not lock.exists()
+    lock.write_text("999999999")  # a pid no process has: a claim left by a process that died
+    with claim(lock) as taken_over:
+        assert taken_over
+
+
+def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypatch):
+    """The config-only pipelines of memory_table.py give the parameter counts the published checkpoints have
+    (SD1.5 UNet 859,520,964; SD2.1 865,910,724; SDXL 2,567,463,684; their VAE 83,653,863; CLIP ViT-L 123,060,480,
+    OpenCLIP ViT-H (23 layers) 340,387,840, ViT-bigG with projection 694,659,840), and SDXL's DPO recipe needs two
+    fsdp2 processes on a 24 GB card."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from memory_table import config_only_pipeline
+
+    from diffusion_align.config import load_config
+    from diffusion_align.training.memory import count_models, plan
+    expected = {"sd15": (859_520_964, 123_060_480), "sd21": (865_910_724, 340_387_840),
+                "sdxl": (2_567_463_684, 123_060_480 + 694_659_840)}
+    for arch, (unet, text) in expected.items():
+        model = config_only_pipeline(tmp_path, arch)
+        counts = count_models(load_config(None, [f"model.pretrained={model}", "train.resolution=64"]))
+        assert (counts.unet, counts.vae, counts.text_encoders) == (unet, 83_653_863, text)
+    sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}", "model.vae=null"])
+    result = plan(sdxl_dpo, gpu_memory_gb=24)
+    assert (result.fits, result.fsdp2_processes) == (False, 2)

@@ -1,0 +1,293 @@
+"""`diffusion-align plan`: the memory a training config needs on each process, before any weight is loaded.
+
+Every model is built from its config on the meta device (no weights, no memory), so the parameter counts are exact
+for the checkpoint. Per process, in bytes:
+
+    weights      the trainable UNet in fp32 (full fine-tune), or a LoRA's frozen base in the frozen dtype (fp32, or
+                 bf16 / fp16 with train.mixed_precision) plus its adapters in fp32
+    gradients    4 per trainable parameter (fp32)
+    optimizer    AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor 4 per entry of its factored second moment (a
+                 row and a column vector per matrix; no first moment, beta1 unset)
+    reference    a full fine-tune's frozen copy in the frozen dtype (dpo, smpo, dcpo, and online methods with a KL
+                 term); none for LoRA (adapters off), reference-free methods, precomputed reference errors, or
+                 model.ref_offload (kept on the CPU)
+    encoders     VAE and text encoders in the frozen dtype (none with data.cache for the offline methods)
+    activations  what autograd saves in one UNet forward of a micro-batch (the rows of train.batch_size pairs, or
+                 online images) at train.resolution: counted exactly on the meta device with saved-tensor hooks, in
+                 the compute dtype, without or with gradient checkpointing
+
+Sharding (`--strategy`, as train.sharding will select it): fsdp2 divides the UNet's weights, gradients and
+optimizer states, and a full fine-tune's reference, by the number of processes; fsdp2-offload keeps all three on
+the CPU; zero2 divides the gradients and optimizer states only. The encoders are replicated in every case.
+Not counted: the CUDA context and allocator slack (RESERVE_GB is kept free), a reward model or judge of the online
+methods, and transient buffers (an FSDP all-gather of one block, the reference forward's outputs).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import torch
+
+from ..config import Config
+from .methods import METHODS, ONLINE_METHODS
+
+STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
+RESERVE_GB = 1.5  # the CUDA context and allocator fragmentation, kept out of the budget
+GIB = 1024 ** 3
+_BYTES = {"no": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclasses.dataclass
+class ModelCounts:
+    """Parameter counts of a pipeline, from its configs alone."""
+    family: str
+    unet: int
+    lora: int            # adapter parameters at the config's rank and target modules (0 for a full fine-tune)
+    adafactor_state: int  # Adafactor's factored second moment for the trainable parameters
+    vae: int
+    text_encoders: int
+    activation_bytes: dict  # {"plain": bytes, "checkpointed": bytes} of one micro-batch forward, in fp32
+
+
+def count_models(cfg: Config) -> ModelCounts:
+    """Build the config's UNet (with its LoRA), VAE and text encoders on the meta device and count them; run one
+    meta forward of a micro-batch to count the activations autograd keeps."""
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from ..models.loading import detect_family, pipeline_index
+    m = cfg.model
+    index = pipeline_index(m.pretrained, m.revision)
+    unet_config = UNet2DConditionModel.load_config(m.pretrained, subfolder="unet", revision=m.revision)
+    family = detect_family(index, unet_config)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
+            m.pretrained, subfolder="vae", revision=m.revision))
+        encoders = []
+        for name in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
+            config = transformers.AutoConfig.from_pretrained(m.pretrained, subfolder=name, revision=m.revision)
+            encoders.append(getattr(transformers, index[name][1])(config))
+    unet_params = _numel(unet)
+    unet.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
+    if m.lora_rank is not None:
+        unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=list(m.lora_target_modules)))
+    trainable = [p for n, p in unet.named_parameters() if m.lora_rank is None or "lora_" in n]
+    rows = _rows(cfg)
+    latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    activations = {"plain": _saved_bytes(unet, unet_config, rows, latent, False),
+                   "checkpointed": _saved_bytes(unet, unet_config, rows, latent, True)}
+    return ModelCounts(family, unet_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
+                       sum(_adafactor_state(p) for p in trainable), _numel(vae),
+                       sum(_numel(e) for e in encoders), activations)
+
+
+def _adafactor_state(p: torch.Tensor) -> int:
+    """transformers' Adafactor (beta1 unset): a matrix's second moment factored into a row and a column vector over
+    its last two dimensions (p.shape[:-1] and p.shape[:-2] + p.shape[-1:]), a vector's kept whole."""
+    return p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.ndim >= 2 else p.numel()
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _rows(cfg: Config) -> int:
+    """UNet rows of one micro-batch: pairs x rows per pair offline, images online."""
+    if cfg.method.name in ONLINE_METHODS:
+        return cfg.train.batch_size
+    return cfg.train.batch_size * METHODS[cfg.method.name].rows_per_pair
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash, memory-efficient, CPU flash) keeps for its backward: q, k, v, the output
+    and one fp32 log-sum-exp per query, never the tokens x tokens matrix the meta device's fallback would save."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("shapes only: the memory plan never runs a backward")
+
+
+def _fused_attention(query, key, value, *args, **kwargs):
+    return _FusedAttention.apply(query, key, value)
+
+
+def _saved_bytes(unet, unet_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
+    """Bytes of the tensors autograd saves for the backward of one forward (parameters excluded, each storage once),
+    on meta tensors."""
+    from unittest import mock
+    params = {p.untyped_storage()._cdata for p in unet.parameters()}
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params and storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+        return tensor
+
+    unet.train()
+    if checkpointed:
+        unet.enable_gradient_checkpointing()
+    sample = torch.zeros(rows, unet_config["in_channels"], latent, latent, device="meta")
+    text = torch.zeros(rows, 77, unet_config["cross_attention_dim"], device="meta")
+    added = None
+    if unet_config.get("addition_embed_type") == "text_time":
+        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        added = {"text_embeds": torch.zeros(rows, pooled, device="meta"),
+                 "time_ids": torch.zeros(rows, 6, device="meta")}
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)):
+        unet(sample, torch.zeros(rows, dtype=torch.long, device="meta"), text, added_cond_kwargs=added)
+    if checkpointed:
+        unet.disable_gradient_checkpointing()
+    return total
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    strategy: str
+    processes: int
+    gpu_memory_gb: float | None
+    per_process_bytes: dict      # weights, gradients, optimizer, reference, encoders, activations, total
+    fits: bool | None            # None without --gpu-memory
+    change: str | None           # the cheapest single change that fits, when it does not
+    fsdp2_processes: int | None  # when it does not fit: the fewest processes that fit with fsdp2 (None: none <= 64)
+    counts: ModelCounts
+    gradient_checkpointing: bool
+
+    def as_dict(self) -> dict:
+        return {"strategy": self.strategy, "processes": self.processes, "gpu_memory_gb": self.gpu_memory_gb,
+                "per_process_bytes": self.per_process_bytes, "fits": self.fits, "change": self.change,
+                "fsdp2_processes": self.fsdp2_processes,
+                "gradient_checkpointing": self.gradient_checkpointing, "counts": dataclasses.asdict(self.counts)}
+
+
+def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy: str = "ddp") -> dict:
+    """Bytes per process of each part of a run of `cfg` (see the module docstring)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    frozen = _BYTES[cfg.train.mixed_precision]
+    full = cfg.model.lora_rank is None
+    trainable = counts.unet if full else counts.lora
+    weights = counts.unet * 4 if full else counts.unet * frozen + counts.lora * 4
+    optimizer = {"adamw": 8 * trainable, "adamw8bit": 2 * trainable,
+                 "adafactor": 4 * counts.adafactor_state}[cfg.train.optimizer]
+    online = cfg.method.name in ONLINE_METHODS
+    needs_reference = cfg.online.kl_beta > 0 if online else METHODS[cfg.method.name].needs_reference
+    reference = counts.unet * frozen if (full and needs_reference and not cfg.method.precomputed_reference
+                                         and not cfg.model.ref_offload) else 0
+    encoders = 0 if (cfg.data.cache and not online) else (counts.vae + counts.text_encoders) * frozen
+    saved = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
+    activations = saved * frozen // 4  # counted in fp32; autocast keeps them in the compute dtype
+    sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
+    if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay
+        weights = gradients = optimizer = 0
+        reference //= processes
+    else:
+        gradients = trainable * 4 // (processes if strategy in ("fsdp2", "zero2") else 1)
+        optimizer //= processes if strategy in ("fsdp2", "zero2") else 1
+        weights //= sharded
+        reference //= sharded
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
+             "encoders": encoders, "activations": activations}
+    return {**parts, "total": sum(parts.values())}
+
+
+# single changes, cheapest first: those that leave the trained model as it is, then those that change the math.
+# (what to tell the user, the override or strategy, when it applies)
+_CHANGES = [
+    ("model.gradient_checkpointing=true", "model.gradient_checkpointing=true",
+     lambda c: not c.model.gradient_checkpointing),
+    ("method.precomputed_reference=true", "method.precomputed_reference=true",
+     lambda c: c.model.lora_rank is None and c.method.name in ("dpo", "dcpo") and not c.method.precomputed_reference),
+    ("data.cache=true", "data.cache=true", lambda c: not c.data.cache and c.method.name not in ONLINE_METHODS),
+    ("model.ref_offload=true", "model.ref_offload=true",
+     lambda c: c.model.lora_rank is None and not c.model.ref_offload),
+    ("--strategy fsdp2", "fsdp2", lambda c: True),  # over the processes planned for, when there are several
+    ("--strategy fsdp2-offload", "fsdp2-offload", lambda c: True),
+    ("train.optimizer=adamw8bit", "train.optimizer=adamw8bit", lambda c: c.train.optimizer == "adamw"),
+    ("model.lora_rank=8 (a LoRA instead of a full fine-tune)", "model.lora_rank=8",
+     lambda c: c.model.lora_rank is None),
+]
+
+
+def _changed(cfg: Config, override: str) -> Config:
+    from ..config import parse_override
+    key, value = parse_override(override)
+    section, name = key.split(".")
+    changed = copy.deepcopy(cfg)
+    setattr(getattr(changed, section), name, value)
+    return changed
+
+
+def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, strategy: str = "ddp",
+         counts: ModelCounts | None = None) -> MemoryPlan:
+    """The per-process memory of `cfg` on `processes` processes with `strategy`; with `gpu_memory_gb`, whether it
+    fits (RESERVE_GB kept free) and, if not, the first of `_CHANGES` that makes it fit on its own and the fewest
+    processes it fits on with fsdp2."""
+    counts = counts or count_models(cfg)
+    usage = memory_bytes(cfg, counts, processes, strategy)
+    fits = change = fsdp2_processes = None
+    if gpu_memory_gb is not None:
+        budget = (gpu_memory_gb - RESERVE_GB) * GIB
+        fits = usage["total"] <= budget
+        for label, how, applies in [] if fits else _CHANGES:
+            if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1):
+                continue
+            if how in STRATEGIES:
+                total = memory_bytes(cfg, counts, processes, how)["total"]
+            else:
+                changed = _changed(cfg, how)
+                changed_counts = count_models(changed) if how.startswith("model.lora_rank") else counts
+                total = memory_bytes(changed, changed_counts, processes, strategy)["total"]
+            if total <= budget:
+                change = label
+                break
+        fsdp2_processes = None if fits else next(
+            (n for n in range(1, 65) if memory_bytes(cfg, counts, n, "fsdp2")["total"] <= budget), None)
+    return MemoryPlan(strategy, processes, gpu_memory_gb, usage, fits, change, fsdp2_processes, counts,
+                      cfg.model.gradient_checkpointing)
+
+
+def format_plan(p: MemoryPlan) -> str:
+    """The plan as a reader wants it: one line per part in GiB, then the verdict."""
+    c = p.counts
+    trainable = f"LoRA {c.lora / 1e6:.2f}M of {c.unet / 1e6:.0f}M" if c.lora else f"all {c.unet / 1e6:.0f}M"
+    lines = [f"{c.family} UNet, {trainable} UNet parameters trained; {p.strategy} on {p.processes} process(es); "
+             f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
+    for part, value in p.per_process_bytes.items():
+        lines.append(f"  {part:<12} {_size(value):>10}")
+    if p.fits is not None:
+        verdict = "fits" if p.fits else "does not fit"
+        lines.append(f"{verdict} in {p.gpu_memory_gb:g} GB ({RESERVE_GB} GB kept for the CUDA context)")
+        if not p.fits:
+            lines.append(f"cheapest single change that fits: {p.change}" if p.change else
+                         "no single change fits: combine them")
+            lines.append(f"with --strategy fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
+                         else "fsdp2 alone does not make it fit: the activations and encoders are not sharded")
+    if p.strategy != "ddp" or not p.fits and p.fits is not None:
+        lines.append("note: `diffusion-align train` does not shard yet; the fsdp2 and zero2 figures say what "
+                     "sharding will take")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.2f} MiB"
+
+
+def plan_json(p: MemoryPlan) -> str:
+    return json.dumps(p.as_dict(), indent=2)

@@ -1,0 +1,147 @@
+"""The memory planner: its arithmetic by hand, its counts against the loaded models, its model states and
+activations against what a real training step holds, its advice, and the command."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from diffusion_align.config import load_config
+from diffusion_align.training.memory import GIB, RESERVE_GB, ModelCounts, count_models, memory_bytes, plan
+
+HAND = ModelCounts("sd", unet=1000, lora=100, adafactor_state=30, vae=200, text_encoders=300,
+                   activation_bytes={"plain": 4000, "checkpointed": 1000})
+
+
+def cfg(*overrides):
+    return load_config(None, ["model.lora_rank=null", *overrides])
+
+
+@pytest.mark.parametrize("overrides, strategy, processes, expected", [
+    # full fp32 DPO, AdamW: weights 4 x 1000, gradients 4 x 1000, moments 8 x 1000, fp32 reference 4 x 1000,
+    # encoders 4 x (200 + 300), activations 4000
+    ((), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
+    ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 4000)),       # all UNet states halved, encoders replicated
+    ((), "zero2", 2, (4000, 2000, 4000, 4000, 2000, 4000)),       # weights (and the reference) replicated
+    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 4000)),        # states on the CPU
+    # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; activations in bf16
+    (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 2000)),
+    (("method.precomputed_reference=true", "data.cache=true", "model.gradient_checkpointing=true"), "ddp", 1,
+     (4000, 4000, 8000, 0, 0, 1000)),
+    (("method.name=mapo", "train.optimizer=adamw8bit"), "ddp", 1, (4000, 4000, 2000, 0, 2000, 4000)),
+    (("train.optimizer=adafactor", "model.ref_offload=true"), "ddp", 1, (4000, 4000, 120, 0, 2000, 4000)),
+    (("method.name=grpo", "data.cache=true"), "ddp", 1, (4000, 4000, 8000, 0, 2000, 4000)),  # no KL: no reference
+    (("method.name=grpo", "online.kl_beta=0.01"), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
+])
+def test_bytes_by_hand(overrides, strategy, processes, expected):
+    usage = memory_bytes(cfg(*overrides), HAND, processes, strategy)
+    parts = ("weights", "gradients", "optimizer", "reference", "encoders", "activations")
+    assert tuple(usage[p] for p in parts) == expected and usage["total"] == sum(expected)
+
+
+def test_counts_are_the_loaded_models(tiny_models):
+    from diffusion_align.models.policy import Policy
+    for family, path in tiny_models.items():
+        counts = count_models(load_config(None, [f"model.pretrained={path}", "model.lora_rank=4"]))
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        total = sum(p.numel() for p in unet.parameters())
+        assert (counts.family, counts.unet) == (family, total)
+        assert counts.vae == sum(p.numel() for p in AutoencoderKL.from_pretrained(path, subfolder="vae").parameters())
+        if family != "sdxl":
+            encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+            assert counts.text_encoders == sum(p.numel() for p in encoder.parameters())
+        policy = Policy(unet, 4, family=family)
+        assert counts.lora == sum(p.numel() for p in policy.unet.parameters() if p.requires_grad)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("lora_rank", [4, None])
+def test_model_states_are_what_a_training_step_holds(tiny_models, lora_rank):
+    """One real AdamW step on the tiny UNet: the bytes of its parameters, gradients and optimizer states against
+    the plan's weights, gradients and optimizer (within 1%: AdamW's step counters are the difference)."""
+    from diffusion_align.models.policy import Policy
+    from diffusion_align.training.run import make_optimizer
+    path = tiny_models["sd"]
+    config = load_config(None, [f"model.pretrained={path}", f"model.lora_rank={'null' if lora_rank is None else 4}",
+                                "train.resolution=32", "train.batch_size=2"])
+    planned = memory_bytes(config, count_models(config))
+    policy = Policy(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), lora_rank, needs_reference=False)
+    unet = policy.unet
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, trainable, 1e-4)
+    out = unet(torch.randn(4, 4, 4, 4), torch.tensor([1, 2, 3, 4]), torch.randn(4, 77, unet.config.cross_attention_dim))
+    out.sample.square().mean().backward()
+    optimizer.step()
+    held = {"weights": _tensor_bytes(unet.parameters()), "gradients": _tensor_bytes(p.grad for p in trainable),
+            "optimizer": _tensor_bytes(v for state in optimizer.state.values() for v in state.values())}
+    for part, value in held.items():
+        assert value == pytest.approx(planned[part], rel=0.01), part
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_activations_are_what_a_real_forward_saves(tiny_models, checkpointed):
+    """The meta-device count against the tensors a real CPU forward saves for its backward (each storage once,
+    parameters aside), on the tiny UNet: 8 rows at 32 px, full fine-tune."""
+    path = tiny_models["sd"]
+    config = load_config(None, [f"model.pretrained={path}", "model.lora_rank=null", "train.resolution=32",
+                                "train.batch_size=4", f"model.gradient_checkpointing={str(checkpointed).lower()}"])
+    planned = memory_bytes(config, count_models(config))["activations"]
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").train()
+    if checkpointed:
+        unet.enable_gradient_checkpointing()
+    params, seen = {p.untyped_storage().data_ptr() for p in unet.parameters()}, {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    latent = 32 // 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(torch.randn(8, 4, latent, latent), torch.zeros(8, dtype=torch.long),
+             torch.randn(8, 77, unet.config.cross_attention_dim))
+    assert planned == pytest.approx(sum(seen.values()), rel=0.1)
+
+
+def test_the_plan_names_the_cheapest_change_that_fits(tiny_models):
+    config = load_config(None, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null",
+                                "train.resolution=32", "train.batch_size=4"])
+    counts = count_models(config)
+    plain = memory_bytes(config, counts)["total"]
+    checkpointed = memory_bytes(load_config(None, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null",
+                                                   "train.resolution=32", "train.batch_size=4",
+                                                   "model.gradient_checkpointing=true"]), counts)["total"]
+    assert checkpointed < plain
+    between = RESERVE_GB + (plain + checkpointed) / 2 / GIB
+    result = plan(config, gpu_memory_gb=between, counts=counts)
+    assert (result.fits, result.change) == (False, "model.gradient_checkpointing=true")
+    assert plan(config, gpu_memory_gb=RESERVE_GB + plain / GIB, counts=counts).fits
+    # with the activations already small and no reference or encoders: sharded states, or offloaded ones
+    lean = load_config(None, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32",
+                              "train.batch_size=4", "model.gradient_checkpointing=true", "data.cache=true",
+                              "method.precomputed_reference=true"])
+    states = 16 * counts.unet  # fp32 weights and gradients, two AdamW moments
+    fixed = memory_bytes(lean, counts)["total"] - states
+    three_quarters = RESERVE_GB + (fixed + states * 3 / 4) / GIB  # fits on 2 processes (half the states), not 1
+    result = plan(lean, gpu_memory_gb=three_quarters, counts=counts)
+    assert (result.fits, result.change, result.fsdp2_processes) == (False, "--strategy fsdp2-offload", 2)
+    on_two = plan(lean, processes=2, gpu_memory_gb=three_quarters, counts=counts)
+    assert (on_two.fits, on_two.change) == (False, "--strategy fsdp2")
+
+
+def test_plan_command_prints_json(tiny_models, capsys):
+    from diffusion_align.cli import main
+    main(["plan", "--json", "--processes", "2", "--strategy", "fsdp2", "--gpu-memory", "24",
+          f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["per_process_bytes"]) == {"weights", "gradients", "optimizer", "reference", "encoders",
+                                             "activations", "total"}
+    assert out["fits"] is True and out["processes"] == 2
+    with pytest.raises(SystemExit):
+        main(["plan", "--processes", "0"])
+    assert "--processes must be >= 1" in capsys.readouterr().err
