@@ -9,8 +9,8 @@ Every run is `diffusion-align demo --eval-split val` into <out>/<method>/<settin
 validation prompts (train scenes that get no pairs and no rollouts), never on the held-out ones, which only
 `toy_methods.py` reads once the recipes are chosen. Each finished run appends one line to --results (JSON Lines,
 committed with the benchmark), so a sweep stopped anywhere resumes where it was, in this session or a later one.
---report writes the table (benchmarks/toy-sweep.md) and, per method, win rate against learning rate with one line
-per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS, settings beyond the
+--report writes the table (benchmarks/<results name>.md: toy-sweep.md) and, per method, win rate against learning
+rate with one line per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS, settings beyond the
 grid that a diagnosis asked for (in the table, not the picture), and CONTROLS, runs that check a method against
 another (in the table, never a recipe).
 """
@@ -170,7 +170,7 @@ def summary(rows: list[dict], method: str, settings: dict) -> dict | None:
             **{k: float(np.mean([r[k] for r in runs])) for k in ("oracle_gain", "proxy_gain", "diversity")}}
 
 
-def report(rows: list[dict], methods: list[str]) -> str:
+def report(rows: list[dict], methods: list[str], name: str = "toy-sweep") -> str:
     lines = ["Toy sweep on the validation split (39 prompts x 3 evaluation seeds), each setting over its method's "
              "recipe in configs/toy/; stage 1 at seed 0, stage 2: the best two at seeds 0 1 2. The recipe is the "
              "stage-2 setting with the best mean.", "",
@@ -187,12 +187,12 @@ def report(rows: list[dict], methods: list[str]) -> str:
                          f"{s['win_rate']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | {s['oracle_gain']:+.3f} | "
                          f"{s['proxy_gain']:+.3f} | {s['diversity']:.2f} | {s['ties']:.2f} | {s['with_ties']:.3f} |")
         if runs:
-            plot(method, [r for r in rows
+            plot(method, name, [r for r in rows
                           if r["method"] == method and r["seed"] == 0 and r["settings"] in grid(method)])
     return "\n".join(lines) + "\n"
 
 
-def plot(method: str, rows: list[dict]) -> Path:
+def plot(method: str, name: str, rows: list[dict]) -> Path:
     """The stage-1 (seed 0) win rate against the learning rate, one line per value of the other setting."""
     import matplotlib
     matplotlib.use("Agg")
@@ -206,7 +206,7 @@ def plot(method: str, rows: list[dict]) -> Path:
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(xscale="log", xlabel="learning rate", ylabel="validation win rate over base", title=f"toy sweep: {method}")
     ax.legend(fontsize=8)
-    path = HERE / f"toy-sweep-{method}.png"
+    path = HERE / f"{name}-{method}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -233,9 +233,10 @@ def main() -> None:
                 for settings in best_settings(done, method, 2):
                     for seed in STAGE_2_SEEDS:
                         run(method, settings, seed, args, done)
-    table = report(done, args.methods)
+    name = Path(args.results).stem
+    table = report(done, args.methods, name)
     print(table)
-    (HERE / "toy-sweep.md").write_text(table)
+    (HERE / f"{name}.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ def write_diffusers_lora(unet: UNet2DConditionModel, family: str, path: Path, ad
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
+    """The adapters a LoRA run trains: alpha = rank (scale 1) unless given; lora_B starts at zero."""
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
+
+
 class Policy:
     def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: str = "sd",
@@ -62,8 +68,7 @@ class Policy:
         if lora_rank is not None:
             # the base weights are frozen and may sit in the half-precision dtype; adapters train in fp32
             place(unet.requires_grad_(False), device, frozen_dtype)
-            self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
-                                          init_lora_weights="gaussian", target_modules=list(lora_target_modules))
+            self.lora_config = lora_config(lora_rank, lora_alpha, lora_target_modules)
             unet.add_adapter(self.lora_config)  # lora_B starts at zero: policy == reference at step 0
             cast_training_params(unet, dtype=torch.float32)
         else:

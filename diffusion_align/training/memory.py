@@ -58,9 +58,9 @@ def count_models(cfg: Config) -> ModelCounts:
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from peft import LoraConfig
 
     from ..models.loading import detect_family, pipeline_index
+    from ..models.policy import lora_config
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
     unet_config = UNet2DConditionModel.load_config(m.pretrained, subfolder="unet", revision=m.revision)
@@ -76,8 +76,7 @@ def count_models(cfg: Config) -> ModelCounts:
     unet_params = _numel(unet)
     unet.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
     if m.lora_rank is not None:
-        unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=list(m.lora_target_modules)))
+        unet.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules))
     trainable = [p for n, p in unet.named_parameters() if m.lora_rank is None or "lora_" in n]
     rows = _rows(cfg)
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
