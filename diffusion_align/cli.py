@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", nargs="?", help="YAML config file, as for train")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.lora_rank=null")
     plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is spread over")
-    plan.add_argument("--gpu-memory", type=float, default=None, help="GB of memory per GPU; with it, say whether "
-                                                                     "the run fits")
+    plan.add_argument("--gpu-memory", type=float, default=None, help="GiB of memory per GPU, as cards are sold "
+                                                                     "(24, 48, 80); with it, say whether it fits")
     plan.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2", "fsdp2-offload", "zero2"),
                       help="ddp replicates everything; fsdp2 shards weights, gradients and optimizer states; "
                            "fsdp2-offload keeps them on the CPU; zero2 shards gradients and optimizer states")
