@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from diffusers import StableDiffusionPipeline
-
 from PIL import Image
 
 from diffusion_align.data.pairs import decode_pair

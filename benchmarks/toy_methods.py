@@ -91,15 +91,6 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     return run_dir
 
 
-def per_prompt_win_rates(run_dir: Path) -> dict[str, float]:
-    """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds."""
-    outcomes: dict[str, list[float]] = {}
-    for line in (run_dir / "comparisons.jsonl").read_text().splitlines():
-        c = json.loads(line)
-        outcomes.setdefault(c["prompt"], []).append(float(pair_outcomes(c["oracle_aligned"], c["oracle_base"])))
-    return {prompt: float(np.mean(v)) for prompt, v in outcomes.items()}
-
-
 def oracle_gains(run_dir: Path) -> dict[str, list[float]]:
     """Each evaluated prompt's oracle gains of aligned over base (aligned - base), one per evaluation seed: what
     any other count of wins (e.g. with a tie margin) can be recomputed from."""
@@ -108,6 +99,12 @@ def oracle_gains(run_dir: Path) -> dict[str, list[float]]:
         c = json.loads(line)
         gains.setdefault(c["prompt"], []).append(c["oracle_aligned"] - c["oracle_base"])
     return gains
+
+
+def per_prompt_win_rates(run_dir: Path) -> dict[str, float]:
+    """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds (a gain's sign is the
+    comparison's: two different floats never subtract to zero)."""
+    return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g))))) for prompt, g in oracle_gains(run_dir).items()}
 
 
 def summarise(runs: list[Path]) -> dict:

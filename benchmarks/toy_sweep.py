@@ -10,9 +10,9 @@ validation prompts (train scenes that get no pairs and no rollouts), never on th
 `toy_methods.py` reads once the recipes are chosen. Each finished run appends one line to --results (JSON Lines,
 committed with the benchmark), so a sweep stopped anywhere resumes where it was, in this session or a later one.
 --report writes the table (benchmarks/<results name>.md: toy-sweep.md) and, per method, win rate against learning
-rate with one line per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS, settings beyond the
-grid that a diagnosis asked for (in the table, not the picture), and CONTROLS, runs that check a method against
-another (in the table, never a recipe).
+rate with one line per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS,
+settings beyond the grid that a diagnosis asked for (in the table, not the picture), and CONTROLS, runs that check a
+method against another (in the table, never a recipe).
 """
 
 from __future__ import annotations
