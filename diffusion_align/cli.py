@@ -17,8 +17,8 @@ TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesth
 
 
 def _setup_logging() -> None:
-    from accelerate import PartialState
-    state = PartialState()
+    from .devices import process_state
+    state = process_state()
     prefix = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -8,3 +8,11 @@ import torch
 def default_device(device=None) -> torch.device:
     """`device` as asked, else CUDA when there is a GPU, else the CPU."""
     return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def process_state():
+    """accelerate's view of this process (its rank among a run's processes). On a machine without a GPU it must be
+    made with cpu=True, or accelerate reads each of torchrun's CPU processes as a separate single-process run; made
+    here first, the Accelerator of a training run finds it so."""
+    from accelerate import PartialState
+    return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))

@@ -120,4 +120,5 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
         assert (counts.unet, counts.vae, counts.text_encoders) == (unet, 83_653_863, text)
     sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}", "model.vae=null"])
     result = plan(sdxl_dpo, gpu_memory_gb=24)
-    assert (result.fits, result.fsdp2_processes) == (False, 2)
+    # sharded, it trains with AdamW (8 bytes a parameter, not the recipe's Adafactor): 3 processes of 24 GB
+    assert (result.fits, result.fsdp2_processes) == (False, 3)

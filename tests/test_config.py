@@ -5,7 +5,9 @@ import pytest
 from diffusion_align.cli import build_parser
 from diffusion_align.config import ConfigError, all_keys, describe_keys, load_config
 
-CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
+# training configs; configs/accelerate/ holds accelerate's launch configs (test_sharding.py reads them as it does)
+CONFIGS = sorted(p for p in Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml")
+                 if p.parent.name != "accelerate")
 
 ISSUE_KEYS = ["method.name", "method.beta", "model.pretrained", "model.lora_rank", "data.path", "train.output_dir",
               "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.seed", "train.resolution",

@@ -1,6 +1,7 @@
 """A real `diffusion-align train` process killed with SIGKILL at a random step (mid-step, mid-checkpoint, wherever
 it is), then resumed with train.resume=latest, ends with the weights of a run that was never interrupted: LoRA and
-full fine-tunes of an offline method, and Pref-GRPO."""
+full fine-tunes of an offline method, Pref-GRPO, and a sharded full fine-tune on two processes (all killed at once,
+as when a machine dies)."""
 
 import json
 import os
@@ -23,13 +24,17 @@ CASES = {
     "dpo-full": ["method.name=dpo", "model.lora_rank=null", "train.lr=1e-4"],
     "pref_grpo-lora": ["method.name=pref_grpo", "model.lora_rank=4", "online.group_size=4",
                        "online.prompts_per_step=2", "online.sample_steps=4", "train.lr=1e-2"],
+    "dpo-full-fsdp2": ["method.name=dpo", "model.lora_rank=null", "train.lr=1e-4", "train.sharding=fsdp2"],
 }
+PORTS = iter(range(29540, 29600))  # a fresh rendezvous port for every two-process launch
 
 
 def command(case: str, out: Path, models: dict, pairs: Path, prompts: Path, scorer: Path, *extra) -> list[str]:
     data = ([f"online.prompts={prompts}", f"online.reward=pickscore={scorer}"] if case.startswith("pref_grpo")
             else [f"data.path={pairs}", "data.random_flip=image", "data.prompt_dropout=0.3"])
-    return [sys.executable, "-m", "diffusion_align", "train", str(TINY_CONFIG), f"model.pretrained={models['sd']}",
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(next(PORTS)), "-m"] if case.endswith("fsdp2") else [sys.executable, "-m"])
+    return [*launcher, "diffusion_align", "train", str(TINY_CONFIG), f"model.pretrained={models['sd']}",
             f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.checkpoint_every=1", "train.batch_size=2",
             "train.grad_accum=1", "train.warmup_steps=0", "train.report_to=none", "data.num_workers=0",
             "train.resolution=32", *CASES[case], *data, *extra]
@@ -62,18 +67,21 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, tin
                                                                     case):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     inputs = (tiny_models, tiny_pairs, *online_inputs)
-    subprocess.run(command(case, tmp_path / "whole", *inputs), env=env, check=True, capture_output=True)
+    whole = subprocess.run(command(case, tmp_path / "whole", *inputs), env=env, check=True, capture_output=True,
+                           text=True)
+    if case.endswith("fsdp2"):  # the command line under torchrun: one run of two processes, not two runs of one
+        assert "fsdp2 over 2 processes" in whole.stderr
 
     seed = random.randrange(10**6)
     kill_after = random.Random(seed).randint(1, STEPS - 3)  # the step whose log line is seen; it dies soon after
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(case, killed, *inputs), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while steps_logged(killed) < kill_after and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(random.Random(seed + 1).uniform(0, 0.2))  # anywhere in the next step or its checkpoint
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed (seed {seed})"
     assert not (killed / "final").exists()

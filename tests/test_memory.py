@@ -129,9 +129,9 @@ def test_the_plan_names_the_cheapest_change_that_fits(tiny_models):
     fixed = memory_bytes(lean, counts)["total"] - states
     three_quarters = RESERVE_GB + (fixed + states * 3 / 4) / GIB  # fits on 2 processes (half the states), not 1
     result = plan(lean, gpu_memory_gb=three_quarters, counts=counts)
-    assert (result.fits, result.change, result.fsdp2_processes) == (False, "--strategy fsdp2-offload", 2)
+    assert (result.fits, result.change, result.fsdp2_processes) == (False, "train.sharding=fsdp2-offload", 2)
     on_two = plan(lean, processes=2, gpu_memory_gb=three_quarters, counts=counts)
-    assert (on_two.fits, on_two.change) == (False, "--strategy fsdp2")
+    assert (on_two.fits, on_two.change) == (False, "train.sharding=fsdp2")
 
 
 def test_plan_command_prints_json(tiny_models, capsys):

@@ -5,6 +5,8 @@ half-written `checkpoint-<step>`. It holds the trained weights (safetensors, loa
 optimiser and lr-schedule state, and per process the random generators and how many batches it has drawn, so a
 resumed run sees the same data and noise as an uninterrupted one. Only tensors and plain containers are
 pickled, and they are read back with `torch.load(..., weights_only=True)`.
+A sharded run (train.sharding) writes its trainable weights and optimiser as shards instead, each process its own
+(`sharded/`, torch.distributed.checkpoint), and resumes only as a sharded run on as many processes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from ..files import list_checkpoints, replace_dir
 from .safety import RunStopped, check_finite_weights
+from .sharding import SHARDED_STATE, is_sharded, load_sharded, save_sharded
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     """`latest` -> the newest checkpoint in output_dir (None if there is none yet); a path -> that folder."""
@@ -47,9 +50,13 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+        sharded = is_sharded(policy.unet)
+        if sharded:
+            save_sharded(tmp / SHARDED_STATE, policy.unet, optimizer)
         if accelerator.is_main_process:
-            policy.save(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded:
+                policy.save(tmp)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
@@ -57,7 +64,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
                 shutil.copyfile(output_dir / "config.yaml", tmp / "config.yaml")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": step, "num_processes": accelerator.num_processes}
+            state = {"step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             replace_dir(tmp, final)
     except OSError as err:
@@ -81,8 +88,16 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) ->
         raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
                          f"{accelerator.num_processes}. Resume with the same number of processes so every "
                          "process continues its own data stream.")
-    policy.load(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    sharded = is_sharded(policy.unet)
+    if state.get("sharded", False) != sharded:
+        raise ValueError(f"{path} was written by a {'sharded' if state.get('sharded') else 'data-parallel'} run; "
+                         f"this run is {'sharded' if sharded else 'data-parallel'}. Resume with the train.sharding it "
+                         "was written with.")
+    if sharded:
+        load_sharded(path / SHARDED_STATE, policy.unet, optimizer)
+    else:
+        policy.load(path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "grad_scaler.pt").exists():
         accelerator.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))

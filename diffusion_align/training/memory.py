@@ -16,7 +16,8 @@ for the checkpoint. Per process, in bytes:
                  online images) at train.resolution: counted exactly on the meta device with saved-tensor hooks, in
                  the compute dtype, without or with gradient checkpointing
 
-Sharding (`--strategy`, as train.sharding will select it): fsdp2 divides the UNet's weights, gradients and
+Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs; zero2 is
+planned, not trained yet): fsdp2 divides the UNet's weights, gradients and
 optimizer states, and a full fine-tune's reference, by the number of processes; fsdp2-offload keeps all three on
 the CPU; zero2 divides the gradients and optimizer states only. The encoders are replicated in every case.
 Not counted: the CUDA context and allocator slack (RESERVE_GB is kept free), a reward model or judge of the online
@@ -183,8 +184,9 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     full = cfg.model.lora_rank is None
     trainable = counts.unet if full else counts.lora
     weights = counts.unet * 4 if full else counts.unet * frozen + counts.lora * 4
+    optimizer_name = "adamw" if strategy.startswith("fsdp2") else cfg.train.optimizer  # sharding trains AdamW only
     optimizer = {"adamw": 8 * trainable, "adamw8bit": 2 * trainable,
-                 "adafactor": 4 * counts.adafactor_state}[cfg.train.optimizer]
+                 "adafactor": 4 * counts.adafactor_state}[optimizer_name]
     online = cfg.method.name in ONLINE_METHODS
     needs_reference = cfg.online.kl_beta > 0 if online else METHODS[cfg.method.name].needs_reference
     reference = counts.unet * frozen if (full and needs_reference and not cfg.method.precomputed_reference
@@ -216,8 +218,8 @@ _CHANGES = [
     ("data.cache=true", "data.cache=true", lambda c: not c.data.cache and c.method.name not in ONLINE_METHODS),
     ("model.ref_offload=true", "model.ref_offload=true",
      lambda c: c.model.lora_rank is None and not c.model.ref_offload),
-    ("--strategy fsdp2", "fsdp2", lambda c: True),  # over the processes planned for, when there are several
-    ("--strategy fsdp2-offload", "fsdp2-offload", lambda c: True),
+    ("train.sharding=fsdp2", "fsdp2", lambda c: True),  # over the processes planned for, when there are several
+    ("train.sharding=fsdp2-offload", "fsdp2-offload", lambda c: True),
     ("train.optimizer=adamw8bit", "train.optimizer=adamw8bit", lambda c: c.train.optimizer == "adamw"),
     ("model.lora_rank=8 (a LoRA instead of a full fine-tune)", "model.lora_rank=8",
      lambda c: c.model.lora_rank is None),
@@ -254,7 +256,8 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
                 changed_counts = count_models(changed) if how.startswith("model.lora_rank") else counts
                 total = memory_bytes(changed, changed_counts, processes, strategy)["total"]
             if total <= budget:
-                change = label
+                change = label if how not in STRATEGIES or cfg.train.optimizer == "adamw" else (
+                    f"{label} train.optimizer=adamw (sharding trains AdamW only)")
                 break
         fsdp2_processes = None if fits else next(
             (n for n in range(1, 65) if memory_bytes(cfg, counts, n, "fsdp2")["total"] <= budget), None)
@@ -276,11 +279,15 @@ def format_plan(p: MemoryPlan) -> str:
         if not p.fits:
             lines.append(f"cheapest single change that fits: {p.change}" if p.change else
                          "no single change fits: combine them")
-            lines.append(f"with --strategy fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
+            lines.append(f"with train.sharding=fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
                          else "fsdp2 alone does not make it fit: the activations and encoders are not sharded")
-    if p.strategy != "ddp" or not p.fits and p.fits is not None:
-        lines.append("note: `diffusion-align train` does not shard yet; the fsdp2 and zero2 figures say what "
-                     "sharding will take")
+    if p.strategy == "zero2":
+        lines.append("note: `diffusion-align train` does not run DeepSpeed ZeRO-2 yet; train.sharding=fsdp2 shards "
+                     "more (weights too)")
+    elif p.strategy != "ddp":
+        lines.append(f"train with train.sharding={p.strategy} (AdamW only, as planned): torchrun --nproc_per_node "
+                     f"{p.processes} -m diffusion_align train CONFIG train.sharding={p.strategy}, or accelerate "
+                     f"launch --config_file configs/accelerate/{p.strategy}.yaml -m diffusion_align train CONFIG")
     return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from .sampling import (Trajectory, decode_images, gaussian_log_prob, group_condi
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
 from .safety import SkippedUpdates
+from .sharding import clip_gradients, gradient_sync
 from .run import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
                   tracker_hparams)
 
@@ -181,7 +181,7 @@ def train_online(cfg: Config) -> TrainResult:
                 # one step for the whole micro-batch (the sampling call's form), or one per row
                 step_index = own[:, k] if o.per_sample_timesteps else int(own[0, k])
                 last = position == len(micro) - 1 and k == count - 1  # all-reduce gradients once, at the end
-                with nullcontext() if last else accelerator.no_sync(unet):
+                with gradient_sync(accelerator, unet, last):
                     with accelerator.autocast():
                         mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond,
                                                       o.guidance, o.eta)
@@ -201,7 +201,7 @@ def train_online(cfg: Config) -> TrainResult:
                     accelerator.backward(loss)
                 for name, value in {"policy_loss": policy_loss.detach(), **metrics}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * count)
-        grad_norm = float(accelerator.clip_grad_norm_(policy.trainable_parameters(), t.max_grad_norm or float("inf")))
+        grad_norm = clip_gradients(accelerator, policy.trainable_parameters(), t.max_grad_norm or float("inf"))
         return grad_norm, sums
 
     # ---- the loop ----
@@ -257,7 +257,8 @@ def train_online(cfg: Config) -> TrainResult:
                                   {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                                    "nonfinite_steps": skipped_updates.total})
                 progress.set_postfix(score=f"{record['score_mean']:.4f}")
-            if main and o.grid_every and step % o.grid_every == 0:
+            if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
+                # gathers its weights from all), the main one writes
                 save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
                                    output_dir / "grids" / f"step-{step:06d}.png", zero_uncond)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -280,7 +281,8 @@ def train_online(cfg: Config) -> TrainResult:
 def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str], cfg: Config, accelerator,
                        path: Path, zero_uncond: bool = False) -> Path:
     """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (eta 0): the same noise at
-    every step of training, so the grids show how the model changes. `zero_uncond`: as `group_conditioning`."""
+    every step of training, so the grids show how the model changes. `zero_uncond`: as `group_conditioning`.
+    Called by every process (a sharded UNet gathers its weights from all); the main process writes the grid."""
     from PIL import Image
     o, t = cfg.online, cfg.train
     cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, prompts, GRID_SEEDS,
@@ -291,6 +293,8 @@ def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str]
     with accelerator.autocast():
         trajectory = sample_with_logprob(unet, scheduler, cond, uncond, latents, o.sample_steps, o.guidance, eta=0.0)
     images = decode_images(parts.vae, trajectory.latents[-1])
+    if not accelerator.is_main_process:
+        return path
     size = images[0].size
     grid = Image.new("RGB", (size[0] * GRID_SEEDS, size[1] * len(prompts)))
     for i, image in enumerate(images):

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
 from ..config import Config, ConfigError, config_to_dict, config_to_yaml
+from ..devices import process_state
 from ..evaluation.plots import plot_run
 from ..files import write_text_atomic
 from ..models.kohya import kohya_labels
@@ -26,6 +27,7 @@ from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
 from .outputs import MetricsLog, save_final
 from .safety import RunStopped, check_finite_weights, check_output_dir, clear_run
+from .sharding import gathered_policy, resolve_sharding, shard
 
 logger = logging.getLogger("diffusion_align")
 
@@ -40,10 +42,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("train.report_to=wandb needs wandb (pip install diffusion-align[wandb]); "
                           "or use train.report_to=tensorboard")
     AcceleratorState._reset_state()  # a second train() in one process may use another precision
-    # without cpu=True accelerate treats torchrun's CPU processes as independent single-process runs
-    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = process_state()  # made as the command line's logging made it: cpu=True without a GPU
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
-                       project_dir=cfg.train.output_dir, cpu=on_cpu)
+                       project_dir=cfg.train.output_dir, cpu=state.device.type == "cpu")
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -85,7 +86,8 @@ class TrainResult:
 @dataclasses.dataclass
 class Models:
     """What a run trains and conditions with, on the device; `unet` is the policy UNet as accelerate prepared it
-    (DDP-wrapped on many processes), `policy.unet` the same module unwrapped."""
+    (DDP-wrapped on many processes), `policy.unet` the same module unwrapped; sharded (train.sharding), both are
+    the one module, sharded in place."""
 
     parts: DiffusionComponents
     policy: Policy
@@ -93,12 +95,14 @@ class Models:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     frozen_dtype: torch.dtype
+    sharding: str = "none"
 
 
 def start_run(cfg: Config) -> tuple[Accelerator, Path]:
     """The accelerator and the output folder, checked (a run there is resumed or replaced only when asked), with the
     resolved config written into it."""
     output_dir = Path(cfg.train.output_dir)
+    resolve_sharding(cfg)  # a setting sharding cannot run with fails here, before anything is loaded
     check_output_dir(cfg, resolve_resume(output_dir, cfg.train.resume))
     accelerator = make_accelerator(cfg)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main process changes it
@@ -115,9 +119,10 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
                   encoders: bool = True, before_policy=None) -> Models:
     """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
     in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
-    as the policy and prepare it with its optimiser and lr schedule. `before_policy(parts, frozen_dtype, unet_digest)`
-    runs on the untouched pretrained UNet first (precomputed reference errors)."""
-    t = cfg.train
+    as the policy and prepare it with its optimiser and lr schedule, or shard it (train.sharding: sharding.py).
+    `before_policy(parts, frozen_dtype, unet_digest)` runs on the untouched pretrained UNet first (precomputed
+    reference errors)."""
+    t, sharding = cfg.train, resolve_sharding(cfg)
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
@@ -142,17 +147,28 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     kohya = None if cfg.model.lora_rank is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
+    # sharded, the policy is made on the CPU and each block moves to the device as it is sharded: no process
+    # ever holds the whole UNet there
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, needs_reference, cfg.model.ref_offload, device, frozen_dtype, kohya)
-    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)
+                    parts.family, needs_reference, cfg.model.ref_offload, "cpu" if sharding != "none" else device,
+                    frozen_dtype, kohya)
+    if sharding != "none":
+        compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
+        for module in filter(None, (policy.unet, policy.ref_unet)):
+            shard(module, sharding, compute_dtype)
+    optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)  # after sharding: it holds the shards
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
-    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    if sharding == "none":
+        unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    else:  # accelerate's prepare would wrap it for data-parallel training
+        unet = policy.unet
     if cfg.model.compile:  # the training forward only: the reference and inversion call policy.unet as it is
         unet = compile_unet(unet, device)
-    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters", cfg.model.pretrained, parts.family,
-                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()))
-    return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype)
+    logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters%s", cfg.model.pretrained, parts.family,
+                parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()),
+                "" if sharding == "none" else f", {sharding} over {accelerator.num_processes} processes")
+    return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype, sharding)
 
 
 def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path) -> tuple[int, dict | None]:
@@ -189,10 +205,12 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     """Save the final model, its card and the training curves; end the trackers."""
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
+    # sharded: gathered whole once, into the main process's memory, and saved as an unsharded run saves
+    policy = models.policy if models.sharding == "none" else gathered_policy(models.policy)
     if accelerator.is_main_process:
-        check_finite_weights(models.policy.trainable_parameters(), cfg.train.max_steps, output_dir)
+        check_finite_weights(policy.trainable_parameters(), cfg.train.max_steps, output_dir)
         try:
-            save_final(cfg, models.policy, unet, output_dir, models.parts.family, summary)
+            save_final(cfg, policy, policy.unet, output_dir, models.parts.family, summary)
         except OSError as err:
             shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)
             raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "

@@ -99,9 +99,9 @@ def clear_run(output_dir: Path) -> None:
 
 
 def check_finite_weights(parameters, step: int, output_dir: Path) -> None:
-    """Never save NaN or inf weights."""
-    import torch  # here, so that the command line reads this module without loading torch
-    if not all(bool(torch.isfinite(p).all()) for p in parameters):
+    """Never save NaN or inf weights. Collective when the weights are sharded (every process checks its shards)."""
+    from .sharding import all_finite  # here, so that the command line reads this module without loading torch
+    if not all_finite(list(parameters)):
         raise RunStopped(f"step {step}: the trained weights hold NaN or inf values, so they were not saved; the "
                          f"checkpoints in {output_dir} are intact. Lower train.lr, or use bf16 instead of fp16")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from .outputs import MetricsLog
 from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
 from .run import TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run, tracker_hparams
 from .safety import SkippedUpdates
+from .sharding import clip_gradients, gradient_sync
 
 logger = logging.getLogger("diffusion_align")
 
@@ -163,13 +163,13 @@ def train(cfg: Config) -> TrainResult:
                 batch = next_batch()
                 pairs_seen += len(batch["prompts"])
                 sync = micro == t.grad_accum - 1  # all-reduce gradients once, on the last micro-step
-                with nullcontext() if sync else accelerator.no_sync(unet):
+                with gradient_sync(accelerator, unet, sync):
                     with accelerator.autocast():
                         loss, metrics = batch_loss(batch)
                     accelerator.backward(loss / t.grad_accum)
                 for name, value in {"loss": loss.detach(), **metrics}.items():
                     sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
+            grad_norm = clip_gradients(accelerator, trainable, t.max_grad_norm or float("inf"))
             step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
             skipped_updates.after_update(apply_update(accelerator, optimizer, grad_norm), grad_norm, f"step {step}",
                                          output_dir)

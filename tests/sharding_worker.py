@@ -1,0 +1,54 @@
+"""Run by test_sharding.py under torchrun: several training runs one after another in the same processes. For each,
+per rank, what every UNet call received (its noised latents, timesteps and conditioning, summed per row), for the
+test to compare a sharded run with a data-parallel one (and their final models).
+
+    sharding_worker.py SPEC.json OUT_DIR     SPEC: [{"name": ..., "config": path, "overrides": [...]}, ...]
+"""
+
+import inspect
+import json
+import logging
+import sys
+from contextlib import contextmanager
+
+import torch
+from accelerate import PartialState
+from diffusers import UNet2DConditionModel
+
+from diffusion_align.config import load_config
+from diffusion_align.training import trainer
+
+
+@contextmanager
+def recording_unet_inputs(into: list):
+    """Append, per UNet call, its inputs reduced to per-row sums (float64): enough to tell rows, timesteps and
+    conditioning apart, small enough to compare whole runs. The class's forward is wrapped, so the call is seen
+    however the UNet is wrapped or sharded."""
+    forward = UNet2DConditionModel.forward
+    names = list(inspect.signature(forward).parameters)[1:4]  # sample, timestep, encoder_hidden_states
+
+    def recorded(self, *args, **kwargs):
+        sample, timestep, cond = (list(args) + [kwargs.get(n) for n in names[len(args):]])[:3]
+        into.append({"sample": sample.detach().double().flatten(1).sum(1).tolist(),
+                     "timesteps": torch.as_tensor(timestep).expand(sample.shape[0]).tolist(),
+                     "cond": cond.detach().double().flatten(1).sum(1).tolist()})
+        return forward(self, *args, **kwargs)
+    UNet2DConditionModel.forward = recorded
+    try:
+        yield
+    finally:
+        UNet2DConditionModel.forward = forward
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    spec, out_dir = sys.argv[1:]
+    # every run ends with accelerator.end_training(), which destroys the process group: keep it for the next run
+    destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+    for run in json.load(open(spec)):
+        calls = []
+        with recording_unet_inputs(calls):
+            trainer.train(load_config(run["config"], run["overrides"]))
+        with open(f"{out_dir}/{run['name']}-rank{PartialState().process_index}.json", "w") as f:
+            json.dump(calls, f)
+    destroy(PartialState())
