@@ -1,7 +1,9 @@
 """The prepared GPU check: real SD1.5 and SDXL architectures (random weights) at 512 / 1024 px take LoRA and full
 Diffusion-DPO steps in fp16 and bf16, with and without the latent cache and precomputed reference errors, plus
-xformers and 8-bit Adam where they import; every step must be finite. Writes s/step and peak CUDA memory to
-<out>/gpu_check.md (and .json). Run it through `benchmarks/gpu_check.sh`, which installs the wheels first.
+xformers and 8-bit Adam where they import, and sharded training (train.sharding=fsdp2, full and LoRA, bf16,
+torchrun over the GPUs); every step must be finite. Writes s/step and peak CUDA memory (not of the sharded runs,
+whose processes are their own) to <out>/gpu_check.md (and .json). Run it through `benchmarks/gpu_check.sh`, which
+installs the wheels first.
 
     python benchmarks/gpu_check.py --out outputs/gpu-check          # on a CUDA GPU, about 6 minutes on an H100
     python benchmarks/gpu_check.py --tiny --out /tmp/check          # the CPU stand-in (tiny pipelines, bf16 only)
@@ -17,6 +19,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,11 +67,13 @@ def cases(tiny: bool) -> list[dict]:
         found.append(dict(precision="fp16", lora=True, fast=False, extra=("model.attention=xformers",)))
     if importlib.util.find_spec("bitsandbytes") is not None and not tiny:
         found.append(dict(precision="bf16", lora=False, fast=True, extra=("train.optimizer=adamw8bit",)))
+    # FSDP2 (train.sharding) on every GPU there is, in bf16: a full fine-tune and a LoRA, under torchrun
+    found += [dict(precision="bf16", lora=lora, fast=False, sharded=True) for lora in (False, True)]
     return found
 
 
 def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, case: dict) -> dict:
-    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}"
+    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{', fsdp2' if case.get('sharded') else ''}"
             f"{', cache + precomputed ref' if case['fast'] else ''}{', ' + ', '.join(case.get('extra', ())) if case.get('extra') else ''}")
     out = work / "runs" / "".join(c if c.isalnum() else "-" for c in f"{model.name}-{name}")
     overrides = [f"model.pretrained={model}", f"data.path={pairs}", f"train.output_dir={out}",
@@ -85,15 +90,24 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
     started = time.perf_counter()
     record = {"arch": model.name, "case": name}
     try:
-        train(load_config(CONFIG, overrides))
+        if case.get("sharded"):  # sharding runs under a distributed launch: processes of their own
+            processes = str(max(torch.cuda.device_count(), 1))
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", processes,
+                                   "-m", "diffusion_align", "train", str(CONFIG), *overrides, "train.sharding=fsdp2"],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(done.stderr[-200:])
+        else:
+            train(load_config(CONFIG, overrides))
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         finite = all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in lines)
         per_step = statistics.median(1 / r["pairs_per_s"] for r in lines[1:]) if len(lines) > 1 else float("nan")
         record.update(ok=finite, s_per_step=per_step, why="" if finite else "non-finite loss or gradient")
     except Exception as err:  # one failing case must not hide the others' numbers
         record.update(ok=False, s_per_step=float("nan"), why=f"{type(err).__name__}: {str(err)[:200]}")
-    record.update(seconds=time.perf_counter() - started,
-                  peak_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan"))
+    record.update(seconds=time.perf_counter() - started,  # a sharded run's memory is its own processes', not ours
+                  peak_mb=torch.cuda.max_memory_allocated() / 2**20
+                  if torch.cuda.is_available() and not case.get("sharded") else float("nan"))
     print(f"{record['arch']:10s} {name:50s} {'ok' if record['ok'] else 'FAILED ' + record['why']} "
           f"{record['s_per_step']:.3f} s/step, peak {record['peak_mb']:.0f} MB, {record['seconds']:.0f} s", flush=True)
     return record

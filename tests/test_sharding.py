@@ -130,7 +130,7 @@ def test_accelerate_configs_select_the_strategy(config, expected):
     args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs" / "accelerate" / config),
                                                "-m", "diffusion_align", "train"])
     args, *_ = _validate_launch_command(args)
-    env = prepare_multi_gpu_env(args)
+    env = {**prepare_multi_gpu_env(args), "RANK": "0"}  # and torchrun, which accelerate runs, gives each its rank
     assert sharding_from_launcher(env) == expected
     cfg = load_config(TINY_CONFIG, ["model.lora_rank=null"])
     assert resolve_sharding(cfg, env) == (expected or "none")
@@ -142,12 +142,26 @@ def test_settings_sharding_cannot_run_with_are_refused():
         sharding_from_launcher(fsdp1)
     with pytest.raises(ConfigError, match="DeepSpeed"):
         sharding_from_launcher({"ACCELERATE_USE_DEEPSPEED": "true"})
-    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "RANK": "0"}
     with pytest.raises(ConfigError, match="train.sharding=fsdp2-offload, but the accelerate config asks for fsdp2"):
         resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2-offload"]), fsdp2)
     assert resolve_sharding(load_config(TINY_CONFIG, []), fsdp2) == "fsdp2"  # the launcher's, where the key is none
     for setting in ("train.mixed_precision=fp16", "train.optimizer=adafactor", "model.compile=true",
                     "model.ref_offload=true"):
         with pytest.raises(ConfigError, match=f"this config has {setting}"):
-            resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2", setting]), {})
+            resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2", setting]), {"RANK": "0"})
+    with pytest.raises(ConfigError, match="shards over the processes of a distributed launch: start the run with "
+                                          "torchrun"):  # a plain `diffusion-align train`
+        resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2"]), {})
     assert resolve_sharding(load_config(TINY_CONFIG, []), {}) == "none"
+
+
+@pytest.mark.parametrize("case", ["dpo-full", "dpo-lora", "pref_grpo-full"])
+def test_each_process_holds_half_the_model_states(sharded_runs, case):
+    """The issue's goal: per process, the weights, gradients and optimiser states (and a full fine-tune's reference
+    copy) of a run sharded over 2 processes within 10% of half of what data-parallel holds (metrics.jsonl, the main
+    process's)."""
+    root, _ = sharded_runs
+    sharded, data_parallel = (json.loads((root / run / "metrics.jsonl").read_text().splitlines()[-1])
+                              for run in (f"{case}-fsdp2", f"{case}-none"))
+    assert sharded["model_states_gib"] == pytest.approx(data_parallel["model_states_gib"] / 2, rel=0.1)

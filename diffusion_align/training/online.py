@@ -255,7 +255,7 @@ def train_online(cfg: Config) -> TrainResult:
                                   {"zero_std_groups": tied.sum(),
                                    "images_per_s": len(images) / (time.perf_counter() - started)},
                                   {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-                                   "nonfinite_steps": skipped_updates.total})
+                                   "nonfinite_steps": skipped_updates.total}, models)
                 progress.set_postfix(score=f"{record['score_mean']:.4f}")
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes

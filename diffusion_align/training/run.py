@@ -27,7 +27,7 @@ from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
 from .outputs import MetricsLog, save_final
 from .safety import RunStopped, check_finite_weights, check_output_dir, clear_run
-from .sharding import gathered_policy, resolve_sharding, shard
+from .sharding import gathered_policy, model_state_bytes, resolve_sharding, shard
 
 logger = logging.getLogger("diffusion_align")
 
@@ -184,9 +184,10 @@ def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
 
 
 def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int, means: dict, totals: dict,
-             extra: dict) -> dict:
+             extra: dict, models: Models | None = None) -> dict:
     """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `extra` as this process has
-    it; written to metrics.jsonl by the main process and sent to the tracker."""
+    it, and the bytes of `models`' weights, gradients and optimiser states this process holds; written to
+    metrics.jsonl by the main process and sent to the tracker."""
     device = accelerator.device
     record = {"step": step}
     for given, how in ((means, "mean"), (totals, "sum")):
@@ -194,6 +195,9 @@ def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int
             values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in given.values()])
             record.update(zip(given, accelerator.reduce(values, how).tolist()))
     record.update(extra)
+    if models is not None:  # this process's (the main one's): 1/N of data-parallel's when sharded over N
+        record["model_states_gib"] = model_state_bytes(
+            [m for m in (models.policy.unet, models.policy.ref_unet) if m is not None], models.optimizer) / 2 ** 30
     if metrics_log is not None:
         metrics_log.write(record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)

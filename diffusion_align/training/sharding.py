@@ -73,6 +73,10 @@ def resolve_sharding(cfg: Config, env=os.environ) -> str:
     strategy = launcher if key == "none" and launcher is not None else key
     if strategy == "none":
         return strategy
+    if "RANK" not in env and not dist.is_initialized():
+        raise ConfigError(f"train.sharding={strategy} shards over the processes of a distributed launch: start the "
+                          "run with torchrun --nproc_per_node N -m diffusion_align train ... (N = 1 too), or accelerate "
+                          "launch --config_file configs/accelerate/fsdp2.yaml -m diffusion_align train ...")
     conflicts = {"train.mixed_precision=fp16": cfg.train.mixed_precision == "fp16",  # its scaler is not shard-aware
                  f"train.optimizer={cfg.train.optimizer}": cfg.train.optimizer != "adamw",
                  "model.compile=true": cfg.model.compile,
@@ -139,6 +143,17 @@ def all_finite(parameters: list[torch.nn.Parameter]) -> bool:
     flag = torch.tensor(int(finite))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
+
+
+def model_state_bytes(modules: list[torch.nn.Module], optimizer) -> int:
+    """What this process holds of the model states: the weights of `modules` (the policy and a reference copy),
+    a gradient for each trainable weight, and the optimiser's states; of a sharded tensor, this process's shard."""
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+    params = [p for module in modules for p in module.parameters()]
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    return sum(local(p) * (2 if p.requires_grad else 1) for p in params) + sum(local(v) for v in states)
 
 
 def unsharded_class(module: torch.nn.Module) -> type:

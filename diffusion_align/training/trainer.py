@@ -181,7 +181,8 @@ def train(cfg: Config) -> TrainResult:
                 record = log_step(accelerator, metrics_log, step, sums,
                                   {"pairs_per_s": pairs_seen / (time.perf_counter() - started),
                                    "skipped_rows": skipped_rows},
-                                  {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": skipped_updates.total})
+                                  {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": skipped_updates.total},
+                                  models)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
                                                                      if "implicit_acc" in record else {}))
             if t.checkpoint_every and step % t.checkpoint_every == 0:
