@@ -26,6 +26,8 @@ CASES = {f"{method}-{kind}": [f"method.name={method}", *overrides,
                               *(["model.lora_rank=4"] if kind == "lora" else ["model.lora_rank=null", "train.lr=1e-4"])]
          for method, overrides in METHODS.items() for kind in ("lora", "full")}
 CASES["dpo-full"] = [*CASES["dpo-full"], "train.max_steps=10"]  # the goal: equal weights after 10 steps
+# no reference copy and no encoders: the precomputed reference errors and the latent cache, made before sharding
+CASES["dpo-full-cached"] = [*CASES["dpo-full"], "data.cache=true", "method.precomputed_reference=true"]
 # (sharded run, data-parallel run) pairs to compare; gradient checkpointing must not change what a sharded run learns
 PAIRS = {case: (f"{case}-fsdp2", f"{case}-none") for case in CASES}
 PAIRS["dpo-full-checkpointing"] = ("dpo-full-checkpointing-fsdp2", "dpo-full-none")
