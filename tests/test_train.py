@@ -320,3 +320,16 @@ def test_prediction_type_mismatch_is_an_error(tmp_path, tiny_models, tiny_pairs)
         run(tmp_path, tiny_models["sd2"], tiny_pairs, "model.prediction_type=epsilon")
     with pytest.raises(ValueError, match="inversion_steps is an smpo setting"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.inversion_steps=3")
+
+
+def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, tiny_models, tiny_pairs):
+    """It used to draw batches forever, logging every skipped row (hundreds of MB in minutes)."""
+    from diffusion_align.training.safety import RunStopped
+    table = pq.read_table(tiny_pairs).to_pylist()
+    for row in table:
+        row["jpg_0"] = b"x"
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(tiny_pairs)), bad)
+    with pytest.raises(RunStopped, match=r"bad.parquet: no pair of a whole pass over the data \(8 batches, 16 rows "
+                                         r"skipped in all\) could be decoded; the last: "):
+        run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2")

@@ -30,7 +30,7 @@ from .online import train_online
 from .outputs import MetricsLog
 from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
 from .run import TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run, tracker_hparams
-from .safety import SkippedUpdates
+from .safety import RunStopped, SkippedUpdates
 from .sharding import clip_gradients, gradient_sync
 
 logger = logging.getLogger("diffusion_align")
@@ -122,9 +122,13 @@ def train(cfg: Config) -> TrainResult:
                                    start_batch=batches_drawn, num_workers=workers,
                                    extra_columns=extra_columns))
 
+    # a whole pass of this process's batches without one decodable pair: the data cannot train, say so and stop
+    pass_batches = None if stats.pairs is None else max(1, stats.pairs // (t.batch_size * world))
+
     def next_batch() -> dict:
         """The next batch with at least one decodable pair; undecodable rows are logged and counted."""
         nonlocal batches_drawn, skipped_rows
+        empty = 0
         while True:
             batch = next(loader)
             batches_drawn += 1
@@ -133,6 +137,11 @@ def train(cfg: Config) -> TrainResult:
             skipped_rows += len(batch["skipped"])
             if batch["prompts"]:
                 return batch
+            empty += 1
+            if pass_batches is not None and empty >= pass_batches:
+                raise RunStopped(f"{cfg.data.path}: no pair of a whole pass over the data ({empty} batches, "
+                                 f"{skipped_rows} rows skipped in all) could be decoded; the last: "
+                                 f"{batch['skipped'][-1][1]}. Check the image columns (jpg_0, jpg_1)")
 
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         latents, cond, draws = inputs(batch)  # the VAE and text encoders run in their own dtypes, outside autocast
