@@ -15,6 +15,17 @@ from safetensors.torch import save_file
 
 
 _PACKAGE = Path(__file__).resolve().parent  # .../diffusion_align
+_UMASK = os.umask(0o022)  # read once, at import (reading it means setting it), and put back
+os.umask(_UMASK)
+
+
+def usual_permissions(path: Path) -> None:
+    """Give `path` (a file, or every file under a folder) the permissions the user's umask gives a new file.
+    Writers that go through a private temp file (safetensors' save_file, mkstemp) leave their files owner-only
+    (0600), which a server running as another user (ComfyUI, a web UI) cannot read."""
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~_UMASK)
 
 
 def shipped_dir(installed: str, checkout: str) -> Path:
@@ -32,6 +43,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place; an older folder of that name is removed only after the move."""
     old = dst.with_name(dst.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
+    usual_permissions(src)
     if dst.exists():
         dst.rename(old)
     src.rename(dst)
@@ -48,6 +60,7 @@ def write_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = 
     """safetensors written beside `path` under a hidden name, then renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp, metadata=metadata)
+    usual_permissions(tmp)
     os.replace(tmp, path)
 
 

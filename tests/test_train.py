@@ -333,3 +333,15 @@ def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, t
     with pytest.raises(RunStopped, match=r"bad.parquet: no pair of a whole pass over the data \(8 batches, 16 rows "
                                          r"skipped in all\) could be decoded; the last: "):
         run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2")
+
+
+def test_written_models_get_the_usual_permissions(tmp_path, tiny_models, tiny_pairs):
+    """safetensors writes through a private temp file (0600): a LoRA that a ComfyUI server running as another user
+    could not read. Every file of the final model and the checkpoints gets what the umask gives a new file."""
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=3")
+    written = [p for folder in ("final", "checkpoint-3") for p in (tmp_path / "run" / folder).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}

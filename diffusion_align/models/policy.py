@@ -24,6 +24,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..files import usual_permissions
 from .kohya import KOHYA_WEIGHTS, write_kohya_lora
 from .loading import place
 
@@ -44,6 +45,7 @@ def write_diffusers_lora(unet: UNet2DConditionModel, family: str, path: Path, ad
         pipeline_cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state),
                                        weight_name=path.name,
                                        unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+        usual_permissions(tmp / path.name)
         os.replace(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
