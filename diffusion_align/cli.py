@@ -478,6 +478,21 @@ def main(argv: list[str] | None = None) -> None:
     except RunStopped as err:  # a run that cannot go on: the message says what is intact
         print(f"diffusion-align {args.command}: stopped: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is intact (every writer writes beside and renames)
+        print(f"diffusion-align {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _resume_hint(args) -> str:
+    """For an interrupted `train`: where it can continue from."""
+    if args.command != "train":
+        return ""
+    from .files import list_checkpoints
+    output_dir = Path(load_config(args.config, args.overrides).train.output_dir)
+    found = list_checkpoints(output_dir)
+    if not found:
+        return f"; {output_dir} holds no checkpoint yet: a new run starts from step 0"
+    return f"; the newest checkpoint is {found[-1][1]}: continue with train.resume=latest"
 
 
 if __name__ == "__main__":

@@ -359,11 +359,21 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML; a syntax error names `where`, the line and column, and what was wrong."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), _yaml(raw, f"the value of override '{text}'") if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -373,7 +383,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     layers = []
     if path is not None:
         text = Path(path).read_text()
-        layers.append((_flatten(yaml.safe_load(text) or {}, f"in {path}"), f"in {path}"))
+        layers.append((_flatten(_yaml(text, str(path)) or {}, f"in {path}"), f"in {path}"))
     layers.append((dict(parse_override(o) for o in overrides), "on the command line"))
     for values, where in layers:
         for key, value in values.items():

@@ -3,6 +3,7 @@
 
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,30 @@ def test_a_failed_final_or_metrics_write_stops_the_run_and_keeps_what_was_there(
         run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.resume=latest",
             "train.max_steps=4")
     assert (tmp_path / "run" / "checkpoint-3").is_dir() and not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+def test_ordinary_mistakes_get_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A YAML syntax error, an output_dir that is a file, Ctrl-C during train: one line each (issue 24)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  name: dpo\n   beta: [1\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", str(bad)])
+    assert exit_.value.code == 2
+    assert f"{bad} is not valid YAML at line 3, column 8: mapping values are not allowed here" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit):
+        cli_main(["train", "configs/tiny/dpo.yaml", f"train.output_dir={a_file}"])
+    assert f"train.output_dir={a_file} is a file; expected a folder" in capsys.readouterr().err
+
+    def interrupted(cfg):
+        (Path(cfg.train.output_dir) / "checkpoint-10").mkdir(parents=True)
+        (Path(cfg.train.output_dir) / "checkpoint-10" / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", "configs/tiny/dpo.yaml", f"train.output_dir={tmp_path / 'run'}"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"diffusion-align train: interrupted; the newest checkpoint is {tmp_path / 'run' / 'checkpoint-10'}: "
+        "continue with train.resume=latest")

@@ -48,6 +48,8 @@ def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
     """Refuse to start in a folder that holds a run unless it is resumed or `train.overwrite` says so, and refuse a
     resume whose config differs from the checkpoint's (`checkpoint`: what train.resume resolved to)."""
     t, output_dir = cfg.train, Path(cfg.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"train.output_dir={output_dir} is a file; expected a folder (new, or holding a run)")
     if t.overwrite and t.resume is not None:
         raise ConfigError(f"train.overwrite=true deletes the run in {output_dir}, train.resume={t.resume} continues "
                           "it: choose one")
