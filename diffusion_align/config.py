@@ -391,6 +391,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise _unknown_key_error(key, where)
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, _coerce(key, *valid[key], value, where))
+    if cfg.train.resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
+        raise ConfigError(f"train.resolution={cfg.train.resolution} must be a multiple of 8 (the VAE downsamples "
+                          f"by 8), e.g. {cfg.train.resolution // 8 * 8 or 8}")
     return cfg
 
 

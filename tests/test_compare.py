@@ -183,6 +183,13 @@ def test_compare_errors_name_the_problem(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         compare_folders(a, tmp_path / "missing", RednessScorer(), tmp_path / "cmp", num_workers=0)
 
+    class Unscorable(RednessScorer):  # a confidence of 2 is refused before anything is scored or written
+        def score(self, *args, **kwargs):
+            raise AssertionError("scored before the settings were checked")
+    with pytest.raises(ValueError, match=r"expected confidence in \(0, 1\)"):
+        compare_folders(a, b, Unscorable(), tmp_path / "early", num_workers=0, confidence=2)
+    assert not list(tmp_path.glob("early*"))
+
 
 def test_compare_with_tiny_pickscore(tmp_path):
     from diffusion_align.rewards.tiny import save_tiny_scorer

@@ -313,6 +313,20 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
         main(["demo", "--out", str(tmp_path / "demo"), "train.lrr=1e-4"])
     assert "train.lrr" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
+    # settings that used to fail after pairs and training, or to run the recipe's 1000 steps for --steps 0
+    for flags, expected in ((["--steps", "0"], "at least 1 training step"), (["--steps", "-3"], "steps=-3"),
+                            (["--eval-seeds", "0"], "eval_seeds=0")):
+        with pytest.raises(SystemExit):
+            main(["demo", "--out", str(tmp_path / "demo"), *flags])
+        assert expected in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "a-file")])
+    assert "a-file is a file; expected a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "demo"), "train.resolution=33"])
+    assert "train.resolution=33 must be a multiple of 8 (the VAE downsamples by 8), e.g. 32" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("method", ["dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"])

@@ -229,6 +229,7 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
     to score_folder.
     """
     dir_a, dir_b = Path(dir_a), Path(dir_b)
+    _check_resampling(n_resamples, confidence)  # before minutes of scoring, not after
     for d in (dir_a, dir_b):
         if not d.is_dir():
             raise FileNotFoundError(f"image folder not found: {d}")

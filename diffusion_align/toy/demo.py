@@ -84,6 +84,11 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if not 0 < prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
         raise ValueError(f"expected 1 to {len(scenes('train'))} prompts (each drawn once) and at least 2 images per "
                          f"prompt, got {prompts} and {settings.images_per_prompt}")
+    if (settings.steps is not None and settings.steps < 1) or settings.eval_seeds < 1:
+        raise ValueError(f"expected at least 1 training step and 1 evaluation seed, got steps={settings.steps} and "
+                         f"eval_seeds={settings.eval_seeds}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file; expected a folder (new, or a demo's to rerun)")
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
@@ -93,7 +98,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     base, proxy_path = base_model(), toy_pickscore()
     proxy = load_scorer("toy-pickscore", proxy_path, device="cpu")
     online = settings.method in ONLINE
-    steps = settings.steps or recipe_cfg.train.max_steps
+    steps = recipe_cfg.train.max_steps if settings.steps is None else settings.steps
     train_prompts = sample_prompts(prompts, settings.seed, "train")
 
     if online:
