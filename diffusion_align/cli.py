@@ -75,7 +75,15 @@ def cmd_make_tiny(args) -> None:
         print(f"pipeline ({family}): {save_tiny_pipeline(out / f'tiny-{family}', family, seed=args.seed)}")
     for name in args.scorers:
         print(f"scorer ({name}): {save_tiny_scorer(name, out / f'tiny-scorer-{name}', seed=args.seed)}")
-    print(f"pairs:          {write_tiny_pairs(out / 'tiny-pairs.parquet', num_pairs=args.pairs, seed=args.seed)}")
+    pairs = write_tiny_pairs(out / "tiny-pairs.parquet", num_pairs=args.pairs, seed=args.seed)
+    print(f"pairs:          {pairs}")
+    # the pairs' captions, one a line: the prompts an online method (configs/tiny/pref-grpo.yaml) samples
+    import pyarrow.parquet as pq
+
+    from .files import write_text_atomic
+    prompts = sorted(set(pq.read_table(pairs, columns=["caption"]).column("caption").to_pylist()))
+    write_text_atomic(out / "prompts.txt", "".join(p + "\n" for p in prompts))
+    print(f"prompts:        {out / 'prompts.txt'}")
 
 
 def _scorers(args, single: bool = False) -> list:
@@ -229,10 +237,20 @@ def _workers_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusion-align", description=__doc__.split("\n")[0])
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        installed = version("diffusion-align")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        installed = "unknown (not installed)"
+    parser = argparse.ArgumentParser(
+        prog="diffusion-align", description="Align text-to-image diffusion models with human preferences: train "
+        "(Diffusion-DPO, MaPO, SmPO, DCPO, SFT, Pref-GRPO, GRPO), score, compare and review. `diffusion-align demo` "
+        "runs the whole loop offline in a toy world; `diffusion-align COMMAND --help` says more.")
+    parser.add_argument("--version", action="version", version=f"diffusion-align {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="Train with a preference method (DPO, MaPO, SmPO, DCPO, SFT).",
+    train = sub.add_parser("train", help="Train with a preference method (DPO, MaPO, SmPO, DCPO, SFT; Pref-GRPO and "
+                                         "GRPO online).",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Train a UNet (LoRA or full) with a preference objective.\n\n"
                                        "Config keys (set them in the YAML file or as key=value):\n" + describe_keys())

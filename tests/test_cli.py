@@ -125,3 +125,26 @@ def test_train_generate_compare_loop(tiny, tmp_path, capsys):
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size[0] > 2 * 256  # the prompt column and two image columns
     assert "a blue square" in (tmp_path / "review.html").read_text()
+
+
+def test_version_and_top_level_help(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"diffusion-align {version('diffusion-align')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Align text-to-image diffusion models with human preferences" in text and "thin wrappers" not in text
+
+
+def test_the_tiny_pref_grpo_config_trains_on_what_make_tiny_writes(tiny, tmp_path):
+    """configs/tiny/pref-grpo.yaml samples the prompts make-tiny writes (its pairs' captions), rewarded by its
+    tiny PickScore."""
+    captions = {row["caption"] for row in pq.read_table(tiny / "tiny-pairs.parquet").to_pylist()}
+    assert sorted(captions) == (tiny / "prompts.txt").read_text().splitlines()
+    config = Path(__file__).parent.parent / "configs" / "tiny" / "pref-grpo.yaml"
+    main(["train", str(config), f"model.pretrained={tiny / 'tiny-sd'}", f"online.prompts={tiny / 'prompts.txt'}",
+          f"online.reward=pickscore={tiny / 'tiny-scorer-pickscore'}", f"train.output_dir={tmp_path / 'run'}",
+          "train.max_steps=2", "train.report_to=none", "train.checkpoint_every=0"])
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

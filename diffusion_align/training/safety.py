@@ -91,13 +91,15 @@ def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
 
 def clear_run(output_dir: Path) -> None:
     """train.overwrite: delete the run's files, so no mix of two runs remains."""
-    for name in run_entries(output_dir):
+    entries = run_entries(output_dir)
+    for name in entries:
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
-    logger.info("train.overwrite=true: cleared the previous run in %s", output_dir)
+    if entries:  # a first run has nothing to clear, and says nothing
+        logger.info("train.overwrite=true: cleared the previous run in %s", output_dir)
 
 
 def check_finite_weights(parameters, step: int, output_dir: Path) -> None:
