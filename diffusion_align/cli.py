@@ -56,6 +56,9 @@ def cmd_demo(args) -> None:
     print(f"{report['method']}: oracle win rate of the aligned model over the base {win['value']:.3f} "
           f"(95% interval {win['low']:.3f}-{win['high']:.3f}, {win['comparisons']} {split} comparisons); "
           f"toy PickScore {report['toy_reward']['base']:.3f} -> {report['toy_reward']['aligned']:.3f}")
+    tied = report["oracle_win_rate_ties_counted"]
+    print(f"counting oracle differences under the raters' {tied['margin']} margin as ties ({tied['ties']:.0%} of "
+          f"them): {tied['value']:.3f} ({tied['low']:.3f}-{tied['high']:.3f})")
     print(f"report: {(Path(args.out) / 'report.md').resolve()}")
 
 

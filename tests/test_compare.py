@@ -40,6 +40,9 @@ def test_win_rate_counts_ties_as_half():
     assert pair_outcomes(a, b).tolist() == [1.0, 0.0, 0.5, 1.0, 0.5]
     assert win_rate(a, b) == 3 / 5
     assert win_rate([1.0], [1.0]) == 0.5
+    # with a tie margin, a difference under it is a tie too (the raters' 0.02 in the toy world)
+    assert pair_outcomes([0.50, 0.51, 0.60, 0.40, 0.519], [0.5] * 5, tie_margin=0.02).tolist() == [
+        0.5, 0.5, 1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="same shape"):
         win_rate([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="no pairs"):

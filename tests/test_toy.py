@@ -290,6 +290,12 @@ def test_demo_evaluation_compares_the_right_images_by_prompt(tmp_path, monkeypat
     assert summary["diversity"]["ratio"] == pytest.approx(spread(aligned_images) / summary["diversity"]["base"])
     assert swapped["diversity"]["base"] == summary["diversity"]["aligned"]
     assert [(c["prompt"], c["seed"]) for c in comparisons] == [(p, s) for p in prompts for s in seeds]
+    # counted with the raters' tie margin: a gain under 0.02 either way is half a win
+    gains = np.array([c["oracle_aligned"] - c["oracle_base"] for c in comparisons])
+    tied = summary["oracle_win_rate_ties_counted"]
+    assert tied["value"] == pytest.approx(np.mean(np.where(np.abs(gains) < 0.02, 0.5, gains > 0)))
+    assert tied["ties"] == pytest.approx(np.mean(np.abs(gains) < 0.02)) and tied["margin"] == 0.02
+    assert received[1] == list(np.where(np.abs(gains) < 0.02, 0.5, gains > 0).reshape(3, 2).mean(axis=1))
 
     notes = demo.verdicts(comparisons)
     gains = [c["oracle_aligned"] - c["oracle_base"] for c in comparisons]

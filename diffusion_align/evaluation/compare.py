@@ -29,12 +29,14 @@ N_RESAMPLES = 2000
 _CHUNK_CELLS = 1 << 22
 
 
-def pair_outcomes(scores_a, scores_b) -> np.ndarray:
-    """1 where a > b, 0.5 where equal, 0 where a < b, element by element."""
+def pair_outcomes(scores_a, scores_b, tie_margin: float = 0.0) -> np.ndarray:
+    """1 where a > b, 0.5 where equal (or closer than `tie_margin`: a difference a rater would not see), 0 where
+    a < b, element by element."""
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"expected paired scores of the same shape, got {a.shape} and {b.shape}")
-    return (a > b) + 0.5 * (a == b)
+    tie = (a == b) | (np.abs(a - b) < tie_margin)
+    return np.where(tie, 0.5, (a > b).astype(np.float64))
 
 
 def win_rate(scores_a, scores_b) -> float:

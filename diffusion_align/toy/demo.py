@@ -12,8 +12,9 @@ recipes in `configs/toy/` too.
 Then, for every method:
 4. evaluation: base and aligned images for every prompt of `eval_split` (held-out by default; "val" while tuning
    settings) and `eval_seeds` fixed seeds (`generate`), judged by the oracle, paired by prompt and seed: the
-   aligned model's win rate with a 95% bootstrap interval over prompts, the toy PickScore of both, how many aligned
-   images changed visibly, and their diversity across seeds beside the base's;
+   aligned model's win rate with a 95% bootstrap interval over prompts (and again with differences under the
+   raters' tie margin counted as ties), the toy PickScore of both, how many aligned images changed visibly, and
+   their diversity across seeds beside the base's;
 5. outputs: report.json, report.md, comparisons.jsonl (every comparison's oracle scores), a comparison grid and
    the review page (both opening on the largest oracle gains, then the largest losses, each with its verdict), and
    the training curves.
@@ -36,7 +37,7 @@ from PIL import Image
 from ..evaluation.compare import bootstrap_interval, pair_outcomes
 from ..files import shipped_dir, write_text_atomic
 from .assets import base_model, folder_records, generate, toy_pickscore
-from .oracle import oracle_scores
+from .oracle import RATER_TIE_MARGIN, oracle_scores
 from .world import sample_prompts, scenes
 
 logger = logging.getLogger("diffusion_align")
@@ -189,9 +190,12 @@ def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
     base_images, aligned_images = images
     texts = [prompt for prompt, _ in keys]
     oracle_base, oracle_aligned = oracle_scores(base_images, texts), oracle_scores(aligned_images, texts)
-    outcomes = pair_outcomes(oracle_aligned.numpy(), oracle_base.numpy())
-    per_prompt = outcomes.reshape(len(prompts), len(seeds)).mean(axis=1)  # keys run seed-fastest
-    low, high = bootstrap_interval(per_prompt, seed=seed)
+    aligned, base = oracle_aligned.numpy(), oracle_base.numpy()
+    outcomes = pair_outcomes(aligned, base)
+    low, high = bootstrap_interval(outcomes.reshape(len(prompts), len(seeds)).mean(axis=1), seed=seed)  # seed-fastest
+    # the same, a difference under the raters' own tie margin counted as a tie: what a person would see
+    tied = pair_outcomes(aligned, base, tie_margin=RATER_TIE_MARGIN)
+    tied_low, tied_high = bootstrap_interval(tied.reshape(len(prompts), len(seeds)).mean(axis=1), seed=seed)
     change = [_pixel_distance(a, b) for a, b in zip(aligned_images, base_images)]
     visible = sum(c > VISIBLE_CHANGE for c in change)
     spread = None if len(seeds) < 2 else {"base": diversity(base_images, len(seeds)),
@@ -199,6 +203,9 @@ def evaluate(base_dir, aligned_dir, proxy, prompts: list[str], seeds: list[int],
     summary = {
         "oracle_win_rate": {"value": float(outcomes.mean()), "low": low, "high": high, "comparisons": len(keys),
                             "prompts": len(prompts)},
+        "oracle_win_rate_ties_counted": {"value": float(tied.mean()), "low": tied_low, "high": tied_high,
+                                         "margin": RATER_TIE_MARGIN,
+                                         "ties": float(np.mean(np.abs(aligned - base) < RATER_TIE_MARGIN))},
         "oracle_score": {"base": float(oracle_base.mean()), "aligned": float(oracle_aligned.mean())},
         "toy_reward": {"base": float(proxy.score(base_images, texts).mean()),
                        "aligned": float(proxy.score(aligned_images, texts).mean())},
@@ -238,6 +245,7 @@ def verdicts(comparisons: list[dict]) -> dict[tuple[str, int], str]:
 
 def format_report(report: dict) -> str:
     win, oracle, proxy = report["oracle_win_rate"], report["oracle_score"], report["toy_reward"]
+    tied = report["oracle_win_rate_ties_counted"]
     changed, spread = report["changed_visibly"], report["diversity"]
     split = {"heldout": "held-out", "val": "validation"}[report["settings"]["eval_split"]]
     return "\n".join([
@@ -246,6 +254,10 @@ def format_report(report: dict) -> str:
         f"Oracle win rate of the aligned model over the base: **{win['value']:.3f}** "
         f"(95% interval {win['low']:.3f} to {win['high']:.3f}; {win['comparisons']} comparisons on "
         f"{win['prompts']} {split} prompts, paired by prompt and seed; ties count half).",
+        "",
+        f"Counting an oracle difference under the raters' tie margin ({tied['margin']}) as a tie (half a win), as a "
+        f"person comparing the two would: **{tied['value']:.3f}** ({tied['low']:.3f} to {tied['high']:.3f}); "
+        f"{tied['ties']:.0%} of the comparisons are that close.",
         "",
         "| | base | aligned | gain |",
         "| --- | --- | --- | --- |",
