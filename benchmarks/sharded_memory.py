@@ -1,7 +1,7 @@
 """Memory per process of a full DPO fine-tune on 2 CPU processes (torchrun, gloo), data-parallel against FSDP2.
 
     .venv/bin/python benchmarks/sharded_memory.py --arch tiny
-    .venv/bin/python benchmarks/sharded_memory.py --arch sd15 --resolution 256 --precision bf16 --limit-gb 19
+    .venv/bin/python benchmarks/sharded_memory.py --arch sd15 --resolution 256 --precision bf16 --limit-gb 23
 
 Each run is `diffusion-align train configs/tiny/dpo.yaml` (a full fine-tune, one pair per process) on the
 architecture (tiny, or SD1.5's with random weights: benchmarks/train_throughput.py's build_world), with
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,9 +42,13 @@ def run(strategy: str, model: Path, pairs: Path, work: Path, args) -> dict:
            f"train.mixed_precision={args.precision}"]
     per_process = int(args.limit_gb * GIB / 2)
     log_path = work / f"{strategy}.log"
-    with log_path.open("w") as log:  # the limit is inherited by the processes torchrun starts
-        launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: resource.setrlimit(
-            resource.RLIMIT_DATA, (per_process, per_process)))
+    # glibc raises its mmap threshold as large blocks are freed, after which FSDP2's gathered blocks come from the
+    # heap and their memory stays with the process: a fixed threshold returns them (SD1.5: the first optimiser step
+    # failed without it). The limit is inherited by the processes torchrun starts.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
+    with log_path.open("w") as log:
+        launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: (
+            resource.setrlimit(resource.RLIMIT_DATA, (per_process, per_process))))
     peaks = {}
     while launcher.poll() is None:
         for pid, rss in launcher_children(launcher.pid).items():

@@ -209,6 +209,9 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     """Save the final model, its card and the training curves; end the trackers."""
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
+    if models.sharding != "none":  # the run is over: its optimiser states and reference make room for the gather
+        models.optimizer.state.clear()
+        models.policy.ref_unet = None
     # sharded: gathered whole once, into the main process's memory, and saved as an unsharded run saves
     policy = models.policy if models.sharding == "none" else gathered_policy(models.policy)
     if accelerator.is_main_process:

@@ -166,10 +166,11 @@ def gathered_policy(policy):
     state = get_model_state_dict(policy.unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not state:  # only the main process receives the full state
         return None
-    unet = unsharded_class(policy.unet).from_config(policy.unet.config)
-    if policy.is_lora:
-        unet.add_adapter(policy.lora_config)
-    unet.load_state_dict(state)
+    with torch.device("meta"):  # no weights of its own: the gathered ones are assigned, not copied in
+        unet = unsharded_class(policy.unet).from_config(policy.unet.config)
+        if policy.is_lora:
+            unet.add_adapter(policy.lora_config)
+    unet.load_state_dict(state, assign=True)
     trainable = _trainable_names(policy.unet)
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_(name in trainable)
