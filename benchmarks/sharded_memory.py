@@ -95,7 +95,7 @@ def main() -> None:
         work = Path(tmp)
         model, pairs = build_world(work, args.arch, args.resolution, num_pairs=4)
         rows = [run(strategy, model, pairs, work, args) for strategy in args.strategies]
-    print(f"| arch | strategy | steps done | model states per process (GiB) | peak RSS per process (GiB) |")
+    print("| arch | strategy | steps done | model states per process (GiB) | peak RSS per process (GiB) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         states = "" if r["model_states_gib"] is None else f"{r['model_states_gib']:.4g}"

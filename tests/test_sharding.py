@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_align.config import ConfigError, load_config
-from diffusion_align.training.sharding import resolve_sharding, sharding_from_launcher
+from diffusion_align.training.sharding import BLOCK_CLASSES, resolve_sharding, sharding_from_launcher
 
 ROOT = Path(__file__).parent.parent
 TINY_CONFIG = ROOT / "configs" / "tiny" / "dpo.yaml"
@@ -134,6 +134,8 @@ def test_accelerate_configs_select_the_strategy(config, expected):
     args, *_ = _validate_launch_command(args)
     env = {**prepare_multi_gpu_env(args), "RANK": "0"}  # and torchrun, which accelerate runs, gives each its rank
     assert sharding_from_launcher(env) == expected
+    if expected:  # the wrap policy the file names is the one the sharding applies
+        assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",") == list(BLOCK_CLASSES)
     cfg = load_config(TINY_CONFIG, ["model.lora_rank=null"])
     assert resolve_sharding(cfg, env) == (expected or "none")
 

@@ -37,7 +37,6 @@ from torch.distributed.tensor import DTensor
 
 from ..config import Config, ConfigError
 
-STRATEGIES = ("none", "fsdp2", "fsdp2-offload")
 # the wrap policy: each module of these classes is sharded as one unit (as accelerate's
 # fsdp_transformer_layer_cls_to_wrap names them in configs/accelerate/fsdp2.yaml)
 BLOCK_CLASSES = ("BasicTransformerBlock", "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
