@@ -3,6 +3,7 @@ it is), then resumed with train.resume=latest, ends with the weights of a run th
 full fine-tunes of an offline method, Pref-GRPO, and a sharded full fine-tune on two processes (all killed at once,
 as when a machine dies)."""
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,17 +78,25 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, tin
     kill_after = random.Random(seed).randint(1, STEPS - 3)  # the step whose log line is seen; it dies soon after
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(case, killed, *inputs), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while steps_logged(killed) < kill_after and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(random.Random(seed + 1).uniform(0, 0.2))  # anywhere in the next step or its checkpoint
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
+    # the launcher and every process it started: torchrun's workers sit in process groups of their own, and
+    # outlive their launcher, training on, unless each is killed
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(family, timeout=60)
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed (seed {seed})"
     assert not (killed / "final").exists()
 
     resumed = subprocess.run(command(case, killed, *inputs, "train.resume=latest"), env=env, capture_output=True,
+                             timeout=600,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(tmp_path / "whole"), final_weights(killed)
