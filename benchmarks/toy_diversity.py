@@ -12,12 +12,12 @@ colour, place and background, with its small jitter of place and size; no flaw) 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from diffusion_align.toy.assets import folder_records
 from diffusion_align.toy.demo import diversity
 from diffusion_align.toy.world import parse_prompt, render
 
@@ -25,8 +25,7 @@ from diffusion_align.toy.world import parse_prompt, render
 def images_by_prompt(folder: Path) -> dict[str, list[Image.Image]]:
     """A generated folder's images, per prompt in seed order."""
     found: dict[str, list] = {}
-    for line in (folder / "metadata.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in folder_records(folder):
         found.setdefault(record["prompt"], []).append((record["seed"], folder / record["file_name"]))
     return {prompt: [Image.open(path).convert("RGB") for _, path in sorted(images)]
             for prompt, images in found.items()}

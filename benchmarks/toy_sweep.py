@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from toy_methods import oracle_gains, per_prompt_win_rates, run_demo_once
 
-from diffusion_align.evaluation.compare import bootstrap_interval, seeds_bootstrap_interval
+from diffusion_align.evaluation.compare import bootstrap_interval, pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, DemoSettings
 from diffusion_align.toy.oracle import RATER_TIE_MARGIN
 
@@ -164,7 +164,7 @@ def summary(rows: list[dict], method: str, settings: dict) -> dict | None:
     gains = np.array([g for r in runs for p in prompts for g in r["oracle_gains"][p]])
     return {"settings": settings, "seeds": [r["seed"] for r in runs], "win_rate": float(values.mean()),
             "low": low, "high": high, "ties": float(np.mean(np.abs(gains) < RATER_TIE_MARGIN)),
-            "with_ties": float(np.mean(np.where(np.abs(gains) < RATER_TIE_MARGIN, 0.5, gains > 0))),
+            "with_ties": float(pair_outcomes(gains, np.zeros_like(gains), tie_margin=RATER_TIE_MARGIN).mean()),
             **{k: float(np.mean([r[k] for r in runs])) for k in ("oracle_gain", "proxy_gain", "diversity")}}
 
 
