@@ -11,8 +11,10 @@ validation prompts (train scenes that get no pairs and no rollouts), never on th
 committed with the benchmark), so a sweep stopped anywhere resumes where it was, in this session or a later one.
 --report writes the table (benchmarks/<results name>.md: toy-sweep.md) and, per method, win rate against learning
 rate with one line per value of the other setting (benchmarks/toy-sweep-<method>.png). Stage 1 also runs EXTRAS,
-settings beyond the grid that a diagnosis asked for (in the table, not the picture), and CONTROLS, runs that check a
-method against another (in the table, never a recipe).
+settings beyond the grid that a diagnosis asked for, AROUND_BEST, one knob at a time from the grid's best setting
+(both in the table, not the picture), and CONTROLS, runs that check a method against another (in the table, never a
+recipe). Each step waits for the runs it is chosen from, those of other processes too (extras after the whole grid,
+stage 2 after the whole of stage 1).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,8 +47,10 @@ GRIDS = {
     # (toy-sweep-draws.md) lost less the lower the rate, so the grid reaches down to 3e-6
     "mapo": {"train.lr": [3e-6, 1e-5, 3e-5], "method.beta": [0.02, 0.1, 0.5]},
     "sft": {"train.lr": LR, "train.max_steps": [250, 500, 1000]},
-    "pref_grpo": {"train.lr": LR, "online.kl_beta": [0.0, 0.01, 0.1]},
-    "grpo": {"train.lr": LR, "online.kl_beta": [0.0, 0.01, 0.1]},
+    # the online methods a rate lower: at seed 0 Pref-GRPO did better the lower the rate and the higher the KL
+    # weight (3e-4 beat 1e-3 at every weight, 0.1 the best), so the grid moved from 3e-3 to 1e-4 and gained 1.0
+    **{method: {"train.lr": [1e-4, 3e-4, 1e-3], "online.kl_beta": [0.0, 0.01, 0.1, 1.0]}
+       for method in ("pref_grpo", "grpo")},
 }
 # beyond the grid, at seed 0. MaPO: what its authors' recipe does differently (methods.md; their train script's
 # 500 warm-up steps, a full fine-tune at lr 1e-5) and the SNR value s of its f(x) = s x / (e^{sx} - 1) that lost
@@ -54,11 +59,12 @@ EXTRAS = {
     "mapo": [{"train.lr": 1e-5, "method.beta": 0.1, "train.warmup_steps": 500},
              {"train.lr": 1e-5, "method.beta": 0.1, "model.lora_rank": "null"},
              {"train.lr": 1e-5, "method.beta": 0.1, "method.mapo_snr_value": 2.0}],
-    # the online methods' other knobs, one at a time from their recipe: the clip range a decade either side of
-    # Pref-GRPO's 1e-4, and half or twice the prompts per step (as many steps, half or twice the images)
-    **{method: [{"online.clip_range": 1e-5}, {"online.clip_range": 1e-3}, {"online.prompts_per_step": 2},
-                {"online.prompts_per_step": 8}] for method in ("pref_grpo", "grpo")},
 }
+# beyond the grid, at seed 0, one knob at a time from the grid's best setting: for the online methods the clip range
+# a decade either side of Pref-GRPO's 1e-4, and half or twice the prompts per step (as many steps, half or twice the
+# images)
+AROUND_BEST = {method: [{"online.clip_range": 1e-5}, {"online.clip_range": 1e-3}, {"online.prompts_per_step": 2},
+                        {"online.prompts_per_step": 8}] for method in ("pref_grpo", "grpo")}
 # controls, in the table but never a recipe: MaPO at beta -> 0 is SFT on its winners (at SFT's lr), so it must
 # score what SFT does, and whatever MaPO loses beyond it is the margin's doing
 CONTROLS = {"mapo": [{"train.lr": 1e-3, "method.beta": 1e-6}]}
@@ -70,8 +76,15 @@ def grid(method: str) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*GRIDS[method].values())]
 
 
-def stage_1(method: str) -> list[dict]:
-    return grid(method) + EXTRAS.get(method, []) + CONTROLS.get(method, [])
+def extras(method: str, rows: list[dict]) -> list[dict]:
+    """EXTRAS, and AROUND_BEST's knobs over the best grid setting that has run (none before the first)."""
+    ran = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["settings"] in grid(method)]
+    best = [max(ran, key=lambda r: r["val_win_rate"])["settings"]] if ran else []
+    return EXTRAS.get(method, []) + [{**b, **knob} for b in best for knob in AROUND_BEST.get(method, [])]
+
+
+def stage_1(method: str, rows: list[dict]) -> list[dict]:
+    return grid(method) + extras(method, rows) + CONTROLS.get(method, [])
 
 
 def slug(settings: dict) -> str:
@@ -147,10 +160,16 @@ def _run(method: str, settings: dict, seed: int, run_dir: Path, args, done: list
 
 
 def best_settings(rows: list[dict], method: str, n: int) -> list[dict]:
-    """The `n` settings of `method` with the highest validation win rate at seed 0 (stage 1), controls aside."""
-    stage_1 = [r for r in rows if r["method"] == method and r["seed"] == 0
-               and r["settings"] not in CONTROLS.get(method, [])]
-    return [r["settings"] for r in sorted(stage_1, key=lambda r: -r["val_win_rate"])[:n]]
+    """The `n` settings of `method`'s stage 1 with the highest validation win rate at seed 0, controls aside."""
+    candidates = grid(method) + extras(method, rows)
+    ran = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["settings"] in candidates]
+    return [r["settings"] for r in sorted(ran, key=lambda r: -r["val_win_rate"])[:n]]
+
+
+def run_all(method: str, settings: list[dict], seeds: list[int], args, done: list[dict]) -> None:
+    """Every (setting, seed), waiting for those another process runs: what comes next is chosen from them all."""
+    while None in [run(method, s, seed, args, done) for s in settings for seed in seeds]:
+        time.sleep(30)
 
 
 def summary(rows: list[dict], method: str, settings: dict) -> dict | None:
@@ -178,7 +197,7 @@ def report(rows: list[dict], methods: list[str], name: str = "toy-sweep") -> str
              "ties | win rate, ties counted |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in methods:
-        runs = [s for s in (summary(rows, method, settings) for settings in stage_1(method)) if s is not None]
+        runs = [s for s in (summary(rows, method, settings) for settings in stage_1(method, rows)) if s is not None]
         for s in sorted(runs, key=lambda s: (-len(s["seeds"]), -s["win_rate"])):
             control = " (control)" if s["settings"] in CONTROLS.get(method, []) else ""
             lines.append(f"| {method} | {slug(s['settings'])}{control} | {' '.join(map(str, s['seeds']))} | "
@@ -225,12 +244,10 @@ def main() -> None:
     if not args.report:
         for method in args.methods:
             if args.stage in ("1", "both"):
-                for settings in stage_1(method):
-                    run(method, settings, 0, args, done)
+                run_all(method, grid(method), [0], args, done)
+                run_all(method, extras(method, done) + CONTROLS.get(method, []), [0], args, done)
             if args.stage in ("2", "both"):
-                for settings in best_settings(done, method, 2):
-                    for seed in STAGE_2_SEEDS:
-                        run(method, settings, seed, args, done)
+                run_all(method, best_settings(done, method, 2), STAGE_2_SEEDS, args, done)
     name = Path(args.results).stem
     table = report(done, args.methods, name)
     print(table)

@@ -89,6 +89,20 @@ def test_the_sweep_summary_counts_ties_and_never_picks_a_control(monkeypatch):
     assert toy_sweep.best_settings(rows, "mapo", 1) == [setting]  # the control scored 1.0 and is not a recipe
 
 
+def test_the_online_extras_turn_one_knob_from_the_best_grid_setting(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import toy_sweep
+    assert toy_sweep.extras("pref_grpo", []) == []  # no grid run yet: nothing to start from
+    best = {"train.lr": 1e-4, "online.kl_beta": 0.0}
+    rows = [{"method": "pref_grpo", "settings": s, "seed": 0, "val_win_rate": 0.6 if s == best else 0.5}
+            for s in toy_sweep.grid("pref_grpo")]
+    rows.append({"method": "pref_grpo", "settings": {"online.clip_range": 1.0}, "seed": 0, "val_win_rate": 0.9})
+    extras = toy_sweep.extras("pref_grpo", rows)  # the 0.9 above is not a grid setting: not a starting point
+    assert extras[0] == {**best, "online.clip_range": 1e-5} and len(extras) == 4
+    assert all({k: e[k] for k in best} == best for e in extras)
+    assert toy_sweep.best_settings(rows, "pref_grpo", 1) == [best]
+
+
 def test_a_sweep_run_is_claimed_by_one_process(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from toy_sweep import claim
