@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
+    from .files import WRITE_ERRORS
     from .training.safety import RunStopped
     try:
         args.func(args)
@@ -498,6 +499,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except RunStopped as err:  # a run that cannot go on: the message says what is intact
         print(f"diffusion-align {args.command}: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+    except WRITE_ERRORS as err:  # a full disk, a read-only folder: each writer removed what it had half written
+        print(f"diffusion-align {args.command}: stopped: could not write ({err}); what was finished before is intact "
+              "and nothing half-written is left", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: what was written is intact (every writer writes beside and renames)
         print(f"diffusion-align {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)

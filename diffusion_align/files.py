@@ -8,9 +8,12 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 
@@ -50,29 +53,65 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+# What a failed write raises (a full disk, a quota, a read-only mount): an OSError, except from safetensors, whose
+# writer raises its own SafetensorError (not an OSError); torch.save is given an open file (save_torch) for the same
+# reason. Writers catch these to stop in one line; every temp file or folder is removed first (removed_on_error).
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
-def write_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors written beside `path` under a hidden name, then renamed into place."""
+def remove(path: Path) -> None:
+    """Remove a file or a folder, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def removed_on_error(*paths: Path):
+    """Remove `paths` (the temp files or folders being written) when the block raises anything (a full disk,
+    Ctrl-C), so that no partial output is left beside the finished ones."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            remove(path)
+        raise
+
+
+@contextmanager
+def written_beside(path: Path) -> Iterator[Path]:
+    """A hidden temp path beside `path` (a name that score and imagefolder loaders skip) for the block to write;
+    renamed onto `path` when the block ends, removed when it raises: `path` is replaced whole or left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
+    with removed_on_error(tmp):
+        yield tmp
     usual_permissions(tmp)
     os.replace(tmp, path)
 
 
+def save_torch(obj, path: Path) -> None:
+    """torch.save through an open file: given a path, its zip writer reports a full disk as a bare RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with written_beside(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    with written_beside(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
 def write_image_atomic(image, path: Path, format: str = "PNG") -> None:
-    """Write a PIL image beside `path` (a hidden name that score and imagefolder loaders skip), flushed to disk, then
-    rename: on disk before anything records it as done."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    """Write a PIL image beside `path`, flushed to disk, then rename: on disk before anything records it as done."""
+    with written_beside(path) as tmp, tmp.open("wb") as f:
         image.save(f, format=format)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def report_dict(report, item: str = "item") -> dict:

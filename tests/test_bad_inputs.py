@@ -134,3 +134,40 @@ def test_wrong_column_types_are_named(tmp_path, column, values, message):
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
         load_pairs(str(path))
+
+
+def test_data_with_nothing_to_train_on_is_named_before_a_model_loads(tmp_path, tiny_models, capsys):
+    """A 0-row parquet (datasets gave a bare traceback), and labels that leave no pair (all null / NaN, or all tied:
+    the batch sampler said "lower the batch size"): one line each, from train and from cache (issue 24)."""
+    from diffusion_align.cli import main as cli_main
+    from test_train import TINY_CONFIG
+    good = encoded(noisy(seed=9), "PNG")
+    empty, untrainable = tmp_path / "empty.parquet", tmp_path / "untrainable.parquet"
+    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64()), ("label_1", pa.float64())])
+    pq.write_table(schema.empty_table(), empty)
+    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": good, "jpg_1": good, "label_0": l0, "label_1": l1}
+                                         for l0, l1 in ((None, None), (float("nan"), 1.0), (0.5, 0.5))], schema),
+                   untrainable)
+
+    def error(*args) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([str(a) for a in args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]  # above it: datasets' progress bars, when a parquet was read
+
+    train = ["train", TINY_CONFIG, f"model.pretrained={tiny_models['sd']}", f"train.output_dir={tmp_path / 'run'}"]
+    assert f"{empty}: the parquet holds no rows" in error(*train, f"data.path={empty}")
+    assert (f"{untrainable}: no preference pair is left to train on: of 3 rows, 1 are ties (dropped; data.keep_ties="
+            "true keeps them), 2 have no usable label") in error(*train, f"data.path={untrainable}")
+    weights = save_tiny_scorer("pickscore", tmp_path / "pickscore")
+    assert f"{empty}: the parquet holds no rows" in error("label", empty, "--out", tmp_path / "labels", "--scorer",
+                                                         f"pickscore={weights}")
+    cache = ["cache", untrainable, "--out", tmp_path / "cache"]
+    assert "--model=" + str(tmp_path / "missing") + ": no such folder" in error(*cache, "--model",
+                                                                                tmp_path / "missing")
+    assert "resolution=12: expected a positive multiple of 8" in error(*cache, "--model", tiny_models["sd"],
+                                                                        "--resolution", 12)
+    assert not (tmp_path / "cache").exists()

@@ -99,6 +99,9 @@ def test_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_models, caps
     with pytest.raises(SystemExit):
         export(run, "--format", "kohya", "--out", tmp_path / "k.safetensors")
     assert "holds a full fine-tune, not a LoRA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # onto another family's base: it used to be written with the wrong UNet
+        export(run, "--format", "merged", "--base", tiny_models["sd2"], "--out", tmp_path / "wrong")
+    assert "another model family" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
     export(run, "--format", "merged", "--dtype", "fp16", "--out", tmp_path / "merged")
     weights = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float16}
@@ -121,8 +124,11 @@ def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, caps
     (tmp_path / "empty").mkdir()
     assert "holds no trained weights" in error(tmp_path / "empty", "--format", "kohya", "--out", out)
     assert "pass it with --base" in error(folder, "--format", "kohya", "--out", out)
-    message = error(folder, "--format", "kohya", "--base", tiny_models["sdxl"], "--out", out)
-    assert str(folder / LORA_WEIGHTS) in message and "--base" in message
+    # a base of another family: refused before any weights load, in one line naming both widths (issue 24)
+    for family, width in (("sd2", 64), ("sdxl", 96)):
+        message = error(folder, "--format", "merged", "--base", tiny_models[family], "--out", tmp_path / "m")
+        assert message.count("\n") == 1 and str(folder) in message and "another model family" in message
+        assert f"reads 32-wide text features, but the UNet of --base {tiny_models[family]} reads {width}" in message
     stray = tmp_path / "stray"  # modules the base does not have: diffusers would only log them
     stray.mkdir()
     with safe_open(folder / LORA_WEIGHTS, "pt") as f:

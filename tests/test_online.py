@@ -57,6 +57,16 @@ def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, messag
         online.check_online_config(config(setup, tmp_path, override))
 
 
+def test_every_setting_to_mend_is_named_in_one_error(setup, tmp_path):
+    """An offline config switched to an online method: all of what to mend at once, not one per attempt."""
+    with pytest.raises(ConfigError) as info:
+        online.check_online_config(config(setup, tmp_path, "online.prompts=null", "method.beta=5000",
+                                          "train.grad_accum=2"))
+    message = str(info.value)
+    assert message.startswith("3 settings to mend: (1) method.name=pref_grpo samples its own images")
+    assert "(2) method.beta and method.inversion_steps are offline" in message and "(3) train.grad_accum" in message
+
+
 def test_a_judge_is_a_pref_grpo_setting(setup, tmp_path):
     with pytest.raises(ConfigError, match="pref_grpo setting"):
         online.check_online_config(config(setup, tmp_path, "online.judge=x", method="grpo"))

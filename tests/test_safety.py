@@ -57,6 +57,10 @@ def test_a_resume_must_continue_the_same_run(tmp_path, tiny_models, tiny_pairs):
 
 
 def test_resume_latest_without_a_checkpoint(tmp_path, tiny_models, tiny_pairs):
+    # no run folder at all (a misspelt output_dir): an error, not a new run (issue 24)
+    with pytest.raises(FileNotFoundError, match=r"run.* does not exist, so there is no run to resume"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest")
+    assert not (tmp_path / "run").exists()
     # a finished run with no checkpoint: nothing to resume, and its final model must not be replaced
     run(tmp_path, tiny_models["sd"], tiny_pairs)
     with pytest.raises(ConfigError, match="holds a finished model"):
@@ -104,15 +108,15 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_models, tiny_pairs, monkeypa
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_models, tiny_pairs, monkeypatch, capsys):
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.max_steps=1")
     first, final = snapshot(tmp_path / "run" / "checkpoint-1"), snapshot(tmp_path / "run" / "final")
-    save = torch.save
+    save = checkpoints.save_torch
 
-    def disk_full(obj, path, *args, **kwargs):
+    def disk_full(obj, path):
         if "checkpoint-2" in str(path) and str(path).endswith("optimizer.pt"):
-            save(obj, path, *args, **kwargs)  # part of the file was written when the disk filled up
+            save(obj, path)  # part of the file was written when the disk filled up
             raise OSError(errno.ENOSPC, "No space left on device")
-        return save(obj, path, *args, **kwargs)
+        return save(obj, path)
 
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints, "save_torch", disk_full)
     args = ["train", str(TINY_CONFIG), f"model.pretrained={tiny_models['sd']}", f"data.path={tiny_pairs}",
             f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.grad_accum=1", "train.warmup_steps=0",
             "train.report_to=none", "train.checkpoint_every=1", "train.max_steps=3", "train.resume=latest"]
@@ -126,7 +130,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_models,
     assert "checkpoint-2" not in names and "checkpoint-2.tmp" not in names
     assert snapshot(tmp_path / "run" / "checkpoint-1") == first and snapshot(tmp_path / "run" / "final") == final
     # once there is space again, the run resumes from the intact checkpoint
-    monkeypatch.setattr(checkpoints.torch, "save", save)
+    monkeypatch.setattr(checkpoints, "save_torch", save)
     cli_main(args)
     assert load_file(tmp_path / "run" / "final" / LORA_WEIGHTS)
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [

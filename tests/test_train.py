@@ -335,6 +335,22 @@ def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, t
         run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2")
 
 
+def test_training_on_data_mostly_undecodable_stops_after_a_pass(tmp_path, tiny_models, tiny_pairs):
+    """12 of 16 rows broken: a pass over the data is 75% skipped rows, above data.max_skipped_share (0.5)."""
+    from diffusion_align.training.safety import RunStopped
+    table = pq.read_table(tiny_pairs).to_pylist()
+    for row in table[:12]:
+        row["jpg_1"] = b"x"
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(tiny_pairs)), bad)
+    with pytest.raises(RunStopped, match=r"bad.parquet: 12 of the 16 rows drawn \(75%\) could not be decoded, more "
+                                         r"than data.max_skipped_share=0.5; the last: row \d+, column jpg_1"):
+        run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2", "train.max_steps=20")
+    run(tmp_path / "tolerant", tiny_models["sd"], bad, "train.batch_size=2", "train.max_steps=20",
+        "data.max_skipped_share=1")  # told to keep going: it trains on the 4 good pairs
+    assert read_metrics(tmp_path / "tolerant" / "run")[-1]["skipped_rows"] >= 12
+
+
 def test_written_models_get_the_usual_permissions(tmp_path, tiny_models, tiny_pairs):
     """safetensors writes through a private temp file (0600): a LoRA that a ComfyUI server running as another user
     could not read. Every file of the final model and the checkpoints gets what the umask gives a new file."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
-from ..models.loading import component_digest, load_components, place, text_subfolders
+from ..models.loading import component_digest, load_components, pipeline_index, place, text_subfolders
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
 from .shards import SHARD_RECORDS, differences, run_shards
 
@@ -139,6 +139,9 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
                 num_workers: int = 2) -> CacheReport:
     """Encode every source row's images and every text into `out_dir` (resumable; see the module docstring)."""
     out_dir = Path(out_dir)
+    if resolution <= 0 or resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
+        raise ValueError(f"resolution={resolution}: expected a positive multiple of 8 (the VAE downsamples by 8)")
+    pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
     key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype)
     if not check_key(out_dir, key):
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
@@ -124,7 +125,11 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
             return datasets.load_dataset(path, split=split, streaming=streaming)
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
-    return datasets.load_dataset("parquet", data_files={split: _parquet_files(path)}, split=split, streaming=streaming)
+    files = _parquet_files(path)
+    if all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files):  # datasets fails on it with a bare traceback
+        raise ValueError(f"{path}: the parquet holds no rows" if len(files) == 1 else
+                         f"{path}: none of its {len(files)} parquet files holds a row")
+    return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
 
 
 def _numbers(column: pa.ChunkedArray, name: str, path: str) -> np.ndarray:

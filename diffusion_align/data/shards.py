@@ -12,22 +12,42 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..files import write_text_atomic
+from ..files import removed_on_error, write_text_atomic, written_beside
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: no loader picks it up
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    # hidden and not *.parquet: no loader picks it up; an open file, as pyarrow keeps its own open when a write fails
+    with written_beside(path) as tmp, tmp.open("wb") as f:
+        pq.write_table(table, f)
+
+
+def replace_shards(out_dir: Path, tables: Iterable[pa.Table], tmp_name: str) -> list[Path]:
+    """Write `tables` as `out_dir`'s shards (pairs-00000.parquet, ...) in place of those there: all into the folder
+    `tmp_name` first, removed if anything fails, so that a failure leaves the earlier shards as they were."""
+    tmp = out_dir / tmp_name
+    shutil.rmtree(tmp, ignore_errors=True)
+    with removed_on_error(tmp):
+        tmp.mkdir(parents=True)
+        for k, table in enumerate(tables):
+            write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
+    new = sorted(tmp.glob("pairs-*.parquet"))
+    for old in out_dir.glob("pairs-*.parquet"):
+        if old.name not in {p.name for p in new}:
+            old.unlink()
+    for path in new:
+        os.replace(path, out_dir / path.name)
+    tmp.rmdir()
+    return [out_dir / path.name for path in new]
 
 
 def write_shard_table(table: pa.Table, path: Path) -> int:
@@ -59,19 +79,25 @@ def run_shards(out_dir: Path, num_rows: int, shard_size: int, settings: dict,
     """
     shards = [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
     _check_no_extra_shards(out_dir, len(shards), stem, suffix)
-    (out_dir / SHARD_RECORDS).mkdir(parents=True, exist_ok=True)
+    records = out_dir / SHARD_RECORDS
+    records.mkdir(parents=True, exist_ok=True)
     results = []
-    for k, (start, stop) in enumerate(shards):
-        name = f"{stem}-{k:05d}"
-        path, record_path = out_dir / f"{name}{suffix}", out_dir / SHARD_RECORDS / f"{name}.json"
-        record = _finished(record_path, path, settings, start, stop)
-        if record is not None:
-            results.append((record, True))
-            continue
-        content, counts = make_shard(start, stop, f"shard {k + 1}/{len(shards)}")
-        record = {"settings": settings, "rows": [start, stop], "written": write(content, path), **counts}
-        write_json(record_path, record)  # last: the record is what marks the shard finished
-        results.append((record, False))
+    try:
+        for k, (start, stop) in enumerate(shards):
+            name = f"{stem}-{k:05d}"
+            path, record_path = out_dir / f"{name}{suffix}", records / f"{name}.json"
+            record = _finished(record_path, path, settings, start, stop)
+            if record is not None:
+                results.append((record, True))
+                continue
+            content, counts = make_shard(start, stop, f"shard {k + 1}/{len(shards)}")
+            record = {"settings": settings, "rows": [start, stop], "written": write(content, path), **counts}
+            write_json(record_path, record)  # last: the record is what marks the shard finished
+            results.append((record, False))
+    except BaseException:
+        if not any(records.iterdir()):  # stopped before any shard was finished: no empty records folder is left
+            records.rmdir()
+        raise
     return results
 
 

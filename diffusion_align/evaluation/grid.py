@@ -14,7 +14,6 @@ its note under its seed.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Sequence
 import PIL.Image
 from PIL import ImageDraw, ImageFont, ImageOps
 
+from ..files import written_beside
 from ..images import to_rgb
 from .scoring import ScoringError, collect_images
 
@@ -210,9 +210,8 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
         page = _draw_page(chunk, (number - 1) * rows_per_page, [Path(d) for d in dirs], labels, layout, scorer,
                           report)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        page.save(tmp, format=image_format)
-        os.replace(tmp, path)
+        with written_beside(path) as tmp:
+            page.save(tmp, format=image_format)
         report.pages.append(path)
     _remove_stale_pages(out, report.pages)
     return report

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from ..files import written_beside
+
 # each panel: title and the metrics drawn in it, if the run logged them (methods log different ones)
 PANELS = [
     ("loss", ["loss"]),
@@ -70,10 +72,9 @@ def plot_run(run_dir) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = run_dir / "training_curves.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with written_beside(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

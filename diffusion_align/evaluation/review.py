@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -40,7 +39,7 @@ from typing import Sequence
 import pyarrow as pa
 import PIL.Image
 
-from ..data.shards import SHARD_STEM, write_parquet
+from ..data.shards import replace_shards
 from ..files import jsonl_records, write_text_atomic
 from ..images import to_rgb
 from .grid import best_columns, check_prompts, match_rows, open_images, score_images, shown_score
@@ -295,20 +294,9 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
     if not kept:
         raise ValueError(f"no pair could be imported: every judged pair has an unreadable image, e.g. {unreadable[0]}")
     out_dir = Path(out_dir)
-    tmp = out_dir / ".import-review.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k, start in enumerate(range(0, len(kept), shard_size)):
-        write_parquet(_pairs_table(kept[start:start + shard_size], folders), tmp / f"{SHARD_STEM.format(k)}.parquet")
-    new = sorted(tmp.glob("pairs-*.parquet"))
-    for old in out_dir.glob("pairs-*.parquet"):
-        if old.name not in {p.name for p in new}:
-            old.unlink()
-    shards = []
-    for path in new:
-        os.replace(path, out_dir / path.name)
-        shards.append(out_dir / path.name)
-    tmp.rmdir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = replace_shards(out_dir, (_pairs_table(kept[start:start + shard_size], folders)
+                                      for start in range(0, len(kept), shard_size)), ".import-review.tmp")
     counts = {c: sum(r["choice"] == c for r in kept) for c in CHOICES}
     return ImportReport(out_dir, len(kept), counts, len(records) - len(kept) - len(unreadable),
                         {k: str(v) for k, v in folders.items()}, shards, unreadable)

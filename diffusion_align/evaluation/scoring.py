@@ -32,7 +32,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from ..files import jsonl_records, write_text_atomic
+from ..files import jsonl_records, write_text_atomic, written_beside
 from ..images import to_rgb
 
 logger = logging.getLogger("diffusion_align")
@@ -275,9 +275,8 @@ def _write_rows(path: Path, header: list[str], rows: list[dict], mode: str = "a"
         writer.writeheader()
     writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     if mode == "w":
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue().encode("utf-8"))
-        os.replace(tmp, path)
+        with written_beside(path) as tmp:
+            tmp.write_bytes(buf.getvalue().encode("utf-8"))
     else:
         with path.open("a", newline="", encoding="utf-8") as f:
             f.write(buf.getvalue())
@@ -324,9 +323,8 @@ def plot_histogram(values: list[float], path: Path, title: str, xlabel: str) -> 
     ax.set_xlabel(xlabel, fontsize=8, wrap=True)
     ax.set_ylabel("images")
     ax.yaxis.get_major_locator().set_params(integer=True)  # counts
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with written_beside(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 @dataclass

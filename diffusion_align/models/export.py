@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import list_checkpoints, replace_dir
+from ..files import list_checkpoints, removed_on_error, replace_dir
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
 from .loading import base_pipeline, component_digest, detect_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
@@ -100,7 +100,7 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
                          "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
     target = out if out.suffix == ".safetensors" else out / (KOHYA_WEIGHTS if format == "kohya" else LORA_WEIGHTS)
     _check_free(target, overwrite)
-    index = pipeline_index(source.base, source.revision, what="--base")  # a one-line error for a wrong base
+    index = _check_base(source)
     unet = UNet2DConditionModel.from_pretrained(source.base, subfolder="unet", revision=source.revision,
                                                 variant=source.variant)
     _load_lora(unet, source)
@@ -129,12 +129,41 @@ def _load_lora(unet: UNet2DConditionModel, source: Source) -> None:
     try:
         unet.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as err:  # shapes that differ: a LoRA of another model family
-        raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the UNet of {source.base} ({err}); pass the "
-                         "base it was trained on with --base") from None
+        reason = str(err).strip().splitlines()[-1].strip()  # the first of the shapes that differ
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the UNet of {source.base} ({reason}); pass "
+                         "the base it was trained on with --base") from None
     loaded = sum(1 for m in unet.modules() if _ADAPTER in getattr(m, "lora_A", {}))
     if loaded != in_file:
         raise ValueError(f"{source.folder / LORA_WEIGHTS} has {in_file} UNet LoRA modules, but {loaded} of them "
                          f"loaded onto the UNet of {source.base}: pass the base it was trained on with --base")
+
+
+def _check_base(source: Source) -> dict:
+    """--base's pipeline index, checked before any weights load: a missing or unreachable base, or one of another
+    family than the trained weights (their UNet reads text features of another width: SD1.x 768, SD2.x 1024, SDXL
+    2048), is a one-line error."""
+    index = pipeline_index(source.base, source.revision, what="--base")
+    width = UNet2DConditionModel.load_config(source.base, subfolder="unet", revision=source.revision)[
+        "cross_attention_dim"]
+    widths = set(width) if isinstance(width, (list, tuple)) else {width}
+    trained = _trained_width(source)
+    if trained is not None and trained not in widths:
+        raise ValueError(f"{source.folder} was trained on a UNet that reads {trained}-wide text features, but the "
+                         f"UNet of --base {source.base} reads {width}: another model family (SD1.x 768, SD2.x 1024, "
+                         "SDXL 2048); pass the base it was trained on with --base")
+    return index
+
+
+def _trained_width(source: Source) -> int | None:
+    """The width of the text features the trained weights read (a cross-attention key's input), if they say."""
+    if source.kind == "unet":
+        return UNet2DConditionModel.load_config(source.folder / "unet")["cross_attention_dim"]
+    if source.kind != "lora":
+        return None
+    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
+        key = next((k for k in f.keys() if k.startswith("unet.") and ".attn2.to_k." in k
+                    and k.endswith((".lora.down.weight", ".lora_A.weight"))), None)
+        return None if key is None else f.get_slice(key).get_shape()[1]
 
 
 def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
@@ -144,7 +173,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     if source.kind == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(source.folder)
     else:
-        pipeline_index(source.base, source.revision, what="--base")  # a one-line error for a wrong base
+        _check_base(source)
         trained = ({"unet": UNet2DConditionModel.from_pretrained(source.folder / "unet")} if source.kind == "unet"
                    else {})
         pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
@@ -156,9 +185,10 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
         pipeline.to(dtype)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(tmp, safe_serialization=True)
-    if (source.folder / "training_config.yaml").is_file():
-        shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
+    with removed_on_error(tmp):
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if (source.folder / "training_config.yaml").is_file():
+            shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
     replace_dir(tmp, out)
     return out
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data.pairs import PairBatchSampler, load_pairs
 from ..devices import default_device
-from ..files import replace_dir, report_dict, write_text_atomic
+from ..files import removed_on_error, replace_dir, report_dict, write_text_atomic
 from .clip import PROCESSOR_FILES, ClipImageTransform, projected
 from .labeling import PairImages, collate_pair_images, outcomes
 
@@ -366,9 +366,10 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-save left
-    model.save_pretrained(tmp, safe_serialization=True)  # transformers 5 always writes safetensors
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    write_text_atomic(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+    with removed_on_error(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)  # transformers 5 always writes safetensors
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        write_text_atomic(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return report

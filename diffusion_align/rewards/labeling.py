@@ -28,8 +28,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.pairs import NO_LABEL, decode_pair, load_pairs, outcomes
-from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, run_shards, write_json, write_parquet
+from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 
 REPORT_NAME = "labels.json"
@@ -387,21 +385,15 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
         chosen = choose_pairs(np.asarray(scores), max_pairs_per_prompt, rng)
         rows += [(prompt, files[i], files[j], scores[i], scores[j], len(chosen)) for i, j in chosen]
 
-    tmp = out_dir / ".pairs.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     ai = np.zeros(3, np.int64)
-    for k, start in enumerate(range(0, len(rows), shard_size)):
-        table = _folder_table(rows[start:start + shard_size], image_dir, scorer, tie_margin)
-        ai += np.bincount(outcomes(*_columns(table, "label_0", "label_1")), minlength=3)
-        write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
-    new = sorted(tmp.glob("pairs-*.parquet"))
-    for old in out_dir.glob("pairs-*.parquet"):
-        if old.name not in {p.name for p in new}:
-            old.unlink()
-    for path in new:
-        os.replace(path, out_dir / path.name)
-    tmp.rmdir()
+
+    def tables():
+        nonlocal ai
+        for start in range(0, len(rows), shard_size):
+            table = _folder_table(rows[start:start + shard_size], image_dir, scorer, tie_margin)
+            ai += np.bincount(outcomes(*_columns(table, "label_0", "label_1")), minlength=3)
+            yield table
+    new = replace_shards(out_dir, tables(), ".pairs.tmp")
 
     counts = np.zeros((4, 3), np.int64)
     counts[3] = ai  # no human labels here: every pair sits in the "no label" row

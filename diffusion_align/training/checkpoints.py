@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import list_checkpoints, replace_dir
+from ..files import WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
 from .safety import RunStopped, check_finite_weights
 from .sharding import SHARDED_STATE, is_sharded, load_sharded, save_sharded
 
@@ -25,6 +25,9 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     """`latest` -> the newest checkpoint in output_dir (None if there is none yet); a path -> that folder."""
     if resume is None:
         return None
+    if resume == "latest" and not output_dir.is_dir():  # a typo in the folder would otherwise start a new run
+        raise FileNotFoundError(f"train.resume=latest: {output_dir} does not exist, so there is no run to resume; "
+                                "check train.output_dir, or leave train.resume unset to start a new run")
     if resume == "latest":
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
@@ -49,17 +52,17 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+        save_torch(process_state, tmp / f"process_{accelerator.process_index}.pt")
         sharded = is_sharded(policy.unet)
         if sharded:
             save_sharded(tmp / SHARDED_STATE, policy.unet, optimizer)
         if accelerator.is_main_process:
             if not sharded:
                 policy.save(tmp)
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_torch(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
+                save_torch(accelerator.scaler.state_dict(), tmp / "grad_scaler.pt")
             if (output_dir / "config.yaml").is_file():  # what a resume is compared with
                 shutil.copyfile(output_dir / "config.yaml", tmp / "config.yaml")
         accelerator.wait_for_everyone()
@@ -67,7 +70,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
             state = {"step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             replace_dir(tmp, final)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(output_dir)
         raise RunStopped(f"step {step}: could not write {final} ({err}); "

@@ -44,38 +44,36 @@ GRID_PROMPTS, GRID_SEEDS = 4, 4
 
 
 def check_online_config(cfg: Config) -> None:
-    """Settings the online loop cannot run with, named before any model is loaded."""
+    """Settings the online loop cannot run with, named before any model is loaded: all of them in one error, so that
+    a config moved from an offline method is mended in one go."""
     o, t = cfg.online, cfg.train
-    if o.prompts is None:
-        raise ConfigError(f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt "
-                          "file (.txt one per line, .jsonl or .csv)")
-    if cfg.method.beta is not None or cfg.method.inversion_steps is not None:
-        raise ConfigError("method.beta and method.inversion_steps are offline settings; online methods take "
-                          "online.clip_range and online.kl_beta")
-    if cfg.data.cache or cfg.method.precomputed_reference:
-        raise ConfigError("data.cache and method.precomputed_reference are offline settings: online methods sample "
-                          "their own images and score them against the current reference")
-    if o.judge is not None and cfg.method.name != "pref_grpo":
-        raise ConfigError("online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)")
-    if len(o.judge_answers) != 2:
-        raise ConfigError(f"online.judge_answers must be two answers (first, second), got {o.judge_answers}")
-    if cfg.model.compile:
-        raise ConfigError("model.compile=true is an offline setting: online methods sample with the uncompiled UNet "
-                          "and would train the compiled one, whose kernels differ, so the first update's ratio would "
-                          f"not be 1 (online.clip_range={o.clip_range}); set model.compile=false")
-    if t.grad_accum != 1:
-        raise ConfigError("train.grad_accum must be 1 for online methods: each update already accumulates over its "
-                          "micro-batches and trained timesteps (raise online.prompts_per_step for a larger update)")
-    if o.eta <= 0:
-        raise ConfigError(f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0")
-    if o.sample_steps < 2 or not 0 < o.train_fraction <= 1:
-        raise ConfigError("online.sample_steps must be >= 2 (the last step is never trained) and "
-                          f"online.train_fraction in (0, 1]; got {o.sample_steps} and {o.train_fraction}")
     rows, split = o.prompts_per_step * o.group_size, t.batch_size * o.updates_per_rollout
-    if rows % split:
-        raise ConfigError(f"online.prompts_per_step x online.group_size = {rows} images per process must split into "
-                          f"online.updates_per_rollout = {o.updates_per_rollout} updates of whole micro-batches of "
-                          f"train.batch_size = {t.batch_size} images: make {rows} a multiple of {split}")
+    problems = {
+        f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt file (.txt one per "
+        "line, .jsonl or .csv)": o.prompts is None,
+        "method.beta and method.inversion_steps are offline settings; online methods take online.clip_range and "
+        "online.kl_beta": cfg.method.beta is not None or cfg.method.inversion_steps is not None,
+        "data.cache and method.precomputed_reference are offline settings: online methods sample their own images "
+        "and score them against the current reference": cfg.data.cache or cfg.method.precomputed_reference,
+        "online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)":
+            o.judge is not None and cfg.method.name != "pref_grpo",
+        f"online.judge_answers must be two answers (first, second), got {o.judge_answers}": len(o.judge_answers) != 2,
+        "model.compile=true is an offline setting: online methods sample with the uncompiled UNet and would train the "
+        "compiled one, whose kernels differ, so the first update's ratio would not be 1 (online.clip_range="
+        f"{o.clip_range}); set model.compile=false": cfg.model.compile,
+        "train.grad_accum must be 1 for online methods: each update already accumulates over its micro-batches and "
+        "trained timesteps (raise online.prompts_per_step for a larger update)": t.grad_accum != 1,
+        f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0": o.eta <= 0,
+        "online.sample_steps must be >= 2 (the last step is never trained) and online.train_fraction in (0, 1]; got "
+        f"{o.sample_steps} and {o.train_fraction}": o.sample_steps < 2 or not 0 < o.train_fraction <= 1,
+        f"online.prompts_per_step x online.group_size = {rows} images per process must split into "
+        f"online.updates_per_rollout = {o.updates_per_rollout} updates of whole micro-batches of train.batch_size = "
+        f"{t.batch_size} images: make {rows} a multiple of {split}": rows % split != 0,
+    }
+    found = [problem for problem, applies in problems.items() if applies]
+    if found:
+        raise ConfigError("; ".join(found) if len(found) == 1 else
+                          f"{len(found)} settings to mend: " + "; ".join(f"({i}) {p}" for i, p in enumerate(found, 1)))
 
 
 def step_prompts(prompts: list[str], seed: int, step: int, per_process: int, rank: int, world: int) -> list[str]:

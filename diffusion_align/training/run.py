@@ -19,7 +19,7 @@ from diffusers.optimization import get_scheduler
 from ..config import Config, ConfigError, config_to_dict, config_to_yaml
 from ..devices import process_state
 from ..evaluation.plots import plot_run
-from ..files import write_text_atomic
+from ..files import WRITE_ERRORS, write_text_atomic
 from ..models.kohya import kohya_labels
 from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, place,
                               set_attention)
@@ -218,7 +218,7 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
         check_finite_weights(policy.trainable_parameters(), cfg.train.max_steps, output_dir)
         try:
             save_final(cfg, policy, policy.unet, output_dir, models.parts.family, summary)
-        except OSError as err:
+        except WRITE_ERRORS as err:
             shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)
             raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "
                              f"is intact, and so are the checkpoints in {output_dir}") from err

@@ -70,6 +70,10 @@ def train(cfg: Config) -> TrainResult:
     logger.info("data %s: %s rows; dropped %s ties, %s without a usable label (null, NaN, or %s outside [0, 1]), %s "
                 "without a reward score; %s pairs", cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled,
                 stats.out_of_range, stats.unscored, stats.pairs)
+    if stats.pairs == 0:  # a stream (pairs None) is checked as it is read
+        raise ValueError(f"{cfg.data.path}: no preference pair is left to train on: of {stats.rows} rows, "
+                         f"{stats.ties_dropped} are ties (dropped; data.keep_ties=true keeps them), {stats.unlabelled} "
+                         f"have no usable label (null, NaN, or outside [0, 1]) and {stats.unscored} no reward score")
 
     cache = latent_cache(cfg, accelerator, output_dir) if cfg.data.cache else None
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
@@ -122,26 +126,36 @@ def train(cfg: Config) -> TrainResult:
                                    start_batch=batches_drawn, num_workers=workers,
                                    extra_columns=extra_columns))
 
-    # a whole pass of this process's batches without one decodable pair: the data cannot train, say so and stop
+    # a whole pass of this process's batches without one decodable pair, or with more than max_skipped_share of its
+    # rows undecodable: the data is broken, say so and stop
     pass_batches = None if stats.pairs is None else max(1, stats.pairs // (t.batch_size * world))
+    last_skipped = ""
 
     def next_batch() -> dict:
         """The next batch with at least one decodable pair; undecodable rows are logged and counted."""
-        nonlocal batches_drawn, skipped_rows
+        nonlocal batches_drawn, skipped_rows, last_skipped
         empty = 0
         while True:
             batch = next(loader)
             batches_drawn += 1
             for index, why in batch["skipped"]:
                 logger.warning("skipped row %d: %s", index, why)
+                last_skipped = why
             skipped_rows += len(batch["skipped"])
-            if batch["prompts"]:
-                return batch
-            empty += 1
+            empty = 0 if batch["prompts"] else empty + 1
             if pass_batches is not None and empty >= pass_batches:
                 raise RunStopped(f"{cfg.data.path}: no pair of a whole pass over the data ({empty} batches, "
-                                 f"{skipped_rows} rows skipped in all) could be decoded; the last: "
-                                 f"{batch['skipped'][-1][1]}. Check the image columns (jpg_0, jpg_1)")
+                                 f"{skipped_rows} rows skipped in all) could be decoded; the last: {last_skipped}. "
+                                 "Check the image columns (jpg_0, jpg_1)")
+            drawn = batches_drawn * t.batch_size  # every batch draws batch_size rows
+            if pass_batches is not None and batches_drawn >= pass_batches and \
+                    skipped_rows > cfg.data.max_skipped_share * drawn:
+                raise RunStopped(f"{cfg.data.path}: {skipped_rows} of the {drawn} rows drawn "
+                                 f"({skipped_rows / drawn:.0%}) could not be decoded, more than data.max_skipped_share="
+                                 f"{cfg.data.max_skipped_share:g}; the last: {last_skipped}. Check the image columns "
+                                 "(jpg_0, jpg_1)")
+            if batch["prompts"]:
+                return batch
 
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         latents, cond, draws = inputs(batch)  # the VAE and text encoders run in their own dtypes, outside autocast
