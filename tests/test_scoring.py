@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import re
 
 import numpy as np
@@ -147,7 +148,7 @@ def test_score_folder_rows_unreadable_summary_histograms(folder, tmp_path):
     report = score_folder(folder, [red, blue], out, batch_size=2, num_workers=2)
 
     rows = read_csv(out)
-    assert list(rows[0]) == ["file", "prompt", "seed", "redness", "blueness"]
+    assert list(rows[0]) == ["file", "prompt", "seed", "stamp", "redness", "blueness"]
     assert [r["file"] for r in rows] == sorted(EXPECTED)  # sorted order, unreadable ones left out
     for r in rows:
         prompt, seed, redness = EXPECTED[r["file"]]
@@ -225,8 +226,39 @@ def test_csv_round_trips_awkward_prompts(tmp_path):
     write_jsonl(tmp_path / "img" / "metadata.jsonl", [{"file_name": "a.png", "prompt": prompt, "seed": 5}])
     score_folder(tmp_path / "img", [RednessScorer()], tmp_path / "s.csv", num_workers=0)
     header, rows = read_scores(tmp_path / "s.csv")
-    assert header == ["file", "prompt", "seed", "redness"]
-    assert rows == [{"file": "a.png", "prompt": prompt, "seed": 5, "redness": pytest.approx(0.2)}]
+    assert header == ["file", "prompt", "seed", "stamp", "redness"]
+    stat = (tmp_path / "img" / "a.png").stat()
+    assert rows == [{"file": "a.png", "prompt": prompt, "seed": 5, "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+                     "redness": pytest.approx(0.2)}]
+
+
+def test_an_image_replaced_under_its_name_or_given_another_prompt_is_scored_again(folder, tmp_path):
+    """Rows used to be kept by file name alone: an image regenerated in place kept its old score (issue 24)."""
+    out = tmp_path / "scores.csv"
+    score_folder(folder, [RednessScorer()], out, num_workers=0)
+    before = {r["file"]: r for r in read_scores(out)[1]}
+    replaced = next(f for f in sorted(before) if f.endswith(".png") and not f.startswith("sub/"))
+    solid(folder / replaced, 255)  # new pixels, size and time under the same name
+    os.utime(folder / replaced, ns=(1, 1))  # whatever the clock: the time differs from the stamp
+    again = RednessScorer()
+    report = score_folder(folder, [again], out, num_workers=0)
+    assert again.scored == 1 and report.resumed == 4
+    after = {r["file"]: r for r in read_scores(out)[1]}
+    assert after[replaced]["redness"] == pytest.approx(1.0) != before[replaced]["redness"]
+    assert {f: r for f, r in after.items() if f != replaced} == {f: r for f, r in before.items() if f != replaced}
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": "a.png", "prompt": "a lion", "seed": 1},
+                                            {"file_name": "sub/b.png", "text": "a dog", "seed": 2}])
+    reprompted = RednessScorer()
+    score_folder(folder, [reprompted], out, num_workers=0)
+    assert reprompted.prompts == ["a lion"]
+    # a CSV written before stamps (no stamp column) still resumes, by names, and keeps its columns
+    header, rows = read_scores(out)
+    legacy = tmp_path / "legacy.csv"
+    legacy.write_text("file,prompt,seed,redness\r\n" + "".join(
+        f'{r["file"]},"{r["prompt"]}",{"" if r["seed"] is None else r["seed"]},{r["redness"]}\r\n' for r in rows[:-1]))
+    third = RednessScorer()
+    score_folder(folder, [third], legacy, num_workers=0)
+    assert third.scored == 1 and read_scores(legacy)[0] == ["file", "prompt", "seed", "redness"]
 
 
 def test_malformed_csv_row_names_the_line(tmp_path):
@@ -301,7 +333,7 @@ def test_tiny_pickscore_and_aesthetic_end_to_end(folder, tmp_path, tiny_scorers)
     out = tmp_path / "scores.csv"
     report = score_folder(folder, [pick, aesthetic], out, num_workers=2)
     header, rows = read_scores(out)
-    assert header == ["file", "prompt", "seed", "pickscore", "aesthetic"]
+    assert header == ["file", "prompt", "seed", "stamp", "pickscore", "aesthetic"]
     assert [r["file"] for r in rows] == sorted(EXPECTED)
     images = [Image.open(folder / r["file"]).convert("RGB") for r in rows]
     prompts = [r["prompt"] for r in rows]

@@ -40,7 +40,10 @@ logger = logging.getLogger("diffusion_align")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_NAME = "metadata.jsonl"
 PROMPT_KEYS = ("prompt", "text", "caption")  # the caption columns imagefolder datasets use; the first present wins
-BASE_COLUMNS = ("file", "prompt", "seed")
+# "stamp": the image file's size and modification time when it was scored, so that an image replaced under the same
+# name is scored again (a CSV from before stamps, without the column, is still read and resumed by names)
+BASE_COLUMNS = ("file", "prompt", "seed", "stamp")
+UNSTAMPED_COLUMNS = BASE_COLUMNS[:3]
 
 
 class ScoringError(ValueError):
@@ -238,10 +241,11 @@ def read_scores(path) -> tuple[list[str], list[dict]]:
     if not records:
         return [], []
     header = records[0]
-    if header[:len(BASE_COLUMNS)] != list(BASE_COLUMNS) or len(set(header)) != len(header):
+    if len(set(header)) != len(header) or not (header[:len(BASE_COLUMNS)] == list(BASE_COLUMNS) or
+                                               header[:3] == list(UNSTAMPED_COLUMNS) and "stamp" not in header):
         raise ScoringError(f"{path}: expected a scores CSV with columns {list(BASE_COLUMNS)} + one per scorer, "
                            f"found {header}")
-    score_columns = header[len(BASE_COLUMNS):]
+    score_columns = score_columns_of(header)
     rows, seen = [], {}
     for record, line in zip(records[1:], line_ends[1:]):
         row = _typed_row(header, record, score_columns, f"{path}:{line}")
@@ -253,6 +257,16 @@ def read_scores(path) -> tuple[list[str], list[dict]]:
         logger.warning("%s: dropped a last row cut short by an interrupted run", path)
         _write_rows(path, header, rows, mode="w")
     return header, rows
+
+
+def score_columns_of(header: list[str]) -> list[str]:
+    return header[len(BASE_COLUMNS) if "stamp" in header else len(UNSTAMPED_COLUMNS):]
+
+
+def image_stamp(path: Path) -> str:
+    """The file's size and modification time (ns): what make and rsync compare to see a file changed."""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def _typed_row(header: list[str], record: list[str], score_columns: list[str], where: str) -> dict:
@@ -270,7 +284,8 @@ def _typed_row(header: list[str], record: list[str], score_columns: list[str], w
 def _write_rows(path: Path, header: list[str], rows: list[dict], mode: str = "a") -> None:
     """Append (or, with mode "w", atomically rewrite) whole rows with one write, so a crash never splits one."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header)  # "\r\n" line ends: prompts with "\r" or "\n" get quoted
+    # extrasaction: a CSV from before stamps goes on without the column
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")  # "\r\n" line ends: prompts with "\r" or "\n" get quoted
     if mode == "w":
         writer.writeheader()
     writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
@@ -387,15 +402,27 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     _check_same_folder(summary_path, root)
 
     header, rows = read_scores(out_csv) if out_csv.is_file() else ([], [])
-    if header and sorted(header[len(BASE_COLUMNS):]) != sorted(columns):
-        raise ScoringError(f"{out_csv}: has score columns {header[len(BASE_COLUMNS):]}, this run writes {columns}; "
+    if header and sorted(score_columns_of(header)) != sorted(columns):
+        raise ScoringError(f"{out_csv}: has score columns {score_columns_of(header)}, this run writes {columns}; "
                            f"score with the same scorers to resume, or write to another CSV")
     if not header:
         header = [*BASE_COLUMNS, *columns]
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         _write_rows(out_csv, header, [], mode="w")
+    entries = collect_images(root, prompt, images)
+    stamps = {e.file: image_stamp(root / e.file) for e in entries}
+    prompts = {e.file: e.prompt or "" for e in entries}
+    # a row is kept while its image and prompt are those it scored: an image replaced under its name, or given
+    # another prompt, is scored again (rows without a stamp, from before stamps, are kept by name)
+    stale = {r["file"] for r in rows if r["file"] in stamps and (
+        r.get("stamp", stamps[r["file"]]) != stamps[r["file"]] or r["prompt"] != prompts[r["file"]])}
+    if stale:
+        logger.info("%s: %d images changed since they were scored (their file or prompt), scored again", root,
+                    len(stale))
+        rows = [r for r in rows if r["file"] not in stale]
+        _write_rows(out_csv, header, rows, mode="w")
     done = {r["file"] for r in rows}
-    todo = [e for e in collect_images(root, prompt, images) if e.file not in done]
+    todo = [e for e in entries if e.file not in done]
     _check_prompts(root, todo, scorers)
 
     unreadable = []
@@ -411,11 +438,12 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
         for batch in loader:
             unreadable += [(todo[i].file, reason) for i, reason in batch["errors"]]
             if batch["indices"]:
-                entries = [todo[i] for i in batch["indices"]]
-                prompts = [e.prompt or "" for e in entries]
-                new = [{"file": e.file, "prompt": e.prompt or "", "seed": e.seed} for e in entries]
+                scored = [todo[i] for i in batch["indices"]]
+                new = [{"file": e.file, "prompt": e.prompt or "", "seed": e.seed, "stamp": stamps[e.file]}
+                       for e in scored]
+                texts = [row["prompt"] for row in new]
                 for scorer, pixels in zip(scorers, batch["pixels"]):
-                    for row, score in zip(new, _score(scorer, pixels, prompts, batch_size or scorer.batch_size)):
+                    for row, score in zip(new, _score(scorer, pixels, texts, batch_size or scorer.batch_size)):
                         row[scorer.column] = score
                 _write_rows(out_csv, header, new)
                 rows += new
