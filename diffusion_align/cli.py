@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(Diffusion-DPO, MaPO, SmPO, DCPO, SFT, Pref-GRPO, GRPO), score, compare and review. `diffusion-align demo` "
         "runs the whole loop offline in a toy world; `diffusion-align COMMAND --help` says more.")
     parser.add_argument("--version", action="version", version=f"diffusion-align {installed}")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show on a terminal only, on stderr; training's always)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="Train with a preference method (DPO, MaPO, SmPO, DCPO, SFT; Pref-GRPO and "
@@ -492,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], None
     from .files import WRITE_ERRORS
     from .training.safety import RunStopped
+    if args.no_progress:
+        from .progress import no_progress
+        no_progress()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: the message says what and where

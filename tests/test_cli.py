@@ -148,3 +148,30 @@ def test_the_tiny_pref_grpo_config_trains_on_what_make_tiny_writes(tiny, tmp_pat
           f"online.reward=pickscore={tiny / 'tiny-scorer-pickscore'}", f"train.output_dir={tmp_path / 'run'}",
           "train.max_steps=2", "train.report_to=none", "train.checkpoint_every=0"])
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_no_progress_turns_every_bar_off(tiny, tmp_path, capsys, monkeypatch):
+    """Training's bar shows even off a terminal (as diffusers' scripts do, for logs); --no-progress turns it off, and
+    the libraries' bars (here diffusers' pipeline loading) with it."""
+    import datasets
+    import diffusers
+    import huggingface_hub
+    import transformers
+    from diffusion_align.progress import SETTING
+    monkeypatch.delenv(SETTING, raising=False)  # restored afterwards: the flag sets it for the process
+    config = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"
+    args = [str(config), f"model.pretrained={tiny / 'tiny-sd'}", f"data.path={tiny / 'tiny-pairs.parquet'}",
+            "train.max_steps=2", "train.report_to=none", "train.checkpoint_every=0"]
+    main(["train", *args, f"train.output_dir={tmp_path / 'shown'}"])
+    assert "train: 100%" in capsys.readouterr().err
+    try:
+        main(["--no-progress", "train", *args, f"train.output_dir={tmp_path / 'quiet'}"])
+        main(["--no-progress", "export", str(tmp_path / "quiet" / "final"), "--format", "merged", "--out",
+              str(tmp_path / "merged")])
+        err = capsys.readouterr().err
+        assert "train:" not in err and "%|" not in err, err
+    finally:  # the libraries' switches are process-wide: on again for the other tests
+        datasets.enable_progress_bars()
+        diffusers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()

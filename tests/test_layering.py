@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).parent.parent / "diffusion_align"
 # lowest first; a module's layer is that of its longest listed prefix
 LAYERS = [
     ["diffusion_align", "diffusion_align.files", "diffusion_align.images", "diffusion_align.config",
-     "diffusion_align.devices"],
+     "diffusion_align.devices", "diffusion_align.progress"],
     ["diffusion_align.models"],
     ["diffusion_align.data"],
     ["diffusion_align.objectives"],

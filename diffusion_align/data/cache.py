@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
 from ..models.loading import component_digest, load_components, pipeline_index, place, text_subfolders
+from ..progress import progress
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
 from .shards import SHARD_RECORDS, differences, run_shards
 
@@ -169,7 +169,7 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
         loader = torch.utils.data.DataLoader(_SourceImages(pairs, start, stop, transform, flips),
                                              batch_size=batch_size, num_workers=num_workers)
         parts_of = {}
-        for batch in tqdm(loader, desc=f"latents {desc}", leave=False):
+        for batch in progress(loader, desc=f"latents {desc}", leave=False):
             for name, value in batch.items():
                 if name.startswith("pixels_"):
                     vae_model = encoders().vae
@@ -200,7 +200,7 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     def text_shard(start: int, stop: int, desc: str):
         chunks, truncated = [], truncation.count
         parts = encoders()
-        for at in tqdm(range(start, stop, batch_size * 4), desc=f"texts {desc}", leave=False):
+        for at in progress(range(start, stop, batch_size * 4), desc=f"texts {desc}", leave=False):
             chunk = texts[at:min(at + batch_size * 4, stop)]
             truncation.check(parts.tokenizers[0], chunk)
             chunks.append(encode_texts(parts.family, parts.tokenizers, parts.text_encoders, chunk))

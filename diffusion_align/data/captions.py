@@ -31,10 +31,10 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
+from ..progress import progress
 from .pairs import decode_pair, load_pairs, outcomes
 from .shards import run_shards, write_json
 
@@ -538,7 +538,7 @@ def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int
     loader = torch.utils.data.DataLoader(_PairImages(pairs), batch_sampler=batches, collate_fn=list,
                                          num_workers=num_workers)
     captions, skipped, empty = {}, [], 0
-    with tqdm(total=stop - start, unit="pair", desc=desc, disable=None) as bar:
+    with progress(total=stop - start, unit="pair", desc=desc) as bar:
         for items in loader:
             skipped += [(it["index"], it["error"]) for it in items if "error" in it]
             good = [it["index"] for it in items if "error" not in it]

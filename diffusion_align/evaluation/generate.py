@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.shards import differences
 from ..devices import default_device
 from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
+from ..progress import progress
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
 logger = logging.getLogger("diffusion_align")
@@ -330,7 +330,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     blacked_out = []
     extra = {"dtype": str(dtype).removeprefix("torch.")}
-    with tqdm(total=len(todo), unit="img", desc=f"generating {out_dir}", disable=None) as bar:
+    with progress(total=len(todo), unit="img", desc=f"generating {out_dir}") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             out = pipe(prompt=[job.prompt for job in batch],

@@ -30,10 +30,10 @@ import numpy as np
 import PIL.Image
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from ..files import jsonl_records, write_text_atomic, written_beside
 from ..images import to_rgb
+from ..progress import progress
 
 logger = logging.getLogger("diffusion_align")
 
@@ -434,7 +434,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
         dataset, batch_size=loader_batch, num_workers=num_workers, collate_fn=_collate,
         pin_memory=any(torch.device(s.device).type == "cuda" for s in scorers))
     # inference_mode: no autograd bookkeeping whatever the scorer does; the bar shows only on a terminal
-    with torch.inference_mode(), tqdm(total=len(todo), unit="img", desc=f"scoring {root}", disable=None) as bar:
+    with torch.inference_mode(), progress(total=len(todo), unit="img", desc=f"scoring {root}") as bar:
         for batch in loader:
             unreadable += [(todo[i].file, reason) for i, reason in batch["errors"]]
             if batch["indices"]:

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.pairs import PairBatchSampler, load_pairs
 from ..devices import default_device
 from ..files import removed_on_error, replace_dir, report_dict, write_text_atomic
+from ..progress import progress
 from .clip import PROCESSOR_FILES, ClipImageTransform, projected
 from .labeling import PairImages, collate_pair_images, outcomes
 
@@ -324,7 +324,7 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
         num_workers=num_workers, collate_fn=collate_pair_images))
     seen_bad, nonfinite, history, window = {}, 0, [], []
     started = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc="fit-reward", disable=None):
+    for step in progress(range(1, steps + 1), desc="fit-reward"):
         for _ in range(sampler.batches_per_epoch + 1):
             batch = next(loader)
             seen_bad.update(batch["errors"])

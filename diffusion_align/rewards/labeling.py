@@ -36,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from ..data.pairs import NO_LABEL, decode_pair, load_pairs, outcomes
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
+from ..progress import progress
 
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
@@ -117,7 +117,7 @@ def _score_pairs(pairs, start: int, stop: int, scorer, batch_size: int, num_work
         PairImages(pairs, range(start, stop), scorer.preprocess), batch_size=max(1, batch_size // 2),
         num_workers=num_workers, collate_fn=collate_pair_images)
     indices, scores, skipped = [], [], []
-    with torch.inference_mode(), tqdm(total=stop - start, unit="pair", desc=desc, disable=None) as bar:
+    with torch.inference_mode(), progress(total=stop - start, unit="pair", desc=desc) as bar:
         for batch in loader:
             skipped += batch["errors"]
             if batch["indices"]:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.tiny import clip_tokenizer
+from ..progress import progress
 from .world import SIZE, render_flawed, scenes
 
 logger = logging.getLogger("diffusion_align")
@@ -98,7 +98,7 @@ def _train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: PretrainSetti
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.vae_steps)))
     vae.train()
-    for step in tqdm(range(settings.vae_steps), desc="pretrain VAE", disable=None):
+    for step in progress(range(settings.vae_steps), desc="pretrain VAE"):
         batch = pixels[torch.randint(len(pixels), (settings.vae_batch,), generator=gen)]
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
@@ -135,7 +135,7 @@ def _train_unet(unet: UNet2DConditionModel, latents: torch.Tensor, states: torch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / settings.unet_steps))))
     unet.train()
-    for step in tqdm(range(settings.unet_steps), desc="pretrain UNet", disable=None):
+    for step in progress(range(settings.unet_steps), desc="pretrain UNet"):
         rows = torch.randint(len(latents), (settings.unet_batch,), generator=gen)
         x0 = latents[rows]
         text = caption_index[rows].masked_fill(torch.rand(len(rows), generator=gen) < settings.prompt_dropout, 0)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
-from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
@@ -28,6 +27,7 @@ from ..files import write_image_atomic
 from ..models.loading import pipeline_index
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
+from ..progress import progress
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from .sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
                         step_distribution, zeros_for_empty_prompt)
@@ -206,7 +206,7 @@ def train_online(cfg: Config) -> TrainResult:
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
-    with tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name) as progress:
+    with progress(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name) as bar:
         micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
         record = {}
         for step in range(start_step + 1, t.max_steps + 1):
@@ -243,7 +243,7 @@ def train_online(cfg: Config) -> TrainResult:
                     sums[name] = sums.get(name, 0.0) + value / o.updates_per_rollout
             step_lr = models.lr_scheduler.get_last_lr()[0]
             models.lr_scheduler.step()
-            progress.update(1)
+            bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps:
                 means = {"reward_mean": rewards.mean(), "reward_std": rewards.std(), "score_mean": scores.mean(),
@@ -254,7 +254,7 @@ def train_online(cfg: Config) -> TrainResult:
                                    "images_per_s": len(images) / (time.perf_counter() - started)},
                                   {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                                    "nonfinite_steps": skipped_updates.total}, models)
-                progress.set_postfix(score=f"{record['score_mean']:.4f}")
+                bar.set_postfix(score=f"{record['score_mean']:.4f}")
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes
                 save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..data.cache import encoder_digests
 from ..data.pairs import collate_pairs
 from ..files import write_safetensors_atomic
 from ..models.loading import component_digest, place
+from ..progress import progress
 from .inputs import PairInputs
 from .likelihood import denoising_errors, noise_rows
 
@@ -118,7 +118,7 @@ def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, mak
     loader = torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate_pairs,
                                          num_workers=num_workers)
     unet = make_unet()
-    for batch in tqdm(loader, total=len(batches), desc="reference errors"):
+    for batch in progress(loader, total=len(batches), desc="reference errors"):
         if not batch["prompts"]:
             continue
         with torch.no_grad(), autocast():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
+from ..progress import progress
 from ..rewards.labeling import reward_scores
 from .checkpoints import save_checkpoint
 from .inputs import PairInputs
@@ -178,7 +178,7 @@ def train(cfg: Config) -> TrainResult:
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step) if main else None
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
-    with tqdm(total=t.max_steps, initial=start_step, disable=not main, desc="train") as progress:
+    with progress(total=t.max_steps, initial=start_step, disable=not main, desc="train") as bar:
         record, trainable = {}, policy.trainable_parameters()
         for step in range(start_step + 1, t.max_steps + 1):
             started, sums, pairs_seen = time.perf_counter(), {}, 0
@@ -198,7 +198,7 @@ def train(cfg: Config) -> TrainResult:
                                          output_dir)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.update(1)
+            bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps:
                 record = log_step(accelerator, metrics_log, step, sums,
@@ -206,7 +206,7 @@ def train(cfg: Config) -> TrainResult:
                                    "skipped_rows": skipped_rows},
                                   {"lr": step_lr, "grad_norm": grad_norm, "nonfinite_steps": skipped_updates.total},
                                   models)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
                                                                      if "implicit_acc" in record else {}))
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, **skipped_updates.state()}
