@@ -284,8 +284,8 @@ def _typed_row(header: list[str], record: list[str], score_columns: list[str], w
 def _write_rows(path: Path, header: list[str], rows: list[dict], mode: str = "a") -> None:
     """Append (or, with mode "w", atomically rewrite) whole rows with one write, so a crash never splits one."""
     buf = io.StringIO()
-    # extrasaction: a CSV from before stamps goes on without the column
-    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")  # "\r\n" line ends: prompts with "\r" or "\n" get quoted
+    # "\r\n" line ends: prompts with "\r" or "\n" get quoted; extrasaction: a CSV from before stamps goes on without
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     if mode == "w":
         writer.writeheader()
     writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)

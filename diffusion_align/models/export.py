@@ -129,7 +129,7 @@ def _load_lora(unet: UNet2DConditionModel, source: Source) -> None:
     try:
         unet.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as err:  # shapes that differ: a LoRA of another model family
-        reason = str(err).strip().splitlines()[-1].strip()  # the first of the shapes that differ
+        reason = str(err).strip().splitlines()[-1].strip()  # one line: the last of the shapes that differ
         raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the UNet of {source.base} ({reason}); pass "
                          "the base it was trained on with --base") from None
     loaded = sum(1 for m in unet.modules() if _ADAPTER in getattr(m, "lora_A", {}))

@@ -72,7 +72,7 @@ def check_online_config(cfg: Config) -> None:
     }
     found = [problem for problem, applies in problems.items() if applies]
     if found:
-        raise ConfigError("; ".join(found) if len(found) == 1 else
+        raise ConfigError(found[0] if len(found) == 1 else
                           f"{len(found)} settings to mend: " + "; ".join(f"({i}) {p}" for i, p in enumerate(found, 1)))
 
 
