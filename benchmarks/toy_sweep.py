@@ -1,5 +1,7 @@
 """Tune every method on the toy world's validation split: a small grid of the settings that matter, at one seed,
-then the best two settings at three seeds; the recipe is the best of those by its mean validation win rate. Every
+then the best two settings at three seeds; the recipe is the best of those by its mean validation win rate. Settings
+are picked by the win rate with ties counted (an oracle difference under the raters' tie margin is half a win), so
+that one that barely moves the model cannot win on differences no rater sees; the table shows both rates. Every
 setting is an override of the method's toy recipe (configs/toy/<method>.yaml).
 
     .venv/bin/python benchmarks/toy_sweep.py --methods dpo mapo        # stage 1 (the grid), then stage 2
@@ -79,7 +81,7 @@ def grid(method: str) -> list[dict]:
 def extras(method: str, rows: list[dict]) -> list[dict]:
     """EXTRAS, and AROUND_BEST's knobs over the best grid setting that has run (none before the first)."""
     ran = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["settings"] in grid(method)]
-    best = [max(ran, key=lambda r: r["val_win_rate"])["settings"]] if ran else []
+    best = [max(ran, key=with_ties)["settings"]] if ran else []
     return EXTRAS.get(method, []) + [{**b, **knob} for b in best for knob in AROUND_BEST.get(method, [])]
 
 
@@ -159,11 +161,22 @@ def _run(method: str, settings: dict, seed: int, run_dir: Path, args, done: list
     return row
 
 
+def tie_counted(gains: np.ndarray) -> float:
+    """The win rate of oracle differences `gains` with one under the raters' tie margin counted as a tie (half a
+    win): what picks settings, so that one that barely moves the model cannot win on differences no rater sees."""
+    return float(pair_outcomes(gains, np.zeros_like(gains), tie_margin=RATER_TIE_MARGIN).mean())
+
+
+def with_ties(row: dict) -> float:
+    return tie_counted(np.array([g for prompt in sorted(row["oracle_gains"]) for g in row["oracle_gains"][prompt]]))
+
+
 def best_settings(rows: list[dict], method: str, n: int) -> list[dict]:
-    """The `n` settings of `method`'s stage 1 with the highest validation win rate at seed 0, controls aside."""
+    """The `n` settings of `method`'s stage 1 with the highest validation win rate, ties counted, at seed 0, controls
+    aside."""
     candidates = grid(method) + extras(method, rows)
     ran = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["settings"] in candidates]
-    return [r["settings"] for r in sorted(ran, key=lambda r: -r["val_win_rate"])[:n]]
+    return [r["settings"] for r in sorted(ran, key=lambda r: -with_ties(r))[:n]]
 
 
 def run_all(method: str, settings: list[dict], seeds: list[int], args, done: list[dict]) -> None:
@@ -183,14 +196,15 @@ def summary(rows: list[dict], method: str, settings: dict) -> dict | None:
     gains = np.array([g for r in runs for p in prompts for g in r["oracle_gains"][p]])
     return {"settings": settings, "seeds": [r["seed"] for r in runs], "win_rate": float(values.mean()),
             "low": low, "high": high, "ties": float(np.mean(np.abs(gains) < RATER_TIE_MARGIN)),
-            "with_ties": float(pair_outcomes(gains, np.zeros_like(gains), tie_margin=RATER_TIE_MARGIN).mean()),
+            "with_ties": tie_counted(gains),
             **{k: float(np.mean([r[k] for r in runs])) for k in ("oracle_gain", "proxy_gain", "diversity")}}
 
 
 def report(rows: list[dict], methods: list[str], name: str = "toy-sweep") -> str:
     lines = ["Toy sweep on the validation split (39 prompts x 3 evaluation seeds), each setting over its method's "
-             "recipe in configs/toy/; stage 1 at seed 0, stage 2: the best two at seeds 0 1 2. The recipe is the "
-             "stage-2 setting with the best mean.", "",
+             "recipe in configs/toy/; stage 1 at seed 0, stage 2: the best two at seeds 0 1 2. Settings are "
+             "picked by the win rate with ties counted (the last column), and the recipe is the stage-2 setting with "
+             "the best mean of it.", "",
              f"The last two columns count an oracle difference under the raters' tie margin ({RATER_TIE_MARGIN}) as "
              "a tie (half a win): how many comparisons are that close, and the win rate so counted.", "",
              "| method | settings | seeds | val win rate (95% interval) | oracle gain | toy-reward gain | diversity | "
@@ -198,7 +212,7 @@ def report(rows: list[dict], methods: list[str], name: str = "toy-sweep") -> str
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in methods:
         runs = [s for s in (summary(rows, method, settings) for settings in stage_1(method, rows)) if s is not None]
-        for s in sorted(runs, key=lambda s: (-len(s["seeds"]), -s["win_rate"])):
+        for s in sorted(runs, key=lambda s: (-len(s["seeds"]), -s["with_ties"])):
             control = " (control)" if s["settings"] in CONTROLS.get(method, []) else ""
             lines.append(f"| {method} | {slug(s['settings'])}{control} | {' '.join(map(str, s['seeds']))} | "
                          f"{s['win_rate']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | {s['oracle_gain']:+.3f} | "

@@ -94,10 +94,16 @@ def test_the_online_extras_turn_one_knob_from_the_best_grid_setting(monkeypatch)
     import toy_sweep
     assert toy_sweep.extras("pref_grpo", []) == []  # no grid run yet: nothing to start from
     best = {"train.lr": 1e-4, "online.kl_beta": 0.0}
-    rows = [{"method": "pref_grpo", "settings": s, "seed": 0, "val_win_rate": 0.6 if s == best else 0.5}
-            for s in toy_sweep.grid("pref_grpo")]
-    rows.append({"method": "pref_grpo", "settings": {"online.clip_range": 1.0}, "seed": 0, "val_win_rate": 0.9})
-    extras = toy_sweep.extras("pref_grpo", rows)  # the 0.9 above is not a grid setting: not a starting point
+    # picked by the win rate with ties counted: `barely` wins every comparison by less than the raters' margin
+    barely = {"train.lr": 1e-4, "online.kl_beta": 1.0}
+
+    def row(settings, gains, raw):
+        return {"method": "pref_grpo", "settings": settings, "seed": 0, "val_win_rate": raw,
+                "oracle_gains": {"a": gains}}
+    rows = [row(s, [0.05, 0.05, -0.05] if s == best else [0.01] * 3 if s == barely else [0.05, -0.05], 0.6
+                if s == best else 1.0 if s == barely else 0.5) for s in toy_sweep.grid("pref_grpo")]
+    rows.append(row({"online.clip_range": 1.0}, [0.1] * 3, 0.9))
+    extras = toy_sweep.extras("pref_grpo", rows)  # the last row is not a grid setting: not a starting point
     assert extras[0] == {**best, "online.clip_range": 1e-5} and len(extras) == 4
     assert all({k: e[k] for k in best} == best for e in extras)
     assert toy_sweep.best_settings(rows, "pref_grpo", 1) == [best]
