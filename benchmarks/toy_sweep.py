@@ -64,9 +64,10 @@ EXTRAS = {
 }
 # beyond the grid, at seed 0, one knob at a time from the grid's best setting: for the online methods the clip range
 # a decade either side of Pref-GRPO's 1e-4, and half or twice the prompts per step (as many steps, half or twice the
-# images)
-AROUND_BEST = {method: [{"online.clip_range": 1e-5}, {"online.clip_range": 1e-3}, {"online.prompts_per_step": 2},
-                        {"online.prompts_per_step": 8}] for method in ("pref_grpo", "grpo")}
+# images; half in micro-batches of half the size, so that each of the 2 updates still takes whole ones)
+AROUND_BEST = {method: [{"online.clip_range": 1e-5}, {"online.clip_range": 1e-3},
+                        {"online.prompts_per_step": 2, "train.batch_size": 8}, {"online.prompts_per_step": 8}]
+               for method in ("pref_grpo", "grpo")}
 # controls, in the table but never a recipe: MaPO at beta -> 0 is SFT on its winners (at SFT's lr), so it must
 # score what SFT does, and whatever MaPO loses beyond it is the margin's doing
 CONTROLS = {"mapo": [{"train.lr": 1e-3, "method.beta": 1e-6}]}

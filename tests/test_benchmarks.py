@@ -143,3 +143,16 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
     result = plan(sdxl_dpo, gpu_memory_gb=24)
     # sharded, it trains with AdamW (8 bytes a parameter, not the recipe's Adafactor): 3 processes of 24 GB
     assert (result.fits, result.fsdp2_processes) == (False, 3)
+
+
+def test_every_online_extra_is_a_config_the_online_loop_accepts(monkeypatch):
+    """Half the prompts per step left 16 images for 2 updates of 16-image micro-batches: the sweep stopped there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import toy_sweep
+    from diffusion_align.config import load_config
+    from diffusion_align.training.online import check_online_config
+    for method, recipe in (("pref_grpo", "pref-grpo"), ("grpo", "grpo")):
+        for settings in toy_sweep.grid(method)[:1]:
+            for knob in toy_sweep.AROUND_BEST[method]:
+                overrides = [f"{k}={v}" for k, v in {**settings, **knob}.items()]
+                check_online_config(load_config(ROOT / "configs" / "toy" / f"{recipe}.yaml", overrides))
