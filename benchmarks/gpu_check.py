@@ -1,9 +1,9 @@
 """The prepared GPU check: real SD1.5 and SDXL architectures (random weights) at 512 / 1024 px take LoRA and full
 Diffusion-DPO steps in fp16 and bf16, with and without the latent cache and precomputed reference errors, plus
 xformers and 8-bit Adam where they import, and sharded training (train.sharding=fsdp2, full and LoRA, bf16,
-torchrun over the GPUs); every step must be finite. Writes s/step and peak CUDA memory (not of the sharded runs,
-whose processes are their own) to <out>/gpu_check.md (and .json). Run it through `benchmarks/gpu_check.sh`, which
-installs the wheels first.
+torchrun over the GPUs; and zero2, full, where DeepSpeed imports); every step must be finite. Writes s/step and peak
+CUDA memory (not of the sharded runs, whose processes are their own) to <out>/gpu_check.md (and .json). Run it
+through `benchmarks/gpu_check.sh`, which installs the wheels first.
 
     python benchmarks/gpu_check.py --out outputs/gpu-check          # on a CUDA GPU, about 6 minutes on an H100
     python benchmarks/gpu_check.py --tiny --out /tmp/check          # the CPU stand-in (tiny pipelines, bf16 only)
@@ -67,13 +67,16 @@ def cases(tiny: bool) -> list[dict]:
         found.append(dict(precision="fp16", lora=True, fast=False, extra=("model.attention=xformers",)))
     if importlib.util.find_spec("bitsandbytes") is not None and not tiny:
         found.append(dict(precision="bf16", lora=False, fast=True, extra=("train.optimizer=adamw8bit",)))
-    # FSDP2 (train.sharding) on every GPU there is, in bf16: a full fine-tune and a LoRA, under torchrun
-    found += [dict(precision="bf16", lora=lora, fast=False, sharded=True) for lora in (False, True)]
+    # FSDP2 (train.sharding) on every GPU there is, in bf16: a full fine-tune and a LoRA, under torchrun; ZeRO-2 full
+    found += [dict(precision="bf16", lora=lora, fast=False, sharded="fsdp2") for lora in (False, True)]
+    if importlib.util.find_spec("deepspeed") is not None:
+        found.append(dict(precision="bf16", lora=False, fast=False, sharded="zero2"))
     return found
 
 
 def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, case: dict) -> dict:
-    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{', fsdp2' if case.get('sharded') else ''}"
+    sharded = f", {case['sharded']}" if case.get("sharded") else ""
+    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{sharded}"
             f"{', cache + precomputed ref' if case['fast'] else ''}{', ' + ', '.join(case.get('extra', ())) if case.get('extra') else ''}")
     out = work / "runs" / "".join(c if c.isalnum() else "-" for c in f"{model.name}-{name}")
     overrides = [f"model.pretrained={model}", f"data.path={pairs}", f"train.output_dir={out}",
@@ -93,7 +96,8 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
         if case.get("sharded"):  # sharding runs under a distributed launch: processes of their own
             processes = str(max(torch.cuda.device_count(), 1))
             done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", processes,
-                                   "-m", "diffusion_align", "train", str(CONFIG), *overrides, "train.sharding=fsdp2"],
+                                   "-m", "diffusion_align", "train", str(CONFIG), *overrides,
+                                   f"train.sharding={case['sharded']}"],
                                   capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(done.stderr[-200:])

@@ -211,9 +211,10 @@ class TrainConfig:
                                 choices=("no", "fp16", "bf16"))
     sharding: str = _key("none", "Shard the UNet's weights, gradients and optimiser states over the processes "
                                  "(FSDP2; training/sharding.py): fsdp2, or fsdp2-offload (shards kept in CPU memory), "
-                                 "or none (data-parallel: every process holds everything, unless the accelerate "
-                                 "config launching the run shards: accelerate launch --config_file "
-                                 "configs/accelerate/fsdp2.yaml).", choices=("none", "fsdp2", "fsdp2-offload"))
+                                 "or zero2 (DeepSpeed ZeRO-2: gradients and optimiser states only), or none "
+                                 "(data-parallel: every process holds everything, unless the accelerate config "
+                                 "launching the run shards: accelerate launch --config_file "
+                                 "configs/accelerate/fsdp2.yaml).", choices=("none", "fsdp2", "fsdp2-offload", "zero2"))
     seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.")
     resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).",
                            within="[8, inf)")

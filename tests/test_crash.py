@@ -1,7 +1,7 @@
 """A real `diffusion-align train` process killed with SIGKILL at a random step (mid-step, mid-checkpoint, wherever
 it is), then resumed with train.resume=latest, ends with the weights of a run that was never interrupted: LoRA and
-full fine-tunes of an offline method, Pref-GRPO, and a sharded full fine-tune on two processes (all killed at once,
-as when a machine dies)."""
+full fine-tunes of an offline method, Pref-GRPO, and sharded full fine-tunes (FSDP2, ZeRO-2) on two processes (all
+killed at once, as when a machine dies)."""
 
 import contextlib
 import json
@@ -27,6 +27,7 @@ CASES = {
     "pref_grpo-lora": ["method.name=pref_grpo", "model.lora_rank=4", "online.group_size=4",
                        "online.prompts_per_step=2", "online.sample_steps=4", "train.lr=1e-2"],
     "dpo-full-fsdp2": ["method.name=dpo", "model.lora_rank=null", "train.lr=1e-4", "train.sharding=fsdp2"],
+    "dpo-full-zero2": ["method.name=dpo", "model.lora_rank=null", "train.lr=1e-4", "train.sharding=zero2"],
 }
 PORTS = iter(range(29540, 29600))  # a fresh rendezvous port for every two-process launch
 
@@ -35,7 +36,7 @@ def command(case: str, out: Path, models: dict, pairs: Path, prompts: Path, scor
     data = ([f"online.prompts={prompts}", f"online.reward=pickscore={scorer}"] if case.startswith("pref_grpo")
             else [f"data.path={pairs}", "data.random_flip=image", "data.prompt_dropout=0.3"])
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                 str(next(PORTS)), "-m"] if case.endswith("fsdp2") else [sys.executable, "-m"])
+                 str(next(PORTS)), "-m"] if case.endswith(("fsdp2", "zero2")) else [sys.executable, "-m"])
     return [*launcher, "diffusion_align", "train", str(TINY_CONFIG), f"model.pretrained={models['sd']}",
             f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.checkpoint_every=1", "train.batch_size=2",
             "train.grad_accum=1", "train.warmup_steps=0", "train.report_to=none", "data.num_workers=0",
@@ -71,8 +72,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, tin
     inputs = (tiny_models, tiny_pairs, *online_inputs)
     whole = subprocess.run(command(case, tmp_path / "whole", *inputs), env=env, check=True, capture_output=True,
                            text=True)
-    if case.endswith("fsdp2"):  # the command line under torchrun: one run of two processes, not two runs of one
-        assert "fsdp2 over 2 processes" in whole.stderr
+    if case.endswith(("fsdp2", "zero2")):  # the command line under torchrun: one run of two processes, not two of one
+        assert f"{case.rsplit('-', 1)[1]} over 2 processes" in whole.stderr
 
     seed = random.randrange(10**6)
     kill_after = random.Random(seed).randint(1, STEPS - 3)  # the step whose log line is seen; it dies soon after

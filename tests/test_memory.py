@@ -24,7 +24,8 @@ def cfg(*overrides):
     # encoders 4 x (200 + 300), activations 4000
     ((), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
     ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 4000)),       # all UNet states halved, encoders replicated
-    ((), "zero2", 2, (4000, 2000, 4000, 4000, 2000, 4000)),       # weights (and the reference) replicated
+    # weights (and the reference) replicated; the optimizer's half of the moments and of DeepSpeed's fp32 master copy
+    ((), "zero2", 2, (4000, 2000, 6000, 4000, 2000, 4000)),
     ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 4000)),        # states on the CPU
     # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; activations in bf16
     (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 2000)),

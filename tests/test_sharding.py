@@ -1,6 +1,6 @@
-"""Sharded training (train.sharding=fsdp2) on two CPU processes (torchrun, gloo): every method, LoRA and full, gives
-its UNet what the data-parallel run gives it and ends at the data-parallel run's weights; accelerate's configs
-select the strategy; settings sharding cannot run with are refused before anything loads."""
+"""Sharded training (train.sharding=fsdp2, and DeepSpeed's zero2) on two CPU processes (torchrun, gloo): every method,
+LoRA and full, gives its UNet what the data-parallel run gives it and ends at the data-parallel run's weights;
+accelerate's configs select the strategy; settings sharding cannot run with are refused before anything loads."""
 
 import json
 import subprocess
@@ -28,14 +28,20 @@ CASES = {f"{method}-{kind}": [f"method.name={method}", *overrides,
 CASES["dpo-full"] = [*CASES["dpo-full"], "train.max_steps=10"]  # the issue's goal: equal weights after 10 steps
 # no reference copy and no encoders: the precomputed reference errors and the latent cache, made before sharding
 CASES["dpo-full-cached"] = [*CASES["dpo-full"], "data.cache=true", "method.precomputed_reference=true"]
+# DeepSpeed ZeRO-2 on a few: LoRA and full, offline (SmPO's inversion calls the UNet outside the engine) and online
+ZERO2_CASES = ["dpo-lora", "dpo-full", "smpo-full", "pref_grpo-lora", "grpo-full"]
 # (sharded run, data-parallel run) pairs to compare; gradient checkpointing must not change what a sharded run learns
 PAIRS = {case: (f"{case}-fsdp2", f"{case}-none") for case in CASES}
 PAIRS["dpo-full-checkpointing"] = ("dpo-full-checkpointing-fsdp2", "dpo-full-none")
+PAIRS.update({f"{case}-zero2": (f"{case}-zero2", f"{case}-none") for case in ZERO2_CASES})
+# in bf16 the loops' autocast must run under ZeRO-2 as in data-parallel (DeepSpeed's own bf16 mode stays off)
+BF16 = [*CASES["dpo-lora"], "train.mixed_precision=bf16"]
+PAIRS["dpo-lora-bf16-zero2"] = ("dpo-lora-bf16-zero2", "dpo-lora-bf16-none")
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory, tiny_models, tiny_pairs):
-    """One torchrun launch that trains every case data-parallel and sharded (about 3 minutes on 2 cores)."""
+    """One torchrun launch that trains every case data-parallel and sharded (about 4 minutes on 2 cores)."""
     from diffusion_align.rewards.tiny import save_tiny_scorer
     root = tmp_path_factory.mktemp("sharding")
     table = pq.read_table(tiny_pairs).to_pylist()
@@ -51,7 +57,11 @@ def sharded_runs(tmp_path_factory, tiny_models, tiny_pairs):
     runs = [{"name": f"{case}-{sharding}", "config": str(TINY_CONFIG),
              "overrides": [*common, *overrides, f"train.sharding={sharding}",
                            f"train.output_dir={root / f'{case}-{sharding}'}"]}
-            for case, overrides in CASES.items() for sharding in ("none", "fsdp2")]
+            for case, overrides in CASES.items() for sharding in ("none", "fsdp2", "zero2")
+            if sharding != "zero2" or case in ZERO2_CASES]
+    runs += [{"name": f"dpo-lora-bf16-{sharding}", "config": str(TINY_CONFIG),
+              "overrides": [*common, *BF16, f"train.sharding={sharding}",
+                            f"train.output_dir={root / f'dpo-lora-bf16-{sharding}'}"]} for sharding in ("none", "zero2")]
     runs.append({"name": "dpo-full-checkpointing-fsdp2", "config": str(TINY_CONFIG),
                  "overrides": [*common, *CASES["dpo-full"], "train.sharding=fsdp2", "model.gradient_checkpointing=true",
                                f"train.output_dir={root / 'dpo-full-checkpointing-fsdp2'}"]})
@@ -78,7 +88,7 @@ def unet_calls(root: Path, run: str, rank: int) -> list[dict]:
 def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_runs, tiny_models, case):
     root, log = sharded_runs
     sharded, data_parallel = PAIRS[case]
-    assert "fsdp2 over 2 processes" in log
+    assert f"{sharded.rsplit('-', 1)[1]} over 2 processes" in log
     for rank in (0, 1):
         calls, ddp_calls = unet_calls(root, sharded, rank), unet_calls(root, data_parallel, rank)
         # the same UNet calls, row by row: the same timesteps, noised latents and conditioning. Offline, those
@@ -111,8 +121,8 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
     weights, ddp_weights = final_weights(root, sharded), final_weights(root, data_parallel)
     base = load_file(Path(tiny_models["sd"]) / "unet" / "diffusion_pytorch_model.safetensors")
     assert weights.keys() == ddp_weights.keys() and weights
-    names = [k for k in weights if "lora.up" in k] if case.endswith("lora") else list(weights)
-    start = {k: torch.zeros_like(weights[k]) if case.endswith("lora") else base[k].float() for k in names}
+    names = [k for k in weights if "lora.up" in k] if "-lora" in case else list(weights)
+    start = {k: torch.zeros_like(weights[k]) if "-lora" in case else base[k].float() for k in names}
     difference = sum((weights[k] - ddp_weights[k]).pow(2).sum() for k in names).sqrt()
     update = sum((ddp_weights[k] - start[k]).pow(2).sum() for k in names).sqrt()
     assert update > 0 and difference <= 1e-3 * update, (difference / update).item()
@@ -122,19 +132,27 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
     assert unet_calls(root, sharded, 0)[0] != unet_calls(root, sharded, 1)[0]
 
 
-@pytest.mark.parametrize("config, expected", [("ddp.yaml", None), ("fsdp2.yaml", "fsdp2"),
-                                              ("fsdp2-offload.yaml", "fsdp2-offload")])
-def test_accelerate_configs_select_the_strategy(config, expected):
-    """The environment `accelerate launch --config_file configs/accelerate/<config>` gives its processes, made by
-    accelerate's own launch code, selects train.sharding."""
+def launch_env(config: Path, *options: str) -> dict:
+    """The environment `accelerate launch --config_file CONFIG [options]` gives its processes, made by accelerate's
+    own launch code (and torchrun, which it runs, gives each its rank)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs" / "accelerate" / config),
-                                               "-m", "diffusion_align", "train"])
-    args, *_ = _validate_launch_command(args)
-    env = {**prepare_multi_gpu_env(args), "RANK": "0"}  # and torchrun, which accelerate runs, gives each its rank
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    args = launch_command_parser().parse_args(["--config_file", str(config), *options, "-m", "diffusion_align",
+                                               "train"])
+    args, defaults, _ = _validate_launch_command(args)
+    if not args.use_deepspeed:
+        return {**prepare_multi_gpu_env(args), "RANK": "0"}
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command sets it
+    return {**prepare_deepspeed_cmd_env(args)[1], "RANK": "0"}
+
+
+@pytest.mark.parametrize("config, expected", [("ddp.yaml", None), ("fsdp2.yaml", "fsdp2"),
+                                              ("fsdp2-offload.yaml", "fsdp2-offload"),
+                                              ("deepspeed-zero2.yaml", "zero2")])
+def test_accelerate_configs_select_the_strategy(config, expected):
+    env = launch_env(ROOT / "configs" / "accelerate" / config)
     assert sharding_from_launcher(env) == expected
-    if expected:  # the wrap policy the file names is the one the sharding applies
+    if expected and expected.startswith("fsdp2"):  # the wrap policy the file names is the one the sharding applies
         assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",") == list(BLOCK_CLASSES)
     cfg = load_config(TINY_CONFIG, ["model.lora_rank=null"])
     assert resolve_sharding(cfg, env) == (expected or "none")
@@ -144,8 +162,15 @@ def test_settings_sharding_cannot_run_with_are_refused():
     fsdp1 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         sharding_from_launcher(fsdp1)
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        sharding_from_launcher({"ACCELERATE_USE_DEEPSPEED": "true"})
+    # DeepSpeed settings that would differ from what runs (ZeRO-2 without offload, clipping and accumulation from the
+    # training config), each named
+    zero2 = ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"
+    for options, named in ((["--zero_stage", "3"], "zero_stage: 3"),
+                           (["--offload_optimizer_device", "cpu"], "offload_optimizer_device: cpu"),
+                           (["--gradient_clipping", "0.5"], "gradient_clipping: 0.5"),
+                           (["--gradient_accumulation_steps", "4"], "gradient_accumulation_steps: 4")):
+        with pytest.raises(ConfigError, match=f"ask for {named}; diffusion-align runs ZeRO stage 2 without offload"):
+            sharding_from_launcher(launch_env(zero2, *options))
     fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "RANK": "0"}
     with pytest.raises(ConfigError, match="train.sharding=fsdp2-offload, but the accelerate config asks for fsdp2"):
         resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2-offload"]), fsdp2)
@@ -160,6 +185,17 @@ def test_settings_sharding_cannot_run_with_are_refused():
     assert resolve_sharding(load_config(TINY_CONFIG, []), {}) == "none"
 
 
+def test_zero2_without_deepspeed_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from diffusion_align.training import sharding
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(sharding.importlib.util, "find_spec",
+                        lambda name: None if name == "deepspeed" else find_spec(name))
+    with pytest.raises(ConfigError, match="zero2 runs DeepSpeed, which is not installed: pip install --no-build"):
+        resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=zero2"]), {"RANK": "0"})
+
+
 @pytest.mark.parametrize("case", ["dpo-full", "dpo-lora", "pref_grpo-full"])
 def test_each_process_holds_half_the_model_states(sharded_runs, case):
     """The issue's goal: per process, the weights, gradients and optimiser states (and a full fine-tune's reference
@@ -169,3 +205,34 @@ def test_each_process_holds_half_the_model_states(sharded_runs, case):
     sharded, data_parallel = (json.loads((root / run / "metrics.jsonl").read_text().splitlines()[-1])
                               for run in (f"{case}-fsdp2", f"{case}-none"))
     assert sharded["model_states_gib"] == pytest.approx(data_parallel["model_states_gib"] / 2, rel=0.1)
+
+
+def test_zero2_partitions_the_gradients_and_optimizer_only(sharded_runs, tiny_models):
+    """A full DPO fine-tune holds per weight: fp32 weights 4 bytes, reference 4, gradient 4, Adam moments 8 (20 in
+    data-parallel); under ZeRO-2 over 2 processes the weights and reference stay whole, and the gradient, the moments
+    and DeepSpeed's fp32 master copy (4) are halved: 4 + 4 + (4 + 8 + 4) / 2 = 16, 0.8 of data-parallel's. The
+    planner counts the same."""
+    root, _ = sharded_runs
+    zero2, data_parallel = (json.loads((root / run / "metrics.jsonl").read_text().splitlines()[-1])
+                            for run in ("dpo-full-zero2", "dpo-full-none"))
+    assert zero2["model_states_gib"] == pytest.approx(0.8 * data_parallel["model_states_gib"], rel=1e-3)
+    from diffusion_align.training.memory import count_models, memory_bytes
+    cfg = load_config(TINY_CONFIG, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "method.name=dpo"])
+    planned = {strategy: memory_bytes(cfg, count_models(cfg), 2, strategy) for strategy in ("ddp", "zero2")}
+    states = {strategy: sum(planned[strategy][k] for k in ("weights", "gradients", "optimizer", "reference"))
+              for strategy in planned}
+    assert states["zero2"] == pytest.approx(0.8 * states["ddp"], rel=1e-3)
+
+
+@pytest.mark.parametrize("written, kind", [({"optimizer": "partitioned"}, r"ZeRO-2 \(zero2\)"),
+                                           ({"sharded": True}, r"sharded \(fsdp2\)")])  # as checkpoints before zero2
+def test_a_checkpoint_resumes_only_as_the_kind_of_run_that_wrote_it(tmp_path, written, kind):
+    from types import SimpleNamespace
+
+    from diffusion_align.training.checkpoints import load_checkpoint
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 5, "num_processes": 1, **written}))
+    policy = SimpleNamespace(unet=torch.nn.Linear(2, 2))  # a data-parallel run's
+    with pytest.raises(ValueError, match=f"written by a {kind} run; this run is data-parallel. Resume with the "
+                                         "train.sharding it was written with"):
+        load_checkpoint(SimpleNamespace(num_processes=1), tmp_path, policy,
+                        torch.optim.AdamW(policy.unet.parameters()), None)

@@ -5,8 +5,9 @@ half-written `checkpoint-<step>`. It holds the trained weights (safetensors, loa
 optimiser and lr-schedule state, and per process the random generators and how many batches it has drawn, so a
 resumed run sees the same data and noise as an uninterrupted one. Only tensors and plain containers are
 pickled, and they are read back with `torch.load(..., weights_only=True)`.
-A sharded run (train.sharding) writes its trainable weights and optimiser as shards instead, each process its own
-(`sharded/`, torch.distributed.checkpoint), and resumes only as a sharded run on as many processes.
+A sharded run (train.sharding=fsdp2) writes its trainable weights and optimiser as shards instead, each process its
+own (`sharded/`, torch.distributed.checkpoint); a ZeRO-2 run (zero2), the weights once and per process its part of the
+optimiser (`optimizer_<process>.pt`). Either resumes only as a run of its kind on as many processes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ import torch
 
 from ..files import WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
 from .safety import RunStopped, check_finite_weights
-from .sharding import SHARDED_STATE, is_sharded, load_sharded, save_sharded
+from .sharding import (SHARDED_STATE, is_sharded, load_partition, load_sharded, save_partition, save_sharded,
+                       zero_optimizer)
+
+RUN_KINDS = {"whole": "data-parallel", "sharded": "sharded (fsdp2)", "partitioned": "ZeRO-2 (zero2)"}
+
+
+def optimizer_layout(policy, optimizer) -> str:
+    """How a run's optimiser (and weights) are split: `sharded` (FSDP2: weights and optimiser), `partitioned`
+    (ZeRO-2: the optimiser only) or `whole`."""
+    if is_sharded(policy.unet):
+        return "sharded"
+    return "whole" if zero_optimizer(optimizer) is None else "partitioned"
+
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     """`latest` -> the newest checkpoint in output_dir (None if there is none yet); a path -> that folder."""
@@ -53,12 +66,15 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         save_torch(process_state, tmp / f"process_{accelerator.process_index}.pt")
-        sharded = is_sharded(policy.unet)
-        if sharded:
+        layout = optimizer_layout(policy, optimizer)
+        if layout == "sharded":
             save_sharded(tmp / SHARDED_STATE, policy.unet, optimizer)
+        elif layout == "partitioned":
+            save_partition(tmp / f"optimizer_{accelerator.process_index}.pt", optimizer)
         if accelerator.is_main_process:
-            if not sharded:
+            if layout != "sharded":
                 policy.save(tmp)
+            if layout == "whole":
                 save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             save_torch(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if accelerator.scaler is not None:
@@ -67,7 +83,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
                 shutil.copyfile(output_dir / "config.yaml", tmp / "config.yaml")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
+            state = {"step": step, "num_processes": accelerator.num_processes, "sharded": layout == "sharded",
+                     "optimizer": layout}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             replace_dir(tmp, final)
     except WRITE_ERRORS as err:
@@ -91,15 +108,18 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) ->
         raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
                          f"{accelerator.num_processes}. Resume with the same number of processes so every "
                          "process continues its own data stream.")
-    sharded = is_sharded(policy.unet)
-    if state.get("sharded", False) != sharded:
-        raise ValueError(f"{path} was written by a {'sharded' if state.get('sharded') else 'data-parallel'} run; "
-                         f"this run is {'sharded' if sharded else 'data-parallel'}. Resume with the train.sharding it "
-                         "was written with.")
-    if sharded:
+    layout = optimizer_layout(policy, optimizer)
+    written = state.get("optimizer", "sharded" if state.get("sharded") else "whole")
+    if written != layout:
+        raise ValueError(f"{path} was written by a {RUN_KINDS[written]} run; this run is {RUN_KINDS[layout]}. "
+                         "Resume with the train.sharding it was written with.")
+    if layout == "sharded":
         load_sharded(path / SHARDED_STATE, policy.unet, optimizer)
     else:
         policy.load(path)
+    if layout == "partitioned":
+        load_partition(path / f"optimizer_{accelerator.process_index}.pt", optimizer)
+    elif layout == "whole":
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "grad_scaler.pt").exists():

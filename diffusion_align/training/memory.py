@@ -16,10 +16,11 @@ for the checkpoint. Per process, in bytes:
                  online images) at train.resolution: counted exactly on the meta device with saved-tensor hooks, in
                  the compute dtype, without or with gradient checkpointing
 
-Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs; zero2 is
-planned, not trained yet): fsdp2 divides the UNet's weights, gradients and
-optimizer states, and a full fine-tune's reference, by the number of processes; fsdp2-offload keeps all three on
-the CPU; zero2 divides the gradients and optimizer states only. The encoders are replicated in every case.
+Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs): fsdp2
+divides the UNet's weights, gradients and optimizer states, and a full fine-tune's reference, by the number of
+processes; fsdp2-offload keeps all three on the CPU; zero2 divides the gradients and optimizer states only, the
+latter with DeepSpeed's fp32 master copy of the weights (4 bytes a trained weight). The encoders are replicated in
+every case.
 Not counted: the CUDA context and allocator slack (RESERVE_GB is kept free), a reward model or judge of the online
 methods, and transient buffers (an FSDP all-gather of one block, the reference forward's outputs).
 """
@@ -184,9 +185,11 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     full = cfg.model.lora_rank is None
     trainable = counts.unet if full else counts.lora
     weights = counts.unet * 4 if full else counts.unet * frozen + counts.lora * 4
-    optimizer_name = "adamw" if strategy.startswith("fsdp2") else cfg.train.optimizer  # sharding trains AdamW only
+    optimizer_name = "adamw" if strategy != "ddp" else cfg.train.optimizer  # sharding trains AdamW only
     optimizer = {"adamw": 8 * trainable, "adamw8bit": 2 * trainable,
                  "adafactor": 4 * counts.adafactor_state}[optimizer_name]
+    if strategy == "zero2":  # DeepSpeed's fp32 master copy of the trained weights, partitioned with the moments
+        optimizer += 4 * trainable
     online = cfg.method.name in ONLINE_METHODS
     needs_reference = cfg.online.kl_beta > 0 if online else METHODS[cfg.method.name].needs_reference
     reference = counts.unet * frozen if (full and needs_reference and not cfg.method.precomputed_reference
@@ -281,13 +284,12 @@ def format_plan(p: MemoryPlan) -> str:
                          "no single change fits: combine them")
             lines.append(f"with train.sharding=fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
                          else "fsdp2 alone does not make it fit: the activations and encoders are not sharded")
-    if p.strategy == "zero2":
-        lines.append("note: `diffusion-align train` does not run DeepSpeed ZeRO-2 yet; train.sharding=fsdp2 shards "
-                     "more (weights too)")
-    elif p.strategy != "ddp":
+    if p.strategy != "ddp":
+        accelerate_config = "deepspeed-zero2" if p.strategy == "zero2" else p.strategy
         lines.append(f"train with train.sharding={p.strategy} (AdamW only, as planned): torchrun --nproc_per_node "
                      f"{p.processes} -m diffusion_align train CONFIG train.sharding={p.strategy}, or accelerate "
-                     f"launch --config_file configs/accelerate/{p.strategy}.yaml -m diffusion_align train CONFIG")
+                     f"launch --config_file configs/accelerate/{accelerate_config}.yaml -m diffusion_align train "
+                     "CONFIG")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
 from .outputs import MetricsLog, save_final
 from .safety import RunStopped, check_finite_weights, check_output_dir, clear_run
-from .sharding import gathered_policy, model_state_bytes, resolve_sharding, shard
+from .sharding import deepspeed_accelerator, gathered_policy, model_state_bytes, resolve_sharding, shard
 
 logger = logging.getLogger("diffusion_align")
 
@@ -41,7 +41,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if trackers == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.report_to=wandb needs wandb (pip install diffusion-align[wandb]); "
                           "or use train.report_to=tensorboard")
-    AcceleratorState._reset_state()  # a second train() in one process may use another precision
+    # a second train() in one process may use another precision, or another strategy (zero2's process state is
+    # DeepSpeed's)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if resolve_sharding(cfg) == "zero2":
+        return deepspeed_accelerator(cfg, log_with=trackers, project_dir=cfg.train.output_dir)
     state = process_state()  # made as the command line's logging made it: cpu=True without a GPU
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
                        project_dir=cfg.train.output_dir, cpu=state.device.type == "cpu")
@@ -86,8 +90,8 @@ class TrainResult:
 @dataclasses.dataclass
 class Models:
     """What a run trains and conditions with, on the device; `unet` is the policy UNet as accelerate prepared it
-    (DDP-wrapped on many processes), `policy.unet` the same module unwrapped; sharded (train.sharding), both are
-    the one module, sharded in place."""
+    (DDP-wrapped on many processes, DeepSpeed's engine under zero2), `policy.unet` the same module unwrapped; under
+    fsdp2, both are the one module, sharded in place."""
 
     parts: DiffusionComponents
     policy: Policy
@@ -149,20 +153,21 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
     # sharded, the policy is made on the CPU and each block moves to the device as it is sharded: no process
     # ever holds the whole UNet there
+    fsdp = sharding.startswith("fsdp2")
     policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
-                    parts.family, needs_reference, cfg.model.ref_offload, "cpu" if sharding != "none" else device,
-                    frozen_dtype, kohya)
-    if sharding != "none":
+                    parts.family, needs_reference, cfg.model.ref_offload, "cpu" if fsdp else device, frozen_dtype,
+                    kohya)
+    if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
         for module in filter(None, (policy.unet, policy.ref_unet)):
             shard(module, sharding, compute_dtype)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)  # after sharding: it holds the shards
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
-    if sharding == "none":
-        unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    else:  # accelerate's prepare would wrap it for data-parallel training
+    if fsdp:  # accelerate's prepare would wrap it for data-parallel training
         unet = policy.unet
+    else:  # data-parallel, or DeepSpeed's engine (zero2)
+        unet, optimizer = accelerator.prepare(policy.unet, optimizer)
     if cfg.model.compile:  # the training forward only: the reference and inversion call policy.unet as it is
         unet = compile_unet(unet, device)
     logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters%s", cfg.model.pretrained, parts.family,
@@ -209,11 +214,12 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     """Save the final model, its card and the training curves; end the trackers."""
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
-    if models.sharding != "none":  # the run is over: its optimiser states and reference make room for the gather
+    fsdp = models.sharding.startswith("fsdp2")
+    if fsdp:  # the run is over: its optimiser states and reference make room for the gather
         models.optimizer.state.clear()
         models.policy.ref_unet = None
     # sharded: gathered whole once, into the main process's memory, and saved as an unsharded run saves
-    policy = models.policy if models.sharding == "none" else gathered_policy(models.policy)
+    policy = gathered_policy(models.policy) if fsdp else models.policy
     if accelerator.is_main_process:
         check_finite_weights(policy.trainable_parameters(), cfg.train.max_steps, output_dir)
         try:

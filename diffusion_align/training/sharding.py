@@ -18,11 +18,20 @@ select the strategy (`sharding_from_launcher`). The sharding itself is applied h
 GPUs, so the path the tests run is the one users run: accelerate's FSDP plugin, which falls back to data-parallel
 on CPUs, is not engaged. Checkpoints are sharded too (torch.distributed.checkpoint: each process writes its own
 shards, none gathers the optimiser), and the final model is gathered once into the usual diffusers files.
+
+- `zero2`: DeepSpeed's ZeRO stage 2, through accelerate's DeepSpeed plugin (`accelerate launch --config_file
+  configs/accelerate/deepspeed-zero2.yaml ...`, or the key under torchrun): every process keeps the whole UNet, and
+  1/N of the gradients, of the Adam moments and of DeepSpeed's fp32 master copy of the weights. Its settings come
+  from the training config (`deepspeed_config`): weights stay fp32 and the loops' autocast does the mixed precision,
+  as in the other strategies (DeepSpeed's own bf16 mode would hold bf16 weights); DeepSpeed clips by the global norm
+  and steps on each update's last backward (`gradient_sync` marks it). Checkpoints hold the weights once and, per
+  process, its part of the optimiser (`save_partition`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -36,6 +45,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from ..config import Config, ConfigError
+from ..files import save_torch
 
 # the wrap policy: each module of these classes is sharded as one unit (as accelerate's
 # fsdp_transformer_layer_cls_to_wrap names them in configs/accelerate/fsdp2.yaml)
@@ -52,15 +62,31 @@ def sharding_from_launcher(env=os.environ) -> str | None:
     """The strategy `accelerate launch --config_file ...` asks for through its environment; None when it asks for
     none (a plain, data-parallel or torchrun launch)."""
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
-        raise ConfigError("this accelerate config uses DeepSpeed, which diffusion-align does not run yet; use "
-                          "configs/accelerate/fsdp2.yaml (FSDP2 shards weights, gradients and optimiser states, "
-                          "more than ZeRO-2 does)")
+        return _deepspeed_from_launcher(env)
     if not _true(env.get("ACCELERATE_USE_FSDP")):
         return None
     if env.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(f"this accelerate config asks for FSDP version {env.get('FSDP_VERSION', '1')}; "
                           "diffusion-align shards with FSDP2: set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
     return "fsdp2-offload" if _true(env.get("FSDP_OFFLOAD_PARAMS")) else "fsdp2"
+
+
+def _deepspeed_from_launcher(env) -> str:
+    """zero2, from an accelerate config's DeepSpeed settings; those that would differ from what runs are errors."""
+    asked = {"zero_stage": (env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), "2"),
+             "offload_optimizer_device": (env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"), "none"),
+             "offload_param_device": (env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"), "none"),
+             "deepspeed_config_file": (env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"), "none"),
+             "gradient_accumulation_steps": (env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"), "1"),
+             "gradient_clipping": (env.get("ACCELERATE_GRADIENT_CLIPPING", "none"), "none")}
+    wrong = [f"{key}: {value}" for key, (value, runs) in asked.items() if value.lower() != runs]
+    if wrong:
+        raise ConfigError(f"this accelerate config's DeepSpeed settings ask for {', '.join(wrong)}; diffusion-align "
+                          "runs ZeRO stage 2 without offload (fsdp2 shards the weights too, fsdp2-offload offloads: "
+                          "configs/accelerate/), with DeepSpeed's settings taken from the training config "
+                          "(train.grad_accum, train.max_grad_norm, train.mixed_precision): remove those lines, as in "
+                          "configs/accelerate/deepspeed-zero2.yaml")
+    return "zero2"
 
 
 def resolve_sharding(cfg: Config, env=os.environ) -> str:
@@ -76,6 +102,10 @@ def resolve_sharding(cfg: Config, env=os.environ) -> str:
         raise ConfigError(f"train.sharding={strategy} shards over the processes of a distributed launch: start the "
                           "run with torchrun --nproc_per_node N -m diffusion_align train ... (N = 1 too), or accelerate "
                           "launch --config_file configs/accelerate/fsdp2.yaml -m diffusion_align train ...")
+    if strategy == "zero2" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.sharding=zero2 runs DeepSpeed, which is not installed: pip install "
+                          "--no-build-isolation deepspeed (its build reads the installed torch), or shard with "
+                          "train.sharding=fsdp2")
     conflicts = {"train.mixed_precision=fp16": cfg.train.mixed_precision == "fp16",  # its scaler is not shard-aware
                  f"train.optimizer={cfg.train.optimizer}": cfg.train.optimizer != "adamw",
                  "model.compile=true": cfg.model.compile,
@@ -100,18 +130,86 @@ def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | N
     return module
 
 
+def deepspeed_config(cfg: Config) -> dict:
+    """DeepSpeed's settings for train.sharding=zero2, from the training config."""
+    t = cfg.train
+    return {"train_micro_batch_size_per_gpu": t.batch_size,
+            # the loops mark each update's last backward themselves (gradient_sync) and scale their losses for it
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": t.max_grad_norm or 0.0,  # by the global norm; 0 = none
+            "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False},
+            # fp32 weights and gradients, the compute under the loops' autocast, as with the other strategies
+            "bf16": {"enabled": False}, "fp16": {"enabled": False},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, as the other strategies train with
+            "steps_per_print": 2 ** 31 - 1}
+
+
+def deepspeed_accelerator(cfg: Config, **options):
+    """An Accelerator whose prepare() gives the UNet and its optimiser to DeepSpeed's ZeRO-2 engine (`options`: the
+    Accelerator's others)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, over gloo
+    # accelerate starts DeepSpeed's communication when its process state is made with this set (a torchrun launch
+    # selecting zero2 by the key alone has not); on CPUs it must be made with gloo named and without cpu=True, or
+    # every process reads as process 0 of 1. Set for these calls only (accelerate sets it too): a later run in this
+    # process must not read it as its launcher's choice. The accelerate config's DeepSpeed fields, checked already
+    # (sharding_from_launcher), are not to be checked again against a DeepSpeed config of our own
+    with _environ_set(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_CONFIG_DS_FIELDS=""):
+        PartialState._reset_state()
+        PartialState(backend="gloo" if cpu else None)
+        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                  deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg)), **options)
+    # accelerate leaves mixed precision to DeepSpeed's config, whose bf16 mode is off: its autocast() does it
+    accelerator.native_amp = cfg.train.mixed_precision != "no"
+    return accelerator
+
+
+@contextmanager
+def _environ_set(**values: str):
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def is_deepspeed(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "DeepSpeedEngine"
+
+
 def gradient_sync(accelerator, module: torch.nn.Module, sync: bool):
     """A context for one micro-step: gradients are reduced over processes only where `sync` (the last micro-step
-    of an update), and accumulate locally before it."""
+    of an update), and accumulate locally before it. ZeRO-2 reduces each micro-step's gradients into their
+    partitions as they come; the engine steps on the last (its clipping, and skipping a non-finite update)."""
+    if is_deepspeed(module):
+        return _deepspeed_boundary(accelerator, sync)
     if sync:
         return nullcontext()
     if is_sharded(module):
         return _fsdp_no_sync(module)
     return accelerator.no_sync(module)
+
+
+@contextmanager
+def _deepspeed_boundary(accelerator, sync: bool):
+    # accelerate's backward steps the engine where its sync flag is set, as its accumulate() sets it
+    accelerator.gradient_state._set_sync_gradients(sync)
+    try:
+        yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
 
 
 @contextmanager
@@ -146,13 +244,41 @@ def all_finite(parameters: list[torch.nn.Parameter]) -> bool:
 
 def model_state_bytes(modules: list[torch.nn.Module], optimizer) -> int:
     """What this process holds of the model states: the weights of `modules` (the policy and a reference copy),
-    a gradient for each trainable weight, and the optimiser's states; of a sharded tensor, this process's shard."""
+    a gradient for each trainable weight, and the optimiser's states; of a sharded tensor, this process's shard.
+    Under ZeRO-2, the gradients are its partition's, beside DeepSpeed's fp32 master copy of that partition."""
     def local(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
     params = [p for module in modules for p in module.parameters()]
     states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
-    return sum(local(p) * (2 if p.requires_grad else 1) for p in params) + sum(local(v) for v in states)
+    partitioned = zero_optimizer(optimizer)
+    if partitioned is None:
+        return sum(local(p) * (2 if p.requires_grad else 1) for p in params) + sum(local(v) for v in states)
+    master = sum(local(m) for m in partitioned.single_partition_of_fp32_groups)
+    return sum(local(p) for p in params) + 2 * master + sum(local(v) for v in states)
+
+
+def zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO optimiser inside accelerate's wrapper; None for any other."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if hasattr(inner, "single_partition_of_fp32_groups") else None
+
+
+def save_partition(path: Path, optimizer) -> None:
+    """This process's part of a ZeRO-2 optimiser: its Adam moments and fp32 master weights, as plain tensors (not
+    DeepSpeed's own checkpoint, which is pickled)."""
+    partitioned = zero_optimizer(optimizer)
+    save_torch({"adam": partitioned.optimizer.state_dict(),
+                "master": list(partitioned.single_partition_of_fp32_groups)}, path)
+
+
+def load_partition(path: Path, optimizer) -> None:
+    partitioned = zero_optimizer(optimizer)
+    saved = torch.load(path, weights_only=True)
+    partitioned.optimizer.load_state_dict(saved["adam"])
+    with torch.no_grad():
+        for mine, master in zip(partitioned.single_partition_of_fp32_groups, saved["master"], strict=True):
+            mine.copy_(master)
 
 
 def unsharded_class(module: torch.nn.Module) -> type:
