@@ -90,6 +90,19 @@ def written_beside(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+@contextmanager
+def folder_written_beside(path: Path) -> Iterator[Path]:
+    """The folder twin of `written_beside`: a fresh hidden temp folder beside `path` (what a crash left there
+    removed) for the block to fill, put in place of `path` when the block ends (`replace_dir`), removed when it
+    raises."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    remove(tmp)
+    with removed_on_error(tmp):
+        tmp.mkdir(parents=True)
+        yield tmp
+    replace_dir(tmp, path)
+
+
 def save_torch(obj, path: Path) -> None:
     """torch.save through an open file: given a path, its zip writer reports a full disk as a bare RuntimeError."""
     with open(path, "wb") as f:

@@ -13,7 +13,6 @@ from diffusion_align.cli import main as cli_main
 from diffusion_align.config import ConfigError
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import checkpoints, methods, trainer
-from diffusion_align.training import run as run_module
 from diffusion_align.training.safety import RunStopped
 from test_train import TINY_CONFIG, read_metrics, run
 
@@ -144,19 +143,20 @@ def test_a_failed_final_or_metrics_write_stops_the_run_and_keeps_what_was_there(
     from diffusion_align.training import outputs
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.max_steps=2")
     final = snapshot(tmp_path / "run" / "final")
-    save_final = outputs.save_final
+    model_card = outputs.model_card
+    written = []
 
-    def disk_full(cfg, policy, unet, output_dir, family, summary):
-        (output_dir / "final.tmp").mkdir()
-        (output_dir / "final.tmp" / "half-written").write_bytes(b"x")
+    def disk_full(*args):  # the model card is written last: the weights are in the temp folder by then
+        written.extend(p.name for p in (tmp_path / "run" / ".final.tmp").iterdir())
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_module, "save_final", disk_full)
+    monkeypatch.setattr(outputs, "model_card", disk_full)
     with pytest.raises(RunStopped, match=r"could not write the final model to .*final \(\[Errno 28\] No space left"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=1", "train.resume=latest")
-    assert snapshot(tmp_path / "run" / "final") == final and not (tmp_path / "run" / "final.tmp").exists()
+    assert "pytorch_lora_weights.safetensors" in written
+    assert snapshot(tmp_path / "run" / "final") == final and not (tmp_path / "run" / ".final.tmp").exists()
     assert (tmp_path / "run" / "checkpoint-3").is_dir(), "the last step's checkpoint holds what the final would"
-    monkeypatch.setattr(run_module, "save_final", save_final)
+    monkeypatch.setattr(outputs, "model_card", model_card)
 
     open_path = Path.open
 

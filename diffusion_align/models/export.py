@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import list_checkpoints, removed_on_error, replace_dir
+from ..files import folder_written_beside, list_checkpoints
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
 from .loading import base_pipeline, component_digest, detect_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
@@ -183,13 +183,10 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
             pipeline.unet.unload_lora()
     if dtype is not None:
         pipeline.to(dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with removed_on_error(tmp):
+    with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         if (source.folder / "training_config.yaml").is_file():
             shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
-    replace_dir(tmp, out)
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from ..data.pairs import PairBatchSampler, load_pairs
 from ..devices import default_device
-from ..files import removed_on_error, replace_dir, report_dict, write_text_atomic
+from ..files import folder_written_beside, report_dict, write_text_atomic
 from ..progress import progress
 from .clip import PROCESSOR_FILES, ClipImageTransform, projected
 from .labeling import PairImages, collate_pair_images, outcomes
@@ -364,12 +363,9 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
                        val_loss_end, val_accuracy_start, pairwise_accuracy(val_prob, *val_labels), threshold,
                        accuracy_at_threshold, history, skipped, nonfinite, settings)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-save left
-    with removed_on_error(tmp):
+    with folder_written_beside(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         write_text_atomic(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-    replace_dir(tmp, out_dir)
     return report

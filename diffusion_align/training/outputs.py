@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 from ..config import Config, config_to_yaml
-from ..files import replace_dir, write_text_atomic
+from ..files import folder_written_beside, write_text_atomic
 from ..models.kohya import KOHYA_WEIGHTS
 from ..models.loading import base_pipeline
 from ..models.policy import LORA_WEIGHTS
@@ -46,19 +45,17 @@ def _step_of(line: str) -> float:
 def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary: dict) -> Path:
     """Write `<output_dir>/final`: LoRA weights for `pipeline.load_lora_weights`, or a full pipeline for
     `DiffusionPipeline.from_pretrained`, plus the resolved config and a model card."""
-    final, tmp = output_dir / "final", output_dir / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if policy.is_lora:
-        policy.save(tmp)
-    else:
-        # reload the untouched parts from the source so the saved pipeline keeps their original precision
-        m = cfg.model
-        pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, unet=unet)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
-    (tmp / "README.md").write_text(model_card(cfg, family, summary))
-    replace_dir(tmp, final)
+    final = output_dir / "final"
+    with folder_written_beside(final) as tmp:
+        if policy.is_lora:
+            policy.save(tmp)
+        else:
+            # reload the untouched parts from the source so the saved pipeline keeps their original precision
+            m = cfg.model
+            pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, unet=unet)
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
+        (tmp / "README.md").write_text(model_card(cfg, family, summary))
     return final
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -225,7 +224,6 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
         try:
             save_final(cfg, policy, policy.unet, output_dir, models.parts.family, summary)
         except WRITE_ERRORS as err:
-            shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)
             raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "
                              f"is intact, and so are the checkpoints in {output_dir}") from err
         logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))

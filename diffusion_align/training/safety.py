@@ -16,7 +16,7 @@ logger = logging.getLogger("diffusion_align")
 
 # what a run writes into its output_dir (caches of data and scores, the latent cache and reference-errors.safetensors
 # included, are keyed by all they depend on and outlive runs: never deleted)
-RUN_ENTRIES = ("final", "final.tmp", "final.old", "metrics.jsonl", ".metrics.jsonl.tmp", "config.yaml",
+RUN_ENTRIES = ("final", ".final.tmp", "final.old", "metrics.jsonl", ".metrics.jsonl.tmp", "config.yaml",
                ".config.yaml.tmp", "training_curves.png", "diffusion-align", "wandb", "grids")
 # keys that say how long to run, how to record it and how to compute (not what): they may change on resume
 RESUMABLE_KEYS = frozenset({
