@@ -1,0 +1,126 @@
+"""Flow-matching math for SD3 / SD3.5 and FLUX.1: noising, training sigmas, and the sampler step as a Gaussian policy.
+
+Pure functions of tensors; the transformers and the pipelines live elsewhere. `s` (sigma) runs from 0 (data) to 1
+(noise) and each function takes it as a number or one per row.
+
+- Forward process and target (rectified flow; Esser et al. 2024, "Scaling Rectified Flow Transformers for
+  High-Resolution Image Synthesis", arXiv 2403.03206; diffusers `FlowMatchEulerDiscreteScheduler.scale_noise`):
+  x_s = (1 - s) x_0 + s eps, and the transformer predicts the velocity dx_s/ds = eps - x_0.
+- Training sigmas (same paper: logit-normal sampling and the resolution-dependent timestep shift; diffusers
+  `training_utils.compute_density_for_timestep_sampling` with "logit_normal", and the `shift` of
+  `FlowMatchEulerDiscreteScheduler`): s = sigmoid(n), n ~ N(mean, std^2), then s' = shift s / (1 + (shift - 1) s).
+- Sampling: the ODE step is Euler, x' = x + (s' - s) v (`FlowMatchEulerDiscreteScheduler.step`). For online RL the
+  step is made stochastic with an SDE that has the ODE's marginals (Flow-GRPO, Liu et al. 2025, arXiv 2505.05470,
+  `sde_step_with_logprob` in flow_grpo/diffusers_patch/sd3_sde_with_logprob.py): with dt = s' - s < 0 and noise
+  level a,
+
+      sigma_t = a sqrt(s / (1 - s))        (at s = 1 the denominator takes the schedule's first sigma below 1)
+      mean    = x (1 + sigma_t^2 dt / (2 s)) + v (1 + sigma_t^2 (1 - s) / (2 s)) dt
+      std     = sigma_t sqrt(-dt)
+
+  and the step's log-probability is the Gaussian log-density of x', constants included, averaged over the latent
+  (`sampling.gaussian_log_prob`, shared with the DDIM policy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import gaussian_log_prob
+
+
+def _per_row(value, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a number, a 0-dim tensor, or one per row) in fp32, shaped to broadcast over `like`: one per row
+    becomes (N, 1, ..., 1) on `like`'s device; one value stays a 0-dim tensor where it is, which torch applies to
+    `like` as a scalar, as `FlowMatchEulerDiscreteScheduler.step` applies its sigmas."""
+    value = torch.as_tensor(value, dtype=torch.float32)
+    return value.to(like.device).view(-1, *[1] * (like.ndim - 1)) if value.ndim else value
+
+
+def flow_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_s, target) in fp32: x_s = (1 - s) x_0 + s eps and the velocity target eps - x_0, with `sigmas` one per
+    row (or one for all). The per-sample error is then |v_theta(x_s) - target|^2 averaged over the latent."""
+    x0, eps = latents.float(), noise.float()
+    s = _per_row(sigmas, x0)
+    return (1 - s) * x0 + s * eps, eps - x0
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """s' = shift s / (1 + (shift - 1) s): more of the steps or draws at high noise for shift > 1; 0 and 1 stay
+    fixed, shift 1 changes nothing. The same map `FlowMatchEulerDiscreteScheduler` applies with its `shift`."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def logit_normal_sigmas(batch_size: int, generator: torch.Generator | None = None, mean: float = 0.0,
+                        std: float = 1.0, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training sigmas, one per row, as SD3 and FLUX train: s = sigmoid(n) with n ~ N(mean, std^2), then shifted.
+
+    Defaults: mean 0 and std 1 (the SD3 paper's logit-normal, and the defaults of diffusers' training scripts);
+    shift 1 (none): pass the model's scheduler `shift`. For one generator state the unshifted draws equal
+    `compute_density_for_timestep_sampling("logit_normal", ...)`. Unlike diffusers' scripts, which look s up in the
+    scheduler's 1000-entry table (`timesteps[int(u * 1000)]`: discretised, and mirrored to ~1 - u since the table
+    runs from noise to data), s is used as drawn, as in the paper."""
+    n = torch.normal(mean, std, size=(batch_size,), generator=generator, device=device)
+    return shift_sigmas(torch.sigmoid(n), shift)
+
+
+def flow_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The timestep SD3's transformer is called with for sigma s: s * num_train_timesteps (the scheduler config's;
+    diffusers' default 1000), as `FlowMatchEulerDiscreteScheduler.timesteps` holds it. FLUX's transformer multiplies
+    its timestep by 1000 itself, and diffusers' `FluxPipeline` passes it timestep / 1000, i.e. s."""
+    return sigmas * num_train_timesteps
+
+
+def flow_sde_transition(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, noise_level: float,
+                        sigma_below_one: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian N(mean, std^2 I) of one Flow-GRPO SDE step from `sample` at `sigma` to `sigma_next` (numbers,
+    or one per row), in fp32: (mean like `sample`, std 0-dim or (N, 1, ..., 1)). See the module docstring.
+
+    sigma_t = a sqrt(s / (1 - s)) is infinite at s = 1, where a schedule starts; there, as Flow-GRPO does, the
+    denominator takes `sigma_below_one`, the schedule's first sigma below 1 (`scheduler.sigmas[1]` after
+    `set_timesteps`); it is required only when some sigma is 1.
+    """
+    x, v = sample.float(), velocity.float()
+    s, s_next = _per_row(sigma, x), _per_row(sigma_next, x)
+    dt = s_next - s
+    if sigma_below_one is not None:
+        s_for_denominator = torch.where(s >= 1, float(sigma_below_one), s)
+    elif (s >= 1).any():
+        raise ValueError("a step from sigma = 1 needs sigma_below_one (the schedule's first sigma below 1)")
+    else:
+        s_for_denominator = s
+    std_t = noise_level * (s / (1 - s_for_denominator)).sqrt()
+    # x' = x + [v + sigma_t^2 / (2 s) (x + (1 - s) v)] dt: the term -sigma_t^2 / 2 * grad log p_s, written with the
+    # velocity (grad log p_s = -(x + (1 - s) v) / s on the rectified-flow path), keeps the ODE's marginals.
+    mean = x * (1 + std_t ** 2 * dt / (2 * s)) + v * (1 + std_t ** 2 * (1 - s) / (2 * s)) * dt
+    return mean, std_t * (-dt).sqrt()
+
+
+def flow_sde_step_with_logprob(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, noise_level: float,
+                               prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                               sigma_below_one: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step from `sample` at `sigma` to `sigma_next` (numbers, or one per row): (next sample, log_prob per row).
+
+    `prev_sample` given: its log-probability under this step (re-scoring a stored trajectory); otherwise it is drawn
+    as mean + std z with z = randn(generator). The step math runs in fp32; the next sample comes back in `sample`'s
+    dtype and its log-probability is that of the returned (rounded) tensor, so re-scoring it gives the same value.
+    `sigma_below_one`: see `flow_sde_transition`.
+
+    noise_level 0 is the ODE: the Euler step x + (s' - s) v, with one sigma for all rows equal bit for bit to
+    `FlowMatchEulerDiscreteScheduler.step` (which casts to the velocity's dtype; pipelines pass both in the latents'
+    dtype), with no density: log_prob is None.
+    """
+    if noise_level == 0:
+        if prev_sample is not None:
+            raise ValueError("a deterministic step (noise_level 0) has no density to re-score prev_sample with")
+        x = sample.float()
+        dt = _per_row(sigma_next, x) - _per_row(sigma, x)
+        # The scheduler's own expression, not an fp32 one: a 0-dim fp32 dt times a bf16 / fp16 velocity stays in
+        # the velocity's dtype (on CPU torch rounds dt to it first), then joins the fp32 sample. Sigmas one per row
+        # give an fp32 product instead.
+        return (x + dt * velocity).to(sample.dtype), None
+    mean, std = flow_sde_transition(velocity, sigma, sigma_next, sample, noise_level, sigma_below_one)
+    if prev_sample is None:
+        prev_sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+    prev_sample = prev_sample.to(sample.dtype)
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
