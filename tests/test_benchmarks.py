@@ -16,9 +16,10 @@ def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| sd")]
     # per architecture: LoRA and full, each plain and with cache + precomputed reference (bf16: fp16 needs CUDA),
-    # and both sharded (torchrun, one process on the CPU)
-    assert len(rows) == 12 and all("| yes |" in row for row in rows)
+    # both sharded with FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU)
+    assert len(rows) == 14 and all("| yes |" in row for row in rows)
     assert sum("cache + precomputed ref" in row for row in rows) == 4 and sum("fsdp2" in row for row in rows) == 4
+    assert sum("zero2" in row for row in rows) == 2
 
 
 def test_the_throughput_table(tmp_path):

@@ -1,8 +1,6 @@
-"""Text (and SDXL size) conditioning for the UNet.
-
-SD1.x / SD2.x: the last hidden state of the single CLIP text encoder.
-SDXL: the penultimate hidden states of both encoders concatenated on the feature axis, the pooled (projected)
-output of the second encoder, and per-sample `add_time_ids = [orig_h, orig_w, crop_top, crop_left, res, res]`.
+"""Text (and SDXL size) conditioning for the UNet: the text encoders' states (each family encodes prompts its own
+way: families/), and SDXL's per-sample `add_time_ids = [orig_h, orig_w, crop_top, crop_left, res, res]` beside the
+pooled embedding of its second encoder.
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from .families import Family, TextStates, get_family
 
 logger = logging.getLogger("diffusion_align")
 
@@ -49,37 +49,11 @@ class CaptionTruncation:
         self.count += len(long)
 
 
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
-
-
-@dataclass
-class TextStates:
-    """What the text encoders make of each prompt: the UNet's encoder_hidden_states and, for SDXL, the pooled
-    embedding of the second encoder. A latent cache stores these per text."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def __iter__(self):
-        return iter((self.hidden, self.pooled))
-
-
-@torch.no_grad()
-def encode_texts(family: str, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
-    """SD1.x / SD2.x: the single encoder's last hidden state. SDXL: both encoders' penultimate hidden states side by
-    side, and the projected pooled output of the second. The encoders run in their own dtype, outside any autocast."""
-    device = text_encoders[0].device
-    with torch.autocast(device.type, enabled=False):
-        if family != "sdxl":
-            return TextStates(text_encoders[0](_tokenize(tokenizers[0], prompts, device))[0])
-        states = []
-        for tokenizer, encoder in zip(tokenizers, text_encoders):
-            out = encoder(_tokenize(tokenizer, prompts, device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-    return TextStates(torch.cat(states, dim=-1), out.text_embeds)
+def encode_texts(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
+    """The text encoders' states for each prompt, as `family` (or the family of that name) encodes them: SD1.x /
+    SD2.x the single encoder's last hidden state; SDXL both encoders' penultimate hidden states side by side, and
+    the projected pooled output of the second. The encoders run in their own dtype, outside any autocast."""
+    return get_family(family).encode_texts(tokenizers, text_encoders, prompts)
 
 
 def conditioning(texts: TextStates, original_sizes: torch.Tensor | None = None,
@@ -93,7 +67,7 @@ def conditioning(texts: TextStates, original_sizes: torch.Tensor | None = None,
     return Conditioning(texts.hidden, {"text_embeds": texts.pooled, "time_ids": time_ids})
 
 
-def encode_prompts(family: str, tokenizers: list, text_encoders: list, prompts: list[str],
+def encode_prompts(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str],
                    original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
                    resolution: int | None = None) -> Conditioning:
     """Conditioning for one UNet row per prompt: `encode_texts`, then `conditioning`."""

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from ..config import load_config
 from ..files import folder_written_beside, list_checkpoints
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
-from .loading import base_pipeline, component_digest, detect_family, pipeline_index
+from .families import detect_family
+from .loading import base_pipeline, component_digest, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
 
 FORMATS = ("kohya", "diffusers", "merged")

@@ -21,11 +21,9 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from ..files import write_safetensors_atomic
+from .families import FAMILIES, Family, get_family
 
 KOHYA_WEIGHTS = "kohya_lora.safetensors"
-# family -> (ss_base_model_version, modelspec.architecture); SD2 768 v-prediction models get "-768-v"
-_VERSIONS = {"sd": ("sd_v1", "stable-diffusion-v1"), "sd2": ("sd_v2", "stable-diffusion-v2-512"),
-             "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base")}
 
 
 def adapter_scales(unet: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
@@ -93,13 +91,13 @@ def kohya_state_dict(peft_state: dict[str, torch.Tensor], scales: dict[str, floa
     return tensors
 
 
-def kohya_labels(family: str, prediction_type: str, title: str, method: str, base_unet: str) -> dict[str, str]:
+def kohya_labels(family: Family | str, prediction_type: str, title: str, method: str,
+                 base_unet: str) -> dict[str, str]:
     """The safetensors metadata (strings) that A1111, Forge and ComfyUI read to class a LoRA, plus what trained it
     and on which UNet (`base_unet`: a digest of its weight files)."""
-    version, architecture = _VERSIONS[family]
-    if family == "sd2" and prediction_type == "v_prediction":
-        architecture = "stable-diffusion-v2-768-v"
-    return {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(family == "sd2"),
+    version, architecture = get_family(family).kohya_base(prediction_type)
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": version,
+            "ss_v2": str(version == FAMILIES["sd2"].kohya_version),
             "ss_v_parameterization": str(prediction_type == "v_prediction"),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": title,
@@ -111,7 +109,7 @@ def write_kohya_lora(unet: torch.nn.Module, path: Path, labels: dict[str, str], 
     """Write `unet`'s adapter as a kohya file. `ss_network_dim` / `ss_network_alpha` are the most common rank and
     alpha (the per-module `.alpha` tensors are what the loaders apply). An SDXL file (by `labels`) gets
     sd-scripts' SDXL module names: sd-scripts trains SD1/SD2 on a diffusers-named UNet, SDXL on its SGM one."""
-    sdxl = labels["ss_base_model_version"] == _VERSIONS["sdxl"][0]
+    sdxl = labels["ss_base_model_version"] == FAMILIES["sdxl"].kohya_version
     tensors = kohya_state_dict(get_peft_model_state_dict(unet, adapter_name=adapter), adapter_scales(unet, adapter),
                                dtype, unet.config if sdxl else None)
     ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))

@@ -1,7 +1,8 @@
 """Load the pieces of an SD1.x / SD2.x / SDXL diffusers pipeline for training.
 
-Works with a hub id or a local diffusers folder (anything with a `model_index.json`). The family decides the
-conditioning: "sd" and "sd2" use one CLIP text encoder, "sdxl" two plus size/crop micro-conditioning.
+Works with a hub id or a local diffusers folder (anything with a `model_index.json`). Its family (families/,
+detected from the folder) decides the text encoders and the conditioning: "sd" and "sd2" use one CLIP text encoder,
+"sdxl" two plus size/crop micro-conditioning.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from huggingface_hub import snapshot_download
 
 from ..files import hub_load_error, looks_like_hub_id
+from .families import Family, detect_family
 
 logger = logging.getLogger(__name__)
-
-FAMILIES = ("sd", "sd2", "sdxl")
 
 
 @dataclass
 class DiffusionComponents:
-    family: str
+    family: Family
     unet: UNet2DConditionModel | None  # None when loaded without it (building a latent cache)
     vae: AutoencoderKL | None  # None, with no text encoders or tokenizers, when loaded for a latent cache
     text_encoders: list[torch.nn.Module]
@@ -143,17 +143,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def detect_family(index: dict, unet_config: dict) -> str:
-    """sdxl if the pipeline has a second text encoder; sd2 if the UNet has SD2's linear attention projections or
-    attends to 1024-d text (OpenCLIP-H); sd (1.x) otherwise."""
-    if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
-        if not index.get("text_encoder") or index["text_encoder"][0] is None:
-            raise ValueError("SDXL refiner checkpoints (no first text encoder) are not supported; use the SDXL base")
-        return "sdxl"
-    sd2 = unet_config.get("use_linear_projection", False) or unet_config["cross_attention_dim"] == 1024
-    return "sd2" if sd2 else "sd"
-
-
 def load_vae(vae: str) -> AutoencoderKL:
     """model.vae: a replacement VAE (a folder with config.json and weights, or a hub id)."""
     return _from_folder_or_hub(vae, "model.vae", "config.json", "AutoencoderKL",
@@ -184,8 +173,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         unet_model, unet_config = None, UNet2DConditionModel.load_config(pretrained, subfolder="unet", **kw)
     family = detect_family(index, unet_config)
     text_encoders, tokenizers, vae_model = [], [], None
-    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    for name in names if encoders else []:
+    for name in family.text_encoders if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
         tokenizer_name = name.replace("text_encoder", "tokenizer")

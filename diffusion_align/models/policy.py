@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+import diffusers
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -25,20 +26,21 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..files import usual_permissions
+from .families import Family, get_family
 from .kohya import KOHYA_WEIGHTS, write_kohya_lora
 from .loading import place
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def write_diffusers_lora(unet: UNet2DConditionModel, family: str, path: Path, adapter: str = "default",
+def write_diffusers_lora(unet: UNet2DConditionModel, family: Family | str, path: Path, adapter: str = "default",
                          dtype: torch.dtype | None = None) -> None:
     """Write `unet`'s adapter as the file `pipeline.load_lora_weights` reads, with its settings (lora_alpha, rank
     and alpha patterns, rsLoRA, target modules) so that the trained scale is restored. Written beside `path`, then
     renamed into place."""
     state = get_peft_model_state_dict(unet, adapter_name=adapter)
     state = {k: v.detach().to(dtype or v.dtype) for k, v in state.items()}
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = getattr(diffusers, get_family(family).lora_pipeline)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -59,7 +61,7 @@ def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
 
 class Policy:
     def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
-                 lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: str = "sd",
+                 lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: Family | str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
                  frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None):
         self.unet = unet

@@ -13,13 +13,14 @@ import torch
 
 from ..data.cache import LatentCache
 from ..models.conditioning import CaptionTruncation, Conditioning, TextStates, conditioning, encode_texts
+from ..models.families import Family
 from .likelihood import PairDraws, Posteriors, encode_posteriors
 from .methods import Method
 
 
 @dataclass
 class PairInputs:
-    family: str
+    family: Family
     method: Method
     seed: int
     prompt_dropout: float

@@ -45,7 +45,7 @@ _BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 @dataclasses.dataclass
 class ModelCounts:
     """Parameter counts of a pipeline, from its configs alone."""
-    family: str
+    family: str  # the family's name
     unet: int
     lora: int            # adapter parameters at the config's rank and target modules (0 for a full fine-tune)
     adafactor_state: int  # Adafactor's factored second moment for the trainable parameters
@@ -61,7 +61,8 @@ def count_models(cfg: Config) -> ModelCounts:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ..models.loading import detect_family, pipeline_index
+    from ..models.families import detect_family
+    from ..models.loading import pipeline_index
     from ..models.policy import lora_config
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
@@ -72,7 +73,7 @@ def count_models(cfg: Config) -> ModelCounts:
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
             m.pretrained, subfolder="vae", revision=m.revision))
         encoders = []
-        for name in ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",):
+        for name in family.text_encoders:
             config = transformers.AutoConfig.from_pretrained(m.pretrained, subfolder=name, revision=m.revision)
             encoders.append(getattr(transformers, index[name][1])(config))
     unet_params = _numel(unet)
@@ -84,7 +85,7 @@ def count_models(cfg: Config) -> ModelCounts:
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     activations = {"plain": _saved_bytes(unet, unet_config, rows, latent, False),
                    "checkpointed": _saved_bytes(unet, unet_config, rows, latent, True)}
-    return ModelCounts(family, unet_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
+    return ModelCounts(family.name, unet_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), _numel(vae),
                        sum(_numel(e) for e in encoders), activations)
 

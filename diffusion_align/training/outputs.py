@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config, config_to_yaml
 from ..files import folder_written_beside, write_text_atomic
+from ..models.families import Family
 from ..models.kohya import KOHYA_WEIGHTS
 from ..models.loading import base_pipeline
 from ..models.policy import LORA_WEIGHTS
@@ -42,7 +43,7 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary: dict) -> Path:
+def save_final(cfg: Config, policy, unet, output_dir: Path, family: Family, summary: dict) -> Path:
     """Write `<output_dir>/final`: LoRA weights for `pipeline.load_lora_weights`, or a full pipeline for
     `DiffusionPipeline.from_pretrained`, plus the resolved config and a model card."""
     final = output_dir / "final"
@@ -59,7 +60,7 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: str, summary
     return final
 
 
-def model_card(cfg: Config, family: str, summary: dict) -> str:
+def model_card(cfg: Config, family: Family, summary: dict) -> str:
     kind = f"LoRA (rank {cfg.model.lora_rank})" if cfg.model.lora_rank is not None else "full UNet fine-tune"
     if cfg.model.lora_rank is not None:
         usage = (f'pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")\n'

@@ -22,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ..models.conditioning import Conditioning, encode_prompts
+from ..models.families import Family, get_family
 from .likelihood import abar_at
 
 
@@ -95,14 +96,14 @@ class Trajectory:
         return torch.stack([self.latents[s][r] for s, r in zip(step.tolist(), rows.tolist())])
 
 
-def zeros_for_empty_prompt(family: str, index: dict) -> bool:
+def zeros_for_empty_prompt(family: Family | str, index: dict) -> bool:
     """Whether the pipeline guides against zero text embeddings rather than the encoded "": SDXL pipelines do when
     their `force_zeros_for_empty_prompt` (model_index.json; true in SDXL base 1.0, and the pipeline's default when
     the key is absent) is set and no negative prompt is given. SD1.x / SD2.x pipelines always encode ""."""
-    return family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
+    return get_family(family).zeros_for_empty_prompt(index)
 
 
-def group_conditioning(family: str, tokenizers: list, text_encoders: list, prompts: list[str], group_size: int,
+def group_conditioning(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str], group_size: int,
                        resolution: int, zero_uncond: bool = False) -> tuple[Conditioning, Conditioning]:
     """(conditional, unconditional) rows for `group_size` images of each prompt, rows [p1 x G, p2 x G, ...]: each
     prompt encoded once, the empty prompt once. SDXL is conditioned on its full-resolution, uncropped size.

@@ -111,8 +111,8 @@ def train(cfg: Config) -> TrainResult:
     convert_units = parts.prediction_type == "v_prediction" and cfg.method.v_prediction_errors == "epsilon"
     inversion_steps = 0
     if method.inversion:
-        default = 10 if parts.family == "sdxl" else 5
-        inversion_steps = default if cfg.method.inversion_steps is None else cfg.method.inversion_steps
+        inversion_steps = (parts.family.inversion_steps if cfg.method.inversion_steps is None
+                           else cfg.method.inversion_steps)
 
     # randomness: each pair's draws are seeded by (seed, epoch, pair), so a resumed run needs only its place
     inputs = pair_inputs(parts, models.frozen_dtype)

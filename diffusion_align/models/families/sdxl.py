@@ -1,0 +1,38 @@
+"""SDXL: two CLIP text encoders, whose penultimate hidden states the UNet attends to side by side, plus the second
+encoder's projected pooled output and size/crop micro-conditioning (`conditioning.conditioning`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family, TextStates, tokenize
+
+
+class SDXL(Family):
+    name = "sdxl"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    lora_pipeline = "StableDiffusionXLPipeline"
+    kohya_version, kohya_architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    inversion_steps = 10  # SmPO's SDXL setting
+
+    def matches(self, index: dict, unet_config: dict) -> bool:
+        if not (index.get("text_encoder_2") and index["text_encoder_2"][0] is not None):
+            return False
+        if not index.get("text_encoder") or index["text_encoder"][0] is None:
+            raise ValueError("SDXL refiner checkpoints (no first text encoder) are not supported; use the SDXL base")
+        return True
+
+    @torch.no_grad()
+    def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
+        device = text_encoders[0].device
+        with torch.autocast(device.type, enabled=False):
+            states = []
+            for tokenizer, encoder in zip(tokenizers, text_encoders):
+                out = encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
+                states.append(out.hidden_states[-2])
+        return TextStates(torch.cat(states, dim=-1), out.text_embeds)
+
+    def zeros_for_empty_prompt(self, index: dict) -> bool:
+        # SDXL pipelines do when their `force_zeros_for_empty_prompt` is set (true in SDXL base 1.0, and the
+        # pipeline's default when the key is absent) and no negative prompt is given
+        return bool(index.get("force_zeros_for_empty_prompt", True))

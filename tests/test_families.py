@@ -1,0 +1,41 @@
+"""The model-family layer: each tiny pipeline is recognised as its family from its folder alone, a family is
+selected by its name everywhere a name is given, and what cannot be trained is refused with the reason."""
+
+import json
+from pathlib import Path
+
+import pytest
+from diffusers import UNet2DConditionModel
+
+from diffusion_align.models.families import FAMILIES, detect_family, get_family
+
+
+def folder_configs(folder: str) -> tuple[dict, dict]:
+    return (json.loads((Path(folder) / "model_index.json").read_text()),
+            UNet2DConditionModel.load_config(folder, subfolder="unet"))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_is_detected_from_its_pipeline_folder(tiny_models, name):
+    index, unet_config = folder_configs(tiny_models[name])
+    family = detect_family(index, unet_config)
+    assert family is FAMILIES[name] and family == name and str(family) == name
+    # the text encoders it names are the pipeline's, in the order the UNet reads their states
+    assert [c for c in index if c.startswith("text_encoder")] == list(family.text_encoders)
+    assert {get_family(name), get_family(family)} == {family}  # selected by its name or itself; hashed by name
+
+
+def test_an_sdxl_refiner_and_an_unknown_name_are_refused(tiny_models):
+    index, unet_config = folder_configs(tiny_models["sdxl"])
+    with pytest.raises(ValueError, match="SDXL refiner checkpoints .* not supported; use the SDXL base"):
+        detect_family({**index, "text_encoder": [None, None]}, unet_config)
+    with pytest.raises(ValueError, match="unknown model family 'sd3'; expected one of sdxl, sd2, sd"):
+        get_family("sd3")
+
+
+def test_sd2_is_told_from_sd1_by_its_unet():
+    """SD2's UNet attends to 1024-d text (OpenCLIP-H) or has linear projections; SD1.x's 768-d without."""
+    index = {"text_encoder": ["transformers", "CLIPTextModel"]}
+    assert detect_family(index, {"cross_attention_dim": 768}) == "sd"
+    assert detect_family(index, {"cross_attention_dim": 1024}) == "sd2"
+    assert detect_family(index, {"cross_attention_dim": 768, "use_linear_projection": True}) == "sd2"
