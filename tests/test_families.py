@@ -15,7 +15,7 @@ def folder_configs(folder: str) -> tuple[dict, dict]:
             UNet2DConditionModel.load_config(folder, subfolder="unet"))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", ["sd", "sd2", "sdxl"])  # the flow families: test_flow_families.py
 def test_each_family_is_detected_from_its_pipeline_folder(tiny_models, name):
     index, unet_config = folder_configs(tiny_models[name])
     family = detect_family(index, unet_config)
@@ -29,8 +29,23 @@ def test_an_sdxl_refiner_and_an_unknown_name_are_refused(tiny_models):
     index, unet_config = folder_configs(tiny_models["sdxl"])
     with pytest.raises(ValueError, match="SDXL refiner checkpoints .* not supported; use the SDXL base"):
         detect_family({**index, "text_encoder": [None, None]}, unet_config)
-    with pytest.raises(ValueError, match="unknown model family 'sd3'; expected one of sdxl, sd2, sd"):
-        get_family("sd3")
+    with pytest.raises(ValueError, match="unknown model family 'sd4'; expected one of sd3, flux, sdxl, sd2, sd"):
+        get_family("sd4")
+    pixart = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    with pytest.raises(ValueError, match=r"a PixArtAlphaPipeline with a transformer \(PixArtTransformer2DModel\) is "
+                                         "of no model family diffusion-align knows"):
+        detect_family(pixart, {})
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_flow_pipeline_is_recognised_and_refused_for_training_in_one_line(tmp_path, name):
+    from diffusion_align.config import ConfigError
+    from diffusion_align.models.loading import load_components
+    from diffusion_align.models.tiny_flow import save_tiny_flow_pipeline
+    folder = save_tiny_flow_pipeline(tmp_path / name, name)
+    with pytest.raises(ConfigError, match=f"is a {name} pipeline \\(a flow-matching transformer\\): diffusion-align "
+                                          "recognises it"):
+        load_components(str(folder))
 
 
 def test_sd2_is_told_from_sd1_by_its_unet():

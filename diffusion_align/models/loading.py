@@ -22,8 +22,9 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 
+from ..config import ConfigError
 from ..files import hub_load_error, looks_like_hub_id
-from .families import Family, detect_family
+from .families import Family, denoiser_component, detect_family
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,18 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unet_family(pretrained: str, index: dict, revision: str | None = None) -> tuple[Family, dict]:
+    """The family of pipeline `pretrained` (`index`: its model_index.json) and its UNet's config. A flow-matching
+    transformer's pipeline (SD3, FLUX) is recognised, and refused in one line: it is not trained yet."""
+    config = UNet2DConditionModel.load_config(pretrained, subfolder=denoiser_component(index), revision=revision)
+    family = detect_family(index, config)
+    if family.denoiser != "unet":
+        raise ConfigError(f"{pretrained} is a {family} pipeline (a flow-matching {family.denoiser}): diffusion-align "
+                          f"recognises it and encodes its prompts, but trains the UNet families (sd, sd2, sdxl) only "
+                          "so far")
+    return family, config
+
+
 def load_vae(vae: str) -> AutoencoderKL:
     """model.vae: a replacement VAE (a folder with config.json and weights, or a hub id)."""
     return _from_folder_or_hub(vae, "model.vae", "config.json", "AutoencoderKL",
@@ -166,12 +179,9 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     no UNet weights (building one): its config alone says the family."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
-    if unet:
-        unet_model = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
-        unet_config = unet_model.config
-    else:
-        unet_model, unet_config = None, UNet2DConditionModel.load_config(pretrained, subfolder="unet", **kw)
-    family = detect_family(index, unet_config)
+    family, _ = unet_family(pretrained, index, revision)
+    unet_model = (UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw) if unet
+                  else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection

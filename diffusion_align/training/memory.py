@@ -61,13 +61,11 @@ def count_models(cfg: Config) -> ModelCounts:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ..models.families import detect_family
-    from ..models.loading import pipeline_index
+    from ..models.loading import pipeline_index, unet_family
     from ..models.policy import lora_config
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
-    unet_config = UNet2DConditionModel.load_config(m.pretrained, subfolder="unet", revision=m.revision)
-    family = detect_family(index, unet_config)
+    family, unet_config = unet_family(m.pretrained, index, m.revision)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(

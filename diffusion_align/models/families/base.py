@@ -20,10 +20,11 @@ class TextStates:
         return iter((self.hidden, self.pooled))
 
 
-def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    """Token ids padded (and cut) to the tokenizer's `model_max_length`, as every SD training script tokenizes."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded (and cut) to `max_length`, by default the tokenizer's `model_max_length`, as every SD
+    training script and pipeline tokenizes (T5's length is the pipeline's `max_sequence_length`)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
     return ids.to(device)
 
 
@@ -33,6 +34,7 @@ class Family(ABC):
     family compares equal to its name, so a name given in a config, on the command line or in a test selects it."""
 
     name: str
+    denoiser: str                   # the pipeline component that denoises: "unet", or "transformer" (SD3, FLUX)
     text_encoders: tuple[str, ...]  # the pipeline's text-encoder components, in encoding order
     lora_pipeline: str              # the diffusers pipeline whose `save_lora_weights` writes its LoRA files
     kohya_version: str              # kohya's `ss_base_model_version`, which A1111, Forge and ComfyUI read
@@ -41,8 +43,8 @@ class Family(ABC):
 
     @abstractmethod
     def matches(self, index: dict, unet_config: dict) -> bool:
-        """Whether a pipeline (its model_index.json and denoiser config) is of this family; asked in
-        `FAMILIES` order."""
+        """Whether a pipeline (its model_index.json and its denoiser's config) is of this family; asked in
+        `FAMILIES` order, of the families whose denoiser the pipeline has."""
 
     @abstractmethod
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:

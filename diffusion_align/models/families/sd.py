@@ -10,6 +10,7 @@ from .base import Family, TextStates, tokenize
 
 class SD(Family):
     name = "sd"
+    denoiser = "unet"
     text_encoders = ("text_encoder",)
     lora_pipeline = "StableDiffusionPipeline"
     kohya_version, kohya_architecture = "sd_v1", "stable-diffusion-v1"

@@ -10,6 +10,7 @@ from .base import Family, TextStates, tokenize
 
 class SDXL(Family):
     name = "sdxl"
+    denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_pipeline = "StableDiffusionXLPipeline"
     kohya_version, kohya_architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"

@@ -1,0 +1,154 @@
+"""The flow-matching families against the real pipelines: tiny SD3 and FLUX.1-dev folders (tiny_flow.py) load
+with `DiffusionPipeline.from_pretrained`, each family recognises its own folder only, and its prompt encoding is
+the pipeline's `encode_prompt`, bit for bit, in the shapes the transformer reads."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from transformers import T5Tokenizer
+
+from diffusion_align.models.families.flux import Flux
+from diffusion_align.models.families.sd3 import SD3
+from diffusion_align.models.tiny import save_tiny_pipeline
+from diffusion_align.models.tiny_flow import save_tiny_flow_pipeline, t5_tokenizer
+
+PROMPTS = [
+    "a red circle on a white background",
+    "",
+    "Hello, World!! café 東京 -- 3.14",
+    " ".join(["a very long prompt about a red circle"] * 20),  # past CLIP's 77 tokens and T5's 256 and 512
+]
+FAMILY = {"sd3": SD3(), "flux": Flux()}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow-models")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    paths = {family: save_tiny_flow_pipeline(root / family, family) for family in FAMILY}
+    assert torch.equal(torch.rand(3), expected)  # built from a private RNG: the caller's stream is untouched
+    return paths | {"sdxl": save_tiny_pipeline(root / "sdxl", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def pipelines(folders):
+    return {family: DiffusionPipeline.from_pretrained(folders[family]) for family in FAMILY}
+
+
+def folder_configs(folder: Path) -> tuple[dict, dict]:
+    """model_index.json and the denoiser's config (transformer or UNet), what `Family.matches` reads."""
+    denoiser = "transformer" if (folder / "transformer").is_dir() else "unet"
+    return (json.loads((folder / "model_index.json").read_text()),
+            json.loads((folder / denoiser / "config.json").read_text()))
+
+
+def parts(pipe, family):
+    """The pipeline's tokenizers and text encoders in the family's encoding order."""
+    names = family.text_encoders
+    return ([getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names], [getattr(pipe, n) for n in names])
+
+
+def test_each_family_matches_its_folder_only(folders):
+    for name, family in FAMILY.items():
+        for folder_name, folder in folders.items():
+            assert family.matches(*folder_configs(folder)) == (folder_name == name), (name, folder_name)
+
+
+def test_pipelines_load_as_saved(pipelines):
+    sd3, flux = pipelines["sd3"], pipelines["flux"]
+    assert type(sd3) is StableDiffusion3Pipeline and type(flux) is FluxPipeline
+    assert sd3.scheduler.config.shift == 3.0 and not sd3.scheduler.config.use_dynamic_shifting
+    assert flux.scheduler.config.use_dynamic_shifting and flux.transformer.config.guidance_embeds
+    assert (flux.scheduler.config.base_shift, flux.scheduler.config.max_shift) == (0.5, 1.15)
+    assert (flux.scheduler.config.base_image_seq_len, flux.scheduler.config.max_image_seq_len) == (256, 4096)
+    for pipe in (sd3, flux):
+        assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor
+    # distinct widths everywhere, so that a mixed-up encoder or state fails with a shape error
+    sd3_widths = [sd3.text_encoder.config.hidden_size, sd3.text_encoder.config.projection_dim,
+                  sd3.text_encoder_2.config.hidden_size, sd3.text_encoder_2.config.projection_dim,
+                  sd3.text_encoder_3.config.d_model, sd3.transformer.inner_dim]
+    flux_widths = [flux.text_encoder.config.hidden_size, flux.text_encoder_2.config.d_model, flux.transformer.inner_dim]
+    assert len(set(sd3_widths)) == len(sd3_widths) and len(set(flux_widths)) == len(flux_widths)
+
+
+def test_t5_tokenizer_round_trips_through_the_pipeline_folder(pipelines):
+    built = t5_tokenizer()
+    for loaded in (pipelines["sd3"].tokenizer_3, pipelines["flux"].tokenizer_2):
+        assert isinstance(loaded, T5Tokenizer) and len(loaded) == len(built)
+        assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2)  # T5's ids
+        for prompt in PROMPTS:
+            plain = built(prompt).input_ids
+            assert plain[-1] == 1  # "</s>" appended
+            padded = loaded(prompt, padding="max_length", max_length=len(plain) + 3).input_ids
+            assert padded == plain + [0] * 3  # padded with "<pad>"
+        cut = loaded(PROMPTS[-1], padding="max_length", max_length=SD3.max_sequence_length, truncation=True)
+        assert len(cut.input_ids) == SD3.max_sequence_length and cut.input_ids[-1] == 1  # "</s>" kept when cut
+    assert len(built(PROMPTS[-1]).input_ids) > Flux.max_sequence_length > SD3.max_sequence_length  # both truncate
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_encode_texts_is_the_pipelines_encode_prompt(pipelines, name):
+    """Against `encode_prompt` under no_grad, as the pipelines' `__call__` runs it: with grad enabled the same T5
+    (SDPA attention, on CPU) gives states that differ in the last bits (about 4e-6)."""
+    pipe, family = pipelines[name], FAMILY[name]
+    tokenizers, encoders = parts(pipe, family)
+    # the family's encoding runs outside any autocast: an enclosing bf16 autocast changes nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, pooled = family.encode_texts(tokenizers, encoders, PROMPTS)
+    if name == "sd3":
+        with torch.no_grad():
+            expected_hidden, _, expected_pooled, _ = pipe.encode_prompt(PROMPTS, None, None,
+                                                                        do_classifier_free_guidance=False)
+        config = pipe.transformer.config
+        assert hidden.shape == (len(PROMPTS), 77 + family.max_sequence_length, config.joint_attention_dim)
+        clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+        assert clip_width < config.joint_attention_dim and not hidden[:, :77, clip_width:].any()  # zero padding
+    else:
+        with torch.no_grad():
+            expected_hidden, expected_pooled, text_ids = pipe.encode_prompt(PROMPTS, None)
+        config = pipe.transformer.config
+        assert hidden.shape == (len(PROMPTS), family.max_sequence_length, config.joint_attention_dim)
+        assert text_ids.shape == (family.max_sequence_length, 3) and not text_ids.any()
+    assert pooled.shape == (len(PROMPTS), config.pooled_projection_dim)
+    assert hidden.dtype == pooled.dtype == torch.float32 and not hidden.requires_grad
+    assert torch.equal(hidden, expected_hidden) and torch.equal(pooled, expected_pooled)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_generation_from_the_familys_states(pipelines, name):
+    """A 2-step 32 px generation runs and gives finite images; fed the family's states instead of the prompts
+    (without CFG: SD3 at guidance 1; FLUX-dev's guidance is an input, not CFG) it gives the same images."""
+    pipe, family = pipelines[name], FAMILY[name]
+    prompts = PROMPTS[:2]
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np",
+                  **({"guidance_scale": 1.0} if name == "sd3" else {}))
+    images = pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0
+    hidden, pooled = family.encode_texts(*parts(pipe, family), prompts)
+    again = pipe(prompt_embeds=hidden, pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(0),
+                 **kwargs).images
+    assert np.array_equal(images, again)
+    if name == "sd3":  # and with CFG, the pipeline's default
+        cfg = pipe(prompts, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+        assert cfg.images.shape == (2, 32, 32, 3) and np.isfinite(cfg.images).all()
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_kohya_files_and_inversion_are_refused_with_the_reason(name):
+    family = FAMILY[name]
+    with pytest.raises(NotImplementedError, match="kohya-format LoRA files are not written"):
+        family.kohya_base("flow_prediction")
+    with pytest.raises(NotImplementedError, match="no flow-matching setting is published"):
+        family.inversion_steps
+    assert family.lora_pipeline == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+
+
+def test_unknown_flow_family(tmp_path):
+    with pytest.raises(ValueError, match="unknown flow-matching family 'sdxl'"):
+        save_tiny_flow_pipeline(tmp_path, "sdxl")
