@@ -151,7 +151,7 @@ def unet_family(pretrained: str, index: dict, revision: str | None = None) -> tu
     family = detect_family(index, config)
     if family.denoiser != "unet":
         raise ConfigError(f"{pretrained} is a {family} pipeline (a flow-matching {family.denoiser}): diffusion-align "
-                          f"recognises it and encodes its prompts, but trains the UNet families (sd, sd2, sdxl) only "
+                          "recognises it and encodes its prompts, but trains the UNet families (sd, sd2, sdxl) only "
                           "so far")
     return family, config
 
