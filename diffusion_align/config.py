@@ -83,7 +83,9 @@ class ModelConfig:
                                        choices=("epsilon", "v_prediction"))
     lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.", within="[1, inf)")
     lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).", within="(0, inf)")
-    lora_target_modules: list[str] = _key(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+    lora_target_modules: list[str] | None = _key(None, "Denoiser modules that get LoRA adapters; null = the family's "
+                                                       "(UNets: to_q, to_k, to_v, to_out.0; SD3 and FLUX: those "
+                                                       "of diffusers' LoRA scripts).")
     ref_offload: bool = _key(False, "Full fine-tune only: keep the frozen reference UNet on the CPU and stream its "
                                     "layers to the GPU when needed (saves memory, costs speed).")
     gradient_checkpointing: bool = _key(False, "Recompute UNet activations in the backward pass to save memory.")

@@ -29,3 +29,11 @@ def tiny_models(tmp_path_factory):
 def tiny_pairs(tmp_path_factory):
     from diffusion_align.models.tiny import write_tiny_pairs
     return write_tiny_pairs(tmp_path_factory.mktemp("tiny-pairs") / "pairs.parquet", num_pairs=16, resolution=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_models(tmp_path_factory):
+    """Tiny random SD3 (SD3.5-medium layout) and FLUX.1-dev pipelines, saved as diffusers folders."""
+    from diffusion_align.models.tiny_flow import FLOW_FAMILIES, save_tiny_flow_pipeline
+    root = tmp_path_factory.mktemp("tiny-flow-models")
+    return {family: save_tiny_flow_pipeline(root / family, family) for family in FLOW_FAMILIES}

@@ -1,6 +1,7 @@
 """Run by test_sharding.py under torchrun: several training runs one after another in the same processes. For each,
-per rank, what every UNet call received (its noised latents, timesteps and conditioning, summed per row), for the
-test to compare a sharded run with a data-parallel one (and their final models).
+per rank, what every denoiser call (UNet, SD3 or FLUX transformer) received (its noised latents, timesteps and
+conditioning, summed per row), for the test to compare a sharded run with a data-parallel one (and their final
+models).
 
     sharding_worker.py SPEC.json OUT_DIR     SPEC: [{"name": ..., "config": path, "overrides": [...]}, ...]
 """
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from diffusion_align.config import load_config
 from diffusion_align.training import trainer
@@ -21,23 +22,30 @@ from diffusion_align.training import trainer
 
 @contextmanager
 def recording_unet_inputs(into: list):
-    """Append, per UNet call, its inputs reduced to per-row sums (float64): enough to tell rows, timesteps and
-    conditioning apart, small enough to compare whole runs. The class's forward is wrapped, so the call is seen
-    however the UNet is wrapped or sharded."""
-    forward = UNet2DConditionModel.forward
-    names = list(inspect.signature(forward).parameters)[1:4]  # sample, timestep, encoder_hidden_states
+    """Append, per denoiser call, its inputs reduced to per-row sums (float64): enough to tell rows, timesteps and
+    conditioning apart, small enough to compare whole runs. The classes' forwards are wrapped, so the call is seen
+    however the denoiser is wrapped or sharded."""
+    originals = {cls: cls.forward for cls in (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)}
 
-    def recorded(self, *args, **kwargs):
-        sample, timestep, cond = (list(args) + [kwargs.get(n) for n in names[len(args):]])[:3]
-        into.append({"sample": sample.detach().double().flatten(1).sum(1).tolist(),
-                     "timesteps": torch.as_tensor(timestep).expand(sample.shape[0]).tolist(),
-                     "cond": cond.detach().double().flatten(1).sum(1).tolist()})
-        return forward(self, *args, **kwargs)
-    UNet2DConditionModel.forward = recorded
+    def recording(forward):
+        names = list(inspect.signature(forward).parameters)[1:]
+
+        def recorded(self, *args, **kwargs):
+            given = {**dict(zip(names, args)), **kwargs}
+            sample = given.get("sample", given.get("hidden_states"))
+            timestep, cond = given.get("timestep"), given["encoder_hidden_states"]
+            into.append({"sample": sample.detach().double().flatten(1).sum(1).tolist(),
+                         "timesteps": torch.as_tensor(timestep).expand(sample.shape[0]).tolist(),
+                         "cond": cond.detach().double().flatten(1).sum(1).tolist()})
+            return forward(self, *args, **kwargs)
+        return recorded
+    for cls, forward in originals.items():
+        cls.forward = recording(forward)
     try:
         yield
     finally:
-        UNet2DConditionModel.forward = forward
+        for cls, forward in originals.items():
+            cls.forward = forward
 
 
 if __name__ == "__main__":

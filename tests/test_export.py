@@ -155,3 +155,33 @@ def test_the_command_line_offers_every_format_and_dtype():
     export_parser = parser._subparsers._group_actions[0].choices["export"]
     choices = {a.dest: a.choices for a in export_parser._actions if a.choices}
     assert tuple(choices["format"]) == FORMATS and set(choices["dtype"]) == set(DTYPES)
+
+
+@pytest.fixture(scope="module")
+def flux_lora_run(tmp_path_factory, tiny_flow_models, tiny_pairs):
+    from test_train import run
+    return run(tmp_path_factory.mktemp("flux-lora"), tiny_flow_models["flux"], tiny_pairs, "train.lr=3e-2")
+
+
+def test_a_flux_lora_exports_as_diffusers_and_merged_and_is_refused_as_kohya(tmp_path, tiny_models, flux_lora_run,
+                                                                           capsys):
+    """The transformer families' LoRA: the diffusers file (`transformer.` keys, cast) and the merged pipeline, whose
+    transformer computes what the trained one does; kohya's layout and a UNet base are refused in one line."""
+    from test_flow_train import probe
+    run_dir = flux_lora_run.final_dir.parent
+    export(run_dir, "--format", "diffusers", "--dtype", "bf16", "--out", tmp_path / "lora")
+    tensors = load_file(tmp_path / "lora" / LORA_WEIGHTS)
+    assert tensors and all(k.startswith("transformer.") and v.dtype == torch.bfloat16 for k, v in tensors.items())
+    export(run_dir, "--format", "merged", "--out", tmp_path / "merged")
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.transformer.named_parameters())
+    assert torch.allclose(probe(merged.transformer, "flux"), probe(flux_lora_run.unet, "flux"), atol=1e-4)
+    for args, message in (
+            (["--format", "kohya", "--out", tmp_path / "k.safetensors"],
+             "no kohya-layout file is written for flux LoRAs; ComfyUI loads the diffusers file"),
+            (["--format", "merged", "--base", tiny_models["sd"], "--out", tmp_path / "wrong"],
+             f"holds a trained transformer, but --base {tiny_models['sd']} is a sd pipeline, whose denoiser is a "
+             "unet")):
+        with pytest.raises(SystemExit) as exit_info:
+            export(run_dir, *args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The model-family layer: each tiny pipeline is recognised as its family from its folder alone, a family is
-selected by its name everywhere a name is given, and what cannot be trained is refused with the reason."""
+"""The model-family layer: each tiny pipeline is recognised as its family from its folder alone and loads with its
+denoiser and training scheduler, a family is selected by its name everywhere a name is given, and what cannot be
+trained is refused with the reason."""
 
 import json
 from pathlib import Path
@@ -37,15 +38,15 @@ def test_an_sdxl_refiner_and_an_unknown_name_are_refused(tiny_models):
         detect_family(pixart, {})
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_a_flow_pipeline_is_recognised_and_refused_for_training_in_one_line(tmp_path, name):
-    from diffusion_align.config import ConfigError
+@pytest.mark.parametrize("name, transformer", [("sd3", "SD3Transformer2DModel"), ("flux", "FluxTransformer2DModel")])
+def test_a_flow_pipeline_loads_with_its_transformer_and_flow_scheduler(tiny_flow_models, name, transformer):
     from diffusion_align.models.loading import load_components
-    from diffusion_align.models.tiny_flow import save_tiny_flow_pipeline
-    folder = save_tiny_flow_pipeline(tmp_path / name, name)
-    with pytest.raises(ConfigError, match=f"is a {name} pipeline \\(a flow-matching transformer\\): diffusion-align "
-                                          "recognises it"):
-        load_components(str(folder))
+    parts = load_components(str(tiny_flow_models[name]))
+    assert parts.family is FAMILIES[name] and type(parts.unet).__name__ == transformer
+    assert type(parts.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and parts.prediction_type == "flow"
+    assert len(parts.text_encoders) == len(parts.tokenizers) == len(FAMILIES[name].text_encoders)
+    assert parts.guidance == (3.5 if name == "flux" else None)  # the tiny FLUX is FLUX.1-dev-like: guidance_embeds
+    assert all(not p.requires_grad for m in parts.frozen for p in m.parameters())
 
 
 def test_sd2_is_told_from_sd1_by_its_unet():

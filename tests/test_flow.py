@@ -9,8 +9,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from diffusion_align.training.flow import (flow_noise, flow_sde_step_with_logprob, flow_sde_transition,
-                                           flow_timesteps, logit_normal_sigmas, shift_sigmas)
+from diffusion_align.training.flow import (FlowNoising, flow_noise, flow_sde_step_with_logprob, flow_sde_transition,
+                                           flow_timesteps, logit_normal_sigmas, shift_sigmas, training_shift)
 
 
 def schedule(steps, shift=3.0):
@@ -77,6 +77,55 @@ def test_flow_timesteps_are_the_schedulers():
     s = schedule(10)
     assert torch.equal(flow_timesteps(s.sigmas[:-1]), s.timesteps)  # s * 1000, the final sigma 0 takes no step
     assert flow_timesteps(torch.tensor(0.75)).item() == 750.0
+
+
+FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def test_training_shift_hand_values():
+    """SD3: the scheduler's constant 3.0, whatever the size. FLUX: mu = 0.5 + 0.65 (n - 256) / 3840 for n image
+    tokens (latent H W / 4) and shift e^mu: 16x16 latents (64 tokens) mu = 0.4675, shift 1.59600; 1024 px (128x128
+    latents, 4096 tokens) mu = 1.15, shift 3.15819; 512 px (1024 tokens) mu = 0.63, shift 1.87761."""
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    assert training_shift(sd3, (16, 16, 16)) == training_shift(sd3, (16, 128, 128)) == 3.0
+    flux = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER).config
+    for size, shift in ((16, 1.59600), (128, 3.15819), (64, 1.87761)):
+        assert training_shift(flux, (16, size, size)) == pytest.approx(shift, abs=1e-5)
+    # FluxPipeline samples with the same shift at that size: its sigmas are the scheduler's with mu = ln(shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    scheduler.set_timesteps(sigmas=[0.25, 0.5, 0.75], mu=math.log(1.87761))
+    assert scheduler.sigmas[:3].tolist() == pytest.approx(shift_sigmas(torch.tensor([0.25, 0.5, 0.75]),
+                                                                       1.87761).tolist(), abs=1e-6)
+    linear = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER, time_shift_type="linear").config
+    with pytest.raises(ValueError, match="time_shift_type='linear'"):
+        training_shift(linear, (16, 64, 64))
+
+
+@pytest.mark.parametrize("shift_config, shift", [(dict(shift=3.0), 3.0), (FLUX_DEV_SCHEDULER, 1.59600)])
+def test_training_draws_are_the_shifted_logit_normal(shift_config, shift):
+    """FlowNoising's timesteps over 4,000 pairs' generators: t = 1000 s with s = shift u / (1 + (shift - 1) u),
+    u = sigmoid(n), n ~ N(0, 1); so s's quartiles are the shifted sigmoid(-/+0.6745) and its median shift / (1 +
+    shift) (0.75 at shift 3). Unshifted draws (median 0.5) or FLUX at SD3's shift miss by far more than 0.015."""
+    process = FlowNoising(FlowMatchEulerDiscreteScheduler(**shift_config))
+    t = torch.stack([process.draw_timestep(torch.Generator().manual_seed(i), (16, 16, 16)) for i in range(4000)])
+    assert t.dtype == torch.float32 and ((t > 0) & (t < 1000)).all()
+    u = torch.sigmoid(torch.tensor([-0.6744897501960817, 0.0, 0.6744897501960817]))
+    expected = shift * u / (1 + (shift - 1) * u)
+    observed = torch.quantile(t / 1000, torch.tensor([0.25, 0.5, 0.75]))
+    assert observed.tolist() == pytest.approx(expected.tolist(), abs=0.015)
+
+
+def test_flow_noising_rows_by_hand():
+    """x_s = (1 - s) x0 + s eps and target eps - x0 per row, with s = t / 1000; the rows keep the latents' dtype."""
+    process = FlowNoising(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x0, eps = torch.tensor([[[[2.0]]], [[[-1.0]]]]), torch.tensor([[[[0.5]]], [[[3.0]]]])
+    rows = process.noise(x0, eps, torch.tensor([250.0, 900.0]))
+    assert rows.noisy.flatten().tolist() == pytest.approx([0.75 * 2 + 0.25 * 0.5, 0.1 * -1 + 0.9 * 3], abs=1e-6)
+    assert rows.target.flatten().tolist() == [0.5 - 2.0, 3.0 + 1.0]
+    assert rows.timesteps.tolist() == [250.0, 900.0]
+    half = process.noise(x0.bfloat16(), eps.bfloat16(), torch.tensor([250.0, 900.0]))
+    assert half.noisy.dtype == half.target.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- the SDE step

@@ -140,15 +140,40 @@ def test_generation_from_the_familys_states(pipelines, name):
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_kohya_files_and_inversion_are_refused_with_the_reason(name):
+def test_kohya_files_are_refused_with_the_reason_and_no_inversion_setting_is_made_up(name):
     family = FAMILY[name]
     with pytest.raises(NotImplementedError, match="kohya-format LoRA files are not written"):
-        family.kohya_base("flow_prediction")
-    with pytest.raises(NotImplementedError, match="no flow-matching setting is published"):
-        family.inversion_steps
+        family.kohya_base("flow")
+    assert family.inversion_steps is None  # SmPO publishes none: a run names its own (test_flow_train.py)
     assert family.lora_pipeline == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
 
 
 def test_unknown_flow_family(tmp_path):
     with pytest.raises(ValueError, match="unknown flow-matching family 'sdxl'"):
         save_tiny_flow_pipeline(tmp_path, "sdxl")
+
+
+def test_flux_packing_and_ids_are_the_pipelines():
+    from diffusion_align.models.families.flux import latent_image_ids, pack_latents, unpack_latents
+    latents = torch.randn(3, 16, 12, 8)
+    tokens = pack_latents(latents)
+    assert torch.equal(tokens, FluxPipeline._pack_latents(latents, 3, 16, 12, 8))
+    assert torch.equal(unpack_latents(tokens, 12, 8), latents)
+    assert torch.equal(latent_image_ids(12, 8, "cpu", torch.bfloat16),
+                       FluxPipeline._prepare_latent_image_ids(3, 6, 4, "cpu", torch.bfloat16))
+
+
+def test_conditioning_rows_select_and_concatenate_with_their_family():
+    from diffusion_align.models.families import Conditioning, TextStates
+    flux = Flux()
+    texts = (torch.randn(2, 5, 8), torch.randn(2, 4))
+    cond = flux.conditioning(TextStates(*texts), guidance=3.5)
+    assert cond.family is flux and cond.guidance.tolist() == [3.5, 3.5]
+    picked = cond.select(torch.tensor([1, 1, 0]))
+    assert torch.equal(picked.encoder_hidden_states, texts[0][[1, 1, 0]])
+    assert torch.equal(picked.pooled_projections, texts[1][[1, 1, 0]]) and picked.guidance.shape == (3,)
+    both = Conditioning.cat([cond, picked])
+    assert both.family is flux and torch.equal(both.pooled_projections, torch.cat([texts[1], texts[1][[1, 1, 0]]]))
+    sdxl = Conditioning(texts[0], {"text_embeds": texts[1], "time_ids": torch.arange(12.).view(2, 6)})
+    assert torch.equal(Conditioning.cat([sdxl, sdxl.select(torch.tensor([1]))]).added_cond_kwargs["time_ids"][2],
+                       torch.arange(6., 12.))

@@ -131,6 +131,24 @@ def test_generate_every_family(tmp_path, tiny_models, prompts_txt, family, sched
     assert "generated 4 images, kept 0" in str(report) and str(out) in str(report)
 
 
+@pytest.mark.parametrize("family, guidance", [("sd3", 7.0), ("flux", 3.5)])
+def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_txt, family, guidance):
+    """SD3 and FLUX.1-dev generate through the same code with their pipelines' own defaults (guidance: SD3's CFG
+    scale 7, FLUX-dev's distilled guidance 3.5; their flow-matching Euler scheduler), each image the pipeline's for
+    its seed."""
+    from diffusers import DiffusionPipeline
+    model, out = tiny_flow_models[family], tmp_path / "out"
+    report = generate_images(model, prompts_txt, "0,5", out, batch_size=3, **FAST)
+    assert (report.generated, report.kept) == (4, 0)
+    first = records(out)[0]
+    assert (first["scheduler"], first["guidance"], first["steps"]) == ("FlowMatchEulerDiscreteScheduler", guidance, 2)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(5),
+                 output_type="np").images[0]
+    assert np.abs(pixels(out / "p0000-s0005.png") - np.round(image * 255)).max() <= 1
+    assert np.abs(pixels(out / "p0000-s0000.png") - pixels(out / "p0000-s0005.png")).mean() > 5
+
+
 def test_batch_size_does_not_change_images(tmp_path, tiny_models):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")

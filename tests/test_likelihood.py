@@ -9,8 +9,8 @@ import torch
 from sd_schedule import alpha_bar, sd_scheduler
 
 from diffusion_align.models.conditioning import Conditioning
-from diffusion_align.training.likelihood import (PairDraws, denoising_errors, epsilon_units, noise_rows,
-                                                  prediction_target)
+from diffusion_align.training.likelihood import (DDPMNoising, PairDraws, denoising_errors, epsilon_units,
+                                                  noise_rows, prediction_target)
 
 
 def test_v_prediction_target_is_the_velocity():
@@ -30,12 +30,12 @@ def test_epsilon_target_is_the_noise_and_other_kinds_are_refused():
 
 
 def draws(keys, rows_per_pair=2, dropout=0.0, seed=0):
-    return PairDraws.draw(seed, keys, (4, 4, 4), rows_per_pair, dropout, 1000)
+    return PairDraws.draw(seed, keys, (4, 4, 4), rows_per_pair, dropout, DDPMNoising(sd_scheduler()))
 
 
 def test_pairs_share_noise_and_timestep():
     latents = torch.randn(6, 4, 4, 4)  # 3 pairs: rows [w1 w2 w3 l1 l2 l3]
-    rows = noise_rows(sd_scheduler(), latents, draws([(0, 5), (0, 2), (0, 9)]))
+    rows = noise_rows(DDPMNoising(sd_scheduler()), latents, draws([(0, 5), (0, 2), (0, 9)]))
     assert torch.equal(rows.timesteps[:3], rows.timesteps[3:])
     assert torch.equal(rows.target[:3], rows.target[3:])  # epsilon target = the shared noise
     assert not torch.equal(rows.target[0], rows.target[1])
@@ -46,7 +46,8 @@ def test_pairs_share_noise_and_timestep():
 
 
 def test_winner_only_rows_get_their_own_noise():
-    rows = noise_rows(sd_scheduler(), torch.randn(3, 4, 4, 4), draws([(0, 0), (0, 1), (0, 2)], rows_per_pair=1))
+    rows = noise_rows(DDPMNoising(sd_scheduler()), torch.randn(3, 4, 4, 4),
+                      draws([(0, 0), (0, 1), (0, 2)], rows_per_pair=1))
     assert len(set(rows.timesteps.tolist())) == 3
 
 

@@ -34,6 +34,14 @@ def seen(monkeypatch):
                             "out": out.sample.detach().float().clone()})
         return out
 
+    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_forward)
+    spy_on_inputs(monkeypatch, log)
+    return log
+
+
+def spy_on_inputs(monkeypatch, log: dict) -> None:
+    """Log into `log` the pixels and posterior draws of each VAE encoding ("vae"; "pixels" alone when the mean is
+    used), every batch the loader yields ("batches") and every objective call ("objective")."""
     encode, sample = inputs.encode_posteriors, likelihood.Posteriors.sample
 
     def encode_posteriors(vae, pixel_values):
@@ -62,11 +70,9 @@ def seen(monkeypatch):
 
     for name in ("diffusion_dpo_loss", "smpo_loss", "mapo_loss", "sft_loss"):
         spy(name)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_forward)
     monkeypatch.setattr(inputs, "encode_posteriors", encode_posteriors)
     monkeypatch.setattr(likelihood.Posteriors, "sample", sample_posteriors)
     monkeypatch.setattr(trainer, "make_pair_loader", loader)
-    return log
 
 
 def per_row_error(a, b):

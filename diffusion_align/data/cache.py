@@ -7,12 +7,17 @@ that training (`data.cache=true`) loads neither the VAE nor the text encoders an
                                posterior of jpg_0 / jpg_1 in the cache dtype; with flips, `*_flip` of the mirrored
                                images; `size_0/1` (original h, w), `crop_0/1` (top, left); `ok` (0: an image did not
                                decode, so the pair is skipped when trained on)
-    texts-00000.safetensors    per text: `hidden` (tokens, dim), and for SDXL `pooled`
+    texts-00000.safetensors    per text: `hidden` (tokens, dim), and for SDXL, SD3 and FLUX `pooled`
     .shards/                   the shard records (`shards.run_shards`): an interrupted build resumes
 
 Images are resized and centre-cropped as `PairTransform` does; a training item takes its flips from the same coins
 and its posterior sample from `likelihood.PairDraws`, so a cached run sees what an uncached one does (exactly with
 an fp32 cache; to the cache dtype's rounding otherwise).
+
+Sizes in fp16: a text is 77 x 768 x 2 B = 118 kB for SD1.5 (SDXL 77 x 2048: 315 kB), but SD3's and FLUX's include
+T5's states: (77 + 256) x 4096 x 2 B = 2.7 MB for SD3 and 512 x 4096 x 2 B = 4.2 MB for FLUX. Every 10,000
+distinct captions take 1.2 GB for SD1.5, 3.2 GB for SDXL, 27 GB for SD3 and 42 GB for FLUX; an image's latents (mean
+and std) take 2 x 16 x 64 x 64 x 2 B = 262 kB for SD3 and FLUX at 512 px. So for them the texts are what costs.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from safetensors import safe_open
 
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
-from ..models.loading import component_digest, load_components, pipeline_index, place, text_subfolders
+from ..models.loading import (component_digest, load_components, pipeline_family, pipeline_index, place,
+                              text_subfolders)
 from ..progress import progress
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
 from .shards import SHARD_RECORDS, differences, run_shards
@@ -40,6 +46,7 @@ CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 TEXT_COLUMNS = ("caption", "caption_0", "caption_1")  # DCPO's per-image captions are cached where present
 LATENT_SHARD_ROWS = 1000  # SD1.5 at 512 px in fp16: 128 kB a row, 256 kB with flips
 TEXT_SHARD_ROWS = 2048    # SD1.5: 118 kB a text in fp16
+T5_TEXT_SHARD_ROWS = 64   # SD3 / FLUX, whose texts hold T5's states: 2.7 / 4.2 MB a text in fp16
 
 
 def cache_key(source: str, split: str, pretrained: str, revision: str | None = None, variant: str | None = None,
@@ -52,9 +59,11 @@ def cache_key(source: str, split: str, pretrained: str, revision: str | None = N
     models = encoder_digests(pretrained, revision, variant, vae)
     vae_config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(pretrained, subfolder="vae",
                                                                                        revision=revision)
+    # SD3's and FLUX's VAEs also shift their latents (a key without one reads as 0, as earlier caches were made)
+    shift = {"shift_factor": vae_config["shift_factor"]} if vae_config.get("shift_factor") else {}
     return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
-            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), "resolution": resolution,
-            "crop": "center", "flips": flips, "dtype": dtype}
+            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), **shift,
+            "resolution": resolution, "crop": "center", "flips": flips, "dtype": dtype}
 
 
 def encoder_digests(pretrained: str, revision: str | None = None, variant: str | None = None,
@@ -141,7 +150,8 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     out_dir = Path(out_dir)
     if resolution <= 0 or resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ValueError(f"resolution={resolution}: expected a positive multiple of 8 (the VAE downsamples by 8)")
-    pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
+    index = pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
+    family, _ = pipeline_family(pretrained, index, revision)
     key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype)
     if not check_key(out_dir, key):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +219,8 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
             tensors["pooled"] = torch.cat([c.pooled for c in chunks]).to("cpu", store).contiguous()
         return tensors, {"skipped": 0, "truncated": truncation.count - truncated}
 
-    text_records = run_shards(out_dir, len(texts), TEXT_SHARD_ROWS, {"key": key, "texts": len(texts)}, text_shard,
+    text_rows = TEXT_SHARD_ROWS if family.denoiser == "unet" else T5_TEXT_SHARD_ROWS
+    text_records = run_shards(out_dir, len(texts), text_rows, {"key": key, "texts": len(texts)}, text_shard,
                               stem="texts", suffix=".safetensors", write=_write_tensors)
     loaded.clear()  # free the encoders before training starts
     gc.collect()

@@ -208,6 +208,10 @@ def _source(name: str, what: str) -> str:
     raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
 
 
+# the text-to-image pipelines of the model families (models/families/)
+TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
 def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = None, device=None, dtype=None):
     """A text-to-image pipeline on `device` in `dtype`, with the LoRA loaded and the scheduler swapped.
 
@@ -215,15 +219,15 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
     `scheduler`: the class name of a scheduler compatible with the pipeline's, built from its config (so it keeps
     the checkpoint's noise schedule and prediction type).
     """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     from ..models.loading import pipeline_index
 
     pipeline_index(model, what="model")  # not a pipeline, or out of reach: one line
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise ValueError(f"{model} loads a {type(pipe).__name__}; expected a Stable Diffusion 1.x / 2.x or SDXL "
-                         "text-to-image pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    if type(pipe).__name__ not in TEXT_TO_IMAGE:
+        raise ValueError(f"{model} loads a {type(pipe).__name__}; expected a text-to-image pipeline of the families "
+                         f"diffusion-align trains ({', '.join(TEXT_TO_IMAGE)})")
     if scheduler is not None:
         compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
         if scheduler not in compatible:
@@ -241,7 +245,8 @@ def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: f
     """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value."""
     from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # what SD and SDXL pipelines draw by default
+    # what the pipelines draw by default: their denoiser's sample size in latents (FLUX: a fixed 128), in pixels
+    size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {"model": model, "lora": lora, "weights": weights_digest(model, lora),
             "scheduler": type(pipe.scheduler).__name__,
             "steps": steps or defaults["num_inference_steps"].default,

@@ -1,35 +1,19 @@
-"""Text (and SDXL size) conditioning for the UNet: the text encoders' states (each family encodes prompts its own
-way: families/), and SDXL's per-sample `add_time_ids = [orig_h, orig_w, crop_top, crop_left, res, res]` beside the
-pooled embedding of its second encoder.
+"""What the denoiser is conditioned on: the text encoders' states (each family encodes prompts its own way:
+families/), made into each family's `Conditioning` (SDXL's size ids, SD3's and FLUX's pooled projections, FLUX.1-dev's
+guidance scale), which calls the denoiser as its family does.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from .families import Family, TextStates, get_family
+from .families import Conditioning, Family, TextStates, get_family
 
 logger = logging.getLogger("diffusion_align")
 
-
-@dataclass
-class Conditioning:
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: dict | None = None  # SDXL only: {"text_embeds": pooled, "time_ids": add_time_ids}
-
-    def select(self, index: torch.Tensor) -> Conditioning:
-        """The rows `index` (e.g. each prompt's row repeated for its group of images)."""
-        added = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.encoder_hidden_states[index], added)
-
-    def unet_kwargs(self) -> dict:
-        kwargs = {"encoder_hidden_states": self.encoder_hidden_states}
-        if self.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
-        return kwargs
+__all__ = ["CaptionTruncation", "Conditioning", "TextStates", "conditioning", "encode_prompts", "encode_texts"]
 
 
 class CaptionTruncation:
@@ -52,24 +36,21 @@ class CaptionTruncation:
 def encode_texts(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
     """The text encoders' states for each prompt, as `family` (or the family of that name) encodes them: SD1.x /
     SD2.x the single encoder's last hidden state; SDXL both encoders' penultimate hidden states side by side, and
-    the projected pooled output of the second. The encoders run in their own dtype, outside any autocast."""
+    the projected pooled output of the second; SD3 and FLUX as their pipelines' `encode_prompt`. The encoders run in
+    their own dtype, outside any autocast."""
     return get_family(family).encode_texts(tokenizers, text_encoders, prompts)
 
 
-def conditioning(texts: TextStates, original_sizes: torch.Tensor | None = None,
-                 crop_top_left: torch.Tensor | None = None, resolution: int | None = None) -> Conditioning:
-    """The UNet's conditioning for one row per text. SDXL (texts with a pooled embedding) also needs each row's
-    original size and crop (long tensors of shape (rows, 2)) and the training resolution."""
-    if texts.pooled is None:
-        return Conditioning(texts.hidden)
-    target = torch.tensor([resolution, resolution]).expand(len(texts.hidden), 2)
-    time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(texts.pooled.device, texts.pooled.dtype)
-    return Conditioning(texts.hidden, {"text_embeds": texts.pooled, "time_ids": time_ids})
+def conditioning(family: Family | str, texts: TextStates, original_sizes: torch.Tensor | None = None,
+                 crop_top_left: torch.Tensor | None = None, resolution: int | None = None,
+                 guidance: float | None = None) -> Conditioning:
+    """`family`'s conditioning for one denoiser row per text (`Family.conditioning`)."""
+    return get_family(family).conditioning(texts, original_sizes, crop_top_left, resolution, guidance)
 
 
 def encode_prompts(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str],
                    original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
-                   resolution: int | None = None) -> Conditioning:
-    """Conditioning for one UNet row per prompt: `encode_texts`, then `conditioning`."""
-    return conditioning(encode_texts(family, tokenizers, text_encoders, prompts), original_sizes, crop_top_left,
-                        resolution)
+                   resolution: int | None = None, guidance: float | None = None) -> Conditioning:
+    """Conditioning for one denoiser row per prompt: `encode_texts`, then `conditioning`."""
+    return conditioning(family, encode_texts(family, tokenizers, text_encoders, prompts), original_sizes,
+                        crop_top_left, resolution, guidance)

@@ -1,12 +1,13 @@
 """`diffusion-align export`: a run's weights in the file another program loads.
 
-- `kohya`: the LoRA in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`);
+- `kohya`: a UNet LoRA in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`); SD3 and FLUX
+  LoRAs have none here (ComfyUI loads their diffusers file as it is);
 - `diffusers`: the LoRA as diffusers writes it, with its adapter settings (`pipe.load_lora_weights`);
-- `merged`: the LoRA fused into the base UNet, written with the rest of the base as a whole diffusers pipeline
-  (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
+- `merged`: the LoRA fused into the base denoiser (UNet or transformer), written with the rest of the base as a whole
+  diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
 
 The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
-any folder holding a diffusers LoRA file. The LoRA is loaded onto the base UNet by diffusers' own loader, so what is
+any folder holding a diffusers LoRA file. The LoRA is loaded onto the base denoiser by diffusers' own loader, so what is
 exported is what diffusers would apply, and a LoRA that does not fit the base is an error here rather than a
 silent no-op there. The base comes from the run's config, or `--base` for a folder without one.
 """
@@ -17,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
@@ -24,8 +26,8 @@ from safetensors import safe_open
 from ..config import load_config
 from ..files import folder_written_beside, list_checkpoints
 from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
-from .families import detect_family
-from .loading import base_pipeline, component_digest, pipeline_index
+from .families import Family
+from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
 
 FORMATS = ("kohya", "diffusers", "merged")
@@ -37,7 +39,7 @@ _ADAPTER = "trained"
 class Source:
     """Trained weights and what they were trained on."""
     folder: Path
-    kind: str  # "lora" (a LoRA file), "unet" (a full fine-tune's checkpoint), "pipeline" (a full fine-tune's final/)
+    kind: str  # "lora" (a LoRA file), "unet" or "transformer" (a full fine-tune's checkpoint), "pipeline" (its final/)
     base: str | None  # the base pipeline: a hub id or folder
     revision: str | None
     variant: str | None
@@ -60,8 +62,8 @@ def find_source(path: str | Path, base: str | None = None) -> Source:
         folder = list_checkpoints(path)[-1][1]
     kind = _kind(folder)
     if kind is None:
-        raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ (a full "
-                                "fine-tune's checkpoint) or model_index.json (a whole pipeline)")
+        raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
+                                "transformer/ (a full fine-tune's checkpoint) or model_index.json (a whole pipeline)")
     config_files = [folder / "training_config.yaml", folder / "config.yaml"]
     if folder.name == "final" or folder.name.startswith("checkpoint-"):
         config_files.append(folder.parent / "config.yaml")  # the run's
@@ -83,7 +85,7 @@ def _kind(folder: Path) -> str | None:
         return "lora"
     if (folder / "model_index.json").is_file():
         return "pipeline"
-    return "unet" if (folder / "unet" / "config.json").is_file() else None
+    return next((name for name in ("unet", "transformer") if (folder / name / "config.json").is_file()), None)
 
 
 def export(source: Source, format: str, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
@@ -101,11 +103,13 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
                          "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
     target = out if out.suffix == ".safetensors" else out / (KOHYA_WEIGHTS if format == "kohya" else LORA_WEIGHTS)
     _check_free(target, overwrite)
-    index = _check_base(source)
-    unet = UNet2DConditionModel.from_pretrained(source.base, subfolder="unet", revision=source.revision,
-                                                variant=source.variant)
-    _load_lora(unet, source)
-    family = detect_family(index, unet.config)
+    family = _check_base(source)
+    if format == "kohya" and family.kohya_version is None:
+        raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; ComfyUI loads the "
+                         f"diffusers file ({LORA_WEIGHTS}, --format diffusers) as it is")
+    unet = getattr(diffusers, family.denoiser_class).from_pretrained(
+        source.base, subfolder=family.denoiser, revision=source.revision, variant=source.variant)
+    _load_lora(unet, source, family)
     target.parent.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
         write_diffusers_lora(unet, family, target, _ADAPTER, torch_dtype)
@@ -118,41 +122,59 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     return target
 
 
-def _load_lora(unet: UNet2DConditionModel, source: Source) -> None:
-    """Load the LoRA as `trained` with diffusers' loader (its settings restore the trained scale); every module of
-    the file must land on the base UNet."""
+def _load_lora(model: torch.nn.Module, source: Source, family: Family) -> None:
+    """Load the LoRA as `trained` onto the base denoiser `model` with diffusers' loader (its settings restore the
+    trained scale); every module of the file must land on it."""
+    prefix, what = family.denoiser, "UNet" if family.denoiser == "unet" else family.denoiser
     with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
-        in_file = sum(key.startswith("unet.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
+        in_file = sum(key.startswith(f"{prefix}.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
                       for key in f.keys())
     if in_file == 0:
-        raise ValueError(f"{source.folder / LORA_WEIGHTS} holds no UNet LoRA weights: expected keys "
-                         "unet.<module>.lora.down.weight (or lora_A), as diffusers' save_lora_weights writes them")
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} holds no {what} LoRA weights: expected keys "
+                         f"{prefix}.<module>.lora.down.weight (or lora_A), as diffusers' save_lora_weights writes them "
+                         f"for the {family} base {source.base}; pass the base it was trained on with --base")
     try:
-        unet.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=_ADAPTER)
+        model.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix=prefix, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as err:  # shapes that differ: a LoRA of another model family
         reason = str(err).strip().splitlines()[-1].strip()  # one line: the last of the shapes that differ
-        raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the UNet of {source.base} ({reason}); pass "
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} does not fit the {what} of {source.base} ({reason}); pass "
                          "the base it was trained on with --base") from None
-    loaded = sum(1 for m in unet.modules() if _ADAPTER in getattr(m, "lora_A", {}))
+    loaded = sum(1 for m in model.modules() if _ADAPTER in getattr(m, "lora_A", {}))
     if loaded != in_file:
-        raise ValueError(f"{source.folder / LORA_WEIGHTS} has {in_file} UNet LoRA modules, but {loaded} of them "
-                         f"loaded onto the UNet of {source.base}: pass the base it was trained on with --base")
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} has {in_file} {what} LoRA modules, but {loaded} of them "
+                         f"loaded onto the {what} of {source.base}: pass the base it was trained on with --base")
 
 
-def _check_base(source: Source) -> dict:
-    """--base's pipeline index, checked before any weights load: a missing or unreachable base, or one of another
-    family than the trained weights (their UNet reads text features of another width: SD1.x 768, SD2.x 1024, SDXL
-    2048), is a one-line error."""
-    index = pipeline_index(source.base, source.revision, what="--base")
-    width = UNet2DConditionModel.load_config(source.base, subfolder="unet", revision=source.revision)[
-        "cross_attention_dim"]
+def _check_base(source: Source) -> Family:
+    """--base's family, checked before any weights load: a missing or unreachable base, or one of another family
+    than the trained weights (a UNet's for a transformer's, or a UNet reading text features of another width: SD1.x
+    768, SD2.x 1024, SDXL 2048), is a one-line error."""
+    family, config = pipeline_family(source.base, pipeline_index(source.base, source.revision, what="--base"),
+                                     source.revision)
+    trained_denoiser = source.kind if source.kind in ("unet", "transformer") else _lora_denoiser(source)
+    if trained_denoiser not in (None, family.denoiser):
+        raise ValueError(f"{source.folder} holds a trained {trained_denoiser}, but --base {source.base} is a {family} "
+                         f"pipeline, whose denoiser is a {family.denoiser}; pass the base it was trained on with "
+                         "--base")
+    if family.denoiser != "unet":
+        return family
+    width = config["cross_attention_dim"]
     widths = set(width) if isinstance(width, (list, tuple)) else {width}
     trained = _trained_width(source)
     if trained is not None and trained not in widths:
         raise ValueError(f"{source.folder} was trained on a UNet that reads {trained}-wide text features, but the "
                          f"UNet of --base {source.base} reads {width}: another model family (SD1.x 768, SD2.x 1024, "
                          "SDXL 2048); pass the base it was trained on with --base")
-    return index
+    return family
+
+
+def _lora_denoiser(source: Source) -> str | None:
+    """The denoiser a LoRA file's keys name (`unet.` or `transformer.`), if any."""
+    if source.kind != "lora":
+        return None
+    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
+        return next((prefix for prefix in ("unet", "transformer") if any(k.startswith(f"{prefix}.") for k in f.keys())),
+                    None)
 
 
 def _trained_width(source: Source) -> int | None:
@@ -174,14 +196,16 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     if source.kind == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(source.folder)
     else:
-        _check_base(source)
-        trained = ({"unet": UNet2DConditionModel.from_pretrained(source.folder / "unet")} if source.kind == "unet"
-                   else {})
+        family = _check_base(source)
+        denoiser_cls = getattr(diffusers, family.denoiser_class)
+        trained = ({family.denoiser: denoiser_cls.from_pretrained(source.folder / family.denoiser)}
+                   if source.kind == family.denoiser else {})
         pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
         if source.kind == "lora":
-            _load_lora(pipeline.unet, source)
-            pipeline.unet.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite
-            pipeline.unet.unload_lora()
+            denoiser = getattr(pipeline, family.denoiser)
+            _load_lora(denoiser, source, family)
+            denoiser.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite
+            denoiser.unload_lora()
     if dtype is not None:
         pipeline.to(dtype)
     with folder_written_beside(out) as tmp:

@@ -1,8 +1,10 @@
-"""Load the pieces of an SD1.x / SD2.x / SDXL diffusers pipeline for training.
+"""Load the pieces of a diffusers pipeline for training: SD1.x / SD2.x / SDXL (a UNet) or SD3 / SD3.5 / FLUX.1 (a
+flow-matching transformer).
 
 Works with a hub id or a local diffusers folder (anything with a `model_index.json`). Its family (families/,
-detected from the folder) decides the text encoders and the conditioning: "sd" and "sd2" use one CLIP text encoder,
-"sdxl" two plus size/crop micro-conditioning.
+detected from the folder) decides the denoiser, the training scheduler, the text encoders and the conditioning:
+"sd" and "sd2" use one CLIP text encoder, "sdxl" two plus size/crop micro-conditioning, "sd3" two CLIPs and T5,
+"flux" CLIP-L's pooled output and T5.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 
-from ..config import ConfigError
 from ..files import hub_load_error, looks_like_hub_id
 from .families import Family, denoiser_component, detect_family
 
@@ -32,12 +34,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DiffusionComponents:
     family: Family
-    unet: UNet2DConditionModel | None  # None when loaded without it (building a latent cache)
+    unet: torch.nn.Module | None  # the denoiser (UNet or transformer); None when loaded without it (a latent cache)
     vae: AutoencoderKL | None  # None, with no text encoders or tokenizers, when loaded for a latent cache
     text_encoders: list[torch.nn.Module]
     tokenizers: list
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: ConfigMixin  # the family's training scheduler (DDPMScheduler, FlowMatchEulerDiscreteScheduler)
     pipeline_class: str  # the `_class_name` of model_index.json, used when saving a full pipeline
+    guidance: float | None = None  # the guidance scale a guidance-distilled denoiser (FLUX.1-dev) trains with
     frozen: list[torch.nn.Module] = field(init=False)
 
     def __post_init__(self):
@@ -45,7 +48,8 @@ class DiffusionComponents:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """epsilon or v_prediction (the UNets' schedulers say which); flow for the rectified-flow transformers."""
+        return self.noise_scheduler.config.get("prediction_type", "flow")
 
 
 def pipeline_index(pretrained: str, revision: str | None = None, what: str = "model.pretrained") -> dict:
@@ -77,9 +81,10 @@ def _from_folder_or_hub(name: str, what: str, marker: str, kind: str, load, expe
 
 
 def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
-    """The pipeline's text encoder folders: text_encoder, and SDXL's text_encoder_2."""
+    """The pipeline's text encoder folders: text_encoder, SDXL's and FLUX's text_encoder_2, SD3's text_encoder_3."""
     index = pipeline_index(pretrained, revision)
-    return [name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0] is not None]
+    return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if (index.get(name) or [None])[0] is not None]
 
 
 _WEIGHTS = (".safetensors", ".bin")
@@ -144,16 +149,11 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def unet_family(pretrained: str, index: dict, revision: str | None = None) -> tuple[Family, dict]:
-    """The family of pipeline `pretrained` (`index`: its model_index.json) and its UNet's config. A flow-matching
-    transformer's pipeline (SD3, FLUX) is recognised, and refused in one line: it is not trained yet."""
+def pipeline_family(pretrained: str, index: dict, revision: str | None = None) -> tuple[Family, dict]:
+    """The family of pipeline `pretrained` (`index`: its model_index.json) and its denoiser's config."""
+    # any model class reads a config.json; the family is not known yet
     config = UNet2DConditionModel.load_config(pretrained, subfolder=denoiser_component(index), revision=revision)
-    family = detect_family(index, config)
-    if family.denoiser != "unet":
-        raise ConfigError(f"{pretrained} is a {family} pipeline (a flow-matching {family.denoiser}): diffusion-align "
-                          "recognises it and encodes its prompts, but trains the UNet families (sd, sd2, sdxl) only "
-                          "so far")
-    return family, config
+    return detect_family(index, config), config
 
 
 def load_vae(vae: str) -> AutoencoderKL:
@@ -173,14 +173,16 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None, encoders: bool = True, unet: bool = True) -> DiffusionComponents:
-    """UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler with the checkpoint's config.
+    """The denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's training scheduler
+    with the checkpoint's config.
 
     `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `unet=False` loads
-    no UNet weights (building one): its config alone says the family."""
+    no denoiser weights (building one): its config alone says the family."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
-    family, _ = unet_family(pretrained, index, revision)
-    unet_model = (UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw) if unet
+    family, denoiser_config = pipeline_family(pretrained, index, revision)
+    denoiser_cls = getattr(diffusers, family.denoiser_class)
+    unet_model = (denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw) if unet
                   else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
@@ -192,13 +194,13 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     if encoders:
         vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
                      else load_vae(vae))
-    # whatever sampler the pipeline ships, training noise follows the DDPM forward process of its beta schedule
-    noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+    noise_scheduler = getattr(diffusers, family.training_scheduler).from_pretrained(pretrained, subfolder="scheduler",
+                                                                                    **kw)
     parts = DiffusionComponents(family, unet_model, vae_model, text_encoders, tokenizers, noise_scheduler,
-                                index["_class_name"])
+                                index["_class_name"], family.training_guidance(denoiser_config))
     for module in parts.frozen:
         module.requires_grad_(False).eval()
-    logger.info("loaded %s (%s, %s prediction)", pretrained, family, noise_scheduler.config.prediction_type)
+    logger.info("loaded %s (%s, %s prediction)", pretrained, family, parts.prediction_type)
     return parts
 
 
@@ -208,7 +210,7 @@ def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtyp
     return module.to(dtype=dtype) if module.dtype != dtype else module
 
 
-def set_attention(unet: UNet2DConditionModel, attention: str, device: torch.device) -> str:
+def set_attention(unet: torch.nn.Module, attention: str, device: torch.device) -> str:
     """Pick the attention kernel: xformers only where it can run (importable, CUDA), PyTorch SDPA otherwise."""
     try:
         import xformers  # noqa: F401

@@ -1,11 +1,12 @@
-"""The trainable UNet (LoRA adapters or all weights) and its frozen reference.
+"""The trainable denoiser, UNet or transformer (LoRA adapters or all weights), and its frozen reference.
 
 LoRA: the reference is the same UNet with its adapters switched off, so no second copy is held.
 Full fine-tune: the reference is a frozen copy made before training, optionally kept on the CPU and streamed
 layer by layer to the training device.
 Weights are read and written in the formats diffusers loads: `pytorch_lora_weights.safetensors` for LoRA
-(`pipeline.load_lora_weights(folder)`), a `unet/` folder for full fine-tunes. A LoRA is also written in the kohya
-layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when given `kohya_labels` to label it with.
+(`pipeline.load_lora_weights(folder)`), the denoiser's folder (`unet/`, `transformer/`) for full fine-tunes. A UNet
+LoRA is also written in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when given
+`kohya_labels` to label it with; ComfyUI loads the diffusers file of an SD3 or FLUX LoRA as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 import diffusers
-from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -33,20 +33,25 @@ from .loading import place
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def write_diffusers_lora(unet: UNet2DConditionModel, family: Family | str, path: Path, adapter: str = "default",
+def write_diffusers_lora(unet: torch.nn.Module, family: Family | str, path: Path, adapter: str = "default",
                          dtype: torch.dtype | None = None) -> None:
-    """Write `unet`'s adapter as the file `pipeline.load_lora_weights` reads, with its settings (lora_alpha, rank
-    and alpha patterns, rsLoRA, target modules) so that the trained scale is restored. Written beside `path`, then
-    renamed into place."""
+    """Write the denoiser `unet`'s adapter as the file `pipeline.load_lora_weights` reads (keys prefixed `unet.` or
+    `transformer.`), with its settings (lora_alpha, rank and alpha patterns, rsLoRA, target modules) so that the
+    trained scale is restored. Written beside `path`, then renamed into place."""
     state = get_peft_model_state_dict(unet, adapter_name=adapter)
     state = {k: v.detach().to(dtype or v.dtype) for k, v in state.items()}
-    pipeline_cls = getattr(diffusers, get_family(family).lora_pipeline)
+    family = get_family(family)
+    pipeline_cls = getattr(diffusers, family.lora_pipeline)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(state),
-                                       weight_name=path.name,
-                                       unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+        # the keys each family's diffusers LoRA script writes: the UNets' in diffusers' naming (`to_q.lora.down`),
+        # the transformers' as peft names them (`to_q.lora_A`), which is what their loaders expect
+        if family.denoiser == "unet":
+            state = convert_state_dict_to_diffusers(state)
+        pipeline_cls.save_lora_weights(tmp, weight_name=path.name, **{
+            f"{family.denoiser}_lora_layers": state,
+            f"{family.denoiser}_lora_adapter_metadata": unet.peft_config[adapter].to_dict()})
         usual_permissions(tmp / path.name)
         os.replace(tmp / path.name, path)
     finally:
@@ -60,7 +65,7 @@ def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
 
 
 class Policy:
-    def __init__(self, unet: UNet2DConditionModel, lora_rank: int | None, lora_alpha: float | None = None,
+    def __init__(self, unet: torch.nn.Module, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: Family | str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
                  frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None):
@@ -112,17 +117,19 @@ class Policy:
             if self.kohya_labels is not None:
                 write_kohya_lora(self.unet, folder / KOHYA_WEIGHTS, self.kohya_labels)
         else:
-            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            self.unet.save_pretrained(folder / get_family(self.family).denoiser, safe_serialization=True)
 
     def load(self, folder: Path) -> None:
         """Load weights written by `save` (a checkpoint being resumed)."""
+        family = get_family(self.family)
         if self.is_lora:
             state = load_file(folder / LORA_WEIGHTS)
-            state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+            state = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v
+                                                     for k, v in state.items()})
             result = set_peft_model_state_dict(self.unet, state, adapter_name="default")
             if result.unexpected_keys:
                 raise ValueError(f"{folder / LORA_WEIGHTS} does not match this LoRA setup: unexpected keys "
                                  f"{result.unexpected_keys[:3]}...")
         else:
-            trained = UNet2DConditionModel.from_pretrained(folder / "unet")
+            trained = getattr(diffusers, family.denoiser_class).from_pretrained(folder / family.denoiser)
             self.unet.load_state_dict(trained.state_dict())

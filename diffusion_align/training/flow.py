@@ -24,9 +24,16 @@ Pure functions of tensors; the transformers and the pipelines live elsewhere. `s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .likelihood import NoisedRows
 from .sampling import gaussian_log_prob
+
+# the logit-normal's mean and std: the SD3 paper's choice (arXiv 2403.03206, section 3.1: rf/lognorm(0.00, 1.00)),
+# and the defaults of diffusers' train_dreambooth_lora_{sd3,flux}.py (--logit_mean 0, --logit_std 1)
+LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 
 
 def _per_row(value, like: torch.Tensor) -> torch.Tensor:
@@ -124,3 +131,44 @@ def flow_sde_step_with_logprob(velocity: torch.Tensor, sigma, sigma_next, sample
         prev_sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
     prev_sample = prev_sample.to(sample.dtype)
     return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
+def image_seq_len(latent_shape: tuple[int, ...]) -> int:
+    """The transformer's image tokens for latents (C, H, W): one per 2x2 patch (SD3's patch_size 2, FLUX's packing)."""
+    return latent_shape[-2] * latent_shape[-1] // 4
+
+
+def training_shift(scheduler_config, latent_shape: tuple[int, ...]) -> float:
+    """The shift of the training sigmas at this latent size. SD3's scheduler has a constant `shift` (3.0 for SD3 and
+    SD3.5); FLUX's shifts by the image token count (`use_dynamic_shifting`): mu grows linearly from base_shift at
+    base_image_seq_len tokens to max_shift at max_image_seq_len (FluxPipeline's `calculate_shift`) and the shift is
+    e^mu (the scheduler's exponential time shift e^mu / (e^mu + 1/s - 1) is `shift_sigmas` with shift e^mu), the same
+    shift FluxPipeline samples with at that size (methods.md: FLUX "a shift that grows with the token count")."""
+    c = scheduler_config
+    if not c.get("use_dynamic_shifting", False):
+        return float(c.get("shift", 1.0))
+    if c.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"a scheduler with time_shift_type={c['time_shift_type']!r} shifts in another form than "
+                         "FLUX's; only the exponential one is supported")
+    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    mu = c["base_shift"] + slope * (image_seq_len(latent_shape) - c["base_image_seq_len"])
+    return math.exp(mu)
+
+
+class FlowNoising:
+    """The flow-matching transformers' forward process: s drawn logit-normal (`LOGIT_MEAN`, `LOGIT_STD`) and
+    shifted (`training_shift`), x_s = (1 - s) x_0 + s eps, target the velocity eps - x_0 (`flow_noise`). Timesteps
+    are the scheduler's, 1000 s (`flow_timesteps`); the transformers' calls convert them as their pipelines do."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def draw_timestep(self, generator: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        sigma = logit_normal_sigmas(1, generator, LOGIT_MEAN, LOGIT_STD,
+                                    training_shift(self.scheduler.config, latent_shape))
+        return flow_timesteps(sigma[0], self.num_train_timesteps)
+
+    def noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedRows:
+        noisy, target = flow_noise(latents, noise, timesteps / self.num_train_timesteps)
+        return NoisedRows(noisy.to(latents.dtype), timesteps, target.to(latents.dtype))

@@ -1,5 +1,6 @@
 """A batch of pairs -> what the UNet is given: latents sampled from the images' VAE posteriors, each row's
-conditioning, and the pairs' draws (`likelihood.PairDraws`: prompt dropout, timestep, noise, posterior sample).
+conditioning, and the pairs' draws (`likelihood.PairDraws`: prompt dropout, timestep, noise, posterior sample) made
+by the family's forward process (`forward_process`: DDPM for the UNets, rectified flow for SD3 and FLUX).
 
 The posteriors and text states come from the VAE and text encoders, or from a latent cache (`data.cache`); either
 way the same draws make the same latents, which is what lets reference errors be computed before training.
@@ -14,8 +15,15 @@ import torch
 from ..data.cache import LatentCache
 from ..models.conditioning import CaptionTruncation, Conditioning, TextStates, conditioning, encode_texts
 from ..models.families import Family
-from .likelihood import PairDraws, Posteriors, encode_posteriors
+from .flow import FlowNoising
+from .likelihood import DDPMNoising, PairDraws, Posteriors, encode_posteriors
 from .methods import Method
+
+
+def forward_process(family: Family, scheduler) -> DDPMNoising | FlowNoising:
+    """How `family` noises latents in training, with its training scheduler's settings."""
+    return FlowNoising(scheduler) if family.training_scheduler == "FlowMatchEulerDiscreteScheduler" \
+        else DDPMNoising(scheduler)
 
 
 @dataclass
@@ -25,7 +33,7 @@ class PairInputs:
     seed: int
     prompt_dropout: float
     resolution: int
-    num_train_timesteps: int
+    process: DDPMNoising | FlowNoising
     device: torch.device
     vae: torch.nn.Module | None = None
     tokenizers: list = field(default_factory=list)
@@ -34,12 +42,13 @@ class PairInputs:
     text_dtype: torch.dtype = torch.float32  # cached states are cast to the dtype the text encoders would run in
     truncation: CaptionTruncation = field(default_factory=CaptionTruncation)  # the cache counts its own
     latents: str = "sample"  # data.latents: a posterior draw, or its mean
+    guidance: float | None = None  # FLUX.1-dev's distilled guidance scale (`Family.training_guidance`)
 
     def posteriors(self, batch: dict, rows: int) -> Posteriors:
         if self.cache is None:
             return encode_posteriors(self.vae, batch["pixel_values"][:rows])
         mean, std = (batch[k][:rows].to(self.device, torch.float32) for k in ("mean", "std"))
-        return Posteriors(mean, std, self.cache.key["scaling_factor"])
+        return Posteriors(mean, std, self.cache.key["scaling_factor"], self.cache.key.get("shift_factor", 0.0))
 
     def texts(self, prompts: list[str]) -> TextStates:
         if self.cache is None:  # each distinct text once: a pair's rows share their prompt
@@ -58,8 +67,9 @@ class PairInputs:
         with torch.autocast(self.device.type, enabled=False):
             posteriors = self.posteriors(batch, rows)
             draws = PairDraws.draw(self.seed, batch["keys"], tuple(posteriors.mean.shape[1:]),
-                                   self.method.rows_per_pair, self.prompt_dropout, self.num_train_timesteps)
-            cond = conditioning(self.texts(self.method.row_prompts(batch, draws.keep)),
-                                batch["original_sizes"][:rows], batch["crop_top_left"][:rows], self.resolution)
+                                   self.method.rows_per_pair, self.prompt_dropout, self.process)
+            cond = conditioning(self.family, self.texts(self.method.row_prompts(batch, draws.keep)),
+                                batch["original_sizes"][:rows], batch["crop_top_left"][:rows], self.resolution,
+                                self.guidance)
             latents = posteriors.sample(draws.posterior) if self.latents == "sample" else posteriors.mode()
             return latents, cond, draws

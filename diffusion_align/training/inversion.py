@@ -27,6 +27,15 @@ v = sqrt(abar) eps - sqrt(1 - abar) x0).
 The training target is the noise implied by the inverted latent, eps_hat = (z - sqrt(abar_t) x0) / sqrt(1 - abar_t)
 (or the velocity from x0 and eps_hat), so z = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps_hat holds exactly. The inversion
 is deterministic: the two images of a pair share t but each gets the noise its own inversion implies.
+
+Flow-matching transformers (SD3, FLUX) invert their own sampler, the Euler ODE, run forwards in s: from the clean
+latent (s = 0) to each row's s = t / 1000 on the grid s_k = s k / steps,
+
+    z_{k+1} = z_k + (s_{k+1} - s_k) v,    ReNoise: v = (v(z_k, s_k) + v(z_k + (s_{k+1} - s_k) v(z_k, s_k), s_{k+1})) / 2
+
+(the velocity averaged with the one at the tentative next latent, as above with the noise), and train on the velocity
+the inverted latent implies: z = (1 - s) x0 + s eps_hat, so eps_hat - x0 = (z - x0) / s. SmPO publishes no flow
+setting (its steps are DDIM's on SD1.5 / SDXL): this is its recipe carried over to the flow sampler.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..models.conditioning import Conditioning
-from .likelihood import NoisedRows, abar_at, prediction_target
+from .flow import FlowNoising
+from .likelihood import DDPMNoising, NoisedRows, abar_at, prediction_target
 
 CLEAN = 1.0  # abar of level -1, the clean latent
 
@@ -57,7 +67,7 @@ def _predict_noise(unet, scheduler: DDPMScheduler, z: torch.Tensor, levels: torc
                    dtype: torch.dtype) -> torch.Tensor:
     """The UNet's noise prediction (fp32) at the fp32 latents z of the given levels."""
     t = levels.clamp(min=0)
-    out = unet(z.to(dtype), t, **cond.unet_kwargs()).sample.float()
+    out = cond.denoise(unet, z.to(dtype), t).float()
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return out
@@ -106,12 +116,54 @@ def implied_noise(scheduler: DDPMScheduler, latents: torch.Tensor, z: torch.Tens
     return (z.float() - a.sqrt() * latents.float()) / (1 - a).sqrt()
 
 
-def invert_rows(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                steps: int) -> NoisedRows:
+def invert_rows(unet, process: DDPMNoising | FlowNoising, latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning, steps: int) -> NoisedRows:
     """SmPO's replacement for `likelihood.noise_rows`: each pair's timestep (`timesteps`, one per pair) is shared by
-    its rows, each row inverted by `unet` (the policy, no grad) and trained on the noise its inversion implies."""
+    its rows, each row inverted by `unet` (the policy, no grad) with the sampler of `process`'s family (DDIM, or the
+    flow models' Euler ODE) and trained on the noise its inversion implies."""
     timesteps = timesteps.to(latents.device).repeat(latents.shape[0] // timesteps.shape[0])
+    if isinstance(process, FlowNoising):
+        sigmas = timesteps.float() / process.num_train_timesteps
+        z = flow_invert(unet, latents, sigmas, cond, steps, process.num_train_timesteps)
+        target = (z - latents.float()) / sigmas.view(-1, 1, 1, 1)
+        return NoisedRows(z.to(latents.dtype), timesteps, target.to(latents.dtype))
+    scheduler = process.scheduler
     z = ddim_invert(unet, scheduler, latents, timesteps, cond, steps)
     noise = implied_noise(scheduler, latents, z, timesteps)
     target = prediction_target(scheduler, latents.float(), noise, timesteps)
     return NoisedRows(z.to(latents.dtype), timesteps, target.to(latents.dtype))
+
+
+def _velocity(model, z: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, dtype: torch.dtype,
+              num_train_timesteps: int) -> torch.Tensor:
+    return cond.denoise(model, z.to(dtype), sigmas * num_train_timesteps).float()
+
+
+@torch.no_grad()
+def flow_invert(model, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, steps: int,
+                num_train_timesteps: int = 1000, renoise: bool = True) -> torch.Tensor:
+    """The clean latents carried by the Euler ODE to each row's sigma (fp32): `steps` equal steps from s = 0, each
+    refined once by ReNoise unless renoise=False (see the module docstring); all without grad."""
+    if steps < 1:
+        raise ValueError(f"inversion needs at least one step, got steps={steps}")
+    z = latents.float()
+    for k in range(steps):
+        s, s_next = sigmas * k / steps, sigmas * (k + 1) / steps
+        ds = (s_next - s).view(-1, 1, 1, 1)
+        v = _velocity(model, z, s, cond, latents.dtype, num_train_timesteps)
+        if renoise:
+            v = (v + _velocity(model, z + ds * v, s_next, cond, latents.dtype, num_train_timesteps)) / 2
+        z = z + ds * v
+    return z
+
+
+@torch.no_grad()
+def flow_sample_back(model, z: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, steps: int,
+                     num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The Euler ODE from each row's sigma back to s = 0 along the inversion's grid (fp32), as the pipelines sample.
+    For checking the inversion."""
+    x = z.float()
+    for k in range(steps, 0, -1):
+        s, s_prev = sigmas * k / steps, sigmas * (k - 1) / steps
+        x = x + (s_prev - s).view(-1, 1, 1, 1) * _velocity(model, x, s, cond, z.dtype, num_train_timesteps)
+    return x

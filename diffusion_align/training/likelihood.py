@@ -8,6 +8,9 @@ same x_t the noise it implies, eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x
 eps_hat - eps = sqrt(abar_t) (v_hat - v): its velocity error is its epsilon error divided by abar_t. On SD2.1's
 schedule 1 / abar_t averages 21.3 over t (3.6 at t = 500, 214.6 at t = 999), so a beta tuned on epsilon models is
 ~21x stronger on raw velocity errors. `epsilon_units` gives the factor that converts.
+
+The flow-matching transformers (SD3, FLUX) are trained on rectified flow's velocity (`flow.FlowNoising`); their
+errors stay in those units.
 """
 
 from __future__ import annotations
@@ -45,37 +48,53 @@ class PairDraws:
     training (precomputed reference errors) sees exactly what the training step will."""
 
     keep: list[bool]          # False: the pair is conditioned on the empty prompt (prompt dropout)
-    timesteps: torch.Tensor   # (pairs,) long
+    timesteps: torch.Tensor   # (pairs,): the training scheduler's (DDPM: long; flow: 1000 s, fp32)
     noise: torch.Tensor       # (pairs, C, H, W): forward noise, shared by the pair's rows
     posterior: torch.Tensor   # (rows, C, H, W): the standard normal draws of each row's VAE posterior sample
 
     @classmethod
     def draw(cls, seed: int, keys: list[tuple[int, int]], latent_shape: tuple[int, ...], rows_per_pair: int,
-             prompt_dropout: float, num_train_timesteps: int) -> PairDraws:
+             prompt_dropout: float, process) -> PairDraws:
+        """`process`: the forward process (`DDPMNoising`, `flow.FlowNoising`), which draws each pair's timestep."""
         keep, timesteps, noise, posterior = [], [], [], []
         for epoch, index in keys:
             state = np.random.SeedSequence([seed, epoch, index, 1]).generate_state(1, np.uint64)[0]
             generator = torch.Generator().manual_seed(int(state))  # [seed, epoch, index] alone seeds augmentation
             keep.append(torch.rand((), generator=generator).item() >= prompt_dropout)
-            timesteps.append(torch.randint(num_train_timesteps, (), generator=generator))
+            timesteps.append(process.draw_timestep(generator, latent_shape))
             noise.append(torch.randn(latent_shape, generator=generator))
             posterior.append(torch.randn((2, *latent_shape), generator=generator))  # winner, loser
         rows = torch.stack(posterior).transpose(0, 1).flatten(0, 1)  # [w_1..w_B, l_1..l_B]
         return cls(keep, torch.stack(timesteps), torch.stack(noise), rows[:rows_per_pair * len(keys)])
 
 
-def noise_rows(scheduler: DDPMScheduler, latents: torch.Tensor, draws: PairDraws) -> NoisedRows:
-    """Forward-noise the rows with the pairs' drawn noise and timesteps, shared by the rows of one pair."""
+class DDPMNoising:
+    """The UNet families' forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at a timestep drawn
+    uniformly from the scheduler's, and the UNet's target (`prediction_target`)."""
+
+    def __init__(self, scheduler: DDPMScheduler):
+        self.scheduler = scheduler
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def draw_timestep(self, generator: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(self.num_train_timesteps, (), generator=generator)
+
+    def noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedRows:
+        return NoisedRows(self.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                          prediction_target(self.scheduler, latents, noise, timesteps))
+
+
+def noise_rows(process, latents: torch.Tensor, draws: PairDraws) -> NoisedRows:
+    """Forward-noise the rows by `process` (`DDPMNoising`, `flow.FlowNoising`) with the pairs' drawn noise and
+    timesteps, shared by the rows of one pair."""
     rows_per_pair = latents.shape[0] // len(draws.keep)
     noise = draws.noise.to(latents.device, latents.dtype).repeat(rows_per_pair, 1, 1, 1)
-    timesteps = draws.timesteps.to(latents.device).repeat(rows_per_pair)
-    return NoisedRows(scheduler.add_noise(latents, noise, timesteps), timesteps,
-                      prediction_target(scheduler, latents, noise, timesteps))
+    return process.noise(latents, noise, draws.timesteps.to(latents.device).repeat(rows_per_pair))
 
 
 def denoising_errors(unet, rows: NoisedRows, cond: Conditioning) -> torch.Tensor:
     """Squared error of the UNet's prediction, averaged over C, H, W in fp32: one number per row."""
-    pred = unet(rows.noisy, rows.timesteps, **cond.unet_kwargs()).sample
+    pred = cond.denoise(unet, rows.noisy, rows.timesteps)
     return (pred.float() - rows.target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
@@ -96,20 +115,27 @@ def epsilon_units(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Te
 
 @dataclass
 class Posteriors:
-    """The VAE's latent distribution of each row (unscaled, in the VAE's dtype), from the VAE or a latent cache."""
+    """The VAE's latent distribution of each row (unscaled, in the VAE's dtype), from the VAE or a latent cache, and
+    the VAE's normalisation: latents = (z - shift_factor) * scaling_factor (shift 0 for the UNet families' VAEs;
+    SD3's and FLUX's have one)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
+    shift_factor: float = 0.0
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
-        """mean + std * noise, times the scaling factor, in fp32: what diffusers' `latent_dist.sample()` gives for
-        that noise."""
-        return (self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)).float() * self.scaling_factor
+        """(mean + std * noise - shift) * scale in fp32: diffusers' `latent_dist.sample()` for that noise,
+        normalised as the pipelines' training scripts do."""
+        return self._normalised(self.mean + self.std * noise.to(self.mean.device, self.mean.dtype))
 
     def mode(self) -> torch.Tensor:
-        """The mean, times the scaling factor, in fp32 (`data.latents=mean`)."""
-        return self.mean.float() * self.scaling_factor
+        """The mean, normalised, in fp32 (`data.latents=mean`)."""
+        return self._normalised(self.mean)
+
+    def _normalised(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        return (z - self.shift_factor if self.shift_factor else z) * self.scaling_factor
 
 
 @torch.no_grad()
@@ -120,4 +146,4 @@ def encode_posteriors(vae, pixel_values: torch.Tensor) -> Posteriors:
     force_upcast) would otherwise run its convolutions in fp16 and return NaN latents."""
     with torch.autocast(vae.device.type, enabled=False):
         posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    return Posteriors(posterior.mean, posterior.std, vae.config.scaling_factor)
+    return Posteriors(posterior.mean, posterior.std, vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0)

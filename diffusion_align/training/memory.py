@@ -3,7 +3,7 @@
 Every model is built from its config on the meta device (no weights, no memory), so the parameter counts are exact
 for the checkpoint. Per process, in bytes:
 
-    weights      the trainable UNet in fp32 (full fine-tune), or a LoRA's frozen base in the frozen dtype (fp32, or
+    weights      the trainable denoiser (UNet or transformer) in fp32 (full fine-tune), or a LoRA's frozen base in the frozen dtype (fp32, or
                  bf16 / fp16 with train.mixed_precision) plus its adapters in fp32
     gradients    4 per trainable parameter (fp32)
     optimizer    AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor 4 per entry of its factored second moment (a
@@ -57,17 +57,18 @@ class ModelCounts:
 def count_models(cfg: Config) -> ModelCounts:
     """Build the config's UNet (with its LoRA), VAE and text encoders on the meta device and count them; run one
     meta forward of a micro-batch to count the activations autograd keeps."""
+    import diffusers
     import transformers
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from ..models.loading import pipeline_index, unet_family
+    from ..models.loading import pipeline_family, pipeline_index
     from ..models.policy import lora_config
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
-    family, unet_config = unet_family(m.pretrained, index, m.revision)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
+    family, unet_config = pipeline_family(m.pretrained, index, m.revision)
+    with init_empty_weights(include_buffers=True):  # SD3's position table is a buffer of up to 0.9 GB
+        unet = getattr(diffusers, family.denoiser_class).from_config(unet_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
             m.pretrained, subfolder="vae", revision=m.revision))
         encoders = []
@@ -77,12 +78,12 @@ def count_models(cfg: Config) -> ModelCounts:
     unet_params = _numel(unet)
     unet.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
     if m.lora_rank is not None:
-        unet.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules))
+        unet.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules or family.lora_targets))
     trainable = [p for n, p in unet.named_parameters() if m.lora_rank is None or "lora_" in n]
     rows = _rows(cfg)
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    activations = {"plain": _saved_bytes(unet, unet_config, rows, latent, False),
-                   "checkpointed": _saved_bytes(unet, unet_config, rows, latent, True)}
+    activations = {"plain": _saved_bytes(unet, family, unet_config, rows, latent, False),
+                   "checkpointed": _saved_bytes(unet, family, unet_config, rows, latent, True)}
     return ModelCounts(family.name, unet_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), _numel(vae),
                        sum(_numel(e) for e in encoders), activations)
@@ -124,9 +125,10 @@ def _fused_attention(query, key, value, *args, **kwargs):
     return _FusedAttention.apply(query, key, value)
 
 
-def _saved_bytes(unet, unet_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
-    """Bytes of the tensors autograd saves for the backward of one forward (parameters excluded, each storage once),
-    on meta tensors."""
+def _saved_bytes(unet, family, unet_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
+    """Bytes of the tensors autograd saves for the backward of one forward of the denoiser as its family calls it
+    (parameters excluded, each storage once), on meta tensors."""
+    from ..models.families import TextStates
     from unittest import mock
     params = {p.untyped_storage()._cdata for p in unet.parameters()}
     seen, total = set(), 0
@@ -142,16 +144,16 @@ def _saved_bytes(unet, unet_config: dict, rows: int, latent: int, checkpointed: 
     unet.train()
     if checkpointed:
         unet.enable_gradient_checkpointing()
-    sample = torch.zeros(rows, unet_config["in_channels"], latent, latent, device="meta")
-    text = torch.zeros(rows, 77, unet_config["cross_attention_dim"], device="meta")
-    added = None
-    if unet_config.get("addition_embed_type") == "text_time":
-        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-        added = {"text_embeds": torch.zeros(rows, pooled, device="meta"),
-                 "time_ids": torch.zeros(rows, 6, device="meta")}
+    channels, tokens, width, pooled = family.input_shapes(unet_config)
+    sample = torch.zeros(rows, channels, latent, latent, device="meta")
+    texts = TextStates(torch.zeros(rows, tokens, width, device="meta"),
+                       None if pooled is None else torch.zeros(rows, pooled, device="meta"))
+    sizes = torch.zeros(rows, 2, dtype=torch.long)  # SDXL's size ids: their values do not change the shapes
+    cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(unet_config))
+    timesteps = torch.zeros(rows, device="meta", dtype=torch.long if family.denoiser == "unet" else torch.float32)
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)):
-        unet(sample, torch.zeros(rows, dtype=torch.long, device="meta"), text, added_cond_kwargs=added)
+        cond.denoise(unet, sample, timesteps)
     if checkpointed:
         unet.disable_gradient_checkpointing()
     return total

@@ -39,6 +39,7 @@ class Method:
     objective: Callable[[Errors, MethodConfig], tuple[torch.Tensor, dict]]  # cfg.beta already resolved
     default_beta: float | None
     published_betas: tuple[float, float] | None = None  # the lowest and highest beta the method's papers used
+    flow_beta: float | None = None  # the published beta on flow-matching transformers' velocity errors (SD3, FLUX)
     needs_reference: bool = True
     rows_per_pair: int = 2  # 2: winner and loser rows; 1: winners only
     per_image_captions: bool = False  # DCPO: each row conditioned on its own image's caption
@@ -65,16 +66,26 @@ class Method:
         return smpo_pref_prob(batch[f"{cfg.pref_column}_w"], batch[f"{cfg.pref_column}_l"], cfg.score_min,
                               cfg.score_max)
 
-    def beta_warning(self, beta: float) -> str | None:
-        """A message when `beta` is more than 10x outside the range this method was published with."""
-        if self.published_betas is None:
-            return None
-        low, high = self.published_betas
-        if low / 10 <= beta <= high * 10:
-            return None
+    def resolve_beta(self, beta: float | None, flow: bool) -> tuple[float | None, str | None]:
+        """(the beta to train with, a warning or None): method.beta, or the method's published default for the
+        family's kind (UNet, or flow-matching transformer); a beta far from the published ones, or a flow model
+        trained with a beta published for UNets only, is warned about."""
+        if beta is None:
+            if flow and self.flow_beta is None and self.default_beta is not None:
+                return self.default_beta, (f"{self.name} publishes no beta for flow-matching models; training with "
+                                           f"its UNet default {self.default_beta:g}, whose scale may not carry over "
+                                           "to velocity errors: tune method.beta")
+            return (self.flow_beta if flow and self.flow_beta is not None else self.default_beta), None
+        low, high = ((self.flow_beta, self.flow_beta) if flow and self.flow_beta is not None
+                     else self.published_betas or (None, None))
+        if low is None or low / 10 <= beta <= high * 10:
+            return beta, None
         published = f"{low:g}" if low == high else f"{low:g} to {high:g}"
-        return (f"method.beta={beta:g} is far from {self.name}'s published beta ({published}); if it was meant for "
-                f"another method, set method.beta=null to use {self.name}'s default ({self.default_beta:g})")
+        default = self.flow_beta if flow and self.flow_beta is not None else self.default_beta
+        on_flow = " on flow-matching models" if flow and self.flow_beta is not None else ""
+        return beta, (f"method.beta={beta:g} is far from {self.name}'s published beta ({published}){on_flow}; if it "
+                      f"was meant for another method, set method.beta=null to use {self.name}'s default "
+                      f"({default:g})")
 
 
 def _dpo(err: Errors, cfg: MethodConfig):
@@ -97,9 +108,10 @@ def _sft(err: Errors, cfg: MethodConfig):
 
 
 # Published betas: Diffusion-DPO 5000 (authors' SD1.5 and SDXL launchers), MaPO 0.1 (paper and code), SmPO 2000
-# (SD1.5) and 5000 (SDXL), DCPO 500 (paper); see ../shared/reference/methods.md.
+# (SD1.5) and 5000 (SDXL), DCPO 500 (paper); see ../shared/reference/methods.md. On flow-matching transformers:
+# Flow-DPO 100 (yifan123/flow_grpo config/dpo.py on SD3.5-M, the same loss on mean velocity errors).
 METHODS = {
-    "dpo": Method("dpo", _dpo, default_beta=5000.0, published_betas=(5000.0, 5000.0)),
+    "dpo": Method("dpo", _dpo, default_beta=5000.0, published_betas=(5000.0, 5000.0), flow_beta=100.0),
     "mapo": Method("mapo", _mapo, default_beta=0.1, published_betas=(0.1, 0.1), needs_reference=False),
     "smpo": Method("smpo", _smpo, default_beta=5000.0, published_betas=(2000.0, 5000.0), soft_labels=True,
                    inversion=True),

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
-from ..models.loading import pipeline_index
+from ..models.loading import pipeline_family, pipeline_index
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
 from ..progress import progress
@@ -108,6 +108,12 @@ def train_online(cfg: Config) -> TrainResult:
     """Run pref_grpo or grpo (see the module docstring) and save the final model."""
     check_online_config(cfg)
     o, t = cfg.online, cfg.train
+    family, _ = pipeline_family(cfg.model.pretrained, pipeline_index(cfg.model.pretrained, cfg.model.revision),
+                                cfg.model.revision)
+    if family.denoiser != "unet":
+        raise ConfigError(f"{cfg.model.pretrained} is a {family} pipeline: the online methods sample with DDIM and "
+                          "train the UNet families (sd, sd2, sdxl) only so far; the offline ones (dpo, mapo, smpo, "
+                          "dcpo, sft) train it")
     prompts = read_prompts(o.prompts)
     accelerator, output_dir = start_run(cfg)
     device, main = accelerator.device, accelerator.is_main_process

@@ -53,7 +53,7 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: Family, summ
         else:
             # reload the untouched parts from the source so the saved pipeline keeps their original precision
             m = cfg.model
-            pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, unet=unet)
+            pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, **{family.denoiser: unet})
             pipeline.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(model_card(cfg, family, summary))
@@ -61,7 +61,8 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: Family, summ
 
 
 def model_card(cfg: Config, family: Family, summary: dict) -> str:
-    kind = f"LoRA (rank {cfg.model.lora_rank})" if cfg.model.lora_rank is not None else "full UNet fine-tune"
+    kind = f"LoRA (rank {cfg.model.lora_rank})" if cfg.model.lora_rank is not None else \
+        f"full {'UNet' if family.denoiser == 'unet' else family.denoiser} fine-tune"
     if cfg.model.lora_rank is not None:
         usage = (f'pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")\n'
                  f'pipe.load_lora_weights("path/to/final", weight_name="{LORA_WEIGHTS}")')
@@ -88,7 +89,7 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
         "",
         *([f"For ComfyUI, AUTOMATIC1111 and Forge: `{KOHYA_WEIGHTS}` (their `models/Lora/` folder). "
            "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline.", ""]
-          if cfg.model.lora_rank is not None else []),
+          if cfg.model.lora_rank is not None and family.kohya_version is not None else []),
         "The full resolved training configuration is in `training_config.yaml`.",
     ]
     return "\n".join(lines) + "\n"

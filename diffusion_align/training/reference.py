@@ -101,7 +101,7 @@ def reference_unet(unet: torch.nn.Module, lora: bool, device: torch.device, dtyp
 
 
 def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, make_unet: Callable[[], torch.nn.Module],
-                         scheduler, autocast, batch_size: int, num_workers: int = 0) -> ReferenceErrors:
+                         autocast, batch_size: int, num_workers: int = 0) -> ReferenceErrors:
     """The reference errors of every pair in every epoch of `key` (loaded from `folder` when made with that key);
     `make_unet()` gives the reference UNet, and is called only when the errors are computed."""
     path = folder / REFERENCE_FILE
@@ -123,7 +123,7 @@ def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, mak
             continue
         with torch.no_grad(), autocast():
             latents, cond, draws = inputs(batch)
-            rows = denoising_errors(unet, noise_rows(scheduler, latents, draws), cond).float().cpu()
+            rows = denoising_errors(unet, noise_rows(inputs.process, latents, draws), cond).float().cpu()
         epoch_of, index_of = zip(*batch["keys"])
         errors[list(epoch_of), list(index_of)] = rows.view(rows_per_pair, -1).T
     folder.mkdir(parents=True, exist_ok=True)

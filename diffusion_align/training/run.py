@@ -141,19 +141,21 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         parts.unet.enable_gradient_checkpointing()
     if cfg.model.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
-    # the base UNet's digest keys the precomputed reference errors and labels a kohya LoRA: hashed once (local
+    # the base denoiser's digest keys the precomputed reference errors and labels a kohya LoRA: hashed once (local
     # weights are read whole)
-    unet_digest = (component_digest(cfg.model.pretrained, "unet", cfg.model.revision, cfg.model.variant)
-                   if cfg.model.lora_rank is not None or before_policy is not None else None)
+    m = cfg.model
+    unet_digest = (component_digest(m.pretrained, parts.family.denoiser, m.revision, m.variant)
+                   if m.lora_rank is not None or before_policy is not None else None)
     if before_policy is not None:
         before_policy(parts, frozen_dtype, unet_digest)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
-    kohya = None if cfg.model.lora_rank is None else kohya_labels(
+    kohya = None if cfg.model.lora_rank is None or parts.family.kohya_version is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
     # sharded, the policy is made on the CPU and each block moves to the device as it is sharded: no process
     # ever holds the whole UNet there
     fsdp = sharding.startswith("fsdp2")
-    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules,
+    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha,
+                    cfg.model.lora_target_modules or parts.family.lora_targets,
                     parts.family, needs_reference, cfg.model.ref_offload, "cpu" if fsdp else device, frozen_dtype,
                     kohya)
     if fsdp:

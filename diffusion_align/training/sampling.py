@@ -127,10 +127,8 @@ def guided_output(unet, sample: torch.Tensor, timestep, cond: Conditioning, unco
     `timestep`: one for all rows, or a tensor of one per row."""
     if torch.is_tensor(timestep) and timestep.ndim:
         timestep = torch.cat([timestep, timestep])
-    both = Conditioning(torch.cat([uncond.encoder_hidden_states, cond.encoder_hidden_states]),
-                        None if cond.added_cond_kwargs is None else
-                        {k: torch.cat([uncond.added_cond_kwargs[k], v]) for k, v in cond.added_cond_kwargs.items()})
-    out_uncond, out_cond = unet(torch.cat([sample, sample]), timestep, **both.unet_kwargs()).sample.chunk(2)
+    both = Conditioning.cat([uncond, cond])
+    out_uncond, out_cond = both.denoise(unet, torch.cat([sample, sample]), timestep).chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 
 

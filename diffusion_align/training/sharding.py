@@ -1,12 +1,12 @@
-"""Sharded training, `train.sharding`: the UNet's weights, gradients and optimiser states split over the processes
+"""Sharded training, `train.sharding`: the denoiser's weights, gradients and optimiser states split over the processes
 by FSDP2 (`torch.distributed.fsdp.fully_shard`), so that a full fine-tune too large for one device in data-parallel
 training fits on several.
 
 - `fsdp2`: every block the wrap policy names (`BLOCK_CLASSES`: the UNet's down, mid and up blocks and its
-  transformer blocks) is a unit whose weights are gathered for its forward and backward and freed after; what is
-  left (embeddings, first and last convolutions) is the root unit. Each process keeps 1/N of every weight, of its
-  gradient and of its Adam moments. With train.mixed_precision=bf16 the weights are gathered and computed in bf16
-  and gradients are reduced in fp32.
+  transformer blocks; SD3's joint and FLUX's double- and single-stream transformer blocks) is a unit whose weights
+  are gathered for its forward and backward and freed after; what is left (embeddings, first and last layers) is the
+  root unit. Each process keeps 1/N of every weight, of its gradient and of its Adam moments. With
+  train.mixed_precision=bf16 the weights are gathered and computed in bf16 and gradients are reduced in fp32.
 - `fsdp2-offload`: the same, with the shards and the optimiser kept in CPU memory and moved in for each unit.
 - A full fine-tune's frozen reference copy is sharded the same way (or not loaded: method.precomputed_reference);
   a LoRA's frozen base is sharded with its adapters, which alone train, and the adapter-off reference is the same
@@ -50,7 +50,8 @@ from ..files import save_torch
 # the wrap policy: each module of these classes is sharded as one unit (as accelerate's
 # fsdp_transformer_layer_cls_to_wrap names them in configs/accelerate/fsdp2.yaml)
 BLOCK_CLASSES = ("BasicTransformerBlock", "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
-                 "UNetMidBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+                 "UNetMidBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "JointTransformerBlock", "FluxTransformerBlock",
+                 "FluxSingleTransformerBlock")
 SHARDED_STATE = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 

@@ -19,10 +19,11 @@ from accelerate import Accelerator
 from ..config import Config, ConfigError
 from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
+from ..models.loading import pipeline_family, pipeline_index
 from ..progress import progress
 from ..rewards.labeling import reward_scores
 from .checkpoints import save_checkpoint
-from .inputs import PairInputs
+from .inputs import PairInputs, forward_process
 from .inversion import invert_rows
 from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
@@ -44,12 +45,18 @@ def train(cfg: Config) -> TrainResult:
     accelerator, output_dir = start_run(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     world, effective_batch = accelerator.num_processes, accelerator.num_processes * t.batch_size * t.grad_accum
-    beta = method.default_beta if cfg.method.beta is None else cfg.method.beta
-    if main and (warning := method.beta_warning(beta)):
+    family, _ = pipeline_family(cfg.model.pretrained, pipeline_index(cfg.model.pretrained, cfg.model.revision),
+                                cfg.model.revision)
+    beta, warning = method.resolve_beta(cfg.method.beta, flow=family.denoiser == "transformer")
+    if main and warning:
         logger.warning(warning)
     method_cfg = dataclasses.replace(cfg.method, beta=beta)
     if cfg.method.inversion_steps and not method.inversion:
         raise ConfigError(f"method.inversion_steps is an smpo setting; {method.name} noises with forward noise")
+    if method.inversion and cfg.method.inversion_steps is None and family.inversion_steps is None:
+        raise ConfigError(f"smpo on {family}: SmPO publishes no inversion setting for flow-matching models; set "
+                          "method.inversion_steps (SmPO inverts SD1.5 in 5 steps and SDXL in 10), or 0 for forward "
+                          "noise")
     if cfg.method.precomputed_reference:
         check_precomputable(cfg, method)
     lr = t.lr * effective_batch if t.scale_lr else t.lr
@@ -86,8 +93,9 @@ def train(cfg: Config) -> TrainResult:
 
     def pair_inputs(parts, frozen_dtype) -> PairInputs:
         return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
-                          parts.noise_scheduler.config.num_train_timesteps, device, parts.vae, parts.tokenizers,
-                          parts.text_encoders, cache, text_dtype=frozen_dtype, latents=cfg.data.latents)
+                          forward_process(parts.family, parts.noise_scheduler), device, parts.vae, parts.tokenizers,
+                          parts.text_encoders, cache, text_dtype=frozen_dtype, latents=cfg.data.latents,
+                          guidance=parts.guidance)
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
@@ -100,7 +108,7 @@ def train(cfg: Config) -> TrainResult:
                                              pair_inputs(parts, frozen_dtype),
                                              lambda: reference_unet(parts.unet, cfg.model.lora_rank is not None,
                                                                     device, frozen_dtype),
-                                             parts.noise_scheduler, accelerator.autocast,
+                                             accelerator.autocast,
                                              cfg.method.reference_batch_size or 4 * t.batch_size, workers)
 
     models = set_up_models(cfg, accelerator, method.needs_reference and not precomputed, lr,
@@ -111,7 +119,7 @@ def train(cfg: Config) -> TrainResult:
     convert_units = parts.prediction_type == "v_prediction" and cfg.method.v_prediction_errors == "epsilon"
     inversion_steps = 0
     if method.inversion:
-        inversion_steps = (parts.family.inversion_steps if cfg.method.inversion_steps is None
+        inversion_steps = (family.inversion_steps if cfg.method.inversion_steps is None
                            else cfg.method.inversion_steps)
 
     # randomness: each pair's draws are seeded by (seed, epoch, pair), so a resumed run needs only its place
@@ -160,9 +168,9 @@ def train(cfg: Config) -> TrainResult:
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         latents, cond, draws = inputs(batch)  # the VAE and text encoders run in their own dtypes, outside autocast
         if inversion_steps:  # the policy inverts without grad; calling it unwrapped skips DDP's bookkeeping
-            noised = invert_rows(policy.unet, parts.noise_scheduler, latents, draws.timesteps, cond, inversion_steps)
+            noised = invert_rows(policy.unet, inputs.process, latents, draws.timesteps, cond, inversion_steps)
         else:
-            noised = noise_rows(parts.noise_scheduler, latents, draws)
+            noised = noise_rows(inputs.process, latents, draws)
         errors = Errors(denoising_errors(unet, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
                         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
                         preference_units=epsilon_units(parts.noise_scheduler, noised.timesteps) if convert_units

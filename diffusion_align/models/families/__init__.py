@@ -1,13 +1,13 @@
 """Model families: what differs between the pipelines diffusion-align trains, one small module each behind one
-interface (`base.Family`): recognising a pipeline folder, its text encoders and prompt encoding, its LoRA files'
-writer and labels. The UNet families (sd.py: SD1.x and SD2.x; sdxl.py) share DDPM noising and the DDIM sampler
-(training/likelihood.py, training/sampling.py). The flow-matching transformers (sd3.py: SD3 / SD3.5; flux.py:
-FLUX.1) are recognised and encode prompts as their pipelines do; their training (training/flow.py) is not wired
-in yet. A new family is one module here, added to `FAMILIES`."""
+interface (`base.Family`): recognising a pipeline folder, its denoiser and training scheduler, its text encoders
+and prompt encoding, the conditioning and call of its denoiser, its LoRA targets and files' writer and labels. The
+UNet families (sd.py: SD1.x and SD2.x; sdxl.py) train on DDPM's forward process (training/likelihood.py) and
+sample with DDIM (training/sampling.py); the flow-matching transformers (transformer.py; sd3.py: SD3 / SD3.5;
+flux.py: FLUX.1) on rectified flow (training/flow.py). A new family is one module here, added to `FAMILIES`."""
 
 from __future__ import annotations
 
-from .base import Family, TextStates, tokenize
+from .base import Conditioning, Family, TextStates, tokenize
 from .flux import Flux
 from .sd import SD, SD2
 from .sd3 import SD3
@@ -17,7 +17,8 @@ from .sdxl import SDXL
 # SD2 before SD1.x
 FAMILIES = {family.name: family for family in (SD3(), Flux(), SDXL(), SD2(), SD())}
 
-__all__ = ["FAMILIES", "Family", "TextStates", "denoiser_component", "detect_family", "get_family", "tokenize"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "TextStates", "denoiser_component", "detect_family", "get_family",
+           "tokenize"]
 
 
 def get_family(family: Family | str) -> Family:

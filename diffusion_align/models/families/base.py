@@ -1,9 +1,10 @@
-"""What every model family provides (`Family`), and what its text encoders make of a prompt (`TextStates`)."""
+"""What every model family provides (`Family`), what its text encoders make of a prompt (`TextStates`), and what
+its denoiser is conditioned on (`Conditioning`, which calls the denoiser as its family does)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -11,13 +12,61 @@ import torch
 @dataclass
 class TextStates:
     """What the text encoders make of each prompt: the denoiser's encoder_hidden_states and, where the family has
-    one (SDXL), the pooled embedding. A latent cache stores these per text."""
+    one (SDXL, SD3, FLUX), the pooled embedding. A latent cache stores these per text."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.hidden, self.pooled))
+
+
+@dataclass
+class Conditioning:
+    """One denoiser row's conditioning, every tensor one per row, and the family whose denoiser reads it
+    (`denoise` calls it so). The UNet families read `encoder_hidden_states` and SDXL also `added_cond_kwargs`
+    (pooled text embedding and size ids); SD3 and FLUX read `encoder_hidden_states` and `pooled_projections`, and
+    FLUX.1-dev `guidance`, its distilled guidance scale."""
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict | None = None
+    pooled_projections: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+    family: Family | None = None  # None: a UNet's (the UNet families call it alike)
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        """The rows `index` (e.g. each prompt's row repeated for its group of images)."""
+        return self._map(lambda x: x[index])
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """The rows of `parts` (of one family) one after another."""
+        return parts[0]._map(lambda *xs: torch.cat(xs), *parts[1:])
+
+    def _map(self, fn, *others: Conditioning) -> Conditioning:
+        values = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), [getattr(o, f.name) for o in others]
+            if isinstance(mine, torch.Tensor):
+                values[f.name] = fn(mine, *theirs)
+            elif isinstance(mine, dict):
+                values[f.name] = {k: fn(v, *[t[k] for t in theirs]) for k, v in mine.items()}
+            else:
+                values[f.name] = mine
+        return Conditioning(**values)
+
+    def denoise(self, model, sample: torch.Tensor, timesteps) -> torch.Tensor:
+        """The denoiser's output for latents `sample` (N, C, H, W) at `timesteps` (the training scheduler's: one for
+        all rows, or one per row), in the latents' layout."""
+        if self.family is None:
+            return unet_output(model, sample, timesteps, self)
+        return self.family.denoise(model, sample, timesteps, self)
+
+
+def unet_output(unet, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+    """A UNet2DConditionModel's prediction under `cond`."""
+    kwargs = {} if cond.added_cond_kwargs is None else {"added_cond_kwargs": cond.added_cond_kwargs}
+    return unet(sample, timesteps, encoder_hidden_states=cond.encoder_hidden_states, **kwargs).sample
 
 
 def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
@@ -29,26 +78,51 @@ def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = Non
 
 
 class Family(ABC):
-    """One model family: how its pipeline folder is recognised, which text encoders it has and how they encode a
-    prompt, and how its LoRA files are written and labelled. One instance per family (`families.FAMILIES`); a
-    family compares equal to its name, so a name given in a config, on the command line or in a test selects it."""
+    """One model family: how its pipeline folder is recognised, its denoiser and training scheduler, which text
+    encoders it has and how they encode a prompt, how its denoiser is called, and how its LoRA files are written and
+    labelled. One instance per family (`families.FAMILIES`); a family compares equal to its name, so a name given in
+    a config, on the command line or in a test selects it."""
 
     name: str
     denoiser: str                   # the pipeline component that denoises: "unet", or "transformer" (SD3, FLUX)
+    denoiser_class: str             # its diffusers class
+    training_scheduler: str         # the diffusers scheduler whose forward process training noises with
     text_encoders: tuple[str, ...]  # the pipeline's text-encoder components, in encoding order
+    lora_targets: tuple[str, ...]   # the denoiser modules a LoRA adapts unless model.lora_target_modules says
     lora_pipeline: str              # the diffusers pipeline whose `save_lora_weights` writes its LoRA files
-    kohya_version: str              # kohya's `ss_base_model_version`, which A1111, Forge and ComfyUI read
-    kohya_architecture: str         # and its `modelspec.architecture`
-    inversion_steps: int            # SmPO's ReNoise inversion steps at the family's resolution (its paper)
+    kohya_version: str | None       # kohya's `ss_base_model_version`, which A1111, Forge and ComfyUI read (None:
+    kohya_architecture: str | None  # no kohya file is written); and its `modelspec.architecture`
+    inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
+                                    # none published)
 
     @abstractmethod
-    def matches(self, index: dict, unet_config: dict) -> bool:
+    def matches(self, index: dict, denoiser_config: dict) -> bool:
         """Whether a pipeline (its model_index.json and its denoiser's config) is of this family; asked in
         `FAMILIES` order, of the families whose denoiser the pipeline has."""
 
     @abstractmethod
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
         """The text encoders' states for each prompt, in the encoders' own dtype, outside any autocast."""
+
+    def conditioning(self, texts: TextStates, original_sizes: torch.Tensor | None = None,
+                     crop_top_left: torch.Tensor | None = None, resolution: int | None = None,
+                     guidance: float | None = None) -> Conditioning:
+        """The denoiser's conditioning for one row per text. SDXL also needs each row's original size and crop (long
+        tensors of shape (rows, 2)) and the training resolution; FLUX.1-dev its guidance scale."""
+        return Conditioning(texts.hidden)
+
+    def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+        """`Conditioning.denoise` for this family's denoiser."""
+        return unet_output(model, sample, timesteps, cond)
+
+    def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
+        """(latent channels, text tokens, text width, pooled width or None) of the denoiser's inputs: what the
+        memory planner builds a forward from."""
+        return denoiser_config["in_channels"], 77, denoiser_config["cross_attention_dim"], None
+
+    def training_guidance(self, denoiser_config: dict) -> float | None:
+        """The guidance scale a guidance-distilled denoiser (FLUX.1-dev) is trained with; None for the others."""
+        return None
 
     def zeros_for_empty_prompt(self, index: dict) -> bool:
         """Whether the pipeline guides against zero text embeddings rather than the encoded "" (`index`: its
@@ -70,3 +144,13 @@ class Family(ABC):
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+class UNetFamily(Family):
+    """SD1.x, SD2.x and SDXL: a UNet2DConditionModel trained on DDPM's forward process."""
+
+    denoiser = "unet"
+    denoiser_class = "UNet2DConditionModel"
+    # whatever sampler the pipeline ships, training noise follows the DDPM forward process of its beta schedule
+    training_scheduler = "DDPMScheduler"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts

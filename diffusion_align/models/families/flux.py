@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, TextStates, tokenize
+from .base import Conditioning, TextStates, tokenize
+from .transformer import TransformerFamily
 
 
-class Flux(Family):
+# the guidance scale FLUX.1-dev trains with: [D] diffusers' examples/dreambooth/train_dreambooth_lora_flux.py
+# (--guidance_scale, default 3.5, passed when the transformer's config has guidance_embeds), also FluxPipeline's
+# default
+TRAINING_GUIDANCE = 3.5
+
+
+class Flux(TransformerFamily):
     name = "flux"
-    denoiser = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
     text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
     lora_pipeline = "FluxPipeline"
+    # attention and feed-forward of both streams: diffusers' examples/dreambooth/train_dreambooth_lora_flux.py
+    # (default); the single-stream blocks' attention projections match "attn.to_q" etc. too
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2")
     max_sequence_length = 512  # T5 tokens: `FluxPipeline.__call__` and `encode_prompt`'s default
-
-    def matches(self, index: dict, unet_config: dict) -> bool:
-        # FLUX.1 dev and schnell, and the pipelines built on the same transformer
-        return (index.get("transformer") or [None, None])[1] == "FluxTransformer2DModel"
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
@@ -39,12 +47,49 @@ class Flux(Family):
                         output_hidden_states=False)[0]
         return TextStates(states.to(device), pooled)
 
-    def kohya_base(self, prediction_type: str) -> tuple[str, str]:
-        raise NotImplementedError("kohya-format LoRA files are not written for FLUX yet: they need BFL module names "
-                                  "(lora_unet_double_blocks_*, lora_unet_single_blocks_*); save the diffusers format "
-                                  "(FluxPipeline.save_lora_weights) instead")
+    def conditioning(self, texts: TextStates, original_sizes=None, crop_top_left=None, resolution=None,
+                     guidance: float | None = None) -> Conditioning:
+        rows = len(texts.hidden)
+        scale = None if guidance is None else torch.full((rows,), float(guidance), device=texts.hidden.device)
+        return Conditioning(texts.hidden, pooled_projections=texts.pooled, guidance=scale, family=self)
 
-    @property
-    def inversion_steps(self) -> int:
-        raise NotImplementedError("SmPO's ReNoise inversion is a DDIM recipe for the UNet families; no "
-                                  "flow-matching setting is published, so FLUX has no default inversion_steps")
+    def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
+        c = denoiser_config  # the transformer reads 2x2 patches of the latents: 4 channels of its input each
+        return c["in_channels"] // 4, self.max_sequence_length, c["joint_attention_dim"], c["pooled_projection_dim"]
+
+    def training_guidance(self, denoiser_config: dict) -> float | None:
+        return TRAINING_GUIDANCE if denoiser_config.get("guidance_embeds") else None
+
+    def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+        """The transformer on `sample`'s 2x2 patches packed into tokens (`pack_latents`), with FluxPipeline's ids
+        and timestep (the scheduler's / 1000, i.e. s), unpacked back into the latents' layout."""
+        n, _, height, width = sample.shape
+        timesteps = torch.as_tensor(timesteps, device=sample.device).expand(n) / 1000
+        text_ids = torch.zeros(cond.encoder_hidden_states.shape[1], 3, device=sample.device, dtype=sample.dtype)
+        out = model(hidden_states=pack_latents(sample), timestep=timesteps, guidance=cond.guidance,
+                    pooled_projections=cond.pooled_projections, encoder_hidden_states=cond.encoder_hidden_states,
+                    txt_ids=text_ids, img_ids=latent_image_ids(height, width, sample.device, sample.dtype),
+                    return_dict=False)[0]
+        return unpack_latents(out, height, width)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/2 * W/2, 4C): each 2x2 patch one token, its channels (c, dy, dx) in that order, tokens
+    row by row (FluxPipeline._pack_latents)."""
+    n, c, h, w = latents.shape
+    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for latents `height` x `width`."""
+    n, _, channels = tokens.shape
+    c = channels // 4
+    return tokens.view(n, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(H/2 * W/2, 3): each packed token's (0, row, column), FLUX's rotary positions of the image tokens
+    (FluxPipeline._prepare_latent_image_ids)."""
+    rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
+    return ids.to(device, dtype)

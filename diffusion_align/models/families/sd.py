@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from torch import autocast, no_grad
 
-from .base import Family, TextStates, tokenize
+from .base import TextStates, UNetFamily, tokenize
 
 
-class SD(Family):
+class SD(UNetFamily):
     name = "sd"
-    denoiser = "unet"
     text_encoders = ("text_encoder",)
     lora_pipeline = "StableDiffusionPipeline"
     kohya_version, kohya_architecture = "sd_v1", "stable-diffusion-v1"
     inversion_steps = 5  # SmPO's SD1.5 setting
 
-    def matches(self, index: dict, unet_config: dict) -> bool:
-        return not _is_sd2(unet_config)
+    def matches(self, index: dict, denoiser_config: dict) -> bool:
+        return not _is_sd2(denoiser_config)
 
     @no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
@@ -30,8 +29,8 @@ class SD2(SD):
     name = "sd2"
     kohya_version, kohya_architecture = "sd_v2", "stable-diffusion-v2-512"
 
-    def matches(self, index: dict, unet_config: dict) -> bool:
-        return _is_sd2(unet_config)
+    def matches(self, index: dict, denoiser_config: dict) -> bool:
+        return _is_sd2(denoiser_config)
 
     def kohya_base(self, prediction_type: str) -> tuple[str, str]:
         # the 768 px v-prediction models (SD 2.0-v, 2.1) are their own architecture to the loaders

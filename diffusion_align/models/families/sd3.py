@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, TextStates, tokenize
+from .base import Conditioning, TextStates, tokenize
+from .transformer import TransformerFamily
 
 
-class SD3(Family):
+class SD3(TransformerFamily):
     name = "sd3"
-    denoiser = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_pipeline = "StableDiffusion3Pipeline"
+    # both streams' attention projections: diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py (default)
+    lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v")
     max_sequence_length = 256  # T5 tokens: `StableDiffusion3Pipeline.__call__` and `encode_prompt`'s default
-
-    def matches(self, index: dict, unet_config: dict) -> bool:
-        # SD3, SD3.5 and their img2img / inpaint / ControlNet pipelines all denoise with this transformer
-        return (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel"
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
@@ -42,13 +42,12 @@ class SD3(Family):
             clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
             return TextStates(torch.cat([clip_states, t5_states], dim=-2), torch.cat(pooled, dim=-1))
 
-    def kohya_base(self, prediction_type: str) -> tuple[str, str]:
-        # sd-scripts labels SD3 LoRAs by variant ("stable-diffusion-3-" + its model type, library/sai_model_spec.py),
-        # and its SD3 LoRAs name MMDiT modules, not diffusers' transformer ones
-        raise NotImplementedError("kohya-format LoRA files are not written for SD3 yet; save the diffusers "
-                                  "format (StableDiffusion3Pipeline.save_lora_weights) instead")
+    def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
+        c = denoiser_config  # both CLIPs' 77 tokens, then T5's
+        return c["in_channels"], 77 + self.max_sequence_length, c["joint_attention_dim"], c["pooled_projection_dim"]
 
-    @property
-    def inversion_steps(self) -> int:
-        raise NotImplementedError("SmPO's ReNoise inversion is a DDIM recipe for the UNet families; no "
-                                  "flow-matching setting is published, so SD3 has no default inversion_steps")
+    def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+        # the transformer takes the scheduler's timestep (1000 s), as `StableDiffusion3Pipeline` passes it
+        timesteps = torch.as_tensor(timesteps, device=sample.device).expand(len(sample))
+        return model(hidden_states=sample, timestep=timesteps, encoder_hidden_states=cond.encoder_hidden_states,
+                     pooled_projections=cond.pooled_projections, return_dict=False)[0]

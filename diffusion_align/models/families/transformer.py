@@ -1,0 +1,28 @@
+"""What the flow-matching transformer families (SD3 / SD3.5, FLUX.1) share: a pipeline folder recognised by its
+transformer's class, rectified-flow training (`FlowMatchEulerDiscreteScheduler`'s forward process:
+training/flow.py), and LoRA files in diffusers' format only."""
+
+from __future__ import annotations
+
+from .base import Conditioning, Family, TextStates
+
+
+class TransformerFamily(Family):
+    denoiser = "transformer"
+    training_scheduler = "FlowMatchEulerDiscreteScheduler"
+    kohya_version = kohya_architecture = None  # kohya / BFL-named files are not written for these yet
+
+    def matches(self, index: dict, denoiser_config: dict) -> bool:
+        # the family's text-to-image pipeline and its img2img / inpaint / ControlNet ones share the transformer
+        return (index.get("transformer") or [None, None])[1] == self.denoiser_class
+
+    def conditioning(self, texts: TextStates, original_sizes=None, crop_top_left=None, resolution=None,
+                     guidance: float | None = None) -> Conditioning:
+        return Conditioning(texts.hidden, pooled_projections=texts.pooled, family=self)
+
+    def kohya_base(self, prediction_type: str) -> tuple[str, str]:
+        raise NotImplementedError(f"kohya-format LoRA files are not written for {self.name} yet; diffusers' format "
+                                  f"({self.lora_pipeline}.save_lora_weights) is")
+
+    # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
+    inversion_steps = None

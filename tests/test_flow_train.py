@@ -1,0 +1,261 @@
+"""The offline methods on the flow-matching transformers (SD3, FLUX.1-dev), end to end on tiny pipelines loaded
+through the real loading code: what the transformer received (the normalised VAE latents, the noised latents and
+velocity target by hand, timesteps shared by a pair, the conditioning against the pipelines' own `encode_prompt`,
+FLUX's packed latents, ids and guidance), the errors the objective saw, and the saved LoRA and full models loaded
+back by the pipelines."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+
+from diffusion_align.training import methods, trainer
+from test_train import run
+from test_train_inputs import all_columns, expected_pixels, per_row_error, spy_on_inputs  # noqa: F401 (a fixture)
+
+TRANSFORMERS = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Every transformer call, VAE posterior draw, loader batch and objective call of a run."""
+    log = {"transformer": [], "vae": [], "batches": [], "objective": []}
+    for cls in TRANSFORMERS.values():
+        def forward(self, *args, _forward=cls.forward, **kwargs):
+            out = _forward(self, *args, **kwargs)
+            log["transformer"].append({**{k: v.detach().clone() if torch.is_tensor(v) else v
+                                          for k, v in kwargs.items()},
+                                       "out": out[0].detach().float().clone(), "out_dtype": out[0].dtype})
+            return out
+        monkeypatch.setattr(cls, "forward", forward)
+    spy_on_inputs(monkeypatch, log)
+    return log
+
+
+def picked_rows(pairs, batch):
+    rows = pq.read_table(pairs).to_pylist()
+    picked = [rows[i] for i in batch["indices"]]
+    winners = [r["jpg_0"] if r["label_0"] > r["label_1"] else r["jpg_1"] for r in picked]
+    losers = [r["jpg_1"] if r["label_0"] > r["label_1"] else r["jpg_0"] for r in picked]
+    return picked, winners + losers
+
+
+def normalised_latents(model, pixels, noise):
+    """(mean + std * noise - shift_factor) * scaling_factor of an independently loaded VAE: the latents SD3's and
+    FLUX's training scripts train on."""
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    assert vae.config.shift_factor and vae.config.scaling_factor != 1
+    return (dist.mean + dist.std * noise - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def check_rectified_flow_rows(x_t, t, x0, pairs):
+    """x_t = (1 - s) x0 + s eps with s = t / 1000 per row, eps shared by a pair's rows; returns the velocity target
+    eps - x0."""
+    assert t.dtype == torch.float32 and torch.equal(t[:pairs], t[pairs:])
+    s = (t / 1000).view(-1, 1, 1, 1)
+    assert ((s > 0) & (s < 1)).all()
+    eps = (x_t - (1 - s) * x0) / s
+    assert torch.allclose(eps[:pairs], eps[pairs:], atol=1e-4), "the two images of a pair share their noise"
+    assert 0.5 < eps.std() < 1.5
+    return eps - x0
+
+
+def test_sd3_dpo_rows_noise_target_and_conditioning(tmp_path, tiny_flow_models, tiny_pairs, seen):
+    model = tiny_flow_models["sd3"]
+    run(tmp_path, model, tiny_pairs, "train.max_steps=1", "train.batch_size=3", "data.random_flip=no")
+    picked, images = picked_rows(tiny_pairs, seen["batches"][0])
+    draw = seen["vae"][0]
+    assert torch.allclose(draw["pixels"], torch.stack([expected_pixels(j, 32) for j in images]), atol=1e-5)
+    x0 = normalised_latents(model, draw["pixels"], draw["noise"])
+    assert torch.allclose(draw["latents"], x0, atol=1e-5)
+
+    policy, reference = seen["transformer"]  # LoRA: the reference is the same transformer with adapters off
+    assert torch.equal(policy["hidden_states"], reference["hidden_states"])
+    assert torch.equal(policy["timestep"], reference["timestep"])
+    target = check_rectified_flow_rows(policy["hidden_states"], policy["timestep"], x0, 3)
+    call = seen["objective"][0]
+    assert call["name"] == "diffusion_dpo_loss" and call["kwargs"]["beta"] == 100  # Flow-DPO's published beta
+    model_w, model_l, ref_w, ref_l = call["args"]
+    assert torch.allclose(torch.cat([model_w, model_l]), per_row_error(policy["out"], target), rtol=1e-4)
+    assert torch.allclose(torch.cat([ref_w, ref_l]), per_row_error(reference["out"], target), rtol=1e-4)
+    # both rows of a pair conditioned on its prompt, as StableDiffusion3Pipeline encodes it (up to rounding: the
+    # trainer encodes each distinct prompt once, in a batch of another size)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt([r["caption"] for r in picked] * 2, None, None,
+                                                  do_classifier_free_guidance=False)
+    assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
+    assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
+
+
+def test_flux_dpo_packed_latents_ids_guidance_and_conditioning(tmp_path, tiny_flow_models, tiny_pairs, seen):
+    model = tiny_flow_models["flux"]
+    run(tmp_path, model, tiny_pairs, "train.max_steps=1", "train.batch_size=3", "data.random_flip=no")
+    picked, _ = picked_rows(tiny_pairs, seen["batches"][0])
+    draw = seen["vae"][0]
+    x0 = normalised_latents(model, draw["pixels"], draw["noise"])
+    policy, reference = seen["transformer"]
+    # the latents packed 2x2 into tokens, with their ids and FLUX.1-dev's guidance, as FluxPipeline makes them
+    tokens = policy["hidden_states"]
+    x_t = FluxPipeline._unpack_latents(tokens, 32, 32, vae_scale_factor=2)
+    assert x_t.shape == x0.shape == (6, 16, 16, 16) and tokens.shape == (6, 64, 64)
+    assert torch.equal(FluxPipeline._pack_latents(x_t, 6, 16, 16, 16), tokens)
+    assert torch.equal(policy["img_ids"], FluxPipeline._prepare_latent_image_ids(6, 8, 8, "cpu", torch.float32))
+    assert policy["txt_ids"].shape == (512, 3) and not policy["txt_ids"].any()
+    assert torch.equal(policy["guidance"], torch.full((6,), 3.5))
+    # FluxPipeline passes the transformer the scheduler's timestep / 1000: s itself
+    target = check_rectified_flow_rows(x_t, policy["timestep"] * 1000, x0, 3)
+    model_w, model_l, ref_w, ref_l = seen["objective"][0]["args"]
+    out = FluxPipeline._unpack_latents(policy["out"], 32, 32, vae_scale_factor=2)
+    assert torch.allclose(torch.cat([model_w, model_l]), per_row_error(out, target), rtol=1e-4)
+    ref_out = FluxPipeline._unpack_latents(reference["out"], 32, 32, vae_scale_factor=2)
+    assert torch.allclose(torch.cat([ref_w, ref_l]), per_row_error(ref_out, target), rtol=1e-4)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    with torch.no_grad():
+        hidden, pooled, _ = pipe.encode_prompt([r["caption"] for r in picked] * 2, None)
+    assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
+    assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
+
+
+def probe(transformer, family):
+    """The transformer's output on fixed random inputs shaped for `family`."""
+    g = torch.Generator().manual_seed(0)
+    config = transformer.config
+    if family == "sd3":
+        kwargs = dict(hidden_states=torch.randn(2, 16, 16, 16, generator=g), timestep=torch.tensor([300.0, 800.0]),
+                      encoder_hidden_states=torch.randn(2, 10, config.joint_attention_dim, generator=g),
+                      pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g))
+    else:
+        kwargs = dict(hidden_states=torch.randn(2, 64, 64, generator=g), timestep=torch.tensor([0.3, 0.8]),
+                      encoder_hidden_states=torch.randn(2, 10, config.joint_attention_dim, generator=g),
+                      pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
+                      guidance=torch.full((2,), 3.5), txt_ids=torch.zeros(10, 3),
+                      img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32))
+    with torch.no_grad():
+        return transformer(**kwargs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_loads_into_the_pipeline_as_trained(tmp_path, tiny_flow_models, tiny_pairs, family):
+    """The final LoRA file, loaded by the family's pipeline with `load_lora_weights`, gives the trained
+    transformer's outputs, which differ from the base's; its keys are diffusers' `transformer.` ones."""
+    model = tiny_flow_models[family]
+    result = run(tmp_path, model, tiny_pairs, "train.lr=3e-2")
+    trained = probe(result.unet, family)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    base = probe(pipe.transformer, family)
+    pipe.load_lora_weights(result.final_dir)
+    assert torch.allclose(probe(pipe.transformer, family), trained, atol=1e-5)
+    assert not torch.allclose(base, trained, atol=1e-3)
+    from safetensors.torch import load_file
+    keys = load_file(result.final_dir / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    assert not (result.final_dir / "kohya_lora.safetensors").exists()  # no kohya layout for these families
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_fine_tune_saves_a_pipeline_with_the_trained_transformer(tmp_path, tiny_flow_models, tiny_pairs, family):
+    result = run(tmp_path, tiny_flow_models[family], tiny_pairs, "model.lora_rank=null", "train.lr=1e-3")
+    pipe = DiffusionPipeline.from_pretrained(result.final_dir)
+    assert type(pipe.transformer) is TRANSFORMERS[family]
+    saved, trained = pipe.transformer.state_dict(), result.unet.state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    base = DiffusionPipeline.from_pretrained(tiny_flow_models[family]).transformer.state_dict()
+    assert any(not torch.equal(base[k], saved[k]) for k in saved)
+    assert "full transformer fine-tune" in (result.final_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("method, objective", [("mapo", "mapo_loss"), ("sft", "sft_loss"),
+                                               ("dcpo", "diffusion_dpo_loss"), ("smpo", "smpo_loss")])
+def test_every_offline_method_trains_the_transformer(tmp_path, tiny_flow_models, all_columns, seen, family, method,
+                                                     objective):
+    extra = ["method.pref_scorer=null", "method.inversion_steps=0"] if method == "smpo" else []
+    run(tmp_path, tiny_flow_models[family], all_columns, f"method.name={method}", "train.max_steps=1", *extra)
+    assert [c["name"] for c in seen["objective"]] == [objective]
+    assert all(torch.isfinite(a).all() for a in seen["objective"][0]["args"])
+    rows = 2 if method == "sft" else 4  # winners only for sft
+    assert all(len(call["hidden_states"]) == rows for call in seen["transformer"])
+    assert len(seen["transformer"]) == (1 if method in ("sft", "mapo") else 2)  # a reference pass where it has one
+
+
+def test_smpo_inverts_with_the_euler_ode_and_needs_its_steps_named(tmp_path, tiny_flow_models, all_columns, seen):
+    """SmPO on a flow model noises by inverting the Euler ODE (2 ReNoise-refined steps here, 2 calls each) from the
+    clean latent at timestep 0, and trains on the velocity the inverted latent implies, (z - x0) / s. SmPO publishes
+    no flow setting, so the steps must be named."""
+    from diffusion_align.config import ConfigError
+    model, smpo = tiny_flow_models["sd3"], ["method.name=smpo", "method.pref_scorer=null", "train.max_steps=1"]
+    with pytest.raises(ConfigError, match="SmPO publishes no inversion setting for flow-matching models"):
+        run(tmp_path / "unnamed", model, all_columns, *smpo)
+    run(tmp_path, model, all_columns, *smpo, "method.inversion_steps=2", "data.random_flip=no")
+    x0 = seen["vae"][-1]["latents"]
+    step_1, renoise_1, step_2, renoise_2, policy, reference = seen["transformer"]
+    assert torch.equal(step_1["hidden_states"], x0) and not step_1["timestep"].any()
+    t = policy["timestep"]
+    assert torch.equal(t[:2], t[2:]) and torch.equal(reference["timestep"], t)
+    s = (t / 1000).view(-1, 1, 1, 1)
+    ds = s / 2
+    assert torch.allclose(renoise_1["hidden_states"], x0 + ds * step_1["out"], atol=1e-5)
+    assert torch.allclose(step_2["timestep"], t / 2) and torch.allclose(renoise_2["timestep"], t)
+    z_1 = x0 + ds * (step_1["out"] + renoise_1["out"]) / 2
+    assert torch.allclose(step_2["hidden_states"], z_1, atol=1e-5)
+    z = z_1 + ds * (step_2["out"] + renoise_2["out"]) / 2
+    assert torch.allclose(policy["hidden_states"], z, atol=1e-5)
+    model_w, model_l, *_ = seen["objective"][0]["args"]
+    assert torch.allclose(torch.cat([model_w, model_l]), per_row_error(policy["out"], (z - x0) / s), rtol=1e-3)
+
+
+def test_betas_on_flow_models_are_the_published_ones_or_warned_about():
+    dpo, mapo = methods.METHODS["dpo"], methods.METHODS["mapo"]
+    assert dpo.resolve_beta(None, flow=True) == (100, None) and dpo.resolve_beta(None, flow=False) == (5000, None)
+    beta, warning = mapo.resolve_beta(None, flow=True)
+    assert beta == 0.1 and "mapo publishes no beta for flow-matching models" in warning
+    assert dpo.resolve_beta(5000, flow=True)[1].startswith(
+        "method.beta=5000 is far from dpo's published beta (100) on flow-matching models")
+    assert dpo.resolve_beta(500, flow=True)[1] is None and dpo.resolve_beta(500, flow=False)[1] is None
+
+
+def test_online_methods_refuse_a_flow_pipeline_in_one_line(tmp_path, tiny_flow_models):
+    from pathlib import Path
+
+    from diffusion_align.config import ConfigError, load_config
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny" / "pref-grpo.yaml", [
+        f"model.pretrained={tiny_flow_models['flux']}", f"online.prompts={prompts}",
+        f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="is a flux pipeline: the online methods sample with DDIM and train the UNet "
+                                          "families"):
+        trainer.train(cfg)
+
+
+def test_precomputed_reference_errors_and_the_latent_cache_on_flux_are_the_live_run(tmp_path, tiny_flow_models,
+                                                                                    tiny_pairs):
+    """A FLUX full fine-tune from a latent cache on reference errors computed before training (one batch of 16 pairs,
+    no reference copy) gives the errors and losses of the run that computes them live."""
+    from test_reference import same_run
+    common = ["train.max_steps=4", "data.prompt_dropout=0.3", "train.batch_size=4", "model.lora_rank=null",
+              "train.lr=1e-4", "data.cache=true", "data.cache_dtype=fp32", f"data.cache_dir={tmp_path / 'cache'}"]
+    run(tmp_path / "live", tiny_flow_models["flux"], tiny_pairs, *common)
+    run(tmp_path / "pre", tiny_flow_models["flux"], tiny_pairs, *common, "method.precomputed_reference=true",
+        "method.reference_batch_size=16")
+    same_run(tmp_path / "live" / "run", tmp_path / "pre" / "run")
+
+
+def test_bf16_runs_the_frozen_parts_and_the_transformer_in_bf16_and_the_errors_in_fp32(tmp_path, tiny_flow_models,
+                                                                                      tiny_pairs, seen):
+    """train.mixed_precision=bf16 on FLUX.1-dev, LoRA: T5 and CLIP encode in bf16 (their states reach the
+    transformer so), the frozen base is held in bf16 and the adapters in fp32, the transformer's forward runs under
+    the loop's bf16 autocast on fp32 noised latents, and the errors the objective sees are fp32."""
+    result = run(tmp_path, tiny_flow_models["flux"], tiny_pairs, "train.max_steps=1", "train.mixed_precision=bf16")
+    call = seen["transformer"][0]
+    assert call["encoder_hidden_states"].dtype == call["pooled_projections"].dtype == torch.bfloat16
+    assert call["hidden_states"].dtype == torch.float32 and call["guidance"].dtype == torch.float32
+    assert call["out_dtype"] == torch.bfloat16  # computed under the autocast
+    dtypes = {name: p.dtype for name, p in result.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert all(a.dtype == torch.float32 for a in seen["objective"][0]["args"])
+    assert seen["vae"][0]["latents"].dtype == torch.float32
