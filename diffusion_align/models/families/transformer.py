@@ -11,6 +11,8 @@ class TransformerFamily(Family):
     denoiser = "transformer"
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
     kohya_version = kohya_architecture = None  # kohya / BFL-named files are not written for these yet
+    # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
+    inversion_steps = None
 
     def matches(self, index: dict, denoiser_config: dict) -> bool:
         # the family's text-to-image pipeline and its img2img / inpaint / ControlNet ones share the transformer
@@ -23,6 +25,3 @@ class TransformerFamily(Family):
     def kohya_base(self, prediction_type: str) -> tuple[str, str]:
         raise NotImplementedError(f"kohya-format LoRA files are not written for {self.name} yet; diffusers' format "
                                   f"({self.lora_pipeline}.save_lora_weights) is")
-
-    # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
-    inversion_steps = None
