@@ -142,7 +142,7 @@ def test_generation_from_the_familys_states(pipelines, name):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_kohya_files_are_refused_with_the_reason_and_no_inversion_setting_is_made_up(name):
     family = FAMILY[name]
-    with pytest.raises(NotImplementedError, match="kohya-format LoRA files are not written"):
+    with pytest.raises(ValueError, match="kohya-format LoRA files are not written"):
         family.kohya_base("flow")
     assert family.inversion_steps is None  # SmPO publishes none: a run names its own (test_flow_train.py)
     assert family.lora_pipeline == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]

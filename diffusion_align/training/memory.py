@@ -3,8 +3,8 @@
 Every model is built from its config on the meta device (no weights, no memory), so the parameter counts are exact
 for the checkpoint. Per process, in bytes:
 
-    weights      the trainable denoiser (UNet or transformer) in fp32 (full fine-tune), or a LoRA's frozen base in the frozen dtype (fp32, or
-                 bf16 / fp16 with train.mixed_precision) plus its adapters in fp32
+    weights      the trainable denoiser (UNet or transformer) in fp32 (full fine-tune), or a LoRA's frozen base in
+                 the frozen dtype (fp32, or bf16 / fp16 with train.mixed_precision) plus its adapters in fp32
     gradients    4 per trainable parameter (fp32)
     optimizer    AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor 4 per entry of its factored second moment (a
                  row and a column vector per matrix; no first moment, beta1 unset)

@@ -70,22 +70,21 @@ class Method:
         """(the beta to train with, a warning or None): method.beta, or the method's published default for the
         family's kind (UNet, or flow-matching transformer); a beta far from the published ones, or a flow model
         trained with a beta published for UNets only, is warned about."""
+        on_flow = flow and self.flow_beta is not None  # a beta published for flow models applies
+        default = self.flow_beta if on_flow else self.default_beta
         if beta is None:
-            if flow and self.flow_beta is None and self.default_beta is not None:
-                return self.default_beta, (f"{self.name} publishes no beta for flow-matching models; training with "
-                                           f"its UNet default {self.default_beta:g}, whose scale may not carry over "
-                                           "to velocity errors: tune method.beta")
-            return (self.flow_beta if flow and self.flow_beta is not None else self.default_beta), None
-        low, high = ((self.flow_beta, self.flow_beta) if flow and self.flow_beta is not None
-                     else self.published_betas or (None, None))
+            if flow and not on_flow and default is not None:
+                return default, (f"{self.name} publishes no beta for flow-matching models; training with its UNet "
+                                 f"default {default:g}, whose scale may not carry over to velocity errors: tune "
+                                 "method.beta")
+            return default, None
+        low, high = (self.flow_beta, self.flow_beta) if on_flow else self.published_betas or (None, None)
         if low is None or low / 10 <= beta <= high * 10:
             return beta, None
         published = f"{low:g}" if low == high else f"{low:g} to {high:g}"
-        default = self.flow_beta if flow and self.flow_beta is not None else self.default_beta
-        on_flow = " on flow-matching models" if flow and self.flow_beta is not None else ""
-        return beta, (f"method.beta={beta:g} is far from {self.name}'s published beta ({published}){on_flow}; if it "
-                      f"was meant for another method, set method.beta=null to use {self.name}'s default "
-                      f"({default:g})")
+        return beta, (f"method.beta={beta:g} is far from {self.name}'s published beta ({published})"
+                      f"{' on flow-matching models' if on_flow else ''}; if it was meant for another method, set "
+                      f"method.beta=null to use {self.name}'s default ({default:g})")
 
 
 def _dpo(err: Errors, cfg: MethodConfig):

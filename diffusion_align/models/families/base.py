@@ -32,7 +32,7 @@ class Conditioning:
     added_cond_kwargs: dict | None = None
     pooled_projections: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
-    family: Family | None = None  # None: a UNet's (the UNet families call it alike)
+    family: Family | None = None  # None (a conditioning built by hand): a UNet's, which the UNet families all read
 
     def select(self, index: torch.Tensor) -> Conditioning:
         """The rows `index` (e.g. each prompt's row repeated for its group of images)."""
@@ -109,7 +109,7 @@ class Family(ABC):
                      guidance: float | None = None) -> Conditioning:
         """The denoiser's conditioning for one row per text. SDXL also needs each row's original size and crop (long
         tensors of shape (rows, 2)) and the training resolution; FLUX.1-dev its guidance scale."""
-        return Conditioning(texts.hidden)
+        return Conditioning(texts.hidden, family=self)
 
     def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
         """`Conditioning.denoise` for this family's denoiser."""
@@ -130,7 +130,11 @@ class Family(ABC):
         return False
 
     def kohya_base(self, prediction_type: str) -> tuple[str, str]:
-        """(ss_base_model_version, modelspec.architecture) of a LoRA trained on this family's base."""
+        """(ss_base_model_version, modelspec.architecture) of a LoRA trained on this family's base; a family without
+        a kohya layout (kohya_version None) is refused."""
+        if self.kohya_version is None:
+            raise ValueError(f"kohya-format LoRA files are not written for {self.name}; diffusers' format "
+                             f"({self.lora_pipeline}.save_lora_weights) is, and ComfyUI loads it as it is")
         return self.kohya_version, self.kohya_architecture
 
     def __eq__(self, other) -> bool:

@@ -39,7 +39,7 @@ class SDXL(UNetFamily):
         target = torch.tensor([resolution, resolution]).expand(len(texts.hidden), 2)
         time_ids = torch.cat([original_sizes, crop_top_left, target], dim=1).to(texts.pooled.device,
                                                                                  texts.pooled.dtype)
-        return Conditioning(texts.hidden, {"text_embeds": texts.pooled, "time_ids": time_ids})
+        return Conditioning(texts.hidden, {"text_embeds": texts.pooled, "time_ids": time_ids}, family=self)
 
     def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
         c = denoiser_config  # the pooled width is what the add embedding reads besides 6 size ids

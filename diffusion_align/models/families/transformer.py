@@ -10,7 +10,7 @@ from .base import Conditioning, Family, TextStates
 class TransformerFamily(Family):
     denoiser = "transformer"
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
-    kohya_version = kohya_architecture = None  # kohya / BFL-named files are not written for these yet
+    kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI loads the diffusers file
     # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
     inversion_steps = None
 
@@ -21,7 +21,3 @@ class TransformerFamily(Family):
     def conditioning(self, texts: TextStates, original_sizes=None, crop_top_left=None, resolution=None,
                      guidance: float | None = None) -> Conditioning:
         return Conditioning(texts.hidden, pooled_projections=texts.pooled, family=self)
-
-    def kohya_base(self, prediction_type: str) -> tuple[str, str]:
-        raise NotImplementedError(f"kohya-format LoRA files are not written for {self.name} yet; diffusers' format "
-                                  f"({self.lora_pipeline}.save_lora_weights) is")
