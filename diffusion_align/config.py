@@ -159,10 +159,15 @@ class OnlineConfig:
     group_size: int = _key(8, "Images per prompt (G), compared within their group. Published: 8 (Pref-GRPO), 16 "
                               "(DanceGRPO SD1.4).", within="[2, inf)")
     prompts_per_step: int = _key(2, "Prompts (groups) per process per step.", within="[1, inf)")
-    sample_steps: int = _key(20, "DDIM sampling steps per image.", within="[1, inf)")
-    eta: float = _key(1.0, "DDIM eta (> 0: each step is a Gaussian with a log-probability).", within="[0, inf)")
-    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps.",
-                           within="[0, inf)")
+    sample_steps: int = _key(20, "Sampling steps per image (DDIM for the UNet families, the flow SDE for SD3 and "
+                                 "FLUX).", within="[1, inf)")
+    eta: float = _key(1.0, "UNet families: DDIM eta (> 0: each step is a Gaussian with a log-probability).",
+                      within="[0, inf)")
+    noise_level: float = _key(0.7, "SD3 / FLUX: the noise level a of Flow-GRPO's SDE step (> 0: each step is a "
+                                   "Gaussian with a log-probability). Published: 0.7 (Flow-GRPO on SD3.5, Pref-GRPO "
+                                   "on FLUX), 0.9 (Flow-GRPO on FLUX).", within="[0, inf)")
+    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps; FLUX: "
+                                "the guidance input of FLUX.1-dev (3.5 in FluxPipeline), no CFG.", within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
                                       "last (at least one).", within="(0, 1]")
     per_sample_timesteps: bool = _key(False, "true: each image trains its own random train_fraction of the steps, "

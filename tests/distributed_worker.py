@@ -32,9 +32,9 @@ def record_rollouts(into: list) -> None:
         into.append({"prompts": chosen, "noise": []})
         return chosen
 
-    def sampler(unet, scheduler, cond, uncond, latents, *args, **kwargs):
+    def sampler(unet, policy, cond, uncond, latents, *args, **kwargs):
         into[-1]["noise"] += latents.flatten(1).tolist()
-        return sample(unet, scheduler, cond, uncond, latents, *args, **kwargs)
+        return sample(unet, policy, cond, uncond, latents, *args, **kwargs)
     online.step_prompts, online.sample_with_logprob = prompts, sampler
 
 

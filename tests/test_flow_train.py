@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
-from diffusion_align.training import methods, trainer
+from diffusion_align.training import methods
 from test_train import run
 from test_train_inputs import all_columns, expected_pixels, per_row_error, spy_on_inputs  # noqa: F401 (a fixture)
 
@@ -215,20 +215,6 @@ def test_betas_on_flow_models_are_the_published_ones_or_warned_about():
     assert dpo.resolve_beta(5000, flow=True)[1].startswith(
         "method.beta=5000 is far from dpo's published beta (100) on flow-matching models")
     assert dpo.resolve_beta(500, flow=True)[1] is None and dpo.resolve_beta(500, flow=False)[1] is None
-
-
-def test_online_methods_refuse_a_flow_pipeline_in_one_line(tmp_path, tiny_flow_models):
-    from pathlib import Path
-
-    from diffusion_align.config import ConfigError, load_config
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny" / "pref-grpo.yaml", [
-        f"model.pretrained={tiny_flow_models['flux']}", f"online.prompts={prompts}",
-        f"train.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match="is a flux pipeline: the online methods sample with DDIM and train the UNet "
-                                          "families"):
-        trainer.train(cfg)
 
 
 def test_precomputed_reference_errors_and_the_latent_cache_on_flux_are_the_live_run(tmp_path, tiny_flow_models,

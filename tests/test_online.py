@@ -98,10 +98,10 @@ def test_the_objective_sees_ratio_one_first_and_each_row_its_own_prompt(setup, t
         seen.append((log_prob - old_log_prob).detach().abs().max().item())
         return real_loss(log_prob, old_log_prob, advantages, clip_range)
 
-    def recording_step(unet, scheduler, trajectory, step, cond, uncond, guidance, eta, rows=None):
+    def recording_step(unet, sampler, trajectory, step, cond, uncond, guidance, rows=None):
         calls.append((step, len(trajectory.timesteps), cond.encoder_hidden_states.detach().clone(),
                       uncond.encoder_hidden_states.detach().clone()))
-        return real_step(unet, scheduler, trajectory, step, cond, uncond, guidance, eta, rows)
+        return real_step(unet, sampler, trajectory, step, cond, uncond, guidance, rows)
 
     monkeypatch.setattr(online, "clipped_policy_loss", recording_loss)
     monkeypatch.setattr(online, "step_distribution", recording_step)
@@ -165,13 +165,13 @@ def test_same_noise_per_group_and_per_sample_timesteps(setup, tmp_path, monkeypa
     starts, calls = [], []
     real_sample, real_step = online.sample_with_logprob, online.step_distribution
 
-    def recording_sample(unet, scheduler, cond, uncond, latents, *args, **kwargs):
+    def recording_sample(unet, sampler, cond, uncond, latents, *args, **kwargs):
         starts.append(latents.clone())
-        return real_sample(unet, scheduler, cond, uncond, latents, *args, **kwargs)
+        return real_sample(unet, sampler, cond, uncond, latents, *args, **kwargs)
 
-    def recording_step(unet, scheduler, trajectory, step, *args, **kwargs):
+    def recording_step(unet, sampler, trajectory, step, *args, **kwargs):
         calls.append((id(trajectory), step))
-        return real_step(unet, scheduler, trajectory, step, *args, **kwargs)
+        return real_step(unet, sampler, trajectory, step, *args, **kwargs)
 
     monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
     monkeypatch.setattr(online, "step_distribution", recording_step)
@@ -196,19 +196,20 @@ def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_
     from diffusers import DDIMScheduler
     from diffusion_align.models.policy import Policy
     from diffusion_align.objectives import clipped_policy_loss
-    from diffusion_align.training.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
+    from diffusion_align.training.sampling import (DDIMPolicy, gaussian_log_prob, group_conditioning,
+                                                   sample_with_logprob)
     parts = load_components(str(tiny_models["sd"]))
     policy = Policy(parts.unet, lora_rank=4)
-    scheduler = DDIMScheduler.from_pretrained(tiny_models["sd"], subfolder="scheduler")
+    sampler = DDIMPolicy(DDIMScheduler.from_pretrained(tiny_models["sd"], subfolder="scheduler"), eta=1.0)
     cond, uncond = group_conditioning("sd", parts.tokenizers, parts.text_encoders, ["a red circle"], 2, 32)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    trajectory = sample_with_logprob(policy.unet, scheduler, cond, uncond, latents, 4, 5.0, 1.0,
+    trajectory = sample_with_logprob(policy.unet, sampler, cond, uncond, latents, 4, 5.0,
                                      generator=torch.Generator().manual_seed(1))
     advantages = torch.tensor([1.0, -1.0])
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
 
     def log_probs(step=1):
-        mean, std = online.step_distribution(policy.unet, scheduler, trajectory, step, cond, uncond, 5.0, 1.0)
+        mean, std = online.step_distribution(policy.unet, sampler, trajectory, step, cond, uncond, 5.0)
         return gaussian_log_prob(trajectory.latents[step + 1], mean, std)
 
     loss, _ = clipped_policy_loss(log_probs(), trajectory.log_probs[1], advantages, clip_range=1.0)

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .likelihood import NoisedRows
 from .sampling import gaussian_log_prob
+
+# Flow-GRPO's noise level a for SD3.5 (methods.md: 0.7 for SD3, 0.9 for FLUX; Pref-GRPO 0.7 on FLUX)
+NOISE_LEVEL = 0.7
 
 # the logit-normal's mean and std: the SD3 paper's choice (arXiv 2403.03206, section 3.1: rf/lognorm(0.00, 1.00)),
 # and the defaults of diffusers' train_dreambooth_lora_{sd3,flux}.py (--logit_mean 0, --logit_std 1)
@@ -172,3 +176,37 @@ class FlowNoising:
     def noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedRows:
         noisy, target = flow_noise(latents, noise, timesteps / self.num_train_timesteps)
         return NoisedRows(noisy.to(latents.dtype), timesteps, target.to(latents.dtype))
+
+
+class FlowSDEPolicy:
+    """The flow families' sampler as a policy for the online methods: the steps their pipelines take (`set_steps`),
+    each one Flow-GRPO's SDE step at `noise_level` (0: the Euler ODE, deterministic, no density)."""
+
+    def __init__(self, scheduler, noise_level: float = NOISE_LEVEL, linspace_sigmas: bool = False):
+        self.scheduler, self.noise_level, self.linspace_sigmas = scheduler, noise_level, linspace_sigmas
+
+    def deterministic(self) -> FlowSDEPolicy:
+        return FlowSDEPolicy(self.scheduler, 0.0, self.linspace_sigmas)
+
+    def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """Set the sigmas of `steps` steps as the family's pipeline does: FluxPipeline passes linspace(1, 1/steps,
+        steps) (`linspace_sigmas`), StableDiffusion3Pipeline the step count alone; both shift them by the image
+        token count where the scheduler shifts dynamically (mu, as `training_shift`). Returns the timesteps the
+        transformer is called with (1000 s), one per step; `sigmas` holds the steps' s and the final 0."""
+        mu = (math.log(training_shift(self.scheduler.config, latent_shape))
+              if self.scheduler.config.get("use_dynamic_shifting", False) else None)
+        sigmas = np.linspace(1.0, 1 / steps, steps) if self.linspace_sigmas else None
+        self.scheduler.set_timesteps(steps, device=device, sigmas=sigmas, mu=mu)
+        self.sigmas = self.scheduler.sigmas.float().cpu()
+        return self.scheduler.timesteps
+
+    def transition(self, velocity: torch.Tensor, step, sample: torch.Tensor):
+        """(mean, std) of step `step` (an index, or one per row) from `sample`: `flow_sde_transition`."""
+        return flow_sde_transition(velocity, self.sigmas[step], self.sigmas[step + 1], sample, self.noise_level,
+                                   sigma_below_one=float(self.sigmas[1]))
+
+    def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None):
+        """(next sample, its log_prob per row, None when deterministic): `flow_sde_step_with_logprob`."""
+        return flow_sde_step_with_logprob(velocity, self.sigmas[step], self.sigmas[step + 1], sample,
+                                          self.noise_level, generator=generator,
+                                          sigma_below_one=float(self.sigmas[1]))

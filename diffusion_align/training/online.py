@@ -2,8 +2,9 @@
 
 Each step, on each process:
   its prompts (one seeded order that all processes share; each process takes its own groups, never part of one)
-  -> `group_size` images per prompt by DDIM with eta > 0, keeping every step's log-probability (sampling.py);
-     unconditional rows as the pipeline guides (SDXL: zero embeddings where force_zeros_for_empty_prompt)
+  -> `group_size` images per prompt, keeping every step's log-probability: DDIM with eta > 0 for the UNet families
+     (sampling.py), Flow-GRPO's SDE for SD3 and FLUX (flow.py); guided as the pipeline guides (SDXL: zero
+     embeddings where force_zeros_for_empty_prompt; FLUX: no CFG, FLUX.1-dev's guidance input)
   -> rewards: the scorer's scores (grpo), or win rates inside the group from pairwise preferences (pref_grpo)
   -> advantages z-scored within each group (a group whose rewards all tie carries none and is left out)
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
@@ -18,8 +19,8 @@ import logging
 import time
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler
 
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
@@ -29,8 +30,9 @@ from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussi
                           pairwise_win_rates)
 from ..progress import progress
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
-from .sampling import (Trajectory, decode_images, gaussian_log_prob, group_conditioning, sample_with_logprob,
-                        step_distribution, zeros_for_empty_prompt)
+from .flow import FlowSDEPolicy
+from .sampling import (DDIMPolicy, Trajectory, decode_images, gaussian_log_prob, group_conditioning,
+                       sample_with_logprob, step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
 from .safety import SkippedUpdates
@@ -99,9 +101,23 @@ def trained_steps(sample_steps: int, fraction: float, generator: torch.Generator
 
 
 def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
-    """(channels, height, width) of the UNet's latents for square images of `resolution` pixels."""
+    """(channels, height, width) of the denoiser's latents for square images of `resolution` pixels."""
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    return parts.unet.config.in_channels, resolution // factor, resolution // factor
+    channels = parts.family.input_shapes(parts.unet.config)[0]
+    return channels, resolution // factor, resolution // factor
+
+
+def sampling_policy(cfg: Config, family):
+    """The sampler the online methods train as a policy: DDIM at online.eta for the UNet families (on the pipeline's
+    noise schedule), Flow-GRPO's SDE at online.noise_level on the flow families' scheduler."""
+    o, load = cfg.online, dict(subfolder="scheduler", revision=cfg.model.revision)
+    if family.denoiser == "unet":
+        return DDIMPolicy(diffusers.DDIMScheduler.from_pretrained(cfg.model.pretrained, **load), o.eta)
+    if o.noise_level <= 0:
+        raise ConfigError(f"online.noise_level={o.noise_level}: the flow SDE's steps have a log-probability only with "
+                          "a noise level > 0 (Flow-GRPO: 0.7)")
+    scheduler = getattr(diffusers, family.training_scheduler).from_pretrained(cfg.model.pretrained, **load)
+    return FlowSDEPolicy(scheduler, o.noise_level, family.linspace_sigmas)
 
 
 def train_online(cfg: Config) -> TrainResult:
@@ -110,10 +126,7 @@ def train_online(cfg: Config) -> TrainResult:
     o, t = cfg.online, cfg.train
     family, _ = pipeline_family(cfg.model.pretrained, pipeline_index(cfg.model.pretrained, cfg.model.revision),
                                 cfg.model.revision)
-    if family.denoiser != "unet":
-        raise ConfigError(f"{cfg.model.pretrained} is a {family} pipeline: the online methods sample with DDIM and "
-                          "train the UNet families (sd, sd2, sdxl) only so far; the offline ones (dpo, mapo, smpo, "
-                          "dcpo, sft) train it")
+    sampler = sampling_policy(cfg, family)
     prompts = read_prompts(o.prompts)
     accelerator, output_dir = start_run(cfg)
     device, main = accelerator.device, accelerator.is_main_process
@@ -123,7 +136,6 @@ def train_online(cfg: Config) -> TrainResult:
 
     models = set_up_models(cfg, accelerator, needs_reference=o.kl_beta > 0, lr=t.lr)
     parts, policy, unet, optimizer = models.parts, models.policy, models.unet, models.optimizer
-    scheduler = DDIMScheduler.from_pretrained(cfg.model.pretrained, subfolder="scheduler", revision=cfg.model.revision)
     scorer = load_scorer(*parse_scorer_spec(o.reward), device=device, dtype=models.frozen_dtype)
     tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=models.frozen_dtype) for spec in o.track]
     judge = None
@@ -131,6 +143,7 @@ def train_online(cfg: Config) -> TrainResult:
         judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
     shape = latent_shape(parts, t.resolution)
     zero_uncond = zeros_for_empty_prompt(parts.family, pipeline_index(cfg.model.pretrained, cfg.model.revision))
+    guidance_input = o.guidance if parts.guidance is not None else None  # FLUX.1-dev's, in place of CFG
 
     # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
@@ -144,7 +157,7 @@ def train_online(cfg: Config) -> TrainResult:
     def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list]:
         """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images."""
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
-                                          o.group_size, t.resolution, zero_uncond)
+                                          o.group_size, t.resolution, zero_uncond, guidance_input)
         if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
             group_noise = torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)
         trajectories, conds, images = [], [], []
@@ -152,10 +165,10 @@ def train_online(cfg: Config) -> TrainResult:
             rows = torch.arange(start, start + t.batch_size)
             latents = (group_noise[rows // o.group_size] if o.same_noise_per_group else
                        torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
-            conds.append((cond.select(rows), uncond.select(rows)))
+            conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
-                trajectory = sample_with_logprob(policy.unet, scheduler, *conds[-1], latents, o.sample_steps,
-                                                 o.guidance, o.eta, generator=noise_gen)
+                trajectory = sample_with_logprob(policy.unet, sampler, *conds[-1], latents, o.sample_steps,
+                                                 o.guidance, generator=noise_gen)
             trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
         return trajectories, conds, images
@@ -187,8 +200,8 @@ def train_online(cfg: Config) -> TrainResult:
                 last = position == len(micro) - 1 and k == count - 1  # all-reduce gradients once, at the end
                 with gradient_sync(accelerator, unet, last):
                     with accelerator.autocast():
-                        mean, std = step_distribution(unet, scheduler, trajectory, step_index, cond, uncond,
-                                                      o.guidance, o.eta)
+                        mean, std = step_distribution(unet, sampler, trajectory, step_index, cond, uncond,
+                                                      o.guidance)
                         log_prob = gaussian_log_prob(trajectory.latents_at(step_index + 1), mean, std)
                         old = trajectory.log_probs[step_index, torch.arange(t.batch_size)]
                         policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
@@ -197,8 +210,8 @@ def train_online(cfg: Config) -> TrainResult:
                         metrics["log_ratio_abs_max"] = (log_prob - old).abs().max().detach()
                         if o.kl_beta > 0:
                             with torch.no_grad(), policy.reference() as reference:
-                                ref_mean, _ = step_distribution(reference, scheduler, trajectory, step_index, cond,
-                                                                uncond, o.guidance, o.eta)
+                                ref_mean, _ = step_distribution(reference, sampler, trajectory, step_index, cond,
+                                                                uncond, o.guidance)
                             kl = gaussian_policy_kl(mean, ref_mean, std)
                             loss = loss + o.kl_beta * kl.mean() / (len(micro) * count)
                             metrics["kl"] = kl.mean().detach()
@@ -263,8 +276,8 @@ def train_online(cfg: Config) -> TrainResult:
                 bar.set_postfix(score=f"{record['score_mean']:.4f}")
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes
-                save_progress_grid(policy.unet, scheduler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
-                                   output_dir / "grids" / f"step-{step:06d}.png", zero_uncond)
+                save_progress_grid(policy.unet, sampler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
+                                   output_dir / "grids" / f"step-{step:06d}.png", zero_uncond, guidance_input)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
                          **skipped_updates.state()}
@@ -274,7 +287,9 @@ def train_online(cfg: Config) -> TrainResult:
 
     summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,
                "prompts per process per step": o.prompts_per_step, "group size": o.group_size,
-               "sampling steps": o.sample_steps, "eta": o.eta, "guidance": o.guidance, "clip range": o.clip_range,
+               "sampling steps": o.sample_steps,
+               **({"eta": o.eta} if family.denoiser == "unet" else {"noise level": o.noise_level}),
+               "guidance": o.guidance, "clip range": o.clip_range,
                "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
                "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
                "judge": o.judge or "none", "prompts": len(prompts)}
@@ -282,20 +297,22 @@ def train_online(cfg: Config) -> TrainResult:
 
 
 @torch.no_grad()
-def save_progress_grid(unet, scheduler: DDIMScheduler, parts, prompts: list[str], cfg: Config, accelerator,
-                       path: Path, zero_uncond: bool = False) -> Path:
-    """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (eta 0): the same noise at
-    every step of training, so the grids show how the model changes. `zero_uncond`: as `group_conditioning`.
+def save_progress_grid(unet, sampler, parts, prompts: list[str], cfg: Config, accelerator, path: Path,
+                       zero_uncond: bool = False, guidance_input: float | None = None) -> Path:
+    """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (DDIM at eta 0, the flow ODE):
+    the same noise at every step of training, so the grids show how the model changes. `zero_uncond` and
+    `guidance_input`: as `group_conditioning`.
     Called by every process (a sharded UNet gathers its weights from all); the main process writes the grid."""
     from PIL import Image
     o, t = cfg.online, cfg.train
     cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, prompts, GRID_SEEDS,
-                                      t.resolution, zero_uncond)
+                                      t.resolution, zero_uncond, guidance_input)
     shape = latent_shape(parts, t.resolution)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
                          for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
     with accelerator.autocast():
-        trajectory = sample_with_logprob(unet, scheduler, cond, uncond, latents, o.sample_steps, o.guidance, eta=0.0)
+        trajectory = sample_with_logprob(unet, sampler.deterministic(), cond, uncond, latents, o.sample_steps,
+                                         o.guidance)
     images = decode_images(parts.vae, trajectory.latents[-1])
     if not accelerator.is_main_process:
         return path

@@ -1,16 +1,19 @@
-"""Sampling with log-probabilities, for online methods (Pref-GRPO, GRPO): DDIM steps as a Gaussian policy.
+"""Sampling with log-probabilities, for online methods (Pref-GRPO, GRPO): each sampler step as a Gaussian policy.
 
-DDIM with eta > 0 draws x_prev ~ N(mu, sigma^2 I) (Song et al., 2020, eq. 12 and 16):
+The UNet families sample with DDIM, which with eta > 0 draws x_prev ~ N(mu, sigma^2 I) (Song et al., 2020, eq. 12
+and 16):
 
     sigma = eta * sqrt((1 - abar_p) / (1 - abar_t)) * sqrt(1 - abar_t / abar_p)
     mu    = sqrt(abar_p) * x0_hat + sqrt(1 - abar_p - sigma^2) * eps_hat
 
 with x0_hat and eps_hat from the model output (epsilon or v-prediction, classifier-free guidance already applied)
-and abar_p the level of the previous timestep (t - T / steps; the scheduler's final level below 0). The step's
-log-probability is the Gaussian log-density of x_prev, constants included, averaged over the latent elements.
-`sample_with_logprob` denoises groups of images with classifier-free guidance in one batched UNet call per step
-and keeps the trajectory; `step_distribution` gives a stored step's Gaussian under the current policy (with
-gradients), from which the training loop re-scores the step and measures the KL to the reference.
+and abar_p the level of the previous timestep (t - T / steps; the scheduler's final level below 0); the flow
+families with Flow-GRPO's SDE (flow.py, `FlowSDEPolicy`). Either policy gives a step's Gaussian (`transition`) and
+draws it (`step`); its log-probability is the Gaussian log-density, constants included, averaged over the latent
+elements. `sample_with_logprob` denoises groups of images with their guidance (`guided_output`: classifier-free in
+one batched call, or FLUX's guidance input) and keeps the trajectory; `step_distribution` gives a stored step's
+Gaussian under the current policy (with gradients), from which the training loop re-scores the step and measures
+the KL to the reference.
 """
 
 from __future__ import annotations
@@ -80,6 +83,31 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     return prev.to(sample.dtype), gaussian_log_prob(prev, mu, sigma)
 
 
+class DDIMPolicy:
+    """The UNet families' sampler as a policy: DDIM steps with `eta` (0: deterministic, no density)."""
+
+    def __init__(self, scheduler: DDIMScheduler, eta: float = 1.0):
+        self.scheduler, self.eta = scheduler, eta
+
+    def deterministic(self) -> DDIMPolicy:
+        return DDIMPolicy(self.scheduler, 0.0)
+
+    def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """Set `steps` sampling steps; returns the timesteps the UNet is called with, one per step."""
+        self.scheduler.set_timesteps(steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        return self.timesteps
+
+    def transition(self, model_output: torch.Tensor, step, sample: torch.Tensor):
+        """(mean, std) of step `step` (an index, or one per row) from `sample`: `ddim_transition`."""
+        return ddim_transition(self.scheduler, model_output, self.timesteps[step], sample, self.eta)
+
+    def step(self, model_output: torch.Tensor, step: int, sample: torch.Tensor, generator=None):
+        """(next sample, its log_prob per row, None when deterministic): `ddim_step_with_logprob`."""
+        return ddim_step_with_logprob(self.scheduler, model_output, self.timesteps[step], sample, self.eta,
+                                      generator=generator)
+
+
 @dataclass
 class Trajectory:
     """A batch of sampled images' denoising paths: the policy's actions and their log-probabilities."""
@@ -104,15 +132,21 @@ def zeros_for_empty_prompt(family: Family | str, index: dict) -> bool:
 
 
 def group_conditioning(family: Family | str, tokenizers: list, text_encoders: list, prompts: list[str], group_size: int,
-                       resolution: int, zero_uncond: bool = False) -> tuple[Conditioning, Conditioning]:
+                       resolution: int, zero_uncond: bool = False,
+                       guidance: float | None = None) -> tuple[Conditioning, Conditioning | None]:
     """(conditional, unconditional) rows for `group_size` images of each prompt, rows [p1 x G, p2 x G, ...]: each
     prompt encoded once, the empty prompt once. SDXL is conditioned on its full-resolution, uncropped size.
     `zero_uncond` (`zeros_for_empty_prompt`): the unconditional rows' text embeddings (and SDXL's pooled embedding)
-    are zeros, as the pipeline uses them, so the policy is trained under the guidance it is sampled with."""
+    are zeros, as the pipeline uses them, so the policy is trained under the guidance it is sampled with. A family
+    sampled without classifier-free guidance (FLUX) has no unconditional rows (None); its guidance-distilled
+    transformers (FLUX.1-dev) read `guidance` as an input instead."""
+    family = get_family(family)
+    per_image = torch.arange(len(prompts)).repeat_interleave(group_size)
+    if not family.classifier_free_guidance:
+        return encode_prompts(family, tokenizers, text_encoders, prompts, guidance=guidance).select(per_image), None
     texts = [*prompts, ""]
     sizes = torch.tensor([[resolution, resolution]] * len(texts))
     encoded = encode_prompts(family, tokenizers, text_encoders, texts, sizes, torch.zeros_like(sizes), resolution)
-    per_image = torch.arange(len(prompts)).repeat_interleave(group_size)
     uncond = encoded.select(torch.full_like(per_image, len(prompts)))
     if zero_uncond:
         uncond.encoder_hidden_states = torch.zeros_like(uncond.encoder_hidden_states)
@@ -121,50 +155,57 @@ def group_conditioning(family: Family | str, tokenizers: list, text_encoders: li
     return encoded.select(per_image), uncond
 
 
-def guided_output(unet, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning,
+def guided_output(model, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning | None,
                   guidance: float) -> torch.Tensor:
-    """Classifier-free guidance in one batched UNet call: u + guidance * (c - u), as the SD pipelines do.
-    `timestep`: one for all rows, or a tensor of one per row."""
+    """Classifier-free guidance in one batched denoiser call: u + guidance * (c - u), as the SD pipelines do; with
+    no unconditional rows (FLUX), the conditional call alone. `timestep`: one for all rows, or one per row."""
+    if uncond is None:
+        return cond.denoise(model, sample, timestep)
     if torch.is_tensor(timestep) and timestep.ndim:
         timestep = torch.cat([timestep, timestep])
     both = Conditioning.cat([uncond, cond])
-    out_uncond, out_cond = both.denoise(unet, torch.cat([sample, sample]), timestep).chunk(2)
+    out_uncond, out_cond = both.denoise(model, torch.cat([sample, sample]), timestep).chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
 @torch.no_grad()
-def sample_with_logprob(unet, scheduler: DDIMScheduler, cond: Conditioning, uncond: Conditioning,
-                        latents: torch.Tensor, steps: int, guidance: float, eta: float = 1.0,
-                        generator: torch.Generator | None = None) -> Trajectory:
-    """Denoise `latents` (x_T, one row per image) in `steps` DDIM steps with guidance, keeping the trajectory."""
-    scheduler.set_timesteps(steps, device=latents.device)
+def sample_with_logprob(model, policy, cond: Conditioning, uncond: Conditioning | None, latents: torch.Tensor,
+                        steps: int, guidance: float, generator: torch.Generator | None = None) -> Trajectory:
+    """Denoise `latents` (x_T, one row per image) in `steps` steps of `policy` (`DDIMPolicy`, `FlowSDEPolicy`)
+    with guidance, keeping the trajectory."""
+    timesteps = policy.set_steps(steps, tuple(latents.shape[1:]), latents.device)
     path, log_probs = [latents], []
-    for t in scheduler.timesteps:
-        output = guided_output(unet, path[-1], t, cond, uncond, guidance)
-        prev, log_prob = ddim_step_with_logprob(scheduler, output, t, path[-1], eta, generator=generator)
+    for step, t in enumerate(timesteps):
+        output = guided_output(model, path[-1], t, cond, uncond, guidance)
+        prev, log_prob = policy.step(output, step, path[-1], generator=generator)
         path.append(prev)
         log_probs.append(log_prob)
-    return Trajectory(path, scheduler.timesteps.clone(), torch.stack(log_probs) if eta > 0 else None)
+    return Trajectory(path, timesteps.clone(), None if log_probs[0] is None else torch.stack(log_probs))
 
 
 @torch.no_grad()
 def decode_images(vae, latents: torch.Tensor) -> list:
-    """PIL images of final latents, decoded in the VAE's own dtype outside any autocast."""
+    """PIL images of final latents, decoded in the VAE's own dtype outside any autocast (latents / scaling_factor,
+    plus the shift_factor of the flow families' VAEs)."""
     from PIL import Image
     with torch.autocast(latents.device.type, enabled=False):
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        if vae.config.get("shift_factor") is not None:
+            latents = latents + vae.config.shift_factor
+        pixels = vae.decode(latents).sample
     pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 
 
-def step_distribution(unet, scheduler: DDIMScheduler, trajectory: Trajectory, step: int | torch.Tensor,
-                      cond: Conditioning, uncond: Conditioning, guidance: float, eta: float,
+def step_distribution(model, policy, trajectory: Trajectory, step: int | torch.Tensor, cond: Conditioning,
+                      uncond: Conditioning | None, guidance: float,
                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current policy's Gaussian (mu, sigma) for a stored step, for `rows` of the batch (all by default), with
+    """The current policy's Gaussian (mean, std) for a stored step, for `rows` of the batch (all by default), with
     gradients: the training side of the ratio exp(log_prob - old log_prob) (`gaussian_log_prob` of the stored
     next latents) and of the KL to a reference policy. `step`: one step index for all rows, or a tensor of one per
-    row (each sample training its own steps)."""
+    row (each sample training its own steps). `policy` holds the steps the trajectory was sampled with."""
     rows = torch.arange(len(trajectory.latents[0])) if rows is None else rows
     sample, t = trajectory.latents_at(step, rows), trajectory.timesteps[step]
-    output = guided_output(unet, sample, t, cond.select(rows), uncond.select(rows), guidance)
-    return ddim_transition(scheduler, output, t, sample, eta)
+    output = guided_output(model, sample, t, cond.select(rows), None if uncond is None else uncond.select(rows),
+                           guidance)
+    return policy.transition(output, step, sample)

@@ -94,6 +94,7 @@ class Family(ABC):
     kohya_architecture: str | None  # no kohya file is written); and its `modelspec.architecture`
     inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
                                     # none published)
+    classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)
 
     @abstractmethod
     def matches(self, index: dict, denoiser_config: dict) -> bool:

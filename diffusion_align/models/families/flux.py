@@ -27,6 +27,10 @@ class Flux(TransformerFamily):
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2")
     max_sequence_length = 512  # T5 tokens: `FluxPipeline.__call__` and `encode_prompt`'s default
+    # FluxPipeline samples with one transformer call a step: FLUX.1-dev's guidance is the `guidance` input, not CFG
+    # (its true_cfg_scale > 1 with a negative prompt, off by default, is not used here)
+    classifier_free_guidance = False
+    linspace_sigmas = True
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:

@@ -13,6 +13,9 @@ class TransformerFamily(Family):
     kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI loads the diffusers file
     # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
     inversion_steps = None
+    # how its pipeline sets the sampling steps: by their count (StableDiffusion3Pipeline), or by the sigmas
+    # linspace(1, 1 / steps, steps) (FluxPipeline); training/flow.py `FlowSDEPolicy`
+    linspace_sigmas = False
 
     def matches(self, index: dict, denoiser_config: dict) -> bool:
         # the family's text-to-image pipeline and its img2img / inpaint / ControlNet ones share the transformer

@@ -1,0 +1,140 @@
+"""The online methods on the flow-matching transformers (SD3, FLUX.1-dev): the sampler as a policy against the
+pipelines (at noise level 0 it is StableDiffusion3Pipeline / FluxPipeline: their sigmas, shift, guidance and
+conditioning), re-scoring a stored trajectory, and the online loop end to end, with what the transformer received."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from diffusion_align.config import ConfigError, load_config
+from diffusion_align.models.families import get_family
+from diffusion_align.models.families.flux import pack_latents, unpack_latents
+from diffusion_align.models.loading import load_components
+from diffusion_align.training import online
+from diffusion_align.training.flow import FlowSDEPolicy
+from diffusion_align.training.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
+from diffusion_align.training.trainer import train
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def policy_and_groups(model, family, noise_level, group_size, guidance):
+    parts = load_components(str(model))
+    fam = get_family(family)
+    sampler = FlowSDEPolicy(parts.noise_scheduler.from_config(parts.noise_scheduler.config), noise_level,
+                            fam.linspace_sigmas)
+    embedded = guidance if parts.guidance is not None else None
+    cond, uncond = group_conditioning(family, parts.tokenizers, parts.text_encoders, PROMPTS, group_size, 32,
+                                      guidance=embedded)
+    return parts, sampler, cond, uncond
+
+
+@pytest.mark.parametrize("family, guidance", [("sd3", 4.0), ("flux", 3.5)])
+def test_noise_level_zero_is_the_pipeline(tiny_flow_models, family, guidance):
+    """The ODE (noise level 0) through our sampler is the family's pipeline on the same initial noise: its step
+    schedule (SD3's constant shift on the scheduler's spacing; FLUX's linspace sigmas shifted by mu from the token
+    count), its guidance (SD3: CFG against the encoded ""; FLUX.1-dev: the guidance input, no CFG) and conditioning."""
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.0, 2, guidance)
+    assert (uncond is None) == (family == "flux")
+    latents = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    trajectory = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, steps=4, guidance=guidance)
+    assert len(trajectory.latents) == 5 and trajectory.log_probs is None
+    pipe = DiffusionPipeline.from_pretrained(tiny_flow_models[family])
+    pipe.set_progress_bar_config(disable=True)
+    packed = family == "flux"
+    expected = pipe([p for p in PROMPTS for _ in range(2)], num_inference_steps=4, guidance_scale=guidance,
+                    latents=pack_latents(latents) if packed else latents, output_type="latent", height=32,
+                    width=32).images
+    expected = unpack_latents(expected, 16, 16) if packed else expected
+    torch.testing.assert_close(trajectory.latents[-1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trajectory.timesteps, pipe.scheduler.timesteps)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family):
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 16, 16, 16, generator=generator)
+    trajectory = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, steps=4, guidance=3.5,
+                                     generator=generator)
+    assert trajectory.log_probs.shape == (4, 6) and torch.isfinite(trajectory.log_probs).all()
+    assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
+    for step in (0, 2, torch.tensor([1, 3])):  # one step for the rows, or one per row
+        rows = torch.tensor([4, 1])
+        mean, std = online.step_distribution(parts.unet, sampler, trajectory, step, cond, uncond, 3.5, rows)
+        taken = trajectory.latents_at(step + 1, rows)
+        old = trajectory.log_probs[step, rows]
+        assert (gaussian_log_prob(taken, mean, std) - old).abs().max() < 1e-5
+
+
+def test_the_first_step_from_pure_noise_by_hand():
+    """From s = 1 Flow-GRPO's sigma_t takes the next sigma s1 in its denominator, so the step's std is a sqrt((1 - s1)
+    / (1 - s1)) = a exactly, and its mean x (1 - a^2 / 2) + v (s1 - 1) (the sqrt(s / (1 - s)) term at s = 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sampler = FlowSDEPolicy(FlowMatchEulerDiscreteScheduler(shift=3.0), noise_level=0.7)
+    sampler.set_steps(4, (16, 8, 8))
+    s1 = float(sampler.sigmas[1])
+    assert sampler.sigmas[0] == 1 and 0 < s1 < 1 and sampler.sigmas[-1] == 0
+    x, v = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    mean, std = sampler.transition(v, 0, x)
+    torch.testing.assert_close(std, torch.tensor(0.7))
+    torch.testing.assert_close(mean, x * (1 - 0.49 / 2) + v * (s1 - 1))
+
+
+@pytest.fixture(scope="module")
+def online_setup(tmp_path_factory):
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    root = tmp_path_factory.mktemp("flow-online")
+    (root / "prompts.txt").write_text("a red circle\na green square\na blue triangle\n")
+    return root / "prompts.txt", save_tiny_scorer("pickscore", root / "pickscore", seed=0)
+
+
+def online_config(tiny_flow_models, online_setup, family, out, *overrides, method="pref_grpo"):
+    prompts, scorer = online_setup
+    return load_config(None, [f"method.name={method}", f"model.pretrained={tiny_flow_models[family]}",
+                              f"online.prompts={prompts}", f"online.reward=pickscore={scorer}",
+                              f"train.output_dir={out}", "online.group_size=4", "online.prompts_per_step=1",
+                              "online.sample_steps=4", "online.guidance=3.5", "train.batch_size=2",
+                              "train.resolution=32", "train.report_to=none", "train.lr=1e-2", "train.max_steps=1",
+                              *overrides])
+
+
+@pytest.mark.parametrize("family, method", [("sd3", "pref_grpo"), ("flux", "grpo")])
+def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, tmp_path, monkeypatch, family,
+                                                method):
+    """One rollout and one update: it re-scores the samples at ratio 1, the trained steps are never the last, the transformer sees the pipeline's timesteps and guidance (SD3: CFG rows of the encoded ""; FLUX.1-dev:
+    its guidance input 3.5 and no unconditional rows), and the LoRA changes the policy."""
+    calls, real_step = [], online.step_distribution
+
+    def recording_step(model, sampler, trajectory, step, cond, uncond, guidance, rows=None):
+        calls.append({"step": step, "timesteps": trajectory.timesteps.clone(), "uncond": uncond,
+                      "guidance": cond.guidance, "sigmas": sampler.sigmas.clone()})
+        return real_step(model, sampler, trajectory, step, cond, uncond, guidance, rows)
+
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    result = train(online_config(tiny_flow_models, online_setup, family, tmp_path, "online.grid_every=1",
+                                 "online.updates_per_rollout=1", method=method))
+    assert result.metrics["log_ratio_abs_max"] < 1e-5
+    assert calls and all(c["step"] < 3 for c in calls)  # 4 steps: the last (index 3) is never trained
+    pipe = DiffusionPipeline.from_pretrained(tiny_flow_models[family])
+    if family == "flux":  # FluxPipeline's schedule for 64 image tokens
+        pipe.scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.5 + (1.15 - 0.5) / (4096 - 256) * (64 - 256))
+        assert all(c["uncond"] is None and torch.equal(c["guidance"], torch.full((2,), 3.5)) for c in calls)
+    else:
+        pipe.scheduler.set_timesteps(4)
+        parts = load_components(str(tiny_flow_models[family]))
+        empty = online.group_conditioning(family, parts.tokenizers, parts.text_encoders, ["x"], 1, 32)[1]
+        assert all(torch.allclose(c["uncond"].encoder_hidden_states,
+                                  empty.encoder_hidden_states.expand_as(c["uncond"].encoder_hidden_states))
+                   for c in calls)
+    for c in calls:
+        torch.testing.assert_close(c["timesteps"], pipe.scheduler.timesteps)
+        torch.testing.assert_close(c["sigmas"], pipe.scheduler.sigmas)
+    assert (tmp_path / "grids" / "step-000001.png").is_file()
+    card = (result.final_dir / "README.md").read_text()
+    assert "| noise level | 0.7 |" in card and "| eta |" not in card
+
+
+def test_a_flow_run_needs_a_noise_level(tiny_flow_models, online_setup, tmp_path):
+    with pytest.raises(ConfigError, match="online.noise_level=0.0: the flow SDE's steps have a log-probability"):
+        train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.noise_level=0"))
