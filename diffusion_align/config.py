@@ -170,6 +170,11 @@ class OnlineConfig:
                                 "the guidance input of FLUX.1-dev (3.5 in FluxPipeline), no CFG.", within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
                                       "last (at least one).", within="(0, 1]")
+    sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "
+                              "of them is trained. k > 0: Flow-GRPO-Fast's window: k consecutive steps, placed at "
+                              "random in the first half of the steps at each rollout, are stochastic, the others "
+                              "deterministic (the ODE; DDIM at eta 0), and only the window is trained "
+                              "(train_fraction unused). Published: 1-3 (Flow-GRPO-Fast).", within="[0, inf)")
     per_sample_timesteps: bool = _key(False, "true: each image trains its own random train_fraction of the steps, "
                                              "as DanceGRPO's and Pref-GRPO's code do (a permutation per sample); "
                                              "false (ours, the default): one draw per update, shared by its images.")

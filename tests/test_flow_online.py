@@ -138,3 +138,47 @@ def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, 
 def test_a_flow_run_needs_a_noise_level(tiny_flow_models, online_setup, tmp_path):
     with pytest.raises(ConfigError, match="online.noise_level=0.0: the flow SDE's steps have a log-probability"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.noise_level=0"))
+
+
+def test_the_sde_window_lies_in_the_first_half_and_covers_it():
+    generator = torch.Generator().manual_seed(0)
+    windows = {tuple(online.sde_window(10, 2, generator)) for _ in range(200)}
+    assert windows == {(0, 1), (1, 2), (2, 3), (3, 4)}  # 10 steps: the first half is steps 0-4
+    assert {tuple(online.sde_window(4, 2, generator)) for _ in range(20)} == {(0, 1)}
+
+
+def test_a_window_samples_the_ode_outside_it(tiny_flow_models):
+    """Steps outside the window are the ODE's, bit for bit, with no log-probability (NaN); inside, the SDE's."""
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models["sd3"], "sd3", 0.7, 1, 3.5)
+    latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    ode = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, 4, 3.5, noisy_steps=())
+    windowed = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, 4, 3.5,
+                                   generator=torch.Generator().manual_seed(1), noisy_steps=range(1, 2))
+    assert ode.log_probs is None
+    assert torch.equal(windowed.latents[1], ode.latents[1]) and not torch.equal(windowed.latents[2], ode.latents[2])
+    assert windowed.log_probs[[0, 2, 3]].isnan().all() and torch.isfinite(windowed.log_probs[1]).all()
+
+
+def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup, tmp_path, monkeypatch):
+    """online.sde_window=1 of 4 steps: each rollout's one stochastic step, in the first half, is the step trained,
+    at ratio 1; a window that does not fit the first half is refused."""
+    trained, sampled, real_step, real_sample = [], [], online.step_distribution, online.sample_with_logprob
+
+    def recording_sample(*args, noisy_steps=None, **kwargs):
+        trajectory = real_sample(*args, noisy_steps=noisy_steps, **kwargs)
+        sampled.append([int(s) for s in torch.isfinite(trajectory.log_probs).all(dim=1).nonzero()])
+        return trajectory
+
+    def recording_step(model, sampler, trajectory, step, *args):
+        trained.append(step)
+        return real_step(model, sampler, trajectory, step, *args)
+
+    monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    result = train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.sde_window=1",
+                                 "online.updates_per_rollout=1", "train.max_steps=2"))
+    assert len(sampled) == 4 and all(len(s) == 1 and s[0] < 2 for s in sampled)  # 2 rollouts of 2 micro-batches
+    assert trained == [sampled[0][0]] * 2 + [sampled[2][0]] * 2 and sampled[0] == sampled[1]
+    assert result.metrics["log_ratio_abs_max"] < 1e-5
+    with pytest.raises(ConfigError, match="online.sde_window=3 must fit in the first half"):
+        train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "x", "online.sde_window=3"))

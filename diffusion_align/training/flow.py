@@ -185,9 +185,6 @@ class FlowSDEPolicy:
     def __init__(self, scheduler, noise_level: float = NOISE_LEVEL, linspace_sigmas: bool = False):
         self.scheduler, self.noise_level, self.linspace_sigmas = scheduler, noise_level, linspace_sigmas
 
-    def deterministic(self) -> FlowSDEPolicy:
-        return FlowSDEPolicy(self.scheduler, 0.0, self.linspace_sigmas)
-
     def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Set the sigmas of `steps` steps as the family's pipeline does: FluxPipeline passes linspace(1, 1/steps,
         steps) (`linspace_sigmas`), StableDiffusion3Pipeline the step count alone; both shift them by the image
@@ -205,8 +202,9 @@ class FlowSDEPolicy:
         return flow_sde_transition(velocity, self.sigmas[step], self.sigmas[step + 1], sample, self.noise_level,
                                    sigma_below_one=float(self.sigmas[1]))
 
-    def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None):
-        """(next sample, its log_prob per row, None when deterministic): `flow_sde_step_with_logprob`."""
+    def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
+        """(next sample, its log_prob per row): `flow_sde_step_with_logprob`; `noisy` False: the ODE, log_prob
+        None."""
         return flow_sde_step_with_logprob(velocity, self.sigmas[step], self.sigmas[step + 1], sample,
-                                          self.noise_level, generator=generator,
+                                          self.noise_level if noisy else 0.0, generator=generator,
                                           sigma_below_one=float(self.sigmas[1]))

@@ -3,12 +3,14 @@
 Each step, on each process:
   its prompts (one seeded order that all processes share; each process takes its own groups, never part of one)
   -> `group_size` images per prompt, keeping every step's log-probability: DDIM with eta > 0 for the UNet families
-     (sampling.py), Flow-GRPO's SDE for SD3 and FLUX (flow.py); guided as the pipeline guides (SDXL: zero
-     embeddings where force_zeros_for_empty_prompt; FLUX: no CFG, FLUX.1-dev's guidance input)
+     (sampling.py), Flow-GRPO's SDE for SD3 and FLUX (flow.py), at every step or in online.sde_window's steps alone
+     (the ODE elsewhere); guided as the pipeline guides (SDXL: zero embeddings where force_zeros_for_empty_prompt;
+     FLUX: no CFG, FLUX.1-dev's guidance input)
   -> rewards: the scorer's scores (grpo), or win rates inside the group from pairwise preferences (pref_grpo)
   -> advantages z-scored within each group (a group whose rewards all tie carries none and is left out)
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
-     denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps),
+     denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps; the
+     window's steps with online.sde_window),
      micro-batched exactly as sampled so the first update's ratio is 1.
 Set-up, checkpoints and exact resume, metrics and the saved model are shared with the offline loop (run.py).
 """
@@ -68,6 +70,9 @@ def check_online_config(cfg: Config) -> None:
         f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0": o.eta <= 0,
         "online.sample_steps must be >= 2 (the last step is never trained) and online.train_fraction in (0, 1]; got "
         f"{o.sample_steps} and {o.train_fraction}": o.sample_steps < 2 or not 0 < o.train_fraction <= 1,
+        f"online.sde_window={o.sde_window} must fit in the first half of the online.sample_steps={o.sample_steps} "
+        "(Flow-GRPO-Fast's window), where it is the steps trained; online.per_sample_timesteps draws other steps":
+            o.sde_window > o.sample_steps // 2 or (o.sde_window > 0 and o.per_sample_timesteps),
         f"online.prompts_per_step x online.group_size = {rows} images per process must split into "
         f"online.updates_per_rollout = {o.updates_per_rollout} updates of whole micro-batches of train.batch_size = "
         f"{t.batch_size} images: make {rows} a multiple of {split}": rows % split != 0,
@@ -98,6 +103,13 @@ def trained_steps(sample_steps: int, fraction: float, generator: torch.Generator
     eta = 1 and the log-probability is all noise."""
     count = min(sample_steps - 1, max(1, round(fraction * sample_steps)))
     return sorted(torch.randperm(sample_steps - 1, generator=generator)[:count].tolist())
+
+
+def sde_window(sample_steps: int, size: int, generator: torch.Generator) -> range:
+    """Flow-GRPO-Fast's window: `size` consecutive steps at a random place in the first half of the sampling steps,
+    the only stochastic and trained ones of a rollout."""
+    start = int(torch.randint(0, sample_steps // 2 - size + 1, (1,), generator=generator))
+    return range(start, start + size)
 
 
 def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
@@ -154,8 +166,9 @@ def train_online(cfg: Config) -> TrainResult:
         choice_gen.set_state(saved["choice_gen"])
     skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
-    def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list]:
-        """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images."""
+    def rollout(step_prompt_list: list[str], window: range | None) -> tuple[list[Trajectory], list, list]:
+        """Sample this step's groups, `train.batch_size` images at a time (stochastic in `window` alone, if given):
+        trajectories, their conditioning, images."""
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
                                           o.group_size, t.resolution, zero_uncond, guidance_input)
         if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
@@ -168,7 +181,7 @@ def train_online(cfg: Config) -> TrainResult:
             conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
                 trajectory = sample_with_logprob(policy.unet, sampler, *conds[-1], latents, o.sample_steps,
-                                                 o.guidance, generator=noise_gen)
+                                                 o.guidance, generator=noise_gen, noisy_steps=window)
             trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
         return trajectories, conds, images
@@ -233,7 +246,8 @@ def train_online(cfg: Config) -> TrainResult:
             step_prompt_list = step_prompts(prompts, t.seed, step, o.prompts_per_step, rank, world)
             row_prompts = [p for p in step_prompt_list for _ in range(o.group_size)]
             with torch.no_grad():
-                trajectories, conds, images = rollout(step_prompt_list)
+                window = sde_window(o.sample_steps, o.sde_window, choice_gen) if o.sde_window else None
+                trajectories, conds, images = rollout(step_prompt_list, window)
                 scores = scorer.score(images, row_prompts)
                 rewards = rewards_of(images, row_prompts, scores)
                 tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
@@ -248,7 +262,8 @@ def train_online(cfg: Config) -> TrainResult:
                 micro = order[u * micro_per_update:(u + 1) * micro_per_update]
                 rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
                 draws = len(rows) if o.per_sample_timesteps else 1
-                steps = torch.tensor([trained_steps(o.sample_steps, o.train_fraction, choice_gen)
+                steps = torch.tensor([list(window) if window else
+                                      trained_steps(o.sample_steps, o.train_fraction, choice_gen)
                                       for _ in range(draws)]).expand(len(rows), -1)
                 active = accelerator.reduce(torch.tensor(float(taking_part[rows].sum()), device=device), "mean")
                 if active.item() == 0:
@@ -291,6 +306,7 @@ def train_online(cfg: Config) -> TrainResult:
                **({"eta": o.eta} if family.denoiser == "unet" else {"noise level": o.noise_level}),
                "guidance": o.guidance, "clip range": o.clip_range,
                "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
+               **({"SDE window": o.sde_window} if o.sde_window else {}),
                "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
                "judge": o.judge or "none", "prompts": len(prompts)}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
@@ -311,8 +327,8 @@ def save_progress_grid(unet, sampler, parts, prompts: list[str], cfg: Config, ac
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
                          for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
     with accelerator.autocast():
-        trajectory = sample_with_logprob(unet, sampler.deterministic(), cond, uncond, latents, o.sample_steps,
-                                         o.guidance)
+        trajectory = sample_with_logprob(unet, sampler, cond, uncond, latents, o.sample_steps, o.guidance,
+                                         noisy_steps=())
     images = decode_images(parts.vae, trajectory.latents[-1])
     if not accelerator.is_main_process:
         return path

@@ -89,9 +89,6 @@ class DDIMPolicy:
     def __init__(self, scheduler: DDIMScheduler, eta: float = 1.0):
         self.scheduler, self.eta = scheduler, eta
 
-    def deterministic(self) -> DDIMPolicy:
-        return DDIMPolicy(self.scheduler, 0.0)
-
     def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Set `steps` sampling steps; returns the timesteps the UNet is called with, one per step."""
         self.scheduler.set_timesteps(steps, device=device)
@@ -102,10 +99,10 @@ class DDIMPolicy:
         """(mean, std) of step `step` (an index, or one per row) from `sample`: `ddim_transition`."""
         return ddim_transition(self.scheduler, model_output, self.timesteps[step], sample, self.eta)
 
-    def step(self, model_output: torch.Tensor, step: int, sample: torch.Tensor, generator=None):
-        """(next sample, its log_prob per row, None when deterministic): `ddim_step_with_logprob`."""
-        return ddim_step_with_logprob(self.scheduler, model_output, self.timesteps[step], sample, self.eta,
-                                      generator=generator)
+    def step(self, model_output: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
+        """(next sample, its log_prob per row): `ddim_step_with_logprob`; `noisy` False: at eta 0, log_prob None."""
+        return ddim_step_with_logprob(self.scheduler, model_output, self.timesteps[step], sample,
+                                      self.eta if noisy else 0.0, generator=generator)
 
 
 @dataclass
@@ -114,7 +111,8 @@ class Trajectory:
 
     latents: list[torch.Tensor]  # x_T, ..., x_0: steps + 1 tensors of (N, C, H, W)
     timesteps: torch.Tensor      # the `steps` timesteps, x_k -> x_{k+1} taken at timesteps[k]
-    log_probs: torch.Tensor | None  # (steps, N): each step's log-probability when sampled; None at eta = 0
+    log_probs: torch.Tensor | None  # (steps, N): each step's log-probability when sampled, NaN at a deterministic
+                                    # step; None when all steps were deterministic
 
     def latents_at(self, step: int | torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x_step of `rows` (all by default); `step` one index for all rows, or a tensor of one index per row."""
@@ -170,17 +168,23 @@ def guided_output(model, sample: torch.Tensor, timestep, cond: Conditioning, unc
 
 @torch.no_grad()
 def sample_with_logprob(model, policy, cond: Conditioning, uncond: Conditioning | None, latents: torch.Tensor,
-                        steps: int, guidance: float, generator: torch.Generator | None = None) -> Trajectory:
+                        steps: int, guidance: float, generator: torch.Generator | None = None,
+                        noisy_steps=None) -> Trajectory:
     """Denoise `latents` (x_T, one row per image) in `steps` steps of `policy` (`DDIMPolicy`, `FlowSDEPolicy`)
-    with guidance, keeping the trajectory."""
+    with guidance, keeping the trajectory. `noisy_steps`: the step indices drawn from the policy's Gaussian (all by
+    default); the others are its deterministic step (DDIM at eta 0, the flow ODE), as Flow-GRPO-Fast's window."""
     timesteps = policy.set_steps(steps, tuple(latents.shape[1:]), latents.device)
+    noisy_steps = range(steps) if noisy_steps is None else noisy_steps
     path, log_probs = [latents], []
     for step, t in enumerate(timesteps):
         output = guided_output(model, path[-1], t, cond, uncond, guidance)
-        prev, log_prob = policy.step(output, step, path[-1], generator=generator)
+        prev, log_prob = policy.step(output, step, path[-1], generator=generator, noisy=step in noisy_steps)
         path.append(prev)
         log_probs.append(log_prob)
-    return Trajectory(path, timesteps.clone(), None if log_probs[0] is None else torch.stack(log_probs))
+    if all(log_prob is None for log_prob in log_probs):
+        return Trajectory(path, timesteps.clone(), None)
+    nan = torch.full((len(latents),), float("nan"), device=latents.device)
+    return Trajectory(path, timesteps.clone(), torch.stack([nan if p is None else p for p in log_probs]))
 
 
 @torch.no_grad()
