@@ -32,6 +32,7 @@ import numpy as np
 
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, recipe, run_demo
+from diffusion_align.toy.oracle import RATER_TIE_MARGIN
 
 
 def main() -> None:
@@ -101,14 +102,16 @@ def oracle_gains(run_dir: Path) -> dict[str, list[float]]:
     return gains
 
 
-def per_prompt_win_rates(run_dir: Path) -> dict[str, float]:
+def per_prompt_win_rates(run_dir: Path, tie_margin: float = 0.0) -> dict[str, float]:
     """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds (a gain's sign is the
-    comparison's: two different floats never subtract to zero)."""
-    return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g))))) for prompt, g in oracle_gains(run_dir).items()}
+    comparison's: two different floats never subtract to zero); with `tie_margin`, a gain under it counts half."""
+    return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g)), tie_margin)))
+            for prompt, g in oracle_gains(run_dir).items()}
 
 
 def summarise(runs: list[Path]) -> dict:
-    """Mean over seeds of the win rate, with its two-level interval, each seed's value, and the mean gains."""
+    """Mean over seeds of the win rate, with its two-level interval, each seed's value, the same with ties counted
+    (a gain under the raters' tie margin is half a win), and the mean gains."""
     reports = [json.loads((run / "report.json").read_text()) for run in runs]
     rates = [per_prompt_win_rates(run) for run in runs]
     prompts = sorted(rates[0])
@@ -116,11 +119,15 @@ def summarise(runs: list[Path]) -> dict:
         raise ValueError(f"the runs {', '.join(map(str, runs))} were evaluated on different prompts")
     values = np.array([[r[p] for p in prompts] for r in rates])
     low, high = seeds_bootstrap_interval(values)
+    with_ties = np.array([[r[p] for p in prompts] for r in (per_prompt_win_rates(run, RATER_TIE_MARGIN)
+                                                            for run in runs)])
 
     def gain(key):
         return float(np.mean([r[key]["aligned"] - r[key]["base"] for r in reports]))
     return {"win_rate": float(values.mean()), "low": low, "high": high,
-            "per_seed": [r["oracle_win_rate"]["value"] for r in reports], "oracle_gain": gain("oracle_score"),
+            "per_seed": [r["oracle_win_rate"]["value"] for r in reports],
+            "with_ties": (float(with_ties.mean()), *seeds_bootstrap_interval(with_ties)),
+            "oracle_gain": gain("oracle_score"),
             "proxy_gain": gain("toy_reward"),
             "diversity": float(np.mean([r["diversity"]["ratio"] for r in reports])),
             "steps": reports[0]["settings"]["steps"],
@@ -135,12 +142,15 @@ def format_table(rows, args) -> str:
              f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
              "",
              "| method | steps | oracle win rate over base, mean over seeds (95% interval, prompts and seeds) | "
-             "per seed | oracle gain | toy-reward gain | diversity (aligned / base) | s / step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"per seed | the same, a difference under the raters' tie margin ({RATER_TIE_MARGIN}) half a win | "
+             "oracle gain | toy-reward gain | diversity (aligned / base) | s / step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, s in rows:
+        ties, ties_low, ties_high = s["with_ties"]
         lines.append(f"| {method} | {s['steps']} | {s['win_rate']:.3f} ({s['low']:.3f}-{s['high']:.3f}) | "
-                     f"{' '.join(f'{v:.3f}' for v in s['per_seed'])} | {s['oracle_gain']:+.3f} | "
-                     f"{s['proxy_gain']:+.3f} | {s['diversity']:.2f} | {s['seconds_per_step']:.2f} |")
+                     f"{' '.join(f'{v:.3f}' for v in s['per_seed'])} | {ties:.3f} ({ties_low:.3f}-{ties_high:.3f}) | "
+                     f"{s['oracle_gain']:+.3f} | {s['proxy_gain']:+.3f} | {s['diversity']:.2f} | "
+                     f"{s['seconds_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

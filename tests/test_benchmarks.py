@@ -53,6 +53,8 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
     low, high = (float(v) for v in row[2].split("(")[1].rstrip(")").split("-"))
     assert row[2].startswith(f"{mean:.3f} (") and low <= mean <= high
     assert row[3] == " ".join(f"{r['oracle_win_rate']['value']:.3f}" for r in seeds)
+    ties = (seeds[0]["oracle_win_rate_ties_counted"]["value"] + seeds[1]["oracle_win_rate_ties_counted"]["value"]) / 2
+    assert row[4].startswith(f"{ties:.3f} (")  # with ties counted, as each run's report counts them
 
     # where the trained model's errors moved: the base's and the run's, per image set and branch, at two timesteps
     errors = subprocess.run([sys.executable, "benchmarks/toy_errors.py", str(tmp_path / "dpo" / "seed-0"), "--pairs",
