@@ -182,3 +182,34 @@ def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup,
     assert result.metrics["log_ratio_abs_max"] < 1e-5
     with pytest.raises(ConfigError, match="online.sde_window=3 must fit in the first half"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "x", "online.sde_window=3"))
+
+
+def test_the_review_tools_on_an_online_flux_lora(tiny_flow_models, online_setup, tmp_path):
+    """What an online FLUX run wrote goes through the everyday tools: `generate` with the LoRA (the pipeline with
+    `load_lora_weights`, not the base), `compare` of base and aligned folders with a scorer, the grid and the
+    review page over both."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_align.evaluation.compare import compare_folders
+    from diffusion_align.evaluation.generate import generate_images
+    from diffusion_align.evaluation.grid import make_grid
+    from diffusion_align.evaluation.review import write_review_page
+    from diffusion_align.rewards import load_scorer
+    result = train(online_config(tiny_flow_models, online_setup, "flux", tmp_path / "run", "train.lr=0.1"))
+    prompts, scorer_dir = online_setup
+    model, fast = tiny_flow_models["flux"], dict(steps=2, height=32, width=32)
+    base = generate_images(model, prompts, "0,1", tmp_path / "base", **fast).out_dir
+    aligned = generate_images(model, prompts, "0,1", tmp_path / "aligned", lora=str(result.final_dir), **fast).out_dir
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(result.final_dir)
+    expected = pipe("a red circle", num_inference_steps=2, height=32, width=32,
+                    generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    got = np.asarray(Image.open(aligned / "p0000-s0001.png"), dtype=np.float64)
+    assert np.abs(got - np.round(expected * 255)).max() <= 1
+    assert np.abs(got - np.asarray(Image.open(base / "p0000-s0001.png"), dtype=np.float64)).mean() > 1
+    compared = compare_folders(base, aligned, load_scorer("pickscore", scorer_dir), tmp_path / "compare",
+                               num_workers=0)
+    assert len(compared.prompts) == 3 and all(c.pairs == 2 for c in compared.prompts)  # 3 prompts x 2 seeds
+    assert len(make_grid([base, aligned], tmp_path / "grid.png").pages) == 1
+    assert "p0002-s0001.png" in write_review_page([base, aligned], tmp_path / "review.html").read_text()
