@@ -221,6 +221,9 @@ def report(rows: list[dict], methods: list[str], name: str = "toy-sweep") -> str
         if runs:
             plot(method, name, [r for r in rows
                           if r["method"] == method and r["seed"] == 0 and r["settings"] in grid(method)])
+    online = [m for m in ("pref_grpo", "grpo") if m in methods]
+    if any(r["method"] in online for r in rows):
+        plot_hacking(online, name, [r for r in rows if r["method"] in online and r["seed"] == 0])
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +242,27 @@ def plot(method: str, name: str, rows: list[dict]) -> Path:
     ax.set(xscale="log", xlabel="learning rate", ylabel="validation win rate over base", title=f"toy sweep: {method}")
     ax.legend(fontsize=8)
     path = HERE / f"{name}-{method}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_hacking(methods: list[str], name: str, rows: list[dict]) -> Path:
+    """Reward hacking, per online method: each stage-1 run's (seed 0) oracle gain against its toy-reward gain. A
+    method whose reward hacks less keeps its oracle gain up where its proxy gain is as large."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, marker in zip(methods, "os"):
+        points = [(r["proxy_gain"], r["oracle_gain"]) for r in rows if r["method"] == method]
+        ax.scatter(*zip(*points), marker=marker, label=method, alpha=0.8)
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="toy-reward gain (the proxy trained on)", ylabel="oracle gain (the truth)",
+           title="toy sweep: online settings (seed 0)")
+    ax.legend(fontsize=8)
+    path = HERE / f"{name}-online-hacking.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
