@@ -32,9 +32,6 @@ import torch
 from .likelihood import NoisedRows
 from .sampling import gaussian_log_prob
 
-# Flow-GRPO's noise level a for SD3.5 (methods.md: 0.7 for SD3, 0.9 for FLUX; Pref-GRPO 0.7 on FLUX)
-NOISE_LEVEL = 0.7
-
 # the logit-normal's mean and std: the SD3 paper's choice (arXiv 2403.03206, section 3.1: rf/lognorm(0.00, 1.00)),
 # and the defaults of diffusers' train_dreambooth_lora_{sd3,flux}.py (--logit_mean 0, --logit_std 1)
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
@@ -182,7 +179,7 @@ class FlowSDEPolicy:
     """The flow families' sampler as a policy for the online methods: the steps their pipelines take (`set_steps`),
     each one Flow-GRPO's SDE step at `noise_level` (0: the Euler ODE, deterministic, no density)."""
 
-    def __init__(self, scheduler, noise_level: float = NOISE_LEVEL, linspace_sigmas: bool = False):
+    def __init__(self, scheduler, noise_level: float, linspace_sigmas: bool = False):
         self.scheduler, self.noise_level, self.linspace_sigmas = scheduler, noise_level, linspace_sigmas
 
     def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
@@ -195,16 +192,17 @@ class FlowSDEPolicy:
         sigmas = np.linspace(1.0, 1 / steps, steps) if self.linspace_sigmas else None
         self.scheduler.set_timesteps(steps, device=device, sigmas=sigmas, mu=mu)
         self.sigmas = self.scheduler.sigmas.float().cpu()
+        self.sigma_below_one = float(self.sigmas[1])  # where sigma_t's denominator meets s = 1 (flow_sde_transition)
         return self.scheduler.timesteps
 
     def transition(self, velocity: torch.Tensor, step, sample: torch.Tensor):
         """(mean, std) of step `step` (an index, or one per row) from `sample`: `flow_sde_transition`."""
         return flow_sde_transition(velocity, self.sigmas[step], self.sigmas[step + 1], sample, self.noise_level,
-                                   sigma_below_one=float(self.sigmas[1]))
+                                   self.sigma_below_one)
 
     def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
         """(next sample, its log_prob per row): `flow_sde_step_with_logprob`; `noisy` False: the ODE, log_prob
         None."""
         return flow_sde_step_with_logprob(velocity, self.sigmas[step], self.sigmas[step + 1], sample,
                                           self.noise_level if noisy else 0.0, generator=generator,
-                                          sigma_below_one=float(self.sigmas[1]))
+                                          sigma_below_one=self.sigma_below_one)
