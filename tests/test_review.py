@@ -253,10 +253,20 @@ def test_blind_ab_with_the_keyboard_exports_choices_that_import_as_labels(browse
         time.sleep(0.1)
     assert download.read_text() == exported
 
-    # a reload keeps the choices (localStorage)
-    browser.refresh()
-    browser.find_element(By.ID, "show-ab").click()
-    assert browser.find_element(By.ID, "progress").text == "5 / 5"
+    # a reload keeps the choices (localStorage). The page wrote them; Chromium hands a page's storage writes to its
+    # browser process asynchronously, so a reload on a loaded machine can come before they land (seen once in CI):
+    # reload until the page shows them, for up to 10 s. A page that never saved fails all the same.
+    stored = browser.execute_script("return Object.keys(localStorage).map(k => localStorage.getItem(k))")
+    assert [len(json.loads(value)) for value in stored] == [5]
+    deadline = time.monotonic() + 10
+    while True:
+        browser.refresh()
+        browser.find_element(By.ID, "show-ab").click()
+        shown = browser.find_element(By.ID, "progress").text
+        if shown == "5 / 5" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert shown == "5 / 5"
 
     report = import_review(download, folders, tmp_path / "dataset")
     assert report.skipped == 1
