@@ -16,6 +16,12 @@ no rollouts); --split heldout, the default, is for the final table only. The int
 seeds drawn with replacement, then each drawn seed's prompts (`evaluation.compare.seeds_bootstrap_interval`). The
 table is printed and written to <out>/table.md; a run that finished with the same settings is read back, not
 run again. Run it with nothing else on the machine: time per step is a wall-clock measure.
+
+`--on-train-prompts` judges the finished runs again on the prompts they trained on (the base model's and each
+run's images of its train prompts with the same evaluation seeds, into <out>/train-prompts-base-seed-<seed>/ and
+<run>/train-prompts-aligned/; judged as the demo judges, into <run>/train-prompts-report.json and
+-comparisons.jsonl) and writes that table to <out>/table-train-prompts.md: set beside the held-out one, it tells a
+method that does not fit its own data from one that does not carry what it fitted to new compositions.
 """
 
 from __future__ import annotations
@@ -31,8 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
-from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, recipe, run_demo
+from diffusion_align.rewards import load_scorer
+from diffusion_align.toy.assets import base_model, generate, toy_pickscore
+from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, evaluate, recipe, run_demo
 from diffusion_align.toy.oracle import RATER_TIE_MARGIN
+from diffusion_align.toy.world import sample_prompts
+
+TRAIN_PROMPTS = "train-prompts-"  # the prefix of a run's files judged on its train prompts
 
 
 def main() -> None:
@@ -48,18 +59,24 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=DemoSettings.eval_seeds)
     parser.add_argument("--overrides", nargs="*", default=[], help="train config keys for every method, key=value "
                                                                    "(e.g. data.cache=true)")
+    parser.add_argument("--on-train-prompts", action="store_true",
+                        help="judge the runs again on the prompts they trained on (see above)")
     args = parser.parse_args()
     if args.eval_seeds < 2:
         parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     rows = []
+    prefix = TRAIN_PROMPTS if args.on_train_prompts else ""
     for method in args.methods:
         runs = [run_seed(out, method, seed, args) for seed in args.seeds]
-        rows.append((method, summarise(runs)))
+        if args.on_train_prompts:
+            for run in runs:
+                judge_on_train_prompts(run, out)
+        rows.append((method, summarise(runs, prefix)))
     table = format_table(rows, args)
     print(table)
-    (out / "table.md").write_text(table)
+    (out / f"table{'-train-prompts' if prefix else ''}.md").write_text(table)
 
 
 def run_seed(out: Path, method: str, seed: int, args) -> Path:
@@ -92,35 +109,57 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     return run_dir
 
 
-def oracle_gains(run_dir: Path) -> dict[str, list[float]]:
+def judge_on_train_prompts(run_dir: Path, out: Path) -> None:
+    """The run's model against the base on the run's own train prompts, with the demo's evaluation seeds, judged as
+    the demo judges: <run>/train-prompts-report.json (the summary the report keeps) and -comparisons.jsonl. The
+    base's images of a seed's train prompts are made once, into <out>/train-prompts-base-seed-<seed>/."""
+    report_file = run_dir / f"{TRAIN_PROMPTS}report.json"
+    if report_file.is_file():
+        return
+    report = json.loads((run_dir / "report.json").read_text())
+    settings = report["settings"]
+    prompts = sample_prompts(settings["prompts"], settings["seed"], "train")
+    seeds = list(range(1000, 1000 + settings["eval_seeds"]))  # the demo's evaluation seeds
+    base = generate(base_model(), prompts, seeds, out / f"{TRAIN_PROMPTS}base-seed-{settings['seed']}")
+    aligned = generate(base_model(), prompts, seeds, run_dir / f"{TRAIN_PROMPTS}aligned", lora=run_dir / "model" / "final")
+    proxy = load_scorer("toy-pickscore", toy_pickscore(), device="cpu")
+    summary, comparisons = evaluate(base, aligned, proxy, sorted(set(prompts)), seeds)
+    (run_dir / f"{TRAIN_PROMPTS}comparisons.jsonl").write_text("".join(json.dumps(c) + "\n" for c in comparisons))
+    report_file.write_text(json.dumps({**summary, "settings": settings,
+                                       "train_seconds_per_step": report["train_seconds_per_step"]}, indent=1))
+
+
+def oracle_gains(run_dir: Path, prefix: str = "") -> dict[str, list[float]]:
     """Each evaluated prompt's oracle gains of aligned over base (aligned - base), one per evaluation seed: what
-    any other count of wins (e.g. with a tie margin) can be recomputed from."""
+    any other count of wins (e.g. with a tie margin) can be recomputed from. `prefix`: TRAIN_PROMPTS for the
+    run's judgement on its train prompts."""
     gains: dict[str, list[float]] = {}
-    for line in (run_dir / "comparisons.jsonl").read_text().splitlines():
+    for line in (run_dir / f"{prefix}comparisons.jsonl").read_text().splitlines():
         c = json.loads(line)
         gains.setdefault(c["prompt"], []).append(c["oracle_aligned"] - c["oracle_base"])
     return gains
 
 
-def per_prompt_win_rates(run_dir: Path, tie_margin: float = 0.0) -> dict[str, float]:
+def per_prompt_win_rates(run_dir: Path, tie_margin: float = 0.0, prefix: str = "") -> dict[str, float]:
     """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds (a gain's sign is the
     comparison's: two different floats never subtract to zero); with `tie_margin`, a gain under it counts half."""
     return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g)), tie_margin)))
-            for prompt, g in oracle_gains(run_dir).items()}
+            for prompt, g in oracle_gains(run_dir, prefix).items()}
 
 
-def summarise(runs: list[Path]) -> dict:
+def summarise(runs: list[Path], prefix: str = "") -> dict:
     """Mean over seeds of the win rate, with its two-level interval, each seed's value, the same with ties counted
-    (a gain under the raters' tie margin is half a win), and the mean gains."""
-    reports = [json.loads((run / "report.json").read_text()) for run in runs]
-    rates = [per_prompt_win_rates(run) for run in runs]
-    prompts = sorted(rates[0])
-    if any(sorted(r) != prompts for r in rates):
+    (a gain under the raters' tie margin is half a win), and the mean gains; `prefix` as in `oracle_gains`."""
+    reports = [json.loads((run / f"{prefix}report.json").read_text()) for run in runs]
+    rates = [per_prompt_win_rates(run, prefix=prefix) for run in runs]
+    # judged on their train prompts, seeds that trained on fewer than all differ in them: the bootstrap draws each
+    # seed's prompts on their own, so only their number must agree
+    if not prefix and any(sorted(r) != sorted(rates[0]) for r in rates):
         raise ValueError(f"the runs {', '.join(map(str, runs))} were evaluated on different prompts")
-    values = np.array([[r[p] for p in prompts] for r in rates])
+    values = np.array([[r[p] for p in sorted(r)] for r in rates])
     low, high = seeds_bootstrap_interval(values)
-    with_ties = np.array([[r[p] for p in prompts] for r in (per_prompt_win_rates(run, RATER_TIE_MARGIN)
-                                                            for run in runs)])
+    with_ties = np.array([[r[p] for p in sorted(r)] for r in (per_prompt_win_rates(run, RATER_TIE_MARGIN, prefix)
+                                                              for run in runs)])
 
     def gain(key):
         return float(np.mean([r[key]["aligned"] - r[key]["base"] for r in reports]))
@@ -135,8 +174,10 @@ def summarise(runs: list[Path]) -> dict:
 
 
 def format_table(rows, args) -> str:
-    split = {"val": "validation prompts (for tuning)", "heldout": "held-out prompts (never tuned on)"}[args.split]
-    lines = [f"Toy world, {args.split}: {split} x {args.eval_seeds} evaluation seeds; training seeds "
+    split = ("train: the prompts each run trained on" if args.on_train_prompts else
+             {"val": "val: validation prompts (for tuning)", "heldout": "heldout: held-out prompts (never tuned on)"}[
+                 args.split])
+    lines = [f"Toy world, {split} x {args.eval_seeds} evaluation seeds; training seeds "
              f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
              f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')})"
              f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",

@@ -56,6 +56,31 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
     ties = (seeds[0]["oracle_win_rate_ties_counted"]["value"] + seeds[1]["oracle_win_rate_ties_counted"]["value"]) / 2
     assert row[4].startswith(f"{ties:.3f} (")  # with ties counted, as each run's report counts them
 
+    # the same runs judged again on the prompts they trained on: the base's and each run's images of them
+    again = subprocess.run([sys.executable, "benchmarks/toy_methods.py", "--methods", "dpo", "--seeds", "0", "1",
+                            "--split", "val", "--steps", "2", "--prompts", "4", "--images-per-prompt", "2",
+                            "--eval-seeds", "2", "--overrides", "train.batch_size=4", "--out", str(tmp_path),
+                            "--on-train-prompts"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (tmp_path / "table.md").read_text() == table  # the held-out (here validation) table is left as it was
+    on_train = [json.loads((tmp_path / "dpo" / f"seed-{s}" / "train-prompts-report.json").read_text()) for s in (0, 1)]
+    trained_on = [(tmp_path / "dpo" / f"seed-{s}" / "pair-images-prompts.txt").read_text().split("\n")[:-1]
+                  for s in (0, 1)]
+    assert [r["oracle_win_rate"]["prompts"] for r in on_train] == [len(set(p)) for p in trained_on] == [4, 4]
+    for s, prompts in zip((0, 1), trained_on):
+        judged = {json.loads(line)["prompt"] for line in
+                  (tmp_path / "dpo" / f"seed-{s}" / "train-prompts-comparisons.jsonl").read_text().splitlines()}
+        assert judged == set(prompts)
+    row = next(line for line in (tmp_path / "table-train-prompts.md").read_text().splitlines()
+               if line.startswith("| dpo |")).split(" | ")
+    assert row[3] == " ".join(f"{r['oracle_win_rate']['value']:.3f}" for r in on_train)
+
+    # the oracle's view of a run's pairs: one pair of each prompt's two images
+    pairs = subprocess.run([sys.executable, "benchmarks/toy_pairs.py", str(tmp_path / "dpo" / "seed-0")], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert pairs.returncode == 0, pairs.stdout[-2000:] + pairs.stderr[-2000:]
+    assert f"| {tmp_path / 'dpo' / 'seed-0'} | 4 | " in pairs.stdout
+
     # where the trained model's errors moved: the base's and the run's, per image set and branch, at two timesteps
     errors = subprocess.run([sys.executable, "benchmarks/toy_errors.py", str(tmp_path / "dpo" / "seed-0"), "--pairs",
                              "3", "--timesteps", "100", "600", "--out", str(tmp_path / "errors.md")],
@@ -159,3 +184,16 @@ def test_every_online_extra_is_a_config_the_online_loop_accepts(monkeypatch):
             for knob in toy_sweep.AROUND_BEST[method]:
                 overrides = [f"{k}={v}" for k, v in {**settings, **knob}.items()]
                 check_online_config(load_config(ROOT / "configs" / "toy" / f"{recipe}.yaml", overrides))
+
+
+def test_the_reward_signal_of_a_hand_made_group(monkeypatch):
+    """One group of two: advantages +1 / -1, oracle 0.9 / 0.3 (the second image failed), proxy 2 / 0. A step moves
+    the oracle by mean(A * (o - mean o)) = (0.3 + 0.3) / 2 and the proxy by (1 + 1) / 2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+    from toy_rewards import signal
+
+    s = signal(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.9, 0.3]]), torch.tensor([[2.0, 0.0]]))
+    assert s["oracle"] == pytest.approx(0.3) and s["proxy"] == pytest.approx(1.0)
+    assert s["ratio"] == pytest.approx(0.3) and s["corr"] == pytest.approx(1.0)
+    assert s["failed_advantage"] == -1.0 and s["mixed_groups"] == 1
