@@ -102,6 +102,9 @@ def test_shipped_configs_cover_the_families():
     assert {"sd15/dpo.yaml", "sd21/dpo.yaml", "sdxl/dpo.yaml", "tiny/dpo.yaml", "sdxl/mapo.yaml", "sd15/smpo.yaml",
             "sdxl/smpo.yaml", "sd21/dcpo.yaml", "sd15/sft.yaml", "tiny/mapo.yaml", "tiny/smpo.yaml", "tiny/dcpo.yaml",
             "tiny/sft.yaml"} <= names
+    # every offline method on both flow families
+    assert {f"{family}/{method}.yaml" for family in ("sd35", "flux") for method in ("dpo", "mapo", "smpo", "dcpo", "sft")
+            } <= names
 
 
 RECIPES = [p for p in CONFIGS if p.parent.name != "tiny"]

@@ -215,6 +215,9 @@ def test_betas_on_flow_models_are_the_published_ones_or_warned_about():
     assert dpo.resolve_beta(5000, flow=True)[1].startswith(
         "method.beta=5000 is far from dpo's published beta (100) on flow-matching models")
     assert dpo.resolve_beta(500, flow=True)[1] is None and dpo.resolve_beta(500, flow=False)[1] is None
+    # no flow beta published: a named one is taken as it is (configs/sd35/smpo.yaml's 100), a UNet one is judged
+    smpo = methods.METHODS["smpo"]
+    assert smpo.resolve_beta(100, flow=True) == (100, None) and smpo.resolve_beta(100, flow=False)[1] is not None
 
 
 def test_precomputed_reference_errors_and_the_latent_cache_on_flux_are_the_live_run(tmp_path, tiny_flow_models,

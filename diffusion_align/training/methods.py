@@ -69,7 +69,8 @@ class Method:
     def resolve_beta(self, beta: float | None, flow: bool) -> tuple[float | None, str | None]:
         """(the beta to train with, a warning or None): method.beta, or the method's published default for the
         family's kind (UNet, or flow-matching transformer); a beta far from the published ones, or a flow model
-        trained with a beta published for UNets only, is warned about."""
+        trained with a beta published for UNets only, is warned about. A beta named for a flow model of a method
+        that publishes none for them is taken as it is: the UNet values are no yardstick for velocity errors."""
         on_flow = flow and self.flow_beta is not None  # a beta published for flow models applies
         default = self.flow_beta if on_flow else self.default_beta
         if beta is None:
@@ -78,6 +79,8 @@ class Method:
                                  f"default {default:g}, whose scale may not carry over to velocity errors: tune "
                                  "method.beta")
             return default, None
+        if flow and not on_flow:
+            return beta, None
         low, high = (self.flow_beta, self.flow_beta) if on_flow else self.published_betas or (None, None)
         if low is None or low / 10 <= beta <= high * 10:
             return beta, None
