@@ -1,10 +1,16 @@
-"""The memory planner's table for the shipped SD1.5, SD2.1 and SDXL recipes on 24, 48 and 80 GB GPUs.
+"""The memory planner's table for the shipped SD1.5, SD2.1, SDXL, SD3.5-medium and FLUX.1-dev recipes on 24, 48 and
+80 GB GPUs.
 
     .venv/bin/python benchmarks/memory_table.py [--out benchmarks/memory-table.md]
     .venv/bin/python benchmarks/memory_table.py --measure sd15     # the plan against a real step on the CPU
 
 No hub access and no weights: each architecture is a config-only pipeline folder (a tiny pipeline of its family
-whose unet/, vae/ and text_encoder*/ configs are replaced by the published ones; the planner reads configs only).
+whose unet/ or transformer/, vae/ and text_encoder*/ configs are replaced by the published ones; the planner reads
+configs only). The flow models' text encoders are those of Stability-AI/sd3.5 `sd3_infer.py` (CLIPL_CONFIG,
+CLIPG_CONFIG, T5_CONFIG: CLIP-L, OpenCLIP bigG, T5-v1.1-XXL), which FLUX.1 reads too (black-forest-labs/flux
+`src/flux/util.py`: openai/clip-vit-large-patch14 and google/t5-v1_1-xxl); their VAE is SD's with 16 latent channels
+and no quant convs (`sd3_impls.py` SDVAE, flux `AutoEncoderParams`: ch 128, ch_mult 1 2 4 4, 2 res blocks, z 16);
+the transformers' configs are assets/transformer-configs/.
 The SDXL recipes' replacement VAE (madebyollin/sdxl-vae-fp16-fix, a hub id) is left out: it has SDXL's VAE
 architecture, which the folder's own config already gives.
 """
@@ -21,23 +27,32 @@ from train_throughput import ROOT, SD15_TEXT, SD15_VAE
 
 from diffusion_align.config import load_config
 from diffusion_align.models.tiny import save_tiny_pipeline
+from diffusion_align.models.tiny_flow import save_tiny_flow_pipeline
 from diffusion_align.training.memory import GIB, count_models, plan
 
 # stable-diffusion-2-1's text encoder (OpenCLIP ViT-H/14, penultimate layer: 23 of its 24 layers ship)
 SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                  max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128)
+FLOW_VAE = {**SD15_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 ARCHITECTURES = {"sd15": ("sd", [SD15_TEXT], SD15_VAE), "sd21": ("sd2", [SD21_TEXT], {**SD15_VAE, "sample_size": 768}),
-                 "sdxl": ("sdxl", [SD15_TEXT, SDXL_TEXT_2], SDXL_VAE)}
+                 "sdxl": ("sdxl", [SD15_TEXT, SDXL_TEXT_2], SDXL_VAE),
+                 "sd35": ("sd3", [SD15_TEXT, SDXL_TEXT_2, T5_XXL], FLOW_VAE),
+                 "flux": ("flux", [{k: v for k, v in SD15_TEXT.items() if k != "projection_dim"}, T5_XXL], FLOW_VAE)}
+DENOISERS = {"sd35": ("transformer", "transformer-configs/sd35-medium-transformer.json"),
+             "flux": ("transformer", "transformer-configs/flux1-dev-transformer.json")}
 GPUS = (24, 48, 80)
 
 
 def config_only_pipeline(work: Path, arch: str) -> Path:
     family, texts, vae = ARCHITECTURES[arch]
-    folder = save_tiny_pipeline(work / arch, family, seed=0)
-    (folder / "unet" / "config.json").write_text((ROOT / "assets" / "unet-configs" / f"{arch}-unet.json").read_text())
+    flow = arch in DENOISERS
+    folder = (save_tiny_flow_pipeline if flow else save_tiny_pipeline)(work / arch, family, seed=0)
+    denoiser, config = DENOISERS.get(arch, ("unet", f"unet-configs/{arch}-unet.json"))
+    (folder / denoiser / "config.json").write_text((ROOT / "assets" / config).read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     (folder / "vae" / "config.json").write_text(json.dumps({**vae_config, **vae}))
-    for name, text in zip(("text_encoder", "text_encoder_2"), texts):
+    for name, text in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), texts):
         config = json.loads((folder / name / "config.json").read_text())
         (folder / name / "config.json").write_text(json.dumps({**config, **text}))
     return folder
@@ -80,8 +95,8 @@ def measure(arch: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="also write the table here")
-    parser.add_argument("--measure", choices=list(ARCHITECTURES), help="instead: the plan's model states against a "
-                                                                       "real step of this architecture on the CPU")
+    parser.add_argument("--measure", choices=[a for a in ARCHITECTURES if a not in DENOISERS],
+                        help="instead: the plan's model states against a real step of this UNet on the CPU")
     args = parser.parse_args()
     if args.measure:
         print("| architecture | planned model states, GiB | tensors held after one step | peak RSS growth |\n"

@@ -154,19 +154,26 @@ def test_a_sweep_run_is_claimed_by_one_process(tmp_path, monkeypatch):
 def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypatch):
     """The config-only pipelines of memory_table.py give the parameter counts the published checkpoints have
     (SD1.5 UNet 859,520,964; SD2.1 865,910,724; SDXL 2,567,463,684; their VAE 83,653,863; CLIP ViT-L 123,060,480,
-    OpenCLIP ViT-H (23 layers) 340,387,840, ViT-bigG with projection 694,659,840), and SDXL's DPO recipe needs two
-    fsdp2 processes on a 24 GB card."""
+    OpenCLIP ViT-H (23 layers) 340,387,840, ViT-bigG with projection 694,659,840; SD3.5-medium's transformer
+    2,469,663,936 less its 226,492,416-element position buffer, FLUX.1-dev's 11,901,408,320, the 16-channel VAE
+    without quant convs 83,819,683, T5-v1.1-XXL's encoder 4,762,310,656, CLIP ViT-L with projection 123,650,304),
+    and SDXL's DPO recipe needs three fsdp2 processes on a 24 GB card."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from memory_table import config_only_pipeline
 
     from diffusion_align.config import load_config
     from diffusion_align.training.memory import count_models, plan
-    expected = {"sd15": (859_520_964, 123_060_480), "sd21": (865_910_724, 340_387_840),
-                "sdxl": (2_567_463_684, 123_060_480 + 694_659_840)}
-    for arch, (unet, text) in expected.items():
-        model = config_only_pipeline(tmp_path, arch)
-        counts = count_models(load_config(None, [f"model.pretrained={model}", "train.resolution=64"]))
-        assert (counts.unet, counts.vae, counts.text_encoders) == (unet, 83_653_863, text)
+    t5_xxl = 4_762_310_656
+    expected = {"sd15": (859_520_964, 83_653_863, 123_060_480), "sd21": (865_910_724, 83_653_863, 340_387_840),
+                "sdxl": (2_567_463_684, 83_653_863, 123_060_480 + 694_659_840),
+                "sd35": (2_469_663_936 - 226_492_416, 83_819_683, 123_650_304 + 694_659_840 + t5_xxl),
+                "flux": (11_901_408_320, 83_819_683, 123_060_480 + t5_xxl)}
+    for arch, (denoiser, vae, text) in expected.items():
+        folder = config_only_pipeline(tmp_path, arch)
+        counts = count_models(load_config(None, [f"model.pretrained={folder}", "train.resolution=64"]))
+        assert (counts.unet, counts.vae, counts.text_encoders) == (denoiser, vae, text), arch
+        if arch == "sdxl":
+            model = folder
     sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}", "model.vae=null"])
     result = plan(sdxl_dpo, gpu_memory_gb=24)
     # sharded, it trains with AdamW (8 bytes a parameter, not the recipe's Adafactor): 3 processes of 24 GB
