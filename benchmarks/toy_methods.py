@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
+from diffusion_align.files import write_text_atomic
 from diffusion_align.rewards import load_scorer
 from diffusion_align.toy.assets import base_model, generate, toy_pickscore
 from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, evaluate, recipe, run_demo
@@ -121,12 +122,13 @@ def judge_on_train_prompts(run_dir: Path, out: Path) -> None:
     prompts = sample_prompts(settings["prompts"], settings["seed"], "train")
     seeds = list(range(1000, 1000 + settings["eval_seeds"]))  # the demo's evaluation seeds
     base = generate(base_model(), prompts, seeds, out / f"{TRAIN_PROMPTS}base-seed-{settings['seed']}")
-    aligned = generate(base_model(), prompts, seeds, run_dir / f"{TRAIN_PROMPTS}aligned", lora=run_dir / "model" / "final")
+    aligned = generate(base_model(), prompts, seeds, run_dir / f"{TRAIN_PROMPTS}aligned",
+                       lora=run_dir / "model" / "final")
     proxy = load_scorer("toy-pickscore", toy_pickscore(), device="cpu")
     summary, comparisons = evaluate(base, aligned, proxy, sorted(set(prompts)), seeds)
-    (run_dir / f"{TRAIN_PROMPTS}comparisons.jsonl").write_text("".join(json.dumps(c) + "\n" for c in comparisons))
-    report_file.write_text(json.dumps({**summary, "settings": settings,
-                                       "train_seconds_per_step": report["train_seconds_per_step"]}, indent=1))
+    write_text_atomic(run_dir / f"{TRAIN_PROMPTS}comparisons.jsonl", "".join(json.dumps(c) + "\n" for c in comparisons))
+    write_text_atomic(report_file, json.dumps({**summary, "settings": settings,  # written last: the run is judged
+                                               "train_seconds_per_step": report["train_seconds_per_step"]}, indent=1))
 
 
 def oracle_gains(run_dir: Path, prefix: str = "") -> dict[str, list[float]]:

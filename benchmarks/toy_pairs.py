@@ -96,8 +96,8 @@ def main() -> None:
               "| winner's oracle lead | the same weighted by 2p - 1 |\n" + "| --- " * 6 + "|")
     for run in smpo_runs:
         s = soft_labels(run, oracles[run])
-        print(f"| {run} | " + " | ".join(f"{s['agree_' + t]:.3f} ({s['weight_' + t]:.2f})" for t in ("low", "mid", "high"))
-              + f" | {s['lead']:+.4f} | {s['weighted_lead']:+.4f} |")
+        thirds = " | ".join(f"{s['agree_' + t]:.3f} ({s['weight_' + t]:.2f})" for t in ("low", "mid", "high"))
+        print(f"| {run} | {thirds} | {s['lead']:+.4f} | {s['weighted_lead']:+.4f} |")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ z-scored win rates, on groups of the base model's own images.
     .venv/bin/python benchmarks/toy_rewards.py outputs/groups-base --group-size 8
 
 FOLDER holds G or more images of each prompt (add `--lora RUN/model/final` to draw them by a tuned model); the first
-G of each prompt make a group, as the online loop samples them. A policy-gradient step raises each image's log-likelihood in
-proportion to its advantage A_i, so to first order it moves a score s by (1/G) sum_i A_i (s_i - mean_g s): the
-table gives that for the oracle and for the proxy, the ratio of the two (oracle bought per unit of proxy), the
-correlation of A with the oracle inside a group, and, in the groups with a failed image (oracle under 0.5, e.g.
-the wrong colour), the advantage that image gets.
+G of each prompt make a group, as the online loop samples them. A policy-gradient step raises each image's
+log-likelihood in proportion to its advantage A_i, so to first order it moves a score s by
+(1/G) sum_i A_i (s_i - mean_g s): the table gives that for the oracle and for the proxy, the ratio of the two
+(oracle bought per unit of proxy), the correlation of A with the oracle inside a group, and, in the groups with a
+failed image (oracle under 0.5, e.g. the wrong colour), the advantage that image gets.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main() -> None:
                "pref_grpo (z-scored win rates, Bradley-Terry at T = 1)": pairwise_win_rates(
                    bradley_terry_preferences(proxy * scorer.preference_scale))}
     print(f"{len(proxy)} groups of {args.group_size}\n\n| reward | oracle gain per step | proxy gain per step "
-          "| oracle / proxy | corr(A, oracle) in a group | a failed image's advantage (groups) |\n" + "| --- " * 6 + "|")
+          "| oracle / proxy | corr(A, oracle) in a group | a failed image's advantage (groups) |\n"
+          + "| --- " * 6 + "|")
     for name, reward in rewards.items():
         s = signal(group_advantages(reward.flatten(), args.group_size).view(-1, args.group_size), oracle, proxy)
         print(f"| {name} | {s['oracle']:.4f} | {s['proxy']:.3f} | {s['ratio']:.4f} | {s['corr']:.3f} "
