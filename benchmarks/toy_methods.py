@@ -6,6 +6,7 @@ gains, the diversity of the aligned model's images, and time per training step.
     .venv/bin/python benchmarks/toy_methods.py --methods dpo mapo --seeds 0 --split val --out outputs/bench-val
     .venv/bin/python benchmarks/toy_methods.py --methods dpo --overrides data.cache=true \
         method.precomputed_reference=true --out outputs/bench-cached
+    .venv/bin/python benchmarks/toy_methods.py --family flow --methods dpo   # the flow base, outputs/toy-methods-flow
 
 Each (method, seed) runs `diffusion-align demo` into <out>/<method>/seed-<seed>/. A training seed sets the pair
 images (the base model's draws for the train prompts), the training draws and the LoRA initialisation; the
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_align.config import load_config
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.files import write_text_atomic
 from diffusion_align.rewards import load_scorer
@@ -53,7 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--split", default="heldout", choices=("val", "heldout"),
                         help="the prompts evaluated on: val while tuning, heldout for the final table")
-    parser.add_argument("--out", default="outputs/toy-methods")
+    parser.add_argument("--family", default="unet", choices=("unet", "flow"), help="the toy base (demo --family)")
+    parser.add_argument("--out", default=None, help="default: outputs/toy-methods, outputs/toy-methods-flow")
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's, per kind of method")
     parser.add_argument("--prompts", type=int, default=None, help="train prompts; default: the demo's (all)")
     parser.add_argument("--images-per-prompt", type=int, default=DemoSettings.images_per_prompt)
@@ -66,7 +69,7 @@ def main() -> None:
     if args.eval_seeds < 2:
         parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
+    out = Path(args.out or f"outputs/toy-methods{'-flow' if args.family == 'flow' else ''}")
     rows = []
     prefix = TRAIN_PROMPTS if args.on_train_prompts else ""
     for method in args.methods:
@@ -83,7 +86,7 @@ def main() -> None:
 def run_seed(out: Path, method: str, seed: int, args) -> Path:
     """The demo of `method` at training seed `seed` in <out>/<method>/seed-<seed>/ (read back when it finished)."""
     return run_demo_once(out / method / f"seed-{seed}", out / f"shared-images-seed-{seed}",
-                         DemoSettings(method=method, steps=args.steps, prompts=args.prompts,
+                         DemoSettings(method=method, family=args.family, steps=args.steps, prompts=args.prompts,
                                       images_per_prompt=args.images_per_prompt,
                                       eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed,
                                       overrides=tuple(args.overrides)))
@@ -93,7 +96,11 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     """`run_demo` into `run_dir` unless it finished there with the same settings and recipe (a run of other settings
     or an edited recipe is done again); an offline method's pair images (which depend on the seed alone) are copied
     from `shared` when an earlier run left them there, and left there by the first."""
-    asked = json.dumps({**asdict(settings), "recipe": recipe(settings.method).read_text()}, sort_keys=True) + "\n"
+    asked = asdict(settings)
+    if settings.family == "unet":
+        del asked["family"]  # as runs were asked before the flow base existed, so they are read back
+    asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},
+                       sort_keys=True) + "\n"
     done_with = run_dir / "benchmark-settings.json"
     if (run_dir / "report.json").is_file() and done_with.is_file() and done_with.read_text() == asked:
         return run_dir
@@ -121,9 +128,12 @@ def judge_on_train_prompts(run_dir: Path, out: Path) -> None:
     settings = report["settings"]
     prompts = sample_prompts(settings["prompts"], settings["seed"], "train")
     seeds = list(range(1000, 1000 + settings["eval_seeds"]))  # the demo's evaluation seeds
-    base = generate(base_model(), prompts, seeds, out / f"{TRAIN_PROMPTS}base-seed-{settings['seed']}")
-    aligned = generate(base_model(), prompts, seeds, run_dir / f"{TRAIN_PROMPTS}aligned",
-                       lora=run_dir / "model" / "final")
+    family = settings.get("family", "unet")
+    text_tokens = load_config(recipe(report["method"], family), settings["overrides"]).model.max_sequence_length
+    base = generate(base_model(family), prompts, seeds, out / f"{TRAIN_PROMPTS}base-seed-{settings['seed']}",
+                    max_sequence_length=text_tokens)
+    aligned = generate(base_model(family), prompts, seeds, run_dir / f"{TRAIN_PROMPTS}aligned",
+                       lora=run_dir / "model" / "final", max_sequence_length=text_tokens)
     proxy = load_scorer("toy-pickscore", toy_pickscore(), device="cpu")
     summary, comparisons = evaluate(base, aligned, proxy, sorted(set(prompts)), seeds)
     write_text_atomic(run_dir / f"{TRAIN_PROMPTS}comparisons.jsonl", "".join(json.dumps(c) + "\n" for c in comparisons))
@@ -179,7 +189,8 @@ def format_table(rows, args) -> str:
     split = ("train: the prompts each run trained on" if args.on_train_prompts else
              {"val": "val: validation prompts (for tuning)", "heldout": "heldout: held-out prompts (never tuned on)"}[
                  args.split])
-    lines = [f"Toy world, {split} x {args.eval_seeds} evaluation seeds; training seeds "
+    base = ", flow base" if args.family == "flow" else ""
+    lines = [f"Toy world{base}, {split} x {args.eval_seeds} evaluation seeds; training seeds "
              f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
              f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')})"
              f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",

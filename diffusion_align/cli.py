@@ -48,12 +48,14 @@ def cmd_plan(args) -> None:
 def cmd_demo(args) -> None:
     from .toy.demo import DemoSettings, run_demo
     _setup_logging()
-    report = run_demo(args.out, DemoSettings(method=args.method, steps=args.steps, prompts=args.prompts,
+    report = run_demo(args.out, DemoSettings(method=args.method, family=args.family, steps=args.steps,
+                                             prompts=args.prompts,
                                              images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
                                              eval_split=args.eval_split, seed=args.seed,
                                              overrides=tuple(args.overrides)))
     win, split = report["oracle_win_rate"], {"heldout": "held-out", "val": "validation"}[args.eval_split]
-    print(f"{report['method']}: oracle win rate of the aligned model over the base {win['value']:.3f} "
+    print(f"{report['method']} ({args.family} base): oracle win rate of the aligned model over the base "
+          f"{win['value']:.3f} "
           f"(95% interval {win['low']:.3f}-{win['high']:.3f}, {win['comparisons']} {split} comparisons); "
           f"toy PickScore {report['toy_reward']['base']:.3f} -> {report['toy_reward']['aligned']:.3f}")
     tied = report["oracle_win_rate_ties_counted"]
@@ -63,11 +65,14 @@ def cmd_demo(args) -> None:
 
 
 def cmd_toy_build_assets(args) -> None:
-    from .toy.assets import build_assets
+    from .toy.assets import build_assets, build_flow_base
     from .toy.pretrain import PretrainSettings
     _setup_logging()
     settings = PretrainSettings(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
-    print(json.dumps(build_assets(args.out, args.seed, settings, keep_base=args.keep_base), indent=2))
+    if args.flow:
+        print(json.dumps(build_flow_base(args.out, args.seed, settings), indent=2))
+    else:
+        print(json.dumps(build_assets(args.out, args.seed, settings, keep_base=args.keep_base), indent=2))
 
 
 def cmd_make_tiny(args) -> None:
@@ -149,7 +154,8 @@ def cmd_cache(args) -> None:
     from .data.cache import build_cache
     _setup_logging()
     print(build_cache(args.dataset, args.out, args.model, args.split, args.revision, args.variant, args.vae,
-                      args.resolution, args.flips, args.dtype, args.batch_size, args.device, args.workers))
+                      args.resolution, args.flips, args.dtype, args.batch_size, args.device, args.workers,
+                      max_sequence_length=args.max_sequence_length))
 
 
 def cmd_fit_reward(args) -> None:
@@ -181,7 +187,7 @@ def cmd_generate(args) -> None:
     print(generate_images(args.model, args.prompts, args.seeds, args.out, lora=args.lora, steps=args.steps,
                           guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
                           scheduler=args.scheduler, device=args.device, dtype=dtype,
-                          negative_prompt=args.negative_prompt))
+                          negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length))
 
 
 def cmd_grid(args) -> None:
@@ -335,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="data.cache_dtype")
     cache.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
     cache.add_argument("--device", help="default: cuda if available, else cpu")
+    cache.add_argument("--max-sequence-length", type=int, help="SD3 / FLUX: T5 tokens per caption "
+                                                               "(model.max_sequence_length; default: the pipeline's)")
     _workers_flag(cache)
     cache.set_defaults(func=cmd_cache)
 
@@ -361,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="Generate an image per prompt and seed (resumable), with a "
                                                "metadata.jsonl that score, compare and grid read.")
-    generate.add_argument("--model", required=True, help="SD1.x / SD2.x / SDXL diffusers folder or hub id")
+    generate.add_argument("--model", required=True, help="SD1.x / SD2.x / SDXL / SD3 / FLUX diffusers folder or hub id")
     generate.add_argument("--lora", help="LoRA folder or .safetensors file (e.g. a training run's final/)")
     generate.add_argument("--prompts", required=True, help=".txt (one a line, # comments), .jsonl (prompt / text / "
                                                            "caption) or .csv (a prompt / text / caption column)")
@@ -375,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scheduler", help="a diffusers scheduler class, e.g. DDIMScheduler, "
                                               "EulerDiscreteScheduler, DPMSolverMultistepScheduler")
     generate.add_argument("--negative-prompt")
+    generate.add_argument("--max-sequence-length", type=int, help="SD3 / FLUX: T5 tokens per prompt (default: the "
+                                                                  "pipeline's, 256 / 512); a model trained with "
+                                                                  "model.max_sequence_length needs the same")
     generate.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     generate.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     generate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
@@ -434,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="The whole loop in the toy world, offline, in minutes: make pairs with the "
                                        "base model, label them, train, and judge base and aligned with the oracle.")
     demo.add_argument("--method", default="dpo", choices=("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"))
+    demo.add_argument("--family", default="unet", choices=("unet", "flow"),
+                      help="the toy base: unet (SD's architecture; recipes in configs/toy/) or flow (SD3's "
+                           "flow-matching transformer; recipes in configs/toy-flow/)")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
                                                                "configs/toy/: optimiser steps offline, rollouts online)")
@@ -453,9 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(deterministic for a seed; tens of minutes on 2 CPU cores).")
     build.add_argument("--out", default=None, help="default: the shipped assets/toy folder")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--unet-steps", type=int, default=6000)
+    build.add_argument("--unet-steps", type=int, default=6000, help="the denoiser's steps (UNet or transformer)")
     build.add_argument("--vae-steps", type=int, default=4000)
     build.add_argument("--keep-base", action="store_true", help="keep an existing base model, refit the reward only")
+    build.add_argument("--flow", action="store_true", help="pretrain the flow base (flow-base/) on base/'s VAE "
+                                                           "instead; the UNet base and the reward are kept")
     build.set_defaults(func=cmd_toy_build_assets)
 
     export = sub.add_parser("export", help="Write a run's LoRA or model in the file another program loads: kohya "

@@ -74,13 +74,19 @@ class MethodConfig:
 @dataclass
 class ModelConfig:
     pretrained: str = _key("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                           "Hub id or local diffusers folder of an SD1.x, SD2.x or SDXL pipeline.")
+                           "Hub id or local diffusers folder of an SD1.x, SD2.x, SDXL, SD3 / SD3.5 or FLUX.1 pipeline.")
     revision: str | None = _key(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _key(None, "Weight variant to load, e.g. fp16 (files named *.fp16.safetensors).")
     vae: str | None = _key(None, "Hub id or folder of a replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix.")
     prediction_type: str | None = _key(None, "What the UNet predicts; null = what the checkpoint's scheduler says. "
                                              "Set it to assert it: a mismatch with the checkpoint is an error.",
                                        choices=("epsilon", "v_prediction"))
+    max_sequence_length: int | None = _key(None, "T5 tokens the SD3 / FLUX text encoders read (prompt shorter: "
+                                                 "padded; longer: cut); null = the pipeline's default (SD3 256, FLUX "
+                                                 "512). Must match the length the model is sampled with (`generate "
+                                                 "--max-sequence-length`; the pipelines take at most 512). An SD1.x / "
+                                                 "SD2.x / SDXL model (no T5) with it set is an error.",
+                                           within="[1, 512]")
     lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.", within="[1, inf)")
     lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).", within="(0, inf)")
     lora_target_modules: list[str] | None = _key(None, "Denoiser modules that get LoRA adapters; null = the family's "

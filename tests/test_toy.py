@@ -321,7 +321,8 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
     # settings that used to fail after pairs and training, or to run the recipe's 1000 steps for --steps 0
     for flags, expected in ((["--steps", "0"], "at least 1 training step"), (["--steps", "-3"], "steps=-3"),
-                            (["--eval-seeds", "0"], "eval_seeds=0")):
+                            (["--eval-seeds", "0"], "eval_seeds=0"),
+                            (["--family", "flow", "--method", "mapo"], "no toy recipe for mapo on the flow base")):
         with pytest.raises(SystemExit):
             main(["demo", "--out", str(tmp_path / "demo"), *flags])
         assert expected in capsys.readouterr().err
@@ -335,10 +336,12 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("method", ["dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo"])
-def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method):
-    """`demo --method M` trains configs/toy/<M>.yaml as shipped: only where the files are and go, and the run's
-    seed, differ (the training call is intercepted once the demo has made its pairs)."""
+@pytest.mark.parametrize("method, family", [*[(m, "unet") for m in ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo",
+                                                                     "grpo")], ("dpo", "flow")])
+def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, family):
+    """`demo --method M` trains configs/toy/<M>.yaml as shipped (`--family flow`: configs/toy-flow/): only where the
+    files are and go, and the run's seed, differ (the training call is intercepted once the demo has made its
+    pairs)."""
     from dataclasses import asdict
 
     import diffusion_align.training.trainer as trainer
@@ -356,10 +359,11 @@ def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method):
     trained = []
     monkeypatch.setattr(trainer, "train", intercept)
     with pytest.raises(Trained):
-        run_demo(tmp_path / "demo", DemoSettings(method=method, prompts=3, images_per_prompt=2, seed=4))
+        run_demo(tmp_path / "demo", DemoSettings(method=method, family=family, prompts=3, images_per_prompt=2, seed=4))
     name = method.replace("_", "-")  # the file names follow the other recipes: pref-grpo.yaml
-    assert recipe(method) == Path(__file__).parent.parent / "configs" / "toy" / f"{name}.yaml"
-    shipped, demo = asdict(load_config(recipe(method))), asdict(trained[0])
+    folder = {"unet": "toy", "flow": "toy-flow"}[family]
+    assert recipe(method, family) == Path(__file__).parent.parent / "configs" / folder / f"{name}.yaml"
+    shipped, demo = asdict(load_config(recipe(method, family))), asdict(trained[0])
     where = ("online", "prompts") if method in ("pref_grpo", "grpo") else ("data", "path")
     assert Path(demo[where[0]][where[1]]).parent == tmp_path / "demo"
     assert (demo["train"]["seed"], demo["train"]["overwrite"]) == (4, True)

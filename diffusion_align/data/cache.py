@@ -17,7 +17,8 @@ an fp32 cache; to the cache dtype's rounding otherwise).
 Sizes in fp16: a text is 77 x 768 x 2 B = 118 kB for SD1.5 (SDXL 77 x 2048: 315 kB), but SD3's and FLUX's include
 T5's states: (77 + 256) x 4096 x 2 B = 2.7 MB for SD3 and 512 x 4096 x 2 B = 4.2 MB for FLUX. Every 10,000
 distinct captions take 1.2 GB for SD1.5, 3.2 GB for SDXL, 27 GB for SD3 and 42 GB for FLUX; an image's latents (mean
-and std) take 2 x 16 x 64 x 64 x 2 B = 262 kB for SD3 and FLUX at 512 px. So for them the texts are what costs.
+and std) take 2 x 16 x 64 x 64 x 2 B = 262 kB for SD3 and FLUX at 512 px. So for them the texts are what costs, in
+proportion to their tokens (model.max_sequence_length shortens T5's).
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ T5_TEXT_SHARD_ROWS = 64   # SD3 / FLUX, whose texts hold T5's states: 2.7 / 4.2 
 
 
 def cache_key(source: str, split: str, pretrained: str, revision: str | None = None, variant: str | None = None,
-              vae: str | None = None, resolution: int = 512, flips: bool = False, dtype: str = "fp16") -> dict:
+              vae: str | None = None, resolution: int = 512, flips: bool = False, dtype: str = "fp16",
+              max_sequence_length: int | None = None) -> dict:
     """Everything a cached tensor depends on: the source rows, the VAE and text encoders and tokenizers (digests of
-    their files), the preprocessing (resolution, centre crop, mirrored copies) and the storage dtype."""
+    their files), T5's token count when not the pipeline's default, the preprocessing (resolution, centre crop,
+    mirrored copies) and the storage dtype."""
     pairs, _ = load_pairs(source, split, keep_ties=True, extra_columns="all")
     # not the scheduler: no cached tensor depends on it, and a stale key is an error (the reference errors, which
     # do depend on it, add it to their own key: training.reference)
@@ -62,8 +65,15 @@ def cache_key(source: str, split: str, pretrained: str, revision: str | None = N
     # SD3's and FLUX's VAEs also shift their latents (a key without one reads as 0, as earlier caches were made)
     shift = {"shift_factor": vae_config["shift_factor"]} if vae_config.get("shift_factor") else {}
     return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
-            "models": models, "scaling_factor": vae_config.get("scaling_factor", 0.18215), **shift,
+            "models": models, **t5_length(max_sequence_length),
+            "scaling_factor": vae_config.get("scaling_factor", 0.18215), **shift,
             "resolution": resolution, "crop": "center", "flips": flips, "dtype": dtype}
+
+
+def t5_length(max_sequence_length: int | None) -> dict:
+    """The key entry of T5's token count for data the text encoders made (a latent cache, reference errors): none at
+    the pipeline's default, so that keys made before the setting existed stay valid."""
+    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
 def encoder_digests(pretrained: str, revision: str | None = None, variant: str | None = None,
@@ -86,7 +96,8 @@ def check_key(folder: Path, key: dict) -> bool:
         return False
     old = json.loads(path.read_text(encoding="utf-8"))
     if old != key:
-        changed = differences(_flat(old), _flat(key))
+        old, new = _flat(old), _flat(key)
+        changed = differences(old, {name: new.get(name) for name in {**old, **new}})  # a key either lacks: None
         raise ValueError(f"{folder} is a latent cache made from other inputs ({changed}); a stale cache is never "
                          f"used: give data.cache_dir (or --out) a new folder, or delete this one")
     return True
@@ -145,14 +156,16 @@ class _SourceImages(torch.utils.data.Dataset):
 def build_cache(source: str, out_dir, pretrained: str, split: str = "train", revision: str | None = None,
                 variant: str | None = None, vae: str | None = None, resolution: int = 512, flips: bool = False,
                 dtype: str = "fp16", batch_size: int = 16, device: str | torch.device | None = None,
-                num_workers: int = 2) -> CacheReport:
-    """Encode every source row's images and every text into `out_dir` (resumable; see the module docstring)."""
+                num_workers: int = 2, max_sequence_length: int | None = None) -> CacheReport:
+    """Encode every source row's images and every text into `out_dir` (resumable; see the module docstring);
+    SD3's and FLUX's texts at `max_sequence_length` T5 tokens (None: the pipeline's default), the length the model
+    is then trained and sampled at."""
     out_dir = Path(out_dir)
     if resolution <= 0 or resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ValueError(f"resolution={resolution}: expected a positive multiple of 8 (the VAE downsamples by 8)")
     index = pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
-    family, _ = pipeline_family(pretrained, index, revision)
-    key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype)
+    family, _ = pipeline_family(pretrained, index, revision, max_sequence_length)  # a UNet family refuses a length
+    key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype, max_sequence_length)
     if not check_key(out_dir, key):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "key.json", json.dumps(key, indent=2) + "\n")
@@ -164,7 +177,8 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     def encoders():
         """The VAE and text encoders, loaded when a first shard is to be made (a finished cache needs none)."""
         if not loaded:
-            parts = load_components(pretrained, revision, variant, vae, unet=False)
+            parts = load_components(pretrained, revision, variant, vae, unet=False,
+                                    max_sequence_length=max_sequence_length)
             place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast") else compute)
             for encoder in parts.text_encoders:
                 place(encoder, device, compute)

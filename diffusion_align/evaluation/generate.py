@@ -1,10 +1,12 @@
-"""Generate one image per (prompt, seed) with an SD1.x / SD2.x / SDXL pipeline, optionally with a LoRA.
+"""Generate one image per (prompt, seed) with an SD1.x / SD2.x / SDXL, SD3 / SD3.5 or FLUX.1 pipeline, optionally
+with a LoRA.
 
 Output, in one folder: `p0003-s0002.png` (the prompt's number in the folder, the seed) and `metadata.jsonl` in the
 Hugging Face imagefolder convention, one line per image: `file_name`, `prompt`, `seed`, `prompt_index` (the number
 in the name), the settings (`model`, `lora`, `scheduler`, `steps`, `guidance`, `height`, `width`,
-`negative_prompt`), `dtype`, and `nsfw_content_detected`: true where the pipeline's safety checker replaced the
-image with black (kept, so that a rerun does not make it again), null where the pipeline has no checker.
+`negative_prompt`, and SD3's / FLUX's `max_sequence_length` when one is given), `dtype`, and
+`nsfw_content_detected`: true where the pipeline's safety checker replaced the image with black (kept, so that a
+rerun does not make it again), null where the pipeline has no checker.
 `score`, `compare` and `label --from-images` read the prompts and seeds from it.
 
 Seeds: each image's starting noise comes from its own CPU generator seeded with its seed, so it is the same whatever
@@ -46,7 +48,10 @@ from .scoring import METADATA_NAME, PROMPT_KEYS
 logger = logging.getLogger("diffusion_align")
 
 PROMPT_FORMATS = (".txt", ".jsonl", ".csv")
-SETTINGS = ("model", "lora", "weights", "scheduler", "steps", "guidance", "height", "width", "negative_prompt")
+# max_sequence_length is recorded only when given (a folder made before it existed holds none): a missing setting
+# compares as None
+SETTINGS = ("model", "lora", "weights", "scheduler", "steps", "guidance", "height", "width", "negative_prompt",
+            "max_sequence_length")
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -188,7 +193,7 @@ def _lines(records) -> str:
 
 def _changed_settings(record: dict, settings: dict) -> str:
     """How a metadata line's settings differ from `settings` ("" when they do not)."""
-    return differences({k: record.get(k) for k in SETTINGS}, settings)
+    return differences({k: record.get(k) for k in SETTINGS}, {k: settings.get(k) for k in SETTINGS})
 
 
 def _append_lines(path: Path, records: list[dict]) -> None:
@@ -241,17 +246,22 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
 
 
 def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: float | None, height: int | None,
-              width: int | None, negative_prompt: str | None) -> dict:
-    """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value."""
+              width: int | None, negative_prompt: str | None, t5: dict) -> dict:
+    """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value. `t5`:
+    the pipeline call's {"max_sequence_length": tokens} when one is given (recorded then only), which a pipeline
+    without T5 refuses."""
     from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
+    if t5 and "max_sequence_length" not in defaults:
+        raise ValueError(f"max_sequence_length={t5['max_sequence_length']}: a {type(pipe).__name__} has no T5 text "
+                         "encoder and takes no max_sequence_length; it is an SD3 and FLUX setting")
     # what the pipelines draw by default: their denoiser's sample size in latents (FLUX: a fixed 128), in pixels
     size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {"model": model, "lora": lora, "weights": weights_digest(model, lora),
             "scheduler": type(pipe.scheduler).__name__,
             "steps": steps or defaults["num_inference_steps"].default,
             "guidance": float(defaults["guidance_scale"].default if guidance is None else guidance),
-            "height": height or size, "width": width or size, "negative_prompt": negative_prompt}
+            "height": height or size, "width": width or size, "negative_prompt": negative_prompt, **t5}
 
 
 # ---------------------------------------------------------------- generate_images
@@ -284,7 +294,8 @@ class GenerateReport:
                  f"({self.prompts} prompts x {len(self.seeds)} seeds); metadata: {self.metadata}",
                  f"  {s['model']}{lora}: {s['scheduler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
                  f"{s['width']}x{s['height']} px"
-                 + ("" if s["negative_prompt"] is None else f", negative prompt {s['negative_prompt']!r}")]
+                 + ("" if s["negative_prompt"] is None else f", negative prompt {s['negative_prompt']!r}")
+                 + (f", {s['max_sequence_length']} T5 tokens" if "max_sequence_length" in s else "")]
         if self.repeated_prompts:
             lines.append(f"  {self.repeated_prompts} repeated prompt lines: each prompt is generated once")
         if self.blacked_out:
@@ -297,7 +308,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
                     steps: int | None = None, guidance: float | None = None, height: int | None = None,
                     width: int | None = None, batch_size: int = 4, scheduler: str | None = None, device=None,
                     dtype: torch.dtype | None = None, negative_prompt: str | None = None,
-                    prune: bool = False) -> GenerateReport:
+                    prune: bool = False, max_sequence_length: int | None = None) -> GenerateReport:
     """Generate every (prompt, seed) of `prompts_file` (see `read_prompts`) x `seeds` (a list, or text for
     `parse_seeds`) not yet in `out_dir`; see the module docstring for the files and how a rerun resumes.
 
@@ -305,12 +316,16 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     SDXL; the checkpoint's native size). `batch_size`: images per pipeline call. `device`: default cuda when
     available; `dtype`: default float16 on cuda, float32 elsewhere. See `load_pipeline` for model, lora, scheduler.
     `prune`: remove the folder's images of other settings, prompts or seeds instead of refusing other settings.
+    `max_sequence_length`: the T5 tokens SD3 / FLUX encode prompts to (default: the pipeline's, 256 / 512); a model
+    trained with model.max_sequence_length is sampled at that length.
     """
     prompts = read_prompts(prompts_file)
     distinct = list(dict.fromkeys(prompts))
     seeds = parse_seeds(seeds) if isinstance(seeds, str) else _checked_seeds(seeds, repr(seeds))
     if batch_size < 1 or (steps is not None and steps < 1):
         raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
+    if max_sequence_length is not None and max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be >= 1 (T5 tokens), got {max_sequence_length}")
     for name, side in (("height", height), ("width", width)):
         if side is not None and (side < 8 or side % 8):
             raise ValueError(f"{name} must be a positive multiple of 8 (the pipelines' rule), got {side}")
@@ -322,7 +337,8 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     model, lora = _source(str(model), "model"), None if lora is None else _source(str(lora), "LoRA")
     pipe = load_pipeline(model, lora, scheduler, device, dtype)
-    settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt)
+    t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt, t5)
     if prune:
         records = _prune(records, settings, {(p, s) for p in distinct for s in seeds}, metadata)
     for where, record in records:
@@ -342,7 +358,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
                        negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
                        num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                        height=settings["height"], width=settings["width"], output_type="pil",
-                       generator=[torch.Generator().manual_seed(job.seed) for job in batch])
+                       generator=[torch.Generator().manual_seed(job.seed) for job in batch], **t5)
             flags = getattr(out, "nsfw_content_detected", None)  # SDXL has no checker; SD's may be switched off
             lines = []
             for k, (job, image) in enumerate(zip(batch, out.images)):

@@ -149,11 +149,13 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pipeline_family(pretrained: str, index: dict, revision: str | None = None) -> tuple[Family, dict]:
-    """The family of pipeline `pretrained` (`index`: its model_index.json) and its denoiser's config."""
+def pipeline_family(pretrained: str, index: dict, revision: str | None = None,
+                    max_sequence_length: int | None = None) -> tuple[Family, dict]:
+    """The family of pipeline `pretrained` (`index`: its model_index.json), reading `max_sequence_length` T5 tokens
+    when given (`Family.with_max_sequence_length`), and its denoiser's config."""
     # any model class reads a config.json; the family is not known yet
     config = UNet2DConditionModel.load_config(pretrained, subfolder=denoiser_component(index), revision=revision)
-    return detect_family(index, config), config
+    return detect_family(index, config).with_max_sequence_length(max_sequence_length), config
 
 
 def load_vae(vae: str) -> AutoencoderKL:
@@ -172,15 +174,17 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None, encoders: bool = True, unet: bool = True) -> DiffusionComponents:
+                    vae: str | None = None, encoders: bool = True, unet: bool = True,
+                    max_sequence_length: int | None = None) -> DiffusionComponents:
     """The denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's training scheduler
     with the checkpoint's config.
 
     `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `unet=False` loads
-    no denoiser weights (building one): its config alone says the family."""
+    no denoiser weights (building one): its config alone says the family. `max_sequence_length`: the T5 tokens
+    (SD3, FLUX) `parts.family` encodes prompts to; None: the pipeline's default."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
-    family, denoiser_config = pipeline_family(pretrained, index, revision)
+    family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
     denoiser_cls = getattr(diffusers, family.denoiser_class)
     unet_model = (denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw) if unet
                   else None)

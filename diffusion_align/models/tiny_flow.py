@@ -41,20 +41,20 @@ _T5_WORDS = (
 ).split()
 
 
-def t5_tokenizer() -> T5Tokenizer:
-    """A T5 tokenizer over `_T5_WORDS` plus single characters, with T5's special tokens and their ids.
+def t5_tokenizer(words=_T5_WORDS) -> T5Tokenizer:
+    """A T5 tokenizer over `words` plus single characters, with T5's special tokens and their ids.
 
     Unigram scores make a known word one token and an unknown one its characters; like the released T5
     tokenizers it appends `</s>` and pads with `<pad>`, and it saves and loads with `from_pretrained`
     (tokenizer.json). No sentinel (`<extra_id_*>`) tokens: the pipelines only encode.
     """
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + word, -5.0) for word in _T5_WORDS]
+    vocab += [("▁" + word, -5.0) for word in words]
     vocab += [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _t5(d_model: int, tokenizer: T5Tokenizer) -> T5EncoderModel:
+def t5_encoder(d_model: int, tokenizer: T5Tokenizer) -> T5EncoderModel:
     # T5 v1.1's layout (gated GELU, untied embeddings), two layers
     return T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2, num_heads=2,
@@ -94,7 +94,7 @@ def _sd3() -> StableDiffusion3Pipeline:
             text_config(clip_l[0], "quick_gelu", tokenizer, projection_dim=clip_l[1])),
         text_encoder_2=CLIPTextModelWithProjection(
             text_config(clip_g[0], "gelu", tokenizer_2, projection_dim=clip_g[1])),
-        text_encoder_3=_t5(t5_width, tokenizer_3),
+        text_encoder_3=t5_encoder(t5_width, tokenizer_3),
     )
 
 
@@ -118,7 +118,7 @@ def _flux() -> FluxPipeline:
         vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),  # FLUX's VAE constants
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
         text_encoder=CLIPTextModel(text_config(clip_width, "quick_gelu", tokenizer)),
-        text_encoder_2=_t5(t5_width, tokenizer_2),
+        text_encoder_2=t5_encoder(t5_width, tokenizer_2),
     )
 
 

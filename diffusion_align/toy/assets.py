@@ -2,14 +2,19 @@
 
     base/          the toy SD pipeline (`pretrain.pretrain`), for StableDiffusionPipeline.from_pretrained, stored
                    compactly (`pretrain.store_compact`: float16 weight files that load as float32)
+    flow-base/     the toy SD3 pipeline (`pretrain_flow.pretrain_flow`: the flow-matching base, with base/'s VAE),
+                   for StableDiffusion3Pipeline.from_pretrained, stored compactly too; sampled with T5 at
+                   `pretrain_flow.TEXT_TOKENS` tokens
     pickscore/     a small CLIPModel fitted with `fit_reward` on rater-labelled pairs of samples of the base model
                    at full precision (`.build/base-full`); scorer `toy-pickscore`
     train-prompts.txt  the world's train prompts (not the validation ones), one a line (for `online.prompts` in
                        configs/toy/)
     measured.json  what `build_assets` measured: the base model's oracle scores, the proxy's agreement with the
-                   oracle on held-out pairs, the settings and the time
+                   oracle on held-out pairs, the settings and the time; and under "flow", what `build_flow_base`
+                   measured of the flow base
 
-`build_assets` makes all of them again, deterministically for a seed (`diffusion-align toy build-assets`).
+`build_assets` makes all but flow-base/ again, deterministically for a seed (`diffusion-align toy build-assets`);
+`build_flow_base` makes flow-base/ from base/'s VAE (`diffusion-align toy build-assets --flow`).
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ def asset_dir() -> Path:
     return shipped_dir("toy_assets", "assets/toy")
 
 
-def base_model() -> Path:
-    return asset_dir() / "base"
+BASES = {"unet": "base", "flow": "flow-base"}  # the toy bases by family: SD's UNet, SD3's flow transformer
+
+
+def base_model(family: str = "unet") -> Path:
+    return asset_dir() / BASES[family]
 
 
 def toy_pickscore() -> Path:
@@ -58,17 +66,20 @@ def write_train_prompts(out_dir) -> Path:
     return path
 
 
-def generate(model, prompts: list[str], seeds: list[int], out_dir, lora=None) -> Path:
+def generate(model, prompts: list[str], seeds: list[int], out_dir, lora=None,
+             max_sequence_length: int | None = None) -> Path:
     """Images of `prompts` x `seeds` into `out_dir` with metadata.jsonl, through the `generate` command's code; the
     folder ends up holding exactly those images of those weights (images kept from an earlier run of the same
-    weights and settings, the others removed: `generate_images(prune=True)`)."""
+    weights and settings, the others removed: `generate_images(prune=True)`). `max_sequence_length`: T5's
+    tokens, for the flow base (`pretrain_flow.TEXT_TOKENS`)."""
     from ..evaluation.generate import generate_images
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts_file = out_dir.parent / f"{out_dir.name}-prompts.txt"
     prompts_file.write_text("".join(p + "\n" for p in prompts))
     generate_images(str(model), prompts_file, seeds, out_dir, lora=lora, steps=SAMPLING["steps"],
-                    guidance=SAMPLING["guidance"], height=SIZE, width=SIZE, batch_size=64, device="cpu", prune=True)
+                    guidance=SAMPLING["guidance"], height=SIZE, width=SIZE, batch_size=64, device="cpu", prune=True,
+                    max_sequence_length=max_sequence_length)
     return out_dir
 
 
@@ -177,3 +188,38 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
     }
     write_text_atomic(out_dir / "measured.json", json.dumps(measured, indent=2) + "\n")
     return measured
+
+
+def build_flow_base(out_dir=None, seed: int = 0, settings: PretrainSettings | None = None,
+                    images_per_prompt: int = 8) -> dict:
+    """Pretrain the toy flow base on the UNet base's VAE and renders (`pretrain_flow`), ship its compact copy as
+    flow-base/, and measure it on the held-out prompts as `build_assets` measures the UNet base; the result is
+    measured.json's "flow" entry (the rest of the file is kept)."""
+    from .pretrain_flow import HALF_STORED as FLOW_HALF_STORED
+    from .pretrain_flow import TEXT_TOKENS, pretrain_flow
+    started = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else asset_dir()
+    work = out_dir / ".build"
+    settings = settings or PretrainSettings(seed=seed)
+    full, compact = work / "flow-base-full", work / "flow-base-compact"
+    pretrain_flow(full, out_dir / BASES["unet"], settings)
+    shutil.rmtree(work / "flow-heldout-images", ignore_errors=True)  # made by another base, never resumed
+    shutil.rmtree(compact, ignore_errors=True)
+    shutil.copytree(full, compact)
+    store_compact(compact, FLOW_HALF_STORED)
+    replace_dir(compact, out_dir / BASES["flow"])
+    images = generate(out_dir / BASES["flow"], [s.prompt for s in scenes("heldout")], list(range(images_per_prompt)),
+                      work / "flow-heldout-images", max_sequence_length=TEXT_TOKENS)
+    parts = [judge(Image.open(images / r["file_name"]), r["prompt"]) for r in folder_records(images)]
+    oracle = torch.tensor([p["oracle"] for p in parts])
+    measured_file = out_dir / "measured.json"
+    measured = json.loads(measured_file.read_text(encoding="utf-8")) if measured_file.is_file() else {}
+    measured["flow"] = {
+        "base_oracle_heldout": {"mean": float(oracle.mean()), "std": float(oracle.std()), "images": len(parts),
+                                "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}},
+        "settings": {"pretrain": asdict(settings), "images_per_prompt": images_per_prompt,
+                     "sampling": {**SAMPLING, "max_sequence_length": TEXT_TOKENS}},
+        "seconds": round(time.perf_counter() - started),
+    }
+    write_text_atomic(measured_file, json.dumps(measured, indent=2) + "\n")
+    return measured["flow"]

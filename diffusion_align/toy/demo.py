@@ -8,7 +8,8 @@ Offline methods (dpo, mapo, smpo, dcpo, sft):
 3. training: the method on those pairs (`train`) with its recipe, `configs/toy/<method>.yaml`.
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
 the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`), with their
-recipes in `configs/toy/` too.
+recipes in `configs/toy/` too. `family="flow"` runs it all on the toy flow-matching base (SD3 at toy size) with the
+recipes in `configs/toy-flow/`, every image drawn at the T5 length its recipe names (`model.max_sequence_length`).
 Then, for every method:
 4. evaluation: base and aligned images for every prompt of `eval_split` (held-out by default; "val" while tuning
    settings) and `eval_seeds` fixed seeds (`generate`), judged by the oracle, paired by prompt and seed: the
@@ -46,10 +47,20 @@ METHODS = ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo", "grpo")
 ONLINE = ("pref_grpo", "grpo")
 
 
-def recipe(method: str) -> Path:
-    """The method's training recipe in the toy world, `configs/toy/<method>.yaml` (pref_grpo: pref-grpo.yaml):
-    the settings the demo trains with, tuned on the validation split where the sweep ran (benchmarks/README.md)."""
-    return shipped_dir("toy_configs", "configs/toy") / f"{method.replace('_', '-')}.yaml"
+FAMILIES = ("unet", "flow")  # the toy bases: SD's UNet (configs/toy/), SD3's flow transformer (configs/toy-flow/)
+
+
+def recipe(method: str, family: str = "unet") -> Path:
+    """The method's training recipe in the toy world, `configs/toy/<method>.yaml` (pref_grpo: pref-grpo.yaml) for
+    the UNet base, `configs/toy-flow/` for the flow base: the settings the demo trains with, tuned on the validation
+    split where the sweep ran (benchmarks/README.md)."""
+    folder = shipped_dir("toy_configs", "configs/toy") if family == "unet" else shipped_dir(
+        "toy_flow_configs", "configs/toy-flow")
+    path = folder / f"{method.replace('_', '-')}.yaml"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem.replace("-", "_") for p in folder.glob("*.yaml")))
+        raise ValueError(f"no toy recipe for {method} on the {family} base ({path}); it has recipes for {have}")
+    return path
 
 
 # An aligned image "changed visibly" from the base image of its prompt and seed when their pixels differ by more
@@ -61,6 +72,7 @@ VISIBLE_CHANGE = 4.0
 @dataclass
 class DemoSettings:
     method: str = "dpo"
+    family: str = "unet"      # the base: "unet" (SD) or "flow" (SD3)
     steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: the recipe's
     prompts: int | None = None  # train prompts, each drawn once; None: all 212
     images_per_prompt: int = 4  # so 6 pairs per prompt
@@ -79,8 +91,9 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     from ..rewards.labeling import pairs_from_folder
     from ..training.trainer import train
 
-    if settings.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {settings.method!r}")
+    if settings.method not in METHODS or settings.family not in FAMILIES:
+        raise ValueError(f"expected a method of {', '.join(METHODS)} and a family of {', '.join(FAMILIES)}, got "
+                         f"{settings.method!r} and {settings.family!r}")
     prompts = len(scenes("train")) if settings.prompts is None else settings.prompts
     if not 0 < prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
         raise ValueError(f"expected 1 to {len(scenes('train'))} prompts (each drawn once) and at least 2 images per "
@@ -93,10 +106,12 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
-    recipe_cfg = load_config(recipe(settings.method), list(settings.overrides))  # a mistyped override fails now
+    recipe_file = recipe(settings.method, settings.family)
+    recipe_cfg = load_config(recipe_file, list(settings.overrides))  # a mistyped override fails now
+    text_tokens = recipe_cfg.model.max_sequence_length  # the flow base's T5 length, in training and sampling alike
     started = time.perf_counter()
     out = Path(out_dir)
-    base, proxy_path = base_model(), toy_pickscore()
+    base, proxy_path = base_model(settings.family), toy_pickscore()
     proxy = load_scorer("toy-pickscore", proxy_path, device="cpu")
     online = settings.method in ONLINE
     steps = recipe_cfg.train.max_steps if settings.steps is None else settings.steps
@@ -114,7 +129,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
                     settings.images_per_prompt)
         first = settings.seed * settings.images_per_prompt  # seed 0 draws 0..3, seed 1 draws 4..7, ...
         images = generate(base, train_prompts, list(range(first, first + settings.images_per_prompt)),
-                          out / "pair-images")
+                          out / "pair-images", max_sequence_length=text_tokens)
         logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
         pairs = out / "pairs"
         pairs_from_folder(images, proxy, pairs, seed=settings.seed)
@@ -125,7 +140,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         data = f"data.path={pairs}"
 
     logger.info("3/5 training: %s, %d steps", settings.method, steps)
-    cfg = load_config(recipe(settings.method), [
+    cfg = load_config(recipe_file, [
         f"model.pretrained={base}", data, f"train.output_dir={out / 'model'}",
         "train.overwrite=true",  # a rerun redoes it all
         f"train.max_steps={steps}", f"train.seed={settings.seed}", *settings.overrides])
@@ -137,27 +152,29 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     logger.info("4/5 evaluation: %d %s prompts x %d seeds, base and aligned", len(evaluated), settings.eval_split,
                 settings.eval_seeds)
     seeds = list(range(1000, 1000 + settings.eval_seeds))  # the same for every training seed
-    base_dir = generate(base, evaluated, seeds, out / "base")
+    base_dir = generate(base, evaluated, seeds, out / "base", max_sequence_length=text_tokens)
     if cfg.model.lora_rank is None:  # a full fine-tune's final folder is a whole pipeline
-        aligned_dir = generate(result.final_dir, evaluated, seeds, out / "aligned")
+        aligned_dir = generate(result.final_dir, evaluated, seeds, out / "aligned", max_sequence_length=text_tokens)
     else:
-        aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir))
+        aligned_dir = generate(base, evaluated, seeds, out / "aligned", lora=str(result.final_dir),
+                               max_sequence_length=text_tokens)
     summary, comparisons = evaluate(base_dir, aligned_dir, proxy, evaluated, seeds, settings.seed)
     report = {
         "method": settings.method,
         **summary,
         "train_seconds_per_step": round(seconds_per_step, 3),
-        "settings": {"steps": steps, "prompts": prompts,
+        "settings": {"family": settings.family, "steps": steps, "prompts": prompts,
                      **({} if online else {"images_per_prompt": settings.images_per_prompt}),
                      "eval_split": settings.eval_split, "eval_seeds": settings.eval_seeds, "seed": settings.seed,
-                     "recipe": recipe(settings.method).name, "overrides": list(settings.overrides)},
+                     "recipe": recipe_file.name, "overrides": list(settings.overrides)},
     }
 
     logger.info("5/5 outputs: report, grid, review page")
     write_text_atomic(out / "comparisons.jsonl", "".join(json.dumps(c) + "\n" for c in comparisons))
     notes = verdicts(comparisons)
     grid = make_grid([base_dir, aligned_dir], out / "grid.png", rows_per_page=25, cell_size=96, notes=notes)
-    write_review_page([base_dir, aligned_dir], out / "review.html", title=f"toy demo: base vs {settings.method}",
+    write_review_page([base_dir, aligned_dir], out / "review.html",
+                      title=f"toy demo ({settings.family} base): base vs {settings.method}",
                       notes=notes)
     report["seconds"] = round(time.perf_counter() - started)
     report["files"] = {"LoRA weights" if cfg.model.lora_rank else "model": str(result.final_dir),

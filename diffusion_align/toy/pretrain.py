@@ -127,30 +127,39 @@ def _text_states(pipe: StableDiffusionPipeline, captions: list[str]) -> tuple[to
     return pipe.text_encoder(ids)[0], torch.tensor([index[c] for c in captions])
 
 
-def _train_unet(unet: UNet2DConditionModel, latents: torch.Tensor, states: torch.Tensor, caption_index: torch.Tensor,
-                settings: PretrainSettings, gen: torch.Generator) -> None:
-    noise_scheduler = DDPMScheduler(**SCHEDULE)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=1e-2)
+def train_denoiser(model: torch.nn.Module, settings: PretrainSettings, batch_loss, desc: str) -> None:
+    """`settings.unet_steps` steps of AdamW (weight decay 0.01) on `batch_loss()`, each a fresh batch's loss, with
+    200 warm-up steps, then a cosine decay, and gradients clipped to norm 1: how both toy bases' denoisers learn."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-2)
     warmup = 200
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / settings.unet_steps))))
-    unet.train()
-    for step in progress(range(settings.unet_steps), desc="pretrain UNet"):
+    model.train()
+    for step in progress(range(settings.unet_steps), desc=desc):
+        loss = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 500 == 0:
+            logger.info("%s step %d: loss %.4f", desc, step, loss.item())
+    model.eval()
+
+
+def _train_unet(unet: UNet2DConditionModel, latents: torch.Tensor, states: torch.Tensor, caption_index: torch.Tensor,
+                settings: PretrainSettings, gen: torch.Generator) -> None:
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+
+    def batch_loss() -> torch.Tensor:
         rows = torch.randint(len(latents), (settings.unet_batch,), generator=gen)
         x0 = latents[rows]
         text = caption_index[rows].masked_fill(torch.rand(len(rows), generator=gen) < settings.prompt_dropout, 0)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=gen)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, states[text]).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 500 == 0:
-            logger.info("UNet step %d: loss %.4f", step, loss.item())
-    unet.eval()
+        return F.mse_loss(pred, noise)
+    train_denoiser(unet, settings, batch_loss, "pretrain UNet")
 
 
 def pretrain(out_dir, settings: PretrainSettings = PretrainSettings()) -> Path:
@@ -182,8 +191,8 @@ def store_compact(folder, half_stored=()) -> None:
 
     The weight files in `half_stored` are rewritten in float16: their configs keep float32 (the text encoder's
     `dtype`), so diffusers and transformers load them back as float32 unless asked otherwise. Every
-    `tokenizer.json` is replaced by the `vocab.json` + `merges.txt` pair it was built from (SD1.5's own layout),
-    which CLIPTokenizer reads to the same ids.
+    BPE `tokenizer.json` is replaced by the `vocab.json` + `merges.txt` pair it was built from (SD1.5's own layout),
+    which CLIPTokenizer reads to the same ids (other tokenizers' files are kept).
     """
     folder = Path(folder)
     for name in half_stored:
@@ -192,6 +201,8 @@ def store_compact(folder, half_stored=()) -> None:
                                  metadata={"format": "pt"})
     for tokenizer_file in folder.rglob("tokenizer.json"):
         model = json.loads(tokenizer_file.read_text(encoding="utf-8"))["model"]
+        if model["type"] != "BPE":  # a T5 (Unigram) tokenizer has no such pair; the toy's is small as it is
+            continue
         write_text_atomic(tokenizer_file.with_name("vocab.json"), json.dumps(model["vocab"], ensure_ascii=False))
         write_text_atomic(tokenizer_file.with_name("merges.txt"),
                           "#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in model["merges"]))

@@ -62,11 +62,12 @@ def count_models(cfg: Config) -> ModelCounts:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from ..models.loading import pipeline_family, pipeline_index
+    from ..models.loading import pipeline_index
     from ..models.policy import lora_config
+    from .run import model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
-    family, unet_config = pipeline_family(m.pretrained, index, m.revision)
+    family, unet_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
     with init_empty_weights(include_buffers=True):  # SD3's position table is a buffer of up to 0.9 GB
         unet = getattr(diffusers, family.denoiser_class).from_config(unet_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(

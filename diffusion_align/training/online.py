@@ -27,7 +27,7 @@ import torch
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
-from ..models.loading import pipeline_family, pipeline_index
+from ..models.loading import pipeline_index
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
 from ..progress import progress
@@ -39,8 +39,8 @@ from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
 from .safety import SkippedUpdates
 from .sharding import clip_gradients, gradient_sync
-from .run import (TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run,
-                  tracker_hparams)
+from .run import (TrainResult, apply_update, finish_run, log_step, model_family, resume_run, set_up_models,
+                  start_run, tracker_hparams)
 
 logger = logging.getLogger("diffusion_align")
 
@@ -136,8 +136,7 @@ def train_online(cfg: Config) -> TrainResult:
     """Run pref_grpo or grpo (see the module docstring) and save the final model."""
     check_online_config(cfg)
     o, t = cfg.online, cfg.train
-    family, _ = pipeline_family(cfg.model.pretrained, pipeline_index(cfg.model.pretrained, cfg.model.revision),
-                                cfg.model.revision)
+    family, _ = model_family(cfg)
     sampler = sampling_policy(cfg, family)
     prompts = read_prompts(o.prompts)
     accelerator, output_dir = start_run(cfg)

@@ -68,6 +68,7 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
                  f'pipe.load_lora_weights("path/to/final", weight_name="{LORA_WEIGHTS}")')
     else:
         usage = 'pipe = DiffusionPipeline.from_pretrained("path/to/final")'
+    tokens = cfg.model.max_sequence_length  # a model is sampled at the T5 length it was trained at
     lines = [
         "---",
         f"base_model: {cfg.model.pretrained}",
@@ -87,6 +88,9 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
         usage,
         "```",
         "",
+        *([f"Trained on prompts of {tokens} T5 tokens (model.max_sequence_length): sample it so, "
+           f"`pipe(prompt, max_sequence_length={tokens})` (`diffusion-align generate --max-sequence-length {tokens}`).",
+           ""] if tokens is not None else []),
         *([f"For ComfyUI, AUTOMATIC1111 and Forge: `{KOHYA_WEIGHTS}` (their `models/Lora/` folder). "
            "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline.", ""]
           if cfg.model.lora_rank is not None and family.kohya_version is not None else []),

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import Config, ConfigError
-from ..data.cache import encoder_digests
+from ..data.cache import encoder_digests, t5_length
 from ..data.pairs import collate_pairs
 from ..files import write_safetensors_atomic
 from ..models.loading import component_digest, place
@@ -77,11 +77,13 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
                   unet_digest: str) -> dict:
     """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
     the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
-    VAE, text encoders, tokenizers and source rows) and those components' digests otherwise; the pairs; the draws
-    (seed, epochs, rows per pair, prompt dropout); the preprocessing (crop, flips, posterior draw or mean); and the
-    precision. Called once a run: each digest reads its local weight files once."""
+    VAE, text encoders, tokenizers, T5's token count and source rows) and those components' digests and T5's token
+    count otherwise; the pairs; the draws (seed, epochs, rows per pair, prompt dropout); the preprocessing (crop,
+    flips, posterior draw or mean); and the precision. Called once a run: each digest reads its local weight files
+    once."""
     d, m = cfg.data, cfg.model
-    inputs = cache_key if cache_key is not None else encoder_digests(m.pretrained, m.revision, m.variant, m.vae)
+    inputs = cache_key if cache_key is not None else {**encoder_digests(m.pretrained, m.revision, m.variant, m.vae),
+                                                      **t5_length(m.max_sequence_length)}
     return {"unet": unet_digest, "scheduler": component_digest(m.pretrained, "scheduler", m.revision),
             "inputs": inputs, "pairs": pairs._fingerprint,
             "num_pairs": num_pairs, "epochs": epochs, "method": {

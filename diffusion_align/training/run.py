@@ -20,8 +20,9 @@ from ..devices import process_state
 from ..evaluation.plots import plot_run
 from ..files import WRITE_ERRORS, write_text_atomic
 from ..models.kohya import kohya_labels
-from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, place,
-                              set_attention)
+from ..models.families import Family
+from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, pipeline_family,
+                              pipeline_index, place, set_attention)
 from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
 from .outputs import MetricsLog, save_final
@@ -48,6 +49,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
     state = process_state()  # made as the command line's logging made it: cpu=True without a GPU
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
                        project_dir=cfg.train.output_dir, cpu=state.device.type == "cpu")
+
+
+def model_family(cfg: Config) -> tuple[Family, dict]:
+    """model.pretrained's family, reading model.max_sequence_length T5 tokens, and its denoiser's config; the key
+    set for a family without T5 is refused here, before any model is loaded."""
+    m = cfg.model
+    family, config = pipeline_family(m.pretrained, pipeline_index(m.pretrained, m.revision), m.revision)
+    try:
+        return family.with_max_sequence_length(m.max_sequence_length), config
+    except ValueError as err:
+        raise ConfigError(f"model.max_sequence_length={m.max_sequence_length} ({m.pretrained}): {err}; set it to "
+                          "null") from None
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -126,7 +139,8 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     `before_policy(parts, frozen_dtype, unet_digest)` runs on the untouched pretrained UNet first (precomputed
     reference errors)."""
     t, sharding = cfg.train, resolve_sharding(cfg)
-    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders)
+    parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders,
+                            max_sequence_length=cfg.model.max_sequence_length)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "

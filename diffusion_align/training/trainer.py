@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from ..config import Config, ConfigError
 from ..data.cache import CachedPairDataset, LatentCache, build_cache
 from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loader
-from ..models.loading import pipeline_family, pipeline_index
 from ..progress import progress
 from ..rewards.labeling import reward_scores
 from .checkpoints import save_checkpoint
@@ -30,7 +29,8 @@ from .methods import METHODS, ONLINE_METHODS, Errors
 from .online import train_online
 from .outputs import MetricsLog
 from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
-from .run import TrainResult, apply_update, finish_run, log_step, resume_run, set_up_models, start_run, tracker_hparams
+from .run import (TrainResult, apply_update, finish_run, log_step, model_family, resume_run, set_up_models,
+                  start_run, tracker_hparams)
 from .safety import RunStopped, SkippedUpdates
 from .sharding import clip_gradients, gradient_sync
 
@@ -45,8 +45,7 @@ def train(cfg: Config) -> TrainResult:
     accelerator, output_dir = start_run(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     world, effective_batch = accelerator.num_processes, accelerator.num_processes * t.batch_size * t.grad_accum
-    family, _ = pipeline_family(cfg.model.pretrained, pipeline_index(cfg.model.pretrained, cfg.model.revision),
-                                cfg.model.revision)
+    family, _ = model_family(cfg)
     beta, warning = method.resolve_beta(cfg.method.beta, flow=family.denoiser == "transformer")
     if main and warning:
         logger.warning(warning)
@@ -241,7 +240,8 @@ def latent_cache(cfg: Config, accelerator: Accelerator, output_dir: Path) -> Lat
     if accelerator.is_main_process:
         report = build_cache(d.path, folder, m.pretrained, d.split, m.revision, m.variant, m.vae, cfg.train.resolution,
                              flips=d.random_flip != "no", dtype=d.cache_dtype, batch_size=d.cache_batch_size,
-                             device=accelerator.device, num_workers=d.num_workers)
+                             device=accelerator.device, num_workers=d.num_workers,
+                             max_sequence_length=m.max_sequence_length)
         logger.info("latent cache %s", report)
     accelerator.wait_for_everyone()
     return LatentCache(folder)

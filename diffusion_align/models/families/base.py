@@ -3,6 +3,7 @@ its denoiser is conditioned on (`Conditioning`, which calls the denoiser as its 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
@@ -80,8 +81,9 @@ def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = Non
 class Family(ABC):
     """One model family: how its pipeline folder is recognised, its denoiser and training scheduler, which text
     encoders it has and how they encode a prompt, how its denoiser is called, and how its LoRA files are written and
-    labelled. One instance per family (`families.FAMILIES`); a family compares equal to its name, so a name given in
-    a config, on the command line or in a test selects it."""
+    labelled. One instance per family (`families.FAMILIES`), and copies of SD3's and FLUX's reading another T5 length
+    (`with_max_sequence_length`); a family compares equal to its name, so a name given in a config, on the command
+    line or in a test selects it."""
 
     name: str
     denoiser: str                   # the pipeline component that denoises: "unet", or "transformer" (SD3, FLUX)
@@ -95,6 +97,7 @@ class Family(ABC):
     inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
                                     # none published)
     classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)
+    max_sequence_length: int | None = None  # T5 tokens its encoding reads (SD3, FLUX); None: it has no T5
 
     @abstractmethod
     def matches(self, index: dict, denoiser_config: dict) -> bool:
@@ -129,6 +132,21 @@ class Family(ABC):
         """Whether the pipeline guides against zero text embeddings rather than the encoded "" (`index`: its
         model_index.json)."""
         return False
+
+    def with_max_sequence_length(self, tokens: int | None) -> Family:
+        """This family reading `tokens` T5 tokens (None: its pipeline's default, the family itself), as a pipeline
+        called with `max_sequence_length=tokens`: a shallow copy, equal to the family by name, whose `encode_texts`
+        and `input_shapes` follow it, so that training, the latent cache and sampling all read one length."""
+        if tokens is None:
+            return self
+        if self.max_sequence_length is None:
+            raise ValueError(f"{self.name} has no T5 text encoder: max_sequence_length (T5's token count) is an SD3 "
+                             "and FLUX setting")
+        if tokens < 1:
+            raise ValueError(f"max_sequence_length={tokens}: expected at least 1 T5 token")
+        family = copy.copy(self)
+        family.max_sequence_length = tokens
+        return family
 
     def kohya_base(self, prediction_type: str) -> tuple[str, str]:
         """(ss_base_model_version, modelspec.architecture) of a LoRA trained on this family's base; a family without

@@ -26,7 +26,9 @@ class Flux(TransformerFamily):
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2")
-    max_sequence_length = 512  # T5 tokens: `FluxPipeline.__call__` and `encode_prompt`'s default
+    # T5 tokens: `FluxPipeline.__call__`'s and `encode_prompt`'s default; model.max_sequence_length
+    # sets another (`with_max_sequence_length`)
+    max_sequence_length = 512
     # FluxPipeline samples with one transformer call a step: FLUX.1-dev's guidance is the `guidance` input, not CFG
     # (its true_cfg_scale > 1 with a negative prompt, off by default, is not used here)
     classifier_free_guidance = False

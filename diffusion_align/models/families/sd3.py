@@ -18,7 +18,9 @@ class SD3(TransformerFamily):
     # both streams' attention projections: diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py (default)
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v")
-    max_sequence_length = 256  # T5 tokens: `StableDiffusion3Pipeline.__call__` and `encode_prompt`'s default
+    # T5 tokens: `StableDiffusion3Pipeline.__call__`'s and `encode_prompt`'s default; model.max_sequence_length
+    # sets another (`with_max_sequence_length`)
+    max_sequence_length = 256
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
