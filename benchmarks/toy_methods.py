@@ -7,6 +7,7 @@ gains, the diversity of the aligned model's images, and time per training step.
     .venv/bin/python benchmarks/toy_methods.py --methods dpo --overrides data.cache=true \
         method.precomputed_reference=true --out outputs/bench-cached
     .venv/bin/python benchmarks/toy_methods.py --family flow --methods dpo   # the flow base, outputs/toy-methods-flow
+    .venv/bin/python benchmarks/toy_methods.py --labels raters --methods dpo sft   # pairs labelled by simulated people
 
 Each (method, seed) runs `diffusion-align demo` into <out>/<method>/seed-<seed>/. A training seed sets the pair
 images (the base model's draws for the train prompts), the training draws and the LoRA initialisation; the
@@ -56,7 +57,10 @@ def main() -> None:
     parser.add_argument("--split", default="heldout", choices=("val", "heldout"),
                         help="the prompts evaluated on: val while tuning, heldout for the final table")
     parser.add_argument("--family", default="unet", choices=("unet", "flow"), help="the toy base (demo --family)")
-    parser.add_argument("--out", default=None, help="default: outputs/toy-methods, outputs/toy-methods-flow")
+    parser.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
+                        help="who labels the offline pairs (demo --labels)")
+    parser.add_argument("--out", default=None, help="default: outputs/toy-methods, with -flow and -raters added for "
+                                                    "those")
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's, per kind of method")
     parser.add_argument("--prompts", type=int, default=None, help="train prompts; default: the demo's (all)")
     parser.add_argument("--images-per-prompt", type=int, default=DemoSettings.images_per_prompt)
@@ -69,7 +73,8 @@ def main() -> None:
     if args.eval_seeds < 2:
         parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out or f"outputs/toy-methods{'-flow' if args.family == 'flow' else ''}")
+    out = Path(args.out or "outputs/toy-methods" + ("-flow" if args.family == "flow" else "")
+               + ("-raters" if args.labels == "raters" else ""))
     rows = []
     prefix = TRAIN_PROMPTS if args.on_train_prompts else ""
     for method in args.methods:
@@ -86,7 +91,8 @@ def main() -> None:
 def run_seed(out: Path, method: str, seed: int, args) -> Path:
     """The demo of `method` at training seed `seed` in <out>/<method>/seed-<seed>/ (read back when it finished)."""
     return run_demo_once(out / method / f"seed-{seed}", out / f"shared-images-seed-{seed}",
-                         DemoSettings(method=method, family=args.family, steps=args.steps, prompts=args.prompts,
+                         DemoSettings(method=method, family=args.family, labels=args.labels, steps=args.steps,
+                                      prompts=args.prompts,
                                       images_per_prompt=args.images_per_prompt,
                                       eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed,
                                       overrides=tuple(args.overrides)))
@@ -96,9 +102,8 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     """`run_demo` into `run_dir` unless it finished there with the same settings and recipe (a run of other settings
     or an edited recipe is done again); an offline method's pair images (which depend on the seed alone) are copied
     from `shared` when an earlier run left them there, and left there by the first."""
-    asked = asdict(settings)
-    if settings.family == "unet":
-        del asked["family"]  # as runs were asked before the flow base existed, so they are read back
+    # the defaults of settings added since (the family, the labeller) left out, so that earlier runs are read back
+    asked = {k: v for k, v in asdict(settings).items() if (k, v) not in (("family", "unet"), ("labels", "proxy"))}
     asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},
                        sort_keys=True) + "\n"
     done_with = run_dir / "benchmark-settings.json"
@@ -192,7 +197,8 @@ def format_table(rows, args) -> str:
     base = ", flow base" if args.family == "flow" else ""
     lines = [f"Toy world{base}, {split} x {args.eval_seeds} evaluation seeds; training seeds "
              f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
-             f"{args.prompts or 'every'} train prompt(s) ({time.strftime('%Y-%m-%d')})"
+             f"{args.prompts or 'every'} train prompt(s), labelled by the "
+             f"{'simulated raters' if args.labels == 'raters' else 'toy PickScore'} ({time.strftime('%Y-%m-%d')})"
              f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
              "",
              "| method | steps | oracle win rate over base, mean over seeds (95% interval, prompts and seeds) | "

@@ -48,8 +48,8 @@ def cmd_plan(args) -> None:
 def cmd_demo(args) -> None:
     from .toy.demo import DemoSettings, run_demo
     _setup_logging()
-    report = run_demo(args.out, DemoSettings(method=args.method, family=args.family, steps=args.steps,
-                                             prompts=args.prompts,
+    report = run_demo(args.out, DemoSettings(method=args.method, family=args.family, labels=args.labels,
+                                             steps=args.steps, prompts=args.prompts,
                                              images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
                                              eval_split=args.eval_split, seed=args.seed,
                                              overrides=tuple(args.overrides)))
@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="unet", choices=("unet", "flow"),
                       help="the toy base: unet (SD's architecture; recipes in configs/toy/) or flow (SD3's "
                            "flow-matching transformer; recipes in configs/toy-flow/)")
+    demo.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
+                      help="who labels the offline pairs: proxy (the toy PickScore, AI feedback) or raters (simulated "
+                           "people judging by the oracle, with their noise and ties, as Pick-a-Pic's labels are)")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
                                                                "configs/toy/: optimiser steps offline, rollouts online)")

@@ -118,7 +118,9 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
         for call, ddp_call in zip(calls, ddp_calls):
             assert call["timesteps"] == pytest.approx(ddp_call["timesteps"], abs=1e-6)
             assert call["cond"] == pytest.approx(ddp_call["cond"], rel=1e-6)
-            assert call["sample"] == pytest.approx(ddp_call["sample"], rel=1e-4, abs=1e-4)
+            # 1e-3: the policy's rollouts and SmPO's inversion differed by up to 3e-4 (of 2.7) on one machine's
+            # kernels (2026-12-03); a wrong row or timestep differs by whole units
+            assert call["sample"] == pytest.approx(ddp_call["sample"], rel=1e-3, abs=1e-3)
     # the same training, step by step: the loss, and the gradient norm that clipping uses (over all shards: a
     # norm of one process's shards, or of unreduced gradients, would differ by tens of percent)
     logs = [[json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """The toy world: its grammar and splits, deterministic renders, the oracle on clean renders, the simulated raters,
 the shipped assets through the real loaders, and a shortened demo end to end."""
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from diffusion_align.toy import judge, oracle_scores, parse_prompt, rate_pairs, render, sample_prompts
+from diffusion_align.toy.assets import folder_records
 from diffusion_align.toy.world import ALL_SCENES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, render_flawed, scenes
 
 ATTRIBUTES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": BACKGROUNDS}
@@ -412,3 +414,38 @@ def test_compact_storage_halves_the_weight_files_and_loads_back_as_float32(tmp_p
     assert {m.dtype for m in (compact.unet, compact.vae, compact.text_encoder)} == {torch.float32}
     prompts = sample_prompts(20, seed=3) + ["Hello, café ünïcode 123!"]
     assert original.tokenizer(prompts).input_ids == compact.tokenizer(prompts).input_ids
+
+
+def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypatch):
+    """`demo --labels raters`: every pair of a prompt's images, labelled as `rate_pairs` labels the oracle's scores
+    (ties and Bradley-Terry noise drawn from the run's seed), is what the method trains on (DCPO: with its captions);
+    SmPO, whose soft labels are a scorer's, refuses them."""
+    import diffusion_align.training.trainer as trainer
+    from diffusion_align.data.pairs import load_pairs
+    from diffusion_align.toy.demo import DemoSettings, run_demo
+
+    class Trained(Exception):
+        pass
+
+    def intercept(cfg):
+        trained.append(cfg)
+        raise Trained
+
+    trained = []
+    monkeypatch.setattr(trainer, "train", intercept)
+    with pytest.raises(Trained):
+        run_demo(tmp_path / "demo", DemoSettings(method="dcpo", labels="raters", prompts=3, images_per_prompt=3,
+                                                 seed=5))
+    table = pq.read_table(tmp_path / "demo" / "pairs-raters" / "pairs.parquet").to_pandas()
+    assert len(table) == 3 * 3 and table.groupby("caption").size().tolist() == [3, 3, 3]
+    images = {(r["prompt"], r["file_name"]) for r in folder_records(tmp_path / "demo" / "pair-images")}
+    assert len(images) == 9
+    label_0, _ = rate_pairs(table["oracle_0"], table["oracle_1"], np.random.default_rng(5))
+    assert np.array_equal(table["label_0"], label_0) and np.array_equal(table["label_1"], 1 - label_0)
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in table["jpg_0"]]
+    assert np.allclose(oracle_scores(decoded, list(table["caption"])), table["oracle_0"], atol=1e-6)
+    pairs, _ = load_pairs(trained[0].data.path, keep_ties=True)
+    assert Path(trained[0].data.path).name == "pairs-captions" and len(pairs) == 9
+    assert [r["label_0"] for r in pairs] == table["label_0"].tolist()
+    with pytest.raises(ValueError, match="raters label only the pairs of dpo, mapo, dcpo and sft"):
+        run_demo(tmp_path / "smpo", DemoSettings(method="smpo", labels="raters", prompts=3))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -89,17 +90,21 @@ def folder_records(image_dir) -> list[dict]:
     return [record for _, record in read_records(Path(image_dir) / "metadata.jsonl")]
 
 
-def oracle_pairs(image_dir, out_file, seed: int = 0) -> Path:
-    """Pick-a-Pic parquet of the folder's images paired by prompt (consecutive images of one prompt), labelled by the
-    simulated raters: what people would have said, with their noise and ties."""
+def oracle_pairs(image_dir, out_file, seed: int = 0, every_pair: bool = False) -> Path:
+    """Pick-a-Pic parquet of the folder's images paired by prompt (consecutive images of one prompt; `every_pair`:
+    all n(n-1)/2 pairs of them, as `label --from-images` pairs), labelled by the simulated raters: what people would
+    have said, with their noise and ties."""
     by_prompt: dict[str, list[dict]] = {}
     for record in folder_records(image_dir):
         by_prompt.setdefault(record["prompt"], []).append(record)
     image_dir = Path(image_dir)
-    pairs = [(prompt, image_dir / group[i]["file_name"], image_dir / group[i + 1]["file_name"])
-             for prompt, group in sorted(by_prompt.items()) for i in range(0, len(group) - 1, 2)]
+    pairs = [(prompt, image_dir / group[i]["file_name"], image_dir / group[j]["file_name"])
+             for prompt, group in sorted(by_prompt.items())
+             for i, j in (itertools.combinations(range(len(group)), 2) if every_pair
+                          else ((i, i + 1) for i in range(0, len(group) - 1, 2)))]
     scores = np.array([[judge(Image.open(f), prompt)["oracle"] for f in (f0, f1)] for prompt, f0, f1 in pairs])
     label_0, label_1 = rate_pairs(scores[:, 0], scores[:, 1], np.random.default_rng(seed))
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     write_parquet(pa.table({
         "caption": [prompt for prompt, _, _ in pairs],
         "jpg_0": [f0.read_bytes() for _, f0, _ in pairs], "jpg_1": [f1.read_bytes() for _, _, f1 in pairs],

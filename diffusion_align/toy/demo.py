@@ -4,7 +4,8 @@ Offline methods (dpo, mapo, smpo, dcpo, sft):
 1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`; their
    seeds follow the run's seed, so each training seed trains on its own pair images);
 2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; SmPO reads its
-   cosines, DCPO gets dual captions);
+   cosines, DCPO gets dual captions), or, with `labels="raters"`, the simulated raters do, from the oracle's
+   scores with their noise and ties, as people labelled Pick-a-Pic (`assets.oracle_pairs`);
 3. training: the method on those pairs (`train`) with its recipe, `configs/toy/<method>.yaml`.
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
 the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`), with their
@@ -37,7 +38,7 @@ from PIL import Image
 
 from ..evaluation.compare import bootstrap_interval, pair_outcomes
 from ..files import shipped_dir, write_text_atomic
-from .assets import base_model, folder_records, generate, toy_pickscore
+from .assets import base_model, folder_records, generate, oracle_pairs, toy_pickscore
 from .oracle import RATER_TIE_MARGIN, oracle_scores
 from .world import sample_prompts, scenes
 
@@ -48,6 +49,7 @@ ONLINE = ("pref_grpo", "grpo")
 
 
 FAMILIES = ("unet", "flow")  # the toy bases: SD's UNet (configs/toy/), SD3's flow transformer (configs/toy-flow/)
+LABELLERS = ("proxy", "raters")  # the offline pairs' labels: the toy PickScore's (AI feedback), or simulated people's
 
 
 def recipe(method: str, family: str = "unet") -> Path:
@@ -73,6 +75,7 @@ VISIBLE_CHANGE = 4.0
 class DemoSettings:
     method: str = "dpo"
     family: str = "unet"      # the base: "unet" (SD) or "flow" (SD3)
+    labels: str = "proxy"     # who labels the offline pairs: "proxy" (the toy PickScore) or "raters" (simulated people)
     steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: the recipe's
     prompts: int | None = None  # train prompts, each drawn once; None: all 212
     images_per_prompt: int = 4  # so 6 pairs per prompt
@@ -103,6 +106,10 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
                          f"eval_seeds={settings.eval_seeds}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"--out {out_dir} is a file; expected a folder (new, or a demo's to rerun)")
+    if settings.labels not in LABELLERS or (settings.labels == "raters" and settings.method in ("smpo", *ONLINE)):
+        raise ValueError(f"labels must be one of {', '.join(LABELLERS)}, and raters label only the pairs of dpo, "
+                         f"mapo, dcpo and sft (SmPO's soft labels are a scorer's cosines; the online methods have "
+                         f"no pairs), got {settings.labels!r} for {settings.method}")
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
@@ -130,9 +137,13 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         first = settings.seed * settings.images_per_prompt  # seed 0 draws 0..3, seed 1 draws 4..7, ...
         images = generate(base, train_prompts, list(range(first, first + settings.images_per_prompt)),
                           out / "pair-images", max_sequence_length=text_tokens)
-        logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
-        pairs = out / "pairs"
-        pairs_from_folder(images, proxy, pairs, seed=settings.seed)
+        if settings.labels == "proxy":
+            logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
+            pairs = out / "pairs"
+            pairs_from_folder(images, proxy, pairs, seed=settings.seed)
+        else:
+            logger.info("2/5 labels: the simulated raters pick the winner of each pair, or call a tie")
+            pairs = oracle_pairs(images, out / "pairs-raters" / "pairs.parquet", settings.seed, every_pair=True)
         if settings.method == "smpo":
             pairs = _with_cosines(pairs, proxy_path, out / "pairs-cosine")
         elif settings.method == "dcpo":
@@ -164,7 +175,8 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         **summary,
         "train_seconds_per_step": round(seconds_per_step, 3),
         "settings": {"family": settings.family, "steps": steps, "prompts": prompts,
-                     **({} if online else {"images_per_prompt": settings.images_per_prompt}),
+                     **({} if online else {"images_per_prompt": settings.images_per_prompt,
+                                           "labels": settings.labels}),
                      "eval_split": settings.eval_split, "eval_seeds": settings.eval_seeds, "seed": settings.seed,
                      "recipe": recipe_file.name, "overrides": list(settings.overrides)},
     }
