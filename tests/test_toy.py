@@ -338,18 +338,11 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists() and not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("method, family", [*[(m, "unet") for m in ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo",
-                                                                     "grpo")], ("dpo", "flow")])
-def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, family):
-    """`demo --method M` trains configs/toy/<M>.yaml as shipped (`--family flow`: configs/toy-flow/): only where the
-    files are and go, and the run's seed, differ (the training call is intercepted once the demo has made its
-    pairs)."""
-    from dataclasses import asdict
-
+def config_trained(monkeypatch, out, settings):
+    """The config `run_demo(out, settings)` hands the trainer, the training call intercepted once the demo has made
+    its pairs."""
     import diffusion_align.training.trainer as trainer
-    from diffusion_align.config import load_config
-    from diffusion_align.toy.assets import SAMPLING
-    from diffusion_align.toy.demo import DemoSettings, recipe, run_demo
+    from diffusion_align.toy.demo import run_demo
 
     class Trained(Exception):
         pass
@@ -361,7 +354,24 @@ def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, f
     trained = []
     monkeypatch.setattr(trainer, "train", intercept)
     with pytest.raises(Trained):
-        run_demo(tmp_path / "demo", DemoSettings(method=method, family=family, prompts=3, images_per_prompt=2, seed=4))
+        run_demo(out, settings)
+    return trained[0]
+
+
+@pytest.mark.parametrize("method, family", [*[(m, "unet") for m in ("dpo", "mapo", "smpo", "dcpo", "sft", "pref_grpo",
+                                                                     "grpo")], ("dpo", "flow")])
+def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, family):
+    """`demo --method M` trains configs/toy/<M>.yaml as shipped (`--family flow`: configs/toy-flow/): only where the
+    files are and go, and the run's seed, differ (the training call is intercepted once the demo has made its
+    pairs)."""
+    from dataclasses import asdict
+
+    from diffusion_align.config import load_config
+    from diffusion_align.toy.assets import SAMPLING
+    from diffusion_align.toy.demo import DemoSettings, recipe
+
+    trained = [config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method=method, family=family, prompts=3,
+                                                                             images_per_prompt=2, seed=4))]
     name = method.replace("_", "-")  # the file names follow the other recipes: pref-grpo.yaml
     folder = {"unet": "toy", "flow": "toy-flow"}[family]
     assert recipe(method, family) == Path(__file__).parent.parent / "configs" / folder / f"{name}.yaml"
@@ -420,22 +430,11 @@ def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypat
     """`demo --labels raters`: every pair of a prompt's images, labelled as `rate_pairs` labels the oracle's scores
     (ties and Bradley-Terry noise drawn from the run's seed), is what the method trains on (DCPO: with its captions);
     SmPO, whose soft labels are a scorer's, refuses them."""
-    import diffusion_align.training.trainer as trainer
     from diffusion_align.data.pairs import load_pairs
     from diffusion_align.toy.demo import DemoSettings, run_demo
 
-    class Trained(Exception):
-        pass
-
-    def intercept(cfg):
-        trained.append(cfg)
-        raise Trained
-
-    trained = []
-    monkeypatch.setattr(trainer, "train", intercept)
-    with pytest.raises(Trained):
-        run_demo(tmp_path / "demo", DemoSettings(method="dcpo", labels="raters", prompts=3, images_per_prompt=3,
-                                                 seed=5))
+    trained = [config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method="dcpo", labels="raters", prompts=3,
+                                                                             images_per_prompt=3, seed=5))]
     table = pq.read_table(tmp_path / "demo" / "pairs-raters" / "pairs.parquet").to_pandas()
     assert len(table) == 3 * 3 and table.groupby("caption").size().tolist() == [3, 3, 3]
     images = {(r["prompt"], r["file_name"]) for r in folder_records(tmp_path / "demo" / "pair-images")}
