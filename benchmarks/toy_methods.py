@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--family", default="unet", choices=("unet", "flow"), help="the toy base (demo --family)")
     parser.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
                         help="who labels the offline pairs (demo --labels)")
+    parser.add_argument("--label-margin", type=float, default=0.0,
+                        help="the toy PickScore's tie margin (demo --label-margin)")
     parser.add_argument("--out", default=None, help="default: outputs/toy-methods, with -flow and -raters added for "
                                                     "those")
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's, per kind of method")
@@ -91,7 +93,8 @@ def main() -> None:
 def run_seed(out: Path, method: str, seed: int, args) -> Path:
     """The demo of `method` at training seed `seed` in <out>/<method>/seed-<seed>/ (read back when it finished)."""
     return run_demo_once(out / method / f"seed-{seed}", out / f"shared-images-seed-{seed}",
-                         DemoSettings(method=method, family=args.family, labels=args.labels, steps=args.steps,
+                         DemoSettings(method=method, family=args.family, labels=args.labels,
+                                      label_margin=args.label_margin, steps=args.steps,
                                       prompts=args.prompts,
                                       images_per_prompt=args.images_per_prompt,
                                       eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed,
@@ -102,8 +105,10 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     """`run_demo` into `run_dir` unless it finished there with the same settings and recipe (a run of other settings
     or an edited recipe is done again); an offline method's pair images (which depend on the seed alone) are copied
     from `shared` when an earlier run left them there, and left there by the first."""
-    # the defaults of settings added since (the family, the labeller) left out, so that earlier runs are read back
-    asked = {k: v for k, v in asdict(settings).items() if (k, v) not in (("family", "unet"), ("labels", "proxy"))}
+    # the defaults of settings added since (the family, the labeller, its margin) left out, so that earlier runs are
+    # read back
+    asked = {k: v for k, v in asdict(settings).items()
+             if (k, v) not in (("family", "unet"), ("labels", "proxy"), ("label_margin", 0.0))}
     asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},
                        sort_keys=True) + "\n"
     done_with = run_dir / "benchmark-settings.json"

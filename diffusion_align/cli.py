@@ -49,6 +49,7 @@ def cmd_demo(args) -> None:
     from .toy.demo import DemoSettings, run_demo
     _setup_logging()
     report = run_demo(args.out, DemoSettings(method=args.method, family=args.family, labels=args.labels,
+                                             label_margin=args.label_margin,
                                              steps=args.steps, prompts=args.prompts,
                                              images_per_prompt=args.images_per_prompt, eval_seeds=args.eval_seeds,
                                              eval_split=args.eval_split, seed=args.seed,
@@ -67,8 +68,10 @@ def cmd_demo(args) -> None:
 def cmd_toy_build_assets(args) -> None:
     from .toy.assets import build_assets, build_flow_base
     from .toy.pretrain import PretrainSettings
+    from .toy.pretrain_flow import STEPS as FLOW_STEPS
     _setup_logging()
-    settings = PretrainSettings(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
+    steps = args.unet_steps or (FLOW_STEPS if args.flow else PretrainSettings.unet_steps)
+    settings = PretrainSettings(seed=args.seed, unet_steps=steps, vae_steps=args.vae_steps)
     if args.flow:
         print(json.dumps(build_flow_base(args.out, args.seed, settings), indent=2))
     else:
@@ -451,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
                       help="who labels the offline pairs: proxy (the toy PickScore, AI feedback) or raters (simulated "
                            "people judging by the oracle, with their noise and ties, as Pick-a-Pic's labels are)")
+    demo.add_argument("--label-margin", type=float, default=0.0,
+                      help="with --labels proxy: a toy PickScore gap up to this is a tie, dropped from training")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
                                                                "configs/toy/: optimiser steps offline, rollouts online)")
@@ -470,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(deterministic for a seed; tens of minutes on 2 CPU cores).")
     build.add_argument("--out", default=None, help="default: the shipped assets/toy folder")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--unet-steps", type=int, default=6000, help="the denoiser's steps (UNet or transformer)")
+    build.add_argument("--unet-steps", type=int, default=None,
+                       help="the denoiser's steps (UNet or transformer); default: the shipped base's, 6000 or 3000")
     build.add_argument("--vae-steps", type=int, default=4000)
     build.add_argument("--keep-base", action="store_true", help="keep an existing base model, refit the reward only")
     build.add_argument("--flow", action="store_true", help="pretrain the flow base (flow-base/) on base/'s VAE "

@@ -429,7 +429,7 @@ def test_compact_storage_halves_the_weight_files_and_loads_back_as_float32(tmp_p
 def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypatch):
     """`demo --labels raters`: every pair of a prompt's images, labelled as `rate_pairs` labels the oracle's scores
     (ties and Bradley-Terry noise drawn from the run's seed), is what the method trains on (DCPO: with its captions);
-    SmPO, whose soft labels are a scorer's, refuses them."""
+    SmPO, whose soft labels are a scorer's, refuses them; a toy PickScore margin goes with its own labels only."""
     from diffusion_align.data.pairs import load_pairs
     from diffusion_align.toy.demo import DemoSettings, run_demo
 
@@ -448,3 +448,7 @@ def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypat
     assert [r["label_0"] for r in pairs] == table["label_0"].tolist()
     with pytest.raises(ValueError, match="raters label only the pairs of dpo, mapo, dcpo and sft"):
         run_demo(tmp_path / "smpo", DemoSettings(method="smpo", labels="raters", prompts=3))
+    with pytest.raises(ValueError, match="label_margin is the toy PickScore's tie margin"):
+        run_demo(tmp_path / "margin", DemoSettings(labels="raters", label_margin=1.0, prompts=3))
+    with pytest.raises(ValueError, match="label_margin is the toy PickScore's tie margin"):
+        run_demo(tmp_path / "margin", DemoSettings(method="grpo", label_margin=1.0, prompts=3))

@@ -4,6 +4,7 @@ its recipes, and a shortened `demo --family flow` end to end."""
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,6 +95,26 @@ def test_the_shipped_flow_base_loads_through_the_real_loaders():
     assert oracle_scores(images, prompts).mean() > 0.3  # it draws the world, if imperfectly (see measured.json)
 
 
+@pytest.mark.parametrize("flow", [False, True])
+def test_build_assets_rebuilds_each_base_at_its_shipped_settings(monkeypatch, tmp_path, flow):
+    """`toy build-assets [--flow]` with no --unet-steps pretrains each base as long as the shipped one was
+    (measured.json records it): the UNet base 6000 steps, the flow base `pretrain_flow.STEPS`."""
+    import diffusion_align.toy.assets as assets
+    from diffusion_align.cli import main
+    seen = {}
+
+    def build(out, seed, settings, **_):
+        seen["settings"] = settings
+        return {}
+    monkeypatch.setattr(assets, "build_flow_base" if flow else "build_assets", build)
+    main(["toy", "build-assets", "--out", str(tmp_path), *(["--flow"] if flow else [])])
+    measured = json.loads((assets.asset_dir() / "measured.json").read_text())
+    shipped = measured["flow"]["settings"]["pretrain"] if flow else measured["settings"]["pretrain"]
+    assert seen["settings"].unet_steps == shipped["unet_steps"] == (3000 if flow else 6000)
+    assert {k: v for k, v in vars(seen["settings"]).items() if k != "unet_steps"} == {
+        k: v for k, v in shipped.items() if k != "unet_steps"}
+
+
 def test_the_toy_flow_recipes_read_the_bases_text_length():
     from diffusion_align.config import load_config
     from diffusion_align.toy.demo import METHODS, recipe
@@ -114,9 +135,19 @@ def test_flow_demo_end_to_end(tmp_path):
     from diffusion_align.toy.assets import base_model
     from diffusion_align.toy.demo import DemoSettings, run_demo
     out = tmp_path / "demo"
-    report = run_demo(out, DemoSettings(family="flow", steps=2, prompts=4, images_per_prompt=2, eval_seeds=1,
-                                        overrides=("train.batch_size=4",)))
+    report = run_demo(out, DemoSettings(family="flow", label_margin=2.0, steps=2, prompts=4, images_per_prompt=3,
+                                        eval_seeds=1, overrides=("train.batch_size=4",)))
     assert report["settings"]["family"] == "flow" and report["settings"]["recipe"] == "dpo.yaml"
+    # the proxy's labels with a tie margin: a gap of 2 or less is a tie (which training drops)
+    assert report["settings"]["label_margin"] == 2.0
+    pairs = [row for shard in sorted((out / "pairs").glob("*.parquet"))
+             for row in pq.read_table(shard, columns=["toy_pickscore_0", "toy_pickscore_1", "label_0",
+                                                      "label_1"]).to_pylist()]
+    assert len(pairs) == 12
+    for pair in pairs:
+        gap = pair["toy_pickscore_0"] - pair["toy_pickscore_1"]
+        assert (pair["label_0"], pair["label_1"]) == ((0.5, 0.5) if abs(gap) <= 2 else (float(gap > 0), float(gap < 0)))
+    assert 0 < sum(p["label_0"] == 0.5 for p in pairs) < 12
     assert report["oracle_win_rate"]["comparisons"] == 73
     for name in ("pair-images", "base", "aligned"):
         records = [json.loads(line) for line in (out / name / "metadata.jsonl").read_text().splitlines()]

@@ -201,11 +201,11 @@ def build_flow_base(out_dir=None, seed: int = 0, settings: PretrainSettings | No
     flow-base/, and measure it on the held-out prompts as `build_assets` measures the UNet base; the result is
     measured.json's "flow" entry (the rest of the file is kept)."""
     from .pretrain_flow import HALF_STORED as FLOW_HALF_STORED
-    from .pretrain_flow import TEXT_TOKENS, pretrain_flow
+    from .pretrain_flow import STEPS, TEXT_TOKENS, pretrain_flow
     started = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else asset_dir()
     work = out_dir / ".build"
-    settings = settings or PretrainSettings(seed=seed)
+    settings = settings or PretrainSettings(seed=seed, unet_steps=STEPS)
     full, compact = work / "flow-base-full", work / "flow-base-compact"
     pretrain_flow(full, out_dir / BASES["unet"], settings)
     shutil.rmtree(work / "flow-heldout-images", ignore_errors=True)  # made by another base, never resumed

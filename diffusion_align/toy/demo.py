@@ -3,8 +3,9 @@
 Offline methods (dpo, mapo, smpo, dcpo, sft):
 1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`; their
    seeds follow the run's seed, so each training seed trains on its own pair images);
-2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; SmPO reads its
-   cosines, DCPO gets dual captions), or, with `labels="raters"`, the simulated raters do, from the oracle's
+2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; with
+   `label_margin`, a pair whose scores differ by no more is a tie, which training drops; SmPO reads its cosines,
+   DCPO gets dual captions), or, with `labels="raters"`, the simulated raters do, from the oracle's
    scores with their noise and ties, as people labelled Pick-a-Pic (`assets.oracle_pairs`);
 3. training: the method on those pairs (`train`) with its recipe, `configs/toy/<method>.yaml`.
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
@@ -76,6 +77,7 @@ class DemoSettings:
     method: str = "dpo"
     family: str = "unet"      # the base: "unet" (SD) or "flow" (SD3)
     labels: str = "proxy"     # who labels the offline pairs: "proxy" (the toy PickScore) or "raters" (simulated people)
+    label_margin: float = 0.0  # a toy PickScore gap up to this is a tie, dropped from training (`label --tie-margin`)
     steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: the recipe's
     prompts: int | None = None  # train prompts, each drawn once; None: all 212
     images_per_prompt: int = 4  # so 6 pairs per prompt
@@ -110,6 +112,11 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         raise ValueError(f"labels must be one of {', '.join(LABELLERS)}, and raters label only the pairs of dpo, "
                          f"mapo, dcpo and sft (SmPO's soft labels are a scorer's cosines; the online methods have "
                          f"no pairs), got {settings.labels!r} for {settings.method}")
+    if settings.label_margin < 0 or (settings.label_margin and (settings.labels != "proxy"
+                                                                 or settings.method in ONLINE)):
+        raise ValueError(f"label_margin is the toy PickScore's tie margin on the offline pairs: at least 0, with "
+                         f"labels=proxy and an offline method; got {settings.label_margin} with "
+                         f"labels={settings.labels} for {settings.method}")
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
@@ -138,9 +145,10 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         images = generate(base, train_prompts, list(range(first, first + settings.images_per_prompt)),
                           out / "pair-images", max_sequence_length=text_tokens)
         if settings.labels == "proxy":
-            logger.info("2/5 labels: the toy PickScore picks the winner of each pair")
+            logger.info("2/5 labels: the toy PickScore picks the winner of each pair (a tie within %g)",
+                        settings.label_margin)
             pairs = out / "pairs"
-            pairs_from_folder(images, proxy, pairs, seed=settings.seed)
+            pairs_from_folder(images, proxy, pairs, seed=settings.seed, tie_margin=settings.label_margin)
         else:
             logger.info("2/5 labels: the simulated raters pick the winner of each pair, or call a tie")
             pairs = oracle_pairs(images, out / "pairs-raters" / "pairs.parquet", settings.seed, every_pair=True)
@@ -176,7 +184,9 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         "train_seconds_per_step": round(seconds_per_step, 3),
         "settings": {"family": settings.family, "steps": steps, "prompts": prompts,
                      **({} if online else {"images_per_prompt": settings.images_per_prompt,
-                                           "labels": settings.labels}),
+                                           "labels": settings.labels,
+                                           **({"label_margin": settings.label_margin} if settings.labels == "proxy"
+                                              else {})}),
                      "eval_split": settings.eval_split, "eval_seeds": settings.eval_seeds, "seed": settings.seed,
                      "recipe": recipe_file.name, "overrides": list(settings.overrides)},
     }

@@ -30,6 +30,7 @@ from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZE, SIZES
 
 logger = logging.getLogger("diffusion_align")
 
+STEPS = 3_000  # the transformer's pretraining steps (`PretrainSettings.unet_steps` for this base): see the README
 TEXT_TOKENS = 16  # T5 tokens: the longest toy prompt is 11 with its "</s>" (SD3's pipeline default, 256, is for
                   # real captions; 256 padding tokens would make every toy step eight times slower)
 WORDS = ("a", "on", "in", "the", "background", *SIZES, *COLOURS, *SHAPES, *POSITIONS, *BACKGROUNDS)
