@@ -370,12 +370,12 @@ def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, f
     from diffusion_align.toy.assets import SAMPLING
     from diffusion_align.toy.demo import DemoSettings, recipe
 
-    trained = [config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method=method, family=family, prompts=3,
-                                                                             images_per_prompt=2, seed=4))]
+    trained = config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method=method, family=family, prompts=3,
+                                                                            images_per_prompt=2, seed=4))
     name = method.replace("_", "-")  # the file names follow the other recipes: pref-grpo.yaml
     folder = {"unet": "toy", "flow": "toy-flow"}[family]
     assert recipe(method, family) == Path(__file__).parent.parent / "configs" / folder / f"{name}.yaml"
-    shipped, demo = asdict(load_config(recipe(method, family))), asdict(trained[0])
+    shipped, demo = asdict(load_config(recipe(method, family))), asdict(trained)
     where = ("online", "prompts") if method in ("pref_grpo", "grpo") else ("data", "path")
     assert Path(demo[where[0]][where[1]]).parent == tmp_path / "demo"
     assert (demo["train"]["seed"], demo["train"]["overwrite"]) == (4, True)
@@ -433,8 +433,8 @@ def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypat
     from diffusion_align.data.pairs import load_pairs
     from diffusion_align.toy.demo import DemoSettings, run_demo
 
-    trained = [config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method="dcpo", labels="raters", prompts=3,
-                                                                             images_per_prompt=3, seed=5))]
+    trained = config_trained(monkeypatch, tmp_path / "demo", DemoSettings(method="dcpo", labels="raters", prompts=3,
+                                                                            images_per_prompt=3, seed=5))
     table = pq.read_table(tmp_path / "demo" / "pairs-raters" / "pairs.parquet").to_pandas()
     assert len(table) == 3 * 3 and table.groupby("caption").size().tolist() == [3, 3, 3]
     images = {(r["prompt"], r["file_name"]) for r in folder_records(tmp_path / "demo" / "pair-images")}
@@ -443,8 +443,8 @@ def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypat
     assert np.array_equal(table["label_0"], label_0) and np.array_equal(table["label_1"], 1 - label_0)
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in table["jpg_0"]]
     assert np.allclose(oracle_scores(decoded, list(table["caption"])), table["oracle_0"], atol=1e-6)
-    pairs, _ = load_pairs(trained[0].data.path, keep_ties=True)
-    assert Path(trained[0].data.path).name == "pairs-captions" and len(pairs) == 9
+    pairs, _ = load_pairs(trained.data.path, keep_ties=True)
+    assert Path(trained.data.path).name == "pairs-captions" and len(pairs) == 9
     assert [r["label_0"] for r in pairs] == table["label_0"].tolist()
     with pytest.raises(ValueError, match="raters label only the pairs of dpo, mapo, dcpo and sft"):
         run_demo(tmp_path / "smpo", DemoSettings(method="smpo", labels="raters", prompts=3))

@@ -4,7 +4,6 @@ its recipes, and a shortened `demo --family flow` end to end."""
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -132,6 +131,7 @@ def test_flow_demo_end_to_end(tmp_path):
     with T5 at the base's length, and the LoRA loads into StableDiffusion3Pipeline."""
     from diffusers import StableDiffusion3Pipeline
 
+    from diffusion_align.data.pairs import load_pairs
     from diffusion_align.toy.assets import base_model
     from diffusion_align.toy.demo import DemoSettings, run_demo
     out = tmp_path / "demo"
@@ -140,9 +140,7 @@ def test_flow_demo_end_to_end(tmp_path):
     assert report["settings"]["family"] == "flow" and report["settings"]["recipe"] == "dpo.yaml"
     # the proxy's labels with a tie margin: a gap of 2 or less is a tie (which training drops)
     assert report["settings"]["label_margin"] == 2.0
-    pairs = [row for shard in sorted((out / "pairs").glob("*.parquet"))
-             for row in pq.read_table(shard, columns=["toy_pickscore_0", "toy_pickscore_1", "label_0",
-                                                      "label_1"]).to_pylist()]
+    pairs, _ = load_pairs(str(out / "pairs"), keep_ties=True, extra_columns=("toy_pickscore_0", "toy_pickscore_1"))
     assert len(pairs) == 12
     for pair in pairs:
         gap = pair["toy_pickscore_0"] - pair["toy_pickscore_1"]
