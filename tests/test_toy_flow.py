@@ -126,6 +126,23 @@ def test_the_toy_flow_recipes_read_the_bases_text_length():
         recipe("nonexistent", "flow")
 
 
+@pytest.mark.parametrize("method", ["mapo", "smpo", "sft", "pref_grpo", "grpo"])
+def test_the_untuned_toy_flow_recipes_are_the_unet_bases(method):
+    """The flow recipes not tuned on the flow base (their comments say so) are the UNet base's toy recipes but for
+    the base, its text length, where the output goes and the sampler's noise (DDIM's eta there, the SDE's noise
+    level here): a recipe tuned again on the UNet base that is not carried over fails here."""
+    from dataclasses import asdict
+
+    from diffusion_align.config import load_config
+    from diffusion_align.toy.demo import recipe
+    unet, flow = (asdict(load_config(recipe(method, family))) for family in ("unet", "flow"))
+    assert flow["model"]["pretrained"] == "assets/toy/flow-base"
+    for config in (unet, flow):
+        del config["model"]["pretrained"], config["model"]["max_sequence_length"], config["train"]["output_dir"]
+        del config["online"]["eta"], config["online"]["noise_level"]
+    assert flow == unet
+
+
 def test_flow_demo_end_to_end(tmp_path):
     """A shortened `demo --family flow`: pairs, labels, training and judging all on the flow base, every image drawn
     with T5 at the base's length, and the LoRA loads into StableDiffusion3Pipeline."""
