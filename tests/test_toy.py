@@ -324,7 +324,8 @@ def test_demo_checks_its_overrides_before_making_pairs(tmp_path, capsys, monkeyp
     # settings that used to fail after pairs and training, or to run the recipe's 1000 steps for --steps 0
     for flags, expected in ((["--steps", "0"], "at least 1 training step"), (["--steps", "-3"], "steps=-3"),
                             (["--eval-seeds", "0"], "eval_seeds=0"),
-                            (["--family", "flow", "--method", "mapo"], "no toy recipe for mapo on the flow base")):
+                            (["--family", "flow", "--method", "smpo", "--labels", "raters"],
+                             "raters label only the pairs of dpo")):
         with pytest.raises(SystemExit):
             main(["demo", "--out", str(tmp_path / "demo"), *flags])
         assert expected in capsys.readouterr().err
