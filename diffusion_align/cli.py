@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train with a preference method (DPO, MaPO, SmPO, DCPO, SFT; Pref-GRPO and "
                                          "GRPO online).",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Train a UNet (LoRA or full) with a preference objective.\n\n"
+                           description="Train a UNet or a flow transformer (LoRA or full) with a preference "
+                                       "objective.\n\nA YAML file may build on another: a top-level `base: "
+                                       "other.yaml` (relative to the file) is read first, then the file's own keys.\n\n"
                                        "Config keys (set them in the YAML file or as key=value):\n" + describe_keys())
     train.add_argument("config", nargs="?", help="YAML config file (see configs/); omit to use only the defaults "
                                                  "and overrides")

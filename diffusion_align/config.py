@@ -398,14 +398,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _yaml(raw, f"the value of override '{text}'") if raw.strip() else ""
 
 
+def _file_layers(path: Path, inside: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    """The (values, where) layers of a config file: those of the file its top-level `base:` names (a path relative
+    to this file's folder, itself free to name a base), then its own, so that a recipe can be another recipe with
+    a few keys changed."""
+    where = f"in {path}"
+    if path.resolve() in inside:
+        raise ConfigError(f"{path}: its chain of `base:` files comes back to it "
+                          f"({' -> '.join(str(p) for p in (*inside, path.resolve()))})")
+    tree = _yaml(path.read_text(), str(path)) or {}
+    base = tree.pop("base", None) if isinstance(tree, dict) else None
+    layers = []
+    if base is not None:
+        if not isinstance(base, str) or not (path.parent / base).is_file():
+            raise ConfigError(f"{path}: base: expects the path of a config file relative to {path.parent}, got "
+                              f"{base!r}")
+        layers = _file_layers(path.parent / base, (*inside, path.resolve()))
+    return [*layers, (_flatten(tree, where), where)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides (later wins)."""
+    """Defaults, then the YAML file (after the file its `base:` names, if any), then `key=value` overrides (later
+    wins)."""
     cfg = Config()
     valid = all_keys()
-    layers = []
-    if path is not None:
-        text = Path(path).read_text()
-        layers.append((_flatten(_yaml(text, str(path)) or {}, f"in {path}"), f"in {path}"))
+    layers = _file_layers(Path(path)) if path is not None else []
     layers.append((dict(parse_override(o) for o in overrides), "on the command line"))
     for values, where in layers:
         for key, value in values.items():

@@ -92,6 +92,33 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
         load_config(path)
 
 
+def test_a_config_builds_on_the_file_its_base_names(tmp_path):
+    """`base:` (relative to the file) is read first, recursively; the file's keys, then the overrides, win."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "first.yaml").write_text("method:\n  name: sft\ntrain:\n  lr: 1e-4\n  max_steps: 10\n")
+    (tmp_path / "recipes" / "second.yaml").write_text("base: ../first.yaml\ntrain:\n  max_steps: 20\n  batch_size: 4\n")
+    (tmp_path / "recipes" / "third.yaml").write_text("base: second.yaml\ntrain:\n  batch_size: 8\n")
+    cfg = load_config(tmp_path / "recipes" / "third.yaml", ["train.lr=2e-4"])
+    assert (cfg.method.name, cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size) == ("sft", 2e-4, 20, 8)
+    assert load_config(tmp_path / "recipes" / "second.yaml").train.lr == 1e-4
+
+
+def test_a_bad_base_is_an_error_that_names_the_files(tmp_path):
+    (tmp_path / "typo.yaml").write_text("train:\n  batchsize: 4\n")
+    (tmp_path / "c.yaml").write_text("base: typo.yaml\n")
+    with pytest.raises(ConfigError, match=r"'train.batchsize' \(in .*typo.yaml\); did you mean 'train.batch_size'"):
+        load_config(tmp_path / "c.yaml")  # a key of the base is reported in the base
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base: expects the path of a config file relative to .*, got "
+                                          r"'missing.yaml'"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: its chain of `base:` files comes back to it \(.*a.yaml -> "
+                                          r".*b.yaml -> .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parent.parent)))
 def test_shipped_configs_load(path):
     load_config(path)

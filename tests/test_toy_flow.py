@@ -128,9 +128,9 @@ def test_the_toy_flow_recipes_read_the_bases_text_length():
 
 @pytest.mark.parametrize("method", ["mapo", "smpo", "sft", "pref_grpo", "grpo"])
 def test_the_untuned_toy_flow_recipes_are_the_unet_bases(method):
-    """The flow recipes not tuned on the flow base (their comments say so) are the UNet base's toy recipes but for
-    the base, its text length, where the output goes and the sampler's noise (DDIM's eta there, the SDE's noise
-    level here): a recipe tuned again on the UNet base that is not carried over fails here."""
+    """The flow recipes not tuned on the flow base (their comments say so) are the UNet base's toy recipes (their
+    `base:`) but for the base, its text length, where the output goes and the sampler's noise (DDIM's eta there, the
+    SDE's noise level here): a setting changed in one of them without a flow sweep fails here."""
     from dataclasses import asdict
 
     from diffusion_align.config import load_config

@@ -57,8 +57,8 @@ def recipe(method: str, family: str = "unet") -> Path:
     """The method's training recipe in the toy world, `configs/toy/<method>.yaml` (pref_grpo: pref-grpo.yaml) for
     the UNet base, `configs/toy-flow/` for the flow base: the settings the demo trains with, tuned on the validation
     split where the sweep ran (benchmarks/README.md)."""
-    folder = shipped_dir("toy_configs", "configs/toy") if family == "unet" else shipped_dir(
-        "toy_flow_configs", "configs/toy-flow")
+    name = "configs/toy" if family == "unet" else "configs/toy-flow"
+    folder = shipped_dir(name, name)  # the same path in the wheel's package data, where a `base:` resolves too
     path = folder / f"{method.replace('_', '-')}.yaml"
     if not path.is_file():
         have = ", ".join(sorted(p.stem.replace("-", "_") for p in folder.glob("*.yaml")))
