@@ -1,10 +1,10 @@
 """What Flow-GRPO-Fast's SDE window saves: one online step on a tiny SD3 pipeline with every step stochastic and 9 of
 10 trained (configs/sd35/grpo.yaml's schedule), against `online.sde_window` 1, 2 and 3.
 
-    .venv/bin/python benchmarks/online_window.py             # 3 rounds of 2 + 4 online steps per setting
+    .venv/bin/python benchmarks/online_window.py             # 3 rounds of 2 + 8 online steps per setting
 
 Per setting: the transformer's forward and backward passes per online step (counted, exact), and the seconds per
-online step as (T(n2) - T(n1)) / (n2 - n1) over runs of n1 = 2 and n2 = 4 steps in this process (loading cancels),
+online step as (T(n2) - T(n1)) / (n2 - n1) over runs of n1 = 2 and n2 = 8 steps in this process (loading cancels),
 the fastest of the rounds, as a ratio to the full SDE's. The rollout's passes are the same in every setting (every
 image is sampled to the end); the window cuts the training passes. Run it with nothing else on the machine.
 """
@@ -76,7 +76,7 @@ def measure(root: Path, rounds: int) -> str:
     rows = {}
     for name, overrides in SETTINGS.items():
         forward, backward = passes(lambda: run(overrides, 1, root / "count"))
-        best = min((run(overrides, 4, root / f"r{r}-4") - run(overrides, 2, root / f"r{r}-2")) / 2
+        best = min((run(overrides, 8, root / f"r{r}-8") - run(overrides, 2, root / f"r{r}-2")) / 6
                    for r in range(rounds))
         rows[name] = (forward, backward, best)
     full = rows["every step (9 of 10 trained)"][2]
