@@ -18,7 +18,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
@@ -107,7 +106,7 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     if format == "kohya" and family.kohya_version is None:
         raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; ComfyUI loads the "
                          f"diffusers file ({LORA_WEIGHTS}, --format diffusers) as it is")
-    unet = getattr(diffusers, family.denoiser_class).from_pretrained(
+    unet = family.denoiser_cls.from_pretrained(
         source.base, subfolder=family.denoiser, revision=source.revision, variant=source.variant)
     _load_lora(unet, source, family)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +196,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
         pipeline = DiffusionPipeline.from_pretrained(source.folder)
     else:
         family = _check_base(source)
-        denoiser_cls = getattr(diffusers, family.denoiser_class)
-        trained = ({family.denoiser: denoiser_cls.from_pretrained(source.folder / family.denoiser)}
+        trained = ({family.denoiser: family.denoiser_cls.from_pretrained(source.folder / family.denoiser)}
                    if source.kind == family.denoiser else {})
         pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
         if source.kind == "lora":

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, UNet2DConditionModel
@@ -185,9 +184,8 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
-    denoiser_cls = getattr(diffusers, family.denoiser_class)
-    unet_model = (denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw) if unet
-                  else None)
+    unet_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw)
+                  if unet else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
@@ -198,7 +196,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     if encoders:
         vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
                      else load_vae(vae))
-    noise_scheduler = getattr(diffusers, family.training_scheduler).from_pretrained(pretrained, subfolder="scheduler",
+    noise_scheduler = family.training_scheduler_cls.from_pretrained(pretrained, subfolder="scheduler",
                                                                                     **kw)
     parts = DiffusionComponents(family, unet_model, vae_model, text_encoders, tokenizers, noise_scheduler,
                                 index["_class_name"], family.training_guidance(denoiser_config))

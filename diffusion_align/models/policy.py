@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import diffusers
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -41,7 +40,7 @@ def write_diffusers_lora(unet: torch.nn.Module, family: Family | str, path: Path
     state = get_peft_model_state_dict(unet, adapter_name=adapter)
     state = {k: v.detach().to(dtype or v.dtype) for k, v in state.items()}
     family = get_family(family)
-    pipeline_cls = getattr(diffusers, family.lora_pipeline)
+    pipeline_cls = family.lora_pipeline_cls
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -131,5 +130,5 @@ class Policy:
                 raise ValueError(f"{folder / LORA_WEIGHTS} does not match this LoRA setup: unexpected keys "
                                  f"{result.unexpected_keys[:3]}...")
         else:
-            trained = getattr(diffusers, family.denoiser_class).from_pretrained(folder / family.denoiser)
+            trained = family.denoiser_cls.from_pretrained(folder / family.denoiser)
             self.unet.load_state_dict(trained.state_dict())

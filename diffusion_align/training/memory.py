@@ -57,7 +57,6 @@ class ModelCounts:
 def count_models(cfg: Config) -> ModelCounts:
     """Build the config's UNet (with its LoRA), VAE and text encoders on the meta device and count them; run one
     meta forward of a micro-batch to count the activations autograd keeps."""
-    import diffusers
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
@@ -69,7 +68,7 @@ def count_models(cfg: Config) -> ModelCounts:
     index = pipeline_index(m.pretrained, m.revision)
     family, unet_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
     with init_empty_weights(include_buffers=True):  # SD3's position table is a buffer of up to 0.9 GB
-        unet = getattr(diffusers, family.denoiser_class).from_config(unet_config)
+        unet = family.denoiser_cls.from_config(unet_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
             m.pretrained, subfolder="vae", revision=m.revision))
         encoders = []

@@ -128,7 +128,7 @@ def sampling_policy(cfg: Config, family):
     if o.noise_level <= 0:
         raise ConfigError(f"online.noise_level={o.noise_level}: the flow SDE's steps have a log-probability only with "
                           "a noise level > 0 (Flow-GRPO: 0.7)")
-    scheduler = getattr(diffusers, family.training_scheduler).from_pretrained(cfg.model.pretrained, **load)
+    scheduler = family.training_scheduler_cls.from_pretrained(cfg.model.pretrained, **load)
     return FlowSDEPolicy(scheduler, o.noise_level, family.linspace_sigmas)
 
 

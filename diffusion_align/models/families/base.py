@@ -99,6 +99,19 @@ class Family(ABC):
     classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)
     max_sequence_length: int | None = None  # T5 tokens its encoding reads (SD3, FLUX); None: it has no T5
 
+    # the diffusers classes those names name, looked up when used, so that detecting a family imports no model
+    @property
+    def denoiser_cls(self) -> type:
+        return _diffusers_class(self.denoiser_class)
+
+    @property
+    def training_scheduler_cls(self) -> type:
+        return _diffusers_class(self.training_scheduler)
+
+    @property
+    def lora_pipeline_cls(self) -> type:
+        return _diffusers_class(self.lora_pipeline)
+
     @abstractmethod
     def matches(self, index: dict, denoiser_config: dict) -> bool:
         """Whether a pipeline (its model_index.json and its denoiser's config) is of this family; asked in
@@ -167,6 +180,11 @@ class Family(ABC):
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+    return getattr(diffusers, name)
 
 
 class UNetFamily(Family):
