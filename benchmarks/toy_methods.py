@@ -43,7 +43,7 @@ from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_in
 from diffusion_align.files import write_text_atomic
 from diffusion_align.rewards import load_scorer
 from diffusion_align.toy.assets import base_model, generate, toy_pickscore
-from diffusion_align.toy.demo import METHODS, ONLINE, DemoSettings, evaluate, recipe, run_demo
+from diffusion_align.toy.demo import DEFAULT_PAIRS, METHODS, ONLINE, DemoSettings, evaluate, recipe, run_demo
 from diffusion_align.toy.oracle import RATER_TIE_MARGIN
 from diffusion_align.toy.world import sample_prompts
 
@@ -57,15 +57,15 @@ def main() -> None:
     parser.add_argument("--split", default="heldout", choices=("val", "heldout"),
                         help="the prompts evaluated on: val while tuning, heldout for the final table")
     parser.add_argument("--family", default="unet", choices=("unet", "flow"), help="the toy base (demo --family)")
-    parser.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
-                        help="who labels the offline pairs (demo --labels)")
+    parser.add_argument("--labels", default=None, choices=("proxy", "raters"),
+                        help="who labels the offline pairs (demo --labels; default: the family's)")
     parser.add_argument("--label-margin", type=float, default=0.0,
                         help="the toy PickScore's tie margin (demo --label-margin)")
-    parser.add_argument("--out", default=None, help="default: outputs/toy-methods, with -flow and -raters added for "
-                                                    "those")
+    parser.add_argument("--out", default=None, help="default: outputs/toy-methods, with -flow added for that base "
+                                                    "and -<labels> for labels other than the base's default")
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's, per kind of method")
     parser.add_argument("--prompts", type=int, default=None, help="train prompts; default: the demo's (all)")
-    parser.add_argument("--images-per-prompt", type=int, default=DemoSettings.images_per_prompt)
+    parser.add_argument("--images-per-prompt", type=int, default=None, help="default: the family's (demo's)")
     parser.add_argument("--eval-seeds", type=int, default=DemoSettings.eval_seeds)
     parser.add_argument("--overrides", nargs="*", default=[], help="train config keys for every method, key=value "
                                                                    "(e.g. data.cache=true)")
@@ -76,7 +76,7 @@ def main() -> None:
         parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out or "outputs/toy-methods" + ("-flow" if args.family == "flow" else "")
-               + ("-raters" if args.labels == "raters" else ""))
+               + (f"-{args.labels}" if args.labels not in (None, DEFAULT_PAIRS[args.family][0]) else ""))
     rows = []
     prefix = TRAIN_PROMPTS if args.on_train_prompts else ""
     for method in args.methods:
@@ -107,7 +107,7 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     from `shared` when an earlier run left them there, and left there by the first."""
     # the defaults of settings added since (the family, the labeller, its margin) left out, so that earlier runs are
     # read back
-    asked = {k: v for k, v in asdict(settings).items()
+    asked = {k: v for k, v in asdict(settings.resolved()).items()
              if (k, v) not in (("family", "unet"), ("labels", "proxy"), ("label_margin", 0.0))}
     asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},
                        sort_keys=True) + "\n"
@@ -200,10 +200,12 @@ def format_table(rows, args) -> str:
              {"val": "val: validation prompts (for tuning)", "heldout": "heldout: held-out prompts (never tuned on)"}[
                  args.split])
     base = ", flow base" if args.family == "flow" else ""
+    pairs = DemoSettings(family=args.family, labels=args.labels, images_per_prompt=args.images_per_prompt).resolved()
+    labellers = {"raters": "simulated raters (SmPO: the toy PickScore's cosines)", "proxy": "toy PickScore"}
     lines = [f"Toy world{base}, {split} x {args.eval_seeds} evaluation seeds; training seeds "
-             f"{' '.join(map(str, args.seeds))}; offline pairs from {args.images_per_prompt} images of "
+             f"{' '.join(map(str, args.seeds))}; offline pairs from {pairs.images_per_prompt} images of "
              f"{args.prompts or 'every'} train prompt(s), labelled by the "
-             f"{'simulated raters' if args.labels == 'raters' else 'toy PickScore'} ({time.strftime('%Y-%m-%d')})"
+             f"{labellers[pairs.labels]} ({time.strftime('%Y-%m-%d')})"
              f"{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
              "",
              "| method | steps | oracle win rate over base, mean over seeds (95% interval, prompts and seeds) | "

@@ -453,17 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="unet", choices=("unet", "flow"),
                       help="the toy base: unet (SD's architecture; recipes in configs/toy/) or flow (SD3's "
                            "flow-matching transformer; recipes in configs/toy-flow/)")
-    demo.add_argument("--labels", default="proxy", choices=("proxy", "raters"),
+    demo.add_argument("--labels", default=None, choices=("proxy", "raters"),
                       help="who labels the offline pairs: proxy (the toy PickScore, AI feedback) or raters (simulated "
-                           "people judging by the oracle, with their noise and ties, as Pick-a-Pic's labels are)")
+                           "people judging by the oracle, with their noise and ties, as Pick-a-Pic's labels are); "
+                           "default: proxy on the unet base, raters on the flow base (SmPO: proxy on both)")
     demo.add_argument("--label-margin", type=float, default=0.0,
                       help="with --labels proxy: a toy PickScore gap up to this is a tie, dropped from training")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
                                                                "configs/toy/: optimiser steps offline, rollouts online)")
     demo.add_argument("--prompts", type=int, default=None, help="train prompts (at most 212, the default: all)")
-    demo.add_argument("--images-per-prompt", type=int, default=4, help="base-model images per train prompt, "
-                                                                        "all pairs of them labelled")
+    demo.add_argument("--images-per-prompt", type=int, default=None, help="base-model images per train prompt, "
+                                                                           "all pairs of them labelled (default: 4 on "
+                                                                           "the unet base, 8 on the flow base)")
     demo.add_argument("--eval-seeds", type=int, default=3, help="images per evaluated prompt and model")
     demo.add_argument("--eval-split", default="heldout", choices=("heldout", "val"),
                       help="the prompts judged: heldout (never trained on; report results on these) or val (train "

@@ -143,6 +143,30 @@ def test_the_untuned_toy_flow_recipes_are_the_unet_bases(method):
     assert flow == unet
 
 
+def test_the_flow_demos_pairs_are_the_raters_labels_of_8_images_a_prompt(tmp_path, monkeypatch):
+    """Unless told otherwise, `demo --family flow` trains the offline methods on the simulated raters' labels of every
+    pair of 8 images a prompt (SmPO on the toy PickScore's cosines of them), the UNet base on the toy PickScore's of
+    4; what is set explicitly is kept."""
+    import pyarrow.parquet as pq
+    from test_toy import config_trained
+
+    from diffusion_align.toy.demo import DemoSettings
+
+    trained = config_trained(monkeypatch, tmp_path / "flow", DemoSettings(family="flow", prompts=2, seed=3))
+    assert Path(trained.data.path) == tmp_path / "flow" / "pairs-raters" / "pairs.parquet"
+    table = pq.read_table(trained.data.path).to_pandas()
+    assert len(table) == 2 * 28 and table.groupby("caption").size().tolist() == [28, 28]
+    assert {"oracle_0", "oracle_1"} <= set(table.columns)  # the raters' labels come from the oracle's scores
+    assert trained.train.max_steps == 2000  # the flow DPO recipe's, tuned on the validation split
+    resolved = {(m, f): (s.labels, s.images_per_prompt) for m in ("dpo", "mapo", "dcpo", "sft", "smpo", "grpo")
+                for f in ("unet", "flow") for s in [DemoSettings(method=m, family=f).resolved()]}
+    assert resolved == {**{(m, "unet"): ("proxy", 4) for m in ("dpo", "mapo", "dcpo", "sft", "smpo", "grpo")},
+                        **{(m, "flow"): ("raters", 8) for m in ("dpo", "mapo", "dcpo", "sft")},
+                        ("smpo", "flow"): ("proxy", 8), ("grpo", "flow"): ("proxy", 8)}
+    explicit = DemoSettings(family="flow", labels="proxy", images_per_prompt=3).resolved()
+    assert (explicit.labels, explicit.images_per_prompt) == ("proxy", 3)
+
+
 def test_flow_demo_end_to_end(tmp_path):
     """A shortened `demo --family flow`: pairs, labels, training and judging all on the flow base, every image drawn
     with T5 at the base's length, and the LoRA loads into StableDiffusion3Pipeline."""
@@ -152,8 +176,8 @@ def test_flow_demo_end_to_end(tmp_path):
     from diffusion_align.toy.assets import base_model
     from diffusion_align.toy.demo import DemoSettings, run_demo
     out = tmp_path / "demo"
-    report = run_demo(out, DemoSettings(family="flow", label_margin=2.0, steps=2, prompts=4, images_per_prompt=3,
-                                        eval_seeds=1, overrides=("train.batch_size=4",)))
+    report = run_demo(out, DemoSettings(family="flow", labels="proxy", label_margin=2.0, steps=2, prompts=4,
+                                        images_per_prompt=3, eval_seeds=1, overrides=("train.batch_size=4",)))
     assert report["settings"]["family"] == "flow" and report["settings"]["recipe"] == "dpo.yaml"
     # the proxy's labels with a tie margin: a gap of 2 or less is a tie (which training drops)
     assert report["settings"]["label_margin"] == 2.0

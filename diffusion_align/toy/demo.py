@@ -2,11 +2,12 @@
 
 Offline methods (dpo, mapo, smpo, dcpo, sft):
 1. pairs: the base model draws `images_per_prompt` images for each of `prompts` train prompts (`generate`; their
-   seeds follow the run's seed, so each training seed trains on its own pair images);
+   seeds follow the run's seed, so each training seed trains on its own pair images; 4 on the UNet base, 8 on the
+   flow base unless set: `DEFAULT_PAIRS`);
 2. labels: the toy PickScore labels every pair of one prompt's images (`label --from-images`; with
    `label_margin`, a pair whose scores differ by no more is a tie, which training drops; SmPO reads its cosines,
-   DCPO gets dual captions), or, with `labels="raters"`, the simulated raters do, from the oracle's
-   scores with their noise and ties, as people labelled Pick-a-Pic (`assets.oracle_pairs`);
+   DCPO gets dual captions), or, with `labels="raters"` (the flow base's default), the simulated raters do, from
+   the oracle's scores with their noise and ties, as people labelled Pick-a-Pic (`assets.oracle_pairs`);
 3. training: the method on those pairs (`train`) with its recipe, `configs/toy/<method>.yaml`.
 Online methods (pref_grpo, grpo) skip 1-2: they sample the `prompts` train prompts themselves and are rewarded by
 the toy PickScore, with the oracle's score of their samples logged beside it (`online.track`), with their
@@ -31,7 +32,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,11 @@ ONLINE = ("pref_grpo", "grpo")
 
 FAMILIES = ("unet", "flow")  # the toy bases: SD's UNet (configs/toy/), SD3's flow transformer (configs/toy-flow/)
 LABELLERS = ("proxy", "raters")  # the offline pairs' labels: the toy PickScore's (AI feedback), or simulated people's
+# Each base's default pairs, (labels, images per prompt). The UNet base's: the toy PickScore's labels of 4 images.
+# The flow base's: the raters' labels of 8 (SmPO's, the proxy's cosines of them), because the toy PickScore, fitted
+# on the UNet base's images, sees little of what the flow base gets wrong: on the flow base's pairs it agrees with
+# the oracle on 63%, the raters on 83%, and Flow-DPO learns the proxy from its labels (benchmarks/README.md).
+DEFAULT_PAIRS = {"unet": ("proxy", 4), "flow": ("raters", 8)}
 
 
 def recipe(method: str, family: str = "unet") -> Path:
@@ -76,15 +82,25 @@ VISIBLE_CHANGE = 4.0
 class DemoSettings:
     method: str = "dpo"
     family: str = "unet"      # the base: "unet" (SD) or "flow" (SD3)
-    labels: str = "proxy"     # who labels the offline pairs: "proxy" (the toy PickScore) or "raters" (simulated people)
+    labels: str | None = None  # who labels the offline pairs: "proxy" (the toy PickScore) or "raters" (simulated
+                               # people); None: the family's (DEFAULT_PAIRS)
     label_margin: float = 0.0  # a toy PickScore gap up to this is a tie, dropped from training (`label --tie-margin`)
     steps: int | None = None  # optimiser steps (offline) or rollouts (online); None: the recipe's
     prompts: int | None = None  # train prompts, each drawn once; None: all 212
-    images_per_prompt: int = 4  # so 6 pairs per prompt
+    images_per_prompt: int | None = None  # None: the family's (DEFAULT_PAIRS): 4 (6 pairs a prompt) or 8 (28)
     eval_seeds: int = 3       # images per evaluated prompt and model: 73 held-out prompts x 3 = 219 comparisons
     eval_split: str = "heldout"  # "val" to tune settings, "heldout" to report them (toy.world)
     seed: int = 0             # the pair images, the training draws and the LoRA initialisation
     overrides: tuple[str, ...] = ()  # extra train config keys, key=value
+
+    def resolved(self) -> DemoSettings:
+        """These settings with the family's defaults (DEFAULT_PAIRS) for the labels and images left None; SmPO's
+        soft labels, and the online methods' rewards, are always the toy PickScore's."""
+        labels, images = DEFAULT_PAIRS[self.family]
+        if self.method == "smpo" or self.method in ONLINE:
+            labels = "proxy"
+        return replace(self, labels=labels if self.labels is None else self.labels,
+                       images_per_prompt=images if self.images_per_prompt is None else self.images_per_prompt)
 
 
 def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
@@ -99,6 +115,7 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if settings.method not in METHODS or settings.family not in FAMILIES:
         raise ValueError(f"expected a method of {', '.join(METHODS)} and a family of {', '.join(FAMILIES)}, got "
                          f"{settings.method!r} and {settings.family!r}")
+    settings = settings.resolved()
     prompts = len(scenes("train")) if settings.prompts is None else settings.prompts
     if not 0 < prompts <= len(scenes("train")) or settings.images_per_prompt < 2:
         raise ValueError(f"expected 1 to {len(scenes('train'))} prompts (each drawn once) and at least 2 images per "
