@@ -120,7 +120,7 @@ def main() -> None:
                     verdicts.append("fits" if p.fits else f"{p.change or 'no single change'}; fsdp2 x "
                                                           f"{p.fsdp2_processes or '>64'}")
                 usage = plan(cfg, counts=counts).per_process_bytes
-                trained = f"LoRA {counts.lora / 1e6:.1f}M" if counts.lora else f"full {counts.unet / 1e9:.2f}B"
+                trained = f"LoRA {counts.lora / 1e6:.1f}M" if counts.lora else f"full {counts.denoiser / 1e9:.2f}B"
                 lines.append(f"| {arch}/{recipe.name} | {trained} | "
                              + " | ".join(f"{usage[k] / GIB:.1f}" for k in ("weights", "gradients", "optimizer",
                                                                              "reference", "encoders", "activations",

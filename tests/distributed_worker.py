@@ -46,7 +46,7 @@ if __name__ == "__main__":
     record_rollouts(batches)
     result = trainer.train(load_config(config, overrides))
     rank = PartialState().process_index
-    trainable = {name: p.detach().contiguous() for name, p in result.unet.named_parameters() if p.requires_grad}
+    trainable = {name: p.detach().contiguous() for name, p in result.denoiser.named_parameters() if p.requires_grad}
     save_file(trainable, f"{out_dir}/rank{rank}.safetensors")
     with open(f"{out_dir}/rank{rank}-batches.json", "w") as f:
         json.dump(batches, f)

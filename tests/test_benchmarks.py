@@ -171,7 +171,7 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
     for arch, (denoiser, vae, text) in expected.items():
         folder = config_only_pipeline(tmp_path, arch)
         counts = count_models(load_config(None, [f"model.pretrained={folder}", "train.resolution=64"]))
-        assert (counts.unet, counts.vae, counts.text_encoders) == (denoiser, vae, text), arch
+        assert (counts.denoiser, counts.vae, counts.text_encoders) == (denoiser, vae, text), arch
         if arch == "sdxl":
             model = folder
     sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}", "model.vae=null"])

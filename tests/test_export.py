@@ -175,7 +175,7 @@ def test_a_flux_lora_exports_as_diffusers_and_merged_and_is_refused_as_kohya(tmp
     export(run_dir, "--format", "merged", "--out", tmp_path / "merged")
     merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.transformer.named_parameters())
-    assert torch.allclose(probe(merged.transformer, "flux"), probe(flux_lora_run.unet, "flux"), atol=1e-4)
+    assert torch.allclose(probe(merged.transformer, "flux"), probe(flux_lora_run.denoiser, "flux"), atol=1e-4)
     for args, message in (
             (["--format", "kohya", "--out", tmp_path / "k.safetensors"],
              "no kohya-layout file is written for flux LoRAs; ComfyUI loads the diffusers file"),

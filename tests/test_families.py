@@ -42,7 +42,7 @@ def test_an_sdxl_refiner_and_an_unknown_name_are_refused(tiny_models):
 def test_a_flow_pipeline_loads_with_its_transformer_and_flow_scheduler(tiny_flow_models, name, transformer):
     from diffusion_align.models.loading import load_components
     parts = load_components(str(tiny_flow_models[name]))
-    assert parts.family is FAMILIES[name] and type(parts.unet).__name__ == transformer
+    assert parts.family is FAMILIES[name] and type(parts.denoiser).__name__ == transformer
     assert type(parts.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and parts.prediction_type == "flow"
     assert len(parts.text_encoders) == len(parts.tokenizers) == len(FAMILIES[name].text_encoders)
     assert parts.guidance == (3.5 if name == "flux" else None)  # the tiny FLUX is FLUX.1-dev-like: guidance_embeds

@@ -37,7 +37,7 @@ def test_noise_level_zero_is_the_pipeline(tiny_flow_models, family, guidance):
     parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.0, 2, guidance)
     assert (uncond is None) == (family == "flux")
     latents = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    trajectory = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, steps=4, guidance=guidance)
+    trajectory = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, steps=4, guidance=guidance)
     assert len(trajectory.latents) == 5 and trajectory.log_probs is None
     pipe = DiffusionPipeline.from_pretrained(tiny_flow_models[family])
     pipe.set_progress_bar_config(disable=True)
@@ -55,13 +55,13 @@ def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family):
     parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 16, 16, 16, generator=generator)
-    trajectory = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, steps=4, guidance=3.5,
+    trajectory = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, steps=4, guidance=3.5,
                                      generator=generator)
     assert trajectory.log_probs.shape == (4, 6) and torch.isfinite(trajectory.log_probs).all()
     assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
     for step in (0, 2, torch.tensor([1, 3])):  # one step for the rows, or one per row
         rows = torch.tensor([4, 1])
-        mean, std = online.step_distribution(parts.unet, sampler, trajectory, step, cond, uncond, 3.5, rows)
+        mean, std = online.step_distribution(parts.denoiser, sampler, trajectory, step, cond, uncond, 3.5, rows)
         taken = trajectory.latents_at(step + 1, rows)
         old = trajectory.log_probs[step, rows]
         assert (gaussian_log_prob(taken, mean, std) - old).abs().max() < 1e-5
@@ -151,8 +151,8 @@ def test_a_window_samples_the_ode_outside_it(tiny_flow_models):
     """Steps outside the window are the ODE's, bit for bit, with no log-probability (NaN); inside, the SDE's."""
     parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models["sd3"], "sd3", 0.7, 1, 3.5)
     latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    ode = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, 4, 3.5, noisy_steps=())
-    windowed = sample_with_logprob(parts.unet, sampler, cond, uncond, latents, 4, 3.5,
+    ode = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, 4, 3.5, noisy_steps=())
+    windowed = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, 4, 3.5,
                                    generator=torch.Generator().manual_seed(1), noisy_steps=range(1, 2))
     assert ode.log_probs is None
     assert torch.equal(windowed.latents[1], ode.latents[1]) and not torch.equal(windowed.latents[2], ode.latents[2])

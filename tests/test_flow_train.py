@@ -143,7 +143,7 @@ def test_lora_loads_into_the_pipeline_as_trained(tmp_path, tiny_flow_models, tin
     transformer's outputs, which differ from the base's; its keys are diffusers' `transformer.` ones."""
     model = tiny_flow_models[family]
     result = run(tmp_path, model, tiny_pairs, "train.lr=3e-2")
-    trained = probe(result.unet, family)
+    trained = probe(result.denoiser, family)
     pipe = DiffusionPipeline.from_pretrained(model)
     base = probe(pipe.transformer, family)
     pipe.load_lora_weights(result.final_dir)
@@ -160,7 +160,7 @@ def test_full_fine_tune_saves_a_pipeline_with_the_trained_transformer(tmp_path, 
     result = run(tmp_path, tiny_flow_models[family], tiny_pairs, "model.lora_rank=null", "train.lr=1e-3")
     pipe = DiffusionPipeline.from_pretrained(result.final_dir)
     assert type(pipe.transformer) is TRANSFORMERS[family]
-    saved, trained = pipe.transformer.state_dict(), result.unet.state_dict()
+    saved, trained = pipe.transformer.state_dict(), result.denoiser.state_dict()
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
     base = DiffusionPipeline.from_pretrained(tiny_flow_models[family]).transformer.state_dict()
     assert any(not torch.equal(base[k], saved[k]) for k in saved)
@@ -243,7 +243,7 @@ def test_bf16_runs_the_frozen_parts_and_the_transformer_in_bf16_and_the_errors_i
     assert call["encoder_hidden_states"].dtype == call["pooled_projections"].dtype == torch.bfloat16
     assert call["hidden_states"].dtype == torch.float32 and call["guidance"].dtype == torch.float32
     assert call["out_dtype"] == torch.bfloat16  # computed under the autocast
-    dtypes = {name: p.dtype for name, p in result.unet.named_parameters()}
+    dtypes = {name: p.dtype for name, p in result.denoiser.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     assert all(a.dtype == torch.float32 for a in seen["objective"][0]["args"])

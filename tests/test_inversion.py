@@ -113,7 +113,7 @@ def test_one_renoise_step_by_hand():
 def test_implied_noise_reproduces_the_inverted_latent(tiny_models, family):
     parts, cond, latents = tiny(tiny_models, family, rows=6)
     scheduler = parts.noise_scheduler
-    rows = invert_rows(parts.unet, DDPMNoising(scheduler), latents, torch.tensor([50, 400, 900]), cond, steps=5)
+    rows = invert_rows(parts.denoiser, DDPMNoising(scheduler), latents, torch.tensor([50, 400, 900]), cond, steps=5)
     noise = implied_noise(scheduler, latents, rows.noisy, rows.timesteps)
     assert torch.allclose(scheduler.add_noise(latents, noise, rows.timesteps), rows.noisy, atol=1e-5)
     assert torch.allclose(rows.target, prediction_target(scheduler, latents, noise, rows.timesteps), atol=1e-6)
@@ -128,7 +128,7 @@ def test_inversion_round_trips_on_the_tiny_sd_unet(tiny_models):
     # at t = 999 (noise/signal 14.6) it misses by ~180% with 5 steps and ~35% with 50. Seen here (t = 100..400):
     # ReNoise 0.0023-0.021, plain DDIM inversion 0.0045-0.043, label one grid stride off 0.019-0.14.
     parts, cond, latents = tiny(tiny_models, "sd", rows=4)
-    unet, scheduler = parts.unet, parts.noise_scheduler
+    unet, scheduler = parts.denoiser, parts.noise_scheduler
     t = torch.tensor([100, 200, 300, 400])  # a different grid per row, in one batch
 
     def round_trip(z, label):
@@ -147,8 +147,8 @@ def test_inversion_round_trips_on_the_tiny_sd_unet(tiny_models):
 def test_round_trip_at_the_smallest_timesteps(tiny_models):
     parts, cond, latents = tiny(tiny_models, "sd", rows=4)
     t = torch.tensor([0, 1, 3, 4])  # t + 1 <= steps: every level of the grid is used
-    z = ddim_invert(parts.unet, parts.noise_scheduler, latents, t, cond, steps=5)
-    error = relative_error(ddim_sample_back(parts.unet, parts.noise_scheduler, z, t, cond, steps=5), latents)
+    z = ddim_invert(parts.denoiser, parts.noise_scheduler, latents, t, cond, steps=5)
+    error = relative_error(ddim_sample_back(parts.denoiser, parts.noise_scheduler, z, t, cond, steps=5), latents)
     for row, step in enumerate(t.tolist()):
         assert error[row] < 0.01 * noise_to_signal(step)  # seen: ~1e-4 against 0.029-0.059
 
@@ -156,7 +156,7 @@ def test_round_trip_at_the_smallest_timesteps(tiny_models):
 def test_v_prediction_round_trip_on_the_tiny_sd2_unet(tiny_models):
     # seen: ReNoise 0.012-0.084, plain 0.024-0.15 (t = 100..400, 5 steps)
     parts, cond, latents = tiny(tiny_models, "sd2", rows=4)
-    unet, scheduler = parts.unet, parts.noise_scheduler
+    unet, scheduler = parts.denoiser, parts.noise_scheduler
     t = torch.tensor([100, 200, 300, 400])
     errors = [relative_error(ddim_sample_back(unet, scheduler, ddim_invert(
         unet, scheduler, latents, t, cond, steps=5, renoise=renoise), t, cond, steps=5), latents)
@@ -168,10 +168,11 @@ def test_v_prediction_round_trip_on_the_tiny_sd2_unet(tiny_models):
 
 def test_sdxl_size_conditioning_reaches_the_inversion(tiny_models):
     parts, cond, latents = tiny(tiny_models, "sdxl", rows=2)
-    rows = invert_rows(parts.unet, DDPMNoising(parts.noise_scheduler), latents, torch.tensor([300]), cond, steps=3)
+    rows = invert_rows(parts.denoiser, DDPMNoising(parts.noise_scheduler), latents, torch.tensor([300]), cond, steps=3)
     assert rows.noisy.shape == latents.shape and torch.isfinite(rows.noisy).all()
     cond.added_cond_kwargs["time_ids"] = cond.added_cond_kwargs["time_ids"] * 2
-    resized = invert_rows(parts.unet, DDPMNoising(parts.noise_scheduler), latents, torch.tensor([300]), cond, steps=3)
+    resized = invert_rows(parts.denoiser, DDPMNoising(parts.noise_scheduler), latents, torch.tensor([300]), cond,
+                          steps=3)
     assert torch.equal(resized.timesteps, rows.timesteps)
     assert not torch.allclose(resized.noisy, rows.noisy)
 
@@ -182,13 +183,13 @@ def test_no_gradient_flows_through_the_inversion(tiny_models):
 
     def recording_unet(x, t, **kwargs):
         grad_enabled.append(torch.is_grad_enabled())
-        return parts.unet(x, t, **kwargs)
+        return parts.denoiser(x, t, **kwargs)
 
     rows = invert_rows(recording_unet, DDPMNoising(parts.noise_scheduler), latents, torch.tensor([300]), cond, steps=3)
     assert grad_enabled == [False] * 6  # 2 * steps forwards, none recorded for backward
     assert not rows.noisy.requires_grad and not rows.target.requires_grad
-    denoising_errors(parts.unet, rows, cond).sum().backward()  # the policy's gradient comes from here alone
-    assert all(p.grad is not None for p in parts.unet.parameters() if p.requires_grad)
+    denoising_errors(parts.denoiser, rows, cond).sum().backward()  # the policy's gradient comes from here alone
+    assert all(p.grad is not None for p in parts.denoiser.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- the flow models' inversion (SD3, FLUX)
@@ -247,8 +248,8 @@ def test_flow_inversion_round_trips_on_the_tiny_transformers(tiny_flow_models, f
     sigmas = torch.tensor([0.1, 0.2, 0.3, 0.4])
 
     def round_trip(renoise, back_from=1.0):
-        z = flow_invert(parts.unet, latents, sigmas, cond, steps=5, renoise=renoise)
-        return relative_error(flow_sample_back(parts.unet, z, back_from * sigmas, cond, steps=5), latents)
+        z = flow_invert(parts.denoiser, latents, sigmas, cond, steps=5, renoise=renoise)
+        return relative_error(flow_sample_back(parts.denoiser, z, back_from * sigmas, cond, steps=5), latents)
 
     error, plain, mislabelled = round_trip(True), round_trip(False), round_trip(True, back_from=1.2)
     assert (error < 0.01).all() and (error < 0.75 * plain).all() and (error < 0.3 * mislabelled).all()

@@ -134,7 +134,7 @@ def test_kohya_file_names_alphas_metadata_images_and_merged(tmp_path, tiny_model
 
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
     base = images(pipe, family)
-    pipe.unet = result.unet.eval()  # the trained UNet itself, adapters on
+    pipe.unet = result.denoiser.eval()  # the trained UNet itself, adapters on
     trained = images(pipe, family)
     assert abs(trained - base).max() > 1e-3, "the LoRA changes the images"
     for weight_name in (LORA_WEIGHTS, KOHYA_WEIGHTS):

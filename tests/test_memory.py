@@ -11,7 +11,7 @@ from transformers import CLIPTextModel
 from diffusion_align.config import load_config
 from diffusion_align.training.memory import GIB, RESERVE_GB, ModelCounts, count_models, memory_bytes, plan
 
-HAND = ModelCounts("sd", unet=1000, lora=100, adafactor_state=30, vae=200, text_encoders=300,
+HAND = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, vae=200, text_encoders=300,
                    activation_bytes={"plain": 4000, "checkpointed": 1000})
 
 
@@ -48,13 +48,13 @@ def test_counts_are_the_loaded_models(tiny_models):
         counts = count_models(load_config(None, [f"model.pretrained={path}", "model.lora_rank=4"]))
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         total = sum(p.numel() for p in unet.parameters())
-        assert (counts.family, counts.unet) == (family, total)
+        assert (counts.family, counts.denoiser) == (family, total)
         assert counts.vae == sum(p.numel() for p in AutoencoderKL.from_pretrained(path, subfolder="vae").parameters())
         if family != "sdxl":
             encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
             assert counts.text_encoders == sum(p.numel() for p in encoder.parameters())
         policy = Policy(unet, 4, family=family)
-        assert counts.lora == sum(p.numel() for p in policy.unet.parameters() if p.requires_grad)
+        assert counts.lora == sum(p.numel() for p in policy.denoiser.parameters() if p.requires_grad)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -72,7 +72,7 @@ def test_model_states_are_what_a_training_step_holds(tiny_models, lora_rank):
                                 "train.resolution=32", "train.batch_size=2"])
     planned = memory_bytes(config, count_models(config))
     policy = Policy(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), lora_rank, needs_reference=False)
-    unet = policy.unet
+    unet = policy.denoiser
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable, 1e-4)
     out = unet(torch.randn(4, 4, 4, 4), torch.tensor([1, 2, 3, 4]), torch.randn(4, 77, unet.config.cross_attention_dim))
@@ -133,7 +133,7 @@ def test_the_plan_names_the_cheapest_change_that_fits(tiny_models):
     lean = load_config(None, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32",
                               "train.batch_size=4", "model.gradient_checkpointing=true", "data.cache=true",
                               "method.precomputed_reference=true"])
-    states = 16 * counts.unet  # fp32 weights and gradients, two AdamW moments
+    states = 16 * counts.denoiser  # fp32 weights and gradients, two AdamW moments
     fixed = memory_bytes(lean, counts)["total"] - states
     three_quarters = RESERVE_GB + (fixed + states * 3 / 4) / GIB  # fits on 2 processes (half the states), not 1
     result = plan(lean, gpu_memory_gb=three_quarters, counts=counts)
@@ -169,14 +169,14 @@ def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real
     counts = count_models(load_config(None, [*overrides, "model.lora_rank=4"]))
     parts = load_components(str(path))
     numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert (counts.family, counts.unet, counts.vae) == (family, numel(parts.unet), numel(parts.vae))
+    assert (counts.family, counts.denoiser, counts.vae) == (family, numel(parts.denoiser), numel(parts.vae))
     assert counts.text_encoders == sum(numel(e) for e in parts.text_encoders)
-    policy = Policy(load_components(str(path)).unet, 4, None, parts.family.lora_targets, family=family)
+    policy = Policy(load_components(str(path)).denoiser, 4, None, parts.family.lora_targets, family=family)
     assert counts.lora == sum(p.numel() for p in policy.trainable_parameters())
 
     full = load_config(None, [*overrides, "model.lora_rank=null"])
     planned = memory_bytes(full, count_models(full))["activations"]
-    transformer = parts.unet.train()
+    transformer = parts.denoiser.train()
     cond = encode_prompts(family, parts.tokenizers, parts.text_encoders, ["a red circle"] * 4, guidance=parts.guidance)
     saved = saved_bytes(transformer, lambda: cond.denoise(transformer, torch.randn(4, 16, 16, 16),
                                                           torch.full((4,), 500.0)))

@@ -39,15 +39,15 @@ def test_sdxl_conditioning_concatenates_penultimate_states_and_tracks_sizes(tiny
     expected = torch.cat([outs[0].hidden_states[-2], outs[1].hidden_states[-2]], dim=-1)
     assert torch.equal(cond.encoder_hidden_states, expected)
     assert torch.equal(cond.added_cond_kwargs["text_embeds"], outs[1].text_embeds)
-    assert cond.encoder_hidden_states.shape[-1] == parts.unet.config.cross_attention_dim
+    assert cond.encoder_hidden_states.shape[-1] == parts.denoiser.config.cross_attention_dim
 
 
 def test_xformers_is_used_only_where_it_can_run(tiny_models):
     parts = load_components(str(tiny_models["sd"]))
-    assert set_attention(parts.unet, "auto", torch.device("cpu")) == "sdpa"
-    assert set_attention(parts.unet, "sdpa", torch.device("cpu")) == "sdpa"
+    assert set_attention(parts.denoiser, "auto", torch.device("cpu")) == "sdpa"
+    assert set_attention(parts.denoiser, "sdpa", torch.device("cpu")) == "sdpa"
     with pytest.raises(RuntimeError, match="model.attention=xformers was asked for, but"):
-        set_attention(parts.unet, "xformers", torch.device("cpu"))
+        set_attention(parts.denoiser, "xformers", torch.device("cpu"))
 
 
 def test_a_folder_without_model_index_is_explained(tmp_path):

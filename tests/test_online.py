@@ -199,17 +199,17 @@ def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_
     from diffusion_align.training.sampling import (DDIMPolicy, gaussian_log_prob, group_conditioning,
                                                    sample_with_logprob)
     parts = load_components(str(tiny_models["sd"]))
-    policy = Policy(parts.unet, lora_rank=4)
+    policy = Policy(parts.denoiser, lora_rank=4)
     sampler = DDIMPolicy(DDIMScheduler.from_pretrained(tiny_models["sd"], subfolder="scheduler"), eta=1.0)
     cond, uncond = group_conditioning("sd", parts.tokenizers, parts.text_encoders, ["a red circle"], 2, 32)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    trajectory = sample_with_logprob(policy.unet, sampler, cond, uncond, latents, 4, 5.0,
+    trajectory = sample_with_logprob(policy.denoiser, sampler, cond, uncond, latents, 4, 5.0,
                                      generator=torch.Generator().manual_seed(1))
     advantages = torch.tensor([1.0, -1.0])
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
 
     def log_probs(step=1):
-        mean, std = online.step_distribution(policy.unet, sampler, trajectory, step, cond, uncond, 5.0)
+        mean, std = online.step_distribution(policy.denoiser, sampler, trajectory, step, cond, uncond, 5.0)
         return gaussian_log_prob(trajectory.latents[step + 1], mean, std)
 
     loss, _ = clipped_policy_loss(log_probs(), trajectory.log_probs[1], advantages, clip_range=1.0)
@@ -290,7 +290,7 @@ def test_a_full_fine_tune_with_a_kl_to_its_frozen_copy(setup, tmp_path, monkeypa
     real = Policy.reference
 
     def spy(self):
-        references.append(self.ref_unet is not None and self.ref_unet is not self.unet)
+        references.append(self.ref_denoiser is not None and self.ref_denoiser is not self.denoiser)
         return real(self)
 
     monkeypatch.setattr(Policy, "reference", spy)

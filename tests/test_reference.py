@@ -46,7 +46,7 @@ def references(monkeypatch):
 
     def recorded(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        held.append(self.ref_unet)
+        held.append(self.ref_denoiser)
     monkeypatch.setattr(policy_module.Policy, "__init__", recorded)
     return held
 

@@ -42,7 +42,7 @@ def test_the_configured_family_encodes_as_the_pipeline_at_that_length(tiny_flow_
     family, default = parts.family, FAMILIES[name]
     assert family == name and family == default and {family} == {default} and family is not default
     assert family.max_sequence_length == TOKENS and default.max_sequence_length == {"sd3": 256, "flux": 512}[name]
-    assert load_components(str(model), encoders=False, unet=False).family is default  # no length: the family
+    assert load_components(str(model), encoders=False, denoiser=False).family is default  # no length: the family
     hidden, pooled = family.encode_texts(parts.tokenizers, parts.text_encoders, PROMPTS)
     pipe = DiffusionPipeline.from_pretrained(model)
     with torch.no_grad():

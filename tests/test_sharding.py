@@ -256,8 +256,8 @@ def test_a_checkpoint_resumes_only_as_the_kind_of_run_that_wrote_it(tmp_path, wr
 
     from diffusion_align.training.checkpoints import load_checkpoint
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 5, "num_processes": 1, **written}))
-    policy = SimpleNamespace(unet=torch.nn.Linear(2, 2))  # a data-parallel run's
+    policy = SimpleNamespace(denoiser=torch.nn.Linear(2, 2))  # a data-parallel run's
     with pytest.raises(ValueError, match=f"written by a {kind} run; this run is data-parallel. Resume with the "
                                          "train.sharding it was written with"):
         load_checkpoint(SimpleNamespace(num_processes=1), tmp_path, policy,
-                        torch.optim.AdamW(policy.unet.parameters()), None)
+                        torch.optim.AdamW(policy.denoiser.parameters()), None)

@@ -164,7 +164,8 @@ def test_the_shipped_base_model_loads_through_the_real_loaders():
     assert (parts.family, parts.prediction_type) == ("sd", "epsilon")
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     # stored in float16, loaded in float32 by every loader unless asked (the text encoder's config pins it)
-    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder, parts.unet, parts.vae, *parts.text_encoders)} == {torch.float32}
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder, parts.denoiser, parts.vae,
+                              *parts.text_encoders)} == {torch.float32}
     assert StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16).text_encoder.dtype == torch.float16
     prompts = sample_prompts(4, seed=0, split="heldout")
     images = pipe(prompts, num_inference_steps=10, guidance_scale=3.0, height=32, width=32,

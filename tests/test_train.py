@@ -64,7 +64,7 @@ def test_dpo_lora_sd_end_to_end(tmp_path, tiny_models, tiny_pairs):
     after = generate(pipe)
     assert abs(after - before).max() > 1e-4, "the trained LoRA changes what the pipeline generates"
     # the loaded adapter holds exactly the trained weights
-    trained = {k: v for k, v in result.unet.state_dict().items() if "lora_B" in k}
+    trained = {k: v for k, v in result.denoiser.state_dict().items() if "lora_B" in k}
     loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_B" in k}
     assert len(trained) == len(loaded) > 0
     for (k1, v1), (k2, v2) in zip(sorted(trained.items()), sorted(loaded.items())):
@@ -223,7 +223,7 @@ def test_a_nonfinite_step_is_skipped(tmp_path, tiny_models, tiny_pairs, monkeypa
     result = run(tmp_path, tiny_models["sd"], tiny_pairs)
     records = read_metrics(tmp_path / "run")
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]
-    assert all(torch.isfinite(p).all() for p in result.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in result.denoiser.parameters())
 
 
 @pytest.fixture

@@ -283,5 +283,5 @@ def test_steps_the_grad_scaler_skips_are_counted(tmp_path, tiny_models, tiny_pai
     monkeypatch.setitem(methods.METHODS, "dpo", dataclasses.replace(dpo, objective=poisoned))
     result = run(tmp_path, tiny_models["sd"], tiny_pairs)
     assert [r["nonfinite_steps"] for r in read_metrics(tmp_path / "run")] == [0, 1, 1]
-    assert all(torch.isfinite(p).all() for p in result.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in result.denoiser.parameters())
 

@@ -177,7 +177,7 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     def encoders():
         """The VAE and text encoders, loaded when a first shard is to be made (a finished cache needs none)."""
         if not loaded:
-            parts = load_components(pretrained, revision, variant, vae, unet=False,
+            parts = load_components(pretrained, revision, variant, vae, denoiser=False,
                                     max_sequence_length=max_sequence_length)
             place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast") else compute)
             for encoder in parts.text_encoders:

@@ -106,18 +106,18 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     if format == "kohya" and family.kohya_version is None:
         raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; ComfyUI loads the "
                          f"diffusers file ({LORA_WEIGHTS}, --format diffusers) as it is")
-    unet = family.denoiser_cls.from_pretrained(
+    denoiser = family.denoiser_cls.from_pretrained(
         source.base, subfolder=family.denoiser, revision=source.revision, variant=source.variant)
-    _load_lora(unet, source, family)
+    _load_lora(denoiser, source, family)
     target.parent.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
-        write_diffusers_lora(unet, family, target, _ADAPTER, torch_dtype)
+        write_diffusers_lora(denoiser, family, target, _ADAPTER, torch_dtype)
     else:
         prediction_type = DDPMScheduler.load_config(source.base, subfolder="scheduler",
                                                     revision=source.revision)["prediction_type"]
         labels = kohya_labels(family, prediction_type, source.title, source.method,
                               component_digest(source.base, "unet", source.revision, source.variant))
-        write_kohya_lora(unet, target, labels, _ADAPTER, torch_dtype)
+        write_kohya_lora(denoiser, target, labels, _ADAPTER, torch_dtype)
     return target
 
 

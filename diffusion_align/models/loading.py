@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DiffusionComponents:
     family: Family
-    unet: torch.nn.Module | None  # the denoiser (UNet or transformer); None when loaded without it (a latent cache)
+    denoiser: torch.nn.Module | None  # the denoiser (UNet or transformer); None when loaded without it (a latent cache)
     vae: AutoencoderKL | None  # None, with no text encoders or tokenizers, when loaded for a latent cache
     text_encoders: list[torch.nn.Module]
     tokenizers: list
@@ -173,19 +173,19 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None, encoders: bool = True, unet: bool = True,
+                    vae: str | None = None, encoders: bool = True, denoiser: bool = True,
                     max_sequence_length: int | None = None) -> DiffusionComponents:
     """The denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's training scheduler
     with the checkpoint's config.
 
-    `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `unet=False` loads
+    `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `denoiser=False` loads
     no denoiser weights (building one): its config alone says the family. `max_sequence_length`: the T5 tokens
     (SD3, FLUX) `parts.family` encodes prompts to; None: the pipeline's default."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
-    unet_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw)
-                  if unet else None)
+    denoiser_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw)
+                      if denoiser else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
@@ -198,7 +198,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
                      else load_vae(vae))
     noise_scheduler = family.training_scheduler_cls.from_pretrained(pretrained, subfolder="scheduler",
                                                                                     **kw)
-    parts = DiffusionComponents(family, unet_model, vae_model, text_encoders, tokenizers, noise_scheduler,
+    parts = DiffusionComponents(family, denoiser_model, vae_model, text_encoders, tokenizers, noise_scheduler,
                                 index["_class_name"], family.training_guidance(denoiser_config))
     for module in parts.frozen:
         module.requires_grad_(False).eval()
@@ -212,7 +212,7 @@ def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtyp
     return module.to(dtype=dtype) if module.dtype != dtype else module
 
 
-def set_attention(unet: torch.nn.Module, attention: str, device: torch.device) -> str:
+def set_attention(denoiser: torch.nn.Module, attention: str, device: torch.device) -> str:
     """Pick the attention kernel: xformers only where it can run (importable, CUDA), PyTorch SDPA otherwise."""
     try:
         import xformers  # noqa: F401
@@ -225,12 +225,12 @@ def set_attention(unet: torch.nn.Module, attention: str, device: torch.device) -
             f"it needs a CUDA device and this run is on {device.type}"
         raise RuntimeError(f"model.attention=xformers was asked for, but {why}; use model.attention=sdpa or auto")
     if attention in ("xformers", "auto") and usable:
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
     return "sdpa"  # diffusers' default processors call torch's scaled_dot_product_attention
 
 
-def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compile_denoiser(denoiser: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """torch.compile (inductor) where it can run: it writes C++ kernels on a CPU and triton kernels on CUDA."""
     if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
         raise RuntimeError("model.compile=true: torch.compile's inductor backend builds C++ kernels on a CPU, and no "
@@ -240,4 +240,4 @@ def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module
                            "triton), or set model.compile=false")
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"model.compile=true is not supported on {device.type}; set model.compile=false")
-    return torch.compile(unet)
+    return torch.compile(denoiser)

@@ -32,12 +32,12 @@ from .loading import place
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-def write_diffusers_lora(unet: torch.nn.Module, family: Family | str, path: Path, adapter: str = "default",
+def write_diffusers_lora(denoiser: torch.nn.Module, family: Family | str, path: Path, adapter: str = "default",
                          dtype: torch.dtype | None = None) -> None:
-    """Write the denoiser `unet`'s adapter as the file `pipeline.load_lora_weights` reads (keys prefixed `unet.` or
+    """Write `denoiser`'s adapter as the file `pipeline.load_lora_weights` reads (keys prefixed `unet.` or
     `transformer.`), with its settings (lora_alpha, rank and alpha patterns, rsLoRA, target modules) so that the
     trained scale is restored. Written beside `path`, then renamed into place."""
-    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter)
     state = {k: v.detach().to(dtype or v.dtype) for k, v in state.items()}
     family = get_family(family)
     pipeline_cls = family.lora_pipeline_cls
@@ -50,7 +50,7 @@ def write_diffusers_lora(unet: torch.nn.Module, family: Family | str, path: Path
             state = convert_state_dict_to_diffusers(state)
         pipeline_cls.save_lora_weights(tmp, weight_name=path.name, **{
             f"{family.denoiser}_lora_layers": state,
-            f"{family.denoiser}_lora_adapter_metadata": unet.peft_config[adapter].to_dict()})
+            f"{family.denoiser}_lora_adapter_metadata": denoiser.peft_config[adapter].to_dict()})
         usual_permissions(tmp / path.name)
         os.replace(tmp / path.name, path)
     finally:
@@ -64,59 +64,59 @@ def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
 
 
 class Policy:
-    def __init__(self, unet: torch.nn.Module, lora_rank: int | None, lora_alpha: float | None = None,
+    def __init__(self, denoiser: torch.nn.Module, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: Family | str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
                  frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None):
-        self.unet = unet
+        self.denoiser = denoiser
         self.family = family
         self.kohya_labels = kohya_labels  # kohya.kohya_labels: with them, save() writes the kohya file too
         self.lora_config = None
-        self.ref_unet = None
+        self.ref_denoiser = None
         if lora_rank is not None:
             # the base weights are frozen and may sit in the half-precision dtype; adapters train in fp32
-            place(unet.requires_grad_(False), device, frozen_dtype)
+            place(denoiser.requires_grad_(False), device, frozen_dtype)
             self.lora_config = lora_config(lora_rank, lora_alpha, lora_target_modules)
-            unet.add_adapter(self.lora_config)  # lora_B starts at zero: policy == reference at step 0
-            cast_training_params(unet, dtype=torch.float32)
+            denoiser.add_adapter(self.lora_config)  # lora_B starts at zero: policy == reference at step 0
+            cast_training_params(denoiser, dtype=torch.float32)
         else:
             if needs_reference:  # copied while the UNet is still on the CPU
-                self.ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), "cpu", frozen_dtype)
+                self.ref_denoiser = place(copy.deepcopy(denoiser).requires_grad_(False).eval(), "cpu", frozen_dtype)
                 if ref_offload:
                     from accelerate import cpu_offload
-                    cpu_offload(self.ref_unet, execution_device=torch.device(device))
+                    cpu_offload(self.ref_denoiser, execution_device=torch.device(device))
                 else:
-                    self.ref_unet.to(device)
-            place(unet.requires_grad_(True), device, torch.float32)
-        self.unet.train()
+                    self.ref_denoiser.to(device)
+            place(denoiser.requires_grad_(True), device, torch.float32)
+        self.denoiser.train()
 
     @property
     def is_lora(self) -> bool:
         return self.lora_config is not None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     @contextmanager
     def reference(self):
         """The reference UNet to call under no_grad: the base weights (adapters off) or the frozen copy."""
         if not self.is_lora:
-            yield self.ref_unet
+            yield self.ref_denoiser
             return
-        self.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         try:
-            yield self.unet
+            yield self.denoiser
         finally:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def save(self, folder: Path) -> None:
         """Write the trained weights in the layout diffusers loads (safetensors)."""
         if self.is_lora:
-            write_diffusers_lora(self.unet, self.family, folder / LORA_WEIGHTS)
+            write_diffusers_lora(self.denoiser, self.family, folder / LORA_WEIGHTS)
             if self.kohya_labels is not None:
-                write_kohya_lora(self.unet, folder / KOHYA_WEIGHTS, self.kohya_labels)
+                write_kohya_lora(self.denoiser, folder / KOHYA_WEIGHTS, self.kohya_labels)
         else:
-            self.unet.save_pretrained(folder / get_family(self.family).denoiser, safe_serialization=True)
+            self.denoiser.save_pretrained(folder / get_family(self.family).denoiser, safe_serialization=True)
 
     def load(self, folder: Path) -> None:
         """Load weights written by `save` (a checkpoint being resumed)."""
@@ -125,10 +125,10 @@ class Policy:
             state = load_file(folder / LORA_WEIGHTS)
             state = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v
                                                      for k, v in state.items()})
-            result = set_peft_model_state_dict(self.unet, state, adapter_name="default")
+            result = set_peft_model_state_dict(self.denoiser, state, adapter_name="default")
             if result.unexpected_keys:
                 raise ValueError(f"{folder / LORA_WEIGHTS} does not match this LoRA setup: unexpected keys "
                                  f"{result.unexpected_keys[:3]}...")
         else:
             trained = family.denoiser_cls.from_pretrained(folder / family.denoiser)
-            self.unet.load_state_dict(trained.state_dict())
+            self.denoiser.load_state_dict(trained.state_dict())

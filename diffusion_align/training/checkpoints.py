@@ -29,7 +29,7 @@ RUN_KINDS = {"whole": "data-parallel", "sharded": "sharded (fsdp2)", "partitione
 def optimizer_layout(policy, optimizer) -> str:
     """How a run's optimiser (and weights) are split: `sharded` (FSDP2: weights and optimiser), `partitioned`
     (ZeRO-2: the optimiser only) or `whole`."""
-    if is_sharded(policy.unet):
+    if is_sharded(policy.denoiser):
         return "sharded"
     return "whole" if zero_optimizer(optimizer) is None else "partitioned"
 
@@ -68,7 +68,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
         save_torch(process_state, tmp / f"process_{accelerator.process_index}.pt")
         layout = optimizer_layout(policy, optimizer)
         if layout == "sharded":
-            save_sharded(tmp / SHARDED_STATE, policy.unet, optimizer)
+            save_sharded(tmp / SHARDED_STATE, policy.denoiser, optimizer)
         elif layout == "partitioned":
             save_partition(tmp / f"optimizer_{accelerator.process_index}.pt", optimizer)
         if accelerator.is_main_process:
@@ -114,7 +114,7 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) ->
         raise ValueError(f"{path} was written by a {RUN_KINDS[written]} run; this run is {RUN_KINDS[layout]}. "
                          "Resume with the train.sharding it was written with.")
     if layout == "sharded":
-        load_sharded(path / SHARDED_STATE, policy.unet, optimizer)
+        load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer)
     else:
         policy.load(path)
     if layout == "partitioned":

@@ -63,11 +63,11 @@ def _ddim_step(z: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_next: torc
     return a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps
 
 
-def _predict_noise(unet, scheduler: DDPMScheduler, z: torch.Tensor, levels: torch.Tensor, cond: Conditioning,
+def _predict_noise(denoiser, scheduler: DDPMScheduler, z: torch.Tensor, levels: torch.Tensor, cond: Conditioning,
                    dtype: torch.dtype) -> torch.Tensor:
     """The UNet's noise prediction (fp32) at the fp32 latents z of the given levels."""
     t = levels.clamp(min=0)
-    out = cond.denoise(unet, z.to(dtype), t).float()
+    out = cond.denoise(denoiser, z.to(dtype), t).float()
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return out
@@ -78,7 +78,7 @@ def _predict_noise(unet, scheduler: DDPMScheduler, z: torch.Tensor, levels: torc
 
 
 @torch.no_grad()
-def ddim_invert(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+def ddim_invert(denoiser, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 steps: int, renoise: bool = True) -> torch.Tensor:
     """The clean latents inverted to each row's timestep (fp32): `steps` DDIM steps, each refined once by ReNoise
     unless renoise=False. 2 * steps UNet forwards (steps without ReNoise), all without grad."""
@@ -87,16 +87,16 @@ def ddim_invert(unet, scheduler: DDPMScheduler, latents: torch.Tensor, timesteps
     for k in range(steps):
         level, next_level = grid[:, k], grid[:, k + 1]
         a, a_next = abar_at(scheduler, level, CLEAN), abar_at(scheduler, next_level, CLEAN)
-        eps = _predict_noise(unet, scheduler, z, level, cond, latents.dtype)
+        eps = _predict_noise(denoiser, scheduler, z, level, cond, latents.dtype)
         if renoise:  # average with the prediction at the tentative next latent, then redo the step from z
             tentative = _ddim_step(z, eps, a, a_next)
-            eps = (eps + _predict_noise(unet, scheduler, tentative, next_level, cond, latents.dtype)) / 2
+            eps = (eps + _predict_noise(denoiser, scheduler, tentative, next_level, cond, latents.dtype)) / 2
         z = _ddim_step(z, eps, a, a_next)
     return z
 
 
 @torch.no_grad()
-def ddim_sample_back(unet, scheduler: DDPMScheduler, z: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+def ddim_sample_back(denoiser, scheduler: DDPMScheduler, z: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                      steps: int) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from each row's timestep back to the clean latent along the inversion grid (fp32);
     the last step lands on abar = 1, so it returns x0_pred. For checking the inversion."""
@@ -104,7 +104,7 @@ def ddim_sample_back(unet, scheduler: DDPMScheduler, z: torch.Tensor, timesteps:
     x = z.float()
     for k in range(steps, 0, -1):
         level, prev_level = grid[:, k], grid[:, k - 1]
-        eps = _predict_noise(unet, scheduler, x, level, cond, z.dtype)
+        eps = _predict_noise(denoiser, scheduler, x, level, cond, z.dtype)
         x = _ddim_step(x, eps, abar_at(scheduler, level, CLEAN), abar_at(scheduler, prev_level, CLEAN))
     return x
 
@@ -116,19 +116,19 @@ def implied_noise(scheduler: DDPMScheduler, latents: torch.Tensor, z: torch.Tens
     return (z.float() - a.sqrt() * latents.float()) / (1 - a).sqrt()
 
 
-def invert_rows(unet, process: DDPMNoising | FlowNoising, latents: torch.Tensor, timesteps: torch.Tensor,
+def invert_rows(denoiser, process: DDPMNoising | FlowNoising, latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: Conditioning, steps: int) -> NoisedRows:
     """SmPO's replacement for `likelihood.noise_rows`: each pair's timestep (`timesteps`, one per pair) is shared by
-    its rows, each row inverted by `unet` (the policy, no grad) with the sampler of `process`'s family (DDIM, or the
+    its rows, each row inverted by `denoiser` (the policy, no grad) with the sampler of `process`'s family (DDIM, or the
     flow models' Euler ODE) and trained on the noise its inversion implies."""
     timesteps = timesteps.to(latents.device).repeat(latents.shape[0] // timesteps.shape[0])
     if isinstance(process, FlowNoising):
         sigmas = timesteps.float() / process.num_train_timesteps
-        z = flow_invert(unet, latents, sigmas, cond, steps, process.num_train_timesteps)
+        z = flow_invert(denoiser, latents, sigmas, cond, steps, process.num_train_timesteps)
         target = (z - latents.float()) / sigmas.view(-1, 1, 1, 1)
         return NoisedRows(z.to(latents.dtype), timesteps, target.to(latents.dtype))
     scheduler = process.scheduler
-    z = ddim_invert(unet, scheduler, latents, timesteps, cond, steps)
+    z = ddim_invert(denoiser, scheduler, latents, timesteps, cond, steps)
     noise = implied_noise(scheduler, latents, z, timesteps)
     target = prediction_target(scheduler, latents.float(), noise, timesteps)
     return NoisedRows(z.to(latents.dtype), timesteps, target.to(latents.dtype))

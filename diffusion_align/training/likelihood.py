@@ -92,9 +92,9 @@ def noise_rows(process, latents: torch.Tensor, draws: PairDraws) -> NoisedRows:
     return process.noise(latents, noise, draws.timesteps.to(latents.device).repeat(rows_per_pair))
 
 
-def denoising_errors(unet, rows: NoisedRows, cond: Conditioning) -> torch.Tensor:
+def denoising_errors(denoiser, rows: NoisedRows, cond: Conditioning) -> torch.Tensor:
     """Squared error of the UNet's prediction, averaged over C, H, W in fp32: one number per row."""
-    pred = cond.denoise(unet, rows.noisy, rows.timesteps)
+    pred = cond.denoise(denoiser, rows.noisy, rows.timesteps)
     return (pred.float() - rows.target.float()).pow(2).mean(dim=(1, 2, 3))
 
 

@@ -46,7 +46,7 @@ _BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 class ModelCounts:
     """Parameter counts of a pipeline, from its configs alone."""
     family: str  # the family's name
-    unet: int
+    denoiser: int
     lora: int            # adapter parameters at the config's rank and target modules (0 for a full fine-tune)
     adafactor_state: int  # Adafactor's factored second moment for the trainable parameters
     vae: int
@@ -66,25 +66,25 @@ def count_models(cfg: Config) -> ModelCounts:
     from .run import model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
-    family, unet_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
+    family, denoiser_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
     with init_empty_weights(include_buffers=True):  # SD3's position table is a buffer of up to 0.9 GB
-        unet = family.denoiser_cls.from_config(unet_config)
+        denoiser = family.denoiser_cls.from_config(denoiser_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
             m.pretrained, subfolder="vae", revision=m.revision))
         encoders = []
         for name in family.text_encoders:
             config = transformers.AutoConfig.from_pretrained(m.pretrained, subfolder=name, revision=m.revision)
             encoders.append(getattr(transformers, index[name][1])(config))
-    unet_params = _numel(unet)
-    unet.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
+    denoiser_params = _numel(denoiser)
+    denoiser.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
     if m.lora_rank is not None:
-        unet.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules or family.lora_targets))
-    trainable = [p for n, p in unet.named_parameters() if m.lora_rank is None or "lora_" in n]
+        denoiser.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules or family.lora_targets))
+    trainable = [p for n, p in denoiser.named_parameters() if m.lora_rank is None or "lora_" in n]
     rows = _rows(cfg)
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    activations = {"plain": _saved_bytes(unet, family, unet_config, rows, latent, False),
-                   "checkpointed": _saved_bytes(unet, family, unet_config, rows, latent, True)}
-    return ModelCounts(family.name, unet_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
+    activations = {"plain": _saved_bytes(denoiser, family, denoiser_config, rows, latent, False),
+                   "checkpointed": _saved_bytes(denoiser, family, denoiser_config, rows, latent, True)}
+    return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), _numel(vae),
                        sum(_numel(e) for e in encoders), activations)
 
@@ -125,12 +125,12 @@ def _fused_attention(query, key, value, *args, **kwargs):
     return _FusedAttention.apply(query, key, value)
 
 
-def _saved_bytes(unet, family, unet_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
+def _saved_bytes(denoiser, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
     """Bytes of the tensors autograd saves for the backward of one forward of the denoiser as its family calls it
     (parameters excluded, each storage once), on meta tensors."""
     from ..models.families import TextStates
     from unittest import mock
-    params = {p.untyped_storage()._cdata for p in unet.parameters()}
+    params = {p.untyped_storage()._cdata for p in denoiser.parameters()}
     seen, total = set(), 0
 
     def pack(tensor):
@@ -141,21 +141,21 @@ def _saved_bytes(unet, family, unet_config: dict, rows: int, latent: int, checkp
             total += storage.nbytes()
         return tensor
 
-    unet.train()
+    denoiser.train()
     if checkpointed:
-        unet.enable_gradient_checkpointing()
-    channels, tokens, width, pooled = family.input_shapes(unet_config)
+        denoiser.enable_gradient_checkpointing()
+    channels, tokens, width, pooled = family.input_shapes(denoiser_config)
     sample = torch.zeros(rows, channels, latent, latent, device="meta")
     texts = TextStates(torch.zeros(rows, tokens, width, device="meta"),
                        None if pooled is None else torch.zeros(rows, pooled, device="meta"))
     sizes = torch.zeros(rows, 2, dtype=torch.long)  # SDXL's size ids: their values do not change the shapes
-    cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(unet_config))
+    cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(denoiser_config))
     timesteps = torch.zeros(rows, device="meta", dtype=torch.long if family.denoiser == "unet" else torch.float32)
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)):
-        cond.denoise(unet, sample, timesteps)
+        cond.denoise(denoiser, sample, timesteps)
     if checkpointed:
-        unet.disable_gradient_checkpointing()
+        denoiser.disable_gradient_checkpointing()
     return total
 
 
@@ -184,8 +184,8 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     frozen = _BYTES[cfg.train.mixed_precision]
     full = cfg.model.lora_rank is None
-    trainable = counts.unet if full else counts.lora
-    weights = counts.unet * 4 if full else counts.unet * frozen + counts.lora * 4
+    trainable = counts.denoiser if full else counts.lora
+    weights = counts.denoiser * 4 if full else counts.denoiser * frozen + counts.lora * 4
     optimizer_name = "adamw" if strategy != "ddp" else cfg.train.optimizer  # sharding trains AdamW only
     optimizer = {"adamw": 8 * trainable, "adamw8bit": 2 * trainable,
                  "adafactor": 4 * counts.adafactor_state}[optimizer_name]
@@ -193,7 +193,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
         optimizer += 4 * trainable
     online = cfg.method.name in ONLINE_METHODS
     needs_reference = cfg.online.kl_beta > 0 if online else METHODS[cfg.method.name].needs_reference
-    reference = counts.unet * frozen if (full and needs_reference and not cfg.method.precomputed_reference
+    reference = counts.denoiser * frozen if (full and needs_reference and not cfg.method.precomputed_reference
                                          and not cfg.model.ref_offload) else 0
     encoders = 0 if (cfg.data.cache and not online) else (counts.vae + counts.text_encoders) * frozen
     saved = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
@@ -272,7 +272,7 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
 def format_plan(p: MemoryPlan) -> str:
     """The plan as a reader wants it: one line per part in GiB, then the verdict."""
     c = p.counts
-    trainable = f"LoRA {c.lora / 1e6:.2f}M of {c.unet / 1e6:.0f}M" if c.lora else f"all {c.unet / 1e6:.0f}M"
+    trainable = f"LoRA {c.lora / 1e6:.2f}M of {c.denoiser / 1e6:.0f}M" if c.lora else f"all {c.denoiser / 1e6:.0f}M"
     lines = [f"{c.family} UNet, {trainable} UNet parameters trained; {p.strategy} on {p.processes} process(es); "
              f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
     for part, value in p.per_process_bytes.items():

@@ -115,7 +115,7 @@ def sde_window(sample_steps: int, size: int, generator: torch.Generator) -> rang
 def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
     """(channels, height, width) of the denoiser's latents for square images of `resolution` pixels."""
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    channels = parts.family.input_shapes(parts.unet.config)[0]
+    channels = parts.family.input_shapes(parts.denoiser.config)[0]
     return channels, resolution // factor, resolution // factor
 
 
@@ -146,7 +146,7 @@ def train_online(cfg: Config) -> TrainResult:
                 cfg.method.name, o.prompts_per_step, o.group_size, world, o.updates_per_rollout, t.lr)
 
     models = set_up_models(cfg, accelerator, needs_reference=o.kl_beta > 0, lr=t.lr)
-    parts, policy, unet, optimizer = models.parts, models.policy, models.unet, models.optimizer
+    parts, policy, denoiser, optimizer = models.parts, models.policy, models.denoiser, models.optimizer
     scorer = load_scorer(*parse_scorer_spec(o.reward), device=device, dtype=models.frozen_dtype)
     tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=models.frozen_dtype) for spec in o.track]
     judge = None
@@ -179,7 +179,7 @@ def train_online(cfg: Config) -> TrainResult:
                        torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
             conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
-                trajectory = sample_with_logprob(policy.unet, sampler, *conds[-1], latents, o.sample_steps,
+                trajectory = sample_with_logprob(policy.denoiser, sampler, *conds[-1], latents, o.sample_steps,
                                                  o.guidance, generator=noise_gen, noisy_steps=window)
             trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
@@ -210,9 +210,9 @@ def train_online(cfg: Config) -> TrainResult:
                 # one step for the whole micro-batch (the sampling call's form), or one per row
                 step_index = own[:, k] if o.per_sample_timesteps else int(own[0, k])
                 last = position == len(micro) - 1 and k == count - 1  # all-reduce gradients once, at the end
-                with gradient_sync(accelerator, unet, last):
+                with gradient_sync(accelerator, denoiser, last):
                     with accelerator.autocast():
-                        mean, std = step_distribution(unet, sampler, trajectory, step_index, cond, uncond,
+                        mean, std = step_distribution(denoiser, sampler, trajectory, step_index, cond, uncond,
                                                       o.guidance)
                         log_prob = gaussian_log_prob(trajectory.latents_at(step_index + 1), mean, std)
                         old = trajectory.log_probs[step_index, torch.arange(t.batch_size)]
@@ -290,7 +290,7 @@ def train_online(cfg: Config) -> TrainResult:
                 bar.set_postfix(score=f"{record['score_mean']:.4f}")
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes
-                save_progress_grid(policy.unet, sampler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
+                save_progress_grid(policy.denoiser, sampler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
                                    output_dir / "grids" / f"step-{step:06d}.png", zero_uncond, guidance_input)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
@@ -312,7 +312,7 @@ def train_online(cfg: Config) -> TrainResult:
 
 
 @torch.no_grad()
-def save_progress_grid(unet, sampler, parts, prompts: list[str], cfg: Config, accelerator, path: Path,
+def save_progress_grid(denoiser, sampler, parts, prompts: list[str], cfg: Config, accelerator, path: Path,
                        zero_uncond: bool = False, guidance_input: float | None = None) -> Path:
     """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (DDIM at eta 0, the flow ODE):
     the same noise at every step of training, so the grids show how the model changes. `zero_uncond` and
@@ -326,7 +326,7 @@ def save_progress_grid(unet, sampler, parts, prompts: list[str], cfg: Config, ac
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
                          for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
     with accelerator.autocast():
-        trajectory = sample_with_logprob(unet, sampler, cond, uncond, latents, o.sample_steps, o.guidance,
+        trajectory = sample_with_logprob(denoiser, sampler, cond, uncond, latents, o.sample_steps, o.guidance,
                                          noisy_steps=())
     images = decode_images(parts.vae, trajectory.latents[-1])
     if not accelerator.is_main_process:

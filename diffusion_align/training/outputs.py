@@ -43,7 +43,7 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-def save_final(cfg: Config, policy, unet, output_dir: Path, family: Family, summary: dict) -> Path:
+def save_final(cfg: Config, policy, denoiser, output_dir: Path, family: Family, summary: dict) -> Path:
     """Write `<output_dir>/final`: LoRA weights for `pipeline.load_lora_weights`, or a full pipeline for
     `DiffusionPipeline.from_pretrained`, plus the resolved config and a model card."""
     final = output_dir / "final"
@@ -53,7 +53,7 @@ def save_final(cfg: Config, policy, unet, output_dir: Path, family: Family, summ
         else:
             # reload the untouched parts from the source so the saved pipeline keeps their original precision
             m = cfg.model
-            pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, **{family.denoiser: unet})
+            pipeline = base_pipeline(m.pretrained, m.revision, m.variant, m.vae, **{family.denoiser: denoiser})
             pipeline.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(model_card(cfg, family, summary))

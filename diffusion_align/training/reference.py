@@ -74,7 +74,7 @@ def epochs_needed(cfg: Config, num_pairs: int, world: int) -> int:
 
 
 def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache_key: dict | None,
-                  unet_digest: str) -> dict:
+                  denoiser_digest: str) -> dict:
     """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
     the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
     VAE, text encoders, tokenizers, T5's token count and source rows) and those components' digests and T5's token
@@ -84,7 +84,7 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
     d, m = cfg.data, cfg.model
     inputs = cache_key if cache_key is not None else {**encoder_digests(m.pretrained, m.revision, m.variant, m.vae),
                                                       **t5_length(m.max_sequence_length)}
-    return {"unet": unet_digest, "scheduler": component_digest(m.pretrained, "scheduler", m.revision),
+    return {"unet": denoiser_digest, "scheduler": component_digest(m.pretrained, "scheduler", m.revision),
             "inputs": inputs, "pairs": pairs._fingerprint,
             "num_pairs": num_pairs, "epochs": epochs, "method": {
                 "rows_per_pair": method.rows_per_pair, "per_image_captions": method.per_image_captions},
@@ -93,19 +93,21 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
                      "latents": d.latents}}
 
 
-def reference_unet(unet: torch.nn.Module, lora: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The pretrained `unet` as the live reference runs: on `device` in the frozen `dtype`. A LoRA's base is placed
+def reference_denoiser(denoiser: torch.nn.Module, lora: bool, device: torch.device,
+                       dtype: torch.dtype) -> torch.nn.Module:
+    """The pretrained `denoiser` as the live reference runs: on `device` in the frozen `dtype`. A LoRA's base is placed
     so in place (`Policy` places it so anyway); a full fine-tune's reference is a copy, as `Policy`'s is, which
     leaves the policy's fp32 weights unrounded."""
-    if lora or unet.dtype == dtype:
-        return place(unet, device, dtype)
-    return place(copy.deepcopy(unet), "cpu", dtype).to(device)  # cast before moving: no fp32 copy on the device
+    if lora or denoiser.dtype == dtype:
+        return place(denoiser, device, dtype)
+    return place(copy.deepcopy(denoiser), "cpu", dtype).to(device)  # cast before moving: no fp32 copy on the device
 
 
-def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, make_unet: Callable[[], torch.nn.Module],
-                         autocast, batch_size: int, num_workers: int = 0) -> ReferenceErrors:
+def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs,
+                         make_denoiser: Callable[[], torch.nn.Module], autocast, batch_size: int,
+                         num_workers: int = 0) -> ReferenceErrors:
     """The reference errors of every pair in every epoch of `key` (loaded from `folder` when made with that key);
-    `make_unet()` gives the reference UNet, and is called only when the errors are computed."""
+    `make_denoiser()` gives the reference denoiser, and is called only when the errors are computed."""
     path = folder / REFERENCE_FILE
     if path.is_file():
         with safe_open(path, "pt") as f:
@@ -119,13 +121,13 @@ def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs, mak
                for epoch in range(epochs) for start in range(0, num_pairs, batch_size)]
     loader = torch.utils.data.DataLoader(items, batch_sampler=batches, collate_fn=collate_pairs,
                                          num_workers=num_workers)
-    unet = make_unet()
+    denoiser = make_denoiser()
     for batch in progress(loader, total=len(batches), desc="reference errors"):
         if not batch["prompts"]:
             continue
         with torch.no_grad(), autocast():
             latents, cond, draws = inputs(batch)
-            rows = denoising_errors(unet, noise_rows(inputs.process, latents, draws), cond).float().cpu()
+            rows = denoising_errors(denoiser, noise_rows(inputs.process, latents, draws), cond).float().cpu()
         epoch_of, index_of = zip(*batch["keys"])
         errors[list(epoch_of), list(index_of)] = rows.view(rows_per_pair, -1).T
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from ..evaluation.plots import plot_run
 from ..files import WRITE_ERRORS, write_text_atomic
 from ..models.kohya import kohya_labels
 from ..models.families import Family
-from ..models.loading import (DiffusionComponents, compile_unet, component_digest, load_components, pipeline_family,
+from ..models.loading import (DiffusionComponents, compile_denoiser, component_digest, load_components, pipeline_family,
                               pipeline_index, place, set_attention)
 from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
@@ -95,19 +95,19 @@ def apply_update(accelerator: Accelerator, optimizer, grad_norm: float) -> bool:
 @dataclasses.dataclass
 class TrainResult:
     final_dir: Path                  # the saved model (LoRA weights or a full pipeline)
-    unet: torch.nn.Module            # the trained UNet, in this process
+    denoiser: torch.nn.Module        # the trained denoiser, in this process
     metrics: dict = dataclasses.field(default_factory=dict)  # the last logged step
 
 
 @dataclasses.dataclass
 class Models:
-    """What a run trains and conditions with, on the device; `unet` is the policy UNet as accelerate prepared it
-    (DDP-wrapped on many processes, DeepSpeed's engine under zero2), `policy.unet` the same module unwrapped; under
+    """What a run trains and conditions with, on the device; `denoiser` is the policy denoiser as accelerate prepared it
+    (DDP-wrapped on many processes, DeepSpeed's engine under zero2), `policy.denoiser` the same module unwrapped; under
     fsdp2, both are the one module, sharded in place."""
 
     parts: DiffusionComponents
     policy: Policy
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     frozen_dtype: torch.dtype
@@ -136,7 +136,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
     in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
     as the policy and prepare it with its optimiser and lr schedule, or shard it (train.sharding: sharding.py).
-    `before_policy(parts, frozen_dtype, unet_digest)` runs on the untouched pretrained UNet first (precomputed
+    `before_policy(parts, frozen_dtype, denoiser_digest)` runs on the untouched pretrained UNet first (precomputed
     reference errors)."""
     t, sharding = cfg.train, resolve_sharding(cfg)
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders,
@@ -150,45 +150,45 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         place(module, device, frozen_dtype)
     if parts.vae is not None:
         place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
-    attention = set_attention(parts.unet, cfg.model.attention, device)
+    attention = set_attention(parts.denoiser, cfg.model.attention, device)
     if cfg.model.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
+        parts.denoiser.enable_gradient_checkpointing()
     if cfg.model.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
+        parts.denoiser.to(memory_format=torch.channels_last)
     # the base denoiser's digest keys the precomputed reference errors and labels a kohya LoRA: hashed once (local
     # weights are read whole)
     m = cfg.model
-    unet_digest = (component_digest(m.pretrained, parts.family.denoiser, m.revision, m.variant)
+    denoiser_digest = (component_digest(m.pretrained, parts.family.denoiser, m.revision, m.variant)
                    if m.lora_rank is not None or before_policy is not None else None)
     if before_policy is not None:
-        before_policy(parts, frozen_dtype, unet_digest)
+        before_policy(parts, frozen_dtype, denoiser_digest)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     kohya = None if cfg.model.lora_rank is None or parts.family.kohya_version is None else kohya_labels(
-        parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, unet_digest)
+        parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, denoiser_digest)
     # sharded, the policy is made on the CPU and each block moves to the device as it is sharded: no process
     # ever holds the whole UNet there
     fsdp = sharding.startswith("fsdp2")
-    policy = Policy(parts.unet, cfg.model.lora_rank, cfg.model.lora_alpha,
+    policy = Policy(parts.denoiser, cfg.model.lora_rank, cfg.model.lora_alpha,
                     cfg.model.lora_target_modules or parts.family.lora_targets,
                     parts.family, needs_reference, cfg.model.ref_offload, "cpu" if fsdp else device, frozen_dtype,
                     kohya)
     if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
-        for module in filter(None, (policy.unet, policy.ref_unet)):
+        for module in filter(None, (policy.denoiser, policy.ref_denoiser)):
             shard(module, sharding, compute_dtype)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)  # after sharding: it holds the shards
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
     if fsdp:  # accelerate's prepare would wrap it for data-parallel training
-        unet = policy.unet
+        denoiser = policy.denoiser
     else:  # data-parallel, or DeepSpeed's engine (zero2)
-        unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    if cfg.model.compile:  # the training forward only: the reference and inversion call policy.unet as it is
-        unet = compile_unet(unet, device)
+        denoiser, optimizer = accelerator.prepare(policy.denoiser, optimizer)
+    if cfg.model.compile:  # the training forward only: the reference and inversion call policy.denoiser as it is
+        denoiser = compile_denoiser(denoiser, device)
     logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters%s", cfg.model.pretrained, parts.family,
                 parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()),
                 "" if sharding == "none" else f", {sharding} over {accelerator.num_processes} processes")
-    return Models(parts, policy, unet, optimizer, lr_scheduler, frozen_dtype, sharding)
+    return Models(parts, policy, denoiser, optimizer, lr_scheduler, frozen_dtype, sharding)
 
 
 def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path) -> tuple[int, dict | None]:
@@ -216,8 +216,8 @@ def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int
             record.update(zip(given, accelerator.reduce(values, how).tolist()))
     record.update(extra)
     if models is not None:  # this process's (the main one's): 1/N of data-parallel's when sharded over N
-        record["model_states_gib"] = model_state_bytes(
-            [m for m in (models.policy.unet, models.policy.ref_unet) if m is not None], models.optimizer) / 2 ** 30
+        kept = [m for m in (models.policy.denoiser, models.policy.ref_denoiser) if m is not None]
+        record["model_states_gib"] = model_state_bytes(kept, models.optimizer) / 2 ** 30
     if metrics_log is not None:
         metrics_log.write(record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
@@ -228,23 +228,23 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
                record: dict) -> TrainResult:
     """Save the final model, its card and the training curves; end the trackers."""
     accelerator.wait_for_everyone()
-    unet = accelerator.unwrap_model(models.unet, keep_torch_compile=False)
+    denoiser = accelerator.unwrap_model(models.denoiser, keep_torch_compile=False)
     fsdp = models.sharding.startswith("fsdp2")
     if fsdp:  # the run is over: its optimiser states and reference make room for the gather
         models.optimizer.state.clear()
-        models.policy.ref_unet = None
+        models.policy.ref_denoiser = None
     # sharded: gathered whole once, into the main process's memory, and saved as an unsharded run saves
     policy = gathered_policy(models.policy) if fsdp else models.policy
     if accelerator.is_main_process:
         check_finite_weights(policy.trainable_parameters(), cfg.train.max_steps, output_dir)
         try:
-            save_final(cfg, policy, policy.unet, output_dir, models.parts.family, summary)
+            save_final(cfg, policy, policy.denoiser, output_dir, models.parts.family, summary)
         except WRITE_ERRORS as err:
             raise RunStopped(f"could not write the final model to {output_dir / 'final'} ({err}); what was there "
                              f"is intact, and so are the checkpoints in {output_dir}") from err
         logger.info("final model: %s; curves: %s", (output_dir / "final").resolve(), plot_run(output_dir))
     accelerator.end_training()
-    return TrainResult(output_dir / "final", unet, record)
+    return TrainResult(output_dir / "final", denoiser, record)
 
 
 def tracker_hparams(cfg: Config) -> dict:

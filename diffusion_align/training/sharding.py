@@ -289,19 +289,19 @@ def unsharded_class(module: torch.nn.Module) -> type:
 def gathered_policy(policy):
     """Collective: the policy with its UNet gathered whole into an ordinary module, on the main process (None on the
     others), to save the final model with the code that saves an unsharded one."""
-    state = get_model_state_dict(policy.unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(policy.denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not state:  # only the main process receives the full state
         return None
     with torch.device("meta"):  # no weights of its own: the gathered ones are assigned, not copied in
-        unet = unsharded_class(policy.unet).from_config(policy.unet.config)
+        denoiser = unsharded_class(policy.denoiser).from_config(policy.denoiser.config)
         if policy.is_lora:
-            unet.add_adapter(policy.lora_config)
-    unet.load_state_dict(state, assign=True)
-    trainable = _trainable_names(policy.unet)
-    for name, parameter in unet.named_parameters():
+            denoiser.add_adapter(policy.lora_config)
+    denoiser.load_state_dict(state, assign=True)
+    trainable = _trainable_names(policy.denoiser)
+    for name, parameter in denoiser.named_parameters():
         parameter.requires_grad_(name in trainable)
     whole = copy.copy(policy)
-    whole.unet, whole.ref_unet = unet, None
+    whole.denoiser, whole.ref_denoiser = denoiser, None
     return whole
 
 

@@ -28,7 +28,7 @@ from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
 from .online import train_online
 from .outputs import MetricsLog
-from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_unet
+from .reference import check_precomputable, epochs_needed, precompute_reference, reference_key, reference_denoiser
 from .run import (TrainResult, apply_update, finish_run, log_step, model_family, resume_run, set_up_models,
                   start_run, tracker_hparams)
 from .safety import RunStopped, SkippedUpdates
@@ -98,22 +98,22 @@ def train(cfg: Config) -> TrainResult:
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
-    def precompute(parts, frozen_dtype, unet_digest) -> None:
+    def precompute(parts, frozen_dtype, denoiser_digest) -> None:
         nonlocal reference
         key = reference_key(cfg, method, pairs, len(pairs), epochs_needed(cfg, len(pairs), world),
-                            None if cache is None else cache.key, unet_digest)
+                            None if cache is None else cache.key, denoiser_digest)
         with accelerator.main_process_first():  # the main process computes; the others load its file
             reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
                                              pair_inputs(parts, frozen_dtype),
-                                             lambda: reference_unet(parts.unet, cfg.model.lora_rank is not None,
-                                                                    device, frozen_dtype),
+                                             lambda: reference_denoiser(parts.denoiser, cfg.model.lora_rank is not None,
+                                                                        device, frozen_dtype),
                                              accelerator.autocast,
                                              cfg.method.reference_batch_size or 4 * t.batch_size, workers)
 
     models = set_up_models(cfg, accelerator, method.needs_reference and not precomputed, lr,
                            encoders=cache is None, before_policy=precompute if precomputed else None)
-    parts, policy, unet, optimizer, lr_scheduler = (models.parts, models.policy, models.unet, models.optimizer,
-                                                    models.lr_scheduler)
+    parts, policy, denoiser, optimizer, lr_scheduler = (models.parts, models.policy, models.denoiser,
+                                                        models.optimizer, models.lr_scheduler)
     # v-prediction errors are compared in epsilon units unless asked otherwise (see likelihood.py)
     convert_units = parts.prediction_type == "v_prediction" and cfg.method.v_prediction_errors == "epsilon"
     inversion_steps = 0
@@ -167,18 +167,18 @@ def train(cfg: Config) -> TrainResult:
     def batch_loss(batch: dict) -> tuple[torch.Tensor, dict]:
         latents, cond, draws = inputs(batch)  # the VAE and text encoders run in their own dtypes, outside autocast
         if inversion_steps:  # the policy inverts without grad; calling it unwrapped skips DDP's bookkeeping
-            noised = invert_rows(policy.unet, inputs.process, latents, draws.timesteps, cond, inversion_steps)
+            noised = invert_rows(policy.denoiser, inputs.process, latents, draws.timesteps, cond, inversion_steps)
         else:
             noised = noise_rows(inputs.process, latents, draws)
-        errors = Errors(denoising_errors(unet, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
+        errors = Errors(denoising_errors(denoiser, noised, cond), pref_prob=method.pref_prob(batch, cfg.method),
                         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
                         preference_units=epsilon_units(parts.noise_scheduler, noised.timesteps) if convert_units
                         else None)
         if reference is not None:
             errors.reference = reference.rows(batch["keys"]).to(device)
         elif method.needs_reference:
-            with torch.no_grad(), policy.reference() as reference_unet:
-                errors.reference = denoising_errors(reference_unet, noised, cond)
+            with torch.no_grad(), policy.reference() as reference_denoiser:
+                errors.reference = denoising_errors(reference_denoiser, noised, cond)
         return method.objective(errors, method_cfg)
 
     # ---- the loop ----
@@ -193,7 +193,7 @@ def train(cfg: Config) -> TrainResult:
                 batch = next_batch()
                 pairs_seen += len(batch["prompts"])
                 sync = micro == t.grad_accum - 1  # all-reduce gradients once, on the last micro-step
-                with gradient_sync(accelerator, unet, sync):
+                with gradient_sync(accelerator, denoiser, sync):
                     with accelerator.autocast():
                         loss, metrics = batch_loss(batch)
                     accelerator.backward(loss / t.grad_accum)
