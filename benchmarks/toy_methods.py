@@ -12,7 +12,8 @@ gains, the diversity of the aligned model's images, and time per training step.
 Each (method, seed) runs `diffusion-align demo` into <out>/<method>/seed-<seed>/. A training seed sets the pair
 images (the base model's draws for the train prompts), the training draws and the LoRA initialisation; the
 evaluation prompts (every prompt of --split) and evaluation seeds stay fixed, so seeds differ only in what was
-trained. Offline methods at one seed share their pair images (made once, labelled by the same toy PickScore); the
+trained. Offline methods at one seed share their pair images (made once, labelled alike: by default the toy
+PickScore on the UNet base, the simulated raters on the flow base, SmPO's soft labels the toy PickScore's); the
 online ones (pref_grpo, grpo) sample their own. Settings are tuned on --split val (train scenes that get no pairs and
 no rollouts); --split heldout, the default, is for the final table only. The interval: a two-level bootstrap,
 seeds drawn with replacement, then each drawn seed's prompts (`evaluation.compare.seeds_bootstrap_interval`). The
