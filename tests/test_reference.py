@@ -121,7 +121,9 @@ def test_errors_made_with_other_components_are_computed_again(tmp_path, tiny_mod
     for changed in ([model, other_vae], [edited_scheduler, other_vae]):
         caplog.clear()
         run(tmp_path, changed[0], tiny_pairs, *precomputed, *changed[1:], "train.overwrite=true")
-        assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), changed
+        # 1e-3: the errors were precomputed in batches of another size, whose float rounding (on one CPU thread,
+        # about 1e-8) beta 5000 lifts to about 1e-4 in the loss; errors of the old VAE and scheduler give 0.713
+        assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3), changed
         assert "made for another run; computing the reference errors again" in caplog.text, changed
 
 
