@@ -106,8 +106,8 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     """`run_demo` into `run_dir` unless it finished there with the same settings and recipe (a run of other settings
     or an edited recipe is done again); an offline method's pair images (which depend on the seed alone) are copied
     from `shared` when an earlier run left them there, and left there by the first."""
-    # the defaults of settings added since (the family, the labeller, its margin) left out, so that earlier runs are
-    # read back
+    # the values these settings had before they were added (the UNet family, the toy PickScore's labels, no margin)
+    # left out, so that runs made before them are read back; the flow base's labeller is always written
     asked = {k: v for k, v in asdict(settings.resolved()).items()
              if (k, v) not in (("family", "unet"), ("labels", "proxy"), ("label_margin", 0.0))}
     asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},

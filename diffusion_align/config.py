@@ -48,6 +48,10 @@ class MethodConfig:
                                                "the velocity either way, and plain diffusion losses (sft, mapo's "
                                                "winner term) are velocity errors.", choices=("epsilon", "velocity"))
     mapo_snr_value: float = _key(0.5, "mapo: s in f(x) = s*x / (exp(s*x) - 1).", within="(0, inf)")
+    label_smoothing: float = _key(0.0, "dpo, dcpo: the chance that a pair's label is flipped (conservative DPO, "
+                                       "as trl's label_smoothing): each pair's loss mixes its reversed loss in with "
+                                       "this weight, so fitted pairs stop pulling; 0 = the published losses.",
+                                  within="[0, 0.5)")
     inversion_steps: int | None = _key(None, "smpo: DDIM-inversion steps (each refined once, ReNoise-style) that "
                                              "noise the latents; null = 5 (SD1.x / SD2.x) or 10 (SDXL); 0 = plain "
                                              "forward noise.", within="[0, inf)")

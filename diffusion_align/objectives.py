@@ -14,19 +14,24 @@ import torch
 import torch.nn.functional as F
 
 def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
-                       ref_err_l: torch.Tensor, beta: float = 5000.0) -> tuple[torch.Tensor, dict]:
+                       ref_err_l: torch.Tensor, beta: float = 5000.0,
+                       label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Diffusion-DPO (Wallace et al., 2023), in the authors' convention.
 
         inside = -(beta / 2) * ((m_w - r_w) - (m_l - r_l))
-        loss   = mean over pairs of -logsigmoid(inside)
+        loss   = mean over pairs of -(1 - eps) * logsigmoid(inside) - eps * logsigmoid(-inside)
 
+    eps = `label_smoothing`, 0 for Diffusion-DPO; eps > 0 is conservative DPO (cDPO, Mitchell 2023; trl's
+    `label_smoothing` of its sigmoid loss): each label is taken as flipped with probability eps, so a pair's pull
+    stops where sigmoid(inside) = 1 - eps instead of growing its margin without end.
     beta = 5000 here is the same objective as `-logsigmoid(2500 * ((r_w - r_l) - (m_w - m_l)))` in the diffusers
-    port. At initialisation (policy == reference) inside = 0 and the loss is log 2 = 0.6931.
+    port. At initialisation (policy == reference) inside = 0 and the loss is log 2 = 0.6931 for any eps.
     Metrics: implicit_acc (fraction of pairs with inside > 0, ties count 0.5), reward_margin (mean inside: the
     implicit reward of the winner minus the loser), and the mean errors of policy and reference.
     """
     inside = -0.5 * beta * ((model_err_w - ref_err_w) - (model_err_l - ref_err_l))
-    loss = -F.logsigmoid(inside).mean()  # per pair, then the mean: logsigmoid of a batch mean is a known bug
+    # per pair, then the mean: logsigmoid of a batch mean is a known bug
+    loss = -((1 - label_smoothing) * F.logsigmoid(inside) + label_smoothing * F.logsigmoid(-inside)).mean()
     return loss, {**_preference_metrics(inside), **_error_metrics(model_err_w, model_err_l, ref_err_w, ref_err_l)}
 
 

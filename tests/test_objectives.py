@@ -57,6 +57,23 @@ def test_dpo_gradient_at_initialisation():
     assert torch.allclose(m_l.grad, t(-625.0, -625.0))
 
 
+def test_conservative_dpo_golden_two_pairs():
+    # the pairs of test_dpo_golden_two_pairs with eps = 0.1: loss = 0.9 * -logsigmoid(x) + 0.1 * -logsigmoid(-x)
+    # pair 1: x = 0, log 2 whatever eps;  pair 2: x = 0.5, 0.9 * 0.474077 + 0.1 * log(1 + e^0.5) (0.974077) = 0.524077
+    loss, _ = diffusion_dpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.1, 0.25), t(0.3, 0.05), beta=10.0, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.6086120823700261, abs=1e-6)
+
+
+def test_conservative_dpo_stops_pulling_where_the_winner_is_as_likely_as_its_label():
+    # d loss / d inside = -(1 - eps) sigmoid(-x) + eps sigmoid(x): zero at sigmoid(x) = 1 - eps, x = log 9 for 0.1;
+    # plain DPO still pulls there with (1 - 0.9) = 0.1 per pair
+    m_w = torch.tensor([-math.log(9.0) / 5.0], requires_grad=True)  # inside = -5 * m_w = log 9 (beta 10, rest 0)
+    for eps, pull in ((0.1, 0.0), (0.0, -0.1 * -5.0)):
+        m_w.grad = None
+        diffusion_dpo_loss(m_w, t(0.0), t(0.0), t(0.0), beta=10.0, label_smoothing=eps)[0].backward()
+        assert m_w.grad.item() == pytest.approx(pull, abs=1e-6)
+
+
 def test_sft_is_the_mean_winner_error():
     loss, metrics = sft_loss(t(0.1, 0.3, 0.5))
     assert loss.item() == pytest.approx(0.3)
@@ -69,6 +86,8 @@ def test_methods_split_rows_into_winners_and_losers():
     loss, _ = METHODS["dpo"].objective(Errors(model_err, ref_err), MethodConfig(beta=10.0))
     expected, _ = diffusion_dpo_loss(t(0.1, 0.2), t(0.3, 0.1), t(0.1, 0.25), t(0.3, 0.05), beta=10.0)
     assert loss.item() == pytest.approx(expected.item())
+    loss, _ = METHODS["dcpo"].objective(Errors(model_err, ref_err), MethodConfig(beta=10.0, label_smoothing=0.1))
+    assert loss.item() == pytest.approx(0.6086120823700261, abs=1e-6)  # test_conservative_dpo_golden_two_pairs
     loss, _ = METHODS["mapo"].objective(Errors(model_err), MethodConfig(beta=0.1))
     assert loss.item() == pytest.approx(mapo_loss(t(0.1, 0.2), t(0.3, 0.1), beta=0.1)[0].item())
     loss, _ = METHODS["smpo"].objective(Errors(model_err, ref_err, pref_prob=t(0.5, 0.75)), MethodConfig(beta=10.0))

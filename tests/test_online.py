@@ -45,6 +45,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("train.batch_size=3", "8 images per process must split into"),
     ("online.updates_per_rollout=8", "a multiple of 16"),
     ("method.beta=5000", "offline settings"),
+    ("method.label_smoothing=0.1", "offline settings"),
     ("data.cache=true", "offline settings"),
     ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),
@@ -64,7 +65,7 @@ def test_every_setting_to_mend_is_named_in_one_error(setup, tmp_path):
                                           "train.grad_accum=2"))
     message = str(info.value)
     assert message.startswith("3 settings to mend: (1) method.name=pref_grpo samples its own images")
-    assert "(2) method.beta and method.inversion_steps are offline" in message and "(3) train.grad_accum" in message
+    assert "(2) method.beta, method.inversion_steps and method.label_smoothing are offline" in message and "(3) train.grad_accum" in message
 
 
 def test_a_judge_is_a_pref_grpo_setting(setup, tmp_path):

@@ -320,6 +320,8 @@ def test_prediction_type_mismatch_is_an_error(tmp_path, tiny_models, tiny_pairs)
         run(tmp_path, tiny_models["sd2"], tiny_pairs, "model.prediction_type=epsilon")
     with pytest.raises(ValueError, match="inversion_steps is an smpo setting"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.inversion_steps=3")
+    with pytest.raises(ValueError, match="label_smoothing is a dpo and dcpo setting; mapo's loss"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=mapo", "method.label_smoothing=0.1")
 
 
 def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, tiny_models, tiny_pairs):

@@ -254,6 +254,12 @@ def test_each_method_trains_with_its_published_beta(tmp_path, tiny_models, all_c
     assert call["name"] == objective and call["kwargs"]["beta"] == pytest.approx(beta)
 
 
+def test_label_smoothing_reaches_the_dpo_loss(tmp_path, tiny_models, tiny_pairs, seen):
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "method.label_smoothing=0.2")
+    (call,) = seen["objective"]
+    assert call["name"] == "diffusion_dpo_loss" and call["kwargs"]["label_smoothing"] == 0.2
+
+
 def test_a_beta_far_from_the_methods_range_is_warned_about(tmp_path, tiny_models, tiny_pairs, caplog):
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "method.name=mapo", "method.beta=5000")
     assert "method.beta=5000 is far from mapo's published beta (0.1)" in caplog.text

@@ -92,7 +92,8 @@ class Method:
 
 def _dpo(err: Errors, cfg: MethodConfig):
     model, reference = err.for_preference(err.model), err.for_preference(err.reference)
-    return diffusion_dpo_loss(*model.chunk(2), *reference.chunk(2), beta=cfg.beta)
+    return diffusion_dpo_loss(*model.chunk(2), *reference.chunk(2), beta=cfg.beta,
+                              label_smoothing=cfg.label_smoothing)
 
 
 def _smpo(err: Errors, cfg: MethodConfig):
