@@ -320,7 +320,7 @@ def test_prediction_type_mismatch_is_an_error(tmp_path, tiny_models, tiny_pairs)
         run(tmp_path, tiny_models["sd2"], tiny_pairs, "model.prediction_type=epsilon")
     with pytest.raises(ValueError, match="inversion_steps is an smpo setting"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.inversion_steps=3")
-    with pytest.raises(ValueError, match="label_smoothing is a dpo and dcpo setting; mapo's loss"):
+    with pytest.raises(ValueError, match="label_smoothing is a dpo and dcpo setting .*; mapo's loss does not"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=mapo", "method.label_smoothing=0.1")
 
 

@@ -53,8 +53,8 @@ def train(cfg: Config) -> TrainResult:
     if cfg.method.inversion_steps and not method.inversion:
         raise ConfigError(f"method.inversion_steps is an smpo setting; {method.name} noises with forward noise")
     if cfg.method.label_smoothing and method.objective is not METHODS["dpo"].objective:
-        raise ConfigError(f"method.label_smoothing is a dpo and dcpo setting; {method.name}'s loss has no labels to "
-                          "smooth")
+        raise ConfigError(f"method.label_smoothing is a dpo and dcpo setting (conservative DPO); {method.name}'s "
+                          "loss does not take it")
     if method.inversion and cfg.method.inversion_steps is None and family.inversion_steps is None:
         raise ConfigError(f"smpo on {family}: SmPO publishes no inversion setting for flow-matching models; set "
                           "method.inversion_steps (SmPO inverts SD1.5 in 5 steps and SDXL in 10), or 0 for forward "
