@@ -238,6 +238,16 @@ class TrainConfig:
                                  "launching the run shards: accelerate launch --config_file "
                                  "configs/accelerate/fsdp2.yaml).", choices=("none", "fsdp2", "fsdp2-offload", "zero2"))
     seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.")
+    timestep_sampling: str | None = _key(None, "Offline methods on the flow families (SD3, FLUX): how each pair's "
+                                               "sigma s is drawn, before the scheduler's shift: logit_normal (s = "
+                                               "sigmoid(n), n ~ N(logit_mean, logit_std^2): how SD3 and FLUX train) "
+                                               "or uniform (as Diffusion-DPO draws UNet timesteps; diffusers' "
+                                               "weighting_scheme=none); null = logit_normal. The UNet families "
+                                               "always draw t uniformly.", choices=("logit_normal", "uniform"))
+    logit_mean: float = _key(0.0, "timestep_sampling=logit_normal: the mean of n (the SD3 paper's 0; diffusers' "
+                                  "--logit_mean).")
+    logit_std: float = _key(1.0, "timestep_sampling=logit_normal: the std of n (the SD3 paper's 1; diffusers' "
+                                 "--logit_std).", within="(0, inf)")
     resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).",
                            within="[8, inf)")
     checkpoint_every: int = _key(500, "Save a resumable checkpoint every N steps (0 = never).", within="[0, inf)")
@@ -282,7 +292,8 @@ def all_keys() -> dict[str, tuple[type, dataclasses.Field]]:
 _FAMILIAR_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "train_batch_size": "batch_size",
                    "per_device_train_batch_size": "batch_size", "rank": "lora_rank", "pretrained_model_name_or_path":
                    "pretrained", "dataset_name": "path", "resume_from_checkpoint": "resume", "checkpointing_steps":
-                   "checkpoint_every", "lr_warmup_steps": "warmup_steps", "dpo_beta": "beta"}
+                   "checkpoint_every", "lr_warmup_steps": "warmup_steps", "dpo_beta": "beta",
+                   "weighting_scheme": "timestep_sampling"}
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:

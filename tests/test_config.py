@@ -41,6 +41,7 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.learning_rate=1", "unknown config key 'train.learning_rate' (on the command line); did you mean 'train.lr'?"),
     ("lr=1", "did you mean 'train.lr'?"),
+    ("weighting_scheme=none", "did you mean 'train.timestep_sampling'?"),  # diffusers' SD3 / FLUX scripts' name
     ("train.max_step=5", "did you mean 'train.max_steps'?"),
     ("modle.pretrained=x", "did you mean 'model.pretrained'?"),
     ("train.max_steps=1.5", "'train.max_steps' (on the command line) expects int, got 1.5"),

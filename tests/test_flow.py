@@ -116,6 +116,23 @@ def test_training_draws_are_the_shifted_logit_normal(shift_config, shift):
     assert observed.tolist() == pytest.approx(expected.tolist(), abs=0.015)
 
 
+def test_uniform_and_other_logit_normal_training_draws():
+    """train.timestep_sampling=uniform: s = shift u / (1 + (shift - 1) u) with u uniform, so at shift 3 its
+    quartiles are 0.5, 0.75 and 0.9 (u = 0.25, 0.5, 0.75; the logit-normal's are 0.64, 0.75, 0.83). logit_mean 0.5
+    and logit_std 1.5 at shift 1: sigmoid(0.5 -/+ 0.6745 * 1.5) = 0.3748 and 0.8193, median sigmoid(0.5) = 0.6225.
+    Each quartile from 4,000 draws has a standard error under 0.01."""
+    def quartiles(process):
+        t = torch.stack([process.draw_timestep(torch.Generator().manual_seed(i), (16, 16, 16)) for i in range(4000)])
+        return torch.quantile(t / 1000, torch.tensor([0.25, 0.5, 0.75])).tolist()
+
+    assert quartiles(FlowNoising(FlowMatchEulerDiscreteScheduler(shift=3.0), "uniform")) == pytest.approx(
+        [0.5, 0.75, 0.9], abs=0.015)
+    assert quartiles(FlowNoising(FlowMatchEulerDiscreteScheduler(), "logit_normal", 0.5, 1.5)) == pytest.approx(
+        [0.3748, 0.6225, 0.8193], abs=0.015)
+    with pytest.raises(ValueError, match="logit_normal or uniform, got 'mode'"):
+        FlowNoising(FlowMatchEulerDiscreteScheduler(), "mode")
+
+
 def test_flow_noising_rows_by_hand():
     """x_s = (1 - s) x0 + s eps and target eps - x0 per row, with s = t / 1000; the rows keep the latents' dtype."""
     process = FlowNoising(FlowMatchEulerDiscreteScheduler(shift=3.0))

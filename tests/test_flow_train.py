@@ -4,13 +4,17 @@ velocity target by hand, timesteps shared by a pair, the conditioning against th
 FLUX's packed latents, ids and guidance), the errors the objective saw, and the saved LoRA and full models loaded
 back by the pipelines."""
 
+import logging
+import math
+
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 from diffusion_align.training import methods
-from test_train import run
+from test_train import read_metrics, run
 from test_train_inputs import all_columns, expected_pixels, per_row_error, spy_on_inputs  # noqa: F401 (a fixture)
 
 TRANSFORMERS = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
@@ -88,6 +92,24 @@ def test_sd3_dpo_rows_noise_target_and_conditioning(tmp_path, tiny_flow_models, 
                                                   do_classifier_free_guidance=False)
     assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
     assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
+
+
+def test_sd3_uniform_timestep_sampling_reaches_the_transformer(tmp_path, tiny_flow_models, tiny_pairs, seen):
+    """train.timestep_sampling=uniform: each pair's s is a uniform u from the pair's generator (seeded by (train
+    seed, epoch, pair index, 1), after its prompt-dropout draw), shifted by SD3's 3.0: t = 1000 * 3u / (1 + 2u), for
+    the policy and the reference alike."""
+    run(tmp_path, tiny_flow_models["sd3"], tiny_pairs, "train.max_steps=1", "train.batch_size=3",
+        "train.timestep_sampling=uniform")
+    expected = []
+    for epoch, index in seen["batches"][0]["keys"]:
+        state = np.random.SeedSequence([0, epoch, index, 1]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        torch.rand((), generator=generator)  # prompt dropout's draw
+        u = torch.rand((), generator=generator).item()
+        expected.append(1000 * 3 * u / (1 + 2 * u))
+    policy, reference = seen["transformer"]
+    assert policy["timestep"].tolist() == pytest.approx(expected * 2, rel=1e-6)
+    assert torch.equal(reference["timestep"], policy["timestep"])
 
 
 def test_flux_dpo_packed_latents_ids_guidance_and_conditioning(tmp_path, tiny_flow_models, tiny_pairs, seen):
@@ -231,6 +253,20 @@ def test_precomputed_reference_errors_and_the_latent_cache_on_flux_are_the_live_
     run(tmp_path / "pre", tiny_flow_models["flux"], tiny_pairs, *common, "method.precomputed_reference=true",
         "method.reference_batch_size=16")
     same_run(tmp_path / "live" / "run", tmp_path / "pre" / "run")
+
+
+def test_precomputed_reference_errors_are_made_again_for_other_timesteps(tmp_path, tiny_flow_models, tiny_pairs,
+                                                                         caplog):
+    """The timestep sampling is in the reference errors' key: errors of logit-normal draws would make the first
+    LoRA step's loss something other than log 2 under uniform ones."""
+    caplog.set_level(logging.INFO, logger="diffusion_align")
+    precomputed = ["method.precomputed_reference=true", "train.max_steps=1"]
+    run(tmp_path, tiny_flow_models["sd3"], tiny_pairs, *precomputed)
+    caplog.clear()
+    run(tmp_path, tiny_flow_models["sd3"], tiny_pairs, *precomputed, "train.timestep_sampling=uniform",
+        "train.overwrite=true")
+    assert "made for another run; computing the reference errors again" in caplog.text
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_bf16_runs_the_frozen_parts_and_the_transformer_in_bf16_and_the_errors_in_fp32(tmp_path, tiny_flow_models,

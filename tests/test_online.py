@@ -46,6 +46,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("online.updates_per_rollout=8", "a multiple of 16"),
     ("method.beta=5000", "offline settings"),
     ("method.label_smoothing=0.1", "offline settings"),
+    ("train.timestep_sampling=uniform", "offline settings"),
     ("data.cache=true", "offline settings"),
     ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),
@@ -65,7 +66,8 @@ def test_every_setting_to_mend_is_named_in_one_error(setup, tmp_path):
                                           "train.grad_accum=2"))
     message = str(info.value)
     assert message.startswith("3 settings to mend: (1) method.name=pref_grpo samples its own images")
-    assert "(2) method.beta, method.inversion_steps and method.label_smoothing are offline" in message
+    assert "(2) method.beta, method.inversion_steps, method.label_smoothing and train.timestep_sampling are " \
+        "offline" in message
     assert "(3) train.grad_accum" in message
 
 

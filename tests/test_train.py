@@ -322,6 +322,10 @@ def test_prediction_type_mismatch_is_an_error(tmp_path, tiny_models, tiny_pairs)
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.inversion_steps=3")
     with pytest.raises(ValueError, match="label_smoothing is a dpo and dcpo setting .*; mapo's loss does not"):
         run(tmp_path, tiny_models["sd"], tiny_pairs, "method.name=mapo", "method.label_smoothing=0.1")
+    for override in ("train.timestep_sampling=uniform", "train.logit_std=2"):
+        with pytest.raises(ValueError, match="settings of the flow families .*; sd trains on timesteps drawn "
+                                             "uniformly"):
+            run(tmp_path, tiny_models["sd"], tiny_pairs, override)
 
 
 def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, tiny_models, tiny_pairs):

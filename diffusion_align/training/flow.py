@@ -157,17 +157,24 @@ def training_shift(scheduler_config, latent_shape: tuple[int, ...]) -> float:
 
 
 class FlowNoising:
-    """The flow-matching transformers' forward process: s drawn logit-normal (`LOGIT_MEAN`, `LOGIT_STD`) and
-    shifted (`training_shift`), x_s = (1 - s) x_0 + s eps, target the velocity eps - x_0 (`flow_noise`). Timesteps
-    are the scheduler's, 1000 s (`flow_timesteps`); the transformers' calls convert them as their pipelines do."""
+    """The flow-matching transformers' forward process: s drawn as `sampling` says (`logit_normal`, mean and std
+    `logit_mean`, `logit_std`: how SD3 and FLUX train; or `uniform` on (0, 1)), then shifted (`training_shift`);
+    x_s = (1 - s) x_0 + s eps, target the velocity eps - x_0 (`flow_noise`). Timesteps are the scheduler's, 1000 s
+    (`flow_timesteps`); the transformers' calls convert them as their pipelines do."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, sampling: str = "logit_normal", logit_mean: float = LOGIT_MEAN,
+                 logit_std: float = LOGIT_STD):
+        if sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"sampling must be logit_normal or uniform, got {sampling!r}")
+        self.scheduler, self.sampling, self.logit_mean, self.logit_std = scheduler, sampling, logit_mean, logit_std
         self.num_train_timesteps = scheduler.config.num_train_timesteps
 
     def draw_timestep(self, generator: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        sigma = logit_normal_sigmas(1, generator, LOGIT_MEAN, LOGIT_STD,
-                                    training_shift(self.scheduler.config, latent_shape))
+        shift = training_shift(self.scheduler.config, latent_shape)
+        if self.sampling == "uniform":
+            sigma = shift_sigmas(torch.rand(1, generator=generator), shift)
+        else:
+            sigma = logit_normal_sigmas(1, generator, self.logit_mean, self.logit_std, shift)
         return flow_timesteps(sigma[0], self.num_train_timesteps)
 
     def noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedRows:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import ConfigError, TrainConfig
 from ..data.cache import LatentCache
 from ..models.conditioning import CaptionTruncation, Conditioning, TextStates, conditioning, encode_texts
 from ..models.families import Family
@@ -20,10 +21,22 @@ from .likelihood import DDPMNoising, PairDraws, Posteriors, encode_posteriors
 from .methods import Method
 
 
-def forward_process(family: Family, scheduler) -> DDPMNoising | FlowNoising:
-    """How `family` noises latents in training, with its training scheduler's settings."""
-    return FlowNoising(scheduler) if family.training_scheduler == "FlowMatchEulerDiscreteScheduler" \
-        else DDPMNoising(scheduler)
+def forward_process(family: Family, scheduler, train: TrainConfig) -> DDPMNoising | FlowNoising:
+    """How `family` noises latents in training, with its training scheduler's settings and, on the flow families,
+    `train`'s timestep sampling (the UNet families draw t uniformly: `check_timestep_sampling`)."""
+    if family.training_scheduler != "FlowMatchEulerDiscreteScheduler":
+        return DDPMNoising(scheduler)
+    return FlowNoising(scheduler, train.timestep_sampling or "logit_normal", train.logit_mean, train.logit_std)
+
+
+def check_timestep_sampling(family: Family, train: TrainConfig) -> None:
+    """train.timestep_sampling, logit_mean and logit_std are the flow families' settings: an error on a UNet's."""
+    default = TrainConfig()
+    if family.training_scheduler != "FlowMatchEulerDiscreteScheduler" and (
+            train.timestep_sampling is not None or (train.logit_mean, train.logit_std) !=
+            (default.logit_mean, default.logit_std)):
+        raise ConfigError(f"train.timestep_sampling, logit_mean and logit_std are settings of the flow families "
+                          f"(SD3, FLUX); {family} trains on timesteps drawn uniformly")
 
 
 @dataclass

@@ -55,9 +55,10 @@ def check_online_config(cfg: Config) -> None:
     problems = {
         f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt file (.txt one per "
         "line, .jsonl or .csv)": o.prompts is None,
-        "method.beta, method.inversion_steps and method.label_smoothing are offline settings; online methods take "
-        "online.clip_range and online.kl_beta":
-            cfg.method.beta is not None or cfg.method.inversion_steps is not None or bool(cfg.method.label_smoothing),
+        "method.beta, method.inversion_steps, method.label_smoothing and train.timestep_sampling are offline "
+        "settings; online methods take online.clip_range and online.kl_beta, and train their trajectories' steps":
+            cfg.method.beta is not None or cfg.method.inversion_steps is not None or bool(cfg.method.label_smoothing)
+            or t.timestep_sampling is not None,
         "data.cache and method.precomputed_reference are offline settings: online methods sample their own images "
         "and score them against the current reference": cfg.data.cache or cfg.method.precomputed_reference,
         "online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)":

@@ -22,7 +22,7 @@ from ..data.pairs import PairDataset, PairTransform, load_pairs, make_pair_loade
 from ..progress import progress
 from ..rewards.labeling import reward_scores
 from .checkpoints import save_checkpoint
-from .inputs import PairInputs, forward_process
+from .inputs import PairInputs, check_timestep_sampling, forward_process
 from .inversion import invert_rows
 from .likelihood import denoising_errors, epsilon_units, noise_rows
 from .methods import METHODS, ONLINE_METHODS, Errors
@@ -55,6 +55,7 @@ def train(cfg: Config) -> TrainResult:
     if cfg.method.label_smoothing and method.objective is not METHODS["dpo"].objective:
         raise ConfigError(f"method.label_smoothing is a dpo and dcpo setting (conservative DPO); {method.name}'s "
                           "loss does not take it")
+    check_timestep_sampling(family, t)
     if method.inversion and cfg.method.inversion_steps is None and family.inversion_steps is None:
         raise ConfigError(f"smpo on {family}: SmPO publishes no inversion setting for flow-matching models; set "
                           "method.inversion_steps (SmPO inverts SD1.5 in 5 steps and SDXL in 10), or 0 for forward "
@@ -95,7 +96,7 @@ def train(cfg: Config) -> TrainResult:
 
     def pair_inputs(parts, frozen_dtype) -> PairInputs:
         return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
-                          forward_process(parts.family, parts.noise_scheduler), device, parts.vae, parts.tokenizers,
+                          forward_process(parts.family, parts.noise_scheduler, t), device, parts.vae, parts.tokenizers,
                           parts.text_encoders, cache, text_dtype=frozen_dtype, latents=cfg.data.latents,
                           guidance=parts.guidance)
 
