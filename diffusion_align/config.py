@@ -106,6 +106,11 @@ class ModelConfig:
                                       "on CUDA tensor cores in fp16/bf16; measure before using it elsewhere.")
     attention: str = _key("auto", "Attention kernel: auto (xformers if importable on CUDA, else PyTorch SDPA), "
                                   "sdpa, or xformers (error if it cannot run).", choices=("auto", "sdpa", "xformers"))
+    cudnn_attention: bool = _key(False, "Let PyTorch's SDPA use its cuDNN backend (CUDA). Off by default: on an H200 "
+                                        "with torch 2.11, FLUX.1-dev's LoRA backward failed inside it (an illegal "
+                                        "memory access, or `mha_graph.execute(...).is_good()`: a known torch defect, "
+                                        "pytorch/pytorch#134001), and ran with it off; SDPA then takes its flash or "
+                                        "memory-efficient kernels (benchmarks/README.md, gpu_check.sh).")
 
 
 @dataclass

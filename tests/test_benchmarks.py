@@ -15,11 +15,20 @@ def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| sd")]
-    # per architecture: LoRA and full, each plain and with cache + precomputed reference (bf16: fp16 needs CUDA),
-    # both sharded with FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU)
-    assert len(rows) == 14 and all("| yes |" in row for row in rows)
-    assert sum("cache + precomputed ref" in row for row in rows) == 4 and sum("fsdp2" in row for row in rows) == 4
-    assert sum("zero2" in row for row in rows) == 2
+    unet = [row for row in rows if row.startswith(("| sd15 ", "| sdxl "))]
+    # per UNet architecture: LoRA and full, each plain and with cache + precomputed reference (bf16: fp16 needs
+    # CUDA), both sharded with FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU)
+    assert len(unet) == 14 and all("| yes |" in row for row in unet)
+    assert sum("cache + precomputed ref" in row for row in unet) == 4 and sum("fsdp2" in row for row in unet) == 4
+    assert sum("zero2" in row for row in unet) == 2
+    # the flow transformers: bf16 LoRA plain and with the fast path, and SD3.5-M's full fine-tune
+    flow = [line for line in (tmp_path / "gpu_check.md").read_text().splitlines()
+            if line.startswith(("| sd35 ", "| flux "))]
+    assert [row.split(" | ")[:3] for row in flow] == [
+        ["| sd35", "lora bf16", "yes"], ["| sd35", "lora bf16, cache + precomputed ref", "yes"],
+        ["| sd35", "full bf16", "yes"], ["| flux", "lora bf16", "yes"],
+        ["| flux", "lora bf16, cache + precomputed ref", "yes"]]
+    assert not list(tmp_path.glob("runs/*")), "each case's run is deleted once measured"
 
 
 def test_the_throughput_table(tmp_path):

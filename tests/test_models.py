@@ -50,6 +50,21 @@ def test_xformers_is_used_only_where_it_can_run(tiny_models):
         set_attention(parts.denoiser, "xformers", torch.device("cpu"))
 
 
+def test_cudnn_attention_is_off_unless_asked_for(tmp_path, tiny_models, tiny_pairs):
+    """model.cudnn_attention reaches torch's process-wide SDPA switch: off by default (FLUX's LoRA backward failed in
+    torch 2.11's cuDNN attention on an H200), on when asked for."""
+    from test_train import run
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        run(tmp_path / "default", tiny_models["sd"], tiny_pairs, "train.max_steps=1")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        run(tmp_path / "on", tiny_models["sd"], tiny_pairs, "train.max_steps=1", "model.cudnn_attention=true")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_a_folder_without_model_index_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_components(str(tmp_path))

@@ -212,8 +212,9 @@ def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtyp
     return module.to(dtype=dtype) if module.dtype != dtype else module
 
 
-def set_attention(denoiser: torch.nn.Module, attention: str, device: torch.device) -> str:
-    """Pick the attention kernel: xformers only where it can run (importable, CUDA), PyTorch SDPA otherwise."""
+def set_attention(denoiser: torch.nn.Module, attention: str, device: torch.device, cudnn: bool = False) -> str:
+    """Pick the attention kernel: xformers only where it can run (importable, CUDA), PyTorch SDPA otherwise, with its
+    cuDNN backend allowed or not (`cudnn`: model.cudnn_attention; a process-wide torch setting)."""
     try:
         import xformers  # noqa: F401
         have_xformers = True
@@ -227,6 +228,7 @@ def set_attention(denoiser: torch.nn.Module, attention: str, device: torch.devic
     if attention in ("xformers", "auto") and usable:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
     return "sdpa"  # diffusers' default processors call torch's scaled_dot_product_attention
 
 

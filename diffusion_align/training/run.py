@@ -150,7 +150,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         place(module, device, frozen_dtype)
     if parts.vae is not None:
         place(parts.vae, device, torch.float32 if parts.vae.config.get("force_upcast", False) else frozen_dtype)
-    attention = set_attention(parts.denoiser, cfg.model.attention, device)
+    attention = set_attention(parts.denoiser, cfg.model.attention, device, cfg.model.cudnn_attention)
     if cfg.model.gradient_checkpointing:
         parts.denoiser.enable_gradient_checkpointing()
     if cfg.model.channels_last:
