@@ -1,6 +1,7 @@
 """The memory planner: its arithmetic by hand, its counts against the loaded models, its model states and
 activations against what a real training step holds, its advice, and the command."""
 
+import dataclasses
 import json
 
 import pytest
@@ -37,9 +38,17 @@ def cfg(*overrides):
     (("method.name=grpo", "online.kl_beta=0.01"), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
 ])
 def test_bytes_by_hand(overrides, strategy, processes, expected):
+    """HAND's counts in each setting, and then with 50 floating-point buffers in the denoiser (SD3's position table):
+    in the weights' dtype beside them, and beside a reference copy in the frozen dtype, whole on every process
+    (sharding and offloading move parameters only)."""
     usage = memory_bytes(cfg(*overrides), HAND, processes, strategy)
     parts = ("weights", "gradients", "optimizer", "reference", "encoders", "activations")
     assert tuple(usage[p] for p in parts) == expected and usage["total"] == sum(expected)
+    with_buffers = memory_bytes(cfg(*overrides), dataclasses.replace(HAND, denoiser_buffers=50), processes, strategy)
+    full, bf16 = "model.lora_rank=8" not in overrides, "train.mixed_precision=bf16" in overrides
+    frozen = 2 if bf16 else 4
+    assert with_buffers["weights"] - usage["weights"] == 50 * (4 if full else frozen)
+    assert with_buffers["reference"] - usage["reference"] == (50 * frozen if usage["reference"] else 0)
 
 
 def test_counts_are_the_loaded_models(tiny_models):
@@ -170,6 +179,8 @@ def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real
     parts = load_components(str(path))
     numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (counts.family, counts.denoiser, counts.vae) == (family, numel(parts.denoiser), numel(parts.vae))
+    buffers = sum(b.numel() for b in parts.denoiser.buffers() if b.is_floating_point())
+    assert counts.denoiser_buffers == buffers and (buffers > 0) == (family == "sd3")  # SD3's position table
     assert counts.text_encoders == sum(numel(e) for e in parts.text_encoders)
     policy = Policy(load_components(str(path)).denoiser, 4, None, parts.family.lora_targets, family=family)
     assert counts.lora == sum(p.numel() for p in policy.trainable_parameters())

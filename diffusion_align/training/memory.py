@@ -4,7 +4,8 @@ Every model is built from its config on the meta device (no weights, no memory),
 for the checkpoint. Per process, in bytes:
 
     weights      the trainable denoiser (UNet or transformer) in fp32 (full fine-tune), or a LoRA's frozen base in
-                 the frozen dtype (fp32, or bf16 / fp16 with train.mixed_precision) plus its adapters in fp32
+                 the frozen dtype (fp32, or bf16 / fp16 with train.mixed_precision) plus its adapters in fp32; and
+                 the denoiser's floating-point buffers in the same dtype (SD3's position table)
     gradients    4 per trainable parameter (fp32)
     optimizer    AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor 4 per entry of its factored second moment (a
                  row and a column vector per matrix; no first moment, beta1 unset)
@@ -52,6 +53,7 @@ class ModelCounts:
     vae: int
     text_encoders: int
     activation_bytes: dict  # {"plain": bytes, "checkpointed": bytes} of one micro-batch forward, in fp32
+    denoiser_buffers: int = 0  # floating-point buffers held beside the weights (SD3's position table: 226M at 384)
 
 
 def count_models(cfg: Config) -> ModelCounts:
@@ -84,9 +86,10 @@ def count_models(cfg: Config) -> ModelCounts:
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     activations = {"plain": _saved_bytes(denoiser, family, denoiser_config, rows, latent, False),
                    "checkpointed": _saved_bytes(denoiser, family, denoiser_config, rows, latent, True)}
+    buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), _numel(vae),
-                       sum(_numel(e) for e in encoders), activations)
+                       sum(_numel(e) for e in encoders), activations, buffers)
 
 
 def _adafactor_state(p: torch.Tensor) -> int:
@@ -207,6 +210,10 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
         optimizer //= processes if strategy in ("fsdp2", "zero2") else 1
         weights //= sharded
         reference //= sharded
+    # the denoiser's buffers sit beside its weights (and the reference copy's) on every process, whole: sharding
+    # and offloading move parameters only
+    weights += counts.denoiser_buffers * (4 if full else frozen)
+    reference += counts.denoiser_buffers * frozen if reference else 0
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
              "encoders": encoders, "activations": activations}
     return {**parts, "total": sum(parts.values())}
