@@ -8,7 +8,7 @@ T5-XXL's width in 2 layers; every step must be finite. Writes s/step and peak CU
 runs, whose processes are their own) to <out>/gpu_check.md (and .json) after every case. Run it through
 `benchmarks/gpu_check.sh`, which installs the wheels first.
 
-    python benchmarks/gpu_check.py --out outputs/gpu-check          # on a CUDA GPU (an H200's times: benchmarks/README.md)
+    python benchmarks/gpu_check.py --out outputs/gpu-check          # on a CUDA GPU (an H200's: benchmarks/README.md)
     python benchmarks/gpu_check.py --tiny --out /tmp/check          # the CPU stand-in (tiny pipelines, bf16 only)
 
 Time per step is the median of the logged steps after the first (which pays for CUDA kernels' warm-up).

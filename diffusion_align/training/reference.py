@@ -78,9 +78,9 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
     """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
     the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
     VAE, text encoders, tokenizers, T5's token count and source rows) and those components' digests and T5's token
-    count otherwise; the pairs; the draws (seed, epochs, rows per pair, prompt dropout, timestep sampling); the preprocessing (crop,
-    flips, posterior draw or mean); and the precision. Called once a run: each digest reads its local weight files
-    once."""
+    count otherwise; the pairs; the draws (seed, epochs, rows per pair, prompt dropout, timestep sampling); the
+    preprocessing (crop, flips, posterior draw or mean); and the precision. Called once a run: each digest reads its
+    local weight files once."""
     d, m = cfg.data, cfg.model
     inputs = cache_key if cache_key is not None else {**encoder_digests(m.pretrained, m.revision, m.variant, m.vae),
                                                       **t5_length(m.max_sequence_length)}
@@ -88,8 +88,8 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
             "inputs": inputs, "pairs": pairs._fingerprint,
             "num_pairs": num_pairs, "epochs": epochs, "method": {
                 "rows_per_pair": method.rows_per_pair, "per_image_captions": method.per_image_captions},
-            "seed": cfg.train.seed, "timesteps": [cfg.train.timestep_sampling, cfg.train.logit_mean,
-                                                  cfg.train.logit_std], "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,
+            "seed": cfg.train.seed, "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,
+            "timesteps": [cfg.train.timestep_sampling, cfg.train.logit_mean, cfg.train.logit_std],
             "data": {"center_crop": d.center_crop, "random_flip": d.random_flip, "prompt_dropout": d.prompt_dropout,
                      "latents": d.latents}}
 
