@@ -47,6 +47,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("method.beta=5000", "offline settings"),
     ("method.label_smoothing=0.1", "offline settings"),
     ("train.timestep_sampling=uniform", "offline settings"),
+    ("train.logit_mean=1", "offline settings"),
     ("data.cache=true", "offline settings"),
     ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),

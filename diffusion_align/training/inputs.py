@@ -21,20 +21,29 @@ from .likelihood import DDPMNoising, PairDraws, Posteriors, encode_posteriors
 from .methods import Method
 
 
+def _noises_by_flow(family: Family) -> bool:
+    return family.training_scheduler == "FlowMatchEulerDiscreteScheduler"
+
+
 def forward_process(family: Family, scheduler, train: TrainConfig) -> DDPMNoising | FlowNoising:
     """How `family` noises latents in training, with its training scheduler's settings and, on the flow families,
     `train`'s timestep sampling (the UNet families draw t uniformly: `check_timestep_sampling`)."""
-    if family.training_scheduler != "FlowMatchEulerDiscreteScheduler":
+    if not _noises_by_flow(family):
         return DDPMNoising(scheduler)
     return FlowNoising(scheduler, train.timestep_sampling or "logit_normal", train.logit_mean, train.logit_std)
 
 
+def timestep_sampling_set(train: TrainConfig) -> bool:
+    """Whether train.timestep_sampling, logit_mean or logit_std is set away from its default (the flow families' own
+    training density)."""
+    default = TrainConfig()
+    return train.timestep_sampling is not None or (train.logit_mean, train.logit_std) != (default.logit_mean,
+                                                                                          default.logit_std)
+
+
 def check_timestep_sampling(family: Family, train: TrainConfig) -> None:
     """train.timestep_sampling, logit_mean and logit_std are the flow families' settings: an error on a UNet's."""
-    default = TrainConfig()
-    if family.training_scheduler != "FlowMatchEulerDiscreteScheduler" and (
-            train.timestep_sampling is not None or (train.logit_mean, train.logit_std) !=
-            (default.logit_mean, default.logit_std)):
+    if not _noises_by_flow(family) and timestep_sampling_set(train):
         raise ConfigError(f"train.timestep_sampling, logit_mean and logit_std are settings of the flow families "
                           f"(SD3, FLUX); {family} trains on timesteps drawn uniformly")
 

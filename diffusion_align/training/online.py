@@ -33,6 +33,7 @@ from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussi
 from ..progress import progress
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from .flow import FlowSDEPolicy
+from .inputs import timestep_sampling_set
 from .sampling import (DDIMPolicy, Trajectory, decode_images, gaussian_log_prob, group_conditioning,
                        sample_with_logprob, step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
@@ -56,9 +57,10 @@ def check_online_config(cfg: Config) -> None:
         f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt file (.txt one per "
         "line, .jsonl or .csv)": o.prompts is None,
         "method.beta, method.inversion_steps, method.label_smoothing and train.timestep_sampling are offline "
-        "settings; online methods take online.clip_range and online.kl_beta, and train their trajectories' steps":
+        "settings (train.logit_mean and logit_std too); online methods take online.clip_range and online.kl_beta, "
+        "and train their trajectories' steps":
             cfg.method.beta is not None or cfg.method.inversion_steps is not None or bool(cfg.method.label_smoothing)
-            or t.timestep_sampling is not None,
+            or timestep_sampling_set(t),
         "data.cache and method.precomputed_reference are offline settings: online methods sample their own images "
         "and score them against the current reference": cfg.data.cache or cfg.method.precomputed_reference,
         "online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)":
