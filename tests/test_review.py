@@ -245,11 +245,12 @@ def test_blind_ab_with_the_keyboard_exports_choices_that_import_as_labels(browse
         if want != "skip":
             expected.append({"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}[want])
 
-    # the Export button downloads the same text
+    # the Export button downloads the same text. Chromium can show the file before it has written it (seen once in
+    # CI: the file was there and empty), so wait for its text, for up to 10 s.
     browser.find_element(By.ID, "export").click()
     download = tmp_path / "downloads" / "choices.jsonl"
     deadline = time.monotonic() + 10
-    while not download.is_file() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (download.is_file() and download.read_text() == exported):
         time.sleep(0.1)
     assert download.read_text() == exported
 
