@@ -10,10 +10,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from diffusion_align.config import load_config
-from diffusion_align.training.memory import GIB, RESERVE_GB, ModelCounts, count_models, memory_bytes, plan
+from diffusion_align.training.memory import (GIB, RESERVE_GB, ModelCounts, _call_bytes, _peak_bytes, count_models,
+                                             memory_bytes, plan)
 
 HAND = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, vae=200, text_encoders=300,
-                   activation_bytes={"plain": 4000, "checkpointed": 1000})
+                   activation_bytes={"plain": 4000, "checkpointed": 1000}, cache_batch=16)
 
 
 def cfg(*overrides):
@@ -157,7 +158,7 @@ def test_plan_command_prints_json(tiny_models, capsys):
           f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
     out = json.loads(capsys.readouterr().out)
     assert set(out["per_process_bytes"]) == {"weights", "gradients", "optimizer", "reference", "encoders",
-                                             "activations", "total"}
+                                             "activations", "total", "cache_build"}
     assert out["fits"] is True and out["processes"] == 2
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])
@@ -192,3 +193,94 @@ def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real
     saved = saved_bytes(transformer, lambda: cond.denoise(transformer, torch.randn(4, 16, 16, 16),
                                                           torch.full((4,), 500.0)))
     assert planned == pytest.approx(saved, rel=0.1)
+
+
+# ---------------------------------------------------------------- making the latent cache
+
+def test_live_bytes_follow_what_ops_make_by_hand():
+    """The peak of what ops make and is alive at once: a view keeps its storage alive without adding to it, and
+    what was made outside (an input, a weight, a view of them) does not count."""
+    x, weight = torch.zeros(100), torch.zeros(10, 20)
+
+    def forward():
+        a = x * 2                     # 400 bytes
+        b = torch.cat([a, a])         # 800: 1,200 alive
+        head = a[:10]                 # a view of a: nothing new
+        del a                         # a's storage lives on in head
+        total = b.sum()               # 4: 1,204 alive, the peak
+        del b                         # 404
+        product = weight.t() @ torch.ones(10)  # the transposed weight is the input's; ones 40 and the product 80
+        return head, total, product
+    assert _peak_bytes(forward) == 400 + 800 + 4
+
+
+def test_the_cache_build_by_hand():
+    """VAE (fp32 when it says force_upcast, else data.cache_dtype) and text encoders (data.cache_dtype) beside the
+    larger of a VAE call of data.cache_batch_size images and a text call of 4 x as many texts: counted at 1 and at
+    the config's batch, and along the chord between for a smaller batch; none without data.cache or online."""
+    counts = dataclasses.replace(HAND, cache_batch=4, vae_encode_bytes=(100, 280), text_encode_bytes=(40, 85),
+                                 vae_upcast=True)
+    cached = ["model.lora_rank=8", "data.cache=true", "data.cache_batch_size=4", "data.cache_dtype=fp16"]
+    # VAE 4 x 200 + texts 2 x 300; 4 images 280 in fp32 against 16 texts 85 in fp16
+    assert memory_bytes(cfg(*cached), counts)["cache_build"] == 800 + 600 + 280
+    plain_vae = dataclasses.replace(counts, vae_upcast=False)  # the VAE in fp16 too: 280 x 2 / 4
+    assert memory_bytes(cfg(*cached), plain_vae)["cache_build"] == 400 + 600 + 140
+    texts_first = dataclasses.replace(counts, text_encode_bytes=(40, 1600))  # 1,600 x 2 / 4
+    assert memory_bytes(cfg(*cached), texts_first)["cache_build"] == 800 + 600 + 800
+    # 2 images: 100 + (280 - 100) / 3, against 8 texts: 40 + 45 / 3
+    assert memory_bytes(cfg(*cached, "data.cache_batch_size=2"), counts)["cache_build"] == 800 + 600 + 160
+    assert memory_bytes(cfg(*cached[:-3]), counts)["cache_build"] == 0
+    assert memory_bytes(cfg(*cached, "method.name=grpo"), counts)["cache_build"] == 0
+    with pytest.raises(ValueError, match="counted for 1 to 4"):
+        memory_bytes(cfg(*cached, "data.cache_batch_size=5"), counts)
+
+
+def test_a_cache_build_that_does_not_fit_gets_a_smaller_batch():
+    """Training fits and making the cache (1 GiB an image, 16 a call) does not: the advice is the largest
+    data.cache_batch_size that fits, or, when none does, no single change (fsdp2 does not shard the build)."""
+    counts = dataclasses.replace(HAND, cache_batch=16, vae_encode_bytes=(GIB, 16 * GIB), vae_upcast=True)
+    config = cfg("model.lora_rank=8", "data.cache=true", "data.cache_batch_size=16")
+    usage = memory_bytes(config, counts)
+    assert usage["total"] < GIB < 16 * GIB < usage["cache_build"] < 16 * GIB + 4 * (200 + 300) + 1
+    result = plan(config, gpu_memory_gb=RESERVE_GB + 10.5, counts=counts)
+    assert (result.fits, result.change) == (False, "data.cache_batch_size=10")
+    assert plan(cfg("model.lora_rank=8", "data.cache=true", "data.cache_batch_size=10"),
+                gpu_memory_gb=RESERVE_GB + 10.5, counts=counts).fits
+    small = plan(config, gpu_memory_gb=RESERVE_GB + 0.5, counts=counts)
+    assert (small.fits, small.change, small.fsdp2_processes) == (False, None, None)
+
+
+def allocated_peak(forward) -> int:
+    """The CPU allocator's peak while `forward()` runs, from the profiler's record of each allocation and free."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+        forward()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in profiled.profiler.function_events
+                    if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_the_cache_builds_calls_are_what_real_ones_allocate(tiny_models, tiny_flow_models, family):
+    """The planned peaks of the cache's VAE and text calls (counted on the meta device at 1 and 3 images, 4 and 12
+    texts) against what the CPU allocator held at most while the tiny pipeline's VAE and text encoders really ran
+    them, in fp32 at 32 px (CLIP's attention on the CPU's fused kernel, T5's too): equal at 3 and 12, and the
+    chord's 2 and 8 not under the real calls."""
+    from diffusion_align.models.loading import load_components
+    path = {**tiny_models, **tiny_flow_models}[family]
+    counts = count_models(load_config(None, [f"model.pretrained={path}", "train.resolution=32", "data.cache=true",
+                                             "data.cache_batch_size=3"]))
+    parts = load_components(str(path), denoiser=False)
+    for batch in (3, 2):
+        images, prompts = torch.randn(batch, 3, 32, 32), [f"a red circle number {i}" for i in range(4 * batch)]
+        # the pixels are copied to the device for each call, as the cache does
+        real = (allocated_peak(lambda: parts.vae.encode(images.clone()).latent_dist),
+                allocated_peak(lambda: parts.family.encode_texts(parts.tokenizers, parts.text_encoders, prompts)))
+        planned = tuple(_call_bytes(ends, batch, 3) for ends in (counts.vae_encode_bytes, counts.text_encode_bytes))
+        for plan_bytes, real_bytes in zip(planned, real):
+            assert plan_bytes == pytest.approx(real_bytes, rel=0.01 if batch == 3 else 0.25)
+            assert plan_bytes >= real_bytes * 0.99

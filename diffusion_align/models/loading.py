@@ -190,9 +190,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     for name in family.text_encoders if encoders else []:
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
-        tokenizer_name = name.replace("text_encoder", "tokenizer")
-        tokenizer_cls = getattr(transformers, index[tokenizer_name][1])
-        tokenizers.append(tokenizer_cls.from_pretrained(pretrained, subfolder=tokenizer_name, **kw))
+        tokenizers.append(load_tokenizer(pretrained, index, name, revision))
     if encoders:
         vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
                      else load_vae(vae))
@@ -204,6 +202,12 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         module.requires_grad_(False).eval()
     logger.info("loaded %s (%s, %s prediction)", pretrained, family, parts.prediction_type)
     return parts
+
+
+def load_tokenizer(pretrained: str, index: dict, text_encoder: str, revision: str | None = None):
+    """The tokenizer of the pipeline's text encoder `text_encoder` (tokenizer_2 for text_encoder_2, ...)."""
+    name = text_encoder.replace("text_encoder", "tokenizer")
+    return getattr(transformers, index[name][1]).from_pretrained(pretrained, subfolder=name, revision=revision)
 
 
 def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:

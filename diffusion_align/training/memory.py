@@ -17,6 +17,15 @@ for the checkpoint. Per process, in bytes:
                  online images) at train.resolution: counted exactly on the meta device with saved-tensor hooks, in
                  the compute dtype, without or with gradient checkpointing
 
+With data.cache (offline methods) the run first makes its latent cache (`data/cache.py`), before any denoiser is
+loaded, so the plan also gives that phase's peak, and a run must fit the larger of the two:
+    cache build  the VAE (fp32 where its config says force_upcast, else data.cache_dtype) and text encoders (in
+                 data.cache_dtype) with what is alive at once while the VAE encodes data.cache_batch_size images at
+                 train.resolution, or the encoders read 4 x data.cache_batch_size texts, whichever is more: counted
+                 at 1 and at data.cache_batch_size images (4 and 4 x as many texts) on the meta device, following
+                 each op's outputs until they are freed, a smaller batch on the chord between (the main process
+                 only; a finished cache needs no build)
+
 Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs): fsdp2
 divides the UNet's weights, gradients and optimizer states, and a full fine-tune's reference, by the number of
 processes; fsdp2-offload keeps all three on the CPU; zero2 divides the gradients and optimizer states only, the
@@ -31,8 +40,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..config import Config
 from .methods import METHODS, ONLINE_METHODS
@@ -41,6 +53,7 @@ STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
 RESERVE_GB = 1.5  # the CUDA context and allocator fragmentation, kept out of the budget
 GIB = 1024 ** 3
 _BYTES = {"no": 4, "bf16": 2, "fp16": 2}
+_CACHE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # data.cache_dtype: what the cache's encoders run in on a GPU
 
 
 @dataclasses.dataclass
@@ -54,6 +67,12 @@ class ModelCounts:
     text_encoders: int
     activation_bytes: dict  # {"plain": bytes, "checkpointed": bytes} of one micro-batch forward, in fp32
     denoiser_buffers: int = 0  # floating-point buffers held beside the weights (SD3's position table: 226M at 384)
+    # making the latent cache (data.cache, offline methods): the peak bytes alive (fp32) in a VAE call of 1 and of
+    # `cache_batch` (data.cache_batch_size) images at train.resolution, and in a text call of 4 and of 4 x as many
+    cache_batch: int = 1
+    vae_encode_bytes: tuple[int, int] = (0, 0)
+    text_encode_bytes: tuple[int, int] = (0, 0)
+    vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
 
 
 def count_models(cfg: Config) -> ModelCounts:
@@ -63,7 +82,7 @@ def count_models(cfg: Config) -> ModelCounts:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from ..models.loading import pipeline_index
+    from ..models.loading import load_tokenizer, pipeline_index
     from ..models.policy import lora_config
     from .run import model_family
     m = cfg.model
@@ -87,9 +106,20 @@ def count_models(cfg: Config) -> ModelCounts:
     activations = {"plain": _saved_bytes(denoiser, family, denoiser_config, rows, latent, False),
                    "checkpointed": _saved_bytes(denoiser, family, denoiser_config, rows, latent, True)}
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
+    batch, vae_calls, text_calls = cfg.data.cache_batch_size, (0, 0), (0, 0)
+    if cfg.method.name not in ONLINE_METHODS:  # with the cache, or to weigh making one (`_CHANGES`)
+        tokenizers = [load_tokenizer(m.pretrained, index, name, m.revision) for name in family.text_encoders]
+        for module in (vae, *encoders):  # frozen, as loaded for a run: no dropout masks
+            module.eval()
+        size = (vae.config.in_channels, cfg.train.resolution, cfg.train.resolution)
+        vae_calls = tuple(_peak_bytes(lambda: vae.encode(torch.zeros(n, *size, device="meta")).latent_dist)
+                          for n in (1, batch))
+        text_calls = tuple(_peak_bytes(lambda: family.encode_texts(tokenizers, encoders, [""] * 4 * n))
+                           for n in (1, batch))
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), _numel(vae),
-                       sum(_numel(e) for e in encoders), activations, buffers)
+                       sum(_numel(e) for e in encoders), activations, buffers, batch, vae_calls, text_calls,
+                       bool(vae.config.get("force_upcast", False)))
 
 
 def _adafactor_state(p: torch.Tensor) -> int:
@@ -126,6 +156,52 @@ class _FusedAttention(torch.autograd.Function):
 
 def _fused_attention(query, key, value, *args, **kwargs):
     return _FusedAttention.apply(query, key, value)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows the tensors ops make: `peak` is the most bytes alive at once, each storage counted from the op that
+    made it until the last tensor on it is freed, as a CUDA allocator's allocated bytes rise and fall. Storages made
+    outside (inputs, parameters, and views of them, such as a linear layer's transposed weight) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages: dict[int, list[int]] = {}  # storage -> [tensors on it alive, its bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.untyped_storage()._cdata
+            if key not in self.storages:
+                if key in inputs:  # a view of something made outside
+                    continue
+                self.storages[key] = [0, tensor.untyped_storage().nbytes()]
+                self.live += self.storages[key][1]
+                self.peak = max(self.peak, self.live)
+            self.storages[key][0] += 1
+            weakref.finalize(tensor, self._freed, key)
+        return out
+
+    def _freed(self, key: int) -> None:
+        entry = self.storages[key]
+        entry[0] -= 1
+        if not entry[0]:
+            self.live -= entry[1]
+            del self.storages[key]
+
+
+def _peak_bytes(forward) -> int:
+    """The peak bytes alive while `forward()` runs without gradients (`_LiveBytes`), with a fused attention's
+    output in place of the meta device's fallback, which would make the tokens x tokens matrix."""
+    from unittest import mock
+    with (torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
+          _LiveBytes() as live):
+        forward()
+    return live.peak
 
 
 def _saved_bytes(denoiser, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
@@ -216,7 +292,33 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     reference += counts.denoiser_buffers * frozen if reference else 0
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
              "encoders": encoders, "activations": activations}
-    return {**parts, "total": sum(parts.values())}
+    return {**parts, "total": sum(parts.values()), "cache_build": cache_build_bytes(cfg, counts)}
+
+
+def cache_build_bytes(cfg: Config, counts: ModelCounts) -> int:
+    """The peak of making the latent cache (module docstring); 0 when the run makes none."""
+    if not cfg.data.cache or cfg.method.name in ONLINE_METHODS:
+        return 0
+    texts = _CACHE_BYTES[cfg.data.cache_dtype]
+    images = 4 if counts.vae_upcast else texts
+    batch = cfg.data.cache_batch_size  # images a VAE call; the text encoders read 4 x as many texts a call
+    working = max(_call_bytes(counts.vae_encode_bytes, batch, counts.cache_batch) * images,
+                  _call_bytes(counts.text_encode_bytes, batch, counts.cache_batch) * texts) // 4
+    return counts.vae * images + counts.text_encoders * texts + working
+
+
+def _call_bytes(ends: tuple[int, int], batch: int, counted: int) -> int:
+    """A call's peak at `batch` from those counted at 1 and at `counted`: exact at both, the chord between. A peak
+    grows convexly with the batch (the largest of sums that each grow linearly), so the chord is never under it."""
+    if not 1 <= batch <= counted:
+        raise ValueError(f"data.cache_batch_size={batch}: the cache's memory was counted for 1 to {counted}")
+    first, last = ends
+    return first if counted == 1 else first - (-(batch - 1) * (last - first) // (counted - 1))
+
+
+def needed_bytes(usage: dict) -> int:
+    """What the run needs on its busiest process: the larger of training and making the cache."""
+    return max(usage["total"], usage["cache_build"])
 
 
 # single changes, cheapest first: those that leave the trained model as it is, then those that change the math.
@@ -235,6 +337,18 @@ _CHANGES = [
     ("model.lora_rank=8 (a LoRA instead of a full fine-tune)", "model.lora_rank=8",
      lambda c: c.model.lora_rank is None),
 ]
+
+
+def _cache_batch_change(cfg: Config, counts: ModelCounts, usage: dict, budget: float) -> list:
+    """When training fits and making the cache does not: the largest data.cache_batch_size that fits, as a change
+    (it leaves the cache and the trained model as they are), or none."""
+    if usage["total"] > budget or usage["cache_build"] <= budget:
+        return []
+    for batch in range(cfg.data.cache_batch_size - 1, 0, -1):
+        if cache_build_bytes(_changed(cfg, f"data.cache_batch_size={batch}"), counts) <= budget:
+            override = f"data.cache_batch_size={batch}"
+            return [(override, override, lambda c: True)]
+    return []
 
 
 def _changed(cfg: Config, override: str) -> Config:
@@ -256,34 +370,40 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
     fits = change = fsdp2_processes = None
     if gpu_memory_gb is not None:
         budget = (gpu_memory_gb - RESERVE_GB) * GIB
-        fits = usage["total"] <= budget
-        for label, how, applies in [] if fits else _CHANGES:
+        fits = needed_bytes(usage) <= budget
+        for label, how, applies in [] if fits else [*_cache_batch_change(cfg, counts, usage, budget), *_CHANGES]:
             if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1):
                 continue
             if how in STRATEGIES:
-                total = memory_bytes(cfg, counts, processes, how)["total"]
+                total = needed_bytes(memory_bytes(cfg, counts, processes, how))
             else:
                 changed = _changed(cfg, how)
                 changed_counts = count_models(changed) if how.startswith("model.lora_rank") else counts
-                total = memory_bytes(changed, changed_counts, processes, strategy)["total"]
+                total = needed_bytes(memory_bytes(changed, changed_counts, processes, strategy))
             if total <= budget:
                 change = label if how not in STRATEGIES or cfg.train.optimizer == "adamw" else (
                     f"{label} train.optimizer=adamw (sharding trains AdamW only)")
                 break
         fsdp2_processes = None if fits else next(
-            (n for n in range(1, 65) if memory_bytes(cfg, counts, n, "fsdp2")["total"] <= budget), None)
+            (n for n in range(1, 65) if needed_bytes(memory_bytes(cfg, counts, n, "fsdp2")) <= budget), None)
     return MemoryPlan(strategy, processes, gpu_memory_gb, usage, fits, change, fsdp2_processes, counts,
                       cfg.model.gradient_checkpointing)
 
 
 def format_plan(p: MemoryPlan) -> str:
     """The plan as a reader wants it: one line per part in GiB, then the verdict."""
+    from ..models.families import get_family
     c = p.counts
+    denoiser = get_family(c.family).denoiser  # unet or transformer
     trainable = f"LoRA {c.lora / 1e6:.2f}M of {c.denoiser / 1e6:.0f}M" if c.lora else f"all {c.denoiser / 1e6:.0f}M"
-    lines = [f"{c.family} UNet, {trainable} UNet parameters trained; {p.strategy} on {p.processes} process(es); "
-             f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
+    lines = [f"{c.family} {denoiser}, {trainable} {denoiser} parameters trained; {p.strategy} on {p.processes} "
+             f"process(es); gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
     for part, value in p.per_process_bytes.items():
-        lines.append(f"  {part:<12} {_size(value):>10}")
+        if part != "cache_build":
+            lines.append(f"  {part:<12} {_size(value):>10}")
+    if p.per_process_bytes["cache_build"]:
+        lines.append(f"  {'cache build':<12} {_size(p.per_process_bytes['cache_build']):>10}  (before training, on the "
+                     "main process, while data.cache is made; a finished cache needs none)")
     if p.fits is not None:
         verdict = "fits" if p.fits else "does not fit"
         lines.append(f"{verdict} in {p.gpu_memory_gb:g} GB ({RESERVE_GB} GB kept for the CUDA context)")
@@ -291,7 +411,8 @@ def format_plan(p: MemoryPlan) -> str:
             lines.append(f"cheapest single change that fits: {p.change}" if p.change else
                          "no single change fits: combine them")
             lines.append(f"with train.sharding=fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
-                         else "fsdp2 alone does not make it fit: the activations and encoders are not sharded")
+                         else "fsdp2 alone does not make it fit: the activations, the encoders and the cache's build "
+                         "are not sharded")
     if p.strategy != "ddp":
         accelerate_config = "deepspeed-zero2" if p.strategy == "zero2" else p.strategy
         lines.append(f"train with train.sharding={p.strategy} (AdamW only, as planned): torchrun --nproc_per_node "

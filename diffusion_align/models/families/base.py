@@ -3,6 +3,7 @@ its denoiser is conditioned on (`Conditioning`, which calls the denoiser as its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -68,6 +69,12 @@ def unet_output(unet, sample: torch.Tensor, timesteps, cond: Conditioning) -> to
     """A UNet2DConditionModel's prediction under `cond`."""
     kwargs = {} if cond.added_cond_kwargs is None else {"added_cond_kwargs": cond.added_cond_kwargs}
     return unet(sample, timesteps, encoder_hidden_states=cond.encoder_hidden_states, **kwargs).sample
+
+
+def outside_autocast(device: torch.device):
+    """A block in which the text encoders run in their own dtype, whatever autocast the caller runs under (the meta
+    device, where the memory planner runs them, has no autocast)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:

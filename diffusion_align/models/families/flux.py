@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, TextStates, tokenize
+from .base import Conditioning, TextStates, outside_autocast, tokenize
 from .transformer import TransformerFamily
 
 
@@ -47,7 +47,7 @@ class Flux(TransformerFamily):
         guidance scale per sample (3.5 by default)."""
         clip, t5 = text_encoders
         device = clip.device
-        with torch.autocast(device.type, enabled=False):
+        with outside_autocast(device):
             pooled = clip(tokenize(tokenizers[0], prompts, clip.device), output_hidden_states=False).pooler_output
             states = t5(tokenize(tokenizers[1], prompts, t5.device, self.max_sequence_length),
                         output_hidden_states=False)[0]

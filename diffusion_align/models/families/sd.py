@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from torch import autocast, no_grad
+from torch import no_grad
 
-from .base import TextStates, UNetFamily, tokenize
+from .base import TextStates, UNetFamily, outside_autocast, tokenize
 
 
 class SD(UNetFamily):
@@ -21,7 +21,7 @@ class SD(UNetFamily):
     @no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
         device = text_encoders[0].device
-        with autocast(device.type, enabled=False):
+        with outside_autocast(device):
             return TextStates(text_encoders[0](tokenize(tokenizers[0], prompts, device))[0])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, TextStates, tokenize
+from .base import Conditioning, TextStates, outside_autocast, tokenize
 from .transformer import TransformerFamily
 
 
@@ -32,7 +32,7 @@ class SD3(TransformerFamily):
         clip_l, clip_g, t5 = text_encoders
         device = clip_l.device
         clip_length = tokenizers[0].model_max_length
-        with torch.autocast(device.type, enabled=False):
+        with outside_autocast(device):
             states, pooled = [], []
             for tokenizer, encoder in zip(tokenizers[:2], (clip_l, clip_g)):
                 out = encoder(tokenize(tokenizer, prompts, encoder.device, clip_length), output_hidden_states=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, TextStates, UNetFamily, tokenize
+from .base import Conditioning, TextStates, UNetFamily, outside_autocast, tokenize
 
 
 class SDXL(UNetFamily):
@@ -25,7 +25,7 @@ class SDXL(UNetFamily):
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
         device = text_encoders[0].device
-        with torch.autocast(device.type, enabled=False):
+        with outside_autocast(device):
             states = []
             for tokenizer, encoder in zip(tokenizers, text_encoders):
                 out = encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
