@@ -29,6 +29,8 @@ def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
         ["| sd35", "full bf16", "yes"], ["| flux", "lora bf16", "yes"],
         ["| flux", "lora bf16, cache + precomputed ref", "yes"]]
     assert not list(tmp_path.glob("runs/*")), "each case's run is deleted once measured"
+    # the fast cases made their cache before the run (a run that found it made from other inputs would fail)
+    assert "peak CUDA MB making the cache (before the run)" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_the_throughput_table(tmp_path):

@@ -236,16 +236,21 @@ def train(cfg: Config) -> TrainResult:
 
 def latent_cache(cfg: Config, accelerator: Accelerator, output_dir: Path) -> LatentCache:
     """data.cache: the run's latent cache, made (or completed) first by the main process; a stale one is an error."""
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     if d.streaming or not d.center_crop:
         raise ConfigError("data.cache=true stores each image's centre crop by source row: it needs "
                           "data.streaming=false and data.center_crop=true")
     folder = Path(d.cache_dir) if d.cache_dir else output_dir / "latent-cache"
     if accelerator.is_main_process:
-        report = build_cache(d.path, folder, m.pretrained, d.split, m.revision, m.variant, m.vae, cfg.train.resolution,
-                             flips=d.random_flip != "no", dtype=d.cache_dtype, batch_size=d.cache_batch_size,
-                             device=accelerator.device, num_workers=d.num_workers,
-                             max_sequence_length=m.max_sequence_length)
-        logger.info("latent cache %s", report)
+        logger.info("latent cache %s", make_latent_cache(cfg, folder, accelerator.device))
     accelerator.wait_for_everyone()
     return LatentCache(folder)
+
+
+def make_latent_cache(cfg: Config, folder: Path, device):
+    """Make (or complete) `cfg`'s latent cache in `folder` on `device` (None: CUDA where there is one), as a run
+    does before it trains: a run of `cfg` then finds it made."""
+    d, m = cfg.data, cfg.model
+    return build_cache(d.path, folder, m.pretrained, d.split, m.revision, m.variant, m.vae, cfg.train.resolution,
+                       flips=d.random_flip != "no", dtype=d.cache_dtype, batch_size=d.cache_batch_size, device=device,
+                       num_workers=d.num_workers, max_sequence_length=m.max_sequence_length)
