@@ -53,7 +53,6 @@ STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
 RESERVE_GB = 1.5  # the CUDA context and allocator fragmentation, kept out of the budget
 GIB = 1024 ** 3
 _BYTES = {"no": 4, "bf16": 2, "fp16": 2}
-_CACHE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # data.cache_dtype: what the cache's encoders run in on a GPU
 
 
 @dataclasses.dataclass
@@ -112,6 +111,7 @@ def count_models(cfg: Config) -> ModelCounts:
         for module in (vae, *encoders):  # frozen, as loaded for a run: no dropout masks
             module.eval()
         size = (vae.config.in_channels, cfg.train.resolution, cfg.train.resolution)
+        # the pixels are made inside the call, so counted: the cache copies each batch to the device
         vae_calls = tuple(_peak_bytes(lambda: vae.encode(torch.zeros(n, *size, device="meta")).latent_dist)
                           for n in (1, batch))
         text_calls = tuple(_peak_bytes(lambda: family.encode_texts(tokenizers, encoders, [""] * 4 * n))
@@ -297,9 +297,10 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
 
 def cache_build_bytes(cfg: Config, counts: ModelCounts) -> int:
     """The peak of making the latent cache (module docstring); 0 when the run makes none."""
+    from ..data.cache import CACHE_DTYPES
     if not cfg.data.cache or cfg.method.name in ONLINE_METHODS:
         return 0
-    texts = _CACHE_BYTES[cfg.data.cache_dtype]
+    texts = CACHE_DTYPES[cfg.data.cache_dtype].itemsize  # what the cache's encoders run in on a GPU
     images = 4 if counts.vae_upcast else texts
     batch = cfg.data.cache_batch_size  # images a VAE call; the text encoders read 4 x as many texts a call
     working = max(_call_bytes(counts.vae_encode_bytes, batch, counts.cache_batch) * images,
