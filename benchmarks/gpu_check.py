@@ -35,6 +35,7 @@ from train_throughput import ROOT, SD15_TEXT, SD15_VAE  # noqa: E402
 from diffusion_align.config import load_config  # noqa: E402
 from diffusion_align.models.tiny import save_tiny_pipeline, write_tiny_pairs  # noqa: E402
 from diffusion_align.models.tiny_flow import save_tiny_flow_pipeline  # noqa: E402
+from diffusion_align.training.memory import count_models, memory_bytes  # noqa: E402
 from diffusion_align.training.trainer import make_latent_cache, train  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "dpo.yaml"
@@ -139,11 +140,17 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
     if case["fast"]:
         overrides += ["data.cache=true", "method.precomputed_reference=true", f"data.cache_dir={out}-cache"]
     started = time.perf_counter()
-    record = {"arch": model.name, "case": name, "skipped": float("nan"), "cache_peak_mb": float("nan")}
+    record = {"arch": model.name, "case": name, "skipped": float("nan"), "cache_peak_mb": float("nan"),
+              "planned_mb": float("nan"), "planned_cache_mb": float("nan")}
     try:
+        cfg = load_config(CONFIG, overrides)
+        if not case.get("sharded"):  # what `diffusion-align plan` says the run needs, beside what it took
+            usage = memory_bytes(cfg, count_models(cfg))
+            record.update(planned_mb=usage["total"] / 2**20,
+                          planned_cache_mb=usage["cache_build"] / 2**20 if case["fast"] else float("nan"))
         if case["fast"]:  # the cache made first, as the run would make it, so that each phase has its own peak
             reset_peak_memory()
-            make_latent_cache(load_config(CONFIG, overrides), Path(f"{out}-cache"), device=None)  # CUDA if any
+            make_latent_cache(cfg, Path(f"{out}-cache"), device=None)  # CUDA if any
             record["cache_peak_mb"] = peak_memory_mb()
         reset_peak_memory()
         if case.get("sharded"):  # sharding runs under a distributed launch: processes of their own
@@ -155,7 +162,7 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
             if done.returncode:
                 raise RuntimeError(done.stderr[-200:])
         else:
-            train(load_config(CONFIG, overrides))
+            train(cfg)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         skipped = next((i for i, r in enumerate(lines) if r["grad_norm"] is not None), len(lines))
         updates = lines[skipped:]  # after the loss scaler's first skipped steps (none in bf16), every one finite
@@ -191,11 +198,12 @@ def write_report(work: Path, records: list[dict], steps: int, seconds: float) ->
     """The table so far: written after every case, so a check stopped at its time limit keeps what it measured."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"{device}, torch {torch.__version__}, {steps} steps of 1 pair each, {seconds:.0f} s in all", "",
-             "| arch | case | finite | steps the loss scaler skipped first | s / step | peak CUDA MB | peak CUDA MB "
-             "making the cache (before the run) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| arch | case | finite | steps the loss scaler skipped first | s / step | peak CUDA MB | planned MB "
+             "| peak CUDA MB making the cache (before the run) | planned MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['arch']} | {r['case']} | {'yes' if r['ok'] else 'NO: ' + r['why']} | {r['skipped']} | "
-              f"{r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {r['cache_peak_mb']:.0f} |" for r in records]
+              f"{r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {r['planned_mb']:.0f} | {r['cache_peak_mb']:.0f} | "
+              f"{r['planned_cache_mb']:.0f} |" for r in records]
     (work / "gpu_check.md").write_text("\n".join(lines) + "\n")
     (work / "gpu_check.json").write_text(json.dumps(records, indent=2) + "\n")
 

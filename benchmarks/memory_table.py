@@ -11,8 +11,8 @@ CLIPG_CONFIG, T5_CONFIG: CLIP-L, OpenCLIP bigG, T5-v1.1-XXL), which FLUX.1 reads
 `src/flux/util.py`: openai/clip-vit-large-patch14 and google/t5-v1_1-xxl); their VAE is SD's with 16 latent channels
 and no quant convs (`sd3_impls.py` SDVAE, flux `AutoEncoderParams`: ch 128, ch_mult 1 2 4 4, 2 res blocks, z 16);
 the transformers' configs are assets/transformer-configs/.
-The SDXL recipes' replacement VAE (madebyollin/sdxl-vae-fp16-fix, a hub id) is left out: it has SDXL's VAE
-architecture, which the folder's own config already gives.
+The SDXL recipes' replacement VAE (madebyollin/sdxl-vae-fp16-fix, a hub id) is its config: SDXL's VAE architecture with
+force_upcast false (it runs in the frozen dtype, where SDXL's own VAE is kept in fp32).
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ ARCHITECTURES = {"sd15": ("sd", [SD15_TEXT], SD15_VAE), "sd21": ("sd2", [SD21_TE
 DENOISERS = {"sd35": ("transformer", "transformer-configs/sd35-medium-transformer.json"),
              "flux": ("transformer", "transformer-configs/flux1-dev-transformer.json")}
 GPUS = (24, 48, 80)
+
+
+def sdxl_fp16_fix_vae(work: Path) -> Path:
+    """The SDXL recipes' VAE (madebyollin/sdxl-vae-fp16-fix) as a config-only folder: SDXL's, without force_upcast."""
+    folder = work / "sdxl-vae-fp16-fix"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **SDXL_VAE, "force_upcast": False}))
+    return folder
 
 
 def config_only_pipeline(work: Path, arch: str) -> Path:
@@ -105,14 +113,16 @@ def main() -> None:
     lines = ["Per process, one process (ddp), at each recipe's resolution, batch and precision; then, per GPU size, "
              "whether it fits (1.5 GB kept for the CUDA context), the cheapest single change that does, and the "
              "fewest processes with fsdp2.", "",
-             "| recipe | trained | weights | grads | optimizer | reference | encoders | activations | total | "
-             + " | ".join(f"{gb} GB" for gb in GPUS) + " |",
-             "|" + " --- |" * (9 + len(GPUS))]
+             "| recipe | trained | weights | grads | optimizer | reference | encoders | activations | optimizer step "
+             "| encode | total | " + " | ".join(f"{gb} GB" for gb in GPUS) + " |",
+             "|" + " --- |" * (11 + len(GPUS))]
     with tempfile.TemporaryDirectory() as work:
+        fp16_fix = sdxl_fp16_fix_vae(Path(work))
         for arch in ARCHITECTURES:
             model = config_only_pipeline(Path(work), arch)
             for recipe in sorted((ROOT / "configs" / arch).glob("*.yaml")):
-                cfg = load_config(recipe, [f"model.pretrained={model}", "model.vae=null"])
+                vae = fp16_fix if load_config(recipe).model.vae else "null"
+                cfg = load_config(recipe, [f"model.pretrained={model}", f"model.vae={vae}"])
                 counts = count_models(cfg)
                 verdicts = []
                 for gb in GPUS:
@@ -124,7 +134,7 @@ def main() -> None:
                 lines.append(f"| {arch}/{recipe.name} | {trained} | "
                              + " | ".join(f"{usage[k] / GIB:.1f}" for k in ("weights", "gradients", "optimizer",
                                                                              "reference", "encoders", "activations",
-                                                                             "total"))
+                                                                             "optimizer_step", "encode", "total"))
                              + " | " + " | ".join(verdicts) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

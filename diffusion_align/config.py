@@ -149,6 +149,10 @@ class DataConfig:
     cache_dtype: str = _key("fp16", "Storage dtype of the cached posteriors and text states (fp32: a cached run "
                                     "equals an uncached one exactly).", choices=("fp16", "bf16", "fp32"))
     cache_batch_size: int = _key(16, "Images per VAE batch while the cache is made.", within="[1, inf)")
+    vae_encode_batch_size: int | None = _key(None, "Without data.cache: images per VAE call when a step encodes its "
+                                                   "pairs (diffusers' --vae_encode_batch_size); null = all of the "
+                                                   "step's images in one call, whose activations grow with them "
+                                                   "(about 0.6 GB an image at 512 px in fp32).", within="[1, inf)")
 
 
 @dataclass

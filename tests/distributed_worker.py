@@ -5,7 +5,8 @@ import json
 import logging
 import sys
 
-from accelerate import PartialState
+import torch
+from accelerate import Accelerator, PartialState
 from safetensors.torch import save_file
 
 from diffusion_align.config import load_config
@@ -38,15 +39,31 @@ def record_rollouts(into: list) -> None:
     online.step_prompts, online.sample_with_logprob = prompts, sampler
 
 
+def record_ddp(into: list) -> None:
+    """Append to `into` how DDP itself says it runs each model accelerate wraps in it (its logging data)."""
+    prepare_model = Accelerator.prepare_model
+
+    def prepare(self, model, *args, **kwargs):
+        prepared = prepare_model(self, model, *args, **kwargs)
+        if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+            into.append(bool(prepared._get_ddp_logging_data()["gradient_as_bucket_view"]))
+        return prepared
+    Accelerator.prepare_model = prepare
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     config, out_dir, *overrides = sys.argv[1:]
     batches = []
     record_batches(batches)
     record_rollouts(batches)
+    ddp = []
+    record_ddp(ddp)
     result = trainer.train(load_config(config, overrides))
     rank = PartialState().process_index
     trainable = {name: p.detach().contiguous() for name, p in result.denoiser.named_parameters() if p.requires_grad}
     save_file(trainable, f"{out_dir}/rank{rank}.safetensors")
     with open(f"{out_dir}/rank{rank}-batches.json", "w") as f:
         json.dump(batches, f)
+    with open(f"{out_dir}/rank{rank}-ddp.json", "w") as f:
+        json.dump(ddp, f)

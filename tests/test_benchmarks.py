@@ -1,5 +1,7 @@
 """The benchmark scripts run: the GPU check on its CPU stand-in, the throughput table on a few tiny rows."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +33,11 @@ def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
     assert not list(tmp_path.glob("runs/*")), "each case's run is deleted once measured"
     # the fast cases made their cache before the run (a run that found it made from other inputs would fail)
     assert "peak CUDA MB making the cache (before the run)" in (tmp_path / "gpu_check.md").read_text()
+    # beside each peak, what `diffusion-align plan` says the case needs (a sharded run's processes are its own)
+    records = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(math.isfinite(r["planned_mb"]) == ("fsdp2" not in r["case"] and "zero2" not in r["case"])
+               for r in records)
+    assert all(math.isfinite(r["planned_cache_mb"]) == ("cache +" in r["case"]) for r in records)
 
 
 def test_the_throughput_table(tmp_path):
@@ -170,7 +177,7 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
     without quant convs 83,819,683, T5-v1.1-XXL's encoder 4,762,310,656, CLIP ViT-L with projection 123,650,304),
     and SDXL's DPO recipe needs three fsdp2 processes on a 24 GB card."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from memory_table import config_only_pipeline
+    from memory_table import config_only_pipeline, sdxl_fp16_fix_vae
 
     from diffusion_align.config import load_config
     from diffusion_align.training.memory import count_models, plan
@@ -185,7 +192,8 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
         assert (counts.denoiser, counts.vae, counts.text_encoders) == (denoiser, vae, text), arch
         if arch == "sdxl":
             model = folder
-    sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}", "model.vae=null"])
+    sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}",
+                                                                    f"model.vae={sdxl_fp16_fix_vae(tmp_path)}"])
     result = plan(sdxl_dpo, gpu_memory_gb=24)
     # sharded, it trains with AdamW (8 bytes a parameter, not the recipe's Adafactor): 3 processes of 24 GB
     assert (result.fits, result.fsdp2_processes) == (False, 3)

@@ -30,6 +30,8 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs,
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k), "the adapters were trained"
+    # DDP wrapped the UNet with its gradients as views of the all-reduce buckets (one copy of them, as planned)
+    assert [json.loads((tmp_path / f"rank{r}-ddp.json").read_text()) for r in (0, 1)] == [[True], [True]]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by the main process
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()) == [

@@ -14,42 +14,73 @@ from diffusion_align.training.memory import (GIB, RESERVE_GB, ModelCounts, _call
                                              memory_bytes, plan)
 
 HAND = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, vae=200, text_encoders=300,
-                   activation_bytes={"plain": 4000, "checkpointed": 1000}, cache_batch=16)
+                   activation_bytes={"plain": 4000, "checkpointed": 1000}, cache_batch=16,
+                   vae_encode_bytes=(400, 6400), text_encode_bytes=(40, 640))
+PARTS = ("weights", "gradients", "optimizer", "reference", "encoders", "activations", "optimizer_step", "encode")
 
 
 def cfg(*overrides):
     return load_config(None, ["model.lora_rank=null", *overrides])
 
 
-@pytest.mark.parametrize("overrides, strategy, processes, expected", [
+@pytest.mark.parametrize("overrides, strategy, processes, expected, total", [
     # full fp32 DPO, AdamW: weights 4 x 1000, gradients 4 x 1000, moments 8 x 1000, fp32 reference 4 x 1000,
-    # encoders 4 x (200 + 300), activations 4000
-    ((), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
-    ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 4000)),       # all UNet states halved, encoders replicated
+    # encoders 4 x (200 + 300), activations 4000, AdamW's step 4 x 1000, a pair's 2 images encoded 400 + 6000 / 15;
+    # total: the states but the gradients (18,000) and the larger of the forward's 4,000 and the step's 4,000 + 4,000
+    ((), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000, 4000, 800), 26000),
+    ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 4000, 2000, 800), 14000),  # UNet states halved, encoders whole
     # weights (and the reference) replicated; the optimizer's half of the moments and of DeepSpeed's fp32 master copy
-    ((), "zero2", 2, (4000, 2000, 6000, 4000, 2000, 4000)),
-    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 4000)),        # states on the CPU
-    # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; activations in bf16
-    (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 2000)),
+    ((), "zero2", 2, (4000, 2000, 6000, 4000, 2000, 4000, 2000, 800), 20000),
+    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 4000, 0, 800), 8000),        # states and the step on the CPU
+    # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; encoders and their call in bf16
+    (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 4000, 400, 400), 8200),
     (("method.precomputed_reference=true", "data.cache=true", "model.gradient_checkpointing=true"), "ddp", 1,
-     (4000, 4000, 8000, 0, 0, 1000)),
-    (("method.name=mapo", "train.optimizer=adamw8bit"), "ddp", 1, (4000, 4000, 2000, 0, 2000, 4000)),
-    (("train.optimizer=adafactor", "model.ref_offload=true"), "ddp", 1, (4000, 4000, 120, 0, 2000, 4000)),
-    (("method.name=grpo", "data.cache=true"), "ddp", 1, (4000, 4000, 8000, 0, 2000, 4000)),  # no KL: no reference
-    (("method.name=grpo", "online.kl_beta=0.01"), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000)),
+     (4000, 4000, 8000, 0, 0, 1000, 4000, 0), 20000),
+    (("method.name=mapo", "train.optimizer=adamw8bit"), "ddp", 1, (4000, 4000, 2000, 0, 2000, 4000, 0, 800), 12000),
+    # gradients kept between micro-steps: beside the next forward (8,000) and the next encoding (4,800); and so under
+    # DDP on 2 processes, where they are views of its all-reduce buckets
+    (("method.name=mapo", "train.optimizer=adamw8bit", "train.grad_accum=2"), "ddp", 1,
+     (4000, 4000, 2000, 0, 2000, 4000, 0, 800), 16000),
+    (("method.name=mapo", "train.optimizer=adamw8bit"), "ddp", 2, (4000, 4000, 2000, 0, 2000, 4000, 0, 800), 16000),
+    (("train.optimizer=adafactor", "model.ref_offload=true"), "ddp", 1, (4000, 4000, 120, 0, 2000, 4000, 0, 800),
+     10120),
+    # online: the encoders stay (the rewards decode), no pair is encoded; no KL: no reference
+    (("method.name=grpo", "data.cache=true"), "ddp", 1, (4000, 4000, 8000, 0, 2000, 4000, 4000, 0), 22000),
+    (("method.name=grpo", "online.kl_beta=0.01"), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000, 4000, 0), 26000),
 ])
-def test_bytes_by_hand(overrides, strategy, processes, expected):
+def test_bytes_by_hand(overrides, strategy, processes, expected, total):
     """HAND's counts in each setting, and then with 50 floating-point buffers in the denoiser (SD3's position table):
     in the weights' dtype beside them, and beside a reference copy in the frozen dtype, whole on every process
     (sharding and offloading move parameters only)."""
     usage = memory_bytes(cfg(*overrides), HAND, processes, strategy)
-    parts = ("weights", "gradients", "optimizer", "reference", "encoders", "activations")
-    assert tuple(usage[p] for p in parts) == expected and usage["total"] == sum(expected)
+    assert tuple(usage[p] for p in PARTS) == expected and usage["total"] == total
     with_buffers = memory_bytes(cfg(*overrides), dataclasses.replace(HAND, denoiser_buffers=50), processes, strategy)
     full, bf16 = "model.lora_rank=8" not in overrides, "train.mixed_precision=bf16" in overrides
     frozen = 2 if bf16 else 4
     assert with_buffers["weights"] - usage["weights"] == 50 * (4 if full else frozen)
     assert with_buffers["reference"] - usage["reference"] == (50 * frozen if usage["reference"] else 0)
+
+
+def test_a_step_that_peaks_while_it_encodes_by_hand():
+    """A checkpointed bf16 LoRA of 4 pairs a step with a VAE that says force_upcast: the VAE is kept in fp32 (4 x 200
+    beside the text encoders' 2 x 300), and encoding the step's 8 images in fp32 (400 + 7 x 6,000 / 15 = 3,200)
+    outweighs the forward's 1,000: the step needs its states (2,400 + 800 + 1,400) and 3,200, unless the VAE takes
+    fewer images a call."""
+    overrides = ("model.lora_rank=8", "train.mixed_precision=bf16", "model.gradient_checkpointing=true",
+                 "train.batch_size=4")
+    config, upcast = cfg(*overrides), dataclasses.replace(HAND, vae_upcast=True)
+    usage = memory_bytes(config, upcast)
+    assert (usage["encoders"], usage["encode"], usage["activations"]) == (1400, 3200, 1000)
+    assert usage["total"] == 2400 + 800 + 1400 + 3200
+    # 2 images a VAE call (data.vae_encode_batch_size): 800, under the forward's 1,000 and the step's 400 + 400
+    split = memory_bytes(cfg(*overrides, "data.vae_encode_batch_size=2"), upcast)
+    assert (split["encode"], split["total"]) == (800, 2400 + 800 + 1400 + 1000)
+    # a GPU that holds 2,000 beside the states: the advice is the largest VAE batch that fits, 5 images (2,000)
+    advice = plan(config, gpu_memory_gb=RESERVE_GB + (4600 + 2000) / GIB, counts=upcast)
+    assert (advice.fits, advice.change) == (False, "data.vae_encode_batch_size=5")
+    # eight texts are two calls' worth: a text call of 8 counted at 40 + 600 / 15, in bf16
+    texts_first = dataclasses.replace(HAND, vae_encode_bytes=(0, 0), text_encode_bytes=(40, 30040))
+    assert memory_bytes(config, texts_first)["encode"] == (40 + 30000 // 15) * 2 // 4
 
 
 def test_counts_are_the_loaded_models(tiny_models):
@@ -95,35 +126,27 @@ def test_model_states_are_what_a_training_step_holds(tiny_models, lora_rank):
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_activations_are_what_a_real_forward_saves(tiny_models, checkpointed):
-    """The meta-device count against the tensors a real CPU forward saves for its backward (each storage once,
-    parameters aside), on the tiny UNet: 8 rows at 32 px, full fine-tune."""
+def test_activations_are_what_a_real_forward_holds(tiny_models, checkpointed):
+    """The count on fake CUDA tensors against the CPU allocator's peak while the tiny UNet really makes a training
+    forward of 8 rows at 32 px (full fine-tune, fp32) and then its frozen reference copy one without gradients."""
     path = tiny_models["sd"]
     config = load_config(None, [f"model.pretrained={path}", "model.lora_rank=null", "train.resolution=32",
                                 "train.batch_size=4", f"model.gradient_checkpointing={str(checkpointed).lower()}"])
     planned = memory_bytes(config, count_models(config))["activations"]
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").train()
+    reference = UNet2DConditionModel.from_pretrained(path, subfolder="unet").requires_grad_(False)
     if checkpointed:
         unet.enable_gradient_checkpointing()
     latent = 32 // 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
-    saved = saved_bytes(unet, lambda: unet(torch.randn(8, 4, latent, latent), torch.zeros(8, dtype=torch.long),
-                                           torch.randn(8, 77, unet.config.cross_attention_dim)))
-    assert planned == pytest.approx(saved, rel=0.1)
+    inputs = (torch.randn(8, 4, latent, latent), torch.zeros(8, dtype=torch.long),
+              torch.randn(8, 77, unet.config.cross_attention_dim))
 
-
-def saved_bytes(model: torch.nn.Module, forward) -> int:
-    """The bytes of the tensors autograd saves for the backward while `forward()` runs (each storage once, `model`'s
-    parameters aside)."""
-    params, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(seen.values())
+    def forward():
+        kept = [unet(*inputs).sample]  # its graph stays alive, as for a backward
+        with torch.no_grad():
+            reference(*inputs)
+        kept.clear()
+    assert planned == pytest.approx(allocated_peak(forward, grad=True), rel=0.05)
 
 
 def test_the_plan_names_the_cheapest_change_that_fits(tiny_models):
@@ -157,8 +180,7 @@ def test_plan_command_prints_json(tiny_models, capsys):
     main(["plan", "--json", "--processes", "2", "--strategy", "fsdp2", "--gpu-memory", "24",
           f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out["per_process_bytes"]) == {"weights", "gradients", "optimizer", "reference", "encoders",
-                                             "activations", "total", "cache_build"}
+    assert set(out["per_process_bytes"]) == {*PARTS, "total", "cache_build"}
     assert out["fits"] is True and out["processes"] == 2
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])
@@ -166,11 +188,12 @@ def test_plan_command_prints_json(tiny_models, capsys):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real_forward_saves(tiny_flow_models,
+def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real_forward_holds(tiny_flow_models,
                                                                                                family):
     """The plan of an SD3 or FLUX pipeline: its transformer, VAE, three or two text encoders and LoRA counted as
-    loaded, and the activations of one forward as the family calls the transformer (FLUX: packed latents, 512 T5
-    tokens) against what a real CPU forward saves (4 rows at 32 px, full fine-tune)."""
+    loaded, and the activations of a training forward as the family calls the transformer (FLUX: packed latents, 512
+    T5 tokens) and its reference copy's forward against the CPU allocator's peak of the real ones (4 rows at 32 px,
+    full fine-tune, fp32)."""
     from diffusion_align.models.conditioning import encode_prompts
     from diffusion_align.models.loading import load_components
     from diffusion_align.models.policy import Policy
@@ -190,9 +213,15 @@ def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real
     planned = memory_bytes(full, count_models(full))["activations"]
     transformer = parts.denoiser.train()
     cond = encode_prompts(family, parts.tokenizers, parts.text_encoders, ["a red circle"] * 4, guidance=parts.guidance)
-    saved = saved_bytes(transformer, lambda: cond.denoise(transformer, torch.randn(4, 16, 16, 16),
-                                                          torch.full((4,), 500.0)))
-    assert planned == pytest.approx(saved, rel=0.1)
+    reference = load_components(str(path)).denoiser.requires_grad_(False)
+    sample, timesteps = torch.randn(4, 16, 16, 16), torch.full((4,), 500.0)
+
+    def forward():
+        kept = [cond.denoise(transformer, sample, timesteps)]  # its graph stays alive, as for a backward
+        with torch.no_grad():
+            cond.denoise(reference, sample, timesteps)
+        kept.clear()
+    assert planned == pytest.approx(allocated_peak(forward, grad=True), rel=0.1)
 
 
 # ---------------------------------------------------------------- making the latent cache
@@ -212,6 +241,28 @@ def test_live_bytes_follow_what_ops_make_by_hand():
         product = weight.t() @ torch.ones(10)  # the transposed weight is the input's; ones 40 and the product 80
         return head, total, product
     assert _peak_bytes(forward) == 400 + 800 + 4
+
+
+def test_cuda_autocasts_rules_on_fake_tensors_by_hand():
+    """What a bf16 forward holds under CUDA's autocast, on a machine without a GPU: a (4, 16) fp32 input through a
+    16 -> 32 fp32 linear layer that trains, then softmax. The matmul runs in bf16 on bf16 copies of the input (128
+    bytes) and the weight (1,024, kept for the backward), making a bf16 output (256); softmax runs in fp32 (CUDA's
+    rule: CPU's autocast would keep bf16) on an fp32 copy (512) and makes 512. Without autocast: 512 + 512."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from diffusion_align.training.memory import _LiveBytes, _cuda_autocast, _on_fake_cuda
+    mode = FakeTensorMode()
+    with torch.device("meta"):
+        layer = torch.nn.Linear(16, 32, bias=False)
+    _on_fake_cuda(layer, mode)
+    with mode:
+        x = torch.zeros(4, 16, device="cuda")
+    for dtype, expected in ((torch.bfloat16, 128 + 1024 + 256 + 512 + 512), (None, 512 + 512)):
+        with mode, _LiveBytes() as live, _cuda_autocast(dtype):
+            out = layer(x)
+            probabilities = torch.softmax(out, -1)
+        assert (out.dtype, probabilities.dtype) == (dtype or torch.float32, torch.float32)
+        assert live.peak == expected
+    assert not torch.is_autocast_enabled("cuda")
 
 
 def test_the_cache_build_by_hand():
@@ -250,10 +301,10 @@ def test_a_cache_build_that_does_not_fit_gets_a_smaller_batch():
     assert (small.fits, small.change, small.fsdp2_processes) == (False, None, None)
 
 
-def allocated_peak(forward) -> int:
+def allocated_peak(forward, grad: bool = False) -> int:
     """The CPU allocator's peak while `forward()` runs, from the profiler's record of each allocation and free."""
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
+    with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
         forward()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in profiled.profiler.function_events
                     if e.self_cpu_memory_usage)

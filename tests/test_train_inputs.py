@@ -44,9 +44,9 @@ def spy_on_inputs(monkeypatch, log: dict) -> None:
     used), every batch the loader yields ("batches") and every objective call ("objective")."""
     encode, sample = inputs.encode_posteriors, likelihood.Posteriors.sample
 
-    def encode_posteriors(vae, pixel_values):
+    def encode_posteriors(vae, pixel_values, batch_size=None):
         log["pixels"] = pixel_values.clone()
-        return encode(vae, pixel_values)
+        return encode(vae, pixel_values, batch_size)
 
     def sample_posteriors(self, noise):
         latents = sample(self, noise)
@@ -153,6 +153,26 @@ def test_data_latents_noises_a_posterior_draw_or_its_mean(tmp_path, tiny_models,
     pairs = len(noise) // 2
     assert torch.allclose(noise[:pairs], noise[pairs:], atol=1e-4) == (latents == "mean")
     assert (seen["vae"] == []) == (latents == "mean")
+
+
+def test_vae_encode_batch_size_splits_a_steps_vae_calls(tmp_path, tiny_models, tiny_pairs, seen, monkeypatch):
+    """data.vae_encode_batch_size=3 on a step of 4 rows: the VAE encodes 3 images and then 1, and x_t noises the
+    posterior means of one call on all 4 (so the noise each pair's rows imply from them is shared)."""
+    calls, encode = [], AutoencoderKL.encode
+
+    def counted(self, pixels, *args, **kwargs):
+        calls.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+    monkeypatch.setattr(AutoencoderKL, "encode", counted)
+    model = tiny_models["sd"]
+    run(tmp_path, model, tiny_pairs, "train.max_steps=1", "data.random_flip=no", "data.latents=mean",
+        "data.vae_encode_batch_size=3")
+    assert calls == [3, 1]
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    with torch.no_grad():
+        mean = encode(vae, seen["pixels"]).latent_dist.mean * vae.config.scaling_factor
+    noise, _ = pair_noise(seen["unet"][0], mean, model)
+    assert torch.allclose(noise[:2], noise[2:], atol=1e-4)
 
 
 def test_prompt_dropout_conditions_both_rows_on_the_empty_prompt(tmp_path, tiny_models, tiny_pairs, seen):

@@ -65,10 +65,11 @@ class PairInputs:
     truncation: CaptionTruncation = field(default_factory=CaptionTruncation)  # the cache counts its own
     latents: str = "sample"  # data.latents: a posterior draw, or its mean
     guidance: float | None = None  # FLUX.1-dev's distilled guidance scale (`Family.training_guidance`)
+    vae_batch: int | None = None  # images a VAE call (data.vae_encode_batch_size); None: all of a step's at once
 
     def posteriors(self, batch: dict, rows: int) -> Posteriors:
         if self.cache is None:
-            return encode_posteriors(self.vae, batch["pixel_values"][:rows])
+            return encode_posteriors(self.vae, batch["pixel_values"][:rows], self.vae_batch)
         mean, std = (batch[k][:rows].to(self.device, torch.float32) for k in ("mean", "std"))
         return Posteriors(mean, std, self.cache.key["scaling_factor"], self.cache.key.get("shift_factor", 0.0))
 

@@ -12,10 +12,25 @@ for the checkpoint. Per process, in bytes:
     reference    a full fine-tune's frozen copy in the frozen dtype (dpo, smpo, dcpo, and online methods with a KL
                  term); none for LoRA (adapters off), reference-free methods, precomputed reference errors, or
                  model.ref_offload (kept on the CPU)
-    encoders     VAE and text encoders in the frozen dtype (none with data.cache for the offline methods)
-    activations  what autograd saves in one UNet forward of a micro-batch (the rows of train.batch_size pairs, or
-                 online images) at train.resolution: counted exactly on the meta device with saved-tensor hooks, in
-                 the compute dtype, without or with gradient checkpointing
+    encoders     VAE (fp32 where its config says force_upcast, as the run keeps it) and text encoders in the frozen
+                 dtype (none with data.cache for the offline methods)
+    activations  the most alive at once while the denoiser makes one training forward of a micro-batch (the rows of
+                 train.batch_size pairs, or online images) at train.resolution and then, when the plan keeps a
+                 reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
+                 CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
+                 weights cast and held for the backward), without or with gradient checkpointing
+    optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
+                 of what it trains (sqrt(v) + eps); none for 8-bit AdamW, Adafactor or an offloaded optimiser
+    encode       a run without the latent cache (offline methods): the most alive in a VAE call on the step's images
+                 (data.vae_encode_batch_size of them, or all) or a text call on its texts, counted as for the
+                 cache's build below
+
+The total is what the busiest moment of a step needs: the states (weights, optimizer, reference, encoders) and the
+largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and the encoders'
+calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only with
+train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The backward
+frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the forward's
+peak or the step's. Against an H200's peaks (benchmarks/README.md) this is within 3% under, which RESERVE_GB covers.
 
 With data.cache (offline methods) the run first makes its latent cache (`data/cache.py`), before any denoiser is
 loaded, so the plan also gives that phase's peak, and a run must fit the larger of the two:
@@ -27,22 +42,24 @@ loaded, so the plan also gives that phase's peak, and a run must fit the larger 
                  only; a finished cache needs no build)
 
 Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs): fsdp2
-divides the UNet's weights, gradients and optimizer states, and a full fine-tune's reference, by the number of
-processes; fsdp2-offload keeps all three on the CPU; zero2 divides the gradients and optimizer states only, the
-latter with DeepSpeed's fp32 master copy of the weights (4 bytes a trained weight). The encoders are replicated in
-every case.
-Not counted: the CUDA context and allocator slack (RESERVE_GB is kept free), a reward model or judge of the online
-methods, and transient buffers (an FSDP all-gather of one block, the reference forward's outputs).
+divides the UNet's weights, gradients and optimizer states (and its step's temporaries), and a full fine-tune's
+reference, by the number of processes; fsdp2-offload keeps all three on the CPU, where the step runs; zero2 divides
+the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
+trained weight). The encoders are replicated in every case.
+Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), a reward model or
+judge of the online methods, Adafactor's per-matrix temporaries, and an FSDP all-gather of one block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -52,7 +69,6 @@ from .methods import METHODS, ONLINE_METHODS
 STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
 RESERVE_GB = 1.5  # the CUDA context and allocator fragmentation, kept out of the budget
 GIB = 1024 ** 3
-_BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclasses.dataclass
@@ -64,10 +80,13 @@ class ModelCounts:
     adafactor_state: int  # Adafactor's factored second moment for the trainable parameters
     vae: int
     text_encoders: int
-    activation_bytes: dict  # {"plain": bytes, "checkpointed": bytes} of one micro-batch forward, in fp32
+    # {"plain": bytes, "checkpointed": bytes}: the most alive at once in a micro-batch's training forward and its
+    # reference forward, in train.mixed_precision
+    activation_bytes: dict
     denoiser_buffers: int = 0  # floating-point buffers held beside the weights (SD3's position table: 226M at 384)
-    # making the latent cache (data.cache, offline methods): the peak bytes alive (fp32) in a VAE call of 1 and of
-    # `cache_batch` (data.cache_batch_size) images at train.resolution, and in a text call of 4 and of 4 x as many
+    # the encoders' calls (offline methods): the peak bytes alive (fp32) in a VAE call of 1 and of `cache_batch`
+    # images at train.resolution (data.cache_batch_size, or a step's rows if more), and in a text call of 4 and of
+    # 4 x as many texts; for making the latent cache, or for each step of a run without it
     cache_batch: int = 1
     vae_encode_bytes: tuple[int, int] = (0, 0)
     text_encode_bytes: tuple[int, int] = (0, 0)
@@ -75,15 +94,15 @@ class ModelCounts:
 
 
 def count_models(cfg: Config) -> ModelCounts:
-    """Build the config's UNet (with its LoRA), VAE and text encoders on the meta device and count them; run one
-    meta forward of a micro-batch to count the activations autograd keeps."""
+    """Build the config's denoiser (with its LoRA), VAE and text encoders on the meta device and count them; follow
+    one training forward of a micro-batch on fake CUDA tensors to count its activations, and the encoders' calls."""
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
     from ..models.loading import load_tokenizer, pipeline_index
     from ..models.policy import lora_config
-    from .run import model_family
+    from .run import DTYPES, model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
     family, denoiser_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
@@ -102,11 +121,25 @@ def count_models(cfg: Config) -> ModelCounts:
     trainable = [p for n, p in denoiser.named_parameters() if m.lora_rank is None or "lora_" in n]
     rows = _rows(cfg)
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    activations = {"plain": _saved_bytes(denoiser, family, denoiser_config, rows, latent, False),
-                   "checkpointed": _saved_bytes(denoiser, family, denoiser_config, rows, latent, True)}
+    compute = None if cfg.train.mixed_precision == "no" else DTYPES[cfg.train.mixed_precision]  # autocast's
+    online = cfg.method.name in ONLINE_METHODS
+    reference, fake = None, FakeTensorMode()
+    if _needs_reference(cfg) and not (cfg.method.precomputed_reference and not online):
+        if m.lora_rank is not None:
+            reference = lambda: _adapters_off(denoiser)  # noqa: E731
+        else:  # the frozen copy, in the frozen dtype
+            with init_empty_weights(include_buffers=True):
+                frozen_copy = family.denoiser_cls.from_config(denoiser_config).requires_grad_(False)
+            _on_fake_cuda(frozen_copy, fake, compute)
+            reference = lambda: contextlib.nullcontext(frozen_copy)  # noqa: E731
+    _on_fake_cuda(denoiser, fake, compute, frozen_only=True)  # a LoRA's base in the frozen dtype
+    activations = {name: _forward_bytes(denoiser, reference, family, denoiser_config, rows, latent, checkpointed,
+                                        compute, fake)
+                   for name, checkpointed in (("plain", False), ("checkpointed", True))}
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
-    batch, vae_calls, text_calls = cfg.data.cache_batch_size, (0, 0), (0, 0)
-    if cfg.method.name not in ONLINE_METHODS:  # with the cache, or to weigh making one (`_CHANGES`)
+    # the encoders' calls: making the cache (data.cache_batch_size images a call), or in each step of a plain run
+    batch, vae_calls, text_calls = max(cfg.data.cache_batch_size, rows), (0, 0), (0, 0)
+    if not online:  # with the cache, or to weigh making one (`_CHANGES`)
         tokenizers = [load_tokenizer(m.pretrained, index, name, m.revision) for name in family.text_encoders]
         for module in (vae, *encoders):  # frozen, as loaded for a run: no dropout masks
             module.eval()
@@ -130,6 +163,18 @@ def _adafactor_state(p: torch.Tensor) -> int:
 
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _needs_reference(cfg: Config) -> bool:
+    """Whether the method compares with a reference denoiser: offline by its objective, online by its KL term."""
+    if cfg.method.name in ONLINE_METHODS:
+        return cfg.online.kl_beta > 0
+    return METHODS[cfg.method.name].needs_reference
+
+
+def _vae_call_images(cfg: Config) -> int:
+    """Images a step's VAE call encodes: data.vae_encode_batch_size of the step's rows, or all of them."""
+    return min(_rows(cfg), cfg.data.vae_encode_batch_size or _rows(cfg))
 
 
 def _rows(cfg: Config) -> int:
@@ -204,38 +249,88 @@ def _peak_bytes(forward) -> int:
     return live.peak
 
 
-def _saved_bytes(denoiser, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool) -> int:
-    """Bytes of the tensors autograd saves for the backward of one forward of the denoiser as its family calls it
-    (parameters excluded, each storage once), on meta tensors."""
-    from ..models.families import TextStates
+@contextlib.contextmanager
+def _cuda_autocast(dtype: torch.dtype | None):
+    """CUDA autocast's rules (matmuls and convolutions in `dtype`, norms and softmax in fp32, fp32 weights cast and
+    cached) for fake CUDA tensors on a machine without a GPU, where `torch.autocast` refuses to start; None: off."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda")
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.set_autocast_enabled("cuda", True)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled("cuda", before[1])
+        torch.set_autocast_dtype("cuda", before[0])
+
+
+def _on_fake_cuda(module: torch.nn.Module, mode: FakeTensorMode, dtype: torch.dtype | None = None,
+                  frozen_only: bool = False) -> torch.nn.Module:
+    """Replace a meta module's parameters and buffers by fake CUDA tensors (shapes and dtypes, no memory), the
+    floating-point ones (only the frozen ones with `frozen_only`: a LoRA's base) cast to `dtype`."""
+    def fake(tensor: torch.Tensor, frozen: bool) -> torch.Tensor:
+        if dtype is not None and tensor.is_floating_point() and (frozen or not frozen_only):
+            tensor = tensor.to(dtype)
+        return FakeTensor(mode, tensor, torch.device("cuda"))
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = torch.nn.Parameter(fake(param, not param.requires_grad),
+                                                           requires_grad=param.requires_grad)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None:
+                sub._buffers[name] = fake(buffer, True)
+    return module
+
+
+@contextlib.contextmanager
+def _adapters_off(denoiser):
+    """A LoRA's reference: its base, the adapters off (`Policy.reference`)."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()
+
+
+def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool,
+                   compute: torch.dtype | None, mode: FakeTensorMode) -> int:
+    """The most bytes alive at once while the denoiser (fake CUDA tensors) makes one training forward as its family
+    calls it, under CUDA autocast in `compute`, and then, with that forward's graph kept for its backward,
+    `reference()` (a context giving the reference denoiser, or None) makes its forward without gradients."""
+    from torch.utils import checkpoint
     from unittest import mock
-    params = {p.untyped_storage()._cdata for p in denoiser.parameters()}
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            total += storage.nbytes()
-        return tensor
-
+    from ..models.families import TextStates
+    channels, tokens, width, pooled = family.input_shapes(denoiser_config)
+    with mode:
+        cuda = torch.device("cuda")
+        sample = torch.zeros(rows, channels, latent, latent, device=cuda)
+        texts = TextStates(torch.zeros(rows, tokens, width, device=cuda),
+                           None if pooled is None else torch.zeros(rows, pooled, device=cuda))
+        sizes = torch.zeros(rows, 2, dtype=torch.long)  # SDXL's size ids: their values do not change the shapes
+        cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(denoiser_config))
+        timesteps = torch.zeros(rows, device=cuda, dtype=torch.long if family.denoiser == "unet" else torch.float32)
     denoiser.train()
     if checkpointed:
         denoiser.enable_gradient_checkpointing()
-    channels, tokens, width, pooled = family.input_shapes(denoiser_config)
-    sample = torch.zeros(rows, channels, latent, latent, device="meta")
-    texts = TextStates(torch.zeros(rows, tokens, width, device="meta"),
-                       None if pooled is None else torch.zeros(rows, pooled, device="meta"))
-    sizes = torch.zeros(rows, 2, dtype=torch.long)  # SDXL's size ids: their values do not change the shapes
-    cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(denoiser_config))
-    timesteps = torch.zeros(rows, device="meta", dtype=torch.long if family.denoiser == "unet" else torch.float32)
-    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-          mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)):
-        cond.denoise(denoiser, sample, timesteps)
-    if checkpointed:
-        denoiser.disable_gradient_checkpointing()
-    return total
+    try:  # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
+        with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
+              mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
+              _LiveBytes() as live, _cuda_autocast(compute)):
+            kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
+            if reference is not None:
+                with torch.no_grad(), reference() as denoiser_off:
+                    cond.denoise(denoiser_off, sample, timesteps)
+            kept.clear()
+    finally:
+        if checkpointed:
+            denoiser.disable_gradient_checkpointing()
+    return live.peak
 
 
 @dataclasses.dataclass
@@ -261,7 +356,8 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     """Bytes per process of each part of a run of `cfg` (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    frozen = _BYTES[cfg.train.mixed_precision]
+    from .run import DTYPES
+    frozen = DTYPES[cfg.train.mixed_precision].itemsize  # the frozen weights' dtype
     full = cfg.model.lora_rank is None
     trainable = counts.denoiser if full else counts.lora
     weights = counts.denoiser * 4 if full else counts.denoiser * frozen + counts.lora * 4
@@ -271,28 +367,49 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     if strategy == "zero2":  # DeepSpeed's fp32 master copy of the trained weights, partitioned with the moments
         optimizer += 4 * trainable
     online = cfg.method.name in ONLINE_METHODS
-    needs_reference = cfg.online.kl_beta > 0 if online else METHODS[cfg.method.name].needs_reference
-    reference = counts.denoiser * frozen if (full and needs_reference and not cfg.method.precomputed_reference
+    reference = counts.denoiser * frozen if (full and _needs_reference(cfg) and not cfg.method.precomputed_reference
                                          and not cfg.model.ref_offload) else 0
-    encoders = 0 if (cfg.data.cache and not online) else (counts.vae + counts.text_encoders) * frozen
-    saved = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
-    activations = saved * frozen // 4  # counted in fp32; autocast keeps them in the compute dtype
+    # the VAE is kept in fp32 where its config says force_upcast (fp16 overflows it), as the run places it
+    vae_bytes = 4 if counts.vae_upcast else frozen
+    plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
+    encoders = counts.vae * vae_bytes + counts.text_encoders * frozen if plain else 0
+    activations = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
+    partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay
         weights = gradients = optimizer = 0
         reference //= processes
     else:
-        gradients = trainable * 4 // (processes if strategy in ("fsdp2", "zero2") else 1)
-        optimizer //= processes if strategy in ("fsdp2", "zero2") else 1
+        gradients = trainable * 4 // partitioned
+        optimizer //= partitioned
         weights //= sharded
         reference //= sharded
+    # AdamW's step on CUDA (foreach) makes a temporary of the trained weights' size (each sqrt(v) + eps), where its
+    # weights are: 8-bit AdamW's kernels and Adafactor's loop make none of that size
+    optimizer_step = 0 if sharded is None or optimizer_name != "adamw" else 4 * trainable // partitioned
     # the denoiser's buffers sit beside its weights (and the reference copy's) on every process, whole: sharding
     # and offloading move parameters only
     weights += counts.denoiser_buffers * (4 if full else frozen)
     reference += counts.denoiser_buffers * frozen if reference else 0
+    texts = -(-_rows(cfg) // 4)  # a step encodes at most a text a row; text calls were counted by 4
+    encode = _encode_bytes(counts, _vae_call_images(cfg), texts, vae_bytes, frozen) if plain and not online else 0
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
-             "encoders": encoders, "activations": activations}
-    return {**parts, "total": sum(parts.values()), "cache_build": cache_build_bytes(cfg, counts)}
+             "encoders": encoders, "activations": activations, "optimizer_step": optimizer_step, "encode": encode}
+    # gradients live from the backward to the step, and across micro-steps (train.grad_accum); zero_grad frees them
+    # before the next step's forward, except under DDP on several processes, where they are views of its all-reduce
+    # buckets (gradient_as_bucket_view), which stay. The backward frees each layer's saved tensors as it makes its
+    # gradients, so the forward's peak and the step's are the two to fit; the encoders run first in each micro-step
+    held = gradients if cfg.train.grad_accum > 1 or (strategy == "ddp" and processes > 1) else 0
+    states = weights + optimizer + reference + encoders
+    total = states + max(activations + held, gradients + optimizer_step, encode + held)
+    return {**parts, "total": total, "cache_build": cache_build_bytes(cfg, counts)}
+
+
+def _encode_bytes(counts: ModelCounts, images: int, texts: int, vae_bytes: int, text_bytes: int) -> int:
+    """The larger peak of a VAE call on `images` images (in `vae_bytes` a value) and a text call on 4 x `texts`
+    texts (in `text_bytes`), from the calls counted in fp32 (`_call_bytes`)."""
+    return max(_call_bytes(counts.vae_encode_bytes, images, counts.cache_batch) * vae_bytes,
+               _call_bytes(counts.text_encode_bytes, texts, counts.cache_batch) * text_bytes) // 4
 
 
 def cache_build_bytes(cfg: Config, counts: ModelCounts) -> int:
@@ -300,12 +417,11 @@ def cache_build_bytes(cfg: Config, counts: ModelCounts) -> int:
     from ..data.cache import CACHE_DTYPES
     if not cfg.data.cache or cfg.method.name in ONLINE_METHODS:
         return 0
-    texts = CACHE_DTYPES[cfg.data.cache_dtype].itemsize  # what the cache's encoders run in on a GPU
-    images = 4 if counts.vae_upcast else texts
+    text_bytes = CACHE_DTYPES[cfg.data.cache_dtype].itemsize  # what the cache's encoders run in on a GPU
+    vae_bytes = 4 if counts.vae_upcast else text_bytes
     batch = cfg.data.cache_batch_size  # images a VAE call; the text encoders read 4 x as many texts a call
-    working = max(_call_bytes(counts.vae_encode_bytes, batch, counts.cache_batch) * images,
-                  _call_bytes(counts.text_encode_bytes, batch, counts.cache_batch) * texts) // 4
-    return counts.vae * images + counts.text_encoders * texts + working
+    return (counts.vae * vae_bytes + counts.text_encoders * text_bytes
+            + _encode_bytes(counts, batch, batch, vae_bytes, text_bytes))
 
 
 def _call_bytes(ends: tuple[int, int], batch: int, counted: int) -> int:
@@ -340,14 +456,21 @@ _CHANGES = [
 ]
 
 
-def _cache_batch_change(cfg: Config, counts: ModelCounts, usage: dict, budget: float) -> list:
-    """When training fits and making the cache does not: the largest data.cache_batch_size that fits, as a change
-    (it leaves the cache and the trained model as they are), or none."""
-    if usage["total"] > budget or usage["cache_build"] <= budget:
+def _batch_changes(cfg: Config, counts: ModelCounts, usage: dict, budget: float, processes: int,
+                   strategy: str) -> list:
+    """Changes that only split the encoders' calls, leaving the cache and the trained model as they are: when making
+    the cache is all that does not fit, the largest data.cache_batch_size that does; when a step's VAE call is what
+    does not fit, the largest data.vae_encode_batch_size that does."""
+    if usage["total"] <= budget < usage["cache_build"]:
+        key, start, need = "data.cache_batch_size", cfg.data.cache_batch_size, lambda c: cache_build_bytes(c, counts)
+    elif usage["cache_build"] <= budget < usage["total"] and usage["encode"]:
+        key, start = "data.vae_encode_batch_size", _vae_call_images(cfg)
+        need = lambda c: memory_bytes(c, counts, processes, strategy)["total"]  # noqa: E731
+    else:
         return []
-    for batch in range(cfg.data.cache_batch_size - 1, 0, -1):
-        if cache_build_bytes(_changed(cfg, f"data.cache_batch_size={batch}"), counts) <= budget:
-            override = f"data.cache_batch_size={batch}"
+    for batch in range(start - 1, 0, -1):
+        override = f"{key}={batch}"
+        if need(_changed(cfg, override)) <= budget:
             return [(override, override, lambda c: True)]
     return []
 
@@ -372,7 +495,8 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
     if gpu_memory_gb is not None:
         budget = (gpu_memory_gb - RESERVE_GB) * GIB
         fits = needed_bytes(usage) <= budget
-        for label, how, applies in [] if fits else [*_cache_batch_change(cfg, counts, usage, budget), *_CHANGES]:
+        changes = [] if fits else [*_batch_changes(cfg, counts, usage, budget, processes, strategy), *_CHANGES]
+        for label, how, applies in changes:
             if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1):
                 continue
             if how in STRATEGIES:
@@ -401,9 +525,11 @@ def format_plan(p: MemoryPlan) -> str:
              f"process(es); gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
     for part, value in p.per_process_bytes.items():
         if part != "cache_build":
-            lines.append(f"  {part:<12} {_size(value):>10}")
+            lines.append(f"  {part.replace('_', ' '):<14} {_size(value):>10}" + (
+                "  (states and the largest of activations, gradients + optimizer step, encode)" if part == "total"
+                else ""))
     if p.per_process_bytes["cache_build"]:
-        lines.append(f"  {'cache build':<12} {_size(p.per_process_bytes['cache_build']):>10}  (before training, on the "
+        lines.append(f"  {'cache build':<14} {_size(p.per_process_bytes['cache_build']):>10}  (before training, on the "
                      "main process, while data.cache is made; a finished cache needs none)")
     if p.fits is not None:
         verdict = "fits" if p.fits else "does not fit"

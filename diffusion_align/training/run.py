@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -47,8 +47,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if resolve_sharding(cfg) == "zero2":
         return deepspeed_accelerator(cfg, log_with=trackers, project_dir=cfg.train.output_dir)
     state = process_state()  # made as the command line's logging made it: cpu=True without a GPU
+    # on several processes, DDP's gradients are views of its all-reduce buckets rather than a second copy of them
+    # (the same values; the planner counts one copy)
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
-                       project_dir=cfg.train.output_dir, cpu=state.device.type == "cpu")
+                       project_dir=cfg.train.output_dir, cpu=state.device.type == "cpu", kwargs_handlers=[ddp])
 
 
 def model_family(cfg: Config) -> tuple[Family, dict]:

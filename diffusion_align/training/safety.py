@@ -22,8 +22,8 @@ RUN_ENTRIES = ("final", ".final.tmp", "final.old", "metrics.jsonl", ".metrics.js
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.output_dir", "train.resume", "train.overwrite", "train.log_every", "train.report_to",
     "train.checkpoint_every", "train.checkpoints_keep", "train.max_nonfinite_steps", "data.num_workers",
-    "data.cache_dir", "data.cache_batch_size", "method.reference_batch_size", "model.ref_offload",
-    "model.gradient_checkpointing", "model.compile", "model.attention",
+    "data.cache_dir", "data.cache_batch_size", "data.vae_encode_batch_size", "method.reference_batch_size",
+    "model.ref_offload", "model.gradient_checkpointing", "model.compile", "model.attention",
     "model.cudnn_attention", "online.track", "online.grid_every"})
 
 

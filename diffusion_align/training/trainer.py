@@ -98,7 +98,7 @@ def train(cfg: Config) -> TrainResult:
         return PairInputs(parts.family, method, t.seed, cfg.data.prompt_dropout, t.resolution,
                           forward_process(parts.family, parts.noise_scheduler, t), device, parts.vae, parts.tokenizers,
                           parts.text_encoders, cache, text_dtype=frozen_dtype, latents=cfg.data.latents,
-                          guidance=parts.guidance)
+                          guidance=parts.guidance, vae_batch=cfg.data.vae_encode_batch_size)
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
