@@ -20,7 +20,9 @@ for the checkpoint. Per process, in bytes:
                  CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
                  weights cast and held for the backward), without or with gradient checkpointing
     optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
-                 of what it trains (sqrt(v) + eps); none for 8-bit AdamW, Adafactor or an offloaded optimiser
+                 of what it trains (sqrt(v) + eps); Adafactor (a loop over the matrices) the most alive at once of a
+                 few temporaries of one matrix's size, followed through its real step on fake CUDA tensors; none for
+                 8-bit AdamW or an offloaded optimiser
     encode       a run without the latent cache (offline methods): the most alive in a VAE call on the step's images
                  (data.vae_encode_batch_size of them, or all) or a text call on its texts, counted as for the
                  cache's build below
@@ -47,7 +49,7 @@ reference, by the number of processes; fsdp2-offload keeps all three on the CPU,
 the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
 trained weight). The encoders are replicated in every case.
 Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), a reward model or
-judge of the online methods, Adafactor's per-matrix temporaries, and an FSDP all-gather of one block.
+judge of the online methods, and an FSDP all-gather of one block.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class ModelCounts:
     denoiser: int
     lora: int            # adapter parameters at the config's rank and target modules (0 for a full fine-tune)
     adafactor_state: int  # Adafactor's factored second moment for the trainable parameters
+    adafactor_step: int   # the most bytes alive at once in its step beyond the parameters, gradients and states
     vae: int
     text_encoders: int
     # {"plain": bytes, "checkpointed": bytes}: the most alive at once in a micro-batch's training forward and its
@@ -137,6 +140,8 @@ def count_models(cfg: Config) -> ModelCounts:
                                         compute, fake)
                    for name, checkpointed in (("plain", False), ("checkpointed", True))}
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
+    adafactor_step = (_adafactor_step_bytes(cfg, [p for p in denoiser.parameters() if p.requires_grad], fake)
+                      if cfg.train.optimizer == "adafactor" else 0)
     # the encoders' calls: making the cache (data.cache_batch_size images a call), or in each step of a plain run
     batch, vae_calls, text_calls = max(cfg.data.cache_batch_size, rows), (0, 0), (0, 0)
     if not online:  # with the cache, or to weigh making one (`_CHANGES`)
@@ -150,7 +155,7 @@ def count_models(cfg: Config) -> ModelCounts:
         text_calls = tuple(_peak_bytes(lambda: family.encode_texts(tokenizers, encoders, [""] * 4 * n))
                            for n in (1, batch))
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
-                       sum(_adafactor_state(p) for p in trainable), _numel(vae),
+                       sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
                        sum(_numel(e) for e in encoders), activations, buffers, batch, vae_calls, text_calls,
                        bool(vae.config.get("force_upcast", False)))
 
@@ -159,6 +164,25 @@ def _adafactor_state(p: torch.Tensor) -> int:
     """transformers' Adafactor (beta1 unset): a matrix's second moment factored into a row and a column vector over
     its last two dimensions (p.shape[:-1] and p.shape[:-2] + p.shape[-1:]), a vector's kept whole."""
     return p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.ndim >= 2 else p.numel()
+
+
+def _adafactor_step_bytes(cfg: Config, trainable: list[torch.nn.Parameter], mode: FakeTensorMode) -> int:
+    """The most bytes alive at once while the run's Adafactor (`make_optimizer`) steps the fake CUDA `trainable`
+    with their states made: its loop over them makes temporaries of each one's size (grad ** 2, the factored
+    estimate, -update), and the last one's live on into the next one's."""
+    from .run import make_optimizer
+    optimizer = make_optimizer(cfg, trainable, cfg.train.lr)
+    try:
+        with mode:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()  # makes the states, which `optimizer` counts
+            with _LiveBytes() as live:
+                optimizer.step()
+    finally:
+        for p in trainable:
+            p.grad = None
+    return live.peak
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -385,8 +409,9 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
         weights //= sharded
         reference //= sharded
     # AdamW's step on CUDA (foreach) makes a temporary of the trained weights' size (each sqrt(v) + eps), where its
-    # weights are: 8-bit AdamW's kernels and Adafactor's loop make none of that size
-    optimizer_step = 0 if sharded is None or optimizer_name != "adamw" else 4 * trainable // partitioned
+    # weights are; Adafactor's loop, temporaries of one matrix's size; 8-bit AdamW's kernels, none
+    optimizer_step = 0 if sharded is None else {"adamw": 4 * trainable // partitioned, "adamw8bit": 0,
+                                                "adafactor": counts.adafactor_step}[optimizer_name]
     # the denoiser's buffers sit beside its weights (and the reference copy's) on every process, whole: sharding
     # and offloading move parameters only
     weights += counts.denoiser_buffers * (4 if full else frozen)
