@@ -12,7 +12,9 @@ CLIPG_CONFIG, T5_CONFIG: CLIP-L, OpenCLIP bigG, T5-v1.1-XXL), which FLUX.1 reads
 and no quant convs (`sd3_impls.py` SDVAE, flux `AutoEncoderParams`: ch 128, ch_mult 1 2 4 4, 2 res blocks, z 16);
 the transformers' configs are assets/transformer-configs/.
 The SDXL recipes' replacement VAE (madebyollin/sdxl-vae-fp16-fix, a hub id) is its config: SDXL's VAE architecture with
-force_upcast false (it runs in the frozen dtype, where SDXL's own VAE is kept in fp32).
+force_upcast false (it runs in the frozen dtype, where SDXL's own VAE is kept in fp32). The online recipes' reward,
+PickScore (yuvalkirstain/PickScore_v1, a fine-tune of laion/CLIP-ViT-H-14-laion2B-s32B-b79K), is a config-only
+CLIPModel folder of that ViT-H/14.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ ARCHITECTURES = {"sd15": ("sd", [SD15_TEXT], SD15_VAE), "sd21": ("sd2", [SD21_TE
 DENOISERS = {"sd35": ("transformer", "transformer-configs/sd35-medium-transformer.json"),
              "flux": ("transformer", "transformer-configs/flux1-dev-transformer.json")}
 GPUS = (24, 48, 80)
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json, which PickScore_v1 keeps
+PICKSCORE = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                  max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
+                 vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                    num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu"),
+                 projection_dim=1024)
 
 
 def sdxl_fp16_fix_vae(work: Path) -> Path:
@@ -49,6 +57,14 @@ def sdxl_fp16_fix_vae(work: Path) -> Path:
     folder = work / "sdxl-vae-fp16-fix"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **SDXL_VAE, "force_upcast": False}))
+    return folder
+
+
+def pickscore_config(work: Path) -> Path:
+    """PickScore as a config-only CLIPModel folder (the planner reads its config alone)."""
+    import transformers
+    folder = work / "pickscore"
+    transformers.CLIPConfig(**PICKSCORE).save_pretrained(folder)
     return folder
 
 
@@ -113,16 +129,19 @@ def main() -> None:
     lines = ["Per process, one process (ddp), at each recipe's resolution, batch and precision; then, per GPU size, "
              "whether it fits (1.5 GB kept for the CUDA context), the cheapest single change that does, and the "
              "fewest processes with fsdp2.", "",
-             "| recipe | trained | weights | grads | optimizer | reference | encoders | activations | optimizer step "
-             "| encode | total | " + " | ".join(f"{gb} GB" for gb in GPUS) + " |",
-             "|" + " --- |" * (11 + len(GPUS))]
+             "| recipe | trained | weights | grads | optimizer | reference | encoders | rewards | activations "
+             "| optimizer step | encode | total | " + " | ".join(f"{gb} GB" for gb in GPUS) + " |",
+             "|" + " --- |" * (12 + len(GPUS))]
     with tempfile.TemporaryDirectory() as work:
-        fp16_fix = sdxl_fp16_fix_vae(Path(work))
+        fp16_fix, pickscore = sdxl_fp16_fix_vae(Path(work)), pickscore_config(Path(work))
         for arch in ARCHITECTURES:
             model = config_only_pipeline(Path(work), arch)
             for recipe in sorted((ROOT / "configs" / arch).glob("*.yaml")):
-                vae = fp16_fix if load_config(recipe).model.vae else "null"
-                cfg = load_config(recipe, [f"model.pretrained={model}", f"model.vae={vae}"])
+                shipped = load_config(recipe)
+                vae = fp16_fix if shipped.model.vae else "null"
+                assert shipped.online.reward == "pickscore" and not shipped.online.track and not shipped.online.judge
+                cfg = load_config(recipe, [f"model.pretrained={model}", f"model.vae={vae}",
+                                           f"online.reward=pickscore={pickscore}"])
                 counts = count_models(cfg)
                 verdicts = []
                 for gb in GPUS:
@@ -133,8 +152,9 @@ def main() -> None:
                 trained = f"LoRA {counts.lora / 1e6:.1f}M" if counts.lora else f"full {counts.denoiser / 1e9:.2f}B"
                 lines.append(f"| {arch}/{recipe.name} | {trained} | "
                              + " | ".join(f"{usage[k] / GIB:.1f}" for k in ("weights", "gradients", "optimizer",
-                                                                             "reference", "encoders", "activations",
-                                                                             "optimizer_step", "encode", "total"))
+                                                                             "reference", "encoders", "rewards",
+                                                                             "activations", "optimizer_step",
+                                                                             "encode", "total"))
                              + " | " + " | ".join(verdicts) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

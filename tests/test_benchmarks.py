@@ -174,10 +174,13 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
     (SD1.5 UNet 859,520,964; SD2.1 865,910,724; SDXL 2,567,463,684; their VAE 83,653,863; CLIP ViT-L 123,060,480,
     OpenCLIP ViT-H (23 layers) 340,387,840, ViT-bigG with projection 694,659,840; SD3.5-medium's transformer
     2,469,663,936 less its 226,492,416-element position buffer, FLUX.1-dev's 11,901,408,320, the 16-channel VAE
-    without quant convs 83,819,683, T5-v1.1-XXL's encoder 4,762,310,656, CLIP ViT-L with projection 123,650,304),
-    and SDXL's DPO recipe needs three fsdp2 processes on a 24 GB card."""
+    without quant convs 83,819,683, T5-v1.1-XXL's encoder 4,762,310,656, CLIP ViT-L with projection 123,650,304;
+    the online recipes' PickScore, CLIP ViT-H/14, 986,109,441 as open_clip's ViT-H-14 that HPS loads), and SDXL's
+    DPO recipe needs three fsdp2 processes on a 24 GB card."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from memory_table import config_only_pipeline, sdxl_fp16_fix_vae
+    from memory_table import config_only_pipeline, pickscore_config, sdxl_fp16_fix_vae
+
+    from diffusion_align.rewards import SCORERS
 
     from diffusion_align.config import load_config
     from diffusion_align.training.memory import count_models, plan
@@ -192,6 +195,9 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
         assert (counts.denoiser, counts.vae, counts.text_encoders) == (denoiser, vae, text), arch
         if arch == "sdxl":
             model = folder
+    (pickscore,) = SCORERS["pickscore"].models_on_meta("pickscore", str(pickscore_config(tmp_path)))
+    (hps,) = SCORERS["hpsv2"].models_on_meta("hpsv2", None)
+    assert sum(p.numel() for p in pickscore.parameters()) == sum(p.numel() for p in hps.parameters()) == 986_109_441
     sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={model}",
                                                                     f"model.vae={sdxl_fp16_fix_vae(tmp_path)}"])
     result = plan(sdxl_dpo, gpu_memory_gb=24)

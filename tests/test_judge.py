@@ -225,3 +225,11 @@ def test_vlm_judge_needs_a_chat_model(tmp_path):
     blip = save_tiny_captioner(tmp_path / "blip", "blip")  # an image-to-text model without a chat template
     with pytest.raises(ValueError, match="processor has no tokenizer with a chat template"):
         VLMJudge(str(blip), device="cpu")
+
+
+def test_model_on_meta_is_the_loaded_judges_from_its_config_alone(judge, tiny_llava):
+    """What the memory planner counts: the judge's model built on the meta device from its config has the loaded
+    judge's parameters, name for name and shape for shape."""
+    model = VLMJudge.model_on_meta(tiny_llava)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in judge.model.named_parameters()}

@@ -84,6 +84,30 @@ def test_a_step_that_peaks_while_it_encodes_by_hand():
     assert memory_bytes(config, texts_first)["encode"] == (40 + 30000 // 15) * 2 // 4
 
 
+def test_the_online_rewards_are_states_in_the_frozen_dtype_by_hand():
+    """HAND with 500 parameters of scorers and judge: bf16 GRPO holds them in 2 bytes each, beside its other states."""
+    config = cfg("method.name=grpo", "train.mixed_precision=bf16")
+    without, usage = memory_bytes(config, HAND), memory_bytes(config, dataclasses.replace(HAND, rewards=500))
+    assert (without["rewards"], usage["rewards"], usage["total"] - without["total"]) == (0, 1000, 1000)
+
+
+def test_an_online_runs_rewards_are_the_loaded_scorers_and_judge(tiny_models, tmp_path):
+    """online.reward, online.track (the toy oracle, a rule, holds none) and online.judge counted as the online loop
+    loads them; an offline method loads none."""
+    from diffusion_align.models.tiny import save_tiny_captioner
+    from diffusion_align.rewards import VLMJudge, load_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    pickscore, hps = save_tiny_scorer("pickscore", tmp_path / "pickscore"), save_tiny_scorer("hpsv2", tmp_path / "hps")
+    judge = save_tiny_captioner(tmp_path / "llava", "llava")
+    model = [f"model.pretrained={tiny_models['sd']}", "train.resolution=32"]
+    counts = count_models(load_config(None, [*model, "method.name=pref_grpo", f"online.reward=pickscore={pickscore}",
+                                             f"online.track=[toy-oracle,hpsv2={hps}]", f"online.judge={judge}"]))
+    loaded = [load_scorer("pickscore", pickscore).model, load_scorer("hpsv2", hps).model,
+              VLMJudge(str(judge), answers=("sun", "sky")).model]
+    assert counts.rewards == sum(p.numel() for m in loaded for p in m.parameters()) > 0
+    assert count_models(load_config(None, [*model, f"online.reward=pickscore={pickscore}"])).rewards == 0
+
+
 def test_counts_are_the_loaded_models(tiny_models):
     from diffusion_align.models.policy import Policy
     for family, path in tiny_models.items():
@@ -201,7 +225,7 @@ def test_plan_command_prints_json(tiny_models, capsys):
     main(["plan", "--json", "--processes", "2", "--strategy", "fsdp2", "--gpu-memory", "24",
           f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out["per_process_bytes"]) == {*PARTS, "total", "cache_build"}
+    assert set(out["per_process_bytes"]) == {*PARTS, "rewards", "total", "cache_build"}
     assert out["fits"] is True and out["processes"] == 2
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])

@@ -282,6 +282,33 @@ def test_hps_architecture_is_vit_h_14_without_a_local_config(tmp_path):
     assert config == open_clip.get_model_config("ViT-H-14") and config["vision_cfg"]["width"] == 1280
 
 
+@pytest.mark.parametrize("name", MODEL_SCORERS)
+def test_models_on_meta_are_the_loaded_ones_from_configs_alone(empty_hub, scorers, paths, tmp_path, name):
+    """What the memory planner counts: each scorer's models built on the meta device from the tiny folder's configs,
+    with its weights files gone, have the loaded scorer's parameters, name for name and shape for shape (the
+    aesthetic head, which takes its shapes from its file, left out)."""
+    config_only = tmp_path / name
+    shutil.copytree(paths[name], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "*.pth", "*.bin"))
+    models = SCORERS[name].models_on_meta(name, str(config_only))
+    assert [p.device.type for m in models for p in m.parameters()] == ["meta"] * sum(
+        len(list(m.parameters())) for m in models)
+    assert [{n: p.shape for n, p in m.named_parameters()} for m in models] == [
+        {n: p.shape for n, p in scorers[name].model.named_parameters()}]
+
+
+def test_models_on_meta_without_a_path_are_the_registrys():
+    """HPS's ViT-H-14 needs no hub: open_clip's built-in config, 986.11M parameters as open_clip's model profile
+    lists it; the toy oracle is a rule and holds none."""
+    (hps,) = SCORERS["hpsv2.1"].models_on_meta("hpsv2.1", None)
+    assert sum(p.numel() for p in hps.parameters()) == 986_109_441
+    assert SCORERS["toy-oracle"].models_on_meta("toy-oracle", None) == []
+
+
+def test_models_on_meta_name_what_they_could_not_read(empty_hub):
+    with pytest.raises(MissingWeightsError, match="pickscore.*yuvalkirstain/PickScore_v1.*config.json"):
+        SCORERS["pickscore"].models_on_meta("pickscore", None)
+
+
 def test_hps_checkpoint_errors(paths, tmp_path):
     folder = tmp_path / "bad"
     shutil.copytree(paths["hpsv2"], folder)

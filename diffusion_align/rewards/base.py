@@ -79,6 +79,12 @@ class Scorer(abc.ABC):
         self.device = default_device(device)
         self.dtype = dtype or torch.float32
 
+    @classmethod
+    @abc.abstractmethod
+    def models_on_meta(cls, name: str, path: str | None) -> list[torch.nn.Module]:
+        """The models scorer `name` holds when loaded from `path`, built on the meta device from their configs alone
+        (no weights read): what the memory planner counts."""
+
     def _prompts(self, n: int, prompts: Sequence[str] | None) -> list[str]:
         if prompts is None and not self.needs_prompts:
             return [""] * n

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, check_local, first_line, hub_file
+from .registry import load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,15 @@ def _load_model(scorer: str, source: str, hint: str):
     import transformers
     return _pretrained(scorer, transformers.CLIPModel, source,
                        "a CLIPModel folder (config.json + model.safetensors) or hub id", hint)
+
+
+def _clip_on_meta(scorer: str, source: str) -> nn.Module:
+    """The CLIPModel of `source` (folder or hub id) from its config.json alone, on the meta device."""
+    import transformers
+    config = _pretrained(scorer, transformers.CLIPConfig, source, "a CLIPModel folder or hub id with config.json",
+                         f"Give {scorer}=DIR (--scorer, online.reward or online.track), DIR holding its config.json.")
+    with torch.device("meta"):
+        return transformers.CLIPModel(config)
 
 
 # The files that hold each processor part in the layouts transformers writes, any of which loads offline with
@@ -159,6 +169,10 @@ class ClipSimilarityScorer(Scorer):
         logger.info("%s: model %s, tokenizer %s, image processor %s; %s", name, path or source["model"],
                     sources["tokenizer"], sources["image processor"], self.convention)
 
+    @classmethod
+    def models_on_meta(cls, name, path):
+        return [_clip_on_meta(name, path or load_spec(name)["source"]["model"])]
+
     @torch.no_grad()
     def cosine(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """cos(text, image) (N,) float32 on the model's device, prompts prefixed as the convention says."""
@@ -247,8 +261,20 @@ class AestheticScorer(Scorer):
             folder, found = given.parent, given
         else:
             raise MissingWeightsError(f"{self.name}: {path} does not exist. {hint}")
+        return found, self._clip_source(folder, source)
+
+    @staticmethod
+    def _clip_source(folder: Path, source: dict) -> str:
+        """The CLIP beside a head file in `folder`: its clip/ subfolder, else the registry's hub id."""
         clip = folder / "clip"
-        return found, str(clip) if clip.is_dir() else source["clip"]
+        return str(clip) if clip.is_dir() else source["clip"]
+
+    @classmethod
+    def models_on_meta(cls, name, path):
+        """The CLIP alone: the head (under a million parameters) takes its shapes from its weights file."""
+        source = load_spec(name)["source"]
+        folder = None if path is None else Path(path) if Path(path).is_dir() else Path(path).parent
+        return [_clip_on_meta(name, source["clip"] if folder is None else cls._clip_source(folder, source))]
 
     @torch.no_grad()
     def score_batch(self, pixel_values: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:

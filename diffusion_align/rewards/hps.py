@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, first_line, hub_file
 from .clip import ready
+from .registry import load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ class Letterbox:
         return (pixels - mean) / std
 
 
-def open_clip_config(checkpoint: Path, architecture: str) -> dict:
+def open_clip_config(checkpoint: Path | None, architecture: str) -> dict:
     """The model config: `open_clip_config.json` beside the checkpoint if there is one (open_clip's own format,
     {"model_cfg": ...}; the tiny test models use it), else open_clip's built-in `architecture`."""
-    local = checkpoint.parent / "open_clip_config.json"
-    if local.is_file():
+    local = None if checkpoint is None else checkpoint.parent / "open_clip_config.json"
+    if local is not None and local.is_file():
         config = json.loads(local.read_text())
         if "model_cfg" not in config:
             raise ValueError(f"{local}: expected open_clip's format {{'model_cfg': {{...}}}}, got keys {list(config)}")
@@ -114,6 +115,14 @@ class HPSScorer(Scorer):
         size = model.visual.image_size
         self.preprocess = Letterbox(size if isinstance(size, int) else size[0])
         logger.info("%s: %s", name, checkpoint)
+
+    @classmethod
+    def models_on_meta(cls, name, path):
+        import open_clip
+        source = load_spec(name)["source"]
+        checkpoint = None if path is None else Path(path) / source["file"] if Path(path).is_dir() else Path(path)
+        with torch.device("meta"):
+            return [open_clip.CLIP(**open_clip_config(checkpoint, source["architecture"]))]
 
     def _locate(self, path: str | None, source: dict) -> Path:
         filename = source["file"]

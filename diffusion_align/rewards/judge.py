@@ -149,6 +149,13 @@ class VLMJudge(PairwiseJudge):
         self._forward_options = {"logits_to_keep": 1} if keeps else {}
 
     @staticmethod
+    def model_on_meta(model: str) -> torch.nn.Module:
+        """The judge's model from its config alone, on the meta device (no weights read): for the memory planner."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+
+    @staticmethod
     def _token_id(model: str, tokenizer, answer: str) -> int:
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:

@@ -33,5 +33,9 @@ class ToyOracleScorer(Scorer):
         super().__init__(name, path, convention, batch_size, device, dtype)
         self.preprocess = _ToTensor()
 
+    @classmethod
+    def models_on_meta(cls, name, path):
+        return []  # rules on pixels
+
     def score_batch(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return oracle_scores(list(pixel_values.cpu()), prompts)

@@ -14,6 +14,8 @@ for the checkpoint. Per process, in bytes:
                  model.ref_offload (kept on the CPU)
     encoders     VAE (fp32 where its config says force_upcast, as the run keeps it) and text encoders in the frozen
                  dtype (none with data.cache for the offline methods)
+    rewards      the online methods' scorers (online.reward and online.track) and judge (online.judge) in the frozen
+                 dtype, built from their configs (`Scorer.models_on_meta`, `VLMJudge.model_on_meta`)
     activations  the most alive at once while the denoiser makes one training forward of a micro-batch (the rows of
                  train.batch_size pairs, or online images) at train.resolution and then, when the plan keeps a
                  reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
@@ -27,12 +29,13 @@ for the checkpoint. Per process, in bytes:
                  (data.vae_encode_batch_size of them, or all) or a text call on its texts, counted as for the
                  cache's build below
 
-The total is what the busiest moment of a step needs: the states (weights, optimizer, reference, encoders) and the
-largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and the encoders'
-calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only with
-train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The backward
-frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the forward's
-peak or the step's. Against an H200's peaks (benchmarks/README.md) this is within 3% under, which RESERVE_GB covers.
+The total is what the busiest moment of a step needs: the states (weights, optimizer, reference, encoders, rewards)
+and the largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and the
+encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only
+with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
+backward frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the
+forward's peak or the step's. Against an H200's peaks (benchmarks/README.md) this is within 3% under, which RESERVE_GB
+covers.
 
 With data.cache (offline methods) the run first makes its latent cache (`data/cache.py`), before any denoiser is
 loaded, so the plan also gives that phase's peak, and a run must fit the larger of the two:
@@ -48,8 +51,8 @@ divides the UNet's weights, gradients and optimizer states (and its step's tempo
 reference, by the number of processes; fsdp2-offload keeps all three on the CPU, where the step runs; zero2 divides
 the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
 trained weight). The encoders are replicated in every case.
-Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), a reward model or
-judge of the online methods, and an FSDP all-gather of one block.
+Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), the online rewards'
+calls and the aesthetic scorer's head (under a million parameters), and an FSDP all-gather of one block.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class ModelCounts:
     vae_encode_bytes: tuple[int, int] = (0, 0)
     text_encode_bytes: tuple[int, int] = (0, 0)
     vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
+    rewards: int = 0           # the online methods' scorers and judge
 
 
 def count_models(cfg: Config) -> ModelCounts:
@@ -144,6 +148,7 @@ def count_models(cfg: Config) -> ModelCounts:
                       if cfg.train.optimizer == "adafactor" else 0)
     # the encoders' calls: making the cache (data.cache_batch_size images a call), or in each step of a plain run
     batch, vae_calls, text_calls = max(cfg.data.cache_batch_size, rows), (0, 0), (0, 0)
+    rewards = _reward_params(cfg) if online else 0
     if not online:  # with the cache, or to weigh making one (`_CHANGES`)
         tokenizers = [load_tokenizer(m.pretrained, index, name, m.revision) for name in family.text_encoders]
         for module in (vae, *encoders):  # frozen, as loaded for a run: no dropout masks
@@ -157,13 +162,25 @@ def count_models(cfg: Config) -> ModelCounts:
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
                        sum(_numel(e) for e in encoders), activations, buffers, batch, vae_calls, text_calls,
-                       bool(vae.config.get("force_upcast", False)))
+                       bool(vae.config.get("force_upcast", False)), rewards)
 
 
 def _adafactor_state(p: torch.Tensor) -> int:
     """transformers' Adafactor (beta1 unset): a matrix's second moment factored into a row and a column vector over
     its last two dimensions (p.shape[:-1] and p.shape[:-2] + p.shape[-1:]), a vector's kept whole."""
     return p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.ndim >= 2 else p.numel()
+
+
+def _reward_params(cfg: Config) -> int:
+    """Parameters of what an online run loads to reward and watch its samples: online.reward, online.track and
+    online.judge, from their configs alone."""
+    from ..rewards import SCORERS, VLMJudge, parse_scorer_spec
+    o = cfg.online
+    models = [model for name, path in map(parse_scorer_spec, (o.reward, *o.track))
+              for model in SCORERS[name].models_on_meta(name, path)]
+    if o.judge is not None:
+        models.append(VLMJudge.model_on_meta(o.judge))
+    return sum(_numel(model) for model in models)
 
 
 def _adafactor_step_bytes(cfg: Config, trainable: list[torch.nn.Parameter], mode: FakeTensorMode) -> int:
@@ -362,7 +379,7 @@ class MemoryPlan:
     strategy: str
     processes: int
     gpu_memory_gb: float | None
-    per_process_bytes: dict      # weights, gradients, optimizer, reference, encoders, activations, total
+    per_process_bytes: dict      # each part of memory_bytes, the total and the cache's build
     fits: bool | None            # None without --gpu-memory
     change: str | None           # the cheapest single change that fits, when it does not
     fsdp2_processes: int | None  # when it does not fit: the fewest processes that fit with fsdp2 (None: none <= 64)
@@ -397,6 +414,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     vae_bytes = 4 if counts.vae_upcast else frozen
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
     encoders = counts.vae * vae_bytes + counts.text_encoders * frozen if plain else 0
+    rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
     activations = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
@@ -419,13 +437,14 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     texts = -(-_rows(cfg) // 4)  # a step encodes at most a text a row; text calls were counted by 4
     encode = _encode_bytes(counts, _vae_call_images(cfg), texts, vae_bytes, frozen) if plain and not online else 0
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
-             "encoders": encoders, "activations": activations, "optimizer_step": optimizer_step, "encode": encode}
+             "encoders": encoders, "rewards": rewards, "activations": activations, "optimizer_step": optimizer_step,
+             "encode": encode}
     # gradients live from the backward to the step, and across micro-steps (train.grad_accum); zero_grad frees them
     # before the next step's forward, except under DDP on several processes, where they are views of its all-reduce
     # buckets (gradient_as_bucket_view), which stay. The backward frees each layer's saved tensors as it makes its
     # gradients, so the forward's peak and the step's are the two to fit; the encoders run first in each micro-step
     held = gradients if cfg.train.grad_accum > 1 or (strategy == "ddp" and processes > 1) else 0
-    states = weights + optimizer + reference + encoders
+    states = weights + optimizer + reference + encoders + rewards
     total = states + max(activations + held, gradients + optimizer_step, encode + held)
     return {**parts, "total": total, "cache_build": cache_build_bytes(cfg, counts)}
 
@@ -563,8 +582,8 @@ def format_plan(p: MemoryPlan) -> str:
             lines.append(f"cheapest single change that fits: {p.change}" if p.change else
                          "no single change fits: combine them")
             lines.append(f"with train.sharding=fsdp2 it fits on {p.fsdp2_processes} processes" if p.fsdp2_processes
-                         else "fsdp2 alone does not make it fit: the activations, the encoders and the cache's build "
-                         "are not sharded")
+                         else "fsdp2 alone does not make it fit: the activations, the encoders, the rewards and the "
+                         "cache's build are not sharded")
     if p.strategy != "ddp":
         accelerate_config = "deepspeed-zero2" if p.strategy == "zero2" else p.strategy
         lines.append(f"train with train.sharding={p.strategy} (AdamW only, as planned): torchrun --nproc_per_node "
