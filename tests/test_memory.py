@@ -3,6 +3,7 @@ activations against what a real training step holds, its advice, and the command
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from diffusion_align.training.memory import (GIB, RESERVE_GB, ModelCounts, _call
                                              memory_bytes, plan)
 
 HAND = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, adafactor_step=50, vae=200, text_encoders=300,
-                   activation_bytes={"plain": 4000, "checkpointed": 1000}, cache_batch=16,
+                   activation_bytes={"plain": 4000, "checkpointed": 1000},
+                   sharded_activation_bytes={"plain": 3000, "checkpointed": 700}, cache_batch=16,
                    vae_encode_bytes=(400, 6400), text_encode_bytes=(40, 640))
 PARTS = ("weights", "gradients", "optimizer", "reference", "encoders", "activations", "optimizer_step", "encode")
 
@@ -28,10 +30,11 @@ def cfg(*overrides):
     # encoders 4 x (200 + 300), activations 4000, AdamW's step 4 x 1000, a pair's 2 images encoded 400 + 6000 / 15;
     # total: the states but the gradients (18,000) and the larger of the forward's 4,000 and the step's 4,000 + 4,000
     ((), "ddp", 1, (4000, 4000, 8000, 4000, 2000, 4000, 4000, 800), 26000),
-    ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 4000, 2000, 800), 14000),  # UNet states halved, encoders whole
+    # fsdp2: UNet states halved, encoders whole, the forward's activations with its units' weights gathered 3,000
+    ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 3000, 2000, 800), 14000),
     # weights (and the reference) replicated; the optimizer's half of the moments and of DeepSpeed's fp32 master copy
     ((), "zero2", 2, (4000, 2000, 6000, 4000, 2000, 4000, 2000, 800), 20000),
-    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 4000, 0, 800), 8000),        # states and the step on the CPU
+    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 3000, 0, 800), 7000),        # states and the step on the CPU
     # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; encoders and their call in bf16
     (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 4000, 400, 400), 8200),
     (("method.precomputed_reference=true", "data.cache=true", "model.gradient_checkpointing=true"), "ddp", 1,
@@ -160,7 +163,8 @@ def test_adafactors_step_is_what_a_real_one_allocates(tiny_models, lora_rank):
     config = load_config(None, [f"model.pretrained={path}", f"model.lora_rank={'null' if lora_rank is None else 4}",
                                 "train.resolution=32", "train.optimizer=adafactor", "train.weight_decay=0.01"])
     planned = memory_bytes(config, count_models(config))["optimizer_step"]
-    unet = Policy(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), lora_rank, needs_reference=False).denoiser
+    unet = Policy(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), lora_rank,
+                  needs_reference=False).denoiser
     trainable = [p for p in unet.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = torch.randn_like(p)
@@ -230,6 +234,28 @@ def test_plan_command_prints_json(tiny_models, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])
     assert "--processes must be >= 1" in capsys.readouterr().err
+
+
+def test_fsdp2s_gathered_weights_are_what_a_sharded_forward_allocates(tiny_models, tmp_path):
+    """Sharded by fsdp2 over 2 processes (torchrun, gloo), the tiny UNet's training forward and its frozen reference
+    copy's (full DPO, fp32, 4 rows at 32 px) hold what they hold whole, and the units' gathered weights: the CPU
+    allocator's peak grows from the whole forward's to the sharded one's by the byte as much as the plan's. The
+    allocations are the ones FSDP2 makes on a GPU (the same code and order; its streams only overlap them in time)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = tiny_models["sd"]
+    config = load_config(None, [f"model.pretrained={path}", "model.lora_rank=null", "train.resolution=32",
+                                "train.batch_size=2"])
+    counts = count_models(config)
+    whole, sharded = (memory_bytes(config, counts, 2, strategy)["activations"] for strategy in ("ddp", "fsdp2"))
+    latent = 32 // 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
+    out = tmp_path / "peaks.json"
+    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29561",
+                    str(Path(__file__).parent / "memory_worker.py"), str(path), "4", str(latent), str(out)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    peaks = json.loads(out.read_text())
+    assert sharded - whole == peaks["sharded"] - peaks["whole"] > 0
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

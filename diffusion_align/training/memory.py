@@ -20,7 +20,9 @@ for the checkpoint. Per process, in bytes:
                  train.batch_size pairs, or online images) at train.resolution and then, when the plan keeps a
                  reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
                  CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
-                 weights cast and held for the backward), without or with gradient checkpointing
+                 weights cast and held for the backward), without or with gradient checkpointing; under fsdp2, with
+                 each unit's weights gathered as FSDP2 gathers them (`_fsdp_gathers`), in the compute dtype, so that
+                 a full fine-tune casts none
     optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
                  of what it trains (sqrt(v) + eps); Adafactor (a loop over the matrices) the most alive at once of a
                  few temporaries of one matrix's size, followed through its real step on fake CUDA tensors; none for
@@ -52,7 +54,8 @@ reference, by the number of processes; fsdp2-offload keeps all three on the CPU,
 the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
 trained weight). The encoders are replicated in every case.
 Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), the online rewards'
-calls and the aesthetic scorer's head (under a million parameters), and an FSDP all-gather of one block.
+calls and the aesthetic scorer's head (under a million parameters), and fsdp2's backward (each unit gathered again,
+its gradients reduce-scattered), taken to stay under the forward's peak, as on the tiny UNet it does.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import weakref
 
@@ -87,8 +91,9 @@ class ModelCounts:
     vae: int
     text_encoders: int
     # {"plain": bytes, "checkpointed": bytes}: the most alive at once in a micro-batch's training forward and its
-    # reference forward, in train.mixed_precision
+    # reference forward, in train.mixed_precision; and the same sharded by fsdp2, its units' weights gathered
     activation_bytes: dict
+    sharded_activation_bytes: dict
     denoiser_buffers: int = 0  # floating-point buffers held beside the weights (SD3's position table: 226M at 384)
     # the encoders' calls (offline methods): the peak bytes alive (fp32) in a VAE call of 1 and of `cache_batch`
     # images at train.resolution (data.cache_batch_size, or a step's rows if more), and in a text call of 4 and of
@@ -130,7 +135,7 @@ def count_models(cfg: Config) -> ModelCounts:
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     compute = None if cfg.train.mixed_precision == "no" else DTYPES[cfg.train.mixed_precision]  # autocast's
     online = cfg.method.name in ONLINE_METHODS
-    reference, fake = None, FakeTensorMode()
+    reference, frozen_copy, fake = None, None, FakeTensorMode()
     if _needs_reference(cfg) and not (cfg.method.precomputed_reference and not online):
         if m.lora_rank is not None:
             reference = lambda: _adapters_off(denoiser)  # noqa: E731
@@ -140,9 +145,19 @@ def count_models(cfg: Config) -> ModelCounts:
             _on_fake_cuda(frozen_copy, fake, compute)
             reference = lambda: contextlib.nullcontext(frozen_copy)  # noqa: E731
     _on_fake_cuda(denoiser, fake, compute, frozen_only=True)  # a LoRA's base in the frozen dtype
-    activations = {name: _forward_bytes(denoiser, reference, family, denoiser_config, rows, latent, checkpointed,
-                                        compute, fake)
-                   for name, checkpointed in (("plain", False), ("checkpointed", True))}
+
+    def activations_of(trained, *gathering) -> dict:
+        return {name: _forward_bytes(trained, reference, family, denoiser_config, rows, latent, checkpointed, compute,
+                                     fake, *gathering)
+                for name, checkpointed in (("plain", False), ("checkpointed", True))}
+    activations = activations_of(denoiser)
+    # fsdp2 gathers each unit's weights in the compute dtype (`sharding.shard`), so a full fine-tune casts none
+    sharded = denoiser
+    if m.lora_rank is None and compute is not None:
+        with init_empty_weights(include_buffers=True):
+            sharded = _on_fake_cuda(family.denoiser_cls.from_config(denoiser_config), fake, compute)
+    sharded_activations = activations_of(sharded, (sharded, *([frozen_copy] if frozen_copy is not None else [])),
+                                         4 if compute is None else compute.itemsize)
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
     adafactor_step = (_adafactor_step_bytes(cfg, [p for p in denoiser.parameters() if p.requires_grad], fake)
                       if cfg.train.optimizer == "adafactor" else 0)
@@ -161,7 +176,8 @@ def count_models(cfg: Config) -> ModelCounts:
                            for n in (1, batch))
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
-                       sum(_numel(e) for e in encoders), activations, buffers, batch, vae_calls, text_calls,
+                       sum(_numel(e) for e in encoders), activations, sharded_activations, buffers, batch,
+                       vae_calls, text_calls,
                        bool(vae.config.get("force_upcast", False)), rewards)
 
 
@@ -272,6 +288,11 @@ class _LiveBytes(TorchDispatchMode):
             weakref.finalize(tensor, self._freed, key)
         return out
 
+    def add(self, nbytes: int) -> None:
+        """Bytes made (or freed, negative) outside the ops: FSDP's gathered weights (`_fsdp_gathers`)."""
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
     def _freed(self, key: int) -> None:
         entry = self.storages[key]
         entry[0] -= 1
@@ -340,10 +361,12 @@ def _adapters_off(denoiser):
 
 
 def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool,
-                   compute: torch.dtype | None, mode: FakeTensorMode) -> int:
+                   compute: torch.dtype | None, mode: FakeTensorMode, gathered: tuple = (), gathered_bytes: int = 0
+                   ) -> int:
     """The most bytes alive at once while the denoiser (fake CUDA tensors) makes one training forward as its family
     calls it, under CUDA autocast in `compute`, and then, with that forward's graph kept for its backward,
-    `reference()` (a context giving the reference denoiser, or None) makes its forward without gradients."""
+    `reference()` (a context giving the reference denoiser, or None) makes its forward without gradients; with the
+    `gathered` models' weights gathered by fsdp2 in `gathered_bytes` a weight (`_fsdp_gathers`)."""
     from torch.utils import checkpoint
     from unittest import mock
     from ..models.families import TextStates
@@ -362,7 +385,7 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
     try:  # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
         with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
               mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
-              _LiveBytes() as live, _cuda_autocast(compute)):
+              _LiveBytes() as live, _fsdp_gathers(gathered, gathered_bytes, live), _cuda_autocast(compute)):
             kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
             if reference is not None:
                 with torch.no_grad(), reference() as denoiser_off:
@@ -372,6 +395,45 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
         if checkpointed:
             denoiser.disable_gradient_checkpointing()
     return live.peak
+
+
+@contextlib.contextmanager
+def _fsdp_gathers(models: tuple, weight_bytes: int, live: _LiveBytes):
+    """What fsdp2 gathers while `models` make their forwards, added to `live` as torch's FSDP2 allocates it
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `unshard` and `wait_for_unshard`): each unit's
+    pre-forward (the root first, then each block of `sharding.wrap_units`) all-gathers the weights it owns (its
+    blocks' not included) into a flat buffer, frees the previous unit's flat buffer and copies its weights out into
+    unsharded ones, both whole on every process in `weight_bytes` a weight; its post-forward frees the copies, except
+    the root's, which stay for the backward; the root's frees the last flat buffer. (A reference's root, which no
+    backward reshards, stays gathered from the first step on: counted as that step gathers it.)"""
+    from .sharding import wrap_units
+    flat = [0]  # the flat buffer kept until the next unit's copy-out
+    handles = []
+
+    def pre(unit_bytes, module, args):
+        live.add(unit_bytes)
+        live.add(-flat[0])
+        flat[0] = unit_bytes
+        live.add(unit_bytes)
+
+    def post(unit_bytes, root, module, args, output):
+        live.add(-flat[0] if root else -unit_bytes)
+        flat[0] = 0 if root else flat[0]
+
+    for model in models:
+        units = wrap_units(model)
+        for unit in (model, *units):
+            inside = {id(m) for m in unit.modules()}
+            owned_by_blocks = {id(p) for block in units if block is not unit and id(block) in inside
+                               for p in block.parameters()}
+            unit_bytes = weight_bytes * sum(p.numel() for p in unit.parameters() if id(p) not in owned_by_blocks)
+            handles += [unit.register_forward_pre_hook(functools.partial(pre, unit_bytes)),
+                        unit.register_forward_hook(functools.partial(post, unit_bytes, unit is model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclasses.dataclass
@@ -415,7 +477,9 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
     encoders = counts.vae * vae_bytes + counts.text_encoders * frozen if plain else 0
     rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
-    activations = counts.activation_bytes["checkpointed" if cfg.model.gradient_checkpointing else "plain"]
+    gathers = strategy in ("fsdp2", "fsdp2-offload")  # the units' weights gathered, as `_fsdp_gathers` counts
+    activations = (counts.sharded_activation_bytes if gathers else counts.activation_bytes)[
+        "checkpointed" if cfg.model.gradient_checkpointing else "plain"]
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay

@@ -124,11 +124,16 @@ def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | N
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
     if strategy == "fsdp2-offload":
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    blocks = [m for m in module.modules() if type(m).__name__ in BLOCK_CLASSES]
-    for block in reversed(blocks):  # modules() lists a block before the blocks inside it
+    for block in reversed(wrap_units(module)):  # modules() lists a block before the blocks inside it
         fully_shard(block, **options)
     fully_shard(module, **options)
     return module
+
+
+def wrap_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks the wrap policy shards as units of their own (`BLOCK_CLASSES`), outermost first; the rest of
+    `module` is the root unit."""
+    return [m for m in module.modules() if type(m).__name__ in BLOCK_CLASSES]
 
 
 def deepspeed_config(cfg: Config) -> dict:
