@@ -251,7 +251,7 @@ def test_fsdp2s_gathered_weights_are_what_a_sharded_forward_allocates(tiny_model
     whole, sharded = (memory_bytes(config, counts, 2, strategy)["activations"] for strategy in ("ddp", "fsdp2"))
     latent = 32 // 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
     out = tmp_path / "peaks.json"
-    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29561",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
                     str(Path(__file__).parent / "memory_worker.py"), str(path), "4", str(latent), str(out)],
                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     peaks = json.loads(out.read_text())
