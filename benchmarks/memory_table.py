@@ -44,9 +44,14 @@ ARCHITECTURES = {"sd15": ("sd", [SD15_TEXT], SD15_VAE), "sd21": ("sd2", [SD21_TE
 DENOISERS = {"sd35": ("transformer", "transformer-configs/sd35-medium-transformer.json"),
              "flux": ("transformer", "transformer-configs/flux1-dev-transformer.json")}
 GPUS = (24, 48, 80)
+# the table's columns of `memory_bytes`' parts: (key, heading)
+PARTS = (("weights", "weights"), ("gradients", "grads"), ("optimizer", "optimizer"), ("reference", "reference"),
+         ("encoders", "encoders"), ("rewards", "rewards"), ("activations", "activations"),
+         ("optimizer_step", "optimizer step"), ("encode", "encode"), ("total", "total"))
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json, which PickScore_v1 keeps
-PICKSCORE = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                  max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
+PICKSCORE = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, max_position_embeddings=77, vocab_size=49408,
+                                  hidden_act="gelu"),
                  vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                     num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu"),
                  projection_dim=1024)
@@ -129,9 +134,9 @@ def main() -> None:
     lines = ["Per process, one process (ddp), at each recipe's resolution, batch and precision; then, per GPU size, "
              "whether it fits (1.5 GB kept for the CUDA context), the cheapest single change that does, and the "
              "fewest processes with fsdp2.", "",
-             "| recipe | trained | weights | grads | optimizer | reference | encoders | rewards | activations "
-             "| optimizer step | encode | total | " + " | ".join(f"{gb} GB" for gb in GPUS) + " |",
-             "|" + " --- |" * (12 + len(GPUS))]
+             "| " + " | ".join(["recipe", "trained", *(heading for _, heading in PARTS), *(f"{gb} GB" for gb in GPUS)])
+             + " |",
+             "|" + " --- |" * (2 + len(PARTS) + len(GPUS))]
     with tempfile.TemporaryDirectory() as work:
         fp16_fix, pickscore = sdxl_fp16_fix_vae(Path(work)), pickscore_config(Path(work))
         for arch in ARCHITECTURES:
@@ -151,10 +156,7 @@ def main() -> None:
                 usage = plan(cfg, counts=counts).per_process_bytes
                 trained = f"LoRA {counts.lora / 1e6:.1f}M" if counts.lora else f"full {counts.denoiser / 1e9:.2f}B"
                 lines.append(f"| {arch}/{recipe.name} | {trained} | "
-                             + " | ".join(f"{usage[k] / GIB:.1f}" for k in ("weights", "gradients", "optimizer",
-                                                                             "reference", "encoders", "rewards",
-                                                                             "activations", "optimizer_step",
-                                                                             "encode", "total"))
+                             + " | ".join(f"{usage[key] / GIB:.1f}" for key, _ in PARTS)
                              + " | " + " | ".join(verdicts) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -177,8 +177,7 @@ def count_models(cfg: Config) -> ModelCounts:
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
                        sum(_numel(e) for e in encoders), activations, sharded_activations, buffers, batch,
-                       vae_calls, text_calls,
-                       bool(vae.config.get("force_upcast", False)), rewards)
+                       vae_calls, text_calls, bool(vae.config.get("force_upcast", False)), rewards)
 
 
 def _adafactor_state(p: torch.Tensor) -> int:
@@ -417,8 +416,11 @@ def _fsdp_gathers(models: tuple, weight_bytes: int, live: _LiveBytes):
         live.add(unit_bytes)
 
     def post(unit_bytes, root, module, args, output):
-        live.add(-flat[0] if root else -unit_bytes)
-        flat[0] = 0 if root else flat[0]
+        if root:  # its copies stay for the backward; the last flat buffer goes
+            live.add(-flat[0])
+            flat[0] = 0
+        else:
+            live.add(-unit_bytes)
 
     for model in models:
         units = wrap_units(model)
