@@ -21,8 +21,10 @@ for the checkpoint. Per process, in bytes:
                  reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
                  CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
                  weights cast and held for the backward), without or with gradient checkpointing; under fsdp2, with
-                 each unit's weights gathered as FSDP2 gathers them (`_fsdp_gathers`), in the compute dtype, so that
-                 a full fine-tune casts none
+                 each unit's weights gathered as FSDP2 gathers them (`_FsdpGathers`), in the compute dtype, so that
+                 a full fine-tune casts none, and the larger of that and its backward's peak: each unit gathered
+                 again with the next one prefetched, its gradients whole beside their reduce-scatter input and the
+                 previous unit's, the sharded gradients made so far
     optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
                  of what it trains (sqrt(v) + eps); Adafactor (a loop over the matrices) the most alive at once of a
                  few temporaries of one matrix's size, followed through its real step on fake CUDA tensors; none for
@@ -36,8 +38,8 @@ and the largest of the forward's activations, the optimiser's step (the gradient
 encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only
 with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
 backward frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the
-forward's peak or the step's. Against an H200's peaks (benchmarks/README.md) this is within 3% under, which RESERVE_GB
-covers.
+forward's peak or the step's, except under fsdp2, whose backward gathers again (above). Against an H200's peaks
+(benchmarks/README.md) this is within 3% under, which RESERVE_GB covers.
 
 With data.cache (offline methods) the run first makes its latent cache (`data/cache.py`), before any denoiser is
 loaded, so the plan also gives that phase's peak, and a run must fit the larger of the two:
@@ -54,8 +56,8 @@ reference, by the number of processes; fsdp2-offload keeps all three on the CPU,
 the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
 trained weight). The encoders are replicated in every case.
 Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), the online rewards'
-calls and the aesthetic scorer's head (under a million parameters), and fsdp2's backward (each unit gathered again,
-its gradients reduce-scattered), taken to stay under the forward's peak, as on the tiny UNet it does.
+calls and the aesthetic scorer's head (under a million parameters), and the backward's gradients of the activations
+(a layer's at a time).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class ModelCounts:
     text_encode_bytes: tuple[int, int] = (0, 0)
     vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
     rewards: int = 0           # the online methods' scorers and judge
+    # {"plain": [(bytes, entries), ...], "checkpointed": ...}: fsdp2's backward of that forward, the bytes alive
+    # beyond the states and the sharded gradients, which have `entries` entries by then (`_FsdpGathers`)
+    sharded_backward: dict | None = None
 
 
 def count_models(cfg: Config) -> ModelCounts:
@@ -150,14 +155,14 @@ def count_models(cfg: Config) -> ModelCounts:
         return {name: _forward_bytes(trained, reference, family, denoiser_config, rows, latent, checkpointed, compute,
                                      fake, *gathering)
                 for name, checkpointed in (("plain", False), ("checkpointed", True))}
-    activations = activations_of(denoiser)
+    activations = {name: peak for name, (peak, _) in activations_of(denoiser).items()}
     # fsdp2 gathers each unit's weights in the compute dtype (`sharding.shard`), so a full fine-tune casts none
     sharded = denoiser
     if m.lora_rank is None and compute is not None:
         with init_empty_weights(include_buffers=True):
             sharded = _on_fake_cuda(family.denoiser_cls.from_config(denoiser_config), fake, compute)
-    sharded_activations = activations_of(sharded, (sharded, *([frozen_copy] if frozen_copy is not None else [])),
-                                         4 if compute is None else compute.itemsize)
+    sharded_passes = activations_of(sharded, (sharded, *([frozen_copy] if frozen_copy is not None else [])),
+                                    4 if compute is None else compute.itemsize)
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
     adafactor_step = (_adafactor_step_bytes(cfg, [p for p in denoiser.parameters() if p.requires_grad], fake)
                       if cfg.train.optimizer == "adafactor" else 0)
@@ -176,8 +181,10 @@ def count_models(cfg: Config) -> ModelCounts:
                            for n in (1, batch))
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
-                       sum(_numel(e) for e in encoders), activations, sharded_activations, buffers, batch,
-                       vae_calls, text_calls, bool(vae.config.get("force_upcast", False)), rewards)
+                       sum(_numel(e) for e in encoders), activations,
+                       {name: peak for name, (peak, _) in sharded_passes.items()}, buffers, batch, vae_calls,
+                       text_calls, bool(vae.config.get("force_upcast", False)), rewards,
+                       {name: _frontier(backward) for name, (_, backward) in sharded_passes.items()})
 
 
 def _adafactor_state(p: torch.Tensor) -> int:
@@ -219,6 +226,17 @@ def _adafactor_step_bytes(cfg: Config, trainable: list[torch.nn.Parameter], mode
 
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _frontier(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The points (bytes, sharded gradient entries) that can be the most for some number of processes: those no
+    other point matches in both."""
+    points = sorted(set(points), key=lambda p: (-p[1], -p[0]))
+    kept = []
+    for nbytes, entries in points:  # from the most entries down, each with more bytes than every one kept
+        if not kept or nbytes > kept[-1][0]:
+            kept.append((nbytes, entries))
+    return kept
 
 
 def _needs_reference(cfg: Config) -> bool:
@@ -288,7 +306,7 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
     def add(self, nbytes: int) -> None:
-        """Bytes made (or freed, negative) outside the ops: FSDP's gathered weights (`_fsdp_gathers`)."""
+        """Bytes made (or freed, negative) outside the ops: FSDP's gathered weights (`_FsdpGathers`)."""
         self.live += nbytes
         self.peak = max(self.peak, self.live)
 
@@ -361,11 +379,12 @@ def _adapters_off(denoiser):
 
 def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int, latent: int, checkpointed: bool,
                    compute: torch.dtype | None, mode: FakeTensorMode, gathered: tuple = (), gathered_bytes: int = 0
-                   ) -> int:
+                   ) -> tuple[int, list[tuple[int, int]]]:
     """The most bytes alive at once while the denoiser (fake CUDA tensors) makes one training forward as its family
     calls it, under CUDA autocast in `compute`, and then, with that forward's graph kept for its backward,
     `reference()` (a context giving the reference denoiser, or None) makes its forward without gradients; with the
-    `gathered` models' weights gathered by fsdp2 in `gathered_bytes` a weight (`_fsdp_gathers`)."""
+    `gathered` models' weights gathered by fsdp2 in `gathered_bytes` a weight (`_FsdpGathers`). Returns that peak and
+    the points of the first gathered model's backward (`_FsdpGathers.backward_points`; none when none is gathered)."""
     from torch.utils import checkpoint
     from unittest import mock
     from ..models.families import TextStates
@@ -384,7 +403,8 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
     try:  # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
         with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
               mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
-              _LiveBytes() as live, _fsdp_gathers(gathered, gathered_bytes, live), _cuda_autocast(compute)):
+              _LiveBytes() as live, _FsdpGathers(gathered, gathered_bytes, live) as gathers,
+              _cuda_autocast(compute)):
             kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
             if reference is not None:
                 with torch.no_grad(), reference() as denoiser_off:
@@ -393,49 +413,133 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
     finally:
         if checkpointed:
             denoiser.disable_gradient_checkpointing()
-    return live.peak
+    return live.peak, gathers.backward_points()
 
 
-@contextlib.contextmanager
-def _fsdp_gathers(models: tuple, weight_bytes: int, live: _LiveBytes):
+class _FsdpGathers:
     """What fsdp2 gathers while `models` make their forwards, added to `live` as torch's FSDP2 allocates it
-    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `unshard` and `wait_for_unshard`): each unit's
-    pre-forward (the root first, then each block of `sharding.wrap_units`) all-gathers the weights it owns (its
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `unshard`, `wait_for_unshard`, `post_backward`): each
+    unit's pre-forward (the root first, then each block of `sharding.wrap_units`) all-gathers the weights it owns (its
     blocks' not included) into a flat buffer, frees the previous unit's flat buffer and copies its weights out into
     unsharded ones, both whole on every process in `weight_bytes` a weight; its post-forward frees the copies, except
-    the root's, which stay for the backward; the root's frees the last flat buffer. (A reference's root, which no
-    backward reshards, stays gathered from the first step on: counted as that step gathers it.)"""
-    from .sharding import wrap_units
-    flat = [0]  # the flat buffer kept until the next unit's copy-out
-    handles = []
+    the root's, which stay for the backward; the root's frees the last flat buffer. A unit already gathered (a root,
+    in a LoRA's second forward with the adapters off) is not gathered again. (A reference's root, which no backward
+    reshards, stays gathered from the first step on: counted as that step gathers it.)
 
-    def pre(unit_bytes, module, args):
-        live.add(unit_bytes)
-        live.add(-flat[0])
-        flat[0] = unit_bytes
-        live.add(unit_bytes)
+    `backward_points()` then follows the trained model's (the first of `models`) backward through the same units,
+    from the events of its forward: each unit's start and end, and each layer with trained weights."""
 
-    def post(unit_bytes, root, module, args, output):
-        if root:  # its copies stay for the backward; the last flat buffer goes
-            live.add(-flat[0])
-            flat[0] = 0
+    def __init__(self, models: tuple, weight_bytes: int, live: _LiveBytes):
+        from .sharding import wrap_units
+        self.live, self.weight_bytes, self.models = live, weight_bytes, models
+        self.flat = 0      # the flat buffer kept until the next unit's copy-out
+        self.gathered = 0  # every byte the hooks hold now
+        self.units: dict[int, tuple[int, int, bool]] = {}  # id -> (bytes of the weights it owns, trained ones, root)
+        # the trained model's forward, in order: (pre, post or layer, unit id, trained weights of the layer, the
+        # bytes alive less the gathered ones)
+        self.events: list[tuple[str, int, int, int]] = []
+        self.forward_done = False  # its forward has ended: a second one is the reference's (a LoRA's, adapters off)
+        self.unsharded: set[int] = set()  # the units whose copies are held
+        self.handles = []
+        for model in models:
+            units = wrap_units(model)
+            for unit in (model, *units):
+                inside = {id(m) for m in unit.modules()}
+                owned_by_blocks = {id(p) for block in units if block is not unit and id(block) in inside
+                                   for p in block.parameters()}
+                owned = [p for p in unit.parameters() if id(p) not in owned_by_blocks]
+                self.units[id(unit)] = (weight_bytes * sum(p.numel() for p in owned),
+                                        sum(p.numel() for p in owned if p.requires_grad), unit is model)
+                self.handles += [unit.register_forward_pre_hook(functools.partial(self._pre, model, unit)),
+                                 unit.register_forward_hook(functools.partial(self._post, model, unit))]
+                if model is models[0]:  # the layers whose gradients its backward makes
+                    for layer in unit.modules():
+                        trained = sum(p.numel() for p in layer.parameters(recurse=False)
+                                      if p.requires_grad and id(p) not in owned_by_blocks)
+                        if trained:
+                            self.handles.append(layer.register_forward_hook(
+                                functools.partial(self._layer, unit, trained)))
+
+    def _add(self, nbytes: int) -> None:
+        self.gathered += nbytes
+        self.live.add(nbytes)
+
+    def _record(self, kind: str, unit, trained: int = 0) -> None:
+        if not self.forward_done:
+            self.events.append((kind, id(unit), trained, self.live.live - self.gathered))
+            self.forward_done = kind == "post" and unit is self.models[0]
+
+    def _layer(self, unit, trained, module, args, output):
+        self._record("layer", unit, trained)
+
+    def _pre(self, model, unit, module, args):
+        if model is self.models[0]:
+            self._record("pre", unit)
+        if id(unit) in self.unsharded:
+            return
+        unit_bytes = self.units[id(unit)][0]
+        self._add(unit_bytes - self.flat)  # gathered flat; the previous flat buffer freed
+        self.flat = unit_bytes
+        self._add(unit_bytes)  # copied out
+        self.unsharded.add(id(unit))
+
+    def _post(self, model, unit, module, args, output):
+        if unit is model:  # the root's copies stay for the backward; the last flat buffer goes
+            self._add(-self.flat)
+            self.flat = 0
         else:
-            live.add(-unit_bytes)
+            self._add(-self.units[id(unit)][0])
+            self.unsharded.discard(id(unit))
+        if model is self.models[0]:
+            self._record("post", unit)
 
-    for model in models:
-        units = wrap_units(model)
-        for unit in (model, *units):
-            inside = {id(m) for m in unit.modules()}
-            owned_by_blocks = {id(p) for block in units if block is not unit and id(block) in inside
-                               for p in block.parameters()}
-            unit_bytes = weight_bytes * sum(p.numel() for p in unit.parameters() if id(p) not in owned_by_blocks)
-            handles += [unit.register_forward_pre_hook(functools.partial(pre, unit_bytes)),
-                        unit.register_forward_hook(functools.partial(post, unit_bytes, unit is model))]
-    try:
-        yield
-    finally:
-        for handle in handles:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
             handle.remove()
+
+    def backward_points(self) -> list[tuple[int, int]]:
+        """The trained model's backward as FSDP2 runs it: its forward's events in reverse, each with the bytes alive
+        there, from what stays gathered after the forwards (the roots' copies). Where a unit's forward ended, its
+        pre-backward gathers it again as its pre-forward did (unless prefetched) and prefetches the next unit's flat
+        buffer; where a layer's forward ended, the layer's gradients are made whole (in the weights' dtype); where a
+        unit's forward began, its post-backward frees its copies and the previous unit's reduce-scatter input, copies
+        its gradients into a reduce-scatter input of its own (fp32, kept until the next post-backward) and frees
+        them, and the reduce-scatter's output is the unit's share of the sharded fp32 gradients. Returns (bytes
+        alive, sharded gradient entries made so far) at each of those moments: the bytes beyond the states and the
+        sharded gradients, which take 4 / processes bytes an entry."""
+        flip = {"pre": "post", "post": "pre", "layer": "layer"}
+        backward = [(flip[kind], key, trained, alive) for kind, key, trained, alive in reversed(self.events)]
+        pres = [key for kind, key, _, _ in backward if kind == "pre"]
+        gathered, reduce_input, reduced, prefetched, points = self.gathered, 0, 0, set(), []
+        gradients: dict[int, int] = {}  # each unit's whole gradients made so far
+
+        def point(alive: int) -> None:
+            points.append((alive + gathered + reduce_input + sum(gradients.values()), reduced))
+        for kind, key, trained, alive in backward:
+            unit_bytes, unit_trained, root = self.units[key]
+            if kind == "pre":
+                if not root:  # the root's copies are still there
+                    gathered += (0 if key in prefetched else unit_bytes) + unit_bytes  # gathered, copied out
+                    point(alive)
+                    gathered -= unit_bytes  # in the backward the flat buffer goes at once
+                following = pres.index(key) + 1
+                if following < len(pres):  # the next unit's all-gather, ahead of its pre-backward
+                    gathered += self.units[pres[following]][0]
+                    prefetched.add(pres[following])
+            elif kind == "layer":
+                gradients[key] = gradients.get(key, 0) + trained * self.weight_bytes
+            else:
+                point(alive)
+                gathered -= unit_bytes  # resharded
+                reduce_input = 4 * unit_trained  # the previous one freed, then this unit's gradients copied in
+                point(alive)
+                gradients.pop(key, None)
+                reduced += unit_trained
+            point(alive)
+        return points
 
 
 @dataclasses.dataclass
@@ -479,9 +583,6 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
     encoders = counts.vae * vae_bytes + counts.text_encoders * frozen if plain else 0
     rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
-    gathers = strategy in ("fsdp2", "fsdp2-offload")  # the units' weights gathered, as `_fsdp_gathers` counts
-    activations = (counts.sharded_activation_bytes if gathers else counts.activation_bytes)[
-        "checkpointed" if cfg.model.gradient_checkpointing else "plain"]
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay
@@ -502,14 +603,23 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     reference += counts.denoiser_buffers * frozen if reference else 0
     texts = -(-_rows(cfg) // 4)  # a step encodes at most a text a row; text calls were counted by 4
     encode = _encode_bytes(counts, _vae_call_images(cfg), texts, vae_bytes, frozen) if plain and not online else 0
-    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
-             "encoders": encoders, "rewards": rewards, "activations": activations, "optimizer_step": optimizer_step,
-             "encode": encode}
     # gradients live from the backward to the step, and across micro-steps (train.grad_accum); zero_grad frees them
     # before the next step's forward, except under DDP on several processes, where they are views of its all-reduce
     # buckets (gradient_as_bucket_view), which stay. The backward frees each layer's saved tensors as it makes its
-    # gradients, so the forward's peak and the step's are the two to fit; the encoders run first in each micro-step
+    # gradients, so the forward's peak and the step's are the two to fit (under fsdp2 its backward's too, which
+    # gathers the units again); the encoders run first in each micro-step
     held = gradients if cfg.train.grad_accum > 1 or (strategy == "ddp" and processes > 1) else 0
+    mode = "checkpointed" if cfg.model.gradient_checkpointing else "plain"
+    if strategy in ("fsdp2", "fsdp2-offload"):  # the forward and backward with the units gathered (`_FsdpGathers`),
+        # the backward with the sharded gradients made so far, unless held already or offloaded
+        per_entry = 0 if held or sharded is None else 4 / processes
+        activations = max([counts.sharded_activation_bytes[mode], *(
+            nbytes + int(entries * per_entry) for nbytes, entries in (counts.sharded_backward or {}).get(mode, []))])
+    else:
+        activations = counts.activation_bytes[mode]
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
+             "encoders": encoders, "rewards": rewards, "activations": activations, "optimizer_step": optimizer_step,
+             "encode": encode}
     states = weights + optimizer + reference + encoders + rewards
     total = states + max(activations + held, gradients + optimizer_step, encode + held)
     return {**parts, "total": total, "cache_build": cache_build_bytes(cfg, counts)}
