@@ -229,3 +229,34 @@ def test_the_reward_signal_of_a_hand_made_group(monkeypatch):
     assert s["oracle"] == pytest.approx(0.3) and s["proxy"] == pytest.approx(1.0)
     assert s["ratio"] == pytest.approx(0.3) and s["corr"] == pytest.approx(1.0)
     assert s["failed_advantage"] == -1.0 and s["mixed_groups"] == 1
+
+
+def test_style_pairs_prefer_the_worlds_render_of_each_model_image(tmp_path, monkeypatch):
+    """Each image of a generated folder is paired with a render of its prompt's scene, which wins on its drawn side:
+    the model's image kept byte for byte, the render one the oracle scores as correct."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from toy_style_pairs import style_pairs
+
+    from diffusion_align.toy.oracle import judge
+
+    prompts = ["a small red circle on the left, white background", "a large blue square on the right, gray background"]
+    records = []
+    for i, prompt in enumerate(prompts * 3):
+        name = f"p{i % 2:04d}-s{i // 2:04d}.png"
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / name)
+        records.append({"file_name": name, "prompt": prompt, "seed": i // 2, "prompt_index": i % 2})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = pq.read_table(style_pairs(tmp_path, tmp_path / "out" / "pairs.parquet", seed=0)).to_pylist()
+    assert [row["caption"] for row in table] == [r["prompt"] for r in records]
+    sides = [row["label_0"] for row in table]
+    assert 0.0 in sides and 1.0 in sides  # the render is not always on one side
+    for row, record in zip(table, records):
+        assert row["label_0"] + row["label_1"] == 1.0
+        render, model_image = (row["jpg_0"], row["jpg_1"]) if row["label_0"] else (row["jpg_1"], row["jpg_0"])
+        assert model_image == (tmp_path / record["file_name"]).read_bytes()
+        assert judge(Image.open(io.BytesIO(render)), row["caption"])["oracle"] > 0.9
