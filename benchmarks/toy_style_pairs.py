@@ -1,9 +1,10 @@
 """MaPO where its authors aim it: pairs whose winner is in a style the model does not draw yet (Pick-Style). Does
-the margin help there, or break the model as it does on pairs of the model's own images?
+it align the model there, where on pairs of the model's own images it breaks it? (benchmarks/README.md, 2026-12-05:
+it does, at its published settings; SFT on the same winners did as well.)
 
-    .venv/bin/python benchmarks/toy_style_pairs.py --methods mapo sft dpo --seeds 0
+    .venv/bin/python benchmarks/toy_style_pairs.py --methods mapo sft dpo --seeds 0 1 2     # each toy recipe
     .venv/bin/python benchmarks/toy_style_pairs.py --methods mapo --overrides train.lr=1e-5 method.beta=0.1 \
-        --out outputs/toy-style/authors
+        --out outputs/toy-style/lr1e-5-beta0.1                                               # MaPO's published
 
 Each train prompt's images from the base model (the demo's pair images of the seed) are each paired with the
 world's own render of the prompt's scene (`toy.world.render`: the right shape, colour, place and background, clean,

@@ -272,15 +272,16 @@ def test_fsdp2s_gathered_weights_are_what_a_sharded_forward_allocates(tiny_model
     assert sharded - whole == pytest.approx(measured, rel=rel) and (measured > 0) == (precision == "no")
 
 
-@pytest.mark.parametrize("precision, rel", [("no", 0.03), ("bf16", 0.05)])
+@pytest.mark.parametrize("precision, rel", [("no", 0.05), ("bf16", 0.08)])
 def test_fsdp2s_backward_gathers_again_and_reduce_scatters_as_planned(tiny_models, tmp_path, precision, rel):
     """Where the weights outweigh the activations (full DPO, 1 pair at 8 px), the peak of a step sharded by fsdp2
     over 2 processes is in its backward: each unit gathered again while the next one is prefetched, its gradients
     whole beside its reduce-scatter input and the previous unit's, the sharded gradients growing. The plan's
     (`_FsdpGathers.backward_points`) is 29% above its forward's peak, and the CPU allocator's real peak of the whole
-    step (the least of five) is the plan's within 3% in fp32 and 5% in bf16 (measured 4.18-4.27 MB against 4.25
-    planned, and 3.04-3.17 against 3.15): gloo's threads free a gathered buffer at times of their own, so runs
-    spread by a unit's size either way, and the CPU's autocast is not CUDA's."""
+    step (the least of five) is the plan's within 5% in fp32 and 8% in bf16 (measured over 12 runs: 4.18-4.27 MB
+    against 4.25 planned, and 3.04-3.17 against 3.15): gloo's threads free a gathered buffer at times of their own, so
+    runs spread by a unit's size either way, and the CPU's autocast is not CUDA's. A plan without the backward (its
+    forward's peak) would be 21-23% under in fp32."""
     path = tiny_models["sd"]
     config = load_config(None, [f"model.pretrained={path}", "model.lora_rank=null", "train.resolution=8",
                                 "train.batch_size=1", f"train.mixed_precision={precision}"])
@@ -289,7 +290,7 @@ def test_fsdp2s_backward_gathers_again_and_reduce_scatters_as_planned(tiny_model
     assert planned > 1.2 * counts.sharded_activation_bytes["plain"]  # the backward decides
     latent = 8 // 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"]) - 1)
     measured = _two_process_peaks(path, 2, latent, precision, "step", tmp_path)["sharded"]
-    assert planned == pytest.approx(measured, rel=rel)
+    assert planned == pytest.approx(measured, rel=rel) and measured > 1.15 * counts.sharded_activation_bytes["plain"]
 
 
 def _two_process_peaks(path, rows: int, latent: int, precision: str, mode: str, tmp_path) -> dict:
