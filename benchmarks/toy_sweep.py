@@ -241,11 +241,7 @@ def plot(method: str, name: str, rows: list[dict]) -> Path:
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(xscale="log", xlabel="learning rate", ylabel="validation win rate over base", title=f"toy sweep: {method}")
     ax.legend(fontsize=8)
-    path = HERE / f"{name}-{method}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, HERE / f"{name}-{method}.png")
 
 
 def plot_hacking(methods: list[str], name: str, rows: list[dict]) -> Path:
@@ -262,7 +258,11 @@ def plot_hacking(methods: list[str], name: str, rows: list[dict]) -> Path:
     ax.set(xlabel="toy-reward gain (the proxy trained on)", ylabel="oracle gain (the truth)",
            title="toy sweep: online settings (seed 0)")
     ax.legend(fontsize=8)
-    path = HERE / f"{name}-online-hacking.png"
+    return _save(fig, HERE / f"{name}-online-hacking.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
