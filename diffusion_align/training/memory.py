@@ -107,7 +107,7 @@ class ModelCounts:
     rewards: int = 0           # the online methods' scorers and judge
     # {"plain": [(bytes, entries), ...], "checkpointed": ...}: fsdp2's backward of that forward, the bytes alive
     # beyond the states and the sharded gradients, which have `entries` entries by then (`_FsdpGathers`)
-    sharded_backward: dict | None = None
+    sharded_backward: dict = dataclasses.field(default_factory=dict)
 
 
 def count_models(cfg: Config) -> ModelCounts:
@@ -513,6 +513,7 @@ class _FsdpGathers:
         flip = {"pre": "post", "post": "pre", "layer": "layer"}
         backward = [(flip[kind], key, trained, alive) for kind, key, trained, alive in reversed(self.events)]
         pres = [key for kind, key, _, _ in backward if kind == "pre"]
+        following = dict(zip(pres, pres[1:]))  # the unit whose pre-backward comes next
         gathered, reduce_input, reduced, prefetched, points = self.gathered, 0, 0, set(), []
         gradients: dict[int, int] = {}  # each unit's whole gradients made so far
 
@@ -525,10 +526,9 @@ class _FsdpGathers:
                     gathered += (0 if key in prefetched else unit_bytes) + unit_bytes  # gathered, copied out
                     point(alive)
                     gathered -= unit_bytes  # in the backward the flat buffer goes at once
-                following = pres.index(key) + 1
-                if following < len(pres):  # the next unit's all-gather, ahead of its pre-backward
-                    gathered += self.units[pres[following]][0]
-                    prefetched.add(pres[following])
+                if key in following:  # the next unit's all-gather, ahead of its pre-backward
+                    gathered += self.units[following[key]][0]
+                    prefetched.add(following[key])
             elif kind == "layer":
                 gradients[key] = gradients.get(key, 0) + trained * self.weight_bytes
             else:
@@ -614,7 +614,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
         # the backward with the sharded gradients made so far, unless held already or offloaded
         per_entry = 0 if held or sharded is None else 4 / processes
         activations = max([counts.sharded_activation_bytes[mode], *(
-            nbytes + int(entries * per_entry) for nbytes, entries in (counts.sharded_backward or {}).get(mode, []))])
+            nbytes + int(entries * per_entry) for nbytes, entries in counts.sharded_backward.get(mode, []))])
     else:
         activations = counts.activation_bytes[mode]
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
