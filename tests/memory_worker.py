@@ -2,11 +2,12 @@
 training forward and then its frozen reference copy one without gradients, as a full DPO fine-tune's step begins:
 in fp32, or under bf16 autocast (and, sharded, with the weights gathered in bf16), as the trainer runs them.
 
-    memory_worker.py PIPELINE ROWS LATENT no|bf16 forward|step OUT.json
+    memory_worker.py PIPELINE ROWS LATENT no|bf16 forward|step|step-checkpointed OUT.json
 
 forward: those forwards first whole, then both sharded by `sharding.shard` (fsdp2). step: sharded only, the whole
 step, the trained model's backward included, with a reduce-scatter that allocates what NCCL's does (gloo's keeps a
-copy of each input until the next one, which NCCL does not make), the least peak of five steps.
+copy of each input until the next one, which NCCL does not make), the least peak of five steps; step-checkpointed:
+the same with the UNet's gradient checkpointing on.
 """
 
 import copy
@@ -44,6 +45,9 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").train()
     reference = copy.deepcopy(unet).requires_grad_(False).to(compute)  # in the frozen dtype, as the trainer loads it
+    if mode == "step-checkpointed":
+        unet.enable_gradient_checkpointing()
+        mode = "step"
     inputs = (torch.randn(rows, 4, latent, latent), torch.zeros(rows, dtype=torch.long),
               torch.randn(rows, 77, unet.config.cross_attention_dim))
 

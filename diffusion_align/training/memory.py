@@ -20,11 +20,14 @@ for the checkpoint. Per process, in bytes:
                  train.batch_size pairs, or online images) at train.resolution and then, when the plan keeps a
                  reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
                  CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
-                 weights cast and held for the backward), without or with gradient checkpointing; under fsdp2, with
-                 each unit's weights gathered as FSDP2 gathers them (`_FsdpGathers`), in the compute dtype, so that
-                 a full fine-tune casts none, and the larger of that and its backward's peak: each unit gathered
-                 again with the next one prefetched, its gradients whole beside their reduce-scatter input and the
-                 previous unit's, the sharded gradients made so far
+                 weights cast and held for the backward), without or with gradient checkpointing, and with it the
+                 larger of that and its backward's peak, where each checkpointed block's forward runs again with
+                 gradients beside what the forward kept and the gradients made so far (`_Recomputes`); under
+                 fsdp2, with each unit's weights gathered as FSDP2 gathers them (`_FsdpGathers`), in the compute
+                 dtype, so that a full fine-tune casts none, and the larger of that and its backward's peak: each
+                 unit gathered again with the next one prefetched, any checkpointed block in it recomputed, its
+                 gradients whole beside their reduce-scatter input and the previous unit's, the sharded gradients
+                 made so far
     optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
                  of what it trains (sqrt(v) + eps); Adafactor (a loop over the matrices) the most alive at once of a
                  few temporaries of one matrix's size, followed through its real step on fake CUDA tensors; none for
@@ -38,8 +41,9 @@ and the largest of the forward's activations, the optimiser's step (the gradient
 encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only
 with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
 backward frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the
-forward's peak or the step's, except under fsdp2, whose backward gathers again (above). Against an H200's peaks
-(benchmarks/README.md) this is within 3% under, which RESERVE_GB covers.
+forward's peak or the step's, except where it makes more than it frees: a checkpointed block's recompute, and under
+fsdp2 the units gathered again (above). Against an H200's peaks (benchmarks/README.md) this is within 3% under,
+which RESERVE_GB covers.
 
 With data.cache (offline methods) the run first makes its latent cache (`data/cache.py`), before any denoiser is
 loaded, so the plan also gives that phase's peak, and a run must fit the larger of the two:
@@ -105,8 +109,11 @@ class ModelCounts:
     text_encode_bytes: tuple[int, int] = (0, 0)
     vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
     rewards: int = 0           # the online methods' scorers and judge
-    # {"plain": [(bytes, entries), ...], "checkpointed": ...}: fsdp2's backward of that forward, the bytes alive
-    # beyond the states and the sharded gradients, which have `entries` entries by then (`_FsdpGathers`)
+    # {"plain": [(bytes, entries), ...], "checkpointed": ...}: the moments of the backward of that forward that can
+    # peak above it, the bytes alive beyond the states and the gradients, which have `entries` entries by then:
+    # unsharded, each checkpointed block's recompute (`_Recomputes`); under fsdp2, its units gathered again, its
+    # reduce-scatters, and the recomputes (`_FsdpGathers`)
+    backward: dict = dataclasses.field(default_factory=dict)
     sharded_backward: dict = dataclasses.field(default_factory=dict)
 
 
@@ -155,7 +162,7 @@ def count_models(cfg: Config) -> ModelCounts:
         return {name: _forward_bytes(trained, reference, family, denoiser_config, rows, latent, checkpointed, compute,
                                      fake, *gathering)
                 for name, checkpointed in (("plain", False), ("checkpointed", True))}
-    activations = {name: peak for name, (peak, _) in activations_of(denoiser).items()}
+    unsharded_passes = activations_of(denoiser)
     # fsdp2 gathers each unit's weights in the compute dtype (`sharding.shard`), so a full fine-tune casts none
     sharded = denoiser
     if m.lora_rank is None and compute is not None:
@@ -181,9 +188,11 @@ def count_models(cfg: Config) -> ModelCounts:
                            for n in (1, batch))
     return ModelCounts(family.name, denoiser_params, 0 if m.lora_rank is None else sum(p.numel() for p in trainable),
                        sum(_adafactor_state(p) for p in trainable), adafactor_step, _numel(vae),
-                       sum(_numel(e) for e in encoders), activations,
+                       sum(_numel(e) for e in encoders),
+                       {name: peak for name, (peak, _) in unsharded_passes.items()},
                        {name: peak for name, (peak, _) in sharded_passes.items()}, buffers, batch, vae_calls,
                        text_calls, bool(vae.config.get("force_upcast", False)), rewards,
+                       {name: _frontier(backward) for name, (_, backward) in unsharded_passes.items()},
                        {name: _frontier(backward) for name, (_, backward) in sharded_passes.items()})
 
 
@@ -384,7 +393,9 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
     calls it, under CUDA autocast in `compute`, and then, with that forward's graph kept for its backward,
     `reference()` (a context giving the reference denoiser, or None) makes its forward without gradients; with the
     `gathered` models' weights gathered by fsdp2 in `gathered_bytes` a weight (`_FsdpGathers`). Returns that peak and
-    the points of the first gathered model's backward (`_FsdpGathers.backward_points`; none when none is gathered)."""
+    the (bytes alive, gradient entries made) points of the backward that can peak above it: the first gathered
+    model's (`_FsdpGathers.backward_points`), or, when none is gathered, each checkpointed block's recompute
+    (`_Recomputes`; none without checkpointing)."""
     from torch.utils import checkpoint
     from unittest import mock
     from ..models.families import TextStates
@@ -398,13 +409,14 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
         cond = family.conditioning(texts, sizes, sizes, latent, family.training_guidance(denoiser_config))
         timesteps = torch.zeros(rows, device=cuda, dtype=torch.long if family.denoiser == "unet" else torch.float32)
     denoiser.train()
-    if checkpointed:
-        denoiser.enable_gradient_checkpointing()
+    live = _LiveBytes()
     try:  # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
         with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
               mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
-              _LiveBytes() as live, _FsdpGathers(gathered, gathered_bytes, live) as gathers,
-              _cuda_autocast(compute)):
+              live, _FsdpGathers(gathered, gathered_bytes, live) as gathers,
+              _Recomputes(denoiser, live, gathers) as recomputes, _cuda_autocast(compute)):
+            if checkpointed:
+                denoiser.enable_gradient_checkpointing(recomputes)
             kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
             if reference is not None:
                 with torch.no_grad(), reference() as denoiser_off:
@@ -413,7 +425,58 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
     finally:
         if checkpointed:
             denoiser.disable_gradient_checkpointing()
-    return live.peak, gathers.backward_points()
+    return live.peak, gathers.backward_points() if gathered else recomputes.points
+
+
+class _Recomputes:
+    """The denoiser's checkpointing function (`enable_gradient_checkpointing(recomputes)`): it checkpoints each block
+    as diffusers' own does (torch.utils.checkpoint, not reentrant), then measures what the backward's recompute of the
+    block will add: the block's forward run again with gradients, its saved tensors kept until it ends, as the
+    backward runs it just before the block's own backward. `points` holds, per block, the bytes alive then (those
+    alive as the block's forward ended, its output standing for the gradient that arrives in its place, plus the
+    recompute's peak less its own output, which torch's recompute does not keep) and the trained entries whose
+    gradients the backward has made by then (those of the layers whose forward ended after the block's). The
+    gathered weights are `_FsdpGathers`', which is told where each recompute falls among its events."""
+
+    def __init__(self, denoiser: torch.nn.Module, live: _LiveBytes, gathers: "_FsdpGathers"):
+        self.live, self.gathers, self.points = live, gathers, []
+        self.measuring = False  # a recompute runs: its layers are not counted again
+        self.trained = self.ended = 0  # trained entries in all, and in the layers whose forward has ended
+        self.handles = []
+        for layer in denoiser.modules():
+            entries = sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+            self.trained += entries
+            if entries:
+                self.handles.append(layer.register_forward_hook(functools.partial(self._ended, entries)))
+
+    def _ended(self, entries, module, args, output):
+        if not self.measuring:
+            self.ended += entries
+
+    def __call__(self, block, *args):
+        from torch.utils import checkpoint
+        if self.measuring:  # a block inside the one being recomputed: the recompute keeps all it saves
+            return block(*args)
+        mark = len(self.gathers.events)
+        output = checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        alive, peak = self.live.live, self.live.peak
+        self.live.peak, self.measuring = alive, True
+        with self.gathers.paused():
+            again = block(*args)
+        outputs = sum(t.untyped_storage().nbytes() for t in tree_leaves(again) if isinstance(t, torch.Tensor))
+        recompute = self.live.peak - alive - outputs
+        del again
+        self.live.peak, self.measuring = peak, False
+        self.points.append((alive - self.gathers.gathered + recompute, self.trained - self.ended))
+        self.gathers.recompute(mark, alive - self.gathers.gathered + recompute)
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 class _FsdpGathers:
@@ -440,6 +503,7 @@ class _FsdpGathers:
         self.events: list[tuple[str, int, int, int]] = []
         self.forward_done = False  # its forward has ended: a second one is the reference's (a LoRA's, adapters off)
         self.unsharded: set[int] = set()  # the units whose copies are held
+        self.off = False  # `paused`
         self.handles = []
         for model in models:
             units = wrap_units(model)
@@ -469,10 +533,33 @@ class _FsdpGathers:
             self.events.append((kind, id(unit), trained, self.live.live - self.gathered))
             self.forward_done = kind == "post" and unit is self.models[0]
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No hook gathers or records inside: `_Recomputes` runs a block again to measure it."""
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
+
+    def recompute(self, mark: int, alive: int) -> None:
+        """A checkpointed block's forward has ended (the events from `mark` on are its own): its recompute, with
+        `alive` bytes alive beside the gathered ones, falls in the backward after the pre-backward of each unit whose
+        forward ended inside it, before its layers' gradients."""
+        if not self.models or self.forward_done:
+            return
+        at = len(self.events)
+        while at > mark and self.events[at - 1][0] == "post":
+            at -= 1
+        self.events.insert(at, ("recompute", 0, 0, alive))
+
     def _layer(self, unit, trained, module, args, output):
-        self._record("layer", unit, trained)
+        if not self.off:
+            self._record("layer", unit, trained)
 
     def _pre(self, model, unit, module, args):
+        if self.off:
+            return
         if model is self.models[0]:
             self._record("pre", unit)
         if id(unit) in self.unsharded:
@@ -484,6 +571,8 @@ class _FsdpGathers:
         self.unsharded.add(id(unit))
 
     def _post(self, model, unit, module, args, output):
+        if self.off:
+            return
         if unit is model:  # the root's copies stay for the backward; the last flat buffer goes
             self._add(-self.flat)
             self.flat = 0
@@ -510,7 +599,7 @@ class _FsdpGathers:
         them, and the reduce-scatter's output is the unit's share of the sharded fp32 gradients. Returns (bytes
         alive, sharded gradient entries made so far) at each of those moments: the bytes beyond the states and the
         sharded gradients, which take 4 / processes bytes an entry."""
-        flip = {"pre": "post", "post": "pre", "layer": "layer"}
+        flip = {"pre": "post", "post": "pre", "layer": "layer", "recompute": "recompute"}
         backward = [(flip[kind], key, trained, alive) for kind, key, trained, alive in reversed(self.events)]
         pres = [key for kind, key, _, _ in backward if kind == "pre"]
         following = dict(zip(pres, pres[1:]))  # the unit whose pre-backward comes next
@@ -520,6 +609,9 @@ class _FsdpGathers:
         def point(alive: int) -> None:
             points.append((alive + gathered + reduce_input + sum(gradients.values()), reduced))
         for kind, key, trained, alive in backward:
+            if kind == "recompute":
+                point(alive)
+                continue
             unit_bytes, unit_trained, root = self.units[key]
             if kind == "pre":
                 if not root:  # the root's copies are still there
@@ -606,17 +698,18 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     # gradients live from the backward to the step, and across micro-steps (train.grad_accum); zero_grad frees them
     # before the next step's forward, except under DDP on several processes, where they are views of its all-reduce
     # buckets (gradient_as_bucket_view), which stay. The backward frees each layer's saved tensors as it makes its
-    # gradients, so the forward's peak and the step's are the two to fit (under fsdp2 its backward's too, which
-    # gathers the units again); the encoders run first in each micro-step
+    # gradients, so the forward's peak and the step's are the two to fit, and the backward's where it makes more
+    # than it frees (a checkpointed block's recompute; under fsdp2, the units gathered again); the encoders run
+    # first in each micro-step
     held = gradients if cfg.train.grad_accum > 1 or (strategy == "ddp" and processes > 1) else 0
     mode = "checkpointed" if cfg.model.gradient_checkpointing else "plain"
-    if strategy in ("fsdp2", "fsdp2-offload"):  # the forward and backward with the units gathered (`_FsdpGathers`),
-        # the backward with the sharded gradients made so far, unless held already or offloaded
-        per_entry = 0 if held or sharded is None else 4 / processes
-        activations = max([counts.sharded_activation_bytes[mode], *(
-            nbytes + int(entries * per_entry) for nbytes, entries in counts.sharded_backward.get(mode, []))])
-    else:
-        activations = counts.activation_bytes[mode]
+    # the forward, and the moments of the backward that can peak above it with the gradients made so far (unless
+    # held already or offloaded); under fsdp2 with the units gathered (`_FsdpGathers`)
+    gathering = strategy in ("fsdp2", "fsdp2-offload")
+    forward = (counts.sharded_activation_bytes if gathering else counts.activation_bytes)[mode]
+    backward = (counts.sharded_backward if gathering else counts.backward).get(mode, [])
+    per_entry = 0 if held or sharded is None else 4 / partitioned
+    activations = max([forward, *(nbytes + int(entries * per_entry) for nbytes, entries in backward)])
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
              "encoders": encoders, "rewards": rewards, "activations": activations, "optimizer_step": optimizer_step,
              "encode": encode}
