@@ -4,10 +4,10 @@ in fp32, or under bf16 autocast (and, sharded, with the weights gathered in bf16
 
     memory_worker.py PIPELINE ROWS LATENT no|bf16 forward|step|step-checkpointed OUT.json
 
-forward: those forwards first whole, then both sharded by `sharding.shard` (fsdp2). step: sharded only, the whole
-step, the trained model's backward included, with a reduce-scatter that allocates what NCCL's does (gloo's keeps a
-copy of each input until the next one, which NCCL does not make), the least peak of five steps; step-checkpointed:
-the same with the UNet's gradient checkpointing on.
+forward: those forwards first whole, then both sharded by `sharding.shard` (fsdp2), the least sharded peak of five.
+step: sharded only, the whole step, the trained model's backward included, with a reduce-scatter that allocates
+what NCCL's does (gloo's keeps a copy of each input until the next one, which NCCL does not make), the least peak of
+five steps; step-checkpointed: the same with the UNet's gradient checkpointing on.
 """
 
 import copy
@@ -74,10 +74,14 @@ if __name__ == "__main__":
     step(sharded, sharded_reference)()
     sharded_reference.reshard()
     # gloo's threads free a gathered buffer when its collective's work object goes, sometimes only after the next
-    # allocations: a step's peak is then higher by a unit or two, never lower, so the step keeps the least of five
-    repeats = 5 if mode == "step" else 1
-    peaks["sharded"] = min(allocated_peak(step(sharded, sharded_reference, backward=mode == "step"), grad=True)
-                           for _ in range(repeats))
+    # allocations: a peak is then higher by a unit or two, never lower, so each keeps the least of five; a forward
+    # without its backward leaves both roots gathered, which are resharded before the next
+    def measured():
+        peak = allocated_peak(step(sharded, sharded_reference, backward=mode == "step"), grad=True)
+        sharded.reshard()
+        sharded_reference.reshard()
+        return peak
+    peaks["sharded"] = min(measured() for _ in range(5))
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(peaks, f)

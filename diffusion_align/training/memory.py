@@ -838,9 +838,9 @@ def format_plan(p: MemoryPlan) -> str:
              f"process(es); gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}. Per process:"]
     for part, value in p.per_process_bytes.items():
         if part != "cache_build":
-            lines.append(f"  {part.replace('_', ' '):<14} {_size(value):>10}" + (
-                "  (states and the largest of activations, gradients + optimizer step, encode)" if part == "total"
-                else ""))
+            lines.append(f"  {part.replace('_', ' '):<14} {_size(value):>10}" + {
+                "activations": "  (the most alive in the forward, or in the backward with the gradients made by then)",
+                "total": "  (states and the largest of activations, gradients + optimizer step, encode)"}.get(part, ""))
     if p.per_process_bytes["cache_build"]:
         lines.append(f"  {'cache build':<14} {_size(p.per_process_bytes['cache_build']):>10}  (before training, on the "
                      "main process, while data.cache is made; a finished cache needs none)")
