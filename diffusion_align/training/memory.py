@@ -238,8 +238,8 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def _frontier(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The points (bytes, sharded gradient entries) that can be the most for some number of processes: those no
-    other point matches in both."""
+    """The points (bytes, gradient entries) that can be the most for some number of processes the gradients are
+    divided over: those no other point matches in both."""
     points = sorted(set(points), key=lambda p: (-p[1], -p[0]))
     kept = []
     for nbytes, entries in points:  # from the most entries down, each with more bytes than every one kept
@@ -465,10 +465,11 @@ class _Recomputes:
             again = block(*args)
         outputs = sum(t.untyped_storage().nbytes() for t in tree_leaves(again) if isinstance(t, torch.Tensor))
         recompute = self.live.peak - alive - outputs
+        at_recompute = alive - self.gathers.gathered + recompute  # beside the gathered bytes
         del again
         self.live.peak, self.measuring = peak, False
-        self.points.append((alive - self.gathers.gathered + recompute, self.trained - self.ended))
-        self.gathers.recompute(mark, alive - self.gathers.gathered + recompute)
+        self.points.append((at_recompute, self.trained - self.ended))
+        self.gathers.recompute(mark, at_recompute)
         return output
 
     def __enter__(self):
