@@ -12,8 +12,9 @@ from diffusion_align.models.families.flux import pack_latents, unpack_latents
 from diffusion_align.models.loading import load_components
 from diffusion_align.training import online
 from diffusion_align.training.flow import FlowSDEPolicy
-from diffusion_align.training.sampling import gaussian_log_prob, group_conditioning, sample_with_logprob
+from diffusion_align.training.sampling import group_conditioning, sample_with_logprob
 from diffusion_align.training.trainer import train
+from rescoring import assert_rescoring_gives_ratio_one
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -53,18 +54,8 @@ def test_noise_level_zero_is_the_pipeline(tiny_flow_models, family, guidance):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family):
     parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(6, 16, 16, 16, generator=generator)
-    trajectory = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, steps=4, guidance=3.5,
-                                     generator=generator)
-    assert trajectory.log_probs.shape == (4, 6) and torch.isfinite(trajectory.log_probs).all()
-    assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
-    for step in (0, 2, torch.tensor([1, 3])):  # one step for the rows, or one per row
-        rows = torch.tensor([4, 1])
-        mean, std = online.step_distribution(parts.denoiser, sampler, trajectory, step, cond, uncond, 3.5, rows)
-        taken = trajectory.latents_at(step + 1, rows)
-        old = trajectory.log_probs[step, rows]
-        assert (gaussian_log_prob(taken, mean, std) - old).abs().max() < 1e-5
+    cases = [(0, torch.tensor([4, 1])), (2, torch.tensor([4, 1])), (torch.tensor([1, 3]), torch.tensor([4, 1]))]
+    assert_rescoring_gives_ratio_one(parts.denoiser, sampler, cond, uncond, 16, 3.5, cases)  # one step, or one a row
 
 
 def test_the_first_step_from_pure_noise_by_hand():

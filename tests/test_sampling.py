@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_align.training.sampling import DDIMPolicy, ddim_step_with_logprob
+from rescoring import assert_rescoring_gives_ratio_one
 
 
 def scheduler(prediction_type="epsilon", steps=20):
@@ -112,22 +113,9 @@ def test_eta_zero_sampling_is_the_pipeline(tiny_sd):
 
 
 def test_rescoring_the_trajectory_gives_ratio_one(tiny_sd):
-    from diffusion_align.training.sampling import gaussian_log_prob, sample_with_logprob, step_distribution
     cond, uncond = _groups(tiny_sd, ["a red circle", "a green triangle"], group_size=3)
-    s = DDIMPolicy(scheduler(steps=4), eta=1.0)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(6, 4, 16, 16, generator=generator)
-    trajectory = sample_with_logprob(tiny_sd.unet, s, cond, uncond, latents, steps=4, guidance=5.0,
-                                     generator=generator)
-    assert trajectory.log_probs.shape == (4, 6) and torch.isfinite(trajectory.log_probs).all()
-    assert not torch.equal(trajectory.latents[-1][0], trajectory.latents[-1][1])  # a group's images differ
-    for step in range(4):
-        for rows in (None, torch.tensor([4, 1])):  # the whole batch, or a training micro-batch of it
-            mean, std = step_distribution(tiny_sd.unet, s, trajectory, step, cond, uncond, 5.0, rows)
-            taken = trajectory.latents[step + 1] if rows is None else trajectory.latents[step + 1][rows]
-            log_prob = gaussian_log_prob(taken, mean, std)
-            old = trajectory.log_probs[step] if rows is None else trajectory.log_probs[step][rows]
-            assert (log_prob - old).abs().max() < 1e-5
+    cases = [(step, rows) for step in range(4) for rows in (None, torch.tensor([4, 1]))]
+    assert_rescoring_gives_ratio_one(tiny_sd.unet, DDIMPolicy(scheduler(steps=4), eta=1.0), cond, uncond, 4, 5.0, cases)
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
