@@ -55,7 +55,7 @@ def test_noise_level_zero_is_the_pipeline(tiny_flow_models, family, guidance):
 def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family):
     parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5)
     cases = [(0, torch.tensor([4, 1])), (2, torch.tensor([4, 1])), (torch.tensor([1, 3]), torch.tensor([4, 1]))]
-    assert_rescoring_gives_ratio_one(parts.denoiser, sampler, cond, uncond, 16, 3.5, cases)  # one step, or one a row
+    assert_rescoring_gives_ratio_one(parts.denoiser, sampler, cond, uncond, 16, 3.5, cases)  # one step, or one per row
 
 
 def test_the_first_step_from_pure_noise_by_hand():
