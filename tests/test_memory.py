@@ -321,9 +321,9 @@ def test_fsdp2s_gathered_weights_are_what_a_sharded_forward_allocates(tiny_model
     bf16 autocast, and with the units' gathered weights: the CPU allocator's peak moves from the whole forward's to
     the sharded one's as the plan's does. In fp32, to the byte: the allocations are the ones FSDP2 makes on a GPU
     (the same code and order; its streams only overlap them in time), in the least sharded peak of five (gloo's
-    threads sometimes free a gathered buffer late, which raises a peak by a unit: 1 run in 4 here). In bf16, down rather than up (the casts
-    outweigh the gathering), and by as much within 15% (-1.23 MB planned, -1.39 measured): the CPU's autocast runs
-    other ops in bf16 than CUDA's, which the plan follows."""
+    threads sometimes free a gathered buffer late, which raises a peak by a unit: 1 run in 4 here). In bf16, down
+    rather than up (the casts outweigh the gathering), and by as much within 15% (-1.23 MB planned, -1.39 measured):
+    the CPU's autocast runs other ops in bf16 than CUDA's, which the plan follows."""
     path = tiny_models["sd"]
     config = load_config(None, [f"model.pretrained={path}", "model.lora_rank=null", "train.resolution=32",
                                 "train.batch_size=2", f"train.mixed_precision={precision}"])

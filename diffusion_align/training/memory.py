@@ -410,40 +410,37 @@ def _forward_bytes(denoiser, reference, family, denoiser_config: dict, rows: int
         timesteps = torch.zeros(rows, device=cuda, dtype=torch.long if family.denoiser == "unet" else torch.float32)
     denoiser.train()
     live = _LiveBytes()
-    try:  # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
-        with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
-              mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
-              live, _FsdpGathers(gathered, gathered_bytes, live) as gathers,
-              _Recomputes(denoiser, live, gathers) as recomputes, _cuda_autocast(compute)):
-            if checkpointed:
-                denoiser.enable_gradient_checkpointing(recomputes)
-            kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
-            if reference is not None:
-                with torch.no_grad(), reference() as denoiser_off:
-                    cond.denoise(denoiser_off, sample, timesteps)
-            kept.clear()
-    finally:
-        if checkpointed:
-            denoiser.disable_gradient_checkpointing()
+    # a checkpoint keeps the CUDA generator's state for its recompute; a machine without a GPU has none
+    with (mode, mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention),
+          mock.patch.object(checkpoint, "get_device_states", lambda *args: ([], [])),
+          live, _FsdpGathers(gathered, gathered_bytes, live) as gathers,
+          _Recomputes(denoiser, checkpointed, live, gathers) as recomputes, _cuda_autocast(compute)):
+        kept = [cond.denoise(denoiser, sample, timesteps)]  # its graph stays alive for the backward
+        if reference is not None:
+            with torch.no_grad(), reference() as denoiser_off:
+                cond.denoise(denoiser_off, sample, timesteps)
+        kept.clear()
     return live.peak, gathers.backward_points() if gathered else recomputes.points
 
 
 class _Recomputes:
-    """The denoiser's checkpointing function (`enable_gradient_checkpointing(recomputes)`): it checkpoints each block
-    as diffusers' own does (torch.utils.checkpoint, not reentrant), then measures what the backward's recompute of the
-    block will add: the block's forward run again with gradients, its saved tensors kept until it ends, as the
-    backward runs it just before the block's own backward. `points` holds, per block, the bytes alive then (those
+    """The denoiser's checkpointing function, with gradient checkpointing on while it is entered when `checkpointed`
+    (`enable_gradient_checkpointing(recomputes)`; off again on exit): it checkpoints each block as diffusers' own
+    does (torch.utils.checkpoint, not reentrant), then measures what the backward's recompute of the block will add:
+    the block's forward run again with gradients, its saved tensors kept until it ends, as the backward runs it just
+    before the block's own backward. `points` holds, per block, the bytes alive then (those
     alive as the block's forward ended, its output standing for the gradient that arrives in its place, plus the
     recompute's peak less its own output, which torch's recompute does not keep) and the trained entries whose
     gradients the backward has made by then (those of the layers whose forward ended after the block's). The
     gathered weights are `_FsdpGathers`', which is told where each recompute falls among its events."""
 
-    def __init__(self, denoiser: torch.nn.Module, live: _LiveBytes, gathers: "_FsdpGathers"):
+    def __init__(self, denoiser: torch.nn.Module, checkpointed: bool, live: _LiveBytes, gathers: "_FsdpGathers"):
+        self.denoiser = denoiser if checkpointed else None  # without checkpointing nothing is recomputed or counted
         self.live, self.gathers, self.points = live, gathers, []
         self.measuring = False  # a recompute runs: its layers are not counted again
         self.trained = self.ended = 0  # trained entries in all, and in the layers whose forward has ended
         self.handles = []
-        for layer in denoiser.modules():
+        for layer in self.denoiser.modules() if checkpointed else ():
             entries = sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
             self.trained += entries
             if entries:
@@ -473,9 +470,13 @@ class _Recomputes:
         return output
 
     def __enter__(self):
+        if self.denoiser is not None:
+            self.denoiser.enable_gradient_checkpointing(self)
         return self
 
     def __exit__(self, *exc):
+        if self.denoiser is not None:
+            self.denoiser.disable_gradient_checkpointing()
         for handle in self.handles:
             handle.remove()
 
