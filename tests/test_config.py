@@ -154,6 +154,11 @@ def test_recipes_follow_the_published_scripts():
         assert (cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps, cfg.data.prompt_dropout) == (
             "constant_with_warmup", 100, 200, 0.2)
     assert recipes["sd21/dcpo.yaml"].train.warmup_steps == 500
+    for name, cfg in recipes.items():  # DCPO reads caption_0 / caption_1, which Pick-a-Pic's pairs do not carry
+        if cfg.method.name == "dcpo" and not name.startswith("toy"):
+            assert cfg.data.path == "outputs/pick-double-caption", name  # where `diffusion-align captions` writes
+    for name in ("dpo", "mapo", "smpo", "dcpo", "sft", "pref-grpo"):  # [D]'s and Pref-GRPO's --*weight_decay 1e-4
+        assert recipes[f"flux/{name}.yaml"].train.weight_decay == 1e-4, name
     assert recipes["sdxl/dpo.yaml"].train.warmup_steps == 200 and recipes["sd15/dpo.yaml"].train.warmup_steps == 500
     for name in ("sdxl/dpo.yaml", "sdxl/dpo-lora.yaml", "sdxl/mapo.yaml", "sdxl/smpo.yaml"):  # the fp16-safe VAE
         assert recipes[name].model.vae == "madebyollin/sdxl-vae-fp16-fix", name
