@@ -229,6 +229,7 @@ def cmd_export(args) -> None:
     in_diffusers = f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); pipe.load_lora_weights("{written}")'
     print({"kohya": f"load it in ComfyUI (LoraLoader), AUTOMATIC1111 or Forge (models/Lora/), or in diffusers: "
                     f"{in_diffusers}",
+           "comfyui": f"load it in ComfyUI (LoraLoader, strength 1), or in diffusers: {in_diffusers}",
            "diffusers": f"load it in diffusers: {in_diffusers}",
            "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")'}[args.format])
 
@@ -488,12 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_toy_build_assets)
 
     export = sub.add_parser("export", help="Write a run's LoRA or model in the file another program loads: kohya "
-                                           "(ComfyUI, AUTOMATIC1111, Forge), diffusers, or a merged pipeline.")
+                                           "(ComfyUI, AUTOMATIC1111, Forge), comfyui (SD3, FLUX), diffusers, or a "
+                                           "merged pipeline.")
     export.add_argument("source", metavar="RUN_OR_FOLDER", help="a run folder (its final/, else its newest "
                         "checkpoint), a final/ or checkpoint-<step>/ folder, or a folder holding a diffusers LoRA")
-    export.add_argument("--format", required=True, choices=("kohya", "diffusers", "merged"),
-                        help="kohya: one .safetensors LoRA for ComfyUI, AUTOMATIC1111 and Forge; diffusers: the LoRA "
-                             "for pipe.load_lora_weights; merged: the LoRA fused into the base, written as a whole "
+    export.add_argument("--format", required=True, choices=("kohya", "comfyui", "diffusers", "merged"),
+                        help="kohya: one .safetensors UNet LoRA for ComfyUI, AUTOMATIC1111 and Forge; comfyui: an SD3 "
+                             "or FLUX LoRA for ComfyUI, its scale folded in; diffusers: the LoRA for "
+                             "pipe.load_lora_weights; merged: the LoRA fused into the base, written as a whole "
                              "pipeline for DiffusionPipeline.from_pretrained")
     export.add_argument("--out", required=True,
                         help="a .safetensors file or a folder (LoRA formats), a folder (merged)")

@@ -141,6 +141,8 @@ def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, caps
     assert "holds no UNet LoRA weights" in error(stray, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
     assert "a whole diffusers pipeline, a folder" in error(folder, "--format", "merged", "--base", tiny_models["sd"],
                                                           "--out", tmp_path / "m.safetensors")
+    assert "--format comfyui writes SD3 and FLUX LoRAs; ComfyUI loads a sd LoRA in the kohya layout" in error(
+        folder, "--format", "comfyui", "--base", tiny_models["sd"], "--out", out)
     assert not out.exists() and not (tmp_path / "m").exists()
     export(folder, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
     assert "already exists; pass --overwrite" in error(folder, "--format", "kohya", "--base", tiny_models["sd"],
@@ -178,10 +180,48 @@ def test_a_flux_lora_exports_as_diffusers_and_merged_and_is_refused_as_kohya(tmp
     assert torch.allclose(probe(merged.transformer, "flux"), probe(flux_lora_run.denoiser, "flux"), atol=1e-4)
     for args, message in (
             (["--format", "kohya", "--out", tmp_path / "k.safetensors"],
-             "no kohya-layout file is written for flux LoRAs; ComfyUI loads the diffusers file"),
+             "no kohya-layout file is written for flux LoRAs; for ComfyUI use --format comfyui"),
             (["--format", "merged", "--base", tiny_models["sd"], "--out", tmp_path / "wrong"],
              f"holds a trained transformer, but --base {tiny_models['sd']} is a sd pipeline, whose denoiser is a "
              "unet")):
         with pytest.raises(SystemExit) as exit_info:
             export(run_dir, *args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def apply_comfyui_diffusers_rule(transformer, path):
+    """What ComfyUI does with a diffusers-keyed transformer LoRA (`transformer.<module>.lora_A.weight`): W += scale x
+    lora_B @ lora_A, the scale alpha / rank where the file has a `<module>.alpha` tensor, else 1
+    (comfy/weight_adapter/lora.py). Returns the modules changed."""
+    tensors = load_file(path)
+    names = [k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")]
+    with torch.no_grad():
+        for name in names:
+            down, up = tensors[f"{name}.lora_A.weight"].float(), tensors[f"{name}.lora_B.weight"].float()
+            alpha = tensors.get(f"{name}.alpha")
+            scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
+            transformer.get_submodule(name.removeprefix("transformer.")).weight += scale * (up @ down)
+    return len(names)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_transformer_lora_exports_for_comfyui_at_its_trained_scale(tmp_path, tiny_flow_models, tiny_pairs, family):
+    """Trained at alpha = 2 x rank (the SD3.5 recipes' scale 2): the comfyui file, applied as ComfyUI applies a
+    diffusers-keyed file (no alpha: scale 1), and loaded by diffusers, gives the trained transformer's outputs; the
+    diffusers file applied the same way does not (it keeps alpha in its metadata, which ComfyUI does not read)."""
+    from test_flow_train import probe
+    from test_train import run
+    from diffusion_align.models.export import COMFYUI_WEIGHTS
+    model = tiny_flow_models[family]
+    result = run(tmp_path, model, tiny_pairs, "train.lr=3e-2", "model.lora_rank=4", "model.lora_alpha=8")
+    trained = probe(result.denoiser, family)
+    export(tmp_path / "run", "--format", "comfyui", "--out", tmp_path / "comfy")
+    tensors = load_file(tmp_path / "comfy" / COMFYUI_WEIGHTS)
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    for file, matches in ((tmp_path / "comfy" / COMFYUI_WEIGHTS, True), (result.final_dir / LORA_WEIGHTS, False)):
+        transformer = DiffusionPipeline.from_pretrained(model).transformer
+        assert apply_comfyui_diffusers_rule(transformer, file) == len(tensors) // 2
+        assert torch.allclose(probe(transformer, family), trained, atol=1e-5) is matches, file.name
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(tmp_path / "comfy", weight_name=COMFYUI_WEIGHTS)
+    assert torch.allclose(probe(pipe.transformer, family), trained, atol=1e-5)

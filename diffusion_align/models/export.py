@@ -1,7 +1,10 @@
 """`diffusion-align export`: a run's weights in the file another program loads.
 
-- `kohya`: a UNet LoRA in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`); SD3 and FLUX
-  LoRAs have none here (ComfyUI loads their diffusers file as it is);
+- `kohya`: a UNet LoRA in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`);
+- `comfyui`: an SD3 or FLUX LoRA for ComfyUI: diffusers' `transformer.` keys, which ComfyUI maps onto its own
+  modules, with each module's scale (alpha / rank) folded into its lora_B, because ComfyUI reads no alpha from such a
+  file and applies scale 1 (the diffusers file of a LoRA trained at alpha = 2 x rank, as the SD3.5 recipes are, acts
+  there at half its strength); diffusers loads it too, to the same model;
 - `diffusers`: the LoRA as diffusers writes it, with its adapter settings (`pipe.load_lora_weights`);
 - `merged`: the LoRA fused into the base denoiser (UNet or transformer), written with the rest of the base as a whole
   diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
@@ -20,16 +23,18 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import folder_written_beside, list_checkpoints
-from .kohya import KOHYA_WEIGHTS, kohya_labels, write_kohya_lora
+from ..files import folder_written_beside, list_checkpoints, write_safetensors_atomic
+from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
 from .policy import LORA_WEIGHTS, write_diffusers_lora
 
-FORMATS = ("kohya", "diffusers", "merged")
+FORMATS = ("kohya", "comfyui", "diffusers", "merged")
+COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ADAPTER = "trained"
 
@@ -100,18 +105,24 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     if source.kind != "lora":
         raise ValueError(f"{source.folder} holds a full fine-tune, not a LoRA: --format {format} writes LoRA files "
                          "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
-    target = out if out.suffix == ".safetensors" else out / (KOHYA_WEIGHTS if format == "kohya" else LORA_WEIGHTS)
+    file_name = {"kohya": KOHYA_WEIGHTS, "comfyui": COMFYUI_WEIGHTS, "diffusers": LORA_WEIGHTS}[format]
+    target = out if out.suffix == ".safetensors" else out / file_name
     _check_free(target, overwrite)
     family = _check_base(source)
     if format == "kohya" and family.kohya_version is None:
-        raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; ComfyUI loads the "
-                         f"diffusers file ({LORA_WEIGHTS}, --format diffusers) as it is")
+        raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; for ComfyUI use "
+                         "--format comfyui")
+    if format == "comfyui" and family.denoiser == "unet":
+        raise ValueError(f"--format comfyui writes SD3 and FLUX LoRAs; ComfyUI loads a {family} LoRA in the kohya "
+                         "layout (--format kohya)")
     denoiser = family.denoiser_cls.from_pretrained(
         source.base, subfolder=family.denoiser, revision=source.revision, variant=source.variant)
     _load_lora(denoiser, source, family)
     target.parent.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
         write_diffusers_lora(denoiser, family, target, _ADAPTER, torch_dtype)
+    elif format == "comfyui":
+        _write_folded_lora(denoiser, family.denoiser, target, torch_dtype)
     else:
         prediction_type = DDPMScheduler.load_config(source.base, subfolder="scheduler",
                                                     revision=source.revision)["prediction_type"]
@@ -119,6 +130,20 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
                               component_digest(source.base, "unet", source.revision, source.variant))
         write_kohya_lora(denoiser, target, labels, _ADAPTER, torch_dtype)
     return target
+
+
+def _write_folded_lora(denoiser: torch.nn.Module, prefix: str, path: Path, dtype: torch.dtype | None) -> None:
+    """The adapter as `<prefix>.<module>.lora_A.weight` / `.lora_B.weight`, with the module's scale (peft's
+    `scaling`: alpha / rank, or alpha / sqrt(rank) with rsLoRA) multiplied into lora_B, and no alpha or adapter
+    settings: a loader that applies scale 1 to such a file (ComfyUI; diffusers, which then takes alpha = rank) applies
+    the update that trained, W + scale x B A."""
+    scales = adapter_scales(denoiser, _ADAPTER)
+    tensors = {}
+    for key, weight in get_peft_model_state_dict(denoiser, adapter_name=_ADAPTER).items():
+        module, _, kind = key.rpartition(".lora_")
+        folded = weight.float() * scales[module] if kind.startswith("B.") else weight
+        tensors[f"{prefix}.{key}"] = folded.detach().to(dtype or weight.dtype).contiguous()
+    write_safetensors_atomic(tensors, path)
 
 
 def _load_lora(model: torch.nn.Module, source: Source, family: Family) -> None:

@@ -6,7 +6,7 @@ layer by layer to the training device.
 Weights are read and written in the formats diffusers loads: `pytorch_lora_weights.safetensors` for LoRA
 (`pipeline.load_lora_weights(folder)`), the denoiser's folder (`unet/`, `transformer/`) for full fine-tunes. A UNet
 LoRA is also written in the kohya layout that ComfyUI, AUTOMATIC1111 and Forge load (`kohya.py`) when given
-`kohya_labels` to label it with; ComfyUI loads the diffusers file of an SD3 or FLUX LoRA as it is.
+`kohya_labels` to label it with; an SD3 or FLUX LoRA's file for ComfyUI is `diffusion-align export --format comfyui`'s.
 """
 
 from __future__ import annotations

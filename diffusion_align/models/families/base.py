@@ -173,7 +173,7 @@ class Family(ABC):
         a kohya layout (kohya_version None) is refused."""
         if self.kohya_version is None:
             raise ValueError(f"kohya-format LoRA files are not written for {self.name}; diffusers' format "
-                             f"({self.lora_pipeline}.save_lora_weights) is, and ComfyUI loads it as it is")
+                             f"({self.lora_pipeline}.save_lora_weights) is, and ComfyUI's is `export --format comfyui`")
         return self.kohya_version, self.kohya_architecture
 
     def __eq__(self, other) -> bool:

@@ -10,7 +10,7 @@ from .base import Conditioning, Family, TextStates
 class TransformerFamily(Family):
     denoiser = "transformer"
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
-    kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI loads the diffusers file
+    kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI maps diffusers' keys
     # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
     inversion_steps = None
     # how its pipeline sets the sampling steps: by their count (StableDiffusion3Pipeline), or by the sigmas
