@@ -18,7 +18,10 @@ Sizes in fp16: a text is 77 x 768 x 2 B = 118 kB for SD1.5 (SDXL 77 x 2048: 315 
 T5's states: (77 + 256) x 4096 x 2 B = 2.7 MB for SD3 and 512 x 4096 x 2 B = 4.2 MB for FLUX. Every 10,000
 distinct captions take 1.2 GB for SD1.5, 3.2 GB for SDXL, 27 GB for SD3 and 42 GB for FLUX; an image's latents (mean
 and std) take 2 x 16 x 64 x 64 x 2 B = 262 kB for SD3 and FLUX at 512 px. So for them the texts are what costs, in
-proportion to their tokens (model.max_sequence_length shortens T5's).
+proportion to their tokens (model.max_sequence_length shortens T5's). A Pick-a-Pic-sized cache, v2's train split
+(959,040 rows, ties kept as the cache keeps them; 58,960 distinct prompts among its untied pairs: methods.md) for SD3
+or FLUX at 512 px in fp16: latents 2 x 959,040 x 262 kB = 503 GB (1.0 TB with flips; four times that at 1024 px),
+texts about 161 GB (SD3) or 247 GB (FLUX), or 75 / 37 GB with model.max_sequence_length=77.
 """
 
 from __future__ import annotations
