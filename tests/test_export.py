@@ -110,6 +110,24 @@ def test_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_models, caps
     assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.conv_out.bias.sum() != 0
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_transformer_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_flow_models, family):
+    """A transformer's full fine-tune (transformer/ in its checkpoint) is written with the rest of its base, and
+    the merged pipeline holds the trained weights, not the base's."""
+    run = tmp_path / "run"
+    base = DiffusionPipeline.from_pretrained(tiny_flow_models[family])
+    transformer = base.transformer
+    with torch.no_grad():
+        transformer.proj_out.bias += 0.25  # "trained"
+    transformer.save_pretrained(run / "checkpoint-2" / "transformer")
+    run.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
+        f"model.pretrained={tiny_flow_models[family]}", "model.lora_rank=null", f"train.output_dir={run}"])))
+    export(run, "--format", "merged", "--out", tmp_path / "merged")
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    assert type(merged) is type(base) and torch.equal(merged.transformer.proj_out.bias, transformer.proj_out.bias)
+    assert all(torch.equal(a, b) for a, b in zip(merged.vae.state_dict().values(), base.vae.state_dict().values()))
+
+
 def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, capsys):
     folder, _ = patterned
 
