@@ -290,6 +290,15 @@ def test_argument_errors(tmp_path, tiny_models, prompts_txt):
         generate_images(tiny_models["sd"], prompts_txt, "0", out, lora="./missing/lora.safetensors", **FAST)
     with pytest.raises(ValueError, match=r"seeds \[1, 1\]: seed 1 is given twice"):
         generate_images(tiny_models["sd"], prompts_txt, [1, 1], out, **FAST)
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unconditional = tmp_path / "ddpm"  # a pipeline, but not one of a family's text-to-image ones
+    DDPMPipeline(UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+                 DDPMScheduler()).save_pretrained(unconditional)
+    with pytest.raises(ValueError, match="loads a DDPMPipeline; expected a text-to-image pipeline of the families "
+                                         "diffusion-align trains \\(StableDiffusion3Pipeline, FluxPipeline, "
+                                         "StableDiffusionXLPipeline, StableDiffusionPipeline\\)"):
+        generate_images(unconditional, prompts_txt, "0", out, **FAST)
     assert not out.exists()
 
     foreign = tmp_path / "foreign"

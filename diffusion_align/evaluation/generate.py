@@ -213,10 +213,6 @@ def _source(name: str, what: str) -> str:
     raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
 
 
-# the text-to-image pipelines of the model families (models/families/)
-TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-
-
 def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = None, device=None, dtype=None):
     """A text-to-image pipeline on `device` in `dtype`, with the LoRA loaded and the scheduler swapped.
 
@@ -226,13 +222,15 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
     """
     from diffusers import DiffusionPipeline
 
+    from ..models.families import FAMILIES
     from ..models.loading import pipeline_index
 
     pipeline_index(model, what="model")  # not a pipeline, or out of reach: one line
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    if type(pipe).__name__ not in TEXT_TO_IMAGE:
+    text_to_image = list(dict.fromkeys(family.lora_pipeline for family in FAMILIES.values()))
+    if type(pipe).__name__ not in text_to_image:
         raise ValueError(f"{model} loads a {type(pipe).__name__}; expected a text-to-image pipeline of the families "
-                         f"diffusion-align trains ({', '.join(TEXT_TO_IMAGE)})")
+                         f"diffusion-align trains ({', '.join(text_to_image)})")
     if scheduler is not None:
         compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
         if scheduler not in compatible:
