@@ -177,3 +177,31 @@ def test_conditioning_rows_select_and_concatenate_with_their_family():
     sdxl = Conditioning(texts[0], {"text_embeds": texts[1], "time_ids": torch.arange(12.).view(2, 6)})
     assert torch.equal(Conditioning.cat([sdxl, sdxl.select(torch.tensor([1]))]).added_cond_kwargs["time_ids"][2],
                        torch.arange(6., 12.))
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_decode_images_is_the_pipelines_decode(pipelines, name):
+    """`decode_images` of a 2-step generation's final latents (FLUX's unpacked) gives the images the pipeline itself
+    decodes at the end of `__call__`: latents / scaling_factor + shift_factor, then the VAE and its postprocessing.
+    Both VAEs carry their family's shift (nonzero) and scale (not 1), and the same decode without the shift gives
+    other images, so a decode that left the shift out would fail."""
+    from diffusion_align.training.sampling import decode_images
+    pipe = pipelines[name]
+    scaling, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    assert shift > 0.05 and abs(scaling - 1) > 0.5
+    final = []
+
+    def keep_latents(pipe, step, timestep, tensors):
+        final[:] = [tensors["latents"]]
+        return {}
+
+    expected = pipe(PROMPTS[:2], num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=keep_latents).images
+    latents = final[0] if name == "sd3" else pipe._unpack_latents(final[0], 32, 32, pipe.vae_scale_factor)
+    assert latents.shape == (2, 16, 16, 16)
+    expected = np.stack([np.asarray(image) for image in expected])
+    assert expected.shape == (2, 32, 32, 3) and expected.std() > 20  # not flat, nor clipped all over
+    assert np.array_equal(np.stack([np.asarray(image) for image in decode_images(pipe.vae, latents)]), expected)
+    with torch.no_grad():
+        unshifted = pipe.image_processor.postprocess(pipe.vae.decode(latents / scaling).sample, output_type="np")
+    assert all(np.abs(np.round(u * 255) - e).max() >= 3 for u, e in zip(unshifted, expected))  # each image changes

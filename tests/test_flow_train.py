@@ -22,26 +22,61 @@ TRANSFORMERS = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
 
 @pytest.fixture
 def seen(monkeypatch):
-    """Every transformer call, VAE posterior draw, loader batch and objective call of a run."""
+    """Every transformer call (its keyword inputs, its output and the module called), VAE posterior draw, loader
+    batch and objective call of a run."""
     log = {"transformer": [], "vae": [], "batches": [], "objective": []}
     for cls in TRANSFORMERS.values():
         def forward(self, *args, _forward=cls.forward, **kwargs):
             out = _forward(self, *args, **kwargs)
             log["transformer"].append({**{k: v.detach().clone() if torch.is_tensor(v) else v
                                           for k, v in kwargs.items()},
-                                       "out": out[0].detach().float().clone(), "out_dtype": out[0].dtype})
+                                       "out": out[0].detach().float().clone(), "out_dtype": out[0].dtype,
+                                       "module": self})
             return out
         monkeypatch.setattr(cls, "forward", forward)
     spy_on_inputs(monkeypatch, log)
     return log
 
 
-def picked_rows(pairs, batch):
+def picked_rows(pairs, batch, column="jpg"):
+    """The batch's source rows, and their `column`_0 / _1 values in the layout [winners, losers]."""
     rows = pq.read_table(pairs).to_pylist()
     picked = [rows[i] for i in batch["indices"]]
-    winners = [r["jpg_0"] if r["label_0"] > r["label_1"] else r["jpg_1"] for r in picked]
-    losers = [r["jpg_1"] if r["label_0"] > r["label_1"] else r["jpg_0"] for r in picked]
+    winners = [r[f"{column}_0"] if r["label_0"] > r["label_1"] else r[f"{column}_1"] for r in picked]
+    losers = [r[f"{column}_1"] if r["label_0"] > r["label_1"] else r[f"{column}_0"] for r in picked]
     return picked, winners + losers
+
+
+def pipeline_states(model, family, prompts):
+    """(encoder_hidden_states, pooled_projections) of `prompts` as the family's own pipeline encodes them."""
+    pipe = DiffusionPipeline.from_pretrained(model)
+    with torch.no_grad():
+        if family == "sd3":
+            hidden, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+        else:
+            hidden, pooled, _ = pipe.encode_prompt(prompts, None)
+    return hidden, pooled
+
+
+def as_latents(tensor, family):
+    """A transformer's input or output as 32 x 32 images' latents: FLUX's 2x2-packed tokens unpacked."""
+    return tensor if family == "sd3" else FluxPipeline._unpack_latents(tensor, 32, 32, vae_scale_factor=2)
+
+
+def noised_rows(call, family):
+    """The noised latents a transformer call received and their timesteps on the 0-1000 scale (FluxPipeline passes
+    the transformer s = t / 1000 itself)."""
+    return as_latents(call["hidden_states"], family), call["timestep"] * (1 if family == "sd3" else 1000)
+
+
+def call_inputs(call):
+    return {k: v for k, v in call.items() if k not in ("out", "out_dtype", "module")}
+
+
+def same_inputs(a, b):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k], k
 
 
 def normalised_latents(model, pixels, noise):
@@ -55,13 +90,15 @@ def normalised_latents(model, pixels, noise):
 
 
 def check_rectified_flow_rows(x_t, t, x0, pairs):
-    """x_t = (1 - s) x0 + s eps with s = t / 1000 per row, eps shared by a pair's rows; returns the velocity target
-    eps - x0."""
-    assert t.dtype == torch.float32 and torch.equal(t[:pairs], t[pairs:])
+    """x_t = (1 - s) x0 + s eps with s = t / 1000 per row, eps shared by a pair's rows (`pairs` pairs, winners
+    first; 0: rows of no pair, as SFT's winners); returns the velocity target eps - x0."""
+    assert t.dtype == torch.float32
     s = (t / 1000).view(-1, 1, 1, 1)
     assert ((s > 0) & (s < 1)).all()
     eps = (x_t - (1 - s) * x0) / s
-    assert torch.allclose(eps[:pairs], eps[pairs:], atol=1e-4), "the two images of a pair share their noise"
+    if pairs:
+        assert len(x_t) == 2 * pairs and torch.equal(t[:pairs], t[pairs:])
+        assert torch.allclose(eps[:pairs], eps[pairs:], atol=1e-4), "the two images of a pair share their noise"
     assert 0.5 < eps.std() < 1.5
     return eps - x0
 
@@ -86,10 +123,7 @@ def test_sd3_dpo_rows_noise_target_and_conditioning(tmp_path, tiny_flow_models, 
     assert torch.allclose(torch.cat([ref_w, ref_l]), per_row_error(reference["out"], target), rtol=1e-4)
     # both rows of a pair conditioned on its prompt, as StableDiffusion3Pipeline encodes it (up to rounding: the
     # trainer encodes each distinct prompt once, in a batch of another size)
-    pipe = DiffusionPipeline.from_pretrained(model)
-    with torch.no_grad():
-        hidden, _, pooled, _ = pipe.encode_prompt([r["caption"] for r in picked] * 2, None, None,
-                                                  do_classifier_free_guidance=False)
+    hidden, pooled = pipeline_states(model, "sd3", [r["caption"] for r in picked] * 2)
     assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
     assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
 
@@ -134,11 +168,72 @@ def test_flux_dpo_packed_latents_ids_guidance_and_conditioning(tmp_path, tiny_fl
     assert torch.allclose(torch.cat([model_w, model_l]), per_row_error(out, target), rtol=1e-4)
     ref_out = FluxPipeline._unpack_latents(reference["out"], 32, 32, vae_scale_factor=2)
     assert torch.allclose(torch.cat([ref_w, ref_l]), per_row_error(ref_out, target), rtol=1e-4)
-    pipe = DiffusionPipeline.from_pretrained(model)
-    with torch.no_grad():
-        hidden, pooled, _ = pipe.encode_prompt([r["caption"] for r in picked] * 2, None)
+    hidden, pooled = pipeline_states(model, "flux", [r["caption"] for r in picked] * 2)
     assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
     assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dcpo_conditions_each_image_on_its_own_caption(tmp_path, tiny_flow_models, all_columns, seen, family):
+    """DCPO: the winner images' rows get the states of the winner's caption and the losers' rows the loser's, as
+    the family's pipeline encodes them, in the policy's and the reference's call alike."""
+    model = tiny_flow_models[family]
+    run(tmp_path, model, all_columns, "method.name=dcpo", "train.max_steps=1", "train.batch_size=4",
+        "data.random_flip=no")
+    picked, images = picked_rows(all_columns, seen["batches"][0])
+    _, captions = picked_rows(all_columns, seen["batches"][0], "caption")
+    # the batch has pairs of both orientations: taking caption_0 for image 0's row would fail
+    assert {r["label_0"] > r["label_1"] for r in picked} == {True, False}
+    assert torch.allclose(seen["vae"][0]["pixels"], torch.stack([expected_pixels(j, 32) for j in images]), atol=1e-5)
+    policy, reference = seen["transformer"]
+    assert policy["module"] is reference["module"]  # LoRA: the reference is the transformer with adapters off
+    same_inputs(call_inputs(policy), call_inputs(reference))
+    hidden, pooled = pipeline_states(model, family, captions)
+    assert torch.allclose(policy["encoder_hidden_states"], hidden, atol=1e-5)
+    assert torch.allclose(policy["pooled_projections"], pooled, atol=1e-5)
+    assert seen["objective"][0]["name"] == "diffusion_dpo_loss"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_fine_tune_reference_is_the_frozen_base_on_the_policys_inputs(tmp_path, tiny_flow_models, tiny_pairs,
+                                                                           seen, family):
+    """model.lora_rank=null: the frozen copy is called on the very inputs the trained transformer gets (the latents
+    noised by hand, the pair's timesteps, the prompt's states, FLUX's ids and guidance), its errors are the
+    reference's, and it stays the base model: in step 2 it gives the base's outputs where the trained policy no
+    longer does, and its weights are the base's after training."""
+    model = tiny_flow_models[family]
+    result = run(tmp_path, model, tiny_pairs, "model.lora_rank=null", "train.lr=1e-3", "train.max_steps=2",
+                 "train.batch_size=3", "data.random_flip=no")
+    calls = seen["transformer"]
+    assert len(calls) == 4  # the policy and the reference per step
+    policy, reference = sorted(calls[:2], key=lambda c: c["module"] is not result.denoiser)
+    assert policy["module"] is result.denoiser and reference["module"] is not result.denoiser
+    assert all(c["module"] is reference["module"] for c in calls if c["module"] is not result.denoiser)
+    same_inputs(call_inputs(policy), call_inputs(reference))
+    picked, _ = picked_rows(tiny_pairs, seen["batches"][0])
+    draw = seen["vae"][0]
+    x0 = normalised_latents(model, draw["pixels"], draw["noise"])
+    target = check_rectified_flow_rows(*noised_rows(policy, family), x0, 3)
+    model_w, model_l, ref_w, ref_l = seen["objective"][0]["args"]
+    assert torch.allclose(torch.cat([model_w, model_l]), per_row_error(as_latents(policy["out"], family), target),
+                          rtol=1e-4)
+    assert torch.allclose(torch.cat([ref_w, ref_l]), per_row_error(as_latents(reference["out"], family), target),
+                          rtol=1e-4)
+    hidden, pooled = pipeline_states(model, family, [r["caption"] for r in picked] * 2)
+    assert torch.allclose(reference["encoder_hidden_states"], hidden, atol=1e-5)
+    assert torch.allclose(reference["pooled_projections"], pooled, atol=1e-5)
+
+    base = TRANSFORMERS[family].from_pretrained(model, subfolder="transformer")
+    step_2 = {c["module"] is result.denoiser: c for c in calls[2:]}
+    same_inputs(call_inputs(step_2[True]), call_inputs(step_2[False]))
+    with torch.no_grad():
+        base_out = base(**call_inputs(step_2[False]))[0]
+    assert torch.allclose(step_2[False]["out"], base_out, atol=1e-5)
+    assert not torch.allclose(step_2[True]["out"], base_out, atol=1e-4), "the policy trained in step 1"
+    frozen, base_weights = reference["module"].state_dict(), base.state_dict()
+    assert frozen.keys() == base_weights.keys() and all(torch.equal(frozen[k], base_weights[k]) for k in frozen)
+    trained = result.denoiser.state_dict()
+    assert any(not torch.equal(trained[k], base_weights[k]) for k in trained)
 
 
 def probe(transformer, family):
@@ -159,18 +254,27 @@ def probe(transformer, family):
         return transformer(**kwargs, return_dict=False)[0]
 
 
+@pytest.mark.parametrize("alpha", [None, 8], ids=["alpha=rank", "alpha=2rank"])
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_lora_loads_into_the_pipeline_as_trained(tmp_path, tiny_flow_models, tiny_pairs, family):
+def test_lora_loads_into_the_pipeline_as_trained(tmp_path, tiny_flow_models, tiny_pairs, family, alpha):
     """The final LoRA file, loaded by the family's pipeline with `load_lora_weights`, gives the trained
-    transformer's outputs, which differ from the base's; its keys are diffusers' `transformer.` ones."""
+    transformer's outputs, which differ from the base's; its keys are diffusers' `transformer.` ones. With alpha =
+    2 x rank (the shipped configs/sd35 LoRAs' rank 32, alpha 64), the pipeline restores the scale 2: the same weights
+    at scale 1 (a loader that ignored alpha) give other outputs."""
     model = tiny_flow_models[family]
-    result = run(tmp_path, model, tiny_pairs, "train.lr=3e-2")
+    result = run(tmp_path, model, tiny_pairs, "train.lr=3e-2", "model.lora_rank=4",
+                 f"model.lora_alpha={alpha or 'null'}")
+    scales = {m.scaling["default"] for m in result.denoiser.modules() if hasattr(m, "scaling")}
+    assert scales == {1 if alpha is None else 2}
     trained = probe(result.denoiser, family)
     pipe = DiffusionPipeline.from_pretrained(model)
     base = probe(pipe.transformer, family)
-    pipe.load_lora_weights(result.final_dir)
+    pipe.load_lora_weights(result.final_dir, adapter_name="trained")
     assert torch.allclose(probe(pipe.transformer, family), trained, atol=1e-5)
     assert not torch.allclose(base, trained, atol=1e-3)
+    if alpha is not None:
+        pipe.set_adapters("trained", adapter_weights=4 / alpha)
+        assert not torch.allclose(probe(pipe.transformer, family), trained, atol=1e-3)
     from safetensors.torch import load_file
     keys = load_file(result.final_dir / "pytorch_lora_weights.safetensors")
     assert all(k.startswith("transformer.") and ".lora_" in k for k in keys)
@@ -194,13 +298,26 @@ def test_full_fine_tune_saves_a_pipeline_with_the_trained_transformer(tmp_path, 
                                                ("dcpo", "diffusion_dpo_loss"), ("smpo", "smpo_loss")])
 def test_every_offline_method_trains_the_transformer(tmp_path, tiny_flow_models, all_columns, seen, family, method,
                                                      objective):
+    """Each method's objective on the transformer's errors; SFT's and MaPO's one call (no reference) gets the
+    winners' latents (SFT) or both images' (MaPO) noised by hand, and the objective their errors."""
+    model = tiny_flow_models[family]
     extra = ["method.pref_scorer=null", "method.inversion_steps=0"] if method == "smpo" else []
-    run(tmp_path, tiny_flow_models[family], all_columns, f"method.name={method}", "train.max_steps=1", *extra)
+    run(tmp_path, model, all_columns, f"method.name={method}", "train.max_steps=1", "data.random_flip=no", *extra)
     assert [c["name"] for c in seen["objective"]] == [objective]
     assert all(torch.isfinite(a).all() for a in seen["objective"][0]["args"])
     rows = 2 if method == "sft" else 4  # winners only for sft
     assert all(len(call["hidden_states"]) == rows for call in seen["transformer"])
     assert len(seen["transformer"]) == (1 if method in ("sft", "mapo") else 2)  # a reference pass where it has one
+    if method in ("sft", "mapo"):
+        _, images = picked_rows(all_columns, seen["batches"][0])
+        draw = seen["vae"][0]
+        assert torch.allclose(draw["pixels"], torch.stack([expected_pixels(j, 32) for j in images[:rows]]),
+                              atol=1e-5)
+        (call,) = seen["transformer"]
+        x0 = normalised_latents(model, draw["pixels"], draw["noise"])
+        target = check_rectified_flow_rows(*noised_rows(call, family), x0, 0 if method == "sft" else 2)
+        errors = per_row_error(as_latents(call["out"], family), target)
+        assert torch.allclose(torch.cat(seen["objective"][0]["args"]), errors, rtol=1e-4)
 
 
 def test_smpo_inverts_with_the_euler_ode_and_needs_its_steps_named(tmp_path, tiny_flow_models, all_columns, seen):
