@@ -1,12 +1,15 @@
 """What Flow-GRPO-Fast's SDE window saves: one online step on a tiny SD3 pipeline with every step stochastic and 9 of
-10 trained (configs/sd35/grpo.yaml's schedule), against `online.sde_window` 1, 2 and 3.
+10 trained (configs/sd35/grpo.yaml's schedule), against `online.sde_window` 1, 2 and 3, with independent initial
+noise per image and with one per group (`online.same_noise_per_group`, where a group takes the steps before its
+window once).
 
     .venv/bin/python benchmarks/online_window.py             # 3 rounds of 2 + 8 online steps per setting
 
-Per setting: the transformer's forward and backward passes per online step (counted, exact), and the seconds per
-online step as (T(n2) - T(n1)) / (n2 - n1) over runs of n1 = 2 and n2 = 8 steps in this process (loading cancels),
-the fastest of the rounds, as a ratio to the full SDE's. The rollout's passes are the same in every setting (every
-image is sampled to the end); the window cuts the training passes. Run it with nothing else on the machine.
+Per setting: the transformer's forward and backward passes and the rows (image-steps) the rollout denoises, per
+online step, counted over a run of 20 steps (the window's place is drawn per rollout), and the seconds per online
+step as (T(n2) - T(n1)) / (n2 - n1) over runs of n1 = 2 and n2 = 8 steps in this process (loading cancels), the
+fastest of the rounds, as a ratio to the full SDE's. The window cuts the training passes; with one noise per group
+it cuts the rollout's rows too. Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -25,26 +28,32 @@ from diffusion_align.rewards.tiny import save_tiny_scorer
 from diffusion_align.training.trainer import train
 
 SETTINGS = {"every step (9 of 10 trained)": ["online.train_fraction=0.9"],
-            **{f"sde_window {k}": [f"online.sde_window={k}"] for k in (1, 2, 3)}}
+            **{f"sde_window {k}": [f"online.sde_window={k}"] for k in (1, 2, 3)},
+            **{f"sde_window {k}, one noise per group": [f"online.sde_window={k}", "online.same_noise_per_group=true"]
+               for k in (1, 2, 3)}}
+COUNTED_STEPS = 20
 
 
-def passes(run) -> tuple[int, int]:
-    """(forward, backward) passes of the transformer in `run()`, counted on the module's forward and its grad."""
-    counts = [0, 0]
+def passes(run) -> tuple[int, int, int]:
+    """(forward passes, backward passes, rows of the rollout's passes) of the transformer in `run()`, counted on the
+    module's forward (a rollout's pass: one without grad, CFG's two halves in one) and its grad."""
+    counts = [0, 0, 0]
     real = SD3Transformer2DModel.forward
 
-    def forward(self, *args, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         counts[0] += 1
-        out = real(self, *args, **kwargs)
+        out = real(self, hidden_states, *args, **kwargs)
         if torch.is_grad_enabled():
             out[0].register_hook(lambda grad: counts.__setitem__(1, counts[1] + 1))
+        else:
+            counts[2] += len(hidden_states) // 2
         return out
     SD3Transformer2DModel.forward = forward
     try:
         run()
     finally:
         SD3Transformer2DModel.forward = real
-    return counts[0], counts[1]
+    return counts[0], counts[1], counts[2]
 
 
 def main() -> None:
@@ -75,15 +84,15 @@ def measure(root: Path, rounds: int) -> str:
 
     rows = {}
     for name, overrides in SETTINGS.items():
-        forward, backward = passes(lambda: run(overrides, 1, root / "count"))
+        counts = passes(lambda: run(overrides, COUNTED_STEPS, root / "count"))
         best = min((run(overrides, 8, root / f"r{r}-8") - run(overrides, 2, root / f"r{r}-2")) / 6
                    for r in range(rounds))
-        rows[name] = (forward, backward, best)
-    full = rows["every step (9 of 10 trained)"][2]
-    lines = ["| SDE steps | transformer forward passes per online step | backward passes | time per step, ratio |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {forward} | {backward} | {seconds / full:.2f} |"
-              for name, (forward, backward, seconds) in rows.items()]
+        rows[name] = (*(count / COUNTED_STEPS for count in counts), best)
+    full = rows["every step (9 of 10 trained)"][3]
+    lines = ["| SDE steps | transformer forward passes per online step | backward passes | rows the rollout denoises "
+             "| time per step, ratio |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {forward:g} | {backward:g} | {rollout:g} | {seconds / full:.2f} |"
+              for name, (forward, backward, rollout, seconds) in rows.items()]
     return "\n".join(lines)
 
 

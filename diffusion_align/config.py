@@ -199,8 +199,10 @@ class OnlineConfig:
                                              "false (ours, the default): one draw per update, shared by its images.")
     same_noise_per_group: bool = _key(False, "true: the images of a group start from one shared initial noise and "
                                              "differ only by the sampler's noise, as Pref-GRPO's recipes "
-                                             "(--init_same_noise) and DanceGRPO's SD code do; false (ours, the "
-                                             "default): independent initial noise per image.")
+                                             "(--init_same_noise) and DanceGRPO's SD code do (with sde_window, "
+                                             "the deterministic steps before the window are then taken once per "
+                                             "group); false (ours, the default): independent initial noise per "
+                                             "image.")
     updates_per_rollout: int = _key(2, "Optimiser updates per step's samples (the samples are split in that many "
                                        "parts); only the first sees ratio 1.", within="[1, inf)")
     clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.", within="(0, inf)")

@@ -4,7 +4,7 @@ conditioning), re-scoring a stored trajectory, and the online loop end to end, w
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 from diffusion_align.config import ConfigError, load_config
 from diffusion_align.models.families import get_family
@@ -90,11 +90,14 @@ def online_config(tiny_flow_models, online_setup, family, out, *overrides, metho
                               *overrides])
 
 
-@pytest.mark.parametrize("family, method", [("sd3", "pref_grpo"), ("flux", "grpo")])
+@pytest.mark.parametrize("family, method", [("sd3", "pref_grpo"), ("sd3", "grpo"), ("flux", "grpo"),
+                                            ("flux", "pref_grpo")])
 def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, tmp_path, monkeypatch, family,
                                                 method):
-    """One rollout and one update: it re-scores the samples at ratio 1, the trained steps are never the last, the transformer sees the pipeline's timesteps and guidance (SD3: CFG rows of the encoded ""; FLUX.1-dev:
-    its guidance input 3.5 and no unconditional rows), and the LoRA changes the policy."""
+    """One rollout and one update (pref_grpo rewarding win rates, grpo the scores): it re-scores the samples at
+    ratio 1, the trained steps are never the last, the transformer sees the pipeline's timesteps and guidance (SD3:
+    CFG rows of the encoded ""; FLUX.1-dev: its guidance input 3.5 and no unconditional rows), and the LoRA changes
+    the policy."""
     calls, real_step = [], online.step_distribution
 
     def recording_step(model, sampler, trajectory, step, cond, uncond, guidance, rows=None):
@@ -106,6 +109,10 @@ def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, 
     result = train(online_config(tiny_flow_models, online_setup, family, tmp_path, "online.grid_every=1",
                                  "online.updates_per_rollout=1", method=method))
     assert result.metrics["log_ratio_abs_max"] < 1e-5
+    if method == "pref_grpo":  # win rates inside the group of 4: their mean is 0.5 by construction
+        assert result.metrics["reward_mean"] == pytest.approx(0.5, abs=1e-6) and result.metrics["reward_std"] > 0
+    else:  # the scores themselves
+        assert result.metrics["reward_mean"] == result.metrics["score_mean"] != 0.5
     assert calls and all(c["step"] < 3 for c in calls)  # 4 steps: the last (index 3) is never trained
     pipe = DiffusionPipeline.from_pretrained(tiny_flow_models[family])
     if family == "flux":  # FluxPipeline's schedule for 64 image tokens
@@ -124,6 +131,57 @@ def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, 
     assert (tmp_path / "grids" / "step-000001.png").is_file()
     card = (result.final_dir / "README.md").read_text()
     assert "| noise level | 0.7 |" in card and "| eta |" not in card
+
+
+@pytest.mark.parametrize("family, method", [("sd3", "grpo"), ("flux", "pref_grpo")])
+def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, online_setup, tmp_path, monkeypatch,
+                                                           family, method):
+    """online.kl_beta > 0 on a LoRA, one rollout and two updates: at each trained step the reference (adapters off,
+    no gradients) gets exactly the transformer inputs the policy got and gives the base transformer's output; the
+    KL logged is Flow-GRPO's between the step's two Gaussians, mean (mu - mu_ref)^2 / (2 std^2), std the step's
+    a sqrt(s / (1 - s)) sqrt(s - s'): 0 exactly at the first update (lora_B is 0), > 0 at the second."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    calls, real_step = [], online.step_distribution
+
+    def recording_step(model, sampler, trajectory, step, *args):
+        seen = []
+        hook = model.register_forward_hook(lambda module, inputs, kwargs, output: seen.append(
+            ({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}, output[0].detach().clone())),
+            with_kwargs=True)
+        try:
+            mean, std = real_step(model, sampler, trajectory, step, *args)
+        finally:
+            hook.remove()
+        (received, output), = seen  # one transformer call (SD3: its CFG rows batched)
+        calls.append({"step": step, "received": received, "output": output, "mean": mean.detach(), "std": std,
+                      "sigmas": sampler.sigmas.clone(), "grad": torch.is_grad_enabled(),
+                      "adapters_off": {m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)}})
+        return mean, std
+
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    result = train(online_config(tiny_flow_models, online_setup, family, tmp_path, "online.kl_beta=0.5",
+                                 "online.updates_per_rollout=2", method=method))
+    policy, reference = calls[0::2], calls[1::2]
+    assert len(calls) == 8  # 2 updates x 1 micro-batch x 2 trained steps (0.6 of 4), each policy then reference
+    assert all(p["grad"] and p["adapters_off"] == {False} for p in policy)
+    assert all(not r["grad"] and r["adapters_off"] == {True} for r in reference)
+    base = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[family].from_pretrained(
+        tiny_flow_models[family], subfolder="transformer")
+    kls = []
+    for p, r in zip(policy, reference):
+        assert r["step"] == p["step"] < 3 and p["received"].keys() == r["received"].keys()
+        assert all(torch.equal(p["received"][k], r["received"][k]) for k in p["received"])
+        with torch.no_grad():
+            torch.testing.assert_close(r["output"], base(**r["received"], return_dict=False)[0], rtol=0, atol=1e-6)
+        s, s_next = float(p["sigmas"][p["step"]]), float(p["sigmas"][p["step"] + 1])
+        std = 0.7 * (s / (1 - (float(p["sigmas"][1]) if s == 1 else s))) ** 0.5 * (s - s_next) ** 0.5
+        torch.testing.assert_close(p["std"], torch.tensor(std))
+        torch.testing.assert_close(r["std"], p["std"])
+        kls.append(float(((p["mean"] - r["mean"]) ** 2 / (2 * std ** 2)).mean()))
+    assert kls[:2] == [0.0, 0.0] and all(torch.equal(p["output"], r["output"]) for p, r in zip(policy[:2], reference))
+    assert min(kls[2:]) > 0  # the first update moved the policy off the reference
+    # the logged KL: the mean over each update's trained steps, then over the updates
+    assert result.metrics["kl"] == pytest.approx(sum(kls) / 4, rel=1e-4)
 
 
 def test_a_flow_run_needs_a_noise_level(tiny_flow_models, online_setup, tmp_path):
@@ -148,6 +206,55 @@ def test_a_window_samples_the_ode_outside_it(tiny_flow_models):
     assert ode.log_probs is None
     assert torch.equal(windowed.latents[1], ode.latents[1]) and not torch.equal(windowed.latents[2], ode.latents[2])
     assert windowed.log_probs[[0, 2, 3]].isnan().all() and torch.isfinite(windowed.log_probs[1]).all()
+
+
+def test_a_path_taken_before_the_window_continues_as_if_sampled_whole(tiny_flow_models):
+    """A window's deterministic steps taken first (`until`) and continued later give the trajectory sampled in one
+    go, bit for bit; taken for one row and repeated for a group of images starting from its noise, they give what
+    the group's rows take each; a continued path whose steps were drawn is refused."""
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models["sd3"], "sd3", 0.7, 2, 3.5)
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(4, 1, 1, 1)
+    window = range(2, 3)
+
+    def sampled(latents, rows=slice(None)):
+        picked = [c.select(torch.arange(4)[rows]) for c in (cond, uncond)]
+        return sample_with_logprob(parts.denoiser, sampler, *picked, latents, 6, 3.5,
+                                   generator=torch.Generator().manual_seed(1), noisy_steps=window)
+    whole = sampled(noise)
+    begun = sample_with_logprob(parts.denoiser, sampler, cond, uncond, noise, 6, 3.5, noisy_steps=window, until=2)
+    assert len(begun.latents) == 3 and begun.log_probs is None
+    continued = sampled(begun.latents)
+    assert all(torch.equal(a, b) for a, b in zip(continued.latents, whole.latents))
+    assert torch.equal(continued.log_probs.nan_to_num(), whole.log_probs.nan_to_num())
+    assert continued.log_probs[[0, 1, 3, 4, 5]].isnan().all() and torch.isfinite(continued.log_probs[2]).all()
+    one = sample_with_logprob(parts.denoiser, sampler, cond.select(torch.tensor([0])), uncond.select(torch.tensor([0])),
+                              noise[:1], 6, 3.5, noisy_steps=window, until=2)
+    shared = sampled([x.expand(2, -1, -1, -1) for x in one.latents], rows=slice(0, 2))  # prompt 1's two images
+    for a, b in zip(shared.latents, whole.latents):
+        torch.testing.assert_close(a, b[:2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="continue only where they are deterministic"):
+        sample_with_logprob(parts.denoiser, sampler, cond, uncond, begun.latents, 6, 3.5, noisy_steps=range(1, 2))
+
+
+def test_a_group_takes_the_steps_before_its_window_once(tiny_flow_models, online_setup, tmp_path, monkeypatch):
+    """With one initial noise per group, the deterministic steps before the window are the same path for all of a
+    group's images: the transformer takes them for one row per group, the window and after for every image, and the
+    stored trajectories still re-score at ratio 1."""
+    rows_per_call, real_forward = [], SD3Transformer2DModel.forward
+
+    def counting(self, hidden_states, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the rollout's calls, CFG's two halves in one
+            rows_per_call.append(len(hidden_states) // 2)
+        return real_forward(self, hidden_states, *args, **kwargs)
+    monkeypatch.setattr(SD3Transformer2DModel, "forward", counting)
+    monkeypatch.setattr(online, "sde_window", lambda steps, size, generator: range(2, 3))
+    result = train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.sde_window=1",
+                                 "online.same_noise_per_group=true", "online.sample_steps=6", "train.batch_size=4",
+                                 "online.prompts_per_step=2", "online.updates_per_rollout=1"))
+    # 2 groups of 4 images, 4 a call: steps 0-1 for one row per group, steps 2-5 for each image (2 calls a step);
+    # each image sampled whole would be 6 steps of 2 calls of 4 rows
+    assert rows_per_call == [2, 2] + [4] * 8
+    assert result.metrics["log_ratio_abs_max"] < 1e-5
 
 
 def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup, tmp_path, monkeypatch):

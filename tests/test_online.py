@@ -171,7 +171,7 @@ def test_same_noise_per_group_and_per_sample_timesteps(setup, tmp_path, monkeypa
     real_sample, real_step = online.sample_with_logprob, online.step_distribution
 
     def recording_sample(unet, sampler, cond, uncond, latents, *args, **kwargs):
-        starts.append(latents.clone())
+        starts.append(latents[0].clone())  # x_T: a group's images share their path's beginning
         return real_sample(unet, sampler, cond, uncond, latents, *args, **kwargs)
 
     def recording_step(unet, sampler, trajectory, step, *args, **kwargs):

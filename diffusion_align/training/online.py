@@ -175,11 +175,13 @@ def train_online(cfg: Config) -> TrainResult:
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
                                           o.group_size, t.resolution, zero_uncond, guidance_input)
         if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
-            group_noise = torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)
+            group_path = [torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)]
+            if window is not None and window.start > 0:  # the steps before the window: a group's images take them
+                group_path = shared_steps(group_path[0], cond, uncond, window, t.batch_size)  # alike, so once
         trajectories, conds, images = [], [], []
         for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
             rows = torch.arange(start, start + t.batch_size)
-            latents = (group_noise[rows // o.group_size] if o.same_noise_per_group else
+            latents = ([x[rows // o.group_size] for x in group_path] if o.same_noise_per_group else
                        torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
             conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
@@ -188,6 +190,20 @@ def train_online(cfg: Config) -> TrainResult:
             trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
         return trajectories, conds, images
+
+    def shared_steps(noise: torch.Tensor, cond, uncond, window: range, batch: int) -> list[torch.Tensor]:
+        """x_T, ..., x_window.start of each group (a row of `noise` each): the deterministic steps before the window,
+        which a group's images, starting from one noise, take alike; `batch` groups a call."""
+        firsts = torch.arange(0, len(noise) * o.group_size, o.group_size)  # a row of each group
+        paths = []
+        for start in range(0, len(noise), batch):
+            rows = firsts[start:start + batch]
+            with accelerator.autocast():
+                paths.append(sample_with_logprob(policy.denoiser, sampler, cond.select(rows),
+                                                 None if uncond is None else uncond.select(rows),
+                                                 noise[start:start + batch], o.sample_steps, o.guidance,
+                                                 noisy_steps=window, until=window.start).latents)
+        return [torch.cat(step) for step in zip(*paths)]
 
     def rewards_of(images: list, row_prompts: list[str], scores: torch.Tensor) -> torch.Tensor:
         if cfg.method.name == "grpo":

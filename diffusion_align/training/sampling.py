@@ -167,23 +167,31 @@ def guided_output(model, sample: torch.Tensor, timestep, cond: Conditioning, unc
 
 
 @torch.no_grad()
-def sample_with_logprob(model, policy, cond: Conditioning, uncond: Conditioning | None, latents: torch.Tensor,
-                        steps: int, guidance: float, generator: torch.Generator | None = None,
-                        noisy_steps=None) -> Trajectory:
+def sample_with_logprob(model, policy, cond: Conditioning, uncond: Conditioning | None,
+                        latents: torch.Tensor | list[torch.Tensor], steps: int, guidance: float,
+                        generator: torch.Generator | None = None, noisy_steps=None, until: int | None = None
+                        ) -> Trajectory:
     """Denoise `latents` (x_T, one row per image) in `steps` steps of `policy` (`DDIMPolicy`, `FlowSDEPolicy`)
     with guidance, keeping the trajectory. `noisy_steps`: the step indices drawn from the policy's Gaussian (all by
-    default); the others are its deterministic step (DDIM at eta 0, the flow ODE), as Flow-GRPO-Fast's window."""
-    timesteps = policy.set_steps(steps, tuple(latents.shape[1:]), latents.device)
+    default); the others are its deterministic step (DDIM at eta 0, the flow ODE), as Flow-GRPO-Fast's window.
+    `latents` may instead be a path's beginning x_T, ..., x_k taken by deterministic steps (a list), which sampling
+    continues from step k; `until` stops after that many steps (a beginning to continue), default all `steps`."""
+    path = list(latents) if isinstance(latents, (list, tuple)) else [latents]
+    timesteps = policy.set_steps(steps, tuple(path[0].shape[1:]), path[0].device)
     noisy_steps = range(steps) if noisy_steps is None else noisy_steps
-    path, log_probs = [latents], []
-    for step, t in enumerate(timesteps):
+    log_probs = [None] * (len(path) - 1)
+    if any(step in noisy_steps for step in range(len(path) - 1)):
+        raise ValueError(f"a path's first {len(path) - 1} steps continue only where they are deterministic; "
+                         f"{list(noisy_steps)} are drawn from the policy")
+    for step in range(len(path) - 1, steps if until is None else until):
+        t = timesteps[step]
         output = guided_output(model, path[-1], t, cond, uncond, guidance)
         prev, log_prob = policy.step(output, step, path[-1], generator=generator, noisy=step in noisy_steps)
         path.append(prev)
         log_probs.append(log_prob)
     if all(log_prob is None for log_prob in log_probs):
         return Trajectory(path, timesteps.clone(), None)
-    nan = torch.full((len(latents),), float("nan"), device=latents.device)
+    nan = torch.full((len(path[0]),), float("nan"), device=path[0].device)
     return Trajectory(path, timesteps.clone(), torch.stack([nan if p is None else p for p in log_probs]))
 
 
