@@ -239,8 +239,9 @@ def test_a_checkpointed_steps_backward_recomputes_each_block_as_planned(tiny_mod
     forward kept: a step's peak is in its backward. The plan (`_Recomputes`) against the CPU allocator's peak of a
     real step of the tiny UNet or transformer (a full fine-tune's training forward of 8 rows at 32 px, its reference
     copy's without gradients, and the backward of a loss on the first): never under it, and at most 10% above it
-    (measured: 7-8% for the UNet and SD3, 2% for FLUX; our reading: the plan follows each recompute to its block's
-    end, where torch's stops at the last tensor the backward needs). The forward's own peak is 2% under the UNet's
+    (measured: 7-8% for the UNet and SD3, 2% for FLUX; not torch's early stop of a recompute at the last tensor the
+    backward needs: with `torch.utils.checkpoint.set_checkpoint_early_stop(False)` the peaks are the same to the
+    byte; where the plan's surplus lies is not known). The forward's own peak is 2% under the UNet's
     step, half of SD3's and 0.7 of FLUX's."""
     from diffusion_align.models.conditioning import encode_prompts
     from diffusion_align.models.loading import load_components
