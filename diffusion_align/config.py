@@ -185,8 +185,10 @@ class OnlineConfig:
     noise_level: float = _key(0.7, "SD3 / FLUX: the noise level a of Flow-GRPO's SDE step (> 0: each step is a "
                                    "Gaussian with a log-probability). Published: 0.7 (Flow-GRPO on SD3.5, Pref-GRPO "
                                    "on FLUX), 0.9 (Flow-GRPO on FLUX).", within="[0, inf)")
-    guidance: float = _key(5.0, "Classifier-free guidance scale when sampling and when re-scoring the steps; FLUX: "
-                                "the guidance input of FLUX.1-dev (3.5 in FluxPipeline), no CFG.", within="[0, inf)")
+    guidance: float | None = _key(None, "Classifier-free guidance scale when sampling and when re-scoring the steps "
+                                        "(null: 5, DanceGRPO's SD setting); FLUX: the guidance input of FLUX.1-dev, no "
+                                        "CFG (null: 3.5, as FluxPipeline samples and the offline methods train).",
+                                  within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
                                       "last (at least one).", within="(0, 1]")
     sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "

@@ -184,6 +184,24 @@ def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, onl
     assert result.metrics["kl"] == pytest.approx(sum(kls) / 4, rel=1e-4)
 
 
+@pytest.mark.parametrize("family, scale, guidance_input", [("sd3", 5.0, None), ("flux", 3.5, 3.5)])
+def test_online_guidance_left_null_is_the_familys(tiny_flow_models, online_setup, tmp_path, monkeypatch, family,
+                                                  scale, guidance_input):
+    """online.guidance=null: SD3 samples and re-scores with CFG 5; FLUX.1-dev with its guidance input 3.5 (what
+    FluxPipeline samples with and the offline methods train with), not a CFG scale fed to the embedding."""
+    seen, real_sample = [], online.sample_with_logprob
+
+    def recording_sample(model, sampler, cond, uncond, latents, steps, guidance, **kwargs):
+        seen.append((guidance, cond.guidance))
+        return real_sample(model, sampler, cond, uncond, latents, steps, guidance, **kwargs)
+    monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
+    result = train(online_config(tiny_flow_models, online_setup, family, tmp_path, "online.guidance=null"))
+    assert seen and all(g == scale for g, _ in seen)
+    assert all((embedded is None) if guidance_input is None else torch.equal(embedded, torch.full((2,), 3.5))
+               for _, embedded in seen)
+    assert (result.final_dir / "README.md").read_text().count(f"| guidance | {scale} |") == 1
+
+
 def test_a_flow_run_needs_a_noise_level(tiny_flow_models, online_setup, tmp_path):
     with pytest.raises(ConfigError, match="online.noise_level=0.0: the flow SDE's steps have a log-probability"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.noise_level=0"))

@@ -123,6 +123,17 @@ def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
     return channels, resolution // factor, resolution // factor
 
 
+DEFAULT_CFG = 5.0  # online.guidance's null on the CFG families: DanceGRPO's SD setting
+
+
+def online_guidance(o, parts) -> tuple[float, float | None]:
+    """(the guidance the steps are sampled and re-scored with, FLUX.1-dev's guidance input or None): online.guidance,
+    or where it is null the family's own: the input a guidance-distilled FLUX.1-dev trains with (3.5, as FluxPipeline
+    samples), CFG 5 for the others."""
+    guidance = o.guidance if o.guidance is not None else parts.guidance or DEFAULT_CFG
+    return guidance, guidance if parts.guidance is not None else None
+
+
 def sampling_policy(cfg: Config, family):
     """The sampler the online methods train as a policy: DDIM at online.eta for the UNet families (on the pipeline's
     noise schedule), Flow-GRPO's SDE at online.noise_level on the flow families' scheduler."""
@@ -158,7 +169,7 @@ def train_online(cfg: Config) -> TrainResult:
         judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
     shape = latent_shape(parts, t.resolution)
     zero_uncond = zeros_for_empty_prompt(parts.family, pipeline_index(cfg.model.pretrained, cfg.model.revision))
-    guidance_input = o.guidance if parts.guidance is not None else None  # FLUX.1-dev's, in place of CFG
+    guidance, guidance_input = online_guidance(o, parts)
 
     # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
     noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
@@ -186,7 +197,7 @@ def train_online(cfg: Config) -> TrainResult:
             conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
             with accelerator.autocast():  # as in training, so the re-scored steps match
                 trajectory = sample_with_logprob(policy.denoiser, sampler, *conds[-1], latents, o.sample_steps,
-                                                 o.guidance, generator=noise_gen, noisy_steps=window)
+                                                 guidance, generator=noise_gen, noisy_steps=window)
             trajectories.append(trajectory)
             images += decode_images(parts.vae, trajectory.latents[-1])
         return trajectories, conds, images
@@ -201,7 +212,7 @@ def train_online(cfg: Config) -> TrainResult:
             with accelerator.autocast():
                 paths.append(sample_with_logprob(policy.denoiser, sampler, cond.select(rows),
                                                  None if uncond is None else uncond.select(rows),
-                                                 noise[start:start + batch], o.sample_steps, o.guidance,
+                                                 noise[start:start + batch], o.sample_steps, guidance,
                                                  noisy_steps=window, until=window.start).latents)
         return [torch.cat(step) for step in zip(*paths)]
 
@@ -233,7 +244,7 @@ def train_online(cfg: Config) -> TrainResult:
                 with gradient_sync(accelerator, denoiser, last):
                     with accelerator.autocast():
                         mean, std = step_distribution(denoiser, sampler, trajectory, step_index, cond, uncond,
-                                                      o.guidance)
+                                                      guidance)
                         log_prob = gaussian_log_prob(trajectory.latents_at(step_index + 1), mean, std)
                         old = trajectory.log_probs[step_index, torch.arange(t.batch_size)]
                         policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
@@ -243,7 +254,7 @@ def train_online(cfg: Config) -> TrainResult:
                         if o.kl_beta > 0:
                             with torch.no_grad(), policy.reference() as reference:
                                 ref_mean, _ = step_distribution(reference, sampler, trajectory, step_index, cond,
-                                                                uncond, o.guidance)
+                                                                uncond, guidance)
                             kl = gaussian_policy_kl(mean, ref_mean, std)
                             loss = loss + o.kl_beta * kl.mean() / (len(micro) * count)
                             metrics["kl"] = kl.mean().detach()
@@ -311,7 +322,7 @@ def train_online(cfg: Config) -> TrainResult:
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes
                 save_progress_grid(policy.denoiser, sampler, parts, prompts[:GRID_PROMPTS], cfg, accelerator,
-                                   output_dir / "grids" / f"step-{step:06d}.png", zero_uncond, guidance_input)
+                                   output_dir / "grids" / f"step-{step:06d}.png", zero_uncond)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
                          **skipped_updates.state()}
@@ -323,7 +334,7 @@ def train_online(cfg: Config) -> TrainResult:
                "prompts per process per step": o.prompts_per_step, "group size": o.group_size,
                "sampling steps": o.sample_steps,
                **({"eta": o.eta} if family.denoiser == "unet" else {"noise level": o.noise_level}),
-               "guidance": o.guidance, "clip range": o.clip_range,
+               "guidance": guidance, "clip range": o.clip_range,
                "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
                **({"SDE window": o.sde_window} if o.sde_window else {}),
                "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
@@ -333,20 +344,21 @@ def train_online(cfg: Config) -> TrainResult:
 
 @torch.no_grad()
 def save_progress_grid(denoiser, sampler, parts, prompts: list[str], cfg: Config, accelerator, path: Path,
-                       zero_uncond: bool = False, guidance_input: float | None = None) -> Path:
+                       zero_uncond: bool = False) -> Path:
     """`prompts` (rows) x GRID_SEEDS fixed seeds (columns), sampled deterministically (DDIM at eta 0, the flow ODE):
-    the same noise at every step of training, so the grids show how the model changes. `zero_uncond` and
-    `guidance_input`: as `group_conditioning`.
+    the same noise at every step of training, so the grids show how the model changes. `zero_uncond`: as
+    `group_conditioning`.
     Called by every process (a sharded UNet gathers its weights from all); the main process writes the grid."""
     from PIL import Image
     o, t = cfg.online, cfg.train
+    guidance, guidance_input = online_guidance(o, parts)
     cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, prompts, GRID_SEEDS,
                                       t.resolution, zero_uncond, guidance_input)
     shape = latent_shape(parts, t.resolution)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))[None]
                          for _ in prompts for seed in range(GRID_SEEDS)]).to(accelerator.device)
     with accelerator.autocast():
-        trajectory = sample_with_logprob(denoiser, sampler, cond, uncond, latents, o.sample_steps, o.guidance,
+        trajectory = sample_with_logprob(denoiser, sampler, cond, uncond, latents, o.sample_steps, guidance,
                                          noisy_steps=())
     images = decode_images(parts.vae, trajectory.latents[-1])
     if not accelerator.is_main_process:
