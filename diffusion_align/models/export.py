@@ -112,7 +112,7 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     if format == "kohya" and family.kohya_version is None:
         raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; for ComfyUI use "
                          "--format comfyui")
-    if format == "comfyui" and family.denoiser == "unet":
+    if format == "comfyui" and family.kohya_version is not None:
         raise ValueError(f"--format comfyui writes SD3 and FLUX LoRAs; ComfyUI loads a {family} LoRA in the kohya "
                          "layout (--format kohya)")
     denoiser = family.denoiser_cls.from_pretrained(

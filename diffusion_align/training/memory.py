@@ -428,11 +428,11 @@ class _Recomputes:
     (`enable_gradient_checkpointing(recomputes)`; off again on exit): it checkpoints each block as diffusers' own
     does (torch.utils.checkpoint, not reentrant), then measures what the backward's recompute of the block will add:
     the block's forward run again with gradients, its saved tensors kept until it ends, as the backward runs it just
-    before the block's own backward. `points` holds, per block, the bytes alive then (those
-    alive as the block's forward ended, its output standing for the gradient that arrives in its place, plus the
-    recompute's peak less its own output, which torch's recompute does not keep) and the trained entries whose
-    gradients the backward has made by then (those of the layers whose forward ended after the block's). The
-    gathered weights are `_FsdpGathers`', which is told where each recompute falls among its events."""
+    before the block's own backward. `points` holds, per block, the bytes alive then (those alive as the block's
+    forward ended, its output standing for the gradient that arrives in its place, plus the recompute's peak less its
+    own output, which torch's recompute does not keep) and the trained entries whose gradients the backward has made
+    by then (those of the layers whose forward ended after the block's). The gathered weights are `_FsdpGathers`',
+    which is told where each recompute falls among its events."""
 
     def __init__(self, denoiser: torch.nn.Module, checkpointed: bool, live: _LiveBytes, gathers: "_FsdpGathers"):
         self.denoiser = denoiser if checkpointed else None  # without checkpointing nothing is recomputed or counted
