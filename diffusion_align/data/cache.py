@@ -21,7 +21,8 @@ and std) take 2 x 16 x 64 x 64 x 2 B = 262 kB for SD3 and FLUX at 512 px. So for
 proportion to their tokens (model.max_sequence_length shortens T5's). A Pick-a-Pic-sized cache, v2's train split
 (959,040 rows, ties kept as the cache keeps them; 58,960 distinct prompts among its untied pairs: methods.md) for SD3
 or FLUX at 512 px in fp16: latents 2 x 959,040 x 262 kB = 503 GB (1.0 TB with flips; four times that at 1024 px),
-texts about 161 GB (SD3) or 247 GB (FLUX), or 75 / 37 GB with model.max_sequence_length=77.
+texts about 161 GB (SD3) or 247 GB (FLUX), 99 GB for SD3 at the configs/sd35 recipes' 128 T5 tokens, or
+75 / 37 GB with model.max_sequence_length=77.
 """
 
 from __future__ import annotations
