@@ -45,8 +45,8 @@ DENOISERS = {"sd35": ("transformer", "transformer-configs/sd35-medium-transforme
              "flux": ("transformer", "transformer-configs/flux1-dev-transformer.json")}
 GPUS = (24, 48, 80)
 # the table's columns of `memory_bytes`' parts: (key, heading)
-PARTS = (("weights", "weights"), ("gradients", "grads"), ("optimizer", "optimizer"), ("reference", "reference"),
-         ("encoders", "encoders"), ("rewards", "rewards"), ("activations", "activations"),
+PARTS = (("weights", "weights"), ("gradients", "grads"), ("optimizer", "optimizer"), ("ema", "ema"),
+         ("reference", "reference"), ("encoders", "encoders"), ("rewards", "rewards"), ("activations", "activations"),
          ("optimizer_step", "optimizer step"), ("encode", "encode"), ("total", "total"))
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json, which PickScore_v1 keeps
 PICKSCORE = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -156,7 +156,7 @@ def main() -> None:
                 usage = plan(cfg, counts=counts).per_process_bytes
                 trained = f"LoRA {counts.lora / 1e6:.1f}M" if counts.lora else f"full {counts.denoiser / 1e9:.2f}B"
                 lines.append(f"| {arch}/{recipe.name} | {trained} | "
-                             + " | ".join(f"{usage[key] / GIB:.1f}" for key, _ in PARTS)
+                             + " | ".join(f"{usage.get(key, 0) / GIB:.1f}" for key, _ in PARTS)
                              + " | " + " | ".join(verdicts) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

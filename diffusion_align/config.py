@@ -242,6 +242,11 @@ class TrainConfig:
     adam_eps: float = _key(1e-8, "AdamW epsilon.", within="(0, inf)")
     max_grad_norm: float | None = _key(1.0, "Clip the gradient norm to this value; null = no clipping.",
                                        within="(0, inf)")
+    ema_decay: float = _key(0.0, "Keep an exponential moving average (EMA) of the trained weights, updated every "
+                                 "ema_every weight updates with decay min((1 + n) / (10 + n), ema_decay) after "
+                                 "update n, and save it as the final model (training/ema.py); 0 = none. Flow-GRPO "
+                                 "keeps one with decay 0.9 every 8 updates.", within="[0, 1)")
+    ema_every: int = _key(1, "Update the EMA (ema_decay) every N weight updates (Flow-GRPO: 8).", within="[1, inf)")
     mixed_precision: str = _key("no", "no, fp16 or bf16 (frozen models are stored in that dtype too).",
                                 choices=("no", "fp16", "bf16"))
     sharding: str = _key("none", "Shard the UNet's weights, gradients and optimiser states over the processes "

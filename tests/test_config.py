@@ -164,6 +164,10 @@ def test_recipes_follow_the_published_scripts():
     flux = recipes["flux/grpo.yaml"]
     assert {cfg.model.max_sequence_length for name, cfg in recipes.items() if name.startswith("sd35/")} == {128}
     assert flux.model.max_sequence_length == 128
+    # [G] keeps an EMA of the weights (decay 0.9 every 8 updates) and saves it: its recipes alone set one
+    with_ema = {name for name, cfg in recipes.items() if (cfg.train.ema_decay, cfg.train.ema_every) == (0.9, 8)}
+    assert with_ema == {name for name in recipes if name.startswith("sd35/")} | {"flux/grpo.yaml"}
+    assert all(cfg.train.ema_decay == 0 for name, cfg in recipes.items() if name not in with_ema)
     # pickscore_flux: G = 24, 6 steps at noise level 0.9, no KL, LoRA r 64 / alpha 128, 3 images a micro-batch
     assert (flux.method.name, flux.online.group_size, flux.online.sample_steps, flux.online.noise_level,
             flux.online.kl_beta, flux.online.guidance, flux.model.lora_rank, flux.model.lora_alpha,

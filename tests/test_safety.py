@@ -93,9 +93,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_models, tiny_pairs
 def test_nan_weights_are_never_saved(tmp_path, tiny_models, tiny_pairs, monkeypatch):
     apply_update = trainer.apply_update
 
-    def poisoning(accelerator, optimizer, grad_norm):  # an update that leaves a NaN in the weights
-        updated = apply_update(accelerator, optimizer, grad_norm)
-        next(p for group in optimizer.param_groups for p in group["params"]).data.view(-1)[0] = float("nan")
+    def poisoning(accelerator, models, grad_norm):  # an update that leaves a NaN in the weights
+        updated = apply_update(accelerator, models, grad_norm)
+        next(p for group in models.optimizer.param_groups for p in group["params"]).data.view(-1)[0] = float("nan")
         return updated
 
     monkeypatch.setattr(trainer, "apply_update", poisoning)

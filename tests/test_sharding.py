@@ -31,9 +31,12 @@ CASES["dpo-full-cached"] = [*CASES["dpo-full"], "data.cache=true", "method.preco
 # the flow transformers, whose blocks are the units (SD3's joint blocks, FLUX's double- and single-stream ones)
 FLOW_CASES = {"dpo-lora-sd3": "sd3", "dpo-full-flux": "flux"}
 CASES.update({case: CASES[case.rsplit("-", 1)[0]] for case in FLOW_CASES})
+# an EMA of the weights (train.ema_decay), kept per shard under fsdp2, and resumed from its step-2 checkpoint (RESUMED)
+CASES["dpo-lora-ema"] = [*CASES["dpo-lora"], "train.ema_decay=0.9", "train.checkpoint_every=2"]
+RESUMED = {"dpo-lora-ema-fsdp2", "dpo-lora-ema-zero2"}
 # DeepSpeed ZeRO-2 on a few: LoRA and full, offline (SmPO's inversion calls the UNet outside the engine) and online,
 # and a transformer
-ZERO2_CASES = ["dpo-lora", "dpo-full", "smpo-full", "pref_grpo-lora", "grpo-full", "dpo-lora-sd3"]
+ZERO2_CASES = ["dpo-lora", "dpo-full", "smpo-full", "pref_grpo-lora", "grpo-full", "dpo-lora-sd3", "dpo-lora-ema"]
 # (sharded run, data-parallel run) pairs to compare; gradient checkpointing must not change what a sharded run learns
 PAIRS = {case: (f"{case}-fsdp2", f"{case}-none") for case in CASES}
 PAIRS["dpo-full-checkpointing"] = ("dpo-full-checkpointing-fsdp2", "dpo-full-none")
@@ -82,6 +85,9 @@ def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs):
     runs += [{"name": f"dpo-lora-bf16-{sharding}", "config": str(TINY_CONFIG),
               "overrides": [*common, *BF16, f"train.sharding={sharding}",
                             f"train.output_dir={root / f'dpo-lora-bf16-{sharding}'}"]} for sharding in ("none", "zero2")]
+    runs += [{**run, "name": f"{run['name']}-resumed", "overrides": [
+        *run["overrides"], f"train.resume={root / run['name'] / 'checkpoint-2'}",
+        f"train.output_dir={root / (run['name'] + '-resumed')}"]} for run in runs if run["name"] in RESUMED]
     runs.append({"name": "dpo-full-checkpointing-fsdp2", "config": str(TINY_CONFIG),
                  "overrides": [*common, *CASES["dpo-full"], "train.sharding=fsdp2", "model.gradient_checkpointing=true",
                                f"train.output_dir={root / 'dpo-full-checkpointing-fsdp2'}"]})
@@ -155,6 +161,15 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
         p.name for p in (root / data_parallel / "final").rglob("*"))
     # the two processes read their own data (offline: their halves of each batch; online: their own groups)
     assert unet_calls(root, sharded, 0)[0] != unet_calls(root, sharded, 1)[0]
+
+
+@pytest.mark.parametrize("run", sorted(RESUMED))
+def test_a_sharded_run_resumed_with_its_ema_ends_at_the_uninterrupted_weights(sharded_runs, run):
+    """The EMA saved with the sharded (fsdp2) or partitioned (zero2) state and resumed: the final model (the EMA, which
+    test_a_sharded_run_feeds... compares with data-parallel's) is the uninterrupted run's, bit for bit."""
+    root, _ = sharded_runs
+    whole, resumed = final_weights(root, run), final_weights(root, f"{run}-resumed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def launch_env(config: Path, *options: str) -> dict:

@@ -2,12 +2,13 @@
 
 A checkpoint is first written to `checkpoint-<step>.tmp` and renamed when complete, so a crash never leaves a
 half-written `checkpoint-<step>`. It holds the trained weights (safetensors, loadable by diffusers), the
-optimiser and lr-schedule state, and per process the random generators and how many batches it has drawn, so a
-resumed run sees the same data and noise as an uninterrupted one. Only tensors and plain containers are
-pickled, and they are read back with `torch.load(..., weights_only=True)`.
-A sharded run (train.sharding=fsdp2) writes its trainable weights and optimiser as shards instead, each process its
-own (`sharded/`, torch.distributed.checkpoint); a ZeRO-2 run (zero2), the weights once and per process its part of the
-optimiser (`optimizer_<process>.pt`). Either resumes only as a run of its kind on as many processes.
+optimiser and lr-schedule state, the weights' EMA if the run keeps one (`ema.safetensors`: ema.py), and per process
+the random generators and how many batches it has drawn, so a resumed run sees the same data and noise as an
+uninterrupted one. Only tensors and plain containers are pickled, and they are read back with
+`torch.load(..., weights_only=True)`.
+A sharded run (train.sharding=fsdp2) writes its trainable weights, optimiser and EMA as shards instead, each process
+its own (`sharded/`, torch.distributed.checkpoint); a ZeRO-2 run (zero2), the weights (and EMA) once and per process
+its part of the optimiser (`optimizer_<process>.pt`). Either resumes only as a run of its kind on as many processes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..files import WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
 from .safety import RunStopped, check_finite_weights
 from .sharding import (SHARDED_STATE, is_sharded, load_partition, load_sharded, save_partition, save_sharded,
                        zero_optimizer)
 
+EMA_WEIGHTS = "ema.safetensors"
 RUN_KINDS = {"whole": "data-parallel", "sharded": "sharded (fsdp2)", "partitioned": "ZeRO-2 (zero2)"}
 
 
@@ -52,8 +55,9 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer, lr_scheduler,
-                    process_state: dict, keep: int | None) -> Path:
-    """Collective: every process calls it. `process_state` holds this process's generators and counters.
+                    process_state: dict, keep: int | None, ema=None) -> Path:
+    """Collective: every process calls it. `process_state` holds this process's generators and counters; `ema`:
+    the run's EMA (ema.py), or None.
 
     NaN or inf weights are never saved, and a failed write (a full disk) stops the run with the older checkpoints
     intact (`RunStopped`; under torchrun the other processes are stopped with it)."""
@@ -68,12 +72,14 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
         save_torch(process_state, tmp / f"process_{accelerator.process_index}.pt")
         layout = optimizer_layout(policy, optimizer)
         if layout == "sharded":
-            save_sharded(tmp / SHARDED_STATE, policy.denoiser, optimizer)
+            save_sharded(tmp / SHARDED_STATE, policy.denoiser, optimizer, ema)
         elif layout == "partitioned":
             save_partition(tmp / f"optimizer_{accelerator.process_index}.pt", optimizer)
         if accelerator.is_main_process:
             if layout != "sharded":
                 policy.save(tmp)
+                if ema is not None:
+                    save_file(ema.state_dict(), tmp / EMA_WEIGHTS)
             if layout == "whole":
                 save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             save_torch(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -84,7 +90,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "num_processes": accelerator.num_processes, "sharded": layout == "sharded",
-                     "optimizer": layout}
+                     "optimizer": layout, "ema": ema is not None}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             replace_dir(tmp, final)
     except WRITE_ERRORS as err:
@@ -101,8 +107,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
     return final
 
 
-def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) -> tuple[int, dict]:
-    """Restore weights and optimiser; returns the step and this process's saved state."""
+def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler, ema=None) -> tuple[int, dict]:
+    """Restore weights, optimiser and `ema` (if kept); returns the step and this process's saved state."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
@@ -113,10 +119,16 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler) ->
     if written != layout:
         raise ValueError(f"{path} was written by a {RUN_KINDS[written]} run; this run is {RUN_KINDS[layout]}. "
                          "Resume with the train.sharding it was written with.")
+    if state.get("ema", False) != (ema is not None):  # an older checkpoint's config may not name train.ema_decay
+        raise ValueError(f"{path} was written {'with' if state.get('ema') else 'without'} an EMA of the weights; "
+                         f"this run keeps {'one' if ema is not None else 'none'}. Resume with the train.ema_decay it "
+                         "was written with.")
     if layout == "sharded":
-        load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer)
+        load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer, ema)
     else:
         policy.load(path)
+        if ema is not None:
+            ema.load_state_dict(load_file(path / EMA_WEIGHTS))
     if layout == "partitioned":
         load_partition(path / f"optimizer_{accelerator.process_index}.pt", optimizer)
     elif layout == "whole":

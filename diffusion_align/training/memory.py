@@ -9,6 +9,7 @@ for the checkpoint. Per process, in bytes:
     gradients    4 per trainable parameter (fp32)
     optimizer    AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor 4 per entry of its factored second moment (a
                  row and a column vector per matrix; no first moment, beta1 unset)
+    ema          with train.ema_decay, the EMA of the trained weights: 4 per trainable parameter (fp32)
     reference    a full fine-tune's frozen copy in the frozen dtype (dpo, smpo, dcpo, and online methods with a KL
                  term); none for LoRA (adapters off), reference-free methods, precomputed reference errors, or
                  model.ref_offload (kept on the CPU)
@@ -36,10 +37,10 @@ for the checkpoint. Per process, in bytes:
                  (data.vae_encode_batch_size of them, or all) or a text call on its texts, counted as for the
                  cache's build below
 
-The total is what the busiest moment of a step needs: the states (weights, optimizer, reference, encoders, rewards)
-and the largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and the
-encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders only
-with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
+The total is what the busiest moment of a step needs: the states (weights, optimizer, ema, reference, encoders,
+rewards) and the largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and
+the encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders
+only with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
 backward frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the
 forward's peak or the step's, except where it makes more than it frees: a checkpointed block's recompute, and under
 fsdp2 the units gathered again (above). Against an H200's peaks (benchmarks/README.md) this is within 3% under,
@@ -55,10 +56,10 @@ loaded, so the plan also gives that phase's peak, and a run must fit the larger 
                  only; a finished cache needs no build)
 
 Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs): fsdp2
-divides the UNet's weights, gradients and optimizer states (and its step's temporaries), and a full fine-tune's
-reference, by the number of processes; fsdp2-offload keeps all three on the CPU, where the step runs; zero2 divides
-the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the weights (4 bytes a
-trained weight). The encoders are replicated in every case.
+divides the UNet's weights, gradients and optimizer states (and its step's temporaries, and the EMA), and a full
+fine-tune's reference, by the number of processes; fsdp2-offload keeps all three (and the EMA) on the CPU, where the
+step runs; zero2 divides the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the
+weights (4 bytes a trained weight). The encoders are replicated in every case.
 Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), the online rewards'
 calls and the aesthetic scorer's head (under a million parameters), and the backward's gradients of the activations
 (a layer's at a time).
@@ -679,14 +680,16 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
+    ema = 4 * trainable if cfg.train.ema_decay else 0  # kept where the trained weights are, as they are sharded
     if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay
-        weights = gradients = optimizer = 0
+        weights = gradients = optimizer = ema = 0
         reference //= processes
     else:
         gradients = trainable * 4 // partitioned
         optimizer //= partitioned
         weights //= sharded
         reference //= sharded
+        ema //= sharded
     # AdamW's step on CUDA (foreach) makes a temporary of the trained weights' size (each sqrt(v) + eps), where its
     # weights are; Adafactor's loop, temporaries of one matrix's size; 8-bit AdamW's kernels, none
     optimizer_step = 0 if sharded is None else {"adamw": 4 * trainable // partitioned, "adamw8bit": 0,
@@ -712,10 +715,10 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     backward = (counts.sharded_backward if gathering else counts.backward).get(mode, [])
     per_entry = 0 if held or sharded is None else 4 / partitioned
     activations = max([forward, *(nbytes + int(entries * per_entry) for nbytes, entries in backward)])
-    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "reference": reference,
-             "encoders": encoders, "rewards": rewards, "activations": activations, "optimizer_step": optimizer_step,
-             "encode": encode}
-    states = weights + optimizer + reference + encoders + rewards
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, **({"ema": ema} if ema else {}),
+             "reference": reference, "encoders": encoders, "rewards": rewards, "activations": activations,
+             "optimizer_step": optimizer_step, "encode": encode}
+    states = weights + optimizer + ema + reference + encoders + rewards
     total = states + max(activations + held, gradients + optimizer_step, encode + held)
     return {**parts, "total": total, "cache_build": cache_build_bytes(cfg, counts)}
 

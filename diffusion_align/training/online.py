@@ -299,7 +299,7 @@ def train_online(cfg: Config) -> TrainResult:
                 if active.item() == 0:
                     continue  # only tied groups in this part, on every process: nothing to learn from it
                 grad_norm, metrics = update(trajectories, conds, advantages, micro, steps, active.item())
-                skipped_updates.after_update(apply_update(accelerator, optimizer, grad_norm), grad_norm,
+                skipped_updates.after_update(apply_update(accelerator, models, grad_norm), grad_norm,
                                              f"step {step}, update {u + 1}", output_dir)
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(grad_norm)
@@ -327,7 +327,7 @@ def train_online(cfg: Config) -> TrainResult:
                 state = {"noise_gen": noise_gen.get_state(), "choice_gen": choice_gen.get_state(),
                          **skipped_updates.state()}
                 path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, models.lr_scheduler, state,
-                                       t.checkpoints_keep)
+                                       t.checkpoints_keep, models.ema)
                 logger.info("saved %s", path)
 
     summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,

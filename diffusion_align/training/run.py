@@ -25,6 +25,7 @@ from ..models.loading import (DiffusionComponents, compile_denoiser, component_d
                               pipeline_index, place, set_attention)
 from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
+from .ema import EMA
 from .outputs import MetricsLog, save_final
 from .safety import RunStopped, check_finite_weights, check_output_dir, clear_run
 from .sharding import deepspeed_accelerator, gathered_policy, model_state_bytes, resolve_sharding, shard
@@ -83,16 +84,21 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], lr: float) -> 
     return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
 
 
-def apply_update(accelerator: Accelerator, optimizer, grad_norm: float) -> bool:
-    """Step the optimiser unless the gradient is not finite; whether the weights were updated.
+def apply_update(accelerator: Accelerator, models: Models, grad_norm: float) -> bool:
+    """Step the optimiser unless the gradient is not finite, then the EMA if the run keeps one (an update that
+    was skipped is not counted: ema.py); whether the weights were updated.
 
     One NaN/inf batch must not poison the weights (the norm is all-reduced, so every process agrees). With fp16,
     accelerate's GradScaler makes that call itself (the unscaled norm is inf after an overflow) and says so in
     `optimizer_step_was_skipped`."""
     if accelerator.scaler is None and not math.isfinite(grad_norm):
         return False
-    optimizer.step()
-    return not accelerator.optimizer_step_was_skipped
+    models.optimizer.step()
+    if accelerator.optimizer_step_was_skipped:
+        return False
+    if models.ema is not None:
+        models.ema.update()
+    return True
 
 
 @dataclasses.dataclass
@@ -115,6 +121,7 @@ class Models:
     lr_scheduler: object
     frozen_dtype: torch.dtype
     sharding: str = "none"
+    ema: EMA | None = None  # train.ema_decay's average of the trainable weights
 
 
 def start_run(cfg: Config) -> tuple[Accelerator, Path]:
@@ -191,7 +198,11 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     logger.info("%s: %s, %s prediction, %s attention, %d trainable parameters%s", cfg.model.pretrained, parts.family,
                 parts.prediction_type, attention, sum(p.numel() for p in policy.trainable_parameters()),
                 "" if sharding == "none" else f", {sharding} over {accelerator.num_processes} processes")
-    return Models(parts, policy, denoiser, optimizer, lr_scheduler, frozen_dtype, sharding)
+    ema = None
+    if t.ema_decay:  # of the weights as the optimiser holds them: under fsdp2, this process's shards
+        trainable = {name: p for name, p in policy.denoiser.named_parameters() if p.requires_grad}
+        ema = EMA(trainable, t.ema_decay, t.ema_every)
+    return Models(parts, policy, denoiser, optimizer, lr_scheduler, frozen_dtype, sharding, ema)
 
 
 def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path) -> tuple[int, dict | None]:
@@ -201,7 +212,8 @@ def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
         if cfg.train.resume == "latest":
             logger.info("train.resume=latest: no checkpoint in %s yet, starting at step 0", output_dir)
         return 0, None
-    step, saved = load_checkpoint(accelerator, checkpoint, models.policy, models.optimizer, models.lr_scheduler)
+    step, saved = load_checkpoint(accelerator, checkpoint, models.policy, models.optimizer, models.lr_scheduler,
+                                  models.ema)
     logger.info("resumed from %s at step %d", checkpoint, step)
     return step, saved
 
@@ -209,7 +221,7 @@ def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
 def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int, means: dict, totals: dict,
              extra: dict, models: Models | None = None) -> dict:
     """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `extra` as this process has
-    it, and the bytes of `models`' weights, gradients and optimiser states this process holds; written to
+    it, and the bytes of `models`' weights, gradients, optimiser states and EMA this process holds; written to
     metrics.jsonl by the main process and sent to the tracker."""
     device = accelerator.device
     record = {"step": step}
@@ -220,7 +232,8 @@ def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int
     record.update(extra)
     if models is not None:  # this process's (the main one's): 1/N of data-parallel's when sharded over N
         kept = [m for m in (models.policy.denoiser, models.policy.ref_denoiser) if m is not None]
-        record["model_states_gib"] = model_state_bytes(kept, models.optimizer) / 2 ** 30
+        ema = [] if models.ema is None else list(models.ema.average.values())
+        record["model_states_gib"] = model_state_bytes(kept, models.optimizer, ema) / 2 ** 30
     if metrics_log is not None:
         metrics_log.write(record)
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
@@ -229,13 +242,16 @@ def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int
 
 def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir: Path, summary: dict,
                record: dict) -> TrainResult:
-    """Save the final model, its card and the training curves; end the trackers."""
+    """Save the final model, its card and the training curves; end the trackers. With an EMA, the final model (and
+    the returned denoiser) is the EMA: it is copied into the trained weights, in place (sharded, shard by shard)."""
     accelerator.wait_for_everyone()
     denoiser = accelerator.unwrap_model(models.denoiser, keep_torch_compile=False)
+    if models.ema is not None:
+        models.ema.copy_to_weights()
     fsdp = models.sharding.startswith("fsdp2")
-    if fsdp:  # the run is over: its optimiser states and reference make room for the gather
+    if fsdp:  # the run is over: its optimiser states, reference and EMA (copied in) make room for the gather
         models.optimizer.state.clear()
-        models.policy.ref_denoiser = None
+        models.policy.ref_denoiser = models.ema = None
     # sharded: gathered whole once, into the main process's memory, and saved as an unsharded run saves
     policy = gathered_policy(models.policy) if fsdp else models.policy
     if accelerator.is_main_process:

@@ -248,15 +248,17 @@ def all_finite(parameters: list[torch.nn.Parameter]) -> bool:
     return bool(flag)
 
 
-def model_state_bytes(modules: list[torch.nn.Module], optimizer) -> int:
+def model_state_bytes(modules: list[torch.nn.Module], optimizer, extra: list[torch.Tensor] = ()) -> int:
     """What this process holds of the model states: the weights of `modules` (the policy and a reference copy),
-    a gradient for each trainable weight, and the optimiser's states; of a sharded tensor, this process's shard.
+    a gradient for each trainable weight, the optimiser's states and `extra` (the EMA); of a sharded tensor, this
+    process's shard.
     Under ZeRO-2, the gradients are its partition's, beside DeepSpeed's fp32 master copy of that partition."""
     def local(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
     params = [p for module in modules for p in module.parameters()]
     states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    states += extra
     partitioned = zero_optimizer(optimizer)
     if partitioned is None:
         return sum(local(p) * (2 if p.requires_grad else 1) for p in params) + sum(local(v) for v in states)
@@ -314,21 +316,27 @@ def _trainable_names(module: torch.nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _sharded_state(module: torch.nn.Module, optimizer) -> dict:
-    """The trainable weights and the optimiser, as this process holds them (its shards)."""
+def _sharded_state(module: torch.nn.Module, optimizer, ema) -> dict:
+    """The trainable weights, the optimiser and the EMA (if kept), as this process holds them (its shards)."""
     trainable = _trainable_names(module)
     weights = {k: v for k, v in get_model_state_dict(module).items() if k in trainable}
-    return {"model": weights, "optimizer": get_optimizer_state_dict(module, optimizer)}
+    state = {"model": weights, "optimizer": get_optimizer_state_dict(module, optimizer)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
 
 
-def save_sharded(folder: Path, module: torch.nn.Module, optimizer) -> None:
-    """Collective: every process writes its shards of the trainable weights and optimiser states into `folder`."""
-    dcp.save(_sharded_state(module, optimizer), checkpoint_id=folder)
+def save_sharded(folder: Path, module: torch.nn.Module, optimizer, ema=None) -> None:
+    """Collective: every process writes its shards of the trainable weights, optimiser states and EMA into
+    `folder`."""
+    dcp.save(_sharded_state(module, optimizer, ema), checkpoint_id=folder)
 
 
-def load_sharded(folder: Path, module: torch.nn.Module, optimizer) -> None:
+def load_sharded(folder: Path, module: torch.nn.Module, optimizer, ema=None) -> None:
     """Collective: restore what `save_sharded` wrote, each process its own shards."""
-    state = _sharded_state(module, optimizer)
+    state = _sharded_state(module, optimizer, ema)
     dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(module, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])

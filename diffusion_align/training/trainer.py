@@ -205,7 +205,7 @@ def train(cfg: Config) -> TrainResult:
                     sums[name] = sums.get(name, 0.0) + value.float() / t.grad_accum
             grad_norm = clip_gradients(accelerator, trainable, t.max_grad_norm or float("inf"))
             step_lr = lr_scheduler.get_last_lr()[0]  # the lr this step used
-            skipped_updates.after_update(apply_update(accelerator, optimizer, grad_norm), grad_norm, f"step {step}",
+            skipped_updates.after_update(apply_update(accelerator, models, grad_norm), grad_norm, f"step {step}",
                                          output_dir)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -222,7 +222,7 @@ def train(cfg: Config) -> TrainResult:
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, **skipped_updates.state()}
                 path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
-                                       t.checkpoints_keep)
+                                       t.checkpoints_keep, models.ema)
                 logger.info("saved %s", path)
 
     if inputs.truncation.count:

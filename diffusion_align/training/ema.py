@@ -1,0 +1,52 @@
+"""An exponential moving average (EMA) of the trained weights (train.ema_decay, train.ema_every), as Flow-GRPO keeps
+one (flow_grpo/ema.py's EMAModuleWrapper: decay 0.9, every 8 updates) and saves and evaluates with.
+
+After the n-th weight update (n = 1, 2, ...: flow_grpo's global step, which it counts up before the EMA's step; an
+update skipped for a non-finite gradient changed no weight and is not counted: n, and so the warm-up, follows the
+weights' changes, not the batches):
+
+    if (n + 1) % every == 0:   d = min((1 + n) / (10 + n), decay);   ema = d * ema + (1 - d) * weight
+
+The warm-up min lets the early, large changes through. The EMA starts as a copy of the initial trainable weights,
+in fp32 on each weight's device; of a sharded (FSDP2) weight, its local shard, as a DTensor like the weight (under
+ZeRO-2 every process holds the whole updated weights after each step, and so the whole EMA, as in data-parallel
+training). It only reads the live weights, which train on unaffected; the run's final model is the EMA
+(`copy_to_weights`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    def __init__(self, named_weights: dict[str, torch.nn.Parameter], decay: float, every: int):
+        self.weights, self.decay, self.every, self.updates = named_weights, decay, every, 0
+        self.average = {name: w.detach().float().clone() for name, w in named_weights.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Called after each weight update."""
+        self.updates += 1
+        n = self.updates
+        if (n + 1) % self.every:
+            return
+        d = min((1 + n) / (10 + n), self.decay)
+        for name, weight in self.weights.items():
+            average = self.average[name]
+            average.add_((weight.detach().float() - average) * (1 - d))  # flow_grpo's form of the rule above
+
+    @torch.no_grad()
+    def copy_to_weights(self) -> None:
+        for name, weight in self.weights.items():
+            weight.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages by weight name, and the count of updates under `updates` (no weight's name: those have
+        dots); loading fills these very tensors in place where the loader does (torch.distributed.checkpoint)."""
+        return {"updates": torch.tensor(self.updates), **self.average}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.updates = int(state["updates"])
+        for name, average in self.average.items():
+            average.copy_(state[name])
