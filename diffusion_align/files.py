@@ -172,6 +172,8 @@ def local_or_hub(name: str) -> str:
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# in a checkpoint of a run that keeps an EMA of its trained weights (training/ema.py), beside the live ones
+EMA_WEIGHTS = "ema.safetensors"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

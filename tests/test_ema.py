@@ -13,9 +13,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from diffusion_align.config import ConfigError, load_config
+from diffusion_align.files import EMA_WEIGHTS
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import methods, online, trainer
-from diffusion_align.training.checkpoints import EMA_WEIGHTS, load_checkpoint
+from diffusion_align.training.checkpoints import load_checkpoint
 from diffusion_align.training.ema import EMA
 from diffusion_align.training.memory import ModelCounts, memory_bytes
 import test_online

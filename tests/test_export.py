@@ -2,6 +2,7 @@
 rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors for sources it cannot export."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_align.cli import main
 from diffusion_align.config import config_to_yaml, load_config
+from diffusion_align.files import EMA_WEIGHTS
+from diffusion_align.models.export import find_source
 from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
 from test_kohya import apply_kohya_rule, images
 
@@ -165,6 +168,17 @@ def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, caps
     export(folder, "--format", "kohya", "--base", tiny_models["sd"], "--out", out)
     assert "already exists; pass --overwrite" in error(folder, "--format", "kohya", "--base", tiny_models["sd"],
                                                        "--out", out)
+
+
+def test_a_checkpoint_of_a_run_with_an_ema_says_it_exports_the_live_weights(tmp_path, tiny_models, patterned, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(patterned[0], run / "checkpoint-3")
+    (run / "config.yaml").write_text(config_to_yaml(load_config(None, [f"model.pretrained={tiny_models['sd']}"])))
+    find_source(run)
+    assert "keeps an EMA" not in caplog.text
+    save_file({"updates": torch.tensor(3)}, run / "checkpoint-3" / EMA_WEIGHTS)
+    source = find_source(run)
+    assert source.folder == run / "checkpoint-3" and "its weights, exported here, are the live ones" in caplog.text
 
 
 def test_the_command_line_offers_every_format_and_dtype():

@@ -17,6 +17,7 @@ silent no-op there. The base comes from the run's config, or `--base` for a fold
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import folder_written_beside, list_checkpoints, write_safetensors_atomic
+from ..files import EMA_WEIGHTS, folder_written_beside, list_checkpoints, write_safetensors_atomic
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
@@ -37,6 +38,7 @@ FORMATS = ("kohya", "comfyui", "diffusers", "merged")
 COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ADAPTER = "trained"
+logger = logging.getLogger("diffusion_align")
 
 
 @dataclass
@@ -65,6 +67,10 @@ def find_source(path: str | Path, base: str | None = None) -> Source:
     elif _kind(path) is None and list_checkpoints(path):
         folder = list_checkpoints(path)[-1][1]
     kind = _kind(folder)
+    if (folder / EMA_WEIGHTS).is_file():  # a checkpoint resumes from the live weights, which it keeps beside the EMA
+        logger.warning("%s is a checkpoint of a run that keeps an EMA of its weights (train.ema_decay): its weights, "
+                       "exported here, are the live ones; the EMA becomes the model in the run's final/ when it "
+                       "finishes", folder)
     if kind is None:
         raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
                                 "transformer/ (a full fine-tune's checkpoint) or model_index.json (a whole pipeline)")

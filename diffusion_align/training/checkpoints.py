@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
+from ..files import EMA_WEIGHTS, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
 from .safety import RunStopped, check_finite_weights
 from .sharding import (SHARDED_STATE, is_sharded, load_partition, load_sharded, save_partition, save_sharded,
                        zero_optimizer)
 
-EMA_WEIGHTS = "ema.safetensors"
 RUN_KINDS = {"whole": "data-parallel", "sharded": "sharded (fsdp2)", "partitioned": "ZeRO-2 (zero2)"}
 
 
