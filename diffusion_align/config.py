@@ -185,8 +185,13 @@ class OnlineConfig:
     noise_level: float = _key(0.7, "SD3 / FLUX: the noise level a of Flow-GRPO's SDE step (> 0: each step is a "
                                    "Gaussian with a log-probability). Published: 0.7 (Flow-GRPO on SD3.5, Pref-GRPO "
                                    "on FLUX), 0.9 (Flow-GRPO on FLUX).", within="[0, inf)")
+    sde_type: str = _key("sde", "SD3 / FLUX: the stochastic step. sde: Flow-GRPO's SDE with the ODE's marginals; "
+                                "cps: its coefficients-preserving step (std s' sin(a pi / 2), noise level a in "
+                                "(0, 1]), with Flow-GRPO's surrogate log-probability -(x' - mean)^2, the step of its "
+                                "Flow-GRPO-Fast recipes (noise level 0.8, clip range 1e-5).", choices=("sde", "cps"))
     guidance: float | None = _key(None, "Classifier-free guidance scale when sampling and when re-scoring the steps "
-                                        "(null: 5, DanceGRPO's SD setting); FLUX: the guidance input of FLUX.1-dev, no "
+                                        "(null: 5, DanceGRPO's SD setting; <= 1: none, the conditional call alone, "
+                                        "as the pipelines); FLUX: the guidance input of FLUX.1-dev, no "
                                         "CFG (null: 3.5, as FluxPipeline samples and the offline methods train).",
                                   within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
@@ -208,6 +213,10 @@ class OnlineConfig:
     updates_per_rollout: int = _key(2, "Optimiser updates per step's samples (the samples are split in that many "
                                        "parts); only the first sees ratio 1.", within="[1, inf)")
     clip_range: float = _key(1e-4, "PPO clip range eps of the ratio.", within="(0, inf)")
+    advantage_std: str = _key("group", "The std that z-scores the rewards around their group's mean. group: each "
+                                       "group's own (DanceGRPO's and Pref-GRPO's code); global: the population std "
+                                       "of all the step's rewards, every process's (Flow-GRPO's global_std).",
+                              choices=("group", "global"))
     adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].", within="(0, inf)")
     kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none.",
                           within="[0, inf)")

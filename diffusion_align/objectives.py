@@ -129,19 +129,22 @@ def bradley_terry_preferences(scores: torch.Tensor, temperature: float = 1.0) ->
     return torch.sigmoid((scores.unsqueeze(-1) - scores.unsqueeze(-2)) / temperature)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8, clip: float = 5.0) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8, clip: float = 5.0,
+                     shared_std: torch.Tensor | float | None = None) -> torch.Tensor:
     """GRPO's advantages: rewards z-scored within each group of `group_size` consecutive rows, then clamped.
 
         A_i = clamp((r_i - mean_g) / (std_g + eps), -clip, clip),   std_g the group's unbiased std (divides by G - 1)
 
     The unbiased std follows the authors' code: DanceGRPO (train_grpo_sd.py) and Pref-GRPO (rewards/dispatcher.py,
     compute_weighted_advantages) both take torch's default `group_rewards.std()`; the population std gives
-    advantages sqrt(G / (G - 1)) larger (x1.069 at G = 8). (Flow-GRPO's per-prompt tracker uses numpy's population
-    std.) A group whose rewards are all equal carries no signal: its advantages are exactly 0 (not rounding noise
-    divided by eps), and the trainer leaves it out of the update.
+    advantages sqrt(G / (G - 1)) larger (x1.069 at G = 8). `shared_std` given, it replaces every std_g: Flow-GRPO's
+    `global_std` passes the population std of all the step's rewards (its per-prompt tracker, numpy's std). A group
+    whose rewards are all equal carries no signal: its advantages are exactly 0 (not rounding noise divided by
+    eps), and the trainer leaves it out of the update.
     """
     grouped = rewards.float().reshape(-1, group_size)
-    z = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)
+    std = grouped.std(dim=1, keepdim=True) if shared_std is None else torch.as_tensor(shared_std).float()
+    z = (grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)
     tied = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
     return torch.where(tied, torch.zeros_like(z), z.clamp(-clip, clip)).flatten()
 

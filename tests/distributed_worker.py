@@ -1,5 +1,5 @@
 """Run by test_distributed.py under torchrun: train, then save this rank's trainable weights and what it drew (the
-pair indices of every batch; online: each step's prompts and starting noise), for comparison."""
+pair indices of every batch; online: each step's prompts, starting noise and rewards), for comparison."""
 
 import json
 import logging
@@ -25,8 +25,9 @@ def record_batches(into: list) -> None:
 
 
 def record_rollouts(into: list) -> None:
-    """Make the online loop append each step's prompts and each micro-batch's starting noise x_T to `into`."""
-    step_prompts, sample = online.step_prompts, online.sample_with_logprob
+    """Make the online loop append each step's prompts, each micro-batch's starting noise x_T, and the rewards and
+    shared std its advantages were computed from to `into`."""
+    step_prompts, sample, group_advantages = online.step_prompts, online.sample_with_logprob, online.group_advantages
 
     def prompts(*args, **kwargs):
         chosen = step_prompts(*args, **kwargs)
@@ -36,7 +37,12 @@ def record_rollouts(into: list) -> None:
     def sampler(unet, policy, cond, uncond, latents, *args, **kwargs):
         into[-1]["noise"] += latents.flatten(1).tolist()
         return sample(unet, policy, cond, uncond, latents, *args, **kwargs)
-    online.step_prompts, online.sample_with_logprob = prompts, sampler
+
+    def advantages(rewards, *args, shared_std=None, **kwargs):
+        into[-1]["rewards"] = rewards.tolist()
+        into[-1]["shared_std"] = None if shared_std is None else float(shared_std)
+        return group_advantages(rewards, *args, shared_std=shared_std, **kwargs)
+    online.step_prompts, online.sample_with_logprob, online.group_advantages = prompts, sampler, advantages
 
 
 def record_ddp(into: list) -> None:

@@ -1,9 +1,9 @@
 """The check that a stored sampling step, scored again by the same model, has the log-probability it was sampled
-with (the PPO ratio one at the first update), for any policy: DDIM's or the flow SDE's."""
+with (the PPO ratio one at the first update), for any policy: DDIM's, or the flow SDE's or CPS step's."""
 
 import torch
 
-from diffusion_align.training.sampling import gaussian_log_prob, sample_with_logprob, step_distribution
+from diffusion_align.training.sampling import sample_with_logprob, step_distribution
 
 
 def assert_rescoring_gives_ratio_one(denoiser, policy, cond, uncond, channels: int, guidance: float, cases):
@@ -18,5 +18,5 @@ def assert_rescoring_gives_ratio_one(denoiser, policy, cond, uncond, channels: i
     for step, rows in cases:
         mean, std = step_distribution(denoiser, policy, trajectory, step, cond, uncond, guidance, rows)
         sampled = trajectory.log_probs[step] if rows is None else trajectory.log_probs[step, rows]
-        rescored = gaussian_log_prob(trajectory.latents_at(step + 1, rows), mean, std)
+        rescored = policy.log_prob(trajectory.latents_at(step + 1, rows), mean, std)
         assert (rescored - sampled).abs().max() < 1e-5

@@ -172,6 +172,16 @@ def test_recipes_follow_the_published_scripts():
     assert (flux.method.name, flux.online.group_size, flux.online.sample_steps, flux.online.noise_level,
             flux.online.kl_beta, flux.online.guidance, flux.model.lora_rank, flux.model.lora_alpha,
             flux.train.batch_size) == ("grpo", 24, 6, 0.9, 0.0, 3.5, 64, 128, 3)
+    # [G] z-scores with the std of all the step's rewards (global_std) in every recipe shipped here; the others
+    # (DanceGRPO, Pref-GRPO) with each group's
+    global_std = {name for name, cfg in recipes.items() if cfg.online.advantage_std == "global"}
+    assert global_std == {"sd35/grpo.yaml", "sd35/grpo-fast.yaml", "flux/grpo.yaml"}
+    # pickscore_sd3_fast_nocfg: CPS at noise level 0.8 in a window of 3 of 10 steps, no CFG, G = 18, clip 1e-5, no KL
+    fast = recipes["sd35/grpo-fast.yaml"]
+    assert (fast.online.sde_type, fast.online.noise_level, fast.online.sde_window, fast.online.sample_steps,
+            fast.online.guidance, fast.online.group_size, fast.online.clip_range, fast.online.kl_beta,
+            fast.train.batch_size) == ("cps", 0.8, 3, 10, 1.0, 18, 1e-5, 0.0, 9)
+    assert {name for name, cfg in recipes.items() if cfg.online.sde_type == "cps"} == {"sd35/grpo-fast.yaml"}
     assert recipes["sdxl/dpo.yaml"].train.warmup_steps == 200 and recipes["sd15/dpo.yaml"].train.warmup_steps == 500
     for name in ("sdxl/dpo.yaml", "sdxl/dpo-lora.yaml", "sdxl/mapo.yaml", "sdxl/smpo.yaml"):  # the fp16-safe VAE
         assert recipes[name].model.vae == "madebyollin/sdxl-vae-fp16-fix", name

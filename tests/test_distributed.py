@@ -1,11 +1,13 @@
 """Two CPU processes (torchrun, gloo) train together: they end with identical weights, and each reads its own half
-of every global batch (online: samples its own groups, from its own noise)."""
+of every global batch (online: samples its own groups, from its own noise, and z-scores them with the std of
+every process's rewards where online.advantage_std=global)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,7 +65,7 @@ def test_two_processes_sample_their_own_groups_online(tmp_path, tiny_models):
            f"online.reward=pickscore={scorer}", "online.group_size=4", "online.prompts_per_step=1",
            "online.sample_steps=3", "train.batch_size=2", "train.max_steps=2", "train.report_to=none",
            f"train.output_dir={tmp_path / 'run'}", "train.checkpoint_every=0", "train.warmup_steps=0",
-           "train.grad_accum=1"]
+           "train.grad_accum=1", "online.advantage_std=global"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -75,3 +77,7 @@ def test_two_processes_sample_their_own_groups_online(tmp_path, tiny_models):
         assert len(mine["prompts"]) == 1 and mine["prompts"] != theirs["prompts"]  # whole groups, one rank each
         noise = [tuple(x) for x in mine["noise"] + theirs["noise"]]
         assert len(noise) == 8 and len(set(noise)) == 8  # every image of every group starts from its own noise
+        # online.advantage_std=global: one std, the population std of both processes' rewards
+        every = torch.tensor(mine["rewards"] + theirs["rewards"])
+        assert mine["shared_std"] == theirs["shared_std"] == pytest.approx(every.std(correction=0).item(), rel=1e-6)
+        assert mine["shared_std"] != pytest.approx(torch.tensor(mine["rewards"]).std(correction=0).item(), rel=1e-3)

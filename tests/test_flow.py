@@ -1,6 +1,7 @@
 """Flow-matching math against hand derivations: rectified-flow noising, logit-normal training sigmas with the
 timestep shift, the Euler step bit for bit against diffusers, and the Flow-GRPO SDE step: its mean and std, its
-log-probability, and the ODE marginals it keeps on a Gaussian toy problem with a known exact velocity."""
+log-probability, and the ODE marginals it keeps on a Gaussian toy problem with a known exact velocity; and the CPS
+step: its mean and std, Flow-GRPO's surrogate log-probability, and the coefficients it keeps."""
 
 import math
 
@@ -9,8 +10,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from diffusion_align.training.flow import (FlowNoising, flow_noise, flow_sde_step_with_logprob, flow_sde_transition,
-                                           flow_timesteps, logit_normal_sigmas, shift_sigmas, training_shift)
+from diffusion_align.training.flow import (FlowNoising, FlowSDEPolicy, flow_cps_transition, flow_noise,
+                                           flow_sde_step_with_logprob, flow_sde_transition, flow_timesteps,
+                                           logit_normal_sigmas, shift_sigmas, training_shift)
 
 
 def schedule(steps, shift=3.0):
@@ -261,3 +263,107 @@ def test_sde_keeps_the_odes_marginals(c):
     assert ratios[0][1] == pytest.approx(first, rel=0.015)
     assert in_tolerance(ratios)
     assert not in_tolerance(simulate(sign_error_step, c, steps=200, samples=20_000))
+
+
+# ---------------------------------------------------------------- the CPS step
+
+def test_cps_step_hand_derivation():
+    """Row 0: s = 0.8 -> 0.6, a = 0.5: std = 0.6 sin(pi / 4) = sqrt(0.18), sqrt(0.36 - 0.18) = sqrt(0.18);
+    x0_hat = x - 0.8 v, x1_hat = x + 0.2 v, mean = 0.4 x0_hat + sqrt(0.18) x1_hat.
+    Row 1: s = 1 -> 0.9, a = 1: std = 0.9, all the noise drawn afresh: mean = 0.1 x0_hat = 0.1 (x - v)."""
+    x = torch.tensor([[1.0, -2.0], [1.0, -2.0]])
+    v = torch.tensor([[2.0, 0.5], [2.0, 0.5]])
+    r = math.sqrt(0.18)
+    # x0_hat = (-0.6, -2.4), x1_hat = (1.4, -1.9)
+    row0 = [0.4 * -0.6 + r * 1.4, 0.4 * -2.4 + r * -1.9]
+    mean, std = flow_cps_transition(v, torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.9]), x, 0.5)
+    torch.testing.assert_close(mean[0], torch.tensor(row0))
+    std1 = flow_cps_transition(v, 1.0, 0.9, x, 1.0)[1]
+    torch.testing.assert_close(std, torch.tensor([[r], [0.6 * math.sin(math.pi / 4) * 1.5]]))  # a = 0.5 for both
+    one = flow_cps_transition(v, torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.9]), x, 1.0)[0]
+    torch.testing.assert_close(one[1], torch.tensor([0.1 * -1.0, 0.1 * -2.5]), atol=1e-6, rtol=0)
+    assert std1.ndim == 0 and std1.item() == pytest.approx(0.9)
+    for wrong in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+            flow_cps_transition(v, 0.8, 0.6, x, wrong)
+
+
+def test_cps_at_noise_level_zero_is_the_euler_step():
+    """a = 0: std 0 and (1 - s') (x - s v) + s' (x + (1 - s) v) = x + (s' - s) v, the ODE (to rounding)."""
+    s = schedule(10)
+    sample, velocity = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    for i in range(10):
+        mean, std = flow_cps_transition(velocity, s.sigmas[i], s.sigmas[i + 1], sample, 0.0)
+        assert std.item() == 0
+        torch.testing.assert_close(mean, sample + (s.sigmas[i + 1] - s.sigmas[i]) * velocity, atol=1e-6, rtol=1e-6)
+
+
+def test_cps_log_prob_is_flow_grpos_surrogate_and_rescoring_returns_it():
+    """Flow-GRPO's CPS log-probability is -(x' - mean)^2 averaged over the latent: the Gaussian log-density times
+    2 std^2 without its constants; re-scoring the drawn sample gives it back bit for bit (bf16 latents too), and at
+    the last step (s' = 0) the step is deterministic with log-probability 0."""
+    s = schedule(10)
+    sample, velocity = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    sigma, sigma_next = s.sigmas[4], s.sigmas[5]
+    prev, log_prob = flow_sde_step_with_logprob(velocity, sigma, sigma_next, sample, 0.8, sde_type="cps",
+                                                generator=torch.Generator().manual_seed(1))
+    mean, std = flow_cps_transition(velocity, sigma, sigma_next, sample, 0.8)
+    assert torch.equal(prev, mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(log_prob, -((prev - mean) ** 2).mean(dim=(1, 2, 3)))
+    normal = torch.distributions.Normal(mean, std).log_prob(prev)
+    torch.testing.assert_close(log_prob, (2 * std ** 2 * (normal + std.log() + 0.5 * math.log(2 * math.pi)))
+                               .mean(dim=(1, 2, 3)), atol=1e-6, rtol=1e-5)
+    _, rescored = flow_sde_step_with_logprob(velocity, sigma, sigma_next, sample, 0.8, prev_sample=prev,
+                                             sde_type="cps")
+    assert torch.equal(rescored, log_prob)
+    half, half_log_prob = flow_sde_step_with_logprob(velocity.bfloat16(), s.sigmas[0], s.sigmas[1],
+                                                     sample.bfloat16(), 0.8, sde_type="cps",
+                                                     generator=torch.Generator().manual_seed(2))
+    _, rescored = flow_sde_step_with_logprob(velocity.bfloat16(), s.sigmas[0], s.sigmas[1], sample.bfloat16(), 0.8,
+                                             prev_sample=half, sde_type="cps")
+    assert half.dtype == torch.bfloat16 and torch.equal(rescored, half_log_prob)
+    last, last_log_prob = flow_sde_step_with_logprob(velocity, s.sigmas[9], s.sigmas[10], sample, 0.8, sde_type="cps",
+                                                     generator=torch.Generator().manual_seed(3))
+    assert torch.equal(last, flow_cps_transition(velocity, s.sigmas[9], s.sigmas[10], sample, 0.8)[0])
+    assert torch.equal(last_log_prob, torch.zeros(3))
+    policy = FlowSDEPolicy(FlowMatchEulerDiscreteScheduler(shift=3.0), 0.8, sde_type="cps")
+    assert torch.equal(policy.log_prob(prev, mean, std), log_prob)
+    with pytest.raises(ValueError, match="sde_type must be one of"):
+        FlowSDEPolicy(FlowMatchEulerDiscreteScheduler(), 0.8, sde_type="ode")
+
+
+def point_mass_path(step, x0=0.7, steps=10, samples=200_000):
+    """From pure noise down a 10-step shift-3 schedule with data x0 alone, whose exact velocity is (x - x0) / s
+    (so x0_hat = x0 and x1_hat = the noise exactly): after each step but the last, (s', E x_s' - (1 - s') x0,
+    std x_s' / s'), which the forward process x_s' = (1 - s') x0 + s' eps makes (s', 0, 1)."""
+    s = schedule(steps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 1, generator=generator)
+    path = []
+    for sigma, sigma_next in zip(s.sigmas[:-2].tolist(), s.sigmas[1:-1].tolist()):
+        x = step(x, (x - x0) / sigma, sigma, sigma_next, s.sigmas[1].item(), generator)
+        path.append((sigma_next, (x.mean() - (1 - sigma_next) * x0).item(), x.std().item() / sigma_next))
+    return path
+
+
+def cps_step(x, v, sigma, sigma_next, sigma_below_one, generator):
+    return flow_sde_step_with_logprob(v, sigma, sigma_next, x, 0.8, generator=generator, sde_type="cps")[0]
+
+
+def cps_std_at_sigma(x, v, sigma, sigma_next, sigma_below_one, generator):
+    """The fresh noise's std taken at the current sigma s instead of the next one s'."""
+    mean, _ = flow_cps_transition(v, sigma, sigma_next, x, 0.8)
+    return mean + sigma * math.sin(0.4 * math.pi) * torch.randn(x.shape, generator=generator)
+
+
+def test_cps_keeps_the_noise_coefficient_where_the_sde_does_not():
+    """CPS's point (arXiv 2509.05952): with x0_hat and x1_hat exact, each step lands on the forward process's own
+    x_s' = (1 - s') x0 + s' eps (noise level 0.8, 10 steps: every step's mean and std within 1%), where
+    Flow-GRPO's SDE, whose noise is right only as the steps shrink, overshoots the std by 4% at the first step and
+    more later; so does a CPS with its std taken at s. (With x0_hat only a posterior mean, as for Gaussian data, CPS
+    keeps no marginals: its fresh noise does not shrink with the step, and 200 steps of it end with ~0.6 of the
+    ODE's variance, where the SDE's test above keeps them.)"""
+    assert all(abs(bias) < 0.01 and abs(ratio - 1) < 0.01 for _, bias, ratio in point_mass_path(cps_step))
+    for other in (sde_step, cps_std_at_sigma):
+        ratios = [ratio for _, _, ratio in point_mass_path(other, samples=20_000)]
+        assert ratios[0] > 1.03 and max(ratios) > 1.2

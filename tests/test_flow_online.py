@@ -2,6 +2,8 @@
 pipelines (at noise level 0 it is StableDiffusion3Pipeline / FluxPipeline: their sigmas, shift, guidance and
 conditioning), re-scoring a stored trajectory, and the online loop end to end, with what the transformer received."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
@@ -19,11 +21,11 @@ from rescoring import assert_rescoring_gives_ratio_one
 PROMPTS = ["a red circle", "a blue square"]
 
 
-def policy_and_groups(model, family, noise_level, group_size, guidance):
+def policy_and_groups(model, family, noise_level, group_size, guidance, sde_type="sde"):
     parts = load_components(str(model))
     fam = get_family(family)
     sampler = FlowSDEPolicy(parts.noise_scheduler.from_config(parts.noise_scheduler.config), noise_level,
-                            fam.linspace_sigmas)
+                            fam.linspace_sigmas, sde_type)
     embedded = guidance if parts.guidance is not None else None
     cond, uncond = group_conditioning(family, parts.tokenizers, parts.text_encoders, PROMPTS, group_size, 32,
                                       guidance=embedded)
@@ -51,9 +53,33 @@ def test_noise_level_zero_is_the_pipeline(tiny_flow_models, family, guidance):
     torch.testing.assert_close(trajectory.timesteps, pipe.scheduler.timesteps)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family):
-    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5)
+def test_guidance_one_is_the_conditional_call_alone(tiny_flow_models, monkeypatch):
+    """At guidance <= 1 StableDiffusion3Pipeline skips classifier-free guidance, and so does the sampler (Flow-GRPO-
+    Fast's no-CFG recipes): each transformer call has the images' rows alone, and the ODE ends where the pipeline's
+    does."""
+    rows, real_forward = [], SD3Transformer2DModel.forward
+
+    def counting(self, hidden_states, *args, **kwargs):
+        rows.append(len(hidden_states))
+        return real_forward(self, hidden_states, *args, **kwargs)
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models["sd3"], "sd3", 0.0, 2, 1.0)
+    latents = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(SD3Transformer2DModel, "forward", counting)
+    trajectory = sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, steps=3, guidance=1.0)
+    assert rows == [4, 4, 4]
+    sample_with_logprob(parts.denoiser, sampler, cond, uncond, latents, steps=3, guidance=1.5)
+    assert rows[3:] == [8, 8, 8]  # CFG: the unconditional rows too
+    monkeypatch.undo()
+    pipe = DiffusionPipeline.from_pretrained(tiny_flow_models["sd3"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe([p for p in PROMPTS for _ in range(2)], num_inference_steps=3, guidance_scale=1.0,
+                    latents=latents, output_type="latent", height=32, width=32).images
+    torch.testing.assert_close(trajectory.latents[-1], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, sde_type", [("sd3", "sde"), ("flux", "sde"), ("sd3", "cps")])
+def test_rescoring_a_flow_trajectory_gives_ratio_one(tiny_flow_models, family, sde_type):
+    parts, sampler, cond, uncond = policy_and_groups(tiny_flow_models[family], family, 0.7, 3, 3.5, sde_type)
     cases = [(0, torch.tensor([4, 1])), (2, torch.tensor([4, 1])), (torch.tensor([1, 3]), torch.tensor([4, 1]))]
     assert_rescoring_gives_ratio_one(parts.denoiser, sampler, cond, uncond, 16, 3.5, cases)  # one step, or one per row
 
@@ -298,6 +324,39 @@ def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup,
     assert result.metrics["log_ratio_abs_max"] < 1e-5
     with pytest.raises(ConfigError, match="online.sde_window=3 must fit in the first half"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "x", "online.sde_window=3"))
+
+
+def test_the_online_loop_samples_and_trains_cps_steps(tiny_flow_models, online_setup, tmp_path, monkeypatch):
+    """online.sde_type=cps in a window of 1 of 4 steps (Flow-GRPO-Fast's sampler): the step trained is a CPS step
+    (std s' sin(0.8 pi / 2) at its next sigma), its stored log-probability is Flow-GRPO's surrogate of the stored
+    next latents, -(x' - mean)^2, re-scored at ratio 1; the model card names the step; a CPS noise level above 1
+    and CPS on a UNet are refused."""
+    calls, real_step = [], online.step_distribution
+
+    def recording_step(model, sampler, trajectory, step, *args):
+        mean, std = real_step(model, sampler, trajectory, step, *args)
+        calls.append((sampler.sigmas[step + 1].item(), std.item(), trajectory.latents_at(step + 1),
+                      trajectory.log_probs[step], mean.detach()))
+        return mean, std
+
+    monkeypatch.setattr(online, "step_distribution", recording_step)
+    result = train(online_config(tiny_flow_models, online_setup, "flux", tmp_path, "online.sde_type=cps",
+                                 "online.noise_level=0.8", "online.sde_window=1", "online.updates_per_rollout=1",
+                                 method="grpo"))
+    assert len(calls) == 2 and result.metrics["log_ratio_abs_max"] < 1e-5
+    for sigma_next, std, latents, stored, mean in calls:
+        assert 0 < sigma_next < 1 and std == pytest.approx(sigma_next * math.sin(0.4 * math.pi), rel=1e-6)
+        torch.testing.assert_close(stored, -((latents - mean) ** 2).mean(dim=(1, 2, 3)), atol=1e-6, rtol=1e-5)
+        assert ((latents - mean) / std).std() == pytest.approx(1.0, abs=0.1)  # a fresh N(0, std^2) draw
+    assert "| SDE type | cps |" in (result.final_dir / "README.md").read_text()
+    with pytest.raises(ConfigError, match="noise level is the fraction of the noise drawn afresh"):
+        train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "a", "online.sde_type=cps",
+                            "online.noise_level=1.5"))
+
+
+def test_cps_is_refused_on_a_unet(tiny_models, online_setup, tmp_path):
+    with pytest.raises(ConfigError, match="online.sde_type=cps is a step of the flow families"):
+        train(online_config(tiny_models, online_setup, "sd", tmp_path, "online.sde_type=cps"))
 
 
 def test_the_review_tools_on_an_online_flux_lora(tiny_flow_models, online_setup, tmp_path):

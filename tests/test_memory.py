@@ -142,6 +142,21 @@ def test_an_online_runs_rewards_are_the_loaded_scorers_and_judge(tiny_models, tm
     assert count_models(load_config(None, [*model, f"online.reward=pickscore={pickscore}"])).rewards == 0
 
 
+def test_online_activations_count_both_halves_of_classifier_free_guidance(tiny_flow_models, tmp_path):
+    """The online loop re-scores a micro-batch of B images in one call of 2B rows under CFG (`guided_output`), of B
+    without it (guidance <= 1, or FLUX's guidance input): SD3 at B = 2 and guidance 4.5 is counted as B = 4 without."""
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    pickscore = save_tiny_scorer("pickscore", tmp_path / "pickscore")
+
+    def activations(family, batch, guidance):
+        return count_models(load_config(None, [f"model.pretrained={tiny_flow_models[family]}", "method.name=grpo",
+                                               f"online.reward=pickscore={pickscore}", f"online.guidance={guidance}",
+                                               "train.resolution=32", f"train.batch_size={batch}",
+                                               "online.group_size=4"])).activation_bytes["plain"]
+    assert activations("sd3", 2, 4.5) == activations("sd3", 4, 1.0) > activations("sd3", 2, 1.0)
+    assert activations("flux", 2, 3.5) == activations("flux", 2, 1.0) < activations("flux", 4, 3.5)
+
+
 def test_counts_are_the_loaded_models(tiny_models):
     from diffusion_align.models.policy import Policy
     for family, path in tiny_models.items():

@@ -227,6 +227,22 @@ def test_group_advantages_golden():
     assert group_advantages(rewards, 50, clip=10.0)[7].item() == pytest.approx(6.9296465, rel=1e-6)
 
 
+def test_group_advantages_with_a_shared_std():
+    """Flow-GRPO's global_std: each group's mean, one std for all. Rewards 1 2 3 | 5 5 9 | 4 4 4 with the population
+    std of all nine (mean 37 / 9, squares about it 193 - 37^2 / 9 = 40.8889, std sqrt(40.8889 / 9) = 2.13148):
+    group 1 (mean 2) -1, 0, 1 over it; group 2 (mean 19 / 3) -4/3, -4/3, 8/3 over it; group 3 ties: 0."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 9.0, 4.0, 4.0, 4.0])
+    std = rewards.std(correction=0)
+    assert std.item() == pytest.approx(2.1314807, abs=1e-6)
+    adv = group_advantages(rewards, 3, shared_std=std)
+    expected = [v / 2.1314807 for v in (-1, 0, 1, -4 / 3, -4 / 3, 8 / 3)] + [0.0, 0.0, 0.0]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    # each group's own std would give group 1 -1, 0, 1 and group 2 -0.57735, -0.57735, 1.1547
+    assert group_advantages(rewards, 3)[3:6].tolist() == pytest.approx([-0.5773503, -0.5773503, 1.1547005], abs=1e-6)
+    # the clamp still applies
+    assert group_advantages(rewards, 3, clip=0.5, shared_std=std).abs().max().item() == pytest.approx(0.5)
+
+
 def test_clipped_policy_loss_golden_and_gradient():
     # r = 1, e^0.2, e^-0.2 with A = 1, 1, -1 and eps 0.1: max(-1, -1) = -1; max(-1.2214, -1.1) = -1.1;
     # max(0.8187, 0.9) = 0.9 -> loss = (-1 - 1.1 + 0.9) / 3 = -0.4

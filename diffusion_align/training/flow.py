@@ -20,6 +20,18 @@ Pure functions of tensors; the transformers and the pipelines live elsewhere. `s
 
   and the step's log-probability is the Gaussian log-density of x', constants included, averaged over the latent
   (`sampling.gaussian_log_prob`, shared with the DDIM policy).
+- Coefficients-preserving sampling (CPS; Wang and Yu 2025, arXiv 2509.05952; Flow-GRPO's `sde_type="cps"` in the
+  same `sde_step_with_logprob`, the step of its Flow-GRPO-Fast recipes): from the velocity's estimates of the data
+  and the noise, x0_hat = x - s v and x1_hat = x + (1 - s) v,
+
+      std  = s' sin(a pi / 2)
+      mean = (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat
+
+  so the fresh noise std z and the old noise's part together keep the noise coefficient s' of x_s' exactly (a = 0:
+  the Euler step; a = 1: all the noise drawn afresh). Unlike the SDE's, its fresh noise does not shrink with the
+  step, so it does not approach the ODE's marginals as the steps get many: it is meant for few steps. Its
+  "log-probability" is Flow-GRPO's surrogate, the Gaussian's without its constants nor its 1 / (2 std^2):
+  -(x' - mean)^2 averaged over the latent (`cps_log_prob`); the recipes' PPO clip (1e-5) is set for that scale.
 """
 
 from __future__ import annotations
@@ -104,15 +116,56 @@ def flow_sde_transition(velocity: torch.Tensor, sigma, sigma_next, sample: torch
     return mean, std_t * (-dt).sqrt()
 
 
+def flow_cps_transition(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor,
+                        noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian N(mean, std^2 I) of one CPS step from `sample` at `sigma` to `sigma_next` (numbers, or one per
+    row), in fp32: (mean like `sample`, std 0-dim or (N, 1, ..., 1)). See the module docstring; at s' = 0 (the last
+    step) std is 0 and the step is deterministic."""
+    if not 0 <= noise_level <= 1:
+        raise ValueError(f"CPS's noise level is the fraction of the noise drawn afresh, in [0, 1]; got {noise_level}")
+    x, v = sample.float(), velocity.float()
+    s, s_next = _per_row(sigma, x), _per_row(sigma_next, x)
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    data, noise = x - s * v, x + (1 - s) * v
+    return (1 - s_next) * data + (s_next ** 2 - std ** 2).sqrt() * noise, std
+
+
+def cps_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's log-probability of a CPS step, one value per row: -(x - mean)^2 averaged over all but the first
+    dimension (the Gaussian's exponent without its 1 / (2 std^2), and no constants)."""
+    return -((x.float() - mean) ** 2).mean(dim=tuple(range(1, x.ndim)))
+
+
+SDE_TYPES = ("sde", "cps")
+
+
+def flow_step_transition(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, noise_level: float,
+                         sde_type: str = "sde", sigma_below_one: float | None = None):
+    """(mean, std) of one step of `sde_type`: Flow-GRPO's SDE (`flow_sde_transition`) or CPS
+    (`flow_cps_transition`)."""
+    if sde_type == "cps":
+        return flow_cps_transition(velocity, sigma, sigma_next, sample, noise_level)
+    if sde_type != "sde":
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    return flow_sde_transition(velocity, sigma, sigma_next, sample, noise_level, sigma_below_one)
+
+
+def flow_step_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, sde_type: str = "sde") -> torch.Tensor:
+    """The log-probability per row of `x` under a step's (mean, std): the Gaussian's for the SDE, Flow-GRPO's
+    surrogate for CPS (`cps_log_prob`)."""
+    return cps_log_prob(x, mean) if sde_type == "cps" else gaussian_log_prob(x, mean, std)
+
+
 def flow_sde_step_with_logprob(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, noise_level: float,
                                prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                               sigma_below_one: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                               sigma_below_one: float | None = None,
+                               sde_type: str = "sde") -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step from `sample` at `sigma` to `sigma_next` (numbers, or one per row): (next sample, log_prob per row).
 
     `prev_sample` given: its log-probability under this step (re-scoring a stored trajectory); otherwise it is drawn
     as mean + std z with z = randn(generator). The step math runs in fp32; the next sample comes back in `sample`'s
     dtype and its log-probability is that of the returned (rounded) tensor, so re-scoring it gives the same value.
-    `sigma_below_one`: see `flow_sde_transition`.
+    `sigma_below_one`: see `flow_sde_transition`; `sde_type`: "sde" (Flow-GRPO's SDE) or "cps".
 
     noise_level 0 is the ODE: the Euler step x + (s' - s) v, with one sigma for all rows equal bit for bit to
     `FlowMatchEulerDiscreteScheduler.step` (which casts to the velocity's dtype; pipelines pass both in the latents'
@@ -127,11 +180,11 @@ def flow_sde_step_with_logprob(velocity: torch.Tensor, sigma, sigma_next, sample
         # the velocity's dtype (on CPU torch rounds dt to it first), then joins the fp32 sample. Sigmas one per row
         # give an fp32 product instead.
         return (x + dt * velocity).to(sample.dtype), None
-    mean, std = flow_sde_transition(velocity, sigma, sigma_next, sample, noise_level, sigma_below_one)
+    mean, std = flow_step_transition(velocity, sigma, sigma_next, sample, noise_level, sde_type, sigma_below_one)
     if prev_sample is None:
         prev_sample = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
     prev_sample = prev_sample.to(sample.dtype)
-    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+    return prev_sample, flow_step_log_prob(prev_sample, mean, std, sde_type)
 
 
 def image_seq_len(latent_shape: tuple[int, ...]) -> int:
@@ -184,10 +237,14 @@ class FlowNoising:
 
 class FlowSDEPolicy:
     """The flow families' sampler as a policy for the online methods: the steps their pipelines take (`set_steps`),
-    each one Flow-GRPO's SDE step at `noise_level` (0: the Euler ODE, deterministic, no density)."""
+    each one Flow-GRPO's SDE step at `noise_level`, or its CPS step (`sde_type`; noise level 0: the Euler ODE,
+    deterministic, no density)."""
 
-    def __init__(self, scheduler, noise_level: float, linspace_sigmas: bool = False):
+    def __init__(self, scheduler, noise_level: float, linspace_sigmas: bool = False, sde_type: str = "sde"):
+        if sde_type not in SDE_TYPES:
+            raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
         self.scheduler, self.noise_level, self.linspace_sigmas = scheduler, noise_level, linspace_sigmas
+        self.sde_type = sde_type
 
     def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Set the sigmas of `steps` steps as the family's pipeline does: FluxPipeline passes linspace(1, 1/steps,
@@ -203,13 +260,17 @@ class FlowSDEPolicy:
         return self.scheduler.timesteps
 
     def transition(self, velocity: torch.Tensor, step, sample: torch.Tensor):
-        """(mean, std) of step `step` (an index, or one per row) from `sample`: `flow_sde_transition`."""
-        return flow_sde_transition(velocity, self.sigmas[step], self.sigmas[step + 1], sample, self.noise_level,
-                                   self.sigma_below_one)
+        """(mean, std) of step `step` (an index, or one per row) from `sample`: `flow_step_transition`."""
+        return flow_step_transition(velocity, self.sigmas[step], self.sigmas[step + 1], sample, self.noise_level,
+                                    self.sde_type, self.sigma_below_one)
+
+    def log_prob(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The log-probability per row of the next latents `x` under a step's (mean, std): `flow_step_log_prob`."""
+        return flow_step_log_prob(x, mean, std, self.sde_type)
 
     def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
         """(next sample, its log_prob per row): `flow_sde_step_with_logprob`; `noisy` False: the ODE, log_prob
         None."""
         return flow_sde_step_with_logprob(velocity, self.sigmas[step], self.sigmas[step + 1], sample,
                                           self.noise_level if noisy else 0.0, generator=generator,
-                                          sigma_below_one=self.sigma_below_one)
+                                          sigma_below_one=self.sigma_below_one, sde_type=self.sde_type)

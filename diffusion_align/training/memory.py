@@ -18,17 +18,17 @@ for the checkpoint. Per process, in bytes:
     rewards      the online methods' scorers (online.reward and online.track) and judge (online.judge) in the frozen
                  dtype, built from their configs (`Scorer.models_on_meta`, `VLMJudge.model_on_meta`)
     activations  the most alive at once while the denoiser makes one training forward of a micro-batch (the rows of
-                 train.batch_size pairs, or online images) at train.resolution and then, when the plan keeps a
-                 reference, the reference's forward without gradients: followed op by op on fake CUDA tensors under
-                 CUDA autocast's rules in train.mixed_precision (norms and softmax in fp32, a full fine-tune's fp32
-                 weights cast and held for the backward), without or with gradient checkpointing, and with it the
-                 larger of that and its backward's peak, where each checkpointed block's forward runs again with
-                 gradients beside what the forward kept and the gradients made so far (`_Recomputes`); under
-                 fsdp2, with each unit's weights gathered as FSDP2 gathers them (`_FsdpGathers`), in the compute
-                 dtype, so that a full fine-tune casts none, and the larger of that and its backward's peak: each
-                 unit gathered again with the next one prefetched, any checkpointed block in it recomputed, its
-                 gradients whole beside their reduce-scatter input and the previous unit's, the sharded gradients
-                 made so far
+                 train.batch_size pairs, or online images, twice under classifier-free guidance) at train.resolution
+                 and then, when the plan keeps a reference, the reference's forward without gradients: followed op by
+                 op on fake CUDA tensors under CUDA autocast's rules in train.mixed_precision (norms and softmax in
+                 fp32, a full fine-tune's fp32 weights cast and held for the backward), without or with gradient
+                 checkpointing, and with it the larger of that and its backward's peak, where each checkpointed
+                 block's forward runs again with gradients beside what the forward kept and the gradients made so
+                 far (`_Recomputes`); under fsdp2, with each unit's weights gathered as FSDP2 gathers them
+                 (`_FsdpGathers`), in the compute dtype, so that a full fine-tune casts none, and the larger of that
+                 and its backward's peak: each unit gathered again with the next one prefetched, any checkpointed
+                 block in it recomputed, its gradients whole beside their reduce-scatter input and the previous
+                 unit's, the sharded gradients made so far
     optimizer_step  the temporaries of the optimiser's step: AdamW (foreach, as torch runs it on CUDA) one fp32 copy
                  of what it trains (sqrt(v) + eps); Adafactor (a loop over the matrices) the most alive at once of a
                  few temporaries of one matrix's size, followed through its real step on fake CUDA tensors; none for
@@ -127,6 +127,7 @@ def count_models(cfg: Config) -> ModelCounts:
 
     from ..models.loading import load_tokenizer, pipeline_index
     from ..models.policy import lora_config
+    from .online import rows_per_image
     from .run import DTYPES, model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
@@ -144,10 +145,10 @@ def count_models(cfg: Config) -> ModelCounts:
     if m.lora_rank is not None:
         denoiser.add_adapter(lora_config(m.lora_rank, m.lora_alpha, m.lora_target_modules or family.lora_targets))
     trainable = [p for n, p in denoiser.named_parameters() if m.lora_rank is None or "lora_" in n]
-    rows = _rows(cfg)
+    online = cfg.method.name in ONLINE_METHODS
+    rows = _rows(cfg) * (rows_per_image(cfg.online, family) if online else 1)  # online CFG: both halves in one call
     latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     compute = None if cfg.train.mixed_precision == "no" else DTYPES[cfg.train.mixed_precision]  # autocast's
-    online = cfg.method.name in ONLINE_METHODS
     reference, frozen_copy, fake = None, None, FakeTensorMode()
     if _needs_reference(cfg) and not (cfg.method.precomputed_reference and not online):
         if m.lora_rank is not None:

@@ -3,11 +3,12 @@
 Each step, on each process:
   its prompts (one seeded order that all processes share; each process takes its own groups, never part of one)
   -> `group_size` images per prompt, keeping every step's log-probability: DDIM with eta > 0 for the UNet families
-     (sampling.py), Flow-GRPO's SDE for SD3 and FLUX (flow.py), at every step or in online.sde_window's steps alone
-     (the ODE elsewhere); guided as the pipeline guides (SDXL: zero embeddings where force_zeros_for_empty_prompt;
-     FLUX: no CFG, FLUX.1-dev's guidance input)
+     (sampling.py), Flow-GRPO's SDE or CPS step for SD3 and FLUX (flow.py), at every step or in online.sde_window's
+     steps alone (the ODE elsewhere); guided as the pipeline guides (SDXL: zero embeddings where
+     force_zeros_for_empty_prompt; FLUX: no CFG, FLUX.1-dev's guidance input)
   -> rewards: the scorer's scores (grpo), or win rates inside the group from pairwise preferences (pref_grpo)
-  -> advantages z-scored within each group (a group whose rewards all tie carries none and is left out)
+  -> advantages z-scored within each group, by its own std or all the step's (online.advantage_std; a group whose
+     rewards all tie carries none and is left out)
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
      denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps; the
      window's steps with online.sde_window),
@@ -34,7 +35,7 @@ from ..progress import progress
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from .flow import FlowSDEPolicy
 from .inputs import timestep_sampling_set
-from .sampling import (DDIMPolicy, Trajectory, decode_images, gaussian_log_prob, group_conditioning,
+from .sampling import (DDIMPolicy, Trajectory, decode_images, group_conditioning,
                        sample_with_logprob, step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
@@ -134,17 +135,31 @@ def online_guidance(o, parts) -> tuple[float, float | None]:
     return guidance, guidance if parts.guidance is not None else None
 
 
+def rows_per_image(o, family) -> int:
+    """Denoiser rows per image in the online loop's calls: 2 under classifier-free guidance (the unconditional and
+    conditional rows in one call, `guided_output`), 1 without it (FLUX, or guidance <= 1)."""
+    guidance = o.guidance if o.guidance is not None else DEFAULT_CFG
+    return 2 if family.classifier_free_guidance and guidance > 1 else 1
+
+
 def sampling_policy(cfg: Config, family):
     """The sampler the online methods train as a policy: DDIM at online.eta for the UNet families (on the pipeline's
-    noise schedule), Flow-GRPO's SDE at online.noise_level on the flow families' scheduler."""
+    noise schedule), Flow-GRPO's SDE or CPS step (online.sde_type) at online.noise_level on the flow families'
+    scheduler."""
     o, load = cfg.online, dict(subfolder="scheduler", revision=cfg.model.revision)
     if family.denoiser == "unet":
+        if o.sde_type != "sde":
+            raise ConfigError(f"online.sde_type={o.sde_type} is a step of the flow families (SD3, FLUX); the UNet "
+                              "families sample with DDIM at online.eta")
         return DDIMPolicy(diffusers.DDIMScheduler.from_pretrained(cfg.model.pretrained, **load), o.eta)
     if o.noise_level <= 0:
         raise ConfigError(f"online.noise_level={o.noise_level}: the flow SDE's steps have a log-probability only with "
                           "a noise level > 0 (Flow-GRPO: 0.7)")
+    if o.sde_type == "cps" and o.noise_level > 1:
+        raise ConfigError(f"online.noise_level={o.noise_level} with online.sde_type=cps: CPS's noise level is the "
+                          "fraction of the noise drawn afresh at each step, in (0, 1] (Flow-GRPO-Fast: 0.8)")
     scheduler = family.training_scheduler_cls.from_pretrained(cfg.model.pretrained, **load)
-    return FlowSDEPolicy(scheduler, o.noise_level, family.linspace_sigmas)
+    return FlowSDEPolicy(scheduler, o.noise_level, family.linspace_sigmas, o.sde_type)
 
 
 def train_online(cfg: Config) -> TrainResult:
@@ -245,7 +260,7 @@ def train_online(cfg: Config) -> TrainResult:
                     with accelerator.autocast():
                         mean, std = step_distribution(denoiser, sampler, trajectory, step_index, cond, uncond,
                                                       guidance)
-                        log_prob = gaussian_log_prob(trajectory.latents_at(step_index + 1), mean, std)
+                        log_prob = sampler.log_prob(trajectory.latents_at(step_index + 1), mean, std)
                         old = trajectory.log_probs[step_index, torch.arange(t.batch_size)]
                         policy_loss, metrics = clipped_policy_loss(log_prob, old, adv, o.clip_range)
                         # mean x rows = the summed loss (tied groups' rows add 0), over the rows taking part
@@ -281,7 +296,10 @@ def train_online(cfg: Config) -> TrainResult:
                 scores = scorer.score(images, row_prompts)
                 rewards = rewards_of(images, row_prompts, scores)
                 tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
-            advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip)
+            # Flow-GRPO's global std: of every process's rewards this step (the same on all of them)
+            shared_std = accelerator.gather(rewards.to(device)).float().std(correction=0) \
+                if o.advantage_std == "global" else None
+            advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip, shared_std=shared_std)
             tied = (advantages.view(-1, o.group_size) == 0).all(dim=1)  # all-tie groups: left out of the updates
             # the rows of the other groups, those whose advantage is exactly 0 included (win rates [1, 0.5, 0])
             taking_part = (~tied).repeat_interleave(o.group_size)
@@ -333,7 +351,9 @@ def train_online(cfg: Config) -> TrainResult:
     summary = {"method": cfg.method.name, "steps": t.max_steps, "processes": world,
                "prompts per process per step": o.prompts_per_step, "group size": o.group_size,
                "sampling steps": o.sample_steps,
-               **({"eta": o.eta} if family.denoiser == "unet" else {"noise level": o.noise_level}),
+               **({"eta": o.eta} if family.denoiser == "unet" else {"noise level": o.noise_level,
+                                                                     "SDE type": o.sde_type}),
+               "advantage std": o.advantage_std,
                "guidance": guidance, "clip range": o.clip_range,
                "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
                **({"SDE window": o.sde_window} if o.sde_window else {}),

@@ -8,12 +8,12 @@ and 16):
 
 with x0_hat and eps_hat from the model output (epsilon or v-prediction, classifier-free guidance already applied)
 and abar_p the level of the previous timestep (t - T / steps; the scheduler's final level below 0); the flow
-families with Flow-GRPO's SDE (flow.py, `FlowSDEPolicy`). Either policy gives a step's Gaussian (`transition`) and
-draws it (`step`); its log-probability is the Gaussian log-density, constants included, averaged over the latent
-elements. `sample_with_logprob` denoises groups of images with their guidance (`guided_output`: classifier-free in
-one batched call, or FLUX's guidance input) and keeps the trajectory; `step_distribution` gives a stored step's
-Gaussian under the current policy (with gradients), from which the training loop re-scores the step and measures
-the KL to the reference.
+families with Flow-GRPO's SDE or CPS step (flow.py, `FlowSDEPolicy`). Either policy gives a step's Gaussian
+(`transition`), draws it (`step`) and scores the next latents under it (`log_prob`): the Gaussian log-density,
+constants included, averaged over the latent elements (CPS: Flow-GRPO's surrogate of it). `sample_with_logprob`
+denoises groups of images with their guidance (`guided_output`: classifier-free in one batched call, or FLUX's
+guidance input) and keeps the trajectory; `step_distribution` gives a stored step's Gaussian under the current
+policy (with gradients), from which the training loop re-scores the step and measures the KL to the reference.
 """
 
 from __future__ import annotations
@@ -99,6 +99,10 @@ class DDIMPolicy:
         """(mean, std) of step `step` (an index, or one per row) from `sample`: `ddim_transition`."""
         return ddim_transition(self.scheduler, model_output, self.timesteps[step], sample, self.eta)
 
+    def log_prob(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The log-probability per row of the next latents `x` under a step's (mean, std): `gaussian_log_prob`."""
+        return gaussian_log_prob(x, mean, std)
+
     def step(self, model_output: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
         """(next sample, its log_prob per row): `ddim_step_with_logprob`; `noisy` False: at eta 0, log_prob None."""
         return ddim_step_with_logprob(self.scheduler, model_output, self.timesteps[step], sample,
@@ -156,8 +160,10 @@ def group_conditioning(family: Family | str, tokenizers: list, text_encoders: li
 def guided_output(model, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning | None,
                   guidance: float) -> torch.Tensor:
     """Classifier-free guidance in one batched denoiser call: u + guidance * (c - u), as the SD pipelines do; with
-    no unconditional rows (FLUX), the conditional call alone. `timestep`: one for all rows, or one per row."""
-    if uncond is None:
+    no unconditional rows (FLUX), or at guidance <= 1, where the pipelines skip classifier-free guidance
+    (`do_classifier_free_guidance` is guidance > 1), the conditional call alone. `timestep`: one for all rows, or
+    one per row."""
+    if uncond is None or guidance <= 1:
         return cond.denoise(model, sample, timestep)
     if torch.is_tensor(timestep) and timestep.ndim:
         timestep = torch.cat([timestep, timestep])
@@ -213,7 +219,7 @@ def step_distribution(model, policy, trajectory: Trajectory, step: int | torch.T
                       uncond: Conditioning | None, guidance: float,
                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The current policy's Gaussian (mean, std) for a stored step, for `rows` of the batch (all by default), with
-    gradients: the training side of the ratio exp(log_prob - old log_prob) (`gaussian_log_prob` of the stored
+    gradients: the training side of the ratio exp(log_prob - old log_prob) (the policy's `log_prob` of the stored
     next latents) and of the KL to a reference policy. `step`: one step index for all rows, or a tensor of one per
     row (each sample training its own steps). `policy` holds the steps the trajectory was sampled with."""
     rows = torch.arange(len(trajectory.latents[0])) if rows is None else rows
