@@ -164,6 +164,7 @@ def test_recipes_follow_the_published_scripts():
     flux = recipes["flux/grpo.yaml"]
     assert {cfg.model.max_sequence_length for name, cfg in recipes.items() if name.startswith("sd35/")} == {128}
     assert flux.model.max_sequence_length == 128
+    assert recipes["flux/pref-grpo.yaml"].model.max_sequence_length == 512  # Pref-GRPO's (DanceGRPO's) FluxPipeline
     # [G] keeps an EMA of the weights (decay 0.9 every 8 updates) and saves it: its recipes alone set one
     with_ema = {name for name, cfg in recipes.items() if (cfg.train.ema_decay, cfg.train.ema_every) == (0.9, 8)}
     assert with_ema == {name for name in recipes if name.startswith("sd35/")} | {"flux/grpo.yaml"}
