@@ -268,21 +268,20 @@ def test_sde_keeps_the_odes_marginals(c):
 # ---------------------------------------------------------------- the CPS step
 
 def test_cps_step_hand_derivation():
-    """Row 0: s = 0.8 -> 0.6, a = 0.5: std = 0.6 sin(pi / 4) = sqrt(0.18), sqrt(0.36 - 0.18) = sqrt(0.18);
-    x0_hat = x - 0.8 v, x1_hat = x + 0.2 v, mean = 0.4 x0_hat + sqrt(0.18) x1_hat.
-    Row 1: s = 1 -> 0.9, a = 1: std = 0.9, all the noise drawn afresh: mean = 0.1 x0_hat = 0.1 (x - v)."""
+    """s = 0.8 -> 0.6 at a = 0.5: std = 0.6 sin(pi / 4) = sqrt(0.18) and sqrt(0.36 - 0.18) = sqrt(0.18); with
+    x0_hat = x - 0.8 v = (-0.6, -2.4) and x1_hat = x + 0.2 v = (1.4, -1.9), mean = 0.4 x0_hat + sqrt(0.18) x1_hat.
+    s = 1 -> 0.9 at a = 1: std = 0.9, all the noise drawn afresh, mean = 0.1 x0_hat = 0.1 (x - v); at a = 0.5 its
+    std is 0.9 sin(pi / 4)."""
     x = torch.tensor([[1.0, -2.0], [1.0, -2.0]])
     v = torch.tensor([[2.0, 0.5], [2.0, 0.5]])
     r = math.sqrt(0.18)
-    # x0_hat = (-0.6, -2.4), x1_hat = (1.4, -1.9)
-    row0 = [0.4 * -0.6 + r * 1.4, 0.4 * -2.4 + r * -1.9]
-    mean, std = flow_cps_transition(v, torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.9]), x, 0.5)
-    torch.testing.assert_close(mean[0], torch.tensor(row0))
-    std1 = flow_cps_transition(v, 1.0, 0.9, x, 1.0)[1]
-    torch.testing.assert_close(std, torch.tensor([[r], [0.6 * math.sin(math.pi / 4) * 1.5]]))  # a = 0.5 for both
-    one = flow_cps_transition(v, torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.9]), x, 1.0)[0]
-    torch.testing.assert_close(one[1], torch.tensor([0.1 * -1.0, 0.1 * -2.5]), atol=1e-6, rtol=0)
-    assert std1.ndim == 0 and std1.item() == pytest.approx(0.9)
+    sigmas, next_sigmas = torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.9])
+    mean, std = flow_cps_transition(v, sigmas, next_sigmas, x, 0.5)
+    torch.testing.assert_close(mean[0], torch.tensor([0.4 * -0.6 + r * 1.4, 0.4 * -2.4 + r * -1.9]))
+    torch.testing.assert_close(std, torch.tensor([[r], [0.9 * math.sin(math.pi / 4)]]))
+    mean, std = flow_cps_transition(v, 1.0, 0.9, x, 1.0)  # one sigma for all rows: std 0-dim
+    torch.testing.assert_close(mean, torch.tensor([[-0.1, -0.25], [-0.1, -0.25]]), atol=1e-6, rtol=0)
+    assert std.ndim == 0 and std.item() == pytest.approx(0.9)
     for wrong in (-0.1, 1.5):
         with pytest.raises(ValueError, match="in \\[0, 1\\]"):
             flow_cps_transition(v, 0.8, 0.6, x, wrong)

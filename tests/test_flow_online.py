@@ -330,7 +330,7 @@ def test_the_online_loop_samples_and_trains_cps_steps(tiny_flow_models, online_s
     """online.sde_type=cps in a window of 1 of 4 steps (Flow-GRPO-Fast's sampler): the step trained is a CPS step
     (std s' sin(0.8 pi / 2) at its next sigma), its stored log-probability is Flow-GRPO's surrogate of the stored
     next latents, -(x' - mean)^2, re-scored at ratio 1; the model card names the step; a CPS noise level above 1
-    and CPS on a UNet are refused."""
+    is refused."""
     calls, real_step = [], online.step_distribution
 
     def recording_step(model, sampler, trajectory, step, *args):
