@@ -35,7 +35,7 @@ from ..progress import progress
 from ..rewards import VLMJudge, judge_preferences, load_scorer, parse_scorer_spec
 from .flow import FlowSDEPolicy
 from .inputs import timestep_sampling_set
-from .sampling import (DDIMPolicy, Trajectory, decode_images, group_conditioning,
+from .sampling import (DDIMPolicy, Trajectory, applies_cfg, decode_images, group_conditioning,
                        sample_with_logprob, step_distribution, zeros_for_empty_prompt)
 from .checkpoints import save_checkpoint
 from .outputs import MetricsLog
@@ -139,7 +139,7 @@ def rows_per_image(o, family) -> int:
     """Denoiser rows per image in the online loop's calls: 2 under classifier-free guidance (the unconditional and
     conditional rows in one call, `guided_output`), 1 without it (FLUX, or guidance <= 1)."""
     guidance = o.guidance if o.guidance is not None else DEFAULT_CFG
-    return 2 if family.classifier_free_guidance and guidance > 1 else 1
+    return 2 if family.classifier_free_guidance and applies_cfg(guidance) else 1
 
 
 def sampling_policy(cfg: Config, family):

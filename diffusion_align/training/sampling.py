@@ -157,13 +157,18 @@ def group_conditioning(family: Family | str, tokenizers: list, text_encoders: li
     return encoded.select(per_image), uncond
 
 
+def applies_cfg(guidance: float) -> bool:
+    """Whether classifier-free guidance runs at this scale: above 1, as the pipelines decide
+    (`do_classifier_free_guidance`); at 1 or below they call the denoiser on the conditional rows alone."""
+    return guidance > 1
+
+
 def guided_output(model, sample: torch.Tensor, timestep, cond: Conditioning, uncond: Conditioning | None,
                   guidance: float) -> torch.Tensor:
     """Classifier-free guidance in one batched denoiser call: u + guidance * (c - u), as the SD pipelines do; with
-    no unconditional rows (FLUX), or at guidance <= 1, where the pipelines skip classifier-free guidance
-    (`do_classifier_free_guidance` is guidance > 1), the conditional call alone. `timestep`: one for all rows, or
-    one per row."""
-    if uncond is None or guidance <= 1:
+    no unconditional rows (FLUX), or where `applies_cfg` says none runs, the conditional call alone. `timestep`: one
+    for all rows, or one per row."""
+    if uncond is None or not applies_cfg(guidance):
         return cond.denoise(model, sample, timestep)
     if torch.is_tensor(timestep) and timestep.ndim:
         timestep = torch.cat([timestep, timestep])
