@@ -223,7 +223,7 @@ def cmd_plot(args) -> None:
 
 def cmd_export(args) -> None:
     from .models.export import export, find_source
-    source = find_source(args.source, args.base)
+    source = find_source(args.source, args.base, args.live_weights)
     written = export(source, args.format, args.out, args.dtype, args.overwrite).resolve()
     print(f"{args.format}: {written} (from {source.folder})")
     in_diffusers = f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); pipe.load_lora_weights("{written}")'
@@ -376,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="Generate an image per prompt and seed (resumable), with a "
                                                "metadata.jsonl that score, compare and grid read.")
     generate.add_argument("--model", required=True, help="SD1.x / SD2.x / SDXL / SD3 / FLUX diffusers folder or hub id")
-    generate.add_argument("--lora", help="LoRA folder or .safetensors file (e.g. a training run's final/)")
+    generate.add_argument("--lora", help="LoRA folder or .safetensors file (e.g. a training run's final/; of "
+                          "a checkpoint-<step>/ that holds an EMA, its ema/: the file inside the checkpoint is the "
+                          "live weights)")
     generate.add_argument("--prompts", required=True, help=".txt (one a line, # comments), .jsonl (prompt / text / "
                                                            "caption) or .csv (a prompt / text / caption column)")
     generate.add_argument("--seeds", default="0", help="e.g. 0-3, 0,2,5 or 0-3,10 (default 0)")
@@ -505,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", default=None, help="the base model (hub id or folder) the weights were trained on; "
                                                      "default: model.pretrained of the run's config")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--live-weights", action="store_true",
+                        help="of a checkpoint of a run that keeps an EMA (train.ema_decay): its live weights, which "
+                             "training resumes from (default: the EMA, which the run's final/ would hold)")
     export.set_defaults(func=cmd_export)
 
     tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "

@@ -172,8 +172,9 @@ def local_or_hub(name: str) -> str:
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# in a checkpoint of a run that keeps an EMA of its trained weights (training/ema.py), beside the live ones
-EMA_WEIGHTS = "ema.safetensors"
+# in a checkpoint of a run that keeps an EMA of its trained weights (training/ema.py): the EMA, written as the run
+# writes its weights (a LoRA file, or the denoiser's folder), beside the live ones
+EMA_FOLDER = "ema"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from diffusion_align.config import ConfigError, load_config
-from diffusion_align.files import EMA_WEIGHTS
+from diffusion_align.files import EMA_FOLDER
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import methods, online, trainer
 from diffusion_align.training.checkpoints import load_checkpoint
@@ -48,6 +48,23 @@ def test_the_update_rule_by_hand():
     restored = EMA({"w": torch.nn.Parameter(torch.zeros(2))}, decay=0.9, every=2)
     restored.load_state_dict(saved)
     assert restored.updates == 81 and torch.equal(restored.average["w"], ema.average["w"])
+
+
+def test_the_weights_hold_the_ema_inside_copied_in_only_and_take_it_back():
+    """What a checkpoint writes and reads through: the weights are the EMA inside the block and their live values
+    after it, even after an error; `take_weights` makes an EMA of what was loaded into them."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = EMA({"w": weight}, decay=0.9, every=1)
+    ema.average["w"].copy_(torch.tensor([5.0, 7.0]))
+    with pytest.raises(RuntimeError, match="written"):
+        with ema.copied_in():
+            assert weight.tolist() == [5.0, 7.0]
+            raise RuntimeError("written")
+    assert weight.tolist() == [1.0, 2.0] and ema.average["w"].tolist() == [5.0, 7.0]
+    with torch.no_grad():
+        weight.copy_(torch.tensor([3.0, 4.0]))  # a checkpoint's EMA, loaded into the weights
+    ema.take_weights()
+    assert ema.average["w"].tolist() == [3.0, 4.0] and ema.average["w"].data_ptr() != weight.data_ptr()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -115,17 +132,28 @@ def test_the_final_lora_is_the_ema_of_the_weights_and_skipped_updates_do_not_cou
     assert max((final[n] - live[n]).abs().max() for n in up) > 1e-2 * max(live[n].abs().max() for n in up)
 
 
-def test_resume_with_an_ema_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pairs):
-    common = [*EMA_ON, "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-3", "train.ema_every=1"]
+@pytest.mark.parametrize("lora", [True, False])
+def test_resume_with_an_ema_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pairs, lora):
+    """The checkpoint at step 2 holds the live weights and the EMA (`ema/`, as the final model is written); a run
+    resumed from it ends with both equal to the uninterrupted run's, bit for bit, which also fails if writing the EMA
+    left it in the weights training goes on with."""
+    common = [*EMA_ON, "train.max_steps=4", "train.checkpoint_every=2", "train.lr=1e-3", "train.ema_every=1",
+              *([] if lora else ["model.lora_rank=null", "train.lr=1e-4"])]
     whole = run(tmp_path / "whole", tiny_models["sd"], tiny_pairs, *common)
     resumed_dir = tmp_path / "resumed" / "run"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(tmp_path / "whole/run/checkpoint-2", resumed_dir / "checkpoint-2")
     resumed = run(tmp_path / "resumed", tiny_models["sd"], tiny_pairs, *common, "train.resume=latest")
-    for name in (f"final/{LORA_WEIGHTS}", f"checkpoint-4/{LORA_WEIGHTS}", f"checkpoint-4/{EMA_WEIGHTS}"):
+    weights = LORA_WEIGHTS if lora else "unet/diffusion_pytorch_model.safetensors"
+    for name in (f"final/{weights}", f"checkpoint-4/{weights}", f"checkpoint-4/{EMA_FOLDER}/{weights}"):
         a, b = load_file(whole.final_dir.parent / name), load_file(resumed.final_dir.parent / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # EMA and live, bit for bit
-    assert int(load_file(resumed.final_dir.parent / f"checkpoint-4/{EMA_WEIGHTS}")["updates"]) == 4
+    state = json.loads((resumed.final_dir.parent / "checkpoint-4/trainer_state.json").read_text())
+    assert state["ema"] is True and state["ema_updates"] == 4
+    final, ema, live = (load_file(resumed.final_dir.parent / name) for name in (
+        f"final/{weights}", f"checkpoint-4/{EMA_FOLDER}/{weights}", f"checkpoint-4/{weights}"))
+    assert all(torch.equal(final[k], ema[k]) for k in final)  # the run ended at its checkpoint: final is the EMA
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
 
 
 def test_an_online_run_saves_its_ema(setup, tmp_path, monkeypatch):
@@ -133,12 +161,11 @@ def test_an_online_run_saves_its_ema(setup, tmp_path, monkeypatch):
     result = trainer.train(test_online.config(setup, tmp_path / "run", *EMA_ON, "train.checkpoint_every=2",
                                               "online.updates_per_rollout=2", "train.lr=1e-3", method="grpo"))
     updates = sum(updated for updated, _ in seen[1:])
-    ema = load_file(tmp_path / "run" / "checkpoint-2" / EMA_WEIGHTS)
-    assert int(ema.pop("updates")) == updates >= 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["ema_updates"] == updates >= 2
     final, live = saved_lora(result.final_dir / LORA_WEIGHTS), seen[-1][1]
-    for name, average in ema.items():
-        peft_name = name.replace(".default", "")
-        assert torch.equal(final[peft_name], average), name
+    assert all(torch.equal(saved_lora(checkpoint / EMA_FOLDER / LORA_WEIGHTS)[n], final[n]) for n in final)
+    assert all(torch.equal(saved_lora(checkpoint / LORA_WEIGHTS)[n], live[n]) for n in live)
     assert any(not torch.equal(final[n], live[n]) for n in final)
 
 
@@ -150,17 +177,27 @@ def test_without_an_ema_none_is_kept_or_written(tmp_path, tiny_models, tiny_pair
         return apply_update(accelerator, models, grad_norm)
     monkeypatch.setattr(trainer, "apply_update", recorded)
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "train.checkpoint_every=1")
-    assert seen == [None] and not (tmp_path / "run" / "checkpoint-1" / EMA_WEIGHTS).exists()
+    assert seen == [None] and not (tmp_path / "run" / "checkpoint-1" / EMA_FOLDER).exists()
 
 
 def test_a_checkpoint_resumes_only_with_an_ema_if_written_with_one(tmp_path):
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 5, "num_processes": 1, "optimizer": "whole"}))
+    state = {"step": 5, "num_processes": 1, "optimizer": "whole"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     policy = SimpleNamespace(denoiser=torch.nn.Linear(2, 2))
     ema = EMA(dict(policy.denoiser.named_parameters()), decay=0.9, every=1)
+
+    def resume(with_ema):
+        load_checkpoint(SimpleNamespace(num_processes=1), tmp_path, policy,
+                        torch.optim.AdamW(policy.denoiser.parameters()), None, with_ema)
     with pytest.raises(ValueError, match="written without an EMA of the weights; this run keeps one. Resume with the "
                                          "train.ema_decay it was written with"):
-        load_checkpoint(SimpleNamespace(num_processes=1), tmp_path, policy,
-                        torch.optim.AdamW(policy.denoiser.parameters()), None, ema)
+        resume(ema)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({**state, "ema": True, "ema_updates": 5}))
+    with pytest.raises(ValueError, match="written with an EMA of the weights; this run keeps none"):
+        resume(None)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / EMA_FOLDER}: no such folder, though the checkpoint "
+                                                "was written with an EMA"):
+        resume(ema)
 
 
 COUNTS = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, adafactor_step=50, vae=200, text_encoders=300,

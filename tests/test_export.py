@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_align.cli import main
 from diffusion_align.config import config_to_yaml, load_config
-from diffusion_align.files import EMA_WEIGHTS
+from diffusion_align.files import EMA_FOLDER
 from diffusion_align.models.export import find_source
 from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
 from test_kohya import apply_kohya_rule, images
@@ -170,15 +170,27 @@ def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, caps
                                                        "--out", out)
 
 
-def test_a_checkpoint_of_a_run_with_an_ema_says_it_exports_the_live_weights(tmp_path, tiny_models, patterned, caplog):
-    run = tmp_path / "run"
-    shutil.copytree(patterned[0], run / "checkpoint-3")
-    (run / "config.yaml").write_text(config_to_yaml(load_config(None, [f"model.pretrained={tiny_models['sd']}"])))
-    find_source(run)
-    assert "keeps an EMA" not in caplog.text
-    save_file({"updates": torch.tensor(3)}, run / "checkpoint-3" / EMA_WEIGHTS)
-    source = find_source(run)
-    assert source.folder == run / "checkpoint-3" and "its weights, exported here, are the live ones" in caplog.text
+def test_a_checkpoint_with_an_ema_exports_the_ema_unless_the_live_weights_are_asked_for(tmp_path, tiny_models,
+                                                                                       tiny_pairs, caplog):
+    """A run stopped after its checkpoint (no final/) exports the model it would have ended with, the EMA: the same
+    LoRA as its final/ had, bit for bit; --live-weights, the weights training resumes from."""
+    from test_train import run
+    caplog.set_level("INFO", logger="diffusion_align")
+    result = run(tmp_path, tiny_models["sd"], tiny_pairs, "train.ema_decay=0.9", "train.max_steps=2",
+                 "train.checkpoint_every=2", "train.lr=1e-3")
+    run_dir, checkpoint = result.final_dir.parent, result.final_dir.parent / "checkpoint-2"
+    final = load_file(result.final_dir / LORA_WEIGHTS)
+    shutil.rmtree(result.final_dir)
+    export(run_dir, "--format", "diffusers", "--out", tmp_path / "ema")
+    export(run_dir, "--format", "diffusers", "--out", tmp_path / "live", "--live-weights")
+    ema, live = load_file(tmp_path / "ema" / LORA_WEIGHTS), load_file(tmp_path / "live" / LORA_WEIGHTS)
+    assert ema.keys() == final.keys() and all(torch.equal(ema[k], final[k]) for k in final)
+    checkpoint_live = load_file(checkpoint / LORA_WEIGHTS)
+    assert live.keys() == final.keys() and all(torch.equal(live[k], checkpoint_live[k]) for k in live)
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
+    source = find_source(checkpoint)  # the checkpoint named, and the config is its copy of the run's
+    assert (source.folder, source.base, source.method) == (checkpoint / EMA_FOLDER, str(tiny_models["sd"]), "dpo")
+    assert f"{checkpoint / EMA_FOLDER}: the EMA of the run's weights" in caplog.text
 
 
 def test_the_command_line_offers_every_format_and_dtype():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
 from diffusion_align.evaluation.scoring import collect_images
+from diffusion_align.files import EMA_FOLDER
 from diffusion_align.models.loading import weights_digest
 from diffusion_align.models.policy import LORA_WEIGHTS, Policy
 
@@ -250,6 +251,17 @@ def test_lora_changes_images(tmp_path, tiny_models, prompts_txt):
         assert np.array_equal(pixels(with_lora / name), pixels(from_file / name))
     with pytest.raises(ValueError, match="lora=.* there, None now"):
         generate_images(tiny_models["sd"], prompts_txt, "0", with_lora, **FAST)
+
+
+def test_a_checkpoint_with_an_ema_gives_its_ema_and_its_lora_file_the_live_weights(tmp_path, tiny_models,
+                                                                                   prompts_txt):
+    checkpoint = save_random_lora(tiny_models["sd"], tmp_path / "checkpoint-2", seed=0)  # the live weights
+    save_random_lora(tiny_models["sd"], checkpoint / EMA_FOLDER, seed=1)
+    ema, live = tmp_path / "ema", tmp_path / "live"
+    generate_images(tiny_models["sd"], prompts_txt, "0", ema, lora=checkpoint, **FAST)
+    generate_images(tiny_models["sd"], prompts_txt, "0", live, lora=checkpoint / LORA_WEIGHTS, **FAST)
+    assert records(ema)[0]["lora"] == str(checkpoint / EMA_FOLDER)
+    assert np.abs(pixels(ema / "p0000-s0000.png") - pixels(live / "p0000-s0000.png")).mean() > 1
 
 
 def test_weights_retrained_at_the_same_path_are_not_resumed(tmp_path, tiny_models, prompts_txt, pipeline_calls):

@@ -41,7 +41,7 @@ import torch
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
+from ..files import EMA_FOLDER, HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
 from ..progress import progress
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
@@ -213,6 +213,15 @@ def _source(name: str, what: str) -> str:
     raise FileNotFoundError(f"{what} {name!r}: no such file or folder, and not a hub id (owner/name)")
 
 
+def _trained_lora(lora: str) -> str:
+    """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
+    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from)."""
+    if os.path.isdir(os.path.join(lora, EMA_FOLDER)):
+        logger.info("%s: the EMA of the run's weights (train.ema_decay) in its %s/", lora, EMA_FOLDER)
+        return os.path.join(lora, EMA_FOLDER)
+    return lora
+
+
 def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = None, device=None, dtype=None):
     """A text-to-image pipeline on `device` in `dtype`, with the LoRA loaded and the scheduler swapped.
 
@@ -333,7 +342,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
 
     device = default_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    model, lora = _source(str(model), "model"), None if lora is None else _source(str(lora), "LoRA")
+    model, lora = _source(str(model), "model"), None if lora is None else _trained_lora(_source(str(lora), "LoRA"))
     pipe = load_pipeline(model, lora, scheduler, device, dtype)
     t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt, t5)

@@ -10,9 +10,11 @@
   diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
 
 The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
-any folder holding a diffusers LoRA file. The LoRA is loaded onto the base denoiser by diffusers' own loader, so what is
-exported is what diffusers would apply, and a LoRA that does not fit the base is an error here rather than a
-silent no-op there. The base comes from the run's config, or `--base` for a folder without one.
+any folder holding a diffusers LoRA file. Of a checkpoint that holds an EMA of the weights (`ema/`), the EMA is
+exported, as the run's `final/` would hold it, unless the live weights are asked for. The LoRA is loaded onto the
+base denoiser by diffusers' own loader, so what is exported is what diffusers would apply, and a LoRA that does not
+fit the base is an error here rather than a silent no-op there. The base comes from the run's config, or `--base`
+for a folder without one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..config import load_config
-from ..files import EMA_WEIGHTS, folder_written_beside, list_checkpoints, write_safetensors_atomic
+from ..files import EMA_FOLDER, folder_written_beside, list_checkpoints, write_safetensors_atomic
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
@@ -54,9 +56,10 @@ class Source:
     title: str
 
 
-def find_source(path: str | Path, base: str | None = None) -> Source:
+def find_source(path: str | Path, base: str | None = None, live: bool = False) -> Source:
     """The weights under `path` (see the module docstring) and, from the run's config unless `base` is given, the
-    base pipeline they belong to."""
+    base pipeline they belong to. A checkpoint of a run that keeps an EMA of its weights gives the EMA (its `ema/`,
+    what the run's `final/` holds when it ends there), or with `live` the weights training resumes from."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder; expected a run folder (train.output_dir), its final/ or "
@@ -66,17 +69,18 @@ def find_source(path: str | Path, base: str | None = None) -> Source:
         folder = path / "final"
     elif _kind(path) is None and list_checkpoints(path):
         folder = list_checkpoints(path)[-1][1]
+    if (folder / EMA_FOLDER).is_dir() and not live:
+        folder = folder / EMA_FOLDER
+        logger.info("%s: the EMA of the run's weights (train.ema_decay), as its final/ would hold it; --live-weights "
+                    "for the weights training resumes from", folder)
     kind = _kind(folder)
-    if (folder / EMA_WEIGHTS).is_file():  # a checkpoint resumes from the live weights, which it keeps beside the EMA
-        logger.warning("%s is a checkpoint of a run that keeps an EMA of its weights (train.ema_decay): its weights, "
-                       "exported here, are the live ones; the EMA becomes the model in the run's final/ when it "
-                       "finishes", folder)
     if kind is None:
         raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
                                 "transformer/ (a full fine-tune's checkpoint) or model_index.json (a whole pipeline)")
     config_files = [folder / "training_config.yaml", folder / "config.yaml"]
-    if folder.name == "final" or folder.name.startswith("checkpoint-"):
-        config_files.append(folder.parent / "config.yaml")  # the run's
+    for inner in (folder, folder.parent):  # final/, checkpoint-<step>/ or its ema/: the config of the run above
+        if inner.name in ("final", EMA_FOLDER) or inner.name.startswith("checkpoint-"):
+            config_files.append(inner.parent / "config.yaml")
     config_file = next((f for f in config_files if f.is_file()), None)
     cfg = load_config(config_file) if config_file else None
     if base is None and cfg is None and kind != "pipeline":

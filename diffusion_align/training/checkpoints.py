@@ -2,10 +2,10 @@
 
 A checkpoint is first written to `checkpoint-<step>.tmp` and renamed when complete, so a crash never leaves a
 half-written `checkpoint-<step>`. It holds the trained weights (safetensors, loadable by diffusers), the
-optimiser and lr-schedule state, the weights' EMA if the run keeps one (`ema.safetensors`: ema.py), and per process
-the random generators and how many batches it has drawn, so a resumed run sees the same data and noise as an
-uninterrupted one. Only tensors and plain containers are pickled, and they are read back with
-`torch.load(..., weights_only=True)`.
+optimiser and lr-schedule state, the weights' EMA if the run keeps one (`ema/`, in the weights' own layout, so that
+`export` and `generate` read it as they read `final/`: ema.py), and per process the random generators and how many
+batches it has drawn, so a resumed run sees the same data and noise as an uninterrupted one. Only tensors and plain
+containers are pickled, and they are read back with `torch.load(..., weights_only=True)`.
 A sharded run (train.sharding=fsdp2) writes its trainable weights, optimiser and EMA as shards instead, each process
 its own (`sharded/`, torch.distributed.checkpoint); a ZeRO-2 run (zero2), the weights (and EMA) once and per process
 its part of the optimiser (`optimizer_<process>.pt`). Either resumes only as a run of its kind on as many processes.
@@ -18,9 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..files import EMA_WEIGHTS, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
+from ..files import EMA_FOLDER, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
 from .safety import RunStopped, check_finite_weights
 from .sharding import (SHARDED_STATE, is_sharded, load_partition, load_sharded, save_partition, save_sharded,
                        zero_optimizer)
@@ -78,7 +77,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
             if layout != "sharded":
                 policy.save(tmp)
                 if ema is not None:
-                    save_file(ema.state_dict(), tmp / EMA_WEIGHTS)
+                    with ema.copied_in():
+                        policy.save(tmp / EMA_FOLDER)
             if layout == "whole":
                 save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
             save_torch(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -90,6 +90,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
         if accelerator.is_main_process:
             state = {"step": step, "num_processes": accelerator.num_processes, "sharded": layout == "sharded",
                      "optimizer": layout, "ema": ema is not None}
+            if ema is not None:
+                state["ema_updates"] = ema.updates
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             replace_dir(tmp, final)
     except WRITE_ERRORS as err:
@@ -125,9 +127,15 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler, em
     if layout == "sharded":
         load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer, ema)
     else:
+        if ema is not None:  # through the weights, which then take their live values
+            if not (path / EMA_FOLDER).is_dir():
+                raise FileNotFoundError(f"{path / EMA_FOLDER}: no such folder, though the checkpoint was written with "
+                                        "an EMA (diffusion-align before 2026-12-06 kept it in ema.safetensors, which "
+                                        "only that version resumes)")
+            policy.load(path / EMA_FOLDER)
+            ema.take_weights()
+            ema.updates = state["ema_updates"]
         policy.load(path)
-        if ema is not None:
-            ema.load_state_dict(load_file(path / EMA_WEIGHTS))
     if layout == "partitioned":
         load_partition(path / f"optimizer_{accelerator.process_index}.pt", optimizer)
     elif layout == "whole":

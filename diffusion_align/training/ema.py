@@ -11,9 +11,12 @@ The warm-up min lets the early, large changes through. The EMA starts as a copy 
 in fp32 on each weight's device; of a sharded (FSDP2) weight, its local shard, as a DTensor like the weight (under
 ZeRO-2 every process holds the whole updated weights after each step, and so the whole EMA, as in data-parallel
 training). It only reads the live weights, which train on unaffected; the run's final model is the EMA
-(`copy_to_weights`)."""
+(`copy_to_weights`). A checkpoint writes the EMA as the run writes its weights (`copied_in`, then the policy's save)
+and reads it back the same way (the policy's load, then `take_weights`)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -39,6 +42,25 @@ class EMA:
     def copy_to_weights(self) -> None:
         for name, weight in self.weights.items():
             weight.copy_(self.average[name])
+
+    @contextmanager
+    def copied_in(self):
+        """The weights hold the EMA inside the block, and their live values again after it, bit for bit (kept on
+        the CPU meanwhile, so the accelerator needs no second copy)."""
+        live = {name: weight.detach().to("cpu", copy=True) for name, weight in self.weights.items()}
+        self.copy_to_weights()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in self.weights.items():
+                    weight.copy_(live[name])
+
+    @torch.no_grad()
+    def take_weights(self) -> None:
+        """The EMA becomes the weights' current values (an EMA just loaded into them)."""
+        for name, weight in self.weights.items():
+            self.average[name].copy_(weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averages by weight name, and the count of updates under `updates` (no weight's name: those have
