@@ -33,7 +33,8 @@ FLOW_CASES = {"dpo-lora-sd3": "sd3", "dpo-full-flux": "flux"}
 CASES.update({case: CASES[case.rsplit("-", 1)[0]] for case in FLOW_CASES})
 # an EMA of the weights (train.ema_decay), kept per shard under fsdp2, and resumed from its step-2 checkpoint (RESUMED)
 CASES["dpo-lora-ema"] = [*CASES["dpo-lora"], "train.ema_decay=0.9", "train.checkpoint_every=2"]
-RESUMED = {"dpo-lora-ema-fsdp2", "dpo-lora-ema-zero2"}
+CASES["dpo-full-ema"] = [*CASES["dpo-full"], "train.max_steps=4", "train.ema_decay=0.9", "train.checkpoint_every=2"]
+RESUMED = {"dpo-lora-ema-fsdp2", "dpo-lora-ema-zero2", "dpo-full-ema-fsdp2"}
 # DeepSpeed ZeRO-2 on a few: LoRA and full, offline (SmPO's inversion calls the UNet outside the engine) and online,
 # and a transformer
 ZERO2_CASES = ["dpo-lora", "dpo-full", "smpo-full", "pref_grpo-lora", "grpo-full", "dpo-lora-sd3", "dpo-lora-ema"]
