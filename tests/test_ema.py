@@ -130,6 +130,7 @@ def test_the_final_lora_is_the_ema_of_the_weights_and_skipped_updates_do_not_cou
         torch.testing.assert_close(final[name], expected[name], rtol=1e-5, atol=1e-7)
     up = [name for name in final if "lora_B" in name]
     assert max((final[n] - live[n]).abs().max() for n in up) > 1e-2 * max(live[n].abs().max() for n in up)
+    assert "| weights | the EMA (decay 0.9, every 2 updates) |" in (result.final_dir / "README.md").read_text()
 
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -178,6 +179,7 @@ def test_without_an_ema_none_is_kept_or_written(tmp_path, tiny_models, tiny_pair
     monkeypatch.setattr(trainer, "apply_update", recorded)
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "train.checkpoint_every=1")
     assert seen == [None] and not (tmp_path / "run" / "checkpoint-1" / EMA_FOLDER).exists()
+    assert "| weights |" not in (tmp_path / "run" / "final" / "README.md").read_text()
 
 
 def test_a_checkpoint_resumes_only_with_an_ema_if_written_with_one(tmp_path):

@@ -248,6 +248,8 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     denoiser = accelerator.unwrap_model(models.denoiser, keep_torch_compile=False)
     if models.ema is not None:
         models.ema.copy_to_weights()
+        summary = {**summary, "weights": f"the EMA (decay {cfg.train.ema_decay:g}, every {cfg.train.ema_every} "
+                                         "updates)"}
     fsdp = models.sharding.startswith("fsdp2")
     if fsdp:  # the run is over: its optimiser states, reference and EMA (copied in) make room for the gather
         models.optimizer.state.clear()
