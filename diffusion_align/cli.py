@@ -222,9 +222,16 @@ def cmd_plot(args) -> None:
 
 
 def cmd_export(args) -> None:
+    import tempfile
+
     from .models.export import export, find_source
+    from .training.checkpoints import gather_sharded
     source = find_source(args.source, args.base, args.live_weights)
-    written = export(source, args.format, args.out, args.dtype, args.overwrite).resolve()
+    beside_out = Path(args.out).resolve().parent  # where there is room for what is exported
+    beside_out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gathered-", dir=beside_out) as scratch:
+        weights = gather_sharded(source, Path(scratch), args.live_weights) if source.kind == "sharded" else source
+        written = export(weights, args.format, args.out, args.dtype, args.overwrite).resolve()
     print(f"{args.format}: {written} (from {source.folder})")
     in_diffusers = f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); pipe.load_lora_weights("{written}")'
     print({"kohya": f"load it in ComfyUI (LoraLoader), AUTOMATIC1111 or Forge (models/Lora/), or in diffusers: "
@@ -494,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(ComfyUI, AUTOMATIC1111, Forge), comfyui (SD3, FLUX), diffusers, or a "
                                            "merged pipeline.")
     export.add_argument("source", metavar="RUN_OR_FOLDER", help="a run folder (its final/, else its newest "
-                        "checkpoint), a final/ or checkpoint-<step>/ folder, or a folder holding a diffusers LoRA")
+                        "checkpoint), a final/ or checkpoint-<step>/ folder (of a sharded run too: its shards are "
+                        "gathered), or a folder holding a diffusers LoRA")
     export.add_argument("--format", required=True, choices=("kohya", "comfyui", "diffusers", "merged"),
                         help="kohya: one .safetensors UNet LoRA for ComfyUI, AUTOMATIC1111 and Forge; comfyui: an SD3 "
                              "or FLUX LoRA for ComfyUI, its scale folded in; diffusers: the LoRA for "

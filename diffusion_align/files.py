@@ -175,6 +175,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # in a checkpoint of a run that keeps an EMA of its trained weights (training/ema.py): the EMA, written as the run
 # writes its weights (a LoRA file, or the denoiser's folder), beside the live ones
 EMA_FOLDER = "ema"
+SHARDED_STATE = "sharded"  # a sharded (fsdp2) checkpoint's torch.distributed.checkpoint folder
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
 from diffusion_align.evaluation.scoring import collect_images
-from diffusion_align.files import EMA_FOLDER
+from diffusion_align.files import EMA_FOLDER, SHARDED_STATE
 from diffusion_align.models.loading import weights_digest
 from diffusion_align.models.policy import LORA_WEIGHTS, Policy
 
@@ -262,6 +262,16 @@ def test_a_checkpoint_with_an_ema_gives_its_ema_and_its_lora_file_the_live_weigh
     generate_images(tiny_models["sd"], prompts_txt, "0", live, lora=checkpoint / LORA_WEIGHTS, **FAST)
     assert records(ema)[0]["lora"] == str(checkpoint / EMA_FOLDER)
     assert np.abs(pixels(ema / "p0000-s0000.png") - pixels(live / "p0000-s0000.png")).mean() > 1
+
+
+def test_a_sharded_checkpoint_is_sent_to_export(tmp_path, tiny_models, prompts_txt):
+    """A sharded (fsdp2) checkpoint's LoRA is in shards, which diffusers cannot read: one line says how to gather it."""
+    (tmp_path / "checkpoint-2" / SHARDED_STATE).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"checkpoint-2: a sharded \(fsdp2\) checkpoint, whose LoRA is in shards; "
+                                         r"gather it into one file first: diffusion-align export .*checkpoint-2 "
+                                         r"--format diffusers"):
+        generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "out", lora=tmp_path / "checkpoint-2", **FAST)
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_retrained_at_the_same_path_are_not_resumed(tmp_path, tiny_models, prompts_txt, pipeline_calls):

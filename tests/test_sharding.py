@@ -277,3 +277,71 @@ def test_a_checkpoint_resumes_only_as_the_kind_of_run_that_wrote_it(tmp_path, wr
                                          "train.sharding it was written with"):
         load_checkpoint(SimpleNamespace(num_processes=1), tmp_path, policy,
                         torch.optim.AdamW(policy.denoiser.parameters()), None)
+
+
+@pytest.mark.parametrize("run, step", [("dpo-full-ema", 4), ("dpo-lora-ema", 2)])
+def test_export_gathers_a_sharded_checkpoint_in_one_process(sharded_runs, tiny_models, tmp_path, run, step):
+    """`export` of a sharded (fsdp2) checkpoint, here in one process without a process group: its shards gathered
+    whole, its EMA by default and its live weights with --live-weights, each the data-parallel run's checkpoint's
+    within fp32 reduction order (as above), the two far apart; the last checkpoint's EMA is the run's final model, bit
+    for bit."""
+    from diffusion_align.cli import main
+    root, _ = sharded_runs
+    lora = "-lora" in run
+    weights_file = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
+    base = load_file(Path(tiny_models["sd"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    data_parallel = root / f"{run}-none" / f"checkpoint-{step}"
+    exported = {}
+    for live in (False, True):
+        out = tmp_path / ("live" if live else "ema")
+        main(["export", str(root / f"{run}-fsdp2" / f"checkpoint-{step}"), "--format", "diffusers" if lora else "merged",
+              "--out", str(out), *(["--live-weights"] if live else [])])
+        exported[live] = load_file(out / weights_file)
+        expected = load_file((data_parallel if live else data_parallel / "ema") / weights_file)
+        assert exported[live].keys() == expected.keys() and expected
+        names = [k for k in expected if "lora.up" in k] if lora else list(expected)
+        start = {k: torch.zeros_like(expected[k]) if lora else base[k].float() for k in names}
+        difference = sum((exported[live][k] - expected[k]).pow(2).sum() for k in names).sqrt()
+        update = sum((expected[k] - start[k]).pow(2).sum() for k in names).sqrt()
+        assert update > 0 and difference <= 1e-3 * update, (live, (difference / update).item())
+    apart = sum((exported[True][k] - exported[False][k]).pow(2).sum() for k in names).sqrt()
+    assert apart > 0.05 * update, (apart / update).item()
+    assert list(tmp_path.glob(".gathered-*")) == []  # the gathered weights' scratch folder is gone
+    if not lora:
+        final = final_weights(root, f"{run}-fsdp2")
+        assert final.keys() == exported[False].keys() and all(torch.equal(final[k], exported[False][k]) for k in final)
+
+
+def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
+    """torch.distributed.checkpoint's index (`.metadata`) is a pickle: one that names anything but the checkpoint's
+    own layout (here, a call to os.mkdir) is refused by name before anything runs, on resume and on export."""
+    import os
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from diffusion_align.training.sharding import load_sharded, load_sharded_weights
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "sharded"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
+    weights = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    load_sharded_weights(folder, weights)  # untouched, it reads
+    assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match=r"its model weights do not match this model and LoRA setup \(missing "
+                                         r"\['lora_A'\], unexpected \['bias'\]\)"):
+        load_sharded_weights(folder, {"weight": weights["weight"], "lora_A": torch.zeros(1)})
+
+    ran = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(ran),)
+    index = pickle.loads((folder / ".metadata").read_bytes())
+    index.planner_data = RunsCode()
+    (folder / ".metadata").write_bytes(pickle.dumps(index))
+    for load in (lambda: load_sharded_weights(folder, weights), lambda: load_sharded(folder, model, optimizer)):
+        with pytest.raises(ValueError, match=r"sharded/\.metadata: not the index of a checkpoint written by "
+                                             r"diffusion-align \(\w+\.mkdir is not part of a checkpoint's index\)"):
+            load()
+    assert not ran.exists()

@@ -41,7 +41,8 @@ import torch
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import EMA_FOLDER, HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
+from ..files import (EMA_FOLDER, HUB_ID, SHARDED_STATE, jsonl_records, local_or_hub, write_image_atomic,
+                     write_text_atomic)
 from ..progress import progress
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
@@ -216,6 +217,9 @@ def _source(name: str, what: str) -> str:
 def _trained_lora(lora: str) -> str:
     """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
     hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from)."""
+    if os.path.isdir(os.path.join(lora, SHARDED_STATE)):
+        raise ValueError(f"--lora {lora}: a sharded (fsdp2) checkpoint, whose LoRA is in shards; gather it into one "
+                         f"file first: diffusion-align export {lora} --format diffusers --out LORA_FOLDER")
     if os.path.isdir(os.path.join(lora, EMA_FOLDER)):
         logger.info("%s: the EMA of the run's weights (train.ema_decay) in its %s/", lora, EMA_FOLDER)
         return os.path.join(lora, EMA_FOLDER)

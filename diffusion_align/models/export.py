@@ -11,10 +11,11 @@
 
 The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
 any folder holding a diffusers LoRA file. Of a checkpoint that holds an EMA of the weights (`ema/`), the EMA is
-exported, as the run's `final/` would hold it, unless the live weights are asked for. The LoRA is loaded onto the
-base denoiser by diffusers' own loader, so what is exported is what diffusers would apply, and a LoRA that does not
-fit the base is an error here rather than a silent no-op there. The base comes from the run's config, or `--base`
-for a folder without one.
+exported, as the run's `final/` would hold it, unless the live weights are asked for. A sharded (fsdp2)
+checkpoint's weights are first gathered from its shards in this one process (`checkpoints.gather_sharded`). The LoRA
+is loaded onto the base denoiser by diffusers' own loader, so what is exported is what diffusers would apply, and a
+LoRA that does not fit the base is an error here rather than a silent no-op there. The base comes from the run's
+config, or `--base` for a folder without one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from ..config import load_config
-from ..files import EMA_FOLDER, folder_written_beside, list_checkpoints, write_safetensors_atomic
+from ..config import Config, load_config
+from ..files import EMA_FOLDER, SHARDED_STATE, folder_written_beside, list_checkpoints, write_safetensors_atomic
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
@@ -47,13 +48,16 @@ logger = logging.getLogger("diffusion_align")
 class Source:
     """Trained weights and what they were trained on."""
     folder: Path
-    kind: str  # "lora" (a LoRA file), "unet" or "transformer" (a full fine-tune's checkpoint), "pipeline" (its final/)
+    # "lora" (a LoRA file), "unet" or "transformer" (a full fine-tune's checkpoint), "pipeline" (its final/),
+    # "sharded" (an fsdp2 checkpoint, whose weights are gathered before they export)
+    kind: str
     base: str | None  # the base pipeline: a hub id or folder
     revision: str | None
     variant: str | None
     vae: str | None
     method: str
     title: str
+    config: Config | None = None  # the run's training config, where one was found
 
 
 def find_source(path: str | Path, base: str | None = None, live: bool = False) -> Source:
@@ -76,7 +80,8 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
     kind = _kind(folder)
     if kind is None:
         raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
-                                "transformer/ (a full fine-tune's checkpoint) or model_index.json (a whole pipeline)")
+                                "transformer/ (a full fine-tune's checkpoint), sharded/ (an fsdp2 checkpoint's) or "
+                                "model_index.json (a whole pipeline)")
     config_files = [folder / "training_config.yaml", folder / "config.yaml"]
     for inner in (folder, folder.parent):  # final/, checkpoint-<step>/ or its ema/: the config of the run above
         if inner.name in ("final", EMA_FOLDER) or inner.name.startswith("checkpoint-"):
@@ -86,12 +91,15 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
     if base is None and cfg is None and kind != "pipeline":
         raise FileNotFoundError(f"{folder} has no training config (training_config.yaml or config.yaml) naming the "
                                 "base model the weights were trained on: pass it with --base (a hub id or folder)")
+    if kind == "sharded" and cfg is None:
+        raise FileNotFoundError(f"{folder} is a sharded checkpoint without the run's config.yaml, which says how its "
+                                "weights (a LoRA of which rank, on which modules) fit the base")
     if cfg is None:
         return Source(folder, kind, base, revision=None, variant=None, vae=None, method="unknown", title=folder.name)
     return Source(folder, kind, base or cfg.model.pretrained,
                   revision=cfg.model.revision if base is None else None,  # a revision of the config's base only
                   variant=cfg.model.variant, vae=cfg.model.vae, method=cfg.method.name,
-                  title=Path(cfg.train.output_dir).name)
+                  title=Path(cfg.train.output_dir).name, config=cfg)
 
 
 def _kind(folder: Path) -> str | None:
@@ -99,6 +107,8 @@ def _kind(folder: Path) -> str | None:
         return "lora"
     if (folder / "model_index.json").is_file():
         return "pipeline"
+    if (folder / SHARDED_STATE).is_dir():
+        return "sharded"
     return next((name for name in ("unet", "transformer") if (folder / name / "config.json").is_file()), None)
 
 
@@ -108,6 +118,9 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     keeps them as they are. Returns what was written."""
     if format not in FORMATS:
         raise ValueError(f"--format {format}: expected one of {', '.join(FORMATS)}")
+    if source.kind == "sharded":
+        raise ValueError(f"{source.folder} is a sharded checkpoint: gather its weights first "
+                         "(training.checkpoints.gather_sharded, as `diffusion-align export` does)")
     torch_dtype = DTYPES[dtype] if dtype else None
     out = Path(out)
     if format == "merged":

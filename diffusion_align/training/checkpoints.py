@@ -9,21 +9,28 @@ containers are pickled, and they are read back with `torch.load(..., weights_onl
 A sharded run (train.sharding=fsdp2) writes its trainable weights, optimiser and EMA as shards instead, each process
 its own (`sharded/`, torch.distributed.checkpoint); a ZeRO-2 run (zero2), the weights (and EMA) once and per process
 its part of the optimiser (`optimizer_<process>.pt`). Either resumes only as a run of its kind on as many processes.
+A sharded checkpoint's weights are gathered in one process for `export` by `gather_sharded`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..files import EMA_FOLDER, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
+from ..config import config_to_yaml
+from ..files import EMA_FOLDER, SHARDED_STATE, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
+from ..models.loading import pipeline_family, pipeline_index
+from ..models.policy import Policy
 from .safety import RunStopped, check_finite_weights
-from .sharding import (SHARDED_STATE, is_sharded, load_partition, load_sharded, save_partition, save_sharded,
-                       zero_optimizer)
+from .sharding import (is_sharded, load_partition, load_sharded, load_sharded_weights, save_partition,
+                       save_sharded, zero_optimizer)
 
+logger = logging.getLogger("diffusion_align")
 RUN_KINDS = {"whole": "data-parallel", "sharded": "sharded (fsdp2)", "partitioned": "ZeRO-2 (zero2)"}
 
 
@@ -145,3 +152,27 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler, em
         accelerator.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
     process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
     return state["step"], process_state
+
+
+def gather_sharded(source, out: Path, live: bool = False):
+    """A sharded (fsdp2) checkpoint's weights, its EMA if it keeps one (else, or with `live`, the weights training
+    resumes from), gathered whole from every process's shards in this one process and written into `out` as an
+    unsharded checkpoint holds them (`Policy.save`). `source`: export's Source of the checkpoint; returns the Source
+    of what was written."""
+    state = json.loads((source.folder / "trainer_state.json").read_text())
+    ema = state.get("ema", False) and not live
+    family, _ = pipeline_family(source.base, pipeline_index(source.base, source.revision, what="--base"),
+                                source.revision)
+    m = source.config.model
+    denoiser = family.denoiser_cls.from_pretrained(source.base, subfolder=family.denoiser, revision=source.revision,
+                                                   variant=source.variant)
+    policy = Policy(denoiser, m.lora_rank, m.lora_alpha, m.lora_target_modules or family.lora_targets, family,
+                    needs_reference=False)
+    trained = {name: p for name, p in policy.denoiser.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        load_sharded_weights(source.folder / SHARDED_STATE, trained, ema)
+    policy.save(out)
+    (out / "training_config.yaml").write_text(config_to_yaml(source.config))  # as final/ keeps it
+    logger.info("%s: %s gathered from its shards", source.folder,
+                "the EMA of the run's weights (train.ema_decay)" if ema else "the weights")
+    return dataclasses.replace(source, folder=out, kind="lora" if policy.is_lora else family.denoiser)

@@ -17,7 +17,10 @@ Launch with `torchrun --nproc_per_node N -m diffusion_align train CONFIG train.s
 select the strategy (`sharding_from_launcher`). The sharding itself is applied here, in the same way on CPUs and
 GPUs, so the path the tests run is the one users run: accelerate's FSDP plugin, which falls back to data-parallel
 on CPUs, is not engaged. Checkpoints are sharded too (torch.distributed.checkpoint: each process writes its own
-shards, none gathers the optimiser), and the final model is gathered once into the usual diffusers files.
+shards, none gathers the optimiser), and the final model is gathered once into the usual diffusers files. A
+checkpoint's weights can also be gathered in one process, without a process group (`load_sharded_weights`), for
+`export`. Such a checkpoint is read without unpickling anything but its own layout (`_SafeReader`, `_SafePlanner`):
+torch.distributed.checkpoint's reader would unpickle its index and non-tensor entries whole.
 
 - `zero2`: DeepSpeed's ZeRO stage 2, through accelerate's DeepSpeed plugin (`accelerate launch --config_file
   configs/accelerate/deepspeed-zero2.yaml ...`, or the key under torchrun): every process keeps the whole UNet, and
@@ -33,12 +36,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import pickle
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -52,7 +59,6 @@ from ..files import save_torch
 BLOCK_CLASSES = ("BasicTransformerBlock", "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
                  "UNetMidBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "JointTransformerBlock", "FluxTransformerBlock",
                  "FluxSingleTransformerBlock")
-SHARDED_STATE = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 def _true(value: str | None) -> bool:
@@ -335,8 +341,66 @@ def save_sharded(folder: Path, module: torch.nn.Module, optimizer, ema=None) -> 
 def load_sharded(folder: Path, module: torch.nn.Module, optimizer, ema=None) -> None:
     """Collective: restore what `save_sharded` wrote, each process its own shards."""
     state = _sharded_state(module, optimizer, ema)
-    dcp.load(state, checkpoint_id=folder)
+    _SafeReader(folder).read_metadata()  # an index refused fails here, on every process, by name
+    dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafePlanner())
     set_model_state_dict(module, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
+
+
+def load_sharded_weights(folder: Path, weights: dict[str, torch.Tensor], ema: bool = False) -> None:
+    """In this one process, without a process group: fill `weights` (whole tensors, by name) with the trainable
+    weights `save_sharded` wrote into `folder`, or with `ema` their EMA, each gathered from every process's shards."""
+    part = "ema" if ema else "model"
+    saved = {key.split(".", 1)[1] for key in _SafeReader(folder).read_metadata().state_dict_metadata
+             if key.startswith(f"{part}.")}
+    if saved - {"updates"} != set(weights):
+        missing, unexpected = sorted(set(weights) - saved), sorted(saved - set(weights) - {"updates"})
+        raise ValueError(f"{folder}: its {part} weights do not match this model and LoRA setup (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}); export it with the base it was trained on")
+    with warnings.catch_warnings():  # torch's warning that it assumes one process: it is told so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({part: weights}, storage_reader=_SafeReader(folder), planner=_SafePlanner(), no_dist=True)
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader, whose index (`.metadata`, a pickle) may name only the classes of the
+    checkpoint's own layout, torch's sizes, dtypes and layouts, and paths: anything else is refused, not run."""
+
+    class _Unpickler(pickle.Unpickler):
+        LAYOUT_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+        NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+        def find_class(self, module: str, name: str):
+            found = super().find_class(module, name) if module in ("torch", "pathlib", "torch.serialization",
+                                                                   *self.LAYOUT_MODULES) else None
+            layout = (module in self.LAYOUT_MODULES and isinstance(found, type) and found.__module__ == module)
+            if layout or (module, name) in self.NAMES or isinstance(found, torch.dtype):
+                return found
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's index")
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                metadata = self._Unpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError) as err:
+            raise ValueError(f"{path}: not the index of a checkpoint written by diffusion-align ({err}); it is not "
+                             "read further") from None
+        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Reads an entry that is not a tensor (the optimiser's settings, numbers and names) as
+    `torch.load(..., weights_only=True)` does, where torch.distributed.checkpoint's own planner unpickles anything."""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
