@@ -30,7 +30,9 @@ CASES["dpo-full"] = [*CASES["dpo-full"], "train.max_steps=10"]  # the issue's go
 CASES["dpo-full-cached"] = [*CASES["dpo-full"], "data.cache=true", "method.precomputed_reference=true"]
 # the flow transformers, whose blocks are the units (SD3's joint blocks, FLUX's double- and single-stream ones)
 FLOW_CASES = {"dpo-lora-sd3": "sd3", "dpo-full-flux": "flux"}
-CASES.update({case: CASES[case.rsplit("-", 1)[0]] for case in FLOW_CASES})
+# (their last step is checkpointed too, for export to gather)
+CASES.update({"dpo-lora-sd3": [*CASES["dpo-lora"], "train.checkpoint_every=3"],
+              "dpo-full-flux": [*CASES["dpo-full"], "train.checkpoint_every=10"]})
 # an EMA of the weights (train.ema_decay), kept per shard under fsdp2, and resumed from its step-2 checkpoint (RESUMED)
 CASES["dpo-lora-ema"] = [*CASES["dpo-lora"], "train.ema_decay=0.9", "train.checkpoint_every=2"]
 CASES["dpo-full-ema"] = [*CASES["dpo-full"], "train.max_steps=4", "train.ema_decay=0.9", "train.checkpoint_every=2"]
@@ -307,9 +309,23 @@ def test_export_gathers_a_sharded_checkpoint_in_one_process(sharded_runs, tiny_m
     apart = sum((exported[True][k] - exported[False][k]).pow(2).sum() for k in names).sqrt()
     assert apart > 0.05 * update, (apart / update).item()
     assert list(tmp_path.glob(".gathered-*")) == []  # the gathered weights' scratch folder is gone
-    if not lora:
-        final = final_weights(root, f"{run}-fsdp2")
-        assert final.keys() == exported[False].keys() and all(torch.equal(final[k], exported[False][k]) for k in final)
+
+
+@pytest.mark.parametrize("run, step", [("dpo-full-ema", 4), ("dpo-lora-sd3", 3), ("dpo-full-flux", 10)])
+def test_a_sharded_runs_last_checkpoint_exports_to_its_final_model(sharded_runs, tmp_path, run, step):
+    """The last step's checkpoint of a sharded run, exported (its EMA where it keeps one): the run's final model, bit
+    for bit, for a UNet's full fine-tune, SD3's LoRA and FLUX's full fine-tune (the transformers' blocks are the
+    units)."""
+    from diffusion_align.cli import main
+    root, _ = sharded_runs
+    lora = "-lora" in run
+    main(["export", str(root / f"{run}-fsdp2" / f"checkpoint-{step}"), "--format", "diffusers" if lora else "merged",
+          "--out", str(tmp_path / "out")])
+    denoiser = "transformer" if run in FLOW_CASES else "unet"
+    exported = load_file(tmp_path / "out" / ("pytorch_lora_weights.safetensors" if lora else
+                                             f"{denoiser}/diffusion_pytorch_model.safetensors"))
+    final = final_weights(root, f"{run}-fsdp2")
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
 
 
 def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path):
