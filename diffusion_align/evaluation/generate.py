@@ -216,7 +216,8 @@ def _source(name: str, what: str) -> str:
 
 def _trained_lora(lora: str) -> str:
     """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
-    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from)."""
+    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from). A
+    sharded checkpoint is refused: its weights are gathered by `export`."""
     if os.path.isdir(os.path.join(lora, SHARDED_STATE)):
         raise ValueError(f"--lora {lora}: a sharded (fsdp2) checkpoint, whose LoRA is in shards; gather it into one "
                          f"file first: diffusion-align export {lora} --format diffusers --out LORA_FOLDER")
