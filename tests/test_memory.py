@@ -513,7 +513,7 @@ def allocated_peak(forward, grad: bool = False) -> int:
     events = profiled.profiler.kineto_results.events()
     ops = [e for e in events if "::" in e.name()]  # the dispatcher's ops, not a record_function around many
     # (time, 0 for an op's start / 1 for a change / 2 for an op's end, op or (thread, bytes)), swept with the ops
-    # open on each thread: a change lands in the outermost op open on its own thread (gloo's threads run ops too)
+    # open on each thread: a change lands in the outermost op open on its own thread (a backend's threads run ops)
     timeline = sorted([(e.start_ns(), 1, (e.start_thread_id(), e.nbytes())) for e in events if e.name() == "[memory]"]
                       + [(op.start_ns(), 0, i) for i, op in enumerate(ops)]
                       + [(op.end_ns(), 2, i) for i, op in enumerate(ops)])

@@ -108,6 +108,11 @@ def final_weights(root: Path, run: str) -> dict:
     return load_file(lora if lora.is_file() else final / denoiser / "diffusion_pytorch_model.safetensors")
 
 
+def distance(a: dict, b: dict, names: list[str]) -> torch.Tensor:
+    """The L2 distance between two sets of weights, all of `names` taken as one vector."""
+    return sum((a[k] - b[k]).pow(2).sum() for k in names).sqrt()
+
+
 def unet_calls(root: Path, run: str, rank: int) -> list[dict]:
     return json.loads((root / f"{run}-rank{rank}.json").read_text())
 
@@ -157,8 +162,7 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
     up = "lora_B" if family else "lora.up"  # the transformers' LoRA files keep peft's names
     names = [k for k in weights if up in k] if "-lora" in case else list(weights)
     start = {k: torch.zeros_like(weights[k]) if "-lora" in case else base[k].float() for k in names}
-    difference = sum((weights[k] - ddp_weights[k]).pow(2).sum() for k in names).sqrt()
-    update = sum((ddp_weights[k] - start[k]).pow(2).sum() for k in names).sqrt()
+    difference, update = distance(weights, ddp_weights, names), distance(ddp_weights, start, names)
     assert update > 0 and difference <= 1e-3 * update, (difference / update).item()
     assert sorted(p.name for p in (root / sharded / "final").rglob("*")) == sorted(
         p.name for p in (root / data_parallel / "final").rglob("*"))
@@ -303,10 +307,9 @@ def test_export_gathers_a_sharded_checkpoint_in_one_process(sharded_runs, tiny_m
         assert exported[live].keys() == expected.keys() and expected
         names = [k for k in expected if "lora.up" in k] if lora else list(expected)
         start = {k: torch.zeros_like(expected[k]) if lora else base[k].float() for k in names}
-        difference = sum((exported[live][k] - expected[k]).pow(2).sum() for k in names).sqrt()
-        update = sum((expected[k] - start[k]).pow(2).sum() for k in names).sqrt()
+        difference, update = distance(exported[live], expected, names), distance(expected, start, names)
         assert update > 0 and difference <= 1e-3 * update, (live, (difference / update).item())
-    apart = sum((exported[True][k] - exported[False][k]).pow(2).sum() for k in names).sqrt()
+    apart = distance(exported[True], exported[False], names)
     assert apart > 0.05 * update, (apart / update).item()
     assert list(tmp_path.glob(".gathered-*")) == []  # the gathered weights' scratch folder is gone
 
