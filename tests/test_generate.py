@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,6 +273,21 @@ def test_a_sharded_checkpoint_is_sent_to_export(tmp_path, tiny_models, prompts_t
                                          r"gather it into one file first: diffusion-align export .*checkpoint-2 "
                                          r"--format diffusers"):
         generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "out", lora=tmp_path / "checkpoint-2", **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_whole_denoiser_is_not_taken_for_a_lora(tmp_path, tiny_models, prompts_txt):
+    """A full fine-tune's checkpoint (a whole unet/) and a whole pipeline (its final/) are not LoRAs: one line each
+    says what to do instead, where diffusers would look for a LoRA file there and name a .bin."""
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(Path(tiny_models["sd"]) / "unet", checkpoint / "unet")
+    with pytest.raises(ValueError, match=r"checkpoint-2: a full fine-tune's checkpoint \(a whole unet/\), not a LoRA; "
+                                         r"export it as a pipeline first: diffusion-align export .*checkpoint-2 "
+                                         r"--format merged --out FOLDER, then generate with --model FOLDER"):
+        generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "out", lora=checkpoint, **FAST)
+    with pytest.raises(ValueError, match=r"--lora .*sd: a whole pipeline \(model_index.json\), not a LoRA; generate "
+                                         r"from it with --model .*sd$"):
+        generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "out", lora=tiny_models["sd"], **FAST)
     assert not (tmp_path / "out").exists()
 
 

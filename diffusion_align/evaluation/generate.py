@@ -217,10 +217,22 @@ def _source(name: str, what: str) -> str:
 def _trained_lora(lora: str) -> str:
     """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
     hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from). A
-    sharded checkpoint is refused: its weights are gathered by `export`."""
+    sharded checkpoint is refused: its weights are gathered by `export`; so are a whole pipeline (a full
+    fine-tune's final/) and a full fine-tune's checkpoint, which are not LoRAs."""
+    from ..models.families import FAMILIES
+
     if os.path.isdir(os.path.join(lora, SHARDED_STATE)):
         raise ValueError(f"--lora {lora}: a sharded (fsdp2) checkpoint, whose LoRA is in shards; gather it into one "
                          f"file first: diffusion-align export {lora} --format diffusers --out LORA_FOLDER")
+    if os.path.isfile(os.path.join(lora, "model_index.json")):
+        raise ValueError(f"--lora {lora}: a whole pipeline (model_index.json), not a LoRA; generate from it with "
+                         f"--model {lora}")
+    whole = [name for name in dict.fromkeys(f.denoiser for f in FAMILIES.values())
+             if os.path.isdir(os.path.join(lora, name))]
+    if whole:
+        raise ValueError(f"--lora {lora}: a full fine-tune's checkpoint (a whole {whole[0]}/), not a LoRA; export it "
+                         f"as a pipeline first: diffusion-align export {lora} --format merged --out FOLDER, then "
+                         f"generate with --model FOLDER")
     if os.path.isdir(os.path.join(lora, EMA_FOLDER)):
         logger.info("%s: the EMA of the run's weights (train.ema_decay) in its %s/", lora, EMA_FOLDER)
         return os.path.join(lora, EMA_FOLDER)
