@@ -97,11 +97,18 @@ def cmd_make_tiny(args) -> None:
     print(f"prompts:        {out / 'prompts.txt'}")
 
 
-def _scorers(args, single: bool = False) -> list:
-    """The --scorer NAME[=PATH] list, loaded once each, with --convention NAME=CONVENTION, --device, --dtype."""
+def _scorers(args, single: bool = False, folders=(), pairs: str | None = None) -> list:
+    """The --scorer NAME[=PATH] list, loaded once each, with --convention NAME=CONVENTION, --device, --dtype; the
+    image `folders` and the `pairs` source they are for are checked first, as loading PickScore takes a minute."""
     import torch
 
+    from .data.pairs import check_pairs_source
+    from .evaluation.scoring import image_folder
     from .rewards import load_scorer, parse_scorer_spec
+    for folder in folders:
+        image_folder(folder)
+    if pairs is not None:
+        check_pairs_source(pairs)
     if single and len(args.scorer) != 1:
         raise ValueError(f"diffusion-align {args.command} takes one --scorer, got {len(args.scorer)}")
     conventions = dict(_pair(c, "--convention", "NAME=CONVENTION") for c in args.convention)
@@ -127,13 +134,13 @@ def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
 
 def cmd_score(args) -> None:
     from .evaluation.scoring import score_folder
-    print(score_folder(args.dir, _scorers(args), args.out, prompt=args.prompt, batch_size=args.batch_size,
+    print(score_folder(args.dir, _scorers(args, folders=[args.dir]), args.out, prompt=args.prompt, batch_size=args.batch_size,
                        num_workers=args.workers, fast_jpeg=args.fast_jpeg))
 
 
 def cmd_compare(args) -> None:
     from .evaluation.compare import compare_folders
-    scorer, = _scorers(args, single=True)
+    scorer, = _scorers(args, single=True, folders=[args.dir_a, args.dir_b])
     print(compare_folders(args.dir_a, args.dir_b, scorer, out_prefix=args.out, prompt=args.prompt,
                           batch_size=args.batch_size, num_workers=args.workers, fast_jpeg=args.fast_jpeg,
                           n_resamples=args.resamples, confidence=args.confidence, seed=args.seed))
@@ -141,7 +148,8 @@ def cmd_compare(args) -> None:
 
 def cmd_label(args) -> None:
     from .rewards.labeling import label_pairs, pairs_from_folder
-    scorer, = _scorers(args, single=True)
+    scorer, = (_scorers(args, single=True, folders=[args.source]) if args.from_images else
+               _scorers(args, single=True, pairs=args.source))
     if args.from_images:
         report = pairs_from_folder(args.source, scorer, args.out, max_pairs_per_prompt=args.max_pairs_per_prompt,
                                    seed=args.seed, tie_margin=args.tie_margin, batch_size=args.batch_size,
@@ -196,7 +204,7 @@ def cmd_generate(args) -> None:
 def cmd_grid(args) -> None:
     if not (args.out or args.html):
         raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
-    scorer = _scorers(args, single=True)[0] if args.scorer else None
+    scorer = _scorers(args, single=True, folders=args.dirs)[0] if args.scorer else None
     scores = None
     if args.out:
         from .evaluation.grid import make_grid

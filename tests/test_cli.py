@@ -81,6 +81,31 @@ def test_scorer_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert "HPS_v2_compressed.pt" in capsys.readouterr().err
 
 
+def test_a_missing_input_fails_before_the_scorer_loads(tiny, tmp_path, capsys, monkeypatch):
+    """score, compare, grid and label name a missing image folder or pairs source at once, not after loading the
+    scorer (a minute for PickScore's ViT-H on a GPU)."""
+    import diffusion_align.rewards
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the scorer was loaded before the inputs were checked")
+    monkeypatch.setattr(diffusion_align.rewards, "load_scorer", refuse)
+    images, missing = tmp_path / "images", tmp_path / "missing"
+    images.mkdir()
+    scorer = ["--scorer", f"pickscore={tiny / 'tiny-scorer-pickscore'}"]
+    for argv, message in [
+        (["score", str(missing), "--out", str(tmp_path / "s.csv")], f"image folder not found: {missing}"),
+        (["compare", str(images), str(missing)], f"image folder not found: {missing}"),
+        (["grid", str(missing), str(images), "--out", str(tmp_path / "g.png")], f"image folder not found: {missing}"),
+        (["label", str(missing), "--from-images", "--out", str(tmp_path / "p")], f"image folder not found: {missing}"),
+        (["label", str(tmp_path / "pairs-*.parquet"), "--out", str(tmp_path / "p")], "no parquet files found for"),
+        (["label", str(missing / "pairs.parquet"), "--out", str(tmp_path / "p")], "pairs source not found"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *scorer])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "p").exists() and not (tmp_path / "g.png").exists()
+
+
 def test_captions_then_dcpo(tiny, tmp_path, capsys):
     main(["captions", str(tiny / "tiny-pairs.parquet"), "--strategy", "perturbation", "--strength", "weak",
           "--out", str(tmp_path / "captions"), "--workers", "0"])

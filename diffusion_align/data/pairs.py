@@ -100,6 +100,12 @@ def _parquet_files(path: str) -> list[str]:
     return files
 
 
+def check_pairs_source(path: str) -> None:
+    """Fail at once, naming `path`, where `load_pairs` would find nothing to read: before a scorer loads for it."""
+    if not (os.path.exists(path) or looks_like_hub_id(path)):  # a hub id is found by loading it
+        _parquet_files(path)
+
+
 def raw_images(ds):
     """Keep datasets from decoding image columns itself, so a corrupt image reaches decode_image, not a crash."""
     for col in IMAGE_COLUMNS:

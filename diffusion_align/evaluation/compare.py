@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..files import write_text_atomic
-from .scoring import ScoringError, score_folder
+from .scoring import ScoringError, image_folder, score_folder
 
 N_RESAMPLES = 2000
 # Resamples drawn per numpy call: bounds memory (chunk x prompts indices) whatever the number of prompts.
@@ -230,11 +230,8 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
     either folder (its files would be scored as images). `prompt`, `batch_size`, `num_workers` and `fast_jpeg` go
     to score_folder.
     """
-    dir_a, dir_b = Path(dir_a), Path(dir_b)
     _check_resampling(n_resamples, confidence)  # before minutes of scoring, not after
-    for d in (dir_a, dir_b):
-        if not d.is_dir():
-            raise FileNotFoundError(f"image folder not found: {d}")
+    dir_a, dir_b = image_folder(dir_a), image_folder(dir_b)
     if out_prefix is None:
         out_prefix = f"compare-{dir_a.resolve().name}-vs-{dir_b.resolve().name}"
     out_prefix = Path(out_prefix)

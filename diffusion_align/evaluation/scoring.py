@@ -64,12 +64,18 @@ def _walk(root: Path):
         yield from (Path(dirpath, name) for name in filenames if not name.startswith("."))
 
 
+def image_folder(path) -> Path:
+    """`path`, a folder of images to read; FileNotFoundError naming it where there is no such folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {path}")
+    return path
+
+
 def find_images(root) -> list[Path]:
     """All images under `root` (recursive, extensions case-insensitive, hidden files and folders left out), sorted
     by their path relative to `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+    root = image_folder(root)
     images = [p for p in _walk(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(images, key=lambda p: p.relative_to(root).as_posix())
 
