@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
                        ref_err_l: torch.Tensor, beta: float = 5000.0,
                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:

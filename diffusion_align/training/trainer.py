@@ -36,6 +36,7 @@ from .sharding import clip_gradients, gradient_sync
 
 logger = logging.getLogger("diffusion_align")
 
+
 def train(cfg: Config) -> TrainResult:
     """Run the configured method and save the final model."""
     if cfg.method.name in ONLINE_METHODS:
