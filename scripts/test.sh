@@ -19,4 +19,5 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
     fi
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-.venv/bin/python -m pytest -q -rs "$@"  # -rs: every skipped test says why
+# -rs: every skipped test says why; --durations: the slowest tests, to keep the run near 20 minutes
+.venv/bin/python -m pytest -q -rs --durations=15 "$@"
