@@ -134,7 +134,8 @@ def _pair(text: str, flag: str, form: str) -> tuple[str, str]:
 
 def cmd_score(args) -> None:
     from .evaluation.scoring import score_folder
-    print(score_folder(args.dir, _scorers(args, folders=[args.dir]), args.out, prompt=args.prompt, batch_size=args.batch_size,
+    scorers = _scorers(args, folders=[args.dir])
+    print(score_folder(args.dir, scorers, args.out, prompt=args.prompt, batch_size=args.batch_size,
                        num_workers=args.workers, fast_jpeg=args.fast_jpeg))
 
 
@@ -148,13 +149,13 @@ def cmd_compare(args) -> None:
 
 def cmd_label(args) -> None:
     from .rewards.labeling import label_pairs, pairs_from_folder
-    scorer, = (_scorers(args, single=True, folders=[args.source]) if args.from_images else
-               _scorers(args, single=True, pairs=args.source))
     if args.from_images:
+        scorer, = _scorers(args, single=True, folders=[args.source])
         report = pairs_from_folder(args.source, scorer, args.out, max_pairs_per_prompt=args.max_pairs_per_prompt,
                                    seed=args.seed, tie_margin=args.tie_margin, batch_size=args.batch_size,
                                    num_workers=args.workers, shard_size=args.shard_size)
     else:
+        scorer, = _scorers(args, single=True, pairs=args.source)
         report = label_pairs(args.source, scorer, args.out, tie_margin=args.tie_margin, batch_size=args.batch_size,
                              shard_size=args.shard_size, num_workers=args.workers, split=args.split,
                              max_pairs=args.max_pairs)
