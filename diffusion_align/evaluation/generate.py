@@ -41,8 +41,7 @@ import torch
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import (EMA_FOLDER, HUB_ID, SHARDED_STATE, jsonl_records, local_or_hub, write_image_atomic,
-                     write_text_atomic)
+from ..files import EMA_FOLDER, HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
 from ..progress import progress
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
@@ -216,21 +215,21 @@ def _source(name: str, what: str) -> str:
 
 def _trained_lora(lora: str) -> str:
     """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
-    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from). A
-    sharded checkpoint is refused: its weights are gathered by `export`; so are a whole pipeline (a full
-    fine-tune's final/) and a full fine-tune's checkpoint, which are not LoRAs."""
-    from ..models.families import FAMILIES
+    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from).
+    Refused, each saying what to do instead (`export.weights_kind` tells them apart): a sharded checkpoint, whose
+    weights `export` gathers, and a whole pipeline (a full fine-tune's final/) or full fine-tune's checkpoint, which
+    are not LoRAs."""
+    from ..models.export import weights_kind
 
-    if os.path.isdir(os.path.join(lora, SHARDED_STATE)):
+    kind = weights_kind(Path(lora))
+    if kind == "sharded":
         raise ValueError(f"--lora {lora}: a sharded (fsdp2) checkpoint, whose LoRA is in shards; gather it into one "
                          f"file first: diffusion-align export {lora} --format diffusers --out LORA_FOLDER")
-    if os.path.isfile(os.path.join(lora, "model_index.json")):
+    if kind == "pipeline":
         raise ValueError(f"--lora {lora}: a whole pipeline (model_index.json), not a LoRA; generate from it with "
                          f"--model {lora}")
-    whole = [name for name in dict.fromkeys(f.denoiser for f in FAMILIES.values())
-             if os.path.isdir(os.path.join(lora, name))]
-    if whole:
-        raise ValueError(f"--lora {lora}: a full fine-tune's checkpoint (a whole {whole[0]}/), not a LoRA; export it "
+    if kind in ("unet", "transformer"):
+        raise ValueError(f"--lora {lora}: a full fine-tune's checkpoint (a whole {kind}/), not a LoRA; export it "
                          f"as a pipeline first: diffusion-align export {lora} --format merged --out FOLDER, then "
                          f"generate with --model FOLDER")
     if os.path.isdir(os.path.join(lora, EMA_FOLDER)):

@@ -71,13 +71,13 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
     folder = path
     if (path / "final").is_dir():
         folder = path / "final"
-    elif _kind(path) is None and list_checkpoints(path):
+    elif weights_kind(path) is None and list_checkpoints(path):
         folder = list_checkpoints(path)[-1][1]
     if (folder / EMA_FOLDER).is_dir() and not live:
         folder = folder / EMA_FOLDER
         logger.info("%s: the EMA of the run's weights (train.ema_decay), as its final/ would hold it; --live-weights "
                     "for the weights training resumes from", folder)
-    kind = _kind(folder)
+    kind = weights_kind(folder)
     if kind is None:
         raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
                                 "transformer/ (a full fine-tune's checkpoint), sharded/ (an fsdp2 checkpoint's) or "
@@ -102,7 +102,9 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
                   title=Path(cfg.train.output_dir).name, config=cfg)
 
 
-def _kind(folder: Path) -> str | None:
+def weights_kind(folder: Path) -> str | None:
+    """What trained weights `folder` holds: "lora" (a LoRA file), "pipeline" (a whole pipeline), "sharded" (an fsdp2
+    checkpoint's shards), "unet" or "transformer" (a full fine-tune's checkpoint), or None."""
     if (folder / LORA_WEIGHTS).is_file():
         return "lora"
     if (folder / "model_index.json").is_file():
