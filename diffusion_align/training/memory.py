@@ -72,6 +72,7 @@ import copy
 import dataclasses
 import functools
 import json
+import typing
 import weakref
 
 import torch
@@ -118,21 +119,29 @@ class ModelCounts:
     sharded_backward: dict = dataclasses.field(default_factory=dict)
 
 
-def count_models(cfg: Config) -> ModelCounts:
-    """Build the config's denoiser (with its LoRA), VAE and text encoders on the meta device and count them; follow
-    one training forward of a micro-batch on fake CUDA tensors to count its activations, and the encoders' calls."""
+class MetaPipeline(typing.NamedTuple):
+    """A config's models built from their configs alone on the meta device: no weights, no memory."""
+    family: object  # models.families.Family
+    denoiser_config: dict
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    index: dict  # the pipeline's model_index.json
+
+
+def pipeline_on_meta(cfg: Config) -> MetaPipeline:
+    """The config's denoiser (no LoRA yet), VAE (model.vae, else the pipeline's) and text encoders on the meta
+    device, their buffers too (SD3's position table is one of up to 0.9 GB)."""
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from ..models.loading import load_tokenizer, pipeline_index
-    from ..models.policy import lora_config
-    from .online import rows_per_image
-    from .run import DTYPES, model_family
+    from ..models.loading import pipeline_index
+    from .run import model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
     family, denoiser_config = model_family(cfg)  # T5's states at model.max_sequence_length tokens
-    with init_empty_weights(include_buffers=True):  # SD3's position table is a buffer of up to 0.9 GB
+    with init_empty_weights(include_buffers=True):
         denoiser = family.denoiser_cls.from_config(denoiser_config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(m.vae) if m.vae else AutoencoderKL.load_config(
             m.pretrained, subfolder="vae", revision=m.revision))
@@ -140,6 +149,21 @@ def count_models(cfg: Config) -> ModelCounts:
         for name in family.text_encoders:
             config = transformers.AutoConfig.from_pretrained(m.pretrained, subfolder=name, revision=m.revision)
             encoders.append(getattr(transformers, index[name][1])(config))
+    return MetaPipeline(family, denoiser_config, denoiser, vae, encoders, index)
+
+
+def count_models(cfg: Config) -> ModelCounts:
+    """Build the config's models on the meta device (`pipeline_on_meta`), the denoiser with its LoRA, and count
+    them; follow one training forward of a micro-batch on fake CUDA tensors to count its activations, and the
+    encoders' calls."""
+    from accelerate import init_empty_weights
+
+    from ..models.loading import load_tokenizer
+    from ..models.policy import lora_config
+    from .online import rows_per_image
+    from .run import DTYPES
+    m = cfg.model
+    family, denoiser_config, denoiser, vae, encoders, index = pipeline_on_meta(cfg)
     denoiser_params = _numel(denoiser)
     denoiser.requires_grad_(m.lora_rank is None)  # a LoRA's base is frozen, so only what the adapters need is saved
     if m.lora_rank is not None:
