@@ -193,14 +193,16 @@ def test_the_memory_table_counts_the_published_architectures(tmp_path, monkeypat
                 "sdxl": (2_567_463_684, 83_653_863, 123_060_480 + 694_659_840),
                 "sd35": (2_469_663_936 - 226_492_416, 83_819_683, 123_650_304 + 694_659_840 + t5_xxl),
                 "flux": (11_901_408_320, 83_819_683, 123_060_480 + t5_xxl)}
-    numel = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+
+    def numel(*modules):
+        return sum(p.numel() for module in modules for p in module.parameters())
     folders = {arch: config_only_pipeline(tmp_path, arch) for arch in expected}
     for arch, (denoiser, vae, text) in expected.items():
         meta = pipeline_on_meta(load_config(None, [f"model.pretrained={folders[arch]}"]))
         assert (numel(meta.denoiser), numel(meta.vae), numel(*meta.text_encoders)) == (denoiser, vae, text), arch
     (pickscore,) = SCORERS["pickscore"].models_on_meta("pickscore", str(pickscore_config(tmp_path)))
     (hps,) = SCORERS["hpsv2"].models_on_meta("hpsv2", None)
-    assert sum(p.numel() for p in pickscore.parameters()) == sum(p.numel() for p in hps.parameters()) == 986_109_441
+    assert numel(pickscore) == numel(hps) == 986_109_441
     sdxl_dpo = load_config(ROOT / "configs" / "sdxl" / "dpo.yaml", [f"model.pretrained={folders['sdxl']}",
                                                                     f"model.vae={sdxl_fp16_fix_vae(tmp_path)}"])
     counts = count_models(sdxl_dpo)

@@ -81,6 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..config import Config
+from ..models.families import Family
 from .methods import METHODS, ONLINE_METHODS
 
 STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
@@ -121,7 +122,7 @@ class ModelCounts:
 
 class MetaPipeline(typing.NamedTuple):
     """A config's models built from their configs alone on the meta device: no weights, no memory."""
-    family: object  # models.families.Family
+    family: Family
     denoiser_config: dict
     denoiser: torch.nn.Module
     vae: torch.nn.Module
