@@ -65,7 +65,12 @@ def online_inputs(tmp_path_factory):
     return root / "prompts.txt", save_tiny_scorer("pickscore", root / "pickscore")
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the default run kills a LoRA run and an FSDP2 run of two processes; the others write their checkpoints through
+# the same temporary folder and rename, and are slow (pytest -m slow)
+SLOW = {"dpo-full", "pref_grpo-lora", "dpo-full-zero2"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, tiny_models, tiny_pairs, online_inputs,
                                                                     case):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
