@@ -1,6 +1,7 @@
 """`diffusion-align export`: per-module rank and alpha patterns and rsLoRA reach the kohya alphas (checked with the
 rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors for sources it cannot export."""
 
+import json
 import math
 import shutil
 
@@ -88,6 +89,21 @@ def test_lora_dtypes(tmp_path, tiny_models, patterned, fmt, dtype):
         (config,) = pipe.unet.peft_config.values()
         assert (config.use_rslora, config.rank_pattern, config.alpha_pattern) == (True, {"attn2.to_k": 2},
                                                                                   {"to_v": 3})
+
+
+def test_a_base_whose_scheduler_config_predates_prediction_type_exports_as_epsilon(tmp_path, tiny_models, patterned):
+    """SD1.5's own scheduler_config.json (diffusers 0.6.0, PNDMScheduler) has no prediction_type: the kohya file
+    takes the scheduler's default, epsilon, as training does."""
+    base = tmp_path / "sd15-like"
+    shutil.copytree(tiny_models["sd"], base)
+    config_file = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("prediction_type", None)
+    config_file.write_text(json.dumps({**config, "_class_name": "PNDMScheduler", "skip_prk_steps": True}))
+    out = tmp_path / "k.safetensors"
+    export(patterned[0], "--format", "kohya", "--base", base, "--out", out)
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["ss_v_parameterization"] == "False"
 
 
 def test_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_models, capsys):

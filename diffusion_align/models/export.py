@@ -149,8 +149,9 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     elif format == "comfyui":
         _write_folded_lora(denoiser, family.denoiser, target, torch_dtype)
     else:
-        prediction_type = DDPMScheduler.load_config(source.base, subfolder="scheduler",
-                                                    revision=source.revision)["prediction_type"]
+        # loaded, not read raw: SD1.5's scheduler config predates the key, and the loaded one has its default
+        prediction_type = DDPMScheduler.from_pretrained(source.base, subfolder="scheduler",
+                                                        revision=source.revision).config.prediction_type
         labels = kohya_labels(family, prediction_type, source.title, source.method,
                               component_digest(source.base, "unet", source.revision, source.variant))
         write_kohya_lora(denoiser, target, labels, _ADAPTER, torch_dtype)
