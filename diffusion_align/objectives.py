@@ -144,7 +144,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8, 
     eps), and the trainer leaves it out of the update.
     """
     grouped = rewards.float().reshape(-1, group_size)
-    std = grouped.std(dim=1, keepdim=True) if shared_std is None else torch.as_tensor(shared_std).float()
+    # a shared std gathered on the accelerator comes to the rewards' device (the scorers' rewards are on the CPU)
+    std = (grouped.std(dim=1, keepdim=True) if shared_std is None
+           else torch.as_tensor(shared_std, dtype=torch.float32, device=grouped.device))
     z = (grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)
     tied = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
     return torch.where(tied, torch.zeros_like(z), z.clamp(-clip, clip)).flatten()

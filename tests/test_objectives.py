@@ -237,6 +237,10 @@ def test_group_advantages_with_a_shared_std():
     adv = group_advantages(rewards, 3, shared_std=std)
     expected = [v / 2.1314807 for v in (-1, 0, 1, -4 / 3, -4 / 3, 8 / 3)] + [0.0, 0.0, 0.0]
     assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    # the std as a number, or in another dtype, gives the same advantages, in the rewards' dtype and device
+    for given in (std.item(), std.double()):
+        same = group_advantages(rewards, 3, shared_std=given)
+        assert torch.equal(same, adv) and (same.dtype, same.device) == (adv.dtype, rewards.device)
     # each group's own std would give group 1 -1, 0, 1 and group 2 -0.57735, -0.57735, 1.1547
     assert group_advantages(rewards, 3)[3:6].tolist() == pytest.approx([-0.5773503, -0.5773503, 1.1547005], abs=1e-6)
     # the clamp still applies
