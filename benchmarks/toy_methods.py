@@ -15,8 +15,10 @@ evaluation prompts (every prompt of --split) and evaluation seeds stay fixed, so
 trained. Offline methods at one seed share their pair images (made once, labelled alike: by default the toy
 PickScore on the UNet base, the simulated raters on the flow base, SmPO's soft labels the toy PickScore's); the
 online ones (pref_grpo, grpo) sample their own. Settings are tuned on --split val (train scenes that get no pairs and
-no rollouts); --split heldout, the default, is for the final table only. The interval: a two-level bootstrap,
-seeds drawn with replacement, then each drawn seed's prompts (`evaluation.compare.seeds_bootstrap_interval`). The
+no rollouts); --split heldout, the default, is for the final table only. The interval: a bootstrap of seeds and
+prompts, both drawn with replacement, the prompts once for all the drawn seeds, which were judged on them alike
+(`evaluation.compare.seeds_bootstrap_interval`; before 2026-12-06 each drawn seed drew its own prompts, which
+narrowed the intervals: benchmarks/README.md says by how much). The
 table is printed and written to <out>/table.md; a run that finished with the same settings is read back, not
 run again. Run it with nothing else on the machine: time per step is a wall-clock measure.
 
@@ -171,16 +173,18 @@ def per_prompt_win_rates(run_dir: Path, tie_margin: float = 0.0, prefix: str = "
 
 
 def summarise(runs: list[Path], prefix: str = "") -> dict:
-    """Mean over seeds of the win rate, with its two-level interval, each seed's value, the same with ties counted
-    (a gain under the raters' tie margin is half a win), and the mean gains; `prefix` as in `oracle_gains`."""
+    """Mean over seeds of the win rate, with its interval over seeds and prompts, each seed's value, the same with
+    ties counted (a gain under the raters' tie margin is half a win), and the mean gains; `prefix` as in
+    `oracle_gains`."""
     reports = [json.loads((run / f"{prefix}report.json").read_text()) for run in runs]
     rates = [per_prompt_win_rates(run, prefix=prefix) for run in runs]
-    # judged on their train prompts, seeds that trained on fewer than all differ in them: the bootstrap draws each
-    # seed's prompts on their own, so only their number must agree
-    if not prefix and any(sorted(r) != sorted(rates[0]) for r in rates):
+    # judged on their train prompts, seeds that trained on fewer than all differ in them: the bootstrap then draws
+    # each seed's prompts on their own, so only their number must agree
+    same_prompts = all(sorted(r) == sorted(rates[0]) for r in rates)
+    if not prefix and not same_prompts:
         raise ValueError(f"the runs {', '.join(map(str, runs))} were evaluated on different prompts")
     values = np.array([[r[p] for p in sorted(r)] for r in rates])
-    low, high = seeds_bootstrap_interval(values)
+    low, high = seeds_bootstrap_interval(values, same_prompts=same_prompts)
     with_ties = np.array([[r[p] for p in sorted(r)] for r in (per_prompt_win_rates(run, RATER_TIE_MARGIN, prefix)
                                                               for run in runs)])
 
@@ -188,7 +192,7 @@ def summarise(runs: list[Path], prefix: str = "") -> dict:
         return float(np.mean([r[key]["aligned"] - r[key]["base"] for r in reports]))
     return {"win_rate": float(values.mean()), "low": low, "high": high,
             "per_seed": [r["oracle_win_rate"]["value"] for r in reports],
-            "with_ties": (float(with_ties.mean()), *seeds_bootstrap_interval(with_ties)),
+            "with_ties": (float(with_ties.mean()), *seeds_bootstrap_interval(with_ties, same_prompts=same_prompts)),
             "oracle_gain": gain("oracle_score"),
             "proxy_gain": gain("toy_reward"),
             "diversity": float(np.mean([r["diversity"]["ratio"] for r in reports])),

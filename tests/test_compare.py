@@ -47,6 +47,8 @@ def test_win_rate_counts_ties_as_half():
         win_rate([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="no pairs"):
         win_rate([], [])
+    with pytest.raises(ValueError, match="NaN"):  # every comparison with NaN is false: it would lose either side
+        pair_outcomes([float("nan"), 1.0], [1.0, 1.0])
 
 
 def test_bootstrap_interval_golden_values():
@@ -69,7 +71,7 @@ def test_bootstrap_interval_contains_estimate_and_is_reproducible(monkeypatch):
         bootstrap_interval([])
 
 
-def test_the_seeds_bootstrap_resamples_seeds_then_prompts():
+def test_the_seeds_bootstrap_resamples_seeds_and_prompts():
     assert seeds_bootstrap_interval([[0.5, 0.5], [0.5, 0.5]]) == (0.5, 0.5)
     # every prompt agrees within a seed: only the seeds vary, and the resampled mean over two seeds is 0, 0.5 or 1
     # with probabilities 1/4, 1/2, 1/4, so both tails sit on the extremes (likewise 0.2, 0.5, 0.8 for one prompt)
@@ -82,6 +84,13 @@ def test_the_seeds_bootstrap_resamples_seeds_then_prompts():
     low, high = seeds_bootstrap_interval(by_seed, seed=1)
     prompts_low, prompts_high = bootstrap_interval(by_seed.mean(axis=0), seed=1)
     assert low < prompts_low < by_seed.mean() < prompts_high < high
+    # seeds judged on the same prompts that agree on each add nothing: the interval is one seed's (the prompts are
+    # drawn once for all the drawn seeds); drawn per seed, as for seeds judged on prompts of their own, three copies
+    # would pass for three times the prompts and narrow it
+    crossed = seeds_bootstrap_interval([values] * 3, seed=3)
+    assert crossed == pytest.approx(bootstrap_interval(values, seed=3))
+    nested_low, nested_high = seeds_bootstrap_interval([values] * 3, seed=3, same_prompts=False)
+    assert nested_high - nested_low < 0.75 * (crossed[1] - crossed[0])
     with pytest.raises(ValueError, match=r"\(seeds, prompts\) array"):
         seeds_bootstrap_interval([1.0, 2.0])
 
@@ -174,6 +183,20 @@ def test_compare_folders_golden(folders, tmp_path):
     again = RednessScorer()
     assert compare_folders(*folders, again, tmp_path / "out" / "cmp", num_workers=0).win_rate == result.win_rate
     assert again.scored == 0  # both folders' scores come from the cached CSVs
+
+
+def test_images_scored_nan_sit_out_on_either_side(folders, tmp_path):
+    """A scorer that returns NaN for the 0.6-red images (A's 5.png, B's x1.png): p1 keeps its seed-2 tie (seed 1 lost
+    its B image), p2 its tie, p3 A's 0.0 against 0.4. A over B: (0.5 + 0.5 + 0) / 3, B over A the rest."""
+    class NanAt06(RednessScorer):
+        def score_batch(self, pixel_values, prompts):
+            red = super().score_batch(pixel_values, prompts)
+            return torch.where((red - 0.6).abs() < 1e-3, float("nan"), red)
+    a_over_b = compare_folders(*folders, NanAt06(), tmp_path / "ab", num_workers=0)
+    b_over_a = compare_folders(*reversed(folders), NanAt06(), tmp_path / "ba", num_workers=0)
+    assert a_over_b.win_rate == pytest.approx(1 / 3) and b_over_a.win_rate == pytest.approx(2 / 3)
+    assert (a_over_b.unscored_a, a_over_b.unscored_b, a_over_b.images_a, a_over_b.pairs) == (1, 1, 6, 3)
+    assert "1 images in A scored NaN, 1 images in B scored NaN" in str(a_over_b)
 
 
 def test_compare_errors_name_the_problem(folders, tmp_path):

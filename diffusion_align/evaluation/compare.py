@@ -31,10 +31,13 @@ _CHUNK_CELLS = 1 << 22
 
 def pair_outcomes(scores_a, scores_b, tie_margin: float = 0.0) -> np.ndarray:
     """1 where a > b, 0.5 where equal (or closer than `tie_margin`: a difference a rater would not see), 0 where
-    a < b, element by element."""
+    a < b, element by element. A NaN score is refused: every comparison with it is false, so it would lose on
+    either side."""
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"expected paired scores of the same shape, got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("expected scores, got NaN: a pair with a NaN score has no winner")
     tie = (a == b) | (np.abs(a - b) < tie_margin)
     return np.where(tie, 0.5, (a > b).astype(np.float64))
 
@@ -66,13 +69,18 @@ def bootstrap_interval(values, n_resamples: int = N_RESAMPLES, confidence: float
 
 
 def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, confidence: float = 0.95,
-                             seed: int = 0) -> tuple[float, float]:
+                             seed: int = 0, same_prompts: bool = True) -> tuple[float, float]:
     """Percentile interval for the mean over training seeds of each seed's mean over prompts, `values_by_seed`
-    being (seeds, prompts): one value per prompt for each training seed, the same prompts for every seed.
+    being (seeds, prompts): one value per prompt for each training seed.
 
-    Two-level bootstrap, so both sources of variance widen it: each resample draws the seeds with replacement, then
-    for each drawn seed its prompts with replacement, and takes the mean over the drawn seeds of their means. With
-    one seed it is `bootstrap_interval` over that seed's prompts."""
+    Each resample draws the seeds with replacement and the prompts with replacement, and takes the mean of the drawn
+    cells, so both sources of variance widen it. With `same_prompts` (column j is the same prompt for every seed, as
+    when every seed is judged on one prompt set) the prompts are drawn once per resample, for all the drawn seeds
+    alike: the design is crossed, and a prompt hard for every seed is in or out for all of them (Owen's pigeonhole
+    bootstrap). Drawn per seed, the prompts' share of the variance would shrink with the number of seeds, as if
+    three seeds judged on the same prompts were judged on three times as many. Without it (each seed judged on
+    prompts of its own, the columns only counting them) each drawn seed draws its own prompts. With one seed, or
+    seeds that agree on every prompt, it is `bootstrap_interval` over one seed's prompts."""
     v = np.asarray(values_by_seed, dtype=np.float64)
     if v.ndim != 2 or v.size == 0:
         raise ValueError(f"expected a non-empty (seeds, prompts) array of per-prompt values, got shape {v.shape}")
@@ -83,8 +91,8 @@ def seeds_bootstrap_interval(values_by_seed, n_resamples: int = N_RESAMPLES, con
     means = []
     for start in range(0, n_resamples, chunk):
         n = min(chunk, n_resamples - start)
+        drawn_prompts = rng.integers(0, prompts, (n, 1 if same_prompts else seeds, prompts))
         drawn_seeds = rng.integers(0, seeds, (n, seeds, 1)) if seeds > 1 else np.zeros((n, 1, 1), dtype=np.int64)
-        drawn_prompts = rng.integers(0, prompts, (n, seeds, prompts))
         means.append(v[drawn_seeds, drawn_prompts].mean(axis=(1, 2)))
     return _percentile_interval(np.concatenate(means), confidence)
 
@@ -159,6 +167,8 @@ class CompareResult:
     seed: int
     unreadable_a: list[tuple[str, str]]  # (file, reason) as score_folder lists them
     unreadable_b: list[tuple[str, str]]
+    unscored_a: int  # images whose score is NaN (say, a scorer overflowing in fp16): left out of the pairs
+    unscored_b: int
     files: dict[str, str]  # what was written: label -> path
 
     @property
@@ -200,7 +210,8 @@ def format_report(result: CompareResult, max_prompts: int = 10) -> str:
                      f"compared with every B image of it")
     unmatched = [(r.prompts_only_a, "prompts only in A"), (r.prompts_only_b, "prompts only in B"),
                  (r.prompts_without_pairs, "prompts in both without a shared seed"),
-                 (len(r.unreadable_a), "unreadable images in A"), (len(r.unreadable_b), "unreadable images in B")]
+                 (len(r.unreadable_a), "unreadable images in A"), (len(r.unreadable_b), "unreadable images in B"),
+                 (r.unscored_a, "images in A scored NaN"), (r.unscored_b, "images in B scored NaN")]
     if any(n for n, _ in unmatched):
         lines.append("  left out: " + ", ".join(f"{n} {what}" for n, what in unmatched if n))
     shown = sorted(r.prompts, key=lambda p: (p.win_rate, p.prompt))
@@ -245,7 +256,8 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
     reports = [score_folder(d, [scorer], out_prefix.with_name(f"{out_prefix.name}.{side}.csv"), prompt=prompt,
                             batch_size=batch_size, num_workers=num_workers, fast_jpeg=fast_jpeg)
                for d, side in ((dir_a, "a"), (dir_b, "b"))]
-    rows_a, rows_b = reports[0].rows, reports[1].rows
+    # a NaN score (kept by score_folder, which records what the scorer said) has no winner: its image sits out
+    rows_a, rows_b = ([row for row in report.rows if not math.isnan(row[scorer.column])] for report in reports)
     prompts = match_prompts(rows_a, rows_b, scorer.column)
     if not prompts:
         raise ScoringError(f"no pairs: {dir_a} and {dir_b} share no prompt (with a shared seed where both record "
@@ -260,9 +272,10 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
         win_rate=float(np.mean(wins)), win_rate_interval=bootstrap_interval(wins, n_resamples, confidence, seed),
         mean_diff=float(np.mean(diffs)), mean_diff_interval=bootstrap_interval(diffs, n_resamples, confidence, seed),
         prompts=prompts, prompts_only_a=len(in_a - in_b), prompts_only_b=len(in_b - in_a),
-        prompts_without_pairs=len(in_a & in_b) - len(prompts), images_a=len(rows_a), images_b=len(rows_b),
-        confidence=confidence, n_resamples=n_resamples, seed=seed,
+        prompts_without_pairs=len(in_a & in_b) - len(prompts), images_a=len(reports[0].rows),
+        images_b=len(reports[1].rows), confidence=confidence, n_resamples=n_resamples, seed=seed,
         unreadable_a=reports[0].unreadable, unreadable_b=reports[1].unreadable,
+        unscored_a=len(reports[0].rows) - len(rows_a), unscored_b=len(reports[1].rows) - len(rows_b),
         files={"per-prompt table": str(csv_path), "summary": str(json_path),
                "scores of A": str(reports[0].csv), "scores of B": str(reports[1].csv)},
     )
