@@ -119,12 +119,15 @@ def test_captions_then_dcpo(tiny, tmp_path, capsys):
 
 
 def test_plot_redraws_curves_and_explains_a_wrong_folder(tmp_path, capsys):
-    lines = [{"step": i, "loss": 0.69 - 0.01 * i, "implicit_acc": 0.5, "lr": 1e-5, "grad_norm": None}
-             for i in range(1, 6)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')
-    main(["plot", str(tmp_path)])
+    # `$` in the run's folder and a tracked scorer's name is text, not matplotlib's mathtext (which fails on it)
+    run = tmp_path / "cost_$10_vs_$20"
+    run.mkdir()
+    lines = [{"step": i, "loss": 0.69 - 0.01 * i, "implicit_acc": 0.5, "lr": 1e-5, "grad_norm": None,
+              "tracked_a$b": 0.1 * i} for i in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')
+    main(["plot", str(run)])
     assert "training_curves.png" in capsys.readouterr().out
-    with Image.open(tmp_path / "training_curves.png") as png:
+    with Image.open(run / "training_curves.png") as png:
         assert png.size[0] > 500
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path / "nothing")])

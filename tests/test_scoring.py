@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from diffusion_align.evaluation.scoring import (
-    ScoringError, collect_images, find_images, read_metadata, read_scores, score_folder,
+    ScoringError, collect_images, find_images, plot_histogram, read_metadata, read_scores, score_folder,
 )
 
 
@@ -140,6 +140,13 @@ def test_missing_prompt_names_the_image_unless_no_scorer_reads_prompts(folder, t
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def test_a_histogram_takes_dollar_signs_in_its_title_as_text(tmp_path):
+    """A folder named `cost_$10_vs_$20` is text in the title, not matplotlib's mathtext, which cannot parse it."""
+    plot_histogram([0.1, 0.2, 0.4], tmp_path / "h.png", "cost_$10_vs_$20", "score $x (a_$b)")
+    with Image.open(tmp_path / "h.png") as png:
+        assert png.size == (640, 400)
 
 
 def test_score_folder_rows_unreadable_summary_histograms(folder, tmp_path):

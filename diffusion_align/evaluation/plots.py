@@ -38,6 +38,12 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def as_text(label: str) -> str:
+    """`label` drawn as written: matplotlib reads what lies between two `$` as mathtext, which fails on a name like
+    cost_$10_vs_$20 (`parse_math=False` would do, but wrapped text ignores it)."""
+    return label.replace("$", r"\$")
+
+
 def plot_run(run_dir) -> Path:
     """Draw the curves of `run_dir/metrics.jsonl` (loss, preference accuracy, margins, errors, lr, grad norm)."""
     import matplotlib
@@ -63,13 +69,13 @@ def plot_run(run_dir) -> Path:
         for key in keys:
             points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
             ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-        ax.set_title(title)
+        ax.set_title(as_text(title))  # a tracked scorer's name
         ax.set_xlabel("step")
         if len(keys) > 1:
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(str(run_dir))
+    fig.suptitle(as_text(str(run_dir)))
     fig.tight_layout()
     out = run_dir / "training_curves.png"
     with written_beside(out) as tmp:

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from ..files import jsonl_records, write_text_atomic, written_beside
 from ..images import to_rgb
 from ..progress import progress
+from .plots import as_text
 
 logger = logging.getLogger("diffusion_align")
 
@@ -340,8 +341,8 @@ def plot_histogram(values: list[float], path: Path, title: str, xlabel: str) -> 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
     ax.hist(finite, bins=min(50, max(10, len(finite) // 10)), color="tab:blue")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel, fontsize=8, wrap=True)
+    ax.set_title(as_text(title), fontsize=10)  # the folder's name
+    ax.set_xlabel(as_text(xlabel), fontsize=8, wrap=True)
     ax.set_ylabel("images")
     ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     with written_beside(path) as tmp:
