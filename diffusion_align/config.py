@@ -342,8 +342,16 @@ def _field_types(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
+def _is_text(value: Any) -> bool:
+    """Whether a text key takes `value` as its text: a string, or a number, which `_Loader` reads only from text that
+    the number prints back as (a _Written is a string)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     base, nullable = _field_types(cls, f)
+    if isinstance(value, _Written):  # a number in another form than Python prints it: see _Loader
+        value = value.number if base in (int, float) else str(value)
     if isinstance(value, str) and value.lower() in ("null", "none", "~") and nullable:
         value = None
     if value is None:
@@ -367,12 +375,13 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
         elif typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list) or not all(_is_text(v) for v in value):
                 raise TypeError
+            value = [str(v) for v in value]
         elif base is str:
             if value is False and "no" in (f.metadata.get("choices") or ()):
                 value = "no"  # YAML 1.1 reads a bare `no` (or off, false) as False
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if not _is_text(value):
                 raise TypeError
             value = str(value)
     except (TypeError, ValueError):
@@ -416,6 +425,8 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"
+        if not prefix and value is None and name in _SECTION_CLASSES:
+            continue  # a section with no keys (all commented out) sets nothing
         if not prefix and isinstance(value, dict):
             flat.update(_flatten(value, where, prefix=f"{key}."))
         else:
@@ -423,10 +434,36 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _Written(str):
+    """A plain scalar that YAML 1.1 reads as a number but that is not written as Python prints that number (0123456,
+    an octal 42798; 1_000; 1.10; 1:30, a sexagesimal 90; 0x1F; +1; .inf): the text as written, for a str key (a hub
+    revision, a folder), and `number`, what YAML reads, for a numeric key."""
+
+    number: int | float
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load's YAML 1.1, except that the numbers `_Written` describes keep their text, and dates (no key takes
+    one) stay text: `2024-05-01` names a folder or a tag."""
+
+    def construct_number(self, node: yaml.ScalarNode) -> int | float | _Written:
+        number = (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
+        if str(number) == node.value:
+            return number
+        written = _Written(node.value)
+        written.number = number
+        return written
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_number)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_number)
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_str)
+
+
 def _yaml(text: str, where: str) -> Any:
-    """`text` parsed as YAML; a syntax error names `where`, the line and column, and what was wrong."""
+    """`text` parsed as YAML (`_Loader`); a syntax error names `where`, the line and column, and what was wrong."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffusion_align.cli import build_parser
-from diffusion_align.config import ConfigError, all_keys, describe_keys, load_config
+from diffusion_align.config import (ConfigError, OnlineConfig, TrainConfig, all_keys, config_to_yaml, describe_keys,
+                                    load_config)
 
 # training configs; configs/accelerate/ holds accelerate's launch configs (test_sharding.py reads them as it does)
 CONFIGS = sorted(p for p in Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml")
@@ -84,6 +86,50 @@ def test_a_bare_no_is_the_choice_no(tmp_path):
         load_config(None, ["data.random_flip=true"])  # which flip is meant must be said
     with pytest.raises(ConfigError, match="expects str"):
         load_config(None, ["model.pretrained=no"])  # only choice keys map False back to "no"
+
+
+# YAML 1.1 reads each of these as a number that prints otherwise (0123456 is an octal 42798, 1:30 a sexagesimal 90),
+# or as a date; plain numbers print as written
+WRITTEN = ["0123456", "0700", "1_000", "1.10", "1:30", "0x1F", "+1", ".5", "1.0e-4", ".inf", "2024-05-01",
+           "100", "0.5", "-3", "1e-5"]
+
+
+@pytest.mark.parametrize("written", WRITTEN)
+def test_text_keys_take_numbers_and_dates_as_written(tmp_path, written):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  revision: {written}\n  lora_target_modules: [{written}, to_q]\n"
+                    f"train:\n  output_dir: {written}\n")
+    overrides = [f"model.revision={written}", f"model.lora_target_modules=[{written}, to_q]",
+                 f"train.output_dir={written}"]
+    for cfg in (load_config(path), load_config(None, overrides)):
+        assert (cfg.model.revision, cfg.train.output_dir) == (written, written)
+        assert cfg.model.lora_target_modules == [written, "to_q"]
+        assert all(type(v) is str for v in (cfg.model.revision, *cfg.model.lora_target_modules))
+        saved = yaml.safe_load(config_to_yaml(cfg))  # the run's config.yaml, which a resume compares with
+        assert saved["model"]["revision"] == saved["train"]["output_dir"] == written
+
+
+@pytest.mark.parametrize("override, value", [
+    ("train.max_steps=1000", 1000), ("train.max_steps=1_000", 1000), ("train.max_steps=0x10", 16),
+    ("train.max_steps=+5", 5), ("train.seed=-3", -3), ("model.lora_rank=8.0", 8), ("train.lr=1e-5", 1e-5),
+    ("train.lr=0.0003", 3e-4), ("train.lr=3.0e-4", 3e-4), ("train.lr=.5", 0.5), ("method.beta=5e3", 5000.0),
+    ("method.beta=1_000.5", 1000.5), ("train.logit_mean=-.inf", float("-inf")), ("data.max_skipped_share=1", 1.0),
+])
+def test_numeric_keys_read_numbers_as_yaml_does(override, value):
+    key, _ = override.split("=")
+    section, name = key.split(".")
+    got = getattr(getattr(load_config(None, [override]), section), name)
+    assert got == value and type(got) is type(value)
+
+
+def test_a_section_with_no_keys_sets_nothing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: sft\nonline:\n#  group_size: 4\ntrain:\n")  # its keys commented out
+    cfg = load_config(path)
+    assert cfg.method.name == "sft" and cfg.online == OnlineConfig() and cfg.train == TrainConfig()
+    path.write_text("onlin:\n")
+    with pytest.raises(ConfigError, match="unknown config key 'onlin'"):
+        load_config(path)
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
