@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 from diffusion_align.cli import main as cli_main
 from diffusion_align.data.cache import LatentCache, build_cache, cache_key, check_key
 from diffusion_align.models.policy import LORA_WEIGHTS
+from test_flow_train import vae_by_8
 from test_train import read_metrics, run
 
 
@@ -186,3 +187,16 @@ def test_component_digests_follow_the_weights_the_loaders_read(tmp_path, monkeyp
     assert asked["ignore"] == ["vae/*.*.safetensors"]  # no other variant is downloaded
     blob.write_bytes(b"other bytes under the same name")
     assert loading.component_digest("org/model", "vae") == digest  # the name, not the content, was read
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_flow_cache_of_latents_not_whole_tokens_is_refused_before_encoding(tmp_path, tiny_flow_models, tiny_pairs,
+                                                                             capsys, family):
+    """40 px through a VAE downsampling by 8 are 5x5 latents, which SD3's 2x2 patches and FLUX's 2x2 packing cannot
+    cut: refused before any image is encoded (test_flow_train.py: the run refuses them too)."""
+    vae = vae_by_8(tmp_path / "vae", tiny_flow_models[family])
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["cache", str(tiny_pairs), "--model", str(tiny_flow_models[family]), "--vae", vae, "--resolution",
+                  "40", "--out", str(tmp_path / "c"), "--device", "cpu", "--workers", "0"])
+    assert exit_.value.code == 2 and not (tmp_path / "c").exists()
+    assert "resolution=40 must be a multiple of 16 for" in capsys.readouterr().err

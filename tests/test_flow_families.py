@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from transformers import T5Tokenizer
 
+from diffusion_align.models.families import detect_family
 from diffusion_align.models.families.flux import Flux
 from diffusion_align.models.families.sd3 import SD3
 from diffusion_align.models.tiny import save_tiny_pipeline
@@ -151,6 +152,17 @@ def test_kohya_files_are_refused_with_the_reason_and_no_inversion_setting_is_mad
 def test_unknown_flow_family(tmp_path):
     with pytest.raises(ValueError, match="unknown flow-matching family 'sdxl'"):
         save_tiny_flow_pipeline(tmp_path, "sdxl")
+
+
+def test_latents_are_cut_into_tokens_of_2x2(folders):
+    """SD3's patch embedding makes each patch_size x patch_size (2x2) latent patch a token, FLUX's packing each 2x2
+    (its transformer's patch_size is 1); a UNet takes latents of any size."""
+    for name, family in FAMILY.items():
+        config = folder_configs(folders[name])[1]
+        assert family.latent_multiple(config) == 2 and config["patch_size"] == {"sd3": 2, "flux": 1}[name]
+    assert SD3().latent_multiple({"patch_size": 4}) == 4  # read from the config
+    sdxl = detect_family(*folder_configs(folders["sdxl"]))
+    assert sdxl == "sdxl" and sdxl.latent_multiple(folder_configs(folders["sdxl"])[1]) == 1
 
 
 def test_flux_packing_and_ids_are_the_pipelines():

@@ -4,8 +4,10 @@ velocity target by hand, timesteps shared by a pair, the conditioning against th
 FLUX's packed latents, ids and guidance), the errors the objective saw, and the saved LoRA and full models loaded
 back by the pipelines."""
 
+import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +15,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
+from diffusion_align.config import ConfigError, load_config
 from diffusion_align.training import methods
+from diffusion_align.training import run as run_module
+from diffusion_align.training.run import model_family
 from test_train import read_metrics, run
 from test_train_inputs import all_columns, expected_pixels, per_row_error, spy_on_inputs  # noqa: F401 (a fixture)
 
@@ -401,3 +406,39 @@ def test_bf16_runs_the_frozen_parts_and_the_transformer_in_bf16_and_the_errors_i
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     assert all(a.dtype == torch.float32 for a in seen["objective"][0]["args"])
     assert seen["vae"][0]["latents"].dtype == torch.float32
+
+
+def vae_by_8(folder, model) -> str:
+    """A model.vae folder in `folder`: the config of `model`'s tiny VAE with four levels, downsampling by 8 as SD3's
+    and FLUX's do (the tiny one has two: by 2). A config alone: the resolution check loads no weights."""
+    config = json.loads((Path(model) / "vae" / "config.json").read_text())
+    levels = 4
+    config.update(block_out_channels=[config["block_out_channels"][-1]] * levels,
+                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_a_resolution_whose_latents_are_not_whole_tokens_is_refused_before_loading(tmp_path, tiny_flow_models,
+                                                                                   tiny_pairs, monkeypatch, family,
+                                                                                   method):
+    """SD3 cuts its latents into 2x2 patches, FLUX packs 2x2 latents into a token: 40 px through a VAE downsampling
+    by 8 are 5x5 latents, which failed in the first step's reshape, after the models (and any latent cache or
+    reference errors) were made. The run refuses them first, with the multiple this VAE and transformer need; the
+    tiny VAE downsamples by 2, so there 40 px are 20x20 latents, whole tokens."""
+    model, vae = tiny_flow_models[family], vae_by_8(tmp_path / "vae", tiny_flow_models[family])
+
+    def load_components(*args, **kwargs):
+        raise AssertionError("a model was loaded before the resolution was checked")
+    monkeypatch.setattr(run_module, "load_components", load_components)
+    online = ["online.prompts=prompts.txt"] if method == "grpo" else []
+    with pytest.raises(ConfigError, match=rf"train.resolution=40 must be a multiple of 16 for .*{family} \({family}\): "
+                                          r"its VAE downsamples by 8 and its transformer reads the latents in 2x2 "
+                                          r"patches; e.g. 32 or 48"):
+        run(tmp_path, model, tiny_pairs, f"method.name={method}", *online, "train.resolution=40", f"model.vae={vae}")
+    for resolution, vae_key in ((48, [f"model.vae={vae}"]), (40, [])):
+        cfg = load_config(None, [f"model.pretrained={model}", f"train.resolution={resolution}", *vae_key])
+        assert model_family(cfg)[0] == family

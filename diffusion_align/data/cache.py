@@ -34,13 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from safetensors import safe_open
 
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
-from ..models.loading import (component_digest, load_components, pipeline_family, pipeline_index, place,
-                              text_subfolders)
+from ..models.loading import (check_resolution, component_digest, load_components, pipeline_family, pipeline_index,
+                              place, text_subfolders, vae_config)
 from ..progress import progress
 from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
 from .shards import SHARD_RECORDS, differences, run_shards
@@ -64,13 +63,12 @@ def cache_key(source: str, split: str, pretrained: str, revision: str | None = N
     # not the scheduler: no cached tensor depends on it, and a stale key is an error (the reference errors, which
     # do depend on it, add it to their own key: training.reference)
     models = encoder_digests(pretrained, revision, variant, vae)
-    vae_config = AutoencoderKL.load_config(vae) if vae else AutoencoderKL.load_config(pretrained, subfolder="vae",
-                                                                                       revision=revision)
+    vae_settings = vae_config(pretrained, revision, vae)
     # SD3's and FLUX's VAEs also shift their latents (a key without one reads as 0, as earlier caches were made)
-    shift = {"shift_factor": vae_config["shift_factor"]} if vae_config.get("shift_factor") else {}
+    shift = {"shift_factor": vae_settings["shift_factor"]} if vae_settings.get("shift_factor") else {}
     return {"source": {"path": source, "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint},
             "models": models, **t5_length(max_sequence_length),
-            "scaling_factor": vae_config.get("scaling_factor", 0.18215), **shift,
+            "scaling_factor": vae_settings.get("scaling_factor", 0.18215), **shift,
             "resolution": resolution, "crop": "center", "flips": flips, "dtype": dtype}
 
 
@@ -168,7 +166,9 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     if resolution <= 0 or resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ValueError(f"resolution={resolution}: expected a positive multiple of 8 (the VAE downsamples by 8)")
     index = pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
-    family, _ = pipeline_family(pretrained, index, revision, max_sequence_length)  # a UNet family refuses a length
+    # a UNet family refuses a T5 length, a flow family a resolution whose latents are not whole tokens
+    family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
+    check_resolution(resolution, family, denoiser_config, pretrained, revision, vae)
     key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype, max_sequence_length)
     if not check_key(out_dir, key):
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import transformers
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 
+from ..config import ConfigError
 from ..files import hub_load_error, looks_like_hub_id
 from .families import Family, denoiser_component, detect_family
 
@@ -161,6 +162,33 @@ def load_vae(vae: str) -> AutoencoderKL:
     """model.vae: a replacement VAE (a folder with config.json and weights, or a hub id)."""
     return _from_folder_or_hub(vae, "model.vae", "config.json", "AutoencoderKL",
                                partial(AutoencoderKL.from_pretrained, vae))
+
+
+def vae_config(pretrained: str, revision: str | None = None, vae: str | None = None) -> dict:
+    """The config of the pipeline's VAE, or of `vae`, its replacement (model.vae; missing, a one-line
+    FileNotFoundError as `load_vae` gives)."""
+    if vae:
+        return _from_folder_or_hub(vae, "model.vae", "config.json", "AutoencoderKL",
+                                   partial(AutoencoderKL.load_config, vae))
+    return AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
+
+
+def check_resolution(resolution: int, family: Family, denoiser_config: dict, pretrained: str,
+                     revision: str | None = None, vae: str | None = None, name: str = "resolution") -> None:
+    """Refuse square images of `resolution` pixels (the setting `name`) whose latents the denoiser cannot cut into
+    whole tokens (SD3's 2x2 patches, FLUX's 2x2 packing), before any model is loaded or image encoded: the latent side
+    is the resolution over the VAE's downsampling."""
+    patch = family.latent_multiple(denoiser_config)
+    if patch == 1:  # the UNets read any latent size
+        return
+    # the VAE's encoder halves the image at each level but the last (SD3's and FLUX's: 4 levels, 8x)
+    factor = 2 ** (len(vae_config(pretrained, revision, vae)["block_out_channels"]) - 1)
+    multiple = factor * patch
+    if resolution % multiple:
+        below = resolution // multiple * multiple
+        raise ConfigError(f"{name}={resolution} must be a multiple of {multiple} for {pretrained} ({family}): its VAE "
+                          f"downsamples by {factor} and its transformer reads the latents in {patch}x{patch} patches; "
+                          f"e.g. {f'{below} or ' if below else ''}{below + multiple}")
 
 
 def base_pipeline(pretrained: str, revision: str | None = None, variant: str | None = None, vae: str | None = None,

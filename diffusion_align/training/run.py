@@ -21,8 +21,8 @@ from ..evaluation.plots import plot_run
 from ..files import WRITE_ERRORS, write_text_atomic
 from ..models.kohya import kohya_labels
 from ..models.families import Family
-from ..models.loading import (DiffusionComponents, compile_denoiser, component_digest, load_components, pipeline_family,
-                              pipeline_index, place, set_attention)
+from ..models.loading import (DiffusionComponents, check_resolution, compile_denoiser, component_digest,
+                              load_components, pipeline_family, pipeline_index, place, set_attention)
 from ..models.policy import Policy
 from .checkpoints import load_checkpoint, resolve_resume
 from .ema import EMA
@@ -57,9 +57,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def model_family(cfg: Config) -> tuple[Family, dict]:
     """model.pretrained's family, reading model.max_sequence_length T5 tokens, and its denoiser's config; the key
-    set for a family without T5 is refused here, before any model is loaded."""
+    set for a family without T5, and a train.resolution whose latents the denoiser cannot cut into tokens, are
+    refused here, before any model is loaded."""
     m = cfg.model
     family, config = pipeline_family(m.pretrained, pipeline_index(m.pretrained, m.revision), m.revision)
+    check_resolution(cfg.train.resolution, family, config, m.pretrained, m.revision, m.vae, "train.resolution")
     try:
         return family.with_max_sequence_length(m.max_sequence_length), config
     except ValueError as err:

@@ -144,6 +144,11 @@ class Family(ABC):
         memory planner builds a forward from."""
         return denoiser_config["in_channels"], 77, denoiser_config["cross_attention_dim"], None
 
+    def latent_multiple(self, denoiser_config: dict) -> int:
+        """What the latents' height and width must be multiples of: the latent pixels per side of one token of the
+        denoiser (1: a UNet reads latents of any size)."""
+        return 1
+
     def training_guidance(self, denoiser_config: dict) -> float | None:
         """The guidance scale a guidance-distilled denoiser (FLUX.1-dev) is trained with; None for the others."""
         return None

@@ -63,6 +63,9 @@ class Flux(TransformerFamily):
         c = denoiser_config  # the transformer reads 2x2 patches of the latents: 4 channels of its input each
         return c["in_channels"] // 4, self.max_sequence_length, c["joint_attention_dim"], c["pooled_projection_dim"]
 
+    def latent_multiple(self, denoiser_config: dict) -> int:
+        return 2  # `pack_latents` makes each 2x2 latent patch a token (the transformer's own patch_size is 1)
+
     def training_guidance(self, denoiser_config: dict) -> float | None:
         return TRAINING_GUIDANCE if denoiser_config.get("guidance_embeds") else None
 

@@ -48,6 +48,9 @@ class SD3(TransformerFamily):
         c = denoiser_config  # both CLIPs' 77 tokens, then T5's
         return c["in_channels"], 77 + self.max_sequence_length, c["joint_attention_dim"], c["pooled_projection_dim"]
 
+    def latent_multiple(self, denoiser_config: dict) -> int:
+        return denoiser_config["patch_size"]  # its patch embedding cuts the latents into patch_size^2 tokens (2)
+
     def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
         # the transformer takes the scheduler's timestep (1000 s), as `StableDiffusion3Pipeline` passes it
         timesteps = torch.as_tensor(timesteps, device=sample.device).expand(len(sample))
