@@ -356,15 +356,30 @@ def test_rerun_resumes_finished_shards(pairs_file, tmp_path):
 
 
 def test_bad_arguments(pairs_file, tmp_path):
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match="unknown strategy 'x'"):
-        make_captions(pairs_file, tmp_path, "x")
+        make_captions(pairs_file, out, "x")
     with pytest.raises(ValueError, match="strategy hybrid needs a captioner"):
-        make_captions(pairs_file, tmp_path, "h")
+        make_captions(pairs_file, out, "h")
     with pytest.raises(ValueError, match="strategy perturbation takes no captioner"):
-        make_captions(pairs_file, tmp_path, "p", captioner="some/model")
+        make_captions(pairs_file, out, "p", captioner="some/model")
     with pytest.raises(ValueError, match="strategy perturbation needs a perturber"):
-        make_captions(pairs_file, tmp_path, "p", perturber=None)
+        make_captions(pairs_file, out, "p", perturber=None)
     with pytest.raises(ValueError, match="perturbs nothing"):
-        make_captions(pairs_file, tmp_path, "c", captioner=FakeCaptioner(), perturber="some/lm")
+        make_captions(pairs_file, out, "c", captioner=FakeCaptioner(), perturber="some/lm")
     with pytest.raises(ValueError, match="unknown strength"):
-        make_captions(pairs_file, tmp_path, "p", strength="huge")
+        make_captions(pairs_file, out, "p", strength="huge")
+
+
+def test_output_folder_holding_the_source_is_refused(pairs_file, tmp_path):
+    src = tmp_path / "src"
+    shard = src / "pairs-00000.parquet"  # the name of the first output shard, which overwrote it
+    (src / "pairs.parquet").rename(shard)
+    before = shard.read_bytes()
+    for source, out, why in [(src, src, "holds source file"), (shard, src, "holds source file"),
+                             (src / ".." / "src" / shard.name, tmp_path, "holds source file"),
+                             (src, src / "captioned", "lies in source folder"),  # read again by a rerun
+                             (f"{shard},{src}", src / "captioned", "lies in source folder")]:
+        with pytest.raises(ValueError, match=f"^{out}: the output folder {why} .*write to another folder"):
+            make_captions(source, out, "p")
+    assert shard.read_bytes() == before and sorted(p.name for p in src.iterdir()) == ["pairs-00000.parquet"]

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from diffusion_align.data.pairs import (
-    REQUIRED_COLUMNS, PairBatchSampler, PairDataset, PairStats, PairTransform, collate_pairs, decode_image, load_pairs,
-    make_pair_loader,
+    MAX_RESIZED_AREA, REQUIRED_COLUMNS, PairBatchSampler, PairDataset, PairStats, PairTransform, collate_pairs,
+    decode_image, load_pairs, make_pair_loader,
 )
 
 RED, DARK_RED, BLUE, DARK_BLUE = (255, 0, 0), (128, 0, 0), (0, 0, 255), (0, 0, 128)
@@ -107,6 +107,16 @@ def test_load_folder_glob_and_comma_list(tmp_path):
     for source in (str(tmp_path / "shards"), str(tmp_path / "shards" / "**" / "*.parquet"), f"{a},{b}"):
         ds, stats = load_pairs(source)
         assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1), source
+
+
+def test_zero_row_files_are_left_out_with_a_warning(tmp_path, caplog):
+    rows = make_rows()
+    write_parquet(tmp_path / "shards" / "a.parquet", rows)
+    empty = write_parquet(tmp_path / "shards" / "b.parquet", {k: v[:0] for k, v in rows.items()})
+    for streaming in (False, True):  # datasets failed on it: "BatchSize must be greater than 0", naming no file
+        caplog.clear()
+        ds, stats = load_pairs(str(tmp_path / "shards"), streaming=streaming)
+        assert len(list(ds)) == N_ROWS - 1 and f"{empty}: the parquet holds no rows; left out" in caplog.text
 
 
 def test_load_save_to_disk_dataset_and_datasetdict(tmp_path):
@@ -221,6 +231,35 @@ def test_image_flips_toss_a_coin_per_image():
         PairTransform(16, random_flip=True)  # the old boolean: which flip is meant must be said
 
 
+def test_thin_image_has_only_its_crop_resized(monkeypatch):
+    # Red encodes x and green y, so a crop taken from the wrong place (or flipped wrongly) shows in the pixels.
+    ys, xs = np.mgrid[0:400, 0:20]
+    thin = Image.fromarray(np.stack([xs * 12, ys * 255 // 399, np.zeros_like(xs)], -1).astype(np.uint8))
+    whole = thin.resize((16, 320), Image.Resampling.BILINEAR)  # 20 x 16^2 pixels: over MAX_RESIZED_AREA
+    assert 16 * 320 > MAX_RESIZED_AREA * 16 ** 2
+    for s in range(6):
+        flip = s % 2 == 1
+        pixels, size, (top, left) = PairTransform(16, center_crop=False).apply(
+            thin, flip, torch.Generator().manual_seed(s))
+        expected = whole.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else whole
+        expected = torch.from_numpy(np.array(expected.crop((left, top, left + 16, top + 16)))).permute(2, 0, 1)
+        assert size == (400, 20) and left == 0 and 0 <= top <= 304
+        assert (pixels - (expected / 127.5 - 1)).abs().max() <= 1.01 / 127.5  # a box resize rounds a level off
+
+    sizes, resize = [], Image.Image.resize
+
+    def recorded(image, size, *args, **kwargs):
+        sizes.append(size)
+        return resize(image, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    pixels, size, crop = PairTransform(64).apply(Image.new("RGB", (1, 2000), (9, 9, 9)), False, None)
+    # resized whole it was 64 x 128,000 pixels (at resolution 512: 512 x 1,024,000, 1.5 GB)
+    assert sizes == [(64, 64)] and (size, crop) == ((2000, 1), (63968, 0))
+    assert torch.allclose(pixels, torch.full((3, 64, 64), 9 / 127.5 - 1))
+    PairTransform(16).apply(Image.new("RGB", (40, 30)), False, None)
+    assert sizes[-1] == (21, 16)  # a normal image is still resized whole, so its pixels are as they were
+
+
 # ---------------------------------------------------------------- dataset + collate
 
 @pytest.fixture
@@ -258,6 +297,17 @@ def test_corrupt_row_is_skipped_and_batch_stays_aligned(pairs):
     empty = collate_pairs([dataset[(0, 2)]])
     assert empty["pixel_values"].shape == (0, 3, 0, 0) and empty["original_sizes"].shape == (0, 2)
     assert empty["prompts"] == [] and len(empty["skipped"]) == 1
+
+
+def test_null_dcpo_caption_is_skipped_and_named(tmp_path):
+    rows = make_rows(4) | {"caption_0": ["a", None, "c", "d"], "caption_1": ["w", "x", "y", "z"]}
+    rows["jpg_1"][CORRUPT_ROW] = LOSE
+    pairs, _ = load_pairs(write_parquet(tmp_path / "dcpo.parquet", rows), keep_ties=True,
+                          extra_columns=["caption_0", "caption_1"])
+    dataset = PairDataset(pairs, PairTransform(16), seed=0, extra_columns=["caption_0", "caption_1"])
+    batch = collate_pairs([dataset[(0, i)] for i in range(4)])  # the tokenizer failed on the None
+    assert batch["skipped"] == [(1, "row 1: column caption_0 is null; expected a value")]
+    assert batch["caption_w"] == ["a", "c", "d"] and batch["caption_l"] == ["w", "y", "z"]
 
 
 def test_augmentation_depends_only_on_seed_epoch_index(pairs):
@@ -380,6 +430,41 @@ def test_null_and_nan_labels_are_dropped_and_counted(tmp_path):
     empty = {k: v[:3] for k, v in make_rows().items()} | {"label_0": [None] * 3, "label_1": [None] * 3}
     _, stats = load_pairs(write_parquet(tmp_path / "unlabelled.parquet", empty))
     assert (stats.ties_dropped, stats.unlabelled, stats.pairs) == (0, 3, 0)
+
+
+def test_labels_outside_0_1_are_unlabelled_streamed_or_not(tmp_path):
+    rows = make_rows()
+    rows["jpg_1"][CORRUPT_ROW] = LOSE
+    rows["label_0"][6], rows["label_1"][6] = 2.0, 0.0  # no stronger than 1 / 0: says nothing
+    rows["label_0"][7], rows["label_1"][7] = -1.0, 0.0
+    path = write_parquet(tmp_path / "range.parquet", rows)
+    ds, stats = load_pairs(path, keep_ties=True, keep_unlabelled=False)
+    assert (stats.unlabelled, stats.out_of_range, stats.pairs) == (2, 2, N_ROWS - 2)
+    for orient_by in (None, "r"):
+        extras = ["r_0", "r_1"] if orient_by else []
+        scores = {"r_0": np.ones(N_ROWS), "r_1": np.zeros(N_ROWS)} if orient_by else {}
+        streamed = write_parquet(tmp_path / "scored.parquet", rows | scores)
+        stream, _ = load_pairs(streamed, keep_ties=True, streaming=True, extra_columns=extras, orient_by=orient_by)
+        batch, = itertools.islice(make_pair_loader(stream, PairTransform(16), N_ROWS, 0, extra_columns=extras), 1)
+        assert sorted(batch["prompts"]) == sorted(p or "" for p in ds["caption"])  # the rows trained on: the same
+        reasons = " ".join(why for _, why in batch["skipped"])  # a stream's index is its position, not its row
+        assert len(batch["skipped"]) == 2 and reasons.count("no preference to orient the pair by") == 2
+
+
+def test_integer_score_columns_collate_to_float_tensors(tmp_path):
+    rows = make_rows(6) | {"rating_0": [7, 1, 5, 2, 4, 3], "rating_1": [1, 7, 2, 5, 3, 4]}
+    rows["jpg_1"][CORRUPT_ROW] = LOSE
+    path = write_parquet(tmp_path / "ratings.parquet", rows)
+    assert pq.read_schema(path).field("rating_0").type == pa.int64()
+    extras = ["rating_0", "rating_1"]
+    pairs, _ = load_pairs(path, extra_columns=extras, orient_by="rating")
+    dataset = PairDataset(pairs, PairTransform(16), seed=0, extra_columns=extras)
+    stream, _ = load_pairs(path, streaming=True, extra_columns=extras, orient_by="rating")
+    for batch in (collate_pairs([dataset[(0, i)] for i in range(4)]),
+                  next(iter(make_pair_loader(stream, PairTransform(16), 4, 0, extra_columns=extras)))):
+        # a list of ints reached SmPO's soft label, which fails on it
+        assert batch["rating_w"].dtype == batch["rating_l"].dtype == torch.float32
+        assert len(batch["rating_w"]) == 4 and (batch["rating_w"] > batch["rating_l"]).all()
 
 
 def test_streamed_null_and_nan_labels_are_skipped_and_counted(tmp_path):

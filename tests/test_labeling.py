@@ -207,6 +207,16 @@ def test_relabelling_keeps_the_human_labels(constructed, tmp_path):
     assert all(r["label_0"] == 0.5 for r in rows)
 
 
+def test_output_folder_holding_the_source_is_refused(constructed, tmp_path):
+    before = (tmp_path / "pairs.parquet").read_bytes()
+    for out, why in [(tmp_path, "holds source file"), (tmp_path / "sub", "lies in source folder")]:
+        with pytest.raises(ValueError, match=f"^{out}: the output folder {why} .*write to another folder"):
+            label_pairs(str(tmp_path), "pickscore=/no/such/weights", out)  # refused before the scorer loads
+    with pytest.raises(ValueError, match="holds source file .*pairs.parquet"):
+        label_pairs(constructed, FakeScorer(), tmp_path)
+    assert (tmp_path / "pairs.parquet").read_bytes() == before and not list(tmp_path.glob("pairs-*"))
+
+
 def test_save_to_disk_source_with_image_features(tmp_path):
     rows = {"caption": ["a", "b"], "jpg_0": [{"bytes": solid(200), "path": None}, {"bytes": solid(20), "path": None}],
             "jpg_1": [{"bytes": solid(100), "path": None}, {"bytes": b"broken", "path": None}],
@@ -272,6 +282,16 @@ def test_pairs_from_folder_groups_by_prompt_and_orients_labels(image_folder, tmp
         assert r["num_example_per_prompt"] == (3 if r["caption"] == "prompt A" else 6)
     pairs, stats = load_pairs(str(out))
     assert stats.pairs == 9
+
+
+def test_relabelling_a_folder_output_finds_no_human_labels(image_folder, tmp_path):
+    pairs_from_folder(image_folder, FakeScorer(), tmp_path / "pairs")  # label_0/1: the scorer's, no human_label_*
+    report = label_pairs(str(tmp_path / "pairs"), FakeScorer(), tmp_path / "again")
+    # its label_0/1 were taken for people's, and a second scorer "agreed with people" on the first's labels
+    a = report.agreement
+    assert (a["agreement"], a["human_strict_pairs"], a["no_human_label"]) == (None, 0, 9)
+    assert all(r["human_label_0"] is None and r["human_label_1"] is None for r in read_out(tmp_path / "again"))
+    assert "agreement with people" not in str(report)
 
 
 def test_pairs_from_folder_caps_pairs_per_prompt(image_folder, tmp_path):

@@ -35,7 +35,7 @@ import torch
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
 from ..progress import progress
-from .pairs import decode_pair, load_pairs, outcomes
+from .pairs import check_out_dir, decode_pair, load_pairs, outcomes
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
@@ -480,6 +480,7 @@ def make_captions(source, out_dir, strategy: str, captioner: str | Captioner | N
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     out_dir, source = Path(out_dir), str(source)
+    check_out_dir(source, out_dir)
     pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
 
     if isinstance(captioner, str):

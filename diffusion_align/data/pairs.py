@@ -2,7 +2,8 @@
 
 Rows carry ``caption``, two encoded images ``jpg_0`` / ``jpg_1`` and their labels ``label_0`` / ``label_1``
 (1/0, 0/1, or 0.5/0.5 for a tie). Batches put winners first: ``pixel_values`` is ``[w_1..w_B, l_1..l_B]``.
-A row whose label is null or NaN has no winner: it is dropped and counted, or skipped like an undecodable row.
+A row whose label is null, NaN or outside [0, 1] has no winner: it is dropped and counted, or skipped like an
+undecodable row.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import datasets
@@ -106,6 +108,30 @@ def check_pairs_source(path: str) -> None:
         _parquet_files(path)
 
 
+def check_out_dir(source: str, out_dir) -> None:
+    """Refuse an output folder of shards (`data.shards`) that holds a file of `source`, or lies in a source folder."""
+    if not os.path.exists(source) and looks_like_hub_id(source):
+        return
+    out = Path(out_dir).resolve()
+    files = [] if _is_saved(source) else [Path(f).resolve() for f in _parquet_files(source)]
+    held = [f for f in files if out in f.parents]
+    if held:
+        raise ValueError(f"{out_dir}: the output folder holds source file {held[0]}, which its shards "
+                         "(pairs-00000.parquet, ...) could overwrite (losing the rows skipped) and reading the output "
+                         "would read again; write to another folder")
+    folders = [Path(p.strip()).resolve() for p in source.split(",") if os.path.isdir(p.strip())]
+    around = [d for d in folders if d == out or d in out.parents]
+    if around:  # a folder is read with its subfolders
+        raise ValueError(f"{out_dir}: the output folder lies in source folder {around[0]}, so a rerun would read "
+                         "the output as source; write to another folder")
+
+
+def _is_saved(path: str) -> bool:
+    """A save_to_disk folder (Dataset or DatasetDict)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json"))
+
+
 def raw_images(ds):
     """Keep datasets from decoding image columns itself, so a corrupt image reaches decode_image, not a crash."""
     for col in IMAGE_COLUMNS:
@@ -116,10 +142,7 @@ def raw_images(ds):
 
 def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     """Every row and column of a hub dataset, parquet file(s)/folder/glob or save_to_disk folder."""
-    is_saved = os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
-    )
-    if is_saved:
+    if _is_saved(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -132,9 +155,14 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
     files = _parquet_files(path)
-    if all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files):  # datasets fails on it with a bare traceback
+    # datasets fails on a zero-row file with a traceback naming no file ("BatchSize must be greater than 0")
+    empty = [f for f in files if pq.ParquetFile(f).metadata.num_rows == 0]
+    if len(empty) == len(files):
         raise ValueError(f"{path}: the parquet holds no rows" if len(files) == 1 else
                          f"{path}: none of its {len(files)} parquet files holds a row")
+    for f in empty:
+        logger.warning("%s: the parquet holds no rows; left out", f)
+    files = [f for f in files if f not in empty]
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
 
 
@@ -152,12 +180,21 @@ def _floats(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _reward_labels(label_0, label_1, score_0, score_1) -> dict[str, np.ndarray]:
+def _labelled(label_0, label_1):
+    """Where a pair has a preference: both labels finite and in [0, 1] (2 / 0 or -1 / 0 says nothing)."""
+    return np.isfinite(label_0 + label_1) & (np.minimum(label_0, label_1) >= 0) & (np.maximum(label_0, label_1) <= 1)
+
+
+def _reward_labels(label_0, label_1, score_0, score_1, score_columns) -> dict[str, list[float]]:
     """label_0/1 that orient each pair by the reward (1/0: image 0 scores higher, 0/1, 0.5/0.5 on equal scores);
-    NaN, so no preference, where a label or a score is null or NaN."""
-    labelled = np.isfinite(_floats(label_0) + _floats(label_1))
-    label = np.where(labelled, (np.sign(_floats(score_0) - _floats(score_1)) + 1) / 2, np.nan)  # sign(NaN) = NaN
-    return {"label_0": label, "label_1": 1 - label}
+    NaN, so no preference, where a label or a score is null or NaN, or a label outside [0, 1]. With the scores as
+    Python floats under `score_columns`: SmPO reads them as a tensor, which collate_pairs makes of floats only (not
+    of an int column's values, nor of the numpy scalars a stream yields for arrays)."""
+    score_0, score_1 = _floats(score_0), _floats(score_1)
+    label = np.where(_labelled(_floats(label_0), _floats(label_1)), (np.sign(score_0 - score_1) + 1) / 2,
+                     np.nan)  # sign(NaN) = NaN
+    return {score_columns[0]: score_0.tolist(), score_columns[1]: score_1.tolist(), "label_0": label.tolist(),
+            "label_1": (1 - label).tolist()}
 
 
 def load_pairs(
@@ -178,16 +215,17 @@ def load_pairs(
 
     Only the Pick-a-Pic columns and `extra_columns` are kept (`extra_columns="all"` keeps every column).
     Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
-    Ties (label_0 == label_1) are dropped unless `keep_ties`; rows with a null or NaN label unless
+    Ties (label_0 == label_1) are dropped unless `keep_ties`; rows with a null, NaN or out-of-[0, 1] label unless
     `keep_unlabelled` (None: as `keep_ties`, so `keep_ties=True` alone returns every row, as the tools that label
     or caption all rows need; training passes False). Both are counted in the stats. A stream cannot count: its
-    ties are filtered out, and its null/NaN labels reach the loader, which skips and counts them.
+    ties are filtered out, and its null, NaN or out-of-[0, 1] labels reach the loader, which skips and counts them.
 
     `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
     (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
     the reward's: 1/0 where x_0 > x_1, 0/1 where x_0 < x_1, 0.5/0.5 where equal. Rows without both scores are
-    dropped and counted. `scores` adds columns, one value per source row (`rewards.labeling.reward_scores`), first;
-    `source_rows` adds `source_row`, each pair's row number in the source (where a latent cache stores it).
+    dropped and counted; the scores come back as floats. `scores` adds columns, one value per source row
+    (`rewards.labeling.reward_scores`), first; `source_rows` adds `source_row`, each pair's row number in the source
+    (where a latent cache stores it).
 
     `max_pairs` keeps N of the remaining pairs: a random sample drawn with `seed`, in stored order (the same on
     every process and on resume), or the first N when `seed` is None (a larger N then extends a smaller one, as
@@ -226,14 +264,15 @@ def load_pairs(
             ds = ds.filter(lambda l0, l1: (_floats(l0) != _floats(l1)).tolist(), input_columns=label_columns,
                            batched=True)
         if orient_by:
-            ds = ds.map(_reward_labels, input_columns=label_columns + score_columns, batched=True)
+            ds = ds.map(_reward_labels, input_columns=label_columns + score_columns, batched=True,
+                        fn_kwargs={"score_columns": score_columns})
         ds = ds if keep_all else ds.select_columns(expected)
         return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None, None, None)
 
     # read only the label and score columns (no image bytes): under a second for ~1M rows
     columns = ds.select_columns(label_columns + score_columns).with_format("arrow")[:]
     l0, l1 = (_numbers(columns[c], c, path) for c in label_columns)
-    out_of_range = np.isfinite(l0 + l1) & ((np.minimum(l0, l1) < 0) | (np.maximum(l0, l1) > 1))
+    out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
     if out_of_range.any():
         first = int(np.flatnonzero(out_of_range)[0])
         logger.warning("%s: %d rows have a label outside [0, 1], e.g. row %d (%s %s / %s); they hold no preference "
@@ -246,9 +285,10 @@ def load_pairs(
     if orient_by:
         s0, s1 = (_numbers(columns[c], c, path) for c in score_columns)
         unscored = ~np.isfinite(s0 + s1) & ~ties & ~unlabelled
-        labels = _reward_labels(l0, l1, s0, s1)
-        ds = ds.remove_columns(["label_0", "label_1"])  # before the selection below, which add_column would copy
-        ds = ds.add_column("label_0", labels["label_0"]).add_column("label_1", labels["label_1"])
+        oriented = _reward_labels(l0, l1, s0, s1, score_columns)
+        ds = ds.remove_columns(list(oriented))  # before the selection below, which add_column would copy
+        for name, values in oriented.items():
+            ds = ds.add_column(name, values)
     keep = np.flatnonzero(~(ties | unlabelled | unscored))
     if max_pairs is not None and seed is not None and max_pairs < len(keep):
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_pairs, replace=False))
@@ -261,6 +301,10 @@ def load_pairs(
 
 
 FLIPS = ("no", "pair", "image")
+# An image is resized whole up to this many times resolution^2 (a 16:1 one). A thinner one has only its crop resized:
+# whole, a 1 x 2000 one would be 512 x 1,024,000 pixels at resolution 512 (1.5 GB). Not every image, as a box resize
+# rounds some pixels one level off the whole resize's.
+MAX_RESIZED_AREA = 16
 
 
 @dataclass
@@ -301,15 +345,22 @@ class PairTransform:
         w, h = image.size
         # Integer rounding (half up) so the shortest side is exactly `res` whatever the float error.
         new_w, new_h = (res, (h * res + w // 2) // w) if w <= h else ((w * res + h // 2) // h, res)
-        image = image.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
-        if flip:
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         if self.center_crop:
             top, left = (new_h - res) // 2, (new_w - res) // 2
         else:
             top = int(torch.randint(new_h - res + 1, (), generator=generator))
             left = int(torch.randint(new_w - res + 1, (), generator=generator))
-        image = image.crop((left, top, left + res, top + res))
+        if new_w * new_h <= MAX_RESIZED_AREA * res * res:
+            image = image.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
+            if flip:  # before the crop: a random crop's offset is drawn in the flipped image
+                image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+            image = image.crop((left, top, left + res, top + res))
+        else:  # only the crop, from the source box it covers
+            x = new_w - left - res if flip else left  # where the crop lies before the flip
+            box = (x * w / new_w, top * h / new_h, (x + res) * w / new_w, (top + res) * h / new_h)
+            image = image.resize((res, res), PIL.Image.Resampling.BILINEAR, box=box)
+            if flip:
+                image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         return pixels, (h, w), (top, left)
 
@@ -328,13 +379,17 @@ def split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
 def pair_item(row: dict, epoch: int, index: int, seed: int, paired: list[str], plain: list[str],
               images: Callable[[tuple[int, int], torch.Generator], dict]) -> dict:
     """One row as a training item, winner first: `images(order, generator)` gives its image entries (pixels, or
-    cached latents) for the source images `order` = (winner, loser). A null or NaN label, or an image that cannot be
-    had, gives an error item instead."""
+    cached latents) for the source images `order` = (winner, loser). A null, NaN or out-of-[0, 1] label, a null in
+    an extra column (a DCPO caption: the tokenizer takes none), or an image that cannot be had, gives an error item
+    instead."""
     labels = _floats([row["label_0"], row["label_1"]]).tolist()
-    if not np.isfinite(labels).all():
+    if not _labelled(*labels):
         return {"index": index, "error": f"row {index}: no preference to orient the pair by: label_0="
-                                         f"{row['label_0']!r}, label_1={row['label_1']!r} (a null or NaN label, "
-                                         f"or reward score where pairs are oriented by one)"}
+                                         f"{row['label_0']!r}, label_1={row['label_1']!r} (a null, NaN or outside "
+                                         f"[0, 1] label, or reward score where pairs are oriented by one)"}
+    null = [c for c in [*(f"{b}_{i}" for b in paired for i in (0, 1)), *plain] if row[c] is None]
+    if null:
+        return {"index": index, "error": f"row {index}: column {null[0]} is null; expected a value"}
     order = (1, 0) if labels[0] < labels[1] else (0, 1)  # a kept tie keeps its order
     # Seed from (seed, epoch, index) only: independent of worker process and of where a run resumed.
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]

@@ -5,7 +5,9 @@ For a pair with scores s0, s1 (the scorer's own units, e.g. PickScore's logit-sc
     <column>_0, <column>_1   s0, s1
     label_0, label_1         1/0 if s0 - s1 > tie_margin, 0/1 if s1 - s0 > tie_margin, else 0.5/0.5 (an AI tie)
     pref_prob_0              P(image 0 preferred) = scorer.preference_prob_from_scores(s0, s1)
-    human_label_0/1          the labels the pair came with (kept as they are when the source already has them)
+    human_label_0/1          the labels the pair came with (kept as they are when the source already has them;
+                             null where the source is a labelling output without them, whose label_0/1 were a
+                             scorer's: `pairs_from_folder`'s)
 
 and keeps every other column as it was. Output: `pairs-00000.parquet`, ... (one shard per `shard_size` source rows,
 each written whole or not at all), `.shards/pairs-00000.json` (what each shard holds: its settings, source rows and
@@ -19,7 +21,8 @@ Rows whose images do not decode have no score.
 
 Agreement with people: over the pairs with a strict human preference (human ties and unlabelled pairs are left
 out), agreement = (pairs where the scorer picks the same image + 0.5 * pairs the scorer calls a tie) / pairs.
-A human label is absent where label_0/label_1 are null or `has_label` is false (Pick-a-Pic's flag).
+A human label is absent where label_0/label_1 are null or `has_label` is false (Pick-a-Pic's flag), and in a
+source that is a labelling output without human_label_0/1 (its label_0/1 being a scorer's).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.pairs import NO_LABEL, decode_pair, load_pairs, outcomes
+from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, load_pairs, outcomes
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
@@ -199,9 +202,10 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     Undecodable rows (or non-finite scores) are skipped and listed. A rerun with the same settings keeps the
     finished shards and labels only the others; other settings are an error naming the difference.
     """
-    scorer, scorer_path = _scorer_and_path(scorer)
     out_dir, source = Path(out_dir), str(source)
     _check_settings(tie_margin, shard_size)
+    check_out_dir(source, out_dir)  # before the scorer loads
+    scorer, scorer_path = _scorer_and_path(scorer)
     pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
     settings = {"source": local_or_hub(source), "split": split,
@@ -249,9 +253,14 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
     """Source rows `indices` (all columns as stored) with the human labels moved aside and the scorer's added."""
     rows = pairs.with_format("arrow")[start:stop]
     rows = rows.take(pa.array([i - start for i in indices], pa.int64())).replace_schema_metadata(None)
-    # A source labelled before keeps its human labels; its old label_0/1 were another scorer's.
-    human = [rows[f"human_label_{i}" if "human_label_0" in rows.column_names else f"label_{i}"].cast(pa.float64())
-             for i in (0, 1)]
+    # A source labelled before keeps its human labels; its old label_0/1 were another scorer's, so a labelling
+    # output without human labels (pairs_from_folder's, marked by pref_prob_0) has none.
+    if "human_label_0" in rows.column_names:
+        human = [rows[f"human_label_{i}"].cast(pa.float64()) for i in (0, 1)]
+    elif "pref_prob_0" in rows.column_names:
+        human = [pa.nulls(len(rows), pa.float64())] * 2
+    else:
+        human = [rows[f"label_{i}"].cast(pa.float64()) for i in (0, 1)]
     added = _label_columns(scorer, scores, tie_margin)
     rows = rows.drop_columns([c for c in rows.column_names if c in added or c.startswith("human_label_")])
     rows = rows.append_column("human_label_0", human[0]).append_column("human_label_1", human[1])
