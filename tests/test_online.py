@@ -2,6 +2,7 @@
 the objective receive (ratio 1 on the first update, trained steps never the last, each row's own prompt), tied
 groups left out, exact resume, and a run of both modes end to end."""
 
+import json
 import shutil
 
 import pytest
@@ -223,6 +224,27 @@ def test_a_positive_advantage_raises_the_log_probability_of_its_trajectory(tiny_
     with torch.no_grad():
         change = log_probs() - trajectory.log_probs[1]
     assert change[0] > 1e-6 and change[1] < -1e-6
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_the_ddim_policy_steps_as_the_pipeline_does(setup, tmp_path, tiny_models, family):
+    """SD1.x's scheduler configs are PNDM's, without clip_sample (DDIMScheduler's default clips x0 at +-1), and may
+    carry an old steps_offset: StableDiffusionPipeline sets both when it builds, and so does the policy. The SDXL
+    pipeline sets neither: the policy takes the config as it is."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models[family], model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    settings = json.loads(config_file.read_text())
+    settings.pop("clip_sample", None)
+    config_file.write_text(json.dumps({**settings, "steps_offset": 0}))
+    pipe = DiffusionPipeline.from_pretrained(model, scheduler=DDIMScheduler.from_pretrained(model,
+                                                                                             subfolder="scheduler"))
+    cfg = config(setup, tmp_path / "run", f"model.pretrained={model}")
+    sampler = online.sampling_policy(cfg, online.model_family(cfg)[0])
+    expected = (False, 1) if family == "sd" else (True, 0)
+    assert (pipe.scheduler.config.clip_sample, pipe.scheduler.config.steps_offset) == expected
+    assert (sampler.scheduler.config.clip_sample, sampler.scheduler.config.steps_offset) == expected
 
 
 def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch):

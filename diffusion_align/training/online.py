@@ -144,14 +144,16 @@ def rows_per_image(o, family) -> int:
 
 def sampling_policy(cfg: Config, family):
     """The sampler the online methods train as a policy: DDIM at online.eta for the UNet families (on the pipeline's
-    noise schedule), Flow-GRPO's SDE or CPS step (online.sde_type) at online.noise_level on the flow families'
-    scheduler."""
+    noise schedule, with what the pipeline sets on a DDIM config), Flow-GRPO's SDE or CPS step (online.sde_type) at
+    online.noise_level on the flow families' scheduler."""
     o, load = cfg.online, dict(subfolder="scheduler", revision=cfg.model.revision)
     if family.denoiser == "unet":
         if o.sde_type != "sde":
             raise ConfigError(f"online.sde_type={o.sde_type} is a step of the flow families (SD3, FLUX); the UNet "
                               "families sample with DDIM at online.eta")
-        return DDIMPolicy(diffusers.DDIMScheduler.from_pretrained(cfg.model.pretrained, **load), o.eta)
+        scheduler = diffusers.DDIMScheduler.from_pretrained(cfg.model.pretrained, **load,
+                                                             **family.pipeline_ddim_settings)
+        return DDIMPolicy(scheduler, o.eta)
     if o.noise_level <= 0:
         raise ConfigError(f"online.noise_level={o.noise_level}: the flow SDE's steps have a log-probability only with "
                           "a noise level > 0 (Flow-GRPO: 0.7)")

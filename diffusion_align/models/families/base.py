@@ -207,3 +207,5 @@ class UNetFamily(Family):
     # whatever sampler the pipeline ships, training noise follows the DDPM forward process of its beta schedule
     training_scheduler = "DDPMScheduler"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+    # what the family's pipeline sets on a DDIM scheduler config as it builds (the online sampler steps as it does)
+    pipeline_ddim_settings: dict = {}

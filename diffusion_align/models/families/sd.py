@@ -14,6 +14,9 @@ class SD(UNetFamily):
     lora_pipeline = "StableDiffusionPipeline"
     kohya_version, kohya_architecture = "sd_v1", "stable-diffusion-v1"
     inversion_steps = 5  # SmPO's SD1.5 setting
+    # StableDiffusionPipeline.__init__ turns x0 clipping off and the offset to 1 on scheduler configs that predate
+    # them (DDIMScheduler's defaults would clip at +-1): SD1.x's own, which are PNDM configs without clip_sample
+    pipeline_ddim_settings = {"clip_sample": False, "steps_offset": 1}
 
     def matches(self, index: dict, denoiser_config: dict) -> bool:
         return not _is_sd2(denoiser_config)
