@@ -4,8 +4,9 @@ xformers and 8-bit Adam where they import, and sharded training (train.sharding=
 torchrun over the GPUs; and zero2, full, where DeepSpeed imports); then the flow transformers at 512 px,
 SD3.5-medium's (bf16 LoRA with and without the cache and precomputed reference, bf16 full, fp16 LoRA as flow_grpo
 trains it) and FLUX.1-dev's (bf16 LoRA with and without them), with the real VAE layout and CLIPs and a T5 of
-T5-XXL's width in 2 layers; every step must be finite. Writes s/step and peak CUDA memory (not of the sharded
-runs, whose processes are their own) to <out>/gpu_check.md (and .json) after every case. Run it through
+T5-XXL's width in 2 layers; and on every architecture the online loop (GRPO's LoRA with Flow-GRPO's global std:
+rollout, reward and update on the GPU); every step must be finite. Writes s/step and peak CUDA memory (not of the
+sharded runs, whose processes are their own) to <out>/gpu_check.md (and .json) after every case. Run it through
 `benchmarks/gpu_check.sh`, which installs the wheels first.
 
     python benchmarks/gpu_check.py --out outputs/gpu-check          # on a CUDA GPU (an H200's: benchmarks/README.md)
@@ -39,6 +40,11 @@ from diffusion_align.training.memory import count_models, memory_bytes  # noqa: 
 from diffusion_align.training.trainer import make_latent_cache, train  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "dpo.yaml"
+ONLINE_CONFIG = ROOT / "configs" / "tiny" / "pref-grpo.yaml"
+# the online case: GRPO, rewarded by a tiny random PickScore, with Flow-GRPO's global std (the SD3.5 and FLUX GRPO
+# recipes'), one group of 2 images of 4 sampling steps a step: rollout, scoring and update all on the GPU
+ONLINE = ("method.name=grpo", "online.advantage_std=global", "online.group_size=2", "online.prompts_per_step=1",
+          "online.sample_steps=4")
 # fp16's loss scaler starts at 2^16 and halves on every step whose scaled gradient overflows, skipping it: a full
 # fine-tune of SD1.5 at 512 px skipped its first 5 steps on an H200 (benchmarks/README.md), so fp16 cases run up to 8
 # more steps, and a case passes when every step after the first skips is a finite update
@@ -109,7 +115,7 @@ def cases(arch: str, tiny: bool) -> list[dict]:
             found.append(dict(precision="bf16", lora=False, fast=False))
             if not tiny:  # fp16 autocast needs CUDA
                 found.append(dict(precision="fp16", lora=True, fast=False))
-        return found
+        return found + [dict(precision="bf16", lora=True, fast=False, online=True)]
     precisions = ["bf16"] if tiny else ["fp16", "bf16"]  # fp16 autocast needs CUDA
     found = [dict(precision=p, lora=lora, fast=fast) for p in precisions for lora in (True, False)
              for fast in (False, True)]
@@ -121,12 +127,13 @@ def cases(arch: str, tiny: bool) -> list[dict]:
     found += [dict(precision="bf16", lora=lora, fast=False, sharded="fsdp2") for lora in (False, True)]
     if importlib.util.find_spec("deepspeed") is not None:
         found.append(dict(precision="bf16", lora=False, fast=False, sharded="zero2"))
-    return found
+    return found + [dict(precision="bf16", lora=True, fast=False, online=True)]
 
 
 def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, case: dict) -> dict:
     """`steps` updates of `case`; in fp16 up to FP16_CALIBRATION more steps first, which the loss scaler may skip."""
     sharded = f", {case['sharded']}" if case.get("sharded") else ""
+    sharded += ", grpo (global std)" if case.get("online") else ""
     name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{sharded}"
             f"{', cache + precomputed ref' if case['fast'] else ''}{', ' + ', '.join(case.get('extra', ())) if case.get('extra') else ''}")
     out = work / "runs" / "".join(c if c.isalnum() else "-" for c in f"{model.name}-{name}")
@@ -137,13 +144,15 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
                  "train.report_to=none", "data.num_workers=2", "data.random_flip=no", "train.lr=1e-6",
                  f"train.mixed_precision={case['precision']}",
                  f"model.lora_rank={8 if case['lora'] else 'null'}", *case.get("extra", ())]
+    if case.get("online"):
+        overrides += [*ONLINE, *online_inputs(work)]
     if case["fast"]:
         overrides += ["data.cache=true", "method.precomputed_reference=true", f"data.cache_dir={out}-cache"]
     started = time.perf_counter()
     record = {"arch": model.name, "case": name, "skipped": float("nan"), "cache_peak_mb": float("nan"),
               "planned_mb": float("nan"), "planned_cache_mb": float("nan")}
     try:
-        cfg = load_config(CONFIG, overrides)
+        cfg = load_config(ONLINE_CONFIG if case.get("online") else CONFIG, overrides)
         if not case.get("sharded"):  # what `diffusion-align plan` says the run needs, beside what it took
             usage = memory_bytes(cfg, count_models(cfg))
             record.update(planned_mb=usage["total"] / 2**20,
@@ -166,9 +175,13 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         skipped = next((i for i, r in enumerate(lines) if r["grad_norm"] is not None), len(lines))
         updates = lines[skipped:]  # after the loss scaler's first skipped steps (none in bf16), every one finite
-        finite = (all(math.isfinite(r["loss"]) for r in lines) and len(updates) >= steps
+        loss = "policy_loss" if case.get("online") else "loss"
+        finite = (all(math.isfinite(r[loss]) for r in lines) and len(updates) >= steps
                   and all(r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) for r in updates))
-        per_step = statistics.median(1 / r["pairs_per_s"] for r in lines[1:]) if len(lines) > 1 else float("nan")
+        # a step trains 1 pair (batch 1, no accumulation), or samples and trains on one group of images
+        rate, items = (("images_per_s", cfg.online.group_size * cfg.online.prompts_per_step) if case.get("online")
+                       else ("pairs_per_s", 1))
+        per_step = statistics.median(items / r[rate] for r in lines[1:]) if len(lines) > 1 else float("nan")
         record.update(ok=finite, s_per_step=per_step, skipped=skipped,
                       why="" if finite else "non-finite loss or gradient after the loss scaler's first skips")
     except Exception as err:  # one failing case must not hide the others' numbers
@@ -181,6 +194,16 @@ def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, 
           f"{record['s_per_step']:.3f} s/step, peak {record['peak_mb']:.0f} MB (making the cache "
           f"{record['cache_peak_mb']:.0f} MB), {record['seconds']:.0f} s", flush=True)
     return record
+
+
+def online_inputs(work: Path) -> list[str]:
+    """The online case's prompts and reward model (a tiny random PickScore), made once in `work`."""
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    prompts, scorer = work / "online-prompts.txt", work / "online-pickscore"
+    if not prompts.is_file():
+        prompts.write_text("a red circle on a white background\na photo of a cat\n")
+        save_tiny_scorer("pickscore", scorer, seed=0)
+    return [f"online.prompts={prompts}", f"online.reward=pickscore={scorer}"]
 
 
 def reset_peak_memory() -> None:

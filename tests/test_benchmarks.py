@@ -30,11 +30,12 @@ def gpu_check(tmp_path, *archs) -> list[str]:
 
 def test_the_gpu_check_runs_on_its_cpu_stand_in(tmp_path):
     """SD3.5's cases, which run in the check's own process: the loop, the plan beside each peak, the fast path's
-    cache made first. SDXL's cases (the sharded ones included) and FLUX's are the slow test below."""
+    cache made first, and the online loop (GRPO with the global std, whose device handling only a GPU tests). SDXL's
+    cases (the sharded ones included) and FLUX's are the slow test below."""
     rows = gpu_check(tmp_path, "sd35")
     assert [row.split(" | ")[:3] for row in rows if row.startswith("| sd35 ")] == [
         ["| sd35", "lora bf16", "yes"], ["| sd35", "lora bf16, cache + precomputed ref", "yes"],
-        ["| sd35", "full bf16", "yes"]]
+        ["| sd35", "full bf16", "yes"], ["| sd35", "lora bf16, grpo (global std)", "yes"]]
     # the fast case made its cache before the run (a run that found it made from other inputs would fail)
     assert any("peak CUDA MB making the cache (before the run)" in row for row in rows)
 
@@ -47,12 +48,14 @@ def test_the_gpu_check_runs_every_unet_and_flux_case_on_its_cpu_stand_in(tmp_pat
     rows = gpu_check(tmp_path, "sdxl", "flux")
     unet = [row for row in rows if row.startswith("| sdxl ")]
     # LoRA and full, each plain and with cache + precomputed reference (bf16: fp16 needs CUDA), both sharded with
-    # FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU)
-    assert len(unet) == 7 and all("| yes |" in row for row in unet)
+    # FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU), and GRPO's LoRA
+    assert len(unet) == 8 and all("| yes |" in row for row in unet)
+    assert sum("grpo" in row for row in unet) == 1
     assert sum("cache + precomputed ref" in row for row in unet) == 2 and sum("fsdp2" in row for row in unet) == 2
     assert sum("zero2" in row for row in unet) == 1
     assert [row.split(" | ")[:3] for row in rows if row.startswith("| flux ")] == [
-        ["| flux", "lora bf16", "yes"], ["| flux", "lora bf16, cache + precomputed ref", "yes"]]
+        ["| flux", "lora bf16", "yes"], ["| flux", "lora bf16, cache + precomputed ref", "yes"],
+        ["| flux", "lora bf16, grpo (global std)", "yes"]]
 
 
 def test_the_throughput_table(tmp_path):
