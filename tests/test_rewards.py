@@ -16,7 +16,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTo
 
 from diffusion_align.rewards import SCORERS, MissingWeightsError, load_scorer, parse_scorer_spec
 from diffusion_align.rewards import registry
-from diffusion_align.rewards.clip import ClipSimilarityScorer
+from diffusion_align.rewards.clip import ClipImageTransform, ClipSimilarityScorer
 from diffusion_align.rewards.hps import OPENAI_MEAN, OPENAI_STD, Letterbox, open_clip_config
 from diffusion_align.rewards.tiny import save_tiny_scorer
 
@@ -269,6 +269,27 @@ def test_letterbox_pads_black_and_never_crops(scorers):
         torch.testing.assert_close(per_row[top + rows:], black.expand(size - top - rows, size, 3))
         torch.testing.assert_close(per_row[top:top + rows], red_value.expand(rows, size, 3))
     assert OPENAI_MEAN == open_clip.OPENAI_DATASET_MEAN and OPENAI_STD == open_clip.OPENAI_DATASET_STD
+
+
+def test_a_very_thin_image_reaches_the_clip_processor_as_its_central_part():
+    """Thinner than 16:1, the processor gets the central 16:1 part (resized whole, 1 x 3000 took 1.4 GB): the
+    central square it keeps is the same, so the pixels are the whole image's within resampling; 16:1 and wider go
+    through untouched."""
+    seen = []
+
+    class Spy(CLIPImageProcessorPil):
+        def __call__(self, images, **kwargs):
+            seen.append(images.size)
+            return super().__call__(images, **kwargs)
+
+    processor = Spy(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transform = ClipImageTransform(processor)
+    # columns of a colour ramp, so a part cut off-centre would change the pixels
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 400, dtype=np.uint8)[None, :, None], (4, 1, 3)))
+    torch.testing.assert_close(transform(ramp), processor(images=ramp, return_tensors="pt")["pixel_values"][0],
+                               atol=0.05, rtol=0)
+    transform(Image.new("RGB", (1, 3000))), transform(Image.new("RGB", (64, 4)))
+    assert seen == [(64, 4), (400, 4), (1, 16), (64, 4)]
 
 
 def test_letterbox_matches_open_clip_longest():
