@@ -97,18 +97,21 @@ def cmd_make_tiny(args) -> None:
     print(f"prompts:        {out / 'prompts.txt'}")
 
 
-def _scorers(args, single: bool = False, folders=(), pairs: str | None = None) -> list:
+def _scorers(args, single: bool = False, folders=(), pairs: str | None = None, pairs_out=None) -> list:
     """The --scorer NAME[=PATH] list, loaded once each, with --convention NAME=CONVENTION, --device, --dtype; the
-    image `folders` and the `pairs` source they are for are checked first, as loading PickScore takes a minute."""
+    image `folders` and the `pairs` source they are for (and the folder `pairs_out` their labels go to) are checked
+    first, as loading PickScore takes a minute."""
     import torch
 
-    from .data.pairs import check_pairs_source
+    from .data.pairs import check_out_dir, check_pairs_source
     from .evaluation.scoring import image_folder
     from .rewards import load_scorer, parse_scorer_spec
     for folder in folders:
         image_folder(folder)
     if pairs is not None:
         check_pairs_source(pairs)
+    if pairs_out is not None:
+        check_out_dir(pairs, pairs_out)
     if single and len(args.scorer) != 1:
         raise ValueError(f"diffusion-align {args.command} takes one --scorer, got {len(args.scorer)}")
     conventions = dict(_pair(c, "--convention", "NAME=CONVENTION") for c in args.convention)
@@ -155,7 +158,7 @@ def cmd_label(args) -> None:
                                    seed=args.seed, tie_margin=args.tie_margin, batch_size=args.batch_size,
                                    num_workers=args.workers, shard_size=args.shard_size)
     else:
-        scorer, = _scorers(args, single=True, pairs=args.source)
+        scorer, = _scorers(args, single=True, pairs=args.source, pairs_out=args.out)
         report = label_pairs(args.source, scorer, args.out, tie_margin=args.tie_margin, batch_size=args.batch_size,
                              shard_size=args.shard_size, num_workers=args.workers, split=args.split,
                              max_pairs=args.max_pairs)

@@ -43,6 +43,17 @@ def test_make_tiny_label_then_train(tiny, tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_label_refuses_an_out_holding_its_source_before_the_scorer_loads(tiny, tmp_path, capsys, monkeypatch):
+    import shutil
+    from diffusion_align import rewards
+    shutil.copy(tiny / "tiny-pairs.parquet", tmp_path / "pairs-00000.parquet")
+    monkeypatch.setattr(rewards, "load_scorer", lambda *a, **k: pytest.fail("loaded the scorer first"))
+    with pytest.raises(SystemExit):
+        main(["label", str(tmp_path), "--scorer", f"pickscore={tiny / 'tiny-scorer-pickscore'}", "--out",
+              str(tmp_path)])
+    assert "holds source file" in capsys.readouterr().err
+
+
 def test_score_and_compare_folders(tiny, tmp_path, capsys):
     rows = pq.read_table(tiny / "tiny-pairs.parquet").to_pylist()
     folder_a, folder_b = image_folder(tmp_path / "a", rows, 0), image_folder(tmp_path / "b", rows, 1)
