@@ -173,6 +173,12 @@ def vae_config(pretrained: str, revision: str | None = None, vae: str | None = N
     return AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
 
 
+def vae_downsampling(config) -> int:
+    """How many image pixels a latent pixel spans per side: the VAE's encoder halves the image at each level but the
+    last (SD's, SDXL's, SD3's and FLUX's: 4 levels, 8x)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def check_resolution(resolution: int, family: Family, denoiser_config: dict, pretrained: str,
                      revision: str | None = None, vae: str | None = None, name: str = "resolution") -> None:
     """Refuse square images of `resolution` pixels (the setting `name`) whose latents the denoiser cannot cut into
@@ -181,8 +187,7 @@ def check_resolution(resolution: int, family: Family, denoiser_config: dict, pre
     patch = family.latent_multiple(denoiser_config)
     if patch == 1:  # the UNets read any latent size
         return
-    # the VAE's encoder halves the image at each level but the last (SD3's and FLUX's: 4 levels, 8x)
-    factor = 2 ** (len(vae_config(pretrained, revision, vae)["block_out_channels"]) - 1)
+    factor = vae_downsampling(vae_config(pretrained, revision, vae))
     multiple = factor * patch
     if resolution % multiple:
         below = resolution // multiple * multiple

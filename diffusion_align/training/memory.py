@@ -159,7 +159,7 @@ def count_models(cfg: Config) -> ModelCounts:
     encoders' calls."""
     from accelerate import init_empty_weights
 
-    from ..models.loading import load_tokenizer
+    from ..models.loading import load_tokenizer, vae_downsampling
     from ..models.policy import lora_config
     from .online import rows_per_image
     from .run import DTYPES
@@ -172,7 +172,7 @@ def count_models(cfg: Config) -> ModelCounts:
     trainable = [p for n, p in denoiser.named_parameters() if m.lora_rank is None or "lora_" in n]
     online = cfg.method.name in ONLINE_METHODS
     rows = _rows(cfg) * (rows_per_image(cfg.online, family) if online else 1)  # online CFG: both halves in one call
-    latent = cfg.train.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    latent = cfg.train.resolution // vae_downsampling(vae.config)
     compute = None if cfg.train.mixed_precision == "no" else DTYPES[cfg.train.mixed_precision]  # autocast's
     reference, frozen_copy, fake = None, None, FakeTensorMode()
     if _needs_reference(cfg) and not (cfg.method.precomputed_reference and not online):

@@ -28,7 +28,7 @@ import torch
 from ..config import Config, ConfigError
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
-from ..models.loading import pipeline_index
+from ..models.loading import pipeline_index, vae_downsampling
 from ..objectives import (bradley_terry_preferences, clipped_policy_loss, gaussian_policy_kl, group_advantages,
                           pairwise_win_rates)
 from ..progress import progress
@@ -119,7 +119,7 @@ def sde_window(sample_steps: int, size: int, generator: torch.Generator) -> rang
 
 def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
     """(channels, height, width) of the denoiser's latents for square images of `resolution` pixels."""
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    factor = vae_downsampling(parts.vae.config)
     channels = parts.family.input_shapes(parts.denoiser.config)[0]
     return channels, resolution // factor, resolution // factor
 
