@@ -133,8 +133,8 @@ def cases(arch: str, tiny: bool) -> list[dict]:
 def run_case(model: Path, pairs: Path, work: Path, resolution: int, steps: int, case: dict) -> dict:
     """`steps` updates of `case`; in fp16 up to FP16_CALIBRATION more steps first, which the loss scaler may skip."""
     sharded = f", {case['sharded']}" if case.get("sharded") else ""
-    sharded += ", grpo (global std)" if case.get("online") else ""
-    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{sharded}"
+    online = ", grpo (global std)" if case.get("online") else ""
+    name = (f"{'lora' if case['lora'] else 'full'} {case['precision']}{sharded}{online}"
             f"{', cache + precomputed ref' if case['fast'] else ''}{', ' + ', '.join(case.get('extra', ())) if case.get('extra') else ''}")
     out = work / "runs" / "".join(c if c.isalnum() else "-" for c in f"{model.name}-{name}")
     overrides = [f"model.pretrained={model}", f"data.path={pairs}", f"train.output_dir={out}",
