@@ -197,3 +197,31 @@ def test_ordinary_mistakes_get_one_line_not_a_traceback(tmp_path, capsys, monkey
     assert capsys.readouterr().err.strip() == (
         f"diffusion-align train: interrupted; the newest checkpoint is {tmp_path / 'run' / 'checkpoint-10'}: "
         "continue with train.resume=latest")
+
+
+def test_a_resume_never_mixes_two_runs_in_one_folder(tmp_path):
+    from diffusion_align.config import config_to_yaml, load_config
+    from diffusion_align.training.safety import check_output_dir
+
+    def checkpoint(folder, step):
+        path = folder / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+        return path
+
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    first, _, last = (checkpoint(run_dir, step) for step in (2, 4, 6))
+    elsewhere = checkpoint(other, 8)
+
+    def cfg(resume, output_dir=run_dir):
+        return load_config(TINY_CONFIG, [f"train.output_dir={output_dir}", f"train.resume={resume}"])
+    for path in (first, last, elsewhere):
+        (path / "config.yaml").write_text(config_to_yaml(cfg(path)))
+    check_output_dir(cfg(last), last)  # the newest: what resume=latest takes
+    with pytest.raises(ConfigError, match=r"holds checkpoints after checkpoint-2 \(checkpoint-4, checkpoint-6\)"):
+        check_output_dir(cfg(first), first)
+    with pytest.raises(ConfigError, match=r"a checkpoint of another folder.*already holds a run \(checkpoint-2"):
+        check_output_dir(cfg(elsewhere), elsewhere)
+    check_output_dir(cfg(elsewhere, tmp_path / "new"), elsewhere)  # a fork into a folder of its own
+    with pytest.raises(ConfigError, match="holds checkpoints after"):  # the same folder, however it is written
+        check_output_dir(cfg(first, run_dir / ".." / "run"), first)

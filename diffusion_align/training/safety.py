@@ -4,6 +4,7 @@ checkpoint or NaN weights) when its writes fail or its gradients stay non-finite
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, config_to_dict
+from ..files import list_checkpoints
 
 logger = logging.getLogger("diffusion_align")
 
@@ -47,7 +49,8 @@ def trained_entries(output_dir: Path) -> list[str]:
 
 def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
     """Refuse to start in a folder that holds a run unless it is resumed or `train.overwrite` says so, and refuse a
-    resume whose config differs from the checkpoint's (`checkpoint`: what train.resume resolved to)."""
+    resume that would mix two runs in the folder or whose config differs from the checkpoint's (`checkpoint`: what
+    train.resume resolved to)."""
     t, output_dir = cfg.train, Path(cfg.train.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"train.output_dir={output_dir} is a file; expected a folder (new, or holding a run)")
@@ -65,6 +68,7 @@ def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
             raise ConfigError(f"train.resume=latest: {output_dir} holds a finished model (final/) but no checkpoint "
                               "to resume from; start again with train.overwrite=true")
         return
+    check_one_timeline(t.resume, checkpoint, output_dir, found)
     saved = next((p for p in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml") if p.is_file()), None)
     if saved is None:
         logger.warning("train.resume: no config.yaml in %s or its folder; the config cannot be compared", checkpoint)
@@ -75,6 +79,25 @@ def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
         raise ConfigError(f"train.resume={t.resume}: {checkpoint} was trained with another config ({shown}). Only "
                           f"these keys may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}. To train with the "
                           "new settings, start afresh (train.overwrite=true or another output_dir)")
+
+
+def check_one_timeline(resume: str, checkpoint: Path, output_dir: Path, found: list[str]) -> None:
+    """Refuse a resume that would mix two runs' checkpoints in `output_dir`: from one of its checkpoints with later
+    ones beside it (train.checkpoints_keep prunes by step, and a later resume=latest would take the abandoned run's
+    newest), or from another folder's checkpoint into a folder that holds a run (`found`: its trained entries)."""
+    if checkpoint.resolve().parent != output_dir.resolve():
+        if found:
+            raise ConfigError(f"train.resume={resume} is a checkpoint of another folder, and train.output_dir="
+                              f"{output_dir} already holds a run ({', '.join(found)}): the two runs' checkpoints and "
+                              "metrics would mix. Resume into a new output_dir")
+        return
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    later = [path.name for at, path in list_checkpoints(output_dir) if at > step]
+    if later:
+        raise ConfigError(f"train.resume={resume}: {output_dir} holds checkpoints after {checkpoint.name} "
+                          f"({', '.join(later)}), which the resumed run would mix with its own (checkpoints_keep "
+                          "prunes by step, and resume=latest would pick the newest). Move them out of the folder (or "
+                          "delete them), then resume again")
 
 
 def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
