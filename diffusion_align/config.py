@@ -350,8 +350,9 @@ def _is_text(value: Any) -> bool:
 
 def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     base, nullable = _field_types(cls, f)
-    if isinstance(value, _Written):  # a number in another form than Python prints it: see _Loader
-        value = value.number if base in (int, float) else str(value)
+    given = value  # as written, for the error
+    if isinstance(value, _Written):  # a number, or a yes / no, in another form than Python prints it: see _Loader
+        value = value.parsed if base in (int, float, bool) else str(value)
     if isinstance(value, str) and value.lower() in ("null", "none", "~") and nullable:
         value = None
     if value is None:
@@ -380,7 +381,7 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
             value = [str(v) for v in value]
         elif base is str:
             if value is False and "no" in (f.metadata.get("choices") or ()):
-                value = "no"  # YAML 1.1 reads a bare `no` (or off, false) as False
+                value = "no"  # `false` for the choice no (mixed_precision, random_flip)
             if not _is_text(value):
                 raise TypeError
             value = str(value)
@@ -389,7 +390,7 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
         expected = ("list of strings" if typing.get_origin(base) is list else
                     f"one of {', '.join(choices)}" if choices else base.__name__)
         raise ConfigError(f"config key '{key}' ({where}) expects {expected}"
-                          f"{' or null' if nullable else ''}, got {value!r}") from None
+                          f"{' or null' if nullable else ''}, got {given!r}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' ({where}) must be one of {', '.join(choices)}; got {value!r}")
@@ -428,35 +429,51 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
         if not prefix and value is None and name in _SECTION_CLASSES:
             continue  # a section with no keys (all commented out) sets nothing
         if not prefix and isinstance(value, dict):
-            flat.update(_flatten(value, where, prefix=f"{key}."))
+            nested = _flatten(value, where, prefix=f"{key}.")
         else:
-            flat[key] = value
+            nested = {key: value}
+        for twice in nested.keys() & flat.keys():  # `train: {lr: ...}` and `train.lr: ...`: which would win is a guess
+            raise ConfigError(f"{where}: config key '{twice}' is set twice")
+        flat.update(nested)
     return flat
 
 
 class _Written(str):
     """A plain scalar that YAML 1.1 reads as a number but that is not written as Python prints that number (0123456,
-    an octal 42798; 1_000; 1.10; 1:30, a sexagesimal 90; 0x1F; +1; .inf): the text as written, for a str key (a hub
-    revision, a folder), and `number`, what YAML reads, for a numeric key."""
+    an octal 42798; 1_000; 1.10; 1:30, a sexagesimal 90; 0x1F; +1; .inf), or as a bool but not written true or false
+    (yes, no, on, off): the text as written, for a str key (a hub revision, a folder), and `parsed`, what YAML reads,
+    for a numeric or boolean key."""
 
-    number: int | float
+    parsed: int | float | bool
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load's YAML 1.1, except that the numbers `_Written` describes keep their text, and dates (no key takes
-    one) stay text: `2024-05-01` names a folder or a tag."""
+    """safe_load's YAML 1.1, except that the numbers and bools `_Written` describes keep their text, dates (no key
+    takes one) stay text (`2024-05-01` names a folder or a tag), and a key written twice in one mapping is an error
+    (YAML says keys are unique; PyYAML keeps the last)."""
 
-    def construct_number(self, node: yaml.ScalarNode) -> int | float | _Written:
-        number = (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
-        if str(number) == node.value:
-            return number
+    def construct_scalar_as_written(self, node: yaml.ScalarNode) -> int | float | bool | _Written:
+        parse = {"int": self.construct_yaml_int, "float": self.construct_yaml_float,
+                 "bool": self.construct_yaml_bool}[node.tag.rsplit(":", 1)[1]]
+        parsed = parse(node)
+        if str(parsed) == node.value or (isinstance(parsed, bool) and node.value.lower() in ("true", "false")):
+            return parsed
         written = _Written(node.value)
-        written.number = number
+        written.parsed = parsed
         return written
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' is set twice in one "
+                                                        "mapping", key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_number)
-_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_number)
+
+for _tag in ("int", "float", "bool"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _Loader.construct_scalar_as_written)
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_str)
 
 

@@ -75,17 +75,38 @@ def test_edges_of_the_ranges_are_allowed_and_help_shows_them():
     assert "Number of steps" in describe_keys() and "[at least 1]" in describe_keys()
 
 
-def test_a_bare_no_is_the_choice_no(tmp_path):
-    # YAML 1.1 reads `no` as False, on the command line and in files alike
+def test_yes_no_on_off_are_text_for_text_keys(tmp_path):
+    # YAML 1.1 reads `no`, `off`, `yes`, `on` as bools, on the command line and in files alike
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  mixed_precision: no\ndata:\n  random_flip: no\n")
-    cfg = load_config(path)
-    assert (cfg.train.mixed_precision, cfg.data.random_flip) == ("no", "no")
+    path.write_text("train:\n  mixed_precision: no\n  output_dir: On\ndata:\n  random_flip: no\n"
+                    "model:\n  revision: yes\n  lora_target_modules: [off, to_q]\n  gradient_checkpointing: yes\n")
+    for cfg in (load_config(path), load_config(None, [
+            "train.mixed_precision=no", "train.output_dir=On", "data.random_flip=no", "model.revision=yes",
+            "model.lora_target_modules=[off, to_q]", "model.gradient_checkpointing=yes"])):
+        assert (cfg.train.mixed_precision, cfg.data.random_flip, cfg.model.revision) == ("no", "no", "yes")
+        assert cfg.train.output_dir == "On" and cfg.model.lora_target_modules == ["off", "to_q"]
+        assert cfg.model.gradient_checkpointing is True  # a bool key reads them as YAML does
+    assert load_config(None, ["train.mixed_precision=false"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="'data.random_flip' .* expects one of no, pair, image, got True"):
         load_config(None, ["data.random_flip=true"])  # which flip is meant must be said
-    with pytest.raises(ConfigError, match="expects str"):
-        load_config(None, ["model.pretrained=no"])  # only choice keys map False back to "no"
+    with pytest.raises(ConfigError, match="'model.pretrained' .* expects str, got True"):
+        load_config(None, ["model.pretrained=true"])
+    with pytest.raises(ConfigError, match="'train.max_steps' .* expects int, got 'on'"):
+        load_config(None, ["train.max_steps=on"])
+
+
+@pytest.mark.parametrize("text, twice", [
+    ("train:\n  lr: 1e-5\n  max_steps: 10\n  lr: 1e-4\n", "line 4, column 3: key 'lr' is set twice"),
+    ("train:\n  lr: 1e-5\nmethod:\n  beta: 10\ntrain:\n  max_steps: 3\n", "line 5, column 1: key 'train' is set twice"),
+    ("train:\n  lr: 1e-5\ntrain.lr: 1e-4\n", "config key 'train.lr' is set twice"),
+])
+def test_a_key_set_twice_in_one_file_is_an_error(tmp_path, text, twice):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=str(path)) as err:  # PyYAML alone keeps the last, silently
+        load_config(path)
+    assert twice in str(err.value)
 
 
 # YAML 1.1 reads each of these as a number that prints otherwise (0123456 is an octal 42798, 1:30 a sexagesimal 90),
