@@ -19,8 +19,11 @@ no rollouts); --split heldout, the default, is for the final table only. The int
 prompts, both drawn with replacement, the prompts once for all the drawn seeds, which were judged on them alike
 (`evaluation.compare.seeds_bootstrap_interval`; before 2026-12-06 each drawn seed drew its own prompts, which
 narrowed the intervals: benchmarks/README.md says by how much). The
-table is printed and written to <out>/table.md; a run that finished with the same settings is read back, not
-run again. Run it with nothing else on the machine: time per step is a wall-clock measure.
+table is printed and written to <out>/table.md. Each run's record (its settings and recipe, each evaluated prompt's
+oracle gains and the report's figures) is added to --results (benchmarks/results/toy-methods.jsonl, committed), which
+every table can be computed again from; a run recorded there, or finished in <out> with the same settings and
+recipe, is read back, not run again. Run it with nothing else on the machine: time per step is a wall-clock
+measure.
 
 `--on-train-prompts` judges the finished runs again on the prompts they trained on (the base model's and each
 run's images of its train prompts with the same evaluation seeds, into <out>/train-prompts-base-seed-<seed>/ and
@@ -32,6 +35,7 @@ method that does not fit its own data from one that does not carry what it fitte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -51,6 +55,7 @@ from diffusion_align.toy.oracle import RATER_TIE_MARGIN
 from diffusion_align.toy.world import sample_prompts
 
 TRAIN_PROMPTS = "train-prompts-"  # the prefix of a run's files judged on its train prompts
+RESULTS = Path(__file__).parent / "results" / "toy-methods.jsonl"
 
 
 def main() -> None:
@@ -74,6 +79,7 @@ def main() -> None:
                                                                    "(e.g. data.cache=true)")
     parser.add_argument("--on-train-prompts", action="store_true",
                         help="judge the runs again on the prompts they trained on (see above)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the runs' records, read back and added to")
     args = parser.parse_args()
     if args.eval_seeds < 2:
         parser.error("--eval-seeds must be at least 2: the diversity column compares a prompt's images across seeds")
@@ -81,27 +87,47 @@ def main() -> None:
     out = Path(args.out or "outputs/toy-methods" + ("-flow" if args.family == "flow" else "")
                + (f"-{args.labels}" if args.labels not in (None, DEFAULT_PAIRS[args.family][0]) else ""))
     rows = []
-    prefix = TRAIN_PROMPTS if args.on_train_prompts else ""
     for method in args.methods:
-        runs = [run_seed(out, method, seed, args) for seed in args.seeds]
-        if args.on_train_prompts:
+        if args.on_train_prompts:  # judged anew from the runs' folders
+            runs = [run_seed(out, method, seed, args) for seed in args.seeds]
             for run in runs:
                 judge_on_train_prompts(run, out)
-        rows.append((method, summarise(runs, prefix)))
+            records = [run_record(run, TRAIN_PROMPTS) for run in runs]
+        else:
+            records = [recorded_run(out, method, seed, args) for seed in args.seeds]
+        rows.append((method, summarise(records, on_train_prompts=args.on_train_prompts)))
     table = format_table(rows, args)
     print(table)
-    (out / f"table{'-train-prompts' if prefix else ''}.md").write_text(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"table{'-train-prompts' if args.on_train_prompts else ''}.md").write_text(table)
+
+
+def demo_settings(method: str, seed: int, args) -> DemoSettings:
+    return DemoSettings(method=method, family=args.family, labels=args.labels, label_margin=args.label_margin,
+                        steps=args.steps, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
+                        eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed, overrides=tuple(args.overrides))
 
 
 def run_seed(out: Path, method: str, seed: int, args) -> Path:
     """The demo of `method` at training seed `seed` in <out>/<method>/seed-<seed>/ (read back when it finished)."""
     return run_demo_once(out / method / f"seed-{seed}", out / f"shared-images-seed-{seed}",
-                         DemoSettings(method=method, family=args.family, labels=args.labels,
-                                      label_margin=args.label_margin, steps=args.steps,
-                                      prompts=args.prompts,
-                                      images_per_prompt=args.images_per_prompt,
-                                      eval_seeds=args.eval_seeds, eval_split=args.split, seed=seed,
-                                      overrides=tuple(args.overrides)))
+                         demo_settings(method, seed, args))
+
+
+def recorded_run(out: Path, method: str, seed: int, args) -> dict:
+    """The record of the demo of `method` at training seed `seed`: its line in --results when one has the same
+    settings and recipe, else the record of `run_seed`'s run, added there."""
+    settings = demo_settings(method, seed, args).resolved()
+    key = {**json.loads(json.dumps(asdict(settings))),  # as a JSON line holds them: the overrides a list
+           "recipe_sha256": hashlib.sha256(recipe(method, settings.family).read_bytes()).hexdigest()}
+    found = args.results.read_text().splitlines() if args.results.is_file() else []
+    for line in found:
+        if json.loads(line)["settings"] == key:
+            return json.loads(line)
+    record = {"settings": key, **run_record(run_seed(out, method, seed, args))}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.results, "".join(line + "\n" for line in [*found, json.dumps(record)]))
+    return record
 
 
 def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
@@ -154,6 +180,17 @@ def judge_on_train_prompts(run_dir: Path, out: Path) -> None:
                                                "train_seconds_per_step": report["train_seconds_per_step"]}, indent=1))
 
 
+def run_record(run_dir: Path, prefix: str = "") -> dict:
+    """What the table takes from a finished run: each evaluated prompt's oracle gains (`oracle_gains`) and its
+    report's figures; `prefix` as there."""
+    report = json.loads((run_dir / f"{prefix}report.json").read_text())
+    return {"win_rate": report["oracle_win_rate"]["value"],
+            **{f"{name}_gain": report[key]["aligned"] - report[key]["base"]
+               for name, key in (("oracle", "oracle_score"), ("proxy", "toy_reward"))},
+            "diversity": report["diversity"]["ratio"], "steps": report["settings"]["steps"],
+            "seconds_per_step": report["train_seconds_per_step"], "gains": oracle_gains(run_dir, prefix)}
+
+
 def oracle_gains(run_dir: Path, prefix: str = "") -> dict[str, list[float]]:
     """Each evaluated prompt's oracle gains of aligned over base (aligned - base), one per evaluation seed: what
     any other count of wins (e.g. with a tie margin) can be recomputed from. `prefix`: TRAIN_PROMPTS for the
@@ -165,39 +202,34 @@ def oracle_gains(run_dir: Path, prefix: str = "") -> dict[str, list[float]]:
     return gains
 
 
-def per_prompt_win_rates(run_dir: Path, tie_margin: float = 0.0, prefix: str = "") -> dict[str, float]:
-    """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds (a gain's sign is the
-    comparison's: two different floats never subtract to zero); with `tie_margin`, a gain under it counts half."""
-    return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g)), tie_margin)))
-            for prompt, g in oracle_gains(run_dir, prefix).items()}
+def per_prompt_win_rates(gains: dict[str, list[float]], tie_margin: float = 0.0) -> dict[str, float]:
+    """Each evaluated prompt's oracle win rate of aligned over base, over the evaluation seeds, from its `gains` (a
+    gain's sign is the comparison's: two different floats never subtract to zero); with `tie_margin`, a gain under it
+    counts half."""
+    return {prompt: float(np.mean(pair_outcomes(g, np.zeros(len(g)), tie_margin))) for prompt, g in gains.items()}
 
 
-def summarise(runs: list[Path], prefix: str = "") -> dict:
-    """Mean over seeds of the win rate, with its interval over seeds and prompts, each seed's value, the same with
-    ties counted (a gain under the raters' tie margin is half a win), and the mean gains; `prefix` as in
-    `oracle_gains`."""
-    reports = [json.loads((run / f"{prefix}report.json").read_text()) for run in runs]
-    rates = [per_prompt_win_rates(run, prefix=prefix) for run in runs]
+def summarise(records: list[dict], on_train_prompts: bool = False) -> dict:
+    """From the seeds' `run_record`s: the mean over seeds of the win rate, with its interval over seeds and prompts,
+    each seed's value, the same with ties counted (a gain under the raters' tie margin is half a win), and the mean
+    gains."""
+    rates = [per_prompt_win_rates(r["gains"]) for r in records]
     # judged on their train prompts, seeds that trained on fewer than all differ in them: the bootstrap then draws
     # each seed's prompts on their own, so only their number must agree
     same_prompts = all(sorted(r) == sorted(rates[0]) for r in rates)
-    if not prefix and not same_prompts:
-        raise ValueError(f"the runs {', '.join(map(str, runs))} were evaluated on different prompts")
+    if not on_train_prompts and not same_prompts:
+        raise ValueError("the seeds' runs were evaluated on different prompts")
     values = np.array([[r[p] for p in sorted(r)] for r in rates])
     low, high = seeds_bootstrap_interval(values, same_prompts=same_prompts)
-    with_ties = np.array([[r[p] for p in sorted(r)] for r in (per_prompt_win_rates(run, RATER_TIE_MARGIN, prefix)
-                                                              for run in runs)])
+    with_ties = np.array([[r[p] for p in sorted(r)] for r in (per_prompt_win_rates(record["gains"], RATER_TIE_MARGIN)
+                                                              for record in records)])
 
-    def gain(key):
-        return float(np.mean([r[key]["aligned"] - r[key]["base"] for r in reports]))
-    return {"win_rate": float(values.mean()), "low": low, "high": high,
-            "per_seed": [r["oracle_win_rate"]["value"] for r in reports],
+    def mean(key):
+        return float(np.mean([r[key] for r in records]))
+    return {"win_rate": float(values.mean()), "low": low, "high": high, "per_seed": [r["win_rate"] for r in records],
             "with_ties": (float(with_ties.mean()), *seeds_bootstrap_interval(with_ties, same_prompts=same_prompts)),
-            "oracle_gain": gain("oracle_score"),
-            "proxy_gain": gain("toy_reward"),
-            "diversity": float(np.mean([r["diversity"]["ratio"] for r in reports])),
-            "steps": reports[0]["settings"]["steps"],
-            "seconds_per_step": float(np.mean([r["train_seconds_per_step"] for r in reports]))}
+            **{key: mean(key) for key in ("oracle_gain", "proxy_gain", "diversity", "seconds_per_step")},
+            "steps": records[0]["steps"]}
 
 
 def format_table(rows, args) -> str:

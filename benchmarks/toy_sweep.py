@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from toy_methods import oracle_gains, per_prompt_win_rates, run_demo_once
+from toy_methods import per_prompt_win_rates, run_demo_once, run_record
 
 from diffusion_align.evaluation.compare import bootstrap_interval, pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, DemoSettings
@@ -149,13 +149,11 @@ def _run(method: str, settings: dict, seed: int, run_dir: Path, args, done: list
     overrides = tuple(f"{k}={v}" for k, v in settings.items() if k != "train.max_steps")
     run_demo_once(run_dir, Path(args.out) / f"shared-images-seed-{seed}",
                   DemoSettings(method=method, steps=steps, eval_split="val", seed=seed, overrides=overrides))
-    report = json.loads((run_dir / "report.json").read_text())
-    row = {"method": method, "settings": settings, "seed": seed, "steps": report["settings"]["steps"],
-           "val_win_rate": report["oracle_win_rate"]["value"],
-           "per_prompt": per_prompt_win_rates(run_dir), "oracle_gains": oracle_gains(run_dir),
-           "oracle_gain": report["oracle_score"]["aligned"] - report["oracle_score"]["base"],
-           "proxy_gain": report["toy_reward"]["aligned"] - report["toy_reward"]["base"],
-           "diversity": report["diversity"]["ratio"]}
+    record = run_record(run_dir)
+    row = {"method": method, "settings": settings, "seed": seed, "steps": record["steps"],
+           "val_win_rate": record["win_rate"], "per_prompt": per_prompt_win_rates(record["gains"]),
+           "oracle_gains": record["gains"],
+           **{key: record[key] for key in ("oracle_gain", "proxy_gain", "diversity")}}
     with Path(args.results).open("a") as f:
         f.write(json.dumps(row) + "\n")
     done.append(row)

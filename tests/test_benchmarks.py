@@ -78,7 +78,8 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
 
     done = subprocess.run([sys.executable, "benchmarks/toy_methods.py", "--methods", "dpo", "--seeds", "0", "1",
                            "--split", "val", "--steps", "2", "--prompts", "4", "--images-per-prompt", "2",
-                           "--eval-seeds", "2", "--overrides", "train.batch_size=4", "--out", str(tmp_path)],
+                           "--eval-seeds", "2", "--overrides", "train.batch_size=4", "--out", str(tmp_path),
+                           "--results", str(tmp_path / "results.jsonl")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()
@@ -93,12 +94,17 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
     assert row[3] == " ".join(f"{r['oracle_win_rate']['value']:.3f}" for r in seeds)
     ties = (seeds[0]["oracle_win_rate_ties_counted"]["value"] + seeds[1]["oracle_win_rate_ties_counted"]["value"]) / 2
     assert row[4].startswith(f"{ties:.3f} (")  # with ties counted, as each run's report counts them
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["settings"]["seed"], r["settings"]["method"], r["win_rate"]) for r in records] == [
+        (s, "dpo", r["oracle_win_rate"]["value"]) for s, r in zip((0, 1), seeds)]
+    assert sum(len(g) for g in records[0]["gains"].values()) == 78  # every comparison's gain, to recompute from
 
     # the same runs judged again on the prompts they trained on: the base's and each run's images of them
     again = subprocess.run([sys.executable, "benchmarks/toy_methods.py", "--methods", "dpo", "--seeds", "0", "1",
                             "--split", "val", "--steps", "2", "--prompts", "4", "--images-per-prompt", "2",
                             "--eval-seeds", "2", "--overrides", "train.batch_size=4", "--out", str(tmp_path),
-                            "--on-train-prompts"], cwd=ROOT, capture_output=True, text=True)
+                            "--results", str(tmp_path / "results.jsonl"), "--on-train-prompts"], cwd=ROOT,
+                           capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert (tmp_path / "table.md").read_text() == table  # the held-out (here validation) table is left as it was
     on_train = [json.loads((tmp_path / "dpo" / f"seed-{s}" / "train-prompts-report.json").read_text()) for s in (0, 1)]
@@ -112,6 +118,14 @@ def test_the_toy_methods_table_over_seeds(tmp_path):
     row = next(line for line in (tmp_path / "table-train-prompts.md").read_text().splitlines()
                if line.startswith("| dpo |")).split(" | ")
     assert row[3] == " ".join(f"{r['oracle_win_rate']['value']:.3f}" for r in on_train)
+
+    # the table again from the records alone, the runs' folders gone: nothing runs
+    (tmp_path / "dpo").rename(tmp_path / "gone")
+    (tmp_path / "table.md").unlink()
+    from_records = subprocess.run(done.args, cwd=ROOT, capture_output=True, text=True)
+    assert from_records.returncode == 0, from_records.stderr[-2000:]
+    assert (tmp_path / "table.md").read_text() == table and not (tmp_path / "dpo").exists()
+    (tmp_path / "gone").rename(tmp_path / "dpo")
 
     # the oracle's view of a run's pairs: one pair of each prompt's two images
     pairs = subprocess.run([sys.executable, "benchmarks/toy_pairs.py", str(tmp_path / "dpo" / "seed-0")], cwd=ROOT,
