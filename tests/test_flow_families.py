@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from transformers import T5Tokenizer
 
+from diffusion_align.models.conditioning import CaptionTruncation
 from diffusion_align.models.families import detect_family
 from diffusion_align.models.families.flux import Flux
 from diffusion_align.models.families.sd3 import SD3
@@ -91,6 +92,24 @@ def test_t5_tokenizer_round_trips_through_the_pipeline_folder(pipelines):
         cut = loaded(PROMPTS[-1], padding="max_length", max_length=SD3.max_sequence_length, truncation=True)
         assert len(cut.input_ids) == SD3.max_sequence_length and cut.input_ids[-1] == 1  # "</s>" kept when cut
     assert len(built(PROMPTS[-1]).input_ids) > Flux.max_sequence_length > SD3.max_sequence_length  # both truncate
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_captions_count_as_cut_only_past_t5s_length(pipelines, name, caplog):
+    """SD3's and FLUX's CLIP encoders read a caption's first 77 tokens and T5 reads it whole up to its
+    max_sequence_length: only a caption past T5's length is cut (the count in the run's report)."""
+    pipe, family = pipelines[name], FAMILY[name]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] + ([pipe.tokenizer_3] if name == "sd3" else [])
+    past_clip = " ".join(["a red circle"] * 30)  # about 90 tokens: past CLIP's 77, within T5's 256 and 512
+    assert len(pipe.tokenizer(past_clip).input_ids) > 77
+    truncation = CaptionTruncation()
+    truncation.check(family, tokenizers, [past_clip, PROMPTS[0]])
+    assert truncation.count == 0 and "cut there" not in caplog.text
+    truncation.check(family, tokenizers, PROMPTS)  # the last is past T5's length too
+    assert truncation.count == 1 and f"longer than T5's {family.max_sequence_length} tokens" in caplog.text
+    shorter = family.with_max_sequence_length(16)  # model.max_sequence_length
+    truncation.check(shorter, tokenizers, [past_clip, PROMPTS[0]])
+    assert truncation.count == 2
 
 
 @pytest.mark.parametrize("name", list(FAMILY))

@@ -230,7 +230,7 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
         parts = encoders()
         for at in progress(range(start, stop, batch_size * 4), desc=f"texts {desc}", leave=False):
             chunk = texts[at:min(at + batch_size * 4, stop)]
-            truncation.check(parts.tokenizers[0], chunk)
+            truncation.check(parts.family, parts.tokenizers, chunk)
             chunks.append(encode_texts(parts.family, parts.tokenizers, parts.text_encoders, chunk))
         tensors = {"hidden": torch.cat([c.hidden for c in chunks]).to("cpu", store).contiguous()}
         if chunks[0].pooled is not None:
@@ -294,7 +294,8 @@ class LatentCache:
         suffix = "_flip" if flip else ""
         if flip and not self.key["flips"]:
             raise ValueError(f"{self.folder} holds no mirrored images (made without flips); rebuild it with flips")
-        return {"mean": shard.get_slice(f"mean_{column}{suffix}")[j], "std": shard.get_slice(f"std_{column}{suffix}")[j],
+        return {"mean": shard.get_slice(f"mean_{column}{suffix}")[j],
+                "std": shard.get_slice(f"std_{column}{suffix}")[j],
                 "original_size": tuple(shard.get_slice(f"size_{column}")[j].tolist()),
                 "crop_top_left": tuple(shard.get_slice(f"crop_{column}")[j].tolist())}
 
@@ -335,4 +336,3 @@ class CachedPairDataset(torch.utils.data.Dataset):
                     item[f"{name}_{suffix}"] = value
             return item
         return pair_item(row, epoch, index, self.seed, self.paired, self.plain, images)
-

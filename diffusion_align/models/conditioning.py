@@ -17,19 +17,22 @@ __all__ = ["CaptionTruncation", "Conditioning", "TextStates", "conditioning", "e
 
 
 class CaptionTruncation:
-    """Captions longer than the text encoder reads are cut at its `model_max_length` tokens, as in every SD training
-    script; the first is warned about (once), every one is counted for the run's report."""
+    """Captions longer than the family's longest text encoder reads are cut there, as in every training script: the
+    CLIP encoder's `model_max_length` tokens (SD1.x / SD2.x, SDXL), T5's `max_sequence_length` where the family has
+    T5 (SD3, FLUX: their CLIP encoders read the first 77 tokens of a caption T5 reads whole). The first is warned
+    about (once), every one is counted for the run's report."""
 
     def __init__(self):
         self.count = 0
 
-    def check(self, tokenizer, prompts: list[str]) -> None:
-        limit = tokenizer.model_max_length
+    def check(self, family: Family | str, tokenizers: list, prompts: list[str]) -> None:
+        t5_tokens = get_family(family).max_sequence_length
+        tokenizer, limit, reader = ((tokenizers[0], tokenizers[0].model_max_length, "the text encoder's")
+                                    if t5_tokens is None else (tokenizers[-1], t5_tokens, "T5's"))
         long = [p for p, ids in zip(prompts, tokenizer(list(prompts))["input_ids"]) if len(ids) > limit]
         if long and self.count == 0:
-            logger.warning("captions longer than the text encoder's %d tokens are cut there, e.g. %r (%d words); "
-                           "further ones are counted, not warned about", limit, long[0][:60] + "...",
-                           len(long[0].split()))
+            logger.warning("captions longer than %s %d tokens are cut there, e.g. %r (%d words); further ones are "
+                           "counted, not warned about", reader, limit, long[0][:60] + "...", len(long[0].split()))
         self.count += len(long)
 
 

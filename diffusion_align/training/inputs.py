@@ -76,7 +76,7 @@ class PairInputs:
     def texts(self, prompts: list[str]) -> TextStates:
         if self.cache is None:  # each distinct text once: a pair's rows share their prompt
             distinct = list(dict.fromkeys(prompts))
-            self.truncation.check(self.tokenizers[0], distinct)
+            self.truncation.check(self.family, self.tokenizers, distinct)
             states = encode_texts(self.family, self.tokenizers, self.text_encoders, distinct)
             index = torch.tensor([distinct.index(p) for p in prompts], device=states.hidden.device)
             return TextStates(states.hidden[index], None if states.pooled is None else states.pooled[index])
