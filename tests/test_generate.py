@@ -150,6 +150,10 @@ def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_t
                  output_type="np").images[0]
     assert np.abs(pixels(out / "p0000-s0005.png") - np.round(image * 255)).max() <= 1
     assert np.abs(pixels(out / "p0000-s0000.png") - pixels(out / "p0000-s0005.png")).mean() > 5
+    if family == "flux":  # FluxPipeline reads a negative prompt only with true CFG, which generate does not run
+        with pytest.raises(ValueError, match="FluxPipeline ignores it"):
+            generate_images(model, prompts_txt, "0", tmp_path / "negative", negative_prompt="blurry", **FAST)
+        assert not (tmp_path / "negative").exists()
 
 
 def test_batch_size_does_not_change_images(tmp_path, tiny_models):
@@ -211,6 +215,8 @@ def test_other_settings_are_an_error(tmp_path, tiny_models, prompts_txt):
     with pytest.raises(ValueError, match=f"model={str(tiny_models['sd'])!r} there, "
                                          f"{str(tiny_models['sd2'])!r} now"):
         generate_images(tiny_models["sd2"], prompts_txt, "0", out, **FAST)
+    with pytest.raises(ValueError, match="dtype='float32' there, 'bfloat16' now"):  # other pixels: never mixed
+        generate_images(tiny_models["sd"], prompts_txt, "0", out, dtype=torch.bfloat16, **FAST)
     assert len(records(out)) == 2
 
 

@@ -4,7 +4,7 @@ with a LoRA.
 Output, in one folder: `p0003-s0002.png` (the prompt's number in the folder, the seed) and `metadata.jsonl` in the
 Hugging Face imagefolder convention, one line per image: `file_name`, `prompt`, `seed`, `prompt_index` (the number
 in the name), the settings (`model`, `lora`, `scheduler`, `steps`, `guidance`, `height`, `width`,
-`negative_prompt`, and SD3's / FLUX's `max_sequence_length` when one is given), `dtype`, and
+`negative_prompt`, `dtype`, and SD3's / FLUX's `max_sequence_length` when one is given), and
 `nsfw_content_detected`: true where the pipeline's safety checker replaced the image with black (kept, so that a
 rerun does not make it again), null where the pipeline has no checker.
 `score`, `compare` and `label --from-images` read the prompts and seeds from it.
@@ -51,7 +51,7 @@ PROMPT_FORMATS = (".txt", ".jsonl", ".csv")
 # max_sequence_length is recorded only when given (a folder made before it existed holds none): a missing setting
 # compares as None
 SETTINGS = ("model", "lora", "weights", "scheduler", "steps", "guidance", "height", "width", "negative_prompt",
-            "max_sequence_length")
+            "dtype", "max_sequence_length")
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -269,22 +269,27 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
 
 
 def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: float | None, height: int | None,
-              width: int | None, negative_prompt: str | None, t5: dict) -> dict:
+              width: int | None, negative_prompt: str | None, dtype: torch.dtype, t5: dict) -> dict:
     """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value. `t5`:
     the pipeline call's {"max_sequence_length": tokens} when one is given (recorded then only), which a pipeline
-    without T5 refuses."""
+    without T5 refuses; a negative prompt the pipeline would ignore is refused too."""
     from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
     if t5 and "max_sequence_length" not in defaults:
         raise ValueError(f"max_sequence_length={t5['max_sequence_length']}: a {type(pipe).__name__} has no T5 text "
                          "encoder and takes no max_sequence_length; it is an SD3 and FLUX setting")
+    if negative_prompt is not None and "true_cfg_scale" in defaults:  # FLUX: read only with true CFG, not run here
+        raise ValueError(f"negative_prompt={negative_prompt!r}: a {type(pipe).__name__} ignores it unless it runs "
+                         "true classifier-free guidance (true_cfg_scale > 1), which generate does not; FLUX.1 is "
+                         "guidance-distilled: leave the negative prompt out")
     # what the pipelines draw by default: their denoiser's sample size in latents (FLUX: a fixed 128), in pixels
     size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {"model": model, "lora": lora, "weights": weights_digest(model, lora),
             "scheduler": type(pipe.scheduler).__name__,
             "steps": steps or defaults["num_inference_steps"].default,
             "guidance": float(defaults["guidance_scale"].default if guidance is None else guidance),
-            "height": height or size, "width": width or size, "negative_prompt": negative_prompt, **t5}
+            "height": height or size, "width": width or size, "negative_prompt": negative_prompt,
+            "dtype": str(dtype).removeprefix("torch."), **t5}
 
 
 # ---------------------------------------------------------------- generate_images
@@ -361,7 +366,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     model, lora = _source(str(model), "model"), None if lora is None else _trained_lora(_source(str(lora), "LoRA"))
     pipe = load_pipeline(model, lora, scheduler, device, dtype)
     t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-    settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt, t5)
+    settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt, dtype, t5)
     if prune:
         records = _prune(records, settings, {(p, s) for p in distinct for s in seeds}, metadata)
     for where, record in records:
@@ -373,7 +378,6 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     todo, kept = _jobs(records, distinct, seeds, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     blacked_out = []
-    extra = {"dtype": str(dtype).removeprefix("torch.")}
     with progress(total=len(todo), unit="img", desc=f"generating {out_dir}") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -391,7 +395,7 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
                     blacked_out.append(job.file_name)
                 if not job.listed:
                     lines.append({"file_name": job.file_name, "prompt": job.prompt, "seed": job.seed,
-                                  "prompt_index": job.prompt_index, **settings, **extra,
+                                  "prompt_index": job.prompt_index, **settings,
                                   "nsfw_content_detected": nsfw})
             if lines:
                 _append_lines(metadata, lines)  # after the images: the line is what marks an image done
