@@ -207,6 +207,41 @@ def test_resume_scores_only_new_files_and_summary_covers_all(folder, tmp_path):
     assert summary["count"] == 6 and summary["mean"] == pytest.approx((0.2 + 1.0 + 0.4 + 0.0 + 0.6 + 1.0) / 6)
 
 
+def test_the_row_of_a_deleted_image_goes(folder, tmp_path):
+    """`compare` pairs every row: a folder regenerated with fewer seeds kept its old images' scores (issue 24)."""
+    out = tmp_path / "scores.csv"
+    score_folder(folder, [RednessScorer()], out, num_workers=0)
+    gone = sorted(EXPECTED)[0]
+    (folder / gone).unlink()
+    again = RednessScorer()
+    report = score_folder(folder, [again], out, num_workers=0)
+    assert again.scored == 0 and report.resumed == 4 and report.summary["scorers"]["redness"]["count"] == 4
+    assert [r["file"] for r in read_csv(out)] == sorted(EXPECTED)[1:]
+
+
+def test_a_csv_resumes_only_with_the_scorer_settings_that_made_it(folder, tmp_path):
+    """Same column, other weights, dtype or decoding: the old scores would be reported as the new scorer's."""
+    out = tmp_path / "scores.csv"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+
+    def scorer(path=None, dtype=torch.float32):
+        made = RednessScorer()
+        made.path, made.dtype = path, dtype
+        return made
+    score_folder(folder, [scorer(str(weights))], out, num_workers=0)
+    before = out.read_bytes()
+    for other, message in ((scorer(), rf"'weights': '{re.escape(str(weights))}'.* there, .*'weights': None"),
+                           (scorer(str(weights), torch.float16), "'dtype': 'torch.float16'")):
+        with pytest.raises(ScoringError, match=f"of other scorer settings .*{message}"):
+            score_folder(folder, [other], out, num_workers=0)
+    with pytest.raises(ScoringError, match="fast_jpeg=False there, True now"):
+        score_folder(folder, [scorer(str(weights))], out, num_workers=0, fast_jpeg=True)
+    assert out.read_bytes() == before
+    again = scorer(str(tmp_path / "." / "weights"))  # the same folder, however it is written
+    assert score_folder(folder, [again], out, num_workers=0).resumed == 5 and again.scored == 0
+
+
 def test_outputs_inside_the_folder_are_not_scored(folder):
     out = folder / "scores.csv"
     score_folder(folder, [RednessScorer()], out, num_workers=0)

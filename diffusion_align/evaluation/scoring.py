@@ -10,8 +10,9 @@ image's stem beside it, else from the `prompt` argument. Hidden files and folder
 are the files a run writes (names starting with the CSV's stem and a dot, beside the CSV).
 
 A rerun with the same CSV scores only the images not in it yet; rows are appended a batch at a time with one write,
-so an interrupted run leaves whole rows (a cut-short last row is dropped on the next run). The summary and
-histograms always cover every row in the CSV.
+so an interrupted run leaves whole rows (a cut-short last row is dropped on the next run). The rows of images changed
+or deleted since they were scored are dropped. A CSV resumes only with the folder, scorers (their weights and dtype)
+and JPEG decoding that made it. The summary and histograms always cover every row in the CSV.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import PIL.Image
 import torch
 from matplotlib.figure import Figure
 
+from ..data.shards import differences
 from ..files import jsonl_records, write_text_atomic, written_beside
 from ..images import to_rgb
 from ..progress import progress
@@ -406,12 +408,13 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     if not images:
         raise ScoringError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     summary_path, histograms = output_paths(out_csv, columns)
-    _check_same_folder(summary_path, root)
 
     header, rows = read_scores(out_csv) if out_csv.is_file() else ([], [])
     if header and sorted(score_columns_of(header)) != sorted(columns):
         raise ScoringError(f"{out_csv}: has score columns {score_columns_of(header)}, this run writes {columns}; "
                            f"score with the same scorers to resume, or write to another CSV")
+    scored_with = _scored_with(scorers, fast_jpeg)
+    _check_resumable(summary_path, root, scored_with)
     if not header:
         header = [*BASE_COLUMNS, *columns]
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -420,12 +423,13 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     stamps = {e.file: image_stamp(root / e.file) for e in entries}
     prompts = {e.file: e.prompt or "" for e in entries}
     # a row is kept while its image and prompt are those it scored: an image replaced under its name, or given
-    # another prompt, is scored again (rows without a stamp, from before stamps, are kept by name)
-    stale = {r["file"] for r in rows if r["file"] in stamps and (
+    # another prompt, is scored again (rows without a stamp, from before stamps, are kept by name), and the row of an
+    # image deleted since goes
+    stale = {r["file"] for r in rows if r["file"] not in stamps or (
         r.get("stamp", stamps[r["file"]]) != stamps[r["file"]] or r["prompt"] != prompts[r["file"]])}
     if stale:
-        logger.info("%s: %d images changed since they were scored (their file or prompt), scored again", root,
-                    len(stale))
+        logger.info("%s: %d images changed (their file or prompt) or deleted since they were scored: their rows "
+                    "were dropped", root, len(stale))
         rows = [r for r in rows if r["file"] not in stale]
         _write_rows(out_csv, header, rows, mode="w")
     done = {r["file"] for r in rows}
@@ -459,7 +463,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
         logger.warning("%s: skipped %s: %s", root, file, reason)
 
     summary = {"root": str(root.resolve()), "csv": str(out_csv), "rows": len(rows), "fast_jpeg": fast_jpeg,
-               "scorers": summarize(rows, scorers),
+               "scored_with": scored_with, "scorers": summarize(rows, scorers),
                "unreadable": [{"file": f, "reason": r} for f, r in unreadable]}
     write_text_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if rows:
@@ -472,16 +476,33 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
                        len(done), unreadable, summary)
 
 
-def _check_same_folder(summary_path: Path, root: Path) -> None:
-    """A CSV resumes only for the folder it was made from: the same relative names elsewhere are other images."""
-    if summary_path.is_file():
-        try:
-            previous = json.loads(summary_path.read_text(encoding="utf-8")).get("root")
-        except ValueError:
-            return  # an unreadable summary is rewritten at the end of this run
-        if previous and previous != str(root.resolve()):
-            raise ScoringError(f"{summary_path.parent}: the scores there ({summary_path.name}) are of {previous}, "
-                               f"not {root.resolve()}; write to another CSV (or delete that one and its summary)")
+def _scored_with(scorers, fast_jpeg: bool) -> dict:
+    """What a score depends on besides its image and prompt: each scorer's weights (a local folder as its absolute
+    path; None: the registry's) and dtype, and the JPEG decoding."""
+    def weights(path):
+        return str(Path(path).resolve()) if path is not None and os.path.exists(path) else path
+    return {"fast_jpeg": fast_jpeg, **{s.column: {"scorer": s.name, "weights": weights(getattr(s, "path", None)),
+                                                  "dtype": str(getattr(s, "dtype", None))} for s in scorers}}
+
+
+def _check_resumable(summary_path: Path, root: Path, scored_with: dict) -> None:
+    """A CSV resumes only for the folder it was made from (the same relative names elsewhere are other images) and
+    with the scorers and decoding that made it (`_scored_with`; a summary from before it was recorded is not
+    compared)."""
+    if not summary_path.is_file():
+        return
+    try:
+        previous = json.loads(summary_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # an unreadable summary is rewritten at the end of this run
+    there = f"{summary_path.parent}: the scores there ({summary_path.name}) are"
+    if previous.get("root") and previous["root"] != str(root.resolve()):
+        raise ScoringError(f"{there} of {previous['root']}, not {root.resolve()}; write to another CSV (or delete "
+                           "that one and its summary)")
+    changed = differences(previous.get("scored_with", scored_with), scored_with)
+    if changed:
+        raise ScoringError(f"{there} of other scorer settings ({changed}); write to another CSV (or delete that one "
+                           "and its summary)")
 
 
 def _check_prompts(root: Path, todo: list[ImageEntry], scorers) -> None:
