@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--cell-size", type=int, default=256, help="pixels per image cell")
     grid.add_argument("--prompt", help="prompt for images that have none recorded")
     grid.add_argument("--ab", nargs=2, metavar=("FOLDER_A", "FOLDER_B"),
-                      help="the two folders (by their column label) of the blind A/B mode (default: the first two)")
+                      help="the two folders (by their column label or index) of the blind A/B mode (default: the first "
+                           "two)")
     grid.add_argument("--seed", type=int, default=0, help="seed of the A/B page's left/right randomisation")
     grid.add_argument("--title", help="title of the review page")
     _scorer_flags(grid, many=False, required=False)

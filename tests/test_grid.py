@@ -173,9 +173,12 @@ def test_grid_pages_and_their_names(folders, tmp_path):
 
     small = make_grid(folders, out, cell_size=CELL, rows_per_page=2)
     assert [p.name for p in small.pages] == ["grid.png", "grid-002.png", "grid-003.png"]
+    for name in ("grid-001.png", "grid-2024.png", "grid-04.png"):  # files of the user's, never a page
+        Image.new("RGB", (2, 2)).save(tmp_path / name)
     make_grid(folders, out, cell_size=CELL, rows_per_page=3)
     # the third page of the run before would look current: it is removed
-    assert sorted(p.name for p in tmp_path.glob("grid*.png")) == ["grid-002.png", "grid.png"]
+    assert sorted(p.name for p in tmp_path.glob("grid*.png")) == ["grid-001.png", "grid-002.png", "grid-04.png",
+                                                                  "grid-2024.png", "grid.png"]
 
     with pytest.raises(ValueError, match="unknown image type"):
         make_grid(folders, tmp_path / "grid.txt")

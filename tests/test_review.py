@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -67,9 +68,21 @@ def test_review_data_pairs_rows_with_both_images_and_draws_sides_from_the_seed(f
     assert sides[1] == [p["left"] for p in ab["pairs"]]  # the same seed, the same sides
     assert len({tuple(s) for s in sides}) > 1 and {"a", "b"} <= {x for s in sides for x in s}
     assert review_data(folders, ab=["tuned", 0])["ab"]["folders"] == ["tuned", "base"]
+    assert review_data(folders, ab=["1", "0"])["ab"]["folders"] == ["tuned", "base"]  # as the command line gives them
     with pytest.raises(ValueError, match="no folder 'other'"):
         review_data(folders, ab=["other", "base"])
     assert review_data(folders[:1])["ab"] is None  # one folder: nothing to compare
+
+
+def test_saved_choices_resume_only_on_the_same_images(folders):
+    """The page keeps its choices in localStorage under data["id"]: a folder regenerated under the same names,
+    prompts and seeds (a retrained model) must not take the old choices as judged."""
+    first = review_data(folders, seed=1)
+    assert review_data(folders, seed=1)["id"] == first["id"]  # a page written again resumes
+    assert review_data(folders, seed=2)["id"] != first["id"]  # other sides
+    shutil.rmtree(folders[1])
+    write_folder(folders[1], 201, missing=[(2, 2)])  # other pixels, the same files
+    assert review_data(folders, seed=1)["id"] != first["id"]
 
 
 def test_seeds_past_javascript_integers_go_as_strings(tmp_path):

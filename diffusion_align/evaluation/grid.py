@@ -14,7 +14,6 @@ its note under its seed.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -206,7 +205,7 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
         report.scorer, report.best = scorer.column, dict.fromkeys(labels, 0)
     chunks = [rows[i:i + rows_per_page] for i in range(0, len(rows), rows_per_page)]
     for number, chunk in enumerate(chunks, 1):
-        path = out if number == 1 else out.with_name(f"{out.stem}-{number:03d}{out.suffix}")
+        path = page_path(out, number)
         page = _draw_page(chunk, (number - 1) * rows_per_page, [Path(d) for d in dirs], labels, layout, scorer,
                           report)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,12 +216,18 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     return report
 
 
+def page_path(out: Path, number: int) -> Path:
+    """Page `number` of a grid written to `out`: `out` itself, then `<stem>-002<suffix>` on."""
+    return out if number == 1 else out.with_name(f"{out.stem}-{number:03d}{out.suffix}")
+
+
 def _remove_stale_pages(out: Path, pages: list[Path]) -> None:
-    """Pages `<stem>-NNN<suffix>` that this run did not write are an earlier run's: they would look current."""
-    name = re.compile(re.escape(out.stem) + r"-\d{3,}" + re.escape(out.suffix))
-    for old in out.parent.iterdir():
-        if name.fullmatch(old.name) and old not in pages:
-            old.unlink()
+    """The pages after this run's last that an earlier run wrote would look current: removed, counting on from
+    there while one exists, so a file of another name (`results-2024.png`, `results-001.png`) is never touched."""
+    number = max(len(pages), 1) + 1
+    while page_path(out, number).is_file():
+        page_path(out, number).unlink()
+        number += 1
 
 
 def _draw_page(rows: list[Row], first_row: int, dirs: list[Path], labels: list[str], layout: _Layout, scorer,

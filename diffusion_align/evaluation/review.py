@@ -110,9 +110,10 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
         compared = {"folders": [labels[a], labels[b]], "columns": [a, b], "seed": seed, "pairs": pairs}
     data = {"title": title or "Review: " + ", ".join(labels), "folders": labels, "rows": table, "ab": compared,
             "scorer": None if scorer is None else scorer.column}
-    # names the page's saved choices in localStorage: the same rows and sides resume, anything else starts afresh
-    data["id"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     data["images"] = images
+    # names the page's saved choices in localStorage: the same rows, sides and images resume; anything else (a folder
+    # regenerated under the same names) starts afresh
+    data["id"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     return data
 
 
@@ -129,13 +130,16 @@ def _scores(rows: list, dirs: Sequence, labels: list[str], scorer, chunk: int = 
 
 
 def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
-    """Column indices of the two folders to compare blind, given by index or label (default the first two)."""
+    """Column indices of the two folders to compare blind, given by index (an int, or its digits from the command
+    line) or label, a label first (default the first two)."""
     if ab is None:
         return 0, 1
     if len(ab) != 2:
         raise ValueError(f"expected two folders to compare blind, got {len(ab)}: {list(ab)}")
     indices = []
     for which in ab:
+        if isinstance(which, str) and which not in labels and which.isdecimal():
+            which = int(which)
         if isinstance(which, int) and 0 <= which < len(labels):
             indices.append(which)
         elif which in labels:
