@@ -290,8 +290,16 @@ def test_relabelling_a_folder_output_finds_no_human_labels(image_folder, tmp_pat
     # its label_0/1 were taken for people's, and a second scorer "agreed with people" on the first's labels
     a = report.agreement
     assert (a["agreement"], a["human_strict_pairs"], a["no_human_label"]) == (None, 0, 9)
-    assert all(r["human_label_0"] is None and r["human_label_1"] is None for r in read_out(tmp_path / "again"))
+    assert not any(k.startswith("human_label") for r in read_out(tmp_path / "again") for k in r)  # none came
     assert "agreement with people" not in str(report)
+    # SmPO on it (the demo's generate -> label -> relabel -> train): pairs without people's labels are decided by
+    # their label_0/1, not dropped as unlabelled (all 9 were)
+    pairs, stats = load_pairs(str(tmp_path / "again"), extra_columns=["fake_0", "fake_1"], orient_by="fake")
+    assert (stats.pairs, stats.unlabelled) == (9, 0)
+    assert [r["label_0"] for r in pairs] == [float(r["fake_0"] > r["fake_1"]) for r in pairs]
+    stream, _ = load_pairs(str(tmp_path / "again"), streaming=True, extra_columns=["fake_0", "fake_1"],
+                           orient_by="fake")
+    assert [r["label_0"] for r in stream] == [r["label_0"] for r in pairs]
 
 
 def test_pairs_from_folder_caps_pairs_per_prompt(image_folder, tmp_path):

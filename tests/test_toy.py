@@ -381,6 +381,11 @@ def test_the_toy_configs_train_as_the_demo_does(tmp_path, monkeypatch, method, f
     where = ("online", "prompts") if method in ("pref_grpo", "grpo") else ("data", "path")
     assert Path(demo[where[0]][where[1]]).is_relative_to(tmp_path / "demo")
     assert (demo["train"]["seed"], demo["train"]["overwrite"]) == (4, True)
+    if method not in ("pref_grpo", "grpo"):  # its pairs load as training loads them: none dropped as unlabelled
+        from diffusion_align.data.pairs import load_pairs
+        _, stats = load_pairs(trained.data.path, keep_unlabelled=False,
+                              orient_by=trained.method.pref_column if method == "smpo" else None)
+        assert stats.pairs > 0 and stats.unlabelled == 0, stats
     if method in ("pref_grpo", "grpo"):  # the online methods sample as every toy image is sampled
         assert (shipped["online"]["sample_steps"], shipped["online"]["guidance"]) == (SAMPLING["steps"],
                                                                                       SAMPLING["guidance"])

@@ -6,8 +6,8 @@ For a pair with scores s0, s1 (the scorer's own units, e.g. PickScore's logit-sc
     label_0, label_1         1/0 if s0 - s1 > tie_margin, 0/1 if s1 - s0 > tie_margin, else 0.5/0.5 (an AI tie)
     pref_prob_0              P(image 0 preferred) = scorer.preference_prob_from_scores(s0, s1)
     human_label_0/1          the labels the pair came with (kept as they are when the source already has them;
-                             null where the source is a labelling output without them, whose label_0/1 were a
-                             scorer's: `pairs_from_folder`'s)
+                             left out where the source is a labelling output without them, whose label_0/1 were
+                             a scorer's: `pairs_from_folder`'s)
 
 and keeps every other column as it was. Output: `pairs-00000.parquet`, ... (one shard per `shard_size` source rows,
 each written whole or not at all), `.shards/pairs-00000.json` (what each shard holds: its settings, source rows and
@@ -217,7 +217,8 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
                                             num_workers, f"labelling {desc}")
         table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
         has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
-        human = outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
+        human = (outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
+                 if "human_label_0" in table.column_names else np.full(len(table), NO_LABEL))
         ai = outcomes(*_columns(table, "label_0", "label_1"))
         return table, {"skipped": bad, "counts": outcome_counts(human, ai).tolist()}
 
@@ -254,16 +255,18 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
     rows = pairs.with_format("arrow")[start:stop]
     rows = rows.take(pa.array([i - start for i in indices], pa.int64())).replace_schema_metadata(None)
     # A source labelled before keeps its human labels; its old label_0/1 were another scorer's, so a labelling
-    # output without human labels (pairs_from_folder's, marked by pref_prob_0) has none.
+    # output without human labels (pairs_from_folder's, marked by pref_prob_0) has none, and gets no human_label_*
+    # columns: SmPO's loader then decides ties on label_0/1 (null ones would drop every pair as unlabelled).
     if "human_label_0" in rows.column_names:
         human = [rows[f"human_label_{i}"].cast(pa.float64()) for i in (0, 1)]
     elif "pref_prob_0" in rows.column_names:
-        human = [pa.nulls(len(rows), pa.float64())] * 2
+        human = []
     else:
         human = [rows[f"label_{i}"].cast(pa.float64()) for i in (0, 1)]
     added = _label_columns(scorer, scores, tie_margin)
     rows = rows.drop_columns([c for c in rows.column_names if c in added or c.startswith("human_label_")])
-    rows = rows.append_column("human_label_0", human[0]).append_column("human_label_1", human[1])
+    for i, labels in enumerate(human):
+        rows = rows.append_column(f"human_label_{i}", labels)
     for name, values in added.items():
         rows = rows.append_column(name, values)
     return rows
