@@ -243,6 +243,45 @@ def test_zero2_without_deepspeed_says_how_to_install_it(monkeypatch):
         resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=zero2"]), {"RANK": "0"})
 
 
+PROBE_PRECISION = """
+import sys
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusion_align.config import load_config
+from diffusion_align.training.run import make_accelerator
+from diffusion_align.training.sharding import shard
+torch.set_autocast_dtype("cpu", torch.float16)  # as CUDA's default is: an autocast naming no dtype takes it
+for mixed in ("bf16", "no"):
+    accelerator = make_accelerator(load_config(sys.argv[1], ["train.sharding=zero2", f"train.mixed_precision={mixed}",
+                                                             "train.report_to=none"]))
+    with accelerator.autocast():
+        print(mixed, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+transformer = shard(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8),
+                    "fsdp2", torch.bfloat16)
+transformer.time_text_embed.register_forward_pre_hook(lambda module, args: print(args[0].dtype, args[0].tolist()))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    out = transformer(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 3, 16),
+                      pooled_projections=torch.randn(1, 8), timestep=torch.tensor([937.4])).sample
+out.float().square().mean().backward()  # fp32 inputs meet the bf16 weights under autocast only: it trains
+print(out.dtype, all(p.grad is not None and p.grad.full_tensor().isfinite().all() for p in transformer.parameters()))
+"""
+
+
+def test_sharded_runs_compute_in_the_configured_dtype(tmp_path):
+    """zero2: accelerate's autocast() names no dtype for a DeepSpeed run, and CUDA's default is fp16 (unscaled, as
+    zero2 refuses fp16): a bf16 run on a GPU computed in fp16 (the default is set to fp16 here, as CUDA's is).
+    fsdp2: its forward cast SD3's float timestep to bf16 (937.4 to 936); data-parallel passes it as it is."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE_PRECISION)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                           "29531", str(probe), str(TINY_CONFIG)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-4:] == ["bf16 True torch.bfloat16", "no False torch.float16",
+                                             f"torch.float32 {torch.tensor([937.4]).tolist()}", "torch.bfloat16 True"]
+
+
 @pytest.mark.parametrize("case", ["dpo-full", "dpo-lora", "pref_grpo-full"])
 def test_each_process_holds_half_the_model_states(sharded_runs, case):
     """The issue's goal: per process, the weights, gradients and optimiser states (and a full fine-tune's reference

@@ -39,6 +39,7 @@ import os
 import pickle
 import warnings
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -126,8 +127,12 @@ def resolve_sharding(cfg: Config, env=os.environ) -> str:
 
 
 def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
-    """Shard `module` in place, block by block (`BLOCK_CLASSES`, innermost first), then the rest as the root."""
-    options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+    """Shard `module` in place, block by block (`BLOCK_CLASSES`, innermost first), then the rest as the root. The
+    weights are gathered in `compute_dtype`; the inputs are left as they come, to the loops' autocast, as in a
+    data-parallel run (cast to bf16, SD3's and FLUX's float timesteps would move by up to 4 of 1000, SDXL's size
+    ids by up to 4 pixels)."""
+    options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                 cast_forward_inputs=False)}
     if strategy == "fsdp2-offload":
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in reversed(wrap_units(module)):  # modules() lists a block before the blocks inside it
@@ -174,8 +179,13 @@ def deepspeed_accelerator(cfg: Config, **options):
         PartialState(backend="gloo" if cpu else None)
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg)), **options)
-    # accelerate leaves mixed precision to DeepSpeed's config, whose bf16 mode is off: its autocast() does it
-    accelerator.native_amp = cfg.train.mixed_precision != "no"
+    # accelerate leaves mixed precision to DeepSpeed's config, whose bf16 mode is off, so the loops' autocast does it;
+    # but accelerate's autocast() names no dtype for a DeepSpeed run, and CUDA's default is fp16 (unscaled: fp16 is
+    # refused under zero2). This one names the configured dtype
+    mixed = cfg.train.mixed_precision
+    accelerator.autocast = partial(torch.autocast, accelerator.device.type,
+                                   dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed),
+                                   enabled=mixed != "no")
     return accelerator
 
 
