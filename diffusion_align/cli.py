@@ -41,7 +41,8 @@ def cmd_plan(args) -> None:
     if args.processes < 1 or (args.gpu_memory is not None and args.gpu_memory <= RESERVE_GB):
         raise ConfigError(f"--processes must be >= 1 and --gpu-memory more than the {RESERVE_GB} GB kept for the CUDA "
                           f"context, got {args.processes} and {args.gpu_memory}")
-    result = plan(cfg, args.processes, args.gpu_memory, args.strategy)
+    strategy = args.strategy or {"none": "ddp"}.get(cfg.train.sharding, cfg.train.sharding)
+    result = plan(cfg, args.processes, args.gpu_memory, strategy)
     print(plan_json(result) if args.json else format_plan(result))
 
 
@@ -255,7 +256,8 @@ def cmd_export(args) -> None:
 
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool, required: bool = True) -> None:
     parser.add_argument("--scorer", required=required, action="append", metavar="NAME[=PATH]",
-                        help="pickscore, hpsv2, hpsv2.1, clip or aesthetic; =PATH for local weights (see "
+                        help="pickscore, hpsv2, hpsv2.1, clip, aesthetic, or the toy world's toy-pickscore and "
+                             "toy-oracle; =PATH for local weights (see "
                              "reward_models/)" + (" (repeat for several)" if many else ""))
     parser.add_argument("--convention", action="append", default=[], metavar="NAME=CONVENTION",
                         help="score convention of a scorer, e.g. clip=raw, clip=torchmetrics, pickscore=cosine")
@@ -303,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is spread over")
     plan.add_argument("--gpu-memory", type=float, default=None, help="GiB of memory per GPU, as cards are sold "
                                                                      "(24, 48, 80); with it, say whether it fits")
-    plan.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2", "fsdp2-offload", "zero2"),
+    plan.add_argument("--strategy", default=None, choices=("ddp", "fsdp2", "fsdp2-offload", "zero2"),
                       help="ddp replicates everything; fsdp2 shards weights, gradients and optimizer states; "
-                           "fsdp2-offload keeps them on the CPU; zero2 shards gradients and optimizer states")
+                           "fsdp2-offload keeps them on the CPU; zero2 shards gradients and optimizer states "
+                           "(default: the config's train.sharding, none being ddp)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
@@ -483,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--label-margin", type=float, default=0.0,
                       help="with --labels proxy: a toy PickScore gap up to this is a tie, dropped from training")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.md, report.json, images, model)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's recipe in "
-                                                               "configs/toy/: optimiser steps offline, rollouts online)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the method's recipe in configs/toy/, or configs/toy-flow/ for "
+                           "the flow base: optimiser steps offline, rollouts online)")
     demo.add_argument("--prompts", type=int, default=None, help="train prompts (at most 212, the default: all)")
     demo.add_argument("--images-per-prompt", type=int, default=None, help="base-model images per train prompt, "
                                                                            "all pairs of them labelled (default: 4 on "

@@ -324,7 +324,12 @@ def test_plan_command_prints_json(tiny_models, capsys):
           f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
     out = json.loads(capsys.readouterr().out)
     assert set(out["per_process_bytes"]) == {*PARTS, "rewards", "total", "cache_build"}
-    assert out["fits"] is True and out["processes"] == 2
+    assert out["fits"] is True and out["processes"] == 2 and out["strategy"] == "fsdp2"
+    main(["plan", "--json", "--processes", "2", f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null",
+          "train.resolution=32", "train.sharding=zero2"])  # without --strategy: the config's sharding
+    assert json.loads(capsys.readouterr().out)["strategy"] == "zero2"
+    main(["plan", "--json", f"model.pretrained={tiny_models['sd']}", "train.resolution=32"])
+    assert json.loads(capsys.readouterr().out)["strategy"] == "ddp"  # train.sharding=none
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])
     assert "--processes must be >= 1" in capsys.readouterr().err
