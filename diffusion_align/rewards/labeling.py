@@ -380,9 +380,7 @@ def pairs_from_folder(image_dir, scorer, out_dir, max_pairs_per_prompt: int | No
     scored = score_folder(image_dir, [scorer], out_dir / "scores.csv", batch_size=batch_size,
                           num_workers=num_workers)
     skipped, by_prompt = list(scored.unreadable), {}
-    for row in sorted(scored.rows, key=lambda r: r["file"]):
-        if not (image_dir / row["file"]).is_file():
-            continue  # scored by an earlier run, deleted since
+    for row in sorted(scored.rows, key=lambda r: r["file"]):  # score_folder dropped the rows of deleted images
         if not row["prompt"]:  # possible with scorers that read no prompt
             skipped.append((row["file"], "no prompt (metadata.jsonl or a .txt beside it): cannot be paired"))
         elif not math.isfinite(row[scorer.column]):  # a NaN would silently become a "0/1" label
