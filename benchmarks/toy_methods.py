@@ -121,9 +121,9 @@ def recorded_run(out: Path, method: str, seed: int, args) -> dict:
     key = {**json.loads(json.dumps(asdict(settings))),  # as a JSON line holds them: the overrides a list
            "recipe_sha256": hashlib.sha256(recipe(method, settings.family).read_bytes()).hexdigest()}
     found = args.results.read_text().splitlines() if args.results.is_file() else []
-    for line in found:
-        if json.loads(line)["settings"] == key:
-            return json.loads(line)
+    for record in map(json.loads, found):
+        if record["settings"] == key:
+            return record
     record = {"settings": key, **run_record(run_seed(out, method, seed, args))}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.results, "".join(line + "\n" for line in [*found, json.dumps(record)]))
