@@ -166,8 +166,6 @@ def deepspeed_accelerator(cfg: Config, **options):
     Accelerator's others)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
-
-    from .run import DTYPES  # run.py imports this module
     cpu = not torch.cuda.is_available()
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, over gloo
@@ -185,8 +183,9 @@ def deepspeed_accelerator(cfg: Config, **options):
     # but accelerate's autocast() names no dtype for a DeepSpeed run, and CUDA's default is fp16 (unscaled: fp16 is
     # refused under zero2). This one names the configured dtype
     mixed = cfg.train.mixed_precision
-    accelerator.autocast = partial(torch.autocast, accelerator.device.type, enabled=mixed != "no",
-                                   dtype=None if mixed == "no" else DTYPES[mixed])
+    accelerator.autocast = partial(torch.autocast, accelerator.device.type,
+                                   dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed),
+                                   enabled=mixed != "no")
     return accelerator
 
 
