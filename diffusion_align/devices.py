@@ -1,8 +1,11 @@
-"""Where models run when the user does not say."""
+"""Where models run when the user does not say, and the dtype each `train.mixed_precision` computes in."""
 
 from __future__ import annotations
 
 import torch
+
+# train.mixed_precision -> the dtype autocast computes in and the frozen models are held in
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def default_device(device=None) -> torch.device:

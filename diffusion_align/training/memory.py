@@ -81,6 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..config import Config
+from ..devices import MIXED_PRECISION_DTYPES
 from ..models.families import Family
 from .methods import METHODS, ONLINE_METHODS
 
@@ -162,7 +163,6 @@ def count_models(cfg: Config) -> ModelCounts:
     from ..models.loading import load_tokenizer, vae_downsampling
     from ..models.policy import lora_config
     from .online import rows_per_image
-    from .run import DTYPES
     m = cfg.model
     family, denoiser_config, denoiser, vae, encoders, index = pipeline_on_meta(cfg)
     denoiser_params = _numel(denoiser)
@@ -173,7 +173,8 @@ def count_models(cfg: Config) -> ModelCounts:
     online = cfg.method.name in ONLINE_METHODS
     rows = _rows(cfg) * (rows_per_image(cfg.online, family) if online else 1)  # online CFG: both halves in one call
     latent = cfg.train.resolution // vae_downsampling(vae.config)
-    compute = None if cfg.train.mixed_precision == "no" else DTYPES[cfg.train.mixed_precision]  # autocast's
+    mixed = cfg.train.mixed_precision
+    compute = None if mixed == "no" else MIXED_PRECISION_DTYPES[mixed]  # autocast's
     reference, frozen_copy, fake = None, None, FakeTensorMode()
     if _needs_reference(cfg) and not (cfg.method.precomputed_reference and not online):
         if m.lora_rank is not None:
@@ -686,8 +687,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     """Bytes per process of each part of a run of `cfg` (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    from .run import DTYPES
-    frozen = DTYPES[cfg.train.mixed_precision].itemsize  # the frozen weights' dtype
+    frozen = MIXED_PRECISION_DTYPES[cfg.train.mixed_precision].itemsize  # the frozen weights' dtype
     full = cfg.model.lora_rank is None
     trainable = counts.denoiser if full else counts.lora
     weights = counts.denoiser * 4 if full else counts.denoiser * frozen + counts.lora * 4

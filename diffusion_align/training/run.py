@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
 from ..config import Config, ConfigError, config_to_dict, config_to_yaml
-from ..devices import process_state
+from ..devices import MIXED_PRECISION_DTYPES, process_state
 from ..evaluation.plots import plot_run
 from ..files import WRITE_ERRORS, write_text_atomic
 from ..models.kohya import kohya_labels
@@ -31,8 +31,6 @@ from .safety import RunStopped, check_finite_weights, check_output_dir, clear_ru
 from .sharding import deepspeed_accelerator, gathered_policy, model_state_bytes, resolve_sharding, shard
 
 logger = logging.getLogger("diffusion_align")
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -157,7 +155,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
                           f"model.prediction_type=null to follow the checkpoint)")
-    device, frozen_dtype = accelerator.device, DTYPES[t.mixed_precision]
+    device, frozen_dtype = accelerator.device, MIXED_PRECISION_DTYPES[t.mixed_precision]
     for module in parts.text_encoders:
         place(module, device, frozen_dtype)
     if parts.vae is not None:

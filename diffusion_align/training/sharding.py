@@ -53,6 +53,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from ..config import Config, ConfigError
+from ..devices import MIXED_PRECISION_DTYPES
 from ..files import save_torch
 
 # the wrap policy: each module of these classes is sharded as one unit (as accelerate's
@@ -182,10 +183,9 @@ def deepspeed_accelerator(cfg: Config, **options):
     # accelerate leaves mixed precision to DeepSpeed's config, whose bf16 mode is off, so the loops' autocast does it;
     # but accelerate's autocast() names no dtype for a DeepSpeed run, and CUDA's default is fp16 (unscaled: fp16 is
     # refused under zero2). This one names the configured dtype
-    mixed = cfg.train.mixed_precision
-    accelerator.autocast = partial(torch.autocast, accelerator.device.type,
-                                   dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed),
-                                   enabled=mixed != "no")
+    if cfg.train.mixed_precision != "no":
+        accelerator.autocast = partial(torch.autocast, accelerator.device.type,
+                                       dtype=MIXED_PRECISION_DTYPES[cfg.train.mixed_precision])
     return accelerator
 
 
