@@ -442,3 +442,27 @@ def test_a_resolution_whose_latents_are_not_whole_tokens_is_refused_before_loadi
     for resolution, vae_key in ((48, [f"model.vae={vae}"]), (40, [])):
         cfg = load_config(None, [f"model.pretrained={model}", f"train.resolution={resolution}", *vae_key])
         assert model_family(cfg)[0] == family
+
+
+def test_an_sd3_resolution_past_its_position_table_is_refused_before_loading(tmp_path, tiny_flow_models, tiny_pairs,
+                                                                             monkeypatch):
+    """SD3's learned positions cover pos_embed_max_size patches a side (the tiny one: 32 patches of 2 latents, 64
+    latents, 128 px through its VAE downsampling by 2); a larger image failed in the first step's forward, after the
+    models were made. The check's boundary is the transformer's own: 64 latents go through it, 68 do not."""
+    model = tiny_flow_models["sd3"]
+    transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer")
+    cond = dict(encoder_hidden_states=torch.zeros(1, 3, transformer.config.joint_attention_dim),
+                pooled_projections=torch.zeros(1, transformer.config.pooled_projection_dim), timestep=torch.tensor([1]))
+    transformer(hidden_states=torch.zeros(1, 16, 64, 64), **cond)
+    with pytest.raises(ValueError, match="cannot be greater than `pos_embed_max_size`"):
+        transformer(hidden_states=torch.zeros(1, 16, 68, 68), **cond)
+
+    def load_components(*args, **kwargs):
+        raise AssertionError("a model was loaded before the resolution was checked")
+    monkeypatch.setattr(run_module, "load_components", load_components)
+    with pytest.raises(ConfigError, match=r"train.resolution=136 is larger than .* \(sd3\) has positions for: at most "
+                                          r"128 px \(its transformer's pos_embed_max_size, in latents 64, times its "
+                                          r"VAE's downsampling by 2\)"):
+        run(tmp_path, model, tiny_pairs, "train.resolution=136")
+    with pytest.raises(AssertionError, match="a model was loaded"):  # 128 px passes the check
+        run(tmp_path / "at-most", model, tiny_pairs, "train.resolution=128")

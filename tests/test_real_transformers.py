@@ -193,6 +193,15 @@ def test_flux_dev_trains_with_its_distilled_guidance_and_schnell_without(configs
     assert FAMILIES["sd3"].training_guidance(configs["sd3"]) is None
 
 
+def test_the_published_configs_read_their_published_resolutions(configs):
+    """SD3.5-medium's positions cover 384 patches of 2 latents a side: 6144 px through its VAE's 8 (SD3-medium's 192:
+    3072 px); FLUX's rotary positions have no limit. Both read latents in multiples of 2 (16 px)."""
+    sd3, flux = FAMILIES["sd3"], FAMILIES["flux"]
+    assert sd3.max_latent_side(configs["sd3"]) == 768 and flux.max_latent_side(configs["flux"]) is None
+    assert sd3.max_latent_side(configs["sd3"] | {"pos_embed_max_size": 192}) * 8 == 3072
+    assert sd3.latent_multiple(configs["sd3"]) == flux.latent_multiple(configs["flux"]) == 2
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_each_transformer_has_its_published_size_on_the_meta_device(models, name):
     state = models[name].state_dict()

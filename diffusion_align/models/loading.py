@@ -182,10 +182,10 @@ def vae_downsampling(config) -> int:
 def check_resolution(resolution: int, family: Family, denoiser_config: dict, pretrained: str,
                      revision: str | None = None, vae: str | None = None, name: str = "resolution") -> None:
     """Refuse square images of `resolution` pixels (the setting `name`) whose latents the denoiser cannot cut into
-    whole tokens (SD3's 2x2 patches, FLUX's 2x2 packing), before any model is loaded or image encoded: the latent side
-    is the resolution over the VAE's downsampling."""
-    patch = family.latent_multiple(denoiser_config)
-    if patch == 1:  # the UNets read any latent size
+    whole tokens (SD3's 2x2 patches, FLUX's 2x2 packing) or has no positions for (SD3's position table), before any
+    model is loaded or image encoded: the latent side is the resolution over the VAE's downsampling."""
+    patch, largest = family.latent_multiple(denoiser_config), family.max_latent_side(denoiser_config)
+    if patch == 1 and largest is None:  # the UNets read any latent size
         return
     factor = vae_downsampling(vae_config(pretrained, revision, vae))
     multiple = factor * patch
@@ -194,6 +194,10 @@ def check_resolution(resolution: int, family: Family, denoiser_config: dict, pre
         raise ConfigError(f"{name}={resolution} must be a multiple of {multiple} for {pretrained} ({family}): its VAE "
                           f"downsamples by {factor} and its transformer reads the latents in {patch}x{patch} patches; "
                           f"e.g. {f'{below} or ' if below else ''}{below + multiple}")
+    if largest is not None and resolution > largest * factor:
+        raise ConfigError(f"{name}={resolution} is larger than {pretrained} ({family}) has positions for: at most "
+                          f"{largest * factor} px (its transformer's pos_embed_max_size, in latents {largest}, times "
+                          f"its VAE's downsampling by {factor})")
 
 
 def base_pipeline(pretrained: str, revision: str | None = None, variant: str | None = None, vae: str | None = None,

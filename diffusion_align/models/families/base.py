@@ -149,6 +149,11 @@ class Family(ABC):
         denoiser (1: a UNet reads latents of any size)."""
         return 1
 
+    def max_latent_side(self, denoiser_config: dict) -> int | None:
+        """The largest latent height and width the denoiser has positions for; None where any size is read (the
+        UNets; FLUX's rotary positions)."""
+        return None
+
     def training_guidance(self, denoiser_config: dict) -> float | None:
         """The guidance scale a guidance-distilled denoiser (FLUX.1-dev) is trained with; None for the others."""
         return None

@@ -51,6 +51,12 @@ class SD3(TransformerFamily):
     def latent_multiple(self, denoiser_config: dict) -> int:
         return denoiser_config["patch_size"]  # its patch embedding cuts the latents into patch_size^2 tokens (2)
 
+    def max_latent_side(self, denoiser_config: dict) -> int | None:
+        # its position table, cropped to the image's patches, covers pos_embed_max_size patches a side
+        # (SD3.5-medium: 384, i.e. 6144 px; SD3-medium: 192; the class's default: 96); null makes them for any size
+        size = denoiser_config.get("pos_embed_max_size", 96)
+        return size * denoiser_config["patch_size"] if size else None
+
     def denoise(self, model, sample: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
         # the transformer takes the scheduler's timestep (1000 s), as `StableDiffusion3Pipeline` passes it
         timesteps = torch.as_tensor(timesteps, device=sample.device).expand(len(sample))
