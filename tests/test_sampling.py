@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_align.training.sampling import DDIMPolicy, ddim_step_with_logprob
+from diffusion_align.training.sampling import DDIMPolicy, ddim_step_with_logprob, ddim_transition
 from rescoring import assert_rescoring_gives_ratio_one
 
 
@@ -81,6 +81,20 @@ def test_a_stored_step_is_rescored_not_redrawn():
     assert (far < log_prob).all()
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim_step_with_logprob(DDIMScheduler(), output, t, sample)
+
+
+def test_a_bf16_step_scores_the_sample_it_returns():
+    """bf16 latents: the step draws in fp32 and returns the sample rounded to bf16; its log-probability is the
+    rounded sample's, so re-scoring the stored trajectory gives it exactly (ratio 1), as the flow step's does."""
+    s = scheduler()
+    sample, output = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 4, 8, 8).bfloat16()
+    t = int(s.timesteps[3])
+    prev, log_prob = ddim_step_with_logprob(s, output, t, sample, generator=torch.Generator().manual_seed(1))
+    mu, sigma = ddim_transition(s, output, t, sample, 1.0)
+    assert prev.dtype == torch.bfloat16
+    assert torch.equal(log_prob, torch.distributions.Normal(mu, sigma).log_prob(prev.float()).mean(dim=(1, 2, 3)))
+    _, rescored = ddim_step_with_logprob(s, output, t, sample, prev_sample=prev)
+    assert torch.equal(rescored, log_prob)
 
 
 # ---------------------------------------------------------------- sampling groups with the trajectory

@@ -69,18 +69,16 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     """One DDIM step from `sample` at `timestep` (an int, or one per row): (prev_sample, log_prob per row).
 
     `prev_sample` given: its log-probability under this step (re-scoring a stored trajectory); otherwise it is
-    drawn with `generator`. The step math runs in fp32; prev_sample comes back in `sample`'s dtype. With eta = 0
+    drawn with `generator`. The step math runs in fp32; prev_sample comes back in `sample`'s dtype and its
+    log-probability is that of the returned (rounded) tensor, so re-scoring it gives the same value. With eta = 0
     the step is deterministic, equal to `DDIMScheduler.step`, and has no density: log_prob is None.
     """
     mu, sigma = ddim_transition(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         noise = torch.randn(mu.shape, generator=generator, device=mu.device) if eta > 0 else 0.0
-        prev = mu + sigma * noise
-    else:
-        prev = prev_sample.float()
-    if eta == 0:
-        return prev.to(sample.dtype), None
-    return prev.to(sample.dtype), gaussian_log_prob(prev, mu, sigma)
+        prev_sample = mu + sigma * noise
+    prev_sample = prev_sample.to(sample.dtype)
+    return prev_sample, None if eta == 0 else gaussian_log_prob(prev_sample, mu, sigma)
 
 
 class DDIMPolicy:
