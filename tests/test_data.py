@@ -109,6 +109,40 @@ def test_load_folder_glob_and_comma_list(tmp_path):
         assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1), source
 
 
+def test_a_downloaded_hub_folder_is_read_by_split(tmp_path, caplog):
+    """A local copy of Pick-a-Pic v2 holds every split's shards in one folder (data/train-00000-of-00645-<hash>.parquet,
+    data/validation-..., data/test_unique-...): data.split=train read the test and validation rows too."""
+    rows = make_rows()
+    part = [{k: v[i:i + 3] for k, v in rows.items()} for i in (0, 3, 6, 9)]
+    write_parquet(tmp_path / "pickapic" / "data" / "train-00000-of-00002-1a2b.parquet", part[0])
+    write_parquet(tmp_path / "pickapic" / "data" / "train-00001-of-00002-3c4d.parquet", part[1])
+    write_parquet(tmp_path / "pickapic" / "data" / "validation_unique-00000-of-00001-5e6f.parquet", part[2])
+    write_parquet(tmp_path / "pickapic" / "data" / "test-00000-of-00001.parquet", part[3])
+    folder = str(tmp_path / "pickapic")
+    for split, captions in (("train", rows["caption"][:6]), ("validation_unique", rows["caption"][6:9]),
+                            ("test", rows["caption"][9:12])):
+        for streaming in (False, True):
+            ds, _ = load_pairs(folder, split=split, keep_ties=True, streaming=streaming)
+            assert [row["caption"] for row in ds] == captions, (split, streaming)
+    with pytest.raises(ValueError, match=r"pickapic: its parquet files are the hub's shards of the splits \['test', "
+                                         r"'train', 'validation_unique'\], none of split 'validation'"):
+        load_pairs(folder, split="validation")
+    # a folder not named by split is read whole, whatever the split's name (our own pairs-00000.parquet shards)
+    write_parquet(tmp_path / "ours" / "pairs-00000.parquet", rows)
+    assert load_pairs(str(tmp_path / "ours"), split="validation", keep_ties=True)[1].rows == N_ROWS
+
+
+def test_paths_with_glob_characters_are_read_as_they_are(tmp_path):
+    """A folder or file named like a glob (a sweep's `beta[5000]/labelled`) was not found, or read as a pattern."""
+    rows = make_rows()
+    folder = write_parquet(tmp_path / "beta[5000]" / "pairs.parquet", rows).rsplit("/", 1)[0]
+    write_parquet(tmp_path / "beta5" / "pairs.parquet", {k: v[:2] for k, v in rows.items()})  # [5000] matches 5
+    for source in (folder, f"{folder}/pairs.parquet"):
+        for streaming in (False, True):
+            ds, _ = load_pairs(source, keep_ties=True, streaming=streaming)
+            assert len(list(ds)) == N_ROWS, (source, streaming)
+
+
 def test_zero_row_files_are_left_out_with_a_warning(tmp_path, caplog):
     rows = make_rows()
     write_parquet(tmp_path / "shards" / "a.parquet", rows)

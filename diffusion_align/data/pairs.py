@@ -12,6 +12,7 @@ import glob
 import io
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,21 +86,43 @@ def decode_pair(row: dict, index: int) -> list[PIL.Image.Image]:
     return [to_rgb(decode_image(row[c], f"row {index}, column {c}")) for c in IMAGE_COLUMNS]
 
 
-def _parquet_files(path: str) -> list[str]:
-    """Expand a parquet file, a folder (recursive), a glob, or a comma-separated list of those."""
+# the hub's parquet shards of a split, as a downloaded dataset repository holds them (Pick-a-Pic v2:
+# data/train-00000-of-00645-b66ac786bf6fb553.parquet, data/validation_unique-00000-of-00001-....parquet)
+HUB_SHARD_NAME = re.compile(r"(?P<split>.+?)-\d{5}-of-\d{5}(?:-[^/]*)?\.parquet")
+
+
+def _parquet_files(path: str, split: str | None = None) -> list[str]:
+    """Expand a parquet file, a folder (recursive), a glob, or a comma-separated list of those. A folder whose files
+    are named as the hub names a split's shards (`HUB_SHARD_NAME`, as a downloaded Pick-a-Pic is) gives only those
+    of `split` (None: all), as `datasets.load_dataset` reads such a folder; the others are read whole."""
     if "," in path:
-        return [f for part in path.split(",") if part.strip() for f in _parquet_files(part.strip())]
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        return [f for part in path.split(",") if part.strip() for f in _parquet_files(part.strip(), split)]
+    if os.path.isfile(path):  # before the glob test: a file or folder may have [ ] in its name
+        files = [path]
+    elif os.path.isdir(path):
+        files = _split_shards(path, sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"),
+                                                     recursive=True)), split)
     elif glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
-    elif os.path.isfile(path):
-        files = [path]
     else:
         raise FileNotFoundError(f"pairs source not found: {path!r} (not a file, folder, glob match or hub id)")
     if not files:
         raise FileNotFoundError(f"no parquet files found for {path!r}")
     return files
+
+
+def _split_shards(folder: str, files: list[str], split: str | None) -> list[str]:
+    splits = {f: m["split"] for f in files if (m := HUB_SHARD_NAME.fullmatch(os.path.basename(f)))}
+    if split is None or not splits:
+        return files
+    chosen = [f for f in files if splits.get(f) == split]
+    if not chosen:
+        raise ValueError(f"{folder}: its parquet files are the hub's shards of the splits "
+                         f"{sorted(set(splits.values()))}, none of split {split!r} (data.split)")
+    others = len(files) - len(splits)
+    logger.info("%s: reading the %d shards of split %s%s", folder, len(chosen), split,
+                f"; {others} parquet files not named by split left out" if others else "")
+    return chosen
 
 
 def check_pairs_source(path: str) -> None:
@@ -154,7 +177,7 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
             return datasets.load_dataset(path, split=split, streaming=streaming)
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
-    files = _parquet_files(path)
+    files = _parquet_files(path, split)
     # datasets fails on a zero-row file with a traceback naming no file ("BatchSize must be greater than 0")
     empty = [f for f in files if pq.ParquetFile(f).metadata.num_rows == 0]
     if len(empty) == len(files):
@@ -162,7 +185,7 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
                          f"{path}: none of its {len(files)} parquet files holds a row")
     for f in empty:
         logger.warning("%s: the parquet holds no rows; left out", f)
-    files = [f for f in files if f not in empty]
+    files = [glob.escape(f) for f in files if f not in empty]  # datasets reads data_files as globs
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
 
 
