@@ -353,6 +353,12 @@ def test_rerun_resumes_finished_shards(pairs_file, tmp_path):
         make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), strength="strong", shard_size=5)
     with pytest.raises(ValueError, match="past the 1 this run writes"):
         make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), shard_size=5, max_pairs=4)
+    # the source rewritten in place: the shards of its old rows were returned as its captions
+    rows = pq.read_table(pairs_file)
+    pq.write_table(rows.set_column(rows.column_names.index("caption"), "caption",
+                                   pa.array([f"new {i}" for i in range(len(rows))])), pairs_file)
+    with pytest.raises(ValueError, match=r"other settings \(fingerprint='[0-9a-f]+' there, '[0-9a-f]+' now\)"):
+        make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), batch_size=2, shard_size=5)
 
 
 def test_bad_arguments(pairs_file, tmp_path):

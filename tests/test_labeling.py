@@ -197,6 +197,33 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
         label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4, max_pairs=3)
 
 
+def test_a_rerun_on_a_changed_source_or_scorer_dtype_is_refused(constructed, tmp_path):
+    """Shards were kept by path, split and row count alone: a source rewritten in place (its images swapped) had its
+    old labels and scores joined to the new rows by row number, and a scorer in another dtype mixed precisions."""
+    out, cache = tmp_path / "labelled", tmp_path / "soft-labels"
+    label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4)
+    reward_scores(constructed, "fake", FakeScorer(), cache, shard_size=4)
+    half = FakeScorer()
+    half.dtype = torch.bfloat16
+    with pytest.raises(ValueError, match=r"other settings \(dtype='torch.float32' there, 'torch.bfloat16' now\)"):
+        label_pairs(constructed, half, out, tie_margin=MARGIN, shard_size=4)
+    with pytest.raises(ValueError, match=r"other settings \(dtype='torch.float32' there, 'torch.bfloat16' now\)"):
+        reward_scores(constructed, "fake", half, cache, shard_size=4)
+    swapped = pq.read_table(constructed)  # rewritten in place, each pair's images swapped
+    pq.write_table(swapped.rename_columns([{"jpg_0": "jpg_1", "jpg_1": "jpg_0"}.get(c, c)
+                                           for c in swapped.column_names]), constructed)
+    for make in (lambda: label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4),
+                 lambda: reward_scores(constructed, "fake", FakeScorer(), cache, shard_size=4)):
+        with pytest.raises(ValueError, match=r"other settings \(fingerprint='[0-9a-f]+' there, '[0-9a-f]+' now\)"):
+            make()
+    # a record made before the source's fingerprint and the dtype were recorded is not compared on them
+    for record in [*(out / ".shards").glob("*.json"), *(cache / ".shards").glob("*.json")]:
+        old = json.loads(record.read_text())
+        del old["settings"]["fingerprint"], old["settings"]["dtype"]
+        record.write_text(json.dumps(old))
+    assert label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4).shards_reused == 3
+
+
 def test_relabelling_keeps_the_human_labels(constructed, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     label_pairs(constructed, FakeScorer(), first, tie_margin=MARGIN)

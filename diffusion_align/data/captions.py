@@ -493,7 +493,7 @@ def make_captions(source, out_dir, strategy: str, captioner: str | Captioner | N
         perturber = RuleBasedPerturber(strength)
     elif isinstance(perturber, str):
         perturber = ModelPerturber(perturber, strength, device, dtype, max_new_tokens, batch_size)
-    settings = {"source": local_or_hub(source), "split": split,
+    settings = {"source": local_or_hub(source), "split": split, "fingerprint": pairs._fingerprint,
                 "strategy": strategy, "captioner": captioner.info if captioner else None,
                 "perturber": perturber.info if perturber else None,
                 "strength": perturber.info["strength"] if perturber else None, "seed": seed,

@@ -23,6 +23,8 @@ from ..files import removed_on_error, write_text_atomic, written_beside
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"
+# settings recorded since a later version: a record made before them is not compared on them
+RECORDED_LATER = ("fingerprint", "dtype")
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -122,7 +124,7 @@ def _finished(record_path: Path, path: Path, settings: dict, start: int, stop: i
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{record_path}: unreadable shard record ({type(err).__name__}: {err}); delete it and "
                          f"{path.name} to make that shard again") from None
-    changed = differences(old, settings)
+    changed = differences({**{k: settings[k] for k in RECORDED_LATER if k in settings}, **old}, settings)
     if changed:
         raise ValueError(f"{record_path}: {path.name} was made with other settings ({changed}); "
                          f"rerun with the same settings to resume, or write to a new folder")

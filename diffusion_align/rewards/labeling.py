@@ -159,6 +159,13 @@ def _scorer_and_path(scorer) -> tuple[object, str | None]:
     return scorer, scorer.path
 
 
+def _scorer_settings(name: str, path, dtype) -> dict:
+    """What a shard's scores depend on besides its rows (the source's fingerprint): the scorer, its weights (a local
+    path made absolute, so that a rerun from elsewhere finds the same ones) and the dtype it ran in."""
+    return {"scorer": name, "scorer_path": None if path is None else local_or_hub(str(path)),
+            "dtype": str(dtype or torch.float32)}
+
+
 # ---------------------------------------------------------------- label_pairs
 
 @dataclass
@@ -200,7 +207,8 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     `scorer`: a loaded scorer or a "name[=path]" spec. `tie_margin` is in the scorer's units. `batch_size`: images
     per scorer call (default the scorer's). Images are decoded once, in `num_workers` DataLoader processes.
     Undecodable rows (or non-finite scores) are skipped and listed. A rerun with the same settings keeps the
-    finished shards and labels only the others; other settings are an error naming the difference.
+    finished shards and labels only the others; other settings (the source rewritten since, another scorer, its
+    weights or dtype) are an error naming the difference.
     """
     out_dir, source = Path(out_dir), str(source)
     _check_settings(tie_margin, shard_size)
@@ -208,9 +216,9 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     scorer, scorer_path = _scorer_and_path(scorer)
     pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    settings = {"source": local_or_hub(source), "split": split,
-                "scorer": scorer.name, "scorer_path": scorer_path, "column": scorer.column,
-                "tie_margin": tie_margin, "shard_size": shard_size}
+    settings = {"source": local_or_hub(source), "split": split, "fingerprint": pairs._fingerprint,
+                **_scorer_settings(scorer.name, scorer_path, getattr(scorer, "dtype", None)),
+                "column": scorer.column, "tie_margin": tie_margin, "shard_size": shard_size}
 
     def label_shard(start: int, stop: int, desc: str):
         indices, scores, bad = _score_pairs(to_score, start, stop, scorer, batch_size or scorer.batch_size,
@@ -279,10 +287,11 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
     (float32, NaN where a row has no score); None where `source` has these columns itself.
 
     They are computed once with `scorer` (a "NAME[=PATH]" spec, loaded in the convention whose column is `column`,
-    or a loaded scorer) into `cache_dir`; see the module docstring. A cache of another source, split or scorer is an
-    error naming the difference. A finished cache is read without loading the scorer (later runs, and the other
-    processes of a run once the main one has finished it). `streaming`: as load_pairs; a stream has no row numbers
-    to join by, so its scores must be in the pairs themselves.
+    or a loaded scorer) into `cache_dir`; see the module docstring. A cache of another source (or the source
+    rewritten since), split, scorer, weights or dtype is an error naming the difference. A finished cache is read
+    without loading the scorer (later runs, and the other processes of a run once the main one has finished it).
+    `streaming`: as load_pairs; a stream has no row numbers to join by, so its scores must be in the pairs
+    themselves.
     """
     pairs, _ = load_pairs(source, split=split, keep_ties=True, streaming=streaming, extra_columns="all")
     names = [f"{column}_0", f"{column}_1"]
@@ -308,8 +317,9 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
 
     cache_dir, loaded = Path(cache_dir), []  # the scorer, loaded only once a shard is left to score
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    settings = {"source": local_or_hub(source), "split": split, "rows": len(pairs), "scorer": name,
-                "scorer_path": path, "column": column, "shard_size": shard_size}
+    settings = {"source": local_or_hub(source), "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint,
+                **_scorer_settings(name, path, None if convention else getattr(scorer, "dtype", None)),
+                "column": column, "shard_size": shard_size}
 
     def score_shard(start: int, stop: int, desc: str):
         if not loaded:
@@ -437,4 +447,3 @@ def _folder_table(rows: list[tuple], image_dir: Path, scorer, tie_margin: float)
                "num_example_per_prompt": pa.array(per_prompt, pa.int64()),
                "image_0_path": pa.array(file_0, pa.string()), "image_1_path": pa.array(file_1, pa.string())}
     return pa.table(columns)
-
