@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -343,6 +345,36 @@ def test_pairs_from_folder_caps_pairs_per_prompt(image_folder, tmp_path):
         other = FakeScorer()
         other.name = "other"
         pairs_from_folder(image_folder, other, out)
+
+
+def test_an_interrupted_swap_of_shards_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    """replace_shards (pairs_from_folder, import-review) deleted the earlier shards past the new count, then moved
+    the new ones in one by one: Ctrl-C between two moves left old and new shards mixed and one old shard lost."""
+    from diffusion_align.data import shards
+    out = tmp_path / "pairs"
+    out.mkdir()
+    for k in range(3):
+        pq.write_table(pa.table({"v": [f"old {k}"]}), out / f"pairs-0000{k}.parquet")
+    replace, moves_in = os.replace, []
+
+    def interrupted(src, dst):
+        if Path(dst).parent == out and Path(src).parent.name == ".pairs.tmp":
+            moves_in.append(src)
+            if len(moves_in) == 2:  # Ctrl-C as the second new shard moves in
+                raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(shards.os, "replace", interrupted)
+    new = (pa.table({"v": [f"new {k}"]}) for k in range(2))
+    with pytest.raises(KeyboardInterrupt):
+        shards.replace_shards(out, new, ".pairs.tmp")
+    assert sorted(os.listdir(out)) == [f"pairs-0000{k}.parquet" for k in range(3)]  # nothing beside them
+    assert [pq.read_table(out / f"pairs-0000{k}.parquet")["v"][0].as_py() for k in range(3)] == ["old 0", "old 1",
+                                                                                                 "old 2"]
+    monkeypatch.setattr(shards.os, "replace", replace)
+    written = shards.replace_shards(out, (pa.table({"v": [f"new {k}"]}) for k in range(2)), ".pairs.tmp")
+    assert written == [out / "pairs-00000.parquet", out / "pairs-00001.parquet"] and sorted(os.listdir(out)) == [
+        "pairs-00000.parquet", "pairs-00001.parquet"]
+    assert [pq.read_table(path)["v"][0].as_py() for path in written] == ["new 0", "new 1"]
 
 
 def test_pairs_from_folder_with_real_pickscore(image_folder, tiny_pickscore, tmp_path):

@@ -35,21 +35,30 @@ def write_parquet(table: pa.Table, path: Path) -> None:
 
 def replace_shards(out_dir: Path, tables: Iterable[pa.Table], tmp_name: str) -> list[Path]:
     """Write `tables` as `out_dir`'s shards (pairs-00000.parquet, ...) in place of those there: all into the folder
-    `tmp_name` first, removed if anything fails, so that a failure leaves the earlier shards as they were."""
-    tmp = out_dir / tmp_name
+    `tmp_name` first, then the earlier shards moved aside and the new ones in; a failure at any point (Ctrl-C in
+    the swap too) leaves the earlier shards as they were."""
+    tmp, aside = out_dir / tmp_name, out_dir / f"{tmp_name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     with removed_on_error(tmp):
         tmp.mkdir(parents=True)
         for k, table in enumerate(tables):
             write_parquet(table, tmp / f"{SHARD_STEM.format(k)}.parquet")
-    new = sorted(tmp.glob("pairs-*.parquet"))
-    for old in out_dir.glob("pairs-*.parquet"):
-        if old.name not in {p.name for p in new}:
-            old.unlink()
-    for path in new:
-        os.replace(path, out_dir / path.name)
+        aside.mkdir(exist_ok=True)
+        try:
+            for old in out_dir.glob("pairs-*.parquet"):
+                os.replace(old, aside / old.name)
+            for path in sorted(tmp.glob("pairs-*.parquet")):
+                os.replace(path, out_dir / path.name)
+        except BaseException:
+            for path in out_dir.glob("pairs-*.parquet"):  # the new shards moved in so far, then the earlier ones back
+                os.replace(path, tmp / path.name)
+            for old in aside.glob("pairs-*.parquet"):
+                os.replace(old, out_dir / old.name)
+            aside.rmdir()
+            raise
+    shutil.rmtree(aside)
     tmp.rmdir()
-    return [out_dir / path.name for path in new]
+    return sorted(out_dir.glob("pairs-*.parquet"))
 
 
 def write_shard_table(table: pa.Table, path: Path) -> int:
