@@ -188,6 +188,17 @@ def test_component_digests_follow_the_weights_the_loaders_read(tmp_path, monkeyp
     blob.write_bytes(b"other bytes under the same name")
     assert loading.component_digest("org/model", "vae") == digest  # the name, not the content, was read
 
+    # what the hub gives for those patterns (huggingface_hub's own filter): a variant's weights whole or in shards,
+    # which `*.fp16.safetensors` alone missed, so a sharded fp16 text encoder's weights were not in its digest
+    from huggingface_hub.utils import filter_repo_objects
+    repo = ["vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors", "vae/model.fp16-00001-of-00002.safetensors", "vae/model.fp16-00002-of-00002.safetensors",
+            "vae/model.safetensors.index.fp16.json", "vae/model-00001-of-00002.safetensors", "unet/config.json"]
+    for variant, expected in ((None, [0, 1, 5, 6]), ("fp16", [0, 2, 3, 4, 5])):
+        loading.component_digest("org/model", "vae", variant=variant)
+        assert list(filter_repo_objects(repo, allow_patterns=asked["allow"], ignore_patterns=asked["ignore"])) == [
+            repo[i] for i in expected], variant
+
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_a_flow_cache_of_latents_not_whole_tokens_is_refused_before_encoding(tmp_path, tiny_flow_models, tiny_pairs,

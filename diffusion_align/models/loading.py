@@ -99,9 +99,11 @@ def component_digest(pretrained: str, subfolder: str | None, revision: str | Non
     path = Path(pretrained)
     if not path.exists():  # a hub id: the files the loaders read, from the local hub cache (downloaded if need be)
         prefix = f"{subfolder}/" if subfolder else ""
-        weights = f"{prefix}*.{variant}.safetensors" if variant else f"{prefix}*.safetensors"
+        # a variant's weights whole (model.fp16.safetensors) or sharded (model.fp16-00001-of-00002.safetensors)
+        weights = ([f"{prefix}*.{variant}.safetensors", f"{prefix}*.{variant}-*.safetensors"] if variant
+                   else [f"{prefix}*.safetensors"])
         path = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[
-            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", weights],
+            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", *weights],
             ignore_patterns=None if variant else [f"{prefix}*.*.safetensors"]))  # not the other variants' files
     folder = path / subfolder if subfolder else path
     files = sorted(f for f in folder.iterdir() if f.is_file())
