@@ -530,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                         help="cast the written weights (default: as trained; LoRA alphas stay fp32)")
     export.add_argument("--base", default=None, help="the base model (hub id or folder) the weights were trained on; "
-                                                     "default: model.pretrained of the run's config")
+                                                     "default: model.pretrained of the run's config (whose "
+                                                     "model.revision and model.variant apply to that one only)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--live-weights", action="store_true",
                         help="of a checkpoint of a run that keeps an EMA (train.ema_decay): its live weights, which "

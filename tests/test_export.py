@@ -209,6 +209,19 @@ def test_a_checkpoint_with_an_ema_exports_the_ema_unless_the_live_weights_are_as
     assert f"{checkpoint / EMA_FOLDER}: the EMA of the run's weights" in caplog.text
 
 
+def test_base_replaces_the_configs_base_with_its_revision_and_variant(tmp_path, tiny_models, patterned):
+    """A run trained on an fp16 variant of a hub base, exported against a local copy saved without variants: the
+    config's model.variant was kept for --base, whose loading then failed on files it does not have."""
+    folder = tmp_path / "run"
+    shutil.copytree(patterned[0], folder)
+    (folder / "config.yaml").write_text("model:\n  pretrained: org/base\n  revision: abc123\n  variant: fp16\n")
+    source = find_source(folder, base=str(tiny_models["sd"]))
+    assert (source.base, source.revision, source.variant) == (str(tiny_models["sd"]), None, None)
+    assert (find_source(folder).revision, find_source(folder).variant) == ("abc123", "fp16")
+    export(folder, "--format", "diffusers", "--base", tiny_models["sd"], "--out", tmp_path / "out")
+    assert (tmp_path / "out" / LORA_WEIGHTS).is_file()
+
+
 def test_the_command_line_offers_every_format_and_dtype():
     """cli.py spells them out so that --help imports nothing heavy; they must stay those export.py knows."""
     from diffusion_align.cli import build_parser

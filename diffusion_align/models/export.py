@@ -96,9 +96,10 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
                                 "weights (a LoRA of which rank, on which modules) fit the base")
     if cfg is None:
         return Source(folder, kind, base, revision=None, variant=None, vae=None, method="unknown", title=folder.name)
+    own_base = base is None  # the config's revision and weight variant name files of its base, not of --base
     return Source(folder, kind, base or cfg.model.pretrained,
-                  revision=cfg.model.revision if base is None else None,  # a revision of the config's base only
-                  variant=cfg.model.variant, vae=cfg.model.vae, method=cfg.method.name,
+                  revision=cfg.model.revision if own_base else None,
+                  variant=cfg.model.variant if own_base else None, vae=cfg.model.vae, method=cfg.method.name,
                   title=Path(cfg.train.output_dir).name, config=cfg)
 
 
