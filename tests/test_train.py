@@ -1,6 +1,7 @@
 """End-to-end training runs on tiny pipelines of every family, loaded through the real diffusers loading code."""
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -256,7 +257,7 @@ def test_dpo_runs_the_reference_on_the_same_rows(tmp_path, tiny_models, tiny_pai
     assert [rows for _, rows in unet_calls] == [4, 4]  # policy, then the same UNet with its adapters off
 
 
-def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch):
+def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_calls, monkeypatch, caplog):
     from diffusion_align import rewards
     from diffusion_align.rewards.tiny import save_tiny_scorer
     from diffusion_align.rewards.labeling import reward_scores
@@ -292,8 +293,11 @@ def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_
     monkeypatch.setattr(rewards, "load_scorer", lambda *a, **kw: pytest.fail("the scorer was loaded again"))
     scores = reward_scores(str(source), "pickscore_cosine", f"pickscore={scorer}", cache)
     assert scores["pickscore_cosine_0"].shape == (16,) and all(abs(s) <= 1 for s in scores["pickscore_cosine_0"])
-    run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
-        "method.inversion_steps=0", "train.max_steps=1", "train.overwrite=true")  # the scores cache is kept
+    with caplog.at_level(logging.WARNING, logger="diffusion_align"):
+        run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
+            "method.inversion_steps=0", "train.max_steps=1", "train.overwrite=true",  # the scores cache is kept
+            "data.max_pairs=4")
+    assert "method.pref_scorer scores every pair of" in caplog.text and "data.max_pairs=4 sampled" in caplog.text
 
 
 def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_models, tiny_pairs, monkeypatch):

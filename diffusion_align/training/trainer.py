@@ -73,6 +73,11 @@ def train(cfg: Config) -> TrainResult:
         scores, orient_by = None, None
         if method.soft_labels:  # SmPO: human ties dropped, then pairs oriented by reward scores (computed once)
             orient_by = cfg.method.pref_column
+            if cfg.data.max_pairs is not None and accelerator.is_main_process:
+                logger.warning("method.pref_scorer scores every pair of %s, not only the data.max_pairs=%d sampled "
+                               "from it; to try SmPO on fewer pairs, write their %s_0/1 columns first "
+                               "(`diffusion-align label --max-pairs N`) and train on those", cfg.data.path,
+                               cfg.data.max_pairs, orient_by)
             scores = reward_scores(cfg.data.path, orient_by, cfg.method.pref_scorer, output_dir / "soft-labels",
                                    cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
