@@ -12,8 +12,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB. PIL's own `convert("RGB")` clips 16-bit grey pixels (0..65535) and float pixels to 0..255, which
     turns nearly every 16-bit image white: those are scaled instead (16-bit and 32-bit integer grey from 0..65535,
     float grey from 0..1 when it stays within it, else clipped to 0..255). 16-bit RGB PNGs already open as 8-bit
-    RGB. Alpha is dropped, as the CLIP image processors do; a palette image goes through RGBA so its transparency
-    is read."""
+    RGB. Alpha is dropped, as OpenAI's CLIP, open_clip and the CLIP processors of PickScore's time did (transformers'
+    processors now composite it onto white); a palette image goes through RGBA so its transparency is read."""
     if image.mode in _SIXTEEN_BIT:
         grey = np.asarray(image).astype(np.float64) / 257.0
     elif image.mode == "F":
