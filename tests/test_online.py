@@ -52,6 +52,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("data.cache=true", "offline settings"),
     ("method.precomputed_reference=true", "offline settings"),
     ("online.judge_answers=A,B,C", "must be two answers"),
+    ("online.track=[pickscore=a,pickscore=b]", "two of one name would be one metric"),
     ("model.compile=true", "model.compile=true is an offline setting"),  # the rollout would not be compiled
     ("online.same_noise_per_group=maybe", "'online.same_noise_per_group' .* expects bool"),
     ("online.per_sample_timesteps=2", "'online.per_sample_timesteps' .* expects bool"),

@@ -54,6 +54,7 @@ def check_online_config(cfg: Config) -> None:
     a config moved from an offline method is mended in one go."""
     o, t = cfg.online, cfg.train
     rows, split = o.prompts_per_step * o.group_size, t.batch_size * o.updates_per_rollout
+    tracked = [parse_scorer_spec(spec)[0] for spec in o.track]
     problems = {
         f"method.name={cfg.method.name} samples its own images: set online.prompts to a prompt file (.txt one per "
         "line, .jsonl or .csv)": o.prompts is None,
@@ -67,6 +68,8 @@ def check_online_config(cfg: Config) -> None:
         "online.judge compares pairs: it is a pref_grpo setting (grpo rewards pointwise scores)":
             o.judge is not None and cfg.method.name != "pref_grpo",
         f"online.judge_answers must be two answers (first, second), got {o.judge_answers}": len(o.judge_answers) != 2,
+        f"online.track={o.track}: each scorer is logged as tracked_<name>, so two of one name would be one metric; "
+        "track one weights of each scorer": len(set(tracked)) != len(tracked),
         "model.compile=true is an offline setting: online methods sample with the uncompiled UNet and would train the "
         "compiled one, whose kernels differ, so the first update's ratio would not be 1 (online.clip_range="
         f"{o.clip_range}); set model.compile=false": cfg.model.compile,
