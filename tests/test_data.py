@@ -466,6 +466,28 @@ def test_null_and_nan_labels_are_dropped_and_counted(tmp_path):
     assert (stats.ties_dropped, stats.unlabelled, stats.pairs) == (0, 3, 0)
 
 
+def test_rows_pick_a_pic_flags_as_unlabelled_are_dropped_and_counted(tmp_path):
+    """Pick-a-Pic's has_label false: whatever label_0/1 hold, no one chose; training read them as a preference.
+    After `label`, label_0/1 are a scorer's and the flag is the human_label_0/1's, which SmPO orients by."""
+    rows = make_rows()
+    rows["has_label"] = [i not in (0, 6) for i in range(N_ROWS)]  # row 0: 1/0 labels, unflagged
+    rows["has_label"][7] = None
+    path = write_parquet(tmp_path / "flagged.parquet", rows)
+    ds, stats = load_pairs(path, extra_columns=["user_id"])
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.pairs) == (N_ROWS, 1, 3, N_ROWS - 4)
+    assert not {0, 6, 7} & set(ds["user_id"])
+    assert load_pairs(path, keep_ties=True)[1].pairs == N_ROWS  # the labelling tools get every row
+    stream, _ = load_pairs(path, extra_columns=["user_id"], streaming=True)
+    assert [row["user_id"] for row in stream] == ds["user_id"]
+    # a labelling output: label_0/1 are the scorer's, for every row; the flag belongs to human_label_0/1
+    labelled = rows | {"human_label_0": rows["label_0"], "human_label_1": rows["label_1"],
+                       "pickscore_0": [2.0] * N_ROWS, "pickscore_1": [1.0] * N_ROWS}
+    path = write_parquet(tmp_path / "labelled.parquet", labelled)
+    assert load_pairs(path)[1].unlabelled == 0
+    _, stats = load_pairs(path, orient_by="pickscore")  # SmPO decides ties and labels on the human labels
+    assert (stats.ties_dropped, stats.unlabelled) == (1, 3)
+
+
 def test_labels_outside_0_1_are_unlabelled_streamed_or_not(tmp_path):
     rows = make_rows()
     rows["jpg_1"][CORRUPT_ROW] = LOSE

@@ -424,16 +424,17 @@ def test_smpo_pairs_drop_human_ties_then_follow_the_reward(constructed, tmp_path
     columns = ["fake_0", "fake_1", "model_0"]
     pairs, stats = load_pairs(constructed, extra_columns=columns, keep_unlabelled=False, orient_by="fake",
                               scores=scores)
-    # rows 4 and 8 are human ties, row 6 has no human label, row 3 no score; row 1: the reward disagrees
-    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs) == (10, 2, 1, 1, 6)
-    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m7", "m9"]
-    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # rows 4 and 8 are human ties, rows 6 and 7 have no human label (null; has_label false), row 3 no score; row 1:
+    # the reward disagrees
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.unscored, stats.pairs) == (10, 2, 2, 1, 5)
+    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m9"]
+    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0]
 
     # the same pairs from a `diffusion-align label` output: ties on human_label_0/1, not on its AI labels
     label_pairs(constructed, FakeScorer(), tmp_path / "labelled", tie_margin=100.0)  # every AI label a tie
     assert reward_scores(str(tmp_path / "labelled"), "fake", None, tmp_path / "unused") is None
     pairs, stats = load_pairs(str(tmp_path / "labelled"), extra_columns=columns, keep_unlabelled=False,
                               orient_by="fake")
-    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.pairs) == (9, 2, 1, 6)
-    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m7", "m9"]
-    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert (stats.rows, stats.ties_dropped, stats.unlabelled, stats.pairs) == (9, 2, 2, 5)
+    assert pairs["model_0"] == ["m0", "m1", "m2", "m5", "m9"]
+    assert pairs["label_0"] == [1.0, 0.0, 0.0, 0.0, 0.0]

@@ -238,10 +238,11 @@ def load_pairs(
 
     Only the Pick-a-Pic columns and `extra_columns` are kept (`extra_columns="all"` keeps every column).
     Local parquet read with `split` names that split; a save_to_disk DatasetDict must contain it.
-    Ties (label_0 == label_1) are dropped unless `keep_ties`; rows with a null, NaN or out-of-[0, 1] label unless
-    `keep_unlabelled` (None: as `keep_ties`, so `keep_ties=True` alone returns every row, as the tools that label
-    or caption all rows need; training passes False). Both are counted in the stats. A stream cannot count: its
-    ties are filtered out, and its null, NaN or out-of-[0, 1] labels reach the loader, which skips and counts them.
+    Ties (label_0 == label_1) are dropped unless `keep_ties`; rows with a null, NaN or out-of-[0, 1] label, or whose
+    `has_label` (Pick-a-Pic's flag of its people's labels) is false, unless `keep_unlabelled` (None: as `keep_ties`,
+    so `keep_ties=True` alone returns every row, as the tools that label or caption all rows need; training passes
+    False). Both are counted in the stats. A stream cannot count: its ties and unflagged rows are filtered out, and
+    its null, NaN or out-of-[0, 1] labels reach the loader, which skips and counts them.
 
     `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
     (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
@@ -280,9 +281,15 @@ def load_pairs(
         raise ValueError(f"{path}: column caption holds {caption.dtype} values; expected text (each pair's prompt)")
     human = "human_label" if orient_by and {"human_label_0", "human_label_1"} <= set(found) else "label"
     label_columns = [f"{human}_0", f"{human}_1"]
+    # Pick-a-Pic's has_label flags its people's labels: label_0/1, or human_label_0/1 once `label` made label_0/1
+    # a scorer's
+    flagged = "has_label" in found and (human == "human_label" or "human_label_0" not in found)
+    keep_unlabelled = keep_ties if keep_unlabelled is None else keep_unlabelled
     ds = raw_images(ds)
 
     if is_stream:
+        if flagged and not keep_unlabelled:
+            ds = ds.filter(lambda flags: [bool(f) for f in flags], input_columns=["has_label"], batched=True)
         if not keep_ties:
             ds = ds.filter(lambda l0, l1: (_floats(l0) != _floats(l1)).tolist(), input_columns=label_columns,
                            batched=True)
@@ -293,8 +300,11 @@ def load_pairs(
         return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None, None, None)
 
     # read only the label and score columns (no image bytes): under a second for ~1M rows
-    columns = ds.select_columns(label_columns + score_columns).with_format("arrow")[:]
+    columns = ds.select_columns(label_columns + score_columns + ["has_label"] * flagged).with_format("arrow")[:]
     l0, l1 = (_numbers(columns[c], c, path) for c in label_columns)
+    if flagged:  # a row whose flag is false (or null) holds no one's preference, whatever its labels say
+        unflagged = ~columns["has_label"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        l0, l1 = np.where(unflagged, np.nan, l0), np.where(unflagged, np.nan, l1)
     out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
     if out_of_range.any():
         first = int(np.flatnonzero(out_of_range)[0])
@@ -303,7 +313,7 @@ def load_pairs(
                        l0[first], l1[first])
     l0, l1 = np.where(out_of_range, np.nan, l0), np.where(out_of_range, np.nan, l1)
     ties = (l0 == l1) & (not keep_ties)  # NaN never ties
-    unlabelled = ~np.isfinite(l0 + l1) & (not (keep_ties if keep_unlabelled is None else keep_unlabelled))
+    unlabelled = ~np.isfinite(l0 + l1) & (not keep_unlabelled)
     unscored = np.zeros(len(ds), bool)
     if orient_by:
         s0, s1 = (_numbers(columns[c], c, path) for c in score_columns)
