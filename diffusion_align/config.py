@@ -271,8 +271,9 @@ class TrainConfig:
                                                "or uniform (as Diffusion-DPO draws UNet timesteps; diffusers' "
                                                "weighting_scheme=none); null = logit_normal. The UNet families "
                                                "always draw t uniformly.", choices=("logit_normal", "uniform"))
-    logit_mean: float = _key(0.0, "timestep_sampling=logit_normal: the mean of n (the SD3 paper's 0; diffusers' "
-                                  "--logit_mean).")
+    logit_mean: float = _key(0.0, "timestep_sampling=logit_normal: the mean of n (the SD3 paper's 0); a positive "
+                                  "mean draws more noise. diffusers' --logit_mean M is -M here (its scripts look "
+                                  "sigmoid(n) up in a table that runs from noise to data).")
     logit_std: float = _key(1.0, "timestep_sampling=logit_normal: the std of n (the SD3 paper's 1; diffusers' "
                                  "--logit_std).", within="(0, inf)")
     resolution: int = _key(512, "Training resolution in pixels (shortest side resized, then square crop).",
