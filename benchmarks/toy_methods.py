@@ -21,8 +21,9 @@ prompts, both drawn with replacement, the prompts once for all the drawn seeds, 
 narrowed the intervals: benchmarks/README.md says by how much). The
 table is printed and written to <out>/table.md. Each run's record (its settings and recipe, each evaluated prompt's
 oracle gains and the report's figures) is added to --results (benchmarks/results/toy-methods.jsonl, committed), which
-every table can be computed again from; a run recorded there, or finished in <out> with the same settings and
-recipe, is read back, not run again. Run it with nothing else on the machine: time per step is a wall-clock
+every table can be computed again from; a run recorded there with the same settings, recipe (with the UNet recipe a
+flow recipe names as its base) and shipped assets, or finished in <out> with the same settings and recipe, is read
+back, not run again (the code is not in the key: after a change to the toy world or training, run again by hand). Run it with nothing else on the machine: time per step is a wall-clock
 measure.
 
 `--on-train-prompts` judges the finished runs again on the prompts they trained on (the base model's and each
@@ -44,6 +45,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from diffusion_align.config import load_config
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
@@ -114,12 +116,39 @@ def run_seed(out: Path, method: str, seed: int, args) -> Path:
                          demo_settings(method, seed, args))
 
 
+def recipe_files(method: str, family: str) -> list[Path]:
+    """The recipe and every file its `base:` chain names (a flow recipe is its UNet recipe with keys changed)."""
+    files = [recipe(method, family)]
+    while base := (yaml.safe_load(files[-1].read_text()) or {}).get("base"):
+        files.append(files[-1].parent / base)
+    return files
+
+
+def recipe_sha256(method: str, family: str) -> str:
+    """A digest of the recipe as it loads: its file's bytes, then each base's (a file without one: its own digest)."""
+    digest = hashlib.sha256()
+    for path in recipe_files(method, family):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def assets_sha256(family: str) -> str:
+    """A digest of the shipped assets a run depends on: the family's base model and the toy PickScore."""
+    digest = hashlib.sha256()
+    for folder in (base_model(family), toy_pickscore()):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(folder.parent)}:{hashlib.sha256(path.read_bytes()).hexdigest()};"
+                          .encode())
+    return digest.hexdigest()
+
+
 def recorded_run(out: Path, method: str, seed: int, args) -> dict:
     """The record of the demo of `method` at training seed `seed`: its line in --results when one has the same
-    settings and recipe, else the record of `run_seed`'s run, added there."""
+    settings, recipe (with its bases) and assets, else the record of `run_seed`'s run, added there. (The code is
+    not in the key: a change to the toy world or the training code needs its runs made again by hand.)"""
     settings = demo_settings(method, seed, args).resolved()
     key = {**json.loads(json.dumps(asdict(settings))),  # as a JSON line holds them: the overrides a list
-           "recipe_sha256": hashlib.sha256(recipe(method, settings.family).read_bytes()).hexdigest()}
+           "recipe_sha256": recipe_sha256(method, settings.family), "assets_sha256": assets_sha256(settings.family)}
     found = args.results.read_text().splitlines() if args.results.is_file() else []
     for record in map(json.loads, found):
         if record["settings"] == key:
@@ -138,11 +167,13 @@ def run_demo_once(run_dir: Path, shared: Path, settings: DemoSettings) -> Path:
     # left out, so that runs made before them are read back; the flow base's labeller is always written
     asked = {k: v for k, v in asdict(settings.resolved()).items()
              if (k, v) not in (("family", "unet"), ("labels", "proxy"), ("label_margin", 0.0))}
-    asked = json.dumps({**asked, "recipe": recipe(settings.method, settings.family).read_text()},
-                       sort_keys=True) + "\n"
+    files = recipe_files(settings.method, settings.family)
+    asked = json.dumps({**asked, "recipe": "".join(path.read_text() for path in files)}, sort_keys=True) + "\n"
     done_with = run_dir / "benchmark-settings.json"
     if (run_dir / "report.json").is_file() and done_with.is_file() and done_with.read_text() == asked:
         return run_dir
+    for stale in run_dir.glob(f"{TRAIN_PROMPTS}*"):  # the judgement of the run this one replaces
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     offline = settings.method not in ONLINE
     if offline and shared.is_dir() and not run_dir.exists():
         shutil.copytree(shared, run_dir)

@@ -71,6 +71,66 @@ def test_the_throughput_table(tmp_path):
     assert "fastest of 2 rounds" in table and "slowest / fastest round" in table
 
 
+def toy_methods_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("toy_methods", ROOT / "benchmarks" / "toy_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_toy_runs_record_key_follows_its_recipes_base_and_the_assets(tmp_path, monkeypatch):
+    """A flow recipe is its UNet recipe (base:) with keys changed: its key hashed the flow file alone, so an edited
+    UNet recipe read the flow runs back as current. The shipped assets were not in the key either."""
+    import hashlib
+    import shutil
+
+    toy_methods = toy_methods_module()
+    unet = ROOT / "configs" / "toy" / "dpo.yaml"
+    # a recipe without a base keeps the digest its committed records were made under
+    assert toy_methods.recipe_sha256("dpo", "unet") == hashlib.sha256(unet.read_bytes()).hexdigest()
+    for folder in ("toy", "toy-flow"):
+        shutil.copytree(ROOT / "configs" / folder, tmp_path / folder)
+    monkeypatch.setattr(toy_methods, "recipe", lambda method, family: tmp_path / (
+        "toy" if family == "unet" else "toy-flow") / f"{method}.yaml")
+    before = toy_methods.recipe_sha256("dpo", "flow")
+    (tmp_path / "toy" / "dpo.yaml").write_text(unet.read_text().replace("lr: 3.0e-4", "lr: 3.0e-3"))
+    assert toy_methods.recipe_sha256("dpo", "flow") != before
+    assert [p.name for p in toy_methods.recipe_files("dpo", "flow")] == ["dpo.yaml", "dpo.yaml"]
+
+    assets = toy_methods.assets_sha256("unet")
+    assert assets != toy_methods.assets_sha256("flow")
+    copy = tmp_path / "assets"
+    shutil.copytree(toy_methods.base_model("unet").parent, copy)
+    monkeypatch.setattr(toy_methods, "base_model", lambda family: copy / "base")
+    monkeypatch.setattr(toy_methods, "toy_pickscore", lambda: copy / "pickscore")
+    assert toy_methods.assets_sha256("unet") == assets
+    (copy / "pickscore" / "fit_report.json").write_text("{}")
+    assert toy_methods.assets_sha256("unet") != assets
+
+
+def test_a_run_made_again_drops_its_earlier_judgement_on_its_train_prompts(tmp_path, monkeypatch):
+    """--on-train-prompts kept a run's train-prompts report when the run itself was made again (other settings or
+    recipe), and tabled the earlier model's figures as the new run's."""
+    toy_methods = toy_methods_module()
+    made = []
+
+    def run_demo(run_dir, settings):
+        made.append(settings.steps)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "report.json").write_text("{}")
+    monkeypatch.setattr(toy_methods, "run_demo", run_demo)
+    run_dir, shared = tmp_path / "dpo" / "seed-0", tmp_path / "shared"
+    settings = toy_methods.DemoSettings(method="grpo", steps=4)
+    toy_methods.run_demo_once(run_dir, shared, settings)
+    (run_dir / "train-prompts-report.json").write_text("{}")
+    (run_dir / "train-prompts-aligned").mkdir()
+    toy_methods.run_demo_once(run_dir, shared, settings)  # finished with these settings: read back
+    assert made == [4] and (run_dir / "train-prompts-report.json").is_file()
+    toy_methods.run_demo_once(run_dir, shared, toy_methods.DemoSettings(method="grpo", steps=8))
+    assert made == [4, 8] and not list(run_dir.glob("train-prompts-*"))
+
+
 def test_the_toy_methods_table_over_seeds(tmp_path):
     """Two training seeds of a few steps, judged on the validation split: one row with each seed's value and the
     two-level interval around their mean. Then toy_errors.py on one of the runs."""
