@@ -23,8 +23,8 @@ table is printed and written to <out>/table.md. Each run's record (its settings 
 oracle gains and the report's figures) is added to --results (benchmarks/results/toy-methods.jsonl, committed), which
 every table can be computed again from; a run recorded there with the same settings, recipe (with the UNet recipe a
 flow recipe names as its base) and shipped assets, or finished in <out> with the same settings and recipe, is read
-back, not run again (the code is not in the key: after a change to the toy world or training, run again by hand). Run it with nothing else on the machine: time per step is a wall-clock
-measure.
+back, not run again (the code is not in the key: after a change to the toy world or training, run again by hand).
+Run it with nothing else on the machine: time per step is a wall-clock measure.
 
 `--on-train-prompts` judges the finished runs again on the prompts they trained on (the base model's and each
 run's images of its train prompts with the same evaluation seeds, into <out>/train-prompts-base-seed-<seed>/ and
