@@ -167,7 +167,8 @@ def build_assets(out_dir=None, seed: int = 0, settings: PretrainSettings | None 
     replace_dir(work / "base-compact", base)
     write_train_prompts(out_dir)
 
-    # preference data: `images_per_prompt` samples of every train prompt, paired, labelled by the simulated raters
+    # preference data: `images_per_prompt` samples of every pretraining prompt (train and val), paired, labelled by
+    # the simulated raters
     seeds = list(range(images_per_prompt))
     train_images = generate(full, [s.prompt for s in scenes("pretrain")], seeds, work / "train-images")
     train_pairs = oracle_pairs(train_images, work / "train-pairs.parquet", seed)

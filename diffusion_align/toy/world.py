@@ -8,7 +8,8 @@ out of the pretraining scenes, so the splits are:
 
     pretrain  every scene the base model was pretrained on (= train + val)
     train     the scenes preference pairs and online rollouts are made from
-    val       pretraining scenes that get no preference pairs and no rollouts: what settings are tuned on
+    val       pretraining scenes that get no preference pairs and no rollouts: what settings are tuned on (the
+              shipped toy PickScore was fitted on pairs of every pretraining scene, these included)
     heldout   never trained on at all: what results are reported on, once the settings are chosen
 
 Images are 32 x 32 RGB, drawn at 4x and downsampled so edges are smooth. `render` draws a scene as it should be;
