@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from toy_methods import per_prompt_win_rates, run_demo_once, run_record
+from toy_methods import per_prompt_win_rates, recipe_sha256, run_demo_once, run_record
 
 from diffusion_align.evaluation.compare import bootstrap_interval, pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.toy.demo import METHODS, DemoSettings
@@ -96,7 +96,12 @@ def slug(settings: dict) -> str:
 
 
 def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """The lines of the recipes as they are now: a line of a recipe since edited is left out (and so made again).
+    Lines from before the recipe's digest was kept have none and are all read (benchmarks/README.md says which of
+    them ran under an earlier recipe)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [row for row in rows if row.get("recipe_sha256", recipe_sha256(row["method"], "unet"))
+            == recipe_sha256(row["method"], "unet")]
 
 
 def run(method: str, settings: dict, seed: int, args, done: list[dict]) -> dict | None:
@@ -150,7 +155,8 @@ def _run(method: str, settings: dict, seed: int, run_dir: Path, args, done: list
     run_demo_once(run_dir, Path(args.out) / f"shared-images-seed-{seed}",
                   DemoSettings(method=method, steps=steps, eval_split="val", seed=seed, overrides=overrides))
     record = run_record(run_dir)
-    row = {"method": method, "settings": settings, "seed": seed, "steps": record["steps"],
+    row = {"method": method, "settings": settings, "seed": seed, "recipe_sha256": recipe_sha256(method, "unet"),
+           "steps": record["steps"],
            "val_win_rate": record["win_rate"], "per_prompt": per_prompt_win_rates(record["gains"]),
            "oracle_gains": record["gains"],
            **{key: record[key] for key in ("oracle_gain", "proxy_gain", "diversity")}}

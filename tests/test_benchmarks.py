@@ -249,6 +249,19 @@ def test_the_online_extras_turn_one_knob_from_the_best_grid_setting(monkeypatch)
     assert toy_sweep.best_settings(rows, "pref_grpo", 1) == [best]
 
 
+def test_a_sweep_line_of_an_edited_recipe_is_not_read_back(tmp_path, monkeypatch):
+    """Sweep lines were read back by method, settings and seed alone: a recipe edited since (the overrides' base)
+    still counted its old lines as its own. A line now keeps its recipe's digest; lines from before it have none."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import toy_sweep
+    now = toy_sweep.recipe_sha256("pref_grpo", "unet")
+    lines = [{"method": "pref_grpo", "settings": {}, "seed": 0, **extra}
+             for extra in ({"recipe_sha256": now}, {"recipe_sha256": "an earlier recipe"}, {})]
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert toy_sweep.read_results(path) == [lines[0], lines[2]]
+
+
 def test_a_sweep_run_is_claimed_by_one_process(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from toy_sweep import claim
