@@ -92,7 +92,8 @@ def test_a_bf16_step_scores_the_sample_it_returns():
     prev, log_prob = ddim_step_with_logprob(s, output, t, sample, generator=torch.Generator().manual_seed(1))
     mu, sigma = ddim_transition(s, output, t, sample, 1.0)
     assert prev.dtype == torch.bfloat16
-    assert torch.equal(log_prob, torch.distributions.Normal(mu, sigma).log_prob(prev.float()).mean(dim=(1, 2, 3)))
+    density = torch.distributions.Normal(mu, sigma).log_prob(prev.float()).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, density, rtol=1e-6, atol=1e-6)  # the fp32 draw's differs by about 5e-4
     _, rescored = ddim_step_with_logprob(s, output, t, sample, prev_sample=prev)
     assert torch.equal(rescored, log_prob)
 
