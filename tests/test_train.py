@@ -271,8 +271,10 @@ def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_
     loaded, load_pairs = [], trainer.load_pairs
     monkeypatch.setattr(trainer, "load_pairs", lambda *a, **kw: loaded.append(load_pairs(*a, **kw)) or loaded[-1])
 
-    run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
-        "method.inversion_steps=2")
+    with caplog.at_level(logging.WARNING, logger="diffusion_align"):  # 12 pairs are left: max_pairs keeps them all
+        run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
+            "method.inversion_steps=2", "data.max_pairs=12")
+    assert "method.pref_scorer scores every pair of it, not only the data.max_pairs=12 sampled" in caplog.text
     # per step: 2 inversion steps x (step + ReNoise re-evaluation), the policy, the reference
     assert [rows for _, rows in unet_calls[:6]] == [4] * 6 and len(unet_calls) == 18
     records = read_metrics(tmp_path / "run")
@@ -293,11 +295,12 @@ def test_smpo_soft_labels_and_inversion(tmp_path, tiny_models, tiny_pairs, unet_
     monkeypatch.setattr(rewards, "load_scorer", lambda *a, **kw: pytest.fail("the scorer was loaded again"))
     scores = reward_scores(str(source), "pickscore_cosine", f"pickscore={scorer}", cache)
     assert scores["pickscore_cosine_0"].shape == (16,) and all(abs(s) <= 1 for s in scores["pickscore_cosine_0"])
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="diffusion_align"):
         run(tmp_path, tiny_models["sd"], source, "method.name=smpo", f"method.pref_scorer=pickscore={scorer}",
             "method.inversion_steps=0", "train.max_steps=1", "train.overwrite=true",  # the scores cache is kept
             "data.max_pairs=4")
-    assert "method.pref_scorer scores every pair of" in caplog.text and "data.max_pairs=4 sampled" in caplog.text
+    assert "scores every pair" not in caplog.text  # the cache is finished: nothing is scored
 
 
 def test_dcpo_conditions_winner_and_loser_on_their_captions(tmp_path, tiny_models, tiny_pairs, monkeypatch):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ from ..progress import progress
 REPORT_NAME = "labels.json"
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
 OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays (data.pairs.outcomes); -1 = no label
+
+logger = logging.getLogger("diffusion_align")
 
 
 # ---------------------------------------------------------------- labels and agreement (pure)
@@ -281,8 +284,8 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
 
 
 def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "train", streaming: bool = False,
-                  batch_size: int | None = None, num_workers: int = 0,
-                  shard_size: int = SCORE_SHARD_SIZE) -> dict[str, np.ndarray] | None:
+                  batch_size: int | None = None, num_workers: int = 0, shard_size: int = SCORE_SHARD_SIZE,
+                  max_pairs: int | None = None) -> dict[str, np.ndarray] | None:
     """The reward columns `<column>_0` / `<column>_1` of every row of `source`, for `load_pairs(scores=...)`
     (float32, NaN where a row has no score); None where `source` has these columns itself.
 
@@ -291,7 +294,8 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
     rewritten since), split, scorer, weights or dtype is an error naming the difference. A finished cache is read
     without loading the scorer (later runs, and the other processes of a run once the main one has finished it).
     `streaming`: as load_pairs; a stream has no row numbers to join by, so its scores must be in the pairs
-    themselves.
+    themselves. `max_pairs`: the training's data.max_pairs; every row is scored all the same, which a warning says
+    when scoring starts.
     """
     pairs, _ = load_pairs(source, split=split, keep_ties=True, streaming=streaming, extra_columns="all")
     names = [f"{column}_0", f"{column}_1"]
@@ -323,6 +327,11 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
 
     def score_shard(start: int, stop: int, desc: str):
         if not loaded:
+            if max_pairs is not None:
+                logger.warning("%s: method.pref_scorer scores every pair of it, not only the data.max_pairs=%d "
+                               "sampled; to try SmPO on fewer pairs, write their %s_0/1 columns first "
+                               "(`diffusion-align label --max-pairs N`) and train on those", source, max_pairs,
+                               column)
             loaded.append(load_scorer(name, path, convention=convention) if convention else scorer)
         indices, scores, bad = _score_pairs(to_score, start, stop, loaded[0], batch_size or loaded[0].batch_size,
                                             num_workers, f"scoring {desc}")

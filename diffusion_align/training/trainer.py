@@ -73,13 +73,9 @@ def train(cfg: Config) -> TrainResult:
         scores, orient_by = None, None
         if method.soft_labels:  # SmPO: human ties dropped, then pairs oriented by reward scores (computed once)
             orient_by = cfg.method.pref_column
-            if cfg.data.max_pairs is not None and accelerator.is_main_process:
-                logger.warning("method.pref_scorer scores every pair of %s, not only the data.max_pairs=%d sampled "
-                               "from it; to try SmPO on fewer pairs, write their %s_0/1 columns first "
-                               "(`diffusion-align label --max-pairs N`) and train on those", cfg.data.path,
-                               cfg.data.max_pairs, orient_by)
             scores = reward_scores(cfg.data.path, orient_by, cfg.method.pref_scorer, output_dir / "soft-labels",
-                                   cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers)
+                                   cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers,
+                                   max_pairs=cfg.data.max_pairs)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
                                   orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
