@@ -100,8 +100,8 @@ def read_results(path: Path) -> list[dict]:
     Lines from before the recipe's digest was kept have none and are all read (benchmarks/README.md says which of
     them ran under an earlier recipe)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [row for row in rows if row.get("recipe_sha256", recipe_sha256(row["method"], "unet"))
-            == recipe_sha256(row["method"], "unet")]
+    now = {method: recipe_sha256(method, "unet") for method in {row["method"] for row in rows}}
+    return [row for row in rows if row.get("recipe_sha256", now[row["method"]]) == now[row["method"]]]
 
 
 def run(method: str, settings: dict, seed: int, args, done: list[dict]) -> dict | None:
