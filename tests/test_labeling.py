@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_align.data.pairs import decode_image, load_pairs, outcomes
+from diffusion_align.data.pairs import decode_image, load_pairs, outcomes, preference_rows
 from diffusion_align.rewards import load_scorer
 from diffusion_align.rewards.labeling import (
     agreement, choose_pairs, hard_labels, label_pairs, outcome_counts, pairs_from_folder, reward_scores,
@@ -394,15 +394,20 @@ def test_pairs_from_folder_with_real_pickscore(image_folder, tiny_pickscore, tmp
 
 def test_reward_scores_cache_holds_scores_only_and_is_reused(constructed, tmp_path):
     cache = tmp_path / "soft-labels"
-    scores = reward_scores(constructed, "fake", FakeScorer(), cache, shard_size=4)
-    for k in (0, 1):  # score = red / 25.5; row 3's jpg_1 does not decode: no score
-        expected = [np.nan if row[1] is None else row[k] / 25.5 for row in ROWS]
+    scorer = FakeScorer()
+    scores = reward_scores(constructed, "fake", scorer, cache, shard_size=4)
+    # only the rows with a human preference are scored: not the ties (4, 8) nor the unlabelled rows (6, 7); row 3's
+    # jpg_1 does not decode: no score
+    for k in (0, 1):  # score = red / 25.5
+        expected = [row[k] / 25.5 if i in (0, 1, 2, 5, 9) else np.nan for i, row in enumerate(ROWS)]
         np.testing.assert_allclose(scores[f"fake_{k}"], expected, atol=1e-5)
-    shards = sorted(cache.glob("pairs-*.parquet"))
-    assert len(shards) == 3 and all(pq.read_schema(p).names == ["row", "fake_0", "fake_1"] for p in shards)
-    assert sum(pq.read_metadata(p).num_rows for p in shards) == 9  # row 3 has none
-    record = json.loads((cache / ".shards" / "pairs-00000.json").read_text())
-    assert record["settings"]["rows"] == 10 and record["settings"]["scorer"] == "fake"
+    assert scorer.images_scored == 10
+    [folder] = cache.iterdir()  # named by the rows scored
+    shards = sorted(folder.glob("pairs-*.parquet"))  # rows 0-3, then 5 and 9
+    assert len(shards) == 2 and all(pq.read_schema(p).names == ["row", "fake_0", "fake_1"] for p in shards)
+    assert [pq.read_table(p)["row"].to_pylist() for p in shards] == [[0, 1, 2], [5, 9]]
+    record = json.loads((folder / ".shards" / "pairs-00000.json").read_text())
+    assert record["settings"]["rows"] == 6 and record["settings"]["scorer"] == "fake"
     assert record["skipped"][0][0] == 3 and "row 3, column jpg_1" in record["skipped"][0][1]
 
     again = FakeScorer()  # a later run, or another process once the main one has finished
@@ -417,6 +422,28 @@ def test_reward_scores_cache_holds_scores_only_and_is_reused(constructed, tmp_pa
         reward_scores(constructed, "fake", FakeScorer(), tmp_path / "streamed", streaming=True)
     with pytest.raises(ValueError, match="no columns fake_0 / fake_1 .*method.pref_scorer"):
         reward_scores(constructed, "fake", None, tmp_path / "none")
+
+
+def test_reward_scores_with_max_pairs_score_only_the_sample(constructed, tmp_path):
+    # a sample of 3 of the 6 rows with a human preference (0, 1, 2, 3, 5, 9), row 3 among them: it does not decode
+    seed = next(s for s in range(20) if 3 in preference_rows(constructed, max_pairs=3, seed=s))
+    sample = preference_rows(constructed, max_pairs=3, seed=seed)
+    assert len(sample) == 3 and set(sample) <= {0, 1, 2, 3, 5, 9}
+    cache, scorer = tmp_path / "soft-labels", FakeScorer()
+    scores = reward_scores(constructed, "fake", scorer, cache, max_pairs=3, seed=seed)
+    scored = [i for i in sample if i != 3]
+    assert list(np.flatnonzero(np.isfinite(scores["fake_0"]))) == scored and scorer.images_scored == 4
+    # the training draws the same sample, then drops the row without a score
+    pairs, stats = load_pairs(constructed, extra_columns=["model_0"], max_pairs=3, seed=seed, keep_unlabelled=False,
+                              orient_by="fake", scores=scores)
+    assert pairs["model_0"] == [f"m{i}" for i in scored] and (stats.unscored, stats.pairs) == (1, 2)
+    # another sample is scored into a folder beside, the first one kept
+    other = next(s for s in range(20) if set(preference_rows(constructed, max_pairs=3, seed=s)) != set(sample))
+    scorer = FakeScorer()
+    scores = reward_scores(constructed, "fake", scorer, cache, max_pairs=3, seed=other)
+    other_scored = [i for i in preference_rows(constructed, max_pairs=3, seed=other) if i != 3]
+    assert list(np.flatnonzero(np.isfinite(scores["fake_0"]))) == other_scored
+    assert scorer.images_scored == 2 * len(other_scored) and len(list(cache.iterdir())) == 2
 
 
 def test_smpo_pairs_drop_human_ties_then_follow_the_reward(constructed, tmp_path):

@@ -220,6 +220,57 @@ def _reward_labels(label_0, label_1, score_0, score_1, score_columns) -> dict[st
             "label_1": (1 - label).tolist()}
 
 
+def _label_columns(found: Sequence[str], human_labels: bool) -> tuple[list[str], bool]:
+    """The columns that hold each pair's preference, and whether `has_label` flags them. `human_labels`: the people's
+    (`human_label_0/1` where `diffusion-align label` moved them aside), as SmPO decides its ties."""
+    human = "human_label" if human_labels and {"human_label_0", "human_label_1"} <= set(found) else "label"
+    # Pick-a-Pic's has_label flags its people's labels: label_0/1, or human_label_0/1 once `label` made label_0/1
+    # a scorer's
+    flagged = "has_label" in found and (human == "human_label" or "human_label_0" not in found)
+    return [f"{human}_0", f"{human}_1"], flagged
+
+
+def _read_numbers(ds: datasets.Dataset, names: list[str], path: str) -> list[np.ndarray]:
+    # only these columns, no image bytes: under a second for ~1M rows
+    columns = ds.select_columns(names).with_format("arrow")[:]
+    return [_numbers(columns[n], n, path) for n in names]
+
+
+def _preferences(ds: datasets.Dataset, path: str, label_columns: list[str], flagged: bool, warn: bool = True):
+    """label_0, label_1 as float64, NaN where a row holds no preference (a null or NaN label, or `has_label` false),
+    and where a label lies outside [0, 1] (warned), which the third array marks."""
+    l0, l1 = _read_numbers(ds, label_columns, path)
+    if flagged:  # a row whose flag is false (or null) holds no one's preference, whatever its labels say
+        flags = ds.select_columns(["has_label"]).with_format("arrow")[:]["has_label"]
+        unflagged = ~flags.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        l0, l1 = np.where(unflagged, np.nan, l0), np.where(unflagged, np.nan, l1)
+    out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
+    if warn and out_of_range.any():
+        first = int(np.flatnonzero(out_of_range)[0])
+        logger.warning("%s: %d rows have a label outside [0, 1], e.g. row %d (%s %s / %s); they hold no preference "
+                       "and are treated as unlabelled", path, out_of_range.sum(), first, label_columns[0],
+                       l0[first], l1[first])
+    return np.where(out_of_range, np.nan, l0), np.where(out_of_range, np.nan, l1), out_of_range
+
+
+def _sample(rows: np.ndarray, max_pairs: int | None, seed: int | None) -> np.ndarray:
+    """`max_pairs` of `rows`: drawn with `seed`, in stored order; the first ones without a seed."""
+    if max_pairs is not None and seed is not None and max_pairs < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_pairs, replace=False))
+    return rows[:max_pairs]
+
+
+def preference_rows(path: str, split: str = "train", keep_ties: bool = False, max_pairs: int | None = None,
+                    seed: int | None = None) -> np.ndarray:
+    """The source rows that `load_pairs(path, split, keep_ties, max_pairs=..., seed=..., keep_unlabelled=False,
+    orient_by=...)` draws its pairs from: those with a human preference (ties dropped unless `keep_ties`) and,
+    with `max_pairs`, the same sample. SmPO computes reward scores for these rows only."""
+    ds = _open(path, split, streaming=False)
+    label_columns, flagged = _label_columns(ds.column_names, human_labels=True)
+    l0, l1, _ = _preferences(ds, path, label_columns, flagged, warn=False)  # load_pairs warns
+    return _sample(np.flatnonzero(np.isfinite(l0 + l1) & ((l0 != l1) | keep_ties)), max_pairs, seed)
+
+
 def load_pairs(
     path: str,
     split: str = "train",
@@ -247,7 +298,8 @@ def load_pairs(
     `orient_by="x"` (SmPO) orients the pairs by the reward columns x_0 / x_1: ties are decided on the human labels
     (`human_label_0/1` where `diffusion-align label` moved them aside, else `label_0/1`), then label_0/1 become
     the reward's: 1/0 where x_0 > x_1, 0/1 where x_0 < x_1, 0.5/0.5 where equal. Rows without both scores are
-    dropped and counted; the scores come back as floats. `scores` adds columns, one value per source row
+    dropped and counted, after the `max_pairs` draw (so the draw is `preference_rows`', the rows SmPO scores); the
+    scores come back as floats. `scores` adds columns, one value per source row
     (`rewards.labeling.reward_scores`), first; `source_rows` adds `source_row`, each pair's row number in the source
     (where a latent cache stores it).
 
@@ -279,11 +331,7 @@ def load_pairs(
     caption = (ds.features or {}).get("caption")
     if isinstance(caption, datasets.Value) and caption.dtype not in ("string", "large_string", "null"):
         raise ValueError(f"{path}: column caption holds {caption.dtype} values; expected text (each pair's prompt)")
-    human = "human_label" if orient_by and {"human_label_0", "human_label_1"} <= set(found) else "label"
-    label_columns = [f"{human}_0", f"{human}_1"]
-    # Pick-a-Pic's has_label flags its people's labels: label_0/1, or human_label_0/1 once `label` made label_0/1
-    # a scorer's
-    flagged = "has_label" in found and (human == "human_label" or "human_label_0" not in found)
+    label_columns, flagged = _label_columns(found, human_labels=bool(orient_by))
     keep_unlabelled = keep_ties if keep_unlabelled is None else keep_unlabelled
     ds = raw_images(ds)
 
@@ -299,35 +347,21 @@ def load_pairs(
         ds = ds if keep_all else ds.select_columns(expected)
         return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None, None, None)
 
-    # read only the label and score columns (no image bytes): under a second for ~1M rows
-    columns = ds.select_columns(label_columns + score_columns + ["has_label"] * flagged).with_format("arrow")[:]
-    l0, l1 = (_numbers(columns[c], c, path) for c in label_columns)
-    if flagged:  # a row whose flag is false (or null) holds no one's preference, whatever its labels say
-        unflagged = ~columns["has_label"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-        l0, l1 = np.where(unflagged, np.nan, l0), np.where(unflagged, np.nan, l1)
-    out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
-    if out_of_range.any():
-        first = int(np.flatnonzero(out_of_range)[0])
-        logger.warning("%s: %d rows have a label outside [0, 1], e.g. row %d (%s %s / %s); they hold no preference "
-                       "and are treated as unlabelled", path, out_of_range.sum(), first, label_columns[0],
-                       l0[first], l1[first])
-    l0, l1 = np.where(out_of_range, np.nan, l0), np.where(out_of_range, np.nan, l1)
+    l0, l1, out_of_range = _preferences(ds, path, label_columns, flagged)
     ties = (l0 == l1) & (not keep_ties)  # NaN never ties
     unlabelled = ~np.isfinite(l0 + l1) & (not keep_unlabelled)
-    unscored = np.zeros(len(ds), bool)
-    if orient_by:
-        s0, s1 = (_numbers(columns[c], c, path) for c in score_columns)
-        unscored = ~np.isfinite(s0 + s1) & ~ties & ~unlabelled
+    keep = _sample(np.flatnonzero(~(ties | unlabelled)), max_pairs, seed)
+    unscored = 0
+    if orient_by:  # after the draw: which rows were scored does not change the sample (SmPO scores only it)
+        s0, s1 = _read_numbers(ds, score_columns, path)
+        scored = np.isfinite(s0 + s1)[keep]
+        unscored, keep = int((~scored).sum()), keep[scored]
         oriented = _reward_labels(l0, l1, s0, s1, score_columns)
         ds = ds.remove_columns(list(oriented))  # before the selection below, which add_column would copy
         for name, values in oriented.items():
             ds = ds.add_column(name, values)
-    keep = np.flatnonzero(~(ties | unlabelled | unscored))
-    if max_pairs is not None and seed is not None and max_pairs < len(keep):
-        keep = np.sort(np.random.default_rng(seed).choice(keep, max_pairs, replace=False))
-    keep = keep[:max_pairs]  # without a seed: the first N
     stats = PairStats(rows=len(ds), ties_dropped=int(ties.sum()), pairs=len(keep), unlabelled=int(unlabelled.sum()),
-                      unscored=int(unscored.sum()), out_of_range=int((out_of_range & unlabelled).sum()))
+                      unscored=unscored, out_of_range=int((out_of_range & unlabelled).sum()))
     ds = ds if keep_all else ds.select_columns(expected + (["source_row"] if source_rows else []))
     ds = ds.select(keep, keep_in_memory=True)  # in-memory index map: no cache file in the source dir
     return (ds.to_iterable_dataset() if streaming else ds), stats

@@ -14,10 +14,11 @@ each written whole or not at all), `.shards/pairs-00000.json` (what each shard h
 skipped rows; a rerun keeps the shards whose record matches and labels only the rest) and `labels.json` (the
 report). `data.pairs.load_pairs(out_dir)` reads the result, so generate -> label -> train needs no people.
 
-`reward_scores` keeps only what SmPO needs from a scorer, to join to the source at load time: shards
-`pairs-00000.parquet`, ... of `row` (the source row) and `<column>_0` / `<column>_1` (float32), no images, with
-the same `.shards/` records (settings: source, split, rows, scorer and its weights path, column; skipped rows).
-Rows whose images do not decode have no score.
+`reward_scores` keeps only what SmPO needs from a scorer, to join to the source at load time, for the rows it
+trains on (`data.pairs.preference_rows`), in a folder named by a digest of those rows: shards `pairs-00000.parquet`,
+... (one per `shard_size` of the rows) of `row` (the source row) and `<column>_0` / `<column>_1` (float32), no
+images, with the same `.shards/` records (settings: source, split, how many rows and which (`selection`), scorer
+and its weights path, column; skipped rows). Rows whose images do not decode have no score.
 
 Agreement with people: over the pairs with a strict human preference (human ties and unlabelled pairs are left
 out), agreement = (pairs where the scorer picks the same image + 0.5 * pairs the scorer calls a tie) / pairs.
@@ -41,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, load_pairs, outcomes
+from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, load_pairs, outcomes, preference_rows
 from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
@@ -117,13 +118,13 @@ def collate_pair_images(items: list[dict]) -> dict:
             "prompts": [it["prompt"] for it in good for _ in (0, 1)]}
 
 
-def _score_pairs(pairs, start: int, stop: int, scorer, batch_size: int, num_workers: int, desc: str):
-    """Scores of rows start..stop-1: (indices, (n, 2) float64 scores, [(index, reason)] skipped)."""
+def _score_pairs(pairs, rows, scorer, batch_size: int, num_workers: int, desc: str):
+    """Scores of `rows`: (indices, (n, 2) float64 scores, [(index, reason)] skipped)."""
     loader = torch.utils.data.DataLoader(
-        PairImages(pairs, range(start, stop), scorer.preprocess), batch_size=max(1, batch_size // 2),
+        PairImages(pairs, rows, scorer.preprocess), batch_size=max(1, batch_size // 2),
         num_workers=num_workers, collate_fn=collate_pair_images)
     indices, scores, skipped = [], [], []
-    with torch.inference_mode(), progress(total=stop - start, unit="pair", desc=desc) as bar:
+    with torch.inference_mode(), progress(total=len(rows), unit="pair", desc=desc) as bar:
         for batch in loader:
             skipped += batch["errors"]
             if batch["indices"]:
@@ -224,7 +225,7 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
                 "column": scorer.column, "tie_margin": tie_margin, "shard_size": shard_size}
 
     def label_shard(start: int, stop: int, desc: str):
-        indices, scores, bad = _score_pairs(to_score, start, stop, scorer, batch_size or scorer.batch_size,
+        indices, scores, bad = _score_pairs(to_score, range(start, stop), scorer, batch_size or scorer.batch_size,
                                             num_workers, f"labelling {desc}")
         table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
         has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
@@ -285,17 +286,19 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
 
 def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "train", streaming: bool = False,
                   batch_size: int | None = None, num_workers: int = 0, shard_size: int = SCORE_SHARD_SIZE,
-                  max_pairs: int | None = None) -> dict[str, np.ndarray] | None:
-    """The reward columns `<column>_0` / `<column>_1` of every row of `source`, for `load_pairs(scores=...)`
-    (float32, NaN where a row has no score); None where `source` has these columns itself.
+                  keep_ties: bool = False, max_pairs: int | None = None, seed: int | None = None
+                  ) -> dict[str, np.ndarray] | None:
+    """The reward columns `<column>_0` / `<column>_1` of `source`, for `load_pairs(scores=...)`, one float32 value
+    per source row: scored for the rows the training draws its pairs from (`preference_rows(source, split,
+    keep_ties, max_pairs, seed)`), NaN for the others and for rows whose images do not decode. None where
+    `source` has these columns itself.
 
     They are computed once with `scorer` (a "NAME[=PATH]" spec, loaded in the convention whose column is `column`,
-    or a loaded scorer) into `cache_dir`; see the module docstring. A cache of another source (or the source
-    rewritten since), split, scorer, weights or dtype is an error naming the difference. A finished cache is read
-    without loading the scorer (later runs, and the other processes of a run once the main one has finished it).
-    `streaming`: as load_pairs; a stream has no row numbers to join by, so its scores must be in the pairs
-    themselves. `max_pairs`: the training's data.max_pairs; every row is scored all the same, which a warning says
-    when scoring starts.
+    or a loaded scorer) into `cache_dir/rows-<digest of the rows>`, so another sample of rows (data.max_pairs) is
+    cached beside; see the module docstring. A cache of another source (or the source rewritten since), split,
+    scorer, weights or dtype is an error naming the difference. A finished cache is read without loading the scorer
+    (later runs, and the other processes of a run once the main one has finished it). `streaming`: as load_pairs;
+    a stream has no row numbers to join by, so its scores must be in the pairs themselves.
     """
     pairs, _ = load_pairs(source, split=split, keep_ties=True, streaming=streaming, extra_columns="all")
     names = [f"{column}_0", f"{column}_1"]
@@ -319,28 +322,26 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
                          f"data.streaming=false, or write the scores into a copy of the pairs (images included) "
                          f"with `diffusion-align label {source} {how} --out DIR` and train on DIR")
 
-    cache_dir, loaded = Path(cache_dir), []  # the scorer, loaded only once a shard is left to score
+    rows = preference_rows(source, split, keep_ties, max_pairs, seed)
+    selection = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
+    cache_dir, loaded = Path(cache_dir) / f"rows-{selection[:16]}", []  # the scorer, loaded once a shard is to do
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    settings = {"source": local_or_hub(source), "split": split, "rows": len(pairs), "fingerprint": pairs._fingerprint,
+    settings = {"source": local_or_hub(source), "split": split, "rows": len(rows), "selection": selection,
+                "fingerprint": pairs._fingerprint,
                 **_scorer_settings(name, path, None if convention else getattr(scorer, "dtype", None)),
                 "column": column, "shard_size": shard_size}
 
     def score_shard(start: int, stop: int, desc: str):
         if not loaded:
-            if max_pairs is not None:
-                logger.warning("%s: method.pref_scorer scores every pair of it, not only the data.max_pairs=%d "
-                               "sampled; to try SmPO on fewer pairs, write their %s_0/1 columns first "
-                               "(`diffusion-align label --max-pairs N`) and train on those", source, max_pairs,
-                               column)
             loaded.append(load_scorer(name, path, convention=convention) if convention else scorer)
-        indices, scores, bad = _score_pairs(to_score, start, stop, loaded[0], batch_size or loaded[0].batch_size,
-                                            num_workers, f"scoring {desc}")
+        indices, scores, bad = _score_pairs(to_score, rows[start:stop], loaded[0],
+                                            batch_size or loaded[0].batch_size, num_workers, f"scoring {desc}")
         table = pa.table({"row": pa.array(indices, pa.int64()), names[0]: pa.array(scores[:, 0], pa.float32()),
                           names[1]: pa.array(scores[:, 1], pa.float32())})
         return table, {"skipped": bad}
 
     columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
-    for k, (record, _) in enumerate(run_shards(cache_dir, len(pairs), shard_size, settings, score_shard)):
+    for k, (record, _) in enumerate(run_shards(cache_dir, len(rows), shard_size, settings, score_shard)):
         if record["written"]:
             table = pq.read_table(cache_dir / f"{SHARD_STEM.format(k)}.parquet")
             for n in names:

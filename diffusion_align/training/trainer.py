@@ -75,7 +75,7 @@ def train(cfg: Config) -> TrainResult:
             orient_by = cfg.method.pref_column
             scores = reward_scores(cfg.data.path, orient_by, cfg.method.pref_scorer, output_dir / "soft-labels",
                                    cfg.data.split, cfg.data.streaming, num_workers=cfg.data.num_workers,
-                                   max_pairs=cfg.data.max_pairs)
+                                   keep_ties=cfg.data.keep_ties, max_pairs=cfg.data.max_pairs, seed=t.seed)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
                                   orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
