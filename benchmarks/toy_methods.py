@@ -45,9 +45,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from diffusion_align.config import load_config
+from diffusion_align.config import config_chain, load_config
 from diffusion_align.evaluation.compare import pair_outcomes, seeds_bootstrap_interval
 from diffusion_align.files import write_text_atomic
 from diffusion_align.rewards import load_scorer
@@ -118,10 +117,7 @@ def run_seed(out: Path, method: str, seed: int, args) -> Path:
 
 def recipe_files(method: str, family: str) -> list[Path]:
     """The recipe and every file its `base:` chain names (a flow recipe is its UNet recipe with keys changed)."""
-    files = [recipe(method, family)]
-    while base := (yaml.safe_load(files[-1].read_text()) or {}).get("base"):
-        files.append(files[-1].parent / base)
-    return files
+    return [path for path, _ in config_chain(recipe(method, family))]
 
 
 def recipe_sha256(method: str, family: str) -> str:

@@ -495,23 +495,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _yaml(raw, f"the value of override '{text}'") if raw.strip() else ""
 
 
-def _file_layers(path: Path, inside: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
-    """The (values, where) layers of a config file: those of the file its top-level `base:` names (a path relative
-    to this file's folder, itself free to name a base), then its own, so that a recipe can be another recipe with
-    a few keys changed."""
-    where = f"in {path}"
-    if path.resolve() in inside:
-        raise ConfigError(f"{path}: its chain of `base:` files comes back to it "
-                          f"({' -> '.join(str(p) for p in (*inside, path.resolve()))})")
-    tree = _yaml(path.read_text(), str(path)) or {}
-    base = tree.pop("base", None) if isinstance(tree, dict) else None
-    layers = []
-    if base is not None:
+def config_chain(path: Path) -> list[tuple[Path, Any]]:
+    """A config file and its YAML tree (without `base:`), then those of the file its top-level `base:` names (a
+    path relative to the naming file's folder, itself free to name a base), and so on: a recipe can be another
+    recipe with a few keys changed."""
+    chain = []
+    while True:
+        if path.resolve() in (p.resolve() for p, _ in chain):
+            raise ConfigError(f"{path}: its chain of `base:` files comes back to it "
+                              f"({' -> '.join(str(p.resolve()) for p in (*(p for p, _ in chain), path))})")
+        tree = _yaml(path.read_text(), str(path)) or {}
+        base = tree.pop("base", None) if isinstance(tree, dict) else None
+        chain.append((path, tree))
+        if base is None:
+            return chain
         if not isinstance(base, str) or not (path.parent / base).is_file():
             raise ConfigError(f"{path}: base: expects the path of a config file relative to {path.parent}, got "
                               f"{base!r}")
-        layers = _file_layers(path.parent / base, (*inside, path.resolve()))
-    return [*layers, (_flatten(tree, where), where)]
+        path = path.parent / base
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -519,7 +520,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     wins)."""
     cfg = Config()
     valid = all_keys()
-    layers = _file_layers(Path(path)) if path is not None else []
+    chain = config_chain(Path(path))[::-1] if path is not None else []  # the deepest base first
+    layers = [(_flatten(tree, f"in {file}"), f"in {file}") for file, tree in chain]
     layers.append((dict(parse_override(o) for o in overrides), "on the command line"))
     for values, where in layers:
         for key, value in values.items():
