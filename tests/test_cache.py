@@ -188,15 +188,40 @@ def test_component_digests_follow_the_weights_the_loaders_read(tmp_path, monkeyp
     blob.write_bytes(b"other bytes under the same name")
     assert loading.component_digest("org/model", "vae") == digest  # the name, not the content, was read
 
+    # a component shipped as .bin only: its weights are downloaded (once no .safetensors came) and keyed too
+    (snapshot / "diffusion_pytorch_model.safetensors").unlink()
+    shipped = {"blob": blob}
+
+    def download_bin(repo, revision, allow_patterns, ignore_patterns):
+        asked.setdefault("calls", []).append(allow_patterns)
+        if "vae/*.bin" in allow_patterns:
+            (snapshot / "diffusion_pytorch_model.bin").unlink(missing_ok=True)
+            (snapshot / "diffusion_pytorch_model.bin").symlink_to(shipped["blob"])
+        return str(tmp_path / "snapshot")
+    monkeypatch.setattr(loading, "snapshot_download", download_bin)
+    bin_digest = loading.component_digest("org/model", "vae")
+    assert asked["calls"][-1] == ["vae/*.bin"] and bin_digest != digest
+    shipped["blob"] = blob.with_name("cd" * 32)
+    shipped["blob"].write_bytes(b"new weights")
+    (snapshot / "diffusion_pytorch_model.bin").unlink()
+    assert loading.component_digest("org/model", "vae") != bin_digest
+    (snapshot / "diffusion_pytorch_model.bin").unlink()
+    (snapshot / "diffusion_pytorch_model.safetensors").symlink_to(blob)
+
     # what the hub gives for those patterns (huggingface_hub's own filter): a variant's weights whole or in shards,
     # which `*.fp16.safetensors` alone missed, so a sharded fp16 text encoder's weights were not in its digest
     from huggingface_hub.utils import filter_repo_objects
     repo = ["vae/config.json", "vae/diffusion_pytorch_model.safetensors",
             "vae/diffusion_pytorch_model.fp16.safetensors", "vae/model.fp16-00001-of-00002.safetensors", "vae/model.fp16-00002-of-00002.safetensors",
             "vae/model.safetensors.index.fp16.json", "vae/model-00001-of-00002.safetensors", "unet/config.json"]
+    calls = []
+    monkeypatch.setattr(loading, "snapshot_download", lambda repo, revision, allow_patterns, ignore_patterns:
+                        calls.append((allow_patterns, ignore_patterns)) or str(tmp_path / "snapshot"))
     for variant, expected in ((None, [0, 1, 5, 6]), ("fp16", [0, 2, 3, 4, 5])):
+        calls.clear()
         loading.component_digest("org/model", "vae", variant=variant)
-        assert list(filter_repo_objects(repo, allow_patterns=asked["allow"], ignore_patterns=asked["ignore"])) == [
+        allow, ignore = calls[0]  # (the snapshot holds no fp16 weights: a second call asks for .bin ones)
+        assert list(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore)) == [
             repo[i] for i in expected], variant
 
 

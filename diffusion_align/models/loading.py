@@ -99,21 +99,31 @@ def component_digest(pretrained: str, subfolder: str | None, revision: str | Non
     path = Path(pretrained)
     if not path.exists():  # a hub id: the files the loaders read, from the local hub cache (downloaded if need be)
         prefix = f"{subfolder}/" if subfolder else ""
-        # a variant's weights whole (model.fp16.safetensors) or sharded (model.fp16-00001-of-00002.safetensors)
-        weights = ([f"{prefix}*.{variant}.safetensors", f"{prefix}*.{variant}-*.safetensors"] if variant
-                   else [f"{prefix}*.safetensors"])
-        path = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[
-            f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model", *weights],
-            ignore_patterns=None if variant else [f"{prefix}*.*.safetensors"]))  # not the other variants' files
+
+        def download(kind: str, *patterns: str) -> Path:
+            # a variant's weights whole (model.fp16.safetensors) or sharded (model.fp16-00001-of-00002.safetensors)
+            weights = ([f"{prefix}*.{variant}{kind}", f"{prefix}*.{variant}-*{kind}"] if variant
+                       else [f"{prefix}*{kind}"])
+            return Path(snapshot_download(pretrained, revision=revision, allow_patterns=[*patterns, *weights],
+                                          ignore_patterns=None if variant else [f"{prefix}*.*{kind}"]))  # no variant's
+        path = download(".safetensors", f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.model")
+        if not _weights(path / prefix, variant):  # a component shipped as .bin only, which the loaders then read
+            path = download(".bin")
     folder = path / subfolder if subfolder else path
     files = sorted(f for f in folder.iterdir() if f.is_file())
-    weights = [f for f in files if f.name.endswith(_WEIGHTS) and _variant_of(f.name) == variant]
-    if any(f.name.endswith(".safetensors") for f in weights):  # what the loaders prefer
-        weights = [f for f in weights if f.name.endswith(".safetensors")]
+    weights = _weights(folder, variant)
     digest = hashlib.sha256()
     for f in [f for f in files if not f.name.endswith(_WEIGHTS)] + weights:
         digest.update(f"{f.name}:{_file_sha256(f)};".encode())
     return digest.hexdigest()[:20]
+
+
+def _weights(folder: Path, variant: str | None) -> list[Path]:
+    """The weight files of `variant` in `folder` that the loaders read: the .safetensors ones where there are any."""
+    weights = sorted(f for f in folder.glob("*") if f.is_file() and f.name.endswith(_WEIGHTS)
+                     and _variant_of(f.name) == variant)
+    safetensors = [f for f in weights if f.name.endswith(".safetensors")]
+    return safetensors or weights
 
 
 def weights_digest(pretrained: str, lora: str | None = None) -> str:
