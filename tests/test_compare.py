@@ -199,6 +199,31 @@ def test_images_scored_nan_sit_out_on_either_side(folders, tmp_path):
     assert "1 images in A scored NaN, 1 images in B scored NaN" in str(a_over_b)
 
 
+def test_identical_images_tie_whether_their_scores_are_cached_or_fresh(tmp_path):
+    """A red level of 26 scores 0.10196..., which the scores CSV holds to 9 digits: a fresh score kept to more digits
+    never equalled a cached one, so identical images stopped tying once one side came from its CSV."""
+    images = [(f"{k}.png", f"p{k}", None, 26) for k in range(3)]
+    a, b = make_folder(tmp_path / "a", images), make_folder(tmp_path / "b", images)
+    scorer = RednessScorer()
+    assert compare_folders(a, b, scorer, tmp_path / "first", num_workers=0).win_rate == 0.5
+    (tmp_path / "first.b.csv").unlink()  # B scored again (say, a run stopped before B), A read from its CSV
+    (tmp_path / "first.b.summary.json").unlink()
+    result = compare_folders(a, b, scorer, tmp_path / "first", num_workers=0)
+    assert scorer.scored == 9 and result.win_rate == 0.5 and [p.win_rate for p in result.prompts] == [0.5] * 3
+
+
+def test_one_prompt_gets_no_interval(tmp_path):
+    """The prompts are resampled: one prompt has no spread to resample, which is no interval, not a zero-width one."""
+    a = make_folder(tmp_path / "a", [(f"{k}.png", "one", k, 40 * k) for k in range(4)])
+    b = make_folder(tmp_path / "b", [(f"{k}.png", "one", k, 100) for k in range(4)])
+    result = compare_folders(a, b, RednessScorer(), tmp_path / "cmp", num_workers=0)
+    assert result.win_rate == 0.25 and np.isnan(result.win_rate_interval).all()  # 120 beats 100, the rest lose
+    assert np.isnan(result.mean_diff_interval).all()
+    assert "[no interval: one prompt]" in str(result) and "one prompt gives none" in str(result)
+    summary = json.loads((tmp_path / "cmp.json").read_text())
+    assert summary["win_rate_interval"] == [None, None]
+
+
 def test_compare_errors_name_the_problem(folders, tmp_path):
     a, b = folders
     other = make_folder(tmp_path / "other", [("z.png", "unrelated", None, 9)])

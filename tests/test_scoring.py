@@ -241,6 +241,18 @@ def test_a_csv_resumes_only_with_the_scorer_settings_that_made_it(folder, tmp_pa
     again = scorer(str(tmp_path / "." / "weights"))  # the same folder, however it is written
     assert score_folder(folder, [again], out, num_workers=0).resumed == 5 and again.scored == 0
 
+    class Interrupted(RednessScorer):  # Ctrl-C in the second batch: the CSV holds the first one's rows
+        def score_batch(self, pixel_values, prompts):
+            if self.scored:
+                raise KeyboardInterrupt
+            return super().score_batch(pixel_values, prompts)
+    stopped = tmp_path / "stopped.csv"
+    with pytest.raises(KeyboardInterrupt):
+        score_folder(folder, [Interrupted()], stopped, num_workers=0)
+    assert 0 < len(read_scores(stopped)[1]) < 5
+    with pytest.raises(ScoringError, match="of other scorer settings .*'dtype': 'torch.float16'"):
+        score_folder(folder, [scorer(dtype=torch.float16)], stopped, num_workers=0)  # resumed in another dtype
+
 
 def test_outputs_inside_the_folder_are_not_scored(folder):
     out = folder / "scores.csv"
@@ -293,6 +305,12 @@ def test_an_image_replaced_under_its_name_or_given_another_prompt_is_scored_agai
     reprompted = RednessScorer()
     score_folder(folder, [reprompted], out, num_workers=0)
     assert reprompted.prompts == ["a lion"]
+    # another seed: `compare` pairs images by seed, so the row must say the new one
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": "a.png", "prompt": "a lion", "seed": 7},
+                                            {"file_name": "sub/b.png", "text": "a dog", "seed": 2}])
+    reseeded = RednessScorer()
+    score_folder(folder, [reseeded], out, num_workers=0)
+    assert reseeded.prompts == ["a lion"] and {r["file"]: r["seed"] for r in read_scores(out)[1]}["a.png"] == 7
     # a CSV written before stamps (no stamp column) still resumes, by names, and keeps its columns
     header, rows = read_scores(out)
     legacy = tmp_path / "legacy.csv"

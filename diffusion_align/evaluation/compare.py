@@ -6,7 +6,8 @@ without them every A image of a prompt meets every B image of it (all pairs: fil
 folders, and all pairs uses every image). A pair is won by the higher score; a tie counts 0.5.
 
 Scores only compare within a prompt, so the prompt is the unit: each prompt gets a win rate and a mean score
-difference over its pairs, the overall numbers weigh prompts equally, and the bootstrap intervals resample prompts.
+difference over its pairs, the overall numbers weigh prompts equally, and the bootstrap intervals resample prompts
+(so one prompt gets no interval: NaN, null in the summary).
 """
 
 from __future__ import annotations
@@ -194,15 +195,19 @@ class CompareResult:
 def format_report(result: CompareResult, max_prompts: int = 10) -> str:
     """A short human-readable report: the overall numbers, how images were paired, and the extreme prompts."""
     r, pct = result, f"{result.confidence:.0%}"
+
+    def interval(bounds: tuple[float, float], spec: str) -> str:
+        return ("no interval: one prompt" if math.isnan(bounds[0])
+                else f"{pct} interval {bounds[0]:{spec}}, {bounds[1]:{spec}}")
     lines = [
         f"{r.scorer}: A = {r.dir_a} ({r.images_a} images), B = {r.dir_b} ({r.images_b} images)",
         f"  score: {r.convention}",
-        f"  win rate of A over B: {r.win_rate:.3f}  [{pct} interval {r.win_rate_interval[0]:.3f}, "
-        f"{r.win_rate_interval[1]:.3f}]  (ties count 0.5)",
-        f"  mean score difference A - B: {r.mean_diff:+.4g}  [{pct} interval {r.mean_diff_interval[0]:+.4g}, "
-        f"{r.mean_diff_interval[1]:+.4g}]",
+        f"  win rate of A over B: {r.win_rate:.3f}  [{interval(r.win_rate_interval, '.3f')}]  (ties count 0.5)",
+        f"  mean score difference A - B: {r.mean_diff:+.4g}  [{interval(r.mean_diff_interval, '+.4g')}]",
         f"  {r.pairs} pairs over {len(r.prompts)} prompts, prompts weighted equally; intervals from "
-        f"{r.n_resamples} resamples of the prompts (seed {r.seed})",
+        f"{r.n_resamples} resamples of the prompts (seed {r.seed})" + (
+            "; the prompt is the unit resampled, so one prompt gives none: compare images of several prompts"
+            if len(r.prompts) == 1 else ""),
     ]
     without_seed = r.pairs - r.pairs_by_seed
     if without_seed:
@@ -265,12 +270,16 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
                            f"e.g. {_examples(rows_a)} and {_examples(rows_b)}")
     wins = [p.win_rate for p in prompts]
     diffs = [p.mean_a - p.mean_b for p in prompts]
+
+    def interval(values: list[float]) -> tuple[float, float]:
+        # one prompt leaves nothing to resample: no interval (NaN), not a zero-width one
+        return bootstrap_interval(values, n_resamples, confidence, seed) if len(values) > 1 else (math.nan, math.nan)
     in_a, in_b = _group(rows_a).keys(), _group(rows_b).keys()
     csv_path, json_path = (out_prefix.with_name(f"{out_prefix.name}.{ext}") for ext in ("csv", "json"))
     result = CompareResult(
         dir_a=str(dir_a), dir_b=str(dir_b), scorer=scorer.column, convention=scorer.convention,
-        win_rate=float(np.mean(wins)), win_rate_interval=bootstrap_interval(wins, n_resamples, confidence, seed),
-        mean_diff=float(np.mean(diffs)), mean_diff_interval=bootstrap_interval(diffs, n_resamples, confidence, seed),
+        win_rate=float(np.mean(wins)), win_rate_interval=interval(wins),
+        mean_diff=float(np.mean(diffs)), mean_diff_interval=interval(diffs),
         prompts=prompts, prompts_only_a=len(in_a - in_b), prompts_only_b=len(in_b - in_a),
         prompts_without_pairs=len(in_a & in_b) - len(prompts), images_a=len(reports[0].rows),
         images_b=len(reports[1].rows), confidence=confidence, n_resamples=n_resamples, seed=seed,

@@ -210,7 +210,7 @@ def _score(scorer, pixels: torch.Tensor, prompts: list[str], batch_size: int) ->
         if tuple(scores.shape) != (len(prompts[start:start + batch_size]),):
             raise RuntimeError(f"scorer {scorer.name}: score_batch returned shape {tuple(scores.shape)} for "
                                f"{len(prompts[start:start + batch_size])} images")
-        out += scores.tolist()
+        out += [float(_cell(v)) for v in scores.tolist()]  # as the CSV holds them: a cached score equals a fresh one
     return out
 
 
@@ -418,18 +418,23 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     if not header:
         header = [*BASE_COLUMNS, *columns]
         out_csv.parent.mkdir(parents=True, exist_ok=True)
+        # the summary says what the CSV is scored with from its first row on: a run stopped before its end is
+        # resumed with the same scorers only
+        _write_summary(summary_path, root, out_csv, fast_jpeg, scored_with, [], scorers, [])
         _write_rows(out_csv, header, [], mode="w")
     entries = collect_images(root, prompt, images)
     stamps = {e.file: image_stamp(root / e.file) for e in entries}
     prompts = {e.file: e.prompt or "" for e in entries}
-    # a row is kept while its image and prompt are those it scored: an image replaced under its name, or given
-    # another prompt, is scored again (rows without a stamp, from before stamps, are kept by name), and the row of an
-    # image deleted since goes
+    seeds = {e.file: e.seed for e in entries}
+    # a row is kept while its image, prompt and seed are those it recorded: an image replaced under its name, or
+    # given another prompt or seed (which `compare` pairs by), is scored again (rows without a stamp, from before
+    # stamps, are kept by name), and the row of an image deleted since goes
     stale = {r["file"] for r in rows if r["file"] not in stamps or (
-        r.get("stamp", stamps[r["file"]]) != stamps[r["file"]] or r["prompt"] != prompts[r["file"]])}
+        r.get("stamp", stamps[r["file"]]) != stamps[r["file"]] or r["prompt"] != prompts[r["file"]]
+        or r["seed"] != seeds[r["file"]])}
     if stale:
-        logger.info("%s: %d images changed (their file or prompt) or deleted since they were scored: their rows "
-                    "were dropped", root, len(stale))
+        logger.info("%s: %d images changed (their file, prompt or seed) or deleted since they were scored: their "
+                    "rows were dropped", root, len(stale))
         rows = [r for r in rows if r["file"] not in stale]
         _write_rows(out_csv, header, rows, mode="w")
     done = {r["file"] for r in rows}
@@ -462,10 +467,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     for file, reason in unreadable:
         logger.warning("%s: skipped %s: %s", root, file, reason)
 
-    summary = {"root": str(root.resolve()), "csv": str(out_csv), "rows": len(rows), "fast_jpeg": fast_jpeg,
-               "scored_with": scored_with, "scorers": summarize(rows, scorers),
-               "unreadable": [{"file": f, "reason": r} for f, r in unreadable]}
-    write_text_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    summary = _write_summary(summary_path, root, out_csv, fast_jpeg, scored_with, rows, scorers, unreadable)
     if rows:
         for scorer in scorers:
             s = summary["scorers"][scorer.column]
@@ -474,6 +476,15 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
                            f"std {_fmt(s['std'])}", scorer.convention)
     return ScoreReport(root, out_csv, summary_path, histograms if rows else {}, rows, len(todo) - len(unreadable),
                        len(done), unreadable, summary)
+
+
+def _write_summary(path: Path, root: Path, out_csv: Path, fast_jpeg: bool, scored_with: dict, rows: list[dict],
+                   scorers, unreadable: list[tuple[str, str]]) -> dict:
+    summary = {"root": str(root.resolve()), "csv": str(out_csv), "rows": len(rows), "fast_jpeg": fast_jpeg,
+               "scored_with": scored_with, "scorers": summarize(rows, scorers),
+               "unreadable": [{"file": f, "reason": r} for f, r in unreadable]}
+    write_text_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
 
 
 def _scored_with(scorers, fast_jpeg: bool) -> dict:
