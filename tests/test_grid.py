@@ -229,7 +229,18 @@ def test_grid_needs_prompts_for_a_prompted_scorer(tmp_path):
     class NeedsPrompts:
         name, column, needs_prompts = "fake", "fake", True
 
-    with pytest.raises(ScoringError, match="needs a prompt"):
+    with pytest.raises(ScoringError, match="needs a prompt for each image; 1 have none, e.g. plain/x.png"):
         make_grid([folder], tmp_path / "g.png", scorer=NeedsPrompts())
     report = make_grid([folder], tmp_path / "g.png", prompt="an owl")  # a prompt for all, as `score --prompt`
     assert report.rows == 1
+
+
+def test_a_grid_inside_a_compared_folder_is_refused(tmp_path):
+    """Its pages would be images of that folder on the next run: a row of their own."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "x.png")
+    for out in (folder / "grid.png", folder / "results" / "grid.png"):
+        with pytest.raises(ValueError, match=f"{out}: lies inside the compared folder {folder}"):
+            make_grid([folder], out, prompt="an owl")
+        assert not out.exists()

@@ -196,9 +196,13 @@ def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_si
     image_format = PIL.Image.registered_extensions().get(out.suffix.lower())
     if image_format is None:
         raise ValueError(f"{out}: unknown image type {out.suffix!r}; use e.g. .png or .jpg")
+    for folder in map(Path, dirs):  # the next run would find the pages as images of that folder
+        if folder.resolve() == out.parent.resolve() or folder.resolve() in out.parent.resolve().parents:
+            raise ValueError(f"{out}: lies inside the compared folder {folder}, whose images the next run would find "
+                             f"it among; write the grid elsewhere")
     labels, rows = match_rows(dirs, prompt, notes)
     if scorer is not None:
-        check_prompts(rows, scorer)
+        check_prompts(rows, scorer, labels)
     layout = _Layout(len(labels), cell_size, prompt_width or max(160, cell_size), scorer is not None)
     report = GridReport([], labels, len(rows), [], [])
     if scorer is not None:
@@ -274,10 +278,12 @@ def open_images(rows: list[Row], dirs: list[Path], labels: list[str], missing: l
     return images
 
 
-def check_prompts(rows: list[Row], scorer) -> None:
-    if scorer.needs_prompts and any(r.prompt is None for r in rows):
-        raise ScoringError(f"scorer {scorer.name} needs a prompt for each image; some have none: give them one in a "
-                           f"metadata.jsonl, a .txt beside each image, or one prompt for all")
+def check_prompts(rows: list[Row], scorer, labels: list[str]) -> None:
+    without = [f"{labels[c]}/{file}" for row in rows if row.prompt is None for c, file in enumerate(row.files) if file]
+    if scorer.needs_prompts and without:
+        raise ScoringError(f"scorer {scorer.name} needs a prompt for each image; {len(without)} have none, e.g. "
+                           f"{', '.join(without[:5])}: give them one in a metadata.jsonl, a .txt beside each image, "
+                           f"or one prompt for all")
 
 
 def score_images(images: dict[tuple[int, int], PIL.Image.Image], rows: list[Row], scorer) -> dict:

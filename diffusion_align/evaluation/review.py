@@ -64,7 +64,9 @@ def _data_uri(path: Path) -> str:
             with PIL.Image.open(path) as image:
                 to_rgb(image).save(buf, format="PNG")
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            raise ValueError(f"{path}: cannot convert to PNG for the page ({type(err).__name__}: {err})") from None
+            logger.warning("%s: cannot convert to PNG for the page (%s: %s); it shows as a broken image", path,
+                           type(err).__name__, err)
+            buf = io.BytesIO()  # no data: the browser's broken-image sign, as for an unreadable PNG or JPEG
         kind, data = "image/png", buf.getvalue()
     return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -120,7 +122,7 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
 def _scores(rows: list, dirs: Sequence, labels: list[str], scorer, chunk: int = 16) -> dict:
     """Every readable image's score by (row, column), opened and scored `chunk` rows at a time (bounded memory);
     unreadable images have none (the page shows them as the browser does)."""
-    check_prompts(rows, scorer)
+    check_prompts(rows, scorer, labels)
     scores = {}
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
