@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -148,6 +149,7 @@ def test_import_review_writes_pick_a_pic_pairs(folders, tmp_path):
     (choice("0-1.png", "0-1.png", "a", seed="one"), "expected 'seed'"),
     (choice("0-1.png", "0-1.png", "a", seed=1.5), "expected 'seed'"),
     (choice("../base/0-1.png", "0-1.png", "a"), "file_a .* points outside its folder"),
+    ({**choice("0-1.png", "0-1.png", "a"), "sha256_b": "abc"}, "expected 'sha256_b' to be a sha256"),
 ])
 def test_read_choices_names_the_bad_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "c.jsonl", [choice("0-1.png", "0-1.png", "a"), "", line])
@@ -165,6 +167,15 @@ def test_import_review_errors_name_folders_and_lines(folders, tmp_path):
     assert report.pairs == 1 and len(report.unreadable) == 1
     assert re.match(r".*c.jsonl:2: cannot read image .*tuned/2-2.png", report.unreadable[0])
     assert "left out, 1 pair(s) whose image cannot be read" in str(report)
+    # an image regenerated under its name since the page showed it: not the image judged, so its pair is left out
+    shown = hashlib.sha256((folders[1] / "0-1.png").read_bytes()).hexdigest()
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(folders[1] / "0-1.png")
+    seen = write_jsonl(tmp_path / "seen.jsonl", [{**choice("0-1.png", "0-1.png", "b"), "sha256_b": shown},
+                                                 {**choice("1-1.png", "1-1.png", "a"), "sha256_b": hashlib.sha256(
+                                                     (folders[1] / "1-1.png").read_bytes()).hexdigest()}])
+    report = import_review(seen, folders, tmp_path / "seen")
+    assert report.pairs == 1 and re.match(r".*seen.jsonl:1: image .*tuned/0-1.png changed since the page showed it",
+                                          report.unreadable[0])
     lone = write_jsonl(tmp_path / "lone.jsonl", [choice("2-2.png", "2-2.png", "b", seed=2)])
     with pytest.raises(ValueError, match=r"no pair could be imported: .*lone.jsonl:1: cannot read image"):
         import_review(lone, folders, tmp_path / "out")
@@ -265,6 +276,8 @@ def test_blind_ab_with_the_keyboard_exports_choices_that_import_as_labels(browse
         assert (record["prompt"], record["seed"], record["folder_a"], record["folder_b"]) == (
             row["prompt"], row["seed"], "base", "tuned")
         assert record["file_a"] == record["file_b"] == row["cells"][0]["file"]
+        assert [record["sha256_a"], record["sha256_b"]] == [hashlib.sha256(
+            (folder / record["file_a"]).read_bytes()).hexdigest() for folder in folders]
         if want != "skip":
             expected.append({"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}[want])
 

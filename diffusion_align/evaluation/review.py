@@ -12,10 +12,11 @@ Choices are kept in the browser's localStorage (per page) so a reload loses noth
 JSONL, one line per judged pair:
 
     {"prompt", "seed", "folder_a", "folder_b", "file_a", "file_b", "left": "a"|"b",
-     "choice": "a"|"b"|"tie"|"skip", "time": ISO 8601}
+     "choice": "a"|"b"|"tie"|"skip", "time": ISO 8601, "sha256_a", "sha256_b"}
 
-with the choice in terms of folders (a = folder_a better), not sides, and files relative to their folder; a seed
-too large for a JavaScript number (over 2**53 - 1) is written as a string. The same text is
+with the choice in terms of folders (a = folder_a better), not sides, files relative to their folder, and the
+sha256 of each file's bytes as the page showed them (exports from before have none); a seed too large for a
+JavaScript number (over 2**53 - 1) is written as a string. The same text is
 `window.exportChoices()`. `import_review` turns such files into Pick-a-Pic-style parquet for training.
 
 Everything the page shows from the folders (prompts, names) is set as text, never parsed as HTML, and the data
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -51,17 +53,17 @@ BROWSER_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
                  ".gif": "image/gif", ".bmp": "image/bmp"}
 CHOICES = {"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}  # choice -> (label_0, label_1); "skip" is dropped
 EXPORT_KEYS = ("prompt", "seed", "folder_a", "folder_b", "file_a", "file_b", "left", "choice", "time")
+SHA256 = re.compile("[0-9a-f]{64}")
 JS_EXACT_INTEGER = 2**53 - 1  # JavaScript numbers hold integers exactly up to this; seeds beyond go as strings
 
 
-def _data_uri(path: Path) -> str:
+def _data_uri(path: Path, data: bytes) -> str:
+    """The file `path`, whose bytes are `data`, as a data: URI the browser shows."""
     kind = BROWSER_TYPES.get(path.suffix.lower())
-    if kind:
-        data = path.read_bytes()  # as stored; an unreadable image shows as the browser's broken-image sign
-    else:
+    if not kind:
         buf = io.BytesIO()
         try:
-            with PIL.Image.open(path) as image:
+            with PIL.Image.open(io.BytesIO(data)) as image:
                 to_rgb(image).save(buf, format="PNG")
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             logger.warning("%s: cannot convert to PNG for the page (%s: %s); it shows as a broken image", path,
@@ -81,7 +83,7 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
                 title: str | None = None, scorer=None, scores: dict | None = None,
                 notes: dict[tuple[str, int], str] | None = None) -> dict:
     """What the page shows, as JSON-ready data (images embedded): `folders` (labels), `rows` (prompt, seed, label,
-    note or null, cells: {file, image, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
+    note or null, cells: {file, image, sha256, and with a scorer score and best} or null), `images` (data: URIs), `ab` (the two
     folders compared blind and the pairs, each a row with both images and the folder shown left; null with one
     folder), `scorer` (its column name, or null), `id`. Arguments as for `write_review_page`."""
     labels, rows = match_rows(dirs, prompt, notes)
@@ -96,10 +98,12 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
             if file is None:
                 cells.append(None)
                 continue
-            cells.append({"file": file, "image": len(images)})
+            data = (Path(folder) / file).read_bytes()  # as stored; an unreadable one shows as a broken image
+            # the digest goes into the export, so an import finds an image regenerated since under its name
+            cells.append({"file": file, "image": len(images), "sha256": hashlib.sha256(data).hexdigest()})
             if (r, c) in scores:
                 cells[-1].update(score=shown_score(scores[r, c]), best=c in best)
-            images.append(_data_uri(Path(folder) / file))
+            images.append(_data_uri(Path(folder) / file, data))
         exact = row.seed is None or abs(row.seed) <= JS_EXACT_INTEGER
         table.append({"prompt": row.prompt, "seed": row.seed if exact else str(row.seed), "label": row.label,
                       "note": row.note, "cells": cells})
@@ -197,14 +201,15 @@ class ImportReport:
     skipped: int  # "skip" lines, dropped
     folders: dict[str, str]  # folder name in the export -> the --images folder it was read from
     shards: list[Path]
-    unreadable: list[str] = field(default_factory=list)  # "file:line: why" of judged pairs left out
+    unreadable: list[str] = field(default_factory=list)  # "file:line: why" of judged pairs left out (or changed)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k} {n}" for k, n in self.choices.items())
         lines = [f"{self.out_dir}: {self.pairs} pairs ({counts}; ties have labels 0.5/0.5), {self.skipped} skipped "
                  f"pairs dropped, in {len(self.shards)} shard(s)"]
         lines += [f"  {name}: {path}" for name, path in self.folders.items()]
-        lines += [f"  left out, {len(self.unreadable)} pair(s) whose image cannot be read:"] if self.unreadable else []
+        lines += ([f"  left out, {len(self.unreadable)} pair(s) whose image cannot be read or changed since the page:"]
+                  if self.unreadable else [])
         lines += [f"    {why}" for why in self.unreadable]
         return "\n".join(lines)
 
@@ -239,6 +244,9 @@ def _choice_record(record, where: str) -> dict:
         raise ValueError(f"{where}: expected 'left' to be \"a\" or \"b\", got {record['left']!r}")
     if record["choice"] not in (*CHOICES, "skip"):
         raise ValueError(f"{where}: expected 'choice' to be one of {[*CHOICES, 'skip']}, got {record['choice']!r}")
+    for key in ("sha256_a", "sha256_b"):  # the image the person saw; exports from before have none
+        if record.get(key) is not None and not (isinstance(record[key], str) and SHA256.fullmatch(record[key])):
+            raise ValueError(f"{where}: expected {key!r} to be a sha256 (64 hex digits) or absent, got {record[key]!r}")
     for key in ("file_a", "file_b"):
         name = PurePosixPath(record[key])
         if name.is_absolute() or ".." in name.parts:
@@ -313,13 +321,17 @@ def _image_path(record: dict, side: str, folders: dict[str, Path]) -> Path:
 
 
 def _unreadable(record: dict, side: str, folders: dict[str, Path]) -> str | None:
-    """Why the image cannot be imported (missing, not an image, truncated: it is decoded in full), or None."""
+    """Why the image cannot be imported (missing, not an image, truncated: it is decoded in full; or not the image
+    the person judged: its bytes changed since the page showed them), or None."""
     path = _image_path(record, side, folders)
     try:
         with PIL.Image.open(path) as image:
             image.load()
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return f"{record['where']}: cannot read image {path} ({type(err).__name__}: {err})"
+    judged = record.get(f"sha256_{side}")
+    if judged is not None and hashlib.sha256(path.read_bytes()).hexdigest() != judged:
+        return f"{record['where']}: image {path} changed since the page showed it (another sha256): not the one judged"
     return None
 
 
@@ -527,6 +539,7 @@ function exportChoices() {
       prompt: row.prompt, seed: row.seed, folder_a: AB.folders[0], folder_b: AB.folders[1],
       file_a: row.cells[AB.columns[0]].file, file_b: row.cells[AB.columns[1]].file,
       left: pair.left, choice: choices[i].choice, time: choices[i].time,
+      sha256_a: row.cells[AB.columns[0]].sha256, sha256_b: row.cells[AB.columns[1]].sha256,
     }) + "\\n");
   });
   return lines.join("");
