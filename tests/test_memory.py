@@ -12,7 +12,7 @@ from transformers import CLIPTextModel
 
 from diffusion_align.config import load_config
 from diffusion_align.training.memory import (GIB, RESERVE_GB, ModelCounts, _call_bytes, _frontier, _peak_bytes,
-                                             count_models, memory_bytes, plan)
+                                             count_models, memory_bytes, needed_bytes, plan)
 
 HAND = ModelCounts("sd", denoiser=1000, lora=100, adafactor_state=30, adafactor_step=50, vae=200, text_encoders=300,
                    activation_bytes={"plain": 4000, "checkpointed": 1000},
@@ -333,6 +333,47 @@ def test_plan_command_prints_json(tiny_models, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--processes", "0"])
     assert "--processes must be >= 1" in capsys.readouterr().err
+    # overrides after a flag are overrides too (argparse alone stops taking positionals at the first flag)
+    main(["plan", f"model.pretrained={tiny_models['sd']}", "--json", "train.resolution=32", "--processes", "2",
+          "train.sharding=zero2"])
+    assert json.loads(capsys.readouterr().out)["strategy"] == "zero2"
+    with pytest.raises(SystemExit):
+        main(["plan", f"model.pretrained={tiny_models['sd']}", "--json", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_a_sharded_plan_offers_only_what_sharding_runs(tiny_models):
+    """fsdp2 refuses model.ref_offload and 8-bit AdamW (sharding.resolve_sharding): the plan offered them; and
+    fsdp2-offload keeps a full fine-tune's reference on the CPU with the rest."""
+    settings = [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32",
+                "train.batch_size=4", "method.name=smpo", "method.inversion_steps=0", "data.cache=true",
+                "model.gradient_checkpointing=true"]  # the cheaper changes made already
+    config = load_config(None, settings)
+    counts = count_models(config)
+    on_two = memory_bytes(config, counts, 2, "fsdp2")
+    offloaded = memory_bytes(load_config(None, [*settings, "model.ref_offload=true"]), counts, 2, "fsdp2")
+    assert on_two["reference"] > 0 and offloaded["reference"] == on_two["reference"]  # sharded, never offloaded
+    assert memory_bytes(config, counts, 2, "fsdp2-offload")["reference"] == 0
+    for strategy, offered in (("fsdp2", False), ("ddp", True)):
+        usage = memory_bytes(config, counts, 2, strategy)
+        budget = RESERVE_GB + (needed_bytes(usage) - usage["reference"] / 2) / GIB
+        result = plan(config, processes=2, gpu_memory_gb=budget, strategy=strategy, counts=counts)
+        assert not result.fits and (result.change == "model.ref_offload=true") == offered, strategy
+
+
+def test_an_online_update_holds_its_gradients_over_its_backward_passes(tiny_models):
+    """Each micro-batch of an update backpropagates once per trained step, and the gradients add up until the
+    update: they sit beside the activations from the second backward on, as with train.grad_accum > 1."""
+    base = [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32",
+            "method.name=grpo", "online.prompts_per_step=1", "online.group_size=2", "train.batch_size=2",
+            "online.sample_steps=4", "online.kl_beta=0"]
+    one = load_config(None, [*base, "online.train_fraction=0.25"])  # 1 micro-batch x 1 trained step
+    many = load_config(None, [*base, "online.train_fraction=0.5"])  # 1 micro-batch x 2 trained steps
+    counts = count_models(one)
+    single, several = memory_bytes(one, counts), memory_bytes(many, counts)
+    assert {k: v for k, v in single.items() if k != "total"} == {k: v for k, v in several.items() if k != "total"}
+    a, g, o, e = (single[k] for k in ("activations", "gradients", "optimizer_step", "encode"))
+    assert several["total"] - single["total"] == max(a + g, g + o, e + g) - max(a, g + o, e) > 0
 
 
 @pytest.mark.parametrize("precision, rel", [("no", 0), ("bf16", 0.15)])

@@ -40,7 +40,8 @@ for the checkpoint. Per process, in bytes:
 The total is what the busiest moment of a step needs: the states (weights, optimizer, ema, reference, encoders,
 rewards) and the largest of the forward's activations, the optimiser's step (the gradients and its temporaries) and
 the encoders' calls. Gradients are freed after each step (zero_grad), so they sit beside the forward and the encoders
-only with train.grad_accum > 1, or under DDP on several processes (views of its all-reduce buckets, which stay). The
+only where a step sums several backward passes (train.grad_accum > 1; online, every update: its micro-batches times
+its trained steps), or under DDP on several processes (views of its all-reduce buckets, which stay). The
 backward frees each layer's saved tensors as it makes that layer's gradients, and is counted as no higher than the
 forward's peak or the step's, except where it makes more than it frees: a checkpointed block's recompute, and under
 fsdp2 the units gathered again (above). Against an H200's peaks (benchmarks/README.md) this is within 3% under,
@@ -57,7 +58,8 @@ loaded, so the plan also gives that phase's peak, and a run must fit the larger 
 
 Sharding (`--strategy`, as train.sharding selects it, with AdamW, the one optimiser sharded training runs): fsdp2
 divides the UNet's weights, gradients and optimizer states (and its step's temporaries, and the EMA), and a full
-fine-tune's reference, by the number of processes; fsdp2-offload keeps all three (and the EMA) on the CPU, where the
+fine-tune's reference, by the number of processes (its gradients reduce-scattered every micro-step, so they stay
+sharded while they add up); fsdp2-offload keeps all three (and the EMA, and the reference) on the CPU, where the
 step runs; zero2 divides the gradients and optimizer states only, the latter with DeepSpeed's fp32 master copy of the
 weights (4 bytes a trained weight). The encoders are replicated in every case.
 Not counted: the CUDA context, kernels' workspaces and allocator slack (RESERVE_GB is kept free), the online rewards'
@@ -286,6 +288,15 @@ def _needs_reference(cfg: Config) -> bool:
 def _vae_call_images(cfg: Config) -> int:
     """Images a step's VAE call encodes: data.vae_encode_batch_size of the step's rows, or all of them."""
     return min(_rows(cfg), cfg.data.vae_encode_batch_size or _rows(cfg))
+
+
+def _backwards_per_update(cfg: Config) -> int:
+    """Backward passes whose gradients add up before an optimiser step: train.grad_accum offline; online, each
+    micro-batch's trained steps (`online.backwards_per_update`)."""
+    if cfg.method.name not in ONLINE_METHODS:
+        return cfg.train.grad_accum
+    from .online import backwards_per_update
+    return backwards_per_update(cfg.online, cfg.train.batch_size)[1]
 
 
 def _rows(cfg: Config) -> int:
@@ -697,8 +708,10 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     if strategy == "zero2":  # DeepSpeed's fp32 master copy of the trained weights, partitioned with the moments
         optimizer += 4 * trainable
     online = cfg.method.name in ONLINE_METHODS
+    # offloaded by model.ref_offload in data-parallel runs; sharding refuses that key and shards the reference
+    offloaded = cfg.model.ref_offload and strategy == "ddp"
     reference = counts.denoiser * frozen if (full and _needs_reference(cfg) and not cfg.method.precomputed_reference
-                                         and not cfg.model.ref_offload) else 0
+                                         and not offloaded) else 0
     # the VAE is kept in fp32 where its config says force_upcast (fp16 overflows it), as the run places it
     vae_bytes = 4 if counts.vae_upcast else frozen
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
@@ -707,9 +720,8 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     ema = 4 * trainable if cfg.train.ema_decay else 0  # kept where the trained weights are, as they are sharded
-    if sharded is None:  # offloaded to the CPU: only the reference and what is replicated stay
-        weights = gradients = optimizer = ema = 0
-        reference //= processes
+    if sharded is None:  # offloaded to the CPU, the reference too (sharded alike): only what is replicated stays
+        weights = gradients = optimizer = ema = reference = 0
     else:
         gradients = trainable * 4 // partitioned
         optimizer //= partitioned
@@ -732,7 +744,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     # gradients, so the forward's peak and the step's are the two to fit, and the backward's where it makes more
     # than it frees (a checkpointed block's recompute; under fsdp2, the units gathered again); the encoders run
     # first in each micro-step
-    held = gradients if cfg.train.grad_accum > 1 or (strategy == "ddp" and processes > 1) else 0
+    held = gradients if _backwards_per_update(cfg) > 1 or (strategy == "ddp" and processes > 1) else 0
     mode = "checkpointed" if cfg.model.gradient_checkpointing else "plain"
     # the forward, and the moments of the backward that can peak above it with the gradients made so far (unless
     # held already or offloaded); under fsdp2 with the units gathered (`_FsdpGathers`)
@@ -800,6 +812,17 @@ _CHANGES = [
 ]
 
 
+# changes sharding refuses (`sharding.resolve_sharding`): not offered to a sharded run
+_DATA_PARALLEL_ONLY = ("model.ref_offload=true", "train.optimizer=adamw8bit")
+
+
+def _sharding_fixes(cfg: Config) -> list[str]:
+    """What a config must change to run sharded, as planned (AdamW, the reference sharded, not offloaded)."""
+    fixes = [*(["train.optimizer=adamw"] if cfg.train.optimizer != "adamw" else []),
+             *(["model.ref_offload=false"] if cfg.model.ref_offload else [])]
+    return [*fixes, "(sharding trains AdamW and shards the reference, never offloaded)"] if fixes else []
+
+
 def _batch_changes(cfg: Config, counts: ModelCounts, usage: dict, budget: float, processes: int,
                    strategy: str) -> list:
     """Changes that only split the encoders' calls, leaving the cache and the trained model as they are: when making
@@ -841,7 +864,8 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
         fits = needed_bytes(usage) <= budget
         changes = [] if fits else [*_batch_changes(cfg, counts, usage, budget, processes, strategy), *_CHANGES]
         for label, how, applies in changes:
-            if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1):
+            if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1) or (
+                    strategy != "ddp" and how in _DATA_PARALLEL_ONLY):
                 continue
             if how in STRATEGIES:
                 total = needed_bytes(memory_bytes(cfg, counts, processes, how))
@@ -850,8 +874,7 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
                 changed_counts = count_models(changed) if how.startswith("model.lora_rank") else counts
                 total = needed_bytes(memory_bytes(changed, changed_counts, processes, strategy))
             if total <= budget:
-                change = label if how not in STRATEGIES or cfg.train.optimizer == "adamw" else (
-                    f"{label} train.optimizer=adamw (sharding trains AdamW only)")
+                change = label if how not in STRATEGIES else " ".join([label, *_sharding_fixes(cfg)])
                 break
         fsdp2_processes = None if fits else next(
             (n for n in range(1, 65) if needed_bytes(memory_bytes(cfg, counts, n, "fsdp2")) <= budget), None)

@@ -109,8 +109,20 @@ def step_prompts(prompts: list[str], seed: int, step: int, per_process: int, ran
 def trained_steps(sample_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
     """A random `fraction` of the denoising steps (at least one), never the last: at the last step sigma is ~0 at
     eta = 1 and the log-probability is all noise."""
-    count = min(sample_steps - 1, max(1, round(fraction * sample_steps)))
+    count = trained_step_count(sample_steps, fraction)
     return sorted(torch.randperm(sample_steps - 1, generator=generator)[:count].tolist())
+
+
+def trained_step_count(sample_steps: int, fraction: float) -> int:
+    return min(sample_steps - 1, max(1, round(fraction * sample_steps)))
+
+
+def backwards_per_update(o, batch_size: int) -> tuple[int, int]:
+    """(micro-batches, backward passes) of one optimiser update: each micro-batch backpropagates once per trained
+    step (the SDE window's, or `trained_steps`'), and the gradients add up until the update."""
+    micro = o.prompts_per_step * o.group_size // batch_size // o.updates_per_rollout
+    steps = o.sde_window or trained_step_count(o.sample_steps, o.train_fraction)
+    return micro, micro * steps
 
 
 def sde_window(sample_steps: int, size: int, generator: torch.Generator) -> range:
@@ -289,7 +301,7 @@ def train_online(cfg: Config) -> TrainResult:
     if t.report_to != "none":
         accelerator.init_trackers("diffusion-align", config=tracker_hparams(cfg))
     with progress(total=t.max_steps, initial=start_step, disable=not main, desc=cfg.method.name) as bar:
-        micro_per_update = o.prompts_per_step * o.group_size // t.batch_size // o.updates_per_rollout
+        micro_per_update, _ = backwards_per_update(o, t.batch_size)
         record = {}
         for step in range(start_step + 1, t.max_steps + 1):
             started = time.perf_counter()

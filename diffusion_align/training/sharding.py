@@ -212,15 +212,15 @@ def is_deepspeed(module: torch.nn.Module) -> bool:
 
 
 def gradient_sync(accelerator, module: torch.nn.Module, sync: bool):
-    """A context for one micro-step: gradients are reduced over processes only where `sync` (the last micro-step
-    of an update), and accumulate locally before it. ZeRO-2 reduces each micro-step's gradients into their
+    """A context for one micro-step: data-parallel gradients are reduced over processes only where `sync` (the last
+    micro-step of an update), and accumulate locally before it. FSDP2 reduce-scatters every micro-step's gradients
+    into the shards, where they accumulate: skipping it would keep every process's whole fp32 gradient until the
+    last, which a model sharded to fit cannot hold. ZeRO-2 reduces each micro-step's gradients into their
     partitions as they come; the engine steps on the last (its clipping, and skipping a non-finite update)."""
     if is_deepspeed(module):
         return _deepspeed_boundary(accelerator, sync)
-    if sync:
+    if sync or is_sharded(module):
         return nullcontext()
-    if is_sharded(module):
-        return _fsdp_no_sync(module)
     return accelerator.no_sync(module)
 
 
@@ -232,15 +232,6 @@ def _deepspeed_boundary(accelerator, sync: bool):
         yield
     finally:
         accelerator.gradient_state._set_sync_gradients(True)
-
-
-@contextmanager
-def _fsdp_no_sync(module: FSDPModule):
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: float) -> float:
