@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,8 +70,8 @@ class MethodConfig:
                                               "noise and timestep are fixed by seed, epoch and pair), then train with "
                                               "no reference model in memory and no reference pass. Kept beside the "
                                               "latent cache (or in output_dir) and reused by runs with the same key. "
-                                              "With mixed precision the pass runs the fp32 UNet under autocast, the "
-                                              "on-the-fly reference its half-precision copy: equal up to rounding.")
+                                              "The pass runs the UNet as the on-the-fly reference would: its weights "
+                                              "in the train.mixed_precision dtype, under the training autocast.")
     reference_batch_size: int | None = _key(None, "Pairs per batch of that pass; null = 4 x train.batch_size.",
                                             within="[1, inf)")
 
@@ -282,7 +283,8 @@ class TrainConfig:
     checkpoints_keep: int | None = _key(None, "Keep only the newest N checkpoints; null = keep all.", within="[1, inf)")
     resume: str | None = _key(None, "Resume from a checkpoint folder, or `latest` in output_dir. The run's config "
                                     "must match the checkpoint's, except for the keys that only say how long to "
-                                    "run and what to record (max_steps, logging, checkpoints, workers, ...).")
+                                    "run and what to record (max_steps, logging, checkpoints, workers, ...); "
+                                    "max_steps only under a constant lr_scheduler.")
     overwrite: bool = _key(False, "Start afresh in an output_dir that holds a run: its final model, checkpoints, "
                                   "metrics, curves and tracker logs are deleted first (caches are kept). Without it "
                                   "(or train.resume) such an output_dir is an error, never silently replaced.")
@@ -353,7 +355,13 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
     base, nullable = _field_types(cls, f)
     given = value  # as written, for the error
     if isinstance(value, _Written):  # a number, or a yes / no, in another form than Python prints it: see _Loader
-        value = value.parsed if base in (int, float, bool) else str(value)
+        if base in (int, float) and ":" in value:
+            raise ConfigError(f"config key '{key}' ({where}) expects {base.__name__}, got {str(value)!r}, which YAML "
+                              f"1.1 reads as base 60 ({value.parsed}); write the number itself")
+        if base is int and re.fullmatch(r"[+-]?0[0-9_]+", value):  # not YAML 1.1's octal: 0042 is 42, as written
+            value = int(value.replace("_", ""))
+        else:
+            value = value.parsed if base in (int, float, bool) else str(value)
     if isinstance(value, str) and value.lower() in ("null", "none", "~") and nullable:
         value = None
     if value is None:
@@ -489,10 +497,16 @@ def _yaml(text: str, where: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
+    """(key, value) of `section.key=value`: the value's text as it stands for a text key (a path, a glob, a name:
+    YAML would cut `a #b` at its comment, fail on `*.parquet` and read `a: b` as a mapping), less one pair of
+    enclosing quotes; YAML for the others (numbers, bools, lists)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
-    key, raw = text.split("=", 1)
-    return key.strip(), _yaml(raw, f"the value of override '{text}'") if raw.strip() else ""
+    key, raw = (part.strip() for part in text.split("=", 1))
+    known = all_keys().get(key)
+    if known is not None and _field_types(*known)[0] is str:
+        return key, raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    return key, _yaml(raw, f"the value of override '{text}'") if raw else ""
 
 
 def config_chain(path: Path) -> list[tuple[Path, Any]]:
@@ -501,6 +515,9 @@ def config_chain(path: Path) -> list[tuple[Path, Any]]:
     recipe with a few keys changed."""
     chain = []
     while True:
+        if not path.is_file():
+            raise ConfigError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}; expected a YAML config file "
+                              "(e.g. configs/sd15/dpo.yaml)")
         if path.resolve() in (p.resolve() for p, _ in chain):
             raise ConfigError(f"{path}: its chain of `base:` files comes back to it "
                               f"({' -> '.join(str(p.resolve()) for p in (*(p for p, _ in chain), path))})")
@@ -529,6 +546,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise _unknown_key_error(key, where)
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, _coerce(key, *valid[key], value, where))
+    if cfg.train.lr_scheduler == "constant" and cfg.train.warmup_steps:  # diffusers' constant takes no warm-up
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} does nothing with train.lr_scheduler=constant; "
+                          "use train.lr_scheduler=constant_with_warmup, or train.warmup_steps=0")
     if cfg.train.resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ConfigError(f"train.resolution={cfg.train.resolution} must be a multiple of 8 (the VAE downsamples "
                           f"by 8), e.g. {cfg.train.resolution // 8 * 8 or 8}")

@@ -258,3 +258,10 @@ def test_recipes_follow_the_published_scripts():
     assert flips["sdxl/dpo-lora.yaml"] == flips["sdxl/mapo.yaml"] == "pair"
     sdxl_lora = next(p for p in RECIPES if p.parent.name == "sdxl" and p.name == "dpo-lora.yaml").read_text()
     assert "--beta_dpo 5000], which uses the same -1/2 factor" in sdxl_lora and "2500" not in sdxl_lora
+
+
+def test_a_warmup_under_the_constant_schedule_is_an_error():
+    """diffusers' `constant` schedule takes no warm-up: the steps asked for were silently not run."""
+    with pytest.raises(ConfigError, match="train.warmup_steps=200 does nothing with train.lr_scheduler=constant"):
+        load_config(None, ["train.lr_scheduler=constant", "train.warmup_steps=200"])
+    assert load_config(None, ["train.lr_scheduler=constant_with_warmup", "train.warmup_steps=200"]).train.warmup_steps

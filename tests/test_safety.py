@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_align.cli import main as cli_main
-from diffusion_align.config import ConfigError
+from diffusion_align.config import ConfigError, config_to_dict, load_config
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import checkpoints, methods, trainer
-from diffusion_align.training.safety import RunStopped
+from diffusion_align.training.safety import RunStopped, changed_keys
 from test_train import TINY_CONFIG, read_metrics, run
 
 
@@ -53,6 +53,15 @@ def test_a_resume_must_continue_the_same_run(tmp_path, tiny_models, tiny_pairs):
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.resume=latest", "train.max_steps=5", "train.log_every=1",
         "train.checkpoint_every=0")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("schedule, refused", [("constant_with_warmup", False), ("constant", False),
+                                                ("linear", True), ("cosine", True)])
+def test_max_steps_changes_on_resume_only_under_a_schedule_that_does_not_decay_to_it(schedule, refused):
+    """A linear schedule rebuilt for 8 steps after 4 of a 4-step run trained step 5 at lr 0, then rose again."""
+    saved = config_to_dict(load_config(TINY_CONFIG, [f"train.lr_scheduler={schedule}", "train.max_steps=4"]))
+    resumed = load_config(TINY_CONFIG, [f"train.lr_scheduler={schedule}", "train.max_steps=8", "train.log_every=2"])
+    assert changed_keys(saved, resumed) == ([("train.max_steps", 4, 8)] if refused else [])
 
 
 def test_resume_latest_without_a_checkpoint(tmp_path, tiny_models, tiny_pairs):

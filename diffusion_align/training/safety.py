@@ -20,13 +20,18 @@ logger = logging.getLogger("diffusion_align")
 # included, are keyed by all they depend on and outlive runs: never deleted)
 RUN_ENTRIES = ("final", ".final.tmp", "final.old", "metrics.jsonl", ".metrics.jsonl.tmp", "config.yaml",
                ".config.yaml.tmp", "training_curves.png", "diffusion-align", "wandb", "grids")
-# keys that say how long to run, how to record it and how to compute (not what): they may change on resume
+# keys that say how long to run, how to record it and how to compute (not what): they may change on resume (max_steps
+# only under a schedule that does not stretch to it: `HORIZON_FREE_SCHEDULES`)
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.output_dir", "train.resume", "train.overwrite", "train.log_every", "train.report_to",
     "train.checkpoint_every", "train.checkpoints_keep", "train.max_nonfinite_steps", "data.num_workers",
     "data.cache_dir", "data.cache_batch_size", "data.vae_encode_batch_size", "method.reference_batch_size",
     "model.ref_offload", "model.gradient_checkpointing", "model.compile", "model.attention",
     "model.cudnn_attention", "online.track", "online.grid_every"})
+
+
+# lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
+HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 class RunStopped(RuntimeError):
@@ -108,7 +113,10 @@ def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
         for name, value in values.items():
             key = f"{section}.{name}"
             old = (saved.get(section) or {}).get(name, value)
-            if key not in RESUMABLE_KEYS and old != value:
+            # a decaying schedule rebuilt for another max_steps jumps to another point of another curve
+            fixed = key not in RESUMABLE_KEYS or (key == "train.max_steps"
+                                                  and cfg.train.lr_scheduler not in HORIZON_FREE_SCHEDULES)
+            if fixed and old != value:
                 changed.append((key, old, value))
     return changed
 
