@@ -499,12 +499,13 @@ def _yaml(text: str, where: str) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """(key, value) of `section.key=value`: the value's text as it stands for a text key (a path, a glob, a name:
     YAML would cut `a #b` at its comment, fail on `*.parquet` and read `a: b` as a mapping), less one pair of
-    enclosing quotes; YAML for the others (numbers, bools, lists)."""
+    enclosing quotes; YAML for the others (numbers, bools, lists) and for true / false (`_coerce` refuses a bool
+    for text, or reads false as the choice no)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
     key, raw = (part.strip() for part in text.split("=", 1))
     known = all_keys().get(key)
-    if known is not None and _field_types(*known)[0] is str:
+    if known is not None and _field_types(*known)[0] is str and raw.lower() not in ("true", "false"):  # bools: YAML
         return key, raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
     return key, _yaml(raw, f"the value of override '{text}'") if raw else ""
 

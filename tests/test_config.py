@@ -265,3 +265,26 @@ def test_a_warmup_under_the_constant_schedule_is_an_error():
     with pytest.raises(ConfigError, match="train.warmup_steps=200 does nothing with train.lr_scheduler=constant"):
         load_config(None, ["train.lr_scheduler=constant", "train.warmup_steps=200"])
     assert load_config(None, ["train.lr_scheduler=constant_with_warmup", "train.warmup_steps=200"]).train.warmup_steps
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.pretrained=a #b", "a #b"),  # YAML cut it at the comment
+    ("data.path=*.parquet", "*.parquet"),  # YAML read an alias and failed
+    ("model.pretrained=org/model: v2", "org/model: v2"),  # YAML read a mapping
+    ("model.pretrained='my model'", "my model"),  # one pair of quotes goes
+    ("model.revision=0123456", "0123456"),
+    ("train.seed=0042", 42),  # YAML 1.1 read octal 34
+    ("train.warmup_steps=010", 10),
+    ("model.variant=null", None),
+])
+def test_override_values_are_read_as_written(override, expected):
+    key, _ = override.split("=", 1)
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == expected
+
+
+def test_a_base_60_integer_and_a_folder_for_a_config_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="'train.max_steps' .* got '1:30', which YAML 1.1 reads as base 60 \\(90\\)"):
+        load_config(None, ["train.max_steps=1:30"])
+    with pytest.raises(ConfigError, match=f"{tmp_path}: a folder; expected a YAML config file"):
+        load_config(tmp_path)
