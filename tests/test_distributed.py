@@ -73,6 +73,11 @@ def test_two_processes_sample_their_own_groups_online(tmp_path, tiny_models):
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k), "the adapters were trained"
     steps = [json.loads((tmp_path / f"rank{r}-batches.json").read_text()) for r in (0, 1)]
     assert len(steps[0]) == len(steps[1]) == 2
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]
+    for mine, theirs, record in zip(*steps, logged):  # the spread over both processes' samples, not a mean of two
+        assert record["reward_std"] == pytest.approx(torch.tensor(mine["rewards"] + theirs["rewards"]).std().item(),
+                                                     rel=1e-5)
     for mine, theirs in zip(*steps):
         assert len(mine["prompts"]) == 1 and mine["prompts"] != theirs["prompts"]  # whole groups, one rank each
         noise = [tuple(x) for x in mine["noise"] + theirs["noise"]]

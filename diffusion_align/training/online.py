@@ -345,9 +345,13 @@ def train_online(cfg: Config) -> TrainResult:
             bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps:
-                means = {"reward_mean": rewards.mean(), "reward_std": rewards.std(), "score_mean": scores.mean(),
-                         "score_std": scores.std(), "score_min": scores.min(), "score_max": scores.max(),
-                         "advantage_abs_mean": advantages.abs().mean(), **tracked_means, **sums}
+                # the step's spread and extremes over every process's samples (the same on each, so the mean over
+                # processes that log_step takes leaves them as they are)
+                every_reward, every_score = (accelerator.gather(v.to(device)).float() for v in (rewards, scores))
+                means = {"reward_mean": rewards.mean(), "reward_std": every_reward.std(), "score_mean": scores.mean(),
+                         "score_std": every_score.std(), "score_min": every_score.min(),
+                         "score_max": every_score.max(), "advantage_abs_mean": advantages.abs().mean(),
+                         **tracked_means, **sums}
                 record = log_step(accelerator, metrics_log, step, means,
                                   {"zero_std_groups": tied.sum(),
                                    "images_per_s": len(images) / (time.perf_counter() - started)},
