@@ -127,7 +127,8 @@ class DataConfig:
                                        "the first N pairs.", within="[1, inf)")
     max_skipped_share: float = _key(0.5, "Stop the run when more than this share of the rows drawn could not be "
                                          "decoded, checked from one whole pass over the data on (the data is "
-                                         "broken, not a few of its images); 1 = never.", within="[0, 1]")
+                                         "broken, not a few of its images); 1 = never. A stream (data.streaming) "
+                                         "stops only where a whole pass has no usable pair.", within="[0, 1]")
     center_crop: bool = _key(True, "Centre crop after resizing; false = random crop.")
     random_flip: str = _key("no", "Random horizontal flips, each with probability 0.5: no; pair = one coin per pair, "
                                   "both images flipped together (diffusers' SDXL DPO script, MaPO); image = one coin "

@@ -342,6 +342,10 @@ def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, t
     with pytest.raises(RunStopped, match=r"bad.parquet: no pair of a whole pass over the data \(8 batches, 16 rows "
                                          r"skipped in all\) could be decoded; the last: "):
         run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2")
+    # a stream, whose length is not known before a pass: it stops at the end of the first
+    with pytest.raises(ValueError, match=r"rank 0: no pair of a whole pass over the pair stream \(8 batches\) could "
+                                         r"be used; the last: row \d+, column jpg_0"):
+        run(tmp_path / "streamed", tiny_models["sd"], bad, "train.batch_size=2", "data.streaming=true")
 
 
 def test_training_on_data_mostly_undecodable_stops_after_a_pass(tmp_path, tiny_models, tiny_pairs):

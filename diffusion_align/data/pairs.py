@@ -580,7 +580,7 @@ def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start
     epoch, to_skip = 0, start_batch
     while True:
         stream.set_epoch(epoch)  # reshuffles shards and buffer with seed + epoch
-        rows, full_batches = [], 0
+        rows, full_batches, used, last_error, whole = [], 0, 0, None, not to_skip
         for position, row in enumerate(stream):
             rows.append((position * world_size + rank, row))  # a global running position: unique across ranks
             if len(rows) < batch_size:
@@ -589,8 +589,14 @@ def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start
             if to_skip:
                 to_skip -= 1
             else:
-                yield collate_pairs([_pair_item(r, epoch, i, transform, seed, paired, plain) for i, r in rows])
+                batch = collate_pairs([_pair_item(r, epoch, i, transform, seed, paired, plain) for i, r in rows])
+                used += len(batch["prompts"])
+                last_error = batch["skipped"][-1][1] if batch["skipped"] else last_error
+                yield batch
             rows = []
         if full_batches == 0:
             raise ValueError(f"rank {rank}: the pair stream has fewer than batch_size={batch_size} pairs per epoch")
+        if whole and used == 0 and last_error is not None:  # a whole pass drawn, not one pair usable: none will be
+            raise ValueError(f"rank {rank}: no pair of a whole pass over the pair stream ({full_batches} batches) "
+                             f"could be used; the last: {last_error}. Check the image columns (jpg_0, jpg_1)")
         epoch += 1
