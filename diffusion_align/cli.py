@@ -16,9 +16,9 @@ from .config import ConfigError, describe_keys, load_config
 TINY_SCORERS = ("pickscore", "clip", "toy-pickscore", "hpsv2", "hpsv2.1", "aesthetic")
 
 
-def _setup_logging() -> None:
+def _setup_logging(process_timeout: float | None = None) -> None:
     from .devices import process_state
-    state = process_state()
+    state = process_state(process_timeout)  # under a distributed launch, the first call makes the process group
     prefix = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -29,7 +29,7 @@ def _setup_logging() -> None:
 def cmd_train(args) -> None:
     from .training.trainer import train
     cfg = load_config(args.config, args.overrides)
-    _setup_logging()
+    _setup_logging(cfg.train.process_timeout)
     final = train(cfg).final_dir
     print(f"final model: {final.resolve()}")
     print(f"metrics:     {(final.parent / 'metrics.jsonl').resolve()}")

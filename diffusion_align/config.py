@@ -292,6 +292,12 @@ class TrainConfig:
     max_nonfinite_steps: int = _key(25, "Stop the run after this many optimiser steps in a row whose gradient was "
                                         "not finite (each is skipped; fp16's loss scaler skips a few while it "
                                         "calibrates).", within="[1, inf)")
+    process_timeout: float = _key(120, "Minutes a process of a distributed run waits for the others in a collective "
+                                       "before the run fails. The main process alone makes the latent cache, the "
+                                       "reference errors (method.precomputed_reference) and SmPO's reward scores "
+                                       "while the others wait: raise it for a large set, or make the cache first "
+                                       "(`diffusion-align cache`). torch's own is 10 minutes with NCCL.",
+                                  within="(0, inf)")
     log_every: int = _key(1, "Write metrics every N steps.", within="[1, inf)")
     report_to: str = _key("tensorboard", "Experiment tracker besides metrics.jsonl.",
                           choices=("tensorboard", "wandb", "none"))

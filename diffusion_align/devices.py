@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 
 # train.mixed_precision -> the dtype autocast computes in and the frozen models are held in
@@ -13,9 +15,12 @@ def default_device(device=None) -> torch.device:
     return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def process_state():
+def process_state(timeout_minutes: float | None = None):
     """accelerate's view of this process (its rank among a run's processes). On a machine without a GPU it must be
     made with cpu=True, or accelerate reads each of torchrun's CPU processes as a separate single-process run; made
-    here first, the Accelerator of a training run finds it so."""
+    here first, the Accelerator of a training run finds it so. `timeout_minutes`: how long the process group, made
+    by the first call under a distributed launch, lets a collective wait (`train.process_timeout`; torch's default
+    when None)."""
     from accelerate import PartialState
-    return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()), **timeout)

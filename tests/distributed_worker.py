@@ -65,6 +65,13 @@ if __name__ == "__main__":
     record_rollouts(batches)
     ddp = []
     record_ddp(ddp)
+    timeouts, init_process_group = [], torch.distributed.init_process_group
+
+    def init_recorded(*args, **kwargs):  # how long the group's collectives may wait
+        init_process_group(*args, **kwargs)
+        group = torch.distributed.distributed_c10d._get_default_group()
+        timeouts.append(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    torch.distributed.init_process_group = init_recorded
     result = trainer.train(load_config(config, overrides))
     rank = PartialState().process_index
     trainable = {name: p.detach().contiguous() for name, p in result.denoiser.named_parameters() if p.requires_grad}
@@ -73,3 +80,5 @@ if __name__ == "__main__":
         json.dump(batches, f)
     with open(f"{out_dir}/rank{rank}-ddp.json", "w") as f:
         json.dump(ddp, f)
+    with open(f"{out_dir}/rank{rank}-timeout.txt", "w") as f:
+        f.write(str(timeouts))

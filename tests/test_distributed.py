@@ -23,10 +23,13 @@ def test_two_processes_hold_identical_weights(tmp_path, tiny_models, tiny_pairs,
               "train.grad_accum=2", "train.report_to=none", "data.num_workers=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(Path(__file__).parent / "distributed_worker.py"), str(TINY_CONFIG), str(tmp_path), *common,
-           f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.checkpoint_every=2"]
+           f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.checkpoint_every=2",
+           "train.process_timeout=7.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "effective batch 8 = 2 processes x 2 pairs x 2 accumulation" in proc.stderr
+    # the process group lets a collective wait train.process_timeout minutes (while rank 0 alone makes a cache)
+    assert [(tmp_path / f"rank{r}-timeout.txt").read_text() for r in (0, 1)] == ["[450.0]", "[450.0]"]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     for name in rank0:

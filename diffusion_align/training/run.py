@@ -45,7 +45,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=True)
     if resolve_sharding(cfg) == "zero2":
         return deepspeed_accelerator(cfg, log_with=trackers, project_dir=cfg.train.output_dir)
-    state = process_state()  # made as the command line's logging made it: cpu=True without a GPU
+    state = process_state(cfg.train.process_timeout)  # as the command line's logging made it: cpu=True without a GPU
     # on several processes, DDP's gradients are views of its all-reduce buckets rather than a second copy of them
     # (the same values; the planner counts one copy)
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)

@@ -24,8 +24,9 @@ RUN_ENTRIES = ("final", ".final.tmp", "final.old", "metrics.jsonl", ".metrics.js
 # only under a schedule that does not stretch to it: `HORIZON_FREE_SCHEDULES`)
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.output_dir", "train.resume", "train.overwrite", "train.log_every", "train.report_to",
-    "train.checkpoint_every", "train.checkpoints_keep", "train.max_nonfinite_steps", "data.num_workers",
-    "data.cache_dir", "data.cache_batch_size", "data.vae_encode_batch_size", "method.reference_batch_size",
+    "train.checkpoint_every", "train.checkpoints_keep", "train.max_nonfinite_steps", "train.process_timeout",
+    "data.num_workers", "data.cache_dir", "data.cache_batch_size", "data.vae_encode_batch_size",
+    "method.reference_batch_size",
     "model.ref_offload", "model.gradient_checkpointing", "model.compile", "model.attention",
     "model.cudnn_attention", "online.track", "online.grid_every"})
 

@@ -39,6 +39,7 @@ import os
 import pickle
 import warnings
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def deepspeed_accelerator(cfg: Config, **options):
     # (sharding_from_launcher), are not to be checked again against a DeepSpeed config of our own
     with _environ_set(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_CONFIG_DS_FIELDS=""):
         PartialState._reset_state()
-        PartialState(backend="gloo" if cpu else None)
+        PartialState(backend="gloo" if cpu else None, timeout=timedelta(minutes=cfg.train.process_timeout))
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg)), **options)
     # accelerate leaves mixed precision to DeepSpeed's config, whose bf16 mode is off, so the loops' autocast does it;
