@@ -459,3 +459,7 @@ def test_rater_labels_are_the_simulated_raters_on_every_pair(tmp_path, monkeypat
         run_demo(tmp_path / "margin", DemoSettings(labels="raters", label_margin=1.0, prompts=3))
     with pytest.raises(ValueError, match="label_margin is the toy PickScore's tie margin"):
         run_demo(tmp_path / "margin", DemoSettings(method="grpo", label_margin=1.0, prompts=3))
+    # a key the demo sets itself: the report said --steps' 100 while the override trained 50
+    with pytest.raises(ValueError, match="'train.max_steps=50': the demo sets train.max_steps itself.*use --steps"):
+        run_demo(tmp_path / "steps", DemoSettings(steps=100, prompts=3, overrides=("train.max_steps=50",)))
+    assert not (tmp_path / "steps").exists()

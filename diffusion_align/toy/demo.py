@@ -78,6 +78,12 @@ def recipe(method: str, family: str = "unet") -> Path:
 VISIBLE_CHANGE = 4.0
 
 
+# train config keys the demo sets itself, and what to use instead of overriding them
+DEMO_KEYS = {"model.pretrained": "choose the base with --family", "train.output_dir": "choose the folder with --out",
+             "train.max_steps": "use --steps", "train.seed": "use --seed",
+             "train.overwrite": "a rerun always starts afresh"}
+
+
 @dataclass
 class DemoSettings:
     method: str = "dpo"
@@ -137,6 +143,11 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
     if settings.eval_split not in ("val", "heldout"):
         raise ValueError(f"eval_split must be val (to tune settings) or heldout (to report them), got "
                          f"{settings.eval_split!r}")
+    for override in settings.overrides:  # the pairs, the evaluation and the report follow the demo's own values
+        key = override.split("=", 1)[0].strip()
+        if key in DEMO_KEYS:
+            raise ValueError(f"override {override!r}: the demo sets {key} itself, for its pairs, training, evaluation "
+                             f"and report alike; {DEMO_KEYS[key]}")
     recipe_file = recipe(settings.method, settings.family)
     recipe_cfg = load_config(recipe_file, list(settings.overrides))  # a mistyped override fails now
     text_tokens = recipe_cfg.model.max_sequence_length  # the flow base's T5 length, in training and sampling alike
