@@ -365,8 +365,8 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
         if base in (int, float) and ":" in value:
             raise ConfigError(f"config key '{key}' ({where}) expects {base.__name__}, got {str(value)!r}, which YAML "
                               f"1.1 reads as base 60 ({value.parsed}); write the number itself")
-        if base is int and re.fullmatch(r"[+-]?0[0-9_]+", value):  # not YAML 1.1's octal: 0042 is 42, as written
-            value = int(value.replace("_", ""))
+        if base in (int, float) and re.fullmatch(r"[+-]?0[0-9_]+", value):  # not YAML 1.1's octal: 0042 is 42
+            value = base(int(value.replace("_", "")))
         else:
             value = value.parsed if base in (int, float, bool) else str(value)
     if isinstance(value, str) and value.lower() in ("null", "none", "~") and nullable:
@@ -504,16 +504,17 @@ def _yaml(text: str, where: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """(key, value) of `section.key=value`: the value's text as it stands for a text key (a path, a glob, a name:
-    YAML would cut `a #b` at its comment, fail on `*.parquet` and read `a: b` as a mapping), less one pair of
-    enclosing quotes; YAML for the others (numbers, bools, lists) and for true / false (`_coerce` refuses a bool
-    for text, or reads false as the choice no)."""
+    """(key, value) of `section.key=value`: for a text key, the value's text as it stands (a path, a glob, a name:
+    YAML would cut `a #b` at its comment, fail on `*.parquet` and read `a: b` as a mapping); YAML for the other keys
+    (numbers, bools, lists), and for a quoted text or one YAML gives a meaning of its own to (true, false, null, ~:
+    `_coerce` refuses a bool or a null where the key takes none, and reads false as the choice no)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
     key, raw = (part.strip() for part in text.split("=", 1))
     known = all_keys().get(key)
-    if known is not None and _field_types(*known)[0] is str and raw.lower() not in ("true", "false"):  # bools: YAML
-        return key, raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    if known is not None and _field_types(*known)[0] is str and not (
+            raw.lower() in ("true", "false", "null", "~") or raw.startswith(("'", '"'))):
+        return key, raw
     return key, _yaml(raw, f"the value of override '{text}'") if raw else ""
 
 
@@ -554,9 +555,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise _unknown_key_error(key, where)
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, _coerce(key, *valid[key], value, where))
-    if cfg.train.lr_scheduler == "constant" and cfg.train.warmup_steps:  # diffusers' constant takes no warm-up
-        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} does nothing with train.lr_scheduler=constant; "
-                          "use train.lr_scheduler=constant_with_warmup, or train.warmup_steps=0")
     if cfg.train.resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ConfigError(f"train.resolution={cfg.train.resolution} must be a multiple of 8 (the VAE downsamples "
                           f"by 8), e.g. {cfg.train.resolution // 8 * 8 or 8}")

@@ -446,6 +446,27 @@ def test_reward_scores_with_max_pairs_score_only_the_sample(constructed, tmp_pat
     assert scorer.images_scored == 2 * len(other_scored) and len(list(cache.iterdir())) == 2
 
 
+def test_a_cache_of_every_row_made_before_is_read_not_scored_again(constructed, tmp_path):
+    """Runs made before scoring only the rows they train on left a cache of every row in the cache folder itself."""
+    from diffusion_align.data.shards import run_shards
+    fresh = reward_scores(constructed, "fake", FakeScorer(), tmp_path / "fresh", shard_size=4)
+    [folder] = (tmp_path / "fresh").iterdir()
+    settings = json.loads((folder / ".shards" / "pairs-00000.json").read_text())["settings"]
+    every_row = {k: v for k, v in settings.items() if k != "selection"} | {"rows": 10}
+
+    def shard(start, stop, desc):  # that layout: every source row's scores (99 for rows the training leaves out)
+        rows = [i for i in range(start, stop) if i != 3]
+        scores = [fresh["fake_0"][i] if np.isfinite(fresh["fake_0"][i]) else 99.0 for i in rows]
+        return pa.table({"row": pa.array(rows, pa.int64()), "fake_0": pa.array(scores, pa.float32()),
+                         "fake_1": pa.array(scores, pa.float32())}), {"skipped": []}
+    run_shards(tmp_path / "old", 10, 4, every_row, shard)
+    scorer = FakeScorer()
+    again = reward_scores(constructed, "fake", scorer, tmp_path / "old", shard_size=4)
+    np.testing.assert_array_equal(again["fake_0"], fresh["fake_0"])  # the rows trained on only
+    assert scorer.images_scored == 0 and not any(p.is_dir() and p.name.startswith("rows-")
+                                                 for p in (tmp_path / "old").iterdir())
+
+
 def test_smpo_pairs_drop_human_ties_then_follow_the_reward(constructed, tmp_path):
     scores = reward_scores(constructed, "fake", FakeScorer(), tmp_path / "soft-labels")
     columns = ["fake_0", "fake_1", "model_0"]

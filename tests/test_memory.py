@@ -359,6 +359,12 @@ def test_a_sharded_plan_offers_only_what_sharding_runs(tiny_models):
         budget = RESERVE_GB + (needed_bytes(usage) - usage["reference"] / 2) / GIB
         result = plan(config, processes=2, gpu_memory_gb=budget, strategy=strategy, counts=counts)
         assert not result.fits and (result.change == "model.ref_offload=true") == offered, strategy
+    # a config sharding refuses as it stands: the change offered says what else to set
+    fp16 = load_config(None, [*settings, "train.mixed_precision=fp16", "model.ref_offload=true"])
+    usage = memory_bytes(fp16, counts, 2, "fsdp2")
+    result = plan(fp16, processes=2, gpu_memory_gb=RESERVE_GB + needed_bytes(usage) / GIB * 1.01, counts=counts)
+    assert result.change == ("train.sharding=fsdp2 train.mixed_precision=bf16 model.ref_offload=false (what sharding "
+                             "runs with)")
 
 
 def test_an_online_update_holds_its_gradients_over_its_backward_passes(tiny_models):

@@ -64,6 +64,18 @@ def test_max_steps_changes_on_resume_only_under_a_schedule_that_does_not_decay_t
     assert changed_keys(saved, resumed) == ([("train.max_steps", 4, 8)] if refused else [])
 
 
+def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():
+    """diffusers' `constant` schedule takes no warm-up: the steps asked for were silently not run. Configs saved
+    with one still load (export reads them), and a run resumed from one may drop it."""
+    from diffusion_align.training.run import make_accelerator
+    with pytest.raises(ConfigError, match="train.warmup_steps=200 does nothing with train.lr_scheduler=constant"):
+        make_accelerator(load_config(TINY_CONFIG, ["train.lr_scheduler=constant", "train.warmup_steps=200"]))
+    saved = config_to_dict(load_config(TINY_CONFIG, ["train.lr_scheduler=constant", "train.warmup_steps=200"]))
+    assert changed_keys(saved, load_config(TINY_CONFIG, ["train.lr_scheduler=constant", "train.warmup_steps=0"])) == []
+    assert changed_keys(saved, load_config(TINY_CONFIG, ["train.lr_scheduler=linear", "train.warmup_steps=0"])) == [
+        ("train.lr_scheduler", "constant", "linear"), ("train.warmup_steps", 200, 0)]
+
+
 def test_resume_latest_without_a_checkpoint(tmp_path, tiny_models, tiny_pairs):
     # no run folder at all (a misspelt output_dir): an error, not a new run (issue 24)
     with pytest.raises(FileNotFoundError, match=r"run.* does not exist, so there is no run to resume"):

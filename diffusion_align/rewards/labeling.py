@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, load_pairs, outcomes, preference_rows
-from ..data.shards import SHARD_RECORDS, SHARD_STEM, differences, replace_shards, run_shards, write_json
+from ..data.shards import SHARD_RECORDS, differences, finished_run, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
 
@@ -324,12 +324,19 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
 
     rows = preference_rows(source, split, keep_ties, max_pairs, seed)
     selection = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
-    cache_dir, loaded = Path(cache_dir) / f"rows-{selection[:16]}", []  # the scorer, loaded once a shard is to do
-    to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
     settings = {"source": local_or_hub(source), "split": split, "rows": len(rows), "selection": selection,
                 "fingerprint": pairs._fingerprint,
                 **_scorer_settings(name, path, None if convention else getattr(scorer, "dtype", None)),
                 "column": column, "shard_size": shard_size}
+    columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
+    # a finished cache of every row, in cache_dir itself, as runs made before scoring only their rows left it
+    every_row = {k: v for k, v in settings.items() if k != "selection"} | {"rows": len(pairs)}
+    if finished_run(Path(cache_dir), len(pairs), shard_size, every_row) is not None:
+        logger.info("%s: reusing its scores of every row of %s", cache_dir, source)
+        _read_scores(Path(cache_dir), columns, rows)
+        return columns
+    cache_dir, loaded = Path(cache_dir) / f"rows-{selection[:16]}", []  # the scorer, loaded once a shard is to do
+    to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
 
     def score_shard(start: int, stop: int, desc: str):
         if not loaded:
@@ -340,13 +347,18 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
                           names[1]: pa.array(scores[:, 1], pa.float32())})
         return table, {"skipped": bad}
 
-    columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
-    for k, (record, _) in enumerate(run_shards(cache_dir, len(rows), shard_size, settings, score_shard)):
-        if record["written"]:
-            table = pq.read_table(cache_dir / f"{SHARD_STEM.format(k)}.parquet")
-            for n in names:
-                columns[n][table["row"].to_numpy()] = table[n].to_numpy()
+    run_shards(cache_dir, len(rows), shard_size, settings, score_shard)
+    _read_scores(cache_dir, columns, rows)
     return columns
+
+
+def _read_scores(cache_dir: Path, columns: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """Fill `columns` at `rows` with the scores of a reward_scores cache."""
+    for shard in sorted(cache_dir.glob("pairs-*.parquet")):
+        table = pq.read_table(shard)
+        wanted = np.isin(table["row"].to_numpy(), rows)
+        for name, values in columns.items():
+            values[table["row"].to_numpy()[wanted]] = table[name].to_numpy()[wanted]
 
 
 def _convention(name: str, column: str) -> str:

@@ -812,15 +812,12 @@ _CHANGES = [
 ]
 
 
-# changes sharding refuses (`sharding.resolve_sharding`): not offered to a sharded run
-_DATA_PARALLEL_ONLY = ("model.ref_offload=true", "train.optimizer=adamw8bit")
-
-
 def _sharding_fixes(cfg: Config) -> list[str]:
-    """What a config must change to run sharded, as planned (AdamW, the reference sharded, not offloaded)."""
-    fixes = [*(["train.optimizer=adamw"] if cfg.train.optimizer != "adamw" else []),
-             *(["model.ref_offload=false"] if cfg.model.ref_offload else [])]
-    return [*fixes, "(sharding trains AdamW and shards the reference, never offloaded)"] if fixes else []
+    """What a config must change to run sharded (`sharding.sharding_conflicts`), as the plan counts it: AdamW, and
+    the reference sharded, not offloaded."""
+    from .sharding import sharding_conflicts
+    fixes = list(sharding_conflicts(cfg).values())
+    return [*fixes, "(what sharding runs with)"] if fixes else []
 
 
 def _batch_changes(cfg: Config, counts: ModelCounts, usage: dict, budget: float, processes: int,
@@ -865,8 +862,9 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
         changes = [] if fits else [*_batch_changes(cfg, counts, usage, budget, processes, strategy), *_CHANGES]
         for label, how, applies in changes:
             if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1) or (
-                    strategy != "ddp" and how in _DATA_PARALLEL_ONLY):
-                continue
+                    strategy != "ddp" and how not in STRATEGIES
+                    and set(_sharding_fixes(_changed(cfg, how))) - set(_sharding_fixes(cfg))):
+                continue  # a change sharding refuses (model.ref_offload, 8-bit AdamW) is not offered to a sharded run
             if how in STRATEGIES:
                 total = needed_bytes(memory_bytes(cfg, counts, processes, how))
             else:

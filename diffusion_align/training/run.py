@@ -34,6 +34,11 @@ logger = logging.getLogger("diffusion_align")
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator, after the settings this machine or the run cannot honour are refused."""
+    if cfg.train.lr_scheduler == "constant" and cfg.train.warmup_steps:  # diffusers' constant takes no warm-up
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} does nothing with train.lr_scheduler=constant; "
+                          "use train.lr_scheduler=constant_with_warmup, or train.warmup_steps=0 (which a run resumed "
+                          "under constant may set: it never warmed up)")
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on this machine use bf16 or no")
     trackers = None if cfg.train.report_to == "none" else cfg.train.report_to

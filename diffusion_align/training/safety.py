@@ -114,9 +114,13 @@ def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
         for name, value in values.items():
             key = f"{section}.{name}"
             old = (saved.get(section) or {}).get(name, value)
-            # a decaying schedule rebuilt for another max_steps jumps to another point of another curve
+            # a decaying schedule rebuilt for another max_steps jumps to another point of another curve; under
+            # constant the warm-up never applied (make_accelerator now refuses one), so it may be set to 0
             fixed = key not in RESUMABLE_KEYS or (key == "train.max_steps"
                                                   and cfg.train.lr_scheduler not in HORIZON_FREE_SCHEDULES)
+            if key == "train.warmup_steps" and cfg.train.lr_scheduler == "constant" == (saved.get("train") or {}).get(
+                    "lr_scheduler"):
+                fixed = False
             if fixed and old != value:
                 changed.append((key, old, value))
     return changed

@@ -116,16 +116,21 @@ def resolve_sharding(cfg: Config, env=os.environ) -> str:
         raise ConfigError("train.sharding=zero2 runs DeepSpeed, which is not installed: pip install "
                           "--no-build-isolation deepspeed (its build reads the installed torch), or shard with "
                           "train.sharding=fsdp2")
-    conflicts = {"train.mixed_precision=fp16": cfg.train.mixed_precision == "fp16",  # its scaler is not shard-aware
-                 f"train.optimizer={cfg.train.optimizer}": cfg.train.optimizer != "adamw",
-                 "model.compile=true": cfg.model.compile,
-                 "model.ref_offload=true": cfg.model.ref_offload}
-    for setting, conflict in conflicts.items():
-        if conflict:
-            raise ConfigError(f"train.sharding={strategy} runs with bf16 or no mixed precision, train.optimizer="
-                              f"adamw, model.compile=false and model.ref_offload=false (the offload strategy is "
-                              f"fsdp2-offload); this config has {setting}")
+    for setting in sharding_conflicts(cfg):
+        raise ConfigError(f"train.sharding={strategy} runs with bf16 or no mixed precision, train.optimizer="
+                          f"adamw, model.compile=false and model.ref_offload=false (the offload strategy is "
+                          f"fsdp2-offload); this config has {setting}")
     return strategy
+
+
+def sharding_conflicts(cfg: Config) -> dict[str, str]:
+    """The settings of `cfg` that sharded training cannot run with, each with the one it runs with instead."""
+    conflicts = {"train.mixed_precision=fp16": ("train.mixed_precision=bf16",  # its scaler is not shard-aware
+                                                cfg.train.mixed_precision == "fp16"),
+                 f"train.optimizer={cfg.train.optimizer}": ("train.optimizer=adamw", cfg.train.optimizer != "adamw"),
+                 "model.compile=true": ("model.compile=false", cfg.model.compile),
+                 "model.ref_offload=true": ("model.ref_offload=false", cfg.model.ref_offload)}
+    return {setting: fix for setting, (fix, conflict) in conflicts.items() if conflict}
 
 
 def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
