@@ -116,7 +116,7 @@ def _scorers(args, single: bool = False, folders=(), pairs: str | None = None, p
     if single and len(args.scorer) != 1:
         raise ValueError(f"diffusion-align {args.command} takes one --scorer, got {len(args.scorer)}")
     conventions = dict(_pair(c, "--convention", "NAME=CONVENTION") for c in args.convention)
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     scorers = []
     for spec in args.scorer:
         name, path = parse_scorer_spec(spec)
@@ -187,7 +187,7 @@ def cmd_captions(args) -> None:
     import torch
 
     from .data.captions import make_captions
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print(make_captions(args.source, args.out, args.strategy, captioner=args.captioner, perturber=args.perturber,
                         strength=args.strength, seed=args.seed, batch_size=args.batch_size, device=args.device,
                         dtype=dtype, max_new_tokens=args.max_new_tokens, use_prompt=not args.no_prompt,

@@ -94,6 +94,16 @@ def test_properties_over_many_prompts():
         "a red cat", "weak", np.random.default_rng(5))  # a numpy Generator seeds one draw
 
 
+@pytest.mark.parametrize("strength", ["medium", "strong"])
+def test_drops_never_take_the_last_content_word(strength):
+    """"a cat on a mat" at medium lost both nouns in 16% of seeds ("a on a"): a loser's caption describing nothing."""
+    stop = {"a", "an", "the", "of", "on", "in", "at"}
+    for prompt in ("a cat on a mat", "portrait of an old man", "a dog in the park at night"):
+        for seed in range(300):
+            words = perturb_prompt(prompt, strength, seed, edits=("drop",)).split()
+            assert [w for w in words if w not in stop], (prompt, seed, words)
+
+
 def test_attribute_and_count_changes_change_the_word_present():
     for seed in range(30):
         article, size, noun = perturb_prompt("a small cat", "weak", seed, edits=("attribute",)).split()
@@ -270,6 +280,27 @@ def test_perturbation_end_to_end_and_loading(pairs_file, tmp_path):
     assert all(it["caption_w"] == it["prompt"] != it["caption_l"] for it in items)
     batch = collate_pairs(items[:4])
     assert batch["caption_w"] == batch["prompts"] and len(batch["caption_l"]) == 4
+
+
+def test_a_pair_pick_a_pic_flags_unlabelled_has_no_loser_to_perturb(pairs_file, tmp_path):
+    """has_label=false: its label_0/1 hold no one's preference (it used to get a perturbed 'loser')."""
+    table = pq.read_table(pairs_file)
+    flags = pa.array([i != 0 for i in range(table.num_rows)])
+    flagged = tmp_path / "flagged" / "pairs.parquet"
+    flagged.parent.mkdir()
+    pq.write_table(table.append_column("has_label", flags), flagged)
+    report = make_captions(str(flagged), tmp_path / "out", "p", seed=3)
+    first = read_out(tmp_path / "out")[0]
+    assert report.ties == 2 and first["caption_0"] == first["caption_1"] == (first["caption"] or "")
+
+
+def test_a_larger_max_pairs_extends_an_earlier_run(pairs_file, tmp_path):
+    """The records kept the fingerprint of the first N rows, so a larger N was 'other settings' (as the docs say it
+    extends); the models' dtype is recorded too (a resume in another would mix precisions)."""
+    first = make_captions(pairs_file, tmp_path / "out", "p", seed=3, max_pairs=8, shard_size=8)
+    more = make_captions(pairs_file, tmp_path / "out", "p", seed=3, shard_size=8)
+    assert (first.shards, more.shards, more.shards_reused) == (1, 2, 1)
+    assert json.loads((tmp_path / "out" / "captions.json").read_text())["settings"]["dtype"] is None  # rules
 
 
 def test_captioning_puts_each_caption_with_its_image(pairs_file, tmp_path):

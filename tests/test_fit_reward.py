@@ -173,3 +173,16 @@ def test_pair_logits_are_scaled_cosines(fitted):
     text = F.normalize(projected(model.get_text_features(**tokens)), dim=-1)
     image = F.normalize(projected(model.get_image_features(pixel_values=pixels[0])), dim=-1)
     torch.testing.assert_close(logits[0], model.logit_scale.exp() * (image @ text[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_pick_a_pic_flags_unlabelled_are_skipped_and_named():
+    """has_label=false: label_0/1 hold no one's preference (they were trained on); in a `label` output the flag is
+    the people's (human_label_0/1), and label_0/1 are the scorer's, trained on."""
+    import datasets
+    from diffusion_align.rewards.fit_reward import _checked_rows
+    rows = {"label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5], "has_label": [True, False, None]}
+    _, _, skipped = _checked_rows(datasets.Dataset.from_dict(rows), has_weights=False)
+    assert skipped == [(1, "row 1: has_label is false: its label_0/label_1 hold no one's preference"),
+                       (2, "row 2: has_label is false: its label_0/label_1 hold no one's preference")]
+    labelled = datasets.Dataset.from_dict({**rows, "human_label_0": [1.0, None, 0.5], "human_label_1": [0.0, None, 0.5]})
+    assert _checked_rows(labelled, has_weights=False)[2] == []

@@ -446,6 +446,13 @@ def test_reward_scores_with_max_pairs_score_only_the_sample(constructed, tmp_pat
     assert scorer.images_scored == 2 * len(other_scored) and len(list(cache.iterdir())) == 2
 
 
+def test_a_larger_max_pairs_extends_an_earlier_labelling(constructed, tmp_path):
+    first = label_pairs(constructed, FakeScorer(), tmp_path / "out", max_pairs=4, shard_size=4)
+    scorer = FakeScorer()
+    more = label_pairs(constructed, scorer, tmp_path / "out", shard_size=4)
+    assert (first.shards, more.shards, more.shards_reused) == (1, 3, 1) and scorer.images_scored == 12
+
+
 def test_a_cache_of_every_row_made_before_is_read_not_scored_again(constructed, tmp_path):
     """Runs made before scoring only the rows they train on left a cache of every row in the cache folder itself."""
     from diffusion_align.data.shards import run_shards

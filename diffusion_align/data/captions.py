@@ -35,7 +35,7 @@ import torch
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
 from ..progress import progress
-from .pairs import check_out_dir, decode_pair, load_pairs, outcomes
+from .pairs import check_out_dir, decode_pair, first_rows, outcomes
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
@@ -141,6 +141,8 @@ def _edit(p: _Prompt, kind: str, rng: random.Random) -> bool:
         candidates = p.words(content_only=True) or p.words()
         if len(p.words(untouched=False)) < 2 or not candidates:
             return False  # dropping the only word would leave nothing
+        if len(p.words(content_only=True, untouched=False)) < 2 and p.parts[candidates[0]].lower() not in _STOPWORDS:
+            return False  # the last content word: "a cat on a mat" must not become "a on a"
         p.drop(rng.choice(candidates))
     elif kind == "swap":
         # Only words of one kind trade places (two colours, two numbers, two other words): swapping an adjective
@@ -190,7 +192,8 @@ def perturb_prompt(prompt: str, strength: str = "medium", rng: random.Random | n
     and applies it to words no earlier edit touched; where that type does not apply it falls back to the other
     types of `edits` in random order, and to an attribute insertion when none applies. The types:
 
-      drop       removes one word: a content word (not a, the, of, ...) where one is left; never the last word.
+      drop       removes one word: a content word (not a, the, of, ...) where one is left; never the last word,
+                 nor the last content word.
       swap       exchanges two different content words of the same kind: two words of one attribute category,
                  two numbers, or two other words ("a red cat on a blue mat" -> "a blue cat on a red mat",
                  "a dog chasing a cat" -> "a cat chasing a dog"); it moves 2 words.
@@ -481,7 +484,7 @@ def make_captions(source, out_dir, strategy: str, captioner: str | Captioner | N
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     out_dir, source = Path(out_dir), str(source)
     check_out_dir(source, out_dir)
-    pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
+    pairs, fingerprint = first_rows(source, split, max_pairs)
 
     if isinstance(captioner, str):
         captioner = Captioner(captioner, device, dtype, max_new_tokens, use_prompt)
@@ -493,9 +496,11 @@ def make_captions(source, out_dir, strategy: str, captioner: str | Captioner | N
         perturber = RuleBasedPerturber(strength)
     elif isinstance(perturber, str):
         perturber = ModelPerturber(perturber, strength, device, dtype, max_new_tokens, batch_size)
-    settings = {"source": local_or_hub(source), "split": split, "fingerprint": pairs._fingerprint,
+    models = [m.model for m in (captioner, perturber) if getattr(m, "model", None) is not None]
+    settings = {"source": local_or_hub(source), "split": split, "fingerprint": fingerprint,
                 "strategy": strategy, "captioner": captioner.info if captioner else None,
                 "perturber": perturber.info if perturber else None,
+                "dtype": str(models[0].dtype) if models else None,  # the models' (a resume in another mixes)
                 "strength": perturber.info["strength"] if perturber else None, "seed": seed,
                 "shard_size": shard_size}
 
@@ -529,7 +534,10 @@ def _chunks(items: list, size: int) -> list[list]:
 def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int, batch_size: int,
                    num_workers: int, desc: str) -> tuple[pa.Table, dict]:
     """Rows start..stop-1 with their two captions (undecodable rows left out) and the shard's counts."""
-    meta = pairs.select_columns(["caption", "label_0", "label_1"])[start:stop]  # no image bytes
+    # Pick-a-Pic's flag of its people's labels; in a `label` output (human_label_0/1) it flags those, not label_0/1
+    columns = pairs.column_names
+    flagged = ["has_label"] if "has_label" in columns and "human_label_0" not in columns else []
+    meta = pairs.select_columns(["caption", "label_0", "label_1", *flagged])[start:stop]  # no image bytes
     prompts = {start + n: p or "" for n, p in enumerate(meta["caption"])}
     if captioner is None:  # images only checked: any order, full batches
         batches = _chunks(list(range(start, stop)), batch_size)
@@ -555,7 +563,8 @@ def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int
             bar.update(len(items))
 
     kept = sorted(captions)
-    winner = dict(zip(range(start, stop), outcomes(meta["label_0"], meta["label_1"]).tolist()))
+    has_label = [bool(f) for f in meta["has_label"]] if flagged else None  # null: no flag
+    winner = dict(zip(range(start, stop), outcomes(meta["label_0"], meta["label_1"], has_label).tolist()))
     ties, fallbacks = 0, 0
     if perturber is not None:
         ties = sum(winner[i] not in (0, 1) for i in kept)

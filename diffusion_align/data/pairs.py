@@ -367,6 +367,16 @@ def load_pairs(
     return (ds.to_iterable_dataset() if streaming else ds), stats
 
 
+def first_rows(path: str, split: str = "train", max_pairs: int | None = None) -> tuple[datasets.Dataset, str]:
+    """Every row and column of `path` (ties and unlabelled rows too), or its first `max_pairs`, as the tools that
+    label or caption a source in resumable shards read it; and the fingerprint of all its rows, which their records
+    keep, so that a larger max_pairs extends a smaller one's shards."""
+    pairs, _ = load_pairs(path, split=split, keep_ties=True, extra_columns="all")
+    fingerprint = pairs._fingerprint
+    first = pairs if max_pairs is None else pairs.select(range(min(max_pairs, len(pairs))), keep_in_memory=True)
+    return first, fingerprint
+
+
 FLIPS = ("no", "pair", "image")
 # An image is resized whole up to this many times resolution^2 (a 16:1 one). A thinner one has only its crop resized:
 # whole, a 1 x 2000 one would be 512 x 1,024,000 pixels at resolution 512 (1.5 GB). Not every image, as a box resize

@@ -247,16 +247,22 @@ def _evaluate(model, pairs, rows: np.ndarray, preprocess, to_device: _ModelInput
 
 def _checked_rows(pairs, has_weights: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(labels (n, 2) float32, weights (n,) float32, [(row, reason)] of rows unusable for their labels/weights)."""
-    table = pairs.select_columns(["label_0", "label_1", *(["num_example_per_prompt"] if has_weights else [])])
+    # Pick-a-Pic's flag of its people's labels; in a `label` output (human_label_0/1) it flags those, not label_0/1
+    flagged = "has_label" in pairs.column_names and "human_label_0" not in pairs.column_names
+    table = pairs.select_columns(["label_0", "label_1", *(["num_example_per_prompt"] if has_weights else []),
+                                  *(["has_label"] if flagged else [])])
     cols = table.with_format("numpy")[:]
     labels = np.stack([np.asarray(cols["label_0"], np.float64), np.asarray(cols["label_1"], np.float64)], axis=1)
     counts = np.asarray(cols["num_example_per_prompt"], np.float64) if has_weights else np.ones(len(labels))
+    unflagged = ~np.asarray(cols["has_label"], dtype=bool) if flagged else np.zeros(len(labels), bool)  # None: False
     bad_labels = ~(np.isfinite(labels).all(1) & (labels >= 0).all(1) & (np.abs(labels.sum(1) - 1) < 1e-6))
     bad_counts = ~(np.isfinite(counts) & (counts >= 1))
-    skipped = [(int(i), f"row {i}: label_0/label_1 = {tuple(labels[i])}, expected two probabilities summing to 1 "
-                        f"(1/0, 0/1 or 0.5/0.5)") for i in np.flatnonzero(bad_labels)]
+    skipped = [(int(i), f"row {i}: has_label is false: its label_0/label_1 hold no one's preference")
+               for i in np.flatnonzero(unflagged)]
+    skipped += [(int(i), f"row {i}: label_0/label_1 = {tuple(labels[i])}, expected two probabilities summing to 1 "
+                         f"(1/0, 0/1 or 0.5/0.5)") for i in np.flatnonzero(bad_labels & ~unflagged)]
     skipped += [(int(i), f"row {i}: num_example_per_prompt = {counts[i]}, expected a count >= 1")
-                for i in np.flatnonzero(bad_counts & ~bad_labels)]
+                for i in np.flatnonzero(bad_counts & ~bad_labels & ~unflagged)]
     return labels.astype(np.float32), (1.0 / np.where(bad_counts, 1.0, counts)).astype(np.float32), skipped
 
 

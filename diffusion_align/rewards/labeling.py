@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, load_pairs, outcomes, preference_rows
+from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, load_pairs, outcomes, preference_rows
 from ..data.shards import SHARD_RECORDS, differences, finished_run, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
@@ -218,9 +218,9 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     _check_settings(tie_margin, shard_size)
     check_out_dir(source, out_dir)  # before the scorer loads
     scorer, scorer_path = _scorer_and_path(scorer)
-    pairs, _ = load_pairs(source, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
+    pairs, fingerprint = first_rows(source, split, max_pairs)
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
-    settings = {"source": local_or_hub(source), "split": split, "fingerprint": pairs._fingerprint,
+    settings = {"source": local_or_hub(source), "split": split, "fingerprint": fingerprint,
                 **_scorer_settings(scorer.name, scorer_path, getattr(scorer, "dtype", None)),
                 "column": scorer.column, "tie_margin": tie_margin, "shard_size": shard_size}
 
