@@ -354,9 +354,11 @@ def test_the_online_loop_samples_and_trains_cps_steps(tiny_flow_models, online_s
                             "online.noise_level=1.5"))
 
 
-def test_cps_is_refused_on_a_unet(tiny_models, online_setup, tmp_path):
-    with pytest.raises(ConfigError, match="online.sde_type=cps is a step of the flow families"):
+def test_each_familys_sampler_settings_are_refused_on_the_other(tiny_models, tiny_flow_models, online_setup, tmp_path):
+    with pytest.raises(ConfigError, match="online.sde_type=cps and online.noise_level=0.7: the flow families' step"):
         train(online_config(tiny_models, online_setup, "sd", tmp_path, "online.sde_type=cps"))
+    with pytest.raises(ConfigError, match="online.eta=0.5 is DDIM's, for the UNet families"):  # ignored by the SDE
+        train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "flow", "online.eta=0.5"))
 
 
 def test_the_review_tools_on_an_online_flux_lora(tiny_flow_models, online_setup, tmp_path):

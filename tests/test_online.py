@@ -41,7 +41,7 @@ def config(setup, out, *overrides, method="pref_grpo"):
     ("online.prompts=null", "set online.prompts"),
     ("train.grad_accum=2", "train.grad_accum must be 1"),
     ("online.group_size=1", "'online.group_size' .* must be at least 2"),
-    ("online.eta=0", "only with eta > 0"),
+    ("train.scale_lr=true", "train.scale_lr is an offline setting"),  # it was ignored
     ("online.sample_steps=1", "online.sample_steps must be >= 2"),
     ("train.batch_size=3", "8 images per process must split into"),
     ("online.updates_per_rollout=8", "a multiple of 16"),
@@ -60,6 +60,18 @@ def config(setup, out, *overrides, method="pref_grpo"):
 def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         online.check_online_config(config(setup, tmp_path, override))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("online.eta=0", "only with eta > 0"),
+    ("online.eta=1.2", "a variance only with eta <= 1"),  # every sample NaN, every group tied: nothing trained
+    ("online.noise_level=0.9", "the flow families' step"),  # ignored by DDIM
+])
+def test_the_unet_familys_sampler_settings(setup, tmp_path, override, message):
+    from diffusion_align.models.families import get_family
+    with pytest.raises(ConfigError, match=message):
+        online.sampling_policy(config(setup, tmp_path, override), get_family("sd"))
+    assert online.sampling_policy(config(setup, tmp_path, "online.eta=0.5"), get_family("sd")).eta == 0.5
 
 
 def test_every_setting_to_mend_is_named_in_one_error(setup, tmp_path):
@@ -261,6 +273,38 @@ def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch)
     assert result.metrics["zero_std_groups"] == 2 and result.metrics["advantage_abs_mean"] == 0
     lora = load_file(result.final_dir / LORA_WEIGHTS)
     assert all(torch.count_nonzero(v) == 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_metrics_are_of_the_updates_that_ran_and_the_drift_is_a_maximum(setup, tmp_path, monkeypatch):
+    """Group 0 ties, group 1 does not; 2 updates of 4 rows, one per group: the tied one is skipped. The metrics were
+    divided by both updates (ratio_mean 0.5 where every ratio is 1), and log_ratio_abs_max was a mean of maxima."""
+    real_scorer, real_step, real_loss = online.load_scorer, online.step_distribution, online.clipped_policy_loss
+    drifts, log_ratios = [], []
+
+    def half_tied_scorer(*args, **kwargs):
+        scorer = real_scorer(*args, **kwargs)
+        scorer.score = lambda images, prompts: torch.tensor([0.0] * 4 + [1.0, 0.5, 0.0, 0.25])
+        return scorer
+
+    def drifting_step(*args):  # the policy's mean moved by a known amount at one step of one micro-batch
+        mean, std = real_step(*args)
+        drifts.append(len(drifts) == 1)
+        return mean + 0.1 * std * drifts[-1], std
+
+    def recording_loss(log_prob, old, *args):
+        log_ratios.append((log_prob - old).abs().max().item())
+        return real_loss(log_prob, old, *args)
+
+    monkeypatch.setattr(online, "load_scorer", half_tied_scorer)
+    monkeypatch.setattr(online, "step_distribution", drifting_step)
+    monkeypatch.setattr(online, "clipped_policy_loss", recording_loss)
+    result = train(config(setup, tmp_path, "train.batch_size=4", "online.updates_per_rollout=2", "train.max_steps=1",
+                          "online.train_fraction=0.5", method="grpo"))
+    assert result.metrics["zero_std_groups"] == 1 and len(drifts) == 2  # 1 update x 1 micro-batch x 2 steps
+    # the largest |log ratio| of the step, the drifted step's (the other's is 0): not their mean
+    assert log_ratios[0] == 0 and log_ratios[1] > 0
+    assert result.metrics["log_ratio_abs_max"] == pytest.approx(log_ratios[1], rel=1e-6)
+    assert result.metrics["ratio_mean"] > 0.9  # of the update that ran, not halved by the one skipped
 
 
 def test_resume_reaches_the_uninterrupted_weights(setup, tmp_path):

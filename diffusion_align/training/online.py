@@ -25,7 +25,7 @@ from pathlib import Path
 import diffusers
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, OnlineConfig
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
 from ..models.loading import pipeline_index, vae_downsampling
@@ -47,6 +47,11 @@ from .run import (TrainResult, apply_update, finish_run, log_step, model_family,
 logger = logging.getLogger("diffusion_align")
 
 GRID_PROMPTS, GRID_SEEDS = 4, 4
+
+
+# metrics logged as their largest over a step's micro-batches, updates and processes, not their mean: the drift of
+# the policy from the sampler (a mean of maxima understated it about 4x)
+MAXIMA = ("log_ratio_abs_max",)
 
 
 def check_online_config(cfg: Config) -> None:
@@ -75,7 +80,8 @@ def check_online_config(cfg: Config) -> None:
         f"{o.clip_range}); set model.compile=false": cfg.model.compile,
         "train.grad_accum must be 1 for online methods: each update already accumulates over its micro-batches and "
         "trained timesteps (raise online.prompts_per_step for a larger update)": t.grad_accum != 1,
-        f"online.eta={o.eta}: the policy's steps have a log-probability only with eta > 0": o.eta <= 0,
+        "train.scale_lr is an offline setting (Diffusion-DPO's lr per pair): online methods take train.lr as it "
+        "stands": t.scale_lr,
         "online.sample_steps must be >= 2 (the last step is never trained) and online.train_fraction in (0, 1]; got "
         f"{o.sample_steps} and {o.train_fraction}": o.sample_steps < 2 or not 0 < o.train_fraction <= 1,
         f"online.sde_window={o.sde_window} must fit in the first half of the online.sample_steps={o.sample_steps} "
@@ -162,13 +168,20 @@ def sampling_policy(cfg: Config, family):
     noise schedule, with what the pipeline sets on a DDIM config), Flow-GRPO's SDE or CPS step (online.sde_type) at
     online.noise_level on the flow families' scheduler."""
     o, load = cfg.online, dict(subfolder="scheduler", revision=cfg.model.revision)
+    default = OnlineConfig()
     if family.denoiser == "unet":
-        if o.sde_type != "sde":
-            raise ConfigError(f"online.sde_type={o.sde_type} is a step of the flow families (SD3, FLUX); the UNet "
-                              "families sample with DDIM at online.eta")
+        if o.sde_type != default.sde_type or o.noise_level != default.noise_level:
+            raise ConfigError(f"online.sde_type={o.sde_type} and online.noise_level={o.noise_level}: the flow "
+                              "families' step (SD3, FLUX); the UNet families sample with DDIM at online.eta")
+        if not 0 < o.eta <= 1:  # above 1, DDIM's 1 - abar_prev - sigma^2 turns negative: NaN samples, all tied
+            raise ConfigError(f"online.eta={o.eta}: the policy's DDIM steps have a log-probability only with eta > 0, "
+                              "and a variance only with eta <= 1")
         scheduler = diffusers.DDIMScheduler.from_pretrained(cfg.model.pretrained, **load,
                                                              **family.pipeline_ddim_settings)
         return DDIMPolicy(scheduler, o.eta)
+    if o.eta != default.eta:
+        raise ConfigError(f"online.eta={o.eta} is DDIM's, for the UNet families; {family} samples with the flow SDE "
+                          "at online.noise_level")
     if o.noise_level <= 0:
         raise ConfigError(f"online.noise_level={o.noise_level}: the flow SDE's steps have a log-probability only with "
                           "a noise level > 0 (Flow-GRPO: 0.7)")
@@ -292,7 +305,9 @@ def train_online(cfg: Config) -> TrainResult:
                             metrics["kl"] = kl.mean().detach()
                     accelerator.backward(loss)
                 for name, value in {"policy_loss": policy_loss.detach(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + value.float() / (len(micro) * count)
+                    value = value.float()
+                    sums[name] = torch.maximum(sums.get(name, value), value) if name in MAXIMA else \
+                        sums.get(name, 0.0) + value / (len(micro) * count)
         grad_norm = clip_gradients(accelerator, policy.trainable_parameters(), t.max_grad_norm or float("inf"))
         return grad_norm, sums
 
@@ -322,7 +337,7 @@ def train_online(cfg: Config) -> TrainResult:
             taking_part = (~tied).repeat_interleave(o.group_size)
 
             order = torch.randperm(len(trajectories), generator=choice_gen).tolist()
-            grad_norms, sums = [], {}
+            grad_norms, ran = [], []  # each update that ran: its grad norm, its metrics
             for u in range(o.updates_per_rollout):
                 micro = order[u * micro_per_update:(u + 1) * micro_per_update]
                 rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
@@ -338,8 +353,7 @@ def train_online(cfg: Config) -> TrainResult:
                                              f"step {step}, update {u + 1}", output_dir)
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(grad_norm)
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value / o.updates_per_rollout
+                ran.append(metrics)
             step_lr = models.lr_scheduler.get_last_lr()[0]
             models.lr_scheduler.step()
             bar.update(1)
@@ -348,15 +362,19 @@ def train_online(cfg: Config) -> TrainResult:
                 # the step's spread and extremes over every process's samples (the same on each, so the mean over
                 # processes that log_step takes leaves them as they are)
                 every_reward, every_score = (accelerator.gather(v.to(device)).float() for v in (rewards, scores))
+                # over the updates that ran (a part of only tied groups runs none); the drift's largest, not a mean
+                per_update = {name: [m[name] for m in ran] for name in (ran[0] if ran else {})}
                 means = {"reward_mean": rewards.mean(), "reward_std": every_reward.std(), "score_mean": scores.mean(),
                          "score_std": every_score.std(), "score_min": every_score.min(),
                          "score_max": every_score.max(), "advantage_abs_mean": advantages.abs().mean(),
-                         **tracked_means, **sums}
+                         **tracked_means, **{name: sum(v) / len(v) for name, v in per_update.items()
+                                             if name not in MAXIMA}}
                 record = log_step(accelerator, metrics_log, step, means,
                                   {"zero_std_groups": tied.sum(),
                                    "images_per_s": len(images) / (time.perf_counter() - started)},
                                   {"lr": step_lr, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-                                   "nonfinite_steps": skipped_updates.total}, models)
+                                   "nonfinite_steps": skipped_updates.total}, models,
+                                  maxima={name: max(v) for name, v in per_update.items() if name in MAXIMA})
                 bar.set_postfix(score=f"{record['score_mean']:.4f}")
             if o.grid_every and step % o.grid_every == 0:  # every process samples (a sharded UNet's forward
                 # gathers its weights from all), the main one writes

@@ -224,16 +224,17 @@ def resume_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
 
 
 def log_step(accelerator: Accelerator, metrics_log: MetricsLog | None, step: int, means: dict, totals: dict,
-             extra: dict, models: Models | None = None) -> dict:
-    """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `extra` as this process has
-    it, and the bytes of `models`' weights, gradients, optimiser states and EMA this process holds; written to
-    metrics.jsonl by the main process and sent to the tracker."""
+             extra: dict, models: Models | None = None, maxima: dict | None = None) -> dict:
+    """One metrics record: `means` (tensors) averaged over processes, `totals` summed, `maxima` their largest,
+    `extra` as this process has it, and the bytes of `models`' weights, gradients, optimiser states and EMA this
+    process holds; written to metrics.jsonl by the main process and sent to the tracker."""
     device = accelerator.device
     record = {"step": step}
-    for given, how in ((means, "mean"), (totals, "sum")):
+    for given, how in ((means, "mean"), (totals, "sum"), (maxima, "max")):
         if given:
             values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in given.values()])
-            record.update(zip(given, accelerator.reduce(values, how).tolist()))
+            reduced = accelerator.gather(values[None]).amax(0) if how == "max" else accelerator.reduce(values, how)
+            record.update(zip(given, reduced.tolist()))
     record.update(extra)
     if models is not None:  # this process's (the main one's): 1/N of data-parallel's when sharded over N
         kept = [m for m in (models.policy.denoiser, models.policy.ref_denoiser) if m is not None]
