@@ -3,6 +3,7 @@ the objective receive (ratio 1 on the first update, trained steps never the last
 groups left out, exact resume, and a run of both modes end to end."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -260,7 +261,7 @@ def test_the_ddim_policy_steps_as_the_pipeline_does(setup, tmp_path, tiny_models
     assert (sampler.scheduler.config.clip_sample, sampler.scheduler.config.steps_offset) == expected
 
 
-def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch):
+def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch, caplog):
     real = online.load_scorer
 
     def constant_scorer(*args, **kwargs):
@@ -269,7 +270,9 @@ def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch)
         return scorer
 
     monkeypatch.setattr(online, "load_scorer", constant_scorer)
-    result = train(config(setup, tmp_path / "run", "train.max_steps=1", method="grpo"))
+    with caplog.at_level(logging.WARNING, logger="diffusion_align"):
+        result = train(config(setup, tmp_path / "run", "train.max_steps=1", method="grpo"))
+    assert "step 1: every group's rewards tie" in caplog.text
     assert result.metrics["zero_std_groups"] == 2 and result.metrics["advantage_abs_mean"] == 0
     lora = load_file(result.final_dir / LORA_WEIGHTS)
     assert all(torch.count_nonzero(v) == 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)

@@ -333,6 +333,9 @@ def train_online(cfg: Config) -> TrainResult:
                 if o.advantage_std == "global" else None
             advantages = group_advantages(rewards, o.group_size, clip=o.adv_clip, shared_std=shared_std)
             tied = (advantages.view(-1, o.group_size) == 0).all(dim=1)  # all-tie groups: left out of the updates
+            if bool(tied.all()):
+                logger.warning("step %d: every group's rewards tie, so this process learns nothing from its samples "
+                               "(a reward that cannot tell them apart, or NaN images?)", step)
             # the rows of the other groups, those whose advantage is exactly 0 included (win rates [1, 0.5, 0])
             taking_part = (~tied).repeat_interleave(o.group_size)
 
