@@ -55,7 +55,7 @@ def test_every_reader_sees_mid_grey(files, name):
     assert np.asarray(_open(path)).mean() == GREY  # grid
 
     # review: formats browsers show (PNG) go as stored, others as an 8-bit PNG
-    uri = _data_uri(path)
+    uri = _data_uri(path, path.read_bytes())
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as shown:
         assert np.asarray(to_rgb(shown)).mean() == GREY
 

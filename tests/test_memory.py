@@ -34,7 +34,7 @@ def cfg(*overrides):
     ((), "fsdp2", 2, (2000, 2000, 4000, 2000, 2000, 3000, 2000, 800), 14000),
     # weights (and the reference) replicated; the optimizer's half of the moments and of DeepSpeed's fp32 master copy
     ((), "zero2", 2, (4000, 2000, 6000, 4000, 2000, 4000, 2000, 800), 20000),
-    ((), "fsdp2-offload", 2, (0, 0, 0, 2000, 2000, 3000, 0, 800), 7000),        # states and the step on the CPU
+    ((), "fsdp2-offload", 2, (0, 0, 0, 0, 2000, 3000, 0, 800), 5000),  # states, reference and the step on the CPU
     # LoRA in bf16: frozen base 2 x 1000 + adapters 4 x 100; no reference copy; encoders and their call in bf16
     (("model.lora_rank=8", "train.mixed_precision=bf16"), "ddp", 1, (2400, 400, 800, 0, 1000, 4000, 400, 400), 8200),
     (("method.precomputed_reference=true", "data.cache=true", "model.gradient_checkpointing=true"), "ddp", 1,
@@ -367,12 +367,15 @@ def test_a_sharded_plan_offers_only_what_sharding_runs(tiny_models):
                              "runs with)")
 
 
-def test_an_online_update_holds_its_gradients_over_its_backward_passes(tiny_models):
+def test_an_online_update_holds_its_gradients_over_its_backward_passes(tiny_models, tmp_path):
     """Each micro-batch of an update backpropagates once per trained step, and the gradients add up until the
     update: they sit beside the activations from the second backward on, as with train.grad_accum > 1."""
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    scorer = save_tiny_scorer("pickscore", tmp_path / "pickscore")
     base = [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32",
+            f"online.reward=pickscore={scorer}",
             "method.name=grpo", "online.prompts_per_step=1", "online.group_size=2", "train.batch_size=2",
-            "online.sample_steps=4", "online.kl_beta=0"]
+            "online.sample_steps=4", "online.kl_beta=0", "online.updates_per_rollout=1"]
     one = load_config(None, [*base, "online.train_fraction=0.25"])  # 1 micro-batch x 1 trained step
     many = load_config(None, [*base, "online.train_fraction=0.5"])  # 1 micro-batch x 2 trained steps
     counts = count_models(one)
