@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -180,6 +181,8 @@ def run_demo(out_dir, settings: DemoSettings = DemoSettings()) -> dict:
         else:
             logger.info("2/5 labels: the simulated raters pick the winner of each pair, or call a tie")
             pairs = oracle_pairs(images, out / "pairs-raters" / "pairs.parquet", settings.seed, every_pair=True)
+        for derived in ("pairs-cosine", "pairs-captions"):  # made again from the pairs just made (their records
+            shutil.rmtree(out / derived, ignore_errors=True)  # name the source's fingerprint, which a rewrite changes)
         if settings.method == "smpo":
             pairs = _with_cosines(pairs, proxy_path, out / "pairs-cosine")
         elif settings.method == "dcpo":
