@@ -196,6 +196,12 @@ def test_a_checkpoint_with_an_ema_exports_the_ema_unless_the_live_weights_are_as
                  "train.checkpoint_every=2", "train.lr=1e-3")
     run_dir, checkpoint = result.final_dir.parent, result.final_dir.parent / "checkpoint-2"
     final = load_file(result.final_dir / LORA_WEIGHTS)
+    # with its final/ (the EMA): --live-weights gives the newest checkpoint's (it gave final/'s EMA), and final/
+    # itself has none to give
+    export(run_dir, "--format", "diffusers", "--out", tmp_path / "live-beside-final", "--live-weights")
+    with pytest.raises(SystemExit):
+        export(result.final_dir, "--format", "diffusers", "--out", tmp_path / "none", "--live-weights")
+    beside_final = load_file(tmp_path / "live-beside-final" / LORA_WEIGHTS)
     shutil.rmtree(result.final_dir)
     export(run_dir, "--format", "diffusers", "--out", tmp_path / "ema")
     export(run_dir, "--format", "diffusers", "--out", tmp_path / "live", "--live-weights")
@@ -203,6 +209,7 @@ def test_a_checkpoint_with_an_ema_exports_the_ema_unless_the_live_weights_are_as
     assert ema.keys() == final.keys() and all(torch.equal(ema[k], final[k]) for k in final)
     checkpoint_live = load_file(checkpoint / LORA_WEIGHTS)
     assert live.keys() == final.keys() and all(torch.equal(live[k], checkpoint_live[k]) for k in live)
+    assert all(torch.equal(beside_final[k], checkpoint_live[k]) for k in live)
     assert any(not torch.equal(live[k], ema[k]) for k in live)
     source = find_source(checkpoint)  # the checkpoint named, and the config is its copy of the run's
     assert (source.folder, source.base, source.method) == (checkpoint / EMA_FOLDER, str(tiny_models["sd"]), "dpo")

@@ -270,6 +270,9 @@ def test_a_checkpoint_with_an_ema_gives_its_ema_and_its_lora_file_the_live_weigh
     generate_images(tiny_models["sd"], prompts_txt, "0", live, lora=checkpoint / LORA_WEIGHTS, **FAST)
     assert records(ema)[0]["lora"] == str(checkpoint / EMA_FOLDER)
     assert np.abs(pixels(ema / "p0000-s0000.png") - pixels(live / "p0000-s0000.png")).mean() > 1
+    # the run folder (no final/): its newest checkpoint's EMA, as export finds it (it was read as a LoRA folder)
+    generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "run", lora=tmp_path, **FAST)
+    assert records(tmp_path / "run")[0]["lora"] == str(checkpoint / EMA_FOLDER)
 
 
 def test_a_sharded_checkpoint_is_sent_to_export(tmp_path, tiny_models, prompts_txt):

@@ -41,7 +41,7 @@ import torch
 
 from ..data.shards import differences
 from ..devices import default_device
-from ..files import EMA_FOLDER, HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
+from ..files import HUB_ID, jsonl_records, local_or_hub, write_image_atomic, write_text_atomic
 from ..progress import progress
 from .scoring import METADATA_NAME, PROMPT_KEYS
 
@@ -214,13 +214,16 @@ def _source(name: str, what: str) -> str:
 
 
 def _trained_lora(lora: str) -> str:
-    """A checkpoint folder of a run that keeps an EMA of its weights: its `ema/`, the LoRA the run's final/ would
-    hold (the LoRA file of the checkpoint itself, given as a file, is the live weights training resumes from).
+    """The LoRA a folder stands for (`export.weights_folder`): a run's final/ or newest checkpoint, and a checkpoint
+    of a run that keeps an EMA of its weights its `ema/`, the LoRA the run's final/ would hold (the LoRA file of the
+    checkpoint itself, given as a file, is the live weights training resumes from).
     Refused, each saying what to do instead (`export.weights_kind` tells them apart): a sharded checkpoint, whose
     weights `export` gathers, and a whole pipeline (a full fine-tune's final/) or full fine-tune's checkpoint, which
     are not LoRAs."""
-    from ..models.export import weights_kind
+    from ..models.export import weights_folder, weights_kind
 
+    if os.path.isdir(lora):  # a run folder, its final/ or a checkpoint: the weights it stands for
+        lora = str(weights_folder(Path(lora)))
     kind = weights_kind(Path(lora))
     if kind == "sharded":
         raise ValueError(f"--lora {lora}: a sharded (fsdp2) checkpoint, whose LoRA is in shards; gather it into one "
@@ -232,9 +235,6 @@ def _trained_lora(lora: str) -> str:
         raise ValueError(f"--lora {lora}: a full fine-tune's checkpoint (a whole {kind}/), not a LoRA; export it "
                          f"as a pipeline first: diffusion-align export {lora} --format merged --out FOLDER, then "
                          f"generate with --model FOLDER")
-    if os.path.isdir(os.path.join(lora, EMA_FOLDER)):
-        logger.info("%s: the EMA of the run's weights (train.ema_decay) in its %s/", lora, EMA_FOLDER)
-        return os.path.join(lora, EMA_FOLDER)
     return lora
 
 
@@ -263,7 +263,10 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
                              f"{', '.join(sorted(compatible))}")
         pipe.scheduler = compatible[scheduler].from_config(pipe.scheduler.config)
     if lora is not None:
-        pipe.load_lora_weights(lora)
+        try:
+            pipe.load_lora_weights(lora)
+        except OSError as err:  # diffusers' "no file named ... found": bad input, not a failed write
+            raise ValueError(f"--lora {lora}: cannot load a LoRA from it ({err})") from None
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per call
     return pipe.to(device)
 

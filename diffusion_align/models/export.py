@@ -60,6 +60,36 @@ class Source:
     config: Config | None = None  # the run's training config, where one was found
 
 
+def weights_folder(path: Path, live: bool = False) -> Path:
+    """The folder of weights that `path` (a run folder, its final/, a checkpoint, or weights) stands for: a run's
+    final/, or its newest checkpoint where it has none; a checkpoint's EMA (its `ema/`, what the run's final/ holds
+    when it ends there) unless `live`, the weights training resumes from, which a run keeping an EMA has in its
+    checkpoints only."""
+    keeps_ema = _keeps_ema(path) or (path.name == "final" and _keeps_ema(path.parent))
+    if live and keeps_ema and path.name == "final":
+        raise ValueError(f"{path}: holds the EMA of the run's weights (train.ema_decay); the live weights are in its "
+                         "checkpoints: give the run folder or a checkpoint-<step>/ folder")
+    folder = path
+    if (path / "final").is_dir() and not (live and keeps_ema):
+        folder = path / "final"
+    elif weights_kind(path) is None and list_checkpoints(path):
+        folder = list_checkpoints(path)[-1][1]
+    elif live and keeps_ema:
+        raise ValueError(f"{path}: its final/ holds the EMA of the run's weights (train.ema_decay), and it keeps no "
+                         "checkpoint with the live weights")
+    if (folder / EMA_FOLDER).is_dir() and not live:
+        folder = folder / EMA_FOLDER
+        logger.info("%s: the EMA of the run's weights (train.ema_decay), as its final/ would hold it; --live-weights "
+                    "for the weights training resumes from", folder)
+    return folder
+
+
+def _keeps_ema(run: Path) -> bool:
+    """Whether the run in folder `run` (its config.yaml) keeps an EMA of its weights."""
+    config = run / "config.yaml"
+    return config.is_file() and bool(load_config(config).train.ema_decay)
+
+
 def find_source(path: str | Path, base: str | None = None, live: bool = False) -> Source:
     """The weights under `path` (see the module docstring) and, from the run's config unless `base` is given, the
     base pipeline they belong to. A checkpoint of a run that keeps an EMA of its weights gives the EMA (its `ema/`,
@@ -68,15 +98,7 @@ def find_source(path: str | Path, base: str | None = None, live: bool = False) -
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder; expected a run folder (train.output_dir), its final/ or "
                                 f"a checkpoint-<step>/ folder, or a folder holding {LORA_WEIGHTS}")
-    folder = path
-    if (path / "final").is_dir():
-        folder = path / "final"
-    elif weights_kind(path) is None and list_checkpoints(path):
-        folder = list_checkpoints(path)[-1][1]
-    if (folder / EMA_FOLDER).is_dir() and not live:
-        folder = folder / EMA_FOLDER
-        logger.info("%s: the EMA of the run's weights (train.ema_decay), as its final/ would hold it; --live-weights "
-                    "for the weights training resumes from", folder)
+    folder = weights_folder(path, live)
     kind = weights_kind(folder)
     if kind is None:
         raise FileNotFoundError(f"{folder} holds no trained weights: expected {LORA_WEIGHTS} (a LoRA), unet/ or "
