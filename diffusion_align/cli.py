@@ -590,7 +590,8 @@ def _resume_hint(args) -> str:
     output_dir = Path(load_config(args.config, args.overrides).train.output_dir)
     found = list_checkpoints(output_dir)
     if not found:
-        return f"; {output_dir} holds no checkpoint yet: a new run starts from step 0"
+        return (f"; {output_dir} holds no checkpoint yet: rerun with train.resume=latest to start it again from step "
+                "0 (or train.overwrite=true)")
     return f"; the newest checkpoint is {found[-1][1]}: continue with train.resume=latest"
 
 

@@ -84,10 +84,10 @@ def written_beside(path: Path) -> Iterator[Path]:
     """A hidden temp path beside `path` (a name that score and imagefolder loaders skip) for the block to write;
     renamed onto `path` when the block ends, removed when it raises: `path` is replaced whole or left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with removed_on_error(tmp):
+    with removed_on_error(tmp):  # the rename too: onto a folder, say, it fails
         yield tmp
-    usual_permissions(tmp)
-    os.replace(tmp, path)
+        usual_permissions(tmp)
+        os.replace(tmp, path)
 
 
 @contextmanager

@@ -214,3 +214,22 @@ def test_no_progress_turns_every_bar_off(tiny, tmp_path, capsys, monkeypatch):
         diffusers.utils.logging.enable_progress_bar()
         huggingface_hub.utils.enable_progress_bars()
         transformers.utils.logging.enable_progress_bar()
+
+
+def test_an_interrupted_run_without_a_checkpoint_is_told_how_to_start_again(tmp_path):
+    """'a new run starts from step 0' was refused when tried: the folder holds a run (metrics.jsonl)."""
+    import argparse
+    from diffusion_align.cli import _resume_hint
+    args = argparse.Namespace(command="train", config=None, overrides=[f"train.output_dir={tmp_path}"])
+    assert "rerun with train.resume=latest to start it again from step 0 (or train.overwrite=true)" in _resume_hint(args)
+
+
+def test_a_failed_rename_leaves_no_temp_file(tmp_path):
+    """Written beside, then renamed onto a folder (an --out that is one): the rename fails, and its temp file went
+    unremoved although the message says nothing half-written is left."""
+    from diffusion_align.files import written_beside
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        with written_beside(tmp_path / "out") as tmp:
+            tmp.write_text("scores")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -453,6 +453,16 @@ def test_a_larger_max_pairs_extends_an_earlier_labelling(constructed, tmp_path):
     assert (first.shards, more.shards, more.shards_reused) == (1, 3, 1) and scorer.images_scored == 12
 
 
+def test_a_shard_replaced_since_is_made_again(constructed, tmp_path):
+    """Another tool writing its pairs-00000.parquet into the folder: the record still matched, and was trusted."""
+    label_pairs(constructed, FakeScorer(), tmp_path / "out", shard_size=4)
+    shard = tmp_path / "out" / "pairs-00000.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 1), shard)
+    scorer = FakeScorer()
+    report = label_pairs(constructed, scorer, tmp_path / "out", shard_size=4)
+    assert report.shards_reused == 2 and scorer.images_scored == 6 and pq.read_metadata(shard).num_rows == 3
+
+
 def test_a_cache_of_every_row_made_before_is_read_not_scored_again(constructed, tmp_path):
     """Runs made before scoring only the rows they train on left a cache of every row in the cache folder itself."""
     from diffusion_align.data.shards import run_shards

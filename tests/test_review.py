@@ -176,6 +176,9 @@ def test_import_review_errors_name_folders_and_lines(folders, tmp_path):
     report = import_review(seen, folders, tmp_path / "seen")
     assert report.pairs == 1 and re.match(r".*seen.jsonl:1: image .*tuned/0-1.png changed since the page showed it",
                                           report.unreadable[0])
+    (tmp_path / "labelled" / ".shards").mkdir(parents=True)  # a label or captions output: its records would lie
+    with pytest.raises(ValueError, match="labelled: holds the resumable shards of another tool"):
+        import_review(seen, folders, tmp_path / "labelled")
     lone = write_jsonl(tmp_path / "lone.jsonl", [choice("2-2.png", "2-2.png", "b", seed=2)])
     with pytest.raises(ValueError, match=r"no pair could be imported: .*lone.jsonl:1: cannot read image"):
         import_review(lone, folders, tmp_path / "out")

@@ -194,6 +194,7 @@ def test_training_options(tmp_path, tiny_models, tiny_pairs, options):
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert result.final_dir.is_dir()
+    assert "None" not in (result.final_dir / "README.md").read_text()  # a stream's counts are not known: left out
 
 
 def test_unusable_settings_are_explained(tmp_path, tiny_models, tiny_pairs):

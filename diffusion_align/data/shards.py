@@ -157,4 +157,16 @@ def _finished(record_path: Path, path: Path, settings: dict, start: int, stop: i
                          f"rerun with the same settings to resume, or write to a new folder")
     if rows != [start, stop] or (written > 0) != path.is_file():
         return None  # the last shard of a run over fewer pairs, or a shard whose parquet is gone: redo it
+    if written and _parquet_rows(path) not in (None, written):
+        return None  # a shard file replaced since (another tool writing into the folder): redo it
     return record
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows of a parquet shard, from its footer (-1 where it cannot be read); None for other kinds of shard."""
+    if path.suffix != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowInvalid):
+        return -1

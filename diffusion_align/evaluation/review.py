@@ -41,7 +41,7 @@ from typing import Sequence
 import pyarrow as pa
 import PIL.Image
 
-from ..data.shards import replace_shards
+from ..data.shards import SHARD_RECORDS, replace_shards
 from ..files import jsonl_records, write_text_atomic
 from ..images import to_rgb
 from .grid import best_columns, check_prompts, match_rows, open_images, score_images, shown_score
@@ -308,6 +308,9 @@ def import_review(choices: Sequence, image_dirs: Sequence, out_dir, shard_size: 
     if not kept:
         raise ValueError(f"no pair could be imported: every judged pair has an unreadable image, e.g. {unreadable[0]}")
     out_dir = Path(out_dir)
+    if (out_dir / SHARD_RECORDS).is_dir():  # its records would then describe these shards as theirs
+        raise ValueError(f"{out_dir}: holds the resumable shards of another tool (label, captions, pairs from a "
+                         f"folder: {SHARD_RECORDS}/); import into a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = replace_shards(out_dir, (_pairs_table(kept[start:start + shard_size], folders)
                                       for start in range(0, len(kept), shard_size)), ".import-review.tmp")

@@ -79,9 +79,13 @@ def train(cfg: Config) -> TrainResult:
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
                                   orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
-    logger.info("data %s: %s rows; dropped %s ties, %s without a usable label (null, NaN, or %s outside [0, 1]), %s "
-                "without a reward score; %s pairs", cfg.data.path, stats.rows, stats.ties_dropped, stats.unlabelled,
-                stats.out_of_range, stats.unscored, stats.pairs)
+    if stats.pairs is None:  # a stream counts nothing before it is read
+        logger.info("data %s: streamed; ties and rows Pick-a-Pic flags unlabelled are filtered out as it is read, "
+                    "undecodable or unlabelled rows skipped and counted", cfg.data.path)
+    else:
+        logger.info("data %s: %s rows; dropped %s ties, %s without a usable label (null, NaN, or %s outside [0, 1]), "
+                    "%s without a reward score; %s pairs", cfg.data.path, stats.rows, stats.ties_dropped,
+                    stats.unlabelled, stats.out_of_range, stats.unscored, stats.pairs)
     if stats.pairs == 0:  # a stream (pairs None) is checked as it is read
         raise ValueError(f"{cfg.data.path}: no preference pair is left to train on: of {stats.rows} rows, "
                          f"{stats.ties_dropped} are ties (dropped; data.keep_ties=true keeps them), {stats.unlabelled} "
@@ -231,7 +235,8 @@ def train(cfg: Config) -> TrainResult:
         logger.warning("%d captions read in training were longer than the text encoder reads, and were cut",
                        inputs.truncation.count)
     summary = {"method": method.name, "beta": beta, "steps": t.max_steps, "effective batch": effective_batch,
-               "lr": lr, "resolution": t.resolution, "pairs": stats.pairs, "ties dropped": stats.ties_dropped,
+               "lr": lr, "resolution": t.resolution,
+               **({} if stats.pairs is None else {"pairs": stats.pairs, "ties dropped": stats.ties_dropped}),
                "skipped rows": skipped_rows, "captions cut at the text encoder's length": inputs.truncation.count}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)
 
