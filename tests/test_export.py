@@ -210,6 +210,9 @@ def test_a_checkpoint_with_an_ema_exports_the_ema_unless_the_live_weights_are_as
     checkpoint_live = load_file(checkpoint / LORA_WEIGHTS)
     assert live.keys() == final.keys() and all(torch.equal(live[k], checkpoint_live[k]) for k in live)
     assert all(torch.equal(beside_final[k], checkpoint_live[k]) for k in live)
+    export(checkpoint, "--format", "diffusers", "--out", tmp_path / "checkpoint-live", "--live-weights")
+    named = load_file(tmp_path / "checkpoint-live" / LORA_WEIGHTS)  # a checkpoint named: its own live weights
+    assert all(torch.equal(named[k], checkpoint_live[k]) for k in live)
     assert any(not torch.equal(live[k], ema[k]) for k in live)
     source = find_source(checkpoint)  # the checkpoint named, and the config is its copy of the run's
     assert (source.folder, source.base, source.method) == (checkpoint / EMA_FOLDER, str(tiny_models["sd"]), "dpo")

@@ -69,12 +69,12 @@ def weights_folder(path: Path, live: bool = False) -> Path:
     if live and keeps_ema and path.name == "final":
         raise ValueError(f"{path}: holds the EMA of the run's weights (train.ema_decay); the live weights are in its "
                          "checkpoints: give the run folder or a checkpoint-<step>/ folder")
-    folder = path
-    if (path / "final").is_dir() and not (live and keeps_ema):
+    folder, has_final = path, (path / "final").is_dir()
+    if has_final and not (live and keeps_ema):
         folder = path / "final"
     elif weights_kind(path) is None and list_checkpoints(path):
         folder = list_checkpoints(path)[-1][1]
-    elif live and keeps_ema:
+    elif has_final:  # the live weights of a run whose final/ holds its EMA
         raise ValueError(f"{path}: its final/ holds the EMA of the run's weights (train.ema_decay), and it keeps no "
                          "checkpoint with the live weights")
     if (folder / EMA_FOLDER).is_dir() and not live:
