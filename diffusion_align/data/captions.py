@@ -35,7 +35,7 @@ import torch
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
 from ..progress import progress
-from .pairs import check_out_dir, decode_pair, first_rows, outcomes
+from .pairs import check_out_dir, decode_pair, first_rows, outcomes, preference_columns
 from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
@@ -534,10 +534,8 @@ def _chunks(items: list, size: int) -> list[list]:
 def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int, batch_size: int,
                    num_workers: int, desc: str) -> tuple[pa.Table, dict]:
     """Rows start..stop-1 with their two captions (undecodable rows left out) and the shard's counts."""
-    # Pick-a-Pic's flag of its people's labels; in a `label` output (human_label_0/1) it flags those, not label_0/1
-    columns = pairs.column_names
-    flagged = ["has_label"] if "has_label" in columns and "human_label_0" not in columns else []
-    meta = pairs.select_columns(["caption", "label_0", "label_1", *flagged])[start:stop]  # no image bytes
+    labels, flagged = preference_columns(pairs.column_names, human_labels=False)  # the winner is label_0/1's
+    meta = pairs.select_columns(["caption", *labels, *(["has_label"] if flagged else [])])[start:stop]  # no images
     prompts = {start + n: p or "" for n, p in enumerate(meta["caption"])}
     if captioner is None:  # images only checked: any order, full batches
         batches = _chunks(list(range(start, stop)), batch_size)
@@ -564,7 +562,7 @@ def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int
 
     kept = sorted(captions)
     has_label = [bool(f) for f in meta["has_label"]] if flagged else None  # null: no flag
-    winner = dict(zip(range(start, stop), outcomes(meta["label_0"], meta["label_1"], has_label).tolist()))
+    winner = dict(zip(range(start, stop), outcomes(meta[labels[0]], meta[labels[1]], has_label).tolist()))
     ties, fallbacks = 0, 0
     if perturber is not None:
         ties = sum(winner[i] not in (0, 1) for i in kept)

@@ -220,9 +220,10 @@ def _reward_labels(label_0, label_1, score_0, score_1, score_columns) -> dict[st
             "label_1": (1 - label).tolist()}
 
 
-def _label_columns(found: Sequence[str], human_labels: bool) -> tuple[list[str], bool]:
+def preference_columns(found: Sequence[str], human_labels: bool) -> tuple[list[str], bool]:
     """The columns that hold each pair's preference, and whether `has_label` flags them. `human_labels`: the people's
-    (`human_label_0/1` where `diffusion-align label` moved them aside), as SmPO decides its ties."""
+    (`human_label_0/1` where `diffusion-align label` moved them aside), as SmPO decides its ties; else label_0/1,
+    whoever made them (training, captions, fit-reward)."""
     human = "human_label" if human_labels and {"human_label_0", "human_label_1"} <= set(found) else "label"
     # Pick-a-Pic's has_label flags its people's labels: label_0/1, or human_label_0/1 once `label` made label_0/1
     # a scorer's
@@ -261,12 +262,13 @@ def _sample(rows: np.ndarray, max_pairs: int | None, seed: int | None) -> np.nda
 
 
 def preference_rows(path: str, split: str = "train", keep_ties: bool = False, max_pairs: int | None = None,
-                    seed: int | None = None) -> np.ndarray:
+                    seed: int | None = None, *, opened: datasets.Dataset | None = None) -> np.ndarray:
     """The source rows that `load_pairs(path, split, keep_ties, max_pairs=..., seed=..., keep_unlabelled=False,
     orient_by=...)` draws its pairs from: those with a human preference (ties dropped unless `keep_ties`) and,
-    with `max_pairs`, the same sample. SmPO computes reward scores for these rows only."""
-    ds = _open(path, split, streaming=False)
-    label_columns, flagged = _label_columns(ds.column_names, human_labels=True)
+    with `max_pairs`, the same sample. SmPO computes reward scores for these rows only. `opened`: every row of
+    `path` in stored order, already opened (`load_pairs(path, keep_ties=True)`), read instead of opening it again."""
+    ds = _open(path, split, streaming=False) if opened is None else opened
+    label_columns, flagged = preference_columns(ds.column_names, human_labels=True)
     l0, l1, _ = _preferences(ds, path, label_columns, flagged, warn=False)  # load_pairs warns
     return _sample(np.flatnonzero(np.isfinite(l0 + l1) & ((l0 != l1) | keep_ties)), max_pairs, seed)
 
@@ -331,7 +333,7 @@ def load_pairs(
     caption = (ds.features or {}).get("caption")
     if isinstance(caption, datasets.Value) and caption.dtype not in ("string", "large_string", "null"):
         raise ValueError(f"{path}: column caption holds {caption.dtype} values; expected text (each pair's prompt)")
-    label_columns, flagged = _label_columns(found, human_labels=bool(orient_by))
+    label_columns, flagged = preference_columns(found, human_labels=bool(orient_by))
     keep_unlabelled = keep_ties if keep_unlabelled is None else keep_unlabelled
     ds = raw_images(ds)
 

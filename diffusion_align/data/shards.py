@@ -113,21 +113,19 @@ def run_shards(out_dir: Path, num_rows: int, shard_size: int, settings: dict,
 
 
 def finished_run(out_dir: Path, num_rows: int, shard_size: int, settings: dict, stem: str = "pairs",
-                 suffix: str = ".parquet") -> list[dict] | None:
-    """The records of every shard of an earlier `run_shards` over these rows with these settings, all finished;
-    None where a shard is missing or was made otherwise."""
-    records = []
+                 suffix: str = ".parquet") -> bool:
+    """Whether every shard of an earlier `run_shards` over these rows with these settings is finished (False where
+    one is missing or was made otherwise)."""
     for k, start in enumerate(range(0, num_rows, shard_size)):
         name = f"{stem}-{k:05d}"
         try:
             record = _finished(out_dir / SHARD_RECORDS / f"{name}.json", out_dir / f"{name}{suffix}", settings, start,
                                min(start + shard_size, num_rows))
         except ValueError:  # other settings, or an unreadable record
-            return None
+            return False
         if record is None:
-            return None
-        records.append(record)
-    return records
+            return False
+    return True
 
 
 def _check_no_extra_shards(out_dir: Path, num_shards: int, stem: str, suffix: str) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.pairs import PairBatchSampler, load_pairs
+from ..data.pairs import PairBatchSampler, load_pairs, preference_columns
 from ..devices import default_device
 from ..files import folder_written_beside, report_dict, write_text_atomic
 from ..progress import progress
@@ -247,8 +247,7 @@ def _evaluate(model, pairs, rows: np.ndarray, preprocess, to_device: _ModelInput
 
 def _checked_rows(pairs, has_weights: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(labels (n, 2) float32, weights (n,) float32, [(row, reason)] of rows unusable for their labels/weights)."""
-    # Pick-a-Pic's flag of its people's labels; in a `label` output (human_label_0/1) it flags those, not label_0/1
-    flagged = "has_label" in pairs.column_names and "human_label_0" not in pairs.column_names
+    _, flagged = preference_columns(pairs.column_names, human_labels=False)  # the labels fitted are label_0/1
     table = pairs.select_columns(["label_0", "label_1", *(["num_example_per_prompt"] if has_weights else []),
                                   *(["has_label"] if flagged else [])])
     cols = table.with_format("numpy")[:]

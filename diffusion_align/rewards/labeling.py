@@ -322,7 +322,7 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
                          f"data.streaming=false, or write the scores into a copy of the pairs (images included) "
                          f"with `diffusion-align label {source} {how} --out DIR` and train on DIR")
 
-    rows = preference_rows(source, split, keep_ties, max_pairs, seed)
+    rows = preference_rows(source, split, keep_ties, max_pairs, seed, opened=pairs)
     selection = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
     settings = {"source": local_or_hub(source), "split": split, "rows": len(rows), "selection": selection,
                 "fingerprint": pairs._fingerprint,
@@ -331,7 +331,7 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
     columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
     # a finished cache of every row, in cache_dir itself, as runs made before scoring only their rows left it
     every_row = {k: v for k, v in settings.items() if k != "selection"} | {"rows": len(pairs)}
-    if finished_run(Path(cache_dir), len(pairs), shard_size, every_row) is not None:
+    if finished_run(Path(cache_dir), len(pairs), shard_size, every_row):
         logger.info("%s: reusing its scores of every row of %s", cache_dir, source)
         _read_scores(Path(cache_dir), columns, rows)
         return columns

@@ -86,6 +86,7 @@ from ..config import Config
 from ..devices import MIXED_PRECISION_DTYPES
 from ..models.families import Family
 from .methods import METHODS, ONLINE_METHODS
+from .sharding import sharding_conflicts, wrap_units
 
 STRATEGIES = ("ddp", "fsdp2", "fsdp2-offload", "zero2")
 RESERVE_GB = 1.5  # the CUDA context and allocator fragmentation, kept out of the budget
@@ -534,7 +535,6 @@ class _FsdpGathers:
     from the events of its forward: each unit's start and end, and each layer with trained weights."""
 
     def __init__(self, models: tuple, weight_bytes: int, live: _LiveBytes):
-        from .sharding import wrap_units
         self.live, self.weight_bytes, self.models = live, weight_bytes, models
         self.flat = 0      # the flat buffer kept until the next unit's copy-out
         self.gathered = 0  # every byte the hooks hold now
@@ -815,7 +815,6 @@ _CHANGES = [
 def _sharding_fixes(cfg: Config) -> list[str]:
     """What a config must change to run sharded (`sharding.sharding_conflicts`), as the plan counts it: AdamW, and
     the reference sharded, not offloaded."""
-    from .sharding import sharding_conflicts
     fixes = list(sharding_conflicts(cfg).values())
     return [*fixes, "(what sharding runs with)"] if fixes else []
 
@@ -863,7 +862,7 @@ def plan(cfg: Config, processes: int = 1, gpu_memory_gb: float | None = None, st
         for label, how, applies in changes:
             if not applies(cfg) or how == strategy or (how == "fsdp2" and processes == 1) or (
                     strategy != "ddp" and how not in STRATEGIES
-                    and set(_sharding_fixes(_changed(cfg, how))) - set(_sharding_fixes(cfg))):
+                    and set(sharding_conflicts(_changed(cfg, how))) - set(sharding_conflicts(cfg))):
                 continue  # a change sharding refuses (model.ref_offload, 8-bit AdamW) is not offered to a sharded run
             if how in STRATEGIES:
                 total = needed_bytes(memory_bytes(cfg, counts, processes, how))
