@@ -237,3 +237,15 @@ def test_make_tiny_checks_scorer_names_before_building(tmp_path, capsys):
         main(["make-tiny", str(tmp_path / "out"), "--scorers", "pickscore", "imagereward"])
     assert exit_info.value.code == 2 and "invalid choice: 'imagereward'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "nothing was built"
+
+
+def test_make_tiny_files_get_the_usual_permissions(tmp_path):
+    """save_pretrained and safetensors write owner-only (0600) weights: a tiny model other users (a test server, a
+    shared folder) could not read. Every file make-tiny writes gets what the umask gives a new file."""
+    from diffusion_align.cli import main
+    umask = os.umask(0o022)
+    os.umask(umask)
+    main(["make-tiny", str(tmp_path), "--scorers", "pickscore", "hpsv2", "--pairs", "2"])
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "diffusion_pytorch_model.safetensors", "tiny-pairs.parquet"} <= {p.name for p in written}
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in written} == {str(p): oct(0o666 & ~umask) for p in written}

@@ -11,9 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
-import os
 import pathlib
-import tempfile
 import uuid
 
 import numpy as np
@@ -31,6 +29,8 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw, ImageFilter
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..files import usual_permissions, written_beside
 
 FAMILIES = ("sd", "sd2", "sdxl")
 
@@ -163,6 +163,7 @@ def save_tiny_pipeline(out_dir, family: str = "sd", seed: int = 0) -> pathlib.Pa
         pipe = _build(family)
     out_dir = pathlib.Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    usual_permissions(out_dir)  # save_pretrained leaves its weights owner-only
     return out_dir
 
 
@@ -246,15 +247,8 @@ def write_tiny_pairs(path, num_pairs: int = 16, resolution: int = 64, seed: int 
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: readers never see a half-written parquet.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with written_beside(path) as tmp:  # readers never see a half-written parquet
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return path
 
 
@@ -372,6 +366,7 @@ def save_tiny_captioner(out_dir, kind: str = "blip", seed: int = 0) -> pathlib.P
     model.save_pretrained(out_dir, safe_serialization=True)
     for part in processor if isinstance(processor, tuple) else (processor,):
         part.save_pretrained(out_dir)
+    usual_permissions(out_dir)  # save_pretrained leaves its weights owner-only
     return out_dir
 
 
@@ -389,4 +384,5 @@ def save_tiny_causal_lm(out_dir, seed: int = 0, chat: bool = False) -> pathlib.P
         model = GPT2LMHeadModel(_tiny_gpt2_config(len(tokenizer)))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    usual_permissions(out_dir)  # save_pretrained leaves its weights owner-only
     return out_dir

@@ -27,6 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
+from ..files import usual_permissions
 from .tiny import clip_tokenizer, text_config
 
 FLOW_FAMILIES = ("sd3", "flux")
@@ -138,4 +139,5 @@ def save_tiny_flow_pipeline(out_dir, family: str, seed: int = 0) -> pathlib.Path
         pipe = builders[family]()
     out_dir = pathlib.Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    usual_permissions(out_dir)  # save_pretrained leaves its weights owner-only
     return out_dir

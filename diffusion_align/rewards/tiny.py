@@ -8,6 +8,7 @@ import pathlib
 
 import torch
 
+from ..files import usual_permissions
 from ..models.tiny import TINY_IMAGE, clip_tokenizer, text_config
 from .registry import load_spec
 
@@ -81,4 +82,5 @@ def save_tiny_scorer(name: str, out_dir, seed: int = 0) -> pathlib.Path:
                 linear = torch.nn.Linear(widths[i], widths[i + 1])
                 head[f"layers.{layer}.weight"], head[f"layers.{layer}.bias"] = linear.weight.data, linear.bias.data
             torch.save(head, out_dir / source["head"]["files"][0])
+    usual_permissions(out_dir)  # save_pretrained leaves its weights owner-only
     return out_dir
