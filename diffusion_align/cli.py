@@ -81,10 +81,12 @@ def cmd_toy_build_assets(args) -> None:
 
 def cmd_make_tiny(args) -> None:
     from .models.tiny import save_tiny_pipeline, write_tiny_pairs
+    from .models.tiny_flow import FLOW_FAMILIES, save_tiny_flow_pipeline
     from .rewards.tiny import save_tiny_scorer
     out = Path(args.out_dir)
     for family in args.family:
-        print(f"pipeline ({family}): {save_tiny_pipeline(out / f'tiny-{family}', family, seed=args.seed)}")
+        save = save_tiny_flow_pipeline if family in FLOW_FAMILIES else save_tiny_pipeline
+        print(f"pipeline ({family}): {save(out / f'tiny-{family}', family, seed=args.seed)}")
     for name in args.scorers:
         print(f"scorer ({name}): {save_tiny_scorer(name, out / f'tiny-scorer-{name}', seed=args.seed)}")
     pairs = write_tiny_pairs(out / "tiny-pairs.parquet", num_pairs=args.pairs, seed=args.seed)
@@ -538,10 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "training resumes from (default: the EMA, which the run's final/ would hold)")
     export.set_defaults(func=cmd_export)
 
-    tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL pipelines, reward models and a synthetic "
-                                            "pair set for trying the toolkit without a GPU or the hub.")
+    tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL/SD3/FLUX.1-dev pipelines, reward models and "
+                                            "a synthetic pair set for trying the toolkit without a GPU or the hub.")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", nargs="+", default=["sd"], choices=("sd", "sd2", "sdxl"))
+    tiny.add_argument("--family", nargs="+", default=["sd"], choices=("sd", "sd2", "sdxl", "sd3", "flux"),
+                      help="one pipeline each, in out_dir/tiny-FAMILY (default: sd)")
     tiny.add_argument("--scorers", nargs="*", default=[], choices=TINY_SCORERS, metavar="NAME",
                       help=f"tiny random reward models to build too, any of: {', '.join(TINY_SCORERS)}. Their scores "
                            "are arbitrary and outside the real models' ranges (a tiny PickScore is not near 20)")

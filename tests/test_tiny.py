@@ -245,7 +245,8 @@ def test_make_tiny_files_get_the_usual_permissions(tmp_path):
     from diffusion_align.cli import main
     umask = os.umask(0o022)
     os.umask(umask)
-    main(["make-tiny", str(tmp_path), "--scorers", "pickscore", "hpsv2", "--pairs", "2"])
+    main(["make-tiny", str(tmp_path), "--family", "sd", "flux", "--scorers", "pickscore", "hpsv2", "--pairs", "2"])
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {"model.safetensors", "diffusion_pytorch_model.safetensors", "tiny-pairs.parquet"} <= {p.name for p in written}
+    assert (tmp_path / "tiny-flux" / "transformer" / "diffusion_pytorch_model.safetensors") in written
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in written} == {str(p): oct(0o666 & ~umask) for p in written}
