@@ -371,6 +371,8 @@ def test_rerun_resumes_finished_shards(pairs_file, tmp_path):
         make_captions(pairs_file, out, "h", captioner=FakeCaptioner(fail_after=5), batch_size=2, shard_size=5)
     # One pair per call: shard 0 (rows 0-4, row 3 undecodable) takes 4 calls, the crash comes in shard 1.
     assert sorted(p.name for p in out.glob("pairs-*.parquet")) == ["pairs-00000.parquet"]
+    with pytest.raises(ValueError, match=r"holds part of its pairs only: shards in \.shards/ but no"):
+        load_pairs(str(out))  # DCPO does not train on the part written as if it were the whole output
     again = FakeCaptioner()
     report = make_captions(pairs_file, out, "h", captioner=again, batch_size=2, shard_size=5)
     assert report.shards_reused == 1 and again.images == 2 * 11  # rows 5-15 only

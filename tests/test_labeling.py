@@ -183,6 +183,8 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         label_pairs(constructed, crashing, out, tie_margin=MARGIN, batch_size=4, shard_size=4)
     assert sorted(p.name for p in out.glob("pairs-*.parquet")) == ["pairs-00000.parquet"]
+    with pytest.raises(ValueError, match=r"holds part of its pairs only: shards in \.shards/ but no labels\.json"):
+        load_pairs(str(out))  # not trained on as if it were the whole output
 
     counting = FakeScorer()
     report = label_pairs(constructed, counting, out, tie_margin=MARGIN, batch_size=4, shard_size=4)
@@ -197,6 +199,16 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
         label_pairs(constructed, FakeScorer(), out, tie_margin=0.2, shard_size=4)
     with pytest.raises(ValueError, match="past the 1 this run writes"):
         label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4, max_pairs=3)
+    assert len(load_pairs(str(out))[0]) == 7
+
+    # a rerun over more rows (here: the first 4, then all) that stopped before its report: the report is the
+    # smaller run's
+    smaller = tmp_path / "smaller"
+    label_pairs(constructed, FakeScorer(), smaller, tie_margin=MARGIN, shard_size=4, max_pairs=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        label_pairs(constructed, FakeScorer(fail_after=2), smaller, tie_margin=MARGIN, batch_size=4, shard_size=4)
+    with pytest.raises(ValueError, match=r"2 shards in \.shards/ but 1 in its labels\.json: a rerun over more rows"):
+        load_pairs(str(smaller))
 
 
 def test_a_rerun_on_a_changed_source_or_scorer_dtype_is_refused(constructed, tmp_path):

@@ -40,7 +40,7 @@ from .shards import run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
 _STRATEGY_LETTERS = {"c": "captioning", "p": "perturbation", "h": "hybrid"}
-REPORT_NAME = "captions.json"
+REPORT_NAME = "captions.json"  # one of shards.FINISHED_REPORTS: a pairs source with shards and without it is refused
 # The Stable Diffusion text encoders read 77 tokens, so longer generated captions would be cut anyway.
 DEFAULT_MAX_NEW_TOKENS = 77
 

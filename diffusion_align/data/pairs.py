@@ -28,6 +28,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ..files import hub_load_error, looks_like_hub_id
 from ..images import to_rgb
+from .shards import unfinished_output
 
 logger = logging.getLogger("diffusion_align")
 
@@ -100,6 +101,8 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
     if os.path.isfile(path):  # before the glob test: a file or folder may have [ ] in its name
         files = [path]
     elif os.path.isdir(path):
+        if reason := unfinished_output(Path(path)):
+            raise ValueError(f"{path}: holds part of its pairs only: {reason}")
         files = _split_shards(path, sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"),
                                                      recursive=True)), split)
     elif glob.has_magic(path):

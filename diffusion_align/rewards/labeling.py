@@ -47,7 +47,7 @@ from ..data.shards import SHARD_RECORDS, differences, finished_run, replace_shar
 from ..files import local_or_hub, report_dict
 from ..progress import progress
 
-REPORT_NAME = "labels.json"
+REPORT_NAME = "labels.json"  # one of shards.FINISHED_REPORTS: a pairs source with shards and without it is refused
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
 OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays (data.pairs.outcomes); -1 = no label
 
