@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from diffusion_align.data.captions import (
-    ATTRIBUTES, NUMBER_WORDS, STRENGTHS, Captioner, ModelPerturber, make_captions, perturb_prompt, row_seed,
+    ATTRIBUTES, NUMBER_WORDS, STRENGTHS, Captioner, ModelPerturber, RuleBasedPerturber, clip_visible_chars,
+    make_captions, perturb_prompt, row_seed,
 )
 from diffusion_align.data.pairs import PairDataset, PairTransform, collate_pairs, decode_image, load_pairs
-from diffusion_align.models.tiny import save_tiny_captioner, save_tiny_causal_lm, write_tiny_pairs
+from diffusion_align.models.tiny import clip_tokenizer, save_tiny_captioner, save_tiny_causal_lm, write_tiny_pairs
 
 ATTRIBUTE_WORDS = {w: cat for cat, groups in ATTRIBUTES.items() for g in groups for w in g}
 BROKEN_ROW, TIE_ROW = 3, 5
@@ -136,6 +137,37 @@ def test_bad_settings_are_errors():
 # ---------------------------------------------------------------- tiny real models
 
 @pytest.fixture(scope="module")
+def clip_read():
+    """The token ids a CLIP text encoder reads of a text: its first 77, as every family tokenizes."""
+    tokenizer = clip_tokenizer()
+    return lambda text: tokenizer(text, truncation=True, max_length=77)["input_ids"]
+
+
+def test_what_a_clip_encoder_reads():
+    # "cat" is one CLIP token: the encoder reads 75 of them between its start and end tokens
+    assert clip_visible_chars("cat " * 75) is None and clip_visible_chars("a red cat") is None
+    assert clip_visible_chars("cat " * 76) == 75 * len("cat ") - 1
+    assert clip_visible_chars("two cats, " * 40) == 25 * len("two cats, ") - 1  # 3 tokens each: to the 25th ","
+
+
+LONG_PROMPT = "a red cat on a blue mat, " + " ".join(["detailed"] * 80)  # past CLIP's window
+
+
+def test_rule_perturbations_stay_in_what_clip_reads(clip_read):
+    """Past 75 CLIP tokens a caption is cut: a loser perturbed there is conditioned as its winner (plain DPO)."""
+    seeds = range(100)
+    assert any(clip_read(perturb_prompt(LONG_PROMPT, "medium", s)) == clip_read(LONG_PROMPT) for s in seeds)
+    tail = LONG_PROMPT[clip_visible_chars(LONG_PROMPT):]
+    for strength in STRENGTHS:
+        for text in RuleBasedPerturber(strength).perturb([LONG_PROMPT] * len(seeds), seeds)[0]:
+            assert clip_read(text) != clip_read(LONG_PROMPT) and text.endswith(tail)
+    # a first word CLIP reads only in part (75 tokens of "ab"): the attribute goes in front of it
+    (text,), _ = RuleBasedPerturber("weak").perturb(["ab" * 100], [0])
+    assert text.split()[0] in {g[0] for c in ("colour", "size", "material") for g in ATTRIBUTES[c]}
+    assert text.split()[1] == "ab" * 100
+
+
+@pytest.fixture(scope="module")
 def tiny_captioners(tmp_path_factory):
     root = tmp_path_factory.mktemp("captioners")
     return {kind: str(save_tiny_captioner(root / kind, kind)) for kind in ("blip", "llava", "vit-gpt2")}
@@ -195,6 +227,11 @@ def test_model_perturber(tmp_path, chat):
     assert perturber.perturb(texts, seeds) == (["tree tree tree"] * 3, 0)
     force_lm_output(perturber, "</s>")  # writes nothing: the rules take over with each row's seed
     assert perturber.perturb(texts, seeds) == ([perturb_prompt(t, "weak", s) for t, s in zip(texts, seeds)], 3)
+    # a rewrite that differs only past what CLIP reads: the rules take over, within it
+    long = "tree " * 80 + "cat"
+    perturber.max_new_tokens = 90
+    force_lm_output(perturber, "tree")
+    assert perturber.perturb([long], [4]) == (RuleBasedPerturber("weak").perturb([long], [4])[0], 1)
 
 
 # ---------------------------------------------------------------- make_captions

@@ -20,6 +20,7 @@ and listed; a model caption that comes out empty is replaced by the prompt and c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import random
@@ -105,14 +106,19 @@ def _kind(word: str) -> str:
 
 class _Prompt:
     """A prompt as alternating separators and words (`parts[1::2]` are words), with the words already edited,
-    so no edit touches a word twice (a second swap could undo the first)."""
+    so no edit touches a word twice (a second swap could undo the first). With `visible` (the characters a text
+    encoder reads), only the words that end within them are offered for editing."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, visible: int | None = None):
         self.parts = _WORD.split(text)
         self.touched = [False] * len(self.parts)
+        ends = enumerate(itertools.accumulate(map(len, self.parts)))
+        # the parts from the first word that is not read whole on are not edited
+        self.limit = None if visible is None else next((i for i, end in ends if i % 2 and end > visible), None)
 
     def words(self, content_only: bool = False, untouched: bool = True) -> list[int]:
-        return [i for i in range(1, len(self.parts), 2) if not (untouched and self.touched[i])
+        stop = len(self.parts) if self.limit is None else self.limit
+        return [i for i in range(1, stop, 2) if not (untouched and self.touched[i])
                 and not (content_only and self.parts[i].lower() in _STOPWORDS)]
 
     def set(self, i: int, word: str) -> None:
@@ -123,11 +129,14 @@ class _Prompt:
         # Keep the punctuation around the word ("a cat, on" -> "a, on"), not two spaces.
         joined = right if not left.strip() else left if not right.strip() else left + right
         self.parts[i - 1:i + 2], self.touched[i - 1:i + 2] = [joined], [False]
+        if self.limit is not None:  # the word past the window that moves up is not known to fit in it
+            self.limit -= 2
 
     def insert(self, i: int | None, word: str) -> None:
-        """Put `word` before the word at part `i`; at the start when the prompt has no word (`i` None)."""
+        """Put `word` before the word at part `i`; at the start when no word may be edited (`i` None). (The window
+        keeps its parts: the last word in it may have been pushed out.)"""
         if i is None:
-            self.parts, self.touched = ["", word, " " + self.parts[0]], [False, True, False]
+            self.parts[:1], self.touched[:1] = ["", word, " " + self.parts[0]], [False, True, False]
         else:
             self.parts[i:i], self.touched[i:i] = [word, " "], [True, False]
 
@@ -185,8 +194,10 @@ def _edit(p: _Prompt, kind: str, rng: random.Random) -> bool:
 
 
 def perturb_prompt(prompt: str, strength: str = "medium", rng: random.Random | np.random.Generator | int = 0,
-                   edits: Sequence[str] = EDIT_TYPES) -> str:
+                   edits: Sequence[str] = EDIT_TYPES, visible: int | None = None) -> str:
     """A semantically different prompt made by rule, needing no model; the same `rng` seed gives the same result.
+    With `visible` (`clip_visible_chars`), every edit lies in the first `visible` characters, which the text encoder
+    reads: an edit past them would leave the loser's condition the winner's.
 
     `strength` sets the number of edits: weak 1, medium 2, strong 4. Each edit picks a type from `edits` at random
     and applies it to words no earlier edit touched; where that type does not apply it falls back to the other
@@ -204,8 +215,8 @@ def perturb_prompt(prompt: str, strength: str = "medium", rng: random.Random | n
                  (`NUMBER_WORDS`); nouns are not re-inflected ("one cat" -> "three cat").
 
     Replacements keep the case of the word they replace; whitespace is normalised. The result is never empty and
-    never has the same words as the prompt (in the rare case edits cancel out, an attribute is inserted); a
-    prompt without words gets an attribute word.
+    never has the same words as the prompt, nor with `visible` the same words read (in the rare case edits cancel
+    out, an attribute is inserted); a prompt without words gets an attribute word.
     """
     if strength not in STRENGTHS:
         raise ValueError(f"unknown strength {strength!r}; expected one of {list(STRENGTHS)}")
@@ -213,13 +224,38 @@ def perturb_prompt(prompt: str, strength: str = "medium", rng: random.Random | n
     if unknown or not edits:
         raise ValueError(f"edits must be a non-empty subset of {EDIT_TYPES}, got {list(edits)}")
     rng = _as_random(rng)
-    p = _Prompt(prompt)
+    p = _Prompt(prompt, visible)
+    read = None if visible is None else len(p.words()) + 1  # the words read, the last of them in part
     for _ in range(STRENGTHS[strength]):
         if not any(_edit(p, kind, rng) for kind in rng.sample(list(edits), len(edits))):
             _edit(p, "attribute", rng)  # `edits` excluded attribute and nothing else applied
-    while _WORD.findall(p.text().casefold()) == _WORD.findall(prompt.casefold()):
+    # edits may cancel out, or (a word dropped from a run of its copies) leave the words read as they were
+    while _WORD.findall(p.text().casefold())[:read] == _WORD.findall(prompt.casefold())[:read]:
         _edit(p, "attribute", rng)
     return p.text()
+
+
+# Every family's CLIP text encoder reads a caption's first 77 tokens, the start and end tokens included (T5, where
+# SD3 and FLUX have it, reads more): a perturbation past them changes nothing a UNet family is conditioned on.
+CLIP_WINDOW = 77
+
+
+@functools.cache
+def _clip_tokenizer():
+    from ..models.tiny import clip_tokenizer  # built from open_clip's vocabulary, offline; loaded when first asked
+    return clip_tokenizer(model_max_length=10 ** 9)  # counted here, never cut (and no warning of a long text)
+
+
+def clip_visible_chars(text: str) -> int | None:
+    """How many leading characters of `text` a CLIP text encoder reads (its first CLIP_WINDOW - 2 tokens); None
+    where it reads all of them."""
+    offsets = _clip_tokenizer()(text, return_offsets_mapping=True)["offset_mapping"]
+    return None if len(offsets) <= CLIP_WINDOW else offsets[CLIP_WINDOW - 2][1]
+
+
+def _clip_window(text: str) -> list[int]:
+    """The token ids a CLIP text encoder reads of `text` (it lowercases)."""
+    return _clip_tokenizer()(text)["input_ids"][:CLIP_WINDOW - 1]
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -228,7 +264,7 @@ def row_seed(seed: int, index: int) -> int:
 
 
 class RuleBasedPerturber:
-    """`perturb_prompt` over a batch; needs no model."""
+    """`perturb_prompt` over a batch, each edit within what a CLIP text encoder reads; needs no model."""
 
     def __init__(self, strength: str = "medium", edits: Sequence[str] = EDIT_TYPES):
         perturb_prompt("x", strength, 0, edits)  # fail on bad settings now, not in the first shard
@@ -237,7 +273,8 @@ class RuleBasedPerturber:
 
     def perturb(self, texts: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], int]:
         """(perturbed texts, how many fell back to the rules: none here)."""
-        return [perturb_prompt(t, self.strength, s, self.edits) for t, s in zip(texts, seeds)], 0
+        return [perturb_prompt(t, self.strength, s, self.edits, clip_visible_chars(t))
+                for t, s in zip(texts, seeds)], 0
 
 
 # ---------------------------------------------------------------- model-based parts
@@ -306,8 +343,9 @@ class ModelPerturber:
             for text, seed, new in zip(chunk, seeds[start:start + self.batch_size], written):
                 line = next((_one_line(x) for x in new.splitlines() if _one_line(x)), "")
                 words = _WORD.findall(line.casefold())
-                if not words or words == _WORD.findall(text.casefold()):  # nothing written, or nothing changed
-                    line, fallbacks = perturb_prompt(text, self.rules.strength, seed), fallbacks + 1
+                # nothing written, nothing changed, or nothing a CLIP text encoder reads
+                if not words or words == _WORD.findall(text.casefold()) or _clip_window(line) == _clip_window(text):
+                    line, fallbacks = self.rules.perturb([text], [seed])[0][0], fallbacks + 1
                 results.append(line)
         return results, fallbacks
 
