@@ -211,6 +211,12 @@ def cmd_generate(args) -> None:
 def cmd_grid(args) -> None:
     if not (args.out or args.html):
         raise ValueError("grid writes --out PNG pages, an --html review page, or both: give at least one")
+    if not args.html and (args.ab or args.title):
+        raise ValueError("--ab and --title are the review page's: give --html too")
+    if args.ab:  # before any scorer is loaded or page drawn
+        from .evaluation.grid import folder_labels
+        from .evaluation.review import blind_pair
+        blind_pair(args.ab, folder_labels(args.dirs))
     scorer = _scorers(args, single=True, folders=args.dirs)[0] if args.scorer else None
     scores = None
     if args.out:

@@ -367,6 +367,18 @@ class CountingScorer:
         return torch.tensor([np.asarray(image).mean() / 255 for image in images])
 
 
+def test_grid_checks_the_review_page_settings_before_drawing(tmp_path, folders, capsys):
+    from diffusion_align.cli import main
+    pages = tmp_path / "grid.png"
+    for extra, message in [(["--html", str(tmp_path / "r.html"), "--ab", "base", "other"],
+                            "no folder 'other' to compare blind; the folders are base, tuned"),
+                           (["--ab", "tuned", "base"], "--ab and --title are the review page's: give --html too")]:
+        with pytest.raises(SystemExit):
+            main(["grid", *map(str, folders), "--out", str(pages), *extra])
+        assert message in capsys.readouterr().err
+    assert not pages.exists(), "no page drawn"
+
+
 def test_the_grid_scores_serve_the_page_without_scoring_again(tmp_path, folders):
     from diffusion_align.evaluation.grid import make_grid
     scorer = CountingScorer()

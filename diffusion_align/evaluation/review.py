@@ -109,7 +109,7 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
                       "note": row.note, "cells": cells})
     compared = None
     if len(labels) >= 2:
-        a, b = _blind_pair(ab, labels)
+        a, b = blind_pair(ab, labels)
         rng = random.Random(seed)
         pairs = [{"row": i, "left": "a" if rng.random() < 0.5 else "b"}
                  for i, row in enumerate(rows) if row.files[a] is not None and row.files[b] is not None]
@@ -135,7 +135,7 @@ def _scores(rows: list, dirs: Sequence, labels: list[str], scorer, chunk: int = 
     return scores
 
 
-def _blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
+def blind_pair(ab: Sequence | None, labels: list[str]) -> tuple[int, int]:
     """Column indices of the two folders to compare blind, given by index (an int, or its digits from the command
     line) or label, a label first (default the first two)."""
     if ab is None:
