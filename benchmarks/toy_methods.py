@@ -36,6 +36,7 @@ method that does not fit its own data from one that does not carry what it fitte
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -133,9 +134,15 @@ def assets_sha256(family: str) -> str:
     digest = hashlib.sha256()
     for folder in (base_model(family), toy_pickscore()):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(folder.parent)}:{hashlib.sha256(path.read_bytes()).hexdigest()};"
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder.parent)}:{_file_sha256(path, stat.st_size, stat.st_mtime_ns)};"
                           .encode())
     return digest.hexdigest()
+
+
+@functools.cache  # a sweep asks for each of its runs: a file is read again only once it changed
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def recorded_run(out: Path, method: str, seed: int, args) -> dict:

@@ -220,7 +220,8 @@ class OnlineConfig:
                                        "of all the step's rewards, every process's (Flow-GRPO's global_std).",
                               choices=("group", "global"))
     adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].", within="(0, inf)")
-    kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none.",
+    kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none. On "
+                               "Flow-GRPO's SDE (SD3, FLUX), its KL: the Gaussians' times the step's length.",
                           within="[0, inf)")
     track: list[str] = _key([], "Other scorers NAME[=PATH] whose mean score of each step's samples is logged as "
                                 "tracked_<name>, never trained on: e.g. toy-oracle, to watch the proxy reward's gap "

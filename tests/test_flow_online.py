@@ -164,8 +164,8 @@ def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, onl
                                                            family, method):
     """online.kl_beta > 0 on a LoRA, one rollout and two updates: at each trained step the reference (adapters off,
     no gradients) gets exactly the transformer inputs the policy got and gives the base transformer's output; the
-    KL logged is Flow-GRPO's between the step's two Gaussians, mean (mu - mu_ref)^2 / (2 std^2), std the step's
-    a sqrt(s / (1 - s)) sqrt(s - s'): 0 exactly at the first update (lora_B is 0), > 0 at the second."""
+    KL logged is Flow-GRPO's, mean (mu - mu_ref)^2 / (2 sigma_t^2) with its std_dev_t sigma_t = a sqrt(s / (1 - s))
+    (the step's std is sigma_t sqrt(s - s')): 0 exactly at the first update (lora_B is 0), > 0 at the second."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     calls, real_step = [], online.step_distribution
 
@@ -200,10 +200,10 @@ def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, onl
         with torch.no_grad():
             torch.testing.assert_close(r["output"], base(**r["received"], return_dict=False)[0], rtol=0, atol=1e-6)
         s, s_next = float(p["sigmas"][p["step"]]), float(p["sigmas"][p["step"] + 1])
-        std = 0.7 * (s / (1 - (float(p["sigmas"][1]) if s == 1 else s))) ** 0.5 * (s - s_next) ** 0.5
-        torch.testing.assert_close(p["std"], torch.tensor(std))
+        sigma_t = 0.7 * (s / (1 - (float(p["sigmas"][1]) if s == 1 else s))) ** 0.5
+        torch.testing.assert_close(p["std"], torch.tensor(sigma_t * (s - s_next) ** 0.5))
         torch.testing.assert_close(r["std"], p["std"])
-        kls.append(float(((p["mean"] - r["mean"]) ** 2 / (2 * std ** 2)).mean()))
+        kls.append(float(((p["mean"] - r["mean"]) ** 2 / (2 * sigma_t ** 2)).mean()))
     assert kls[:2] == [0.0, 0.0] and all(torch.equal(p["output"], r["output"]) for p, r in zip(policy[:2], reference))
     assert min(kls[2:]) > 0  # the first update moved the policy off the reference
     # the logged KL: the mean over each update's trained steps, then over the updates

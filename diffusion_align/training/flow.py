@@ -268,6 +268,15 @@ class FlowSDEPolicy:
         """The log-probability per row of the next latents `x` under a step's (mean, std): `flow_step_log_prob`."""
         return flow_step_log_prob(x, mean, std, self.sde_type)
 
+    def kl_std(self, std: torch.Tensor, step) -> torch.Tensor:
+        """The std that the KL to the reference (`gaussian_policy_kl`) divides by, as Flow-GRPO's does, so that its
+        published weight (train.beta) means the same here: for its SDE, its `std_dev_t` = sigma_t, the step's std
+        without sqrt(s - s') (`scripts/train_sd3.py`: its KL is the two Gaussians' times the step's length); for
+        CPS, the step's std."""
+        if self.sde_type == "cps":
+            return std
+        return std / _per_row(self.sigmas[step] - self.sigmas[step + 1], std).sqrt()
+
     def step(self, velocity: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
         """(next sample, its log_prob per row): `flow_sde_step_with_logprob`; `noisy` False: the ODE, log_prob
         None."""

@@ -300,7 +300,7 @@ def train_online(cfg: Config) -> TrainResult:
                             with torch.no_grad(), policy.reference() as reference:
                                 ref_mean, _ = step_distribution(reference, sampler, trajectory, step_index, cond,
                                                                 uncond, guidance)
-                            kl = gaussian_policy_kl(mean, ref_mean, std)
+                            kl = gaussian_policy_kl(mean, ref_mean, sampler.kl_std(std, step_index))
                             loss = loss + o.kl_beta * kl.mean() / (len(micro) * count)
                             metrics["kl"] = kl.mean().detach()
                     accelerator.backward(loss)

@@ -101,6 +101,11 @@ class DDIMPolicy:
         """The log-probability per row of the next latents `x` under a step's (mean, std): `gaussian_log_prob`."""
         return gaussian_log_prob(x, mean, std)
 
+    def kl_std(self, std: torch.Tensor, step) -> torch.Tensor:
+        """The std that the KL to the reference divides by: the step's (the two Gaussians' KL, as DDPO-style KLs
+        on DDIM steps take it)."""
+        return std
+
     def step(self, model_output: torch.Tensor, step: int, sample: torch.Tensor, generator=None, noisy: bool = True):
         """(next sample, its log_prob per row): `ddim_step_with_logprob`; `noisy` False: at eta 0, log_prob None."""
         return ddim_step_with_logprob(self.scheduler, model_output, self.timesteps[step], sample,
