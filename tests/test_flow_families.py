@@ -236,3 +236,19 @@ def test_decode_images_is_the_pipelines_decode(pipelines, name):
     with torch.no_grad():
         unshifted = pipe.image_processor.postprocess(pipe.vae.decode(latents / scaling).sample, output_type="np")
     assert all(np.abs(np.round(u * 255) - e).max() >= 3 for u, e in zip(unshifted, expected))  # each image changes
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_fp16_keeps_t5s_fp32_layers_as_the_pipelines_load_them(folders, name):
+    """The pipelines load T5 in fp16 with its feed-forward output layers (`wo`) in fp32, whose activations overflow
+    fp16 in T5-XXL; a run's encoders, loaded in fp32 and cast (`place`), keep the same layers in fp32."""
+    from transformers import T5EncoderModel
+
+    from diffusion_align.models.loading import load_components, place
+    t5 = place(load_components(str(folders[name]), denoiser=False).text_encoders[-1], "cpu", torch.float16)
+    loaded = T5EncoderModel.from_pretrained(folders[name], subfolder="text_encoder_3" if name == "sd3" else
+                                            "text_encoder_2", dtype=torch.float16)
+    dtypes = {n: p.dtype for n, p in t5.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {n for n in dtypes if ".wo." in n} != set()
+    assert all(p.dtype == torch.bfloat16 for p in place(t5, "cpu", torch.bfloat16).parameters())  # fp16's alone

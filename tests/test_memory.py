@@ -25,6 +25,17 @@ def cfg(*overrides):
     return load_config(None, ["model.lora_rank=null", *overrides])
 
 
+def test_fp16_counts_the_text_encoder_layers_it_keeps_in_fp32():
+    """100 of the 300 text encoder weights kept in fp32 in fp16 (T5's wo): 200 x 2 + 100 x 4 bytes, beside the VAE's
+    200 x 2; in bf16, as every weight, 2 bytes each."""
+    counts = dataclasses.replace(HAND, text_fp32=100)
+    assert memory_bytes(cfg("train.mixed_precision=fp16"), counts)["encoders"] == 400 + 400 + 400
+    assert memory_bytes(cfg("train.mixed_precision=bf16"), counts)["encoders"] == 400 + 600
+    cache = ("data.cache=true", "data.cache_batch_size=16")
+    assert (memory_bytes(cfg("data.cache_dtype=fp16", *cache), counts)["cache_build"]
+            - memory_bytes(cfg("data.cache_dtype=fp16", *cache), HAND)["cache_build"]) == 100 * 2
+
+
 @pytest.mark.parametrize("overrides, strategy, processes, expected, total", [
     # full fp32 DPO, AdamW: weights 4 x 1000, gradients 4 x 1000, moments 8 x 1000, fp32 reference 4 x 1000,
     # encoders 4 x (200 + 300), activations 4000, AdamW's step 4 x 1000, a pair's 2 images encoded 400 + 6000 / 15;
@@ -462,6 +473,8 @@ def test_the_flow_transformers_are_counted_and_their_activations_are_what_a_real
     buffers = sum(b.numel() for b in parts.denoiser.buffers() if b.is_floating_point())
     assert counts.denoiser_buffers == buffers and (buffers > 0) == (family == "sd3")  # SD3's position table
     assert counts.text_encoders == sum(numel(e) for e in parts.text_encoders)
+    wo = [m for e in parts.text_encoders for n, m in e.named_modules() if n.endswith(".wo")]  # T5's, kept in fp32
+    assert counts.text_fp32 == sum(numel(m) for m in wo) > 0
     policy = Policy(load_components(str(path)).denoiser, 4, None, parts.family.lora_targets, family=family)
     assert counts.lora == sum(p.numel() for p in policy.trainable_parameters())
 

@@ -260,9 +260,21 @@ def load_tokenizer(pretrained: str, index: dict, text_encoder: str, revision: st
 
 
 def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a model, casting only when its dtype differs (diffusers warns on every cast)."""
+    """Move a model, casting only when its dtype differs (diffusers warns on every cast). In fp16, the modules the
+    model keeps in fp32 (`fp32_kept_modules`) stay there, as a pipeline loaded in fp16 keeps them."""
     module.to(device)
-    return module.to(dtype=dtype) if module.dtype != dtype else module
+    if module.dtype != dtype:
+        module.to(dtype=dtype)
+    for kept in fp32_kept_modules(module) if dtype == torch.float16 else []:
+        kept.float()
+    return module
+
+
+def fp32_kept_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules that transformers and diffusers keep in fp32 when they load `model` in fp16: those its class
+    names in `_keep_in_fp32_modules` (T5's feed-forward output layers `wo`, whose activations overflow fp16)."""
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return [m for name, m in model.named_modules() if names & set(name.split("."))] if names else []
 
 
 def set_attention(denoiser: torch.nn.Module, attention: str, device: torch.device, cudnn: bool = False) -> str:

@@ -116,6 +116,7 @@ class ModelCounts:
     text_encode_bytes: tuple[int, int] = (0, 0)
     vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
     rewards: int = 0           # the online methods' scorers and judge
+    text_fp32: int = 0         # of text_encoders, those kept in fp32 in fp16 (`loading.fp32_kept_modules`: T5's wo)
     # {"plain": [(bytes, entries), ...], "checkpointed": ...}: the moments of the backward of that forward that can
     # peak above it, the bytes alive beyond the states and the gradients, which have `entries` entries by then:
     # unsharded, each checkpointed block's recompute (`_Recomputes`); under fsdp2, its units gathered again, its
@@ -163,7 +164,7 @@ def count_models(cfg: Config) -> ModelCounts:
     encoders' calls."""
     from accelerate import init_empty_weights
 
-    from ..models.loading import load_tokenizer, vae_downsampling
+    from ..models.loading import fp32_kept_modules, load_tokenizer, vae_downsampling
     from ..models.policy import lora_config
     from .online import rows_per_image
     m = cfg.model
@@ -223,6 +224,7 @@ def count_models(cfg: Config) -> ModelCounts:
                        {name: peak for name, (peak, _) in unsharded_passes.items()},
                        {name: peak for name, (peak, _) in sharded_passes.items()}, buffers, batch, vae_calls,
                        text_calls, bool(vae.config.get("force_upcast", False)), rewards,
+                       sum(_numel(m) for e in encoders for m in fp32_kept_modules(e)),
                        {name: _frontier(backward) for name, (_, backward) in unsharded_passes.items()},
                        {name: _frontier(backward) for name, (_, backward) in sharded_passes.items()})
 
@@ -715,7 +717,8 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     # the VAE is kept in fp32 where its config says force_upcast (fp16 overflows it), as the run places it
     vae_bytes = 4 if counts.vae_upcast else frozen
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
-    encoders = counts.vae * vae_bytes + counts.text_encoders * frozen if plain else 0
+    text = _text_encoder_bytes(counts, MIXED_PRECISION_DTYPES[cfg.train.mixed_precision])
+    encoders = counts.vae * vae_bytes + text if plain else 0
     rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
@@ -776,8 +779,14 @@ def cache_build_bytes(cfg: Config, counts: ModelCounts) -> int:
     text_bytes = CACHE_DTYPES[cfg.data.cache_dtype].itemsize  # what the cache's encoders run in on a GPU
     vae_bytes = 4 if counts.vae_upcast else text_bytes
     batch = cfg.data.cache_batch_size  # images a VAE call; the text encoders read 4 x as many texts a call
-    return (counts.vae * vae_bytes + counts.text_encoders * text_bytes
+    return (counts.vae * vae_bytes + _text_encoder_bytes(counts, CACHE_DTYPES[cfg.data.cache_dtype])
             + _encode_bytes(counts, batch, batch, vae_bytes, text_bytes))
+
+
+def _text_encoder_bytes(counts: ModelCounts, dtype: torch.dtype) -> int:
+    """The text encoders' weights in `dtype`, those that fp16 keeps in fp32 (`place`) at 4 bytes."""
+    kept = counts.text_fp32 if dtype == torch.float16 else 0
+    return (counts.text_encoders - kept) * dtype.itemsize + kept * 4
 
 
 def _call_bytes(ends: tuple[int, int], batch: int, counted: int) -> int:
