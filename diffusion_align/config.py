@@ -191,6 +191,10 @@ class OnlineConfig:
                                 "cps: its coefficients-preserving step (std s' sin(a pi / 2), noise level a in "
                                 "(0, 1]), with Flow-GRPO's surrogate log-probability -(x' - mean)^2, the step of its "
                                 "Flow-GRPO-Fast recipes (noise level 0.8, clip range 1e-5).", choices=("sde", "cps"))
+    sde_kl: str = _key("flow_grpo", "SD3 / FLUX: the KL to the reference (online.kl_beta) of an sde step. flow_grpo: "
+                                    "its code's, the two steps' Gaussians' KL times the step's length s - s', which "
+                                    "its published weights are for; gaussian: the Gaussians' KL, as a DDIM or CPS "
+                                    "step's.", choices=("flow_grpo", "gaussian"))
     guidance: float | None = _key(None, "Classifier-free guidance scale when sampling and when re-scoring the steps "
                                         "(null: 5, DanceGRPO's SD setting; <= 1: none, the conditional call alone, "
                                         "as the pipelines); FLUX: the guidance input of FLUX.1-dev, no "
@@ -221,7 +225,7 @@ class OnlineConfig:
                               choices=("group", "global"))
     adv_clip: float = _key(5.0, "Advantages are clamped to [-adv_clip, adv_clip].", within="(0, inf)")
     kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none. On "
-                               "Flow-GRPO's SDE (SD3, FLUX), its KL: the Gaussians' times the step's length.",
+                               "SD3 / FLUX's sde steps, the KL of online.sde_kl.",
                           within="[0, inf)")
     track: list[str] = _key([], "Other scorers NAME[=PATH] whose mean score of each step's samples is logged as "
                                 "tracked_<name>, never trained on: e.g. toy-oracle, to watch the proxy reward's gap "

@@ -159,13 +159,14 @@ def test_the_online_loop_trains_the_transformer(tiny_flow_models, online_setup, 
     assert "| noise level | 0.7 |" in card and "| eta |" not in card
 
 
-@pytest.mark.parametrize("family, method", [("sd3", "grpo"), ("flux", "pref_grpo")])
+@pytest.mark.parametrize("family, method, sde_kl", [("sd3", "grpo", "flow_grpo"), ("flux", "pref_grpo", "gaussian")])
 def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, online_setup, tmp_path, monkeypatch,
-                                                           family, method):
+                                                           family, method, sde_kl):
     """online.kl_beta > 0 on a LoRA, one rollout and two updates: at each trained step the reference (adapters off,
     no gradients) gets exactly the transformer inputs the policy got and gives the base transformer's output; the
-    KL logged is Flow-GRPO's, mean (mu - mu_ref)^2 / (2 sigma_t^2) with its std_dev_t sigma_t = a sqrt(s / (1 - s))
-    (the step's std is sigma_t sqrt(s - s')): 0 exactly at the first update (lora_B is 0), > 0 at the second."""
+    KL logged is Flow-GRPO's, mean (mu - mu_ref)^2 / (2 sigma_t^2) with its std_dev_t sigma_t = a sqrt(s / (1 - s)),
+    or with online.sde_kl=gaussian the Gaussians', over the step's std sigma_t sqrt(s - s'): 0 exactly at the first
+    update (lora_B is 0), > 0 at the second."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     calls, real_step = [], online.step_distribution
 
@@ -186,7 +187,7 @@ def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, onl
 
     monkeypatch.setattr(online, "step_distribution", recording_step)
     result = train(online_config(tiny_flow_models, online_setup, family, tmp_path, "online.kl_beta=0.5",
-                                 "online.updates_per_rollout=2", method=method))
+                                 "online.updates_per_rollout=2", f"online.sde_kl={sde_kl}", method=method))
     policy, reference = calls[0::2], calls[1::2]
     assert len(calls) == 8  # 2 updates x 1 micro-batch x 2 trained steps (0.6 of 4), each policy then reference
     assert all(p["grad"] and p["adapters_off"] == {False} for p in policy)
@@ -203,7 +204,8 @@ def test_the_online_loop_with_a_kl_to_the_base_transformer(tiny_flow_models, onl
         sigma_t = 0.7 * (s / (1 - (float(p["sigmas"][1]) if s == 1 else s))) ** 0.5
         torch.testing.assert_close(p["std"], torch.tensor(sigma_t * (s - s_next) ** 0.5))
         torch.testing.assert_close(r["std"], p["std"])
-        kls.append(float(((p["mean"] - r["mean"]) ** 2 / (2 * sigma_t ** 2)).mean()))
+        kl_std = sigma_t if sde_kl == "flow_grpo" else sigma_t * (s - s_next) ** 0.5
+        kls.append(float(((p["mean"] - r["mean"]) ** 2 / (2 * kl_std ** 2)).mean()))
     assert kls[:2] == [0.0, 0.0] and all(torch.equal(p["output"], r["output"]) for p, r in zip(policy[:2], reference))
     assert min(kls[2:]) > 0  # the first update moved the policy off the reference
     # the logged KL: the mean over each update's trained steps, then over the updates
@@ -355,7 +357,8 @@ def test_the_online_loop_samples_and_trains_cps_steps(tiny_flow_models, online_s
 
 
 def test_each_familys_sampler_settings_are_refused_on_the_other(tiny_models, tiny_flow_models, online_setup, tmp_path):
-    with pytest.raises(ConfigError, match="online.sde_type=cps and online.noise_level=0.7: the flow families' step"):
+    with pytest.raises(ConfigError, match="online.sde_type=cps, online.noise_level=0.7 and online.sde_kl=flow_grpo: "
+                                          "the flow families' step"):
         train(online_config(tiny_models, online_setup, "sd", tmp_path, "online.sde_type=cps"))
     with pytest.raises(ConfigError, match="online.eta=0.5 is DDIM's, for the UNet families"):  # ignored by the SDE
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "flow", "online.eta=0.5"))

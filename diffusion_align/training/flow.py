@@ -137,6 +137,7 @@ def cps_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 SDE_TYPES = ("sde", "cps")
+SDE_KLS = ("flow_grpo", "gaussian")  # an SDE step's KL to the reference: Flow-GRPO's, or the Gaussians'
 
 
 def flow_step_transition(velocity: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, noise_level: float,
@@ -238,13 +239,16 @@ class FlowNoising:
 class FlowSDEPolicy:
     """The flow families' sampler as a policy for the online methods: the steps their pipelines take (`set_steps`),
     each one Flow-GRPO's SDE step at `noise_level`, or its CPS step (`sde_type`; noise level 0: the Euler ODE,
-    deterministic, no density)."""
+    deterministic, no density). `sde_kl`: the KL to the reference of an SDE step (`kl_std`)."""
 
-    def __init__(self, scheduler, noise_level: float, linspace_sigmas: bool = False, sde_type: str = "sde"):
+    def __init__(self, scheduler, noise_level: float, linspace_sigmas: bool = False, sde_type: str = "sde",
+                 sde_kl: str = "flow_grpo"):
         if sde_type not in SDE_TYPES:
             raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+        if sde_kl not in SDE_KLS:
+            raise ValueError(f"sde_kl must be one of {SDE_KLS}, got {sde_kl!r}")
         self.scheduler, self.noise_level, self.linspace_sigmas = scheduler, noise_level, linspace_sigmas
-        self.sde_type = sde_type
+        self.sde_type, self.sde_kl = sde_type, sde_kl
 
     def set_steps(self, steps: int, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Set the sigmas of `steps` steps as the family's pipeline does: FluxPipeline passes linspace(1, 1/steps,
@@ -269,11 +273,11 @@ class FlowSDEPolicy:
         return flow_step_log_prob(x, mean, std, self.sde_type)
 
     def kl_std(self, std: torch.Tensor, step) -> torch.Tensor:
-        """The std that the KL to the reference (`gaussian_policy_kl`) divides by, as Flow-GRPO's does, so that its
-        published weight (train.beta) means the same here: for its SDE, its `std_dev_t` = sigma_t, the step's std
-        without sqrt(s - s') (`scripts/train_sd3.py`: its KL is the two Gaussians' times the step's length); for
-        CPS, the step's std."""
-        if self.sde_type == "cps":
+        """The std that the KL to the reference (`gaussian_policy_kl`) divides by. An SDE step's with sde_kl
+        "flow_grpo": Flow-GRPO's `std_dev_t` = sigma_t, the step's std without sqrt(s - s') (`scripts/train_sd3.py`:
+        its KL is the two Gaussians' times the step's length), so that its published weight (train.beta) means the
+        same here. Otherwise the step's std: the Gaussians' KL."""
+        if self.sde_type == "cps" or self.sde_kl == "gaussian":
             return std
         return std / _per_row(self.sigmas[step] - self.sigmas[step + 1], std).sqrt()
 
