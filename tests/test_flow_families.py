@@ -252,3 +252,17 @@ def test_fp16_keeps_t5s_fp32_layers_as_the_pipelines_load_them(folders, name):
     assert dtypes == {n: p.dtype for n, p in loaded.named_parameters()}
     assert {n for n, d in dtypes.items() if d == torch.float32} == {n for n in dtypes if ".wo." in n} != set()
     assert all(p.dtype == torch.bfloat16 for p in place(t5, "cpu", torch.bfloat16).parameters())  # fp16's alone
+
+
+def test_an_sd3_pipeline_saved_without_t5_is_named(folders, tmp_path):
+    import shutil
+
+    from diffusion_align.config import ConfigError
+    from diffusion_align.models.loading import load_components
+    folder = shutil.copytree(folders["sd3"], tmp_path / "sd3-no-t5")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]  # StableDiffusion3Pipeline(text_encoder_3=None)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="model_index.json has no text_encoder_3, which sd3 encodes prompts with"):
+        load_components(str(folder))
+    assert load_components(str(folder), encoders=False).family.name == "sd3"  # a latent cache's run needs none

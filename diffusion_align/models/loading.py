@@ -237,6 +237,9 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
                       if denoiser else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
+        if (index.get(name) or [None])[0] is None:  # saved without it: SD3 without T5 (text_encoder_3=None)
+            raise ConfigError(f"{pretrained}: model_index.json has no {name}, which {family} encodes prompts with; "
+                              f"load the pipeline that has it (a {family} pipeline without its T5 is not supported)")
         encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
         tokenizers.append(load_tokenizer(pretrained, index, name, revision))
