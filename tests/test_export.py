@@ -147,6 +147,47 @@ def test_a_transformer_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tin
     assert all(torch.equal(a, b) for a, b in zip(merged.vae.state_dict().values(), base.vae.state_dict().values()))
 
 
+def test_a_unet_lora_beside_the_attention_loads_whole(tmp_path, tiny_models, capsys):
+    """A UNet LoRA on proj_in / proj_out / ff too: diffusers' naming has the attention projections alone and its
+    loader reads a file in the naming of its first key (proj_in's), so a file mixing the two loaded the attention's
+    adapters nowhere. Written in peft's names throughout, every module loads, to the trained outputs; a mixed file
+    (as written before) is refused by export and generate, not loaded in part."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=[*TARGETS, "proj_in", "proj_out", "ff.net.2"],
+                                init_lora_weights="gaussian"))
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    write_diffusers_lora(unet, "sd", folder / LORA_WEIGHTS)
+    keys = list(load_file(folder / LORA_WEIGHTS))
+    assert not any(".lora.down." in k for k in keys) and any("to_q.lora_A" in k for k in keys)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    pipe.load_lora_weights(folder)
+    adapted = sum(1 for m in pipe.unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    assert adapted == sum(k.endswith("lora_A.weight") for k in keys) > 16
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, text).sample, unet.eval()(x, t, text).sample)
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, mixed / LORA_WEIGHTS)
+    with pytest.raises(SystemExit):
+        export(mixed, "--format", "kohya", "--base", tiny_models["sd"], "--out", tmp_path / "k.safetensors")
+    assert "mix diffusers' attention names (.lora.down / .lora.up) with peft's" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_models["sd"]), "--lora", str(mixed), "--prompts",
+              str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "images")])
+    assert "diffusers would load only part of it" in capsys.readouterr().err
+
+
 def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, capsys):
     folder, _ = patterned
 

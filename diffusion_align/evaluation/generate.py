@@ -249,6 +249,7 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
 
     from ..models.families import FAMILIES
     from ..models.loading import pipeline_index
+    from ..models.policy import LORA_WEIGHTS, check_lora_naming
 
     pipeline_index(model, what="model")  # not a pipeline, or out of reach: one line
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
@@ -263,6 +264,9 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
                              f"{', '.join(sorted(compatible))}")
         pipe.scheduler = compatible[scheduler].from_config(pipe.scheduler.config)
     if lora is not None:
+        file = Path(lora) / LORA_WEIGHTS if os.path.isdir(lora) else Path(lora)
+        if file.suffix == ".safetensors" and file.is_file():
+            check_lora_naming(file)
         try:
             pipe.load_lora_weights(lora)
         except OSError as err:  # diffusers' "no file named ... found": bad input, not a failed write

@@ -35,7 +35,7 @@ from ..files import EMA_FOLDER, SHARDED_STATE, folder_written_beside, list_check
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
-from .policy import LORA_WEIGHTS, write_diffusers_lora
+from .policy import LORA_WEIGHTS, check_lora_naming, write_diffusers_lora
 
 FORMATS = ("kohya", "comfyui", "diffusers", "merged")
 COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
@@ -199,6 +199,7 @@ def _load_lora(model: torch.nn.Module, source: Source, family: Family) -> None:
     """Load the LoRA as `trained` onto the base denoiser `model` with diffusers' loader (its settings restore the
     trained scale); every module of the file must land on it."""
     prefix, what = family.denoiser, "UNet" if family.denoiser == "unet" else family.denoiser
+    check_lora_naming(source.folder / LORA_WEIGHTS)
     with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
         in_file = sum(key.startswith(f"{prefix}.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
                       for key in f.keys())

@@ -22,6 +22,7 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..files import usual_permissions
@@ -45,9 +46,12 @@ def write_diffusers_lora(denoiser: torch.nn.Module, family: Family | str, path: 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # the keys each family's diffusers LoRA script writes: the UNets' in diffusers' naming (`to_q.lora.down`),
-        # the transformers' as peft names them (`to_q.lora_A`), which is what their loaders expect
-        if family.denoiser == "unet":
-            state = convert_state_dict_to_diffusers(state)
+        # the transformers' as peft names them (`to_q.lora_A`), which is what their loaders expect. That naming has
+        # the attention projections alone: a UNet LoRA on other modules too keeps peft's names throughout, as
+        # diffusers' loader reads a file in the naming of its first key (a mixed one loses the rest, in silence)
+        converted = convert_state_dict_to_diffusers(state) if family.denoiser == "unet" else state
+        if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+            state = converted
         pipeline_cls.save_lora_weights(tmp, weight_name=path.name, **{
             f"{family.denoiser}_lora_layers": state,
             f"{family.denoiser}_lora_adapter_metadata": denoiser.peft_config[adapter].to_dict()})
@@ -55,6 +59,18 @@ def write_diffusers_lora(denoiser: torch.nn.Module, family: Family | str, path: 
         os.replace(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_lora_naming(path: Path) -> None:
+    """Refuse a LoRA file whose keys mix diffusers' attention names (`to_q.lora.down`) with peft's (`lora_A`), as
+    `write_diffusers_lora` wrote a UNet LoRA on other modules too before it kept peft's names throughout: diffusers'
+    loader reads a file in the naming of its first key and would leave out the other modules, in silence."""
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    if any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys):
+        raise ValueError(f"{path}: its keys mix diffusers' attention names (.lora.down / .lora.up) with peft's "
+                         "(.lora_A / .lora_B), so diffusers would load only part of it. An earlier diffusion-align "
+                         "wrote a UNet LoRA on modules beside the attention so; this one writes one naming")
 
 
 def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
