@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 from contextlib import contextmanager
@@ -176,6 +177,30 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # writes its weights (a LoRA file, or the denoiser's folder), beside the live ones
 EMA_FOLDER = "ema"
 SHARDED_STATE = "sharded"  # a sharded (fsdp2) checkpoint's torch.distributed.checkpoint folder
+
+
+# what reading back a damaged file raises: safetensors' header error, torch's zip reader (RuntimeError) and unpickler,
+# a file cut short, JSON that does not parse, diffusers failing to load weights (OSError)
+READ_ERRORS = (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, json.JSONDecodeError, OSError)
+
+
+@contextmanager
+def read_back(what: Path):
+    """Name `what` (a file or folder written before: a checkpoint's, a LoRA) when it cannot be read back; in a
+    checkpoint, with the earlier ones to resume from. (Not a failed write, which the command line would call it.)"""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except READ_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        checkpoint = next((p for p in [what, *what.parents] if _CHECKPOINT.match(p.name)), None)
+        hint = ""
+        if checkpoint is not None:
+            earlier = [str(p) for _, p in list_checkpoints(checkpoint.parent) if p != checkpoint]
+            hint = (f" If {checkpoint.name} is damaged (a copy cut short), resume from an earlier checkpoint with "
+                    f"train.resume=PATH" + (f": {', '.join(earlier[-3:])}" if earlier else " (there is none)"))
+        raise ValueError(f"{what}: cannot be read back ({reason}).{hint}") from err
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

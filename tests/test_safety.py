@@ -55,6 +55,27 @@ def test_a_resume_must_continue_the_same_run(tmp_path, tiny_models, tiny_pairs):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
+def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_models, tiny_pairs, capsys):
+    """A checkpoint file cut short (an interrupted copy) was told as "could not write", or a traceback: the file is
+    named, with the earlier checkpoints to resume from; export names a LoRA file it cannot read."""
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=4")
+    (tmp_path / "run" / "final").rename(tmp_path / "run-final")  # as a run stopped after its second checkpoint
+    latest = tmp_path / "run" / "checkpoint-4"
+    for name in (LORA_WEIGHTS, "optimizer.pt", "trainer_state.json"):
+        kept = (latest / name).read_bytes()
+        (latest / name).write_bytes(kept[:len(kept) // 2])
+        with pytest.raises(ValueError, match=rf"checkpoint-4.*: cannot be read back \(.+\)\. If checkpoint-4 is "
+                                             rf"damaged .* train\.resume=PATH: .*checkpoint-2$"):
+            run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=6",
+                "train.resume=latest")
+        if name == LORA_WEIGHTS:
+            with pytest.raises(SystemExit):
+                cli_main(["export", str(latest), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])
+            assert f"error: {latest / name}: cannot be read back" in capsys.readouterr().err
+        (latest / name).write_bytes(kept)
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=6", "train.resume=latest")
+
+
 @pytest.mark.parametrize("schedule, refused", [("constant_with_warmup", False), ("constant", False),
                                                 ("linear", True), ("cosine", True)])
 def test_max_steps_changes_on_resume_only_under_a_schedule_that_does_not_decay_to_it(schedule, refused):

@@ -31,7 +31,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..config import Config, load_config
-from ..files import EMA_FOLDER, SHARDED_STATE, folder_written_beside, list_checkpoints, write_safetensors_atomic
+from ..files import (EMA_FOLDER, SHARDED_STATE, folder_written_beside, list_checkpoints, read_back,
+                     write_safetensors_atomic)
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
@@ -246,7 +247,7 @@ def _lora_denoiser(source: Source) -> str | None:
     """The denoiser a LoRA file's keys name (`unet.` or `transformer.`), if any."""
     if source.kind != "lora":
         return None
-    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
+    with read_back(source.folder / LORA_WEIGHTS), safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
         return next((prefix for prefix in ("unet", "transformer") if any(k.startswith(f"{prefix}.") for k in f.keys())),
                     None)
 
@@ -257,7 +258,7 @@ def _trained_width(source: Source) -> int | None:
         return UNet2DConditionModel.load_config(source.folder / "unet")["cross_attention_dim"]
     if source.kind != "lora":
         return None
-    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
+    with read_back(source.folder / LORA_WEIGHTS), safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
         key = next((k for k in f.keys() if k.startswith("unet.") and ".attn2.to_k." in k
                     and k.endswith((".lora.down.weight", ".lora_A.weight"))), None)
         return None if key is None else f.get_slice(key).get_shape()[1]

@@ -25,7 +25,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..files import usual_permissions
+from ..files import read_back, usual_permissions
 from .families import Family, get_family
 from .kohya import KOHYA_WEIGHTS, write_kohya_lora
 from .loading import place
@@ -65,7 +65,7 @@ def check_lora_naming(path: Path) -> None:
     """Refuse a LoRA file whose keys mix diffusers' attention names (`to_q.lora.down`) with peft's (`lora_A`), as
     `write_diffusers_lora` wrote a UNet LoRA on other modules too before it kept peft's names throughout: diffusers'
     loader reads a file in the naming of its first key and would leave out the other modules, in silence."""
-    with safe_open(path, "pt") as f:
+    with read_back(path), safe_open(path, "pt") as f:
         keys = list(f.keys())
     if any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys):
         raise ValueError(f"{path}: its keys mix diffusers' attention names (.lora.down / .lora.up) with peft's "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_to_yaml
-from ..files import EMA_FOLDER, SHARDED_STATE, WRITE_ERRORS, list_checkpoints, replace_dir, save_torch
+from ..files import EMA_FOLDER, SHARDED_STATE, WRITE_ERRORS, list_checkpoints, read_back, replace_dir, save_torch
 from ..models.loading import pipeline_family, pipeline_index
 from ..models.policy import Policy
 from .safety import RunStopped, check_finite_weights
@@ -117,7 +117,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
 
 def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler, ema=None) -> tuple[int, dict]:
     """Restore weights, optimiser and `ema` (if kept); returns the step and this process's saved state."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    with read_back(path / "trainer_state.json"):
+        state = json.loads((path / "trainer_state.json").read_text())
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
                          f"{accelerator.num_processes}. Resume with the same number of processes so every "
@@ -132,25 +133,33 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, lr_scheduler, em
                          f"this run keeps {'one' if ema is not None else 'none'}. Resume with the train.ema_decay it "
                          "was written with.")
     if layout == "sharded":
-        load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer, ema)
+        with read_back(path / SHARDED_STATE):
+            load_sharded(path / SHARDED_STATE, policy.denoiser, optimizer, ema)
     else:
         if ema is not None:  # through the weights, which then take their live values
             if not (path / EMA_FOLDER).is_dir():
                 raise FileNotFoundError(f"{path / EMA_FOLDER}: no such folder, though the checkpoint was written with "
                                         "an EMA (diffusion-align before 2026-12-06 kept it in ema.safetensors, which "
                                         "only that version resumes)")
-            policy.load(path / EMA_FOLDER)
+            with read_back(path / EMA_FOLDER):
+                policy.load(path / EMA_FOLDER)
             ema.take_weights()
             ema.updates = state["ema_updates"]
-        policy.load(path)
+        with read_back(path):
+            policy.load(path)
     if layout == "partitioned":
-        load_partition(path / f"optimizer_{accelerator.process_index}.pt", optimizer)
+        with read_back(path / f"optimizer_{accelerator.process_index}.pt"):
+            load_partition(path / f"optimizer_{accelerator.process_index}.pt", optimizer)
     elif layout == "whole":
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+        with read_back(path / "optimizer.pt"):
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    with read_back(path / "lr_scheduler.pt"):
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "grad_scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
-    process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
+        with read_back(path / "grad_scaler.pt"):
+            accelerator.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))
+    with read_back(path / f"process_{accelerator.process_index}.pt"):
+        process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
     return state["step"], process_state
 
 
@@ -159,7 +168,8 @@ def gather_sharded(source, out: Path, live: bool = False):
     resumes from), gathered whole from every process's shards in this one process and written into `out` as an
     unsharded checkpoint holds them (`Policy.save`). `source`: export's Source of the checkpoint; returns the Source
     of what was written."""
-    state = json.loads((source.folder / "trainer_state.json").read_text())
+    with read_back(source.folder / "trainer_state.json"):
+        state = json.loads((source.folder / "trainer_state.json").read_text())
     ema = state.get("ema", False) and not live
     family, _ = pipeline_family(source.base, pipeline_index(source.base, source.revision, what="--base"),
                                 source.revision)

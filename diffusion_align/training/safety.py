@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, config_to_dict
-from ..files import list_checkpoints
+from ..files import list_checkpoints, read_back
 
 logger = logging.getLogger("diffusion_align")
 
@@ -97,7 +97,8 @@ def check_one_timeline(resume: str, checkpoint: Path, output_dir: Path, found: l
                               f"{output_dir} already holds a run ({', '.join(found)}): the two runs' checkpoints and "
                               "metrics would mix. Resume into a new output_dir")
         return
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    with read_back(checkpoint / "trainer_state.json"):
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
     later = [path.name for at, path in list_checkpoints(output_dir) if at > step]
     if later:
         raise ConfigError(f"train.resume={resume}: {output_dir} holds checkpoints after {checkpoint.name} "
