@@ -176,7 +176,9 @@ def test_image_feature_columns_decode_and_corrupt_image_does_not_crash(tmp_path)
     pairs, _ = load_pairs(str(tmp_path / "img"))
     dataset = PairDataset(pairs, PairTransform(16), seed=0)
     assert is_red(dataset[(0, 0)]["pixel_values_w"])
-    assert "row 2, column jpg_1" in dataset[(0, 2)]["error"]  # row 3 of the source is row 2 once the tie is gone
+    assert "pair 2, column jpg_1" in dataset[(0, 2)]["error"]  # row 3 of the source is pair 2 once the tie is gone
+    named, _ = load_pairs(str(tmp_path / "img"), source_rows=True)  # as training loads them: by the source's row
+    assert "row 3, column jpg_1" in PairDataset(named, PairTransform(16), seed=0)[(0, 2)]["error"]
 
 
 def test_missing_path_and_missing_columns(tmp_path):
@@ -340,7 +342,7 @@ def test_null_dcpo_caption_is_skipped_and_named(tmp_path):
                           extra_columns=["caption_0", "caption_1"])
     dataset = PairDataset(pairs, PairTransform(16), seed=0, extra_columns=["caption_0", "caption_1"])
     batch = collate_pairs([dataset[(0, i)] for i in range(4)])  # the tokenizer failed on the None
-    assert batch["skipped"] == [(1, "row 1: column caption_0 is null; expected a value")]
+    assert batch["skipped"] == [(1, "pair 1: column caption_0 is null; expected a value")]
     assert batch["caption_w"] == ["a", "c", "d"] and batch["caption_l"] == ["w", "y", "z"]
 
 
@@ -457,7 +459,7 @@ def test_null_and_nan_labels_are_dropped_and_counted(tmp_path):
     every, stats = load_pairs(path, keep_ties=True)  # tools that label or caption every row get them all
     assert stats.pairs == N_ROWS
     dataset = PairDataset(every, PairTransform(16), seed=0)
-    assert dataset[(0, 6)]["error"].startswith("row 6: no preference") and "label_0=None" in dataset[(0, 6)]["error"]
+    assert dataset[(0, 6)]["error"].startswith("pair 6: no preference") and "label_0=None" in dataset[(0, 6)]["error"]
     assert "label_0=nan" in dataset[(0, 7)]["error"]
 
     # a label column with no value at all is arrow's null type: an object array of None, whose Nones would "tie"

@@ -55,6 +55,22 @@ def test_a_resume_must_continue_the_same_run(tmp_path, tiny_models, tiny_pairs):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
+def test_a_resume_over_other_pairs_is_refused(tmp_path, tiny_models, tiny_pairs):
+    """Pairs added to the data folder since the checkpoint: the sampler would draw a shuffle of the new pairs from
+    the old position, training some pairs of the epoch twice and others never."""
+    import shutil
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_pairs, data / "a.parquet")
+    run(tmp_path, tiny_models["sd"], data, "train.checkpoint_every=2", "train.max_steps=2")
+    shutil.copy(tiny_pairs, data / "b.parquet")
+    with pytest.raises(ValueError, match=r"trained on (\d+) pairs, but .*data now gives (\d+): its batches would be "
+                                         r"drawn in another order"):
+        run(tmp_path, tiny_models["sd"], data, "train.resume=latest", "train.max_steps=4")
+    (data / "b.parquet").unlink()
+    run(tmp_path, tiny_models["sd"], data, "train.resume=latest", "train.max_steps=4")
+
+
 def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_models, tiny_pairs, capsys):
     """A checkpoint file cut short (an interrupted copy) was told as "could not write", or a traceback: the file is
     named, with the earlier checkpoints to resume from; export names a LoRA file it cannot read."""

@@ -458,6 +458,12 @@ def split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
     return paired, [c for c in extra_columns if c not in per_image]
 
 
+def pair_name(row: dict, index: int) -> str:
+    """How a message names pair `index`: by its row in the source where the pairs carry it (`load_pairs(...,
+    source_rows=True)`), else by its place among the pairs (after ties and the max_pairs draw; a stream's, as read)."""
+    return f"row {row['source_row']}" if "source_row" in row else f"pair {index}"
+
+
 def pair_item(row: dict, epoch: int, index: int, seed: int, paired: list[str], plain: list[str],
               images: Callable[[tuple[int, int], torch.Generator], dict]) -> dict:
     """One row as a training item, winner first: `images(order, generator)` gives its image entries (pixels, or
@@ -466,12 +472,12 @@ def pair_item(row: dict, epoch: int, index: int, seed: int, paired: list[str], p
     instead."""
     labels = _floats([row["label_0"], row["label_1"]]).tolist()
     if not _labelled(*labels):
-        return {"index": index, "error": f"row {index}: no preference to orient the pair by: label_0="
+        return {"index": index, "error": f"{pair_name(row, index)}: no preference to orient the pair by: label_0="
                                          f"{row['label_0']!r}, label_1={row['label_1']!r} (a null, NaN or outside "
                                          f"[0, 1] label, or reward score where pairs are oriented by one)"}
     null = [c for c in [*(f"{b}_{i}" for b in paired for i in (0, 1)), *plain] if row[c] is None]
     if null:
-        return {"index": index, "error": f"row {index}: column {null[0]} is null; expected a value"}
+        return {"index": index, "error": f"{pair_name(row, index)}: column {null[0]} is null; expected a value"}
     order = (1, 0) if labels[0] < labels[1] else (0, 1)  # a kept tie keeps its order
     # Seed from (seed, epoch, index) only: independent of worker process and of where a run resumed.
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
@@ -490,7 +496,8 @@ def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed
                paired: list[str], plain: list[str]) -> dict:
     """Decode and transform one row's images (`pair_item`)."""
     def images(order, generator):
-        decoded = [decode_image(row[IMAGE_COLUMNS[i]], f"row {index}, column {IMAGE_COLUMNS[i]}") for i in order]
+        decoded = [decode_image(row[IMAGE_COLUMNS[i]], f"{pair_name(row, index)}, column {IMAGE_COLUMNS[i]}")
+                   for i in order]
         return transform(*decoded, generator)
     return pair_item(row, epoch, index, seed, paired, plain, images)
 

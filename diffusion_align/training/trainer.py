@@ -78,7 +78,7 @@ def train(cfg: Config) -> TrainResult:
                                    keep_ties=cfg.data.keep_ties, max_pairs=cfg.data.max_pairs, seed=t.seed)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
-                                  orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
+                                  orient_by=orient_by, scores=scores, source_rows=not cfg.data.streaming)
     if stats.pairs is None:  # a stream counts nothing before it is read
         logger.info("data %s: streamed; ties and rows Pick-a-Pic flags unlabelled are filtered out as it is read, "
                     "undecodable or unlabelled rows skipped and counted", cfg.data.path)
@@ -137,6 +137,11 @@ def train(cfg: Config) -> TrainResult:
     start_step, saved = resume_run(cfg, accelerator, models, output_dir)
     if saved is not None:
         batches_drawn, skipped_rows = saved["batches_drawn"], saved["skipped_rows"]
+        if saved.get("pairs", stats.pairs) != stats.pairs:  # (checkpoints before 2026-12-06 do not say)
+            raise ValueError(f"train.resume: the checkpoint was trained on {saved['pairs']} pairs, but {cfg.data.path} "
+                             f"now gives {stats.pairs}: its batches would be drawn in another order from where it "
+                             "stopped, some pairs twice and others never. Restore the data it was trained on, or "
+                             "start afresh (train.overwrite=true)")
     skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
     loader = iter(make_pair_loader(items, transform, t.batch_size, t.seed, accelerator.process_index, world,
@@ -155,8 +160,8 @@ def train(cfg: Config) -> TrainResult:
         while True:
             batch = next(loader)
             batches_drawn += 1
-            for index, why in batch["skipped"]:
-                logger.warning("skipped row %d: %s", index, why)
+            for _, why in batch["skipped"]:
+                logger.warning("skipped %s", why)  # the message names the row
                 last_skipped = why
             skipped_rows += len(batch["skipped"])
             empty = 0 if batch["prompts"] else empty + 1
@@ -226,7 +231,8 @@ def train(cfg: Config) -> TrainResult:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['implicit_acc']:.2f}"}
                                                                      if "implicit_acc" in record else {}))
             if t.checkpoint_every and step % t.checkpoint_every == 0:
-                state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, **skipped_updates.state()}
+                state = {"batches_drawn": batches_drawn, "skipped_rows": skipped_rows, "pairs": stats.pairs,
+                         **skipped_updates.state()}
                 path = save_checkpoint(accelerator, output_dir, step, policy, optimizer, lr_scheduler, state,
                                        t.checkpoints_keep, models.ema)
                 logger.info("saved %s", path)
