@@ -120,8 +120,8 @@ class DataConfig:
                                                   "or a save_to_disk folder.")
     split: str = _key("train", "Split to read from a hub dataset or DatasetDict.")
     streaming: bool = _key(False, "Stream the dataset instead of loading it (for very large sets).")
-    keep_ties: bool = _key(False, "Keep tied pairs (label_0 == label_1; for smpo, ties of the human labels); by "
-                                  "default they are dropped and counted.")
+    keep_ties: bool = _key(False, "smpo: keep the pairs people tied, oriented by their reward scores; by default "
+                                  "ties are dropped and counted (the other methods' only way: a tie has no winner).")
     max_pairs: int | None = _key(None, "Use a random sample of N pairs (after dropping ties), drawn with train.seed: "
                                        "the same pairs on every process and on resume; with data.streaming=true, "
                                        "the first N pairs.", within="[1, inf)")

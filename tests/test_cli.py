@@ -39,7 +39,7 @@ def test_make_tiny_label_then_train(tiny, tmp_path, capsys):
     assert {"pickscore_0", "pickscore_1", "pref_prob_0", "human_label_0"} <= table[0].keys()
     main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"), f"model.pretrained={tiny / 'tiny-sd'}",
           f"data.path={tmp_path / 'labelled'}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
-          "train.report_to=none", "data.keep_ties=true"])
+          "train.report_to=none"])
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 

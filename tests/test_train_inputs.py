@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from diffusion_align.config import ConfigError
 from diffusion_align.training import inputs, likelihood, methods, trainer
 from diffusion_align.training import run as run_module
 from test_train import read_metrics, run
@@ -278,6 +279,15 @@ def test_label_smoothing_reaches_the_dpo_loss(tmp_path, tiny_models, tiny_pairs,
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "method.label_smoothing=0.2")
     (call,) = seen["objective"]
     assert call["name"] == "diffusion_dpo_loss" and call["kwargs"]["label_smoothing"] == 0.2
+
+
+@pytest.mark.parametrize("method", ["dpo", "mapo", "sft"])
+def test_kept_ties_are_refused_where_a_pair_needs_a_winner(tmp_path, tiny_models, tiny_pairs, method):
+    """A kept tie went to the loss as a full preference for its first image (label_w 0.5 was read by nothing)."""
+    with pytest.raises(ConfigError, match=f"data.keep_ties=true: {method} trains each pair as a preference for its "
+                                          "winner, and a tie has none"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", f"method.name={method}",
+            "data.keep_ties=true")
 
 
 def test_a_beta_far_from_the_methods_range_is_warned_about(tmp_path, tiny_models, tiny_pairs, caplog):

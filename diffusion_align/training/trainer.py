@@ -56,6 +56,10 @@ def train(cfg: Config) -> TrainResult:
     if cfg.method.label_smoothing and method.objective is not METHODS["dpo"].objective:
         raise ConfigError(f"method.label_smoothing is a dpo and dcpo setting (conservative DPO); {method.name}'s "
                           "loss does not take it")
+    if cfg.data.keep_ties and not method.soft_labels:
+        raise ConfigError(f"data.keep_ties=true: {method.name} trains each pair as a preference for its winner, and a "
+                          "tie has none (it would train as if the first image won); it is an smpo setting, whose "
+                          "reward scores orient the pairs people tied")
     check_timestep_sampling(family, t)
     if method.inversion and cfg.method.inversion_steps is None and family.inversion_steps is None:
         raise ConfigError(f"smpo on {family}: SmPO publishes no inversion setting for flow-matching models; set "
