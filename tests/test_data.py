@@ -436,6 +436,25 @@ def test_streaming_ranks_get_disjoint_rows(tmp_path):
     assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
 
 
+def test_a_streams_first_n_pairs_are_shared_between_the_ranks(tmp_path):
+    """Two files (which datasets splits between 2 processes whole) and max_pairs=4: the ranks share the stream's
+    first 4 pairs, 2 each, whatever the number of processes; split by file, each took the first 2 of its own file."""
+    for k in range(2):
+        rows = make_rows()
+        rows["jpg_1"][CORRUPT_ROW] = LOSE
+        rows["caption"] = [f"file {k} prompt {i}" for i in range(N_ROWS)]
+        write_parquet(tmp_path / "data" / f"{k}.parquet", rows)
+    stream, _ = load_pairs(str(tmp_path / "data"), streaming=True, max_pairs=4)
+    first = [row["caption"] for row in stream]
+    assert first == [f"file 0 prompt {i}" for i in (0, 1, 3, 4)]  # the tie (row 2) dropped
+    seen = []
+    for rank in range(2):
+        loader = make_pair_loader(stream, PairTransform(16), batch_size=1, seed=0, rank=rank, world_size=2,
+                                  read_whole=True)
+        seen.append({p for b in itertools.islice(loader, 2) for p in b["prompts"]})  # an epoch: 2 batches a rank
+    assert len(seen[0]) == len(seen[1]) == 2 and seen[0] | seen[1] == set(first)
+
+
 def test_streaming_from_save_to_disk_knows_its_counts(tmp_path):
     datasets.Dataset.from_dict(make_rows()).save_to_disk(str(tmp_path / "saved"))
     stream, stats = load_pairs(str(tmp_path / "saved"), streaming=True)

@@ -578,9 +578,13 @@ class PairBatchSampler(torch.utils.data.Sampler):
 
 def make_pair_loader(pairs, transform: PairTransform, batch_size: int, seed: int, rank: int = 0,
                      world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
-                     extra_columns: Sequence[str] = ()) -> Iterable[dict]:
+                     extra_columns: Sequence[str] = (), read_whole: bool = False) -> Iterable[dict]:
     """Endless iterable of collated batches for this rank, resuming after `start_batch` batches. `pairs` holds rows
-    (a datasets Dataset or stream), or is an item dataset keyed like PairDataset (`cache.CachedPairDataset`)."""
+    (a datasets Dataset or stream), or is an item dataset keyed like PairDataset (`cache.CachedPairDataset`).
+    A stream is split between the processes by file where it can (datasets' `split_dataset_by_node`); with
+    `read_whole`, every process reads it all and keeps every world_size-th pair, from its rank on: a stream cut to
+    its first N pairs (`load_pairs(max_pairs=N)`) would otherwise give each process the first N / world_size pairs
+    of its own files."""
     if not isinstance(pairs, datasets.IterableDataset):
         sampler = PairBatchSampler(len(pairs), batch_size, seed, rank, world_size, start_batch)
         items = pairs if isinstance(pairs, torch.utils.data.Dataset) else PairDataset(pairs, transform, seed,
@@ -589,13 +593,17 @@ def make_pair_loader(pairs, transform: PairTransform, batch_size: int, seed: int
                                            num_workers=num_workers, persistent_workers=num_workers > 0)
     if num_workers:
         warnings.warn("make_pair_loader: streaming pairs are decoded in the main process; num_workers ignored")
-    stream = split_dataset_by_node(raw_images(pairs), rank=rank, world_size=world_size)
-    stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-    return _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns)
+    stream = raw_images(pairs) if read_whole else split_dataset_by_node(raw_images(pairs), rank=rank,
+                                                                        world_size=world_size)
+    stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)  # the same order in every process
+    return _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns,
+                           read_whole)
 
 
-def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns):
-    """Endless collated batches from this rank's shuffled stream, after skipping `start_batch` batches."""
+def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start_batch, extra_columns,
+                    read_whole=False):
+    """Endless collated batches from this rank's shuffled stream (`read_whole`: its every world_size-th pair of the
+    whole), after skipping `start_batch` batches."""
     # Batches never span epochs (the tail is dropped, as in PairBatchSampler), so skipping whole
     # batches across epoch boundaries reproduces an uninterrupted run; skipped rows are never decoded.
     paired, plain = split_extras(extra_columns)
@@ -604,7 +612,10 @@ def _stream_batches(stream, transform, batch_size, seed, rank, world_size, start
         stream.set_epoch(epoch)  # reshuffles shards and buffer with seed + epoch
         rows, full_batches, used, last_error, whole = [], 0, 0, None, not to_skip
         for position, row in enumerate(stream):
-            rows.append((position * world_size + rank, row))  # a global running position: unique across ranks
+            if read_whole and position % world_size != rank:
+                continue
+            # a global running position: unique across ranks
+            rows.append((position if read_whole else position * world_size + rank, row))
             if len(rows) < batch_size:
                 continue
             full_batches += 1

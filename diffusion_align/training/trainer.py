@@ -149,8 +149,8 @@ def train(cfg: Config) -> TrainResult:
     skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
     loader = iter(make_pair_loader(items, transform, t.batch_size, t.seed, accelerator.process_index, world,
-                                   start_batch=batches_drawn, num_workers=workers,
-                                   extra_columns=extra_columns))
+                                   start_batch=batches_drawn, num_workers=workers, extra_columns=extra_columns,
+                                   read_whole=cfg.data.max_pairs is not None))  # a stream's first N pairs
 
     # a whole pass of this process's batches without one decodable pair, or with more than max_skipped_share of its
     # rows undecodable: the data is broken, say so and stop
