@@ -121,6 +121,9 @@ def test_full_fine_tune_exports_as_a_merged_pipeline(tmp_path, tiny_models, caps
     with pytest.raises(SystemExit):  # onto another family's base: it used to be written with the wrong UNet
         export(run, "--format", "merged", "--base", tiny_models["sd2"], "--out", tmp_path / "wrong")
     assert "another model family" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+    with pytest.raises(SystemExit):  # the run folder itself: the pipeline would replace its checkpoints
+        export(run, "--format", "merged", "--out", run, "--overwrite")
+    assert "holds the weights exported" in capsys.readouterr().err and (run / "checkpoint-2" / "unet").is_dir()
     export(run, "--format", "merged", "--dtype", "fp16", "--out", tmp_path / "merged")
     weights = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float16}

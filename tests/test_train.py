@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from diffusion_align.cli import main as cli_main
 from diffusion_align.config import load_config
+from diffusion_align.files import list_checkpoints
 from diffusion_align.models.policy import LORA_WEIGHTS
+from diffusion_align.training import checkpoints
 from diffusion_align.training.trainer import train
 
 TINY_CONFIG = Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"
@@ -130,9 +132,31 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_models, tiny_pa
 def test_checkpoints_keep_only_the_newest(tmp_path, tiny_models, tiny_pairs):
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=3", "train.checkpoint_every=1",
         "train.checkpoints_keep=2")
-    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name)
     assert names == ["checkpoint-2", "checkpoint-3"]
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_kill_while_pruning_leaves_no_half_checkpoint(tmp_path, tiny_models, tiny_pairs, monkeypatch):
+    """An older checkpoint is moved out of sight before it is removed: a kill in the removal left a half folder
+    named checkpoint-N, which train.resume=PATH or export would then read."""
+    real_rmtree = checkpoints.shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if ".removed" in str(path):
+            (Path(path) / "optimizer.pt").unlink()  # part of it gone
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=3", "train.checkpoint_every=1",
+            "train.checkpoints_keep=1")
+    assert [p.name for _, p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=3", "train.checkpoint_every=1",
+        "train.checkpoints_keep=1", "train.resume=latest")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_models, tiny_pairs):

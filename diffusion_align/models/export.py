@@ -267,6 +267,9 @@ def _trained_width(source: Source) -> int | None:
 def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     if out.suffix == ".safetensors":
         raise ValueError(f"--out {out}: --format merged writes a whole diffusers pipeline, a folder; give a folder")
+    if out.resolve() in (source.folder.resolve(), *source.folder.resolve().parents):
+        raise ValueError(f"--out {out} holds the weights exported ({source.folder}), which the pipeline written "
+                         "there would replace, with the run's checkpoints; give another folder")
     _check_free(out, overwrite)
     if source.kind == "pipeline":
         pipeline = DiffusionPipeline.from_pretrained(source.folder)

@@ -110,7 +110,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, policy, optimizer,
                             "there is no earlier checkpoint")) from err
     if accelerator.is_main_process and keep is not None:
         for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+            # out of list_checkpoints' sight first: a kill while removing it leaves no half checkpoint to resume
+            old.rename(old.with_name(f".{old.name}.removed"))
+        for doomed in output_dir.glob(".checkpoint-*.removed"):  # this one's, and any a kill left
+            shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
 
