@@ -80,8 +80,8 @@ def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_model
     for name in (LORA_WEIGHTS, "optimizer.pt", "trainer_state.json"):
         kept = (latest / name).read_bytes()
         (latest / name).write_bytes(kept[:len(kept) // 2])
-        with pytest.raises(ValueError, match=rf"checkpoint-4.*: cannot be read back \(.+\)\. If checkpoint-4 is "
-                                             rf"damaged .* train\.resume=PATH: .*checkpoint-2$"):
+        with pytest.raises(ValueError, match=r"checkpoint-4.*: cannot be read back \(.+\)\. If checkpoint-4 is "
+                                             r"damaged .* train\.resume=PATH: .*checkpoint-2$"):
             run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=6",
                 "train.resume=latest")
         if name == LORA_WEIGHTS:
