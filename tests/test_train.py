@@ -399,3 +399,16 @@ def test_written_models_get_the_usual_permissions(tmp_path, tiny_models, tiny_pa
     written = [p for folder in ("final", "checkpoint-3") for p in (tmp_path / "run" / folder).rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in written)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
+
+
+def test_the_returned_denoiser_is_the_saved_one(tmp_path, tiny_models, tiny_pairs):
+    """A bf16 full fine-tune returned its UNet still wrapped in accelerate's autocast: its outputs were bf16's,
+    1e-2 away from the same weights loaded from final/."""
+    from diffusers import UNet2DConditionModel
+    result = run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "model.lora_rank=null",
+                 "train.mixed_precision=bf16")
+    saved = UNet2DConditionModel.from_pretrained(result.final_dir / "unet")
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(result.denoiser.float()(x, t, text).sample, saved(x, t, text).sample,
+                                   rtol=0, atol=0)

@@ -251,7 +251,8 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     """Save the final model, its card and the training curves; end the trackers. With an EMA, the final model (and
     the returned denoiser) is the EMA: it is copied into the trained weights, in place (sharded, shard by shard)."""
     accelerator.wait_for_everyone()
-    denoiser = accelerator.unwrap_model(models.denoiser, keep_torch_compile=False)
+    # the module as saved: without accelerate's autocast around its forward, which a caller would not expect
+    denoiser = accelerator.unwrap_model(models.denoiser, keep_fp32_wrapper=False, keep_torch_compile=False)
     if models.ema is not None:
         models.ema.copy_to_weights()
         summary = {**summary, "weights": f"the EMA (decay {cfg.train.ema_decay:g}, every {cfg.train.ema_every} "
