@@ -54,8 +54,10 @@ class MethodConfig:
                                        "this weight, so fitted pairs stop pulling; 0 = the published losses.",
                                   within="[0, 0.5)")
     inversion_steps: int | None = _key(None, "smpo: DDIM-inversion steps (each refined once, ReNoise-style) that "
-                                             "noise the latents; null = 5 (SD1.x / SD2.x) or 10 (SDXL); 0 = plain "
-                                             "forward noise.", within="[0, inf)")
+                                             "noise each row's latents from clean to its t; null = 5 (SD1.x / "
+                                             "SD2.x) or 10 (SDXL), the sizes of the authors' grid over the whole "
+                                             "schedule (training/inversion.py); 0 = plain forward noise.",
+                                       within="[0, inf)")
     pref_column: str = _key("pickscore_cosine", "smpo: the raw reward scores are the dataset columns "
                                                 "<pref_column>_0 / _1 (`diffusion-align label --convention "
                                                 "pickscore=cosine` writes them).")

@@ -13,6 +13,13 @@ elsewhere), so all rows step together whatever their t. The grid comes from the 
 `alphas_cumprod`, not from DDIMInverseScheduler, whose timestep bookkeeping changed in diffusers 0.22 (SmPO's code
 pinned 0.20).
 
+This is not the authors' grid, though it takes their step counts (5 SD1.5, 10 SDXL). Their code sets one grid over
+the whole schedule (DDIMInverseScheduler.set_timesteps(5): levels T / 5 apart) and walks the levels below the
+drawn t, so a row takes 0 to 5 steps (about 3 on average) and ends on a grid level, yet is trained as if at t (the
+implied noise uses abar_t); its ReNoise prediction is taken at the current level, not the next. Here every row
+takes `steps` steps (2 x steps UNet calls, about 1.7 times theirs on average) and ends exactly at t, whose label it
+carries.
+
 One DDIM step from abar a to abar a' with a noise prediction eps (fp32):
 
     x0_pred = (z - sqrt(1 - a) eps) / sqrt(a),    z' = sqrt(a') x0_pred + sqrt(1 - a') eps
