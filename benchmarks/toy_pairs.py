@@ -61,7 +61,7 @@ def pair_oracle(run: Path, oracle: dict[str, float]) -> dict[str, float]:
     winner, loser = pairs["oracle_w"], pairs["oracle_l"]
     gap = winner - loser
     return {"pairs": len(winner), "agree": float(np.mean(gap > 0)),
-            "within_tie_margin": float(np.mean(np.abs(gap) < RATER_TIE_MARGIN)),
+            "within_tie_margin": float(np.mean(np.abs(gap) <= RATER_TIE_MARGIN)),
             "all": float(np.mean(list(oracle.values()))), "winners": float(winner.mean()),
             "losers": float(loser.mean()), "oracle_winners": float(np.maximum(winner, loser).mean())}
 

@@ -150,7 +150,8 @@ def cmd_compare(args) -> None:
     scorer, = _scorers(args, single=True, folders=[args.dir_a, args.dir_b])
     print(compare_folders(args.dir_a, args.dir_b, scorer, out_prefix=args.out, prompt=args.prompt,
                           batch_size=args.batch_size, num_workers=args.workers, fast_jpeg=args.fast_jpeg,
-                          n_resamples=args.resamples, confidence=args.confidence, seed=args.seed))
+                          n_resamples=args.resamples, confidence=args.confidence, seed=args.seed,
+                          tie_margin=args.tie_margin))
 
 
 def cmd_label(args) -> None:
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (of prompts)")
     compare.add_argument("--confidence", type=float, default=0.95)
     compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--tie-margin", type=float, default=0.0, help="a score gap up to this is a tie (in the "
+                                                                       "scorer's units), as in `label`")
     _scorer_flags(compare, many=False)
     _workers_flag(compare)
     compare.set_defaults(func=cmd_compare)

@@ -43,6 +43,10 @@ def test_win_rate_counts_ties_as_half():
     # with a tie margin, a difference under it is a tie too (the raters' 0.02 in the toy world)
     assert pair_outcomes([0.50, 0.51, 0.60, 0.40, 0.519], [0.5] * 5, tie_margin=0.02).tolist() == [
         0.5, 0.5, 1.0, 0.0, 0.5]
+    # a gap of exactly the margin is a tie, as `label --tie-margin` and the raters tie it
+    from diffusion_align.rewards.labeling import hard_labels
+    gaps = ([21.25, 21.5, 0.5], [21.0, 21.0, 0.25])
+    assert pair_outcomes(*gaps, tie_margin=0.25).tolist() == hard_labels(*gaps, 0.25)[0].tolist() == [0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match="same shape"):
         win_rate([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="no pairs"):
@@ -183,6 +187,11 @@ def test_compare_folders_golden(folders, tmp_path):
     again = RednessScorer()
     assert compare_folders(*folders, again, tmp_path / "out" / "cmp", num_workers=0).win_rate == result.win_rate
     assert again.scored == 0  # both folders' scores come from the cached CSVs
+    # every pair's scores are at most 0.4 apart: under a tie margin of 0.45 each prompt ties
+    tied = compare_folders(*folders, again, tmp_path / "out" / "cmp", num_workers=0, tie_margin=0.45)
+    assert [p.win_rate for p in tied.prompts] == [0.5, 0.5, 0.5] and tied.win_rate == 0.5
+    assert json.loads((tmp_path / "out" / "cmp.json").read_text())["tie_margin"] == 0.45
+    assert "(ties count 0.5; a tie: scores 0.45 apart or less)" in str(tied)
 
 
 def test_images_scored_nan_sit_out_on_either_side(folders, tmp_path):

@@ -31,21 +31,21 @@ _CHUNK_CELLS = 1 << 22
 
 
 def pair_outcomes(scores_a, scores_b, tie_margin: float = 0.0) -> np.ndarray:
-    """1 where a > b, 0.5 where equal (or closer than `tie_margin`: a difference a rater would not see), 0 where
-    a < b, element by element. A NaN score is refused: every comparison with it is false, so it would lose on
+    """1 where a > b, 0.5 where equal (or no further apart than `tie_margin`: a difference a rater would not see,
+    as `label --tie-margin` and the toy raters tie), 0 where a < b, element by element. A NaN score is refused: every comparison with it is false, so it would lose on
     either side."""
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"expected paired scores of the same shape, got {a.shape} and {b.shape}")
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("expected scores, got NaN: a pair with a NaN score has no winner")
-    tie = (a == b) | (np.abs(a - b) < tie_margin)
+    tie = (a == b) | (np.abs(a - b) <= tie_margin)
     return np.where(tie, 0.5, (a > b).astype(np.float64))
 
 
-def win_rate(scores_a, scores_b) -> float:
-    """Fraction of pairs (a_i, b_i) that a wins, ties counting half."""
-    outcomes = pair_outcomes(scores_a, scores_b)
+def win_rate(scores_a, scores_b, tie_margin: float = 0.0) -> float:
+    """Fraction of pairs (a_i, b_i) that a wins, ties (`pair_outcomes`) counting half."""
+    outcomes = pair_outcomes(scores_a, scores_b, tie_margin)
     if outcomes.size == 0:
         raise ValueError("win_rate of no pairs")
     return float(outcomes.mean())
@@ -122,8 +122,10 @@ class PromptComparison:
     win_rate: float
 
 
-def match_prompts(rows_a: Sequence[dict], rows_b: Sequence[dict], column: str) -> list[PromptComparison]:
-    """Pair rows (dicts with "prompt", "seed", `column`) of A and B as the module describes; sorted by prompt."""
+def match_prompts(rows_a: Sequence[dict], rows_b: Sequence[dict], column: str,
+                  tie_margin: float = 0.0) -> list[PromptComparison]:
+    """Pair rows (dicts with "prompt", "seed", `column`) of A and B as the module describes; sorted by prompt. A pair
+    whose scores are no further apart than `tie_margin` is a tie."""
     by_prompt_a, by_prompt_b = _group(rows_a), _group(rows_b)
     out = []
     for prompt in sorted(by_prompt_a.keys() & by_prompt_b.keys()):
@@ -136,7 +138,7 @@ def match_prompts(rows_a: Sequence[dict], rows_b: Sequence[dict], column: str) -
         sb = np.array([b[column] for _, b in pairs], dtype=np.float64)
         by_seed = sum(a["seed"] is not None and b["seed"] is not None for a, b in pairs)
         out.append(PromptComparison(prompt, len(a_rows), len(b_rows), len(pairs), by_seed,
-                                    float(sa.mean()), float(sb.mean()), win_rate(sa, sb)))
+                                    float(sa.mean()), float(sb.mean()), win_rate(sa, sb, tie_margin)))
     return out
 
 
@@ -166,6 +168,7 @@ class CompareResult:
     confidence: float
     n_resamples: int
     seed: int
+    tie_margin: float  # scores no further apart are a tie (the scorer's units)
     unreadable_a: list[tuple[str, str]]  # (file, reason) as score_folder lists them
     unreadable_b: list[tuple[str, str]]
     unscored_a: int  # images whose score is NaN (say, a scorer overflowing in fp16): left out of the pairs
@@ -202,7 +205,8 @@ def format_report(result: CompareResult, max_prompts: int = 10) -> str:
     lines = [
         f"{r.scorer}: A = {r.dir_a} ({r.images_a} images), B = {r.dir_b} ({r.images_b} images)",
         f"  score: {r.convention}",
-        f"  win rate of A over B: {r.win_rate:.3f}  [{interval(r.win_rate_interval, '.3f')}]  (ties count 0.5)",
+        f"  win rate of A over B: {r.win_rate:.3f}  [{interval(r.win_rate_interval, '.3f')}]  (ties count 0.5"
+        + (f"; a tie: scores {r.tie_margin:g} apart or less)" if r.tie_margin else ")"),
         f"  mean score difference A - B: {r.mean_diff:+.4g}  [{interval(r.mean_diff_interval, '+.4g')}]",
         f"  {r.pairs} pairs over {len(r.prompts)} prompts, prompts weighted equally; intervals from "
         f"{r.n_resamples} resamples of the prompts (seed {r.seed})" + (
@@ -238,15 +242,17 @@ def _short(prompt: str, width: int = 70) -> str:
 
 def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = None, batch_size: int | None = None,
                     num_workers: int = 2, fast_jpeg: bool = False, n_resamples: int = N_RESAMPLES,
-                    confidence: float = 0.95, seed: int = 0) -> CompareResult:
+                    confidence: float = 0.95, seed: int = 0, tie_margin: float = 0.0) -> CompareResult:
     """Score both folders (cached in `<out_prefix>.a.csv` / `.b.csv`, so a rerun scores only new images), pair
     their images, and write the per-prompt table `<out_prefix>.csv` and the summary `<out_prefix>.json`.
 
     `out_prefix` defaults to `compare-<name of A>-vs-<name of B>` in the working directory; it may not lie inside
     either folder (its files would be scored as images). `prompt`, `batch_size`, `num_workers` and `fast_jpeg` go
-    to score_folder.
+    to score_folder. `tie_margin`: scores no further apart are a tie, as `label --tie-margin` ties them.
     """
     _check_resampling(n_resamples, confidence)  # before minutes of scoring, not after
+    if not (math.isfinite(tie_margin) and tie_margin >= 0):
+        raise ScoringError(f"tie_margin must be a finite number >= 0 (in the scorer's units), got {tie_margin}")
     dir_a, dir_b = image_folder(dir_a), image_folder(dir_b)
     if out_prefix is None:
         out_prefix = f"compare-{dir_a.resolve().name}-vs-{dir_b.resolve().name}"
@@ -263,7 +269,7 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
                for d, side in ((dir_a, "a"), (dir_b, "b"))]
     # a NaN score (kept by score_folder, which records what the scorer said) has no winner: its image sits out
     rows_a, rows_b = ([row for row in report.rows if not math.isnan(row[scorer.column])] for report in reports)
-    prompts = match_prompts(rows_a, rows_b, scorer.column)
+    prompts = match_prompts(rows_a, rows_b, scorer.column, tie_margin)
     if not prompts:
         raise ScoringError(f"no pairs: {dir_a} and {dir_b} share no prompt (with a shared seed where both record "
                            f"one); A has {len(_group(rows_a))} prompts, B {len(_group(rows_b))}, "
@@ -283,6 +289,7 @@ def compare_folders(dir_a, dir_b, scorer, out_prefix=None, prompt: str | None = 
         prompts=prompts, prompts_only_a=len(in_a - in_b), prompts_only_b=len(in_b - in_a),
         prompts_without_pairs=len(in_a & in_b) - len(prompts), images_a=len(reports[0].rows),
         images_b=len(reports[1].rows), confidence=confidence, n_resamples=n_resamples, seed=seed,
+        tie_margin=tie_margin,
         unreadable_a=reports[0].unreadable, unreadable_b=reports[1].unreadable,
         unscored_a=len(reports[0].rows) - len(rows_a), unscored_b=len(reports[1].rows) - len(rows_b),
         files={"per-prompt table": str(csv_path), "summary": str(json_path),
