@@ -244,7 +244,7 @@ def test_hps_matches_open_clip_forward(scorers, paths, name):
     model = open_clip.CLIP(**json.loads((folder / "open_clip_config.json").read_text())["model_cfg"])
     model.load_state_dict(state)
     model.eval()
-    transform = open_clip.image_transform(32, is_train=False, resize_mode="longest")
+    transform = hps_transform(32)
     with torch.no_grad():
         image_features, text_features, scale = model(torch.stack([transform(im) for im in images]),
                                                      open_clip.tokenize(PROMPTS))
@@ -292,10 +292,32 @@ def test_a_very_thin_image_reaches_the_clip_processor_as_its_central_part():
     assert seen == [(64, 4), (400, 4), (1, 16), (64, 4)]
 
 
-def test_letterbox_matches_open_clip_longest():
-    transform = open_clip.image_transform(224, is_train=False, resize_mode="longest")
-    for image in _images() + [Image.new("RGB", (100, 300), (0, 0, 255))]:
-        torch.testing.assert_close(Letterbox(224)(image), transform(image), atol=1e-5, rtol=0)
+def hps_transform(size):
+    """HPSv2's eval transform (`hpsv2/img_score.py`, resize_longest_max): ToTensor, then its ResizeMaxSize on the
+    float image (torchvision's bicubic) and a black pad, then the OpenAI normalisation."""
+    from torchvision.transforms import functional as TF
+
+    def transform(image):
+        pixels = TF.to_tensor(image.convert("RGB"))
+        h, w = pixels.shape[1:]
+        new = [round(h * size / max(h, w)), round(w * size / max(h, w))]
+        pixels = TF.resize(pixels, new, TF.InterpolationMode.BICUBIC)
+        pad_h, pad_w = size - new[0], size - new[1]
+        pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        return TF.normalize(pixels, OPENAI_MEAN, OPENAI_STD)
+    return transform
+
+
+def test_letterbox_is_hps_own_preprocessing():
+    """Resized as a float image, as HPS does, not as 8-bit PIL pixels (open_clip's resize_mode="longest"): images
+    larger than the model's size, as generated ones are, and smaller."""
+    rng = np.random.default_rng(3)
+    large = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((512, 512), (768, 512),
+                                                                                          (300, 1000))]
+    for image in _images() + large + [Image.new("RGB", (100, 300), (0, 0, 255))]:
+        torch.testing.assert_close(Letterbox(224)(image), hps_transform(224)(image), atol=1e-5, rtol=0)
+    pil = open_clip.image_transform(224, is_train=False, resize_mode="longest")  # differs on a downscale
+    assert (Letterbox(224)(large[0]) - pil(large[0])).abs().max() > 1e-3
 
 
 def test_hps_architecture_is_vit_h_14_without_a_local_config(tmp_path):

@@ -16,6 +16,8 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import resize
 
 from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, first_line, hub_file
@@ -31,12 +33,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class Letterbox:
-    """HPS preprocessing: resize the longest side to `size` (bicubic, aspect kept), centre on a black
-    `size` x `size` square, scale to [0, 1], normalise with `mean` / `std`. Nothing is cropped.
-
-    As HPS's `ResizeMaxSize` (new side = round(side * size / longest)); unlike it, an image whose longest side is
-    already `size` is padded too, so every output is square (open_clip's resize_mode="longest" does the same).
-    Picklable and model-free (DataLoader workers).
+    """HPS preprocessing, in HPSv2's order (`hpsv2/img_score.py`: its transform with resize_longest_max): scale to
+    [0, 1]; resize the float image so its longest side is `size` (torchvision's bicubic, antialiased, not rounded
+    to 8 bits; new side = round(side * size / longest)); centre it on a black `size` x `size` square; normalise with
+    `mean` / `std`. Nothing is cropped. Unlike HPS, an image whose longest side is already `size` is padded too, so
+    every output is square. Picklable and model-free (DataLoader workers).
     """
 
     size: int
@@ -44,17 +45,17 @@ class Letterbox:
     std: tuple[float, float, float] = OPENAI_STD
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
-        w, h = image.size
+        pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        h, w = pixels.shape[1:]
         scale = self.size / max(w, h)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
-        canvas = PIL.Image.new("RGB", (self.size, self.size))  # black
-        canvas.paste(image, ((self.size - new_w) // 2, (self.size - new_h) // 2))
-        pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        if (new_h, new_w) != (h, w):
+            pixels = resize(pixels, [new_h, new_w], InterpolationMode.BICUBIC, antialias=True)
+        canvas = torch.zeros(3, self.size, self.size)  # black
+        top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
+        canvas[:, top:top + new_h, left:left + new_w] = pixels
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return (pixels - mean) / std
+        return (canvas - mean) / std
 
 
 def open_clip_config(checkpoint: Path | None, architecture: str) -> dict:
