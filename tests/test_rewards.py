@@ -456,3 +456,19 @@ def test_missing_local_files(empty_hub, paths, tmp_path):
     with pytest.raises(MissingWeightsError, match=rf"CLIPImageProcessorPil from {laion} .*model-only lacks the "
                                                    rf"image processor \({image_files}\), taken from {laion}"):
         load_scorer("pickscore", str(model_only))
+
+
+def test_the_crop_is_placed_as_each_scorers_reference_places_it(paths, scorers):
+    """A 67 x 32 image resizes to 67 x 32 at the tiny size 32: a margin of 35, whose half the processor floors
+    (17) and torchvision's CenterCrop rounds (18). PickScore and torchmetrics' CLIPScore crop as the processor does;
+    the aesthetic predictor and Hessel's CLIPScore as OpenAI's clip.load does, through torchvision."""
+    from diffusion_align.rewards import load_scorer
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 67, 3), dtype=np.uint8))
+    torchmetrics = load_scorer("clip", str(paths["clip"]), convention="torchmetrics")
+    assert scorers["clip"].convention_key == "hessel"  # the default
+    for scorer, left in ((scorers["pickscore"], 17), (torchmetrics, 17), (scorers["aesthetic"], 18),
+                         (scorers["clip"], 18)):
+        processor = scorer.preprocess.processor
+        whole = processor(images=image, do_center_crop=False, return_tensors="pt")["pixel_values"][0]
+        assert whole.shape[-1] == 67
+        torch.testing.assert_close(scorer.preprocess(image), whole[..., left:left + 32], rtol=0, atol=0)

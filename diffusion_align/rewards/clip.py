@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import center_crop
 
 from ..images import to_rgb
 from .base import DEFAULT_BATCH_SIZE, MissingWeightsError, Scorer, check_local, first_line, hub_file
@@ -104,12 +105,22 @@ MAX_ASPECT = 16
 
 @dataclass(frozen=True)
 class ClipImageTransform:
-    """Image -> (3, H, W) float32 through a CLIP image processor. Picklable and model-free (DataLoader workers)."""
+    """Image -> (3, H, W) float32 through a CLIP image processor. Picklable and model-free (DataLoader workers).
+    `torchvision_crop`: the central crop placed as torchvision's CenterCrop places it (offset round(margin / 2),
+    where the processor takes margin // 2), as OpenAI's `clip.load` preprocessing does, which the LAION aesthetic
+    predictor and Hessel et al.'s CLIPScore score through; the two differ by a pixel where the margin is odd (SDXL's
+    1216 x 832, resized to 327 x 224)."""
 
     processor: object
+    torchvision_crop: bool = False
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        return self.processor(images=_central_part(to_rgb(image)), return_tensors="pt")["pixel_values"][0].float()
+        image = _central_part(to_rgb(image))
+        if not self.torchvision_crop:
+            return self.processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+        crop = self.processor.crop_size
+        resized = self.processor(images=image, do_center_crop=False, return_tensors="pt")["pixel_values"][0]
+        return center_crop(resized, [crop["height"], crop["width"]]).float()
 
 
 def _central_part(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -176,7 +187,8 @@ class ClipSimilarityScorer(Scorer):
                            + f", taken from {fallback} instead. ")
         model = _load_model(name, path or source["model"], hint)
         self.tokenizer = _load_tokenizer(name, sources["tokenizer"], lacking + hint)
-        self.preprocess = ClipImageTransform(_load_processor(name, sources["image processor"], lacking + hint))
+        self.preprocess = ClipImageTransform(_load_processor(name, sources["image processor"], lacking + hint),
+                                             torchvision_crop=(name, self.convention_key) == ("clip", "hessel"))
         self.logit_scale = model.logit_scale.float().exp().item()  # read before a cast to fp16 rounds it
         self.model = ready(model, self.device, self.dtype)
         self.context_length = model.config.text_config.max_position_embeddings
@@ -252,7 +264,7 @@ class AestheticScorer(Scorer):
         clip_hint = (f"Put {source['clip']} (model and processor files, e.g. `hf download {source['clip']} "
                      f"--local-dir DIR/clip`) in a clip/ subfolder beside the head file.")
         model = _load_model(name, clip_source, clip_hint)
-        self.preprocess = ClipImageTransform(_load_processor(name, clip_source, clip_hint))
+        self.preprocess = ClipImageTransform(_load_processor(name, clip_source, clip_hint), torchvision_crop=True)
         self.head = ready(load_head(head_path), self.device, torch.float32)
         width, dim = self.head[0].in_features, model.config.projection_dim
         if width != dim:
