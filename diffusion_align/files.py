@@ -197,9 +197,11 @@ def read_back(what: Path):
         checkpoint = next((p for p in [what, *what.parents] if _CHECKPOINT.match(p.name)), None)
         hint = ""
         if checkpoint is not None:
-            earlier = [str(p) for _, p in list_checkpoints(checkpoint.parent) if p != checkpoint]
-            hint = (f" If {checkpoint.name} is damaged (a copy cut short), resume from an earlier checkpoint with "
-                    f"train.resume=PATH" + (f": {', '.join(earlier[-3:])}" if earlier else " (there is none)"))
+            step = int(_CHECKPOINT.match(checkpoint.name).group(1))
+            earlier = [str(p) for at, p in list_checkpoints(checkpoint.parent) if at < step]
+            hint = (f" If {checkpoint.name} is damaged (a copy cut short), " + (
+                f"an earlier checkpoint may be whole: {', '.join(earlier[-3:])} (train.resume=PATH resumes from one)"
+                if earlier else "there is no earlier checkpoint"))
         raise ValueError(f"{what}: cannot be read back ({reason}).{hint}") from err
 
 

@@ -177,8 +177,12 @@ def test_image_feature_columns_decode_and_corrupt_image_does_not_crash(tmp_path)
     dataset = PairDataset(pairs, PairTransform(16), seed=0)
     assert is_red(dataset[(0, 0)]["pixel_values_w"])
     assert "pair 2, column jpg_1" in dataset[(0, 2)]["error"]  # row 3 of the source is pair 2 once the tie is gone
-    named, _ = load_pairs(str(tmp_path / "img"), source_rows=True)  # as training loads them: by the source's row
+    named, _ = load_pairs(str(tmp_path / "img"), source_rows=True)  # as a latent cache's run: by the source's row
     assert "row 3, column jpg_1" in PairDataset(named, PairTransform(16), seed=0)[(0, 2)]["error"]
+    _, stats = load_pairs(str(tmp_path / "img"))  # as other runs: the rows kept, the pairs' table as it was
+    assert stats.source_rows.tolist() == [i for i in range(N_ROWS) if i != TIE_ROW]
+    assert "row 3, column jpg_1" in PairDataset(pairs, PairTransform(16), 0, source_rows=stats.source_rows)[(0, 2)][
+        "error"] and pairs._fingerprint == load_pairs(str(tmp_path / "img"))[0]._fingerprint
 
 
 def test_missing_path_and_missing_columns(tmp_path):

@@ -189,6 +189,14 @@ def test_a_unet_lora_beside_the_attention_loads_whole(tmp_path, tiny_models, cap
         main(["generate", "--model", str(tiny_models["sd"]), "--lora", str(mixed), "--prompts",
               str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "images")])
     assert "diffusers would load only part of it" in capsys.readouterr().err
+    # a text encoder's peft keys beside a UNet's diffusers ones: each part is read under its own prefix, whole
+    from diffusion_align.models.policy import check_lora_naming
+    attention = {k: v for k, v in state.items() if ".lora_" not in k.replace(".lora.", "")}
+    assert attention and all(".lora.down." in k or ".lora.up." in k for k in attention)
+    save_file({**{f"unet.{k}": v.contiguous() for k, v in attention.items()},
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)},
+              mixed / LORA_WEIGHTS)
+    check_lora_naming(mixed / LORA_WEIGHTS)
 
 
 def test_what_cannot_be_exported_is_named(tmp_path, tiny_models, patterned, capsys):

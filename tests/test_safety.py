@@ -81,7 +81,8 @@ def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_model
         kept = (latest / name).read_bytes()
         (latest / name).write_bytes(kept[:len(kept) // 2])
         with pytest.raises(ValueError, match=r"checkpoint-4.*: cannot be read back \(.+\)\. If checkpoint-4 is "
-                                             r"damaged .* train\.resume=PATH: .*checkpoint-2$"):
+                                             r"damaged .* an earlier checkpoint may be whole: [^,]*checkpoint-2 "
+                                             r"\(train\.resume=PATH"):
             run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=6",
                 "train.resume=latest")
         if name == LORA_WEIGHTS:
@@ -89,6 +90,11 @@ def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_model
                 cli_main(["export", str(latest), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])
             assert f"error: {latest / name}: cannot be read back" in capsys.readouterr().err
         (latest / name).write_bytes(kept)
+    first = tmp_path / "run" / "checkpoint-2" / LORA_WEIGHTS
+    first.write_bytes(first.read_bytes()[:100])  # a later checkpoint is no way back
+    with pytest.raises(SystemExit):
+        cli_main(["export", str(first.parent), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])
+    assert "If checkpoint-2 is damaged (a copy cut short), there is no earlier checkpoint" in capsys.readouterr().err
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=6", "train.resume=latest")
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -48,6 +48,8 @@ class PairStats:
     unlabelled: int | None = 0  # dropped: a null or NaN label, or one outside [0, 1]
     unscored: int | None = 0  # dropped: no reward score to orient the pair by (orient_by)
     out_of_range: int | None = 0  # of `unlabelled`: a label outside [0, 1]
+    # each pair's row in the source, which messages name it by
+    source_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def decode_image(value: Any, where: str) -> PIL.Image.Image:
@@ -366,7 +368,7 @@ def load_pairs(
         for name, values in oriented.items():
             ds = ds.add_column(name, values)
     stats = PairStats(rows=len(ds), ties_dropped=int(ties.sum()), pairs=len(keep), unlabelled=int(unlabelled.sum()),
-                      unscored=unscored, out_of_range=int((out_of_range & unlabelled).sum()))
+                      unscored=unscored, out_of_range=int((out_of_range & unlabelled).sum()), source_rows=keep)
     ds = ds if keep_all else ds.select_columns(expected + (["source_row"] if source_rows else []))
     ds = ds.select(keep, keep_in_memory=True)  # in-memory index map: no cache file in the source dir
     return (ds.to_iterable_dataset() if streaming else ds), stats
@@ -460,7 +462,8 @@ def split_extras(extra_columns: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def pair_name(row: dict, index: int) -> str:
     """How a message names pair `index`: by its row in the source where the pairs carry it (`load_pairs(...,
-    source_rows=True)`), else by its place among the pairs (after ties and the max_pairs draw; a stream's, as read)."""
+    source_rows=True)`, or PairDataset's `source_rows`), else by its place among the pairs (after ties and the
+    max_pairs draw; a stream's, as read)."""
     return f"row {row['source_row']}" if "source_row" in row else f"pair {index}"
 
 
@@ -505,9 +508,11 @@ def _pair_item(row: dict, epoch: int, index: int, transform: PairTransform, seed
 class PairDataset(torch.utils.data.Dataset):
     """Map-style pairs indexed by (epoch, index) keys, so augmentation is a function of the key alone."""
 
-    def __init__(self, pairs: datasets.Dataset, transform: PairTransform, seed: int, extra_columns: Sequence[str] = ()):
+    def __init__(self, pairs: datasets.Dataset, transform: PairTransform, seed: int, extra_columns: Sequence[str] = (),
+                 source_rows: Sequence[int] | None = None):
+        """`source_rows`: each pair's row in the source (`PairStats.source_rows`), which messages name it by."""
         self.pairs = raw_images(pairs)
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.source_rows = transform, seed, source_rows
         self.paired, self.plain = split_extras(extra_columns)
 
     def __len__(self) -> int:
@@ -515,7 +520,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        return _pair_item(self.pairs[index], epoch, index, self.transform, self.seed, self.paired, self.plain)
+        row = self.pairs[index]
+        if self.source_rows is not None:
+            row["source_row"] = int(self.source_rows[index])
+        return _pair_item(row, epoch, index, self.transform, self.seed, self.paired, self.plain)
 
 
 _IMAGE_KEYS = ("pixel_values", "mean", "std")  # pixels, or a latent cache's posterior (`cache.CachedPairDataset`)

@@ -62,11 +62,11 @@ def write_diffusers_lora(denoiser: torch.nn.Module, family: Family | str, path: 
 
 
 def check_lora_naming(path: Path) -> None:
-    """Refuse a LoRA file whose keys mix diffusers' attention names (`to_q.lora.down`) with peft's (`lora_A`), as
+    """Refuse a LoRA file whose UNet keys mix diffusers' attention names (`to_q.lora.down`) with peft's (`lora_A`), as
     `write_diffusers_lora` wrote a UNet LoRA on other modules too before it kept peft's names throughout: diffusers'
     loader reads a file in the naming of its first key and would leave out the other modules, in silence."""
     with read_back(path), safe_open(path, "pt") as f:
-        keys = list(f.keys())
+        keys = [k for k in f.keys() if k.startswith("unet.")]  # a text encoder's keys are read on their own
     if any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys):
         raise ValueError(f"{path}: its keys mix diffusers' attention names (.lora.down / .lora.up) with peft's "
                          "(.lora_A / .lora_B), so diffusers would load only part of it. An earlier diffusion-align "

@@ -91,6 +91,10 @@ class Scorer(abc.ABC):
         if isinstance(prompts, str) or prompts is None or len(prompts) != n:
             got = "a single str" if isinstance(prompts, str) else "None" if prompts is None else f"{len(prompts)}"
             raise ValueError(f"{self.name}: expected a list of {n} prompts (one per image), got {got}")
+        bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+        if bad is not None:
+            raise ValueError(f"{self.name}: prompt {bad} is a {type(prompts[bad]).__name__}; expected a str (\"\" "
+                             "for none)")
         return list(prompts)
 
     @abc.abstractmethod
@@ -100,6 +104,10 @@ class Scorer(abc.ABC):
     def score(self, images: Sequence[PIL.Image.Image], prompts: Sequence[str] | None) -> torch.Tensor:
         """Scores (N,) float32 CPU of images against their prompts, `batch_size` at a time."""
         prompts = self._prompts(len(images), prompts)
+        bad = next((i for i, im in enumerate(images) if not isinstance(im, PIL.Image.Image)), None)
+        if bad is not None:
+            raise ValueError(f"{self.name}: image {bad} is a {type(images[bad]).__name__}; expected a PIL image "
+                             "(PIL.Image.open, or Image.fromarray for an array)")
         chunks = [
             self.score_batch(torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]),
                              prompts[i:i + self.batch_size])

@@ -82,7 +82,7 @@ def train(cfg: Config) -> TrainResult:
                                    keep_ties=cfg.data.keep_ties, max_pairs=cfg.data.max_pairs, seed=t.seed)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
-                                  orient_by=orient_by, scores=scores, source_rows=not cfg.data.streaming)
+                                  orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
     if stats.pairs is None:  # a stream counts nothing before it is read
         logger.info("data %s: streamed; ties and rows Pick-a-Pic flags unlabelled are filtered out as it is read, "
                     "undecodable or unlabelled rows skipped and counted", cfg.data.path)
@@ -99,7 +99,7 @@ def train(cfg: Config) -> TrainResult:
     transform = PairTransform(t.resolution, cfg.data.center_crop, cfg.data.random_flip)
     items = pairs if cfg.data.streaming else (  # a stream is decoded as it is read (make_pair_loader)
         CachedPairDataset(pairs, cache, transform, t.seed, extra_columns) if cache is not None
-        else PairDataset(pairs, transform, t.seed, extra_columns))
+        else PairDataset(pairs, transform, t.seed, extra_columns, stats.source_rows))
     # workers decode images; a cached item is a few tensor slices, cheaper in this process than sent from a worker
     # (two workers cost a tiny LoRA step 12 ms of its 80 on 2 cores: benchmarks/README.md)
     workers = 0 if cache is not None else cfg.data.num_workers
