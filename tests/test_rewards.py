@@ -127,6 +127,11 @@ def test_common_behaviour(scorers, name):
     assert p.dtype == torch.float32
     with pytest.raises(ValueError, match="expected a list of 5 prompts"):
         scorer.score(images, PROMPTS[:4] if scorer.needs_prompts else "one prompt")
+    with pytest.raises(ValueError, match=f"{name}: image 1 is a ndarray; expected a PIL image"):
+        scorer.score([images[0], np.asarray(images[1])], PROMPTS[:2])
+    if scorer.needs_prompts:
+        with pytest.raises(ValueError, match=f"{name}: prompt 1 is a NoneType; expected a str"):
+            scorer.score(images[:2], [PROMPTS[0], None])
 
 
 @pytest.mark.parametrize("name", ["pickscore", "hpsv2", "clip"])
