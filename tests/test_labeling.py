@@ -185,6 +185,8 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
     assert sorted(p.name for p in out.glob("pairs-*.parquet")) == ["pairs-00000.parquet"]
     with pytest.raises(ValueError, match=r"holds part of its pairs only: shards in \.shards/ but no labels\.json"):
         load_pairs(str(out))  # not trained on as if it were the whole output
+    with pytest.raises(ValueError, match=r"labelled holds part of its pairs only: shards in \.shards/ but no"):
+        load_pairs(str(out / "*.parquet"))  # nor given as a glob
 
     counting = FakeScorer()
     report = label_pairs(constructed, counting, out, tie_margin=MARGIN, batch_size=4, shard_size=4)
@@ -201,13 +203,15 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
         label_pairs(constructed, FakeScorer(), out, tie_margin=MARGIN, shard_size=4, max_pairs=3)
     assert len(load_pairs(str(out))[0]) == 7
 
-    # a rerun over more rows (here: the first 4, then all) that stopped before its report: the report is the
-    # smaller run's
+    # a rerun over more rows (here: the first 6, then all) that stopped before its report, which is the smaller
+    # run's: shard 1 was remade over rows 4-7 (it held 4-5), shard 2 stopped
     smaller = tmp_path / "smaller"
-    label_pairs(constructed, FakeScorer(), smaller, tie_margin=MARGIN, shard_size=4, max_pairs=4)
+    label_pairs(constructed, FakeScorer(), smaller, tie_margin=MARGIN, shard_size=4, max_pairs=6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         label_pairs(constructed, FakeScorer(fail_after=2), smaller, tie_margin=MARGIN, batch_size=4, shard_size=4)
-    with pytest.raises(ValueError, match=r"2 shards in \.shards/ but 1 in its labels\.json: a rerun over more rows"):
+    assert len(list((smaller / ".shards").glob("pairs-*.json"))) == 2  # as many shards as the report counts
+    with pytest.raises(ValueError, match=r"its shards hold 7 pairs but its labels\.json counts 5: a rerun over more "
+                                         r"rows stopped"):
         load_pairs(str(smaller))
 
 

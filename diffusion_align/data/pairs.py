@@ -109,6 +109,9 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
                                                      recursive=True)), split)
     elif glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        for folder in sorted({os.path.dirname(f) for f in files}):  # as a folder given whole is checked
+            if reason := unfinished_output(Path(folder)):
+                raise ValueError(f"{path}: {folder} holds part of its pairs only: {reason}")
     else:
         raise FileNotFoundError(f"pairs source not found: {path!r} (not a file, folder, glob match or hub id)")
     if not files:

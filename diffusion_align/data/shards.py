@@ -23,8 +23,9 @@ from ..files import removed_on_error, write_text_atomic, written_beside
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"
-# the report a pairs job writes once all its shards are made, and the command it is the output of
-FINISHED_REPORTS = {"labels.json": "label", "captions.json": "captions"}
+# the report a pairs job writes once all its shards are made: the command it is the output of, and its count of
+# the pairs written
+FINISHED_REPORTS = {"labels.json": ("label", "pairs_scored"), "captions.json": ("captions", "pairs_written")}
 # settings recorded since a later version: a record made before them is not compared on them
 RECORDED_LATER = ("fingerprint", "dtype")
 
@@ -132,18 +133,23 @@ def finished_run(out_dir: Path, num_rows: int, shard_size: int, settings: dict, 
 
 def unfinished_output(folder: Path) -> str | None:
     """Why `folder`, a pairs job's output, holds only part of its pairs, or None: shard records with no finished
-    report (the job stopped part-way), or more records than its report counts (a rerun over more rows stopped)."""
-    records = len(list((folder / SHARD_RECORDS).glob("pairs-*.json")))
+    report (the job stopped part-way), or shards holding other pairs than its report counts (a rerun over more rows
+    stopped)."""
+    records = list((folder / SHARD_RECORDS).glob("pairs-*.json"))
     if not records:
         return None
-    for name, command in FINISHED_REPORTS.items():
+    try:
+        written = sum(json.loads(p.read_text(encoding="utf-8"))["written"] for p in records)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"a record in {SHARD_RECORDS}/ cannot be read ({err!r}); rerun the command that wrote the folder"
+    for name, (command, counted) in FINISHED_REPORTS.items():
         if (folder / name).is_file():
             try:
-                shards = json.loads((folder / name).read_text(encoding="utf-8"))["shards"]
+                reported = json.loads((folder / name).read_text(encoding="utf-8"))[counted]
             except (ValueError, KeyError, TypeError) as err:
                 return f"its {name} cannot be read ({err!r}); rerun the `diffusion-align {command}` that wrote it"
-            if records > shards:
-                return (f"{records} shards in {SHARD_RECORDS}/ but {shards} in its {name}: a rerun over more rows "
+            if written != reported:
+                return (f"its shards hold {written} pairs but its {name} counts {reported}: a rerun over more rows "
                         f"stopped part-way; rerun that `diffusion-align {command}` to finish it")
             return None
     return (f"shards in {SHARD_RECORDS}/ but no {' or '.join(FINISHED_REPORTS)}: the `diffusion-align label` or "
