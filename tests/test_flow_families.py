@@ -265,4 +265,8 @@ def test_an_sd3_pipeline_saved_without_t5_is_named(folders, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="model_index.json has no text_encoder_3, which sd3 encodes prompts with"):
         load_components(str(folder))
+    from diffusion_align.config import load_config
+    from diffusion_align.training.memory import pipeline_on_meta
+    with pytest.raises(ConfigError, match="model_index.json has no text_encoder_3"):  # the planner's reading too
+        pipeline_on_meta(load_config(None, [f"model.pretrained={folder}", "train.resolution=64"]))
     assert load_components(str(folder), encoders=False).family.name == "sd3"  # a latent cache's run needs none

@@ -237,10 +237,7 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
                       if denoiser else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
-        if (index.get(name) or [None])[0] is None:  # saved without it: SD3 without T5 (text_encoder_3=None)
-            raise ConfigError(f"{pretrained}: model_index.json has no {name}, which {family} encodes prompts with; "
-                              f"load the pipeline that has it (a {family} pipeline without its T5 is not supported)")
-        encoder_cls = getattr(transformers, index[name][1])  # e.g. CLIPTextModel, CLIPTextModelWithProjection
+        encoder_cls = text_encoder_class(pretrained, index, name, family)
         text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
         tokenizers.append(load_tokenizer(pretrained, index, name, revision))
     if encoders:
@@ -254,6 +251,15 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         module.requires_grad_(False).eval()
     logger.info("loaded %s (%s, %s prediction)", pretrained, family, parts.prediction_type)
     return parts
+
+
+def text_encoder_class(pretrained: str, index: dict, name: str, family: Family) -> type:
+    """The transformers class of the pipeline's text encoder `name` (e.g. CLIPTextModel); a pipeline saved without
+    it (SD3 without T5: text_encoder_3=None) is named."""
+    if (index.get(name) or [None])[0] is None:
+        raise ConfigError(f"{pretrained}: model_index.json has no {name}, which {family} encodes prompts with; "
+                          f"load the pipeline that has it (a {family} pipeline without its T5 is not supported)")
+    return getattr(transformers, index[name][1])
 
 
 def load_tokenizer(pretrained: str, index: dict, text_encoder: str, revision: str | None = None):

@@ -142,7 +142,7 @@ def pipeline_on_meta(cfg: Config) -> MetaPipeline:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from ..models.loading import pipeline_index
+    from ..models.loading import pipeline_index, text_encoder_class
     from .run import model_family
     m = cfg.model
     index = pipeline_index(m.pretrained, m.revision)
@@ -153,8 +153,9 @@ def pipeline_on_meta(cfg: Config) -> MetaPipeline:
             m.pretrained, subfolder="vae", revision=m.revision))
         encoders = []
         for name in family.text_encoders:
+            encoder_cls = text_encoder_class(m.pretrained, index, name, family)
             config = transformers.AutoConfig.from_pretrained(m.pretrained, subfolder=name, revision=m.revision)
-            encoders.append(getattr(transformers, index[name][1])(config))
+            encoders.append(encoder_cls(config))
     return MetaPipeline(family, denoiser_config, denoiser, vae, encoders, index)
 
 
