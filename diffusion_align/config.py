@@ -196,7 +196,8 @@ class OnlineConfig:
     sde_kl: str = _key("flow_grpo", "SD3 / FLUX: the KL to the reference (online.kl_beta) of an sde step. flow_grpo: "
                                     "its code's, the two steps' Gaussians' KL times the step's length s - s', which "
                                     "its published weights are for; gaussian: the Gaussians' KL, as a DDIM or CPS "
-                                    "step's.", choices=("flow_grpo", "gaussian"))
+                                    "step's either way (and an sde step's before this key).",
+                       choices=("flow_grpo", "gaussian"))
     guidance: float | None = _key(None, "Classifier-free guidance scale when sampling and when re-scoring the steps "
                                         "(null: 5, DanceGRPO's SD setting; <= 1: none, the conditional call alone, "
                                         "as the pipelines); FLUX: the guidance input of FLUX.1-dev, no "

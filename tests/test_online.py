@@ -67,7 +67,6 @@ def test_settings_it_cannot_run_with_are_named(setup, tmp_path, override, messag
     ("online.eta=0", "only with eta > 0"),
     ("online.eta=1.2", "a variance only with eta <= 1"),  # every sample NaN, every group tied: nothing trained
     ("online.noise_level=0.9", "the flow families' step"),  # ignored by DDIM
-    ("online.sde_kl=gaussian", "the flow families' step"),
 ])
 def test_the_unet_familys_sampler_settings(setup, tmp_path, override, message):
     from diffusion_align.models.families import get_family

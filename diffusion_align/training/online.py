@@ -170,10 +170,9 @@ def sampling_policy(cfg: Config, family):
     o, load = cfg.online, dict(subfolder="scheduler", revision=cfg.model.revision)
     default = OnlineConfig()
     if family.denoiser == "unet":
-        if (o.sde_type, o.noise_level, o.sde_kl) != (default.sde_type, default.noise_level, default.sde_kl):
-            raise ConfigError(f"online.sde_type={o.sde_type}, online.noise_level={o.noise_level} and online.sde_kl="
-                              f"{o.sde_kl}: the flow families' step (SD3, FLUX); the UNet families sample with DDIM "
-                              "at online.eta")
+        if o.sde_type != default.sde_type or o.noise_level != default.noise_level:
+            raise ConfigError(f"online.sde_type={o.sde_type} and online.noise_level={o.noise_level}: the flow "
+                              "families' step (SD3, FLUX); the UNet families sample with DDIM at online.eta")
         if not 0 < o.eta <= 1:  # above 1, DDIM's 1 - abar_prev - sigma^2 turns negative: NaN samples, all tied
             raise ConfigError(f"online.eta={o.eta}: the policy's DDIM steps have a log-probability only with eta > 0, "
                               "and a variance only with eta <= 1")

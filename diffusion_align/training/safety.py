@@ -31,6 +31,10 @@ RESUMABLE_KEYS = frozenset({
     "model.cudnn_attention", "online.track", "online.grid_every"})
 
 
+# keys added since runs were saved without them, whose default trains otherwise than those runs did: the value such a
+# run trained with, where it matters (a resume without it would change the objective part-way)
+ADDED_KEYS = {"online.sde_kl": ("gaussian", lambda cfg: cfg.online.kl_beta > 0)}
+
 # lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
 HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -109,12 +113,13 @@ def check_one_timeline(resume: str, checkpoint: Path, output_dir: Path, found: l
 
 def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for every key that differs and may not change on resume; keys the saved config
-    lacks (written by an older version) are not compared."""
+    lacks (written by an older version) are not compared, but for `ADDED_KEYS`, compared with what it trained with."""
     changed = []
     for section, values in config_to_dict(cfg).items():
         for name, value in values.items():
             key = f"{section}.{name}"
-            old = (saved.get(section) or {}).get(name, value)
+            before, matters = ADDED_KEYS.get(key, (value, None))
+            old = (saved.get(section) or {}).get(name, before if matters and matters(cfg) else value)
             # a decaying schedule rebuilt for another max_steps jumps to another point of another curve; under
             # constant the warm-up never applied (make_accelerator now refuses one), so it may be set to 0
             fixed = key not in RESUMABLE_KEYS or (key == "train.max_steps"
