@@ -154,6 +154,8 @@ def test_a_kill_while_pruning_leaves_no_half_checkpoint(tmp_path, tiny_models, t
             "train.checkpoints_keep=1")
     assert [p.name for _, p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
+    from diffusion_align.training.safety import run_entries
+    assert ".checkpoint-1.removed" in run_entries(tmp_path / "run")  # what train.overwrite clears
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=3", "train.checkpoint_every=1",
         "train.checkpoints_keep=1", "train.resume=latest")
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]

@@ -47,7 +47,8 @@ def run_entries(output_dir: Path) -> list[str]:
     """The names of a run's files and folders in `output_dir`, checkpoints included."""
     if not output_dir.is_dir():
         return []
-    return sorted(p.name for p in output_dir.iterdir() if p.name in RUN_ENTRIES or p.name.startswith("checkpoint-"))
+    return sorted(p.name for p in output_dir.iterdir() if p.name in RUN_ENTRIES or p.name.startswith("checkpoint-")
+                  or p.name.startswith(".checkpoint-") and p.name.endswith(".removed"))  # pruning cut short
 
 
 def trained_entries(output_dir: Path) -> list[str]:
