@@ -32,8 +32,8 @@ _CHUNK_CELLS = 1 << 22
 
 def pair_outcomes(scores_a, scores_b, tie_margin: float = 0.0) -> np.ndarray:
     """1 where a > b, 0.5 where equal (or no further apart than `tie_margin`: a difference a rater would not see,
-    as `label --tie-margin` and the toy raters tie), 0 where a < b, element by element. A NaN score is refused: every comparison with it is false, so it would lose on
-    either side."""
+    as `label --tie-margin` and the toy raters tie), 0 where a < b, element by element. A NaN score is refused:
+    every comparison with it is false, so it would lose on either side."""
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"expected paired scores of the same shape, got {a.shape} and {b.shape}")
