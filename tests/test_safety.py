@@ -107,16 +107,21 @@ def test_max_steps_changes_on_resume_only_under_a_schedule_that_does_not_decay_t
     assert changed_keys(saved, resumed) == ([("train.max_steps", 4, 8)] if refused else [])
 
 
-def test_a_run_saved_before_online_sde_kl_resumes_with_the_kl_it_trained_with():
-    """Runs saved before online.sde_kl took the steps' Gaussians' KL: a resume under the new default would change
-    the objective part-way. Without a KL the key changes nothing, and is not asked for."""
-    online = ["method.name=grpo", "model.lora_rank=4"]
-    for kl_beta, changed in ((0.1, [("online.sde_kl", "gaussian", "flow_grpo")]), (0.0, [])):
-        saved = config_to_dict(load_config(None, [*online, f"online.kl_beta={kl_beta}"]))
+def test_a_run_saved_before_online_sde_kl_resumes_with_the_kl_it_trained_with(tiny_models, tiny_flow_models):
+    """Flow runs saved before online.sde_kl took the SDE steps' Gaussians' KL: a resume under the new default would
+    change the objective part-way. Where the key changes nothing (no KL, CPS steps, a UNet's DDIM), it is not asked
+    for."""
+    def case(model, *overrides):
+        return load_config(None, [f"model.pretrained={model}", "method.name=grpo", "model.lora_rank=4", *overrides])
+    flow, unet = tiny_flow_models["sd3"], tiny_models["sd"]
+    for cfg, changed in ((case(flow, "online.kl_beta=0.1"), [("online.sde_kl", "gaussian", "flow_grpo")]),
+                         (case(flow), []), (case(flow, "online.kl_beta=0.1", "online.sde_type=cps"), []),
+                         (case(unet, "online.kl_beta=0.1"), [])):
+        saved = config_to_dict(cfg)
         del saved["online"]["sde_kl"]
-        assert changed_keys(saved, load_config(None, [*online, f"online.kl_beta={kl_beta}"])) == changed
-        assert changed_keys(saved, load_config(None, [*online, f"online.kl_beta={kl_beta}",
-                                                      "online.sde_kl=gaussian"])) == []
+        assert changed_keys(saved, cfg) == changed
+        cfg.online.sde_kl = "gaussian"
+        assert changed_keys(saved, cfg) == []
 
 
 def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():

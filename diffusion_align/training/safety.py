@@ -31,9 +31,19 @@ RESUMABLE_KEYS = frozenset({
     "model.cudnn_attention", "online.track", "online.grid_every"})
 
 
+def _flow_sde_kl(cfg: Config) -> bool:
+    """Whether online.sde_kl decides the run's objective: a KL on the flow families' SDE steps."""
+    if not (cfg.online.kl_beta > 0 and cfg.online.sde_type == "sde"):
+        return False
+    from ..models.loading import pipeline_family, pipeline_index
+    m = cfg.model
+    return pipeline_family(m.pretrained, pipeline_index(m.pretrained, m.revision), m.revision)[0].denoiser \
+        == "transformer"
+
+
 # keys added since runs were saved without them, whose default trains otherwise than those runs did: the value such a
 # run trained with, where it matters (a resume without it would change the objective part-way)
-ADDED_KEYS = {"online.sde_kl": ("gaussian", lambda cfg: cfg.online.kl_beta > 0)}
+ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl)}
 
 # lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
 HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -87,9 +97,12 @@ def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
     changed = changed_keys(yaml.safe_load(saved.read_text()), cfg)
     if changed:
         shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        added = [f"{key}={old}" for key, old, _ in changed if key in ADDED_KEYS]
         raise ConfigError(f"train.resume={t.resume}: {checkpoint} was trained with another config ({shown}). Only "
                           f"these keys may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}. To train with the "
-                          "new settings, start afresh (train.overwrite=true or another output_dir)")
+                          "new settings, start afresh (train.overwrite=true or another output_dir)"
+                          + (f"; to resume as it trained (saved before {', '.join(k.split('=')[0] for k in added)} "
+                             f"existed), set {' '.join(added)}" if added else ""))
 
 
 def check_one_timeline(resume: str, checkpoint: Path, output_dir: Path, found: list[str]) -> None:
