@@ -477,3 +477,7 @@ def test_the_crop_is_placed_as_each_scorers_reference_places_it(paths, scorers):
         whole = processor(images=image, do_center_crop=False, return_tensors="pt")["pixel_values"][0]
         assert whole.shape[-1] == 67
         torch.testing.assert_close(scorer.preprocess(image), whole[..., left:left + 32], rtol=0, atol=0)
+    # the scorers whose preprocessing changed say so, for the score caches to tell old scores from new
+    assert {name: scorers[name].preprocessing for name in ("pickscore", "clip", "aesthetic", "hpsv2")} == {
+        "pickscore": None, "clip": "openai-clip-crop", "aesthetic": "openai-clip-crop", "hpsv2": "hps-float-resize"}
+    assert torchmetrics.preprocessing is None

@@ -225,14 +225,17 @@ def test_a_csv_resumes_only_with_the_scorer_settings_that_made_it(folder, tmp_pa
     weights = tmp_path / "weights"
     weights.mkdir()
 
-    def scorer(path=None, dtype=torch.float32):
+    def scorer(path=None, dtype=torch.float32, preprocessing=None):
         made = RednessScorer()
-        made.path, made.dtype = path, dtype
+        made.path, made.dtype, made.preprocessing = path, dtype, preprocessing
         return made
     score_folder(folder, [scorer(str(weights))], out, num_workers=0)
     before = out.read_bytes()
+    # a scorer whose preprocessing changed since (rewards.base.PREPROCESSING): scores made before are not resumed
     for other, message in ((scorer(), rf"'weights': '{re.escape(str(weights))}'.* there, .*'weights': None"),
-                           (scorer(str(weights), torch.float16), "'dtype': 'torch.float16'")):
+                           (scorer(str(weights), torch.float16), "'dtype': 'torch.float16'"),
+                           (scorer(str(weights), preprocessing="hps-float-resize"),
+                            "'preprocessing': 'hps-float-resize'")):
         with pytest.raises(ScoringError, match=f"of other scorer settings .*{message}"):
             score_folder(folder, [other], out, num_workers=0)
     with pytest.raises(ScoringError, match="fast_jpeg=False there, True now"):

@@ -290,6 +290,12 @@ def test_kept_ties_are_refused_where_a_pair_needs_a_winner(tmp_path, tiny_models
             "data.keep_ties=true")
 
 
+def test_a_latent_cache_of_a_stream_is_refused_naming_both_keys(tmp_path, tiny_models, tiny_pairs):
+    with pytest.raises(ConfigError, match="data.cache=true stores each image's centre crop by source row: it needs "
+                                          "data.streaming=false"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "data.cache=true", "data.streaming=true")
+
+
 def test_a_beta_far_from_the_methods_range_is_warned_about(tmp_path, tiny_models, tiny_pairs, caplog):
     run(tmp_path, tiny_models["sd"], tiny_pairs, "train.max_steps=1", "method.name=mapo", "method.beta=5000")
     assert "method.beta=5000 is far from mapo's published beta (0.1)" in caplog.text

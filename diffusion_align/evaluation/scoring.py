@@ -493,7 +493,13 @@ def _scored_with(scorers, fast_jpeg: bool) -> dict:
     def weights(path):
         return str(Path(path).resolve()) if path is not None and os.path.exists(path) else path
     return {"fast_jpeg": fast_jpeg, **{s.column: {"scorer": s.name, "weights": weights(getattr(s, "path", None)),
-                                                  "dtype": str(getattr(s, "dtype", None))} for s in scorers}}
+                                                  "dtype": str(getattr(s, "dtype", None)),
+                                                  **_preprocessing(getattr(s, "preprocessing", None))}
+                                       for s in scorers}}
+
+
+def _preprocessing(tag: str | None) -> dict:
+    return {"preprocessing": tag} if tag else {}  # recorded where it changed (`rewards.base.PREPROCESSING`)
 
 
 def _check_resumable(summary_path: Path, root: Path, scored_with: dict) -> None:

@@ -51,6 +51,19 @@ def check_local(scorer: str, path: str, hint: str) -> None:
         raise MissingWeightsError(f"{scorer}: {path} does not exist. {hint}")
 
 
+# scorers whose image preprocessing was made their reference's after scores were first cached (2026-12-06: HPS's
+# float resize, the OpenAI CLIP crop of the aesthetic predictor and Hessel's CLIPScore), by (name, convention; None:
+# any): cached scores record it, so that those made before (score and compare CSVs, label shards, SmPO's score
+# caches) are not mixed with new ones
+PREPROCESSING = {("hpsv2", None): "hps-float-resize", ("hpsv2.1", None): "hps-float-resize",
+                 ("aesthetic", None): "openai-clip-crop", ("clip", "hessel"): "openai-clip-crop"}
+
+
+def preprocessing_tag(name: str, convention: str | None) -> str | None:
+    """`PREPROCESSING`'s tag of scorer `name` in `convention`, or None (preprocessed as ever)."""
+    return PREPROCESSING.get((name, convention)) or PREPROCESSING.get((name, None))
+
+
 class Scorer(abc.ABC):
     """A reward model scoring images against prompts; build one with `load_scorer`.
 
@@ -78,6 +91,7 @@ class Scorer(abc.ABC):
         self.batch_size = batch_size
         self.device = default_device(device)
         self.dtype = dtype or torch.float32
+        self.preprocessing = preprocessing_tag(name, self.convention_key)
 
     @classmethod
     @abc.abstractmethod
@@ -92,7 +106,7 @@ class Scorer(abc.ABC):
             got = "a single str" if isinstance(prompts, str) else "None" if prompts is None else f"{len(prompts)}"
             raise ValueError(f"{self.name}: expected a list of {n} prompts (one per image), got {got}")
         bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
-        if bad is not None:
+        if bad is not None and self.needs_prompts:  # a scorer that reads none may be given any
             raise ValueError(f"{self.name}: prompt {bad} is a {type(prompts[bad]).__name__}; expected a str (\"\" "
                              "for none)")
         return list(prompts)

@@ -108,8 +108,8 @@ class ClipImageTransform:
     """Image -> (3, H, W) float32 through a CLIP image processor. Picklable and model-free (DataLoader workers).
     `torchvision_crop`: the central crop placed as torchvision's CenterCrop places it (offset round(margin / 2),
     where the processor takes margin // 2), as OpenAI's `clip.load` preprocessing does, which the LAION aesthetic
-    predictor and Hessel et al.'s CLIPScore score through; the two differ by a pixel where the margin is odd (SDXL's
-    1216 x 832, resized to 327 x 224)."""
+    predictor and Hessel et al.'s CLIPScore score through; the two differ by a pixel where the margin is 3 modulo 4
+    (round takes halves to even), as SDXL's 1216 x 832 resized to 327 x 224."""
 
     processor: object
     torchvision_crop: bool = False

@@ -46,6 +46,7 @@ from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, load_
 from ..data.shards import SHARD_RECORDS, differences, finished_run, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
+from .base import preprocessing_tag
 
 REPORT_NAME = "labels.json"  # one of shards.FINISHED_REPORTS: a pairs source with shards and without it is refused
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
@@ -163,11 +164,13 @@ def _scorer_and_path(scorer) -> tuple[object, str | None]:
     return scorer, scorer.path
 
 
-def _scorer_settings(name: str, path, dtype) -> dict:
+def _scorer_settings(name: str, path, dtype, convention: str | None) -> dict:
     """What a shard's scores depend on besides its rows (the source's fingerprint): the scorer, its weights (a local
-    path made absolute, so that a rerun from elsewhere finds the same ones) and the dtype it ran in."""
+    path made absolute, so that a rerun from elsewhere finds the same ones), the dtype it ran in, and its
+    preprocessing where it changed since (`base.PREPROCESSING`; `convention`: the scorer's)."""
+    tag = preprocessing_tag(name, convention)
     return {"scorer": name, "scorer_path": None if path is None else local_or_hub(str(path)),
-            "dtype": str(dtype or torch.float32)}
+            "dtype": str(dtype or torch.float32), **({"preprocessing": tag} if tag else {})}
 
 
 # ---------------------------------------------------------------- label_pairs
@@ -221,7 +224,8 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     pairs, fingerprint = first_rows(source, split, max_pairs)
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
     settings = {"source": local_or_hub(source), "split": split, "fingerprint": fingerprint,
-                **_scorer_settings(scorer.name, scorer_path, getattr(scorer, "dtype", None)),
+                **_scorer_settings(scorer.name, scorer_path, getattr(scorer, "dtype", None),
+                                   getattr(scorer, "convention_key", None)),
                 "column": scorer.column, "tie_margin": tie_margin, "shard_size": shard_size}
 
     def label_shard(start: int, stop: int, desc: str):
@@ -326,7 +330,8 @@ def reward_scores(source: str, column: str, scorer, cache_dir, split: str = "tra
     selection = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
     settings = {"source": local_or_hub(source), "split": split, "rows": len(rows), "selection": selection,
                 "fingerprint": pairs._fingerprint,
-                **_scorer_settings(name, path, None if convention else getattr(scorer, "dtype", None)),
+                **_scorer_settings(name, path, None if convention else getattr(scorer, "dtype", None),
+                                   convention or getattr(scorer, "convention_key", None)),
                 "column": column, "shard_size": shard_size}
     columns = {n: np.full(len(pairs), np.nan, np.float32) for n in names}
     # a finished cache of every row, in cache_dir itself, as runs made before scoring only their rows left it

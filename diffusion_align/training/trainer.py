@@ -82,7 +82,8 @@ def train(cfg: Config) -> TrainResult:
                                    keep_ties=cfg.data.keep_ties, max_pairs=cfg.data.max_pairs, seed=t.seed)
         pairs, stats = load_pairs(cfg.data.path, cfg.data.split, cfg.data.keep_ties, cfg.data.streaming,
                                   cfg.data.max_pairs, extra_columns, seed=t.seed, keep_unlabelled=False,
-                                  orient_by=orient_by, scores=scores, source_rows=cfg.data.cache)
+                                  orient_by=orient_by, scores=scores,
+                                  source_rows=cfg.data.cache and not cfg.data.streaming)  # a stream: refused below
     if stats.pairs is None:  # a stream counts nothing before it is read
         logger.info("data %s: streamed; ties and rows Pick-a-Pic flags unlabelled are filtered out as it is read, "
                     "undecodable or unlabelled rows skipped and counted", cfg.data.path)
