@@ -130,16 +130,18 @@ def test_the_toy_flow_recipes_read_the_bases_text_length():
 def test_the_untuned_toy_flow_recipes_are_the_unet_bases(method):
     """The flow recipes not tuned on the flow base (their comments say so) are the UNet base's toy recipes (their
     `base:`) but for the base, its text length, where the output goes and the sampler's noise (DDIM's eta there, the
-    SDE's noise level here): a setting changed in one of them without a flow sweep fails here."""
+    SDE's noise level here, and its KL the Gaussians' as DDIM's): a setting changed in one of them without a flow
+    sweep fails here."""
     from dataclasses import asdict
 
     from diffusion_align.config import load_config
     from diffusion_align.toy.demo import recipe
     unet, flow = (asdict(load_config(recipe(method, family))) for family in ("unet", "flow"))
     assert flow["model"]["pretrained"] == "assets/toy/flow-base"
+    assert not flow["online"]["kl_beta"] or flow["online"]["sde_kl"] == "gaussian"  # the KL the UNet's DDIM takes
     for config in (unet, flow):
         del config["model"]["pretrained"], config["model"]["max_sequence_length"], config["train"]["output_dir"]
-        del config["online"]["eta"], config["online"]["noise_level"]
+        del config["online"]["eta"], config["online"]["noise_level"], config["online"]["sde_kl"]
     assert flow == unet
 
 

@@ -371,7 +371,7 @@ def test_training_on_data_where_no_image_decodes_stops_with_one_line(tmp_path, t
         run(tmp_path, tiny_models["sd"], bad, "train.batch_size=2")
     # a stream, whose length is not known before a pass: it stops at the end of the first
     with pytest.raises(ValueError, match=r"rank 0: no pair of a whole pass over the pair stream \(8 batches\) could "
-                                         r"be used; the last: row \d+, column jpg_0"):
+                                         r"be used; the last: pair \d+, column jpg_0"):  # a stream's: as read
         run(tmp_path / "streamed", tiny_models["sd"], bad, "train.batch_size=2", "data.streaming=true")
 
 
