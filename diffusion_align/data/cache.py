@@ -41,7 +41,7 @@ from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
 from ..models.loading import (check_resolution, component_digest, load_components, pipeline_family, pipeline_index,
                               place, text_subfolders, vae_config)
 from ..progress import progress
-from .pairs import IMAGE_COLUMNS, PairTransform, decode_image, load_pairs, pair_item, raw_images, split_extras
+from .pairs import IMAGE_COLUMNS, PairDataset, PairTransform, decode_image, load_pairs, pair_item, raw_images
 from .shards import SHARD_RECORDS, differences, run_shards
 
 logger = logging.getLogger("diffusion_align")
@@ -313,22 +313,17 @@ class LatentCache:
         return TextStates(torch.stack(hidden), torch.stack(pooled) if pooled else None)
 
 
-class CachedPairDataset(torch.utils.data.Dataset):
+class CachedPairDataset(PairDataset):
     """`pairs.PairDataset` read from a latent cache: the same items (orientation, flip coins, extras) with each
     image's posterior (`mean_w`, `std_w`, ...) in place of its pixels. `pairs` needs a `source_row` column."""
 
     def __init__(self, pairs, cache: LatentCache, transform: PairTransform, seed: int, extra_columns=()):
-        self.pairs = pairs.remove_columns([c for c in IMAGE_COLUMNS if c in pairs.column_names])
-        self.cache, self.transform, self.seed = cache, transform, seed
-        self.paired, self.plain = split_extras(extra_columns)
+        super().__init__(pairs.remove_columns([c for c in IMAGE_COLUMNS if c in pairs.column_names]), transform, seed,
+                         extra_columns)
+        self.cache = cache
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        row = self.pairs[index]
-
+    def item(self, row: dict, epoch: int, index: int) -> dict:
+        """The training item of a row: its images' cached posteriors (`pair_item`)."""
         def images(order, generator):
             item = {}
             for suffix, column, flip in zip("wl", order, self.transform.flips(generator)):

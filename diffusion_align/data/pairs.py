@@ -526,6 +526,10 @@ class PairDataset(torch.utils.data.Dataset):
         row = self.pairs[index]
         if self.source_rows is not None:
             row["source_row"] = int(self.source_rows[index])
+        return self.item(row, epoch, index)
+
+    def item(self, row: dict, epoch: int, index: int) -> dict:
+        """The training item of a row: its images decoded and transformed (`pair_item`)."""
         return _pair_item(row, epoch, index, self.transform, self.seed, self.paired, self.plain)
 
 
