@@ -187,6 +187,8 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
         load_pairs(str(out))  # not trained on as if it were the whole output
     with pytest.raises(ValueError, match=r"labelled holds part of its pairs only: shards in \.shards/ but no"):
         load_pairs(str(out / "*.parquet"))  # nor given as a glob
+    with pytest.raises(ValueError, match=r"labelled holds part of its pairs only: shards in \.shards/ but no"):
+        load_pairs(str(tmp_path))  # nor read inside a folder given whole
 
     counting = FakeScorer()
     report = label_pairs(constructed, counting, out, tie_margin=MARGIN, batch_size=4, shard_size=4)

@@ -37,11 +37,10 @@ from ..devices import default_device
 from ..files import local_or_hub, report_dict
 from ..progress import progress
 from .pairs import check_out_dir, decode_pair, first_rows, outcomes, preference_columns
-from .shards import run_shards, write_json
+from .shards import CAPTIONS_REPORT as REPORT_NAME, run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
 _STRATEGY_LETTERS = {"c": "captioning", "p": "perturbation", "h": "hybrid"}
-REPORT_NAME = "captions.json"  # one of shards.FINISHED_REPORTS: a pairs source with shards and without it is refused
 # The Stable Diffusion text encoders read 77 tokens, so longer generated captions would be cut anyway.
 DEFAULT_MAX_NEW_TOKENS = 77
 

@@ -101,19 +101,21 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
     if "," in path:
         return [f for part in path.split(",") if part.strip() for f in _parquet_files(part.strip(), split)]
     if os.path.isfile(path):  # before the glob test: a file or folder may have [ ] in its name
-        files = [path]
-    elif os.path.isdir(path):
-        if reason := unfinished_output(Path(path)):
-            raise ValueError(f"{path}: holds part of its pairs only: {reason}")
+        return [path]
+    if os.path.isdir(path):
         files = _split_shards(path, sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"),
                                                      recursive=True)), split)
     elif glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
-        for folder in sorted({os.path.dirname(f) for f in files}):  # as a folder given whole is checked
-            if reason := unfinished_output(Path(folder)):
-                raise ValueError(f"{path}: {folder} holds part of its pairs only: {reason}")
     else:
         raise FileNotFoundError(f"pairs source not found: {path!r} (not a file, folder, glob match or hub id)")
+    # a pairs job's output read whole or through a glob: refused while it holds part of its pairs
+    given = os.path.normpath(path)
+    folders = {os.path.normpath(os.path.dirname(f)) for f in files} | ({given} if os.path.isdir(path) else set())
+    for folder in sorted(folders):
+        if reason := unfinished_output(Path(folder)):
+            where = "" if folder == given else f" {folder}"
+            raise ValueError(f"{path}:{where} holds part of its pairs only: {reason}")
     if not files:
         raise FileNotFoundError(f"no parquet files found for {path!r}")
     return files

@@ -23,11 +23,18 @@ from ..files import removed_on_error, write_text_atomic, written_beside
 
 SHARD_STEM = "pairs-{:05d}"
 SHARD_RECORDS = ".shards"
-# the report a pairs job writes once all its shards are made: the command it is the output of, and its count of
-# the pairs written
-FINISHED_REPORTS = {"labels.json": ("label", "pairs_scored"), "captions.json": ("captions", "pairs_written")}
+# the report a pairs job writes once all its shards are made (a pairs source with shards and without it is
+# refused): the command it is the output of, and its count of the pairs written
+LABEL_REPORT, CAPTIONS_REPORT = "labels.json", "captions.json"
+FINISHED_REPORTS = {LABEL_REPORT: ("label", "pairs_scored"), CAPTIONS_REPORT: ("captions", "pairs_written")}
 # settings recorded since a later version: a record made before them is not compared on them
 RECORDED_LATER = ("fingerprint", "dtype")
+
+
+def preprocessing_entry(tag: str | None) -> dict:
+    """A score record's entry for a scorer's preprocessing tag (`rewards.base.PREPROCESSING`): none where it
+    preprocesses as ever, so that the records made before the tags still match."""
+    return {"preprocessing": tag} if tag else {}
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

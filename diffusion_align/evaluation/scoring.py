@@ -32,7 +32,7 @@ import PIL.Image
 import torch
 from matplotlib.figure import Figure
 
-from ..data.shards import differences
+from ..data.shards import differences, preprocessing_entry
 from ..files import jsonl_records, write_text_atomic, written_beside
 from ..images import to_rgb
 from ..progress import progress
@@ -494,12 +494,8 @@ def _scored_with(scorers, fast_jpeg: bool) -> dict:
         return str(Path(path).resolve()) if path is not None and os.path.exists(path) else path
     return {"fast_jpeg": fast_jpeg, **{s.column: {"scorer": s.name, "weights": weights(getattr(s, "path", None)),
                                                   "dtype": str(getattr(s, "dtype", None)),
-                                                  **_preprocessing(getattr(s, "preprocessing", None))}
+                                                  **preprocessing_entry(getattr(s, "preprocessing", None))}
                                        for s in scorers}}
-
-
-def _preprocessing(tag: str | None) -> dict:
-    return {"preprocessing": tag} if tag else {}  # recorded where it changed (`rewards.base.PREPROCESSING`)
 
 
 def _check_resumable(summary_path: Path, root: Path, scored_with: dict) -> None:

@@ -200,10 +200,8 @@ def _load_lora(model: torch.nn.Module, source: Source, family: Family) -> None:
     """Load the LoRA as `trained` onto the base denoiser `model` with diffusers' loader (its settings restore the
     trained scale); every module of the file must land on it."""
     prefix, what = family.denoiser, "UNet" if family.denoiser == "unet" else family.denoiser
-    check_lora_naming(source.folder / LORA_WEIGHTS)
-    with safe_open(source.folder / LORA_WEIGHTS, "pt") as f:
-        in_file = sum(key.startswith(f"{prefix}.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
-                      for key in f.keys())
+    in_file = sum(key.startswith(f"{prefix}.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
+                  for key in check_lora_naming(source.folder / LORA_WEIGHTS))
     if in_file == 0:
         raise ValueError(f"{source.folder / LORA_WEIGHTS} holds no {what} LoRA weights: expected keys "
                          f"{prefix}.<module>.lora.down.weight (or lora_A), as diffusers' save_lora_weights writes them "

@@ -61,16 +61,19 @@ def write_diffusers_lora(denoiser: torch.nn.Module, family: Family | str, path: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_lora_naming(path: Path) -> None:
-    """Refuse a LoRA file whose UNet keys mix diffusers' attention names (`to_q.lora.down`) with peft's (`lora_A`), as
-    `write_diffusers_lora` wrote a UNet LoRA on other modules too before it kept peft's names throughout: diffusers'
-    loader reads a file in the naming of its first key and would leave out the other modules, in silence."""
+def check_lora_naming(path: Path) -> list[str]:
+    """The keys of LoRA file `path`, refusing a file whose UNet keys mix diffusers' attention names (`to_q.lora.down`)
+    with peft's (`lora_A`), as `write_diffusers_lora` wrote a UNet LoRA on other modules too before it kept peft's
+    names throughout: diffusers' loader reads a file in the naming of its first key and would leave out the other
+    modules, in silence."""
     with read_back(path), safe_open(path, "pt") as f:
-        keys = [k for k in f.keys() if k.startswith("unet.")]  # a text encoder's keys are read on their own
-    if any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys):
+        keys = list(f.keys())
+    unet = [k for k in keys if k.startswith("unet.")]  # a text encoder's keys are read on their own
+    if any(".lora.down." in k for k in unet) and any(".lora_A." in k for k in unet):
         raise ValueError(f"{path}: its keys mix diffusers' attention names (.lora.down / .lora.up) with peft's "
                          "(.lora_A / .lora_B), so diffusers would load only part of it. An earlier diffusion-align "
                          "wrote a UNet LoRA on modules beside the attention so; this one writes one naming")
+    return keys
 
 
 def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:

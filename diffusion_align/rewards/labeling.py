@@ -43,12 +43,12 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, load_pairs, outcomes, preference_rows
-from ..data.shards import SHARD_RECORDS, differences, finished_run, replace_shards, run_shards, write_json
+from ..data.shards import LABEL_REPORT as REPORT_NAME, SHARD_RECORDS, differences, finished_run, preprocessing_entry, \
+    replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
 from .base import preprocessing_tag
 
-REPORT_NAME = "labels.json"  # one of shards.FINISHED_REPORTS: a pairs source with shards and without it is refused
 SCORE_SHARD_SIZE = 10_000  # pairs per reward_scores shard: ~120 kB of parquet, minutes of scoring
 OUTCOMES = ("image_0", "image_1", "tie")  # indices 0, 1, 2 in outcome arrays (data.pairs.outcomes); -1 = no label
 
@@ -168,9 +168,8 @@ def _scorer_settings(name: str, path, dtype, convention: str | None) -> dict:
     """What a shard's scores depend on besides its rows (the source's fingerprint): the scorer, its weights (a local
     path made absolute, so that a rerun from elsewhere finds the same ones), the dtype it ran in, and its
     preprocessing where it changed since (`base.PREPROCESSING`; `convention`: the scorer's)."""
-    tag = preprocessing_tag(name, convention)
     return {"scorer": name, "scorer_path": None if path is None else local_or_hub(str(path)),
-            "dtype": str(dtype or torch.float32), **({"preprocessing": tag} if tag else {})}
+            "dtype": str(dtype or torch.float32), **preprocessing_entry(preprocessing_tag(name, convention))}
 
 
 # ---------------------------------------------------------------- label_pairs
