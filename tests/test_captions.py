@@ -375,7 +375,7 @@ def test_real_models_loaded_by_path(pairs_file, tiny_captioners, tiny_lm, tmp_pa
                            device="cpu", max_new_tokens=4, batch_size=8, max_pairs=8)
     assert report.pairs_written == 7 and report.settings["captioner"]["model"] == tiny_captioners["blip"]
     assert report.settings["perturber"] == {"kind": "model", "model": tiny_lm, "strength": "medium",
-                                            "max_new_tokens": 4, "chat_template": False}
+                                            "max_new_tokens": 4, "chat_template": False, "clip_window": 77}
     rows = read_out(out)
     winners = [0 if r["label_0"] > r["label_1"] else 1 for r in rows]
     blip = Captioner(tiny_captioners["blip"], device="cpu", max_new_tokens=4)
@@ -423,6 +423,17 @@ def test_rerun_resumes_finished_shards(pairs_file, tmp_path):
         make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), strength="strong", shard_size=5)
     with pytest.raises(ValueError, match="past the 1 this run writes"):
         make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), shard_size=5, max_pairs=4)
+    # shards whose rules could edit past the CLIP window (recorded before the window was) are not resumed with
+    records = {path: path.read_text() for path in (out / ".shards").glob("pairs-*.json")}
+    for record_path, text in records.items():
+        record = json.loads(text)
+        del record["settings"]["perturber"]["clip_window"]
+        record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"pairs-00000.parquet was made with other settings \(perturber=.*'edits': "
+                                         r"\[[^]]*\]\} there, .*'clip_window': 77\} now"):
+        make_captions(pairs_file, out, "h", captioner=FakeCaptioner(), batch_size=2, shard_size=5)
+    for record_path, text in records.items():
+        record_path.write_text(text)
     # the source rewritten in place: the shards of its old rows were returned as its captions
     rows = pq.read_table(pairs_file)
     pq.write_table(rows.set_column(rows.column_names.index("caption"), "caption",

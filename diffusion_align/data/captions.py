@@ -268,7 +268,8 @@ class RuleBasedPerturber:
     def __init__(self, strength: str = "medium", edits: Sequence[str] = EDIT_TYPES):
         perturb_prompt("x", strength, 0, edits)  # fail on bad settings now, not in the first shard
         self.strength, self.edits = strength, tuple(edits)
-        self.info = {"kind": "rules", "strength": strength, "edits": list(self.edits)}
+        # clip_window: recorded since the edits keep within it, so a run from before is not resumed with them
+        self.info = {"kind": "rules", "strength": strength, "edits": list(self.edits), "clip_window": CLIP_WINDOW}
 
     def perturb(self, texts: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], int]:
         """(perturbed texts, how many fell back to the rules: none here)."""
@@ -315,7 +316,7 @@ class ModelPerturber:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.info = {"kind": "model", "model": local_or_hub(model), "strength": strength,
-                     "max_new_tokens": max_new_tokens, "chat_template": self.chat}
+                     "max_new_tokens": max_new_tokens, "chat_template": self.chat, "clip_window": CLIP_WINDOW}
 
     def _input(self, text: str) -> str:
         edits = STRENGTHS[self.rules.strength]
