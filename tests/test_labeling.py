@@ -212,8 +212,15 @@ def test_rerun_resumes_finished_shards(constructed, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         label_pairs(constructed, FakeScorer(fail_after=2), smaller, tie_margin=MARGIN, batch_size=4, shard_size=4)
     assert len(list((smaller / ".shards").glob("pairs-*.json"))) == 2  # as many shards as the report counts
-    with pytest.raises(ValueError, match=r"its shards hold 7 pairs but its labels\.json counts 5: a rerun over more "
-                                         r"rows stopped"):
+    with pytest.raises(ValueError, match=r"its shards hold 7 pairs of source rows 0-7 but its labels\.json counts 5 "
+                                         r"of 6 rows: a rerun over more rows stopped"):
+        load_pairs(str(smaller))
+    # one that remade the last shard over more rows, all of them skipped (as many pairs), then stopped
+    label_pairs(constructed, FakeScorer(), smaller, tie_margin=MARGIN, shard_size=4, max_pairs=6)
+    record_path = smaller / ".shards" / "pairs-00001.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "rows": [4, 8]}))
+    with pytest.raises(ValueError, match=r"hold 5 pairs of source rows 0-7 but its labels\.json counts 5 of 6 rows"):
         load_pairs(str(smaller))
 
 

@@ -140,24 +140,27 @@ def finished_run(out_dir: Path, num_rows: int, shard_size: int, settings: dict, 
 
 def unfinished_output(folder: Path) -> str | None:
     """Why `folder`, a pairs job's output, holds only part of its pairs, or None: shard records with no finished
-    report (the job stopped part-way), or shards holding other pairs than its report counts (a rerun over more rows
-    stopped)."""
+    report (the job stopped part-way), or shards holding other pairs, or other source rows, than its report counts
+    (a rerun over more rows stopped)."""
     records = list((folder / SHARD_RECORDS).glob("pairs-*.json"))
     if not records:
         return None
     try:
-        written = sum(json.loads(p.read_text(encoding="utf-8"))["written"] for p in records)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        records = [json.loads(p.read_text(encoding="utf-8")) for p in records]
+        written, last_row = sum(r["written"] for r in records), max(r["rows"][1] for r in records)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         return f"a record in {SHARD_RECORDS}/ cannot be read ({err!r}); rerun the command that wrote the folder"
     for name, (command, counted) in FINISHED_REPORTS.items():
         if (folder / name).is_file():
             try:
-                reported = json.loads((folder / name).read_text(encoding="utf-8"))[counted]
-            except (ValueError, KeyError, TypeError) as err:
+                report = json.loads((folder / name).read_text(encoding="utf-8"))
+                reported, rows = report[counted], report.get("inputs", {}).get("rows")  # rows: recorded since
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 return f"its {name} cannot be read ({err!r}); rerun the `diffusion-align {command}` that wrote it"
-            if written != reported:
-                return (f"its shards hold {written} pairs but its {name} counts {reported}: a rerun over more rows "
-                        f"stopped part-way; rerun that `diffusion-align {command}` to finish it")
+            if written != reported or rows not in (None, last_row):
+                return (f"its shards hold {written} pairs of source rows 0-{last_row - 1} but its {name} counts "
+                        f"{reported}{'' if rows is None else f' of {rows} rows'}: a rerun over more rows stopped "
+                        f"part-way; rerun that `diffusion-align {command}` to finish it")
             return None
     return (f"shards in {SHARD_RECORDS}/ but no {' or '.join(FINISHED_REPORTS)}: the `diffusion-align label` or "
             "`captions` that writes it stopped part-way; rerun it to finish (the finished shards are kept)")

@@ -244,7 +244,7 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     reused = sum(kept for _, kept in results)
     report = LabelReport(out_dir, _scorer_info(scorer, scorer_path), tie_margin, written, skipped,
                          int(counts[:, 2].sum()), agreement(counts), len(results), reused,
-                         {"source": settings["source"], "split": split})
+                         {"source": settings["source"], "split": split, "rows": len(pairs)})
     write_json(out_dir / REPORT_NAME, report.to_dict())
     return report
 
