@@ -230,6 +230,12 @@ class OnlineConfig:
     kl_beta: float = _key(0.0, "Weight of the per-step KL to the reference (LoRA: adapters off); 0 = none. On "
                                "SD3 / FLUX's sde steps, the KL of online.sde_kl.",
                           within="[0, inf)")
+    reward_dtype: str = _key("fp32", "The dtype online.reward and online.track score in. fp32: as Flow-GRPO's code "
+                                     "loads its PickScore, ImageReward and aesthetic scorers (rewards.py), and "
+                                     "DDPO's its aesthetic scorer; frozen: train.mixed_precision's, which halves "
+                                     "their memory (bf16 scores reorder a few groups). online.judge runs in the "
+                                     "frozen dtype either way, as Flow-GRPO's VLM scorers run in bf16.",
+                             choices=("fp32", "frozen"))
     track: list[str] = _key([], "Other scorers NAME[=PATH] whose mean score of each step's samples is logged as "
                                 "tracked_<name>, never trained on: e.g. toy-oracle, to watch the proxy reward's gap "
                                 "to the truth.")

@@ -129,11 +129,28 @@ def test_a_step_that_peaks_while_it_encodes_by_hand():
     assert memory_bytes(config, texts_first)["encode"] == (40 + 30000 // 15) * 2 // 4
 
 
-def test_the_online_rewards_are_states_in_the_frozen_dtype_by_hand():
-    """HAND with 500 parameters of scorers and judge: bf16 GRPO holds them in 2 bytes each, beside its other states."""
+def test_the_online_rewards_are_states_in_their_dtypes_by_hand():
+    """HAND with 500 parameters of scorers and 300 of a judge: bf16 GRPO holds the scorers in 4 bytes each
+    (online.reward_dtype fp32) or 2 (frozen), the judge in 2, beside its other states."""
     config = cfg("method.name=grpo", "train.mixed_precision=bf16")
-    without, usage = memory_bytes(config, HAND), memory_bytes(config, dataclasses.replace(HAND, rewards=500))
-    assert (without["rewards"], usage["rewards"], usage["total"] - without["total"]) == (0, 1000, 1000)
+    rewarded = dataclasses.replace(HAND, rewards=500, judge=300)
+    without, usage = memory_bytes(config, HAND), memory_bytes(config, rewarded)
+    assert (without["rewards"], usage["rewards"], usage["total"] - without["total"]) == (0, 2600, 2600)
+    config.online.reward_dtype = "frozen"
+    assert memory_bytes(config, rewarded)["rewards"] == 1600
+
+
+def test_an_online_run_that_does_not_fit_is_told_to_score_in_the_frozen_dtype():
+    """The scorers in fp32 are what does not fit: online.reward_dtype=frozen is the change offered, before the CPU
+    offload of fsdp2-offload (which would fit too, but slows every step)."""
+    config = cfg("method.name=grpo", "train.mixed_precision=bf16", "train.optimizer=adamw")
+    counts = dataclasses.replace(HAND, rewards=10_000)
+    config.online.reward_dtype = "frozen"
+    frozen_need = needed_bytes(memory_bytes(config, counts))
+    config.online.reward_dtype = "fp32"
+    assert needed_bytes(memory_bytes(config, counts)) == frozen_need + 20_000
+    advice = plan(config, gpu_memory_gb=RESERVE_GB + (frozen_need + 10_000) / GIB, counts=counts)
+    assert (advice.fits, advice.change) == (False, "online.reward_dtype=frozen")
 
 
 def test_an_online_runs_rewards_are_the_loaded_scorers_and_judge(tiny_models, tmp_path):
@@ -149,7 +166,8 @@ def test_an_online_runs_rewards_are_the_loaded_scorers_and_judge(tiny_models, tm
                                              f"online.track=[toy-oracle,hpsv2={hps}]", f"online.judge={judge}"]))
     loaded = [load_scorer("pickscore", pickscore).model, load_scorer("hpsv2", hps).model,
               VLMJudge(str(judge), answers=("sun", "sky")).model]
-    assert counts.rewards == sum(p.numel() for m in loaded for p in m.parameters()) > 0
+    assert counts.rewards == sum(p.numel() for m in loaded[:2] for p in m.parameters()) > 0
+    assert counts.judge == sum(p.numel() for p in loaded[2].parameters()) > 0
     assert count_models(load_config(None, [*model, f"online.reward=pickscore={pickscore}"])).rewards == 0
 
 

@@ -261,6 +261,31 @@ def test_the_ddim_policy_steps_as_the_pipeline_does(setup, tmp_path, tiny_models
     assert (sampler.scheduler.config.clip_sample, sampler.scheduler.config.steps_offset) == expected
 
 
+@pytest.mark.parametrize("reward_dtype, expected", [("fp32", torch.float32), ("frozen", torch.bfloat16)])
+def test_the_scorers_score_in_online_reward_dtype(setup, tmp_path, monkeypatch, reward_dtype, expected):
+    """A bf16 run's reward and tracked scorers load in fp32 (Flow-GRPO's) unless online.reward_dtype=frozen."""
+    real, loaded = online.load_scorer, []
+
+    def recording_load(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the scorers are loaded: no need to sample
+        raise Loaded
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    hps = save_tiny_scorer("hpsv2", tmp_path / "hps")
+    monkeypatch.setattr(online, "load_scorer", recording_load)
+    monkeypatch.setattr(online, "latent_shape", stop)
+    with pytest.raises(Loaded):
+        train(config(setup, tmp_path / "run", "train.mixed_precision=bf16", f"online.reward_dtype={reward_dtype}",
+                     f"online.track=[hpsv2={hps}]"))
+    assert [(s.name, {p.dtype for p in s.model.parameters()}) for s in loaded] == [("pickscore", {expected}),
+                                                                                   ("hpsv2", {expected})]
+
+
 def test_groups_whose_rewards_all_tie_are_left_out(setup, tmp_path, monkeypatch, caplog):
     real = online.load_scorer
 

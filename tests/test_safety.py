@@ -124,6 +124,25 @@ def test_a_run_saved_before_online_sde_kl_resumes_with_the_kl_it_trained_with(ti
         assert changed_keys(saved, cfg) == []
 
 
+def test_a_run_saved_before_online_reward_dtype_resumes_with_its_rewards_in_the_frozen_dtype(tiny_models):
+    """Online runs saved before online.reward_dtype scored in the frozen dtype: a half-precision one resumed under the
+    new default (fp32) would reward otherwise part-way. Where the key changes nothing (fp32 runs, a judge's
+    preferences, offline methods), it is not asked for."""
+    def case(*overrides):
+        return load_config(None, [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=4", *overrides])
+    for cfg, changed in ((case("method.name=grpo", "train.mixed_precision=bf16"),
+                          [("online.reward_dtype", "frozen", "fp32")]),
+                         (case("method.name=pref_grpo", "train.mixed_precision=fp16"),
+                          [("online.reward_dtype", "frozen", "fp32")]),
+                         (case("method.name=grpo"), []), (case("method.name=dpo", "train.mixed_precision=bf16"), []),
+                         (case("method.name=pref_grpo", "train.mixed_precision=bf16", "online.judge=some/vlm"), [])):
+        saved = config_to_dict(cfg)
+        del saved["online"]["reward_dtype"]
+        assert changed_keys(saved, cfg) == changed
+        cfg.online.reward_dtype = "frozen"
+        assert changed_keys(saved, cfg) == []
+
+
 def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():
     """diffusers' `constant` schedule takes no warm-up: the steps asked for were silently not run. Configs saved
     with one still load (export reads them), and a run resumed from one may drop it."""

@@ -15,8 +15,9 @@ for the checkpoint. Per process, in bytes:
                  model.ref_offload (kept on the CPU)
     encoders     VAE (fp32 where its config says force_upcast, as the run keeps it) and text encoders in the frozen
                  dtype (none with data.cache for the offline methods)
-    rewards      the online methods' scorers (online.reward and online.track) and judge (online.judge) in the frozen
-                 dtype, built from their configs (`Scorer.models_on_meta`, `VLMJudge.model_on_meta`)
+    rewards      the online methods' scorers (online.reward and online.track) in online.reward_dtype and judge
+                 (online.judge) in the frozen dtype, built from their configs (`Scorer.models_on_meta`,
+                 `VLMJudge.model_on_meta`)
     activations  the most alive at once while the denoiser makes one training forward of a micro-batch (the rows of
                  train.batch_size pairs, or online images, twice under classifier-free guidance) at train.resolution
                  and then, when the plan keeps a reference, the reference's forward without gradients: followed op by
@@ -115,7 +116,8 @@ class ModelCounts:
     vae_encode_bytes: tuple[int, int] = (0, 0)
     text_encode_bytes: tuple[int, int] = (0, 0)
     vae_upcast: bool = False   # the VAE's config says force_upcast: the cache is encoded in fp32
-    rewards: int = 0           # the online methods' scorers and judge
+    rewards: int = 0           # the online methods' scorers (online.reward, online.track)
+    judge: int = 0             # and judge (online.judge)
     text_fp32: int = 0         # of text_encoders, those kept in fp32 in fp16 (`loading.fp32_kept_modules`: T5's wo)
     # {"plain": [(bytes, entries), ...], "checkpointed": ...}: the moments of the backward of that forward that can
     # peak above it, the bytes alive beyond the states and the gradients, which have `entries` entries by then:
@@ -208,7 +210,7 @@ def count_models(cfg: Config) -> ModelCounts:
                       if cfg.train.optimizer == "adafactor" else 0)
     # the encoders' calls: making the cache (data.cache_batch_size images a call), or in each step of a plain run
     batch, vae_calls, text_calls = max(cfg.data.cache_batch_size, rows), (0, 0), (0, 0)
-    rewards = _reward_params(cfg) if online else 0
+    rewards, judge = _reward_params(cfg) if online else (0, 0)
     if not online:  # with the cache, or to weigh making one (`_CHANGES`)
         tokenizers = [load_tokenizer(m.pretrained, index, name, m.revision) for name in family.text_encoders]
         for module in (vae, *encoders):  # frozen, as loaded for a run: no dropout masks
@@ -224,7 +226,7 @@ def count_models(cfg: Config) -> ModelCounts:
                        sum(_numel(e) for e in encoders),
                        {name: peak for name, (peak, _) in unsharded_passes.items()},
                        {name: peak for name, (peak, _) in sharded_passes.items()}, buffers, batch, vae_calls,
-                       text_calls, bool(vae.config.get("force_upcast", False)), rewards,
+                       text_calls, bool(vae.config.get("force_upcast", False)), rewards, judge,
                        sum(_numel(m) for e in encoders for m in fp32_kept_modules(e)),
                        {name: _frontier(backward) for name, (_, backward) in unsharded_passes.items()},
                        {name: _frontier(backward) for name, (_, backward) in sharded_passes.items()})
@@ -236,16 +238,15 @@ def _adafactor_state(p: torch.Tensor) -> int:
     return p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.ndim >= 2 else p.numel()
 
 
-def _reward_params(cfg: Config) -> int:
-    """Parameters of what an online run loads to reward and watch its samples: online.reward, online.track and
-    online.judge, from their configs alone."""
+def _reward_params(cfg: Config) -> tuple[int, int]:
+    """Parameters of what an online run loads to reward and watch its samples, from their configs alone: of its
+    scorers (online.reward, online.track), and of its judge (online.judge)."""
     from ..rewards import SCORERS, VLMJudge, parse_scorer_spec
     o = cfg.online
-    models = [model for name, path in map(parse_scorer_spec, (o.reward, *o.track))
-              for model in SCORERS[name].models_on_meta(name, path)]
-    if o.judge is not None:
-        models.append(VLMJudge.model_on_meta(o.judge))
-    return sum(_numel(model) for model in models)
+    scorers = [model for name, path in map(parse_scorer_spec, (o.reward, *o.track))
+               for model in SCORERS[name].models_on_meta(name, path)]
+    judge = _numel(VLMJudge.model_on_meta(o.judge)) if o.judge is not None else 0
+    return sum(_numel(model) for model in scorers), judge
 
 
 def _adafactor_step_bytes(cfg: Config, trainable: list[torch.nn.Parameter], mode: FakeTensorMode) -> int:
@@ -720,7 +721,8 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     plain = not (cfg.data.cache and not online)  # the encoders are loaded for training
     text = _text_encoder_bytes(counts, MIXED_PRECISION_DTYPES[cfg.train.mixed_precision])
     encoders = counts.vae * vae_bytes + text if plain else 0
-    rewards = counts.rewards * frozen  # loaded in the frozen dtype, as the online loop does
+    # loaded as the online loop loads them: the scorers in online.reward_dtype, the judge in the frozen dtype
+    rewards = counts.rewards * (4 if cfg.online.reward_dtype == "fp32" else frozen) + counts.judge * frozen
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     ema = 4 * trainable if cfg.train.ema_decay else 0  # kept where the trained weights are, as they are sharded
@@ -814,6 +816,9 @@ _CHANGES = [
     ("data.cache=true", "data.cache=true", lambda c: not c.data.cache and c.method.name not in ONLINE_METHODS),
     ("model.ref_offload=true", "model.ref_offload=true",
      lambda c: c.model.lora_rank is None and not c.model.ref_offload),
+    # the scorers in half precision, as Flow-Factory's reward guide loads PickScore: a few groups reorder, no step slows
+    ("online.reward_dtype=frozen", "online.reward_dtype=frozen",
+     lambda c: c.method.name in ONLINE_METHODS and c.online.reward_dtype == "fp32" and c.train.mixed_precision != "no"),
     ("train.sharding=fsdp2", "fsdp2", lambda c: True),  # over the processes planned for, when there are several
     ("train.sharding=fsdp2-offload", "fsdp2-offload", lambda c: True),
     ("train.optimizer=adamw8bit", "train.optimizer=adamw8bit", lambda c: c.train.optimizer == "adamw"),

@@ -13,6 +13,7 @@ import yaml
 
 from ..config import Config, ConfigError, config_to_dict
 from ..files import list_checkpoints, read_back
+from .methods import ONLINE_METHODS
 
 logger = logging.getLogger("diffusion_align")
 
@@ -41,9 +42,16 @@ def _flow_sde_kl(cfg: Config) -> bool:
         == "transformer"
 
 
+def _scored_in_half_precision(cfg: Config) -> bool:
+    """Whether online.reward_dtype decides the run's rewards: online.reward scores them (no judge) in a run whose
+    frozen dtype is not fp32, which is the dtype they were scored in before the key."""
+    return cfg.method.name in ONLINE_METHODS and cfg.online.judge is None \
+        and cfg.train.mixed_precision != "no"
+
+
 # keys added since runs were saved without them, whose default trains otherwise than those runs did: the value such a
 # run trained with, where it matters (a resume without it would change the objective part-way)
-ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl)}
+ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl), "online.reward_dtype": ("frozen", _scored_in_half_precision)}
 
 # lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
 HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
