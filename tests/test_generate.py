@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from diffusion_align.evaluation import generate
 from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
 from diffusion_align.evaluation.scoring import collect_images
 from diffusion_align.files import EMA_FOLDER, SHARDED_STATE
@@ -104,6 +105,14 @@ def test_parse_seeds_errors(text, message):
         parse_seeds(text)
 
 
+def test_the_largest_seed_is_the_last_whose_noise_is_its_own():
+    """torch's CPU generator reads 32 bits of a seed: MAX_SEED + 1 draws seed 0's noise, which generate recorded
+    as another image."""
+    def noise(seed):
+        return torch.randn(8, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(noise(MAX_SEED + 1), noise(0)) and not torch.equal(noise(MAX_SEED), noise(0))
+
+
 # ---------------------------------------------------------------- generating
 
 @pytest.mark.parametrize("family, scheduler", [("sd", None), ("sd2", "EulerDiscreteScheduler"), ("sdxl", None)])
@@ -135,7 +144,7 @@ def test_generate_every_family(tmp_path, tiny_models, prompts_txt, family, sched
 
 
 @pytest.mark.parametrize("family, guidance", [("sd3", 7.0), ("flux", 3.5)])
-def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_txt, family, guidance):
+def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_txt, family, guidance, monkeypatch):
     """SD3 and FLUX.1-dev generate through the same code with their pipelines' own defaults (guidance: SD3's CFG
     scale 7, FLUX-dev's distilled guidance 3.5; their flow-matching Euler scheduler), each image the pipeline's for
     its seed."""
@@ -150,6 +159,19 @@ def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_t
                  output_type="np").images[0]
     assert np.abs(pixels(out / "p0000-s0005.png") - np.round(image * 255)).max() <= 1
     assert np.abs(pixels(out / "p0000-s0000.png") - pixels(out / "p0000-s0005.png")).mean() > 5
+    # a size off the latent patches (here with a VAE of the real models' factor 8: 16 pixels a side) is refused
+    # before any image: FLUX rounded it down with a warning, SD3 failed on the first batch
+    real_factor = generate.load_pipeline
+
+    def with_real_factor(*args, **kwargs):
+        pipe = real_factor(*args, **kwargs)
+        pipe.vae_scale_factor = 8
+        return pipe
+    monkeypatch.setattr(generate, "load_pipeline", with_real_factor)
+    with pytest.raises(ValueError, match=f"height must be a multiple of 16 for this {type(pipe).__name__} .*, got 40"):
+        generate_images(model, prompts_txt, "0", tmp_path / "off", **{**FAST, "height": 40})
+    assert not (tmp_path / "off" / "metadata.jsonl").exists()
+    monkeypatch.undo()
     if family == "flux":  # FluxPipeline reads a negative prompt only with true CFG, which generate does not run
         with pytest.raises(ValueError, match="FluxPipeline ignores it"):
             generate_images(model, prompts_txt, "0", tmp_path / "negative", negative_prompt="blurry", **FAST)
@@ -193,6 +215,10 @@ def test_resume(tmp_path, tiny_models, prompts_txt, pipeline_calls):
     report = generate_images(tiny_models["sd"], prompts_txt, "0-1", out, batch_size=3, **FAST)
     assert (report.generated, report.kept) == (1, 3)
     assert (out / "metadata.jsonl").read_text() == text
+    # a last line whole but for its line break (a crash between the two): kept, and given its break
+    (out / "metadata.jsonl").write_text(text[:-1])
+    assert generate_images(tiny_models["sd"], prompts_txt, "0-1", out, batch_size=3, **FAST).kept == 4
+    assert (out / "metadata.jsonl").read_text() == text
 
     # more prompts (and a repeat) and more seeds: old prompts keep their numbers, new ones get the next
     prompts_txt.write_text("a green triangle\na blue square\na red circle\na green triangle\n")
@@ -202,6 +228,17 @@ def test_resume(tmp_path, tiny_models, prompts_txt, pipeline_calls):
     files = {(e.prompt, e.seed): e.file for e in collect_images(out)}
     assert len(files) == 9
     assert files["a green triangle", 2] == "p0002-s0002.png" and files["a red circle", 2] == "p0000-s0002.png"
+
+
+def test_a_folder_of_other_metadata_is_refused_as_it_is(tmp_path, tiny_models, prompts_txt):
+    """A dataset folder whose metadata.jsonl ends without a line break lost its last line before it was refused."""
+    out = tmp_path / "dataset"
+    out.mkdir()
+    text = '{"file_name": "a.png", "text": "caption 0"}\n{"file_name": "b.png", "text": "caption 1"}'
+    (out / "metadata.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:1: expected a line written by diffusion-align generate"):
+        generate_images(tiny_models["sd"], prompts_txt, "0", out, **FAST)
+    assert (out / "metadata.jsonl").read_text() == text
 
 
 def test_other_settings_are_an_error(tmp_path, tiny_models, prompts_txt):
@@ -259,6 +296,20 @@ def test_lora_changes_images(tmp_path, tiny_models, prompts_txt):
         assert np.array_equal(pixels(with_lora / name), pixels(from_file / name))
     with pytest.raises(ValueError, match="lora=.* there, None now"):
         generate_images(tiny_models["sd"], prompts_txt, "0", with_lora, **FAST)
+
+
+def test_a_lora_of_another_family_is_refused_not_ignored(tmp_path, tiny_models, tiny_flow_models, prompts_txt):
+    """An SD3 transformer's LoRA loaded nothing onto an SD UNet (diffusers warns only), and the images were the
+    base's under the name of the LoRA."""
+    from diffusion_align.models.families import get_family
+    from diffusion_align.models.loading import load_components
+    sd3 = get_family("sd3")
+    Policy(load_components(str(tiny_flow_models["sd3"])).denoiser, 4, None, sd3.lora_targets,
+           family="sd3").save(tmp_path / "sd3-lora")
+    with pytest.raises(ValueError, match=r"--lora .*sd3-lora: none of its weights loaded onto the unet of this "
+                                         r"StableDiffusionPipeline \(none at all\): a LoRA of another model family"):
+        generate_images(tiny_models["sd"], prompts_txt, "0", tmp_path / "out", lora=tmp_path / "sd3-lora", **FAST)
+    assert not (tmp_path / "out" / "metadata.jsonl").exists()
 
 
 def test_a_checkpoint_with_an_ema_gives_its_ema_and_its_lora_file_the_live_weights(tmp_path, tiny_models,

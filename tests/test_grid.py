@@ -213,6 +213,31 @@ def test_grid_scores_and_marks_the_best_of_each_row(folders, tmp_path):
     assert report.best == best and sum(best.values()) >= 6
 
 
+def test_a_photo_turned_by_its_exif_is_shown_upright_and_scored_as_score_scores_it(tmp_path):
+    """The grid scored the upright image and `score` the stored one: two numbers for one photo."""
+    from diffusion_align.evaluation.scoring import score_folder
+    from diffusion_align.rewards import load_scorer
+    from diffusion_align.rewards.tiny import save_tiny_scorer
+    scorer = load_scorer("pickscore", save_tiny_scorer("pickscore", tmp_path / "scorer"), device="cpu")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    stored = Image.new("RGB", (96, 48), (200, 40, 40))
+    stored.paste((40, 40, 200), (0, 0, 48, 48))  # a left half to tell the turns apart
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    stored.save(folder / "photo.jpg", exif=exif, quality=95)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "photo.jpg", "prompt": "a photo"}) + "\n")
+
+    report = make_grid([folder], tmp_path / "grid.png", scorer=scorer, cell_size=CELL)
+    scored = score_folder(folder, [scorer], tmp_path / "scores.csv", num_workers=0)
+    assert list(report.scores.values()) == pytest.approx([scored.rows[0][scorer.column]], abs=1e-6)
+    # upright: 48 wide and 96 tall, letterboxed to 32 x 64, the stored left half now on top
+    page = load(report.pages[0])
+    red, blue = find(page, (200, 40, 40), tolerance=40), find(page, (40, 40, 200), tolerance=40)
+    assert (red[2] - red[0] + 1, blue[2] - blue[0] + 1) == (CELL // 2, CELL // 2)
+    assert blue[3] < red[1]
+
+
 def test_equal_looking_scores_are_all_the_best():
     from diffusion_align.evaluation.grid import best_columns
     # 0.12341 and 0.12344 both print as 0.1234: marking only the larger would look arbitrary

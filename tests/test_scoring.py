@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+from pathlib import Path
 import re
 
 import numpy as np
@@ -187,6 +188,21 @@ def test_score_folder_rows_unreadable_summary_histograms(folder, tmp_path):
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 100
     assert "scored 5 images" in str(report) and "broken.png" in str(report)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path):
+    """The name's row could not be written to the UTF-8 CSV: the error stopped the run, and every rerun, with the
+    other images of its batch unscored."""
+    root = tmp_path / "images"
+    root.mkdir()
+    solid(root / "ok.png", 255)
+    solid(Path(os.fsdecode(bytes(root) + b"/caf\xe9.png")), 128)
+    report = score_folder(root, [RednessScorer()], tmp_path / "scores.csv", prompt="a red square", num_workers=0)
+    assert [r["file"] for r in read_csv(tmp_path / "scores.csv")] == ["ok.png"] and report.scored == 1
+    assert report.unreadable == [("caf\\xe9.png", "its file name is not UTF-8 text, which the scores are written "
+                                                    "in; rename it")]
+    summary = json.loads((tmp_path / "scores.summary.json").read_text())
+    assert summary["unreadable"] == [{"file": "caf\\xe9.png", "reason": report.unreadable[0][1]}]
 
 
 def test_resume_scores_only_new_files_and_summary_covers_all(folder, tmp_path):

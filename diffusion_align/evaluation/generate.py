@@ -53,7 +53,9 @@ PROMPT_FORMATS = (".txt", ".jsonl", ".csv")
 SETTINGS = ("model", "lora", "weights", "scheduler", "steps", "guidance", "height", "width", "negative_prompt",
             "dtype", "max_sequence_length")
 RECORD_KEYS = ("file_name", "prompt", "seed", "prompt_index")
-MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+# torch's CPU generator, which draws each image's noise, reads a seed's low 32 bits only: a larger seed would repeat
+# a smaller one's image under another name
+MAX_SEED = 2**32 - 1
 _SEED_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
@@ -153,20 +155,38 @@ def _checked_seeds(seeds: Sequence[int], given: str) -> list[int]:
 # ---------------------------------------------------------------- the folder's metadata
 
 def read_records(path: Path) -> list[tuple[str, dict]]:
-    """(file:line, record) for each line of the metadata.jsonl a generate run wrote; a last line cut short by a crash
-    (no line break) is removed from the file, so its image is made again."""
+    """(file:line, record) for each line of the metadata.jsonl a generate run wrote. A last line without a line break
+    is given one where it is a whole record, and is otherwise removed from the file, once every other line is known to
+    be generate's: a line cut short by a crash, whose image is made again."""
     if not path.is_file():
         return []
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
-    if end < len(raw):
-        logger.warning("%s: dropped a last line cut short by an interrupted run; its image is made again", path)
-        os.truncate(path, end)
-        raw = raw[:end]
+    tail = raw[end:]
     try:
-        text = raw.decode("utf-8")
+        text = raw[:end].decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    whole_tail = bool(tail) and _whole_record(tail)
+    records = _generated_records(text + (tail.decode("utf-8") + "\n" if whole_tail else ""), path)
+    if whole_tail:
+        with path.open("ab") as f:
+            f.write(b"\n")
+    elif tail:
+        logger.warning("%s: dropped a last line cut short by an interrupted run; its image is made again", path)
+        os.truncate(path, end)
+    return records
+
+
+def _whole_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return isinstance(record, dict) and _is_generated(record)
+
+
+def _generated_records(text: str, path: Path) -> list[tuple[str, dict]]:
     records, files, jobs = [], {}, {}
     for where, record in jsonl_records(text, path):
         if not isinstance(record, dict) or not _is_generated(record):
@@ -271,6 +291,12 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
             pipe.load_lora_weights(lora)
         except OSError as err:  # diffusers' "no file named ... found": bad input, not a failed write
             raise ValueError(f"--lora {lora}: cannot load a LoRA from it ({err})") from None
+        denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        loaded = pipe.get_list_adapters()  # diffusers only warns where no key is for the pipeline's denoiser
+        if denoiser not in loaded:
+            raise ValueError(f"--lora {lora}: none of its weights loaded onto the {denoiser} of this "
+                             f"{type(pipe).__name__} ({'only its ' + ', '.join(loaded) if loaded else 'none at all'}): "
+                             "a LoRA of another model family? Generate with the base it was trained on")
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per call
     return pipe.to(device)
 
@@ -280,6 +306,7 @@ def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: f
     """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value. `t5`:
     the pipeline call's {"max_sequence_length": tokens} when one is given (recorded then only), which a pipeline
     without T5 refuses; a negative prompt the pipeline would ignore is refused too."""
+    from ..models.families import FAMILIES
     from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
     if t5 and "max_sequence_length" not in defaults:
@@ -289,6 +316,15 @@ def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: f
         raise ValueError(f"negative_prompt={negative_prompt!r}: a {type(pipe).__name__} ignores it unless it runs "
                          "true classifier-free guidance (true_cfg_scale > 1), which generate does not; FLUX.1 is "
                          "guidance-distilled: leave the negative prompt out")
+    # FLUX rounds a size off its 2 x 2 packed latents down, with a warning only: the images would not be the size
+    # recorded (SD3 refuses one off its patches)
+    family = next(f for f in FAMILIES.values() if f.lora_pipeline == type(pipe).__name__)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    multiple = pipe.vae_scale_factor * family.latent_multiple(dict(denoiser.config))
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and side % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple} for this {type(pipe).__name__} (its VAE's "
+                             f"factor x its latent patches), got {side}")
     # what the pipelines draw by default: their denoiser's sample size in latents (FLUX: a fixed 128), in pixels
     size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {"model": model, "lora": lora, "weights": weights_digest(model, lora),

@@ -23,8 +23,7 @@ import PIL.Image
 from PIL import ImageDraw, ImageFont, ImageOps
 
 from ..files import written_beside
-from ..images import to_rgb
-from .scoring import ScoringError, collect_images
+from .scoring import ScoringError, collect_images, open_image
 
 BACKGROUND = (255, 255, 255)
 LETTERBOX = (40, 40, 40)  # the bars around an image of another aspect ratio than the cell
@@ -169,12 +168,6 @@ class _Layout:
                 self.header + row * self.row + self.pad)
 
 
-def _open(path: Path) -> PIL.Image.Image:
-    """Decoded now (a truncated file fails here) and turned upright as its EXIF says, as browsers show it."""
-    with PIL.Image.open(path) as image:
-        return to_rgb(ImageOps.exif_transpose(image))
-
-
 def make_grid(dirs: Sequence, out, scorer=None, rows_per_page: int = 10, cell_size: int = 256,
               prompt: str | None = None, prompt_width: int | None = None,
               notes: dict[tuple[str, int], str] | None = None) -> GridReport:
@@ -252,7 +245,8 @@ def _draw_page(rows: list[Row], first_row: int, dirs: list[Path], labels: list[s
         for c, file in enumerate(row.files):
             x, y = layout.cell_box(r, c)
             if (r, c) in images:
-                _paste_letterboxed(page, images[r, c], x, y, layout.cell)
+                # scored as stored, as `score` scores it; shown upright, as browsers show it
+                _paste_letterboxed(page, ImageOps.exif_transpose(images[r, c]), x, y, layout.cell)
             else:
                 _placeholder(draw, x, y, layout, "missing" if file is None else "unreadable")
             if (r, c) in scores:
@@ -264,7 +258,8 @@ def _draw_page(rows: list[Row], first_row: int, dirs: list[Path], labels: list[s
 
 def open_images(rows: list[Row], dirs: list[Path], labels: list[str], missing: list,
                 unreadable: list) -> dict[tuple[int, int], PIL.Image.Image]:
-    """The rows' readable images by (row, column); the missing and unreadable ones are appended to those lists."""
+    """The rows' readable images by (row, column), as `score` reads them; the missing and unreadable ones are
+    appended to those lists."""
     images = {}
     for r, row in enumerate(rows):
         for c, file in enumerate(row.files):
@@ -272,8 +267,8 @@ def open_images(rows: list[Row], dirs: list[Path], labels: list[str], missing: l
                 missing.append((labels[c], f"{row.prompt!r}, {row.label}"))
                 continue
             try:
-                images[r, c] = _open(dirs[c] / file)
-            except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                images[r, c] = open_image(dirs[c] / file, None)
+            except ValueError as err:
                 unreadable.append((f"{labels[c]}/{file}", f"{type(err).__name__}: {err}"))
     return images
 

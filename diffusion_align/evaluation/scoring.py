@@ -156,8 +156,9 @@ def collect_images(root, prompt: str | None = None, images: Sequence[Path] | Non
     return entries
 
 
-def _open_image(path: Path, draft_size: int | None) -> PIL.Image.Image:
-    """Decode fully now, so truncated files fail here; ValueError with the reason.
+def open_image(path: Path, draft_size: int | None) -> PIL.Image.Image:
+    """Decode fully now, so truncated files fail here; ValueError with the reason. The pixels as stored, as the
+    reward models' own code reads them (an EXIF orientation is not applied).
 
     `draft_size`: let the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT while both sides stay >= it (other
     formats ignore it). The preprocessing then shrinks less; the result is close to, not equal to, a full decode.
@@ -190,7 +191,7 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image = _open_image(self.root / self.files[index], self.draft_size)
+            image = open_image(self.root / self.files[index], self.draft_size)
         except ValueError as err:
             return {"index": index, "error": str(err)}
         return {"index": index, "pixels": [preprocess(image) for preprocess in self.preprocessors]}
@@ -288,6 +289,14 @@ def _typed_row(header: list[str], record: list[str], score_columns: list[str], w
     except ValueError as err:
         raise ScoringError(f"{where}: expected an integer seed and numeric scores ({err})") from None
     return row
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode's escapes of bytes that are not UTF-8
+        return False
+    return True
 
 
 def _write_rows(path: Path, header: list[str], rows: list[dict], mode: str = "a") -> None:
@@ -394,7 +403,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     Images are decoded and preprocessed in `num_workers` DataLoader processes (0: in this one) and scored in
     batches of `batch_size` (default: each scorer's own `batch_size`). Unreadable images are skipped and listed.
     An image without a prompt is an error, unless no scorer reads prompts (`needs_prompts` false): it gets "".
-    `fast_jpeg`: decode JPEGs DCT-scaled down to no less than the scorers' input size (see `_open_image`): about
+    `fast_jpeg`: decode JPEGs DCT-scaled down to no less than the scorers' input size (see `open_image`): about
     twice as fast to decode and preprocess, and scores differ slightly from a full decode (benchmarks/README.md).
     """
     root, out_csv, scorers = Path(root), Path(out_csv), list(scorers)
@@ -438,7 +447,11 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
         rows = [r for r in rows if r["file"] not in stale]
         _write_rows(out_csv, header, rows, mode="w")
     done = {r["file"] for r in rows}
-    todo = [e for e in entries if e.file not in done]
+    todo = [e for e in entries if e.file not in done and _utf8(e.file)]
+    # a name the file system holds in another encoding cannot be a row of the UTF-8 CSV: skipped, shown escaped
+    misnamed = [(e.file.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                 "its file name is not UTF-8 text, which the scores are written in; rename it")
+                for e in entries if not _utf8(e.file)]
     _check_prompts(root, todo, scorers)
 
     unreadable = []
@@ -464,6 +477,8 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
                 _write_rows(out_csv, header, new)
                 rows += new
             bar.update(len(batch["indices"]) + len(batch["errors"]))
+    scored = len(todo) - len(unreadable)
+    unreadable += misnamed
     for file, reason in unreadable:
         logger.warning("%s: skipped %s: %s", root, file, reason)
 
@@ -474,7 +489,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
             plot_histogram([r[scorer.column] for r in rows], histograms[scorer.column],
                            f"{scorer.column} over {s['count']} images of {root.name}: mean {_fmt(s['mean'])}, "
                            f"std {_fmt(s['std'])}", scorer.convention)
-    return ScoreReport(root, out_csv, summary_path, histograms if rows else {}, rows, len(todo) - len(unreadable),
+    return ScoreReport(root, out_csv, summary_path, histograms if rows else {}, rows, scored,
                        len(done), unreadable, summary)
 
 
