@@ -1,7 +1,8 @@
 """The prepared GPU check: real SD1.5 and SDXL architectures (random weights) at 512 / 1024 px take LoRA and full
 Diffusion-DPO steps in fp16 and bf16, with and without the latent cache and precomputed reference errors, plus
-xformers and 8-bit Adam where they import, and sharded training (train.sharding=fsdp2, full and LoRA, bf16,
-torchrun over the GPUs; and zero2, full, where DeepSpeed imports); then the flow transformers at 512 px,
+xformers and 8-bit Adam where they import, and sharded training (train.sharding=fsdp2, full and LoRA, and
+fsdp2-offload, full, in bf16, torchrun over the GPUs, writing a checkpoint every step; and zero2, full, where DeepSpeed
+imports); then the flow transformers at 512 px,
 SD3.5-medium's (bf16 LoRA with and without the cache and precomputed reference, bf16 full, fp16 LoRA as flow_grpo
 trains it) and FLUX.1-dev's (bf16 LoRA with and without them), with the real VAE layout and CLIPs and a T5 of
 T5-XXL's width in 2 layers; and on every architecture the online loop (GRPO's LoRA with Flow-GRPO's global std:
@@ -123,8 +124,11 @@ def cases(arch: str, tiny: bool) -> list[dict]:
         found.append(dict(precision="fp16", lora=True, fast=False, extra=("model.attention=xformers",)))
     if importlib.util.find_spec("bitsandbytes") is not None and not tiny:
         found.append(dict(precision="bf16", lora=False, fast=True, extra=("train.optimizer=adamw8bit",)))
-    # FSDP2 (train.sharding) on every GPU there is, in bf16: a full fine-tune and a LoRA, under torchrun; ZeRO-2 full
-    found += [dict(precision="bf16", lora=lora, fast=False, sharded="fsdp2") for lora in (False, True)]
+    # FSDP2 (train.sharding) on every GPU there is, in bf16: a full fine-tune and a LoRA, and a full fine-tune
+    # offloaded, under torchrun, each writing a checkpoint (its finite-weights check is a collective, which NCCL
+    # runs on the GPU only); ZeRO-2 full
+    found += [dict(precision="bf16", lora=lora, fast=False, sharded=sharded, extra=("train.checkpoint_every=1",))
+              for lora, sharded in ((False, "fsdp2"), (True, "fsdp2"), (False, "fsdp2-offload"))]
     if importlib.util.find_spec("deepspeed") is not None:
         found.append(dict(precision="bf16", lora=False, fast=False, sharded="zero2"))
     return found + [dict(precision="bf16", lora=True, fast=False, online=True)]

@@ -48,10 +48,13 @@ def test_the_gpu_check_runs_every_unet_and_flux_case_on_its_cpu_stand_in(tmp_pat
     rows = gpu_check(tmp_path, "sdxl", "flux")
     unet = [row for row in rows if row.startswith("| sdxl ")]
     # LoRA and full, each plain and with cache + precomputed reference (bf16: fp16 needs CUDA), both sharded with
-    # FSDP2 and the full fine-tune with ZeRO-2 (torchrun, one process on the CPU), and GRPO's LoRA
-    assert len(unet) == 8 and all("| yes |" in row for row in unet)
+    # FSDP2 and the full fine-tune offloaded too, each writing checkpoints, and the full fine-tune with ZeRO-2
+    # (torchrun, one process on the CPU), and GRPO's LoRA
+    assert len(unet) == 9 and all("| yes |" in row for row in unet)
     assert sum("grpo" in row for row in unet) == 1
-    assert sum("cache + precomputed ref" in row for row in unet) == 2 and sum("fsdp2" in row for row in unet) == 2
+    assert sum("cache + precomputed ref" in row for row in unet) == 2
+    assert sum("fsdp2, train.checkpoint_every=1" in row for row in unet) == 2
+    assert sum("fsdp2-offload, train.checkpoint_every=1" in row for row in unet) == 1
     assert sum("zero2" in row for row in unet) == 1
     assert [row.split(" | ")[:3] for row in rows if row.startswith("| flux ")] == [
         ["| flux", "lora bf16", "yes"], ["| flux", "lora bf16, cache + precomputed ref", "yes"],

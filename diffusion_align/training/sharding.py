@@ -245,9 +245,14 @@ def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: 
     if not any(isinstance(p, DTensor) for p in parameters):
         return float(accelerator.clip_grad_norm_(parameters, max_norm))
     grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)  # a DTensor: each process's part, reduced over processes
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-    return float(total.full_tensor())
+    # the sum of squares of each process's shards (Shard(0): no entry on two processes), added over the processes
+    squares = sum((g.to_local().float() ** 2).sum() for g in grads)
+    total = float(_over_processes(grads[0].device_mesh, squares, dist.ReduceOp.SUM).sqrt())
+    scale = max_norm / (total + 1e-6)  # as torch's clip_grads_with_norm_; a non-finite norm leaves them as they are
+    if scale < 1:
+        for grad in grads:
+            grad.mul_(scale)  # each process's shard: no communication
+    return total
 
 
 def all_finite(parameters: list[torch.nn.Parameter]) -> bool:
@@ -256,9 +261,15 @@ def all_finite(parameters: list[torch.nn.Parameter]) -> bool:
     finite = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in parameters)
     if not sharded:
         return finite
-    flag = torch.tensor(int(finite))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+    return bool(_over_processes(sharded[0].device_mesh, torch.tensor(int(finite)), dist.ReduceOp.MIN))
+
+
+def _over_processes(mesh, value: torch.Tensor, op) -> torch.Tensor:
+    """`value` reduced over the processes of `mesh`, on the mesh's device: NCCL, a GPU run's backend, takes no CPU
+    tensor (fsdp2-offload's gradients are on the CPU, as is a flag made there)."""
+    value = value.to(mesh.device_type)
+    dist.all_reduce(value, op=op, group=mesh.get_group())
+    return value
 
 
 def model_state_bytes(modules: list[torch.nn.Module], optimizer, extra: list[torch.Tensor] = ()) -> int:
