@@ -162,6 +162,8 @@ def test_fit_is_deterministic_and_refuses_foreign_folders(fitted, tmp_path):
     (tmp_path / "foreign" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a fit-reward output"):
         fit_reward(data, base, tmp_path / "foreign", **kwargs)
+    with pytest.raises(FileExistsError, match=r"keep.txt: is a file; expected a folder"):
+        fit_reward(data, base, tmp_path / "foreign" / "keep.txt", **kwargs)
 
 
 def test_pair_logits_are_scaled_cosines(fitted):

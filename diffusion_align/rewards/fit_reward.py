@@ -161,7 +161,8 @@ class FitReport:
                  f"  train loss {num(self.train_loss_start)} -> {num(self.train_loss_end)}, "
                  f"validation loss {num(self.val_loss_start)} -> {num(self.val_loss_end)}",
                  f"  validation accuracy (t=0) {num(self.val_accuracy_start)} -> {num(self.val_accuracy)}; at the "
-                 f"tie threshold t={self.tie_threshold:.4g} chosen on validation: "
+                 f"tie threshold t={self.tie_threshold:.4g} (of |P(image 0) - 0.5|, not the scores' units of "
+                 f"label --tie-margin) chosen on validation: "
                  f"{num(self.val_accuracy_at_threshold)}"]
         if self.skipped:
             lines.append(f"  {len(self.skipped)} pairs skipped, e.g. row {self.skipped[0][0]}: {self.skipped[0][1]}")
@@ -283,6 +284,9 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
         raise ValueError(f"expected steps, batch_size, eval_pairs, log_every >= 1 and warmup_steps >= 0; got "
                          f"{steps}, {batch_size}, {eval_pairs}, {log_every}, {warmup_steps}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: is a file; expected a folder (new, or an earlier fit-reward output) to "
+                              "save the model in")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_NAME).is_file():
         raise FileExistsError(f"{out_dir}: exists and is not a fit-reward output (no {REPORT_NAME}); the saved model "
                               f"replaces the whole folder, so pick a new one")
