@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pathlib import Path
@@ -570,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += extra  # key=value after a flag: argparse takes positionals only where they stand together
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "config", None) and "=" in args.config:  # only overrides were given
+    # only overrides were given (a config file's path may hold a "=": lr=1e-5/config.yaml)
+    if getattr(args, "config", None) and "=" in args.config and not os.path.isfile(args.config):
         args.overrides, args.config = [args.config, *args.overrides], None
     from .files import WRITE_ERRORS
     from .training.safety import RunStopped

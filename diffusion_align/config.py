@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+T5_MAX_TOKENS = 512  # what the SD3 and FLUX pipelines take (max_sequence_length)
 
 
 def _key(default: Any, help: str, choices: tuple | None = None, within: str | None = None) -> Any:
@@ -93,7 +96,7 @@ class ModelConfig:
                                                  "512). Must match the length the model is sampled with (`generate "
                                                  "--max-sequence-length`; the pipelines take at most 512). An SD1.x / "
                                                  "SD2.x / SDXL model (no T5) with it set is an error.",
-                                           within="[1, 512]")
+                                           within=f"[1, {T5_MAX_TOKENS}]")
     lora_rank: int | None = _key(8, "LoRA rank; null = full fine-tune of the UNet.", within="[1, inf)")
     lora_alpha: float | None = _key(None, "LoRA alpha; null = equal to the rank (scale 1).", within="(0, inf)")
     lora_target_modules: list[str] | None = _key(None, "Denoiser modules that get LoRA adapters; null = the family's "
@@ -204,7 +207,10 @@ class OnlineConfig:
                                         "CFG (null: 3.5, as FluxPipeline samples and the offline methods train).",
                                   within="[0, inf)")
     train_fraction: float = _key(0.6, "Fraction of the sampling steps trained per step, drawn at random, never the "
-                                      "last (at least one).", within="(0, 1]")
+                                      "last: round(train_fraction x sample_steps) of them, at least one and at most "
+                                      "sample_steps - 1 (the authors' codes count int(fraction x (steps - 1)) "
+                                      "(DanceGRPO, Pref-GRPO) or int(fraction x steps) (Flow-GRPO); the recipes "
+                                      "give their counts).", within="(0, 1]")
     sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "
                               "of them is trained. k > 0: Flow-GRPO-Fast's window: k consecutive steps, placed at "
                               "random in the first half of the steps at each rollout, are stochastic, the others "
@@ -280,7 +286,8 @@ class TrainConfig:
                                  "(data-parallel: every process holds everything, unless the accelerate config "
                                  "launching the run shards: accelerate launch --config_file "
                                  "configs/accelerate/fsdp2.yaml).", choices=("none", "fsdp2", "fsdp2-offload", "zero2"))
-    seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.")
+    seed: int = _key(0, "Seed for data order, augmentation, noise and timesteps.",
+                     within="[0, 4294967295]")  # what accelerate's set_seed takes (numpy's seed range)
     timestep_sampling: str | None = _key(None, "Offline methods on the flow families (SD3, FLUX): how each pair's "
                                                "sigma s is drawn, before the scheduler's shift: logit_normal (s = "
                                                "sigmoid(n), n ~ N(logit_mean, logit_std^2): how SD3 and FLUX train) "
@@ -414,7 +421,8 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
                 value = "no"  # `false` for the choice no (mixed_precision, random_flip)
             if not _is_text(value):
                 raise TypeError
-            value = str(value)
+            # a path under the home folder, as the shell expands it on the command line (in a YAML file, too)
+            value = os.path.expanduser(value) if str(value).startswith("~/") else str(value)
     except (TypeError, ValueError):
         choices = f.metadata.get("choices")
         expected = ("list of strings" if typing.get_origin(base) is list else
@@ -445,8 +453,12 @@ def _inside(value: float, within: str) -> bool:
 def _describe_interval(within: str) -> str:
     low, with_low, high, _ = _interval(within)
     if high == float("inf"):
-        return f"{'at least' if with_low else 'greater than'} {low:g}"
-    return f"between {low:g} and {high:g} ({within})"
+        return f"{'at least' if with_low else 'greater than'} {_bound(low)}"
+    return f"between {_bound(low)} and {_bound(high)} ({within})"
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if value.is_integer() else f"{value:g}"  # a seed's 4294967295 in full
 
 
 def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
@@ -526,6 +538,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=1e-5)")
     key, raw = (part.strip() for part in text.split("=", 1))
     known = all_keys().get(key)
+    if known is None:  # named before its value is read: a mistyped key with a value YAML cannot read (*.parquet)
+        raise _unknown_key_error(key, "on the command line")
     if known is not None and _field_types(*known)[0] is str and not (
             raw.lower() in ("true", "false", "null", "~") or raw.startswith(("'", '"'))):
         return key, raw
@@ -544,7 +558,12 @@ def config_chain(path: Path) -> list[tuple[Path, Any]]:
         if path.resolve() in (p.resolve() for p, _ in chain):
             raise ConfigError(f"{path}: its chain of `base:` files comes back to it "
                               f"({' -> '.join(str(p.resolve()) for p in (*(p for p, _ in chain), path))})")
-        tree = _yaml(path.read_text(), str(path)) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file; expected a YAML config file (e.g. configs/sd15/dpo.yaml)") \
+                from None
+        tree = _yaml(text, str(path)) or {}
         base = tree.pop("base", None) if isinstance(tree, dict) else None
         chain.append((path, tree))
         if base is None:
@@ -569,6 +588,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise _unknown_key_error(key, where)
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, _coerce(key, *valid[key], value, where))
+    if not cfg.method.score_max > cfg.method.score_min:  # else SmPO's soft labels turn over, or divide by zero
+        raise ConfigError(f"method.score_max={cfg.method.score_max} must be above method.score_min="
+                          f"{cfg.method.score_min}: they map the reward scores onto [0, 1]")
     if cfg.train.resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ConfigError(f"train.resolution={cfg.train.resolution} must be a multiple of 8 (the VAE downsamples "
                           f"by 8), e.g. {cfg.train.resolution // 8 * 8 or 8}")

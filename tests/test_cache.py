@@ -2,7 +2,9 @@
 made from anything else is refused; building resumes and skips what does not decode."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +93,7 @@ def _changed_copy(model, tmp_path, part: str):
     return copy
 
 
-def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_pairs):
+def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_pairs, monkeypatch):
     model, pairs = tiny_models["sd"], str(tiny_pairs)
     folder = tmp_path / "cache"
     base = dict(resolution=32, flips=False, dtype="fp16")
@@ -112,6 +114,11 @@ def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_
     for changed, key in changes.items():
         with pytest.raises(ValueError, match=rf"made from other inputs \(.*{changed}=.*; a stale cache is never used"):
             check_key(folder, key)
+    # the same file spelled otherwise (relative to another working folder) is the same source: its fingerprint is
+    # of the resolved path and time, and the cache (up to a terabyte) was refused with the advice to delete it
+    monkeypatch.chdir(Path(pairs).parent.parent)
+    relative = os.path.relpath(pairs)
+    assert relative != pairs and check_key(folder, cache_key(relative, "train", str(model), **base))
     # no cached tensor depends on the scheduler: the cache serves an edited one (reference errors key it themselves)
     assert check_key(folder, cache_key(pairs, "train", str(_changed_copy(model, tmp_path, "scheduler")), **base))
     with pytest.raises(ValueError, match="resolution=32 there, 48 now"):  # training refuses it too
@@ -152,6 +159,15 @@ def test_the_cache_command(tmp_path, tiny_models, tiny_pairs, capsys):
     key = json.loads((tmp_path / "c" / "key.json").read_text())
     assert key["flips"] and key["resolution"] == 32 and set(key["models"]) == {"vae", "text_encoder", "tokenizer"}
     assert {"mean_0_flip", "std_1_flip", "ok"} <= set(load_file(tmp_path / "c" / "latents-00000.safetensors"))
+    # settings no run can use, or that torch would refuse naming nothing, stop before anything is encoded
+    for flag, value, message in (("--max-sequence-length", "5000", "max_sequence_length=5000: expected 1 to 512"),
+                                 ("--batch-size", "0", "batch_size=0 and num_workers=0: expected at least 1"),
+                                 ("--workers", "-1", "num_workers=-1: expected at least 1 image")):
+        with pytest.raises(SystemExit):
+            cli_main(["cache", str(tiny_pairs), "--model", str(tiny_models["sd"]), "--out", str(tmp_path / "d"),
+                      "--resolution", "32", "--workers", "0", flag, value])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_component_digests_follow_the_weights_the_loaders_read(tmp_path, monkeypatch):

@@ -61,6 +61,12 @@ def test_yaml_then_overrides(tmp_path):
     ("train.adam_beta2=1", "must be between 0 and 1 ([0, 1)); got 1.0"),
     ("online.train_fraction=0", "must be between 0 and 1 ((0, 1]); got 0.0"),
     ("train.checkpoint_every=-1", "must be at least 0; got -1"),
+    # a bad seed failed after the models loaded, naming no key; a mistyped key whose value YAML cannot read gave a
+    # YAML error; swapped SmPO score bounds turned every soft label over
+    ("train.seed=-1", "'train.seed' (on the command line) must be between 0 and 4294967295"),
+    ("train.seed=4294967296", "must be between 0 and 4294967295"),
+    ("data.pth=*.parquet", "unknown config key 'data.pth' (on the command line); did you mean 'data.path'?"),
+    ("method.score_max=0.1", "method.score_max=0.1 must be above method.score_min=0.115"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -73,6 +79,17 @@ def test_edges_of_the_ranges_are_allowed_and_help_shows_them():
                              "online.train_fraction=1", "train.adam_beta1=0", "train.checkpoint_every=0"])
     assert cfg.train.max_steps == 1 and cfg.model.lora_rank is None and cfg.data.prompt_dropout == 1.0
     assert "Number of steps" in describe_keys() and "[at least 1]" in describe_keys()
+
+
+def test_a_path_under_home_is_expanded_in_a_file_as_on_the_command_line(tmp_path, monkeypatch):
+    """`output_dir: ~/runs/x` in a YAML file wrote into a folder named `~` under the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  output_dir: ~/runs/x\ndata:\n  cache_dir: ~user-not-home/cache\n")
+    cfg = load_config(path)
+    assert cfg.train.output_dir == str(tmp_path / "home" / "runs" / "x")
+    assert cfg.data.cache_dir == "~user-not-home/cache"  # only ~/ is the home folder here
+    assert load_config(None, ["model.pretrained=~/models/sd"]).model.pretrained == str(tmp_path / "home/models/sd")
 
 
 def test_yes_no_on_off_are_text_for_text_keys(tmp_path):
@@ -132,7 +149,7 @@ def test_text_keys_take_numbers_and_dates_as_written(tmp_path, written):
 
 @pytest.mark.parametrize("override, value", [
     ("train.max_steps=1000", 1000), ("train.max_steps=1_000", 1000), ("train.max_steps=0x10", 16),
-    ("train.max_steps=+5", 5), ("train.seed=-3", -3), ("model.lora_rank=8.0", 8), ("train.lr=1e-5", 1e-5),
+    ("train.max_steps=+5", 5), ("train.seed=3", 3), ("train.logit_mean=-3", -3.0), ("model.lora_rank=8.0", 8), ("train.lr=1e-5", 1e-5),
     ("train.lr=0.0003", 3e-4), ("train.lr=3.0e-4", 3e-4), ("train.lr=.5", 0.5), ("method.beta=5e3", 5000.0),
     ("method.beta=1_000.5", 1000.5), ("train.logit_mean=-.inf", float("-inf")), ("data.max_skipped_share=1", 1.0),
 ])
@@ -150,6 +167,13 @@ def test_a_section_with_no_keys_sets_nothing(tmp_path):
     assert cfg.method.name == "sft" and cfg.online == OnlineConfig() and cfg.train == TrainConfig()
     path.write_text("onlin:\n")
     with pytest.raises(ConfigError, match="unknown config key 'onlin'"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x9c\x00\xff binary")
+    with pytest.raises(ConfigError, match=r"model.safetensors: not a text file; expected a YAML config file"):
         load_config(path)
 
 

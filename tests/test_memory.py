@@ -347,7 +347,7 @@ def test_the_plan_names_the_cheapest_change_that_fits(tiny_models):
     assert (on_two.fits, on_two.change) == (False, "train.sharding=fsdp2")
 
 
-def test_plan_command_prints_json(tiny_models, capsys):
+def test_plan_command_prints_json(tiny_models, capsys, tmp_path):
     from diffusion_align.cli import main
     main(["plan", "--json", "--processes", "2", "--strategy", "fsdp2", "--gpu-memory", "24",
           f"model.pretrained={tiny_models['sd']}", "model.lora_rank=null", "train.resolution=32"])
@@ -369,6 +369,12 @@ def test_plan_command_prints_json(tiny_models, capsys):
     with pytest.raises(SystemExit):
         main(["plan", f"model.pretrained={tiny_models['sd']}", "--json", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+    # a config file in a folder named as a sweep names its runs: a file, not an override
+    config = tmp_path / "lr=1e-5" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(f"model:\n  pretrained: {tiny_models['sd']}\ntrain:\n  resolution: 32\n  sharding: zero2\n")
+    main(["plan", str(config), "--json"])
+    assert json.loads(capsys.readouterr().out)["strategy"] == "zero2"
 
 
 def test_a_sharded_plan_offers_only_what_sharding_runs(tiny_models):

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..config import T5_MAX_TOKENS
 from ..files import write_safetensors_atomic, write_text_atomic
 from ..models.conditioning import CaptionTruncation, TextStates, encode_texts
 from ..models.loading import (check_resolution, component_digest, load_components, pipeline_family, pipeline_index,
@@ -97,6 +98,9 @@ def check_key(folder: Path, key: dict) -> bool:
     if not path.is_file():
         return False
     old = json.loads(path.read_text(encoding="utf-8"))
+    source, new_source = old.get("source") or {}, key["source"]
+    if source.get("fingerprint") == new_source["fingerprint"]:  # the same files (their resolved paths and times),
+        old["source"] = {**source, "path": new_source["path"]}   # whatever the path's spelling: a relative one
     if old != key:
         old, new = _flat(old), _flat(key)
         changed = differences(old, {name: new.get(name) for name in {**old, **new}})  # a key either lacks: None
@@ -163,6 +167,12 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     SD3's and FLUX's texts at `max_sequence_length` T5 tokens (None: the pipeline's default), the length the model
     is then trained and sampled at."""
     out_dir = Path(out_dir)
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size={batch_size} and num_workers={num_workers}: expected at least 1 image a batch "
+                         "and 0 or more workers")
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= T5_MAX_TOKENS:
+        raise ValueError(f"max_sequence_length={max_sequence_length}: expected 1 to {T5_MAX_TOKENS} T5 tokens, what "
+                         "the pipelines and model.max_sequence_length take")
     if resolution <= 0 or resolution % 8:  # every supported VAE downsamples by 8: the latents need whole pixels
         raise ValueError(f"resolution={resolution}: expected a positive multiple of 8 (the VAE downsamples by 8)")
     index = pipeline_index(pretrained, revision, what="--model")  # a missing folder or unreachable hub id: one line
