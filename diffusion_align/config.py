@@ -421,7 +421,7 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
                 value = "no"  # `false` for the choice no (mixed_precision, random_flip)
             if not _is_text(value):
                 raise TypeError
-            # a path under the home folder, as the shell expands it on the command line (in a YAML file, too)
+            # a path under the home folder, in a file and on the command line (where bash leaves `key=~/x` as it is)
             value = os.path.expanduser(value) if str(value).startswith("~/") else str(value)
     except (TypeError, ValueError):
         choices = f.metadata.get("choices")
@@ -540,7 +540,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     known = all_keys().get(key)
     if known is None:  # named before its value is read: a mistyped key with a value YAML cannot read (*.parquet)
         raise _unknown_key_error(key, "on the command line")
-    if known is not None and _field_types(*known)[0] is str and not (
+    if _field_types(*known)[0] is str and not (
             raw.lower() in ("true", "false", "null", "~") or raw.startswith(("'", '"'))):
         return key, raw
     return key, _yaml(raw, f"the value of override '{text}'") if raw else ""

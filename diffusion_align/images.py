@@ -24,4 +24,6 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     else:
         return image.convert("RGB")
     grey = np.nan_to_num(grey, nan=0.0)
-    return PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    rgb = PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    rgb.info.update(image.info)  # its EXIF too, as convert() keeps it: the orientation the grid shows it in
+    return rgb

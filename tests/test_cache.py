@@ -118,7 +118,9 @@ def test_a_cache_made_from_anything_else_is_refused(tmp_path, tiny_models, tiny_
     # of the resolved path and time, and the cache (up to a terabyte) was refused with the advice to delete it
     monkeypatch.chdir(Path(pairs).parent.parent)
     relative = os.path.relpath(pairs)
-    assert relative != pairs and check_key(folder, cache_key(relative, "train", str(model), **base))
+    assert check_key(folder, cache_key(relative, "train", str(model), **base))["source"]["path"] == pairs != relative
+    made = build_cache(relative, folder, str(model), device="cpu", num_workers=0, **base)  # as a cached run calls it
+    assert made.shards_reused == 2 and LatentCache(folder, cache_key(relative, "train", str(model), **base))
     # no cached tensor depends on the scheduler: the cache serves an edited one (reference errors key it themselves)
     assert check_key(folder, cache_key(pairs, "train", str(_changed_copy(model, tmp_path, "scheduler")), **base))
     with pytest.raises(ValueError, match="resolution=32 there, 48 now"):  # training refuses it too

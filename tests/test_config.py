@@ -82,7 +82,8 @@ def test_edges_of_the_ranges_are_allowed_and_help_shows_them():
 
 
 def test_a_path_under_home_is_expanded_in_a_file_as_on_the_command_line(tmp_path, monkeypatch):
-    """`output_dir: ~/runs/x` in a YAML file wrote into a folder named `~` under the working folder."""
+    """`output_dir: ~/runs/x` in a YAML file (or `train.output_dir=~/runs/x`, which bash does not expand) wrote into
+    a folder named `~` under the working folder."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  output_dir: ~/runs/x\ndata:\n  cache_dir: ~user-not-home/cache\n")

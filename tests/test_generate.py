@@ -234,11 +234,12 @@ def test_a_folder_of_other_metadata_is_refused_as_it_is(tmp_path, tiny_models, p
     """A dataset folder whose metadata.jsonl ends without a line break lost its last line before it was refused."""
     out = tmp_path / "dataset"
     out.mkdir()
-    text = '{"file_name": "a.png", "text": "caption 0"}\n{"file_name": "b.png", "text": "caption 1"}'
-    (out / "metadata.jsonl").write_text(text)
-    with pytest.raises(ValueError, match=r"metadata\.jsonl:1: expected a line written by diffusion-align generate"):
-        generate_images(tiny_models["sd"], prompts_txt, "0", out, **FAST)
-    assert (out / "metadata.jsonl").read_text() == text
+    lines = ['{"file_name": "a.png", "text": "caption 0"}', '{"file_name": "b.png", "text": "caption 1"}']
+    for text in ("\n".join(lines), lines[0]):  # one line alone was emptied
+        (out / "metadata.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=r"metadata\.jsonl:1: expected a line written by diffusion-align "):
+            generate_images(tiny_models["sd"], prompts_txt, "0", out, **FAST)
+        assert (out / "metadata.jsonl").read_text() == text
 
 
 def test_other_settings_are_an_error(tmp_path, tiny_models, prompts_txt):

@@ -47,6 +47,17 @@ def test_to_rgb_scales_instead_of_clipping():
     assert to_rgb(Image.new("RGBA", (1, 1), (1, 2, 3, 0))).getpixel((0, 0)) == (1, 2, 3)
 
 
+def test_to_rgb_keeps_the_exif_orientation_of_a_16_bit_image(tmp_path):
+    """The grid shows an image upright by its EXIF: a 16-bit one, rebuilt from its pixels, had lost it."""
+    from PIL import ImageOps
+    stored = Image.fromarray((np.arange(800).reshape(20, 40) * 60).astype(np.uint16))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "turned.png", exif=exif)
+    with Image.open(tmp_path / "turned.png") as image:
+        assert image.mode == "I;16" and ImageOps.exif_transpose(to_rgb(image)).size == (20, 40)
+
+
 @pytest.mark.parametrize("name", ["grey16.png", "rgb16.png", "grey16.tif"])
 def test_every_reader_sees_mid_grey(files, name):
     path = files[name]

@@ -92,21 +92,23 @@ def encoder_digests(pretrained: str, revision: str | None = None, variant: str |
     return models
 
 
-def check_key(folder: Path, key: dict) -> bool:
-    """Whether `folder` holds a cache made with `key` (False: no cache yet); a cache made otherwise is an error."""
+def check_key(folder: Path, key: dict) -> dict | None:
+    """The key `folder`'s cache was made with, where it is `key` (None: no cache yet); a cache made otherwise is an
+    error. The source's path may be spelt otherwise (relative, absolute) where its fingerprint, which covers the
+    files' resolved paths and times, is the same: the cache's own spelling is returned, which its shards record."""
     path = folder / "key.json"
     if not path.is_file():
-        return False
-    old = json.loads(path.read_text(encoding="utf-8"))
-    source, new_source = old.get("source") or {}, key["source"]
-    if source.get("fingerprint") == new_source["fingerprint"]:  # the same files (their resolved paths and times),
-        old["source"] = {**source, "path": new_source["path"]}   # whatever the path's spelling: a relative one
-    if old != key:
-        old, new = _flat(old), _flat(key)
+        return None
+    made = json.loads(path.read_text(encoding="utf-8"))
+    source = made.get("source") or {}
+    spelt = {**key, "source": {**key["source"], "path": source.get("path")}} \
+        if source.get("fingerprint") == key["source"]["fingerprint"] else key
+    if made != spelt:
+        old, new = _flat(made), _flat(key)
         changed = differences(old, {name: new.get(name) for name in {**old, **new}})  # a key either lacks: None
         raise ValueError(f"{folder} is a latent cache made from other inputs ({changed}); a stale cache is never "
                          f"used: give data.cache_dir (or --out) a new folder, or delete this one")
-    return True
+    return made
 
 
 def _flat(key: dict, prefix: str = "") -> dict:
@@ -180,9 +182,11 @@ def build_cache(source: str, out_dir, pretrained: str, split: str = "train", rev
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
     check_resolution(resolution, family, denoiser_config, pretrained, revision, vae)
     key = cache_key(source, split, pretrained, revision, variant, vae, resolution, flips, dtype, max_sequence_length)
-    if not check_key(out_dir, key):
+    made = check_key(out_dir, key)
+    if made is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "key.json", json.dumps(key, indent=2) + "\n")
+    key = made or key  # as the shards record it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = CACHE_DTYPES[dtype]
     compute = torch.float32 if device.type == "cpu" else store  # CPUs are slow in half precision

@@ -156,8 +156,8 @@ def _checked_seeds(seeds: Sequence[int], given: str) -> list[int]:
 
 def read_records(path: Path) -> list[tuple[str, dict]]:
     """(file:line, record) for each line of the metadata.jsonl a generate run wrote. A last line without a line break
-    is given one where it is a whole record, and is otherwise removed from the file, once every other line is known to
-    be generate's: a line cut short by a crash, whose image is made again."""
+    is read as the others where it is whole (JSON), and given its break; otherwise it is a line cut short by a crash,
+    removed from the file once every other line is known to be generate's, and its image is made again."""
     if not path.is_file():
         return []
     raw = path.read_bytes()
@@ -167,7 +167,7 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
         text = raw[:end].decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    whole_tail = bool(tail) and _whole_record(tail)
+    whole_tail = bool(tail) and _is_json(tail)
     records = _generated_records(text + (tail.decode("utf-8") + "\n" if whole_tail else ""), path)
     if whole_tail:
         with path.open("ab") as f:
@@ -178,12 +178,12 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
-def _whole_record(line: bytes) -> bool:
+def _is_json(line: bytes) -> bool:
     try:
-        record = json.loads(line.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+        json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included; a generate line cut short never parses (no closing brace)
         return False
-    return isinstance(record, dict) and _is_generated(record)
+    return True
 
 
 def _generated_records(text: str, path: Path) -> list[tuple[str, dict]]:

@@ -248,7 +248,7 @@ def clip_gradients(accelerator, parameters: list[torch.nn.Parameter], max_norm: 
     # the sum of squares of each process's shards (Shard(0): no entry on two processes), added over the processes
     squares = sum((g.to_local().float() ** 2).sum() for g in grads)
     total = float(_over_processes(grads[0].device_mesh, squares, dist.ReduceOp.SUM).sqrt())
-    scale = max_norm / (total + 1e-6)  # as torch's clip_grads_with_norm_; a non-finite norm leaves them as they are
+    scale = max_norm / (total + 1e-6)  # as torch's clip_grads_with_norm_ (a non-finite norm: the step is skipped)
     if scale < 1:
         for grad in grads:
             grad.mul_(scale)  # each process's shard: no communication
