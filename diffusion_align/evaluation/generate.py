@@ -169,6 +169,9 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     whole_tail = bool(tail) and _is_json(tail)
     records = _generated_records(text + (tail.decode("utf-8") + "\n" if whole_tail else ""), path)
+    if tail and not whole_tail and not records and not tail.startswith(b'{"file_name"'[:len(tail)]):
+        raise ValueError(f"{path}: expected lines written by diffusion-align generate, got {tail[:80]!r}; generate "
+                         "into another folder")  # its only line, not one of generate's cut short: not ours to cut
     if whole_tail:
         with path.open("ab") as f:
             f.write(b"\n")
