@@ -12,7 +12,6 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from diffusion_align.evaluation import generate
 from diffusion_align.evaluation.generate import MAX_SEED, generate_images, parse_seeds, read_prompts
 from diffusion_align.evaluation.scoring import collect_images
 from diffusion_align.files import EMA_FOLDER, SHARDED_STATE
@@ -160,15 +159,10 @@ def test_generate_on_the_flow_transformers(tmp_path, tiny_flow_models, prompts_t
     assert np.abs(pixels(out / "p0000-s0005.png") - np.round(image * 255)).max() <= 1
     assert np.abs(pixels(out / "p0000-s0000.png") - pixels(out / "p0000-s0005.png")).mean() > 5
     # a size off the latent patches (here with a VAE of the real models' factor 8: 16 pixels a side) is refused
-    # before any image: FLUX rounded it down with a warning, SD3 failed on the first batch
-    real_factor = generate.load_pipeline
-
-    def with_real_factor(*args, **kwargs):
-        pipe = real_factor(*args, **kwargs)
-        pipe.vae_scale_factor = 8
-        return pipe
-    monkeypatch.setattr(generate, "load_pipeline", with_real_factor)
-    with pytest.raises(ValueError, match=f"height must be a multiple of 16 for this {type(pipe).__name__} .*, got 40"):
+    # before any image, as training refuses it: FLUX rounded it down with a warning, SD3 failed on the first batch
+    from diffusion_align.models import loading
+    monkeypatch.setattr(loading, "vae_downsampling", lambda config: 8)
+    with pytest.raises(ValueError, match=rf"height=40 must be a multiple of 16 for {model} \({family}\)"):
         generate_images(model, prompts_txt, "0", tmp_path / "off", **{**FAST, "height": 40})
     assert not (tmp_path / "off" / "metadata.jsonl").exists()
     monkeypatch.undo()

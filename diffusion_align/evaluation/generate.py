@@ -304,12 +304,23 @@ def load_pipeline(model: str, lora: str | None = None, scheduler: str | None = N
     return pipe.to(device)
 
 
+def _check_size(model: str, height: int | None, width: int | None) -> None:
+    """Refuse a size off the transformer's latent patches as training does (`loading.check_resolution`), before any
+    image: FLUX rounds it down with a warning only, so the images would not be the size recorded."""
+    from ..models.loading import check_resolution, pipeline_family, pipeline_index
+    if height is None and width is None:
+        return
+    family, denoiser_config = pipeline_family(model, pipeline_index(model, what="model"))
+    for name, side in (("height", height), ("width", width)):
+        if side is not None:
+            check_resolution(side, family, denoiser_config, model, name=name)
+
+
 def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: float | None, height: int | None,
               width: int | None, negative_prompt: str | None, dtype: torch.dtype, t5: dict) -> dict:
     """The settings as they take effect: the pipeline's defaults filled in, so two runs compare by value. `t5`:
     the pipeline call's {"max_sequence_length": tokens} when one is given (recorded then only), which a pipeline
     without T5 refuses; a negative prompt the pipeline would ignore is refused too."""
-    from ..models.families import FAMILIES
     from ..models.loading import weights_digest
     defaults = inspect.signature(type(pipe).__call__).parameters
     if t5 and "max_sequence_length" not in defaults:
@@ -319,15 +330,6 @@ def _settings(pipe, model: str, lora: str | None, steps: int | None, guidance: f
         raise ValueError(f"negative_prompt={negative_prompt!r}: a {type(pipe).__name__} ignores it unless it runs "
                          "true classifier-free guidance (true_cfg_scale > 1), which generate does not; FLUX.1 is "
                          "guidance-distilled: leave the negative prompt out")
-    # FLUX rounds a size off its 2 x 2 packed latents down, with a warning only: the images would not be the size
-    # recorded (SD3 refuses one off its patches)
-    family = next(f for f in FAMILIES.values() if f.lora_pipeline == type(pipe).__name__)
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
-    multiple = pipe.vae_scale_factor * family.latent_multiple(dict(denoiser.config))
-    for name, side in (("height", height), ("width", width)):
-        if side is not None and side % multiple:
-            raise ValueError(f"{name} must be a multiple of {multiple} for this {type(pipe).__name__} (its VAE's "
-                             f"factor x its latent patches), got {side}")
     # what the pipelines draw by default: their denoiser's sample size in latents (FLUX: a fixed 128), in pixels
     size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {"model": model, "lora": lora, "weights": weights_digest(model, lora),
@@ -410,7 +412,8 @@ def generate_images(model: str, prompts_file, seeds: str | Sequence[int], out_di
     device = default_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     model, lora = _source(str(model), "model"), None if lora is None else _trained_lora(_source(str(lora), "LoRA"))
-    pipe = load_pipeline(model, lora, scheduler, device, dtype)
+    pipe = load_pipeline(model, lora, scheduler, device, dtype)  # first: it names a pipeline of no family
+    _check_size(model, height, width)
     t5 = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     settings = _settings(pipe, model, lora, steps, guidance, height, width, negative_prompt, dtype, t5)
     if prune:
