@@ -10,6 +10,12 @@ import torch
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def reward_dtype(cfg) -> torch.dtype:
+    """The dtype an online run's scorers (online.reward, online.track) score in: fp32, or with
+    online.reward_dtype=frozen train.mixed_precision's, the frozen models' (`cfg`: a Config)."""
+    return torch.float32 if cfg.online.reward_dtype == "fp32" else MIXED_PRECISION_DTYPES[cfg.train.mixed_precision]
+
+
 def default_device(device=None) -> torch.device:
     """`device` as asked, else CUDA when there is a GPU, else the CPU."""
     return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")

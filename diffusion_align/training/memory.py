@@ -84,7 +84,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..config import Config
-from ..devices import MIXED_PRECISION_DTYPES
+from ..devices import MIXED_PRECISION_DTYPES, reward_dtype
 from ..models.families import Family
 from .methods import METHODS, ONLINE_METHODS
 from .sharding import sharding_conflicts, wrap_units
@@ -722,7 +722,7 @@ def memory_bytes(cfg: Config, counts: ModelCounts, processes: int = 1, strategy:
     text = _text_encoder_bytes(counts, MIXED_PRECISION_DTYPES[cfg.train.mixed_precision])
     encoders = counts.vae * vae_bytes + text if plain else 0
     # loaded as the online loop loads them: the scorers in online.reward_dtype, the judge in the frozen dtype
-    rewards = counts.rewards * (4 if cfg.online.reward_dtype == "fp32" else frozen) + counts.judge * frozen
+    rewards = counts.rewards * reward_dtype(cfg).itemsize + counts.judge * frozen
     sharded = {"ddp": 1, "fsdp2": processes, "fsdp2-offload": None, "zero2": 1}[strategy]
     partitioned = processes if strategy in ("fsdp2", "zero2") else 1  # gradients and optimizer states
     ema = 4 * trainable if cfg.train.ema_decay else 0  # kept where the trained weights are, as they are sharded

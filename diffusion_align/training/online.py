@@ -26,6 +26,7 @@ import diffusers
 import torch
 
 from ..config import Config, ConfigError, OnlineConfig
+from ..devices import reward_dtype
 from ..evaluation.generate import read_prompts
 from ..files import write_image_atomic
 from ..models.loading import pipeline_index, vae_downsampling
@@ -207,9 +208,8 @@ def train_online(cfg: Config) -> TrainResult:
 
     models = set_up_models(cfg, accelerator, needs_reference=o.kl_beta > 0, lr=t.lr)
     parts, policy, denoiser, optimizer = models.parts, models.policy, models.denoiser, models.optimizer
-    reward_dtype = torch.float32 if o.reward_dtype == "fp32" else models.frozen_dtype
-    scorer = load_scorer(*parse_scorer_spec(o.reward), device=device, dtype=reward_dtype)
-    tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=reward_dtype) for spec in o.track]
+    scorer = load_scorer(*parse_scorer_spec(o.reward), device=device, dtype=reward_dtype(cfg))
+    tracked = [load_scorer(*parse_scorer_spec(spec), device=device, dtype=reward_dtype(cfg)) for spec in o.track]
     judge = None
     if o.judge is not None:
         judge = VLMJudge(o.judge, device=device, dtype=models.frozen_dtype, answers=tuple(o.judge_answers))
