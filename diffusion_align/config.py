@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import types
 import typing
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import expand_home
 
 T5_MAX_TOKENS = 512  # what the SD3 and FLUX pipelines take (max_sequence_length)
 
@@ -422,7 +423,7 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
             if not _is_text(value):
                 raise TypeError
             # a path under the home folder, in a file and on the command line (where bash leaves `key=~/x` as it is)
-            value = os.path.expanduser(value) if str(value).startswith("~/") else str(value)
+            value = expand_home(str(value))
     except (TypeError, ValueError):
         choices = f.metadata.get("choices")
         expected = ("list of strings" if typing.get_origin(base) is list else

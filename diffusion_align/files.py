@@ -152,6 +152,12 @@ def jsonl_records(text: str, path, error: type[Exception] = ValueError) -> Itera
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
+def expand_home(path: str) -> str:
+    """`~/x` -> the home folder's x, for paths the shell leaves as they are: inside YAML, after `key=` on the command
+    line, and after a comma. Other `~` spellings (`~user/x`, `a~/b`) are left alone."""
+    return os.path.expanduser(path) if path.startswith("~/") else path
+
+
 def looks_like_hub_id(name: str) -> bool:
     """owner/name, and not a relative path (./a/b) or a file name (a/b.parquet)."""
     return bool(HUB_ID.fullmatch(name)) and not name.startswith(".") and not name.endswith((".parquet", ".arrow"))

@@ -109,6 +109,17 @@ def test_load_folder_glob_and_comma_list(tmp_path):
         assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1), source
 
 
+def test_a_comma_list_expands_home_in_each_item(tmp_path, monkeypatch):
+    """`data.path=~/a.parquet,~/b.parquet`: the config expands the first `~/` only, and the second was looked for
+    in a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rows = make_rows()
+    write_parquet(tmp_path / "a.parquet", {k: v[:6] for k, v in rows.items()})
+    write_parquet(tmp_path / "b.parquet", {k: v[6:] for k, v in rows.items()})
+    ds, stats = load_pairs(f"{tmp_path / 'a.parquet'},~/b.parquet")
+    assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1)
+
+
 def test_a_downloaded_hub_folder_is_read_by_split(tmp_path, caplog):
     """A local copy of Pick-a-Pic v2 holds every split's shards in one folder (data/train-00000-of-00645-<hash>.parquet,
     data/validation-..., data/test_unique-...): data.split=train read the test and validation rows too."""

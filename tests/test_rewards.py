@@ -76,8 +76,10 @@ def test_registry_errors_name_the_file(tmp_path, monkeypatch):
         registry.load_spec("y")
 
 
-def test_parse_scorer_spec():
+def test_parse_scorer_spec(tmp_path, monkeypatch):
     assert parse_scorer_spec("pickscore=/models/ps") == ("pickscore", "/models/ps")
+    monkeypatch.setenv("HOME", str(tmp_path))  # `hpsv2.1=~/w`: bash leaves a ~ after `name.1=` as it is
+    assert parse_scorer_spec("hpsv2.1=~/w.pt") == ("hpsv2.1", str(tmp_path / "w.pt"))
     assert parse_scorer_spec("clip") == ("clip", None)
     assert parse_scorer_spec(" hpsv2.1 = /a=b/HPS_v2.1_compressed.pt ") == ("hpsv2.1", "/a=b/HPS_v2.1_compressed.pt")
     with pytest.raises(ValueError, match="empty path"):

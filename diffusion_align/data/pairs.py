@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from ..files import hub_load_error, looks_like_hub_id
+from ..files import expand_home, hub_load_error, looks_like_hub_id
 from ..images import to_rgb
 from .shards import unfinished_output
 
@@ -99,7 +99,8 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
     are named as the hub names a split's shards (`HUB_SHARD_NAME`, as a downloaded Pick-a-Pic is) gives only those
     of `split` (None: all), as `datasets.load_dataset` reads such a folder; the others are read whole."""
     if "," in path:
-        return [f for part in path.split(",") if part.strip() for f in _parquet_files(part.strip(), split)]
+        return [f for part in path.split(",") if part.strip()
+                for f in _parquet_files(expand_home(part.strip()), split)]
     if os.path.isfile(path):  # before the glob test: a file or folder may have [ ] in its name
         return [path]
     if os.path.isdir(path):
@@ -152,7 +153,8 @@ def check_out_dir(source: str, out_dir) -> None:
         raise ValueError(f"{out_dir}: the output folder holds source file {held[0]}, which its shards "
                          "(pairs-00000.parquet, ...) could overwrite (losing the rows skipped) and reading the output "
                          "would read again; write to another folder")
-    folders = [Path(p.strip()).resolve() for p in source.split(",") if os.path.isdir(p.strip())]
+    parts = [expand_home(p.strip()) for p in source.split(",")]
+    folders = [Path(p).resolve() for p in parts if os.path.isdir(p)]
     around = [d for d in folders if d == out or d in out.parents]
     if around:  # a folder is read with its subfolders
         raise ValueError(f"{out_dir}: the output folder lies in source folder {around[0]}, so a rerun would read "

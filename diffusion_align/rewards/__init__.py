@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 
-from ..files import shipped_dir
+from ..files import expand_home, shipped_dir
 from .base import MissingWeightsError, Scorer
 from .clip import AestheticScorer, ClipSimilarityScorer
 from .hps import HPSScorer
@@ -52,7 +52,7 @@ def parse_scorer_spec(spec: str) -> tuple[str, str | None]:
     if sep and not path:
         raise ValueError(f"scorer spec {spec!r}: empty path after '='; write {name!r} alone to use the default "
                          f"weights, or {name}=/path/to/weights")
-    return name, path or None
+    return name, expand_home(path) or None
 
 
 def load_scorer(name: str, path: str | os.PathLike | None = None, device=None, dtype=None, **options) -> Scorer:
