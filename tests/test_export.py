@@ -324,6 +324,23 @@ def test_a_flux_lora_exports_as_diffusers_and_merged_and_is_refused_as_kohya(tmp
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_merged_export_keeps_each_part_of_a_bf16_base_in_bf16(tmp_path, tiny_flow_models, flux_lora_run):
+    """diffusers loads its own models in fp32 whatever they were saved in: a LoRA merged into bf16 FLUX.1-dev held
+    its transformer in 48 GB and wrote it, and the VAE, in fp32 beside bf16 text encoders, twice the base's size."""
+    base = tmp_path / "base-bf16"
+    DiffusionPipeline.from_pretrained(tiny_flow_models["flux"], dtype=torch.bfloat16).save_pretrained(base)
+    export(flux_lora_run.final_dir.parent, "--format", "merged", "--base", base, "--out", tmp_path / "merged")
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        [weights] = (tmp_path / "merged" / part).glob("*.safetensors")
+        assert {t.dtype for t in load_file(weights).values()} == {torch.bfloat16}, part
+    merged = load_file(tmp_path / "merged" / "transformer" / "diffusion_pytorch_model.safetensors")
+    stored = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    changed = {k.removesuffix(".weight") for k in stored if not torch.equal(merged[k], stored[k])}
+    adapted = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+               for k in load_file(flux_lora_run.final_dir / LORA_WEIGHTS)}
+    assert changed == adapted  # the LoRA fused into the bf16 weights, and nothing else moved
+
+
 def apply_comfyui_diffusers_rule(transformer, path):
     """What ComfyUI does with a diffusers-keyed transformer LoRA (`transformer.<module>.lora_A.weight`): W += scale x
     lora_B @ lora_A, the scale alpha / rank where the file has a `<module>.alpha` tensor, else 1

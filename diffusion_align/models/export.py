@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
@@ -270,7 +270,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
                          "there would replace, with the run's checkpoints; give another folder")
     _check_free(out, overwrite)
     if source.kind == "pipeline":
-        pipeline = DiffusionPipeline.from_pretrained(source.folder)
+        pipeline = base_pipeline(str(source.folder))
     else:
         family = _check_base(source)
         trained = ({family.denoiser: family.denoiser_cls.from_pretrained(source.folder / family.denoiser)}

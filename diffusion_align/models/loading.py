@@ -23,6 +23,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
 from ..config import ConfigError
 from ..files import hub_load_error, looks_like_hub_id
@@ -88,6 +89,7 @@ def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
 
 
 _WEIGHTS = (".safetensors", ".bin")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -218,7 +220,25 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
     place of its own; the other parts keep the precision they were saved in."""
     if vae is not None:
         components["vae"] = load_vae(vae)
-    return DiffusionPipeline.from_pretrained(pretrained, revision=revision, variant=variant, **components)
+    folder = Path(pretrained if Path(pretrained).exists() else
+                  DiffusionPipeline.download(pretrained, revision=revision, variant=variant))
+    # diffusers loads its own models in fp32 whatever they were saved in (a bf16 FLUX transformer: 48 GB, and written
+    # back twice its size); transformers keeps the text encoders' saved dtype ("default": None leaves them to it)
+    dtypes = {name: dtype for name, entry in pipeline_index(str(folder)).items()
+              if isinstance(entry, list) and entry[0] == "diffusers" and name not in components
+              and (folder / name).is_dir() and (dtype := _stored_dtype(folder / name, variant)) is not None}
+    return DiffusionPipeline.from_pretrained(folder, variant=variant, dtype={**dtypes, "default": None}, **components)
+
+
+def _stored_dtype(folder: Path, variant: str | None) -> torch.dtype | None:
+    """The floating dtype of a component's safetensors weights, read from a file header (None: .bin weights)."""
+    files = [f for f in _weights(folder, variant) if f.name.endswith(".safetensors")]
+    if not files:
+        return None
+    with safe_open(files[0], "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    floating = [_SAFETENSORS_DTYPES[d] for d in ("F32", "BF16", "F16") if d in dtypes]
+    return floating[0] if floating else None
 
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
