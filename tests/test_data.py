@@ -524,6 +524,23 @@ def test_rows_pick_a_pic_flags_as_unlabelled_are_dropped_and_counted(tmp_path):
     assert (stats.ties_dropped, stats.unlabelled) == (1, 3)
 
 
+def test_a_has_label_of_1_0_is_read_as_flags_and_one_of_text_is_named(tmp_path):
+    """A has_label of integers (a CSV's or pandas' copy of Pick-a-Pic) failed in pyarrow, naming no file; one of
+    text was kept whole when streamed ("false" is a true string)."""
+    rows = make_rows()
+    rows["has_label"] = [0 if i in (0, 6) else 1 for i in range(N_ROWS)]
+    rows["has_label"][7] = None
+    path = write_parquet(tmp_path / "ints.parquet", rows)
+    ds, stats = load_pairs(path, extra_columns=["user_id"])
+    assert (stats.unlabelled, stats.pairs) == (3, N_ROWS - 4) and not {0, 6, 7} & set(ds["user_id"])
+    assert [row["user_id"] for row in load_pairs(path, extra_columns=["user_id"], streaming=True)[0]] == ds["user_id"]
+    text = write_parquet(tmp_path / "text.parquet", rows | {"has_label": ["false", *["true"] * (N_ROWS - 1)]})
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"text.parquet: column has_label holds string values; expected "
+                                             r"true/false \(or 1/0\)"):
+            load_pairs(text, streaming=streaming)
+
+
 def test_labels_outside_0_1_are_unlabelled_streamed_or_not(tmp_path):
     rows = make_rows()
     rows["jpg_1"][CORRUPT_ROW] = LOSE

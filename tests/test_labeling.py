@@ -356,6 +356,21 @@ def test_relabelling_a_folder_output_finds_no_human_labels(image_folder, tmp_pat
     assert [r["label_0"] for r in stream] == [r["label_0"] for r in pairs]
 
 
+def test_pairs_without_labels_are_labelled(constructed, tmp_path):
+    """A source of pairs without label_0/label_1 (caption, jpg_0, jpg_1: someone's own pairs) was refused for the
+    columns `label` makes; it gets the scorer's labels and no human_label_* (dummy ones would count as people's)."""
+    table = pq.read_table(constructed).drop_columns(["label_0", "label_1", "has_label"])
+    pq.write_table(table, tmp_path / "unlabelled.parquet")
+    report = label_pairs(str(tmp_path / "unlabelled.parquet"), FakeScorer(), tmp_path / "out", tie_margin=MARGIN)
+    assert report.pairs_scored == 9 and report.agreement["no_human_label"] == 9
+    rows = read_out(tmp_path / "out")
+    assert [r["label_0"] for r in rows] == [1.0, 0.0, 0.5, 1.0, 0.0, 1.0, 0.0, 0.5, 0.0]
+    assert not any(k.startswith("human_label") for r in rows for k in r)
+    assert load_pairs(str(tmp_path / "out"))[1].pairs == 7  # trains as it is (the two AI ties dropped)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['label_0', 'label_1'\]"):
+        load_pairs(str(tmp_path / "unlabelled.parquet"), keep_ties=True)  # training still needs its labels
+
+
 def test_pairs_from_folder_caps_pairs_per_prompt(image_folder, tmp_path):
     out = tmp_path / "pairs"
     pairs_from_folder(image_folder, FakeScorer(), out, max_pairs_per_prompt=2, seed=1)

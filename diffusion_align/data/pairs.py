@@ -255,7 +255,8 @@ def _preferences(ds: datasets.Dataset, path: str, label_columns: list[str], flag
     l0, l1 = _read_numbers(ds, label_columns, path)
     if flagged:  # a row whose flag is false (or null) holds no one's preference, whatever its labels say
         flags = ds.select_columns(["has_label"]).with_format("arrow")[:]["has_label"]
-        unflagged = ~flags.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        _check_flags(str(flags.type), path)
+        unflagged = ~flags.cast(pa.bool_()).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
         l0, l1 = np.where(unflagged, np.nan, l0), np.where(unflagged, np.nan, l1)
     out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
     if warn and out_of_range.any():
@@ -264,6 +265,13 @@ def _preferences(ds: datasets.Dataset, path: str, label_columns: list[str], flag
                        "and are treated as unlabelled", path, out_of_range.sum(), first, label_columns[0],
                        l0[first], l1[first])
     return np.where(out_of_range, np.nan, l0), np.where(out_of_range, np.nan, l1), out_of_range
+
+
+def _check_flags(dtype: str, path: str) -> None:
+    """has_label is true/false, or 1/0 (a CSV's or pandas' copy of it); text such as "false" is not read as either."""
+    if dtype not in ("bool", "null") and not re.fullmatch(r"u?int\d+", dtype):
+        raise ValueError(f"{path}: column has_label holds {dtype} values; expected true/false (or 1/0): whether the "
+                         "row's label_0/label_1 are people's")
 
 
 def _sample(rows: np.ndarray, max_pairs: int | None, seed: int | None) -> np.ndarray:
@@ -298,6 +306,7 @@ def load_pairs(
     orient_by: str | None = None,
     scores: dict[str, np.ndarray] | None = None,
     source_rows: bool = False,
+    labels: bool = True,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, PairStats]:
     """Load preference pairs from the hub, parquet file(s)/folder/glob, or a save_to_disk folder.
 
@@ -315,7 +324,8 @@ def load_pairs(
     dropped and counted, after the `max_pairs` draw (so the draw is `preference_rows`', the rows SmPO scores); the
     scores come back as floats. `scores` adds columns, one value per source row
     (`rewards.labeling.reward_scores`), first; `source_rows` adds `source_row`, each pair's row number in the source
-    (where a latent cache stores it).
+    (where a latent cache stores it). `labels=False` also reads a source without label_0/label_1 (pairs for `label`
+    to label; not streamed): every row is kept, as a row without a preference.
 
     `max_pairs` keeps N of the remaining pairs: a random sample drawn with `seed`, in stored order (the same on
     every process and on resume), or the first N when `seed` is None (a larger N then extends a smaller one, as
@@ -336,7 +346,9 @@ def load_pairs(
 
     found = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its schema up front
     keep_all = extra_columns == "all"
-    expected = list(dict.fromkeys([*REQUIRED_COLUMNS, *(() if keep_all else extra_columns)]))
+    no_labels = not labels and not {"label_0", "label_1"} & set(found)
+    required = [c for c in REQUIRED_COLUMNS if not (no_labels and c.startswith("label_"))]
+    expected = list(dict.fromkeys([*required, *(() if keep_all else extra_columns)]))
     score_columns = [f"{orient_by}_0", f"{orient_by}_1"] if orient_by else []
     missing = [c for c in [*expected, *score_columns] if c not in found]
     if missing:
@@ -350,6 +362,8 @@ def load_pairs(
     ds = raw_images(ds)
 
     if is_stream:
+        if isinstance(flag := (ds.features or {}).get("has_label"), datasets.Value):
+            _check_flags(flag.dtype, path)
         if flagged and not keep_unlabelled:
             ds = ds.filter(lambda flags: [bool(f) for f in flags], input_columns=["has_label"], batched=True)
         if not keep_ties:
@@ -361,7 +375,8 @@ def load_pairs(
         ds = ds if keep_all else ds.select_columns(expected)
         return (ds if max_pairs is None else ds.take(max_pairs)), PairStats(None, None, None, None, None)
 
-    l0, l1, out_of_range = _preferences(ds, path, label_columns, flagged)
+    l0, l1, out_of_range = ((np.full(len(ds), np.nan),) * 2 + (np.zeros(len(ds), bool),) if no_labels else
+                            _preferences(ds, path, label_columns, flagged))
     ties = (l0 == l1) & (not keep_ties)  # NaN never ties
     unlabelled = ~np.isfinite(l0 + l1) & (not keep_unlabelled)
     keep = _sample(np.flatnonzero(~(ties | unlabelled)), max_pairs, seed)
@@ -381,11 +396,13 @@ def load_pairs(
     return (ds.to_iterable_dataset() if streaming else ds), stats
 
 
-def first_rows(path: str, split: str = "train", max_pairs: int | None = None) -> tuple[datasets.Dataset, str]:
+def first_rows(path: str, split: str = "train", max_pairs: int | None = None,
+               labels: bool = True) -> tuple[datasets.Dataset, str]:
     """Every row and column of `path` (ties and unlabelled rows too), or its first `max_pairs`, as the tools that
     label or caption a source in resumable shards read it; and the fingerprint of all its rows, which their records
-    keep, so that a larger max_pairs extends a smaller one's shards."""
-    pairs, _ = load_pairs(path, split=split, keep_ties=True, extra_columns="all")
+    keep, so that a larger max_pairs extends a smaller one's shards. `labels=False`: the source may have no
+    label_0/label_1 (`label` makes them)."""
+    pairs, _ = load_pairs(path, split=split, keep_ties=True, extra_columns="all", labels=labels)
     fingerprint = pairs._fingerprint
     first = pairs if max_pairs is None else pairs.select(range(min(max_pairs, len(pairs))), keep_in_memory=True)
     return first, fingerprint

@@ -7,7 +7,7 @@ For a pair with scores s0, s1 (the scorer's own units, e.g. PickScore's logit-sc
     pref_prob_0              P(image 0 preferred) = scorer.preference_prob_from_scores(s0, s1)
     human_label_0/1          the labels the pair came with (kept as they are when the source already has them;
                              left out where the source is a labelling output without them, whose label_0/1 were
-                             a scorer's: `pairs_from_folder`'s)
+                             a scorer's: `pairs_from_folder`'s, or has no label_0/label_1: pairs to be labelled)
 
 and keeps every other column as it was. Output: `pairs-00000.parquet`, ... (one shard per `shard_size` source rows,
 each written whole or not at all), `.shards/pairs-00000.json` (what each shard holds: its settings, source rows and
@@ -43,8 +43,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, load_pairs, outcomes, preference_rows
-from ..data.shards import LABEL_REPORT as REPORT_NAME, SHARD_RECORDS, differences, finished_run, preprocessing_entry, \
-    replace_shards, run_shards, write_json
+from ..data.shards import CAPTIONS_REPORT, LABEL_REPORT as REPORT_NAME, SHARD_RECORDS, differences, finished_run, \
+    preprocessing_entry, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
 from ..progress import progress
 from .base import preprocessing_tag
@@ -219,8 +219,9 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     out_dir, source = Path(out_dir), str(source)
     _check_settings(tie_margin, shard_size)
     check_out_dir(source, out_dir)  # before the scorer loads
+    pairs, fingerprint = first_rows(source, split, max_pairs, labels=False)
+    _check_placed_captions(source, pairs.column_names)
     scorer, scorer_path = _scorer_and_path(scorer)
-    pairs, fingerprint = first_rows(source, split, max_pairs)
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
     settings = {"source": local_or_hub(source), "split": split, "fingerprint": fingerprint,
                 **_scorer_settings(scorer.name, scorer_path, getattr(scorer, "dtype", None),
@@ -249,6 +250,24 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     return report
 
 
+def _check_placed_captions(source: str, columns: list[str]) -> None:
+    """DCPO's perturbed captions (`captions --strategy perturbation` or `hybrid`) sit on the loser the source's
+    labels chose, and `label` replaces those labels: a pair whose winner changed would train its perturbed caption as
+    the winner's. Captions that each describe their own image (`captioning`, as the source's report says) are kept."""
+    if not {"caption_0", "caption_1"} & set(columns):
+        return
+    try:
+        strategy = json.loads((Path(source) / CAPTIONS_REPORT).read_text(encoding="utf-8")).get("strategy")
+    except (OSError, ValueError, AttributeError):  # no report beside the pairs (a file, a copy): unknown
+        strategy = None
+    if strategy != "captioning":
+        made = f"by `captions --strategy {strategy}`" if strategy else f"with no {CAPTIONS_REPORT} to say how"
+        raise ValueError(f"{source}: its caption_0/caption_1 were made {made}, which perturbs the caption of each "
+                         "pair's loser as its labels say; relabelled, a pair whose winner changes would train its "
+                         "perturbed caption as the winner's. Label first, then make the captions of the labelled "
+                         "pairs (or drop the two columns where each caption describes its own image)")
+
+
 def _columns(table: pa.Table, *names: str) -> list[np.ndarray]:
     return [table[n].to_numpy(zero_copy_only=False) for n in names]  # nulls become NaN (floats) or None
 
@@ -274,7 +293,7 @@ def _labelled_table(pairs: datasets.Dataset, start: int, stop: int, indices: lis
     # columns: SmPO's loader then decides ties on label_0/1 (null ones would drop every pair as unlabelled).
     if "human_label_0" in rows.column_names:
         human = [rows[f"human_label_{i}"].cast(pa.float64()) for i in (0, 1)]
-    elif "pref_prob_0" in rows.column_names:
+    elif "pref_prob_0" in rows.column_names or "label_0" not in rows.column_names:  # a source of unlabelled pairs
         human = []
     else:
         human = [rows[f"label_{i}"].cast(pa.float64()) for i in (0, 1)]
