@@ -214,7 +214,9 @@ class OnlineConfig:
                                       "give their counts).", within="(0, 1]")
     sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "
                               "of them is trained. k > 0: Flow-GRPO-Fast's window: k consecutive steps, placed at "
-                              "random in the first half of the steps at each rollout, are stochastic, the others "
+                              "random in the first half of the steps for each sampling call (train.batch_size "
+                              "images, as its pipeline calls draw it; with same_noise_per_group, for each step), "
+                              "are stochastic, the others "
                               "deterministic (the ODE; DDIM at eta 0), and only the window is trained "
                               "(train_fraction unused). Published: 1-3 (Flow-GRPO-Fast).", within="[0, inf)")
     per_sample_timesteps: bool = _key(False, "true: each image trains its own random train_fraction of the steps, "
@@ -279,6 +281,9 @@ class TrainConfig:
                                  "update n, and save it as the final model (training/ema.py); 0 = none. Flow-GRPO "
                                  "keeps one with decay 0.9 every 8 updates.", within="[0, 1)")
     ema_every: int = _key(1, "Update the EMA (ema_decay) every N weight updates (Flow-GRPO: 8).", within="[1, inf)")
+    ema_repeats: int = _key(1, "Apply the EMA's rule N times at each of its updates, to the same weights (a decay "
+                               "of d^N): Flow-GRPO's online scripts step their EMA after every micro-batch, N = "
+                               "their train.gradient_accumulation_steps (training/ema.py).", within="[1, inf)")
     mixed_precision: str = _key("no", "no, fp16 or bf16 (frozen models are stored in that dtype too).",
                                 choices=("no", "fp16", "bf16"))
     sharding: str = _key("none", "Shard the UNet's weights, gradients and optimiser states over the processes "

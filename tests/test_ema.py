@@ -50,6 +50,16 @@ def test_the_update_rule_by_hand():
     assert restored.updates == 81 and torch.equal(restored.average["w"], ema.average["w"])
 
 
+def test_repeats_apply_the_rule_that_many_times_to_the_same_weights():
+    """Flow-GRPO's online scripts step their EMA after each of an update's 2 micro-batches, the count unchanged: at
+    n = 1 (every 2nd) d = 2/11 twice, so 0 -> 9/11 -> 2/11 * 9/11 + 9/11 = 117/121, i.e. d^2 = 4/121 once."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    ema = EMA({"w": weight}, decay=0.9, every=2, repeats=2)
+    ema.average["w"].zero_()
+    ema.update()
+    assert ema.average["w"][0].item() == pytest.approx(117 / 121, rel=1e-6)
+
+
 def test_the_weights_hold_the_ema_inside_copied_in_only_and_take_it_back():
     """What a checkpoint writes and reads through: the weights are the EMA inside the block and their live values
     after it, even after an error; `take_weights` makes an EMA of what was loaded into them."""

@@ -304,25 +304,38 @@ def test_a_group_takes_the_steps_before_its_window_once(tiny_flow_models, online
 
 
 def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup, tmp_path, monkeypatch):
-    """online.sde_window=1 of 4 steps: each rollout's one stochastic step, in the first half, is the step trained,
-    at ratio 1; a window that does not fit the first half is refused."""
+    """online.sde_window=1 of 4 steps: each sampling call's one stochastic step, in the first half, drawn for that
+    call (as Flow-GRPO-Fast's pipeline calls draw theirs; one a step made every update's gradient one window's), is
+    the step its micro-batch trains, at ratio 1; a window that does not fit the first half is refused."""
     trained, sampled, real_step, real_sample = [], [], online.step_distribution, online.sample_with_logprob
+    drawn, real_window = [], online.sde_window
+
+    def recording_window(*args):
+        drawn.append(real_window(*args))
+        return drawn[-1]
 
     def recording_sample(*args, noisy_steps=None, **kwargs):
         trajectory = real_sample(*args, noisy_steps=noisy_steps, **kwargs)
-        sampled.append([int(s) for s in torch.isfinite(trajectory.log_probs).all(dim=1).nonzero()])
+        sampled.append((trajectory, [int(s) for s in torch.isfinite(trajectory.log_probs).all(dim=1).nonzero()]))
         return trajectory
 
     def recording_step(model, sampler, trajectory, step, *args):
-        trained.append(step)
+        trained.append((trajectory, step))
         return real_step(model, sampler, trajectory, step, *args)
 
     monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
     monkeypatch.setattr(online, "step_distribution", recording_step)
+    monkeypatch.setattr(online, "sde_window", recording_window)
     result = train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path, "online.sde_window=1",
-                                 "online.updates_per_rollout=1", "train.max_steps=2"))
-    assert len(sampled) == 4 and all(len(s) == 1 and s[0] < 2 for s in sampled)  # 2 rollouts of 2 micro-batches
-    assert trained == [sampled[0][0]] * 2 + [sampled[2][0]] * 2 and sampled[0] == sampled[1]
+                                 "online.updates_per_rollout=1", "train.max_steps=4"))
+    # 4 rollouts of 2 micro-batches, a window drawn for each, its one stochastic step in the first half
+    windows = [steps for _, steps in sampled]
+    assert windows == [list(w) for w in drawn] and len(windows) == 8 and {(0,), (1,)} == set(map(tuple, windows))
+    assert any(windows[2 * step] != windows[2 * step + 1] for step in range(4))  # one step, two windows
+    # each micro-batch trains its own sampling call's window, and every micro-batch is trained
+    own = {id(trajectory): steps for trajectory, steps in sampled}
+    assert all([step] == own[id(trajectory)] for trajectory, step in trained) and len(trained) == 8
+    assert {id(trajectory) for trajectory, _ in trained} == set(own)
     assert result.metrics["log_ratio_abs_max"] < 1e-5
     with pytest.raises(ConfigError, match="online.sde_window=3 must fit in the first half"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "x", "online.sde_window=3"))

@@ -143,6 +143,19 @@ def test_a_run_saved_before_online_reward_dtype_resumes_with_its_rewards_in_the_
         assert changed_keys(saved, cfg) == []
 
 
+def test_a_run_saved_before_train_ema_repeats_resumes_with_one_rule_an_update(tiny_models):
+    """A run with an EMA saved before train.ema_repeats applied the rule once an update: resumed with the Flow-GRPO
+    recipes' repeats, its EMA would change part-way. Without an EMA the key changes nothing."""
+    def case(*overrides):
+        return load_config(None, [f"model.pretrained={tiny_models['sd']}", "train.ema_repeats=2", *overrides])
+    for cfg, changed in ((case("train.ema_decay=0.9"), [("train.ema_repeats", 1, 2)]), (case(), [])):
+        saved = config_to_dict(cfg)
+        del saved["train"]["ema_repeats"]
+        assert changed_keys(saved, cfg) == changed
+        cfg.train.ema_repeats = 1
+        assert changed_keys(saved, cfg) == []
+
+
 def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():
     """diffusers' `constant` schedule takes no warm-up: the steps asked for were silently not run. Configs saved
     with one still load (export reads them), and a run resumed from one may drop it."""

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -214,8 +214,16 @@ def test_unreachable_models_and_data_are_one_line_errors(tmp_path, tiny_models, 
     ["train.mixed_precision=bf16", "model.gradient_checkpointing=true", "train.optimizer=adafactor"],
     ["model.lora_rank=null", "model.ref_offload=true", "data.streaming=true", "data.prompt_dropout=0.5"],
 ], ids=["lora-bf16-checkpointing-adafactor", "full-offloaded-reference-streaming"])
-def test_training_options(tmp_path, tiny_models, tiny_pairs, options):
+def test_training_options(tmp_path, tiny_models, tiny_pairs, options, monkeypatch):
+    loaded_in, from_pretrained = [], UNet2DConditionModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded_in.append(kwargs.get("dtype"))
+        return from_pretrained(cls, *args, **kwargs)
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(spy))
     result = run(tmp_path, tiny_models["sd"], tiny_pairs, *options)
+    # a LoRA's frozen base loads straight into its dtype (through fp32, FLUX.1's took 48 GB of host memory)
+    assert loaded_in[0] == (torch.bfloat16 if "train.mixed_precision=bf16" in options else None)
     records = read_metrics(tmp_path / "run")
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)

@@ -243,18 +243,21 @@ def _stored_dtype(folder: Path, variant: str | None) -> torch.dtype | None:
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None, encoders: bool = True, denoiser: bool = True,
-                    max_sequence_length: int | None = None) -> DiffusionComponents:
+                    max_sequence_length: int | None = None,
+                    denoiser_dtype: torch.dtype | None = None) -> DiffusionComponents:
     """The denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's training scheduler
     with the checkpoint's config.
 
     `encoders=False` skips the VAE, text encoders and tokenizers (training from a latent cache); `denoiser=False` loads
     no denoiser weights (building one): its config alone says the family. `max_sequence_length`: the T5 tokens
-    (SD3, FLUX) `parts.family` encodes prompts to; None: the pipeline's default."""
+    (SD3, FLUX) `parts.family` encodes prompts to; None: the pipeline's default. `denoiser_dtype`: the dtype the
+    denoiser loads in (None: fp32, diffusers' default, whatever it was saved in); a LoRA run's frozen base loads
+    straight into its frozen dtype, not through fp32 (FLUX.1's transformer: 24 GB of host memory, not 48)."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
-    denoiser_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant, **kw)
-                      if denoiser else None)
+    denoiser_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant,
+                                                          dtype=denoiser_dtype, **kw) if denoiser else None)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = text_encoder_class(pretrained, index, name, family)

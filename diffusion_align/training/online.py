@@ -10,8 +10,8 @@ Each step, on each process:
   -> advantages z-scored within each group, by its own std or all the step's (online.advantage_std; a group whose
      rewards all tie carries none and is left out)
   -> `updates_per_rollout` clipped policy updates, each over a part of the samples and a random ~60% of their
-     denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps; the
-     window's steps with online.sde_window),
+     denoising steps (never the last; one draw per update, or per sample with online.per_sample_timesteps; with
+     online.sde_window, each sampling call's window),
      micro-batched exactly as sampled so the first update's ratio is 1.
 Set-up, checkpoints and exact resume, metrics and the saved model are shared with the offline loop (run.py).
 """
@@ -139,6 +139,13 @@ def sde_window(sample_steps: int, size: int, generator: torch.Generator) -> rang
     return range(start, start + size)
 
 
+def generator_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """Process `rank`'s seeds of its sampling noise and of its choices (steps, orders, windows, judge orders): odd
+    and even multiples of 10,000 past train.seed, so no process's noise replays another's choices (on CPUs both are
+    one kind of generator)."""
+    return seed + 10_000 * (2 * rank + 1), seed + 20_000 * (rank + 1)
+
+
 def latent_shape(parts, resolution: int) -> tuple[int, int, int]:
     """(channels, height, width) of the denoiser's latents for square images of `resolution` pixels."""
     factor = vae_downsampling(parts.vae.config)
@@ -218,26 +225,35 @@ def train_online(cfg: Config) -> TrainResult:
     guidance, guidance_input = online_guidance(o, parts)
 
     # ---- randomness: noise on the device, choices on the CPU; both saved in checkpoints ----
-    noise_gen = torch.Generator(device).manual_seed(t.seed + 10_000 * (rank + 1))
-    choice_gen = torch.Generator().manual_seed(t.seed + 20_000 * (rank + 1))
+    noise_seed, choice_seed = generator_seeds(t.seed, rank)
+    noise_gen = torch.Generator(device).manual_seed(noise_seed)
+    choice_gen = torch.Generator().manual_seed(choice_seed)
     start_step, saved = resume_run(cfg, accelerator, models, output_dir)
     if saved is not None:
         noise_gen.set_state(saved["noise_gen"])
         choice_gen.set_state(saved["choice_gen"])
     skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
-    def rollout(step_prompt_list: list[str], window: range | None) -> tuple[list[Trajectory], list, list]:
-        """Sample this step's groups, `train.batch_size` images at a time (stochastic in `window` alone, if given):
-        trajectories, their conditioning, images."""
+    def draw_window() -> range | None:
+        return sde_window(o.sample_steps, o.sde_window, choice_gen) if o.sde_window else None
+
+    def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list, list]:
+        """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images,
+        and the SDE window of each sampling call (online.sde_window; else None): a window a call, as Flow-GRPO-Fast's
+        pipeline calls draw theirs, or with same_noise_per_group one for the step, whose groups take the steps
+        before it once."""
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
                                           o.group_size, t.resolution, zero_uncond, guidance_input)
+        window = draw_window()
         if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
             group_path = [torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)]
             if window is not None and window.start > 0:  # the steps before the window: a group's images take them
                 group_path = shared_steps(group_path[0], cond, uncond, window, t.batch_size)  # alike, so once
-        trajectories, conds, images = [], [], []
+        trajectories, conds, images, windows = [], [], [], []
         for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
             rows = torch.arange(start, start + t.batch_size)
+            if start > 0 and not o.same_noise_per_group:
+                window = draw_window()
             latents = ([x[rows // o.group_size] for x in group_path] if o.same_noise_per_group else
                        torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
             conds.append((cond.select(rows), None if uncond is None else uncond.select(rows)))
@@ -245,8 +261,9 @@ def train_online(cfg: Config) -> TrainResult:
                 trajectory = sample_with_logprob(policy.denoiser, sampler, *conds[-1], latents, o.sample_steps,
                                                  guidance, generator=noise_gen, noisy_steps=window)
             trajectories.append(trajectory)
+            windows.append(window)
             images += decode_images(parts.vae, trajectory.latents[-1])
-        return trajectories, conds, images
+        return trajectories, conds, images, windows
 
     def shared_steps(noise: torch.Tensor, cond, uncond, window: range, batch: int) -> list[torch.Tensor]:
         """x_T, ..., x_window.start of each group (a row of `noise` each): the deterministic steps before the window,
@@ -324,8 +341,7 @@ def train_online(cfg: Config) -> TrainResult:
             step_prompt_list = step_prompts(prompts, t.seed, step, o.prompts_per_step, rank, world)
             row_prompts = [p for p in step_prompt_list for _ in range(o.group_size)]
             with torch.no_grad():
-                window = sde_window(o.sample_steps, o.sde_window, choice_gen) if o.sde_window else None
-                trajectories, conds, images = rollout(step_prompt_list, window)
+                trajectories, conds, images, windows = rollout(step_prompt_list)
                 scores = scorer.score(images, row_prompts)
                 rewards = rewards_of(images, row_prompts, scores)
                 tracked_means = {f"tracked_{s.name}": s.score(images, row_prompts).mean() for s in tracked}
@@ -345,10 +361,12 @@ def train_online(cfg: Config) -> TrainResult:
             for u in range(o.updates_per_rollout):
                 micro = order[u * micro_per_update:(u + 1) * micro_per_update]
                 rows = torch.cat([torch.arange(i * t.batch_size, (i + 1) * t.batch_size) for i in micro])
-                draws = len(rows) if o.per_sample_timesteps else 1
-                steps = torch.tensor([list(window) if window else
-                                      trained_steps(o.sample_steps, o.train_fraction, choice_gen)
-                                      for _ in range(draws)]).expand(len(rows), -1)
+                if o.sde_window:  # each micro-batch trains its sampling call's window
+                    steps = torch.tensor([list(windows[i]) for i in micro]).repeat_interleave(t.batch_size, dim=0)
+                else:
+                    draws = len(rows) if o.per_sample_timesteps else 1
+                    steps = torch.tensor([trained_steps(o.sample_steps, o.train_fraction, choice_gen)
+                                          for _ in range(draws)]).expand(len(rows), -1)
                 active = accelerator.reduce(torch.tensor(float(taking_part[rows].sum()), device=device), "mean")
                 if active.item() == 0:
                     continue  # only tied groups in this part, on every process: nothing to learn from it

@@ -154,13 +154,14 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     `before_policy(parts, frozen_dtype, denoiser_digest)` runs on the untouched pretrained UNet first (precomputed
     reference errors)."""
     t, sharding = cfg.train, resolve_sharding(cfg)
+    device, frozen_dtype = accelerator.device, MIXED_PRECISION_DTYPES[t.mixed_precision]
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders,
-                            max_sequence_length=cfg.model.max_sequence_length)
+                            max_sequence_length=cfg.model.max_sequence_length,
+                            denoiser_dtype=frozen_dtype if cfg.model.lora_rank is not None else None)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
                           f"model.prediction_type=null to follow the checkpoint)")
-    device, frozen_dtype = accelerator.device, MIXED_PRECISION_DTYPES[t.mixed_precision]
     for module in parts.text_encoders:
         place(module, device, frozen_dtype)
     if parts.vae is not None:
@@ -206,7 +207,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     ema = None
     if t.ema_decay:  # of the weights as the optimiser holds them: under fsdp2, this process's shards
         trainable = {name: p for name, p in policy.denoiser.named_parameters() if p.requires_grad}
-        ema = EMA(trainable, t.ema_decay, t.ema_every)
+        ema = EMA(trainable, t.ema_decay, t.ema_every, t.ema_repeats)
     return Models(parts, policy, denoiser, optimizer, lr_scheduler, frozen_dtype, sharding, ema)
 
 
@@ -255,8 +256,9 @@ def finish_run(cfg: Config, accelerator: Accelerator, models: Models, output_dir
     denoiser = accelerator.unwrap_model(models.denoiser, keep_fp32_wrapper=False, keep_torch_compile=False)
     if models.ema is not None:
         models.ema.copy_to_weights()
-        summary = {**summary, "weights": f"the EMA (decay {cfg.train.ema_decay:g}, every {cfg.train.ema_every} "
-                                         "updates)"}
+        t = cfg.train
+        repeats = f", {t.ema_repeats} times each" if t.ema_repeats > 1 else ""
+        summary = {**summary, "weights": f"the EMA (decay {t.ema_decay:g}, every {t.ema_every} updates{repeats})"}
     fsdp = models.sharding.startswith("fsdp2")
     if fsdp:  # the run is over: its optimiser states, reference and EMA (copied in) make room for the gather
         models.optimizer.state.clear()

@@ -51,7 +51,8 @@ def _scored_in_half_precision(cfg: Config) -> bool:
 
 # keys added since runs were saved without them, whose default trains otherwise than those runs did: the value such a
 # run trained with, where it matters (a resume without it would change the objective part-way)
-ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl), "online.reward_dtype": ("frozen", _scored_in_half_precision)}
+ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl), "online.reward_dtype": ("frozen", _scored_in_half_precision),
+              "train.ema_repeats": (1, lambda cfg: cfg.train.ema_decay > 0)}
 
 # lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
 HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
