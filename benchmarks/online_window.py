@@ -6,7 +6,8 @@ window once).
     .venv/bin/python benchmarks/online_window.py             # 3 rounds of 2 + 8 online steps per setting
 
 Per setting: the transformer's forward and backward passes and the rows (image-steps) the rollout denoises, per
-online step, counted over a run of 20 steps (the window's place is drawn per rollout), and the seconds per online
+online step, counted over a run of 20 steps (the window's place is drawn per sampling call, or per step with one
+noise per group; the counts are the same either way), and the seconds per online
 step as (T(n2) - T(n1)) / (n2 - n1) over runs of n1 = 2 and n2 = 8 steps in this process (loading cancels), the
 fastest of the rounds, as a ratio to the full SDE's. The window cuts the training passes; with one noise per group
 it cuts the rollout's rows too. Run it with nothing else on the machine.

@@ -156,13 +156,14 @@ def cmd_compare(args) -> None:
 
 
 def cmd_label(args) -> None:
-    from .rewards.labeling import label_pairs, pairs_from_folder
+    from .rewards.labeling import check_captions_kept, label_pairs, pairs_from_folder
     if args.from_images:
         scorer, = _scorers(args, single=True, folders=[args.source])
         report = pairs_from_folder(args.source, scorer, args.out, max_pairs_per_prompt=args.max_pairs_per_prompt,
                                    seed=args.seed, tie_margin=args.tie_margin, batch_size=args.batch_size,
                                    num_workers=args.workers, shard_size=args.shard_size)
     else:
+        check_captions_kept(args.source)  # before the scorer loads
         scorer, = _scorers(args, single=True, pairs=args.source, pairs_out=args.out)
         report = label_pairs(args.source, scorer, args.out, tie_margin=args.tie_margin, batch_size=args.batch_size,
                              shard_size=args.shard_size, num_workers=args.workers, split=args.split,

@@ -214,11 +214,20 @@ class OnlineConfig:
                                       "give their counts).", within="(0, 1]")
     sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "
                               "of them is trained. k > 0: Flow-GRPO-Fast's window: k consecutive steps, placed at "
-                              "random in the first half of the steps for each sampling call (train.batch_size "
-                              "images, as its pipeline calls draw it; with same_noise_per_group, for each step), "
+                              "random in the first half of the steps (sde_window_per), "
                               "are stochastic, the others "
                               "deterministic (the ODE; DDIM at eta 0), and only the window is trained "
                               "(train_fraction unused). Published: 1-3 (Flow-GRPO-Fast).", within="[0, inf)")
+    sde_window_per: str = _key("call", "Where sde_window's place is drawn. call: for each sampling call "
+                                       "(train.batch_size images), as Flow-GRPO-Fast's pipeline calls draw it; step: "
+                                       "once a step, for all its calls (each update's gradient is then one window's). "
+                                       "With same_noise_per_group, once a step either way: a group's images take "
+                                       "the steps before it once.", choices=("call", "step"))
+    deterministic_last_step: bool = _key(False, "true: the last sampling step (never trained) is the policy's "
+                                                "deterministic step, so the images rewarded are the flow families' "
+                                                "x0 estimate there, as DanceGRPO's and Pref-GRPO's code decode "
+                                                "(DDIM at eta 0 on the UNets); false: it is drawn like the others "
+                                                "and the final latents are decoded, as Flow-GRPO does.")
     per_sample_timesteps: bool = _key(False, "true: each image trains its own random train_fraction of the steps, "
                                              "as DanceGRPO's and Pref-GRPO's code do (a permutation per sample); "
                                              "false (ours, the default): one draw per update, shared by its images.")

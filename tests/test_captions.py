@@ -4,6 +4,7 @@ model, and make_captions end to end (slots follow the labels, skipping, loading,
 import difflib
 import json
 import random
+import re
 import shutil
 
 import numpy as np
@@ -357,19 +358,25 @@ def test_captioning_puts_each_caption_with_its_image(pairs_file, tmp_path):
         assert item["caption_w"] == FakeCaptioner.describe(decode_image(row[f"jpg_{w}"], "row"))
 
 
-def test_pairs_captioned_by_their_labels_are_not_relabelled(pairs_file, tmp_path):
+def test_pairs_captioned_by_their_labels_are_not_relabelled(pairs_file, tmp_path, capsys):
     """captions -> label: the perturbed caption sat on the loser of the old labels, so a pair the scorer turned round
     trained its perturbed caption as the winner's. Captions of their own images (captioning) are relabelled."""
     from diffusion_align.rewards.labeling import label_pairs
     from test_labeling import FakeScorer
     make_captions(pairs_file, tmp_path / "p", "p", seed=3)
     shutil.copytree(tmp_path / "p", tmp_path / "copy", ignore=shutil.ignore_patterns("captions.json", ".shards"))
-    for source, made in ((tmp_path / "p", "by `captions --strategy perturbation`"),
-                         (tmp_path / "copy", "with no captions.json to say how")):
-        with pytest.raises(ValueError, match=f"its caption_0/caption_1 were made {made}, .* Label first"):
+    for source, how in ((tmp_path / "p", "were made by `captions --strategy perturbation`, which perturbs"),
+                        (tmp_path / "p" / "pairs-00000.parquet", "were made by `captions --strategy perturbation`"),
+                        (tmp_path / "copy", "come with no captions.json to say how they were made")):
+        with pytest.raises(ValueError, match=f"its caption_0/caption_1 {re.escape(how)}.* label first"):
             label_pairs(str(source), FakeScorer(), tmp_path / "labelled")
+    from diffusion_align.cli import main  # the command refuses it before its scorer loads (a minute for PickScore)
+    with pytest.raises(SystemExit):
+        main(["label", str(tmp_path / "p"), "--scorer", f"pickscore={tmp_path / 'none'}", "--out", str(tmp_path / "l")])
+    assert "--strategy perturbation" in capsys.readouterr().err
     make_captions(pairs_file, tmp_path / "c", "captioning", captioner=FakeCaptioner())
-    assert label_pairs(str(tmp_path / "c"), FakeScorer(), tmp_path / "labelled").pairs_scored == 15
+    for k, source in enumerate((tmp_path / "c", tmp_path / "c" / "pairs-00000.parquet", tmp_path / "c" / "*.parquet")):
+        assert label_pairs(str(source), FakeScorer(), tmp_path / f"labelled-{k}").pairs_scored == 15
 
 
 def test_hybrid_perturbs_the_losers_caption(pairs_file, tmp_path):

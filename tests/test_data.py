@@ -109,6 +109,22 @@ def test_load_folder_glob_and_comma_list(tmp_path):
         assert (stats.rows, stats.pairs) == (N_ROWS, N_ROWS - 1), source
 
 
+def test_files_of_other_columns_in_one_source_are_named(tmp_path):
+    """datasets failed on a folder whose files' columns differ with a cast error naming no file (streamed, at the
+    first batch of the odd file); their order and number types may differ, as before."""
+    rows = make_rows()
+    write_parquet(tmp_path / "a" / "1.parquet", {k: v[:6] for k, v in rows.items()})
+    write_parquet(tmp_path / "a" / "2.parquet", {k: v[6:] for k, v in rows.items()} | {"extra": [1] * (N_ROWS - 6)})
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"a: its parquet files hold different columns: .*2.parquet has "
+                                             r"\['extra'\] more than .*1.parquet; they are read as one table"):
+            load_pairs(str(tmp_path / "a"), streaming=streaming)
+    half = {k: v[6:] for k, v in rows.items() if k != "label_0"}
+    write_parquet(tmp_path / "b" / "1.parquet", {k: v[:6] for k, v in rows.items()})
+    write_parquet(tmp_path / "b" / "2.parquet", {"label_0": [int(x) for x in rows["label_0"][6:]], **half})
+    assert load_pairs(str(tmp_path / "b"))[1].rows == N_ROWS
+
+
 def test_a_comma_list_expands_home_in_each_item(tmp_path, monkeypatch):
     """`data.path=~/a.parquet,~/b.parquet`: the config expands the first `~/` only, and the second was looked for
     in a folder named `~`."""
@@ -525,8 +541,8 @@ def test_rows_pick_a_pic_flags_as_unlabelled_are_dropped_and_counted(tmp_path):
 
 
 def test_a_has_label_of_1_0_is_read_as_flags_and_one_of_text_is_named(tmp_path):
-    """A has_label of integers (a CSV's or pandas' copy of Pick-a-Pic) failed in pyarrow, naming no file; one of
-    text was kept whole when streamed ("false" is a true string)."""
+    """A has_label of integers (a CSV's copy of Pick-a-Pic) or of 1.0/0.0/NaN (pandas') failed in pyarrow, naming no
+    file; one of text was kept whole when streamed ("false" is a true string)."""
     rows = make_rows()
     rows["has_label"] = [0 if i in (0, 6) else 1 for i in range(N_ROWS)]
     rows["has_label"][7] = None
@@ -534,6 +550,12 @@ def test_a_has_label_of_1_0_is_read_as_flags_and_one_of_text_is_named(tmp_path):
     ds, stats = load_pairs(path, extra_columns=["user_id"])
     assert (stats.unlabelled, stats.pairs) == (3, N_ROWS - 4) and not {0, 6, 7} & set(ds["user_id"])
     assert [row["user_id"] for row in load_pairs(path, extra_columns=["user_id"], streaming=True)[0]] == ds["user_id"]
+    floats = [float("nan") if f is None else float(f) for f in rows["has_label"]]  # pandas' copy of 1/0/null
+    for flags in (floats, [None if f is None else float(f) for f in rows["has_label"]]):
+        path = write_parquet(tmp_path / "floats.parquet", rows | {"has_label": flags})
+        assert load_pairs(path, extra_columns=["user_id"])[0]["user_id"] == ds["user_id"]
+        assert [row["user_id"] for row in load_pairs(path, extra_columns=["user_id"], streaming=True)[0]] \
+            == ds["user_id"]
     text = write_parquet(tmp_path / "text.parquet", rows | {"has_label": ["false", *["true"] * (N_ROWS - 1)]})
     for streaming in (False, True):
         with pytest.raises(ValueError, match=r"text.parquet: column has_label holds string values; expected "

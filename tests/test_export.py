@@ -341,6 +341,23 @@ def test_a_merged_export_keeps_each_part_of_a_bf16_base_in_bf16(tmp_path, tiny_f
     assert changed == adapted  # the LoRA fused into the bf16 weights, and nothing else moved
 
 
+def test_the_base_pipeline_keeps_a_variants_and_a_replacement_vaes_dtypes(tmp_path, tiny_models):
+    """A component without the variant's files (here the VAE) is loaded from its others, and so is its dtype read;
+    model.vae's replacement VAE keeps its own (both were fp32)."""
+    from diffusion_align.models.loading import base_pipeline
+    base = tmp_path / "base"
+    DiffusionPipeline.from_pretrained(tiny_models["sd"], dtype=torch.bfloat16).save_pretrained(base)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=torch.float16)
+    unet.save_pretrained(base / "unet", variant="fp16")
+    vae = DiffusionPipeline.from_pretrained(tiny_models["sd"], dtype=torch.bfloat16).vae
+    vae.save_pretrained(tmp_path / "vae")
+    pipe = base_pipeline(str(base), variant="fp16")
+    assert (pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.float16, torch.bfloat16,
+                                                                         torch.bfloat16)
+    DiffusionPipeline.from_pretrained(tiny_models["sd"]).vae.save_pretrained(base / "vae")  # fp32 now
+    assert base_pipeline(str(base), variant="fp16", vae=str(tmp_path / "vae")).vae.dtype == torch.bfloat16
+
+
 def apply_comfyui_diffusers_rule(transformer, path):
     """What ComfyUI does with a diffusers-keyed transformer LoRA (`transformer.<module>.lora_A.weight`): W += scale x
     lora_B @ lora_A, the scale alpha / rank where the file has a `<module>.alpha` tensor, else 1

@@ -183,8 +183,9 @@ def test_rows_pick_a_pic_flags_unlabelled_are_skipped_and_named():
     import datasets
     from diffusion_align.rewards.fit_reward import _checked_rows
     rows = {"label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5], "has_label": [True, False, None]}
-    _, _, skipped = _checked_rows(datasets.Dataset.from_dict(rows), has_weights=False)
-    assert skipped == [(1, "row 1: has_label is false: its label_0/label_1 hold no one's preference"),
-                       (2, "row 2: has_label is false: its label_0/label_1 hold no one's preference")]
+    for flags in (rows["has_label"], [1, 0, None]):  # 1/0: a CSV's copy, whose null was read as true
+        _, _, skipped = _checked_rows(datasets.Dataset.from_dict(rows | {"has_label": flags}), False, "p.parquet")
+        assert skipped == [(1, "row 1: has_label is false: its label_0/label_1 hold no one's preference"),
+                           (2, "row 2: has_label is false: its label_0/label_1 hold no one's preference")]
     labelled = datasets.Dataset.from_dict({**rows, "human_label_0": [1.0, None, 0.5], "human_label_1": [0.0, None, 0.5]})
-    assert _checked_rows(labelled, has_weights=False)[2] == []
+    assert _checked_rows(labelled, False, "p.parquet")[2] == []

@@ -14,7 +14,7 @@ from diffusion_align.models.families.flux import pack_latents, unpack_latents
 from diffusion_align.models.loading import load_components
 from diffusion_align.training import online
 from diffusion_align.training.flow import FlowSDEPolicy
-from diffusion_align.training.sampling import group_conditioning, sample_with_logprob
+from diffusion_align.training.sampling import group_conditioning, guided_output, sample_with_logprob
 from diffusion_align.training.trainer import train
 from rescoring import assert_rescoring_gives_ratio_one
 
@@ -336,9 +336,37 @@ def test_the_online_loop_trains_the_window_alone(tiny_flow_models, online_setup,
     own = {id(trajectory): steps for trajectory, steps in sampled}
     assert all([step] == own[id(trajectory)] for trajectory, step in trained) and len(trained) == 8
     assert {id(trajectory) for trajectory, _ in trained} == set(own)
+    sampled.clear()  # online.sde_window_per=step: one window for all of a step's calls (this loop's before)
+    train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "per-step", "online.sde_window=1",
+                        "online.sde_window_per=step", "online.updates_per_rollout=1", "train.max_steps=2"))
+    assert len(sampled) == 4 and sampled[0][1] == sampled[1][1] and sampled[2][1] == sampled[3][1]
     assert result.metrics["log_ratio_abs_max"] < 1e-5
     with pytest.raises(ConfigError, match="online.sde_window=3 must fit in the first half"):
         train(online_config(tiny_flow_models, online_setup, "sd3", tmp_path / "x", "online.sde_window=3"))
+
+
+def test_a_deterministic_last_step_rewards_its_x0_estimate(tiny_flow_models, online_setup, tmp_path, monkeypatch):
+    """online.deterministic_last_step (Pref-GRPO's FLUX code decodes the last step's x0 estimate, x - s v, which the
+    ODE's last step to s' = 0 is): the last step of every rollout is that step, the others drawn, and the images
+    rewarded are of those final latents."""
+    sampled, decoded, real_sample, real_decode = [], [], online.sample_with_logprob, online.decode_images
+
+    def recording_sample(model, sampler, cond, uncond, latents, steps, guidance, **kwargs):
+        trajectory = real_sample(model, sampler, cond, uncond, latents, steps, guidance, **kwargs)
+        last = trajectory.latents[-2]
+        with torch.no_grad():
+            velocity = guided_output(model, last, trajectory.timesteps[-1], cond, uncond, guidance)
+        sampled.append((trajectory, last - sampler.sigmas[-2] * velocity.float()))
+        return trajectory
+
+    monkeypatch.setattr(online, "sample_with_logprob", recording_sample)
+    monkeypatch.setattr(online, "decode_images", lambda vae, latents: decoded.append(latents) or real_decode(vae,
+                                                                                                            latents))
+    train(online_config(tiny_flow_models, online_setup, "flux", tmp_path, "online.deterministic_last_step=true"))
+    assert len(sampled) == 2 and all(d is t.latents[-1] for d, (t, _) in zip(decoded, sampled))
+    for trajectory, x0_estimate in sampled:
+        assert torch.isnan(trajectory.log_probs[-1]).all() and torch.isfinite(trajectory.log_probs[:-1]).all()
+        torch.testing.assert_close(trajectory.latents[-1], x0_estimate, atol=1e-5, rtol=1e-5)
 
 
 def test_the_online_loop_samples_and_trains_cps_steps(tiny_flow_models, online_setup, tmp_path, monkeypatch):

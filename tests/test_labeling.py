@@ -356,6 +356,19 @@ def test_relabelling_a_folder_output_finds_no_human_labels(image_folder, tmp_pat
     assert [r["label_0"] for r in stream] == [r["label_0"] for r in pairs]
 
 
+def test_a_has_label_of_1_0_with_nulls_counts_as_one_of_true_false(constructed, tmp_path):
+    """A null in a has_label of integers was read as true by the agreement (and fit-reward), false by training."""
+    table = pq.read_table(constructed)
+    reports = []
+    for kind in (pa.bool_(), pa.int64(), pa.float64()):
+        flags = pa.array([None if i == 1 else ok for i, (*_, ok) in enumerate(ROWS)], pa.bool_()).cast(kind)
+        pq.write_table(table.set_column(table.schema.get_field_index("has_label"), "has_label", flags),
+                       tmp_path / f"{kind}.parquet")
+        reports.append(label_pairs(str(tmp_path / f"{kind}.parquet"), FakeScorer(), tmp_path / str(kind),
+                                   tie_margin=MARGIN).agreement)
+    assert reports[0] == reports[1] == reports[2] and reports[0]["human_strict_pairs"] == 4
+
+
 def test_pairs_without_labels_are_labelled(constructed, tmp_path):
     """A source of pairs without label_0/label_1 (caption, jpg_0, jpg_1: someone's own pairs) was refused for the
     columns `label` makes; it gets the scorer's labels and no human_label_* (dummy ones would count as people's)."""

@@ -156,6 +156,23 @@ def test_a_run_saved_before_train_ema_repeats_resumes_with_one_rule_an_update(ti
         assert changed_keys(saved, cfg) == []
 
 
+def test_online_runs_saved_before_sde_window_per_and_deterministic_last_step_resume_as_they_trained(tiny_models):
+    """Windowed runs saved before online.sde_window_per drew one window a step (a group-noise one still does);
+    online runs saved before online.deterministic_last_step drew their last step."""
+    def case(*overrides):
+        return load_config(None, [f"model.pretrained={tiny_models['sd']}", "method.name=grpo", "model.lora_rank=4",
+                                  *overrides])
+    for cfg, changed in ((case("online.sde_window=2"), [("online.sde_window_per", "step", "call")]),
+                         (case("online.sde_window=2", "online.same_noise_per_group=true"), []), (case(), [])):
+        saved = config_to_dict(cfg)
+        del saved["online"]["sde_window_per"]
+        assert changed_keys(saved, cfg) == changed
+    cfg = case("online.deterministic_last_step=true")
+    saved = config_to_dict(cfg)
+    del saved["online"]["deterministic_last_step"]
+    assert changed_keys(saved, cfg) == [("online.deterministic_last_step", False, True)]
+
+
 def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():
     """diffusers' `constant` schedule takes no warm-up: the steps asked for were silently not run. Configs saved
     with one still load (export reads them), and a run resumed from one may drop it."""

@@ -36,7 +36,7 @@ import torch
 from ..devices import default_device
 from ..files import local_or_hub, report_dict
 from ..progress import progress
-from .pairs import check_out_dir, decode_pair, first_rows, outcomes, preference_columns
+from .pairs import check_out_dir, decode_pair, first_rows, is_flagged, outcomes, preference_columns
 from .shards import CAPTIONS_REPORT as REPORT_NAME, run_shards, write_json
 
 STRATEGIES = ("captioning", "perturbation", "hybrid")
@@ -599,7 +599,7 @@ def _caption_shard(pairs, start: int, stop: int, captioner, perturber, seed: int
             bar.update(len(items))
 
     kept = sorted(captions)
-    has_label = [bool(f) for f in meta["has_label"]] if flagged else None  # null: no flag
+    has_label = [is_flagged(f) for f in meta["has_label"]] if flagged else None
     winner = dict(zip(range(start, stop), outcomes(meta[labels[0]], meta[labels[1]], has_label).tolist()))
     ties, fallbacks = 0, 0
     if perturber is not None:

@@ -147,8 +147,7 @@ def check_out_dir(source: str, out_dir) -> None:
     if not os.path.exists(source) and looks_like_hub_id(source):
         return
     out = Path(out_dir).resolve()
-    files = [] if _is_saved(source) else [Path(f).resolve() for f in _parquet_files(source)]
-    held = [f for f in files if out in f.parents]
+    held = [f for f in (f.resolve() for f in parquet_sources(source)) if out in f.parents]
     if held:
         raise ValueError(f"{out_dir}: the output folder holds source file {held[0]}, which its shards "
                          "(pairs-00000.parquet, ...) could overwrite (losing the rows skipped) and reading the output "
@@ -159,6 +158,14 @@ def check_out_dir(source: str, out_dir) -> None:
     if around:  # a folder is read with its subfolders
         raise ValueError(f"{out_dir}: the output folder lies in source folder {around[0]}, so a rerun would read "
                          "the output as source; write to another folder")
+
+
+def parquet_sources(path: str) -> list[Path]:
+    """The parquet files `path` reads (a file, folder, glob or comma-separated list); none for a hub id or a
+    save_to_disk folder."""
+    if (not os.path.exists(path) and looks_like_hub_id(path)) or _is_saved(path):
+        return []
+    return [Path(f) for f in _parquet_files(path)]
 
 
 def _is_saved(path: str) -> bool:
@@ -197,8 +204,24 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
                          f"{path}: none of its {len(files)} parquet files holds a row")
     for f in empty:
         logger.warning("%s: the parquet holds no rows; left out", f)
-    files = [glob.escape(f) for f in files if f not in empty]  # datasets reads data_files as globs
+    files = [f for f in files if f not in empty]
+    _check_same_columns(path, files)
+    files = [glob.escape(f) for f in files]  # datasets reads data_files as globs
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+
+
+def _check_same_columns(path: str, files: list[str]) -> None:
+    """datasets reads the files as one table and fails on one whose columns differ, naming no file (streamed, at
+    the first batch of it); their order and number types may differ."""
+    first = set(pq.read_schema(files[0]).names)  # the footers alone
+    for f in files[1:]:
+        names = set(pq.read_schema(f).names)
+        if names != first:
+            more, fewer = sorted(names - first), sorted(first - names)
+            raise ValueError(f"{path}: its parquet files hold different columns: {f} has "
+                             + " and ".join(([f"{more} more"] if more else []) + ([f"{fewer} fewer"] if fewer else []))
+                             + f" than {files[0]}; they are read as one table, so they need the same columns "
+                             "(give the files of one layout, as a glob or a comma-separated list)")
 
 
 def _numbers(column: pa.ChunkedArray, name: str, path: str) -> np.ndarray:
@@ -254,9 +277,7 @@ def _preferences(ds: datasets.Dataset, path: str, label_columns: list[str], flag
     and where a label lies outside [0, 1] (warned), which the third array marks."""
     l0, l1 = _read_numbers(ds, label_columns, path)
     if flagged:  # a row whose flag is false (or null) holds no one's preference, whatever its labels say
-        flags = ds.select_columns(["has_label"]).with_format("arrow")[:]["has_label"]
-        _check_flags(str(flags.type), path)
-        unflagged = ~flags.cast(pa.bool_()).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        unflagged = ~flag_values(ds.select_columns(["has_label"]).with_format("arrow")[:]["has_label"], path)
         l0, l1 = np.where(unflagged, np.nan, l0), np.where(unflagged, np.nan, l1)
     out_of_range = np.isfinite(l0 + l1) & ~_labelled(l0, l1)
     if warn and out_of_range.any():
@@ -268,10 +289,22 @@ def _preferences(ds: datasets.Dataset, path: str, label_columns: list[str], flag
 
 
 def _check_flags(dtype: str, path: str) -> None:
-    """has_label is true/false, or 1/0 (a CSV's or pandas' copy of it); text such as "false" is not read as either."""
-    if dtype not in ("bool", "null") and not re.fullmatch(r"u?int\d+", dtype):
+    """has_label is true/false, or 1/0 (a CSV's copy of it; pandas': 1.0/0.0/NaN); text such as "false" is neither
+    (arrow's and datasets' names of the types)."""
+    if dtype not in ("bool", "null", "float", "double", "halffloat") and not re.fullmatch(r"u?int\d+|float\d+", dtype):
         raise ValueError(f"{path}: column has_label holds {dtype} values; expected true/false (or 1/0): whether the "
                          "row's label_0/label_1 are people's")
+
+
+def is_flagged(value) -> bool:
+    """One row's has_label: true, or a number other than 0; null, NaN and 0 are false."""
+    return value is not None and value == value and bool(value)
+
+
+def flag_values(column: pa.ChunkedArray, path) -> np.ndarray:
+    """A has_label column as booleans (`is_flagged` of each value); another type is an error naming `path`."""
+    _check_flags(str(column.type), path)
+    return np.array([is_flagged(v) for v in column.to_pylist()], dtype=bool)
 
 
 def _sample(rows: np.ndarray, max_pairs: int | None, seed: int | None) -> np.ndarray:
@@ -365,7 +398,7 @@ def load_pairs(
         if isinstance(flag := (ds.features or {}).get("has_label"), datasets.Value):
             _check_flags(flag.dtype, path)
         if flagged and not keep_unlabelled:
-            ds = ds.filter(lambda flags: [bool(f) for f in flags], input_columns=["has_label"], batched=True)
+            ds = ds.filter(lambda flags: [is_flagged(f) for f in flags], input_columns=["has_label"], batched=True)
         if not keep_ties:
             ds = ds.filter(lambda l0, l1: (_floats(l0) != _floats(l1)).tolist(), input_columns=label_columns,
                            batched=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, UNet2DConditionModel
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import safe_open
 
 from ..config import ConfigError
@@ -218,12 +218,15 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
                   **components) -> DiffusionPipeline:
     """The whole pipeline `pretrained`, with model.vae's replacement VAE and any `components` (a trained UNet) in
     place of its own; the other parts keep the precision they were saved in."""
-    if vae is not None:
-        components["vae"] = load_vae(vae)
-    folder = Path(pretrained if Path(pretrained).exists() else
-                  DiffusionPipeline.download(pretrained, revision=revision, variant=variant))
     # diffusers loads its own models in fp32 whatever they were saved in (a bf16 FLUX transformer: 48 GB, and written
     # back twice its size); transformers keeps the text encoders' saved dtype ("default": None leaves them to it)
+    if vae is not None:
+        components["vae"] = load_vae(vae)
+        vae_folder = Path(vae) if Path(vae).exists() else Path(hf_hub_download(vae, "config.json")).parent
+        if (dtype := _stored_dtype(vae_folder, None)) is not None:
+            components["vae"].to(dtype)
+    folder = Path(pretrained if Path(pretrained).exists() else  # without the parts replaced
+                  DiffusionPipeline.download(pretrained, revision=revision, variant=variant, **components))
     dtypes = {name: dtype for name, entry in pipeline_index(str(folder)).items()
               if isinstance(entry, list) and entry[0] == "diffusers" and name not in components
               and (folder / name).is_dir() and (dtype := _stored_dtype(folder / name, variant)) is not None}
@@ -231,8 +234,9 @@ def base_pipeline(pretrained: str, revision: str | None = None, variant: str | N
 
 
 def _stored_dtype(folder: Path, variant: str | None) -> torch.dtype | None:
-    """The floating dtype of a component's safetensors weights, read from a file header (None: .bin weights)."""
-    files = [f for f in _weights(folder, variant) if f.name.endswith(".safetensors")]
+    """The floating dtype of a component's safetensors weights, read from a file header (None: .bin weights); a
+    component without `variant`'s files is loaded from its others, as diffusers does."""
+    files = [f for f in _weights(folder, variant) or _weights(folder, None) if f.name.endswith(".safetensors")]
     if not files:
         return None
     with safe_open(files[0], "pt") as f:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.pairs import PairBatchSampler, load_pairs, preference_columns
+from ..data.pairs import PairBatchSampler, flag_values, load_pairs, preference_columns
 from ..devices import default_device
 from ..files import folder_written_beside, report_dict, write_text_atomic
 from ..progress import progress
@@ -246,15 +246,15 @@ def _evaluate(model, pairs, rows: np.ndarray, preprocess, to_device: _ModelInput
     return np.asarray(done), torch.cat(probs).double().numpy(), float(sum(losses) / sum(weights)), errors
 
 
-def _checked_rows(pairs, has_weights: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+def _checked_rows(pairs, has_weights: bool, source: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(labels (n, 2) float32, weights (n,) float32, [(row, reason)] of rows unusable for their labels/weights)."""
     _, flagged = preference_columns(pairs.column_names, human_labels=False)  # the labels fitted are label_0/1
-    table = pairs.select_columns(["label_0", "label_1", *(["num_example_per_prompt"] if has_weights else []),
-                                  *(["has_label"] if flagged else [])])
-    cols = table.with_format("numpy")[:]
+    cols = pairs.select_columns(["label_0", "label_1", *(["num_example_per_prompt"] if has_weights else [])]
+                                ).with_format("numpy")[:]
     labels = np.stack([np.asarray(cols["label_0"], np.float64), np.asarray(cols["label_1"], np.float64)], axis=1)
     counts = np.asarray(cols["num_example_per_prompt"], np.float64) if has_weights else np.ones(len(labels))
-    unflagged = ~np.asarray(cols["has_label"], dtype=bool) if flagged else np.zeros(len(labels), bool)  # None: False
+    unflagged = (~flag_values(pairs.select_columns(["has_label"]).with_format("arrow")[:]["has_label"], source)
+                 if flagged else np.zeros(len(labels), bool))
     bad_labels = ~(np.isfinite(labels).all(1) & (labels >= 0).all(1) & (np.abs(labels.sum(1) - 1) < 1e-6))
     bad_counts = ~(np.isfinite(counts) & (counts >= 1))
     skipped = [(int(i), f"row {i}: has_label is false: its label_0/label_1 hold no one's preference")
@@ -300,7 +300,7 @@ def fit_reward(dataset: str, base: str, out_dir, steps: int = 4000, lr: float = 
     # ---- data first: a wrong path fails before the model loads ----
     pairs, _ = load_pairs(dataset, split=split, keep_ties=True, max_pairs=max_pairs, extra_columns="all")
     has_weights = "num_example_per_prompt" in pairs.column_names
-    labels, weights, skipped = _checked_rows(pairs, has_weights)
+    labels, weights, skipped = _checked_rows(pairs, has_weights, dataset)
     captions = [c or "" for c in pairs["caption"]]
     train_rows, val_rows = split_by_prompt(captions, val_fraction, seed)
     unusable = {i for i, _ in skipped}

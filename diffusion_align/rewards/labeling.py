@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, load_pairs, outcomes, preference_rows
+from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, flag_values, load_pairs, outcomes, \
+    parquet_sources, preference_rows
 from ..data.shards import CAPTIONS_REPORT, LABEL_REPORT as REPORT_NAME, SHARD_RECORDS, differences, finished_run, \
     preprocessing_entry, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
@@ -220,7 +221,7 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     _check_settings(tie_margin, shard_size)
     check_out_dir(source, out_dir)  # before the scorer loads
     pairs, fingerprint = first_rows(source, split, max_pairs, labels=False)
-    _check_placed_captions(source, pairs.column_names)
+    check_captions_kept(source, pairs.column_names)
     scorer, scorer_path = _scorer_and_path(scorer)
     to_score = pairs.select_columns(["caption", "jpg_0", "jpg_1"])  # what DataLoader workers need to see
     settings = {"source": local_or_hub(source), "split": split, "fingerprint": fingerprint,
@@ -232,7 +233,7 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
         indices, scores, bad = _score_pairs(to_score, range(start, stop), scorer, batch_size or scorer.batch_size,
                                             num_workers, f"labelling {desc}")
         table = _labelled_table(pairs, start, stop, indices, scores, scorer, tie_margin)
-        has_label = _columns(table, "has_label")[0] if "has_label" in table.column_names else None
+        has_label = flag_values(table["has_label"], source) if "has_label" in table.column_names else None
         human = (outcomes(*_columns(table, "human_label_0", "human_label_1"), has_label)
                  if "human_label_0" in table.column_names else np.full(len(table), NO_LABEL))
         ai = outcomes(*_columns(table, "label_0", "label_1"))
@@ -250,22 +251,37 @@ def label_pairs(source, scorer, out_dir, tie_margin: float = 0.0, batch_size: in
     return report
 
 
-def _check_placed_captions(source: str, columns: list[str]) -> None:
-    """DCPO's perturbed captions (`captions --strategy perturbation` or `hybrid`) sit on the loser the source's
-    labels chose, and `label` replaces those labels: a pair whose winner changed would train its perturbed caption as
-    the winner's. Captions that each describe their own image (`captioning`, as the source's report says) are kept."""
-    if not {"caption_0", "caption_1"} & set(columns):
+def check_captions_kept(source: str, columns: list[str] | None = None) -> None:
+    """Refuse to relabel pairs whose DCPO captions (`captions --strategy perturbation` or `hybrid`) sit on the loser
+    the source's labels chose: a pair whose winner changed would train its perturbed caption as the winner's.
+    Captions that each describe their own image (`captioning`, as the report beside every parquet file of the source
+    says) are kept. `columns`: the source's (None: its first parquet file's, read from the footer; a hub or
+    save_to_disk source is checked once opened)."""
+    files = parquet_sources(source)
+    if columns is None and not files:
         return
+    if not {"caption_0", "caption_1"} & set(columns or pq.read_schema(files[0]).names):
+        return
+    strategies = {_captions_strategy(folder) for folder in {f.parent for f in files}} or {None}
+    if strategies == {"captioning"}:
+        return
+    strategy = min(strategies - {"captioning"}, key=lambda s: s is None)  # a perturbing one before an unknown one
+    how = ("were made by `captions --strategy {strategy}`, which perturbs the caption of each pair's loser as its "
+           "labels say" if strategy else
+           f"come with no {CAPTIONS_REPORT} to say how they were made; made by `captions --strategy perturbation` or "
+           "`hybrid`, the caption of each pair's loser is perturbed as its labels say")
+    raise ValueError(f"{source}: its caption_0/caption_1 {how.format(strategy=strategy)}. Relabelled, a pair whose "
+                     "winner changes would train its perturbed caption as the winner's: label first, then make the "
+                     "captions of the labelled pairs (or drop the two columns where each caption describes its own "
+                     "image)")
+
+
+def _captions_strategy(folder: Path) -> str | None:
+    """The strategy the captions report in `folder` records; None where there is none to read."""
     try:
-        strategy = json.loads((Path(source) / CAPTIONS_REPORT).read_text(encoding="utf-8")).get("strategy")
-    except (OSError, ValueError, AttributeError):  # no report beside the pairs (a file, a copy): unknown
-        strategy = None
-    if strategy != "captioning":
-        made = f"by `captions --strategy {strategy}`" if strategy else f"with no {CAPTIONS_REPORT} to say how"
-        raise ValueError(f"{source}: its caption_0/caption_1 were made {made}, which perturbs the caption of each "
-                         "pair's loser as its labels say; relabelled, a pair whose winner changes would train its "
-                         "perturbed caption as the winner's. Label first, then make the captions of the labelled "
-                         "pairs (or drop the two columns where each caption describes its own image)")
+        return json.loads((folder / CAPTIONS_REPORT).read_text(encoding="utf-8")).get("strategy")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _columns(table: pa.Table, *names: str) -> list[np.ndarray]:

@@ -235,24 +235,27 @@ def train_online(cfg: Config) -> TrainResult:
     skipped_updates = SkippedUpdates(t.max_nonfinite_steps, saved)
 
     def draw_window() -> range | None:
-        return sde_window(o.sample_steps, o.sde_window, choice_gen) if o.sde_window else None
+        """The sampling call's stochastic steps: Flow-GRPO-Fast's window, or all (None) but perhaps the last."""
+        if o.sde_window:
+            return sde_window(o.sample_steps, o.sde_window, choice_gen)
+        return range(o.sample_steps - 1) if o.deterministic_last_step else None
 
     def rollout(step_prompt_list: list[str]) -> tuple[list[Trajectory], list, list, list]:
         """Sample this step's groups, `train.batch_size` images at a time: trajectories, their conditioning, images,
-        and the SDE window of each sampling call (online.sde_window; else None): a window a call, as Flow-GRPO-Fast's
-        pipeline calls draw theirs, or with same_noise_per_group one for the step, whose groups take the steps
-        before it once."""
+        and each sampling call's stochastic steps (None: all): with online.sde_window, a window a call, as
+        Flow-GRPO-Fast's pipeline calls draw theirs, or one a step (sde_window_per=step, or same_noise_per_group,
+        whose groups take the steps before it once)."""
         cond, uncond = group_conditioning(parts.family, parts.tokenizers, parts.text_encoders, step_prompt_list,
                                           o.group_size, t.resolution, zero_uncond, guidance_input)
         window = draw_window()
         if o.same_noise_per_group:  # one initial noise per group, drawn before the step's sampling noise
             group_path = [torch.randn((len(step_prompt_list), *shape), generator=noise_gen, device=device)]
-            if window is not None and window.start > 0:  # the steps before the window: a group's images take them
+            if o.sde_window and window.start > 0:  # the steps before the window: a group's images take them
                 group_path = shared_steps(group_path[0], cond, uncond, window, t.batch_size)  # alike, so once
         trajectories, conds, images, windows = [], [], [], []
         for start in range(0, len(step_prompt_list) * o.group_size, t.batch_size):
             rows = torch.arange(start, start + t.batch_size)
-            if start > 0 and not o.same_noise_per_group:
+            if start > 0 and o.sde_window_per == "call" and not o.same_noise_per_group:
                 window = draw_window()
             latents = ([x[rows // o.group_size] for x in group_path] if o.same_noise_per_group else
                        torch.randn((t.batch_size, *shape), generator=noise_gen, device=device))
@@ -417,7 +420,8 @@ def train_online(cfg: Config) -> TrainResult:
                "advantage std": o.advantage_std,
                "guidance": guidance, "clip range": o.clip_range,
                "same noise per group": o.same_noise_per_group, "per-sample timesteps": o.per_sample_timesteps,
-               **({"SDE window": o.sde_window} if o.sde_window else {}),
+               **({"SDE window": f"{o.sde_window} steps, placed per {o.sde_window_per}"} if o.sde_window else {}),
+               **({"last step": "deterministic"} if o.deterministic_last_step else {}),
                "kl beta": o.kl_beta, "lr": t.lr, "resolution": t.resolution, "reward": o.reward,
                "judge": o.judge or "none", "prompts": len(prompts)}
     return finish_run(cfg, accelerator, models, output_dir, summary, record)

@@ -52,7 +52,10 @@ def _scored_in_half_precision(cfg: Config) -> bool:
 # keys added since runs were saved without them, whose default trains otherwise than those runs did: the value such a
 # run trained with, where it matters (a resume without it would change the objective part-way)
 ADDED_KEYS = {"online.sde_kl": ("gaussian", _flow_sde_kl), "online.reward_dtype": ("frozen", _scored_in_half_precision),
-              "train.ema_repeats": (1, lambda cfg: cfg.train.ema_decay > 0)}
+              "train.ema_repeats": (1, lambda cfg: cfg.train.ema_decay > 0),
+              "online.deterministic_last_step": (False, lambda cfg: cfg.method.name in ONLINE_METHODS),
+              "online.sde_window_per": ("step", lambda cfg: cfg.method.name in ONLINE_METHODS
+                                        and cfg.online.sde_window > 0 and not cfg.online.same_noise_per_group)}
 
 # lr schedules whose values do not depend on train.max_steps; the others (linear, cosine, ...) decay to it
 HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup")
