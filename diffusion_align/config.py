@@ -214,8 +214,7 @@ class OnlineConfig:
                                       "give their counts).", within="(0, 1]")
     sde_window: int = _key(0, "0: every sampling step draws from the policy's Gaussian and a random train_fraction "
                               "of them is trained. k > 0: Flow-GRPO-Fast's window: k consecutive steps, placed at "
-                              "random in the first half of the steps (sde_window_per), "
-                              "are stochastic, the others "
+                              "random in the first half of the steps (sde_window_per), are stochastic, the others "
                               "deterministic (the ODE; DDIM at eta 0), and only the window is trained "
                               "(train_fraction unused). Published: 1-3 (Flow-GRPO-Fast).", within="[0, inf)")
     sde_window_per: str = _key("call", "Where sde_window's place is drawn. call: for each sampling call "

@@ -266,11 +266,11 @@ def check_captions_kept(source: str, columns: list[str] | None = None) -> None:
     if strategies == {"captioning"}:
         return
     strategy = min(strategies - {"captioning"}, key=lambda s: s is None)  # a perturbing one before an unknown one
-    how = ("were made by `captions --strategy {strategy}`, which perturbs the caption of each pair's loser as its "
+    how = (f"were made by `captions --strategy {strategy}`, which perturbs the caption of each pair's loser as its "
            "labels say" if strategy else
            f"come with no {CAPTIONS_REPORT} to say how they were made; made by `captions --strategy perturbation` or "
            "`hybrid`, the caption of each pair's loser is perturbed as its labels say")
-    raise ValueError(f"{source}: its caption_0/caption_1 {how.format(strategy=strategy)}. Relabelled, a pair whose "
+    raise ValueError(f"{source}: its caption_0/caption_1 {how}. Relabelled, a pair whose "
                      "winner changes would train its perturbed caption as the winner's: label first, then make the "
                      "captions of the labelled pairs (or drop the two columns where each caption describes its own "
                      "image)")

@@ -11,12 +11,13 @@ weights' changes, not the batches):
 The warm-up min lets the early, large changes through. `repeats` is the rule applied that many times to the same
 weights: Flow-GRPO's online scripts (train_sd3.py, train_sd3_fast.py, train_flux.py) step their EMA after every
 micro-batch, with the update count unchanged between an update's micro-batches, so each EMA update applies the rule
-train.gradient_accumulation_steps times (its DPO script steps it once per update). The EMA starts as a copy of the initial trainable weights,
-in fp32 on each weight's device; of a sharded (FSDP2) weight, its local shard, as a DTensor like the weight (under
-ZeRO-2 every process holds the whole updated weights after each step, and so the whole EMA, as in data-parallel
-training). It only reads the live weights, which train on unaffected; the run's final model is the EMA
-(`copy_to_weights`). A checkpoint writes the EMA as the run writes its weights (`copied_in`, then the policy's save)
-and reads it back the same way (the policy's load, then `take_weights`)."""
+train.gradient_accumulation_steps times (its DPO script steps it once per update).
+
+The EMA starts as a copy of the initial trainable weights, in fp32 on each weight's device; of a sharded (FSDP2) weight,
+its local shard, as a DTensor like the weight (under ZeRO-2 every process holds the whole updated weights after each
+step, and so the whole EMA, as in data-parallel training). It only reads the live weights, which train on unaffected;
+the run's final model is the EMA (`copy_to_weights`). A checkpoint writes the EMA as the run writes its weights
+(`copied_in`, then the policy's save) and reads it back the same way (the policy's load, then `take_weights`)."""
 
 from __future__ import annotations
 
