@@ -13,7 +13,7 @@ from diffusion_align.cli import main as cli_main
 from diffusion_align.config import ConfigError, config_to_dict, load_config
 from diffusion_align.models.policy import LORA_WEIGHTS
 from diffusion_align.training import checkpoints, methods, trainer
-from diffusion_align.training.safety import RunStopped, changed_keys
+from diffusion_align.training.safety import ADDED_KEYS, RunStopped, changed_keys
 from test_train import TINY_CONFIG, read_metrics, run
 
 
@@ -107,6 +107,17 @@ def test_max_steps_changes_on_resume_only_under_a_schedule_that_does_not_decay_t
     assert changed_keys(saved, resumed) == ([("train.max_steps", 4, 8)] if refused else [])
 
 
+def check_saved_before(cfg, key: str, changed: list) -> None:
+    """`cfg`'s run saved before `key` (section.name) existed: resuming it with `cfg` changes `changed`, and nothing
+    once the key is set to what such a run trained with (safety.ADDED_KEYS)."""
+    section, name = key.split(".")
+    saved = config_to_dict(cfg)
+    del saved[section][name]
+    assert changed_keys(saved, cfg) == changed
+    setattr(getattr(cfg, section), name, ADDED_KEYS[key][0])
+    assert changed_keys(saved, cfg) == []
+
+
 def test_a_run_saved_before_online_sde_kl_resumes_with_the_kl_it_trained_with(tiny_models, tiny_flow_models):
     """Flow runs saved before online.sde_kl took the SDE steps' Gaussians' KL: a resume under the new default would
     change the objective part-way. Where the key changes nothing (no KL, CPS steps, a UNet's DDIM), it is not asked
@@ -117,11 +128,7 @@ def test_a_run_saved_before_online_sde_kl_resumes_with_the_kl_it_trained_with(ti
     for cfg, changed in ((case(flow, "online.kl_beta=0.1"), [("online.sde_kl", "gaussian", "flow_grpo")]),
                          (case(flow), []), (case(flow, "online.kl_beta=0.1", "online.sde_type=cps"), []),
                          (case(unet, "online.kl_beta=0.1"), [])):
-        saved = config_to_dict(cfg)
-        del saved["online"]["sde_kl"]
-        assert changed_keys(saved, cfg) == changed
-        cfg.online.sde_kl = "gaussian"
-        assert changed_keys(saved, cfg) == []
+        check_saved_before(cfg, "online.sde_kl", changed)
 
 
 def test_a_run_saved_before_online_reward_dtype_resumes_with_its_rewards_in_the_frozen_dtype(tiny_models):
@@ -136,11 +143,7 @@ def test_a_run_saved_before_online_reward_dtype_resumes_with_its_rewards_in_the_
                           [("online.reward_dtype", "frozen", "fp32")]),
                          (case("method.name=grpo"), []), (case("method.name=dpo", "train.mixed_precision=bf16"), []),
                          (case("method.name=pref_grpo", "train.mixed_precision=bf16", "online.judge=some/vlm"), [])):
-        saved = config_to_dict(cfg)
-        del saved["online"]["reward_dtype"]
-        assert changed_keys(saved, cfg) == changed
-        cfg.online.reward_dtype = "frozen"
-        assert changed_keys(saved, cfg) == []
+        check_saved_before(cfg, "online.reward_dtype", changed)
 
 
 def test_a_run_saved_before_train_ema_repeats_resumes_with_one_rule_an_update(tiny_models):
@@ -149,11 +152,7 @@ def test_a_run_saved_before_train_ema_repeats_resumes_with_one_rule_an_update(ti
     def case(*overrides):
         return load_config(None, [f"model.pretrained={tiny_models['sd']}", "train.ema_repeats=2", *overrides])
     for cfg, changed in ((case("train.ema_decay=0.9"), [("train.ema_repeats", 1, 2)]), (case(), [])):
-        saved = config_to_dict(cfg)
-        del saved["train"]["ema_repeats"]
-        assert changed_keys(saved, cfg) == changed
-        cfg.train.ema_repeats = 1
-        assert changed_keys(saved, cfg) == []
+        check_saved_before(cfg, "train.ema_repeats", changed)
 
 
 def test_online_runs_saved_before_sde_window_per_and_deterministic_last_step_resume_as_they_trained(tiny_models):
@@ -164,13 +163,9 @@ def test_online_runs_saved_before_sde_window_per_and_deterministic_last_step_res
                                   *overrides])
     for cfg, changed in ((case("online.sde_window=2"), [("online.sde_window_per", "step", "call")]),
                          (case("online.sde_window=2", "online.same_noise_per_group=true"), []), (case(), [])):
-        saved = config_to_dict(cfg)
-        del saved["online"]["sde_window_per"]
-        assert changed_keys(saved, cfg) == changed
-    cfg = case("online.deterministic_last_step=true")
-    saved = config_to_dict(cfg)
-    del saved["online"]["deterministic_last_step"]
-    assert changed_keys(saved, cfg) == [("online.deterministic_last_step", False, True)]
+        check_saved_before(cfg, "online.sde_window_per", changed)
+    check_saved_before(case("online.deterministic_last_step=true"), "online.deterministic_last_step",
+                       [("online.deterministic_last_step", False, True)])
 
 
 def test_a_warmup_under_the_constant_schedule_is_refused_at_the_start_and_may_go_on_resume():
