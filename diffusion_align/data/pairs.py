@@ -197,30 +197,30 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
     files = _parquet_files(path, split)
+    footers = {f: pq.ParquetFile(f).metadata for f in files}  # the footers alone, each read once
     # datasets fails on a zero-row file with a traceback naming no file ("BatchSize must be greater than 0")
-    empty = [f for f in files if pq.ParquetFile(f).metadata.num_rows == 0]
+    empty = [f for f in files if footers[f].num_rows == 0]
     if len(empty) == len(files):
         raise ValueError(f"{path}: the parquet holds no rows" if len(files) == 1 else
                          f"{path}: none of its {len(files)} parquet files holds a row")
     for f in empty:
         logger.warning("%s: the parquet holds no rows; left out", f)
     files = [f for f in files if f not in empty]
-    _check_same_columns(path, files)
+    _check_same_columns(path, {f: set(footers[f].schema.to_arrow_schema().names) for f in files})
     files = [glob.escape(f) for f in files]  # datasets reads data_files as globs
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
 
 
-def _check_same_columns(path: str, files: list[str]) -> None:
-    """datasets reads the files as one table and fails on one whose columns differ, naming no file (streamed, at
-    the first batch of it); their order and number types may differ."""
-    first = set(pq.read_schema(files[0]).names)  # the footers alone
-    for f in files[1:]:
-        names = set(pq.read_schema(f).names)
-        if names != first:
-            more, fewer = sorted(names - first), sorted(first - names)
+def _check_same_columns(path: str, columns: dict[str, set[str]]) -> None:
+    """datasets reads the files (`columns`: each one's column names) as one table and fails on one whose columns
+    differ, naming no file (streamed, at the first batch of it); their order and number types may differ."""
+    (first, names_first), *others = columns.items()
+    for f, names in others:
+        if names != names_first:
+            more, fewer = sorted(names - names_first), sorted(names_first - names)
             raise ValueError(f"{path}: its parquet files hold different columns: {f} has "
                              + " and ".join(([f"{more} more"] if more else []) + ([f"{fewer} fewer"] if fewer else []))
-                             + f" than {files[0]}; they are read as one table, so they need the same columns "
+                             + f" than {first}; they are read as one table, so they need the same columns "
                              "(give the files of one layout, as a glob or a comma-separated list)")
 
 
