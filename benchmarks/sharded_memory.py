@@ -7,10 +7,11 @@ Each run is `diffusion-align train configs/tiny/dpo.yaml` (a full fine-tune, one
 architecture (tiny, or SD1.5's with random weights: benchmarks/train_throughput.py's build_world), with
 train.sharding=none and then fsdp2. Reported per process: the model states the run logs (metrics.jsonl
 model_states_gib: weights, gradients, Adam moments and the reference copy this process holds) and the peak resident
-memory of each process, polled. Each process may allocate --limit-gb / 2 (RLIMIT_DATA, which its allocations count
-against as they are made), so a run that would not fit fails with an allocation error, reported with the memory
-it had reached, instead of meeting the kernel's OOM killer (polling alone is too slow: a step's allocations come
-within a second). Run it with nothing else on the machine.
+memory of each process (by rank), polled: to the end of the set-up (the models loaded and sharded), and in all.
+Each process may allocate --limit-gb / 2 (RLIMIT_DATA, which its allocations count against as they are made), so a
+run that would not fit fails with an allocation error, reported with the memory it had reached, instead of meeting
+the kernel's OOM killer (polling alone is too slow: a step's allocations come within a second). Run it with nothing
+else on the machine.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def run(strategy: str, model: Path, pairs: Path, work: Path, args) -> dict:
     with log_path.open("w") as log:
         launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: (
             resource.setrlimit(resource.RLIMIT_DATA, (per_process, per_process))))
-    peaks = {}
+    peaks, set_up = {}, None
     while launcher.poll() is None:
-        for pid, rss in launcher_children(launcher.pid).items():
-            peaks[pid] = max(peaks.get(pid, 0), rss)
+        for rank, rss in launcher_children(launcher.pid).items():
+            peaks[rank] = max(peaks.get(rank, 0), rss)
+        if set_up is None and SET_UP_DONE in log_path.read_text():
+            set_up = dict(peaks)
         time.sleep(0.1)
     metrics = out / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -63,11 +66,15 @@ def run(strategy: str, model: Path, pairs: Path, work: Path, args) -> dict:
         stopped_at = sum(peaks.values()) / GIB
     return {"strategy": strategy, "steps": len(records), "stopped_at_gb": stopped_at,
             "model_states_gib": records[-1]["model_states_gib"] if records else None,
-            "peak_rss_gib": sorted(v / GIB for v in peaks.values())}
+            "peak_rss_gib": [peaks[rank] / GIB for rank in sorted(peaks)],
+            "set_up_rss_gib": [set_up[rank] / GIB for rank in sorted(set_up)] if set_up else None}
+
+
+SET_UP_DONE = "trainable parameters"  # the line run.set_up_models logs once the models are loaded (and sharded)
 
 
 def launcher_children(pid: int) -> dict[int, int]:
-    """The training processes torchrun started (its Python children), with their resident bytes now."""
+    """The training processes torchrun started (its Python children), by rank, with their resident bytes now."""
     try:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -75,7 +82,9 @@ def launcher_children(pid: int) -> dict[int, int]:
     rss = {}
     for child in children:
         try:
-            rss[child.pid] = child.memory_info().rss
+            rank = child.environ().get("RANK")
+            if rank is not None:  # not a helper process of its own
+                rss[int(rank)] = child.memory_info().rss
         except psutil.NoSuchProcess:
             pass
     return rss
@@ -95,13 +104,15 @@ def main() -> None:
         work = Path(tmp)
         model, pairs = build_world(work, args.arch, args.resolution, num_pairs=4)
         rows = [run(strategy, model, pairs, work, args) for strategy in args.strategies]
-    print("| arch | strategy | steps done | model states per process (GiB) | peak RSS per process (GiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| arch | strategy | steps done | model states per process (GiB) | peak RSS at the end of set-up, rank 0 1 "
+          "(GiB) | peak RSS in all, rank 0 1 (GiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         states = "" if r["model_states_gib"] is None else f"{r['model_states_gib']:.4g}"
         done = (f"{r['steps']} (allocation failed at {r['stopped_at_gb']:.1f} GiB in all)" if r['stopped_at_gb']
                 else r['steps'])
         print(f"| {args.arch} {args.resolution} px {args.precision} | {r['strategy']} | {done} | {states} | "
+              f"{' '.join(f'{v:.3g}' for v in r['set_up_rss_gib'] or [])} | "
               f"{' '.join(f'{v:.3g}' for v in r['peak_rss_gib'])} |")
 
 

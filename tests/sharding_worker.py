@@ -1,7 +1,7 @@
 """Run by test_sharding.py under torchrun: several training runs one after another in the same processes. For each,
 per rank, what every denoiser call (UNet, SD3 or FLUX transformer) received (its noised latents, timesteps and
 conditioning, summed per row), for the test to compare a sharded run with a data-parallel one (and their final
-models).
+models), and which denoisers the process read weights into.
 
     sharding_worker.py SPEC.json OUT_DIR     SPEC: [{"name": ..., "config": path, "overrides": [...]}, ...]
 """
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, ModelMixin, SD3Transformer2DModel, UNet2DConditionModel
 
 from diffusion_align.config import load_config
 from diffusion_align.training import trainer
@@ -48,15 +48,31 @@ def recording_unet_inputs(into: list):
             cls.forward = forward
 
 
+@contextmanager
+def counting_denoiser_loads(into: list):
+    """Append the class name of every denoiser read with from_pretrained."""
+    original = ModelMixin.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        if cls in (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel):
+            into.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+    ModelMixin.from_pretrained = classmethod(counted)
+    try:
+        yield
+    finally:
+        ModelMixin.from_pretrained = classmethod(original)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     spec, out_dir = sys.argv[1:]
     # every run ends with accelerator.end_training(), which destroys the process group: keep it for the next run
     destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
     for run in json.load(open(spec)):
-        calls = []
-        with recording_unet_inputs(calls):
+        calls, loads = [], []
+        with recording_unet_inputs(calls), counting_denoiser_loads(loads):
             trainer.train(load_config(run["config"], run["overrides"]))
         with open(f"{out_dir}/{run['name']}-rank{PartialState().process_index}.json", "w") as f:
-            json.dump(calls, f)
+            json.dump({"calls": calls, "denoiser_loads": loads}, f)
     destroy(PartialState())

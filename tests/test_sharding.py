@@ -114,7 +114,12 @@ def distance(a: dict, b: dict, names: list[str]) -> torch.Tensor:
 
 
 def unet_calls(root: Path, run: str, rank: int) -> list[dict]:
-    return json.loads((root / f"{run}-rank{rank}.json").read_text())
+    return json.loads((root / f"{run}-rank{rank}.json").read_text())["calls"]
+
+
+def denoiser_loads(root: Path, run: str, rank: int) -> list[str]:
+    """The denoiser classes process `rank` read weights into (from_pretrained) during `run`."""
+    return json.loads((root / f"{run}-rank{rank}.json").read_text())["denoiser_loads"]
 
 
 @pytest.mark.parametrize("case", list(PAIRS))
@@ -168,6 +173,11 @@ def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_r
         p.name for p in (root / data_parallel / "final").rglob("*"))
     # the two processes read their own data (offline: their halves of each batch; online: their own groups)
     assert unet_calls(root, sharded, 0)[0] != unet_calls(root, sharded, 1)[0]
+    # each data-parallel process reads the denoiser's weights; sharded by fsdp2, the main process alone, which sends
+    # the other its shards (unsent, they would be uninitialised memory, and the final weights above would differ)
+    read = [denoiser_loads(root, sharded, rank) for rank in (0, 1)]
+    assert denoiser_loads(root, data_parallel, 1) == read[0] and len(read[0]) == 1
+    assert read[1] == (read[0] if sharded.endswith("zero2") else [])
 
 
 @pytest.mark.parametrize("run", sorted(RESUMED))

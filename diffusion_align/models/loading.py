@@ -247,8 +247,8 @@ def _stored_dtype(folder: Path, variant: str | None) -> torch.dtype | None:
 
 def load_components(pretrained: str, revision: str | None = None, variant: str | None = None,
                     vae: str | None = None, encoders: bool = True, denoiser: bool = True,
-                    max_sequence_length: int | None = None,
-                    denoiser_dtype: torch.dtype | None = None) -> DiffusionComponents:
+                    max_sequence_length: int | None = None, denoiser_dtype: torch.dtype | None = None,
+                    denoiser_weights: bool = True) -> DiffusionComponents:
     """The denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's training scheduler
     with the checkpoint's config.
 
@@ -256,12 +256,21 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     no denoiser weights (building one): its config alone says the family. `max_sequence_length`: the T5 tokens
     (SD3, FLUX) `parts.family` encodes prompts to; None: the pipeline's default. `denoiser_dtype`: the dtype the
     denoiser loads in (None: fp32, diffusers' default, whatever it was saved in); a LoRA run's frozen base loads
-    straight into its frozen dtype, not through fp32 (FLUX.1's transformer: 24 GB of host memory, not 48)."""
+    straight into its frozen dtype, not through fp32 (FLUX.1's transformer: 24 GB of host memory, not 48).
+    `denoiser_weights=False` builds the denoiser from its config on the meta device, holding no memory: a sharded run's
+    other processes, which the main process sends their shards (`sharding.shard`)."""
     index = pipeline_index(pretrained, revision)
     kw = dict(revision=revision)
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
-    denoiser_model = (family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant,
-                                                          dtype=denoiser_dtype, **kw) if denoiser else None)
+    denoiser_model = None
+    if denoiser and denoiser_weights:
+        denoiser_model = family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant,
+                                                             dtype=denoiser_dtype, **kw)
+    elif denoiser:
+        with torch.device("meta"):
+            denoiser_model = family.denoiser_cls.from_config(denoiser_config)
+        if denoiser_dtype is not None:
+            denoiser_model.to(denoiser_dtype)
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = text_encoder_class(pretrained, index, name, family)

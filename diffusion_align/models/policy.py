@@ -99,8 +99,9 @@ class Policy:
             denoiser.add_adapter(self.lora_config)  # lora_B starts at zero: policy == reference at step 0
             cast_training_params(denoiser, dtype=torch.float32)
         else:
-            if needs_reference:  # copied while the UNet is still on the CPU
-                self.ref_denoiser = place(copy.deepcopy(denoiser).requires_grad_(False).eval(), "cpu", frozen_dtype)
+            if needs_reference:  # copied and cast where the UNet was loaded (the CPU; unloaded, the meta device)
+                where = next(denoiser.parameters()).device
+                self.ref_denoiser = place(copy.deepcopy(denoiser).requires_grad_(False).eval(), where, frozen_dtype)
                 if ref_offload:
                     from accelerate import cpu_offload
                     cpu_offload(self.ref_denoiser, execution_device=torch.device(device))

@@ -155,9 +155,12 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     reference errors)."""
     t, sharding = cfg.train, resolve_sharding(cfg)
     device, frozen_dtype = accelerator.device, MIXED_PRECISION_DTYPES[t.mixed_precision]
+    fsdp = sharding.startswith("fsdp2")
+    # sharded, the main process alone reads the denoiser's weights and sends each process its shards (`shard`)
     parts = load_components(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.vae, encoders,
                             max_sequence_length=cfg.model.max_sequence_length,
-                            denoiser_dtype=frozen_dtype if cfg.model.lora_rank is not None else None)
+                            denoiser_dtype=frozen_dtype if cfg.model.lora_rank is not None else None,
+                            denoiser_weights=not fsdp or accelerator.is_main_process)
     if cfg.model.prediction_type not in (None, parts.prediction_type):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}, but {cfg.model.pretrained}'s scheduler "
                           f"says {parts.prediction_type}; training against the wrong target ruins the model (set "
@@ -181,17 +184,16 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     kohya = None if cfg.model.lora_rank is None or parts.family.kohya_version is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, denoiser_digest)
-    # sharded, the policy is made on the CPU and each block moves to the device as it is sharded: no process
-    # ever holds the whole UNet there
-    fsdp = sharding.startswith("fsdp2")
+    # sharded, the policy is made where the denoiser was loaded (the CPU; the meta device in the processes that did
+    # not read it), and each block moves to the device as it is sharded: no process ever holds the whole UNet there
     policy = Policy(parts.denoiser, cfg.model.lora_rank, cfg.model.lora_alpha,
-                    cfg.model.lora_target_modules or parts.family.lora_targets,
-                    parts.family, needs_reference, cfg.model.ref_offload, "cpu" if fsdp else device, frozen_dtype,
+                    cfg.model.lora_target_modules or parts.family.lora_targets, parts.family, needs_reference,
+                    cfg.model.ref_offload, next(parts.denoiser.parameters()).device if fsdp else device, frozen_dtype,
                     kohya)
     if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
         for module in filter(None, (policy.denoiser, policy.ref_denoiser)):
-            shard(module, sharding, compute_dtype)
+            shard(module, sharding, compute_dtype, device)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)  # after sharding: it holds the shards
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)

@@ -5,8 +5,9 @@ training fits on several.
 - `fsdp2`: every block the wrap policy names (`BLOCK_CLASSES`: the UNet's down, mid and up blocks and its
   transformer blocks; SD3's joint and FLUX's double- and single-stream transformer blocks) is a unit whose weights
   are gathered for its forward and backward and freed after; what is left (embeddings, first and last layers) is the
-  root unit. Each process keeps 1/N of every weight, of its gradient and of its Adam moments. With
-  train.mixed_precision=bf16 the weights are gathered and computed in bf16 and gradients are reduced in fp32.
+  root unit. Each process keeps 1/N of every weight, of its gradient and of its Adam moments; only the main process
+  reads the weights, and sends each of the others its shards (`shard`). With train.mixed_precision=bf16 the weights
+  are gathered and computed in bf16 and gradients are reduced in fp32.
 - `fsdp2-offload`: the same, with the shards and the optimiser kept in CPU memory and moved in for each unit.
 - A full fine-tune's frozen reference copy is sharded the same way (or not loaded: method.precomputed_reference);
   a LoRA's frozen base is sharded with its adapters, which alone train, and the adapter-off reference is the same
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import os
 import pickle
 import warnings
@@ -51,7 +53,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import Config, ConfigError
 from ..devices import MIXED_PRECISION_DTYPES
@@ -133,19 +135,57 @@ def sharding_conflicts(cfg: Config) -> dict[str, str]:
     return {setting: fix for setting, (fix, conflict) in conflicts.items() if conflict}
 
 
-def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None,
+          device: torch.device | str = "cpu") -> torch.nn.Module:
     """Shard `module` in place, block by block (`BLOCK_CLASSES`, innermost first), then the rest as the root. The
     weights are gathered in `compute_dtype`; the inputs are left as they come, to the loops' autocast, as in a
     data-parallel run (cast to bf16, SD3's and FLUX's float timesteps would move by up to 4 of 1000, SDXL's size
-    ids by up to 4 pixels)."""
+    ids by up to 4 pixels).
+
+    Only the main process need hold the weights: where the module of another process is on the meta device
+    (`load_components(denoiser_weights=False)`), it is given the main process's, shard by shard (`_send_shards`;
+    `device`: the run's), so N processes hold the whole model once, not N times, before it is sharded."""
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                                  cast_forward_inputs=False)}
     if strategy == "fsdp2-offload":
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    # the main process's whole weights, kept from fully_shard (which frees them) to be sent
+    weights = {name: p.detach() for name, p in module.named_parameters()} if several and dist.get_rank() == 0 else None
     for block in reversed(wrap_units(module)):  # modules() lists a block before the blocks inside it
         fully_shard(block, **options)
     fully_shard(module, **options)
+    if several:
+        _send_shards(module, weights, strategy, device)
     return module
+
+
+def _send_shards(module: FSDPModule, weights: dict[str, torch.Tensor] | None, strategy: str, device) -> None:
+    """Scatter the main process's `weights` (whole, by name; None in the other processes) into every process's shards
+    of `module`, and broadcast its buffers, one tensor at a time. A module built on the meta device is given storage
+    first: its shards on the run's device (the CPU under fsdp2-offload), its buffers on the device, as FSDP2 keeps
+    them."""
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        module.to_empty(device="cpu" if strategy == "fsdp2-offload" else device)
+        for buffer in module.buffers():
+            buffer.data = buffer.data.to(device)
+    layout = [(name, tuple(t.shape), t.dtype) for name, t in
+              itertools.chain(module.named_parameters(), module.named_buffers())]
+    main_layout = [layout]
+    dist.broadcast_object_list(main_layout, src=0)
+    if main_layout[0] != layout:  # the same model and dtypes, or the scatter below would mix them up
+        differs = next((ours, main) for ours, main in itertools.zip_longest(layout, main_layout[0]) if ours != main)
+        raise RuntimeError(f"process {dist.get_rank()}'s {type(module).__name__} differs from the main process's "
+                           f"(here {differs[0]}, there {differs[1]}); every process must build the same model")
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            whole = (torch.empty(param.shape, dtype=param.dtype, device=device) if weights is None
+                     else weights[name].to(device))
+            part = distribute_tensor(whole, param.device_mesh, param.placements)  # each shard sent from process 0
+            if weights is None:
+                param.to_local().copy_(part.to_local())
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def wrap_units(module: torch.nn.Module) -> list[torch.nn.Module]:
