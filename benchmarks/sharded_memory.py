@@ -76,14 +76,14 @@ SET_UP_DONE = "trainable parameters"  # the line run.set_up_models logs once the
 def launcher_children(pid: int) -> dict[int, int]:
     """The training processes torchrun started (its Python children), by rank, with their resident bytes now."""
     try:
-        children = psutil.Process(pid).children(recursive=True)
+        children = psutil.Process(pid).children()
     except psutil.NoSuchProcess:
         return {}
     rss = {}
     for child in children:
         try:
             rank = child.environ().get("RANK")
-            if rank is not None:  # not a helper process of its own
+            if rank is not None:
                 rss[int(rank)] = child.memory_info().rss
         except psutil.NoSuchProcess:
             pass

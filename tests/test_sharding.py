@@ -233,7 +233,7 @@ def test_settings_sharding_cannot_run_with_are_refused():
         resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2-offload"]), fsdp2)
     assert resolve_sharding(load_config(TINY_CONFIG, []), fsdp2) == "fsdp2"  # the launcher's, where the key is none
     for setting in ("train.mixed_precision=fp16", "train.optimizer=adafactor", "model.compile=true",
-                    "model.ref_offload=true"):
+                    "model.channels_last=true", "model.ref_offload=true"):
         with pytest.raises(ConfigError, match=f"this config has {setting}"):
             resolve_sharding(load_config(TINY_CONFIG, ["train.sharding=fsdp2", setting]), {"RANK": "0"})
     with pytest.raises(ConfigError, match="shards over the processes of a distributed launch: start the run with "
@@ -290,6 +290,35 @@ def test_sharded_runs_compute_in_the_configured_dtype(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-4:] == ["bf16 True torch.bfloat16", "no False torch.float16",
                                              f"torch.float32 {torch.tensor([937.4]).tolist()}", "torch.bfloat16 True"]
+
+
+PROBE_DIFFERENT_MODELS = """
+import torch
+import torch.distributed as dist
+from diffusion_align.training.sharding import shard
+dist.init_process_group("gloo")
+with torch.device("cpu" if dist.get_rank() == 0 else "meta"):  # process 1 builds a narrower last layer
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3 - dist.get_rank()))
+try:
+    shard(model, "fsdp2", None)
+except RuntimeError as err:
+    print(dist.get_rank(), err)
+"""
+
+
+def test_processes_that_build_different_models_all_stop_naming_the_difference(tmp_path):
+    """The main process sends each weight's shards to processes that built the model without weights: one whose
+    model differs would receive another weight's values, or leave the main process waiting on a scatter it never
+    joins; every process stops instead, the one that differs naming the weight."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE_DIFFERENT_MODELS)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", str(probe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.splitlines()[-2:]) == [
+        "0 another process's Sequential differs from the main process's; every process must build the same model",
+        "1 process 1's Sequential differs from the main process's (here ('1.weight', (2, 5), torch.float32), there "
+        "('1.weight', (3, 5), torch.float32)); every process must build the same model"]
 
 
 @pytest.mark.parametrize("case", ["dpo-full", "dpo-lora", "pref_grpo-full"])

@@ -184,12 +184,12 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     kohya = None if cfg.model.lora_rank is None or parts.family.kohya_version is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, denoiser_digest)
-    # sharded, the policy is made where the denoiser was loaded (the CPU; the meta device in the processes that did
-    # not read it), and each block moves to the device as it is sharded: no process ever holds the whole UNet there
+    # sharded, the policy is made on the CPU (on the meta device in the processes that did not read the weights), and
+    # each block moves to the device as it is sharded: no process ever holds the whole UNet there
+    where = ("cpu" if accelerator.is_main_process else "meta") if fsdp else device
     policy = Policy(parts.denoiser, cfg.model.lora_rank, cfg.model.lora_alpha,
                     cfg.model.lora_target_modules or parts.family.lora_targets, parts.family, needs_reference,
-                    cfg.model.ref_offload, next(parts.denoiser.parameters()).device if fsdp else device, frozen_dtype,
-                    kohya)
+                    cfg.model.ref_offload, where, frozen_dtype, kohya)
     if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
         for module in filter(None, (policy.denoiser, policy.ref_denoiser)):

@@ -120,8 +120,8 @@ def resolve_sharding(cfg: Config, env=os.environ) -> str:
                           "train.sharding=fsdp2")
     for setting in sharding_conflicts(cfg):
         raise ConfigError(f"train.sharding={strategy} runs with bf16 or no mixed precision, train.optimizer="
-                          f"adamw, model.compile=false and model.ref_offload=false (the offload strategy is "
-                          f"fsdp2-offload); this config has {setting}")
+                          f"adamw, model.compile=false, model.channels_last=false and model.ref_offload=false (the "
+                          f"offload strategy is fsdp2-offload); this config has {setting}")
     return strategy
 
 
@@ -131,6 +131,8 @@ def sharding_conflicts(cfg: Config) -> dict[str, str]:
                                                 cfg.train.mixed_precision == "fp16"),
                  f"train.optimizer={cfg.train.optimizer}": ("train.optimizer=adamw", cfg.train.optimizer != "adamw"),
                  "model.compile=true": ("model.compile=false", cfg.model.compile),
+                 # FSDP2 shards, and DeepSpeed broadcasts, contiguous weights only
+                 "model.channels_last=true": ("model.channels_last=false", cfg.model.channels_last),
                  "model.ref_offload=true": ("model.ref_offload=false", cfg.model.ref_offload)}
     return {setting: fix for setting, (fix, conflict) in conflicts.items() if conflict}
 
@@ -142,9 +144,9 @@ def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | N
     data-parallel run (cast to bf16, SD3's and FLUX's float timesteps would move by up to 4 of 1000, SDXL's size
     ids by up to 4 pixels).
 
-    Only the main process need hold the weights: where the module of another process is on the meta device
-    (`load_components(denoiser_weights=False)`), it is given the main process's, shard by shard (`_send_shards`;
-    `device`: the run's), so N processes hold the whole model once, not N times, before it is sharded."""
+    On several processes, every process is given the main process's weights, shard by shard (`_send_shards`;
+    `device`: the run's), so only the main process need read them: the others may build `module` on the meta device
+    (`load_components(denoiser_weights=False)`), and N processes hold the whole model once, not N times."""
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                                  cast_forward_inputs=False)}
     if strategy == "fsdp2-offload":
@@ -173,15 +175,19 @@ def _send_shards(module: FSDPModule, weights: dict[str, torch.Tensor] | None, st
               itertools.chain(module.named_parameters(), module.named_buffers())]
     main_layout = [layout]
     dist.broadcast_object_list(main_layout, src=0)
-    if main_layout[0] != layout:  # the same model and dtypes, or the scatter below would mix them up
-        differs = next((ours, main) for ours, main in itertools.zip_longest(layout, main_layout[0]) if ours != main)
-        raise RuntimeError(f"process {dist.get_rank()}'s {type(module).__name__} differs from the main process's "
-                           f"(here {differs[0]}, there {differs[1]}); every process must build the same model")
+    # the same model and dtypes, or the scatter below would mix them up; agreed, so that every process stops
+    differs = next(((ours, main) for ours, main in itertools.zip_longest(layout, main_layout[0]) if ours != main), None)
+    if _over_processes(next(module.parameters()).device_mesh, torch.tensor(int(differs is not None)),
+                       dist.ReduceOp.MAX):
+        whose = f"process {dist.get_rank()}'s" if differs else "another process's"
+        raise RuntimeError(f"{whose} {unsharded_class(module).__name__} differs from the main process's"
+                           + (f" (here {differs[0]}, there {differs[1]})" if differs else "")
+                           + "; every process must build the same model")
     with torch.no_grad():
         for name, param in module.named_parameters():
             whole = (torch.empty(param.shape, dtype=param.dtype, device=device) if weights is None
                      else weights[name].to(device))
-            part = distribute_tensor(whole, param.device_mesh, param.placements)  # each shard sent from process 0
+            part = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=0)  # scattered
             if weights is None:
                 param.to_local().copy_(part.to_local())
         for buffer in module.buffers():

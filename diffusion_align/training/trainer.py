@@ -117,11 +117,16 @@ def train(cfg: Config) -> TrainResult:
         nonlocal reference
         key = reference_key(cfg, method, pairs, len(pairs), epochs_needed(cfg, len(pairs), world),
                             None if cache is None else cache.key, denoiser_digest)
+        folder = output_dir if cache is None else cache.folder
+
+        def make_denoiser():
+            if parts.denoiser.device.type == "meta":  # a sharded run's other process, which read no weights
+                raise RuntimeError(f"process {accelerator.process_index} found no reference errors of this run in "
+                                   f"{folder}, where the main process writes them: every process of a sharded run "
+                                   "must see that folder (train.output_dir, or data.cache's)")
+            return reference_denoiser(parts.denoiser, cfg.model.lora_rank is not None, device, frozen_dtype)
         with accelerator.main_process_first():  # the main process computes; the others load its file
-            reference = precompute_reference(key, output_dir if cache is None else cache.folder, items,
-                                             pair_inputs(parts, frozen_dtype),
-                                             lambda: reference_denoiser(parts.denoiser, cfg.model.lora_rank is not None,
-                                                                        device, frozen_dtype),
+            reference = precompute_reference(key, folder, items, pair_inputs(parts, frozen_dtype), make_denoiser,
                                              accelerator.autocast,
                                              cfg.method.reference_batch_size or 4 * t.batch_size, workers)
 
