@@ -193,7 +193,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
         for module in filter(None, (policy.denoiser, policy.ref_denoiser)):
-            shard(module, sharding, compute_dtype, device)
+            shard(module, sharding, compute_dtype)
     optimizer = make_optimizer(cfg, policy.trainable_parameters(), lr)  # after sharding: it holds the shards
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)

@@ -137,15 +137,14 @@ def sharding_conflicts(cfg: Config) -> dict[str, str]:
     return {setting: fix for setting, (fix, conflict) in conflicts.items() if conflict}
 
 
-def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None,
-          device: torch.device | str = "cpu") -> torch.nn.Module:
+def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
     """Shard `module` in place, block by block (`BLOCK_CLASSES`, innermost first), then the rest as the root. The
     weights are gathered in `compute_dtype`; the inputs are left as they come, to the loops' autocast, as in a
     data-parallel run (cast to bf16, SD3's and FLUX's float timesteps would move by up to 4 of 1000, SDXL's size
     ids by up to 4 pixels).
 
-    On several processes, every process is given the main process's weights, shard by shard (`_send_shards`;
-    `device`: the run's), so only the main process need read them: the others may build `module` on the meta device
+    On several processes, every process is given the main process's weights, shard by shard (`_send_shards`), so
+    only the main process need read them: the others may build `module` on the meta device
     (`load_components(denoiser_weights=False)`), and N processes hold the whole model once, not N times."""
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                                  cast_forward_inputs=False)}
@@ -158,15 +157,17 @@ def shard(module: torch.nn.Module, strategy: str, compute_dtype: torch.dtype | N
         fully_shard(block, **options)
     fully_shard(module, **options)
     if several:
-        _send_shards(module, weights, strategy, device)
+        _send_shards(module, weights, strategy)
     return module
 
 
-def _send_shards(module: FSDPModule, weights: dict[str, torch.Tensor] | None, strategy: str, device) -> None:
+def _send_shards(module: FSDPModule, weights: dict[str, torch.Tensor] | None, strategy: str) -> None:
     """Scatter the main process's `weights` (whole, by name; None in the other processes) into every process's shards
-    of `module`, and broadcast its buffers, one tensor at a time. A module built on the meta device is given storage
-    first: its shards on the run's device (the CPU under fsdp2-offload), its buffers on the device, as FSDP2 keeps
-    them."""
+    of `module`, and broadcast its buffers, one tensor at a time, on the device of FSDP2's mesh. A module built on the
+    meta device is given storage first: its shards on that device (the CPU under fsdp2-offload), its buffers on the
+    device, as FSDP2 keeps them."""
+    mesh = next(module.parameters()).device_mesh
+    device = torch.device(mesh.device_type)  # NCCL, a GPU run's backend, takes CUDA tensors only
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         module.to_empty(device="cpu" if strategy == "fsdp2-offload" else device)
         for buffer in module.buffers():
@@ -177,8 +178,7 @@ def _send_shards(module: FSDPModule, weights: dict[str, torch.Tensor] | None, st
     dist.broadcast_object_list(main_layout, src=0)
     # the same model and dtypes, or the scatter below would mix them up; agreed, so that every process stops
     differs = next(((ours, main) for ours, main in itertools.zip_longest(layout, main_layout[0]) if ours != main), None)
-    if _over_processes(next(module.parameters()).device_mesh, torch.tensor(int(differs is not None)),
-                       dist.ReduceOp.MAX):
+    if _over_processes(mesh, torch.tensor(int(differs is not None)), dist.ReduceOp.MAX):
         whose = f"process {dist.get_rank()}'s" if differs else "another process's"
         raise RuntimeError(f"{whose} {unsharded_class(module).__name__} differs from the main process's"
                            + (f" (here {differs[0]}, there {differs[1]})" if differs else "")
