@@ -293,6 +293,7 @@ def test_sharded_runs_compute_in_the_configured_dtype(tmp_path):
 
 
 PROBE_DIFFERENT_MODELS = """
+import sys
 import torch
 import torch.distributed as dist
 from diffusion_align.training.sharding import shard
@@ -301,8 +302,9 @@ with torch.device("cpu" if dist.get_rank() == 0 else "meta"):  # process 1 build
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3 - dist.get_rank()))
 try:
     shard(model, "fsdp2", None)
-except RuntimeError as err:
-    print(dist.get_rank(), err)
+except RuntimeError as err:  # a file each: the two processes' prints would interleave on one stdout
+    open(f"{sys.argv[1]}/{dist.get_rank()}.txt", "w").write(str(err))
+dist.destroy_process_group()  # left to the interpreter's exit, gloo's threads may abort the process
 """
 
 
@@ -313,11 +315,11 @@ def test_processes_that_build_different_models_all_stop_naming_the_difference(tm
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE_DIFFERENT_MODELS)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29533", str(probe)], capture_output=True, text=True, timeout=600)
+                           "29533", str(probe), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(done.stdout.splitlines()[-2:]) == [
-        "0 another process's Sequential differs from the main process's; every process must build the same model",
-        "1 process 1's Sequential differs from the main process's (here ('1.weight', (2, 5), torch.float32), there "
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == [
+        "another process's Sequential differs from the main process's; every process must build the same model",
+        "process 1's Sequential differs from the main process's (here ('1.weight', (2, 5), torch.float32), there "
         "('1.weight', (3, 5), torch.float32)); every process must build the same model"]
 
 
