@@ -262,7 +262,10 @@ def cmd_export(args) -> None:
                     f"{in_diffusers}",
            "comfyui": f"load it in ComfyUI (LoraLoader, strength 1), or in diffusers: {in_diffusers}",
            "diffusers": f"load it in diffusers: {in_diffusers}",
-           "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")'}[args.format])
+           "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")',
+           "single-file": "load it in ComfyUI (Load Checkpoint; models/checkpoints/), AUTOMATIC1111 or Forge "
+                          "(models/Stable-diffusion/), or in diffusers: StableDiffusionPipeline.from_single_file "
+                          "(StableDiffusionXLPipeline for SDXL)"}[args.format])
 
 
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool, required: bool = True) -> None:
@@ -528,18 +531,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_toy_build_assets)
 
     export = sub.add_parser("export", help="Write a run's LoRA or model in the file another program loads: kohya "
-                                           "(ComfyUI, AUTOMATIC1111, Forge), comfyui (SD3, FLUX), diffusers, or a "
-                                           "merged pipeline.")
+                                           "(ComfyUI, AUTOMATIC1111, Forge), comfyui (SD3, FLUX), diffusers, a "
+                                           "merged pipeline, or a single-file checkpoint (SD1.x, SD2.x, SDXL).")
     export.add_argument("source", metavar="RUN_OR_FOLDER", help="a run folder (its final/, else its newest "
                         "checkpoint), a final/ or checkpoint-<step>/ folder (of a sharded run too: its shards are "
                         "gathered), or a folder holding a diffusers LoRA")
-    export.add_argument("--format", required=True, choices=("kohya", "comfyui", "diffusers", "merged"),
+    export.add_argument("--format", required=True, choices=("kohya", "comfyui", "diffusers", "merged", "single-file"),
                         help="kohya: one .safetensors UNet LoRA for ComfyUI, AUTOMATIC1111 and Forge; comfyui: an SD3 "
                              "or FLUX LoRA for ComfyUI, its scale folded in; diffusers: the LoRA for "
                              "pipe.load_lora_weights; merged: the LoRA fused into the base, written as a whole "
-                             "pipeline for DiffusionPipeline.from_pretrained")
+                             "pipeline for DiffusionPipeline.from_pretrained; single-file: the same model as one "
+                             ".safetensors checkpoint in the original layout (ComfyUI, AUTOMATIC1111, Forge; "
+                             "SD1.x, SD2.x and SDXL)")
     export.add_argument("--out", required=True,
-                        help="a .safetensors file or a folder (LoRA formats), a folder (merged)")
+                        help="a .safetensors file or a folder (LoRA formats, single-file), a folder (merged)")
     export.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                         help="cast the written weights (default: as trained; LoRA alphas stay fp32)")
     export.add_argument("--base", default=None, help="the base model (hub id or folder) the weights were trained on; "

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -394,3 +394,144 @@ def test_a_transformer_lora_exports_for_comfyui_at_its_trained_scale(tmp_path, t
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.load_lora_weights(tmp_path / "comfy", weight_name=COMFYUI_WEIGHTS)
     assert torch.allclose(probe(pipe.transformer, family), trained, atol=1e-5)
+
+
+def _full_fine_tune_run(tmp_path, base):
+    """A run folder whose checkpoint holds a "trained" UNet (every weight moved) and the config naming `base`."""
+    run = tmp_path / "run"
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    with torch.no_grad():
+        for param in unet.parameters():
+            param += 0.01 * torch.randn_like(param)
+    unet.save_pretrained(run / "checkpoint-2" / "unet")
+    run.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
+        f"model.pretrained={base}", "model.lora_rank=null", f"train.output_dir={run}"])))
+    return run, unet
+
+
+@pytest.mark.parametrize("family, architecture, prediction", [
+    ("sd", "stable-diffusion-v1", "epsilon"),
+    ("sd2", "stable-diffusion-v2-768-v", "v_prediction"),  # the tiny SD2 predicts v, as SD2.1 768 does
+    ("sdxl", "stable-diffusion-xl-v1-base", "epsilon"),
+])
+def test_a_full_fine_tune_exports_as_one_checkpoint_that_diffusers_single_file_loader_reads_back(
+        tmp_path, tiny_models, capsys, family, architecture, prediction):
+    """diffusers' own converter of original checkpoints (`from_single_file`, written against the released SD1.5,
+    SD2.1 and SDXL files) reads the file back to the trained UNet and the base's VAE and text encoders, bit for bit:
+    every weight written once, under the name and in the shape that converter looks for."""
+    run, unet = _full_fine_tune_run(tmp_path, tiny_models[family])
+    export(run, "--format", "single-file", "--out", tmp_path / "out")
+    assert "load it in ComfyUI (Load Checkpoint" in capsys.readouterr().out
+    path = tmp_path / "out" / "run.safetensors"
+    with safe_open(path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+    assert (metadata["modelspec.architecture"], metadata["modelspec.prediction_type"]) == (architecture, prediction)
+    assert ("v_pred" in keys) == (prediction == "v_prediction")  # the marker ComfyUI reads an SDXL file's from
+
+    base = DiffusionPipeline.from_pretrained(tiny_models[family])
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    loaded = pipeline_class.from_single_file(path, config=str(tiny_models[family]), local_files_only=True)
+    expected = {"unet": unet, **{name: getattr(base, name) for name in ("vae", "text_encoder", "text_encoder_2")
+                                 if getattr(base, name, None) is not None}}
+    for name, model in expected.items():
+        want, got = model.state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys(), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    assert numel == sum(t.numel() for m in expected.values() for t in m.state_dict().values()), "nothing twice"
+
+
+def test_a_lora_exports_as_one_checkpoint_with_the_merged_pipelines_weights(tmp_path, tiny_models, patterned):
+    folder, _ = patterned
+    export(folder, "--format", "merged", "--base", tiny_models["sd"], "--out", tmp_path / "merged")
+    export(folder, "--format", "single-file", "--dtype", "fp16", "--base", tiny_models["sd"],
+           "--out", tmp_path / "model.safetensors")
+    loaded = StableDiffusionPipeline.from_single_file(tmp_path / "model.safetensors", config=str(tiny_models["sd"]),
+                                                      local_files_only=True)
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(merged, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(want[k].half(), got[k].half()) for k in want), name
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.float16}
+    to_k = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+    assert not torch.equal(merged.unet.state_dict()[to_k], base_unet.state_dict()[to_k]), "the LoRA is fused in"
+
+
+def test_single_file_refuses_a_flow_family_before_loading_anything(tmp_path, tiny_flow_models, flux_lora_run, capsys):
+    with pytest.raises(SystemExit):
+        export(flux_lora_run.final_dir.parent, "--format", "single-file", "--out", tmp_path / "flux.safetensors")
+    assert "no single-file checkpoint is written for flux pipelines" in capsys.readouterr().err
+    assert not (tmp_path / "flux.safetensors").exists()
+
+
+def test_the_real_architectures_take_the_names_and_shapes_of_the_released_checkpoints():
+    """On SD1.5's, SDXL's and SD2.1's architectures (built without weights), tensors as the released single files
+    (v1-5-pruned-emaonly, sd_xl_base_1.0, v2-1_768-ema-pruned) name and shape them, read off those files."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffusion_align.models.single_file import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from test_kohya import UNET_CONFIGS
+
+    def shapes(state):
+        return {k: tuple(v.shape) for k, v in state.items()}
+
+    with torch.device("meta"):
+        unets = {name: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(UNET_CONFIGS / f"{name}.json"))
+                 for name in ("sd15-unet", "sdxl-unet")}
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                           num_hidden_layers=32, num_attention_heads=20,
+                                                           projection_dim=1280, hidden_act="gelu"))
+        vit_h = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                             num_attention_heads=16, hidden_act="gelu"))
+    sd15 = shapes(unet_to_ldm(unets["sd15-unet"].state_dict(), unets["sd15-unet"].config))
+    assert len(sd15) == len(unets["sd15-unet"].state_dict()) == 686
+    assert {"model.diffusion_model.time_embed.0.weight": (1280, 320),
+            "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": (320,),
+            "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+            "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+            "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+            "model.diffusion_model.output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
+            "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+            "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+            "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+            "model.diffusion_model.out.0.weight": (320,),
+            "model.diffusion_model.out.2.weight": (4, 320, 3, 3)}.items() <= sd15.items()
+    sdxl = shapes(unet_to_ldm(unets["sdxl-unet"].state_dict(), unets["sdxl-unet"].config))
+    assert len(sdxl) == 1680
+    assert {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+            "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+            "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+            "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3)}.items() <= sdxl.items()
+    ldm_vae = shapes(vae_to_ldm(vae.state_dict(), 4))
+    assert len(ldm_vae) == 248
+    assert {"first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+            "first_stage_model.encoder.down.2.downsample.conv.weight": (512, 512, 3, 3),
+            "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+            "first_stage_model.encoder.norm_out.weight": (512,),
+            "first_stage_model.decoder.mid.block_2.conv2.weight": (512, 512, 3, 3),
+            "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+            "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+            "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+            "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+            "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+            "first_stage_model.quant_conv.weight": (8, 8, 1, 1)}.items() <= ldm_vae.items()
+    assert not any(k.startswith(("first_stage_model.decoder.up.0.upsample", "first_stage_model.encoder.down.3.down"))
+                   for k in ldm_vae)
+    g = shapes(open_clip_to_ldm(big_g.state_dict(), "conditioner.embedders.1.model."))
+    assert {"conditioner.embedders.1.model.positional_embedding": (77, 1280),
+            "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+            "conditioner.embedders.1.model.text_projection": (1280, 1280),
+            "conditioner.embedders.1.model.ln_final.weight": (1280,),
+            "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+            "conditioner.embedders.1.model.transformer.resblocks.31.attn.out_proj.weight": (1280, 1280),
+            "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280),
+            "conditioner.embedders.1.model.transformer.resblocks.0.ln_2.bias": (1280,)}.items() <= g.items()
+    assert len(g) == 4 + 1 + 32 * 12  # embeddings, ln_final; projection; per layer 2 in_proj, 2 out_proj, 4 ln, 4 mlp
+    h = shapes(open_clip_to_ldm(vit_h.state_dict(), "cond_stage_model.model."))
+    assert h["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] == (3072, 1024)
+    assert len(h) == 4 + 23 * 12 and "cond_stage_model.model.text_projection" not in h

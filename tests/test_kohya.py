@@ -232,8 +232,8 @@ def test_sdxl_kohya_names_are_sd_scripts_own_module_names_on_the_real_sdxl_unet(
         "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2", "lora_unet_output_blocks_2_1_proj_out",
         "lora_unet_input_blocks_3_0_op", "lora_unet_output_blocks_5_2_conv",
         "lora_unet_output_blocks_8_0_skip_connection", "lora_unet_middle_block_2_emb_layers_1"}
-    with pytest.raises(ValueError, match="down_blocks.0.resnets.0.norm1"):
-        sgm_module_path("down_blocks.0.resnets.0.norm1", unet.config)
+    with pytest.raises(ValueError, match="down_blocks.0.resnets.0.norm3"):
+        sgm_module_path("down_blocks.0.resnets.0.norm3", unet.config)
 
     # diffusers' SDXL kohya reader (SGM names -> diffusers) on this architecture: module i's weights carry i
     marked = {}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -87,6 +87,12 @@ def test_full_finetune_v_prediction_sd2(tmp_path, tiny_models, tiny_pairs):
         for k, v in getattr(pipe, name).state_dict().items():
             assert torch.equal(v, getattr(original, name).state_dict()[k])
     assert not list(result.final_dir.rglob("*.bin")), "weights are written as safetensors only"
+    # the card points ComfyUI / AUTOMATIC1111 users to the single file, which holds the trained UNet
+    assert "--format single-file" in (result.final_dir / "README.md").read_text()
+    cli_main(["export", str(tmp_path / "run"), "--format", "single-file", "--out", str(tmp_path / "sd2.safetensors")])
+    loaded = StableDiffusionPipeline.from_single_file(tmp_path / "sd2.safetensors", config=str(tiny_models["sd2"]),
+                                                      local_files_only=True)
+    assert all(torch.equal(v, loaded.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
 
 
 def test_dpo_lora_sdxl_loads_in_the_sdxl_pipeline(tmp_path, tiny_models, tiny_pairs):

@@ -7,7 +7,9 @@
   there at half its strength); diffusers loads it too, to the same model;
 - `diffusers`: the LoRA as diffusers writes it, with its adapter settings (`pipe.load_lora_weights`);
 - `merged`: the LoRA fused into the base denoiser (UNet or transformer), written with the rest of the base as a whole
-  diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way.
+  diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way;
+- `single-file`: the same model (SD1.x, SD2.x, SDXL) as one checkpoint in the original layout, which ComfyUI,
+  AUTOMATIC1111 and Forge load (`single_file.py`).
 
 The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
 any folder holding a diffusers LoRA file. Of a checkpoint that holds an EMA of the weights (`ema/`), the EMA is
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
@@ -37,8 +39,9 @@ from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
 from .policy import LORA_WEIGHTS, check_lora_naming, write_diffusers_lora
+from .single_file import check_single_file, single_file_state
 
-FORMATS = ("kohya", "comfyui", "diffusers", "merged")
+FORMATS = ("kohya", "comfyui", "diffusers", "merged", "single-file")
 COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ADAPTER = "trained"
@@ -139,9 +142,9 @@ def weights_kind(folder: Path) -> str | None:
 
 
 def export(source: Source, format: str, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write `source` in `format` (one of FORMATS) at `out`: for the LoRA formats a `.safetensors` file, or a folder
-    that gets the usual file name; for `merged` a folder. `dtype` (a key of DTYPES) casts the weights written; None
-    keeps them as they are. Returns what was written."""
+    """Write `source` in `format` (one of FORMATS) at `out`: for the LoRA formats and `single-file` a `.safetensors`
+    file, or a folder that gets the usual file name (`single-file`: the run's name); for `merged` a folder. `dtype` (a
+    key of DTYPES) casts the weights written; None keeps them as they are. Returns what was written."""
     if format not in FORMATS:
         raise ValueError(f"--format {format}: expected one of {', '.join(FORMATS)}")
     if source.kind == "sharded":
@@ -151,6 +154,8 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
     out = Path(out)
     if format == "merged":
         return _export_merged(source, out, torch_dtype, overwrite)
+    if format == "single-file":
+        return _export_single_file(source, out, torch_dtype, overwrite)
     if source.kind != "lora":
         raise ValueError(f"{source.folder} holds a full fine-tune, not a LoRA: --format {format} writes LoRA files "
                          "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
@@ -264,15 +269,51 @@ def _trained_width(source: Source) -> int | None:
 
 def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     if out.suffix == ".safetensors":
-        raise ValueError(f"--out {out}: --format merged writes a whole diffusers pipeline, a folder; give a folder")
+        raise ValueError(f"--out {out}: --format merged writes a whole diffusers pipeline, a folder; give a folder "
+                         "(--format single-file writes one .safetensors checkpoint)")
     if out.resolve() in (source.folder.resolve(), *source.folder.resolve().parents):
         raise ValueError(f"--out {out} holds the weights exported ({source.folder}), which the pipeline written "
                          "there would replace, with the run's checkpoints; give another folder")
     _check_free(out, overwrite)
+    pipeline = _merged_pipeline(source, _source_family(source), dtype)
+    with folder_written_beside(out) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if (source.folder / "training_config.yaml").is_file():
+            shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
+    return out
+
+
+def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
+    target = out if out.suffix == ".safetensors" else out / f"{source.title}.safetensors"
+    _check_free(target, overwrite)
+    family = _source_family(source)
+    check_single_file(family)  # before any weights load
+    pipeline = _merged_pipeline(source, family, dtype)
+    prediction_type = pipeline.scheduler.config.prediction_type
+    tensors = {name: tensor.contiguous() for name, tensor in single_file_state(pipeline, family).items()}
+    if prediction_type == "v_prediction":
+        tensors["v_pred"] = torch.tensor([])  # the marker ComfyUI reads an SDXL checkpoint's prediction from
+    labels = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.kohya_base(prediction_type)[1],
+              "modelspec.title": source.title, "modelspec.prediction_type": prediction_type,
+              "diffusion_align.method": source.method}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors_atomic(tensors, target, labels)
+    return target
+
+
+def _source_family(source: Source) -> Family:
+    if source.kind != "pipeline":
+        return _check_base(source)
+    folder = str(source.folder)
+    return pipeline_family(folder, pipeline_index(folder, what=folder))[0]
+
+
+def _merged_pipeline(source: Source, family: Family, dtype: torch.dtype | None) -> DiffusionPipeline:
+    """The base pipeline with the trained weights in place (a LoRA fused into its denoiser), cast to `dtype` if
+    given."""
     if source.kind == "pipeline":
         pipeline = base_pipeline(str(source.folder))
     else:
-        family = _check_base(source)
         trained = ({family.denoiser: family.denoiser_cls.from_pretrained(source.folder / family.denoiser)}
                    if source.kind == family.denoiser else {})
         pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
@@ -283,11 +324,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
             denoiser.unload_lora()
     if dtype is not None:
         pipeline.to(dtype)
-    with folder_written_beside(out) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        if (source.folder / "training_config.yaml").is_file():
-            shutil.copyfile(source.folder / "training_config.yaml", tmp / "training_config.yaml")
-    return out
+    return pipeline
 
 
 def _check_free(out: Path, overwrite: bool) -> None:

@@ -33,11 +33,11 @@ def adapter_scales(unet: torch.nn.Module, adapter: str = "default") -> dict[str,
 
 
 # diffusers -> SGM names: a resnet's layers, and the modules outside the down / mid / up blocks
-_SGM_RESNET = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-               "conv_shortcut": "skip_connection"}
+_SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-            "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _BLOCK_PATH = re.compile(r"(?:(down|up)_blocks\.(\d+)|mid_block)\.(resnets|attentions|downsamplers|upsamplers)"
                          r"\.(\d+)\.(.+)")
 
@@ -59,7 +59,7 @@ def sgm_module_path(path: str, config) -> str:
     side, level, kind, index, rest = match.groups()
     i, j = int(level or 0), int(index)
     if kind == "resnets" and rest not in _SGM_RESNET or kind.endswith("samplers") and rest != "conv":
-        raise ValueError(f"UNet module {path!r}: a resnet's LoRA layers are {', '.join(_SGM_RESNET)}, a down- or "
+        raise ValueError(f"UNet module {path!r}: a resnet's layers are {', '.join(_SGM_RESNET)}, a down- or "
                          "upsampler's its conv")
     part = 0 if kind == "resnets" else 1
     if side is None:

@@ -92,8 +92,12 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
            f"`pipe(prompt, max_sequence_length={tokens})` (`diffusion-align generate --max-sequence-length {tokens}`).",
            ""] if tokens is not None else []),
         *([f"For ComfyUI, AUTOMATIC1111 and Forge: `{KOHYA_WEIGHTS}` (their `models/Lora/` folder). "
-           "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline.", ""]
+           "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline or one "
+           "checkpoint file (`--format single-file`).", ""]
           if cfg.model.lora_rank is not None and family.kohya_version is not None else []),
+        *(["For ComfyUI, AUTOMATIC1111 and Forge: `diffusion-align export RUN_FOLDER --format single-file --out "
+           "FOLDER` writes the model as one checkpoint file (their `models/checkpoints/`, `models/Stable-diffusion/`).",
+           ""] if cfg.model.lora_rank is None and family.single_file_text_encoders is not None else []),
         "The full resolved training configuration is in `training_config.yaml`.",
     ]
     return "\n".join(lines) + "\n"

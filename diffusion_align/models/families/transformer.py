@@ -11,6 +11,7 @@ class TransformerFamily(Family):
     denoiser = "transformer"
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
     kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI maps diffusers' keys
+    single_file_text_encoders = None
     # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
     inversion_steps = None
     # how its pipeline sets the sampling steps: by their count (StableDiffusion3Pipeline), or by the sigmas

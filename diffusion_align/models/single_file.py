@@ -1,0 +1,127 @@
+"""An SD1.x, SD2.x or SDXL pipeline as one `.safetensors` checkpoint in the original (LDM / SGM) layout: what
+AUTOMATIC1111 and Forge load from models/Stable-diffusion/ and ComfyUI from models/checkpoints/ (Load Checkpoint),
+and diffusers with `StableDiffusionPipeline.from_single_file` / `StableDiffusionXLPipeline.from_single_file`.
+
+- the UNet under `model.diffusion_model.`, each module at its place in the original UNet (`kohya.sgm_module_path`);
+- the VAE under `first_stage_model.`, in LDM's names: encoder `down.<level>.block.<i>`, decoder `up.<level>` with the
+  levels counted from the highest resolution (diffusers counts the decoder's from the lowest), `mid.block_1`,
+  `mid.attn_1`, whose q, k, v and proj_out are 1x1 convolutions there (linear layers in diffusers);
+- the text encoders by the family's `single_file_text_encoders`: CLIP-L (SD1.x, SDXL's first) in transformers' names
+  under its prefix; OpenCLIP's (SD2.x's ViT-H, SDXL's bigG) in open_clip's: q, k and v in one `in_proj_weight`,
+  `ln_1` / `ln_2` / `mlp.c_fc` / `mlp.c_proj`, and the projection as open_clip applies it, `x @ text_projection`
+  (transformers' weight transposed). SD2.x's diffusers text encoder keeps 23 of ViT-H's 24 layers (the pipeline reads
+  the penultimate); the file holds those 23, and the programs, which read the penultimate layer too, do not use the
+  24th.
+
+Every tensor of the pipeline's UNet, VAE and text encoders is written, once, under its original name.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .families import Family
+from .kohya import sgm_module_path
+
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+
+_VAE_RESNET = re.compile(r"(encoder|decoder)\.(?:(down|up)_blocks\.(\d+)|mid_block)\.resnets\.(\d+)\.(.+)")
+_VAE_ATTENTION = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)")
+_VAE_SAMPLER = re.compile(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(.+)")
+_LDM_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
+_OPEN_CLIP_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's state dict in the original UNet's names (`config`: the UNet's)."""
+    out = {}
+    for key, tensor in state.items():
+        module, parameter = key.rsplit(".", 1)
+        out[f"{UNET_PREFIX}{sgm_module_path(module, config)}.{parameter}"] = tensor
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's state dict in LDM's names (`levels`: its number of down / up blocks)."""
+    out = {}
+    for key, tensor in state.items():
+        if match := _VAE_RESNET.fullmatch(key):
+            side, kind, level, index, rest = match.groups()
+            place = "mid.block_" + str(int(index) + 1) if kind is None else (
+                f"down.{level}.block.{index}" if kind == "down" else f"up.{levels - 1 - int(level)}.block.{index}")
+            name = f"{side}.{place}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        elif match := _VAE_ATTENTION.fullmatch(key):
+            side, layer, parameter = match.groups()
+            name = f"{side}.mid.attn_1.{_LDM_ATTENTION[layer]}.{parameter}"
+            if tensor.dim() == 2:  # a linear layer's weight; LDM's is a 1x1 convolution's
+                tensor = tensor[:, :, None, None]
+        elif match := _VAE_SAMPLER.fullmatch(key):
+            side, level, kind, parameter = match.groups()
+            place = level if kind == "down" else levels - 1 - int(level)
+            name = f"{side.split('.')[0]}.{side.split('.')[1]}.{place}.{kind}sample.conv.{parameter}"
+        else:  # conv_in, conv_out, quant_conv and post_quant_conv keep their names; conv_norm_out is norm_out
+            name = key.replace("conv_norm_out", "norm_out")
+        out[VAE_PREFIX + name] = tensor
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's state dict in transformers' names under `prefix`."""
+    return {prefix + key: tensor for key, tensor in _text_model_names(state).items()}
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's state dict in open_clip's names under `prefix`."""
+    out, qkv = {}, {}
+    for key, tensor in _text_model_names(state).items():
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.t().contiguous()
+        elif match := _OPEN_CLIP_LAYER.fullmatch(key):
+            layer, rest = match.groups()
+            block = f"{prefix}transformer.resblocks.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, projection, parameter = rest.split(".")
+                qkv.setdefault(f"{block}attn.in_proj_{parameter}", {})[projection] = tensor
+            else:
+                module, parameter = rest.rsplit(".", 1)
+                out[f"{block}{_OPEN_CLIP_NAMES[module]}.{parameter}"] = tensor
+        else:
+            raise ValueError(f"text encoder weight {key!r} has no place in open_clip's text model")
+    for name, parts in qkv.items():
+        out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
+def check_single_file(family: Family) -> None:
+    """Refuse a family that has no original single-file layout."""
+    if family.single_file_text_encoders is None:
+        raise ValueError(f"no single-file checkpoint is written for {family} pipelines: the original layout is "
+                         "SD1.x's, SD2.x's and SDXL's; export a merged diffusers pipeline (--format merged)")
+
+
+def single_file_state(pipeline, family: Family) -> dict[str, torch.Tensor]:
+    """The UNet, VAE and text encoders of `pipeline` (a `family` pipeline) in the original single-file layout."""
+    check_single_file(family)
+    state = unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config)
+    state |= vae_to_ldm(pipeline.vae.state_dict(), len(pipeline.vae.config.down_block_types))
+    for component, (layout, prefix) in zip(family.text_encoders, family.single_file_text_encoders):
+        to_ldm = clip_to_ldm if layout == "clip" else open_clip_to_ldm
+        state |= to_ldm(getattr(pipeline, component).state_dict(), prefix)
+    return state
+
+
+def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's state dict with its text model's weights under `text_model.`, the names the original
+    checkpoints hold (transformers 5.6 dropped the prefix from CLIPTextModel's, not CLIPTextModelWithProjection's)."""
+    return {key if key.startswith("text_model.") or key == "text_projection.weight" else f"text_model.{key}": tensor
+            for key, tensor in state.items()}
