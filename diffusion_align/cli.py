@@ -268,6 +268,12 @@ def cmd_export(args) -> None:
                           "(StableDiffusionXLPipeline for SDXL)"}[args.format])
 
 
+def cmd_convert(args) -> None:
+    from .models.single_file import convert
+    written = convert(Path(args.checkpoint), Path(args.out), args.config, args.overwrite).resolve()
+    print(f"pipeline: {written} (from {args.checkpoint}); train on it with model.pretrained={written}")
+
+
 def _scorer_flags(parser: argparse.ArgumentParser, many: bool, required: bool = True) -> None:
     parser.add_argument("--scorer", required=required, action="append", metavar="NAME[=PATH]",
                         help="pickscore, hpsv2, hpsv2.1, clip, aesthetic, or the toy world's toy-pickscore and "
@@ -555,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="of a checkpoint of a run that keeps an EMA (train.ema_decay): its live weights, which "
                              "training resumes from (default: the EMA, which the run's final/ would hold)")
     export.set_defaults(func=cmd_export)
+
+    convert = sub.add_parser("convert", help="Turn an SD1.x, SD2.x or SDXL single-file checkpoint (.safetensors, as "
+                                             "ComfyUI and AUTOMATIC1111 load) into a diffusers pipeline folder to "
+                                             "train on (model.pretrained).")
+    convert.add_argument("checkpoint", help="the .safetensors checkpoint")
+    convert.add_argument("--out", required=True, help="the pipeline folder to write")
+    convert.add_argument("--config", default=None,
+                         help="a diffusers pipeline of the same architecture (hub id or folder) whose configs, "
+                              "tokenizers and scheduler to use (default: diffusers picks one on the hub by the "
+                              "weights' shapes; give a local folder to convert offline)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    convert.set_defaults(func=cmd_convert)
 
     tiny = sub.add_parser("make-tiny", help="Build tiny random SD/SD2/SDXL/SD3/FLUX.1-dev pipelines, reward models and "
                                             "a synthetic pair set for trying the toolkit without a GPU or the hub.")

@@ -104,6 +104,12 @@ def folder_written_beside(path: Path) -> Iterator[Path]:
     replace_dir(tmp, path)
 
 
+def check_free(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an existing file or non-empty folder `out` unless `overwrite` (a command's --overwrite)."""
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+
+
 def save_torch(obj, path: Path) -> None:
     """torch.save through an open file: given a path, its zip writer reports a full disk as a bare RuntimeError."""
     with open(path, "wb") as f:

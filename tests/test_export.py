@@ -4,6 +4,7 @@ rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors f
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -535,3 +536,48 @@ def test_the_real_architectures_take_the_names_and_shapes_of_the_released_checkp
     h = shapes(open_clip_to_ldm(vit_h.state_dict(), "cond_stage_model.model."))
     assert h["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] == (3072, 1024)
     assert len(h) == 4 + 23 * 12 and "cond_stage_model.model.text_projection" not in h
+
+
+@pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
+def test_a_single_file_checkpoint_converts_to_the_pipeline_it_was_written_from(tmp_path, tiny_models, capsys, family):
+    """convert is export --format single-file undone: the trained UNet, the base's other parts, their dtype (fp16
+    here) and SD2's v-prediction (the file's v_pred marker over an epsilon --config) come back; training reads it."""
+    run, unet = _full_fine_tune_run(tmp_path, tiny_models[family])
+    export(run, "--format", "single-file", "--dtype", "fp16", "--out", tmp_path / "model.safetensors")
+    config = tmp_path / "epsilon-config"
+    shutil.copytree(tiny_models[family], config)
+    scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
+    (config / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config
+                                                                           | {"prediction_type": "epsilon"}))
+    main(["convert", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "converted"), "--config",
+          str(config)])
+    assert "model.pretrained=" in capsys.readouterr().out
+    converted = DiffusionPipeline.from_pretrained(tmp_path / "converted")
+    base = DiffusionPipeline.from_pretrained(tiny_models[family])
+    assert type(converted) is type(base)
+    assert {t.dtype for t in load_file(tmp_path / "converted" / "unet" / "diffusion_pytorch_model.safetensors")
+            .values()} == {torch.float16}
+    assert converted.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    expected = {"unet": unet, **{name: getattr(base, name) for name in ("vae", "text_encoder", "text_encoder_2")
+                                 if getattr(base, name, None) is not None}}
+    for name, model in expected.items():
+        want, got = model.state_dict(), getattr(converted, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k].half(), got[k].half()) for k in want), name
+    from diffusion_align.models.loading import load_components
+    assert load_components(str(tmp_path / "converted")).family.name == family
+
+
+def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, capsys):
+    folder, _ = patterned
+    cases = [(folder / LORA_WEIGHTS, "holds no model.diffusion_model.* weights"),
+             (tmp_path / "model.ckpt", "a .ckpt file is a pickle")]
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    for checkpoint, message in cases:
+        with pytest.raises(SystemExit):
+            main(["convert", str(checkpoint), "--out", str(tmp_path / "out"), "--config", str(tiny_models["sd"])])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # a single file given where a pipeline folder is read
+        main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"),
+              f"model.pretrained={tmp_path / 'model.ckpt'}",
+              f"train.output_dir={tmp_path / 'run'}"])
+    assert "is a single-file checkpoint" in capsys.readouterr().err

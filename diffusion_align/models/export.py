@@ -33,7 +33,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..config import Config, load_config
-from ..files import (EMA_FOLDER, SHARDED_STATE, folder_written_beside, list_checkpoints, read_back,
+from ..files import (EMA_FOLDER, SHARDED_STATE, check_free, folder_written_beside, list_checkpoints, read_back,
                      write_safetensors_atomic)
 from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
@@ -161,7 +161,7 @@ def export(source: Source, format: str, out: str | Path, dtype: str | None = Non
                          "(runs with model.lora_rank set); a full fine-tune exports with --format merged")
     file_name = {"kohya": KOHYA_WEIGHTS, "comfyui": COMFYUI_WEIGHTS, "diffusers": LORA_WEIGHTS}[format]
     target = out if out.suffix == ".safetensors" else out / file_name
-    _check_free(target, overwrite)
+    check_free(target, overwrite)
     family = _check_base(source)
     if format == "kohya" and family.kohya_version is None:
         raise ValueError(f"--format kohya: no kohya-layout file is written for {family} LoRAs; for ComfyUI use "
@@ -274,7 +274,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     if out.resolve() in (source.folder.resolve(), *source.folder.resolve().parents):
         raise ValueError(f"--out {out} holds the weights exported ({source.folder}), which the pipeline written "
                          "there would replace, with the run's checkpoints; give another folder")
-    _check_free(out, overwrite)
+    check_free(out, overwrite)
     pipeline = _merged_pipeline(source, _source_family(source), dtype)
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
@@ -285,7 +285,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
 
 def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     target = out if out.suffix == ".safetensors" else out / f"{source.title}.safetensors"
-    _check_free(target, overwrite)
+    check_free(target, overwrite)
     family = _source_family(source)
     check_single_file(family)  # before any weights load
     pipeline = _merged_pipeline(source, family, dtype)
@@ -325,8 +325,3 @@ def _merged_pipeline(source: Source, family: Family, dtype: torch.dtype | None) 
     if dtype is not None:
         pipeline.to(dtype)
     return pipeline
-
-
-def _check_free(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")

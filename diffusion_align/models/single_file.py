@@ -1,6 +1,8 @@
 """An SD1.x, SD2.x or SDXL pipeline as one `.safetensors` checkpoint in the original (LDM / SGM) layout: what
 AUTOMATIC1111 and Forge load from models/Stable-diffusion/ and ComfyUI from models/checkpoints/ (Load Checkpoint),
 and diffusers with `StableDiffusionPipeline.from_single_file` / `StableDiffusionXLPipeline.from_single_file`.
+`single_file_state` writes one (`export --format single-file`); `convert` turns one into a diffusers pipeline folder,
+by diffusers' own converter, for training on the checkpoints people share as single files.
 
 - the UNet under `model.diffusion_model.`, each module at its place in the original UNet (`kohya.sgm_module_path`);
 - the VAE under `first_stage_model.`, in LDM's names: encoder `down.<level>.block.<i>`, decoder `up.<level>` with the
@@ -19,9 +21,12 @@ Every tensor of the pipeline's UNet, VAE and text encoders is written, once, und
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from ..files import check_free, folder_written_beside, hub_load_error
 from .families import Family
 from .kohya import sgm_module_path
 
@@ -125,3 +130,47 @@ def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     checkpoints hold (transformers 5.6 dropped the prefix from CLIPTextModel's, not CLIPTextModelWithProjection's)."""
     return {key if key.startswith("text_model.") or key == "text_projection.weight" else f"text_model.{key}": tensor
             for key, tensor in state.items()}
+
+
+def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False) -> Path:
+    """Write the SD1.x, SD2.x or SDXL single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`,
+    in the checkpoint's dtype. `config`: a diffusers pipeline of the same architecture (hub id or folder) whose
+    configs, tokenizers and scheduler are taken; None lets diffusers pick one on the hub by the weights' shapes. An
+    empty `v_pred` tensor in the file (`single_file_state`'s, and the v-prediction SDXL checkpoints') sets the
+    scheduler to v-prediction."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    check_free(out, overwrite)
+    if checkpoint.suffix != ".safetensors":
+        raise ValueError(f"{checkpoint}: expected a .safetensors checkpoint (a .ckpt file is a pickle, which is not "
+                         "read here: it can run code; convert it to safetensors where you trust it)")
+    with safe_open(checkpoint, "pt") as f:
+        keys = set(f.keys())
+        unet_key = next((k for k in sorted(keys) if k.startswith(UNET_PREFIX)), None)
+        if unet_key is None:
+            raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights: not an SD1.x, SD2.x or SDXL checkpoint "
+                             "in the original single-file layout")
+        dtype = f.get_slice(unet_key).get_dtype()
+    sdxl = any(k.startswith("conditioner.embedders.1.model.") for k in keys)
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    local = config is not None and Path(config).exists()
+    try:
+        pipeline = pipeline_class.from_single_file(str(checkpoint), config=config, torch_dtype=torch_dtype,
+                                                   local_files_only=local, **extra)
+    except (OSError, ValueError) as err:
+        if local:
+            raise
+        if config is not None:
+            raise hub_load_error("--config", config, err) from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FileNotFoundError(f"{checkpoint}: diffusers could not fetch the configs of its architecture from the hub "
+                                f"({reason}); give a diffusers pipeline of the same architecture with --config (a "
+                                "local folder works offline)") from None
+    if "v_pred" in keys:
+        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config,
+                                                            prediction_type="v_prediction")
+    with folder_written_beside(out) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+    return out
