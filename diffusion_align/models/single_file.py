@@ -35,6 +35,7 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 _VAE_RESNET = re.compile(r"(encoder|decoder)\.(?:(down|up)_blocks\.(\d+)|mid_block)\.resnets\.(\d+)\.(.+)")
 _VAE_ATTENTION = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)")
 _VAE_SAMPLER = re.compile(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(.+)")
+_VAE_TOP = re.compile(r"(?:(?:encoder|decoder)\.(?:conv_in|conv_out|conv_norm_out)|quant_conv|post_quant_conv)\.\w+")
 _LDM_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _OPEN_CLIP_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
 _OPEN_CLIP_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -71,9 +72,11 @@ def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.T
         elif match := _VAE_SAMPLER.fullmatch(key):
             side, level, kind, parameter = match.groups()
             place = level if kind == "down" else levels - 1 - int(level)
-            name = f"{side.split('.')[0]}.{side.split('.')[1]}.{place}.{kind}sample.conv.{parameter}"
-        else:  # conv_in, conv_out, quant_conv and post_quant_conv keep their names; conv_norm_out is norm_out
+            name = f"{side}.{place}.{kind}sample.conv.{parameter}"
+        elif _VAE_TOP.fullmatch(key):  # their names but conv_norm_out's, which is norm_out
             name = key.replace("conv_norm_out", "norm_out")
+        else:
+            raise ValueError(f"VAE weight {key!r} has no place in LDM's autoencoder")
         out[VAE_PREFIX + name] = tensor
     return out
 
