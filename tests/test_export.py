@@ -439,7 +439,10 @@ def test_a_full_fine_tune_exports_as_one_checkpoint_that_diffusers_single_file_l
         want, got = model.state_dict(), getattr(loaded, name).state_dict()
         assert want.keys() == got.keys(), name
         assert all(torch.equal(want[k], got[k]) for k in want), name
-    assert numel == sum(t.numel() for m in expected.values() for t in m.state_dict().values()), "nothing twice"
+    # nothing twice, and for SD2.x the 24th of ViT-H's layers (an identity: test_sd2s_missing_layer_...)
+    identity = sum(t.numel() for k, t in base.text_encoder.state_dict().items() if ".layers.0." in k)
+    assert numel == sum(t.numel() for m in expected.values() for t in m.state_dict().values()) + (
+        identity if family == "sd2" else 0)
 
 
 def test_a_lora_exports_as_one_checkpoint_with_the_merged_pipelines_weights(tmp_path, tiny_models, patterned):
@@ -533,9 +536,33 @@ def test_the_real_architectures_take_the_names_and_shapes_of_the_released_checkp
             "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280),
             "conditioner.embedders.1.model.transformer.resblocks.0.ln_2.bias": (1280,)}.items() <= g.items()
     assert len(g) == 4 + 1 + 32 * 12  # embeddings, ln_final; projection; per layer 2 in_proj, 2 out_proj, 4 ln, 4 mlp
-    h = shapes(open_clip_to_ldm(vit_h.state_dict(), "cond_stage_model.model."))
-    assert h["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] == (3072, 1024)
-    assert len(h) == 4 + 23 * 12 and "cond_stage_model.model.text_projection" not in h
+    h = shapes(open_clip_to_ldm(vit_h.state_dict(), "cond_stage_model.model.", added_layers=1))
+    assert h["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)
+    assert h["cond_stage_model.model.transformer.resblocks.23.mlp.c_fc.weight"] == (4096, 1024)
+    assert len(h) == 4 + 24 * 12 and "cond_stage_model.model.text_projection" not in h
+
+
+def test_sd2s_missing_layer_is_written_as_one_that_returns_its_input():
+    """The original SD2.x checkpoints hold all 24 of ViT-H's layers, diffusers' text encoder the 23 its pipeline reads.
+    Read back by diffusers' open_clip converter into a model one layer deeper, the added layer returns its input
+    exactly, so reading the last layer or the penultimate gives the same conditioning."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_align.models.single_file import open_clip_to_ldm
+    config = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, hidden_act="gelu")
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **config)).eval()
+    deeper = CLIPTextModel(CLIPTextConfig(num_hidden_layers=3, **config)).eval()
+    prefix = "cond_stage_model.model."
+    converted = convert_open_clip_checkpoint(deeper, open_clip_to_ldm(encoder.state_dict(), prefix, 1), prefix)
+    # transformers 5.6 dropped CLIPTextModel's text_model. prefix, which the converter writes
+    deeper.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True)
+    ids = torch.randint(0, 1000, (2, 77))
+    with torch.no_grad():
+        own, read = (model(ids, output_hidden_states=True).hidden_states for model in (encoder, deeper))
+    assert torch.equal(read[3], read[2]), "the added layer returns its input"
+    assert torch.equal(read[2], own[2]) and torch.equal(read[1], own[1])
 
 
 @pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])

@@ -12,8 +12,9 @@ by diffusers' own converter, for training on the checkpoints people share as sin
   under its prefix; OpenCLIP's (SD2.x's ViT-H, SDXL's bigG) in open_clip's: q, k and v in one `in_proj_weight`,
   `ln_1` / `ln_2` / `mlp.c_fc` / `mlp.c_proj`, and the projection as open_clip applies it, `x @ text_projection`
   (transformers' weight transposed). SD2.x's diffusers text encoder keeps 23 of ViT-H's 24 layers (the pipeline reads
-  the penultimate); the file holds those 23, and the programs, which read the penultimate layer too, do not use the
-  24th.
+  the penultimate); the file holds those 23 and, as the 24th, a layer that returns its input (its two residual
+  branches end in zero weights): the programs build all 24 and read the penultimate, as the pipeline does; without
+  it ComfyUI warns on every load, and its "CLIP Set Last Layer" at -1 ran a layer of uninitialised weights.
 
 Every tensor of the pipeline's UNet, VAE and text encoders is written, once, under its original name.
 """
@@ -86,8 +87,9 @@ def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {prefix + key: tensor for key, tensor in _text_model_names(state).items()}
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A transformers CLIP text encoder's state dict in open_clip's names under `prefix`."""
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str, added_layers: int = 0) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's state dict in open_clip's names under `prefix`, followed by `added_layers`
+    layers that return their input (`_identity_block`)."""
     out, qkv = {}, {}
     for key, tensor in _text_model_names(state).items():
         if key in _OPEN_CLIP_TOP:
@@ -107,7 +109,20 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
             raise ValueError(f"text encoder weight {key!r} has no place in open_clip's text model")
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    own = len({k for k in out if ".resblocks." in k and k.endswith(".ln_1.weight")})
+    last = f"{prefix}transformer.resblocks.{own - 1}."
+    for layer in range(own, own + added_layers):
+        out |= _identity_block({k.removeprefix(last): t for k, t in out.items() if k.startswith(last)},
+                              f"{prefix}transformer.resblocks.{layer}.")
     return out
+
+
+def _identity_block(like: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An open_clip residual block shaped as `like` (a block's tensors by name within it) that returns its input:
+    x += attn(ln_1(x)), then x += mlp(ln_2(x)), each term zero, as every weight and bias is zero but the layer norms'
+    scales (one)."""
+    return {prefix + name: torch.ones_like(t) if name in ("ln_1.weight", "ln_2.weight") else torch.zeros_like(t)
+            for name, t in like.items()}
 
 
 def check_single_file(family: Family) -> None:
@@ -122,9 +137,10 @@ def single_file_state(pipeline, family: Family) -> dict[str, torch.Tensor]:
     check_single_file(family)
     state = unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config)
     state |= vae_to_ldm(pipeline.vae.state_dict(), len(pipeline.vae.config.down_block_types))
-    for component, (layout, prefix) in zip(family.text_encoders, family.single_file_text_encoders):
-        to_ldm = clip_to_ldm if layout == "clip" else open_clip_to_ldm
-        state |= to_ldm(getattr(pipeline, component).state_dict(), prefix)
+    for component, (layout, prefix, dropped) in zip(family.text_encoders, family.single_file_text_encoders):
+        encoder_state = getattr(pipeline, component).state_dict()
+        state |= (clip_to_ldm(encoder_state, prefix) if layout == "clip"
+                  else open_clip_to_ldm(encoder_state, prefix, dropped))
     return state
 
 

@@ -102,8 +102,9 @@ class Family(ABC):
     kohya_version: str | None       # kohya's `ss_base_model_version`, which A1111, Forge and ComfyUI read (None:
     kohya_architecture: str | None  # no kohya file is written); and its `modelspec.architecture`
     # each text encoder's layout and prefix in the original single-file checkpoint ("clip": transformers' names,
-    # "open_clip": open_clip's; `single_file.py`); None: no single-file checkpoint is written
-    single_file_text_encoders: tuple[tuple[str, str], ...] | None
+    # "open_clip": open_clip's; `single_file.py`), and how many last layers it has that diffusers' encoder dropped;
+    # None: no single-file checkpoint is written
+    single_file_text_encoders: tuple[tuple[str, str, int], ...] | None
     inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
                                     # none published)
     classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)

@@ -13,7 +13,7 @@ class SD(UNetFamily):
     text_encoders = ("text_encoder",)
     lora_pipeline = "StableDiffusionPipeline"
     kohya_version, kohya_architecture = "sd_v1", "stable-diffusion-v1"
-    single_file_text_encoders = (("clip", "cond_stage_model.transformer."),)
+    single_file_text_encoders = (("clip", "cond_stage_model.transformer.", 0),)
     inversion_steps = 5  # SmPO's SD1.5 setting
     # StableDiffusionPipeline.__init__ turns x0 clipping off and the offset to 1 on scheduler configs that predate
     # them (DDIMScheduler's defaults would clip at +-1): SD1.x's own, which are PNDM configs without clip_sample
@@ -32,7 +32,8 @@ class SD(UNetFamily):
 class SD2(SD):
     name = "sd2"
     kohya_version, kohya_architecture = "sd_v2", "stable-diffusion-v2-512"
-    single_file_text_encoders = (("open_clip", "cond_stage_model.model."),)
+    # OpenCLIP ViT-H has 24 layers; diffusers' SD2.x text encoder keeps the 23 up to the penultimate, which SD2 reads
+    single_file_text_encoders = (("open_clip", "cond_stage_model.model.", 1),)
 
     def matches(self, index: dict, denoiser_config: dict) -> bool:
         return _is_sd2(denoiser_config)

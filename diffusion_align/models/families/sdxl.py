@@ -13,8 +13,8 @@ class SDXL(UNetFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_pipeline = "StableDiffusionXLPipeline"
     kohya_version, kohya_architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
-    single_file_text_encoders = (("clip", "conditioner.embedders.0.transformer."),
-                                 ("open_clip", "conditioner.embedders.1.model."))
+    single_file_text_encoders = (("clip", "conditioner.embedders.0.transformer.", 0),
+                                 ("open_clip", "conditioner.embedders.1.model.", 0))
     inversion_steps = 10  # SmPO's SDXL setting
 
     def matches(self, index: dict, denoiser_config: dict) -> bool:
