@@ -248,9 +248,10 @@ def cmd_plot(args) -> None:
 def cmd_export(args) -> None:
     import tempfile
 
-    from .models.export import export, find_source
+    from .models.export import check_format, export, find_source
     from .training.checkpoints import gather_sharded
     source = find_source(args.source, args.base, args.live_weights)
+    check_format(source, args.format)
     beside_out = Path(args.out).resolve().parent  # where there is room for what is exported
     beside_out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gathered-", dir=beside_out) as scratch:

@@ -169,10 +169,15 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(HUB_ID.fullmatch(name)) and not name.startswith(".") and not name.endswith((".parquet", ".arrow"))
 
 
+def first_line(err: Exception) -> str:
+    """An error's message in one line (its first), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def hub_load_error(what: str, name: str, err: Exception, repo_type: str = "model") -> FileNotFoundError:
     """A hub id that could not be loaded (offline, a typo, a private repository): what was asked, why it failed,
     and what to do, in one line."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = first_line(err)
     download = f"huggingface-cli download {'' if repo_type == 'model' else f'--repo-type {repo_type} '}{name}"
     return FileNotFoundError(f"{what} {name!r}: not a local path, and the hub could not provide it ({reason}). Check "
                              f"the name; without network, download it where there is one ({download}) and give the "
@@ -205,7 +210,7 @@ def read_back(what: Path):
     except FileNotFoundError:
         raise
     except READ_ERRORS as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         checkpoint = next((p for p in [what, *what.parents] if _CHECKPOINT.match(p.name)), None)
         hint = ""
         if checkpoint is not None:

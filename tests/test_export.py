@@ -412,7 +412,7 @@ def _full_fine_tune_run(tmp_path, base):
 
 @pytest.mark.parametrize("family, architecture, prediction", [
     ("sd", "stable-diffusion-v1", "epsilon"),
-    ("sd2", "stable-diffusion-v2-768-v", "v_prediction"),  # the tiny SD2 predicts v, as SD2.1 768 does
+    ("sd2", "stable-diffusion-v2-768-v", "v"),  # the tiny SD2 predicts v, as SD2.1 768 does
     ("sdxl", "stable-diffusion-xl-v1-base", "epsilon"),
 ])
 def test_a_full_fine_tune_exports_as_one_checkpoint_that_diffusers_single_file_loader_reads_back(
@@ -428,7 +428,7 @@ def test_a_full_fine_tune_exports_as_one_checkpoint_that_diffusers_single_file_l
         keys, metadata = list(f.keys()), f.metadata()
         numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
     assert (metadata["modelspec.architecture"], metadata["modelspec.prediction_type"]) == (architecture, prediction)
-    assert ("v_pred" in keys) == (prediction == "v_prediction")  # the marker ComfyUI reads an SDXL file's from
+    assert ("v_pred" in keys) == (prediction == "v") and "ztsnr" not in keys  # the markers ComfyUI reads
 
     base = DiffusionPipeline.from_pretrained(tiny_models[family])
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -463,10 +463,16 @@ def test_a_lora_exports_as_one_checkpoint_with_the_merged_pipelines_weights(tmp_
 
 
 def test_single_file_refuses_a_flow_family_before_loading_anything(tmp_path, tiny_flow_models, flux_lora_run, capsys):
-    with pytest.raises(SystemExit):
-        export(flux_lora_run.final_dir.parent, "--format", "single-file", "--out", tmp_path / "flux.safetensors")
-    assert "no single-file checkpoint is written for flux pipelines" in capsys.readouterr().err
-    assert not (tmp_path / "flux.safetensors").exists()
+    """A LoRA run, and a sharded checkpoint before its shards are gathered (this one has none to gather)."""
+    sharded = tmp_path / "sharded-run"
+    (sharded / "checkpoint-1" / "sharded").mkdir(parents=True)
+    sharded.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
+        f"model.pretrained={tiny_flow_models['flux']}", "model.lora_rank=null", f"train.output_dir={sharded}"])))
+    for run in (flux_lora_run.final_dir.parent, sharded):
+        with pytest.raises(SystemExit):
+            export(run, "--format", "single-file", "--out", tmp_path / "flux.safetensors")
+        assert "no single-file checkpoint is written for flux pipelines" in capsys.readouterr().err
+        assert not (tmp_path / "flux.safetensors").exists()
 
 
 def test_the_real_architectures_take_the_names_and_shapes_of_the_released_checkpoints():
@@ -568,14 +574,12 @@ def test_sd2s_missing_layer_is_written_as_one_that_returns_its_input():
 @pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
 def test_a_single_file_checkpoint_converts_to_the_pipeline_it_was_written_from(tmp_path, tiny_models, capsys, family):
     """convert is export --format single-file undone: the trained UNet, the base's other parts, their dtype (fp16
-    here) and SD2's v-prediction (the file's v_pred marker over an epsilon --config) come back; training reads it."""
+    here) and the prediction type the file records (v_pred, or modelspec.prediction_type) over a --config of the
+    other; training reads it."""
     run, unet = _full_fine_tune_run(tmp_path, tiny_models[family])
     export(run, "--format", "single-file", "--dtype", "fp16", "--out", tmp_path / "model.safetensors")
-    config = tmp_path / "epsilon-config"
-    shutil.copytree(tiny_models[family], config)
-    scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
-    (config / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config
-                                                                           | {"prediction_type": "epsilon"}))
+    config = _with_scheduler(tiny_models[family], tmp_path / "flipped-config",
+                             prediction_type="epsilon" if family == "sd2" else "v_prediction")
     main(["convert", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "converted"), "--config",
           str(config)])
     assert "model.pretrained=" in capsys.readouterr().out
@@ -594,15 +598,50 @@ def test_a_single_file_checkpoint_converts_to_the_pipeline_it_was_written_from(t
     assert load_components(str(tmp_path / "converted")).family.name == family
 
 
+def _with_scheduler(pipeline, out, **settings):
+    """A copy of pipeline folder `pipeline` at `out`, its scheduler config with `settings`."""
+    shutil.copytree(pipeline, out)
+    scheduler = out / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | settings))
+    return out
+
+
+def test_a_v_prediction_zero_snr_model_carries_both_markers_and_converts_back_to_its_schedule(tmp_path, tiny_models):
+    """v_pred and ztsnr, as the v-prediction SDXL checkpoints carry them and ComfyUI reads them: written from the
+    scheduler's config, and read back over a --config of the stock (epsilon) schedule."""
+    base = _with_scheduler(tiny_models["sdxl"], tmp_path / "zsnr", prediction_type="v_prediction",
+                           rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    export(base, "--format", "single-file", "--out", tmp_path / "zsnr.safetensors")
+    with safe_open(tmp_path / "zsnr.safetensors", "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys()) and f.metadata()["modelspec.prediction_type"] == "v"
+    main(["convert", str(tmp_path / "zsnr.safetensors"), "--out", str(tmp_path / "converted"), "--config",
+          str(tiny_models["sdxl"])])
+    scheduler = DiffusionPipeline.from_pretrained(tmp_path / "converted").scheduler.config
+    assert (scheduler.prediction_type, scheduler.rescale_betas_zero_snr, scheduler.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+
+
 def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, capsys):
     folder, _ = patterned
-    cases = [(folder / LORA_WEIGHTS, "holds no model.diffusion_model.* weights"),
-             (tmp_path / "model.ckpt", "a .ckpt file is a pickle")]
+    export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
+    whole = load_file(tmp_path / "sd.safetensors")
+    save_file({k: v for k, v in whole.items() if k.startswith("model.diffusion_model.")}, tmp_path / "unet.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"not read")
-    for checkpoint, message in cases:
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
+             (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
+             (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
+             (tmp_path / "unet.safetensors", tiny_models["sd"], "holds a UNet without its text encoders"),
+             (tmp_path / "sd.safetensors", tiny_models["sdxl"], "is a sdxl pipeline, but"),
+             (tmp_path / "sd.safetensors", tmp_path, "is not a diffusers pipeline folder")]
+    for checkpoint, config, message in cases:
         with pytest.raises(SystemExit):
-            main(["convert", str(checkpoint), "--out", str(tmp_path / "out"), "--config", str(tiny_models["sd"])])
+            main(["convert", str(checkpoint), "--out", str(tmp_path / "out"), "--config", str(config)])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # its own folder, which the pipeline would replace
+        main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(tmp_path), "--overwrite"])
+    assert "which the pipeline written there would replace" in capsys.readouterr().err
+    assert (tmp_path / "sd.safetensors").is_file()
     with pytest.raises(SystemExit):  # a single file given where a pipeline folder is read
         main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"),
               f"model.pretrained={tmp_path / 'model.ckpt'}",

@@ -39,7 +39,7 @@ from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
 from .policy import LORA_WEIGHTS, check_lora_naming, write_diffusers_lora
-from .single_file import check_single_file, single_file_state
+from .single_file import PREDICTION_TYPES, SGM_IMPLEMENTATION, check_single_file, single_file_state
 
 FORMATS = ("kohya", "comfyui", "diffusers", "merged", "single-file")
 COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
@@ -283,19 +283,31 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     return out
 
 
+def check_format(source: Source, format: str) -> None:
+    """Refuse a format the source's family has no file of, before any weights load (or a sharded checkpoint's are
+    gathered)."""
+    if format == "single-file":
+        check_single_file(_source_family(source))
+
+
 def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     target = out if out.suffix == ".safetensors" else out / f"{source.title}.safetensors"
     check_free(target, overwrite)
     family = _source_family(source)
-    check_single_file(family)  # before any weights load
+    check_single_file(family)
     pipeline = _merged_pipeline(source, family, dtype)
-    prediction_type = pipeline.scheduler.config.prediction_type
+    scheduler = pipeline.scheduler.config
     tensors = {name: tensor.contiguous() for name, tensor in single_file_state(pipeline, family).items()}
-    if prediction_type == "v_prediction":
-        tensors["v_pred"] = torch.tensor([])  # the marker ComfyUI reads an SDXL checkpoint's prediction from
-    labels = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.kohya_base(prediction_type)[1],
-              "modelspec.title": source.title, "modelspec.prediction_type": prediction_type,
-              "diffusion_align.method": source.method}
+    # the markers ComfyUI (and AUTOMATIC1111, for v_pred) read an SDXL checkpoint's prediction type and schedule from
+    if scheduler.prediction_type == "v_prediction":
+        tensors["v_pred"] = torch.tensor([])
+    if scheduler.get("rescale_betas_zero_snr"):
+        tensors["ztsnr"] = torch.tensor([])
+    labels = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": SGM_IMPLEMENTATION,
+              "modelspec.architecture": family.kohya_base(scheduler.prediction_type)[1],
+              "modelspec.title": source.title, "diffusion_align.method": source.method}
+    if scheduler.prediction_type in PREDICTION_TYPES:
+        labels["modelspec.prediction_type"] = PREDICTION_TYPES[scheduler.prediction_type]
     target.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors_atomic(tensors, target, labels)
     return target

@@ -52,10 +52,12 @@ def sgm_module_path(path: str, config) -> str:
         return _SGM_TOP[path]
     n = config["layers_per_block"]
     match = _BLOCK_PATH.fullmatch(path)
-    if match is None or not isinstance(n, int):
-        raise ValueError(f"UNet module {path!r} has no place in the SGM (sd-scripts SDXL) UNet layout: expected a "
-                         f"module of down_blocks / mid_block / up_blocks or one of {', '.join(_SGM_TOP)}, and an "
-                         f"integer layers_per_block (the config has {n!r})")
+    if match is None:
+        raise ValueError(f"UNet module {path!r} has no place in the original (LDM / SGM) UNet layout: expected a "
+                         f"module of down_blocks / mid_block / up_blocks or one of {', '.join(_SGM_TOP)}")
+    if not isinstance(n, int):
+        raise ValueError(f"UNet module {path!r}: the original (LDM / SGM) UNet layout has one layers_per_block for "
+                         f"every level; the config has {n!r}")
     side, level, kind, index, rest = match.groups()
     i, j = int(level or 0), int(index)
     if kind == "resnets" and rest not in _SGM_RESNET or kind.endswith("samplers") and rest != "conv":

@@ -69,9 +69,12 @@ def _from_folder_or_hub(name: str, what: str, marker: str, kind: str, load, expe
     and a hub id that cannot be reached (offline, a typo, a private repository) are each a one-line
     FileNotFoundError naming `what`."""
     local = Path(name).exists()
-    if kind == "pipeline" and Path(name).is_file() and name.endswith((".safetensors", ".ckpt")):
+    if kind == "pipeline" and Path(name).is_file() and name.endswith((".safetensors", ".sft", ".ckpt")):
+        first = ("convert it to safetensors where you trust it (a .ckpt is a pickle, which is not read here: it can "
+                 "run code), then " if name.endswith(".ckpt") else "")
         raise FileNotFoundError(f"{what}={name} is a single-file checkpoint; this reads diffusers pipeline folders: "
-                                f"convert it once (diffusion-align convert {name} --out FOLDER) and give the folder")
+                                f"{first}convert it once (diffusion-align convert FILE --out FOLDER) and give the "
+                                "folder")
     if local and not (Path(name) / marker).is_file():
         raise FileNotFoundError(f"{what}={name} is not a diffusers {kind} folder: it has no {marker}.{expected}")
     if not local and not looks_like_hub_id(name):

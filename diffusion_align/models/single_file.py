@@ -25,13 +25,18 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ..files import check_free, folder_written_beside, hub_load_error
-from .families import Family
+from ..files import check_free, first_line, folder_written_beside, hub_load_error
+from .families import FAMILIES, Family
 from .kohya import sgm_module_path
+from .loading import pipeline_family, pipeline_index
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # ComfyUI takes both
+# the model spec's (modelspec.*) names for diffusers' prediction types, and the implementation of the layout
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 _VAE_RESNET = re.compile(r"(encoder|decoder)\.(?:(down|up)_blocks\.(\d+)|mid_block)\.resnets\.(\d+)\.(.+)")
 _VAE_ATTENTION = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)")
@@ -153,43 +158,72 @@ def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False) -> Path:
     """Write the SD1.x, SD2.x or SDXL single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`,
-    in the checkpoint's dtype. `config`: a diffusers pipeline of the same architecture (hub id or folder) whose
-    configs, tokenizers and scheduler are taken; None lets diffusers pick one on the hub by the weights' shapes. An
-    empty `v_pred` tensor in the file (`single_file_state`'s, and the v-prediction SDXL checkpoints') sets the
-    scheduler to v-prediction."""
+    in the checkpoint's dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs,
+    tokenizers and scheduler are taken; None lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the
+    v-prediction SD2.1). The file's own markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL
+    checkpoints and `export` carry) or `modelspec.prediction_type` ("v", "epsilon") the prediction type, `ztsnr` the
+    zero-terminal-SNR schedule."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if out.resolve() in (checkpoint.resolve().parent, *checkpoint.resolve().parent.parents):
+        raise ValueError(f"--out {out} holds {checkpoint}, which the pipeline written there would replace; give "
+                         "another folder")
     check_free(out, overwrite)
-    if checkpoint.suffix != ".safetensors":
+    if checkpoint.suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{checkpoint}: expected a .safetensors checkpoint (a .ckpt file is a pickle, which is not "
                          "read here: it can run code; convert it to safetensors where you trust it)")
-    with safe_open(checkpoint, "pt") as f:
-        keys = set(f.keys())
-        unet_key = next((k for k in sorted(keys) if k.startswith(UNET_PREFIX)), None)
-        if unet_key is None:
-            raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights: not an SD1.x, SD2.x or SDXL checkpoint "
-                             "in the original single-file layout")
-        dtype = f.get_slice(unet_key).get_dtype()
-    sdxl = any(k.startswith("conditioner.embedders.1.model.") for k in keys)
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    try:
+        with safe_open(checkpoint, "pt") as f:
+            keys, metadata = set(f.keys()), f.metadata() or {}
+            dtype = next((f.get_slice(k).get_dtype() for k in sorted(keys) if k.startswith(UNET_PREFIX)), None)
+    except SafetensorError as err:
+        raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
+    family = _checkpoint_family(checkpoint, keys)
+    if config is not None:
+        config_family = pipeline_family(config, pipeline_index(config, what="--config"))[0]
+        if config_family.name != family.name:
+            raise ValueError(f"--config {config} is a {config_family} pipeline, but {checkpoint} holds a {family} "
+                             "model; give a pipeline of its family")
+    extra = {} if family.name == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipeline_class = StableDiffusionXLPipeline if family.name == "sdxl" else StableDiffusionPipeline
     local = config is not None and Path(config).exists()
     try:
-        pipeline = pipeline_class.from_single_file(str(checkpoint), config=config, torch_dtype=torch_dtype,
-                                                   local_files_only=local, **extra)
+        pipeline = pipeline_class.from_single_file(
+            str(checkpoint), config=config, local_files_only=local, **extra,
+            torch_dtype={"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32))
     except (OSError, ValueError) as err:
         if local:
-            raise
+            raise ValueError(f"{checkpoint}: diffusers could not convert it with --config {config} "
+                             f"({first_line(err)})") from None
         if config is not None:
             raise hub_load_error("--config", config, err) from None
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FileNotFoundError(f"{checkpoint}: diffusers could not fetch the configs of its architecture from the hub "
-                                f"({reason}); give a diffusers pipeline of the same architecture with --config (a "
+                                f"({first_line(err)}); give a diffusers pipeline of the same family with --config (a "
                                 "local folder works offline)") from None
-    if "v_pred" in keys:
-        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config,
-                                                            prediction_type="v_prediction")
+    prediction = "v" if "v_pred" in keys else metadata.get("modelspec.prediction_type")
+    settings = {"prediction_type": diffusers_name for diffusers_name, name in PREDICTION_TYPES.items()
+                if name == prediction}
+    if "ztsnr" in keys:
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **settings)
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
+    """The family whose UNet, VAE and text encoders the single file's `keys` hold."""
+    def holds(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if not holds(UNET_PREFIX):
+        raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights: not an SD1.x, SD2.x or SDXL checkpoint in "
+                         "the original single-file layout")
+    # SDXL's first text encoder has SD1.x's names under another prefix: the family whose every prefix is there
+    family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
+                   if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
+    if family is None or not holds(VAE_PREFIX):
+        raise ValueError(f"{checkpoint} holds a UNet without its {'VAE' if family else 'text encoders'} "
+                         f"({VAE_PREFIX}*, or cond_stage_model.* / conditioner.embedders.*): only a whole "
+                         "checkpoint converts")
+    return family
