@@ -626,22 +626,25 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, cap
     export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
     whole = load_file(tmp_path / "sd.safetensors")
     save_file({k: v for k, v in whole.items() if k.startswith("model.diffusion_model.")}, tmp_path / "unet.safetensors")
+    save_file(whole | {"ztsnr": torch.tensor([])}, tmp_path / "zsnr.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"not read")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
              (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
              (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
-             (tmp_path / "unet.safetensors", tiny_models["sd"], "holds a UNet without its text encoders"),
+             (tmp_path / "unet.safetensors", tiny_models["sd"], "holds a UNet without the text encoders"),
              (tmp_path / "sd.safetensors", tiny_models["sdxl"], "is a sdxl pipeline, but"),
-             (tmp_path / "sd.safetensors", tmp_path, "is not a diffusers pipeline folder")]
+             (tmp_path / "sd.safetensors", tmp_path, "is not a diffusers pipeline folder"),
+             (tmp_path / "zsnr.safetensors", tiny_models["sd"], "which the --config's PNDMScheduler cannot run")]
     for checkpoint, config, message in cases:
         with pytest.raises(SystemExit):
             main(["convert", str(checkpoint), "--out", str(tmp_path / "out"), "--config", str(config)])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit):  # its own folder, which the pipeline would replace
-        main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(tmp_path), "--overwrite"])
-    assert "which the pipeline written there would replace" in capsys.readouterr().err
-    assert (tmp_path / "sd.safetensors").is_file()
+    for out in (tmp_path, tmp_path / "sd.safetensors"):  # its own folder, or itself, which the pipeline would replace
+        with pytest.raises(SystemExit):
+            main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(out), "--overwrite"])
+        assert "which the pipeline written there would replace" in capsys.readouterr().err
+        assert (tmp_path / "sd.safetensors").is_file()
     with pytest.raises(SystemExit):  # a single file given where a pipeline folder is read
         main(["train", str(Path(__file__).parent.parent / "configs" / "tiny" / "dpo.yaml"),
               f"model.pretrained={tmp_path / 'model.ckpt'}",

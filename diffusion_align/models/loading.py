@@ -69,7 +69,7 @@ def _from_folder_or_hub(name: str, what: str, marker: str, kind: str, load, expe
     and a hub id that cannot be reached (offline, a typo, a private repository) are each a one-line
     FileNotFoundError naming `what`."""
     local = Path(name).exists()
-    if kind == "pipeline" and Path(name).is_file() and name.endswith((".safetensors", ".sft", ".ckpt")):
+    if kind == "pipeline" and Path(name).is_file() and name.endswith((".safetensors", ".ckpt")):
         first = ("convert it to safetensors where you trust it (a .ckpt is a pickle, which is not read here: it can "
                  "run code), then " if name.endswith(".ckpt") else "")
         raise FileNotFoundError(f"{what}={name} is a single-file checkpoint; this reads diffusers pipeline folders: "

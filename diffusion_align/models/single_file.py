@@ -21,6 +21,8 @@ Every tensor of the pipeline's UNet, VAE and text encoders is written, once, und
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from .kohya import sgm_module_path
 from .loading import pipeline_family, pipeline_index
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # ComfyUI takes both
+logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types, and the implementation of the layout
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -161,17 +163,18 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     in the checkpoint's dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs,
     tokenizers and scheduler are taken; None lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the
     v-prediction SD2.1). The file's own markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL
-    checkpoints and `export` carry) or `modelspec.prediction_type` ("v", "epsilon") the prediction type, `ztsnr` the
-    zero-terminal-SNR schedule."""
+    checkpoints and `export` carry) or `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR
+    schedule (`_marked_scheduler`)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if out.resolve() in (checkpoint.resolve().parent, *checkpoint.resolve().parent.parents):
-        raise ValueError(f"--out {out} holds {checkpoint}, which the pipeline written there would replace; give "
-                         "another folder")
+    if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):
+        raise ValueError(f"--out {out} is or holds {checkpoint}, which the pipeline written there would replace; "
+                         "give another folder")
     check_free(out, overwrite)
-    if checkpoint.suffix not in SAFETENSORS_SUFFIXES:
+    if checkpoint.suffix != ".safetensors":  # diffusers reads a file by its suffix: any other goes to torch.load
         raise ValueError(f"{checkpoint}: expected a .safetensors checkpoint (a .ckpt file is a pickle, which is not "
-                         "read here: it can run code; convert it to safetensors where you trust it)")
+                         "read here: it can run code; convert it to safetensors where you trust it. A safetensors "
+                         "file under another suffix, such as .sft, converts once renamed)")
     try:
         with safe_open(checkpoint, "pt") as f:
             keys, metadata = set(f.keys()), f.metadata() or {}
@@ -200,15 +203,31 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         raise FileNotFoundError(f"{checkpoint}: diffusers could not fetch the configs of its architecture from the hub "
                                 f"({first_line(err)}); give a diffusers pipeline of the same family with --config (a "
                                 "local folder works offline)") from None
-    prediction = "v" if "v_pred" in keys else metadata.get("modelspec.prediction_type")
-    settings = {"prediction_type": diffusers_name for diffusers_name, name in PREDICTION_TYPES.items()
-                if name == prediction}
-    if "ztsnr" in keys:
-        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **settings)
+    pipeline.scheduler = _marked_scheduler(checkpoint, keys, metadata, pipeline.scheduler)
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str], scheduler):
+    """`scheduler` with the prediction type and schedule the file marks (`convert`). The model spec's "v" and
+    "epsilon" are read, and diffusers' own names; another value (such as "sample") leaves the config's, saying so."""
+    settings = {}
+    marked = "v" if "v_pred" in keys else metadata.get("modelspec.prediction_type")
+    names = {**{name: diffusers_name for diffusers_name, name in PREDICTION_TYPES.items()},
+             **{diffusers_name: diffusers_name for diffusers_name in PREDICTION_TYPES}}
+    if marked in names:
+        settings["prediction_type"] = names[marked]
+    elif marked is not None:
+        logger.warning("%s: modelspec.prediction_type %r is not one this reads (%s); the scheduler keeps the "
+                       "--config's %r", checkpoint, marked, ", ".join(names), scheduler.config.prediction_type)
+    if "ztsnr" in keys:
+        if "rescale_betas_zero_snr" not in inspect.signature(type(scheduler).__init__).parameters:
+            raise ValueError(f"{checkpoint} marks a zero-terminal-SNR schedule (ztsnr), which the --config's "
+                             f"{type(scheduler).__name__} cannot run: give a --config whose scheduler can (DDIM, "
+                             "Euler, DDPM)")
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return type(scheduler).from_config(scheduler.config, **settings)
 
 
 def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
@@ -222,8 +241,11 @@ def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
     # SDXL's first text encoder has SD1.x's names under another prefix: the family whose every prefix is there
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
-    if family is None or not holds(VAE_PREFIX):
-        raise ValueError(f"{checkpoint} holds a UNet without its {'VAE' if family else 'text encoders'} "
-                         f"({VAE_PREFIX}*, or cond_stage_model.* / conditioner.embedders.*): only a whole "
-                         "checkpoint converts")
+    if family is None:
+        raise ValueError(f"{checkpoint} holds a UNet without the text encoders of SD1.x (cond_stage_model.transformer"
+                         ".*), SD2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.0.transformer.* and "
+                         "conditioner.embedders.1.model.*): only a whole checkpoint converts")
+    if not holds(VAE_PREFIX):
+        raise ValueError(f"{checkpoint} holds a UNet without its VAE ({VAE_PREFIX}*): only a whole checkpoint "
+                         "converts")
     return family
