@@ -621,7 +621,7 @@ def test_a_v_prediction_zero_snr_model_carries_both_markers_and_converts_back_to
         "v_prediction", True, "trailing")
 
 
-def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, capsys):
+def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, capsys, monkeypatch):
     folder, _ = patterned
     export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
     whole = load_file(tmp_path / "sd.safetensors")
@@ -640,6 +640,11 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, cap
         with pytest.raises(SystemExit):
             main(["convert", str(checkpoint), "--out", str(tmp_path / "out"), "--config", str(config)])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):  # without --config, where the hub cannot be reached
+        main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(tmp_path / "out")])
+    assert "could not fetch the configs of its architecture from the hub" in capsys.readouterr().err
     for out in (tmp_path, tmp_path / "sd.safetensors"):  # its own folder, or itself, which the pipeline would replace
         with pytest.raises(SystemExit):
             main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(out), "--overwrite"])
