@@ -120,7 +120,7 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str, added_layers: 
     last = f"{prefix}transformer.resblocks.{own - 1}."
     for layer in range(own, own + added_layers):
         out |= _identity_block({k.removeprefix(last): t for k, t in out.items() if k.startswith(last)},
-                              f"{prefix}transformer.resblocks.{layer}.")
+                               f"{prefix}transformer.resblocks.{layer}.")
     return out
 
 
@@ -214,8 +214,7 @@ def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str]
     "epsilon" are read, and diffusers' own names; another value (such as "sample") leaves the config's, saying so."""
     settings = {}
     marked = "v" if "v_pred" in keys else metadata.get("modelspec.prediction_type")
-    names = {**{name: diffusers_name for diffusers_name, name in PREDICTION_TYPES.items()},
-             **{diffusers_name: diffusers_name for diffusers_name in PREDICTION_TYPES}}
+    names = {**{spec: ours for ours, spec in PREDICTION_TYPES.items()}, **{ours: ours for ours in PREDICTION_TYPES}}
     if marked in names:
         settings["prediction_type"] = names[marked]
     elif marked is not None:
@@ -238,7 +237,7 @@ def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
     if not holds(UNET_PREFIX):
         raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights: not an SD1.x, SD2.x or SDXL checkpoint in "
                          "the original single-file layout")
-    # SDXL's first text encoder has SD1.x's names under another prefix: the family whose every prefix is there
+    # the family whose every text encoder's prefix is there (SDXL's first encoder is SD1.x's under another prefix)
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
     if family is None:
