@@ -1,5 +1,7 @@
 """`diffusion-align export`: per-module rank and alpha patterns and rsLoRA reach the kohya alphas (checked with the
-rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors for sources it cannot export."""
+rule ComfyUI and AUTOMATIC1111 apply), dtypes, full fine-tunes, and the errors for sources it cannot export; the
+single-file checkpoint (read back by diffusers' converter, and on the real architectures' names and shapes) and
+`diffusion-align convert`, which undoes it."""
 
 import json
 import math
@@ -401,6 +403,7 @@ def _full_fine_tune_run(tmp_path, base):
     """A run folder whose checkpoint holds a "trained" UNet (every weight moved) and the config naming `base`."""
     run = tmp_path / "run"
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    torch.manual_seed(0)
     with torch.no_grad():
         for param in unet.parameters():
             param += 0.01 * torch.randn_like(param)
