@@ -293,6 +293,7 @@ def test_sharded_runs_compute_in_the_configured_dtype(tmp_path):
 
 
 PROBE_DIFFERENT_MODELS = """
+import os
 import sys
 import torch
 import torch.distributed as dist
@@ -303,8 +304,11 @@ with torch.device("cpu" if dist.get_rank() == 0 else "meta"):  # process 1 build
 try:
     shard(model, "fsdp2", None)
 except RuntimeError as err:  # a file each: the two processes' prints would interleave on one stdout
-    open(f"{sys.argv[1]}/{dist.get_rank()}.txt", "w").write(str(err))
-dist.destroy_process_group()  # left to the interpreter's exit, gloo's threads may abort the process
+    with open(f"{sys.argv[1]}/{dist.get_rank()}.txt", "w") as f:
+        f.write(str(err))
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)  # gloo's threads can abort a process in the interpreter's teardown ("terminate called ...")
 """
 
 
@@ -316,8 +320,9 @@ def test_processes_that_build_different_models_all_stop_naming_the_difference(tm
     probe.write_text(PROBE_DIFFERENT_MODELS)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29533", str(probe), str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == [
+    written = [tmp_path / f"{rank}.txt" for rank in (0, 1)]
+    assert all(f.is_file() for f in written), done.stderr[-3000:]  # what each process stopped with, before its exit
+    assert [f.read_text() for f in written] == [
         "another process's Sequential differs from the main process's; every process must build the same model",
         "process 1's Sequential differs from the main process's (here ('1.weight', (2, 5), torch.float32), there "
         "('1.weight', (3, 5), torch.float32)); every process must build the same model"]
