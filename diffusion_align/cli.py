@@ -248,10 +248,9 @@ def cmd_plot(args) -> None:
 def cmd_export(args) -> None:
     import tempfile
 
-    from .models.export import check_format, export, find_source
+    from .models.export import export, find_source
     from .training.checkpoints import gather_sharded
     source = find_source(args.source, args.base, args.live_weights)
-    check_format(source, args.format)
     beside_out = Path(args.out).resolve().parent  # where there is room for what is exported
     beside_out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gathered-", dir=beside_out) as scratch:
@@ -264,9 +263,9 @@ def cmd_export(args) -> None:
            "comfyui": f"load it in ComfyUI (LoraLoader, strength 1), or in diffusers: {in_diffusers}",
            "diffusers": f"load it in diffusers: {in_diffusers}",
            "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")',
-           "single-file": "load it in ComfyUI (Load Checkpoint; models/checkpoints/), AUTOMATIC1111 or Forge "
-                          "(models/Stable-diffusion/), or in diffusers: StableDiffusionPipeline.from_single_file "
-                          "(StableDiffusionXLPipeline for SDXL)"}[args.format])
+           "single-file": "load it in ComfyUI (Load Checkpoint; FLUX: Load Diffusion Model), AUTOMATIC1111 or Forge "
+                          "(models/Stable-diffusion/), or in diffusers: <the family's pipeline>.from_single_file "
+                          "(FLUX: FluxTransformer2DModel.from_single_file)"}[args.format])
 
 
 def cmd_convert(args) -> None:
@@ -539,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="Write a run's LoRA or model in the file another program loads: kohya "
                                            "(ComfyUI, AUTOMATIC1111, Forge), comfyui (SD3, FLUX), diffusers, a "
-                                           "merged pipeline, or a single-file checkpoint (SD1.x, SD2.x, SDXL).")
+                                           "merged pipeline, or a single-file checkpoint.")
     export.add_argument("source", metavar="RUN_OR_FOLDER", help="a run folder (its final/, else its newest "
                         "checkpoint), a final/ or checkpoint-<step>/ folder (of a sharded run too: its shards are "
                         "gathered), or a folder holding a diffusers LoRA")
@@ -548,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "or FLUX LoRA for ComfyUI, its scale folded in; diffusers: the LoRA for "
                              "pipe.load_lora_weights; merged: the LoRA fused into the base, written as a whole "
                              "pipeline for DiffusionPipeline.from_pretrained; single-file: the same model as one "
-                             ".safetensors checkpoint in the original layout (ComfyUI, AUTOMATIC1111, Forge; "
-                             "SD1.x, SD2.x and SDXL)")
+                             ".safetensors checkpoint in the model's original layout (ComfyUI, AUTOMATIC1111, "
+                             "Forge; SD3 without its text encoders, FLUX its transformer alone)")
     export.add_argument("--out", required=True,
                         help="a .safetensors file or a folder (LoRA formats, single-file), a folder (merged)")
     export.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
@@ -563,14 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "training resumes from (default: the EMA, which the run's final/ would hold)")
     export.set_defaults(func=cmd_export)
 
-    convert = sub.add_parser("convert", help="Turn an SD1.x, SD2.x or SDXL single-file checkpoint (.safetensors, as "
-                                             "ComfyUI and AUTOMATIC1111 load) into a diffusers pipeline folder to "
-                                             "train on (model.pretrained).")
+    convert = sub.add_parser("convert", help="Turn a single-file checkpoint (.safetensors, as ComfyUI and "
+                                             "AUTOMATIC1111 load; SD1.x, SD2.x, SDXL, SD3, FLUX.1) into a diffusers "
+                                             "pipeline folder to train on (model.pretrained).")
     convert.add_argument("checkpoint", help="the .safetensors checkpoint")
     convert.add_argument("--out", required=True, help="the pipeline folder to write")
     convert.add_argument("--config", default=None,
                          help="a diffusers pipeline of the same architecture (hub id or folder) whose configs, "
-                              "tokenizers and scheduler to use (default: diffusers picks one on the hub by the "
+                              "tokenizers and scheduler to use, and the parts the file leaves out (SD3's text "
+                              "encoders, FLUX's VAE and text encoders; default: diffusers picks one on the hub by the "
                               "weights' shapes; give a local folder to convert offline)")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(func=cmd_convert)

@@ -20,6 +20,7 @@ from diffusion_align.config import config_to_yaml, load_config
 from diffusion_align.files import EMA_FOLDER
 from diffusion_align.models.export import find_source
 from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
+from diffusion_align.models.single_file import single_file_state
 from test_kohya import apply_kohya_rule, images
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -399,15 +400,15 @@ def test_a_transformer_lora_exports_for_comfyui_at_its_trained_scale(tmp_path, t
     assert torch.allclose(probe(pipe.transformer, family), trained, atol=1e-5)
 
 
-def _full_fine_tune_run(tmp_path, base):
-    """A run folder whose checkpoint holds a "trained" UNet (every weight moved) and the config naming `base`."""
+def _full_fine_tune_run(tmp_path, base, denoiser="unet"):
+    """A run folder whose checkpoint holds a "trained" denoiser (every weight moved) and the config naming `base`."""
     run = tmp_path / "run"
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet = DiffusionPipeline.from_pretrained(base).components[denoiser]
     torch.manual_seed(0)
     with torch.no_grad():
         for param in unet.parameters():
             param += 0.01 * torch.randn_like(param)
-    unet.save_pretrained(run / "checkpoint-2" / "unet")
+    unet.save_pretrained(run / "checkpoint-2" / denoiser)
     run.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
         f"model.pretrained={base}", "model.lora_rank=null", f"train.output_dir={run}"])))
     return run, unet
@@ -465,17 +466,104 @@ def test_a_lora_exports_as_one_checkpoint_with_the_merged_pipelines_weights(tmp_
     assert not torch.equal(merged.unet.state_dict()[to_k], base_unet.state_dict()[to_k]), "the LoRA is fused in"
 
 
-def test_single_file_refuses_a_flow_family_before_loading_anything(tmp_path, tiny_flow_models, flux_lora_run, capsys):
-    """A LoRA run, and a sharded checkpoint before its shards are gathered (this one has none to gather)."""
-    sharded = tmp_path / "sharded-run"
-    (sharded / "checkpoint-1" / "sharded").mkdir(parents=True)
-    sharded.joinpath("config.yaml").write_text(config_to_yaml(load_config(None, [
-        f"model.pretrained={tiny_flow_models['flux']}", "model.lora_rank=null", f"train.output_dir={sharded}"])))
-    for run in (flux_lora_run.final_dir.parent, sharded):
+def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_path, tiny_flow_models, tiny_models,
+                                                                           capsys, monkeypatch):
+    """SD3 as Stability AI releases SD3.5: the MMDiT under model.diffusion_model. and the VAE, no text encoder (none
+    is loaded to write it). diffusers' converters read back the trained transformer and the base's VAE bit for bit,
+    every weight written once; convert puts the base's text encoders beside them, in the file's dtype, and needs a
+    --config to take them from."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from diffusion_align.models import export as export_module
+    base = tiny_flow_models["sd3"]
+    run, transformer = _full_fine_tune_run(tmp_path, base, "transformer")
+    loaded = []
+    monkeypatch.setattr(export_module, "single_file_state", lambda pipeline, family: loaded.append(
+        [name for name, part in pipeline.components.items() if part is not None])
+        or single_file_state(pipeline, family))
+    export(run, "--format", "single-file", "--out", tmp_path / "sd3.safetensors")
+    assert not any(name.startswith("text_encoder") for name in loaded[0]) and {"transformer", "vae"} <= set(loaded[0])
+    path = tmp_path / "sd3.safetensors"
+    with safe_open(path, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3" and "modelspec.prediction_type" not in metadata
+    assert all(k.startswith(("model.diffusion_model.joint_blocks.", "first_stage_model.")) for k in keys
+               if "blocks" in k)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    expected = {"transformer": transformer, "vae": vae}
+    read = {"transformer": SD3Transformer2DModel.from_single_file(path, config=str(base), subfolder="transformer",
+                                                                  local_files_only=True),
+            "vae": AutoencoderKL.from_single_file(path, config=str(base), subfolder="vae", local_files_only=True)}
+    for name, model in expected.items():
+        want, got = model.state_dict(), read[name].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    assert numel == sum(t.numel() for m in expected.values() for t in m.state_dict().values())
+
+    export(run, "--format", "single-file", "--dtype", "fp16", "--out", tmp_path / "half.safetensors", "--overwrite")
+    main(["convert", str(tmp_path / "half.safetensors"), "--out", str(tmp_path / "converted"), "--config", str(base)])
+    converted = DiffusionPipeline.from_pretrained(tmp_path / "converted", torch_dtype=torch.float16)
+    for folder in ("transformer", "vae", "text_encoder"):  # (T5 keeps its `wo` layers in fp32, as transformers does)
+        weights = next((tmp_path / "converted" / folder).glob("*.safetensors"))
+        assert {t.dtype for t in load_file(weights).values()} == {torch.float16}, folder
+    base_pipe = DiffusionPipeline.from_pretrained(base)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        want = (transformer if name == "transformer" else getattr(base_pipe, name)).state_dict()
+        got = getattr(converted, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k].half(), got[k].half()) for k in want), name
+    capsys.readouterr()
+    for config, message in ((None, "without its text encoders (as sd3 files are released): give the sd3 pipeline "
+                                   "they come from with --config"),
+                            (tiny_flow_models["flux"], "is a flux pipeline, but"),
+                            (tiny_models["sdxl"], "is a sdxl pipeline, but")):
         with pytest.raises(SystemExit):
-            export(run, "--format", "single-file", "--out", tmp_path / "flux.safetensors")
-        assert "no single-file checkpoint is written for flux pipelines" in capsys.readouterr().err
-        assert not (tmp_path / "flux.safetensors").exists()
+            main(["convert", str(path), "--out", str(tmp_path / "out"), *(["--config", str(config)] if config else [])])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_transformer_weight_without_its_place_in_the_original_layout_is_named(tiny_flow_models):
+    from diffusion_align.models.transformer_layouts import flux_to_original, sd3_to_original
+    for family, to_original in (("sd3", sd3_to_original), ("flux", flux_to_original)):
+        state = DiffusionPipeline.from_pretrained(tiny_flow_models[family]).transformer.state_dict()
+        with pytest.raises(ValueError, match=r"weight 'extra.weight' has no place in .*'s original layout"):
+            to_original(state | {"extra.weight": torch.zeros(1)})
+        state.pop("transformer_blocks.0.attn.to_k.weight")
+        with pytest.raises(ValueError, match=r"qkv.weight fuses 3 weights, but 2 of them are in the state dict"):
+            to_original(state)
+
+
+def test_a_flux_transformer_exports_as_black_forest_labs_file_and_converts_back(tmp_path, tiny_flow_models):
+    """FLUX.1's transformer alone, unprefixed, as flux1-dev.safetensors holds it. diffusers' converter of those files
+    assumes FLUX.1's width (3072), so the pipeline here has a transformer of that width, one block of each kind. The
+    converter reads it back bit for bit, and convert puts it into the --config pipeline, every part in the file's
+    dtype (bf16); a file with the prefix the community's files often carry converts too."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    pipeline = FluxPipeline.from_pretrained(tiny_flow_models["flux"])
+    torch.manual_seed(0)
+    pipeline.transformer = FluxTransformer2DModel(
+        num_layers=1, num_single_layers=1, in_channels=64, joint_attention_dim=72, pooled_projection_dim=40,
+        guidance_embeds=True).to(torch.bfloat16)
+    pipeline.save_pretrained(tmp_path / "wide")
+    export(tmp_path / "wide", "--format", "single-file", "--dtype", "bf16", "--out", tmp_path / "flux.safetensors")
+    path = tmp_path / "flux.safetensors"
+    with safe_open(path, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert metadata["modelspec.architecture"] == "flux-1-dev" and len(keys) == 20 + 24 + 8
+    assert {"img_in.weight", "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"} <= keys
+    want = pipeline.transformer.state_dict()
+    read = FluxTransformer2DModel.from_single_file(path, config=str(tmp_path / "wide"), subfolder="transformer",
+                                                   local_files_only=True, torch_dtype=torch.bfloat16).state_dict()
+    assert want.keys() == read.keys() and all(torch.equal(want[k], read[k]) for k in want)
+
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file({f"model.diffusion_model.{k}": t for k, t in load_file(path).items()}, prefixed)
+    for file in (path, prefixed):
+        out = tmp_path / f"converted-{file.stem}"
+        main(["convert", str(file), "--out", str(out), "--config", str(tmp_path / "wide")])
+        converted = FluxPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            want, got = getattr(pipeline, name).state_dict(), getattr(converted, name).state_dict()
+            assert want.keys() == got.keys() and all(torch.equal(want[k].bfloat16(), got[k]) for k in want), name
 
 
 def test_the_real_architectures_take_the_names_and_shapes_of_the_released_checkpoints():

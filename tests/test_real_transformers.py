@@ -4,7 +4,8 @@
 published parameter count and, block by block, the count worked out by hand from its config, the sharding wrap
 policy (`BLOCK_CLASSES`) makes every transformer block a unit of its own, the family's LoRA adapts exactly the
 modules diffusers' LoRA scripts adapt, and every adapted module has the key ComfyUI's loader maps a diffusers LoRA
-onto, in a block that the checkpoint has."""
+onto, in a block that the checkpoint has; and every weight, in the names of the released single files, reads
+back through diffusers' converter of those files."""
 
 import json
 import re
@@ -300,3 +301,46 @@ def test_every_lora_module_maps_to_a_comfyui_key_in_an_existing_block(adapted, c
     else:
         # double: img and txt qkv, 2 projs, 4 mlp layers; single: linear1's q, k, v
         assert (len(fused), len(keys)) == (19 * 2 + 38, 19 * 12 + 38 * 3)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_the_original_layout_is_what_diffusers_single_file_converter_reads_back(models, name):
+    """`export --format single-file` on the real transformers: every weight, renamed to Stability AI's MMDiT or Black
+    Forest Labs' FLUX.1 names, is read back by diffusers' converter of the released files (its FLUX one assumes
+    FLUX.1's 3072 width, so only the real size can be read back) to the name and shape it has; names and shapes as
+    the released files hold them (flux1-dev.safetensors: 780 tensors)."""
+    from diffusers.loaders.single_file_utils import (convert_flux_transformer_checkpoint_to_diffusers,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+
+    from diffusion_align.models.transformer_layouts import flux_to_original, sd3_to_original
+    state = models[name].state_dict()
+    if name == "sd3":
+        original = sd3_to_original(state, "model.diffusion_model.")
+        back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+        released = {"pos_embed": (1, 384 * 384, 1536), "x_embedder.proj.weight": (1536, 16, 2, 2),
+                    "context_embedder.weight": (1536, 4096), "y_embedder.mlp.0.weight": (1536, 2048),
+                    "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
+                    "joint_blocks.12.x_block.attn2.qkv.weight": (4608, 1536),  # dual attention in blocks 0-12
+                    "joint_blocks.12.x_block.adaLN_modulation.1.weight": (9 * 1536, 1536),
+                    "joint_blocks.13.x_block.adaLN_modulation.1.weight": (6 * 1536, 1536),
+                    "joint_blocks.23.context_block.adaLN_modulation.1.weight": (2 * 1536, 1536),
+                    "joint_blocks.0.context_block.attn.ln_k.weight": (64,),
+                    "final_layer.adaLN_modulation.1.weight": (2 * 1536, 1536)}
+        released = {f"model.diffusion_model.{key}": shape for key, shape in released.items()}
+        assert not any(".attn2." in k and "joint_blocks.13." in k for k in original)
+        assert not any("joint_blocks.23.context_block.attn.proj" in k or "joint_blocks.23.context_block.mlp" in k
+                       for k in original)
+    else:
+        original = flux_to_original(state)
+        back = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+        released = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "time_in.in_layer.weight": (3072, 256),
+                    "vector_in.in_layer.weight": (3072, 768), "guidance_in.out_layer.weight": (3072, 3072),
+                    "double_blocks.18.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_mod.lin.weight":
+                    (6 * 3072, 3072), "double_blocks.0.txt_attn.norm.query_norm.scale": (128,),
+                    "single_blocks.37.linear1.weight": (3 * 3072 + 4 * 3072, 3072),
+                    "single_blocks.37.linear2.weight": (3072, 3072 + 4 * 3072),
+                    "single_blocks.0.modulation.lin.weight": (3 * 3072, 3072),
+                    "final_layer.adaLN_modulation.1.weight": (2 * 3072, 3072), "final_layer.linear.weight": (64, 3072)}
+        assert len(original) == 780
+    assert released.items() <= {k: tuple(t.shape) for k, t in original.items()}.items()
+    assert {k: t.shape for k, t in back.items()} == {k: t.shape for k, t in state.items()}

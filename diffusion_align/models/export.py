@@ -8,8 +8,8 @@
 - `diffusers`: the LoRA as diffusers writes it, with its adapter settings (`pipe.load_lora_weights`);
 - `merged`: the LoRA fused into the base denoiser (UNet or transformer), written with the rest of the base as a whole
   diffusers pipeline (`DiffusionPipeline.from_pretrained`); a full fine-tune is written the same way;
-- `single-file`: the same model (SD1.x, SD2.x, SDXL) as one checkpoint in the original layout, which ComfyUI,
-  AUTOMATIC1111 and Forge load (`single_file.py`).
+- `single-file`: the same model as one checkpoint in its original layout, which ComfyUI, AUTOMATIC1111 and Forge
+  load (`single_file.py`): SD1.x, SD2.x and SDXL whole, SD3 without its text encoders, FLUX's transformer alone.
 
 The source is a run folder (its `final/`, else its newest checkpoint), a `final/` or `checkpoint-<step>/` folder, or
 any folder holding a diffusers LoRA file. Of a checkpoint that holds an EMA of the weights (`ema/`), the EMA is
@@ -39,7 +39,7 @@ from .kohya import KOHYA_WEIGHTS, adapter_scales, kohya_labels, write_kohya_lora
 from .families import Family
 from .loading import base_pipeline, component_digest, pipeline_family, pipeline_index
 from .policy import LORA_WEIGHTS, check_lora_naming, write_diffusers_lora
-from .single_file import PREDICTION_TYPES, SGM_IMPLEMENTATION, check_single_file, single_file_state
+from .single_file import single_file_labels, single_file_state
 
 FORMATS = ("kohya", "comfyui", "diffusers", "merged", "single-file")
 COMFYUI_WEIGHTS = "comfyui_lora.safetensors"
@@ -283,31 +283,17 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
     return out
 
 
-def check_format(source: Source, format: str) -> None:
-    """Refuse a format the source's family has no file of, before any weights load (or a sharded checkpoint's are
-    gathered)."""
-    if format == "single-file":
-        check_single_file(_source_family(source))
-
-
 def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     target = out if out.suffix == ".safetensors" else out / f"{source.title}.safetensors"
     check_free(target, overwrite)
     family = _source_family(source)
-    check_single_file(family)
-    pipeline = _merged_pipeline(source, family, dtype)
-    scheduler = pipeline.scheduler.config
+    # the parts its file does not hold (SD3's text encoders; FLUX's VAE too) are not loaded
+    left_out = family.text_encoders[len(family.single_file_text_encoders):] + (() if family.single_file_vae
+                                                                               else ("vae",))
+    pipeline = _merged_pipeline(source, family, dtype, left_out)
     tensors = {name: tensor.contiguous() for name, tensor in single_file_state(pipeline, family).items()}
-    # the markers ComfyUI (and AUTOMATIC1111, for v_pred) read an SDXL checkpoint's prediction type and schedule from
-    if scheduler.prediction_type == "v_prediction":
-        tensors["v_pred"] = torch.tensor([])
-    if scheduler.get("rescale_betas_zero_snr"):
-        tensors["ztsnr"] = torch.tensor([])
-    labels = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": SGM_IMPLEMENTATION,
-              "modelspec.architecture": family.kohya_base(scheduler.prediction_type)[1],
-              "modelspec.title": source.title, "diffusion_align.method": source.method}
-    if scheduler.prediction_type in PREDICTION_TYPES:
-        labels["modelspec.prediction_type"] = PREDICTION_TYPES[scheduler.prediction_type]
+    labels = single_file_labels(pipeline, family) | {"modelspec.title": source.title,
+                                                     "diffusion_align.method": source.method}
     target.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors_atomic(tensors, target, labels)
     return target
@@ -320,15 +306,17 @@ def _source_family(source: Source) -> Family:
     return pipeline_family(folder, pipeline_index(folder, what=folder))[0]
 
 
-def _merged_pipeline(source: Source, family: Family, dtype: torch.dtype | None) -> DiffusionPipeline:
+def _merged_pipeline(source: Source, family: Family, dtype: torch.dtype | None,
+                     leave_out: tuple[str, ...] = ()) -> DiffusionPipeline:
     """The base pipeline with the trained weights in place (a LoRA fused into its denoiser), cast to `dtype` if
-    given."""
+    given; the components in `leave_out` are not loaded (None)."""
+    components = dict.fromkeys(leave_out)
     if source.kind == "pipeline":
-        pipeline = base_pipeline(str(source.folder))
+        pipeline = base_pipeline(str(source.folder), **components)
     else:
-        trained = ({family.denoiser: family.denoiser_cls.from_pretrained(source.folder / family.denoiser)}
-                   if source.kind == family.denoiser else {})
-        pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **trained)
+        if source.kind == family.denoiser:
+            components[family.denoiser] = family.denoiser_cls.from_pretrained(source.folder / family.denoiser)
+        pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **components)
         if source.kind == "lora":
             denoiser = getattr(pipeline, family.denoiser)
             _load_lora(denoiser, source, family)

@@ -1,9 +1,10 @@
-"""An SD1.x, SD2.x or SDXL pipeline as one `.safetensors` checkpoint in the original (LDM / SGM) layout: what
-AUTOMATIC1111 and Forge load from models/Stable-diffusion/ and ComfyUI from models/checkpoints/ (Load Checkpoint),
-and diffusers with `StableDiffusionPipeline.from_single_file` / `StableDiffusionXLPipeline.from_single_file`.
-`single_file_state` writes one (`export --format single-file`); `convert` turns one into a diffusers pipeline folder,
-by diffusers' own converter, for training on the checkpoints people share as single files.
+"""A pipeline as one `.safetensors` checkpoint in its model's original layout, as the model was released and the
+community shares its fine-tunes: what ComfyUI, AUTOMATIC1111 and Forge load, and diffusers with
+`<Pipeline>.from_single_file`. `single_file_state` writes one (`export --format single-file`); `convert` turns one
+into a diffusers pipeline folder, by diffusers' own converter, for training on the checkpoints people share so.
 
+SD1.x, SD2.x and SDXL: the whole pipeline in the LDM / SGM layout (ComfyUI's Load Checkpoint, AUTOMATIC1111's and
+Forge's models/Stable-diffusion/):
 - the UNet under `model.diffusion_model.`, each module at its place in the original UNet (`kohya.sgm_module_path`);
 - the VAE under `first_stage_model.`, in LDM's names: encoder `down.<level>.block.<i>`, decoder `up.<level>` with the
   levels counted from the highest resolution (diffusers counts the decoder's from the lowest), `mid.block_1`,
@@ -16,7 +17,12 @@ by diffusers' own converter, for training on the checkpoints people share as sin
   branches end in zero weights): the programs build all 24 and read the penultimate, as the pipeline does; without
   it ComfyUI warns on every load, and its "CLIP Set Last Layer" at -1 ran a layer of uninitialised weights.
 
-Every tensor of the pipeline's UNet, VAE and text encoders is written, once, under its original name.
+SD3 / SD3.5 and FLUX.1, as Stability AI and Black Forest Labs release them (`transformer_layouts.py`), without the
+text encoders, which are shipped apart and never trained here: SD3's MMDiT under `model.diffusion_model.` with the
+VAE as above (ComfyUI's Load Checkpoint, beside its text-encoder loader); FLUX's transformer alone, unprefixed
+(ComfyUI's Load Diffusion Model).
+
+Every tensor of the parts a family's file holds is written, once, under its original name.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from ..files import check_free, first_line, folder_written_beside, hub_load_erro
 from .families import FAMILIES, Family
 from .kohya import sgm_module_path
 from .loading import pipeline_family, pipeline_index
+from .transformer_layouts import flux_to_original, sd3_to_original
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+# where the VAE and the text encoders lie in the families' files (SD1.x / SD2.x, SDXL, SD3's)
+_NOT_DENOISER = (VAE_PREFIX, "cond_stage_model.", "conditioner.", "text_encoders.")
 logger = logging.getLogger("diffusion_align")
-# the model spec's (modelspec.*) names for diffusers' prediction types, and the implementation of the layout
+# the model spec's (modelspec.*) names for diffusers' prediction types
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 _VAE_RESNET = re.compile(r"(encoder|decoder)\.(?:(down|up)_blocks\.(\d+)|mid_block)\.resnets\.(\d+)\.(.+)")
 _VAE_ATTENTION = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)")
@@ -54,12 +62,12 @@ _OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embeddi
                   "text_model.final_layer_norm.bias": "ln_final.bias"}
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """A diffusers UNet's state dict in the original UNet's names (`config`: the UNet's)."""
+def unet_to_ldm(state: dict[str, torch.Tensor], config, prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's state dict in the original UNet's names (`config`: the UNet's), under `prefix`."""
     out = {}
     for key, tensor in state.items():
         module, parameter = key.rsplit(".", 1)
-        out[f"{UNET_PREFIX}{sgm_module_path(module, config)}.{parameter}"] = tensor
+        out[f"{prefix}{sgm_module_path(module, config)}.{parameter}"] = tensor
     return out
 
 
@@ -132,23 +140,45 @@ def _identity_block(like: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
             for name, t in like.items()}
 
 
-def check_single_file(family: Family) -> None:
-    """Refuse a family that has no original single-file layout."""
-    if family.single_file_text_encoders is None:
-        raise ValueError(f"no single-file checkpoint is written for {family} pipelines: the original layout is "
-                         "SD1.x's, SD2.x's and SDXL's; export a merged diffusers pipeline (--format merged)")
-
-
 def single_file_state(pipeline, family: Family) -> dict[str, torch.Tensor]:
-    """The UNet, VAE and text encoders of `pipeline` (a `family` pipeline) in the original single-file layout."""
-    check_single_file(family)
-    state = unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config)
-    state |= vae_to_ldm(pipeline.vae.state_dict(), len(pipeline.vae.config.down_block_types))
+    """`pipeline` (a `family` pipeline) as its family's original single file: the denoiser under the family's prefix,
+    the VAE and the text encoders it holds, and the markers ComfyUI (and AUTOMATIC1111, for v_pred) read an SDXL
+    checkpoint's prediction type and schedule from, empty tensors: `v_pred` for a v-prediction model, `ztsnr` for a
+    zero-terminal-SNR schedule."""
+    denoiser = getattr(pipeline, family.denoiser)
+    state = _DENOISER_LAYOUTS[family.denoiser_class](denoiser, family.single_file_prefix)
+    if family.single_file_vae:
+        state |= vae_to_ldm(pipeline.vae.state_dict(), len(pipeline.vae.config.down_block_types))
     for component, (layout, prefix, dropped) in zip(family.text_encoders, family.single_file_text_encoders):
         encoder_state = getattr(pipeline, component).state_dict()
         state |= (clip_to_ldm(encoder_state, prefix) if layout == "clip"
                   else open_clip_to_ldm(encoder_state, prefix, dropped))
+    scheduler = pipeline.scheduler.config
+    if scheduler.get("prediction_type") == "v_prediction":
+        state["v_pred"] = torch.tensor([])
+    if scheduler.get("rescale_betas_zero_snr"):
+        state["ztsnr"] = torch.tensor([])
     return state
+
+
+def single_file_labels(pipeline, family: Family) -> dict[str, str]:
+    """The model spec's labels (modelspec.*) of `pipeline` as a single file: its version, architecture,
+    implementation and (UNet families) prediction type."""
+    prediction_type = pipeline.scheduler.config.get("prediction_type")
+    architecture, implementation = family.model_spec(getattr(pipeline, family.denoiser).config, prediction_type)
+    labels = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": implementation,
+              "modelspec.architecture": architecture}
+    if prediction_type in PREDICTION_TYPES:
+        labels["modelspec.prediction_type"] = PREDICTION_TYPES[prediction_type]
+    return labels
+
+
+# each denoiser class's converter to its original names (the model and the prefix its weights are written under)
+_DENOISER_LAYOUTS = {
+    "UNet2DConditionModel": lambda unet, prefix: unet_to_ldm(unet.state_dict(), unet.config, prefix),
+    "SD3Transformer2DModel": lambda transformer, prefix: sd3_to_original(transformer.state_dict(), prefix),
+    "FluxTransformer2DModel": lambda transformer, prefix: flux_to_original(transformer.state_dict(), prefix),
+}
 
 
 def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,14 +189,13 @@ def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False) -> Path:
-    """Write the SD1.x, SD2.x or SDXL single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`,
-    in the checkpoint's dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs,
-    tokenizers and scheduler are taken; None lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the
+    """Write the single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`, in the checkpoint's
+    dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs, tokenizers and
+    scheduler are taken, and the parts the file leaves out (SD3's text encoders, FLUX's VAE and text encoders); for
+    SD1.x, SD2.x and SDXL, None lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the
     v-prediction SD2.1). The file's own markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL
     checkpoints and `export` carry) or `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR
     schedule (`_marked_scheduler`)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):
         raise ValueError(f"--out {out} is or holds {checkpoint}, which the pipeline written there would replace; "
                          "give another folder")
@@ -178,22 +207,28 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     try:
         with safe_open(checkpoint, "pt") as f:
             keys, metadata = set(f.keys()), f.metadata() or {}
-            dtype = next((f.get_slice(k).get_dtype() for k in sorted(keys) if k.startswith(UNET_PREFIX)), None)
+            family = _checkpoint_family(checkpoint, keys)
+            # the denoiser's dtype: the first of its weights that is not the VAE's or a text encoder's
+            dtype = next(f.get_slice(k).get_dtype() for k in sorted(keys) if not k.startswith(_NOT_DENOISER))
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
-    family = _checkpoint_family(checkpoint, keys)
     if config is not None:
         config_family = pipeline_family(config, pipeline_index(config, what="--config"))[0]
         if config_family.name != family.name:
             raise ValueError(f"--config {config} is a {config_family} pipeline, but {checkpoint} holds a {family} "
                              "model; give a pipeline of its family")
-    extra = {} if family.name == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipeline_class = StableDiffusionXLPipeline if family.name == "sdxl" else StableDiffusionPipeline
+    elif not family.single_file_text_encoders:
+        raise ValueError(f"{checkpoint} holds a {family} model without its text encoders (as {family} files are "
+                         f"released): give the {family} pipeline they come from with --config (hub id or folder)")
     local = config is not None and Path(config).exists()
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     try:
-        pipeline = pipeline_class.from_single_file(
-            str(checkpoint), config=config, local_files_only=local, **extra,
-            torch_dtype={"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32))
+        if family.single_file_text_encoders:
+            extra = {"safety_checker": None, "requires_safety_checker": False} if family.name in ("sd", "sd2") else {}
+            pipeline = family.lora_pipeline_cls.from_single_file(
+                str(checkpoint), config=config, local_files_only=local, torch_dtype=torch_dtype, **extra)
+        else:
+            pipeline = _completed_pipeline(checkpoint, keys, family, config, local, torch_dtype)
     except (OSError, ValueError) as err:
         if local:
             raise ValueError(f"{checkpoint}: diffusers could not convert it with --config {config} "
@@ -207,6 +242,19 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, local: bool, torch_dtype):
+    """The `config` pipeline (SD3 or FLUX) with the denoiser of `checkpoint`, and its VAE if it holds one, each
+    converted by diffusers, everything in `torch_dtype`."""
+    from diffusers import AutoencoderKL
+
+    options = {"config": config, "local_files_only": local, "torch_dtype": torch_dtype}
+    parts = {family.denoiser: family.denoiser_cls.from_single_file(str(checkpoint), subfolder=family.denoiser,
+                                                                   **options)}
+    if any(k.startswith(VAE_PREFIX) for k in keys):
+        parts["vae"] = AutoencoderKL.from_single_file(str(checkpoint), subfolder="vae", **options)
+    return family.lora_pipeline_cls.from_pretrained(config, local_files_only=local, torch_dtype=torch_dtype, **parts)
 
 
 def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str], scheduler):
@@ -230,13 +278,19 @@ def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str]
 
 
 def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
-    """The family whose UNet, VAE and text encoders the single file's `keys` hold."""
+    """The family whose denoiser the single file's `keys` hold, and, for the UNet families, whose VAE and text
+    encoders (a flow model's file holds its transformer, and the rest of the pipeline comes from the --config)."""
     def holds(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    # FLUX files come with and without the prefix (Black Forest Labs' have none)
+    flow = next((FAMILIES[name] for name, block in (("sd3", "joint_blocks."), ("flux", "double_blocks."))
+                 if holds(block) or holds(UNET_PREFIX + block)), None)
+    if flow is not None:
+        return flow
     if not holds(UNET_PREFIX):
-        raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights: not an SD1.x, SD2.x or SDXL checkpoint in "
-                         "the original single-file layout")
+        raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights, nor SD3's joint_blocks.* or FLUX's "
+                         "double_blocks.*: not a checkpoint in an original single-file layout")
     # the family whose every text encoder's prefix is there (SDXL's first encoder is SD1.x's under another prefix)
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)

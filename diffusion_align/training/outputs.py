@@ -96,8 +96,9 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
            "checkpoint file (`--format single-file`).", ""]
           if cfg.model.lora_rank is not None and family.kohya_version is not None else []),
         *(["For ComfyUI, AUTOMATIC1111 and Forge: `diffusion-align export RUN_FOLDER --format single-file --out "
-           "FOLDER` writes the model as one checkpoint file (their `models/checkpoints/`, `models/Stable-diffusion/`).",
-           ""] if cfg.model.lora_rank is None and family.single_file_text_encoders is not None else []),
+           "FOLDER` writes the model as one checkpoint file in its original layout (their `models/checkpoints/`, "
+           "`models/Stable-diffusion/`; FLUX's transformer alone, ComfyUI's `models/diffusion_models/`).", ""]
+          if cfg.model.lora_rank is None else []),
         "The full resolved training configuration is in `training_config.yaml`.",
     ]
     return "\n".join(lines) + "\n"

@@ -85,6 +85,10 @@ def tokenize(tokenizer, prompts: list[str], device, max_length: int | None = Non
     return ids.to(device)
 
 
+# modelspec.implementation of Stability AI's models (SD1.x to SD3.5): their generative-models code
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
 class Family(ABC):
     """One model family: how its pipeline folder is recognised, its denoiser and training scheduler, which text
     encoders it has and how they encode a prompt, how its denoiser is called, and how its LoRA files are written and
@@ -101,10 +105,12 @@ class Family(ABC):
     lora_pipeline: str              # the diffusers pipeline whose `save_lora_weights` writes its LoRA files
     kohya_version: str | None       # kohya's `ss_base_model_version`, which A1111, Forge and ComfyUI read (None:
     kohya_architecture: str | None  # no kohya file is written); and its `modelspec.architecture`
-    # each text encoder's layout and prefix in the original single-file checkpoint ("clip": transformers' names,
-    # "open_clip": open_clip's; `single_file.py`), and how many last layers it has that diffusers' encoder dropped;
-    # None: no single-file checkpoint is written
-    single_file_text_encoders: tuple[tuple[str, str, int], ...] | None
+    # the original single-file checkpoint (`single_file.py`): each text encoder's layout and prefix in it ("clip":
+    # transformers' names, "open_clip": open_clip's) and how many last layers it has that diffusers' encoder dropped
+    # (none: the text encoders are shipped apart); the prefix of the denoiser's weights, and whether it holds the VAE
+    single_file_text_encoders: tuple[tuple[str, str, int], ...]
+    single_file_prefix = "model.diffusion_model."
+    single_file_vae = True
     inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
                                     # none published)
     classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)
@@ -190,6 +196,11 @@ class Family(ABC):
                              f"({self.lora_pipeline}.save_lora_weights) is, and ComfyUI's is `export --format comfyui`")
         return self.kohya_version, self.kohya_architecture
 
+    @abstractmethod
+    def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
+        """(modelspec.architecture, modelspec.implementation) of a whole model of this family, as kohya's sd-scripts
+        (library/sai_model_spec.py) label its files."""
+
     def __eq__(self, other) -> bool:
         return self.name == (other.name if isinstance(other, Family) else other)
 
@@ -218,3 +229,6 @@ class UNetFamily(Family):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
     # what the family's pipeline sets on a DDIM scheduler config as it builds (the online sampler steps as it does)
     pipeline_ddim_settings: dict = {}
+
+    def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
+        return self.kohya_base(prediction_type)[1], STABILITY_IMPLEMENTATION

@@ -33,6 +33,8 @@ class Flux(TransformerFamily):
     # (its true_cfg_scale > 1 with a negative prompt, off by default, is not used here)
     classifier_free_guidance = False
     linspace_sigmas = True
+    # Black Forest Labs' flux1-dev.safetensors: the transformer alone, its weights unprefixed
+    single_file_prefix, single_file_vae = "", False
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
@@ -58,6 +60,11 @@ class Flux(TransformerFamily):
         rows = len(texts.hidden)
         scale = None if guidance is None else torch.full((rows,), float(guidance), device=texts.hidden.device)
         return Conditioning(texts.hidden, pooled_projections=texts.pooled, guidance=scale, family=self)
+
+    def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
+        # the guidance embedding is FLUX.1-dev's; FLUX.1-schnell has none
+        variant = "dev" if denoiser_config.get("guidance_embeds") else "schnell"
+        return f"flux-1-{variant}", "https://github.com/black-forest-labs/flux"
 
     def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
         c = denoiser_config  # the transformer reads 2x2 patches of the latents: 4 channels of its input each

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, TextStates, outside_autocast, tokenize
+from .base import STABILITY_IMPLEMENTATION, Conditioning, TextStates, outside_autocast, tokenize
 from .transformer import TransformerFamily
 
 
@@ -43,6 +43,9 @@ class SD3(TransformerFamily):
             clip_states = torch.cat(states, dim=-1)
             clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
             return TextStates(torch.cat([clip_states, t5_states], dim=-2), torch.cat(pooled, dim=-1))
+
+    def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
+        return "stable-diffusion-3", STABILITY_IMPLEMENTATION
 
     def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
         c = denoiser_config  # both CLIPs' 77 tokens, then T5's

@@ -10,8 +10,9 @@ from .base import Conditioning, Family, TextStates
 class TransformerFamily(Family):
     denoiser = "transformer"
     training_scheduler = "FlowMatchEulerDiscreteScheduler"
-    kohya_version = kohya_architecture = None  # no kohya / BFL-named files: ComfyUI maps diffusers' keys
-    single_file_text_encoders = None
+    kohya_version = kohya_architecture = None  # no kohya-layout LoRA files: ComfyUI maps diffusers' keys
+    # their released single files (Stability AI's SD3.5, Black Forest Labs' FLUX.1) leave the text encoders out
+    single_file_text_encoders = ()
     # SmPO publishes ReNoise inversion steps for SD1.5 and SDXL only: a flow run names its own (method.inversion_steps)
     inversion_steps = None
     # how its pipeline sets the sampling steps: by their count (StableDiffusion3Pipeline), or by the sigmas
