@@ -308,7 +308,8 @@ def test_the_original_layout_is_what_diffusers_single_file_converter_reads_back(
     """`export --format single-file` on the real transformers: every weight, renamed to Stability AI's MMDiT or Black
     Forest Labs' FLUX.1 names, is read back by diffusers' converter of the released files (its FLUX one assumes
     FLUX.1's 3072 width, so only the real size can be read back) to the name and shape it has; names and shapes as
-    the released files hold them (flux1-dev.safetensors: 780 tensors)."""
+    the released files hold them (flux1-dev.safetensors: 780 tensors; SD3.5-medium's MMDiT 665, as ComfyUI's model of
+    its config)."""
     from diffusers.loaders.single_file_utils import (convert_flux_transformer_checkpoint_to_diffusers,
                                                      convert_sd3_transformer_checkpoint_to_diffusers)
 
@@ -327,6 +328,7 @@ def test_the_original_layout_is_what_diffusers_single_file_converter_reads_back(
                     "joint_blocks.0.context_block.attn.ln_k.weight": (64,),
                     "final_layer.adaLN_modulation.1.weight": (2 * 1536, 1536)}
         released = {f"model.diffusion_model.{key}": shape for key, shape in released.items()}
+        assert len(original) == 665  # the state dict of ComfyUI's MMDiT built from this config (a125cd84)
         assert not any(".attn2." in k and "joint_blocks.13." in k for k in original)
         assert not any("joint_blocks.23.context_block.attn.proj" in k or "joint_blocks.23.context_block.mlp" in k
                        for k in original)
