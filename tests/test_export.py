@@ -665,10 +665,14 @@ def test_sd2s_missing_layer_is_written_as_one_that_returns_its_input():
 @pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
 def test_a_single_file_checkpoint_converts_to_the_pipeline_it_was_written_from(tmp_path, tiny_models, capsys, family):
     """convert is export --format single-file undone: the trained UNet, the base's other parts, their dtype (fp16
-    here) and the prediction type the file records (v_pred, or modelspec.prediction_type) over a --config of the
-    other; training reads it."""
+    here, beside the float32 schedule buffers that old releases such as SD1.5's carry) and the prediction type the
+    file records (v_pred, or modelspec.prediction_type) over a --config of the other; training reads it."""
     run, unet = _full_fine_tune_run(tmp_path, tiny_models[family])
     export(run, "--format", "single-file", "--dtype", "fp16", "--out", tmp_path / "model.safetensors")
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(tmp_path / "model.safetensors") | {"alphas_cumprod": torch.linspace(1, 0, 1000)},
+              tmp_path / "model.safetensors", metadata)
     config = _with_scheduler(tiny_models[family], tmp_path / "flipped-config",
                              prediction_type="epsilon" if family == "sd2" else "v_prediction")
     main(["convert", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "converted"), "--config",

@@ -42,8 +42,9 @@ from .loading import pipeline_family, pipeline_index
 from .transformer_layouts import flux_to_original, sd3_to_original
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-# where the VAE and the text encoders lie in the families' files (SD1.x / SD2.x, SDXL, SD3's)
-_NOT_DENOISER = (VAE_PREFIX, "cond_stage_model.", "conditioner.", "text_encoders.")
+# the blocks that tell an SD3 and a FLUX transformer's weights, which come with the prefix or, as FLUX's are released,
+# without it
+_TRANSFORMER_BLOCKS = {"sd3": "joint_blocks.", "flux": "double_blocks."}
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
@@ -208,8 +209,9 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         with safe_open(checkpoint, "pt") as f:
             keys, metadata = set(f.keys()), f.metadata() or {}
             family = _checkpoint_family(checkpoint, keys)
-            # the denoiser's dtype: the first of its weights that is not the VAE's or a text encoder's
-            dtype = next(f.get_slice(k).get_dtype() for k in sorted(keys) if not k.startswith(_NOT_DENOISER))
+            # the denoiser's dtype (not the VAE's, a text encoder's or an old file's float32 schedule buffers)
+            dtype = next(f.get_slice(k).get_dtype() for k in sorted(keys)
+                         if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
     if config is not None:
@@ -283,8 +285,7 @@ def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
     def holds(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    # FLUX files come with and without the prefix (Black Forest Labs' have none)
-    flow = next((FAMILIES[name] for name, block in (("sd3", "joint_blocks."), ("flux", "double_blocks."))
+    flow = next((FAMILIES[name] for name, block in _TRANSFORMER_BLOCKS.items()
                  if holds(block) or holds(UNET_PREFIX + block)), None)
     if flow is not None:
         return flow
