@@ -264,8 +264,8 @@ def cmd_export(args) -> None:
            "diffusers": f"load it in diffusers: {in_diffusers}",
            "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")',
            "single-file": "load it in ComfyUI (Load Checkpoint; FLUX: Load Diffusion Model), AUTOMATIC1111 or Forge "
-                          "(models/Stable-diffusion/), or in diffusers: <the family's pipeline>.from_single_file "
-                          "(FLUX: FluxTransformer2DModel.from_single_file)"}[args.format])
+                          "(SD1.x, SD2.x, SDXL: models/Stable-diffusion/), or in diffusers: <the family's "
+                          "pipeline>.from_single_file (FLUX: FluxTransformer2DModel.from_single_file)"}[args.format])
 
 
 def cmd_convert(args) -> None:

@@ -359,7 +359,7 @@ def test_the_base_pipeline_keeps_a_variants_and_a_replacement_vaes_dtypes(tmp_pa
     assert (pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.float16, torch.bfloat16,
                                                                          torch.bfloat16)
     DiffusionPipeline.from_pretrained(tiny_models["sd"]).vae.save_pretrained(base / "vae")  # fp32 now
-    assert base_pipeline(str(base), variant="fp16", vae=str(tmp_path / "vae")).vae.dtype == torch.bfloat16
+    assert base_pipeline(str(base), variant="fp16", replacement_vae=str(tmp_path / "vae")).vae.dtype == torch.bfloat16
 
 
 def apply_comfyui_diffusers_rule(transformer, path):
@@ -519,6 +519,71 @@ def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_
         with pytest.raises(SystemExit):
             main(["convert", str(path), "--out", str(tmp_path / "out"), *(["--config", str(config)] if config else [])])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_flux_lora_and_a_flux_full_fine_tune_export_as_the_transformer_alone(tmp_path, tiny_flow_models,
+                                                                             flux_lora_run, monkeypatch):
+    """Neither the VAE nor a text encoder is loaded to write a FLUX file, with a replacement VAE configured too; the
+    file holds the merged transformer (the LoRA fused in) in Black Forest Labs' names."""
+    from diffusion_align.models import export as export_module
+    from diffusion_align.models.transformer_layouts import flux_to_original
+    loaded = []
+    monkeypatch.setattr(export_module, "single_file_state", lambda pipeline, family: loaded.append(
+        {name for name, part in pipeline.components.items() if part is not None})
+        or single_file_state(pipeline, family))
+    export(flux_lora_run.final_dir.parent, "--format", "merged", "--out", tmp_path / "merged")
+    export(flux_lora_run.final_dir.parent, "--format", "single-file", "--out", tmp_path / "lora.safetensors")
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged").transformer.state_dict()
+    written = load_file(tmp_path / "lora.safetensors")
+    assert written.keys() == flux_to_original(merged).keys()
+    assert all(torch.allclose(written[k], t) for k, t in flux_to_original(merged).items())
+    run, transformer = _full_fine_tune_run(tmp_path, tiny_flow_models["flux"], "transformer")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("vae: null", f"vae: {tiny_flow_models['flux'] / 'vae'}"))
+    assert f"vae: {tiny_flow_models['flux'] / 'vae'}" in config.read_text()
+    export(run, "--format", "single-file", "--out", tmp_path / "full.safetensors")
+    assert load_file(tmp_path / "full.safetensors").keys() == flux_to_original(transformer.state_dict()).keys()
+    assert loaded[0] == loaded[1] == {"transformer", "scheduler", "tokenizer", "tokenizer_2"}
+
+
+def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny_flow_models, capsys, caplog):
+    """float8 weights (diffusers reads them as they are, and a scaled file's scales not at all), a transformer of
+    another variant than the --config's (SD3 with QK norm against one without; FLUX.1-dev's guidance against
+    -schnell), a FLUX transformer of another width than FLUX.1's, and a model built on FLUX's blocks; an SD3 file's
+    own text encoders are said not to be read."""
+    def config_with(family, **settings):
+        folder = tmp_path / f"{family}-{'-'.join(settings)}"
+        shutil.copytree(tiny_flow_models[family], folder, dirs_exist_ok=True)
+        path = folder / "transformer" / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | settings))
+        return folder
+
+    for family in ("sd3", "flux"):
+        export(tiny_flow_models[family], "--format", "single-file", "--out", tmp_path / f"{family}.safetensors")
+    sd3, flux = load_file(tmp_path / "sd3.safetensors"), load_file(tmp_path / "flux.safetensors")
+    save_file({k: t.to(torch.float8_e4m3fn) if t.dim() == 2 else t for k, t in sd3.items()},
+              tmp_path / "fp8.safetensors")
+    save_file({k: t for k, t in flux.items() if not k.startswith("time_in.")}, tmp_path / "chroma.safetensors")
+    cases = [("fp8", tiny_flow_models["sd3"], "holds float8 weights"),
+             ("sd3", config_with("sd3", qk_norm=None), "sd3 transformer is not the one --config"),
+             ("sd3", config_with("sd3", qk_norm=None), "it has joint_blocks.0.context_block.attn.ln_k.weight, "),
+             ("flux", config_with("flux", guidance_embeds=False), "it has guidance_in.in_layer.bias, "
+                                                                  "guidance_in.in_layer.weight, guidance_in.out_layer."
+                                                                  "bias and 1 more, which the config's lacks"),
+             ("flux", config_with("flux", num_single_layers=2), "the file lacks single_blocks.1."),
+             ("flux", tiny_flow_models["flux"], "FLUX transformer is 32 wide: diffusers' converter reads FLUX.1's "
+                                                "width, 3072, only"),
+             ("chroma", tiny_flow_models["flux"], "has double_blocks.* weights but not time_in.in_layer.weight")]
+    for name, config, message in cases:
+        with pytest.raises(SystemExit):
+            main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "out"), "--config",
+                  str(config)])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists(), message
+    save_file(sd3 | {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(32)},
+              tmp_path / "all-in-one.safetensors")
+    main(["convert", str(tmp_path / "all-in-one.safetensors"), "--out", str(tmp_path / "out"), "--config",
+          str(tiny_flow_models["sd3"])])
+    assert "holds text encoders too; they are not read" in caplog.text
 
 
 def test_a_transformer_weight_without_its_place_in_the_original_layout_is_named(tiny_flow_models):

@@ -220,15 +220,16 @@ def check_resolution(resolution: int, family: Family, denoiser_config: dict, pre
                           f"its VAE's downsampling by {factor})")
 
 
-def base_pipeline(pretrained: str, revision: str | None = None, variant: str | None = None, vae: str | None = None,
-                  **components) -> DiffusionPipeline:
-    """The whole pipeline `pretrained`, with model.vae's replacement VAE and any `components` (a trained UNet) in
-    place of its own; the other parts keep the precision they were saved in."""
+def base_pipeline(pretrained: str, revision: str | None = None, variant: str | None = None,
+                  replacement_vae: str | None = None, **components) -> DiffusionPipeline:
+    """The whole pipeline `pretrained`, with model.vae's replacement VAE and any `components` (a trained UNet; None
+    leaves a part out) in place of its own; the other parts keep the precision they were saved in."""
     # diffusers loads its own models in fp32 whatever they were saved in (a bf16 FLUX transformer: 48 GB, and written
     # back twice its size); transformers keeps the text encoders' saved dtype ("default": None leaves them to it)
-    if vae is not None:
-        components["vae"] = load_vae(vae)
-        vae_folder = Path(vae) if Path(vae).exists() else Path(hf_hub_download(vae, "config.json")).parent
+    if replacement_vae is not None and "vae" not in components:
+        components["vae"] = load_vae(replacement_vae)
+        vae_folder = (Path(replacement_vae) if Path(replacement_vae).exists()
+                      else Path(hf_hub_download(replacement_vae, "config.json")).parent)
         if (dtype := _stored_dtype(vae_folder, None)) is not None:
             components["vae"].to(dtype)
     folder = Path(pretrained if Path(pretrained).exists() else  # without the parts replaced

@@ -43,8 +43,13 @@ from .transformer_layouts import flux_to_original, sd3_to_original
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 # the blocks that tell an SD3 and a FLUX transformer's weights, which come with the prefix or, as FLUX's are released,
-# without it
+# without it, and the weights of theirs that a model built on their blocks (such as Chroma, on FLUX's) may lack
 _TRANSFORMER_BLOCKS = {"sd3": "joint_blocks.", "flux": "double_blocks."}
+_TRANSFORMER_MARKS = {"sd3": ("x_embedder.proj.weight", "y_embedder.mlp.0.weight"),
+                      "flux": ("img_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight")}
+# where the other parts lie in the files: VAE and text encoders (LDM / SGM, SD3's, and FLUX "all-in-one" files')
+_OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_encoders.")
+FLUX_WIDTH = 3072  # the only width diffusers' FLUX converter reads (`convert_flux_transformer_checkpoint_to_diffusers`)
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
@@ -207,13 +212,20 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
                          "file under another suffix, such as .sft, converts once renamed)")
     try:
         with safe_open(checkpoint, "pt") as f:
-            keys, metadata = set(f.keys()), f.metadata() or {}
-            family = _checkpoint_family(checkpoint, keys)
-            # the denoiser's dtype (not the VAE's, a text encoder's or an old file's float32 schedule buffers)
-            dtype = next(f.get_slice(k).get_dtype() for k in sorted(keys)
-                         if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
+    keys = set(shapes)
+    family = _checkpoint_family(checkpoint, keys)
+    float8 = sorted(k for k, d in dtypes.items() if d.startswith("F8"))
+    if float8:
+        raise ValueError(f"{checkpoint} holds float8 weights ({len(float8)}, such as {float8[0]}): diffusers' "
+                         "converter reads no float8 (nor a scaled file's scales), so the model would come out altered; "
+                         "convert a bf16 or fp16 file of it")
+    # the denoiser's dtype (not the VAE's, a text encoder's or an old file's float32 schedule buffers)
+    dtype = next(dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
     if config is not None:
         config_family = pipeline_family(config, pipeline_index(config, what="--config"))[0]
         if config_family.name != family.name:
@@ -223,6 +235,8 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         raise ValueError(f"{checkpoint} holds a {family} model without its text encoders (as {family} files are "
                          f"released): give the {family} pipeline they come from with --config (hub id or folder)")
     local = config is not None and Path(config).exists()
+    if not family.single_file_text_encoders:
+        _check_transformer(checkpoint, shapes, family, config, local)
     torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     try:
         if family.single_file_text_encoders:
@@ -244,6 +258,40 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _check_transformer(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, local: bool):
+    """Refuse an SD3 or FLUX file whose transformer is not the one the --config's describes, naming what differs
+    (diffusers would drop weights the config has no place for, or fail on one it lacks), and a FLUX transformer
+    diffusers' converter cannot read."""
+    from accelerate import init_empty_weights
+
+    cls = family.denoiser_cls
+    with init_empty_weights(include_buffers=True):
+        model = cls.from_config(cls.load_config(config, subfolder=family.denoiser, local_files_only=local))
+    expected = {k: tuple(t.shape) for k, t in _DENOISER_LAYOUTS[family.denoiser_class](model, "").items()}
+    prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX + _TRANSFORMER_BLOCKS[family.name]) for k in shapes) else ""
+    found = {k.removeprefix(prefix): shape for k, shape in shapes.items()
+             if k.startswith(prefix) and not k.startswith(_OTHER_PARTS)}
+    missing, extra = expected.keys() - found.keys(), found.keys() - expected.keys()
+    reshaped = [k for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
+    differences = ([f"the file lacks {_some(missing)}"] if missing else []) + (
+        [f"it has {_some(extra)}, which the config's lacks"] if extra else []) + (
+        [f"{reshaped[0]} is {found[reshaped[0]]} there, {expected[reshaped[0]]} in the config"] if reshaped else [])
+    if differences:
+        raise ValueError(f"{checkpoint}'s {family} transformer is not the one --config {config} describes: "
+                         f"{'; '.join(differences)} (another variant or size: give the --config of its model)")
+    if family.name == "flux" and found["img_in.weight"][0] != FLUX_WIDTH:
+        raise ValueError(f"{checkpoint}'s FLUX transformer is {found['img_in.weight'][0]} wide: diffusers' converter "
+                         f"reads FLUX.1's width, {FLUX_WIDTH}, only")
+    if any(k.startswith("text_encoders.") for k in shapes):
+        logger.warning("%s holds text encoders too; they are not read: the pipeline takes the --config's", checkpoint)
+
+
+def _some(names: set[str], shown: int = 3) -> str:
+    """A few of `names`, and how many there are."""
+    first = ", ".join(sorted(names)[:shown])
+    return first if len(names) <= shown else f"{first} and {len(names) - shown} more"
 
 
 def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, local: bool, torch_dtype):
@@ -285,10 +333,14 @@ def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
     def holds(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    flow = next((FAMILIES[name] for name, block in _TRANSFORMER_BLOCKS.items()
-                 if holds(block) or holds(UNET_PREFIX + block)), None)
+    flow = next((name for name, block in _TRANSFORMER_BLOCKS.items() if holds(block) or holds(UNET_PREFIX + block)),
+                None)
     if flow is not None:
-        return flow
+        lacking = [k for k in _TRANSFORMER_MARKS[flow] if k not in keys and UNET_PREFIX + k not in keys]
+        if lacking:
+            raise ValueError(f"{checkpoint} has {_TRANSFORMER_BLOCKS[flow]}* weights but not {', '.join(lacking)}: not "
+                             f"the {flow} transformer as released (a model built on its blocks is not converted here)")
+        return FAMILIES[flow]
     if not holds(UNET_PREFIX):
         raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights, nor SD3's joint_blocks.* or FLUX's "
                          "double_blocks.*: not a checkpoint in an original single-file layout")
