@@ -569,9 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="the pipeline folder to write")
     convert.add_argument("--config", default=None,
                          help="a diffusers pipeline of the same architecture (hub id or folder) whose configs, "
-                              "tokenizers and scheduler to use, and the parts the file leaves out (SD3's text "
-                              "encoders, FLUX's VAE and text encoders; default: diffusers picks one on the hub by the "
-                              "weights' shapes; give a local folder to convert offline)")
+                              "tokenizers and scheduler to use, and the parts the file leaves out (the text encoders "
+                              "of a UNet alone and of SD3 and FLUX files; the VAE); default, for a whole SD1.x, SD2.x "
+                              "or SDXL checkpoint only: diffusers picks one on the hub by the weights' shapes; give a "
+                              "local folder to convert offline)")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(func=cmd_convert)
 

@@ -512,8 +512,8 @@ def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_
         got = getattr(converted, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k].half(), got[k].half()) for k in want), name
     capsys.readouterr()
-    for config, message in ((None, "without its text encoders (as sd3 files are released): give the sd3 pipeline "
-                                   "they come from with --config"),
+    for config, message in ((None, "holds a sd3 transformer without the text encoders: give the pipeline they come "
+                                   "from with --config"),
                             (tiny_flow_models["flux"], "is a flux pipeline, but"),
                             (tiny_models["sdxl"], "is a sdxl pipeline, but")):
         with pytest.raises(SystemExit):
@@ -758,6 +758,36 @@ def test_a_single_file_checkpoint_converts_to_the_pipeline_it_was_written_from(t
     assert load_components(str(tmp_path / "converted")).family.name == family
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_unet_alone_converts_into_its_config_pipeline(tmp_path, tiny_models, family):
+    """A file with the UNet alone (as some fine-tunes are shared), or the UNet and the VAE: the --config gives the
+    rest, the file's own parts are read (its VAE, changed here, over the config's), in the file's dtype."""
+    run, unet = _full_fine_tune_run(tmp_path, tiny_models[family])
+    export(run, "--format", "single-file", "--dtype", "fp16", "--out", tmp_path / "whole.safetensors")
+    whole = load_file(tmp_path / "whole.safetensors")
+    save_file({k: t if k.startswith("model.") else t + 0.01 for k, t in whole.items()
+               if k.startswith(("model.diffusion_model.", "first_stage_model."))}, tmp_path / "model.safetensors")
+    main(["convert", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "converted"), "--config",
+          str(tiny_models[family])])
+    converted = DiffusionPipeline.from_pretrained(tmp_path / "converted", torch_dtype=torch.float16)
+    base = DiffusionPipeline.from_pretrained(tiny_models[family], torch_dtype=torch.float16)
+    assert {t.dtype for t in load_file(tmp_path / "converted" / "unet" / "diffusion_pytorch_model.safetensors")
+            .values()} == {torch.float16}
+    got = converted.unet.state_dict()
+    assert all(torch.equal(t.half(), got[k]) for k, t in unet.state_dict().items())
+    got = converted.vae.state_dict()
+    assert all(torch.equal(t + 0.01, got[k]) for k, t in base.vae.state_dict().items()), "the file's VAE"
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(base, name, None) is not None:
+            got = getattr(converted, name).state_dict()
+            assert all(torch.equal(t, got[k]) for k, t in getattr(base, name).state_dict().items()), name
+    save_file({k: t for k, t in whole.items() if k.startswith("model.diffusion_model.")}, tmp_path / "unet.safetensors")
+    main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "unet-only"), "--config",
+          str(tiny_models[family])])
+    got = DiffusionPipeline.from_pretrained(tmp_path / "unet-only", torch_dtype=torch.float16).vae.state_dict()
+    assert all(torch.equal(t, got[k]) for k, t in base.vae.state_dict().items()), "the config's VAE"
+
+
 def _with_scheduler(pipeline, out, **settings):
     """A copy of pipeline folder `pipeline` at `out`, its scheduler config with `settings`."""
     shutil.copytree(pipeline, out)
@@ -781,18 +811,22 @@ def test_a_v_prediction_zero_snr_model_carries_both_markers_and_converts_back_to
         "v_prediction", True, "trailing")
 
 
-def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, capsys, monkeypatch):
+def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, tiny_flow_models, patterned, capsys, monkeypatch):
     folder, _ = patterned
     export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
     whole = load_file(tmp_path / "sd.safetensors")
     save_file({k: v for k, v in whole.items() if k.startswith("model.diffusion_model.")}, tmp_path / "unet.safetensors")
+    save_file({k: v for k, v in whole.items() if not k.startswith("first_stage_model.")},
+              tmp_path / "no-vae.safetensors")
     save_file(whole | {"ztsnr": torch.tensor([])}, tmp_path / "zsnr.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"not read")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
              (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
              (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
-             (tmp_path / "unet.safetensors", tiny_models["sd"], "holds a UNet without the text encoders"),
+             (tmp_path / "unet.safetensors", tiny_models["sdxl"], "sdxl unet is not the one --config"),
+             (tmp_path / "unet.safetensors", tiny_flow_models["sd3"], "is a sd3 pipeline, but"),
+             (tmp_path / "no-vae.safetensors", tiny_models["sd"], "holds a UNet and its text encoders without the VAE"),
              (tmp_path / "sd.safetensors", tiny_models["sdxl"], "is a sdxl pipeline, but"),
              (tmp_path / "sd.safetensors", tmp_path, "is not a diffusers pipeline folder"),
              (tmp_path / "zsnr.safetensors", tiny_models["sd"], "which the --config's PNDMScheduler cannot run")]
@@ -805,6 +839,10 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, patterned, cap
     with pytest.raises(SystemExit):  # without --config, where the hub cannot be reached
         main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(tmp_path / "out")])
     assert "could not fetch the configs of its architecture from the hub" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out")])
+    assert "holds a UNet without the text encoders: give the pipeline they come from with --config" in (
+        capsys.readouterr().err)
     for out in (tmp_path, tmp_path / "sd.safetensors"):  # its own folder, or itself, which the pipeline would replace
         with pytest.raises(SystemExit):
             main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(out), "--overwrite"])

@@ -196,12 +196,12 @@ def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False) -> Path:
     """Write the single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`, in the checkpoint's
-    dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs, tokenizers and
-    scheduler are taken, and the parts the file leaves out (SD3's text encoders, FLUX's VAE and text encoders); for
-    SD1.x, SD2.x and SDXL, None lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the
-    v-prediction SD2.1). The file's own markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL
-    checkpoints and `export` carry) or `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR
-    schedule (`_marked_scheduler`)."""
+    dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs, tokenizers and scheduler
+    are taken, and the parts the file leaves out (the text encoders of a UNet alone and of every SD3 or FLUX file; the
+    VAE), its denoiser checked against the file's weight by weight; for a whole SD1.x, SD2.x or SDXL checkpoint, None
+    lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). The file's own
+    markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
+    `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`)."""
     if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):
         raise ValueError(f"--out {out} is or holds {checkpoint}, which the pipeline written there would replace; "
                          "give another folder")
@@ -218,7 +218,7 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
     keys = set(shapes)
-    family = _checkpoint_family(checkpoint, keys)
+    family, whole = _checkpoint_family(checkpoint, shapes)  # a UNet alone: None, its family is the --config's
     float8 = sorted(k for k, d in dtypes.items() if d.startswith("F8"))
     if float8:
         raise ValueError(f"{checkpoint} holds float8 weights ({len(float8)}, such as {float8[0]}): diffusers' "
@@ -226,20 +226,22 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
                          "convert a bf16 or fp16 file of it")
     # the denoiser's dtype (not the VAE's, a text encoder's or an old file's float32 schedule buffers)
     dtype = next(dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
+    if config is None and not whole:
+        raise ValueError(f"{checkpoint} holds {f'a {family} transformer' if family else 'a UNet'} without the text "
+                         "encoders: give the pipeline they come from with --config (hub id or folder)")
     if config is not None:
         config_family = pipeline_family(config, pipeline_index(config, what="--config"))[0]
-        if config_family.name != family.name:
-            raise ValueError(f"--config {config} is a {config_family} pipeline, but {checkpoint} holds a {family} "
-                             "model; give a pipeline of its family")
-    elif not family.single_file_text_encoders:
-        raise ValueError(f"{checkpoint} holds a {family} model without its text encoders (as {family} files are "
-                         f"released): give the {family} pipeline they come from with --config (hub id or folder)")
+        if family is None and config_family.denoiser == "unet":
+            family = config_family  # a UNet alone is of its --config's family, checked weight by weight below
+        if config_family != family:
+            raise ValueError(f"--config {config} is a {config_family} pipeline, but {checkpoint} holds "
+                             f"{f'a {family} model' if family else 'a UNet'}; give a pipeline of its family")
     local = config is not None and Path(config).exists()
-    if not family.single_file_text_encoders:
-        _check_transformer(checkpoint, shapes, family, config, local)
+    if not whole:
+        _check_denoiser(checkpoint, shapes, family, config, local)
     torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
     try:
-        if family.single_file_text_encoders:
+        if whole:
             extra = {"safety_checker": None, "requires_safety_checker": False} if family.name in ("sd", "sd2") else {}
             pipeline = family.lora_pipeline_cls.from_single_file(
                 str(checkpoint), config=config, local_files_only=local, torch_dtype=torch_dtype, **extra)
@@ -260,17 +262,17 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     return out
 
 
-def _check_transformer(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, local: bool):
-    """Refuse an SD3 or FLUX file whose transformer is not the one the --config's describes, naming what differs
-    (diffusers would drop weights the config has no place for, or fail on one it lacks), and a FLUX transformer
-    diffusers' converter cannot read."""
+def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, local: bool):
+    """Refuse a file (a denoiser without the text encoders) whose denoiser is not the one the --config's describes,
+    naming what differs (diffusers would drop weights the config has no place for, or fail on one it lacks), and a
+    FLUX transformer diffusers' converter cannot read."""
     from accelerate import init_empty_weights
 
     cls = family.denoiser_cls
     with init_empty_weights(include_buffers=True):
         model = cls.from_config(cls.load_config(config, subfolder=family.denoiser, local_files_only=local))
     expected = {k: tuple(t.shape) for k, t in _DENOISER_LAYOUTS[family.denoiser_class](model, "").items()}
-    prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX + _TRANSFORMER_BLOCKS[family.name]) for k in shapes) else ""
+    prefix = "" if family.name == "flux" and not any(k.startswith(UNET_PREFIX) for k in shapes) else UNET_PREFIX
     found = {k.removeprefix(prefix): shape for k, shape in shapes.items()
              if k.startswith(prefix) and not k.startswith(_OTHER_PARTS)}
     missing, extra = expected.keys() - found.keys(), found.keys() - expected.keys()
@@ -279,12 +281,12 @@ def _check_transformer(checkpoint: Path, shapes: dict[str, tuple], family: Famil
         [f"it has {_some(extra)}, which the config's lacks"] if extra else []) + (
         [f"{reshaped[0]} is {found[reshaped[0]]} there, {expected[reshaped[0]]} in the config"] if reshaped else [])
     if differences:
-        raise ValueError(f"{checkpoint}'s {family} transformer is not the one --config {config} describes: "
+        raise ValueError(f"{checkpoint}'s {family} {family.denoiser} is not the one --config {config} describes: "
                          f"{'; '.join(differences)} (another variant or size: give the --config of its model)")
     if family.name == "flux" and found["img_in.weight"][0] != FLUX_WIDTH:
         raise ValueError(f"{checkpoint}'s FLUX transformer is {found['img_in.weight'][0]} wide: diffusers' converter "
                          f"reads FLUX.1's width, {FLUX_WIDTH}, only")
-    if any(k.startswith("text_encoders.") for k in shapes):
+    if any(k.startswith(("text_encoders.", "cond_stage_model.", "conditioner.")) for k in shapes):
         logger.warning("%s holds text encoders too; they are not read: the pipeline takes the --config's", checkpoint)
 
 
@@ -295,8 +297,8 @@ def _some(names: set[str], shown: int = 3) -> str:
 
 
 def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, local: bool, torch_dtype):
-    """The `config` pipeline (SD3 or FLUX) with the denoiser of `checkpoint`, and its VAE if it holds one, each
-    converted by diffusers, everything in `torch_dtype`."""
+    """The `config` pipeline with the denoiser of `checkpoint` (a UNet alone, SD3, FLUX), and its VAE if it holds
+    one, each converted by diffusers, everything in `torch_dtype`."""
     from diffusers import AutoencoderKL
 
     options = {"config": config, "local_files_only": local, "torch_dtype": torch_dtype}
@@ -327,20 +329,21 @@ def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str]
     return type(scheduler).from_config(scheduler.config, **settings)
 
 
-def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
-    """The family whose denoiser the single file's `keys` hold, and, for the UNet families, whose VAE and text
-    encoders (a flow model's file holds its transformer, and the rest of the pipeline comes from the --config)."""
+def _checkpoint_family(checkpoint: Path, shapes: dict[str, tuple]) -> tuple[Family | None, bool]:
+    """The family whose denoiser the single file holds, and whether the file is whole: an SD1.x, SD2.x or SDXL
+    checkpoint with its VAE and text encoders. A UNet alone (with or without the VAE; family None), and every SD3 or
+    FLUX file, which hold no text encoders, take the rest of the pipeline from the --config."""
     def holds(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
+        return any(k.startswith(prefix) for k in shapes)
 
     flow = next((name for name, block in _TRANSFORMER_BLOCKS.items() if holds(block) or holds(UNET_PREFIX + block)),
                 None)
     if flow is not None:
-        lacking = [k for k in _TRANSFORMER_MARKS[flow] if k not in keys and UNET_PREFIX + k not in keys]
+        lacking = [k for k in _TRANSFORMER_MARKS[flow] if k not in shapes and UNET_PREFIX + k not in shapes]
         if lacking:
             raise ValueError(f"{checkpoint} has {_TRANSFORMER_BLOCKS[flow]}* weights but not {', '.join(lacking)}: not "
                              f"the {flow} transformer as released (a model built on its blocks is not converted here)")
-        return FAMILIES[flow]
+        return FAMILIES[flow], False
     if not holds(UNET_PREFIX):
         raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights, nor SD3's joint_blocks.* or FLUX's "
                          "double_blocks.*: not a checkpoint in an original single-file layout")
@@ -348,10 +351,8 @@ def _checkpoint_family(checkpoint: Path, keys: set[str]) -> Family:
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
     if family is None:
-        raise ValueError(f"{checkpoint} holds a UNet without the text encoders of SD1.x (cond_stage_model.transformer"
-                         ".*), SD2.x (cond_stage_model.model.*) or SDXL (conditioner.embedders.0.transformer.* and "
-                         "conditioner.embedders.1.model.*): only a whole checkpoint converts")
+        return None, False  # a UNet alone
     if not holds(VAE_PREFIX):
-        raise ValueError(f"{checkpoint} holds a UNet without its VAE ({VAE_PREFIX}*): only a whole checkpoint "
-                         "converts")
-    return family
+        raise ValueError(f"{checkpoint} holds a UNet and its text encoders without the VAE ({VAE_PREFIX}*): only a "
+                         "whole checkpoint, or a UNet without the text encoders, converts")
+    return family, True
