@@ -248,7 +248,7 @@ def cmd_plot(args) -> None:
 def cmd_export(args) -> None:
     import tempfile
 
-    from .models.export import export, find_source
+    from .models.export import export, find_source, source_family
     from .training.checkpoints import gather_sharded
     source = find_source(args.source, args.base, args.live_weights)
     beside_out = Path(args.out).resolve().parent  # where there is room for what is exported
@@ -257,15 +257,15 @@ def cmd_export(args) -> None:
         weights = gather_sharded(source, Path(scratch), args.live_weights) if source.kind == "sharded" else source
         written = export(weights, args.format, args.out, args.dtype, args.overwrite).resolve()
     print(f"{args.format}: {written} (from {source.folder})")
+    if args.format == "single-file":
+        print(f"load it in {source_family(source).single_file_loaders}")
+        return
     in_diffusers = f'pipe = DiffusionPipeline.from_pretrained("{source.base}"); pipe.load_lora_weights("{written}")'
     print({"kohya": f"load it in ComfyUI (LoraLoader), AUTOMATIC1111 or Forge (models/Lora/), or in diffusers: "
                     f"{in_diffusers}",
            "comfyui": f"load it in ComfyUI (LoraLoader, strength 1), or in diffusers: {in_diffusers}",
            "diffusers": f"load it in diffusers: {in_diffusers}",
-           "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")',
-           "single-file": "load it in ComfyUI (Load Checkpoint; FLUX: Load Diffusion Model), AUTOMATIC1111 or Forge "
-                          "(SD1.x, SD2.x, SDXL: models/Stable-diffusion/), or in diffusers: <the family's "
-                          "pipeline>.from_single_file (FLUX: FluxTransformer2DModel.from_single_file)"}[args.format])
+           "merged": f'load it in diffusers: DiffusionPipeline.from_pretrained("{written}")'}[args.format])
 
 
 def cmd_convert(args) -> None:

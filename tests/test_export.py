@@ -483,6 +483,8 @@ def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_
         or single_file_state(pipeline, family))
     export(run, "--format", "single-file", "--out", tmp_path / "sd3.safetensors")
     assert not any(name.startswith("text_encoder") for name in loaded[0]) and {"transformer", "vae"} <= set(loaded[0])
+    assert "load it in ComfyUI (Load Checkpoint; models/checkpoints/, SD3's text encoders beside it)" in (
+        capsys.readouterr().out)
     path = tmp_path / "sd3.safetensors"
     with safe_open(path, "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
@@ -511,6 +513,13 @@ def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_
         want = (transformer if name == "transformer" else getattr(base_pipe, name)).state_dict()
         got = getattr(converted, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k].half(), got[k].half()) for k in want), name
+    # the MMDiT without the prefix, and without the VAE (the --config's is taken)
+    save_file({k.removeprefix("model.diffusion_model."): t for k, t in load_file(tmp_path / "half.safetensors").items()
+               if k.startswith("model.")}, tmp_path / "bare.safetensors")
+    main(["convert", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "bare"), "--config", str(base)])
+    bare = DiffusionPipeline.from_pretrained(tmp_path / "bare", torch_dtype=torch.float16)
+    assert all(torch.equal(t, bare.transformer.state_dict()[k]) for k, t in converted.transformer.state_dict().items())
+    assert all(torch.equal(t.half(), bare.vae.state_dict()[k]) for k, t in base_pipe.vae.state_dict().items())
     capsys.readouterr()
     for config, message in ((None, "holds a sd3 transformer without the text encoders: give the pipeline they come "
                                    "from with --config"),
@@ -565,7 +574,7 @@ def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny
               tmp_path / "fp8.safetensors")
     save_file({k: t for k, t in flux.items() if not k.startswith("time_in.")}, tmp_path / "chroma.safetensors")
     cases = [("fp8", tiny_flow_models["sd3"], "holds float8 weights"),
-             ("sd3", config_with("sd3", qk_norm=None), "sd3 transformer is not the one --config"),
+             ("sd3", config_with("sd3", qk_norm=None), "is not the sd3 transformer --config"),
              ("sd3", config_with("sd3", qk_norm=None), "it has joint_blocks.0.context_block.attn.ln_k.weight, "),
              ("flux", config_with("flux", guidance_embeds=False), "it has guidance_in.in_layer.bias, "
                                                                   "guidance_in.in_layer.weight, guidance_in.out_layer."
@@ -579,11 +588,12 @@ def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny
             main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "out"), "--config",
                   str(config)])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists(), message
-    save_file(sd3 | {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(32)},
+    # text encoders in float8 (as Stability AI's sd3_medium_incl_clips_t5xxlfp8 holds T5) are not read, so not refused
+    save_file(sd3 | {"text_encoders.t5xxl.transformer.shared.weight": torch.ones(8, 4).to(torch.float8_e4m3fn)},
               tmp_path / "all-in-one.safetensors")
     main(["convert", str(tmp_path / "all-in-one.safetensors"), "--out", str(tmp_path / "out"), "--config",
           str(tiny_flow_models["sd3"])])
-    assert "holds text encoders too; they are not read" in caplog.text
+    assert "holds text encoders (or a VAE under vae.) too; they are not read" in caplog.text
 
 
 def test_a_transformer_weight_without_its_place_in_the_original_layout_is_named(tiny_flow_models):
@@ -824,7 +834,7 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, tiny_flow_mode
     cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
              (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
              (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
-             (tmp_path / "unet.safetensors", tiny_models["sdxl"], "sdxl unet is not the one --config"),
+             (tmp_path / "unet.safetensors", tiny_models["sdxl"], "is not the sdxl unet --config"),
              (tmp_path / "unet.safetensors", tiny_flow_models["sd3"], "is a sd3 pipeline, but"),
              (tmp_path / "no-vae.safetensors", tiny_models["sd"], "holds a UNet and its text encoders without the VAE"),
              (tmp_path / "sd.safetensors", tiny_models["sdxl"], "is a sdxl pipeline, but"),

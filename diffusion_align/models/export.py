@@ -275,7 +275,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
         raise ValueError(f"--out {out} holds the weights exported ({source.folder}), which the pipeline written "
                          "there would replace, with the run's checkpoints; give another folder")
     check_free(out, overwrite)
-    pipeline = _merged_pipeline(source, _source_family(source), dtype)
+    pipeline = _merged_pipeline(source, source_family(source), dtype)
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         if (source.folder / "training_config.yaml").is_file():
@@ -286,7 +286,7 @@ def _export_merged(source: Source, out: Path, dtype: torch.dtype | None, overwri
 def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, overwrite: bool) -> Path:
     target = out if out.suffix == ".safetensors" else out / f"{source.title}.safetensors"
     check_free(target, overwrite)
-    family = _source_family(source)
+    family = source_family(source)
     # the parts its file does not hold (SD3's text encoders; FLUX's VAE too) are not loaded
     left_out = family.text_encoders[len(family.single_file_text_encoders):] + (() if family.single_file_vae
                                                                                else ("vae",))
@@ -299,7 +299,8 @@ def _export_single_file(source: Source, out: Path, dtype: torch.dtype | None, ov
     return target
 
 
-def _source_family(source: Source) -> Family:
+def source_family(source: Source) -> Family:
+    """The family of the model `source` holds (its base's, for trained weights)."""
     if source.kind != "pipeline":
         return _check_base(source)
     folder = str(source.folder)

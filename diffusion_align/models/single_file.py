@@ -49,6 +49,9 @@ _TRANSFORMER_MARKS = {"sd3": ("x_embedder.proj.weight", "y_embedder.mlp.0.weight
                       "flux": ("img_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight")}
 # where the other parts lie in the files: VAE and text encoders (LDM / SGM, SD3's, and FLUX "all-in-one" files')
 _OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_encoders.")
+# of those, what a file that is not whole is not read for (its text encoders, and an all-in-one file's `vae.`): the
+# --config gives them
+_UNREAD_PARTS = _OTHER_PARTS[1:]
 FLUX_WIDTH = 3072  # the only width diffusers' FLUX converter reads (`convert_flux_transformer_checkpoint_to_diffusers`)
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
@@ -219,7 +222,7 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
     keys = set(shapes)
     family, whole = _checkpoint_family(checkpoint, shapes)  # a UNet alone: None, its family is the --config's
-    float8 = sorted(k for k, d in dtypes.items() if d.startswith("F8"))
+    float8 = sorted(k for k, d in dtypes.items() if d.startswith("F8") and (whole or not k.startswith(_UNREAD_PARTS)))
     if float8:
         raise ValueError(f"{checkpoint} holds float8 weights ({len(float8)}, such as {float8[0]}): diffusers' "
                          "converter reads no float8 (nor a scaled file's scales), so the model would come out altered; "
@@ -239,14 +242,15 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     local = config is not None and Path(config).exists()
     if not whole:
         _check_denoiser(checkpoint, shapes, family, config, local)
-    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    options = {"local_files_only": local, "torch_dtype": {"F16": torch.float16, "BF16": torch.bfloat16}.get(
+        dtype, torch.float32)}
+    if family.name in ("sd", "sd2"):  # a pipeline for training: no safety checker loaded, as the whole file has none
+        options |= {"safety_checker": None, "requires_safety_checker": False}
     try:
         if whole:
-            extra = {"safety_checker": None, "requires_safety_checker": False} if family.name in ("sd", "sd2") else {}
-            pipeline = family.lora_pipeline_cls.from_single_file(
-                str(checkpoint), config=config, local_files_only=local, torch_dtype=torch_dtype, **extra)
+            pipeline = family.lora_pipeline_cls.from_single_file(str(checkpoint), config=config, **options)
         else:
-            pipeline = _completed_pipeline(checkpoint, keys, family, config, local, torch_dtype)
+            pipeline = _completed_pipeline(checkpoint, keys, family, config, options)
     except (OSError, ValueError) as err:
         if local:
             raise ValueError(f"{checkpoint}: diffusers could not convert it with --config {config} "
@@ -272,7 +276,8 @@ def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, 
     with init_empty_weights(include_buffers=True):
         model = cls.from_config(cls.load_config(config, subfolder=family.denoiser, local_files_only=local))
     expected = {k: tuple(t.shape) for k, t in _DENOISER_LAYOUTS[family.denoiser_class](model, "").items()}
-    prefix = "" if family.name == "flux" and not any(k.startswith(UNET_PREFIX) for k in shapes) else UNET_PREFIX
+    # the transformers' weights come with the prefix or without it
+    prefix = "" if family.denoiser != "unet" and not any(k.startswith(UNET_PREFIX) for k in shapes) else UNET_PREFIX
     found = {k.removeprefix(prefix): shape for k, shape in shapes.items()
              if k.startswith(prefix) and not k.startswith(_OTHER_PARTS)}
     missing, extra = expected.keys() - found.keys(), found.keys() - expected.keys()
@@ -281,13 +286,15 @@ def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, 
         [f"it has {_some(extra)}, which the config's lacks"] if extra else []) + (
         [f"{reshaped[0]} is {found[reshaped[0]]} there, {expected[reshaped[0]]} in the config"] if reshaped else [])
     if differences:
-        raise ValueError(f"{checkpoint}'s {family} {family.denoiser} is not the one --config {config} describes: "
-                         f"{'; '.join(differences)} (another variant or size: give the --config of its model)")
+        raise ValueError(f"the {family.denoiser} in {checkpoint} is not the {family} {family.denoiser} --config "
+                         f"{config} describes: {'; '.join(differences)} (another variant or size: give the --config "
+                         "of its model)")
     if family.name == "flux" and found["img_in.weight"][0] != FLUX_WIDTH:
         raise ValueError(f"{checkpoint}'s FLUX transformer is {found['img_in.weight'][0]} wide: diffusers' converter "
                          f"reads FLUX.1's width, {FLUX_WIDTH}, only")
-    if any(k.startswith(("text_encoders.", "cond_stage_model.", "conditioner.")) for k in shapes):
-        logger.warning("%s holds text encoders too; they are not read: the pipeline takes the --config's", checkpoint)
+    if any(k.startswith(_UNREAD_PARTS) for k in shapes):
+        logger.warning("%s holds text encoders (or a VAE under vae.) too; they are not read: the pipeline takes the "
+                       "--config's", checkpoint)
 
 
 def _some(names: set[str], shown: int = 3) -> str:
@@ -296,17 +303,18 @@ def _some(names: set[str], shown: int = 3) -> str:
     return first if len(names) <= shown else f"{first} and {len(names) - shown} more"
 
 
-def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, local: bool, torch_dtype):
+def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, options: dict):
     """The `config` pipeline with the denoiser of `checkpoint` (a UNet alone, SD3, FLUX), and its VAE if it holds
-    one, each converted by diffusers, everything in `torch_dtype`."""
+    one, each converted by diffusers; `options`: from_pretrained's (the dtype of all, the pipeline's settings)."""
     from diffusers import AutoencoderKL
 
-    options = {"config": config, "local_files_only": local, "torch_dtype": torch_dtype}
+    model_options = {"config": config, "local_files_only": options["local_files_only"],
+                     "torch_dtype": options["torch_dtype"]}
     parts = {family.denoiser: family.denoiser_cls.from_single_file(str(checkpoint), subfolder=family.denoiser,
-                                                                   **options)}
+                                                                   **model_options)}
     if any(k.startswith(VAE_PREFIX) for k in keys):
-        parts["vae"] = AutoencoderKL.from_single_file(str(checkpoint), subfolder="vae", **options)
-    return family.lora_pipeline_cls.from_pretrained(config, local_files_only=local, torch_dtype=torch_dtype, **parts)
+        parts["vae"] = AutoencoderKL.from_single_file(str(checkpoint), subfolder="vae", **model_options)
+    return family.lora_pipeline_cls.from_pretrained(config, **options, **parts)
 
 
 def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str], scheduler):

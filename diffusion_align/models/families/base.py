@@ -111,6 +111,7 @@ class Family(ABC):
     single_file_text_encoders: tuple[tuple[str, str, int], ...]
     single_file_prefix = "model.diffusion_model."
     single_file_vae = True
+    single_file_loaders: str  # the programs that load that file, and where (`export --format single-file` says so)
     inversion_steps: int | None     # SmPO's ReNoise inversion steps at the family's resolution (its paper; None:
                                     # none published)
     classifier_free_guidance = True  # its pipeline guides by u + scale (c - u); FLUX's does not (see flux.py)
@@ -232,3 +233,8 @@ class UNetFamily(Family):
 
     def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
         return self.kohya_base(prediction_type)[1], STABILITY_IMPLEMENTATION
+
+    @property
+    def single_file_loaders(self) -> str:
+        return ("ComfyUI (Load Checkpoint; models/checkpoints/), AUTOMATIC1111 or Forge (models/Stable-diffusion/), "
+                f"or diffusers ({self.lora_pipeline}.from_single_file)")

@@ -35,6 +35,9 @@ class Flux(TransformerFamily):
     linspace_sigmas = True
     # Black Forest Labs' flux1-dev.safetensors: the transformer alone, its weights unprefixed
     single_file_prefix, single_file_vae = "", False
+    single_file_loaders = ("ComfyUI (Load Diffusion Model; models/diffusion_models/, FLUX's VAE and text encoders "
+                           "beside it), diffusers (FluxTransformer2DModel.from_single_file), or, as a whole pipeline, "
+                           "`diffusion-align convert FILE --config BASE`")
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:

@@ -21,6 +21,9 @@ class SD3(TransformerFamily):
     # T5 tokens: `StableDiffusion3Pipeline.__call__`'s and `encode_prompt`'s default; model.max_sequence_length
     # sets another (`with_max_sequence_length`)
     max_sequence_length = 256
+    single_file_loaders = ("ComfyUI (Load Checkpoint; models/checkpoints/, SD3's text encoders beside it), diffusers "
+                           "(SD3Transformer2DModel and AutoencoderKL.from_single_file), or, as a whole pipeline, "
+                           "`diffusion-align convert FILE --config BASE`")
 
     @torch.no_grad()
     def encode_texts(self, tokenizers: list, text_encoders: list, prompts: list[str]) -> TextStates:
