@@ -190,10 +190,16 @@ def test_cli_train_help_and_errors(capsys, tmp_path):
     assert "did you mean 'train.lr'" in capsys.readouterr().err
 
 
-def test_missing_model_folder_is_explained(tmp_path, tiny_pairs):
+def test_missing_model_folder_is_explained(tmp_path, tiny_models, tiny_pairs):
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         run(tmp_path, tmp_path / "not-a-model", tiny_pairs)
+    # a pipeline folder without its denoiser's config: a missing input, not "could not write"
+    shutil.copytree(tiny_models["sd"], tmp_path / "no-unet-config")
+    (tmp_path / "no-unet-config" / "unet" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="its model_index.json names a unet, but unet/config.json could not be "
+                                                "read"):
+        run(tmp_path, tmp_path / "no-unet-config", tiny_pairs)
 
 
 @pytest.mark.parametrize("override, message", [

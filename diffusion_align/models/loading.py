@@ -26,7 +26,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import safe_open
 
 from ..config import ConfigError
-from ..files import hub_load_error, looks_like_hub_id
+from ..files import first_line, hub_load_error, looks_like_hub_id
 from .families import Family, denoiser_component, detect_family
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,12 @@ def pipeline_family(pretrained: str, index: dict, revision: str | None = None,
     """The family of pipeline `pretrained` (`index`: its model_index.json), reading `max_sequence_length` T5 tokens
     when given (`Family.with_max_sequence_length`), and its denoiser's config."""
     # any model class reads a config.json; the family is not known yet
-    config = UNet2DConditionModel.load_config(pretrained, subfolder=denoiser_component(index), revision=revision)
+    denoiser = denoiser_component(index)
+    try:
+        config = UNet2DConditionModel.load_config(pretrained, subfolder=denoiser, revision=revision)
+    except OSError as err:  # a pipeline folder without it, a hub cache that lacks it: not a write error
+        raise FileNotFoundError(f"{pretrained}: its model_index.json names a {denoiser}, but {denoiser}/config.json "
+                                f"could not be read ({first_line(err)})") from None
     return detect_family(index, config).with_max_sequence_length(max_sequence_length), config
 
 
