@@ -95,9 +95,8 @@ def model_card(cfg: Config, family: Family, summary: dict) -> str:
            "`diffusion-align export` writes it in another dtype, or merges the LoRA into a whole pipeline or one "
            "checkpoint file (`--format single-file`).", ""]
           if cfg.model.lora_rank is not None and family.kohya_version is not None else []),
-        *(["For ComfyUI, AUTOMATIC1111 and Forge: `diffusion-align export RUN_FOLDER --format single-file --out "
-           "FOLDER` writes the model as one checkpoint file in its original layout (their `models/checkpoints/`, "
-           "`models/Stable-diffusion/`; FLUX's transformer alone, ComfyUI's `models/diffusion_models/`).", ""]
+        *([f"`diffusion-align export RUN_FOLDER --format single-file --out FOLDER` writes the model as one checkpoint "
+           f"file in its original layout, which loads in {family.single_file_loaders}.", ""]
           if cfg.model.lora_rank is None else []),
         "The full resolved training configuration is in `training_config.yaml`.",
     ]
