@@ -233,15 +233,15 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         raise ValueError(f"{checkpoint} holds {f'a {family} transformer' if family else 'a UNet'} without the text "
                          "encoders: give the pipeline they come from with --config (hub id or folder)")
     if config is not None:
-        config_family = pipeline_family(config, pipeline_index(config, what="--config"))[0]
+        config_family, denoiser_config = pipeline_family(config, pipeline_index(config, what="--config"))
         if family is None and config_family.denoiser == "unet":
             family = config_family  # a UNet alone is of its --config's family, checked weight by weight below
         if config_family != family:
             raise ValueError(f"--config {config} is a {config_family} pipeline, but {checkpoint} holds "
                              f"{f'a {family} model' if family else 'a UNet'}; give a pipeline of its family")
-    local = config is not None and Path(config).exists()
     if not whole:
-        _check_denoiser(checkpoint, shapes, family, config, local)
+        _check_denoiser(checkpoint, shapes, family, config, denoiser_config)
+    local = config is not None and Path(config).exists()
     options = {"local_files_only": local, "torch_dtype": {"F16": torch.float16, "BF16": torch.bfloat16}.get(
         dtype, torch.float32)}
     if family.name in ("sd", "sd2"):  # a pipeline for training: no safety checker loaded, as the whole file has none
@@ -266,15 +266,14 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     return out
 
 
-def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, local: bool):
-    """Refuse a file (a denoiser without the text encoders) whose denoiser is not the one the --config's describes,
-    naming what differs (diffusers would drop weights the config has no place for, or fail on one it lacks), and a
-    FLUX transformer diffusers' converter cannot read."""
+def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, denoiser_config: dict):
+    """Refuse a file (a denoiser without the text encoders) whose denoiser is not the one the --config's describes
+    (`denoiser_config`: its config), naming what differs (diffusers would drop weights the config has no place for, or
+    fail on one it lacks), and a FLUX transformer diffusers' converter cannot read."""
     from accelerate import init_empty_weights
 
-    cls = family.denoiser_cls
     with init_empty_weights(include_buffers=True):
-        model = cls.from_config(cls.load_config(config, subfolder=family.denoiser, local_files_only=local))
+        model = family.denoiser_cls.from_config(denoiser_config)
     expected = {k: tuple(t.shape) for k, t in _DENOISER_LAYOUTS[family.denoiser_class](model, "").items()}
     # the transformers' weights come with the prefix or without it
     prefix = "" if family.denoiser != "unet" and not any(k.startswith(UNET_PREFIX) for k in shapes) else UNET_PREFIX
