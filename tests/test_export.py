@@ -20,7 +20,7 @@ from diffusion_align.config import config_to_yaml, load_config
 from diffusion_align.files import EMA_FOLDER
 from diffusion_align.models.export import find_source
 from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
-from diffusion_align.models.single_file import single_file_state
+from diffusion_align.models.single_file import dequantized, single_file_state
 from test_kohya import apply_kohya_rule, images
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -556,10 +556,9 @@ def test_a_flux_lora_and_a_flux_full_fine_tune_export_as_the_transformer_alone(t
 
 
 def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny_flow_models, capsys, caplog):
-    """float8 weights (diffusers reads them as they are, and a scaled file's scales not at all), a transformer of
-    another variant than the --config's (SD3 with QK norm against one without; FLUX.1-dev's guidance against
-    -schnell), a FLUX transformer of another width than FLUX.1's, and a model built on FLUX's blocks; an SD3 file's
-    own text encoders are said not to be read."""
+    """A transformer of another variant than the --config's (SD3 with QK norm against one without; FLUX.1-dev's
+    guidance against -schnell), a FLUX transformer of another width than FLUX.1's, and a model built on FLUX's blocks;
+    an SD3 file's own text encoders are said not to be read."""
     def config_with(family, **settings):
         folder = tmp_path / f"{family}-{'-'.join(settings)}"
         shutil.copytree(tiny_flow_models[family], folder, dirs_exist_ok=True)
@@ -570,11 +569,8 @@ def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny
     for family in ("sd3", "flux"):
         export(tiny_flow_models[family], "--format", "single-file", "--out", tmp_path / f"{family}.safetensors")
     sd3, flux = load_file(tmp_path / "sd3.safetensors"), load_file(tmp_path / "flux.safetensors")
-    save_file({k: t.to(torch.float8_e4m3fn) if t.dim() == 2 else t for k, t in sd3.items()},
-              tmp_path / "fp8.safetensors")
     save_file({k: t for k, t in flux.items() if not k.startswith("time_in.")}, tmp_path / "chroma.safetensors")
-    cases = [("fp8", tiny_flow_models["sd3"], "holds float8 weights"),
-             ("sd3", config_with("sd3", qk_norm=None), "is not the sd3 transformer --config"),
+    cases = [("sd3", config_with("sd3", qk_norm=None), "is not the sd3 transformer --config"),
              ("sd3", config_with("sd3", qk_norm=None), "it has joint_blocks.0.context_block.attn.ln_k.weight, "),
              ("flux", config_with("flux", guidance_embeds=False), "it has guidance_in.in_layer.bias, "
                                                                   "guidance_in.in_layer.weight, guidance_in.out_layer."
@@ -594,6 +590,91 @@ def test_what_convert_cannot_read_of_an_sd3_or_flux_file_is_named(tmp_path, tiny
     main(["convert", str(tmp_path / "all-in-one.safetensors"), "--out", str(tmp_path / "out"), "--config",
           str(tiny_flow_models["sd3"])])
     assert "holds text encoders (or a VAE under vae.) too; they are not read" in caplog.text
+
+
+def test_a_float8_weight_reads_as_bf16_exactly_and_a_scaled_one_times_its_scale():
+    """By hand: float8 values are bf16 values (e4m3fn's largest, 448, and its smallest subnormal, 2^-9, included); a
+    scaled one is multiplied in float32 and rounded once: 1.75 * 0.1 = 0.175, whose nearest bf16 is 1.0110011b x 2^-3
+    = 0.1748046875 (1.40625 x 2^-3 is farther); a tensor of another dtype without a scale is left as it is."""
+    w8 = torch.tensor([0.5, -1.75, 448.0, 2.0 ** -9]).to(torch.float8_e4m3fn)
+    assert dequantized(w8).dtype == torch.bfloat16 and dequantized(w8).tolist() == [0.5, -1.75, 448.0, 2.0 ** -9]
+    assert dequantized(w8, torch.tensor(0.25)).tolist() == [0.125, -0.4375, 112.0, 2.0 ** -11]
+    assert dequantized(torch.tensor([1.75]).to(torch.float8_e5m2), torch.tensor(0.1)).item() == 0.1748046875
+    kept = torch.tensor([0.1, 0.2])
+    assert dequantized(kept) is kept
+
+
+def _in_float8(state: dict[str, torch.Tensor], quantized, scaled: bool,
+               prefix: str = "model.diffusion_model.") -> tuple[dict, dict]:
+    """`state` with the weights `quantized(name, tensor)` picks in float8 (e4m3fn), plain or in ComfyUI's scaled
+    format (the marker under the denoiser's `prefix`, and beside each weight its scale, the largest magnitude over 448,
+    and an input scale); and the weights as read back by hand: float8 values in bf16, times the scale where there is
+    one."""
+    stored, expected = {}, {}
+    for name, tensor in state.items():
+        if not quantized(name, tensor):
+            stored[name], expected[name] = tensor, tensor
+            continue
+        scale = tensor.abs().max().float() / 448 if scaled else None
+        stored[name] = (tensor / scale if scaled else tensor).to(torch.float8_e4m3fn)
+        expected[name] = stored[name].to(torch.bfloat16)
+        if scaled:
+            stored[f"{name.removesuffix('.weight')}.scale_weight"] = scale
+            stored[f"{name.removesuffix('.weight')}.scale_input"] = torch.ones(())
+            expected[name] = (stored[name].float() * scale).to(torch.bfloat16)
+    if scaled:
+        stored[f"{prefix}scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
+    return stored, expected
+
+
+def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
+    """FLUX and SD3 fine-tunes are shared in float8, plain or in ComfyUI's scaled float8 (the linear weights over a
+    scale each). convert reads an SD3 file of each kind, and a UNet alone in plain float8 (its convolutions too), into
+    bf16: exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a
+    scale left out would be off by it). A whole SD checkpoint in plain float8 converts too; in scaled float8 (which
+    diffusers' pipeline converter would read without its scales), and in a quantized format not read here (scales
+    named as in later ComfyUI files), the file is refused."""
+    def converted(name, stored, config, *read_back):
+        save_file(stored, tmp_path / f"{name}.safetensors")
+        main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name), "--config", str(config)])
+        export(tmp_path / name, "--format", "single-file", "--dtype", "bf16", "--out", tmp_path / f"{name}-again.safetensors",
+               *read_back)
+        return load_file(tmp_path / f"{name}-again.safetensors")
+
+    export(tiny_flow_models["sd3"], "--format", "single-file", "--out", tmp_path / "sd3.safetensors")
+    sd3 = load_file(tmp_path / "sd3.safetensors")
+    stored, expected = _in_float8(sd3, lambda name, t: name.startswith("model.") and t.dim() == 2, scaled=False)
+    assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) > 20
+    again = converted("sd3-plain", stored, tiny_flow_models["sd3"])
+    assert again.keys() == expected.keys() and all(torch.equal(again[k], t.bfloat16()) for k, t in expected.items())
+    # scaled, the MMDiT alone and unprefixed (as FLUX's files are: the marker is then `scaled_fp8`)
+    mmdit = {k.removeprefix("model.diffusion_model."): t for k, t in sd3.items() if k.startswith("model.")}
+    stored, expected = _in_float8(mmdit, lambda name, t: t.dim() == 2, scaled=True, prefix="")
+    assert "scaled_fp8" in stored and "joint_blocks.0.x_block.attn.qkv.scale_weight" in stored
+    again = converted("sd3-scaled", stored, tiny_flow_models["sd3"])
+    assert all(torch.equal(again[f"model.diffusion_model.{k}"], t.bfloat16()) for k, t in expected.items())
+    export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
+    whole = load_file(tmp_path / "sd.safetensors")
+    unet, expected = _in_float8({k: t for k, t in whole.items() if k.startswith("model.")},
+                                lambda name, t: t.is_floating_point(), scaled=False)
+    again = converted("unet", unet, tiny_models["sd"])
+    assert all(torch.equal(again[k], t) for k, t in expected.items())
+    stored, expected = _in_float8(whole, lambda name, t: t.is_floating_point(), scaled=False)
+    again = converted("whole", stored, tiny_models["sd"])
+    assert again.keys() == expected.keys() and all(torch.equal(again[k], t) for k, t in expected.items())
+    capsys.readouterr()
+    other = {k.replace("scale_weight", "weight_scale"): t for k, t in _in_float8(sd3, lambda name, t: (
+        name.startswith("model.") and t.dim() == 2), scaled=True)[0].items()}
+    for name, stored, config, message in (
+            ("whole-scaled", _in_float8(whole, lambda name, t: t.dim() == 2, scaled=True)[0], tiny_models["sd"],
+             "is a whole checkpoint in scaled float8 (cond_stage_model."),
+            ("other", other, tiny_flow_models["sd3"], "is quantized in a format not read here (scales such as "
+                                                      "model.diffusion_model.")):
+        save_file(stored, tmp_path / f"{name}.safetensors")
+        with pytest.raises(SystemExit):
+            main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "out"), "--config",
+                  str(config)])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists(), name
 
 
 def test_a_transformer_weight_without_its_place_in_the_original_layout_is_named(tiny_flow_models):

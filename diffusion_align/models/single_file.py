@@ -23,6 +23,10 @@ VAE as above (ComfyUI's Load Checkpoint, beside its text-encoder loader); FLUX's
 (ComfyUI's Load Diffusion Model).
 
 Every tensor of the parts a family's file holds is written, once, under its original name.
+
+Fine-tunes are often shared in float8 (FLUX's most of all), to halve the download: plain (`float8_e4m3fn` or
+`float8_e5m2`) or "scaled" (ComfyUI's scaled float8: each linear weight divided by a scale kept beside it, to use
+float8's range). `convert` reads both into bf16 (`dequantized`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ _OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_e
 # of those, what a file that is not whole is not read for (its text encoders, and an all-in-one file's `vae.`): the
 # --config gives them
 _UNREAD_PARTS = _OTHER_PARTS[1:]
+# ComfyUI's scaled float8 files: a `scaled_fp8` marker, and beside a float8 linear weight the scale it is multiplied by
+# (`scale_weight`) and one its input is divided by for float8 matmuls (`scale_input`, which leaves the product alone)
+_FLOAT8_SCALES = ("scaled_fp8", ".scale_weight", ".scale_input")
+# the scales of quantized formats not read here (ComfyUI's later mixed-precision files, NVFP4 and the like)
+_OTHER_QUANTIZATION = (".weight_scale", ".weight_scale_2", ".input_scale", ".comfy_quant")
 FLUX_WIDTH = 3072  # the only width diffusers' FLUX converter reads (`convert_flux_transformer_checkpoint_to_diffusers`)
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
@@ -204,7 +213,9 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     VAE), its denoiser checked against the file's weight by weight; for a whole SD1.x, SD2.x or SDXL checkpoint, None
     lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). The file's own
     markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
-    `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`)."""
+    `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`).
+    A file with float8 weights, plain or in ComfyUI's scaled float8 (not a whole one), comes out in bf16
+    (`dequantized`)."""
     if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):
         raise ValueError(f"--out {out} is or holds {checkpoint}, which the pipeline written there would replace; "
                          "give another folder")
@@ -220,15 +231,15 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
-    keys = set(shapes)
     family, whole = _checkpoint_family(checkpoint, shapes)  # a UNet alone: None, its family is the --config's
-    float8 = sorted(k for k, d in dtypes.items() if d.startswith("F8") and (whole or not k.startswith(_UNREAD_PARTS)))
-    if float8:
-        raise ValueError(f"{checkpoint} holds float8 weights ({len(float8)}, such as {float8[0]}): diffusers' "
-                         "converter reads no float8 (nor a scaled file's scales), so the model would come out altered; "
-                         "convert a bf16 or fp16 file of it")
-    # the denoiser's dtype (not the VAE's, a text encoder's or an old file's float32 schedule buffers)
-    dtype = next(dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
+    read = {k for k in shapes if whole or not k.startswith(_UNREAD_PARTS)}  # the text encoders of a whole file only
+    _check_quantization(checkpoint, read, whole)
+    shapes = {k: shape for k, shape in shapes.items() if not k.endswith(_FLOAT8_SCALES)}
+    keys = set(shapes)
+    # the dtype of all: bf16 for float8 weights (`dequantized`), else the denoiser's (not the VAE's, a text encoder's
+    # or an old file's float32 schedule buffers)
+    dtype = "BF16" if any(dtypes[k].startswith("F8") for k in read) else next(
+        dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
     if config is None and not whole:
         raise ValueError(f"{checkpoint} holds {f'a {family} transformer' if family else 'a UNet'} without the text "
                          "encoders: give the pipeline they come from with --config (hub id or folder)")
@@ -264,6 +275,41 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _check_quantization(checkpoint: Path, read: set[str], whole: bool):
+    """Refuse a file (`read`: the weights of it that are read) quantized in a format not read here, and a whole SD
+    checkpoint in scaled float8, which diffusers' pipeline converter would read without its scales."""
+    other = sorted(k for k in read if k.endswith(_OTHER_QUANTIZATION))
+    if other:
+        raise ValueError(f"{checkpoint} is quantized in a format not read here (scales such as {other[0]}): convert a "
+                         "bf16, fp16 or float8 file of it")
+    scaled = sorted(k for k in read if k.endswith(_FLOAT8_SCALES))
+    if whole and scaled:
+        raise ValueError(f"{checkpoint} is a whole checkpoint in scaled float8 ({scaled[0]}), which diffusers' "
+                         "converter would read without its scales: convert a bf16, fp16 or plain float8 file of it, "
+                         "or its UNet (model.diffusion_model.*) alone with --config")
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight` as a single file's float8 weights are read: in bfloat16, which holds every float8 value exactly, times
+    its `scale` where ComfyUI's scaled float8 gives one (`scale_weight`: w = w8 * scale, in float32, rounded once to
+    bf16). Any other tensor without a scale as it is."""
+    if scale is not None:
+        return (weight.float() * scale.float()).bfloat16()
+    return weight.bfloat16() if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
+
+
+def _read_weights(checkpoint: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` with their scales."""
+    with safe_open(checkpoint, "pt") as f:
+        names = set(f.keys())
+
+        def scale(key: str) -> torch.Tensor | None:
+            name = f"{key.removesuffix('.weight')}.scale_weight"
+            return f.get_tensor(name) if key.endswith(".weight") and name in names else None
+
+        return {k: dequantized(f.get_tensor(k), scale(k)) for k in keys}
 
 
 def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, denoiser_config: dict):
@@ -304,15 +350,18 @@ def _some(names: set[str], shown: int = 3) -> str:
 
 def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, options: dict):
     """The `config` pipeline with the denoiser of `checkpoint` (a UNet alone, SD3, FLUX), and its VAE if it holds
-    one, each converted by diffusers; `options`: from_pretrained's (the dtype of all, the pipeline's settings)."""
+    one, each converted by diffusers from the weights read (`keys`: not the text encoders, float8 dequantized);
+    `options`: from_pretrained's (the dtype of all, the pipeline's settings)."""
     from diffusers import AutoencoderKL
 
+    weights = _read_weights(checkpoint, {k for k in keys if not k.startswith(_UNREAD_PARTS)})
     model_options = {"config": config, "local_files_only": options["local_files_only"],
                      "torch_dtype": options["torch_dtype"]}
-    parts = {family.denoiser: family.denoiser_cls.from_single_file(str(checkpoint), subfolder=family.denoiser,
+    # (each converter is given a copy: diffusers' pop the weights they convert)
+    parts = {family.denoiser: family.denoiser_cls.from_single_file(dict(weights), subfolder=family.denoiser,
                                                                    **model_options)}
-    if any(k.startswith(VAE_PREFIX) for k in keys):
-        parts["vae"] = AutoencoderKL.from_single_file(str(checkpoint), subfolder="vae", **model_options)
+    if any(k.startswith(VAE_PREFIX) for k in weights):
+        parts["vae"] = AutoencoderKL.from_single_file(dict(weights), subfolder="vae", **model_options)
     return family.lora_pipeline_cls.from_pretrained(config, **options, **parts)
 
 
