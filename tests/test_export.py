@@ -604,12 +604,14 @@ def test_a_float8_weight_reads_as_bf16_exactly_and_a_scaled_one_times_its_scale(
     assert dequantized(kept) is kept
 
 
-def _in_float8(state: dict[str, torch.Tensor], quantized, scaled: bool,
+def _in_float8(state: dict[str, torch.Tensor], quantized, scaled: str | None = None,
                prefix: str = "model.diffusion_model.") -> tuple[dict, dict]:
-    """`state` with the weights `quantized(name, tensor)` picks in float8 (e4m3fn), plain or in ComfyUI's scaled
-    format (the marker under the denoiser's `prefix`, and beside each weight its scale, the largest magnitude over 448,
-    and an input scale); and the weights as read back by hand: float8 values in bf16, times the scale where there is
-    one."""
+    """`state` with the weights `quantized(name, tensor)` picks in float8 (e4m3fn): plain, or `scaled` in one of
+    ComfyUI's formats, each weight beside its scale (the largest magnitude over 448) and an input scale: "scaled_fp8"
+    (the marker under the denoiser's `prefix`, `scale_weight`, `scale_input`) or "mixed" (`weight_scale`,
+    `input_scale`, the layer's format in `comfy_quant`); and the weights as read back by hand: float8 values in bf16,
+    times the scale where there is one."""
+    names = {"scaled_fp8": ("scale_weight", "scale_input"), "mixed": ("weight_scale", "input_scale")}
     stored, expected = {}, {}
     for name, tensor in state.items():
         if not quantized(name, tensor):
@@ -619,62 +621,87 @@ def _in_float8(state: dict[str, torch.Tensor], quantized, scaled: bool,
         stored[name] = (tensor / scale if scaled else tensor).to(torch.float8_e4m3fn)
         expected[name] = stored[name].to(torch.bfloat16)
         if scaled:
-            stored[f"{name.removesuffix('.weight')}.scale_weight"] = scale
-            stored[f"{name.removesuffix('.weight')}.scale_input"] = torch.ones(())
+            layer = name.removesuffix(".weight")
+            stored[f"{layer}.{names[scaled][0]}"], stored[f"{layer}.{names[scaled][1]}"] = scale, torch.ones(())
             expected[name] = (stored[name].float() * scale).to(torch.bfloat16)
-    if scaled:
+            if scaled == "mixed":
+                stored[f"{layer}.comfy_quant"] = _json_bytes({"format": "float8_e4m3fn"})
+    if scaled == "scaled_fp8":
         stored[f"{prefix}scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
     return stored, expected
 
 
+def _json_bytes(settings: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(settings).encode()), dtype=torch.uint8)
+
+
 def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
-    """FLUX and SD3 fine-tunes are shared in float8, plain or in ComfyUI's scaled float8 (the linear weights over a
+    """FLUX and SD3 fine-tunes are shared in float8: plain, or scaled in ComfyUI's formats (the linear weights over a
     scale each). convert reads an SD3 file of each kind, and a UNet alone in plain float8 (its convolutions too), into
     bf16: exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a
-    scale left out would be off by it). A whole SD checkpoint in plain float8 converts too; in scaled float8 (which
-    diffusers' pipeline converter would read without its scales), and in a quantized format not read here (scales
-    named as in later ComfyUI files), the file is refused."""
-    def converted(name, stored, config, *read_back):
+    scale left out would be off by it). A whole SD checkpoint in plain float8 converts too. Refused, each in one line
+    naming what: a whole checkpoint with scales (diffusers' pipeline converter would read it without them), a layer
+    of another format (nvfp4, in a comfy_quant tensor; int8, in the header), a scale per channel, an integer weight,
+    settings that are not ComfyUI's JSON."""
+    def converted(name, stored, config):
         save_file(stored, tmp_path / f"{name}.safetensors")
         main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name), "--config", str(config)])
-        export(tmp_path / name, "--format", "single-file", "--dtype", "bf16", "--out", tmp_path / f"{name}-again.safetensors",
-               *read_back)
-        return load_file(tmp_path / f"{name}-again.safetensors")
+        again = tmp_path / f"{name}-again.safetensors"
+        export(tmp_path / name, "--format", "single-file", "--dtype", "bf16", "--out", again)
+        return load_file(again)
+
+    def in_mmdit(name, tensor):
+        return name.startswith("model.") and tensor.dim() == 2
 
     export(tiny_flow_models["sd3"], "--format", "single-file", "--out", tmp_path / "sd3.safetensors")
     sd3 = load_file(tmp_path / "sd3.safetensors")
-    stored, expected = _in_float8(sd3, lambda name, t: name.startswith("model.") and t.dim() == 2, scaled=False)
-    assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) > 20
-    again = converted("sd3-plain", stored, tiny_flow_models["sd3"])
-    assert again.keys() == expected.keys() and all(torch.equal(again[k], t.bfloat16()) for k, t in expected.items())
-    # scaled, the MMDiT alone and unprefixed (as FLUX's files are: the marker is then `scaled_fp8`)
+    for scaled in (None, "mixed"):
+        stored, expected = _in_float8(sd3, in_mmdit, scaled)
+        assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) > 20
+        again = converted(f"sd3-{scaled}", stored, tiny_flow_models["sd3"])
+        assert again.keys() == expected.keys()
+        assert all(torch.equal(again[k], t.bfloat16()) for k, t in expected.items()), scaled
+    # scaled_fp8, the MMDiT alone and unprefixed (as FLUX's files are: the marker is then `scaled_fp8`)
     mmdit = {k.removeprefix("model.diffusion_model."): t for k, t in sd3.items() if k.startswith("model.")}
-    stored, expected = _in_float8(mmdit, lambda name, t: t.dim() == 2, scaled=True, prefix="")
+    stored, expected = _in_float8(mmdit, lambda name, t: t.dim() == 2, "scaled_fp8", prefix="")
     assert "scaled_fp8" in stored and "joint_blocks.0.x_block.attn.qkv.scale_weight" in stored
     again = converted("sd3-scaled", stored, tiny_flow_models["sd3"])
     assert all(torch.equal(again[f"model.diffusion_model.{k}"], t.bfloat16()) for k, t in expected.items())
     export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
     whole = load_file(tmp_path / "sd.safetensors")
     unet, expected = _in_float8({k: t for k, t in whole.items() if k.startswith("model.")},
-                                lambda name, t: t.is_floating_point(), scaled=False)
+                                lambda name, t: t.is_floating_point())
     again = converted("unet", unet, tiny_models["sd"])
     assert all(torch.equal(again[k], t) for k, t in expected.items())
-    stored, expected = _in_float8(whole, lambda name, t: t.is_floating_point(), scaled=False)
+    stored, expected = _in_float8(whole, lambda name, t: t.is_floating_point())
     again = converted("whole", stored, tiny_models["sd"])
     assert again.keys() == expected.keys() and all(torch.equal(again[k], t) for k, t in expected.items())
+
     capsys.readouterr()
-    other = {k.replace("scale_weight", "weight_scale"): t for k, t in _in_float8(sd3, lambda name, t: (
-        name.startswith("model.") and t.dim() == 2), scaled=True)[0].items()}
-    for name, stored, config, message in (
-            ("whole-scaled", _in_float8(whole, lambda name, t: t.dim() == 2, scaled=True)[0], tiny_models["sd"],
-             "is a whole checkpoint in scaled float8 (cond_stage_model."),
-            ("other", other, tiny_flow_models["sd3"], "is quantized in a format not read here (scales such as "
-                                                      "model.diffusion_model.")):
-        save_file(stored, tmp_path / f"{name}.safetensors")
+    mixed, _ = _in_float8(sd3, in_mmdit, "mixed")
+    layer = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    plain, _ = _in_float8(sd3, in_mmdit)
+    rows = sd3[f"{layer}.weight"].shape[0]
+    cases = [("whole-scaled", _in_float8(whole, lambda name, t: t.dim() == 2, "scaled_fp8")[0], {},
+              "is a whole checkpoint in scaled float8 (cond_stage_model."),
+             ("nvfp4", mixed | {f"{layer}.comfy_quant": _json_bytes({"format": "nvfp4"})}, {},
+              f"layer {layer} is quantized as 'nvfp4', which is not read here"),
+             ("int8", plain, {"_quantization_metadata": json.dumps({"layers": {layer: {"format": "int8_tensorwise"}}})},
+              f"layer {layer} is quantized as 'int8_tensorwise', which is not read here"),
+             ("channel", mixed | {f"{layer}.weight_scale": torch.ones(rows, 1)}, {},
+              f"{layer}.weight_scale scales {layer}.weight (F8_E4M3) by a tensor of shape [{rows}, 1]: only float"),
+             ("integer", mixed | {f"{layer}.weight": sd3[f"{layer}.weight"].to(torch.int8)}, {},
+              f"{layer}.weight_scale scales {layer}.weight (I8) by a tensor of shape []"),
+             ("not-json", mixed | {f"{layer}.comfy_quant": torch.tensor([1, 2], dtype=torch.uint8)}, {},
+              "its quantization settings are unreadable (Expecting value")]
+    for name, stored, metadata, message in cases:
+        save_file(stored, tmp_path / f"{name}.safetensors", metadata=metadata)
+        config = tiny_models["sd"] if name == "whole-scaled" else tiny_flow_models["sd3"]
         with pytest.raises(SystemExit):
             main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "out"), "--config",
                   str(config)])
-        assert message in capsys.readouterr().err and not (tmp_path / "out").exists(), name
+        err = capsys.readouterr().err
+        assert message in err and not (tmp_path / "out").exists(), err
 
 
 def test_a_transformer_weight_without_its_place_in_the_original_layout_is_named(tiny_flow_models):

@@ -25,14 +25,16 @@ VAE as above (ComfyUI's Load Checkpoint, beside its text-encoder loader); FLUX's
 Every tensor of the parts a family's file holds is written, once, under its original name.
 
 Fine-tunes are often shared in float8 (FLUX's most of all), to halve the download: plain (`float8_e4m3fn` or
-`float8_e5m2`) or "scaled" (ComfyUI's scaled float8: each linear weight divided by a scale kept beside it, to use
-float8's range). `convert` reads both into bf16 (`dequantized`).
+`float8_e5m2`) or scaled, in ComfyUI's formats (each linear weight divided by a scale kept beside it, to use float8's
+range). `convert` reads both into bf16 (`dequantized`).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -56,11 +58,14 @@ _OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_e
 # of those, what a file that is not whole is not read for (its text encoders, and an all-in-one file's `vae.`): the
 # --config gives them
 _UNREAD_PARTS = _OTHER_PARTS[1:]
-# ComfyUI's scaled float8 files: a `scaled_fp8` marker, and beside a float8 linear weight the scale it is multiplied by
-# (`scale_weight`) and one its input is divided by for float8 matmuls (`scale_input`, which leaves the product alone)
-_FLOAT8_SCALES = ("scaled_fp8", ".scale_weight", ".scale_input")
-# the scales of quantized formats not read here (ComfyUI's later mixed-precision files, NVFP4 and the like)
-_OTHER_QUANTIZATION = (".weight_scale", ".weight_scale_2", ".input_scale", ".comfy_quant")
+# ComfyUI's float8 files. "Scaled fp8": a `scaled_fp8` marker; beside a float8 linear weight the scale it is multiplied
+# by (`scale_weight`) and one its input is divided by for float8 matmuls (`scale_input`, which leaves the product
+# alone). "Mixed precision", into which ComfyUI reads the former: the same scales as `weight_scale` and `input_scale`,
+# each quantized layer's format in a `comfy_quant` tensor (JSON bytes) or in the header's `_quantization_metadata`;
+# its float8 format is read here, not its block-scaled or integer ones (mxfp8, nvfp4, int8)
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+_QUANTIZATION = ("scaled_fp8", ".scale_input", ".input_scale", ".comfy_quant", *_WEIGHT_SCALES)
+_FLOAT8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 FLUX_WIDTH = 3072  # the only width diffusers' FLUX converter reads (`convert_flux_transformer_checkpoint_to_diffusers`)
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
@@ -232,13 +237,14 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     except SafetensorError as err:
         raise ValueError(f"{checkpoint}: not a readable safetensors file ({first_line(err)})") from None
     family, whole = _checkpoint_family(checkpoint, shapes)  # a UNet alone: None, its family is the --config's
-    read = {k for k in shapes if whole or not k.startswith(_UNREAD_PARTS)}  # the text encoders of a whole file only
-    _check_quantization(checkpoint, read, whole)
-    shapes = {k: shape for k, shape in shapes.items() if not k.endswith(_FLOAT8_SCALES)}
+    # what is read: a whole file's text encoders too
+    read = {k: (shape, dtypes[k]) for k, shape in shapes.items() if whole or not k.startswith(_UNREAD_PARTS)}
+    _check_quantization(checkpoint, read, whole, metadata)
+    shapes = {k: shape for k, shape in shapes.items() if not k.endswith(_QUANTIZATION)}
     keys = set(shapes)
-    # the dtype of all: bf16 for float8 weights (`dequantized`), else the denoiser's (not the VAE's, a text encoder's
-    # or an old file's float32 schedule buffers)
-    dtype = "BF16" if any(dtypes[k].startswith("F8") for k in read) else next(
+    # the dtype of all: bf16 for float8 or scaled weights (`dequantized`), else the denoiser's (not the VAE's, a text
+    # encoder's or an old file's float32 schedule buffers)
+    dtype = "BF16" if any(d.startswith("F8") or k.endswith(_WEIGHT_SCALES) for k, (_, d) in read.items()) else next(
         dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
     if config is None and not whole:
         raise ValueError(f"{checkpoint} holds {f'a {family} transformer' if family else 'a UNet'} without the text "
@@ -277,37 +283,63 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     return out
 
 
-def _check_quantization(checkpoint: Path, read: set[str], whole: bool):
-    """Refuse a file (`read`: the weights of it that are read) quantized in a format not read here, and a whole SD
-    checkpoint in scaled float8, which diffusers' pipeline converter would read without its scales."""
-    other = sorted(k for k in read if k.endswith(_OTHER_QUANTIZATION))
+def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], whole: bool, metadata: dict[str, str]):
+    """Refuse a file quantized in a way `dequantized` does not undo (`read`: the shape and dtype of each tensor read;
+    `metadata`: the header's): a layer of another format than float8, a scale of more than one number (per block or
+    channel) or beside a weight that is not of floats; and a whole SD checkpoint with scales, which diffusers' pipeline
+    converter would read without them."""
+    other = sorted((layer, form) for layer, form in _layer_formats(checkpoint, read, metadata).items()
+                   if form not in _FLOAT8_FORMATS)
     if other:
-        raise ValueError(f"{checkpoint} is quantized in a format not read here (scales such as {other[0]}): convert a "
-                         "bf16, fp16 or float8 file of it")
-    scaled = sorted(k for k in read if k.endswith(_FLOAT8_SCALES))
+        raise ValueError(f"{checkpoint}: layer {other[0][0]} is quantized as {other[0][1]!r}, which is not read here "
+                         "(float8 only, one scale per weight at most): convert a bf16, fp16 or float8 file of it")
+    for scale in sorted(k for k in read if k.endswith(_WEIGHT_SCALES)):
+        weight = f"{scale.rsplit('.', 1)[0]}.weight"
+        dtype = read[weight][1] if weight in read else "missing"
+        if math.prod(read[scale][0]) != 1 or not dtype.startswith(("F", "BF")):
+            raise ValueError(f"{checkpoint}: {scale} scales {weight} ({dtype}) by a tensor of shape "
+                             f"{list(read[scale][0])}: only float weights with one scale each are read here (float8), "
+                             "not weights quantized per block or channel, or to integers; convert a bf16, fp16 or "
+                             "float8 file of it")
+    scaled = sorted(k for k in read if k.endswith(_QUANTIZATION))
     if whole and scaled:
         raise ValueError(f"{checkpoint} is a whole checkpoint in scaled float8 ({scaled[0]}), which diffusers' "
                          "converter would read without its scales: convert a bf16, fp16 or plain float8 file of it, "
                          "or its UNet (model.diffusion_model.*) alone with --config")
 
 
+def _layer_formats(checkpoint: Path, read: dict, metadata: dict[str, str]) -> dict[str, str]:
+    """The format of each quantized layer read, as ComfyUI's mixed-precision files give it: in the header's
+    `_quantization_metadata` ({"layers": {layer: {"format": ...}}}) and in a `comfy_quant` tensor beside the layer's
+    weight (the same JSON, as bytes)."""
+    try:
+        layers = json.loads(metadata.get("_quantization_metadata", "{}")).get("layers", {})
+        with safe_open(checkpoint, "pt") as f:
+            layers |= {k.removesuffix(".comfy_quant"): json.loads(f.get_tensor(k).numpy().tobytes())
+                       for k in read if k.endswith(".comfy_quant")}
+        return {layer: settings.get("format") for layer, settings in layers.items() if f"{layer}.weight" in read}
+    except (ValueError, AttributeError, TypeError) as err:  # (json's errors are ValueErrors)
+        raise ValueError(f"{checkpoint}: its quantization settings are unreadable ({first_line(err)})") from None
+
+
 def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """`weight` as a single file's float8 weights are read: in bfloat16, which holds every float8 value exactly, times
-    its `scale` where ComfyUI's scaled float8 gives one (`scale_weight`: w = w8 * scale, in float32, rounded once to
-    bf16). Any other tensor without a scale as it is."""
+    its `scale` where ComfyUI's files give one (`scale_weight`, `weight_scale`: w = w8 * scale, in float32, rounded
+    once to bf16). Any other tensor without a scale as it is."""
     if scale is not None:
         return (weight.float() * scale.float()).bfloat16()
     return weight.bfloat16() if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
 
 
 def _read_weights(checkpoint: Path, keys: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` with their scales."""
+    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` with the scales
+    beside them."""
     with safe_open(checkpoint, "pt") as f:
         names = set(f.keys())
 
         def scale(key: str) -> torch.Tensor | None:
-            name = f"{key.removesuffix('.weight')}.scale_weight"
-            return f.get_tensor(name) if key.endswith(".weight") and name in names else None
+            scales = [f"{key.removesuffix('.weight')}{kind}" for kind in _WEIGHT_SCALES if key.endswith(".weight")]
+            return next((f.get_tensor(name) for name in scales if name in names), None)
 
         return {k: dequantized(f.get_tensor(k), scale(k)) for k in keys}
 
