@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from diffusion_align.cli import main
 from diffusion_align.config import config_to_yaml, load_config
 from diffusion_align.files import EMA_FOLDER
-from diffusion_align.models.export import find_source
+from diffusion_align.models.export import DTYPES, find_source
 from diffusion_align.models.policy import LORA_WEIGHTS, write_diffusers_lora
 from diffusion_align.models.single_file import dequantized, single_file_state
 from test_kohya import apply_kohya_rule, images
@@ -635,19 +635,21 @@ def _json_bytes(settings: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(settings).encode()), dtype=torch.uint8)
 
 
-def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
+def test_a_float8_file_converts_to_its_weights_in_fp16_or_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
     """FLUX and SD3 fine-tunes are shared in float8: plain, or scaled in ComfyUI's formats (the linear weights over a
-    scale each). convert reads an SD3 file of each kind, and a UNet alone in plain float8 (its convolutions too), into
-    bf16: exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a
-    scale left out would be off by it). A whole SD checkpoint in plain float8 converts too. Refused, each in one line
-    naming what: a whole checkpoint with scales (diffusers' pipeline converter would read it without them), a layer
-    of another format (nvfp4, in a comfy_quant tensor; int8, in the header), a scale per channel, an integer weight,
-    settings that are not ComfyUI's JSON."""
-    def converted(name, stored, config):
+    scale each). convert reads an SD3 file of each kind, and a UNet alone in plain float8 (its convolutions too), in
+    the dtype of the denoiser's other weights where it is fp16 (every float8 value is an fp16 value), else bf16:
+    exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a scale left
+    out would be off by it). A whole SD checkpoint in plain float8 converts too, ComfyUI's marker in it or not.
+    Refused, each in one line naming what: a whole checkpoint with scales (diffusers' pipeline converter would read it
+    without them), a layer of another format (nvfp4, in a comfy_quant tensor; int8, in the header), a scale per
+    channel, or beside a convolution's weight, an integer weight, settings that are not ComfyUI's JSON, bitsandbytes'
+    NF4."""
+    def converted(name, stored, config, dtype="bf16"):
         save_file(stored, tmp_path / f"{name}.safetensors")
         main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name), "--config", str(config)])
         again = tmp_path / f"{name}-again.safetensors"
-        export(tmp_path / name, "--format", "single-file", "--dtype", "bf16", "--out", again)
+        export(tmp_path / name, "--format", "single-file", "--dtype", dtype, "--out", again)
         return load_file(again)
 
     def in_mmdit(name, tensor):
@@ -655,12 +657,16 @@ def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_model
 
     export(tiny_flow_models["sd3"], "--format", "single-file", "--out", tmp_path / "sd3.safetensors")
     sd3 = load_file(tmp_path / "sd3.safetensors")
-    for scaled in (None, "mixed"):
-        stored, expected = _in_float8(sd3, in_mmdit, scaled)
+    for scaled, dtype in ((None, torch.float16), ("mixed", torch.float32)):  # the MMDiT's other weights' dtype
+        state = {k: t.to(dtype) if k.startswith("model.") else t for k, t in sd3.items()}
+        stored, expected = _in_float8(state, in_mmdit, scaled)
         assert sum(t.dtype == torch.float8_e4m3fn for t in stored.values()) > 20
-        again = converted(f"sd3-{scaled}", stored, tiny_flow_models["sd3"])
+        written = {torch.float16: "fp16", torch.float32: "bf16"}[dtype]
+        transformer = tmp_path / f"sd3-{scaled}" / "transformer" / "diffusion_pytorch_model.safetensors"
+        again = converted(f"sd3-{scaled}", stored, tiny_flow_models["sd3"], written)
+        assert {t.dtype for t in load_file(transformer).values()} == {DTYPES[written]}
         assert again.keys() == expected.keys()
-        assert all(torch.equal(again[k], t.bfloat16()) for k, t in expected.items()), scaled
+        assert all(torch.equal(again[k], t.to(DTYPES[written])) for k, t in expected.items()), scaled
     # scaled_fp8, the MMDiT alone and unprefixed (as FLUX's files are: the marker is then `scaled_fp8`)
     mmdit = {k.removeprefix("model.diffusion_model."): t for k, t in sd3.items() if k.startswith("model.")}
     stored, expected = _in_float8(mmdit, lambda name, t: t.dim() == 2, "scaled_fp8", prefix="")
@@ -674,14 +680,15 @@ def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_model
     again = converted("unet", unet, tiny_models["sd"])
     assert all(torch.equal(again[k], t) for k, t in expected.items())
     stored, expected = _in_float8(whole, lambda name, t: t.is_floating_point())
-    again = converted("whole", stored, tiny_models["sd"])
+    again = converted("whole", stored | {"model.diffusion_model.scaled_fp8": torch.tensor([])}, tiny_models["sd"])
     assert again.keys() == expected.keys() and all(torch.equal(again[k], t) for k, t in expected.items())
 
     capsys.readouterr()
     mixed, _ = _in_float8(sd3, in_mmdit, "mixed")
     layer = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv"
     plain, _ = _in_float8(sd3, in_mmdit)
-    rows = sd3[f"{layer}.weight"].shape[0]
+    rows, columns = sd3[f"{layer}.weight"].shape
+    patches = "model.diffusion_model.x_embedder.proj.weight"
     cases = [("whole-scaled", _in_float8(whole, lambda name, t: t.dim() == 2, "scaled_fp8")[0], {},
               "is a whole checkpoint in scaled float8 (cond_stage_model."),
              ("nvfp4", mixed | {f"{layer}.comfy_quant": _json_bytes({"format": "nvfp4"})}, {},
@@ -689,11 +696,17 @@ def test_a_float8_file_converts_to_its_weights_in_bf16(tmp_path, tiny_flow_model
              ("int8", plain, {"_quantization_metadata": json.dumps({"layers": {layer: {"format": "int8_tensorwise"}}})},
               f"layer {layer} is quantized as 'int8_tensorwise', which is not read here"),
              ("channel", mixed | {f"{layer}.weight_scale": torch.ones(rows, 1)}, {},
-              f"{layer}.weight_scale scales {layer}.weight (F8_E4M3) by a tensor of shape [{rows}, 1]: only float"),
+              f"{layer}.weight_scale scales {layer}.weight (F8_E4M3, shape [{rows}, {columns}]) by a tensor of shape "
+              f"[{rows}, 1]: only linear layers' float weights"),
              ("integer", mixed | {f"{layer}.weight": sd3[f"{layer}.weight"].to(torch.int8)}, {},
-              f"{layer}.weight_scale scales {layer}.weight (I8) by a tensor of shape []"),
+              f"{layer}.weight_scale scales {layer}.weight (I8, shape [{rows}, {columns}]) by a tensor of shape []"),
+             ("convolution", mixed | {f"{patches}_scale": torch.ones(())}, {},
+              f"{patches}_scale scales {patches} (F32, shape [{', '.join(map(str, sd3[patches].shape))}]) by"),
              ("not-json", mixed | {f"{layer}.comfy_quant": torch.tensor([1, 2], dtype=torch.uint8)}, {},
-              "its quantization settings are unreadable (Expecting value")]
+              "its quantization settings are unreadable (Expecting value"),
+             ("nf4", plain | {f"{layer}.weight.absmax": torch.ones(4),
+                              f"{layer}.weight.quant_state.bitsandbytes__nf4": torch.zeros(8, dtype=torch.uint8)}, {},
+              f"holds weights quantized by bitsandbytes (such as {layer}.weight.absmax: NF4 or FP4)")]
     for name, stored, metadata, message in cases:
         save_file(stored, tmp_path / f"{name}.safetensors", metadata=metadata)
         config = tiny_models["sd"] if name == "whole-scaled" else tiny_flow_models["sd3"]

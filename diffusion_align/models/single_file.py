@@ -26,7 +26,7 @@ Every tensor of the parts a family's file holds is written, once, under its orig
 
 Fine-tunes are often shared in float8 (FLUX's most of all), to halve the download: plain (`float8_e4m3fn` or
 `float8_e5m2`) or scaled, in ComfyUI's formats (each linear weight divided by a scale kept beside it, to use float8's
-range). `convert` reads both into bf16 (`dequantized`).
+range). `convert` reads both (`dequantized`), into fp16 or bf16, each of which holds every float8 value.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ _UNREAD_PARTS = _OTHER_PARTS[1:]
 _WEIGHT_SCALES = (".scale_weight", ".weight_scale")
 _QUANTIZATION = ("scaled_fp8", ".scale_input", ".input_scale", ".comfy_quant", *_WEIGHT_SCALES)
 _FLOAT8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+# bitsandbytes' 4-bit weights (NF4 / FP4, as FLUX is shared too): the packed weight's statistics beside it
+_BITSANDBYTES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 FLUX_WIDTH = 3072  # the only width diffusers' FLUX converter reads (`convert_flux_transformer_checkpoint_to_diffusers`)
 logger = logging.getLogger("diffusion_align")
 # the model spec's (modelspec.*) names for diffusers' prediction types
@@ -219,8 +221,8 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). The file's own
     markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
     `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`).
-    A file with float8 weights, plain or in ComfyUI's scaled float8 (not a whole one), comes out in bf16
-    (`dequantized`)."""
+    A file with float8 weights, plain or scaled in ComfyUI's formats (not a whole one scaled), comes out in fp16 where
+    its other denoiser weights are fp16, else in bf16 (`dequantized`)."""
     if out.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):
         raise ValueError(f"--out {out} is or holds {checkpoint}, which the pipeline written there would replace; "
                          "give another folder")
@@ -242,10 +244,13 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     _check_quantization(checkpoint, read, whole, metadata)
     shapes = {k: shape for k, shape in shapes.items() if not k.endswith(_QUANTIZATION)}
     keys = set(shapes)
-    # the dtype of all: bf16 for float8 or scaled weights (`dequantized`), else the denoiser's (not the VAE's, a text
-    # encoder's or an old file's float32 schedule buffers)
-    dtype = "BF16" if any(d.startswith("F8") or k.endswith(_WEIGHT_SCALES) for k, (_, d) in read.items()) else next(
-        dtypes[k] for k in sorted(keys) if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
+    # the dtype of all: the denoiser's (not the VAE's, a text encoder's or an old file's float32 schedule buffers); of
+    # a denoiser in float8, that of its other weights where they are fp16, else bf16
+    denoiser = sorted(k for k in keys if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
+    if any(dtypes[k].startswith("F8") for k in denoiser):
+        dtype = "F16" if {dtypes[k] for k in denoiser} - {"F8_E4M3", "F8_E5M2"} == {"F16"} else "BF16"
+    else:
+        dtype = dtypes[denoiser[0]]
     if config is None and not whole:
         raise ValueError(f"{checkpoint} holds {f'a {family} transformer' if family else 'a UNet'} without the text "
                          "encoders: give the pipeline they come from with --config (hub id or folder)")
@@ -285,9 +290,13 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
 
 def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], whole: bool, metadata: dict[str, str]):
     """Refuse a file quantized in a way `dequantized` does not undo (`read`: the shape and dtype of each tensor read;
-    `metadata`: the header's): a layer of another format than float8, a scale of more than one number (per block or
-    channel) or beside a weight that is not of floats; and a whole SD checkpoint with scales, which diffusers' pipeline
-    converter would read without them."""
+    `metadata`: the header's): bitsandbytes' 4-bit weights, a layer of another format than float8, a scale of more
+    than one number (per block or channel) or beside a weight that is not a linear layer's of floats; and a whole SD
+    checkpoint with scales, which diffusers' pipeline converter would read without them."""
+    packed = sorted(k for k in read if k.endswith(_BITSANDBYTES) or ".quant_state." in k)
+    if packed:
+        raise ValueError(f"{checkpoint} holds weights quantized by bitsandbytes (such as {packed[0]}: NF4 or FP4), "
+                         "which are not read here: convert a bf16, fp16 or float8 file of it")
     other = sorted((layer, form) for layer, form in _layer_formats(checkpoint, read, metadata).items()
                    if form not in _FLOAT8_FORMATS)
     if other:
@@ -295,17 +304,16 @@ def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], wh
                          "(float8 only, one scale per weight at most): convert a bf16, fp16 or float8 file of it")
     for scale in sorted(k for k in read if k.endswith(_WEIGHT_SCALES)):
         weight = f"{scale.rsplit('.', 1)[0]}.weight"
-        dtype = read[weight][1] if weight in read else "missing"
-        if math.prod(read[scale][0]) != 1 or not dtype.startswith(("F", "BF")):
-            raise ValueError(f"{checkpoint}: {scale} scales {weight} ({dtype}) by a tensor of shape "
-                             f"{list(read[scale][0])}: only float weights with one scale each are read here (float8), "
-                             "not weights quantized per block or channel, or to integers; convert a bf16, fp16 or "
-                             "float8 file of it")
-    scaled = sorted(k for k in read if k.endswith(_QUANTIZATION))
+        shape, dtype = read.get(weight, ((), "missing"))
+        if math.prod(read[scale][0]) != 1 or len(shape) != 2 or not dtype.startswith(("F", "BF")):
+            raise ValueError(f"{checkpoint}: {scale} scales {weight} ({dtype}, shape {list(shape)}) by a tensor of "
+                             f"shape {list(read[scale][0])}: only linear layers' float weights with one scale each "
+                             "are read here (float8), not weights quantized per block or channel, or to integers; "
+                             "convert a bf16, fp16 or float8 file of it")
+    scaled = sorted(k for k in read if k.endswith(_WEIGHT_SCALES))
     if whole and scaled:
         raise ValueError(f"{checkpoint} is a whole checkpoint in scaled float8 ({scaled[0]}), which diffusers' "
-                         "converter would read without its scales: convert a bf16, fp16 or plain float8 file of it, "
-                         "or its UNet (model.diffusion_model.*) alone with --config")
+                         "converter would read without its scales: convert a bf16, fp16 or plain float8 file of it")
 
 
 def _layer_formats(checkpoint: Path, read: dict, metadata: dict[str, str]) -> dict[str, str]:
@@ -322,18 +330,19 @@ def _layer_formats(checkpoint: Path, read: dict, metadata: dict[str, str]) -> di
         raise ValueError(f"{checkpoint}: its quantization settings are unreadable ({first_line(err)})") from None
 
 
-def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`weight` as a single file's float8 weights are read: in bfloat16, which holds every float8 value exactly, times
-    its `scale` where ComfyUI's files give one (`scale_weight`, `weight_scale`: w = w8 * scale, in float32, rounded
-    once to bf16). Any other tensor without a scale as it is."""
+def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`weight` as a single file's float8 weights are read: in `dtype` (fp16 and bf16 hold every float8 value
+    exactly), times its `scale` where ComfyUI's files give one (`scale_weight`, `weight_scale`: w = w8 * scale, in
+    float32, rounded once to `dtype`). Any other tensor without a scale as it is."""
     if scale is not None:
-        return (weight.float() * scale.float()).bfloat16()
-    return weight.bfloat16() if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
+        return (weight.float() * scale.float()).to(dtype)
+    return weight.to(dtype) if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
 
 
-def _read_weights(checkpoint: Path, keys: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` with the scales
-    beside them."""
+def _read_weights(checkpoint: Path, keys: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` into `dtype` with
+    the scales beside them."""
     with safe_open(checkpoint, "pt") as f:
         names = set(f.keys())
 
@@ -341,7 +350,7 @@ def _read_weights(checkpoint: Path, keys: set[str]) -> dict[str, torch.Tensor]:
             scales = [f"{key.removesuffix('.weight')}{kind}" for kind in _WEIGHT_SCALES if key.endswith(".weight")]
             return next((f.get_tensor(name) for name in scales if name in names), None)
 
-        return {k: dequantized(f.get_tensor(k), scale(k)) for k in keys}
+        return {k: dequantized(f.get_tensor(k), scale(k), dtype) for k in keys}
 
 
 def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, denoiser_config: dict):
@@ -386,14 +395,15 @@ def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config
     `options`: from_pretrained's (the dtype of all, the pipeline's settings)."""
     from diffusers import AutoencoderKL
 
-    weights = _read_weights(checkpoint, {k for k in keys if not k.startswith(_UNREAD_PARTS)})
-    model_options = {"config": config, "local_files_only": options["local_files_only"],
-                     "torch_dtype": options["torch_dtype"]}
+    dtype = options["torch_dtype"]
+    weights = _read_weights(checkpoint, {k for k in keys if not k.startswith(_UNREAD_PARTS)}, dtype)
+    model_options = {"config": config, "local_files_only": options["local_files_only"], "torch_dtype": dtype}
     # (each converter is given a copy: diffusers' pop the weights they convert)
     parts = {family.denoiser: family.denoiser_cls.from_single_file(dict(weights), subfolder=family.denoiser,
                                                                    **model_options)}
     if any(k.startswith(VAE_PREFIX) for k in weights):
         parts["vae"] = AutoencoderKL.from_single_file(dict(weights), subfolder="vae", **model_options)
+    del weights  # (the fused layers the converters split, which the loading of the rest need not hold)
     return family.lora_pipeline_cls.from_pretrained(config, **options, **parts)
 
 
