@@ -248,7 +248,7 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     # a denoiser in float8, that of its other weights where they are fp16, else bf16
     denoiser = sorted(k for k in keys if k.startswith((UNET_PREFIX, *_TRANSFORMER_BLOCKS.values())))
     if any(dtypes[k].startswith("F8") for k in denoiser):
-        dtype = "F16" if {dtypes[k] for k in denoiser} - {"F8_E4M3", "F8_E5M2"} == {"F16"} else "BF16"
+        dtype = "F16" if {dtypes[k] for k in denoiser if not dtypes[k].startswith("F8")} == {"F16"} else "BF16"
     else:
         dtype = dtypes[denoiser[0]]
     if config is None and not whole:
@@ -302,7 +302,8 @@ def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], wh
     if other:
         raise ValueError(f"{checkpoint}: layer {other[0][0]} is quantized as {other[0][1]!r}, which is not read here "
                          "(float8 only, one scale per weight at most): convert a bf16, fp16 or float8 file of it")
-    for scale in sorted(k for k in read if k.endswith(_WEIGHT_SCALES)):
+    scales = sorted(k for k in read if k.endswith(_WEIGHT_SCALES))
+    for scale in scales:
         weight = f"{scale.rsplit('.', 1)[0]}.weight"
         shape, dtype = read.get(weight, ((), "missing"))
         if math.prod(read[scale][0]) != 1 or len(shape) != 2 or not dtype.startswith(("F", "BF")):
@@ -310,9 +311,8 @@ def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], wh
                              f"shape {list(read[scale][0])}: only linear layers' float weights with one scale each "
                              "are read here (float8), not weights quantized per block or channel, or to integers; "
                              "convert a bf16, fp16 or float8 file of it")
-    scaled = sorted(k for k in read if k.endswith(_WEIGHT_SCALES))
-    if whole and scaled:
-        raise ValueError(f"{checkpoint} is a whole checkpoint in scaled float8 ({scaled[0]}), which diffusers' "
+    if whole and scales:
+        raise ValueError(f"{checkpoint} is a whole checkpoint in scaled float8 ({scales[0]}), which diffusers' "
                          "converter would read without its scales: convert a bf16, fp16 or plain float8 file of it")
 
 
