@@ -7,6 +7,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 
+# scripts/test.sh runs the suite on two workers (pytest-xdist, --dist loadscope: each module on one worker, so that its
+# fixtures are made once). The modules that take minutes go first, the heaviest first (by --durations), so that
+# neither worker is left with one of them at the end while the other waits
+HEAVIEST_FIRST = ["test_sharding.py", "test_benchmarks.py", "test_memory.py", "test_export.py", "test_crash.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(autouse=True)
 def _private_datasets_cache(tmp_path_factory, monkeypatch):

@@ -1,6 +1,7 @@
 """Sharded training (train.sharding=fsdp2, and DeepSpeed's zero2) on two CPU processes (torchrun, gloo): every method,
-LoRA and full, gives its UNet what the data-parallel run gives it and ends at the data-parallel run's weights;
-accelerate's configs select the strategy; settings sharding cannot run with are refused before anything loads."""
+LoRA and full, gives its UNet what the data-parallel run gives it and ends at the data-parallel run's weights (five
+of those cases opt-in: SLOW); accelerate's configs select the strategy; settings sharding cannot run with are refused
+before anything loads."""
 
 import json
 import subprocess
@@ -40,6 +41,9 @@ RESUMED = {"dpo-lora-ema-fsdp2", "dpo-lora-ema-zero2", "dpo-full-ema-fsdp2"}
 # DeepSpeed ZeRO-2 on a few: LoRA and full, offline (SmPO's inversion calls the UNet outside the engine) and online,
 # and a transformer
 ZERO2_CASES = ["dpo-lora", "dpo-full", "smpo-full", "pref_grpo-lora", "grpo-full", "dpo-lora-sd3", "dpo-lora-ema"]
+# opt-in (pytest -m slow), launched on their own: cases whose sharded path a default case already takes (each method
+# keeps a default case; MaPO's full fine-tune is the default one without a reference copy)
+SLOW = {"mapo-lora", "sft-full", "dcpo-full", "smpo-lora", "grpo-lora"}
 # (sharded run, data-parallel run) pairs to compare; gradient checkpointing must not change what a sharded run learns
 PAIRS = {case: (f"{case}-fsdp2", f"{case}-none") for case in CASES}
 PAIRS["dpo-full-checkpointing"] = ("dpo-full-checkpointing-fsdp2", "dpo-full-none")
@@ -51,14 +55,26 @@ PAIRS["dpo-lora-bf16-zero2"] = ("dpo-lora-bf16-zero2", "dpo-lora-bf16-none")
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs):
-    """One torchrun launch that trains every case data-parallel and sharded (about 4 minutes on 2 cores)."""
-    root, proc = launch_sharded_runs(tmp_path_factory.mktemp("sharding"), tiny_models, tiny_flow_models, tiny_pairs)
+    """One torchrun launch that trains every default case data-parallel and sharded (about 4 minutes on 2 cores)."""
+    return sharded_launch(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs, slow=False)
+
+
+@pytest.fixture(scope="module")
+def slow_sharded_runs(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs):
+    """The same for the SLOW cases, in a launch of their own (about a minute)."""
+    return sharded_launch(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs, slow=True)
+
+
+def sharded_launch(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs, slow: bool):
+    """Launch the default or the SLOW runs; the output folder and the launch's log."""
+    root, proc = launch_sharded_runs(tmp_path_factory.mktemp("sharding"), tiny_models, tiny_flow_models, tiny_pairs,
+                                     slow)
     if proc.returncode != 0 and HEAP_ABORT in proc.stderr:
         # glibc aborted a process on heap corruption inside torch's collectives (once, 2026-12-02, at the first
         # FSDP2 gather of a full test run; the same launch passed before and after): a crash of the native code, not
         # a result of ours, so the launch is made once more, from scratch; any other failure fails at once
         root, proc = launch_sharded_runs(tmp_path_factory.mktemp("sharding"), tiny_models, tiny_flow_models,
-                                         tiny_pairs)
+                                         tiny_pairs, slow)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return root, proc.stderr
 
@@ -66,8 +82,9 @@ def sharded_runs(tmp_path_factory, tiny_models, tiny_flow_models, tiny_pairs):
 HEAP_ABORT = "malloc(): "  # glibc's message when it aborts on a corrupted heap
 
 
-def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs):
-    """Every run of CASES (and the bf16 and checkpointing ones) in one torchrun launch writing into `root`."""
+def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs, slow: bool):
+    """The runs of the SLOW cases, or of the others (and the bf16, resumed and checkpointing ones), in one torchrun
+    launch writing into `root`."""
     from diffusion_align.rewards.tiny import save_tiny_scorer
     table = pq.read_table(tiny_pairs).to_pylist()
     for i, row in enumerate(table):  # DCPO's per-image captions; the other methods ignore them
@@ -84,7 +101,9 @@ def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs):
              "overrides": [*common, *overrides, *([model[case]] if case in model else []),
                            f"train.sharding={sharding}", f"train.output_dir={root / f'{case}-{sharding}'}"]}
             for case, overrides in CASES.items() for sharding in ("none", "fsdp2", "zero2")
-            if sharding != "zero2" or case in ZERO2_CASES]
+            if (case in SLOW) == slow and (sharding != "zero2" or case in ZERO2_CASES)]
+    if slow:
+        return launch(root, runs, port=29529)
     runs += [{"name": f"dpo-lora-bf16-{sharding}", "config": str(TINY_CONFIG),
               "overrides": [*common, *BF16, f"train.sharding={sharding}",
                             f"train.output_dir={root / f'dpo-lora-bf16-{sharding}'}"]} for sharding in ("none", "zero2")]
@@ -94,8 +113,12 @@ def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs):
     runs.append({"name": "dpo-full-checkpointing-fsdp2", "config": str(TINY_CONFIG),
                  "overrides": [*common, *CASES["dpo-full"], "train.sharding=fsdp2", "model.gradient_checkpointing=true",
                                f"train.output_dir={root / 'dpo-full-checkpointing-fsdp2'}"]})
+    return launch(root, runs, port=29527)
+
+
+def launch(root: Path, runs: list[dict], port: int):
     (root / "spec.json").write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__).parent / "sharding_worker.py"), str(root / "spec.json"), str(root)]
     return root, subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
 
@@ -122,10 +145,10 @@ def denoiser_loads(root: Path, run: str, rank: int) -> list[str]:
     return json.loads((root / f"{run}-rank{rank}.json").read_text())["denoiser_loads"]
 
 
-@pytest.mark.parametrize("case", list(PAIRS))
-def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(sharded_runs, tiny_models, tiny_flow_models,
-                                                                      case):
-    root, log = sharded_runs
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in PAIRS])
+def test_a_sharded_run_feeds_and_trains_the_unet_as_data_parallel_does(request, tiny_models, tiny_flow_models, case):
+    root, log = request.getfixturevalue("slow_sharded_runs" if case in SLOW else "sharded_runs")
     sharded, data_parallel = PAIRS[case]
     assert f"{sharded.rsplit('-', 1)[1]} over 2 processes" in log
     for rank in (0, 1):
