@@ -103,7 +103,7 @@ def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs, s
             for case, overrides in CASES.items() for sharding in ("none", "fsdp2", "zero2")
             if (case in SLOW) == slow and (sharding != "zero2" or case in ZERO2_CASES)]
     if slow:
-        return launch(root, runs, port=29529)
+        return launch(root, runs)
     runs += [{"name": f"dpo-lora-bf16-{sharding}", "config": str(TINY_CONFIG),
               "overrides": [*common, *BF16, f"train.sharding={sharding}",
                             f"train.output_dir={root / f'dpo-lora-bf16-{sharding}'}"]} for sharding in ("none", "zero2")]
@@ -113,12 +113,13 @@ def launch_sharded_runs(root: Path, tiny_models, tiny_flow_models, tiny_pairs, s
     runs.append({"name": "dpo-full-checkpointing-fsdp2", "config": str(TINY_CONFIG),
                  "overrides": [*common, *CASES["dpo-full"], "train.sharding=fsdp2", "model.gradient_checkpointing=true",
                                f"train.output_dir={root / 'dpo-full-checkpointing-fsdp2'}"]})
-    return launch(root, runs, port=29527)
+    return launch(root, runs)
 
 
-def launch(root: Path, runs: list[dict], port: int):
+def launch(root: Path, runs: list[dict]):
+    """`runs` in one torchrun launch of two processes (the module's two launches run one after the other)."""
     (root / "spec.json").write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527",
            str(Path(__file__).parent / "sharding_worker.py"), str(root / "spec.json"), str(root)]
     return root, subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
 
