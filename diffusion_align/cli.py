@@ -270,7 +270,7 @@ def cmd_export(args) -> None:
 
 def cmd_convert(args) -> None:
     from .models.single_file import convert
-    written = convert(Path(args.checkpoint), Path(args.out), args.config, args.overwrite).resolve()
+    written = convert(Path(args.checkpoint), Path(args.out), args.config, args.overwrite, args.variant).resolve()
     print(f"pipeline: {written} (from {args.checkpoint}); train on it with model.pretrained={written}")
 
 
@@ -573,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "of a UNet alone and of SD3 and FLUX files; the VAE); default, for a whole SD1.x, SD2.x "
                               "or SDXL checkpoint only: diffusers picks one on the hub by the weights' shapes; give a "
                               "local folder to convert offline)")
+    convert.add_argument("--variant", default=None,
+                         help="the weight variant (e.g. fp16) of the parts taken from --config, as a folder "
+                              "downloaded with only that variant holds")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(func=cmd_convert)
 

@@ -637,8 +637,8 @@ def _json_bytes(settings: dict) -> torch.Tensor:
 
 def test_a_float8_file_converts_to_its_weights_in_fp16_or_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
     """FLUX and SD3 fine-tunes are shared in float8: plain, or scaled in ComfyUI's formats (the linear weights over a
-    scale each). convert reads an SD3 file of each kind, and a UNet alone in plain float8 (its convolutions too), in
-    the dtype of the denoiser's other weights where it is fp16 (every float8 value is an fp16 value), else bf16:
+    scale each). convert reads an SD3 file of each kind, a UNet alone in plain float8 (its convolutions too) and one
+    unprefixed in the mixed format, in the dtype of the denoiser's other weights where it is fp16 (every float8 value is an fp16 value), else bf16:
     exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a scale left
     out would be off by it). A whole SD checkpoint in plain float8 converts too, ComfyUI's marker in it or not.
     Refused, each in one line naming what: a whole checkpoint with scales (diffusers' pipeline converter would read it
@@ -679,6 +679,12 @@ def test_a_float8_file_converts_to_its_weights_in_fp16_or_bf16(tmp_path, tiny_fl
                                 lambda name, t: t.is_floating_point())
     again = converted("unet", unet, tiny_models["sd"])
     assert all(torch.equal(again[k], t) for k, t in expected.items())
+    # the UNet alone, unprefixed (as ComfyUI's Load Diffusion Model takes one), its linear layers in the mixed format
+    unet = {k.removeprefix("model.diffusion_model."): t for k, t in whole.items() if k.startswith("model.")}
+    stored, expected = _in_float8(unet, lambda name, t: t.dim() == 2, "mixed")
+    assert "time_embed.0.weight_scale" in stored and "scaled_fp8" not in stored
+    again = converted("unet-unprefixed", stored, tiny_models["sd"])
+    assert all(torch.equal(again[f"model.diffusion_model.{k}"], t.bfloat16()) for k, t in expected.items())
     stored, expected = _in_float8(whole, lambda name, t: t.is_floating_point())
     again = converted("whole", stored | {"model.diffusion_model.scaled_fp8": torch.tensor([])}, tiny_models["sd"])
     assert again.keys() == expected.keys() and all(torch.equal(again[k], t) for k, t in expected.items())
@@ -919,6 +925,32 @@ def test_a_unet_alone_converts_into_its_config_pipeline(tmp_path, tiny_models, f
     assert all(torch.equal(t, got[k]) for k, t in base.vae.state_dict().items()), "the config's VAE"
 
 
+def test_a_config_folder_of_one_variant_gives_its_parts_by_variant(tmp_path, tiny_models, capsys):
+    """A --config folder downloaded with one variant only (model.fp16.safetensors), as the SD3 and FLUX text encoders
+    and a UNet alone's are taken from it: --variant reads its weights; without it, or with a variant it lacks, the
+    error says which to give."""
+    export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
+    save_file({k: t for k, t in load_file(tmp_path / "sd.safetensors").items() if k.startswith("model.")},
+              tmp_path / "unet.safetensors")
+    config = shutil.copytree(tiny_models["sd"], tmp_path / "fp16-only")
+    for weights in config.glob("*/*.safetensors"):
+        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    base = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    with torch.no_grad():  # the variant's weights, told from the unvaried ones
+        base.text_encoder.get_parameter("final_layer_norm.bias").add_(1)
+    base.text_encoder.save_pretrained(config / "text_encoder", variant="fp16")
+    for variant, message in [(None, "it holds fp16 weights only: give --variant fp16"),
+                             ("bf16", "it holds no bf16 weights, but fp16 ones: give --variant fp16")]:
+        with pytest.raises(SystemExit):
+            main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out"), "--config",
+                  str(config), *(["--variant", variant] if variant else [])])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out"), "--config", str(config),
+          "--variant", "fp16"])
+    got = DiffusionPipeline.from_pretrained(tmp_path / "out").text_encoder.state_dict()
+    assert all(torch.equal(t, got[k]) for k, t in base.text_encoder.state_dict().items())
+
+
 def _with_scheduler(pipeline, out, **settings):
     """A copy of pipeline folder `pipeline` at `out`, its scheduler config with `settings`."""
     shutil.copytree(pipeline, out)
@@ -953,6 +985,8 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, tiny_flow_mode
     (tmp_path / "model.ckpt").write_bytes(b"not read")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
+             (Path(tiny_models["sd"]) / "unet" / "diffusion_pytorch_model.safetensors", tiny_models["sd"],
+              "its names are a diffusers model's (such as down_blocks."),
              (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
              (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
              (tmp_path / "unet.safetensors", tiny_models["sdxl"], "is not the sdxl unet --config"),

@@ -95,7 +95,7 @@ def text_subfolders(pretrained: str, revision: str | None = None) -> list[str]:
 
 
 _WEIGHTS = (".safetensors", ".bin")
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -150,6 +150,11 @@ def weights_digest(pretrained: str, lora: str | None = None) -> str:
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
         digest.update("".join(f"lora/{f.name}:{_file_sha256(f)};" for f in files).encode())
     return digest.hexdigest()[:20]
+
+
+def weight_variants(pipeline: Path) -> set[str | None]:
+    """The variants of the weight files in a pipeline folder's components (None: unvaried weights)."""
+    return {_variant_of(f.name) for f in pipeline.glob("*/*") if f.is_file() and f.name.endswith(_WEIGHTS)}
 
 
 def _variant_of(name: str) -> str | None:
@@ -253,7 +258,7 @@ def _stored_dtype(folder: Path, variant: str | None) -> torch.dtype | None:
         return None
     with safe_open(files[0], "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-    floating = [_SAFETENSORS_DTYPES[d] for d in ("F32", "BF16", "F16") if d in dtypes]
+    floating = [SAFETENSORS_DTYPES[d] for d in ("F32", "BF16", "F16") if d in dtypes]
     return floating[0] if floating else None
 
 

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from ..files import check_free, first_line, folder_written_beside, hub_load_error
 from .families import FAMILIES, Family
 from .kohya import sgm_module_path
-from .loading import pipeline_family, pipeline_index
+from .loading import SAFETENSORS_DTYPES, pipeline_family, pipeline_index, weight_variants
 from .transformer_layouts import flux_to_original, sd3_to_original
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -53,6 +53,12 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 _TRANSFORMER_BLOCKS = {"sd3": "joint_blocks.", "flux": "double_blocks."}
 _TRANSFORMER_MARKS = {"sd3": ("x_embedder.proj.weight", "y_embedder.mlp.0.weight"),
                       "flux": ("img_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight")}
+# the top modules of the original UNet, whose weights a UNet shared alone may hold without the prefix (ComfyUI's Load
+# Diffusion Model reads such files); the one weight that tells such a file
+_LDM_UNET_MODULES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+_LDM_UNET_MARK = "input_blocks.0.0.weight"
+# the top modules of diffusers' UNet and transformers, told apart from the original layouts' in an error
+_DIFFUSERS_DENOISER_MODULES = ("down_blocks.", "up_blocks.", "transformer_blocks.", "single_transformer_blocks.")
 # where the other parts lie in the files: VAE and text encoders (LDM / SGM, SD3's, and FLUX "all-in-one" files')
 _OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_encoders.")
 # of those, what a file that is not whole is not read for (its text encoders, and an all-in-one file's `vae.`): the
@@ -213,13 +219,16 @@ def _text_model_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for key, tensor in state.items()}
 
 
-def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False) -> Path:
+def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: bool = False,
+            variant: str | None = None) -> Path:
     """Write the single-file `checkpoint` (.safetensors) as a diffusers pipeline folder `out`, in the checkpoint's
     dtype. `config`: a diffusers pipeline of the same family (hub id or folder) whose configs, tokenizers and scheduler
     are taken, and the parts the file leaves out (the text encoders of a UNet alone and of every SD3 or FLUX file; the
     VAE), its denoiser checked against the file's weight by weight; for a whole SD1.x, SD2.x or SDXL checkpoint, None
-    lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). The file's own
-    markers set the scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
+    lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). `variant` (such as
+    "fp16"): the weights of the --config's parts to load, as diffusers' `variant` (None: its unvaried ones). A UNet
+    alone is read with or without the `model.diffusion_model.` prefix (`_read_names`). The file's own markers set the
+    scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
     `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`).
     A file with float8 weights, plain or scaled in ComfyUI's formats (not a whole one scaled), comes out in fp16 where
     its other denoiser weights are fp16, else in bf16 (`dequantized`)."""
@@ -242,7 +251,9 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     # what is read: a whole file's text encoders too
     read = {k: (shape, dtypes[k]) for k, shape in shapes.items() if whole or not k.startswith(_UNREAD_PARTS)}
     _check_quantization(checkpoint, read, whole, metadata)
-    shapes = {k: shape for k, shape in shapes.items() if not k.endswith(_QUANTIZATION)}
+    # from here on, each weight by the name it is read under (an unprefixed UNet's with the prefix)
+    names = _read_names([k for k in shapes if not k.endswith(_QUANTIZATION)])
+    shapes, dtypes = ({name: by_key[key] for name, key in names.items()} for by_key in (shapes, dtypes))
     keys = set(shapes)
     # the dtype of all: the denoiser's (not the VAE's, a text encoder's or an old file's float32 schedule buffers); of
     # a denoiser in float8, that of its other weights where they are fp16, else bf16
@@ -264,19 +275,18 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     if not whole:
         _check_denoiser(checkpoint, shapes, family, config, denoiser_config)
     local = config is not None and Path(config).exists()
-    options = {"local_files_only": local, "torch_dtype": {"F16": torch.float16, "BF16": torch.bfloat16}.get(
-        dtype, torch.float32)}
+    options = {"local_files_only": local, "torch_dtype": SAFETENSORS_DTYPES.get(dtype, torch.float32)}
     if family.name in ("sd", "sd2"):  # a pipeline for training: no safety checker loaded, as the whole file has none
         options |= {"safety_checker": None, "requires_safety_checker": False}
     try:
         if whole:
             pipeline = family.lora_pipeline_cls.from_single_file(str(checkpoint), config=config, **options)
         else:
-            pipeline = _completed_pipeline(checkpoint, keys, family, config, options)
+            pipeline = _completed_pipeline(checkpoint, names, family, config, options | {"variant": variant})
     except (OSError, ValueError) as err:
         if local:
             raise ValueError(f"{checkpoint}: diffusers could not convert it with --config {config} "
-                             f"({first_line(err)})") from None
+                             f"({first_line(err)}){_variant_hint(Path(config), variant)}") from None
         if config is not None:
             raise hub_load_error("--config", config, err) from None
         raise FileNotFoundError(f"{checkpoint}: diffusers could not fetch the configs of its architecture from the hub "
@@ -286,6 +296,26 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     with folder_written_beside(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def _read_names(keys: list[str]) -> dict[str, str]:
+    """The name each weight of a file is read under, and its name in the file (`keys`): those of a UNet without the
+    prefix under it, as diffusers' converter reads them; every other as it is."""
+    unprefixed = _LDM_UNET_MARK in keys and not any(k.startswith(UNET_PREFIX) for k in keys)
+    return {(UNET_PREFIX + k if unprefixed and k.startswith(_LDM_UNET_MODULES) else k): k for k in keys}
+
+
+def _variant_hint(config: Path, variant: str | None) -> str:
+    """What to add to a local --config's load error where it holds no weights of `variant` (None: unvaried), as a
+    folder downloaded with `variant="fp16"` holds only those."""
+    held = weight_variants(config)
+    if not held or variant in held:
+        return ""
+    named = sorted(v for v in held if v is not None)
+    if variant is None:
+        return f"; it holds {' and '.join(named)} weights only: give --variant {named[0]}"
+    return f"; it holds no {variant} weights" + (": leave out --variant" if None in held else
+                                                 f", but {' and '.join(named)} ones: give --variant {named[0]}")
 
 
 def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], whole: bool, metadata: dict[str, str]):
@@ -340,17 +370,17 @@ def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None,
     return weight.to(dtype) if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
 
 
-def _read_weights(checkpoint: Path, keys: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of `checkpoint` named in `keys` (no scale among them), float8 ones `dequantized` into `dtype` with
-    the scales beside them."""
+def _read_weights(checkpoint: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `checkpoint` under the names of `names` (no scale among them; each with its name in the file),
+    float8 ones `dequantized` into `dtype` with the scales beside them."""
     with safe_open(checkpoint, "pt") as f:
-        names = set(f.keys())
+        stored = set(f.keys())
 
         def scale(key: str) -> torch.Tensor | None:
             scales = [f"{key.removesuffix('.weight')}{kind}" for kind in _WEIGHT_SCALES if key.endswith(".weight")]
-            return next((f.get_tensor(name) for name in scales if name in names), None)
+            return next((f.get_tensor(name) for name in scales if name in stored), None)
 
-        return {k: dequantized(f.get_tensor(k), scale(k), dtype) for k in keys}
+        return {name: dequantized(f.get_tensor(key), scale(key), dtype) for name, key in names.items()}
 
 
 def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, denoiser_config: dict):
@@ -389,14 +419,14 @@ def _some(names: set[str], shown: int = 3) -> str:
     return first if len(names) <= shown else f"{first} and {len(names) - shown} more"
 
 
-def _completed_pipeline(checkpoint: Path, keys: set[str], family: Family, config: str, options: dict):
+def _completed_pipeline(checkpoint: Path, names: dict[str, str], family: Family, config: str, options: dict):
     """The `config` pipeline with the denoiser of `checkpoint` (a UNet alone, SD3, FLUX), and its VAE if it holds
-    one, each converted by diffusers from the weights read (`keys`: not the text encoders, float8 dequantized);
-    `options`: from_pretrained's (the dtype of all, the pipeline's settings)."""
+    one, each converted by diffusers from the weights read (`names`: `_read_names`'; not the text encoders, float8
+    dequantized); `options`: from_pretrained's (the dtype of all, the pipeline's settings, the --config's variant)."""
     from diffusers import AutoencoderKL
 
     dtype = options["torch_dtype"]
-    weights = _read_weights(checkpoint, {k for k in keys if not k.startswith(_UNREAD_PARTS)}, dtype)
+    weights = _read_weights(checkpoint, {k: v for k, v in names.items() if not k.startswith(_UNREAD_PARTS)}, dtype)
     model_options = {"config": config, "local_files_only": options["local_files_only"], "torch_dtype": dtype}
     # (each converter is given a copy: diffusers' pop the weights they convert)
     parts = {family.denoiser: family.denoiser_cls.from_single_file(dict(weights), subfolder=family.denoiser,
@@ -429,8 +459,8 @@ def _marked_scheduler(checkpoint: Path, keys: set[str], metadata: dict[str, str]
 
 def _checkpoint_family(checkpoint: Path, shapes: dict[str, tuple]) -> tuple[Family | None, bool]:
     """The family whose denoiser the single file holds, and whether the file is whole: an SD1.x, SD2.x or SDXL
-    checkpoint with its VAE and text encoders. A UNet alone (with or without the VAE; family None), and every SD3 or
-    FLUX file, which hold no text encoders, take the rest of the pipeline from the --config."""
+    checkpoint with its VAE and text encoders. A UNet alone (with or without the VAE or the prefix; family None), and
+    every SD3 or FLUX file, which hold no text encoders, take the rest of the pipeline from the --config."""
     def holds(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in shapes)
 
@@ -442,9 +472,15 @@ def _checkpoint_family(checkpoint: Path, shapes: dict[str, tuple]) -> tuple[Fami
             raise ValueError(f"{checkpoint} has {_TRANSFORMER_BLOCKS[flow]}* weights but not {', '.join(lacking)}: not "
                              f"the {flow} transformer as released (a model built on its blocks is not converted here)")
         return FAMILIES[flow], False
+    if _LDM_UNET_MARK in shapes and not holds(UNET_PREFIX):
+        return None, False  # a UNet alone without the prefix
     if not holds(UNET_PREFIX):
-        raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights, nor SD3's joint_blocks.* or FLUX's "
-                         "double_blocks.*: not a checkpoint in an original single-file layout")
+        diffusers = next((k for k in sorted(shapes) if k.startswith(_DIFFUSERS_DENOISER_MODULES)), None)
+        raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights (nor an original UNet's without that prefix), "
+                         "nor SD3's joint_blocks.* or FLUX's double_blocks.*: not a checkpoint in an original "
+                         "single-file layout" + (f"; its names are a diffusers model's (such as {diffusers}), whose "
+                                                 "weights go in a pipeline folder's unet/ or transformer/, not "
+                                                 "through convert" if diffusers else ""))
     # the family whose every text encoder's prefix is there (SDXL's first encoder is SD1.x's under another prefix)
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
