@@ -925,6 +925,29 @@ def test_a_unet_alone_converts_into_its_config_pipeline(tmp_path, tiny_models, f
     assert all(torch.equal(t, got[k]) for k, t in base.vae.state_dict().items()), "the config's VAE"
 
 
+def test_a_unet_alone_leaves_out_the_configs_safety_checker(tmp_path, tiny_models):
+    """SD1.5's --config holds a safety checker (1.2 GB), which a pipeline for training never runs: a UNet alone
+    converts without it, as a whole checkpoint (which holds none) does."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+    layers = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=layers, projection_dim=8,
+                                                      vision_config=layers | {"image_size": 32, "patch_size": 16}))
+    parts = {k: v for k, v in DiffusionPipeline.from_pretrained(tiny_models["sd"]).components.items()
+             if k not in ("safety_checker", "feature_extractor")}
+    StableDiffusionPipeline(**parts, safety_checker=checker, feature_extractor=CLIPImageProcessor(size=32),
+                            requires_safety_checker=True).save_pretrained(tmp_path / "config")
+    export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
+    save_file({k: t for k, t in load_file(tmp_path / "sd.safetensors").items() if k.startswith("model.")},
+              tmp_path / "unet.safetensors")
+    main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out"), "--config",
+          str(tmp_path / "config")])
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert (index["safety_checker"], index["requires_safety_checker"]) == ([None, None], False)
+    assert not (tmp_path / "out" / "safety_checker").exists() and (tmp_path / "config" / "safety_checker").is_dir()
+
+
 def test_a_config_folder_of_one_variant_gives_its_parts_by_variant(tmp_path, tiny_models, capsys):
     """A --config folder downloaded with one variant only (model.fp16.safetensors), as the SD3 and FLUX text encoders
     and a UNet alone's are taken from it: --variant reads its weights; without it, or with a variant it lacks, the
