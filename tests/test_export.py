@@ -636,15 +636,15 @@ def _json_bytes(settings: dict) -> torch.Tensor:
 
 
 def test_a_float8_file_converts_to_its_weights_in_fp16_or_bf16(tmp_path, tiny_flow_models, tiny_models, capsys):
-    """FLUX and SD3 fine-tunes are shared in float8: plain, or scaled in ComfyUI's formats (the linear weights over a
-    scale each). convert reads an SD3 file of each kind, a UNet alone in plain float8 (its convolutions too) and one
-    unprefixed in the mixed format, in the dtype of the denoiser's other weights where it is fp16 (every float8 value is an fp16 value), else bf16:
-    exported again, the pipeline gives back the weights as read by hand, bit for bit, the scales applied (a scale left
-    out would be off by it). A whole SD checkpoint in plain float8 converts too, ComfyUI's marker in it or not.
-    Refused, each in one line naming what: a whole checkpoint with scales (diffusers' pipeline converter would read it
-    without them), a layer of another format (nvfp4, in a comfy_quant tensor; int8, in the header), a scale per
-    channel, or beside a convolution's weight, an integer weight, settings that are not ComfyUI's JSON, bitsandbytes'
-    NF4."""
+    """FLUX and SD3 fine-tunes are shared in float8: plain, or scaled in ComfyUI's formats (the linear weights over
+    a scale each). convert reads an SD3 file of each kind, a UNet alone in plain float8 (its convolutions too) and
+    one unprefixed in the mixed format, in the dtype of the denoiser's other weights where it is fp16 (every float8
+    value is an fp16 value), else bf16: exported again, the pipeline gives back the weights as read by hand, bit for
+    bit, the scales applied (a scale left out would be off by it). A whole SD checkpoint in plain float8 converts
+    too, ComfyUI's marker in it or not. Refused, each in one line naming what: a whole checkpoint with scales
+    (diffusers' pipeline converter would read it without them), a layer of another format (nvfp4, in a comfy_quant
+    tensor; int8, in the header), a scale per channel, or beside a convolution's weight, an integer weight, settings
+    that are not ComfyUI's JSON, bitsandbytes' NF4."""
     def converted(name, stored, config, dtype="bf16"):
         save_file(stored, tmp_path / f"{name}.safetensors")
         main(["convert", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name), "--config", str(config)])
