@@ -489,7 +489,8 @@ def test_an_sd3_full_fine_tune_exports_as_stabilitys_file_and_converts_back(tmp_
     with safe_open(path, "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
         numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
-    assert metadata["modelspec.architecture"] == "stable-diffusion-3" and "modelspec.prediction_type" not in metadata
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-3-5-medium"  # its layout: QK norm, attn2
+    assert "modelspec.prediction_type" not in metadata
     assert all(k.startswith(("model.diffusion_model.joint_blocks.", "first_stage_model.")) for k in keys
                if "blocks" in k)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")

@@ -184,6 +184,20 @@ def test_each_published_config_is_detected_as_its_family(configs, name):
     assert [c for c in INDEX[name] if c.startswith("text_encoder")] == list(family.text_encoders)
 
 
+def test_a_whole_model_is_labelled_with_kohyas_architecture_names(configs):
+    """modelspec.architecture as kohya's sd-scripts write it (sai_model_spec.py; SD3's model type as sd3_utils.py
+    tells it from the weights): SD3.5-medium's config; SD3.5-large's and SD3-medium's differ from it in the second
+    attention's layers and QK norm; FLUX.1-schnell's in the guidance embedding."""
+    sd3, flux = FAMILIES["sd3"], FAMILIES["flux"]
+    assert sd3.model_spec(configs["sd3"], None)[0] == "stable-diffusion-3-3-5-medium"
+    large = configs["sd3"] | {"dual_attention_layers": [], "num_layers": 38, "num_attention_heads": 38}
+    assert sd3.model_spec(large, None)[0] == "stable-diffusion-3-3-5-large"
+    assert sd3.model_spec(configs["sd3"] | {"dual_attention_layers": [], "qk_norm": None}, None)[0] == (
+        "stable-diffusion-3-3-medium")
+    assert flux.model_spec(configs["flux"], None)[0] == "flux-1-dev"
+    assert flux.model_spec(configs["flux"] | {"guidance_embeds": False}, None)[0] == "flux-1-schnell"
+
+
 def test_flux_dev_trains_with_its_distilled_guidance_and_schnell_without(configs):
     flux = FAMILIES["flux"]
     assert configs["flux"]["guidance_embeds"] is True

@@ -200,7 +200,7 @@ class Family(ABC):
     @abstractmethod
     def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
         """(modelspec.architecture, modelspec.implementation) of a whole model of this family, in the names of kohya's
-        sd-scripts (library/sai_model_spec.py; for SD3 without the model type it appends)."""
+        sd-scripts (library/sai_model_spec.py)."""
 
     def __eq__(self, other) -> bool:
         return self.name == (other.name if isinstance(other, Family) else other)

@@ -48,7 +48,13 @@ class SD3(TransformerFamily):
             return TextStates(torch.cat([clip_states, t5_states], dim=-2), torch.cat(pooled, dim=-1))
 
     def model_spec(self, denoiser_config: dict, prediction_type: str) -> tuple[str, str]:
-        return "stable-diffusion-3", STABILITY_IMPLEMENTATION
+        # kohya's sd-scripts append the model type they tell from the weights (library/sd3_utils.py,
+        # analyze_state_dict_state): QK norm is SD3.5's, its second attention SD3.5-medium's
+        if denoiser_config.get("qk_norm"):
+            model_type = "3-5-medium" if denoiser_config.get("dual_attention_layers") else "3-5-large"
+        else:
+            model_type = "3-medium"
+        return f"stable-diffusion-3-{model_type}", STABILITY_IMPLEMENTATION
 
     def input_shapes(self, denoiser_config: dict) -> tuple[int, int, int, int | None]:
         c = denoiser_config  # both CLIPs' 77 tokens, then T5's
