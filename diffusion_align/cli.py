@@ -574,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "or SDXL checkpoint only: diffusers picks one on the hub by the weights' shapes; give a "
                               "local folder to convert offline)")
     convert.add_argument("--variant", default=None,
-                         help="the weight variant (e.g. fp16) of the parts taken from --config, as a folder "
-                              "downloaded with only that variant holds")
+                         help="the weight variant (e.g. fp16) of the parts taken from --config for a UNet alone "
+                              "or an SD3 / FLUX file (the text encoders; the VAE), as a folder downloaded with only "
+                              "that variant holds; a whole checkpoint takes no weights from --config")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(func=cmd_convert)
 

@@ -924,6 +924,13 @@ def test_a_unet_alone_converts_into_its_config_pipeline(tmp_path, tiny_models, f
           str(tiny_models[family])])
     got = DiffusionPipeline.from_pretrained(tmp_path / "unet-only", torch_dtype=torch.float16).vae.state_dict()
     assert all(torch.equal(t, got[k]) for k, t in base.vae.state_dict().items()), "the config's VAE"
+    # without the prefix, as ComfyUI's Load Diffusion Model takes a UNet (SDXL's label_emb among its top modules)
+    save_file({k.removeprefix("model.diffusion_model."): t for k, t in whole.items()
+               if k.startswith("model.diffusion_model.")}, tmp_path / "unprefixed.safetensors")
+    main(["convert", str(tmp_path / "unprefixed.safetensors"), "--out", str(tmp_path / "unprefixed"), "--config",
+          str(tiny_models[family])])
+    got = UNet2DConditionModel.from_pretrained(tmp_path / "unprefixed", subfolder="unet").state_dict()
+    assert all(torch.equal(t.half(), got[k]) for k, t in unet.state_dict().items())
 
 
 def test_a_unet_alone_leaves_out_the_configs_safety_checker(tmp_path, tiny_models):
@@ -949,30 +956,34 @@ def test_a_unet_alone_leaves_out_the_configs_safety_checker(tmp_path, tiny_model
     assert not (tmp_path / "out" / "safety_checker").exists() and (tmp_path / "config" / "safety_checker").is_dir()
 
 
-def test_a_config_folder_of_one_variant_gives_its_parts_by_variant(tmp_path, tiny_models, capsys):
-    """A --config folder downloaded with one variant only (model.fp16.safetensors), as the SD3 and FLUX text encoders
-    and a UNet alone's are taken from it: --variant reads its weights; without it, or with a variant it lacks, the
-    error says which to give."""
+def test_a_config_folder_of_one_variant_gives_its_parts_by_variant(tmp_path, tiny_models, capsys, caplog):
+    """A --config folder whose text encoder was downloaded in one variant only (model.fp16.safetensors), as the text
+    encoders of a UNet alone, SD3 and FLUX files are taken from it: --variant reads its weights (the VAE falls back on
+    its unvaried ones, as in diffusers); without it, or with a variant it lacks, the error names the component and
+    the variant to give. A whole checkpoint takes no weights from the --config: --variant is not used, and says so."""
     export(tiny_models["sd"], "--format", "single-file", "--out", tmp_path / "sd.safetensors")
     save_file({k: t for k, t in load_file(tmp_path / "sd.safetensors").items() if k.startswith("model.")},
               tmp_path / "unet.safetensors")
-    config = shutil.copytree(tiny_models["sd"], tmp_path / "fp16-only")
-    for weights in config.glob("*/*.safetensors"):
-        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    config = shutil.copytree(tiny_models["sd"], tmp_path / "fp16-text-encoder")
+    (config / "text_encoder" / "model.safetensors").unlink()
     base = DiffusionPipeline.from_pretrained(tiny_models["sd"])
     with torch.no_grad():  # the variant's weights, told from the unvaried ones
         base.text_encoder.get_parameter("final_layer_norm.bias").add_(1)
     base.text_encoder.save_pretrained(config / "text_encoder", variant="fp16")
-    for variant, message in [(None, "it holds fp16 weights only: give --variant fp16"),
-                             ("bf16", "it holds no bf16 weights, but fp16 ones: give --variant fp16")]:
+    for variant in (None, "bf16"):
         with pytest.raises(SystemExit):
             main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out"), "--config",
                   str(config), *(["--variant", variant] if variant else [])])
-        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+        err = capsys.readouterr().err
+        assert "its text_encoder holds fp16 weights only: give --variant fp16" in err
+        assert not (tmp_path / "out").exists()
     main(["convert", str(tmp_path / "unet.safetensors"), "--out", str(tmp_path / "out"), "--config", str(config),
           "--variant", "fp16"])
     got = DiffusionPipeline.from_pretrained(tmp_path / "out").text_encoder.state_dict()
     assert all(torch.equal(t, got[k]) for k, t in base.text_encoder.state_dict().items())
+    main(["convert", str(tmp_path / "sd.safetensors"), "--out", str(tmp_path / "whole"), "--config", str(config),
+          "--variant", "fp16"])
+    assert "is a whole checkpoint, which takes no weights from the --config: --variant fp16 is not used" in caplog.text
 
 
 def _with_scheduler(pipeline, out, **settings):
@@ -1008,9 +1019,18 @@ def test_what_convert_cannot_read_is_named(tmp_path, tiny_models, tiny_flow_mode
     save_file(whole | {"ztsnr": torch.tensor([])}, tmp_path / "zsnr.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"not read")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
-    cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights"),
+    unprefixed = {k.removeprefix("model.diffusion_model."): t for k, t in whole.items() if k.startswith("model.")}
+    save_file(unprefixed | {"zero_convs.0.0.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    save_file(unprefixed | {"input_hint_block.0.weight": torch.zeros(1)}, tmp_path / "controlnet.safetensors")
+    cases = [(folder / LORA_WEIGHTS, tiny_models["sd"], "holds no model.diffusion_model.* weights (nor an original "
+              "UNet's without that prefix), nor SD3's joint_blocks.* or FLUX's double_blocks.*: not a checkpoint in an "
+              "original single-file layout; it holds a LoRA's weights (such as unet."),
              (Path(tiny_models["sd"]) / "unet" / "diffusion_pytorch_model.safetensors", tiny_models["sd"],
               "its names are a diffusers model's (such as down_blocks."),
+             (Path(tiny_flow_models["sd3"]) / "transformer" / "diffusion_pytorch_model.safetensors",
+              tiny_flow_models["sd3"], "its names are a diffusers model's (such as transformer_blocks."),
+             (tmp_path / "extra.safetensors", tiny_models["sd"], "it has zero_convs.0.0.weight, which the config's"),
+             (tmp_path / "controlnet.safetensors", tiny_models["sd"], "holds a ControlNet (input_hint_block.*)"),
              (tmp_path / "model.ckpt", tiny_models["sd"], "a .ckpt file is a pickle"),
              (tmp_path / "bad.safetensors", tiny_models["sd"], "not a readable safetensors file"),
              (tmp_path / "unet.safetensors", tiny_models["sdxl"], "is not the sdxl unet --config"),

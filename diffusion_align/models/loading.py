@@ -152,9 +152,9 @@ def weights_digest(pretrained: str, lora: str | None = None) -> str:
     return digest.hexdigest()[:20]
 
 
-def weight_variants(pipeline: Path) -> set[str | None]:
-    """The variants of the weight files in a pipeline folder's components (None: unvaried weights)."""
-    return {_variant_of(f.name) for f in pipeline.glob("*/*") if f.is_file() and f.name.endswith(_WEIGHTS)}
+def weight_variants(component: Path) -> set[str | None]:
+    """The variants of the weight files in a pipeline component's folder (None: unvaried weights)."""
+    return {_variant_of(f.name) for f in component.glob("*") if f.is_file() and f.name.endswith(_WEIGHTS)}
 
 
 def _variant_of(name: str) -> str | None:

@@ -53,12 +53,12 @@ UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 _TRANSFORMER_BLOCKS = {"sd3": "joint_blocks.", "flux": "double_blocks."}
 _TRANSFORMER_MARKS = {"sd3": ("x_embedder.proj.weight", "y_embedder.mlp.0.weight"),
                       "flux": ("img_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight")}
-# the top modules of the original UNet, whose weights a UNet shared alone may hold without the prefix (ComfyUI's Load
-# Diffusion Model reads such files); the one weight that tells such a file
-_LDM_UNET_MODULES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
-_LDM_UNET_MARK = "input_blocks.0.0.weight"
-# the top modules of diffusers' UNet and transformers, told apart from the original layouts' in an error
+# a UNet shared alone may hold its weights without the prefix (ComfyUI's Load Diffusion Model reads such files): the
+# weight that tells such a file, and the one that tells a ControlNet's (which is not converted here)
+_LDM_UNET_MARK, _CONTROLNET_MARK = "input_blocks.0.0.weight", "input_hint_block."
+# the top modules of diffusers' UNet and transformers, and what marks a LoRA's weights: told apart in an error
 _DIFFUSERS_DENOISER_MODULES = ("down_blocks.", "up_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+_LORA_MARKS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_down.", ".lora_up.")  # peft, diffusers, kohya
 # where the other parts lie in the files: VAE and text encoders (LDM / SGM, SD3's, and FLUX "all-in-one" files')
 _OTHER_PARTS = (VAE_PREFIX, "vae.", "cond_stage_model.", "conditioner.", "text_encoders.")
 # of those, what a file that is not whole is not read for (its text encoders, and an all-in-one file's `vae.`): the
@@ -227,7 +227,7 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     VAE), its denoiser checked against the file's weight by weight; for a whole SD1.x, SD2.x or SDXL checkpoint, None
     lets diffusers pick one on the hub by the weights' shapes (for SD2.x, the v-prediction SD2.1). `variant` (such as
     "fp16"): the weights of the --config's parts to load, as diffusers' `variant` (None: its unvaried ones). A UNet
-    alone is read with or without the `model.diffusion_model.` prefix (`_read_names`). The file's own markers set the
+    alone is read with or without the `model.diffusion_model.` prefix (`_file_keys`). The file's own markers set the
     scheduler: `v_pred` (an empty tensor, as v-prediction SDXL checkpoints and `export` carry) or
     `modelspec.prediction_type` the prediction type, `ztsnr` the zero-terminal-SNR schedule (`_marked_scheduler`).
     A file with float8 weights, plain or scaled in ComfyUI's formats (not a whole one scaled), comes out in fp16 where
@@ -252,8 +252,9 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     read = {k: (shape, dtypes[k]) for k, shape in shapes.items() if whole or not k.startswith(_UNREAD_PARTS)}
     _check_quantization(checkpoint, read, whole, metadata)
     # from here on, each weight by the name it is read under (an unprefixed UNet's with the prefix)
-    names = _read_names([k for k in shapes if not k.endswith(_QUANTIZATION)])
-    shapes, dtypes = ({name: by_key[key] for name, key in names.items()} for by_key in (shapes, dtypes))
+    file_keys = _file_keys([k for k in shapes if not k.endswith(_QUANTIZATION)])
+    shapes = {name: shapes[key] for name, key in file_keys.items()}
+    dtypes = {name: dtypes[key] for name, key in file_keys.items()}
     keys = set(shapes)
     # the dtype of all: the denoiser's (not the VAE's, a text encoder's or an old file's float32 schedule buffers); of
     # a denoiser in float8, that of its other weights where they are fp16, else bf16
@@ -274,6 +275,9 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
                              f"{f'a {family} model' if family else 'a UNet'}; give a pipeline of its family")
     if not whole:
         _check_denoiser(checkpoint, shapes, family, config, denoiser_config)
+    elif variant is not None:
+        logger.warning("%s is a whole checkpoint, which takes no weights from the --config: --variant %s is not used",
+                       checkpoint, variant)
     local = config is not None and Path(config).exists()
     options = {"local_files_only": local, "torch_dtype": SAFETENSORS_DTYPES.get(dtype, torch.float32)}
     if family.name in ("sd", "sd2"):  # a pipeline for training: no safety checker loaded, as the whole file has none
@@ -282,11 +286,12 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
         if whole:
             pipeline = family.lora_pipeline_cls.from_single_file(str(checkpoint), config=config, **options)
         else:
-            pipeline = _completed_pipeline(checkpoint, names, family, config, options | {"variant": variant})
+            pipeline = _completed_pipeline(checkpoint, file_keys, family, config, options | {"variant": variant})
     except (OSError, ValueError) as err:
         if local:
+            hint = "" if whole else _variant_hint(Path(config), variant, _taken_from_config(family, keys))
             raise ValueError(f"{checkpoint}: diffusers could not convert it with --config {config} "
-                             f"({first_line(err)}){_variant_hint(Path(config), variant)}") from None
+                             f"({first_line(err)}){hint}") from None
         if config is not None:
             raise hub_load_error("--config", config, err) from None
         raise FileNotFoundError(f"{checkpoint}: diffusers could not fetch the configs of its architecture from the hub "
@@ -298,24 +303,35 @@ def convert(checkpoint: Path, out: Path, config: str | None = None, overwrite: b
     return out
 
 
-def _read_names(keys: list[str]) -> dict[str, str]:
-    """The name each weight of a file is read under, and its name in the file (`keys`): those of a UNet without the
-    prefix under it, as diffusers' converter reads them; every other as it is."""
-    unprefixed = _LDM_UNET_MARK in keys and not any(k.startswith(UNET_PREFIX) for k in keys)
-    return {(UNET_PREFIX + k if unprefixed and k.startswith(_LDM_UNET_MODULES) else k): k for k in keys}
+def _unprefixed_unet(keys) -> bool:
+    """Whether the weights named `keys` are a UNet's in the original names, without the prefix."""
+    return _LDM_UNET_MARK in keys and not any(k.startswith(UNET_PREFIX) for k in keys)
 
 
-def _variant_hint(config: Path, variant: str | None) -> str:
-    """What to add to a local --config's load error where it holds no weights of `variant` (None: unvaried), as a
-    folder downloaded with `variant="fp16"` holds only those."""
-    held = weight_variants(config)
-    if not held or variant in held:
-        return ""
-    named = sorted(v for v in held if v is not None)
-    if variant is None:
-        return f"; it holds {' and '.join(named)} weights only: give --variant {named[0]}"
-    return f"; it holds no {variant} weights" + (": leave out --variant" if None in held else
-                                                 f", but {' and '.join(named)} ones: give --variant {named[0]}")
+def _file_keys(keys: list[str]) -> dict[str, str]:
+    """{the name each weight of a file is read under: its name in the file (`keys`)}. An unprefixed UNet's weights
+    are read under the prefix, as diffusers' converter reads them; the other parts', and the file's markers (one
+    word, such as `v_pred`), as they are named."""
+    unprefixed = _unprefixed_unet(keys)
+    return {(UNET_PREFIX + k if unprefixed and "." in k and not k.startswith(_OTHER_PARTS) else k): k for k in keys}
+
+
+def _taken_from_config(family: Family, keys: set[str]) -> list[str]:
+    """The components a file that is not whole takes from its --config (by weights, not configs alone): the text
+    encoders, and the VAE where the file holds none."""
+    return [*family.text_encoders, *([] if any(k.startswith(VAE_PREFIX) for k in keys) else ["vae"])]
+
+
+def _variant_hint(config: Path, variant: str | None, components: list[str]) -> str:
+    """What to add to a local --config's load error where one of `components` holds neither `variant`'s weights nor
+    unvaried ones to fall back on (diffusers' fallback; None: unvaried ones only), as a folder downloaded with
+    `variant="fp16"` holds only those."""
+    for component in components:
+        held = weight_variants(config / component)
+        if held and variant not in held and not (variant is not None and None in held):
+            named = sorted(v for v in held if v is not None)
+            return f"; its {component} holds {' and '.join(named)} weights only: give --variant {named[0]}"
+    return ""
 
 
 def _check_quantization(checkpoint: Path, read: dict[str, tuple[tuple, str]], whole: bool, metadata: dict[str, str]):
@@ -370,8 +386,8 @@ def dequantized(weight: torch.Tensor, scale: torch.Tensor | None = None,
     return weight.to(dtype) if weight.is_floating_point() and weight.dtype.itemsize == 1 else weight
 
 
-def _read_weights(checkpoint: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of `checkpoint` under the names of `names` (no scale among them; each with its name in the file),
+def _read_weights(checkpoint: Path, file_keys: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `checkpoint` under the names `file_keys` maps to their keys in the file (no scale among them),
     float8 ones `dequantized` into `dtype` with the scales beside them."""
     with safe_open(checkpoint, "pt") as f:
         stored = set(f.keys())
@@ -380,7 +396,7 @@ def _read_weights(checkpoint: Path, names: dict[str, str], dtype: torch.dtype) -
             scales = [f"{key.removesuffix('.weight')}{kind}" for kind in _WEIGHT_SCALES if key.endswith(".weight")]
             return next((f.get_tensor(name) for name in scales if name in stored), None)
 
-        return {name: dequantized(f.get_tensor(key), scale(key), dtype) for name, key in names.items()}
+        return {name: dequantized(f.get_tensor(key), scale(key), dtype) for name, key in file_keys.items()}
 
 
 def _check_denoiser(checkpoint: Path, shapes: dict[str, tuple], family: Family, config: str, denoiser_config: dict):
@@ -419,14 +435,15 @@ def _some(names: set[str], shown: int = 3) -> str:
     return first if len(names) <= shown else f"{first} and {len(names) - shown} more"
 
 
-def _completed_pipeline(checkpoint: Path, names: dict[str, str], family: Family, config: str, options: dict):
+def _completed_pipeline(checkpoint: Path, file_keys: dict[str, str], family: Family, config: str, options: dict):
     """The `config` pipeline with the denoiser of `checkpoint` (a UNet alone, SD3, FLUX), and its VAE if it holds
-    one, each converted by diffusers from the weights read (`names`: `_read_names`'; not the text encoders, float8
+    one, each converted by diffusers from the weights read (`file_keys`: `_file_keys`'; not the text encoders, float8
     dequantized); `options`: from_pretrained's (the dtype of all, the pipeline's settings, the --config's variant)."""
     from diffusers import AutoencoderKL
 
     dtype = options["torch_dtype"]
-    weights = _read_weights(checkpoint, {k: v for k, v in names.items() if not k.startswith(_UNREAD_PARTS)}, dtype)
+    weights = _read_weights(checkpoint, {k: v for k, v in file_keys.items() if not k.startswith(_UNREAD_PARTS)},
+                            dtype)
     model_options = {"config": config, "local_files_only": options["local_files_only"], "torch_dtype": dtype}
     # (each converter is given a copy: diffusers' pop the weights they convert)
     parts = {family.denoiser: family.denoiser_cls.from_single_file(dict(weights), subfolder=family.denoiser,
@@ -472,15 +489,19 @@ def _checkpoint_family(checkpoint: Path, shapes: dict[str, tuple]) -> tuple[Fami
             raise ValueError(f"{checkpoint} has {_TRANSFORMER_BLOCKS[flow]}* weights but not {', '.join(lacking)}: not "
                              f"the {flow} transformer as released (a model built on its blocks is not converted here)")
         return FAMILIES[flow], False
-    if _LDM_UNET_MARK in shapes and not holds(UNET_PREFIX):
+    if any(k.startswith(_CONTROLNET_MARK) or f".{_CONTROLNET_MARK}" in k for k in shapes):  # under any prefix
+        raise ValueError(f"{checkpoint} holds a ControlNet ({_CONTROLNET_MARK}*), which is not converted here")
+    if _unprefixed_unet(shapes):
         return None, False  # a UNet alone without the prefix
     if not holds(UNET_PREFIX):
+        lora = next((k for k in sorted(shapes) if any(mark in k for mark in _LORA_MARKS)), None)
         diffusers = next((k for k in sorted(shapes) if k.startswith(_DIFFUSERS_DENOISER_MODULES)), None)
+        what = (f"; it holds a LoRA's weights (such as {lora}): load them onto their base with load_lora_weights"
+                if lora else f"; its names are a diffusers model's (such as {diffusers}), whose weights go in a "
+                "pipeline folder's unet/ or transformer/, not through convert" if diffusers else "")
         raise ValueError(f"{checkpoint} holds no {UNET_PREFIX}* weights (nor an original UNet's without that prefix), "
                          "nor SD3's joint_blocks.* or FLUX's double_blocks.*: not a checkpoint in an original "
-                         "single-file layout" + (f"; its names are a diffusers model's (such as {diffusers}), whose "
-                                                 "weights go in a pipeline folder's unet/ or transformer/, not "
-                                                 "through convert" if diffusers else ""))
+                         f"single-file layout{what}")
     # the family whose every text encoder's prefix is there (SDXL's first encoder is SD1.x's under another prefix)
     family = next((FAMILIES[name] for name in ("sdxl", "sd2", "sd")
                    if all(holds(prefix) for _, prefix, _ in FAMILIES[name].single_file_text_encoders)), None)
