@@ -486,10 +486,13 @@ def test_output_folder_holding_the_source_is_refused(pairs_file, tmp_path):
     shard = src / "pairs-00000.parquet"  # the name of the first output shard, which overwrote it
     (src / "pairs.parquet").rename(shard)
     before = shard.read_bytes()
+    other = tmp_path / "other" / "pairs.parquet"
+    other.parent.mkdir()
+    other.write_bytes(before)
     for source, out, why in [(src, src, "holds source file"), (shard, src, "holds source file"),
                              (src / ".." / "src" / shard.name, tmp_path, "holds source file"),
                              (src, src / "captioned", "lies in source folder"),  # read again by a rerun
-                             (f"{shard},{src}", src / "captioned", "lies in source folder")]:
+                             (f"{other},{src}", src / "captioned", "lies in source folder")]:
         with pytest.raises(ValueError, match=f"^{out}: the output folder {why} .*write to another folder"):
             make_captions(source, out, "p")
     assert shard.read_bytes() == before and sorted(p.name for p in src.iterdir()) == ["pairs-00000.parquet"]

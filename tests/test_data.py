@@ -1,6 +1,7 @@
 import io
 import itertools
 import os
+import re
 
 import datasets
 import numpy as np
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 
 from diffusion_align.data.pairs import (
-    MAX_RESIZED_AREA, REQUIRED_COLUMNS, PairBatchSampler, PairDataset, PairStats, PairTransform, collate_pairs,
-    decode_image, load_pairs, make_pair_loader,
+    MAX_RESIZED_AREA, REQUIRED_COLUMNS, PairBatchSampler, PairDataset, PairStats, PairTransform, check_out_dir,
+    collate_pairs, decode_image, load_pairs, make_pair_loader,
 )
 
 RED, DARK_RED, BLUE, DARK_BLUE = (255, 0, 0), (128, 0, 0), (0, 0, 255), (0, 0, 128)
@@ -168,6 +169,37 @@ def test_paths_with_glob_characters_are_read_as_they_are(tmp_path):
         for streaming in (False, True):
             ds, _ = load_pairs(source, keep_ties=True, streaming=streaming)
             assert len(list(ds)) == N_ROWS, (source, streaming)
+
+
+def test_a_comma_list_reads_each_file_once_and_a_comma_named_path_whole(tmp_path):
+    """A sweep's folder `lr=1e-5,beta=5000` was split at its comma (not found); a file reached by two parts of a
+    list (`a.parquet,*.parquet`) was read twice, its rows weighing double."""
+    rows = make_rows()
+    folder = tmp_path / "lr=1e-5,beta=5000"
+    write_parquet(folder / "pairs.parquet", rows)
+    for source in (str(folder), str(folder / "pairs.parquet")):
+        assert load_pairs(source, keep_ties=True)[1].rows == N_ROWS, source
+    check_out_dir(str(folder), tmp_path / "out")  # a source that is one folder, not a list
+    with pytest.raises(ValueError, match="the output folder lies in source folder"):
+        check_out_dir(str(folder), folder / "out")
+    a = write_parquet(tmp_path / "d" / "a.parquet", {k: v[:6] for k, v in rows.items()})
+    write_parquet(tmp_path / "d" / "b.parquet", {k: v[6:] for k, v in rows.items()})
+    for source, twice in ((f"{a},{tmp_path / 'd' / '*.parquet'}", "*.parquet"), (f"{a},{a}", "a.parquet"),
+                          (f"{tmp_path / 'd'},{tmp_path / 'd' / '..' / 'd' / 'a.parquet'}", "a.parquet")):
+        with pytest.raises(ValueError, match=rf"a.parquet is read by both '.*' and '.*{re.escape(twice)}'; name "
+                                             "each file once"):
+            load_pairs(source)
+
+
+def test_an_unreadable_parquet_file_is_named(tmp_path):
+    """A partial copy among a download's shards failed with pyarrow's "Parquet magic bytes not found", naming no
+    file."""
+    rows = make_rows()
+    write_parquet(tmp_path / "d" / "a.parquet", rows)
+    (tmp_path / "d" / "b.parquet").write_bytes((tmp_path / "d" / "a.parquet").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"d/b.parquet: not a readable parquet file \(.*magic bytes.*\); copy it "
+                                         "again or leave it out"):
+        load_pairs(str(tmp_path / "d"))
 
 
 def test_zero_row_files_are_left_out_with_a_warning(tmp_path, caplog):

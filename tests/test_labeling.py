@@ -516,6 +516,22 @@ def test_a_shard_replaced_since_is_made_again(constructed, tmp_path):
     assert report.shards_reused == 2 and scorer.images_scored == 6 and pq.read_metadata(shard).num_rows == 3
 
 
+def test_a_record_of_a_shard_without_rows_is_past_the_end_of_a_smaller_rerun(tmp_path):
+    """A last shard whose rows were all skipped writes its record and no file. A rerun over fewer rows kept that
+    record, and its output read as unfinished for good, telling the user to rerun."""
+    from diffusion_align.data.shards import run_shards
+
+    def shard(start, stop, desc):  # rows 4 and 5 cannot be read
+        return pa.table({"row": pa.array(range(start, min(stop, 4)), pa.int64())}), {"skipped": []}
+    run_shards(tmp_path, 6, 2, {"x": 1}, shard)
+    assert sorted(p.name for p in tmp_path.glob("pairs-*")) == ["pairs-00000.parquet", "pairs-00001.parquet"]
+    with pytest.raises(ValueError, match=r"holds shards past the 2 this run writes \(\.shards/pairs-00002\.json\)"):
+        run_shards(tmp_path, 4, 2, {"x": 1}, shard)
+    with pytest.raises(ValueError, match=r"past the 1 this run writes \(pairs-00001\.parquet, "
+                                         r"\.shards/pairs-00002\.json\)"):  # a shard's file, not its record too
+        run_shards(tmp_path, 2, 2, {"x": 1}, shard)
+
+
 def test_a_cache_of_every_row_made_before_is_read_not_scored_again(constructed, tmp_path):
     """Runs made before scoring only the rows they train on left a cache of every row in the cache folder itself."""
     from diffusion_align.data.shards import run_shards

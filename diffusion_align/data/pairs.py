@@ -98,9 +98,14 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
     """Expand a parquet file, a folder (recursive), a glob, or a comma-separated list of those. A folder whose files
     are named as the hub names a split's shards (`HUB_SHARD_NAME`, as a downloaded Pick-a-Pic is) gives only those
     of `split` (None: all), as `datasets.load_dataset` reads such a folder; the others are read whole."""
-    if "," in path:
-        return [f for part in path.split(",") if part.strip()
-                for f in _parquet_files(expand_home(part.strip()), split)]
+    if len(parts := _source_parts(path)) > 1:
+        files = [(f, k) for k, part in enumerate(parts) for f in _parquet_files(part, split)]
+        named_by: dict[str, int] = {}
+        for f, k in files:  # read twice, its rows would weigh double in training
+            if (first := named_by.setdefault(os.path.realpath(f), k)) != k:
+                raise ValueError(f"{path}: {f} is read by both {parts[first]!r} and {parts[k]!r}; name each file "
+                                 "once")
+        return [f for f, _ in files]
     if os.path.isfile(path):  # before the glob test: a file or folder may have [ ] in its name
         return [path]
     if os.path.isdir(path):
@@ -120,6 +125,13 @@ def _parquet_files(path: str, split: str | None = None) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no parquet files found for {path!r}")
     return files
+
+
+def _source_parts(path: str) -> list[str]:
+    """The parts of a comma-separated list of sources; a file or folder with a comma in its name is one."""
+    if "," not in path or os.path.exists(path):
+        return [path]
+    return [expand_home(part.strip()) for part in path.split(",") if part.strip()]
 
 
 def _split_shards(folder: str, files: list[str], split: str | None) -> list[str]:
@@ -152,7 +164,7 @@ def check_out_dir(source: str, out_dir) -> None:
         raise ValueError(f"{out_dir}: the output folder holds source file {held[0]}, which its shards "
                          "(pairs-00000.parquet, ...) could overwrite (losing the rows skipped) and reading the output "
                          "would read again; write to another folder")
-    parts = [expand_home(p.strip()) for p in source.split(",")]
+    parts = _source_parts(source)
     folders = [Path(p).resolve() for p in parts if os.path.isdir(p)]
     around = [d for d in folders if d == out or d in out.parents]
     if around:  # a folder is read with its subfolders
@@ -197,7 +209,7 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
         except (OSError, ValueError) as err:  # offline (ConnectionError), unknown or private dataset
             raise hub_load_error("data.path", path, err, repo_type="dataset") from None
     files = _parquet_files(path, split)
-    footers = {f: pq.ParquetFile(f).metadata for f in files}  # the footers alone, each read once
+    footers = {f: parquet_footer(f) for f in files}  # the footers alone, each read once
     # datasets fails on a zero-row file with a traceback naming no file ("BatchSize must be greater than 0")
     empty = [f for f in files if footers[f].num_rows == 0]
     if len(empty) == len(files):
@@ -209,6 +221,13 @@ def _open(path: str, split: str, streaming: bool) -> datasets.Dataset | datasets
     _check_same_columns(path, {f: set(footers[f].schema.to_arrow_schema().names) for f in files})
     files = [glob.escape(f) for f in files]  # datasets reads data_files as globs
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+
+
+def parquet_footer(file: str) -> pq.FileMetaData:
+    try:
+        return pq.ParquetFile(file).metadata
+    except (OSError, pa.ArrowException) as err:  # pyarrow's bare "magic bytes not found" names no file
+        raise ValueError(f"{file}: not a readable parquet file ({err}); copy it again or leave it out") from None
 
 
 def _check_same_columns(path: str, columns: dict[str, set[str]]) -> None:

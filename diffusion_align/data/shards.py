@@ -167,10 +167,16 @@ def unfinished_output(folder: Path) -> str | None:
 
 
 def _check_no_extra_shards(out_dir: Path, num_shards: int, stem: str, suffix: str) -> None:
-    """Shards past this run's end came from a run over more rows; loading the folder would mix them in."""
-    pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(suffix)}")
-    extra = sorted(p.name for p in out_dir.glob(f"{stem}-*{suffix}")
-                   if (m := pattern.fullmatch(p.name)) and int(m[1]) >= num_shards)
+    """Shards past this run's end came from a run over more rows; loading the folder would mix them in. So did
+    their records, also those of shards that held no rows (no file), which would count those rows as the output's."""
+    def past_the_end(folder: Path, ending: str) -> list[str]:
+        pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(ending)}")
+        return [p.name for p in folder.glob(f"{stem}-*{ending}")
+                if (m := pattern.fullmatch(p.name)) and int(m[1]) >= num_shards]
+
+    extra = sorted(past_the_end(out_dir, suffix))
+    extra += sorted(f"{SHARD_RECORDS}/{name}" for name in past_the_end(out_dir / SHARD_RECORDS, ".json")
+                    if name.removesuffix(".json") + suffix not in extra)
     if extra:
         raise ValueError(f"{out_dir}: holds shards past the {num_shards} this run writes ({', '.join(extra[:3])}"
                          f"{', ...' if len(extra) > 3 else ''}), from a run over more pairs; process as many pairs "

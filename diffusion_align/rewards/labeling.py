@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.pairs import NO_LABEL, check_out_dir, decode_pair, first_rows, flag_values, load_pairs, outcomes, \
-    parquet_sources, preference_rows
+    parquet_footer, parquet_sources, preference_rows
 from ..data.shards import CAPTIONS_REPORT, LABEL_REPORT as REPORT_NAME, SHARD_RECORDS, differences, finished_run, \
     preprocessing_entry, replace_shards, run_shards, write_json
 from ..files import local_or_hub, report_dict
@@ -260,7 +260,7 @@ def check_captions_kept(source: str, columns: list[str] | None = None) -> None:
     files = parquet_sources(source)
     if columns is None and not files:
         return
-    if not {"caption_0", "caption_1"} & set(columns or pq.read_schema(files[0]).names):
+    if not {"caption_0", "caption_1"} & set(columns or parquet_footer(str(files[0])).schema.to_arrow_schema().names):
         return
     strategies = {_captions_strategy(folder) for folder in {f.parent for f in files}} or {None}
     if strategies == {"captioning"}:
