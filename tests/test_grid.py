@@ -241,9 +241,11 @@ def test_a_photo_turned_by_its_exif_is_shown_upright_and_scored_as_score_scores_
 def test_equal_looking_scores_are_all_the_best():
     from diffusion_align.evaluation.grid import best_columns
     # 0.12341 and 0.12344 both print as 0.1234: marking only the larger would look arbitrary
-    scores = {(0, 0): 0.12341, (0, 1): 0.12344, (0, 2): 0.1233, (1, 0): float("nan"), (1, 1): -2.0}
+    scores = {(0, 0): 0.12341, (0, 1): 0.12344, (0, 2): 0.1233, (1, 0): float("nan"), (1, 1): -2.0, (1, 2): -3.0}
     assert best_columns(scores, 0, 3) == {0, 1}
     assert best_columns(scores, 1, 3) == {1} and best_columns({}, 0, 3) == set()
+    # one score in a row beats nothing: an unreadable or missing image beside it (which counted as a win), one folder
+    assert best_columns({(0, 0): float("nan"), (0, 1): 5.0}, 0, 3) == set() == best_columns({(0, 0): 5.0}, 0, 1)
 
 
 def test_grid_needs_prompts_for_a_prompted_scorer(tmp_path):

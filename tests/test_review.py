@@ -101,12 +101,16 @@ def test_images_browsers_cannot_show_are_embedded_as_png(tmp_path):
 
 def test_an_unreadable_image_browsers_cannot_show_is_a_broken_image_not_an_error(tmp_path, caplog):
     """As an unreadable PNG is: the page was not written at all, after the grid had coped with it."""
-    folder = write_folder(tmp_path / "scans", 0, prompts=["a scan", "another"], seeds=(1,), name="scan{p}.tif")
+    folder = write_folder(tmp_path / "scans", 0, prompts=["a scan", "another", "third"], seeds=(1,),
+                          name="scan{p}.tif")
     (folder / "scan1.tif").write_bytes(b"II*\x00 not really a TIFF")
+    (folder / "scan2.tif").unlink()
+    (folder / "scan2.tif").symlink_to(tmp_path / "nowhere.tif")  # a broken link: it stopped the page too
     page = write_review_page([folder], tmp_path / "page.html")
     data = review_data([folder])
-    assert data["images"][1] == "data:image/png;base64," and len(data["images"][0]) > 100
+    assert data["images"][1:] == ["data:image/png;base64,"] * 2 and len(data["images"][0]) > 100
     assert page.is_file() and "scan1.tif: cannot convert to PNG for the page" in caplog.text
+    assert "scan2.tif: cannot be read (No such file or directory)" in caplog.text
 
 
 # ---------------------------------------------------------------- import

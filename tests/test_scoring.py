@@ -190,6 +190,14 @@ def test_score_folder_rows_unreadable_summary_histograms(folder, tmp_path):
     assert "scored 5 images" in str(report) and "broken.png" in str(report)
 
 
+def test_a_broken_link_or_a_vanished_image_is_skipped_not_fatal(folder, tmp_path):
+    """`score` (and `compare`, `label --from-images`) stopped at an image it listed but could not stat."""
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    report = score_folder(folder, [RednessScorer()], tmp_path / "scores.csv", num_workers=0)
+    assert report.scored == 5 and sorted(f for f, _ in report.unreadable) == ["broken.png", "gone.png", "sub/cut.JPG"]
+    assert dict(report.unreadable)["gone.png"] == "cannot be read (No such file or directory)"
+
+
 def test_a_file_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path):
     """The name's row could not be written to the UTF-8 CSV: the error stopped the run, and every rerun, with the
     other images of its batch unscored."""

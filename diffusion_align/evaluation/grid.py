@@ -107,7 +107,7 @@ class GridReport:
         if self.missing:
             lines.append(f"  {len(self.missing)} missing image(s), e.g. {self.missing[0][0]}: {self.missing[0][1]}")
         lines += [f"  unreadable: {file}: {reason}" for file, reason in self.unreadable]
-        if self.scorer:
+        if self.scorer and len(self.folders) > 1:
             lines.append(f"  best {self.scorer} in a row: " + ", ".join(f"{f} {n}" for f, n in self.best.items()))
         return "\n".join(lines)
 
@@ -296,10 +296,13 @@ def shown_score(score: float) -> str:
 
 def best_columns(scores: dict, r: int, columns: int) -> set[int]:
     """The columns of row `r` with its best score as shown (4 significant digits): scores that print the same are
-    all the best, so the mark never picks one of two equal-looking numbers."""
+    all the best, so the mark never picks one of two equal-looking numbers. None where fewer than two images of the
+    row have a score: one beats nothing (a missing or unreadable image beside it, or a grid of one folder)."""
     shown = {c: float(shown_score(scores[r, c])) for c in range(columns)
              if math.isfinite(scores.get((r, c), math.nan))}
-    top = max(shown.values(), default=None)
+    if len(shown) < 2:
+        return set()
+    top = max(shown.values())
     return {c for c, value in shown.items() if value == top}
 
 

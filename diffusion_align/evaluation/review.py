@@ -57,6 +57,16 @@ SHA256 = re.compile("[0-9a-f]{64}")
 JS_EXACT_INTEGER = 2**53 - 1  # JavaScript numbers hold integers exactly up to this; seeds beyond go as strings
 
 
+def _stored_bytes(path: Path) -> bytes:
+    """The file's bytes as stored (a corrupt image shows as a broken one); none for a file that cannot be read, such
+    as a broken link, which shows so too."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        logger.warning("%s: cannot be read (%s); it shows as a broken image", path, err.strerror or err)
+        return b""
+
+
 def _data_uri(path: Path, data: bytes) -> str:
     """The file `path`, whose bytes are `data`, as a data: URI the browser shows."""
     kind = BROWSER_TYPES.get(path.suffix.lower())
@@ -98,7 +108,7 @@ def review_data(dirs: Sequence, prompt: str | None = None, ab: Sequence | None =
             if file is None:
                 cells.append(None)
                 continue
-            data = (Path(folder) / file).read_bytes()  # as stored; an unreadable one shows as a broken image
+            data = _stored_bytes(Path(folder) / file)
             # the digest goes into the export, so an import finds an image regenerated since under its name
             cells.append({"file": file, "image": len(images), "sha256": hashlib.sha256(data).hexdigest()})
             if (r, c) in scores:

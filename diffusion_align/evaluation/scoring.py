@@ -431,8 +431,13 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
         # resumed with the same scorers only
         _write_summary(summary_path, root, out_csv, fast_jpeg, scored_with, [], scorers, [])
         _write_rows(out_csv, header, [], mode="w")
-    entries = collect_images(root, prompt, images)
-    stamps = {e.file: image_stamp(root / e.file) for e in entries}
+    entries, stamps, gone = collect_images(root, prompt, images), {}, []
+    for e in entries:
+        try:
+            stamps[e.file] = image_stamp(root / e.file)
+        except OSError as err:  # a broken link, or deleted since it was listed
+            gone.append((e.file, f"cannot be read ({err.strerror or err})"))
+    entries = [e for e in entries if e.file in stamps]
     prompts = {e.file: e.prompt or "" for e in entries}
     seeds = {e.file: e.seed for e in entries}
     # a row is kept while its image, prompt and seed are those it recorded: an image replaced under its name, or
@@ -478,7 +483,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
                 rows += new
             bar.update(len(batch["indices"]) + len(batch["errors"]))
     scored = len(todo) - len(unreadable)
-    unreadable += misnamed
+    unreadable += misnamed + gone
     for file, reason in unreadable:
         logger.warning("%s: skipped %s: %s", root, file, reason)
 
