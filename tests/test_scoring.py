@@ -282,12 +282,19 @@ def test_a_csv_resumes_only_with_the_scorer_settings_that_made_it(folder, tmp_pa
 
 
 def test_outputs_inside_the_folder_are_not_scored(folder):
-    out = folder / "scores.csv"
+    """Nor read as images of it by the other commands: `compare` stopped at the histogram's missing prompt."""
+    out = folder / "sub" / "scores.csv"
     score_folder(folder, [RednessScorer()], out, num_workers=0)
-    assert (folder / "scores.redness.png").is_file()
+    assert (folder / "sub" / "scores.redness.png").is_file()
     again = RednessScorer()
     score_folder(folder, [again], out, num_workers=0)
     assert again.scored == 0
+    other = RednessScorer()
+    score_folder(folder, [other], folder / "other.csv", num_workers=0)
+    assert other.scored == len(EXPECTED)  # the readable images, not the first run's histogram (no prompt: an error)
+    assert "sub/scores.redness.png" not in {p.relative_to(folder).as_posix() for p in find_images(folder)}
+    (folder / "sub" / "plain.summary.json").write_text('{"another": "tool"}')  # a JSON of another tool: no error
+    assert len(find_images(folder)) == len(EXPECTED) + 2
 
 
 def test_interrupted_last_row_is_dropped_and_rescored(folder, tmp_path):

@@ -42,6 +42,7 @@ logger = logging.getLogger("diffusion_align")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_NAME = "metadata.jsonl"
+SUMMARY_SUFFIX = ".summary.json"  # what `score` writes beside its CSV, X.csv: X.summary.json
 PROMPT_KEYS = ("prompt", "text", "caption")  # the caption columns imagefolder datasets use; the first present wins
 # "stamp": the image file's size and modification time when it was scored, so that an image replaced under the same
 # name is scored again (a CSV from before stamps, without the column, is still read and resumed by names)
@@ -79,8 +80,24 @@ def find_images(root) -> list[Path]:
     """All images under `root` (recursive, extensions case-insensitive, hidden files and folders left out), sorted
     by their path relative to `root`."""
     root = image_folder(root)
-    images = [p for p in _walk(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = list(_walk(root))
+    plots = _score_plots(files)
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p not in plots]
     return sorted(images, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _score_plots(files: list[Path]) -> set[Path]:
+    """The histograms a `score` whose CSV lies in the folder wrote beside it, as its summary names their scorers
+    (`output_paths`): plots, not images of the folder, for every command that reads it."""
+    plots = set()
+    for summary in (f for f in files if f.name.endswith(SUMMARY_SUFFIX)):
+        try:
+            columns = list(json.loads(summary.read_text(encoding="utf-8"))["scorers"])
+        except (OSError, ValueError, KeyError, TypeError):  # another tool's JSON
+            continue
+        plots.update(output_paths(summary.with_name(summary.name.removesuffix(SUMMARY_SUFFIX) + ".csv"),
+                                  columns)[1].values())
+    return plots
 
 
 class OutsideTheFolder(ScoringError):
@@ -392,7 +409,7 @@ def _fmt(x: float | None) -> str:
 
 def output_paths(out_csv: Path, columns: Sequence[str]) -> tuple[Path, dict[str, Path]]:
     """Where score_folder writes its summary and histograms, beside `out_csv`."""
-    return (out_csv.with_name(f"{out_csv.stem}.summary.json"),
+    return (out_csv.with_name(out_csv.stem + SUMMARY_SUFFIX),
             {c: out_csv.with_name(f"{out_csv.stem}.{c}.png") for c in columns})
 
 
@@ -411,9 +428,7 @@ def score_folder(root, scorers, out_csv, prompt: str | None = None, batch_size: 
     if not scorers or len(set(columns)) != len(columns) or set(columns) & set(BASE_COLUMNS):
         raise ScoringError(f"expected one or more scorers with distinct columns other than {BASE_COLUMNS}, "
                            f"got {columns}")
-    # this run's own files (CSV, summary, histograms) may sit inside the folder: never score them
-    own, out_dir = out_csv.stem + ".", out_csv.parent.resolve()
-    images = [p for p in find_images(root) if not (p.name.startswith(own) and p.parent.resolve() == out_dir)]
+    images = find_images(root)  # not the histograms of this run (or another) whose CSV lies in the folder
     if not images:
         raise ScoringError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     summary_path, histograms = output_paths(out_csv, columns)
