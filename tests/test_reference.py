@@ -144,16 +144,18 @@ def trained_norms(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_errors_are_precomputed_in_the_training_precision(tmp_path, trained_norms, tiny_pairs, mode):
-    """Under train.mixed_precision=bf16 the reference runs with its weights in bf16 (a LoRA's base, a full
-    fine-tune's copy): precomputed errors must be those, while the policy's own fp32 weights stay unrounded."""
+    """Under train.mixed_precision=bf16 the reference runs with its weights in bf16 (a LoRA's base; a full
+    fine-tune's copy, its autocast layers'): precomputed errors must be those, while the policy's own fp32 weights
+    stay unrounded. At step 0 the policy is the reference: the copy cast whole computed other errors with its rounded
+    norm weights, and the loss was not log 2."""
     common = ["train.mixed_precision=bf16", "train.max_steps=1", "train.batch_size=4"]
     if mode == "full":
         common += ["model.lora_rank=null"]
     run(tmp_path / "fly", trained_norms, tiny_pairs, *common)
     run(tmp_path / "pre", trained_norms, tiny_pairs, *common, "method.precomputed_reference=true")
     (fly,), (pre,) = read_metrics(tmp_path / "fly" / "run"), read_metrics(tmp_path / "pre" / "run")
-    if mode == "lora":  # policy == reference at step 0, with or without precomputed errors
-        assert fly["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        assert pre["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for name in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l"):  # full: fp32 policy, bf16 reference
+    # policy == reference at step 0, with or without precomputed errors
+    assert fly["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert pre["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l"):
         assert pre[name] == pytest.approx(fly[name], rel=2e-6), name

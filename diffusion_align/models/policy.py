@@ -82,11 +82,31 @@ def lora_config(rank: int, alpha: float | None, target_modules) -> LoraConfig:
                       target_modules=list(target_modules))
 
 
+# the layers autocast runs in half precision whatever their weights' dtype: nearly all of a denoiser's weights
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+
+
+def frozen_reference(denoiser: torch.nn.Module, dtype: torch.dtype, fsdp2: bool) -> torch.nn.Module:
+    """A full fine-tune's reference: a frozen copy of the fp32 `denoiser`, in the half precision `dtype` as far as
+    it then computes what the policy computes at step 0. Sharded by fsdp2, whose mixed precision computes with every
+    weight of the policy in `dtype`: all of it. Else the policy keeps fp32 weights under autocast, which casts those
+    of `AUTOCAST_LAYERS` alone: only they are cast, and the rest (norms, embeddings, buffers) stays fp32. A copy cast
+    whole computed with rounded norm weights: other errors than the policy's, and DPO's loss off log 2 at step 0."""
+    reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+    if fsdp2:
+        return place(reference, reference.device, dtype)
+    for layer in reference.modules():
+        if isinstance(layer, AUTOCAST_LAYERS):
+            layer.to(dtype)
+    return reference
+
+
 class Policy:
     def __init__(self, denoiser: torch.nn.Module, lora_rank: int | None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] = ("to_q", "to_k", "to_v", "to_out.0"), family: Family | str = "sd",
                  needs_reference: bool = True, ref_offload: bool = False, device: torch.device | str = "cpu",
-                 frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None):
+                 frozen_dtype: torch.dtype = torch.float32, kohya_labels: dict[str, str] | None = None,
+                 fsdp2: bool = False):
         self.denoiser = denoiser
         self.family = family
         self.kohya_labels = kohya_labels  # kohya.kohya_labels: with them, save() writes the kohya file too
@@ -100,8 +120,7 @@ class Policy:
             cast_training_params(denoiser, dtype=torch.float32)
         else:
             if needs_reference:  # copied and cast where the UNet was loaded (the CPU; unloaded, the meta device)
-                where = next(denoiser.parameters()).device
-                self.ref_denoiser = place(copy.deepcopy(denoiser).requires_grad_(False).eval(), where, frozen_dtype)
+                self.ref_denoiser = frozen_reference(denoiser, frozen_dtype, fsdp2)
                 if ref_offload:
                     from accelerate import cpu_offload
                     cpu_offload(self.ref_denoiser, execution_device=torch.device(device))

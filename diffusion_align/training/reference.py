@@ -17,7 +17,6 @@ a rerun that would compute the same errors loads them.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from ..data.cache import encoder_digests, t5_length
 from ..data.pairs import collate_pairs
 from ..files import write_safetensors_atomic
 from ..models.loading import component_digest, place
+from ..models.policy import frozen_reference
 from ..progress import progress
 from .inputs import PairInputs
 from .likelihood import denoising_errors, noise_rows
@@ -74,7 +74,7 @@ def epochs_needed(cfg: Config, num_pairs: int, world: int) -> int:
 
 
 def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache_key: dict | None,
-                  denoiser_digest: str) -> dict:
+                  denoiser_digest: str, fsdp2: bool) -> dict:
     """Everything the errors depend on: the UNet; the scheduler (its betas noise the latents, its step count numbers
     the draws' timesteps); what makes the inputs, which is the latent cache's key when there is one (it covers the
     VAE, text encoders, tokenizers, T5's token count and source rows) and those components' digests and T5's token
@@ -91,17 +91,21 @@ def reference_key(cfg: Config, method, pairs, num_pairs: int, epochs: int, cache
             "seed": cfg.train.seed, "resolution": cfg.train.resolution, "mixed_precision": cfg.train.mixed_precision,
             "timesteps": [cfg.train.timestep_sampling, cfg.train.logit_mean, cfg.train.logit_std],
             "data": {"center_crop": d.center_crop, "random_flip": d.random_flip, "prompt_dropout": d.prompt_dropout,
-                     "latents": d.latents}}
+                     "latents": d.latents},
+            # a full fine-tune's reference in half precision, not under fsdp2: only its autocast layers cast
+            # (`frozen_reference`; errors made before, by a copy cast whole, are not these)
+            **({"reference_cast": "autocast layers"} if cfg.model.lora_rank is None and not fsdp2
+               and cfg.train.mixed_precision != "no" else {})}
 
 
 def reference_denoiser(denoiser: torch.nn.Module, lora: bool, device: torch.device,
-                       dtype: torch.dtype) -> torch.nn.Module:
+                       dtype: torch.dtype, fsdp2: bool) -> torch.nn.Module:
     """The pretrained `denoiser` as the live reference runs: on `device` in the frozen `dtype`. A LoRA's base is placed
-    so in place (`Policy` places it so anyway); a full fine-tune's reference is a copy, as `Policy`'s is, which
-    leaves the policy's fp32 weights unrounded."""
+    so in place (`Policy` places it so anyway); a full fine-tune's reference is `Policy`'s copy, which leaves the
+    policy's fp32 weights unrounded."""
     if lora or denoiser.dtype == dtype:
         return place(denoiser, device, dtype)
-    return place(copy.deepcopy(denoiser), "cpu", dtype).to(device)  # cast before moving: no fp32 copy on the device
+    return frozen_reference(denoiser, dtype, fsdp2).to(device)  # cast before moving: no fp32 copy on the device
 
 
 def precompute_reference(key: dict, folder: Path, items, inputs: PairInputs,

@@ -151,8 +151,8 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     """Load the pipeline's parts (without the VAE and text encoders when `encoders` is False: a latent cache stands
     in), place the frozen ones in the half-precision dtype (an SDXL VAE that must stay fp32 says so), wrap the UNet
     as the policy and prepare it with its optimiser and lr schedule, or shard it (train.sharding: sharding.py).
-    `before_policy(parts, frozen_dtype, denoiser_digest)` runs on the untouched pretrained UNet first (precomputed
-    reference errors)."""
+    `before_policy(parts, frozen_dtype, denoiser_digest, fsdp2)` runs on the untouched pretrained UNet first
+    (precomputed reference errors)."""
     t, sharding = cfg.train, resolve_sharding(cfg)
     device, frozen_dtype = accelerator.device, MIXED_PRECISION_DTYPES[t.mixed_precision]
     fsdp = sharding.startswith("fsdp2")
@@ -180,7 +180,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     denoiser_digest = (component_digest(m.pretrained, parts.family.denoiser, m.revision, m.variant)
                    if m.lora_rank is not None or before_policy is not None else None)
     if before_policy is not None:
-        before_policy(parts, frozen_dtype, denoiser_digest)
+        before_policy(parts, frozen_dtype, denoiser_digest, fsdp)
     set_seed(t.seed)  # identical LoRA initialisation on every process, whatever ran before
     kohya = None if cfg.model.lora_rank is None or parts.family.kohya_version is None else kohya_labels(
         parts.family, parts.prediction_type, Path(cfg.train.output_dir).name, cfg.method.name, denoiser_digest)
@@ -189,7 +189,7 @@ def set_up_models(cfg: Config, accelerator: Accelerator, needs_reference: bool, 
     where = ("cpu" if accelerator.is_main_process else "meta") if fsdp else device
     policy = Policy(parts.denoiser, cfg.model.lora_rank, cfg.model.lora_alpha,
                     cfg.model.lora_target_modules or parts.family.lora_targets, parts.family, needs_reference,
-                    cfg.model.ref_offload, where, frozen_dtype, kohya)
+                    cfg.model.ref_offload, where, frozen_dtype, kohya, fsdp2=fsdp)
     if fsdp:
         compute_dtype = None if t.mixed_precision == "no" else frozen_dtype
         for module in filter(None, (policy.denoiser, policy.ref_denoiser)):

@@ -113,10 +113,10 @@ def train(cfg: Config) -> TrainResult:
 
     reference, precomputed = None, cfg.method.precomputed_reference
 
-    def precompute(parts, frozen_dtype, denoiser_digest) -> None:
+    def precompute(parts, frozen_dtype, denoiser_digest, fsdp2) -> None:
         nonlocal reference
         key = reference_key(cfg, method, pairs, len(pairs), epochs_needed(cfg, len(pairs), world),
-                            None if cache is None else cache.key, denoiser_digest)
+                            None if cache is None else cache.key, denoiser_digest, fsdp2)
         folder = output_dir if cache is None else cache.folder
 
         def make_denoiser():
@@ -124,7 +124,8 @@ def train(cfg: Config) -> TrainResult:
                 raise RuntimeError(f"process {accelerator.process_index} found no reference errors of this run in "
                                    f"{folder}, where the main process writes them: every process of a sharded run "
                                    "must see that folder (train.output_dir, or data.cache's)")
-            return reference_denoiser(parts.denoiser, cfg.model.lora_rank is not None, device, frozen_dtype)
+            return reference_denoiser(parts.denoiser, cfg.model.lora_rank is not None, device, frozen_dtype,
+                                      fsdp2)
         with accelerator.main_process_first():  # the main process computes; the others load its file
             reference = precompute_reference(key, folder, items, pair_inputs(parts, frozen_dtype), make_denoiser,
                                              accelerator.autocast,
