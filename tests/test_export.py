@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, StableDiffusionPipeline, \
+    StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -344,11 +345,37 @@ def test_a_merged_export_keeps_each_part_of_a_bf16_base_in_bf16(tmp_path, tiny_f
                for k in load_file(flux_lora_run.final_dir / LORA_WEIGHTS)}
     assert changed == adapted  # the LoRA fused into the bf16 weights, and nothing else moved
 
+    # --dtype fp32: fused in fp32, as the LoRA computes at run time (fused in bf16, then cast, updates under half a
+    # bf16 step of a weight were lost)
+    export(flux_lora_run.final_dir.parent, "--format", "merged", "--base", base, "--dtype", "fp32", "--out",
+           tmp_path / "merged-fp32")
+    exact = FluxTransformer2DModel.from_pretrained(base / "transformer", dtype=torch.float32)
+    exact.load_lora_adapter(flux_lora_run.final_dir, weight_name=LORA_WEIGHTS, prefix="transformer")
+    exact.fuse_lora()
+    exact.unload_lora()
+    merged = load_file(tmp_path / "merged-fp32" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(merged[k], v) for k, v in exact.state_dict().items())
+
+
+def test_a_lora_with_text_encoder_weights_is_refused_not_cut(tmp_path, tiny_flow_models, flux_lora_run, capsys):
+    """A file from diffusers' DreamBooth scripts holds text-encoder LoRAs too: every export left them out in silence,
+    and the merged pipeline computed other images than the file loaded with load_lora_weights."""
+    lora = tmp_path / "lora"
+    shutil.copytree(flux_lora_run.final_dir, lora)
+    text_encoder_key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors = load_file(lora / LORA_WEIGHTS) | {text_encoder_key: torch.zeros(4, 32)}
+    save_file(tensors, lora / LORA_WEIGHTS)
+    for fmt in ("merged", "diffusers"):
+        with pytest.raises(SystemExit) as exit_info:
+            export(lora, "--format", fmt, "--base", tiny_flow_models["flux"], "--out", tmp_path / fmt)
+        assert exit_info.value.code == 2 and ("holds LoRA weights of text_encoder too, which are not exported (only "
+                                              "the transformer's are)") in capsys.readouterr().err
+
 
 def test_the_base_pipeline_keeps_a_variants_and_a_replacement_vaes_dtypes(tmp_path, tiny_models):
     """A component without the variant's files (here the VAE) is loaded from its others, and so is its dtype read;
     model.vae's replacement VAE keeps its own (both were fp32)."""
-    from diffusion_align.models.loading import base_pipeline
+    from diffusion_align.models.loading import base_pipeline, component_digest, load_components
     base = tmp_path / "base"
     DiffusionPipeline.from_pretrained(tiny_models["sd"], dtype=torch.bfloat16).save_pretrained(base)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=torch.float16)
@@ -360,6 +387,13 @@ def test_the_base_pipeline_keeps_a_variants_and_a_replacement_vaes_dtypes(tmp_pa
                                                                          torch.bfloat16)
     DiffusionPipeline.from_pretrained(tiny_models["sd"]).vae.save_pretrained(base / "vae")  # fp32 now
     assert base_pipeline(str(base), variant="fp16", replacement_vae=str(tmp_path / "vae")).vae.dtype == torch.bfloat16
+    # training loads such a base too (it failed at the VAE, "no file named diffusion_pytorch_model.fp16.bin"), and
+    # keys what it derives from a part by the weights it reads
+    parts = load_components(str(base), variant="fp16")  # in fp32, diffusers' default
+    assert torch.equal(parts.denoiser.conv_in.weight, unet.conv_in.weight.float()) and len(parts.text_encoders) == 1
+    before = component_digest(str(base), "vae", variant="fp16")
+    AutoencoderKL.from_pretrained(tiny_models["sd"], subfolder="vae").half().save_pretrained(base / "vae")
+    assert component_digest(str(base), "vae", variant="fp16") != before
 
 
 def apply_comfyui_diffusers_rule(transformer, path):

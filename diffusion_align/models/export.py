@@ -205,12 +205,17 @@ def _load_lora(model: torch.nn.Module, source: Source, family: Family) -> None:
     """Load the LoRA as `trained` onto the base denoiser `model` with diffusers' loader (its settings restore the
     trained scale); every module of the file must land on it."""
     prefix, what = family.denoiser, "UNet" if family.denoiser == "unet" else family.denoiser
+    keys = check_lora_naming(source.folder / LORA_WEIGHTS)
     in_file = sum(key.startswith(f"{prefix}.") and key.endswith((".lora.down.weight", ".lora_A.weight"))
-                  for key in check_lora_naming(source.folder / LORA_WEIGHTS))
+                  for key in keys)
     if in_file == 0:
         raise ValueError(f"{source.folder / LORA_WEIGHTS} holds no {what} LoRA weights: expected keys "
                          f"{prefix}.<module>.lora.down.weight (or lora_A), as diffusers' save_lora_weights writes them "
                          f"for the {family} base {source.base}; pass the base it was trained on with --base")
+    encoders = sorted({key.split(".")[0] for key in keys if key.startswith("text_encoder")})
+    if encoders:  # as diffusers' DreamBooth scripts write them: no export here writes them, so they would be lost
+        raise ValueError(f"{source.folder / LORA_WEIGHTS} holds LoRA weights of {', '.join(encoders)} too, which are "
+                         f"not exported (only the {what}'s are): load that file with pipe.load_lora_weights instead")
     try:
         model.load_lora_adapter(source.folder, weight_name=LORA_WEIGHTS, prefix=prefix, adapter_name=_ADAPTER)
     except (RuntimeError, ValueError) as err:  # shapes that differ: a LoRA of another model family
@@ -318,11 +323,13 @@ def _merged_pipeline(source: Source, family: Family, dtype: torch.dtype | None,
         if source.kind == family.denoiser:
             components[family.denoiser] = family.denoiser_cls.from_pretrained(source.folder / family.denoiser)
         pipeline = base_pipeline(source.base, source.revision, source.variant, source.vae, **components)
-        if source.kind == "lora":
-            denoiser = getattr(pipeline, family.denoiser)
-            _load_lora(denoiser, source, family)
-            denoiser.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite
-            denoiser.unload_lora()
+    if dtype == torch.float32:  # before a LoRA is fused: fused in a half base's dtype, its small updates round away
+        pipeline.to(dtype)
+    if source.kind == "lora":
+        denoiser = getattr(pipeline, family.denoiser)
+        _load_lora(denoiser, source, family)
+        denoiser.fuse_lora(safe_fusing=True)  # W + scale * B A, refused if it is not finite
+        denoiser.unload_lora()
     if dtype is not None:
         pipeline.to(dtype)
     return pipeline

@@ -119,7 +119,7 @@ def component_digest(pretrained: str, subfolder: str | None, revision: str | Non
             path = download(".bin")
     folder = path / subfolder if subfolder else path
     files = sorted(f for f in folder.iterdir() if f.is_file())
-    weights = _weights(folder, variant)
+    weights = _weights(folder, variant) or _weights(folder, None)  # a part without the variant: its others
     digest = hashlib.sha256()
     for f in [f for f in files if not f.name.endswith(_WEIGHTS)] + weights:
         digest.update(f"{f.name}:{_file_sha256(f)};".encode())
@@ -281,8 +281,9 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     family, denoiser_config = pipeline_family(pretrained, index, revision, max_sequence_length)
     denoiser_model = None
     if denoiser and denoiser_weights:
-        denoiser_model = family.denoiser_cls.from_pretrained(pretrained, subfolder=family.denoiser, variant=variant,
-                                                             dtype=denoiser_dtype, **kw)
+        denoiser_model = family.denoiser_cls.from_pretrained(
+            pretrained, subfolder=family.denoiser, variant=_part_variant(pretrained, family.denoiser, variant),
+            dtype=denoiser_dtype, **kw)
     elif denoiser:
         with torch.device("meta"):
             denoiser_model = family.denoiser_cls.from_config(denoiser_config)
@@ -291,11 +292,13 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
     text_encoders, tokenizers, vae_model = [], [], None
     for name in family.text_encoders if encoders else []:
         encoder_cls = text_encoder_class(pretrained, index, name, family)
-        text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name, variant=variant, **kw))
+        text_encoders.append(encoder_cls.from_pretrained(pretrained, subfolder=name,
+                                                         variant=_part_variant(pretrained, name, variant), **kw))
         tokenizers.append(load_tokenizer(pretrained, index, name, revision))
     if encoders:
-        vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw) if vae is None
-                     else load_vae(vae))
+        vae_model = (AutoencoderKL.from_pretrained(pretrained, subfolder="vae",
+                                                   variant=_part_variant(pretrained, "vae", variant), **kw)
+                     if vae is None else load_vae(vae))
     noise_scheduler = family.training_scheduler_cls.from_pretrained(pretrained, subfolder="scheduler",
                                                                                     **kw)
     parts = DiffusionComponents(family, denoiser_model, vae_model, text_encoders, tokenizers, noise_scheduler,
@@ -304,6 +307,13 @@ def load_components(pretrained: str, revision: str | None = None, variant: str |
         module.requires_grad_(False).eval()
     logger.info("loaded %s (%s, %s prediction)", pretrained, family, parts.prediction_type)
     return parts
+
+
+def _part_variant(pretrained: str, name: str, variant: str | None) -> str | None:
+    """`variant`, where a local pipeline's part `name` holds its weights; else None, its unvaried weights, as
+    diffusers' pipelines load a part without the variant (a hub id's parts are asked for the variant)."""
+    folder = Path(pretrained) / name
+    return None if variant is not None and folder.is_dir() and variant not in weight_variants(folder) else variant
 
 
 def text_encoder_class(pretrained: str, index: dict, name: str, family: Family) -> type:
