@@ -410,6 +410,9 @@ def _coerce(key: str, cls: type, f: dataclasses.Field, value: Any, where: str) -
         if nullable:
             return None
         raise ConfigError(f"config key '{key}' ({where}) cannot be null; expected {base.__name__}")
+    if base is str and isinstance(value, str) and not value.strip():  # `output_dir=$OUT`, OUT unset: the working folder
+        raise ConfigError(f"config key '{key}' ({where}) is empty; expected a str{' or null' if nullable else ''} (an "
+                          "unset shell variable?)")
     try:
         if base is bool:
             if isinstance(value, str) and value.lower() in ("true", "false"):

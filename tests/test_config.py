@@ -81,6 +81,13 @@ def test_edges_of_the_ranges_are_allowed_and_help_shows_them():
     assert "Number of steps" in describe_keys() and "[at least 1]" in describe_keys()
 
 
+def test_an_empty_text_value_is_refused():
+    """`train.output_dir=$OUT` with OUT unset trained into the working folder."""
+    for override, expected in (("train.output_dir=", "a str"), ("model.revision= ", "a str or null")):
+        with pytest.raises(ConfigError, match=rf"is empty; expected {expected} \(an unset shell variable\?\)"):
+            load_config(None, [override])
+
+
 def test_a_path_under_home_is_expanded_in_a_file_as_on_the_command_line(tmp_path, monkeypatch):
     """`output_dir: ~/runs/x` in a YAML file (or `train.output_dir=~/runs/x`, which bash does not expand) wrote into
     a folder named `~` under the working folder."""

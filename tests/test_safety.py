@@ -71,6 +71,16 @@ def test_a_resume_over_other_pairs_is_refused(tmp_path, tiny_models, tiny_pairs)
     run(tmp_path, tiny_models["sd"], data, "train.resume=latest", "train.max_steps=4")
 
 
+def test_a_resume_past_max_steps_is_refused(tmp_path, tiny_models, tiny_pairs):
+    """A checkpoint past a lowered train.max_steps (allowed to change under a constant schedule) trained nothing more
+    and shipped its weights as final/, the model card saying max_steps."""
+    run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=4")
+    with pytest.raises(ConfigError, match=r"checkpoint-4 is at step 4, past train.max_steps=2, so the run would end at "
+                                          r"once .* or resume from a checkpoint at step 2 or before"):
+        run(tmp_path, tiny_models["sd"], tiny_pairs, "train.checkpoint_every=2", "train.max_steps=2",
+            "train.resume=latest")
+
+
 def test_a_damaged_checkpoint_is_named_with_the_ones_before(tmp_path, tiny_models, tiny_pairs, capsys):
     """A checkpoint file cut short (an interrupted copy) was told as "could not write", or a traceback: the file is
     named, with the earlier checkpoints to resume from; export names a LoRA file it cannot read."""

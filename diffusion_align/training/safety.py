@@ -102,6 +102,11 @@ def check_output_dir(cfg: Config, checkpoint: Path | None) -> None:
                               "to resume from; start again with train.overwrite=true")
         return
     check_one_timeline(t.resume, checkpoint, output_dir, found)
+    if (step := checkpoint_step(checkpoint)) > t.max_steps:  # no step to take: final/ would be its weights
+        raise ConfigError(f"train.resume={t.resume}: {checkpoint.name} is at step {step}, past train.max_steps="
+                          f"{t.max_steps}, so the run would end at once with its weights, reported as "
+                          f"{t.max_steps} steps'; raise train.max_steps, or resume from a checkpoint at step "
+                          f"{t.max_steps} or before (train.resume=PATH)")
     saved = next((p for p in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml") if p.is_file()), None)
     if saved is None:
         logger.warning("train.resume: no config.yaml in %s or its folder; the config cannot be compared", checkpoint)
@@ -127,14 +132,18 @@ def check_one_timeline(resume: str, checkpoint: Path, output_dir: Path, found: l
                               f"{output_dir} already holds a run ({', '.join(found)}): the two runs' checkpoints and "
                               "metrics would mix. Resume into a new output_dir")
         return
-    with read_back(checkpoint / "trainer_state.json"):
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    step = checkpoint_step(checkpoint)
     later = [path.name for at, path in list_checkpoints(output_dir) if at > step]
     if later:
         raise ConfigError(f"train.resume={resume}: {output_dir} holds checkpoints after {checkpoint.name} "
                           f"({', '.join(later)}), which the resumed run would mix with its own (checkpoints_keep "
                           "prunes by step, and resume=latest would pick the newest). Move them out of the folder (or "
                           "delete them), then resume again")
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    with read_back(checkpoint / "trainer_state.json"):
+        return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
 
 
 def changed_keys(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
